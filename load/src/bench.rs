@@ -1,0 +1,311 @@
+//! `tailscope-load bench`: maximum ingest throughput with pre-encoded batches.
+//!
+//! Batches are encoded once as templates; each send only prepends the client id and seq
+//! fields (protobuf fields may come in any order), so the sender spends its time on the
+//! network, not on encoding. The server runs as a separate process, whose CPU time and peak
+//! RSS are read from `/proc`.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::{BufMut, Bytes};
+use prost::Message;
+use rand::{Rng, SeedableRng};
+use tailscope::BatchBuilder;
+use tailscope_proto::v1::{IngestReply, Span};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+/// Options of `bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Total spans to send.
+    #[arg(long, default_value_t = 20_000_000)]
+    spans: u64,
+    /// Spans per batch.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Concurrent connections (one stream each).
+    #[arg(long, default_value_t = 2)]
+    connections: u64,
+    /// Distinct series (service × operation) the spans spread over.
+    #[arg(long, default_value_t = 100)]
+    series: usize,
+    /// An already running server's gRPC address; by default a server is started.
+    #[arg(long, requires = "pid")]
+    grpc: Option<SocketAddr>,
+    /// The process id of the server given by --grpc, for CPU and memory readings.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// The tailscope-server binary to start (default: next to this binary).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Shards of the started server (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    shards: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A server child process that is killed when dropped.
+struct ChildServer {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(args: &BenchArgs) -> anyhow::Result<(ChildServer, SocketAddr, u32)> {
+    let bin = match &args.server_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name("tailscope-server"),
+    };
+    let dir = tempfile::tempdir()?;
+    let mut child = Command::new(&bin)
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("TAILSCOPE_INGEST_SHARDS", args.shards.to_string())
+        .env("TAILSCOPE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let pid = child.id();
+    let mut lines = BufReader::new(child.stderr.take().context("no stderr")?).lines();
+    let grpc = loop {
+        let Some(line) = lines.next() else { bail!("server exited before it started") };
+        let v: serde_json::Value = serde_json::from_str(&line?).unwrap_or_default();
+        if v["fields"]["message"] == "tailscope started" {
+            break v["fields"]["grpc_addr"].as_str().context("no grpc_addr")?.parse()?;
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Ok((ChildServer { child, _dir: dir }, grpc, pid))
+}
+
+/// CPU seconds (user + system) of process `pid`.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    Ok(ticks / clock_ticks())
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ), from `getconf`.
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// A `/proc/<pid>/status` field in kB, as bytes.
+fn status_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field}"))?;
+    let kb: u64 = line.split_whitespace().nth(1).context("no value")?.parse()?;
+    Ok(kb * 1024)
+}
+
+/// Encodes `templates` distinct batch bodies (groups only, no client id or seq).
+fn templates(args: &BenchArgs, count: usize) -> Vec<Bytes> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+    (0..count)
+        .map(|_| {
+            let mut b = BatchBuilder::new(1);
+            for _ in 0..args.batch {
+                let s = rng.gen_range(0..args.series);
+                let z: f64 = rng.gen_range(-3.0..3.0);
+                let span = Span {
+                    trace_id_high: rng.gen(),
+                    trace_id_low: rng.gen(),
+                    span_id: rng.gen(),
+                    parent_span_id: 0,
+                    start_unix_nanos: now - rng.gen_range(0..60_000_000_000),
+                    duration_nanos: (20e6 * (0.8 * z).exp()) as i64,
+                    status: i32::from(rng.gen_bool(0.01)) * 2,
+                    weight: 0,
+                };
+                b.push(&format!("service-{}", s % 10), &format!("operation-{s}"), span);
+            }
+            let mut batch = b.finish();
+            batch.client_id = 0;
+            batch.seq = 0;
+            Bytes::from(batch.encode_to_vec())
+        })
+        .collect()
+}
+
+/// A pre-encoded batch: the client id and seq fields, then a template body.
+#[derive(Debug, Clone)]
+struct Encoded {
+    client_id: u64,
+    seq: u64,
+    body: Bytes,
+}
+
+#[derive(Debug, Default, Clone)]
+struct PreEncodedCodec;
+
+#[derive(Debug, Default, Clone)]
+struct PreEncoder;
+
+#[derive(Debug, Default, Clone)]
+struct ReplyDecoder;
+
+impl Encoder for PreEncoder {
+    type Item = Encoded;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Encoded, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_u8(0x09); // field 1, fixed64
+        dst.put_u64_le(item.client_id);
+        dst.put_u8(0x10); // field 2, varint
+        let mut seq = Vec::with_capacity(10);
+        prost::encoding::encode_varint(item.seq, &mut seq);
+        dst.put_slice(&seq);
+        dst.put_slice(&item.body);
+        Ok(())
+    }
+}
+
+impl Decoder for ReplyDecoder {
+    type Item = IngestReply;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<IngestReply>, tonic::Status> {
+        IngestReply::decode(src).map(Some).map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl Codec for PreEncodedCodec {
+    type Encode = Encoded;
+    type Decode = IngestReply;
+    type Encoder = PreEncoder;
+    type Decoder = ReplyDecoder;
+    fn encoder(&mut self) -> PreEncoder {
+        PreEncoder
+    }
+    fn decoder(&mut self) -> ReplyDecoder {
+        ReplyDecoder
+    }
+}
+
+/// Streams `batches` batches over one connection and waits until the last is acknowledged.
+async fn connection(
+    grpc: SocketAddr,
+    client_id: u64,
+    batches: u64,
+    bodies: Vec<Bytes>,
+) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?.connect().await?;
+    let mut client = tonic::client::Grpc::new(channel);
+    client.ready().await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let path = http::uri::PathAndQuery::from_static("/tailscope.v1.Ingest/Stream");
+    let request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut replies = client.streaming(request, path, PreEncodedCodec).await?.into_inner();
+    let sender = tokio::spawn(async move {
+        for seq in 1..=batches {
+            let body = bodies[seq as usize % bodies.len()].clone();
+            if tx.send(Encoded { client_id, seq, body }).await.is_err() {
+                break;
+            }
+        }
+        // Keep the stream open until the acknowledgements are read.
+        tx
+    });
+    let mut acked = 0;
+    while acked < batches {
+        match replies.message().await {
+            // Throttle hints are expected while the benchmark saturates the server.
+            Ok(Some(r)) => acked = r.durable_seq,
+            Ok(None) => bail!("stream of client {client_id} ended at ack {acked} of {batches}"),
+            Err(status) => bail!("stream of client {client_id} failed at ack {acked}: {status}"),
+        }
+    }
+    drop(sender.await?);
+    Ok(())
+}
+
+/// Runs the benchmark.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let (_child, grpc, pid) = match (args.grpc, args.pid) {
+        (Some(g), Some(p)) => (None, g, p),
+        _ => {
+            let (c, g, p) = start_server(&args)?;
+            (Some(c), g, p)
+        }
+    };
+    let per_connection = args.spans / args.batch as u64 / args.connections;
+    let bodies = templates(&args, 16);
+    let rss_before = status_bytes(pid, "VmRSS:")?;
+    let cpu_before = cpu_seconds(pid)?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for k in 0..args.connections {
+        let client_id = rand::thread_rng().gen::<u64>() | 1;
+        tasks.push(tokio::spawn(connection(grpc, client_id + k, per_connection, bodies.clone())));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = started.elapsed();
+    let cpu = cpu_seconds(pid)? - cpu_before;
+    // Let idle memory settle for the RSS reading.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let spans = per_connection * args.connections * args.batch as u64;
+    let report = serde_json::json!({
+        "spans": spans,
+        "batch_size": args.batch,
+        "connections": args.connections,
+        "series": args.series,
+        "seconds": elapsed.as_secs_f64(),
+        "spans_per_second": spans as f64 / elapsed.as_secs_f64(),
+        "server_cpu_seconds": cpu,
+        "server_cpu_seconds_per_million_spans": cpu / (spans as f64 / 1e6),
+        "server_rss_bytes_before": rss_before,
+        "server_rss_bytes": status_bytes(pid, "VmRSS:")?,
+        "server_peak_rss_bytes": status_bytes(pid, "VmHWM:")?,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "sent {spans} spans in {:.2} s over {} connections, {} spans per batch, {} series",
+            elapsed.as_secs_f64(),
+            args.connections,
+            args.batch,
+            args.series
+        );
+        println!(
+            "  throughput        {:>12.0} spans/s (end to end, acknowledged = durable)",
+            report["spans_per_second"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "  server CPU        {:>12.3} s, {:.3} CPU-s per million spans",
+            cpu,
+            report["server_cpu_seconds_per_million_spans"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "  server RSS        {:>12} bytes now, {} peak, {} before",
+            report["server_rss_bytes"], report["server_peak_rss_bytes"], rss_before
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! `tailscope-load`: drives traffic at a tailscope server and measures it.
+//!
+//! `tailscope-load bench` measures maximum ingest throughput with pre-encoded batches over K
+//! connections, and the server's CPU-seconds per million spans and peak RSS, read from
+//! `/proc/<pid>` of a server it starts as a child process (or one given by `--grpc` and `--pid`).
+
+mod bench;
+
+use clap::{Parser, Subcommand};
+
+/// Traffic, benchmarks and accuracy checks for tailscope.
+#[derive(Debug, Parser)]
+#[command(name = "tailscope-load", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Maximum ingest throughput and server cost per million spans.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Bench(args) => runtime.block_on(bench::run(args)),
+    }
+}

@@ -1,0 +1,624 @@
+//! The latency histogram that tailscope records, merges, stores and sends: HdrHistogram's bucket
+//! layout with exact count, sum, min and max, and a compact sparse encoding that is validated
+//! before anything is counted.
+//!
+//! Counters live in chunks of one HDR bucket each (128 counters at 2 significant digits), which
+//! are allocated only when a value lands in them, so a series whose latencies span two decades
+//! costs about 7 KiB rather than the full range's 27 KiB.
+//!
+//! # Encoding (version 1)
+//!
+//! All integers are unsigned LEB128 varints:
+//!
+//! ```text
+//! version (=1) | significant_digits | lowest | highest
+//! total_count | sum (u128) | [min | max, when total_count > 0] | clamped_count
+//! nonzero_buckets | nonzero_buckets × (index_gap | count)
+//! ```
+//!
+//! `index_gap` is the distance from the previous non-zero bucket index minus one (the first is
+//! the index itself); every count is positive and their sum equals `total_count`.
+
+use std::fmt;
+
+/// The largest number of counters a decoded layout may ask for; bounds what a hostile
+/// histogram can make the decoder allocate.
+pub const MAX_COUNTS_LEN: usize = 1 << 17;
+
+const VERSION: u8 = 1;
+
+/// Errors found while building a layout or decoding a histogram.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HistogramError {
+    /// The bytes ended in the middle of a field.
+    #[error("histogram truncated while reading {0}")]
+    Truncated(&'static str),
+    /// A varint is longer than its type allows.
+    #[error("histogram field {0} is not a valid varint")]
+    BadVarint(&'static str),
+    /// The first byte names an encoding this build does not know.
+    #[error("unknown histogram encoding version {0}")]
+    UnknownVersion(u8),
+    /// The layout parameters are out of range.
+    #[error("invalid histogram layout: {0}")]
+    InvalidLayout(String),
+    /// The bucket list is inconsistent with the layout or the totals.
+    #[error("inconsistent histogram: {0}")]
+    Inconsistent(String),
+    /// Bytes follow the last bucket.
+    #[error("histogram has {0} trailing bytes")]
+    TrailingBytes(usize),
+}
+
+/// Where values land: HdrHistogram's log-linear bucket layout for a precision and range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    significant_digits: u8,
+    lowest: u64,
+    highest: u64,
+    unit_magnitude: u32,
+    half_count_magnitude: u32,
+    half_count: usize,
+    sub_bucket_mask: u64,
+    leading_zero_count_base: u32,
+    chunk_count: usize,
+}
+
+impl Layout {
+    /// tailscope's default: 2 significant digits (≤ 1 % relative error) over 1 µs .. 1 h, in
+    /// nanoseconds.
+    pub const DEFAULT_SIGNIFICANT_DIGITS: u8 = 2;
+    /// The default lowest discernible value, 1 µs in nanoseconds.
+    pub const DEFAULT_LOWEST: u64 = 1_000;
+    /// The default highest trackable value, 1 h in nanoseconds.
+    pub const DEFAULT_HIGHEST: u64 = 3_600_000_000_000;
+
+    /// Builds the layout for `significant_digits` (1..=4) over `lowest ..= highest`.
+    pub fn new(significant_digits: u8, lowest: u64, highest: u64) -> Result<Layout, HistogramError> {
+        if !(1..=4).contains(&significant_digits) {
+            return Err(HistogramError::InvalidLayout(format!(
+                "significant digits must be 1..=4, got {significant_digits}"
+            )));
+        }
+        if lowest == 0 {
+            return Err(HistogramError::InvalidLayout("lowest value must be at least 1".into()));
+        }
+        if highest < lowest.saturating_mul(2) || highest > (1 << 62) {
+            return Err(HistogramError::InvalidLayout(format!(
+                "highest value {highest} must be at least twice the lowest {lowest} and at most 2^62"
+            )));
+        }
+        let single_unit = 2 * 10u64.pow(u32::from(significant_digits));
+        let sub_bucket_count_magnitude = 64 - (single_unit - 1).leading_zeros();
+        let half_count_magnitude = sub_bucket_count_magnitude.max(1) - 1;
+        let unit_magnitude = 63 - lowest.leading_zeros();
+        if unit_magnitude + half_count_magnitude > 61 {
+            return Err(HistogramError::InvalidLayout(format!(
+                "lowest value {lowest} is too large for {significant_digits} significant digits"
+            )));
+        }
+        let sub_bucket_count = 1u64 << (half_count_magnitude + 1);
+        let mut smallest_untrackable = sub_bucket_count << unit_magnitude;
+        let mut bucket_count = 1usize;
+        while smallest_untrackable <= highest {
+            if smallest_untrackable > u64::MAX / 2 {
+                bucket_count += 1;
+                break;
+            }
+            smallest_untrackable <<= 1;
+            bucket_count += 1;
+        }
+        let half_count = 1usize << half_count_magnitude;
+        let layout = Layout {
+            significant_digits,
+            lowest,
+            highest,
+            unit_magnitude,
+            half_count_magnitude,
+            half_count,
+            sub_bucket_mask: (sub_bucket_count - 1) << unit_magnitude,
+            leading_zero_count_base: 64 - unit_magnitude - half_count_magnitude - 1,
+            chunk_count: bucket_count + 1,
+        };
+        if layout.counts_len() > MAX_COUNTS_LEN {
+            return Err(HistogramError::InvalidLayout(format!(
+                "layout needs {} counters, more than the limit of {MAX_COUNTS_LEN}",
+                layout.counts_len()
+            )));
+        }
+        Ok(layout)
+    }
+
+    /// The precision in significant decimal digits.
+    pub fn significant_digits(&self) -> u8 {
+        self.significant_digits
+    }
+
+    /// The lowest discernible value.
+    pub fn lowest(&self) -> u64 {
+        self.lowest
+    }
+
+    /// The highest trackable value; larger values are clamped to it and counted as clamped.
+    pub fn highest(&self) -> u64 {
+        self.highest
+    }
+
+    /// The number of counters of a fully populated histogram.
+    pub fn counts_len(&self) -> usize {
+        self.chunk_count * self.half_count
+    }
+
+    /// The largest relative error of a value reported from this layout (half a bucket's width
+    /// relative to its lowest value, above the lowest discernible value).
+    pub fn relative_error(&self) -> f64 {
+        0.5 / self.half_count as f64
+    }
+
+    /// The counter index of `value` (which must be at most `highest`).
+    #[inline]
+    pub fn index_of(&self, value: u64) -> usize {
+        let bucket = self.leading_zero_count_base - (value | self.sub_bucket_mask).leading_zeros();
+        let sub = (value >> (bucket + self.unit_magnitude)) as usize;
+        ((bucket as usize + 1) << self.half_count_magnitude) + sub - self.half_count
+    }
+
+    /// The smallest value that lands at counter `index`.
+    #[inline]
+    pub fn lowest_equivalent(&self, index: usize) -> u64 {
+        let (bucket, sub) = self.bucket_and_sub(index);
+        (sub as u64) << (bucket + self.unit_magnitude)
+    }
+
+    /// The largest value that lands at counter `index`.
+    #[inline]
+    pub fn highest_equivalent(&self, index: usize) -> u64 {
+        let (bucket, _) = self.bucket_and_sub(index);
+        self.lowest_equivalent(index) + (1u64 << (bucket + self.unit_magnitude)) - 1
+    }
+
+    /// The middle of counter `index`'s range: the value reported for it.
+    #[inline]
+    pub fn median_equivalent(&self, index: usize) -> u64 {
+        let (bucket, _) = self.bucket_and_sub(index);
+        self.lowest_equivalent(index) + ((1u64 << (bucket + self.unit_magnitude)) >> 1)
+    }
+
+    #[inline]
+    fn bucket_and_sub(&self, index: usize) -> (u32, usize) {
+        let chunk = index >> self.half_count_magnitude;
+        let sub = (index & (self.half_count - 1)) + self.half_count;
+        if chunk == 0 {
+            (0, sub - self.half_count)
+        } else {
+            ((chunk - 1) as u32, sub)
+        }
+    }
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        #[allow(clippy::unwrap_used)] // constant, valid arguments
+        Layout::new(Self::DEFAULT_SIGNIFICANT_DIGITS, Self::DEFAULT_LOWEST, Self::DEFAULT_HIGHEST).unwrap()
+    }
+}
+
+/// A mergeable latency histogram with exact count, sum, min and max.
+#[derive(Clone)]
+pub struct Histogram {
+    layout: Layout,
+    chunks: Vec<Option<Box<[u64]>>>,
+    total: u64,
+    sum: u128,
+    min: u64,
+    max: u64,
+    clamped: u64,
+}
+
+/// Equal when they count the same values: how the counters are allocated does not matter.
+impl PartialEq for Histogram {
+    fn eq(&self, other: &Histogram) -> bool {
+        self.layout == other.layout
+            && self.total == other.total
+            && self.sum == other.sum
+            && self.min() == other.min()
+            && self.max() == other.max()
+            && self.clamped == other.clamped
+            && self.iter_nonzero().eq(other.iter_nonzero())
+    }
+}
+
+impl Eq for Histogram {}
+
+impl fmt::Debug for Histogram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Histogram")
+            .field("count", &self.total)
+            .field("sum", &self.sum)
+            .field("min", &self.min())
+            .field("max", &self.max())
+            .field("clamped", &self.clamped)
+            .finish()
+    }
+}
+
+impl Histogram {
+    /// An empty histogram with `layout`.
+    pub fn new(layout: Layout) -> Histogram {
+        Histogram {
+            layout,
+            chunks: vec![None; layout.chunk_count],
+            total: 0,
+            sum: 0,
+            min: u64::MAX,
+            max: 0,
+            clamped: 0,
+        }
+    }
+
+    /// The layout values are recorded with.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Records `value` `weight` times. Values above the layout's highest are recorded as the
+    /// highest and counted as clamped. Never panics; counts saturate.
+    #[inline]
+    pub fn record(&mut self, value: u64, weight: u64) {
+        if weight == 0 {
+            return;
+        }
+        let value = if value > self.layout.highest {
+            self.clamped = self.clamped.saturating_add(weight);
+            self.layout.highest
+        } else {
+            value
+        };
+        self.add_at(self.layout.index_of(value), weight);
+        self.total = self.total.saturating_add(weight);
+        self.sum = self.sum.saturating_add(u128::from(value) * u128::from(weight));
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+    }
+
+    #[inline]
+    fn add_at(&mut self, index: usize, count: u64) {
+        let chunk = index >> self.layout.half_count_magnitude;
+        let offset = index & (self.layout.half_count - 1);
+        let half = self.layout.half_count;
+        let counters = self.chunks[chunk].get_or_insert_with(|| vec![0; half].into_boxed_slice());
+        counters[offset] = counters[offset].saturating_add(count);
+    }
+
+    /// The number of values recorded (weighted).
+    pub fn count(&self) -> u64 {
+        self.total
+    }
+
+    /// The exact sum of the recorded values (weighted).
+    pub fn sum(&self) -> u128 {
+        self.sum
+    }
+
+    /// The smallest value recorded, if any.
+    pub fn min(&self) -> Option<u64> {
+        (self.total > 0).then_some(self.min)
+    }
+
+    /// The largest value recorded (after clamping), if any.
+    pub fn max(&self) -> Option<u64> {
+        (self.total > 0).then_some(self.max)
+    }
+
+    /// How many of the recorded values were above the layout's range and clamped.
+    pub fn clamped(&self) -> u64 {
+        self.clamped
+    }
+
+    /// The mean of the recorded values.
+    pub fn mean(&self) -> Option<f64> {
+        (self.total > 0).then(|| self.sum as f64 / self.total as f64)
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// Heap bytes held by the counters.
+    pub fn heap_bytes(&self) -> usize {
+        self.chunks.capacity() * std::mem::size_of::<Option<Box<[u64]>>>()
+            + self.chunks.iter().flatten().count() * self.layout.half_count * 8
+    }
+
+    /// The non-zero counters as `(index, count)`, in index order.
+    pub fn iter_nonzero(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        let half = self.layout.half_count;
+        self.chunks.iter().enumerate().flat_map(move |(c, chunk)| {
+            chunk.iter().flat_map(move |counters| {
+                counters.iter().enumerate().filter(|(_, &n)| n > 0).map(move |(i, &n)| (c * half + i, n))
+            })
+        })
+    }
+
+    /// The value at quantile `q` (0..=1) by nearest rank: the middle of the bucket holding the
+    /// ⌈q·count⌉-th smallest value, kept within the exact min and max. `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        if self.total == 0 {
+            return None;
+        }
+        let q = if q.is_nan() { 0.0 } else { q.clamp(0.0, 1.0) };
+        let rank = ((q * self.total as f64).ceil() as u64).clamp(1, self.total);
+        let mut seen = 0u64;
+        for (index, n) in self.iter_nonzero() {
+            seen = seen.saturating_add(n);
+            if seen >= rank {
+                let v = self.layout.median_equivalent(index);
+                return Some(v.clamp(self.min, self.max));
+            }
+        }
+        Some(self.max)
+    }
+
+    /// How many recorded values are at most `value`, counting whole buckets: a bucket counts
+    /// when its highest equivalent value is at most `value`.
+    pub fn count_at_most(&self, value: u64) -> u64 {
+        if self.total == 0 || value < self.min {
+            return 0;
+        }
+        if value >= self.max {
+            return self.total;
+        }
+        self.iter_nonzero()
+            .take_while(|&(i, _)| self.layout.highest_equivalent(i) <= value)
+            .map(|(_, n)| n)
+            .fold(0u64, u64::saturating_add)
+    }
+
+    /// Adds `other` into this histogram. Layouts may differ: then each of `other`'s buckets is
+    /// re-recorded at its median value.
+    pub fn merge(&mut self, other: &Histogram) {
+        if other.total == 0 {
+            return;
+        }
+        if other.layout == self.layout {
+            for (c, chunk) in other.chunks.iter().enumerate() {
+                if let Some(src) = chunk {
+                    let half = self.layout.half_count;
+                    let dst = self.chunks[c].get_or_insert_with(|| vec![0; half].into_boxed_slice());
+                    for (d, s) in dst.iter_mut().zip(src.iter()) {
+                        *d = d.saturating_add(*s);
+                    }
+                }
+            }
+        } else {
+            for (index, n) in other.iter_nonzero() {
+                let v = other.layout.median_equivalent(index).min(self.layout.highest);
+                self.add_at(self.layout.index_of(v), n);
+            }
+        }
+        self.absorb_stats(other.total, other.sum, other.min, other.max, other.clamped);
+    }
+
+    fn absorb_stats(&mut self, total: u64, sum: u128, min: u64, max: u64, clamped: u64) {
+        self.total = self.total.saturating_add(total);
+        self.sum = self.sum.saturating_add(sum);
+        self.min = self.min.min(min);
+        self.max = self.max.max(max.min(self.layout.highest));
+        self.clamped = self.clamped.saturating_add(clamped);
+    }
+
+    /// Clears all counts, keeping the allocated chunks for reuse.
+    pub fn reset(&mut self) {
+        for counters in self.chunks.iter_mut().flatten() {
+            counters.fill(0);
+        }
+        self.total = 0;
+        self.sum = 0;
+        self.min = u64::MAX;
+        self.max = 0;
+        self.clamped = 0;
+    }
+
+    /// Appends the encoding of this histogram to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(VERSION);
+        put_varint(out, u64::from(self.layout.significant_digits));
+        put_varint(out, self.layout.lowest);
+        put_varint(out, self.layout.highest);
+        put_varint(out, self.total);
+        put_varint_u128(out, self.sum);
+        if self.total > 0 {
+            put_varint(out, self.min);
+            put_varint(out, self.max);
+        }
+        put_varint(out, self.clamped);
+        let nonzero = self.iter_nonzero().count();
+        put_varint(out, nonzero as u64);
+        let mut next = 0usize;
+        for (index, n) in self.iter_nonzero() {
+            put_varint(out, (index - next) as u64);
+            put_varint(out, n);
+            next = index + 1;
+        }
+    }
+
+    /// The encoding of this histogram.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + 4 * self.iter_nonzero().count());
+        self.encode(&mut out);
+        out
+    }
+
+    /// Decodes and validates an encoded histogram.
+    pub fn decode(bytes: &[u8]) -> Result<Histogram, HistogramError> {
+        let parsed = Parsed::parse(bytes)?;
+        let mut h = Histogram::new(parsed.layout);
+        parsed.apply(&mut h);
+        Ok(h)
+    }
+
+    /// Validates an encoded histogram and adds it into this one. Nothing is added when the
+    /// encoding is invalid.
+    pub fn merge_encoded(&mut self, bytes: &[u8]) -> Result<(), HistogramError> {
+        let parsed = Parsed::parse(bytes)?;
+        parsed.apply(self);
+        Ok(())
+    }
+}
+
+/// A validated encoding, ready to be applied.
+struct Parsed<'a> {
+    layout: Layout,
+    total: u64,
+    sum: u128,
+    min: u64,
+    max: u64,
+    clamped: u64,
+    nonzero: usize,
+    buckets: Reader<'a>,
+}
+
+impl<'a> Parsed<'a> {
+    fn parse(bytes: &'a [u8]) -> Result<Parsed<'a>, HistogramError> {
+        let mut r = Reader { bytes, pos: 0 };
+        let version = r.byte("version")?;
+        if version != VERSION {
+            return Err(HistogramError::UnknownVersion(version));
+        }
+        let digits = r.varint("significant_digits")?;
+        let lowest = r.varint("lowest")?;
+        let highest = r.varint("highest")?;
+        let digits = u8::try_from(digits).map_err(|_| {
+            HistogramError::InvalidLayout(format!("significant digits must be 1..=4, got {digits}"))
+        })?;
+        let layout = Layout::new(digits, lowest, highest)?;
+        let total = r.varint("total_count")?;
+        let sum = r.varint_u128("sum")?;
+        let (min, max) = if total > 0 { (r.varint("min")?, r.varint("max")?) } else { (u64::MAX, 0) };
+        let clamped = r.varint("clamped_count")?;
+        let nonzero = r.varint("nonzero_buckets")?;
+        if total > 0 && min > max {
+            return Err(HistogramError::Inconsistent(format!("min {min} is above max {max}")));
+        }
+        if max > layout.highest {
+            return Err(HistogramError::Inconsistent(format!(
+                "max {max} is above the layout's highest value {}",
+                layout.highest
+            )));
+        }
+        if clamped > total {
+            return Err(HistogramError::Inconsistent(format!(
+                "clamped count {clamped} is above the total count {total}"
+            )));
+        }
+        if nonzero > layout.counts_len() as u64 {
+            return Err(HistogramError::Inconsistent(format!(
+                "{nonzero} non-zero buckets, but the layout has only {}",
+                layout.counts_len()
+            )));
+        }
+        let buckets = r.clone();
+        // Walk the bucket list once to validate it fully before anything is applied.
+        let mut next = 0u64;
+        let mut counted = 0u64;
+        for _ in 0..nonzero {
+            let gap = r.varint("index_gap")?;
+            let n = r.varint("count")?;
+            let index = next.checked_add(gap).filter(|&i| i < layout.counts_len() as u64);
+            let Some(index) = index else {
+                return Err(HistogramError::Inconsistent(format!(
+                    "bucket index beyond the layout's {} counters",
+                    layout.counts_len()
+                )));
+            };
+            if n == 0 {
+                return Err(HistogramError::Inconsistent(format!("bucket {index} has a zero count")));
+            }
+            counted = counted
+                .checked_add(n)
+                .ok_or_else(|| HistogramError::Inconsistent("bucket counts overflow 64 bits".into()))?;
+            next = index + 1;
+        }
+        if counted != total {
+            return Err(HistogramError::Inconsistent(format!(
+                "bucket counts add up to {counted}, but the total count says {total}"
+            )));
+        }
+        if r.pos != bytes.len() {
+            return Err(HistogramError::TrailingBytes(bytes.len() - r.pos));
+        }
+        Ok(Parsed { layout, total, sum, min, max, clamped, nonzero: nonzero as usize, buckets })
+    }
+
+    fn apply(mut self, h: &mut Histogram) {
+        let same = self.layout == h.layout;
+        let mut next = 0usize;
+        for _ in 0..self.nonzero {
+            // Validated by parse: these reads cannot fail.
+            let gap = self.buckets.varint("index_gap").unwrap_or(0) as usize;
+            let n = self.buckets.varint("count").unwrap_or(0);
+            let index = next + gap;
+            next = index + 1;
+            if same {
+                h.add_at(index, n);
+            } else {
+                let v = self.layout.median_equivalent(index).min(h.layout.highest);
+                h.add_at(h.layout.index_of(v), n);
+            }
+        }
+        if self.total > 0 {
+            h.absorb_stats(self.total, self.sum, self.min, self.max, self.clamped);
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn byte(&mut self, field: &'static str) -> Result<u8, HistogramError> {
+        let b = *self.bytes.get(self.pos).ok_or(HistogramError::Truncated(field))?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    fn varint(&mut self, field: &'static str) -> Result<u64, HistogramError> {
+        let v = self.varint_u128(field)?;
+        u64::try_from(v).map_err(|_| HistogramError::BadVarint(field))
+    }
+
+    fn varint_u128(&mut self, field: &'static str) -> Result<u128, HistogramError> {
+        let mut v: u128 = 0;
+        for shift in (0..128).step_by(7) {
+            let b = self.byte(field)?;
+            let bits = u128::from(b & 0x7f);
+            if shift == 126 && bits > 0b11 {
+                return Err(HistogramError::BadVarint(field));
+            }
+            v |= bits << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(HistogramError::BadVarint(field))
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, v: u64) {
+    put_varint_u128(out, u128::from(v));
+}
+
+fn put_varint_u128(out: &mut Vec<u8>, mut v: u128) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,206 @@
+use super::*;
+use rand::{Rng, SeedableRng};
+
+fn rng() -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(7)
+}
+
+/// Heavy-tailed values in nanoseconds: lognormal body around 20 ms with a Pareto tail.
+fn heavy_tailed(n: usize) -> Vec<u64> {
+    let mut r = rng();
+    (0..n)
+        .map(|_| {
+            let u: f64 = r.gen_range(1e-12..1.0);
+            if r.gen_bool(0.97) {
+                let z: f64 = (-2.0 * u.ln()).sqrt() * (r.gen::<f64>() * std::f64::consts::TAU).cos();
+                (20e6 * (0.6 * z).exp()) as u64
+            } else {
+                (50e6 / u.powf(1.0 / 1.2)) as u64
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn layout_matches_hdrhistogram_indexing() {
+    let layout = Layout::default();
+    let reference =
+        hdrhistogram::Histogram::<u64>::new_with_bounds(Layout::DEFAULT_LOWEST, Layout::DEFAULT_HIGHEST, 2)
+            .expect("reference histogram");
+    assert_eq!(layout.counts_len(), reference.distinct_values());
+    let mut r = rng();
+    for _ in 0..100_000 {
+        let v = r.gen_range(0..=Layout::DEFAULT_HIGHEST);
+        let i = layout.index_of(v);
+        assert_eq!(layout.lowest_equivalent(i), reference.lowest_equivalent(v), "value {v}");
+        assert_eq!(layout.highest_equivalent(i), reference.highest_equivalent(v), "value {v}");
+        assert!(layout.lowest_equivalent(i) <= v && v <= layout.highest_equivalent(i));
+    }
+}
+
+#[test]
+fn quantiles_are_within_precision_of_sorted_values() {
+    let mut values = heavy_tailed(200_000);
+    let mut h = Histogram::new(Layout::default());
+    for &v in &values {
+        h.record(v, 1);
+    }
+    values.sort_unstable();
+    let err = h.layout().relative_error();
+    for q in [0.0, 0.5, 0.9, 0.99, 0.999, 1.0] {
+        let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+        let exact = values[rank - 1] as f64;
+        let got = h.quantile(q).expect("non-empty") as f64;
+        assert!((got - exact).abs() <= exact * err + 1.0, "q={q}: got {got}, exact {exact}");
+    }
+    assert_eq!(h.count(), values.len() as u64);
+    assert_eq!(h.sum(), values.iter().map(|&v| u128::from(v)).sum::<u128>());
+    assert_eq!(h.min(), values.first().copied());
+    assert_eq!(h.max(), values.last().copied());
+}
+
+#[test]
+fn weighted_recording_counts_weight_times() {
+    let mut a = Histogram::new(Layout::default());
+    let mut b = Histogram::new(Layout::default());
+    a.record(5_000_000, 7);
+    for _ in 0..7 {
+        b.record(5_000_000, 1);
+    }
+    assert_eq!(a, b);
+    a.record(1, 0);
+    assert_eq!(a.count(), 7);
+}
+
+#[test]
+fn clamps_values_above_range_and_counts_them() {
+    let mut h = Histogram::new(Layout::default());
+    h.record(Layout::DEFAULT_HIGHEST * 10, 3);
+    assert_eq!(h.clamped(), 3);
+    assert_eq!(h.max(), Some(Layout::DEFAULT_HIGHEST));
+    assert_eq!(h.count(), 3);
+}
+
+#[test]
+fn merge_equals_recording_everything_in_one() {
+    let values = heavy_tailed(10_000);
+    let (left, right) = values.split_at(4_000);
+    let mut all = Histogram::new(Layout::default());
+    let mut a = Histogram::new(Layout::default());
+    let mut b = Histogram::new(Layout::default());
+    for &v in &values {
+        all.record(v, 1);
+    }
+    left.iter().for_each(|&v| a.record(v, 1));
+    right.iter().for_each(|&v| b.record(v, 1));
+    a.merge(&b);
+    assert_eq!(a, all);
+    let mut c = Histogram::new(Layout::default());
+    c.merge_encoded(&Histogram::decode(&all.to_bytes()).expect("decode").to_bytes()).expect("merge encoded");
+    assert_eq!(c, all);
+}
+
+#[test]
+fn merge_across_layouts_keeps_counts_and_stays_close() {
+    let coarse = Layout::new(1, 1_000, Layout::DEFAULT_HIGHEST).expect("layout");
+    let mut a = Histogram::new(Layout::default());
+    let mut b = Histogram::new(coarse);
+    b.record(123_456_789, 10);
+    a.merge_encoded(&b.to_bytes()).expect("merge");
+    assert_eq!(a.count(), 10);
+    assert_eq!(a.sum(), 1_234_567_890);
+    let p50 = a.quantile(0.5).expect("non-empty") as f64;
+    assert!((p50 - 123_456_789.0).abs() / 123_456_789.0 < 0.05);
+}
+
+#[test]
+fn round_trips_through_the_encoding() {
+    let mut h = Histogram::new(Layout::default());
+    assert_eq!(Histogram::decode(&h.to_bytes()).expect("empty"), h);
+    for v in heavy_tailed(1_000) {
+        h.record(v, 3);
+    }
+    let bytes = h.to_bytes();
+    assert_eq!(Histogram::decode(&bytes).expect("decode"), h);
+    // A sparse encoding: far smaller than the dense counters.
+    assert!(bytes.len() < 1_000, "{} bytes", bytes.len());
+}
+
+#[test]
+fn reset_keeps_nothing_counted() {
+    let mut h = Histogram::new(Layout::default());
+    h.record(10_000, 1);
+    h.reset();
+    assert!(h.is_empty());
+    assert_eq!(h, Histogram::decode(&Histogram::new(Layout::default()).to_bytes()).expect("empty"));
+}
+
+#[test]
+fn memory_grows_only_with_the_buckets_used() {
+    let mut h = Histogram::new(Layout::default());
+    for v in [1_000_000u64, 10_000_000, 100_000_000] {
+        h.record(v, 1);
+    }
+    assert!(h.heap_bytes() < 4 * 1024, "{} bytes", h.heap_bytes());
+}
+
+#[test]
+fn rejects_hostile_encodings_with_a_reason() {
+    let mut good = Histogram::new(Layout::default());
+    good.record(5_000, 2);
+    let bytes = good.to_bytes();
+
+    assert!(matches!(Histogram::decode(&[]), Err(HistogramError::Truncated("version"))));
+    assert!(matches!(Histogram::decode(&[9]), Err(HistogramError::UnknownVersion(9))));
+    // A layout asking for an enormous counter array.
+    let mut huge = vec![1];
+    put_varint(&mut huge, 4);
+    put_varint(&mut huge, 1);
+    put_varint(&mut huge, 1 << 62);
+    assert!(matches!(Histogram::decode(&huge), Err(HistogramError::InvalidLayout(_))));
+    // Counts that do not add up to the total.
+    let mut lying = bytes.clone();
+    lying[4 + varint_len(Layout::DEFAULT_HIGHEST)] = 3; // total 2 -> 3
+    let err = Histogram::decode(&lying).expect_err("inconsistent");
+    assert!(err.to_string().contains("add up"), "{err}");
+    // Trailing garbage.
+    let mut trailing = bytes.clone();
+    trailing.push(0);
+    assert_eq!(Histogram::decode(&trailing), Err(HistogramError::TrailingBytes(1)));
+    // Truncation anywhere is an error, never a panic.
+    for cut in 0..bytes.len() {
+        assert!(Histogram::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+    }
+    // A failed merge adds nothing.
+    let mut target = good.clone();
+    assert!(target.merge_encoded(&lying).is_err());
+    assert_eq!(target, good);
+}
+
+fn varint_len(v: u64) -> usize {
+    let mut out = Vec::new();
+    put_varint(&mut out, v);
+    out.len()
+}
+
+#[test]
+fn random_bytes_never_panic() {
+    let mut r = rng();
+    let mut good = Histogram::new(Layout::default());
+    for v in heavy_tailed(100) {
+        good.record(v, 1);
+    }
+    let base = good.to_bytes();
+    for _ in 0..20_000 {
+        let mut bytes = base.clone();
+        for _ in 0..r.gen_range(1..4) {
+            let i = r.gen_range(0..bytes.len());
+            bytes[i] = r.gen();
+        }
+        if let Ok(h) = Histogram::decode(&bytes) {
+            let _ = h.quantile(0.99);
+        }
+        let random: Vec<u8> = (0..r.gen_range(0..64)).map(|_| r.gen()).collect();
+        let _ = Histogram::decode(&random);
+    }
+}

@@ -1,0 +1,13 @@
+//! tailscope's wire contract: the gRPC ingest protocol (`tailscope.v1`) and the histogram
+//! encoding shared by the server, the client crate and anything else that sends deltas.
+
+pub mod histogram;
+
+/// Generated types and gRPC stubs of `tailscope/v1/ingest.proto`.
+#[allow(missing_docs, missing_debug_implementations, clippy::all, clippy::unwrap_used)]
+pub mod v1 {
+    tonic::include_proto!("tailscope.v1");
+}
+
+/// The width of a histogram window at the base resolution, in seconds.
+pub const BASE_WINDOW_SECONDS: i64 = 10;

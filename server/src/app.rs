@@ -1,0 +1,219 @@
+//! Starting and stopping a whole server: store, pipeline, flusher, retention, and the gRPC and
+//! HTTP listeners. Tests start it in-process on `127.0.0.1:0`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tailscope_proto::v1::ingest_server::IngestServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::ingest::IngestService;
+use crate::pipeline::Pipeline;
+use crate::store::{Store, StoreError};
+use crate::telemetry::Metrics;
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error("cannot open the store in {path}: {source}")]
+    Store {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: StoreError,
+    },
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    flusher: JoinHandle<()>,
+    grpc: JoinHandle<()>,
+    http: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+    store: Store,
+    metrics: Arc<Metrics>,
+}
+
+impl Server {
+    /// Starts a server with the system clock.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        Server::start_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// Starts a server whose notion of "now" comes from `clock`.
+    pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Server, StartError> {
+        config.validate()?;
+        let layout = config.histogram.layout()?;
+        let dir = &config.server.data_dir;
+        std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir { path: dir.clone(), source })?;
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::open(dir, layout, &metrics)
+            .map_err(|source| StartError::Store { path: dir.clone(), source })?;
+        let (pipeline, shard_tasks) =
+            Pipeline::start(&config.ingest, store.clone(), metrics.clone(), clock.clone())
+                .map_err(|source| StartError::Store { path: dir.clone(), source })?;
+
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
+        };
+        let grpc_listener = bind(config.server.grpc_addr).await?;
+        let http_listener = bind(config.server.http_addr).await?;
+        let local =
+            |l: &TcpListener, addr| l.local_addr().map_err(|source| StartError::Bind { addr, source });
+        let grpc_addr = local(&grpc_listener, config.server.grpc_addr)?;
+        let http_addr = local(&http_listener, config.server.http_addr)?;
+
+        let (stop, stop_rx) = watch::channel(false);
+        let flusher = tokio::spawn(pipeline.clone().run_flusher(
+            config.ingest.flush_interval,
+            stop_rx.clone(),
+            config.server.shutdown_timeout,
+        ));
+
+        let ingest = IngestService::new(pipeline.clone(), metrics.clone(), clock.clone(), &config.ingest);
+        let ingest = IngestServer::new(ingest)
+            .max_decoding_message_size(config.ingest.max_batch_bytes)
+            .max_encoding_message_size(1024 * 1024);
+        // gRPC ends once the pipeline has closed every stream (after the final flush).
+        let mut closed = pipeline.subscribe();
+        let grpc = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = closed.wait_for(|s| s.closed).await;
+            };
+            let result = tonic::transport::Server::builder()
+                .add_service(ingest)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown)
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "gRPC listener failed");
+            }
+        });
+
+        let state = AppState {
+            pipeline: pipeline.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            clock: clock.clone(),
+            retention: config.retention.clone(),
+        };
+        let mut http_stop = stop_rx.clone();
+        let http = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = http_stop.wait_for(|&s| s).await;
+            };
+            if let Err(e) =
+                axum::serve(http_listener, http::router(state)).with_graceful_shutdown(shutdown).await
+            {
+                tracing::error!(error = %e, "HTTP listener failed");
+            }
+        });
+
+        let mut background = shard_tasks;
+        background.push(tokio::spawn(run_retention(
+            store.clone(),
+            config.clone(),
+            clock,
+            metrics.clone(),
+            stop_rx,
+        )));
+        tracing::info!(%grpc_addr, %http_addr, data_dir = %dir.display(), shards = pipeline.shard_count(), "tailscope started");
+        Ok(Server { grpc_addr, http_addr, stop, flusher, grpc, http, background, store, metrics })
+    }
+
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The store (for tests and benchmarks).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The self-metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Shuts down gracefully: stops accepting batches, writes and acknowledges everything
+    /// accepted, closes the streams and listeners, and closes the store.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.flusher.await;
+        let _ = self.grpc.await;
+        let _ = self.http.await;
+        for t in self.background {
+            let _ = t.await;
+        }
+        if let Err(e) = self.store.sync() {
+            tracing::error!(error = %e, "cannot sync the write-ahead log at shutdown");
+        }
+        tracing::info!("tailscope stopped");
+    }
+}
+
+async fn run_retention(
+    store: Store,
+    config: Config,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(config.retention.interval);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|&s| s) => return,
+        }
+        let (store, retention, now) = (store.clone(), config.retention.clone(), clock.now_seconds());
+        match tokio::task::spawn_blocking(move || store.apply_retention(now, &retention)).await {
+            Ok(Ok(report)) => {
+                for (res, n) in report.deleted {
+                    metrics.retention_partitions_deleted.inc_by(n);
+                    tracing::info!(
+                        resolution = res.name(),
+                        partitions = n,
+                        "retention deleted expired partitions"
+                    );
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "retention failed"),
+            Err(e) => tracing::error!(error = %e, "retention task failed"),
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! The HTTP API: health, readiness, self-metrics, and the native tail endpoint.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::clock::Clock;
+use crate::config::RetentionConfig;
+use crate::pipeline::Pipeline;
+use crate::query::{self, Plan, QueryError, SeriesFilter};
+use crate::store::Store;
+use crate::telemetry::{ColumnFamilyLabel, Metrics};
+
+/// What every handler can reach.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The ingest pipeline (readiness, queue depths).
+    pub pipeline: Arc<Pipeline>,
+    /// The store.
+    pub store: Store,
+    /// Self-metrics.
+    pub metrics: Arc<Metrics>,
+    /// Wall-clock time.
+    pub clock: Arc<dyn Clock>,
+    /// Retention, for choosing a resolution.
+    pub retention: RetentionConfig,
+}
+
+/// The routes of the HTTP listener.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/-/healthy", get(healthy))
+        .route("/-/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/tail", get(tail))
+        .with_state(state)
+}
+
+async fn healthy() -> &'static str {
+    "tailscope is healthy.\n"
+}
+
+async fn ready(State(s): State<AppState>) -> Response {
+    if s.pipeline.is_ready() {
+        (StatusCode::OK, "tailscope is ready.\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "tailscope is not ready: the store is failing or the server is shutting down.\n",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    s.pipeline.refresh_metrics();
+    let store = s.store.clone();
+    let sizes = tokio::task::spawn_blocking(move || store.sizes()).await.unwrap_or_default();
+    for (column_family, bytes) in sizes {
+        s.metrics.store_bytes.get_or_create(&ColumnFamilyLabel { column_family }).set(bytes as i64);
+    }
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// A Prometheus-style error body.
+pub fn api_error(status: StatusCode, error_type: &str, message: impl std::fmt::Display) -> Response {
+    (status, Json(json!({"status": "error", "errorType": error_type, "error": message.to_string()})))
+        .into_response()
+}
+
+fn query_error(e: QueryError) -> Response {
+    match e {
+        QueryError::BadData(m) => api_error(StatusCode::BAD_REQUEST, "bad_data", m),
+        QueryError::Store(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e),
+    }
+}
+
+/// `GET /api/v1/tail?service=&operation=&start=&end=`: per series, count, min, max, mean and
+/// p50/p90/p99/p99.9 (in seconds) over the range, from the merged histograms. `end` defaults to
+/// now and `start` to one hour before `end`.
+async fn tail(State(s): State<AppState>, Query(params): Query<HashMap<String, String>>) -> Response {
+    match tail_body(&s, &params).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => query_error(e),
+    }
+}
+
+async fn tail_body(s: &AppState, params: &HashMap<String, String>) -> Result<Value, QueryError> {
+    for key in params.keys() {
+        if !matches!(key.as_str(), "service" | "operation" | "start" | "end") {
+            return Err(QueryError::BadData(format!(
+                "unknown parameter \"{key}\" (expected service, operation, start, end)"
+            )));
+        }
+    }
+    let now = s.clock.now_nanos() as f64 / 1e9;
+    let end = params.get("end").map(|v| query::parse_time("end", v)).transpose()?.unwrap_or(now);
+    let start =
+        params.get("start").map(|v| query::parse_time("start", v)).transpose()?.unwrap_or(end - 3600.0);
+    if end < start {
+        return Err(QueryError::BadData("end timestamp must not be before start time".into()));
+    }
+    let filter =
+        SeriesFilter { service: params.get("service").cloned(), operation: params.get("operation").cloned() };
+    let plan = Plan::for_range(start.floor() as i64, end.ceil() as i64, now as i64, &s.retention);
+    let store = s.store.clone();
+    let rows = tokio::task::spawn_blocking(move || query::merged_series(&store, &filter, plan))
+        .await
+        .map_err(|e| QueryError::BadData(format!("query task failed: {e}")))??;
+    let secs = |ns: Option<u64>| ns.map(|v| v as f64 / 1e9);
+    let series: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let h = &r.histogram;
+            json!({
+                "service": r.labels.service,
+                "operation": r.labels.operation,
+                "status": r.labels.status.as_str(),
+                "count": h.count(),
+                "clamped": h.clamped(),
+                "min": secs(h.min()),
+                "max": secs(h.max()),
+                "mean": h.mean().map(|m| m / 1e9),
+                "p50": secs(h.quantile(0.5)),
+                "p90": secs(h.quantile(0.9)),
+                "p99": secs(h.quantile(0.99)),
+                "p999": secs(h.quantile(0.999)),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "status": "success",
+        "data": {
+            "resolution": plan.resolution.name(),
+            "start": plan.start,
+            "end": plan.end,
+            "series": series,
+        }
+    }))
+}

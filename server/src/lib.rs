@@ -1,0 +1,20 @@
+//! tailscope: a tail-latency aggregator. Services stream spans over gRPC; tailscope keeps exact,
+//! mergeable latency histograms per series and time window in an embedded RocksDB and answers
+//! queries over HTTP.
+//!
+//! The modules read as the data flow: [`ingest`] → [`pipeline`] (shards) → [`store`];
+//! [`http`] → [`query`] → [`store`]. [`app`] wires them together; `main.rs` only parses flags.
+
+pub mod app;
+pub mod clock;
+pub mod config;
+pub mod http;
+pub mod ingest;
+pub mod pipeline;
+pub mod query;
+pub mod series;
+pub mod store;
+pub mod telemetry;
+
+pub use app::{Server, StartError};
+pub use config::Config;

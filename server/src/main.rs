@@ -1,0 +1,113 @@
+//! `tailscope-server`: flags, logging and signals; everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tailscope_server::config::{Config, Overrides};
+use tailscope_server::Server;
+
+/// tailscope: a tail-latency aggregator with exact percentiles.
+#[derive(Debug, Parser)]
+#[command(name = "tailscope-server", version)]
+struct Cli {
+    /// TOML configuration file (see tailscope.example.toml).
+    #[arg(long, env = "TAILSCOPE_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// gRPC listen address (ingest and OTLP); overrides the file and TAILSCOPE_GRPC_ADDR.
+    #[arg(long)]
+    grpc_addr: Option<std::net::SocketAddr>,
+    /// HTTP listen address (query API, health, metrics); overrides TAILSCOPE_HTTP_ADDR.
+    #[arg(long)]
+    http_addr: Option<std::net::SocketAddr>,
+    /// Data directory of the embedded store; overrides TAILSCOPE_DATA_DIR.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Log format: text or json. Levels come from TAILSCOPE_LOG (e.g. "info,tailscope_server=debug").
+    #[arg(long, env = "TAILSCOPE_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Prints the effective configuration (file, then environment) or says precisely what is wrong.
+    CheckConfig {
+        /// The configuration file to check.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        return match Config::load(Some(file), std::env::vars(), &Overrides::default()) {
+            Ok(config) => {
+                print!("{}", config.to_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    init_logging(&cli.log_format);
+    let overrides =
+        Overrides { grpc_addr: cli.grpc_addr, http_addr: cli.http_addr, data_dir: cli.data_dir.clone() };
+    let config = match Config::load(cli.config.as_deref(), std::env::vars(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let server = match Server::start(config).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                return ExitCode::FAILURE;
+            }
+        };
+        wait_for_signal().await;
+        tracing::info!("shutting down: flushing and acknowledging accepted batches");
+        server.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TAILSCOPE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,461 @@
+//! The sharded pipeline between ingest and the store.
+//!
+//! * **Admission** ([`Pipeline::admit`]): a validated batch is checked against its client's
+//!   accepted watermark (a resent batch is a duplicate), then handed to every shard that owns
+//!   one of its groups, all or nothing: queue slots are reserved on every target shard before
+//!   anything is sent, and a full queue refuses the whole batch.
+//! * **Shards** ([`shard`]): one task per shard owns the open windows of its series (an HDR
+//!   histogram per series and 10-second window) and records spans into them. No locks.
+//! * **Flush epochs** ([`Pipeline::run_flusher`]): every `flush_interval` the coordinator cuts
+//!   an epoch, collects every shard's deltas, and writes them with the clients' watermarks in
+//!   one synced RocksDB write batch. Only then does it publish the new durable watermarks, which
+//!   the ingest streams turn into acknowledgements.
+//!
+//! Admission and the epoch cut are serialized by the *gate*: admission holds it shared while it
+//! tags a batch with the current epoch and enqueues it; the cut holds it exclusively while it
+//! advances the epoch and snapshots the accepted watermarks. So a batch belongs wholly to one
+//! epoch, and an epoch's watermarks cover exactly the batches whose spans it writes.
+
+pub mod shard;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use dashmap::DashMap;
+use parking_lot::{Mutex, RwLock};
+use tailscope_proto::histogram::{Histogram, Layout};
+use tailscope_proto::v1::SpanBatch;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::clock::Clock;
+use crate::config::IngestConfig;
+use crate::store::{EpochWrite, Store};
+use crate::telemetry::{Metrics, Outcome, ShardLabel};
+
+use shard::{Handover, ShardMsg};
+
+/// Why a span is refused on its own (the batch that carries it is still accepted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SpanReject {
+    /// Started before `now - allowed_lateness`.
+    TooOld,
+    /// Started after `now + max_future_skew`.
+    TooFarInFuture,
+    /// Duration below zero.
+    NegativeDuration,
+    /// Duration above `max_span_duration`.
+    AbsurdDuration,
+}
+
+impl SpanReject {
+    /// Every reason, in the order of [`SpanReject::index`].
+    pub const ALL: [SpanReject; 4] = [
+        SpanReject::TooOld,
+        SpanReject::TooFarInFuture,
+        SpanReject::NegativeDuration,
+        SpanReject::AbsurdDuration,
+    ];
+
+    /// The reason as a label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpanReject::TooOld => "too_old",
+            SpanReject::TooFarInFuture => "too_far_in_future",
+            SpanReject::NegativeDuration => "negative_duration",
+            SpanReject::AbsurdDuration => "absurd_duration",
+        }
+    }
+
+    /// A dense index for per-reason counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The limits a span's time and duration are checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct SpanLimits {
+    /// Allowed lateness in nanoseconds.
+    pub lateness: i64,
+    /// Allowed future skew in nanoseconds.
+    pub skew: i64,
+    /// Longest accepted duration in nanoseconds.
+    pub max_duration: i64,
+}
+
+impl SpanLimits {
+    /// The limits of `config`.
+    pub fn new(config: &IngestConfig) -> SpanLimits {
+        let nanos = |d: std::time::Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        SpanLimits {
+            lateness: nanos(config.allowed_lateness),
+            skew: nanos(config.max_future_skew),
+            max_duration: nanos(config.max_span_duration),
+        }
+    }
+
+    /// Checks a span against the limits at `now` and returns the start of its 10-second window
+    /// in seconds.
+    #[inline]
+    pub fn classify(&self, start: i64, duration: i64, now: i64) -> Result<i64, SpanReject> {
+        if duration < 0 {
+            return Err(SpanReject::NegativeDuration);
+        }
+        if duration > self.max_duration {
+            return Err(SpanReject::AbsurdDuration);
+        }
+        self.window_of(start, now)
+    }
+
+    /// Checks a start time against the limits at `now` and returns the start of its 10-second
+    /// window in seconds.
+    #[inline]
+    pub fn window_of(&self, start: i64, now: i64) -> Result<i64, SpanReject> {
+        if start < now.saturating_sub(self.lateness) {
+            return Err(SpanReject::TooOld);
+        }
+        if start > now.saturating_add(self.skew) {
+            return Err(SpanReject::TooFarInFuture);
+        }
+        let seconds = start.div_euclid(1_000_000_000);
+        Ok(seconds - seconds.rem_euclid(tailscope_proto::BASE_WINDOW_SECONDS))
+    }
+}
+
+/// Where one group of a batch goes.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupRoute {
+    /// The shard owning the group's series.
+    pub shard: u32,
+    /// The id of the group's `status="ok"` series.
+    pub ok_series: u64,
+    /// The id of the group's `status="error"` series.
+    pub error_series: u64,
+}
+
+/// A validated histogram delta, ready to merge.
+#[derive(Debug)]
+pub struct RoutedDelta {
+    /// The shard owning the series.
+    pub shard: u32,
+    /// The series id.
+    pub series: u64,
+    /// The series' labels, for the index.
+    pub labels: crate::series::SeriesLabels,
+    /// Start of its 10-second window, in seconds.
+    pub window_start: i64,
+    /// The decoded histogram.
+    pub histogram: Histogram,
+}
+
+/// A batch that passed validation, with its routing computed.
+#[derive(Debug)]
+pub struct ValidatedBatch {
+    /// The sending client.
+    pub client_id: u64,
+    /// The batch's sequence number.
+    pub seq: u64,
+    /// The time its spans were classified at, in nanoseconds; shards use the same instant.
+    pub now: i64,
+    /// The batch as received.
+    pub batch: SpanBatch,
+    /// One route per group of `batch.groups`.
+    pub groups: Vec<GroupRoute>,
+    /// Its accepted histogram deltas.
+    pub deltas: Vec<RoutedDelta>,
+    /// The distinct shards it touches, ascending.
+    pub targets: Vec<u32>,
+}
+
+/// What became of a batch offered to the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Enqueued; it is acknowledged once its epoch is written.
+    Accepted,
+    /// Already accepted before (a resend); acknowledged when durable, not counted again.
+    Duplicate,
+    /// A shard queue is full; the client should resend later.
+    Overloaded,
+    /// The store failed to write recently; the client should resend later.
+    StoreUnavailable,
+    /// The server is shutting down.
+    Draining,
+}
+
+#[derive(Debug, Default)]
+struct ClientMarks {
+    accepted: u64,
+    durable: u64,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    epoch: u64,
+    draining: bool,
+}
+
+/// What ingest streams watch: the last written epoch, and whether the pipeline has closed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DurableState {
+    /// The number of the last epoch written.
+    pub epoch: u64,
+    /// No more batches will be accepted or acknowledged.
+    pub closed: bool,
+}
+
+/// The pipeline: shard queues, client watermarks and the flush coordinator's state.
+#[derive(Debug)]
+pub struct Pipeline {
+    shards: Vec<mpsc::Sender<ShardMsg>>,
+    queue_capacity: usize,
+    gate: RwLock<Gate>,
+    clients: DashMap<u64, Arc<Mutex<ClientMarks>>>,
+    durable: watch::Sender<DurableState>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    store_healthy: AtomicBool,
+    layout: Layout,
+    limits: SpanLimits,
+    clock: Arc<dyn Clock>,
+}
+
+impl Pipeline {
+    /// Starts the shard tasks and returns the pipeline with their join handles. Durable
+    /// watermarks are loaded from the store so resends after a restart are recognised.
+    pub fn start(
+        config: &IngestConfig,
+        store: Store,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Arc<Pipeline>, Vec<JoinHandle<()>>), crate::store::StoreError> {
+        let n = config.shard_count();
+        let layout = store.layout();
+        let limits = SpanLimits::new(config);
+        let mut shards = Vec::with_capacity(n);
+        let mut handles = Vec::with_capacity(n);
+        for id in 0..n {
+            let (tx, rx) = mpsc::channel(config.queue_capacity);
+            shards.push(tx);
+            handles.push(tokio::spawn(shard::run(id as u32, rx, layout, limits)));
+        }
+        let clients = DashMap::new();
+        for (client, seq) in store.watermarks()? {
+            clients.insert(client, Arc::new(Mutex::new(ClientMarks { accepted: seq, durable: seq })));
+        }
+        let pipeline = Pipeline {
+            shards,
+            queue_capacity: config.queue_capacity,
+            gate: RwLock::new(Gate::default()),
+            clients,
+            durable: watch::Sender::new(DurableState::default()),
+            store,
+            metrics,
+            store_healthy: AtomicBool::new(true),
+            layout,
+            limits,
+            clock,
+        };
+        Ok((Arc::new(pipeline), handles))
+    }
+
+    /// The number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The histogram layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The span limits.
+    pub fn limits(&self) -> SpanLimits {
+        self.limits
+    }
+
+    /// Whether new batches are accepted and the store writes.
+    pub fn is_ready(&self) -> bool {
+        self.store_healthy.load(Ordering::Relaxed) && !self.gate.read().draining
+    }
+
+    /// Subscribes to durable-epoch progress.
+    pub fn subscribe(&self) -> watch::Receiver<DurableState> {
+        self.durable.subscribe()
+    }
+
+    /// The highest durable seq of `client`.
+    pub fn durable_seq(&self, client: u64) -> u64 {
+        self.clients.get(&client).map_or(0, |m| m.lock().durable)
+    }
+
+    /// Whether `seq` was already accepted from `client` (a cheap check before validation).
+    pub fn is_duplicate(&self, client: u64, seq: u64) -> bool {
+        self.clients.get(&client).is_some_and(|m| seq <= m.lock().accepted)
+    }
+
+    /// Whether every accepted batch of `client` is durable.
+    pub fn is_settled(&self, client: u64) -> bool {
+        self.clients.get(&client).is_none_or(|m| {
+            let m = m.lock();
+            m.durable >= m.accepted
+        })
+    }
+
+    /// The fullest shard queue's fill level, 0..=1.
+    pub fn pressure(&self) -> f64 {
+        self.shards
+            .iter()
+            .map(|tx| 1.0 - tx.capacity() as f64 / self.queue_capacity as f64)
+            .fold(0.0, f64::max)
+    }
+
+    /// Offers a validated batch.
+    pub fn admit(&self, batch: ValidatedBatch) -> Admission {
+        let gate = self.gate.read();
+        if gate.draining {
+            return Admission::Draining;
+        }
+        if !self.store_healthy.load(Ordering::Relaxed) {
+            return Admission::StoreUnavailable;
+        }
+        let client = self.clients.entry(batch.client_id).or_default().clone();
+        let mut marks = client.lock();
+        if batch.seq <= marks.accepted {
+            return Admission::Duplicate;
+        }
+        let mut permits = Vec::with_capacity(batch.targets.len());
+        for &s in &batch.targets {
+            match self.shards[s as usize].try_reserve() {
+                Ok(p) => permits.push(p),
+                Err(_) => return Admission::Overloaded,
+            }
+        }
+        marks.accepted = batch.seq;
+        let batch = Arc::new(batch);
+        for p in permits {
+            p.send(ShardMsg::Work { epoch: gate.epoch, batch: Arc::clone(&batch) });
+        }
+        Admission::Accepted
+    }
+
+    /// Runs flush epochs every `interval` until `stop` turns true, then drains: refuses new
+    /// batches, writes a final epoch (retrying until `deadline`) and closes.
+    pub async fn run_flusher(
+        self: Arc<Self>,
+        interval: std::time::Duration,
+        mut stop: watch::Receiver<bool>,
+        shutdown_timeout: std::time::Duration,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pending = EpochWrite::default();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|&s| s) => break,
+            }
+            self.flush_epoch(&mut pending).await;
+        }
+        self.gate.write().draining = true;
+        let deadline = Instant::now() + shutdown_timeout;
+        loop {
+            self.flush_epoch(&mut pending).await;
+            if pending.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        if !pending.is_empty() {
+            tracing::error!(
+                windows = pending.windows.len(),
+                "shutting down with an unwritten epoch; its batches were never acknowledged and will be resent"
+            );
+        }
+        self.durable.send_modify(|s| s.closed = true);
+    }
+
+    /// Cuts, collects and writes one epoch. A failed write is kept in `pending` and retried
+    /// with the next epoch; nothing it holds is acknowledged until it is written.
+    async fn flush_epoch(&self, pending: &mut EpochWrite) {
+        let started = Instant::now();
+        let (epoch, watermarks) = {
+            let mut gate = self.gate.write();
+            let epoch = gate.epoch;
+            gate.epoch += 1;
+            let marks: Vec<(u64, u64)> = self
+                .clients
+                .iter()
+                .filter_map(|e| {
+                    let m = e.value().lock();
+                    (m.accepted > m.durable).then_some((*e.key(), m.accepted))
+                })
+                .collect();
+            (epoch, marks)
+        };
+        let mut replies = Vec::with_capacity(self.shards.len());
+        for tx in &self.shards {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(ShardMsg::Flush { epoch, now: self.clock.now_seconds(), reply }).await.is_ok() {
+                replies.push(rx);
+            }
+        }
+        let mut write = EpochWrite { watermarks, ..EpochWrite::default() };
+        let mut active = 0;
+        for rx in replies {
+            if let Ok(Handover { windows, series, active_series }) = rx.await {
+                write.windows.extend(windows);
+                write.series.extend(series);
+                active += active_series;
+            }
+        }
+        self.metrics.active_series.set(active as i64);
+        pending.absorb(write);
+        if pending.is_empty() {
+            self.durable.send_modify(|s| s.epoch = epoch);
+            return;
+        }
+        let batch = std::mem::take(pending);
+        let store = self.store.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let r = store.write_epoch(&batch);
+            (batch, r)
+        })
+        .await;
+        match result {
+            Ok((batch, Ok((bytes, operands)))) => {
+                for &(client, seq) in &batch.watermarks {
+                    if let Some(m) = self.clients.get(&client) {
+                        let mut m = m.lock();
+                        m.durable = m.durable.max(seq);
+                    }
+                }
+                self.store_healthy.store(true, Ordering::Relaxed);
+                self.metrics.flushes.get_or_create(&Outcome { result: "ok" }).inc();
+                self.metrics.flush_bytes.observe(bytes as f64);
+                self.metrics.flush_operands.inc_by(operands as u64);
+                self.metrics.flush_duration.observe(started.elapsed().as_secs_f64());
+                self.durable.send_modify(|s| s.epoch = epoch);
+            }
+            Ok((batch, Err(e))) => {
+                tracing::error!(error = %e, epoch, "flush failed; keeping the epoch to retry, acknowledgements held back");
+                self.metrics.flushes.get_or_create(&Outcome { result: "error" }).inc();
+                self.store_healthy.store(false, Ordering::Relaxed);
+                *pending = batch;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, epoch, "flush task failed; its batches will be resent by their clients");
+                self.metrics.flushes.get_or_create(&Outcome { result: "error" }).inc();
+            }
+        }
+    }
+
+    /// Updates the queue-depth gauges (called before metrics are encoded).
+    pub fn refresh_metrics(&self) {
+        for (i, tx) in self.shards.iter().enumerate() {
+            let depth = tx.max_capacity() - tx.capacity();
+            self.metrics.shard_queue_depth.get_or_create(&ShardLabel { shard: i as u32 }).set(depth as i64);
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! A shard: one task that owns the open windows of the series routed to it. It records the
+//! spans of every batch it is handed into per-(series, window) histograms and, at each flush
+//! epoch, hands the encoded deltas to the coordinator.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tailscope_proto::histogram::{Histogram, Layout};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{SpanLimits, ValidatedBatch};
+use crate::series::{IdBuildHasher, SeriesLabels, Status};
+use crate::store::WindowDelta;
+
+/// How long a series stays "active" (and known to need no index write) after its last span.
+const ACTIVE_SECONDS: i64 = 600;
+
+/// Messages a shard reads from its queue, in order.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// Record the groups and deltas of `batch` that this shard owns; `epoch` is the flush
+    /// epoch the batch belongs to.
+    Work {
+        /// The epoch the batch was admitted in.
+        epoch: u64,
+        /// The batch.
+        batch: Arc<ValidatedBatch>,
+    },
+    /// Hand over everything of epochs up to `epoch`.
+    Flush {
+        /// The epoch being cut.
+        epoch: u64,
+        /// The coordinator's wall-clock time, in seconds.
+        now: i64,
+        /// Where to send the deltas.
+        reply: oneshot::Sender<Handover>,
+    },
+}
+
+/// What a shard hands over at a flush.
+#[derive(Debug, Default)]
+pub struct Handover {
+    /// Encoded deltas per series and window.
+    pub windows: Vec<WindowDelta>,
+    /// Series this shard saw for the first time (since start-up or since they went idle).
+    pub series: Vec<(u64, SeriesLabels)>,
+    /// Series that received spans in the last ten minutes.
+    pub active_series: usize,
+}
+
+/// The deltas of one epoch.
+#[derive(Debug, Default)]
+struct Accumulator {
+    windows: HashMap<(u64, i64), Histogram, IdBuildHasher>,
+    series: Vec<(u64, SeriesLabels)>,
+}
+
+struct ShardState {
+    id: u32,
+    layout: Layout,
+    limits: SpanLimits,
+    /// Series seen recently, with the second they were last seen.
+    known: HashMap<u64, i64, IdBuildHasher>,
+    now: i64,
+}
+
+impl ShardState {
+    fn note_series(&mut self, acc: &mut Accumulator, id: u64, labels: impl FnOnce() -> SeriesLabels) {
+        if self.known.insert(id, self.now).is_none() {
+            acc.series.push((id, labels()));
+        }
+    }
+
+    fn apply(&mut self, acc: &mut Accumulator, work: &ValidatedBatch) {
+        self.now = self.now.max(work.now.div_euclid(1_000_000_000));
+        for (group, route) in work.batch.groups.iter().zip(&work.groups) {
+            if route.shard != self.id {
+                continue;
+            }
+            let mut seen = [false; 2];
+            for span in &group.spans {
+                let Ok(window) = self.limits.classify(span.start_unix_nanos, span.duration_nanos, work.now)
+                else {
+                    continue;
+                };
+                let status = Status::from_wire(span.status);
+                let series = match status {
+                    Status::Ok => route.ok_series,
+                    Status::Error => route.error_series,
+                };
+                seen[status as usize] = true;
+                let layout = self.layout;
+                acc.windows
+                    .entry((series, window))
+                    .or_insert_with(|| Histogram::new(layout))
+                    .record(span.duration_nanos as u64, u64::from(span.weight.max(1)));
+            }
+            let key = group.key.as_ref();
+            for (status, series) in [(Status::Ok, route.ok_series), (Status::Error, route.error_series)] {
+                if seen[status as usize] {
+                    self.note_series(acc, series, || SeriesLabels {
+                        service: key.map(|k| k.service.clone()).unwrap_or_default(),
+                        operation: key.map(|k| k.operation.clone()).unwrap_or_default(),
+                        status,
+                    });
+                }
+            }
+        }
+        let me = self.id;
+        for delta in work.deltas.iter().filter(|d| d.shard == me) {
+            let layout = self.layout;
+            acc.windows
+                .entry((delta.series, delta.window_start))
+                .or_insert_with(|| Histogram::new(layout))
+                .merge(&delta.histogram);
+            self.note_series(acc, delta.series, || delta.labels.clone());
+        }
+    }
+
+    fn hand_over(&mut self, acc: Accumulator, now: i64) -> Handover {
+        self.now = self.now.max(now);
+        let horizon = self.now - ACTIVE_SECONDS;
+        self.known.retain(|_, &mut seen| seen >= horizon);
+        let windows = acc
+            .windows
+            .into_iter()
+            .map(|((series, window_start), h)| WindowDelta { series, window_start, histogram: h.to_bytes() })
+            .collect();
+        Handover { windows, series: acc.series, active_series: self.known.len() }
+    }
+}
+
+/// Runs shard `id` until its queue closes.
+pub async fn run(id: u32, mut rx: mpsc::Receiver<ShardMsg>, layout: Layout, limits: SpanLimits) {
+    let mut state = ShardState { id, layout, limits, known: HashMap::default(), now: 0 };
+    // Work of the epoch being filled, and of the next one: a batch admitted just after the
+    // coordinator cut an epoch can reach this queue before that epoch's Flush message.
+    let mut current = Accumulator::default();
+    let mut next = Accumulator::default();
+    let mut open_epoch = 0u64;
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            ShardMsg::Work { epoch, batch } => {
+                let acc = if epoch <= open_epoch { &mut current } else { &mut next };
+                state.apply(acc, &batch);
+            }
+            ShardMsg::Flush { epoch, now, reply } => {
+                let done = std::mem::replace(&mut current, std::mem::take(&mut next));
+                open_epoch = epoch + 1;
+                // The coordinator may have given up (shutdown); the deltas then die with it,
+                // unacknowledged, and their clients resend them.
+                let _ = reply.send(state.hand_over(done, now));
+            }
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Reads over the store: selecting series by label, choosing a resolution for a time range, and
+//! merging the windows of that range into one histogram per series.
+
+use tailscope_proto::histogram::Histogram;
+
+use crate::config::RetentionConfig;
+use crate::series::SeriesLabels;
+use crate::store::{Resolution, Store, StoreError};
+
+/// The most windows per series a range may be read at before a coarser resolution is used.
+pub const MAX_WINDOWS_PER_SERIES: i64 = 2_000;
+
+/// Errors of a query.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// A parameter is missing or malformed.
+    #[error("{0}")]
+    BadData(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Exact-match label filters; `None` matches every value.
+#[derive(Debug, Clone, Default)]
+pub struct SeriesFilter {
+    /// `service`.
+    pub service: Option<String>,
+    /// `operation`.
+    pub operation: Option<String>,
+}
+
+impl SeriesFilter {
+    /// Whether `labels` pass the filter.
+    pub fn matches(&self, labels: &SeriesLabels) -> bool {
+        self.service.as_deref().is_none_or(|s| s == labels.service)
+            && self.operation.as_deref().is_none_or(|o| o == labels.operation)
+    }
+}
+
+/// The windows a range is read at: `[start, end)` widened to whole windows of `resolution`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// The resolution read.
+    pub resolution: Resolution,
+    /// First second covered.
+    pub start: i64,
+    /// End (exclusive) of the covered range.
+    pub end: i64,
+}
+
+impl Plan {
+    /// The finest resolution still retained at `start` that reads at most
+    /// [`MAX_WINDOWS_PER_SERIES`] windows per series.
+    pub fn for_range(start: i64, end: i64, now: i64, retention: &RetentionConfig) -> Plan {
+        let mut chosen = Resolution::H1;
+        for res in Resolution::ALL {
+            let retained = start >= now - res.retention(retention);
+            let windows = (end - start) / res.seconds();
+            if retained && windows <= MAX_WINDOWS_PER_SERIES {
+                chosen = res;
+                break;
+            }
+        }
+        let step = chosen.seconds();
+        let aligned_end = (end + step - 1).div_euclid(step) * step;
+        Plan { resolution: chosen, start: chosen.align(start), end: aligned_end }
+    }
+}
+
+/// One series' merged histogram over a range.
+#[derive(Debug)]
+pub struct SeriesHistogram {
+    /// The series' labels.
+    pub labels: SeriesLabels,
+    /// All its windows in the range, merged.
+    pub histogram: Histogram,
+}
+
+/// Merges, per series passing `filter`, every window of `plan`. Series without data in the
+/// range are left out. Sorted by labels.
+pub fn merged_series(
+    store: &Store,
+    filter: &SeriesFilter,
+    plan: Plan,
+) -> Result<Vec<SeriesHistogram>, QueryError> {
+    let mut out = Vec::new();
+    let mut series = store.series()?;
+    series.retain(|(_, labels)| filter.matches(labels));
+    series.sort_by(|a, b| a.1.cmp(&b.1));
+    for (id, labels) in series {
+        let mut merged = Histogram::new(store.layout());
+        store.for_each_window(plan.resolution, id, plan.start, plan.end, |_, h| merged.merge(&h))?;
+        if !merged.is_empty() {
+            out.push(SeriesHistogram { labels, histogram: merged });
+        }
+    }
+    Ok(out)
+}
+
+/// Parses a Prometheus-style time: Unix seconds (fractions allowed) or RFC 3339.
+pub fn parse_time(name: &str, value: &str) -> Result<f64, QueryError> {
+    if let Ok(t) = value.parse::<f64>() {
+        if t.is_finite() {
+            return Ok(t);
+        }
+    }
+    humantime::parse_rfc3339_weak(value)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64())
+        .ok_or_else(|| {
+            QueryError::BadData(format!(
+                "invalid parameter \"{name}\": cannot parse {value:?} to a valid timestamp"
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_prefers_the_finest_retained_resolution() {
+        let r = RetentionConfig::default();
+        let now = 1_800_000_000;
+        let p = Plan::for_range(now - 3600, now, now, &r);
+        assert_eq!(p.resolution, Resolution::S10);
+        // A month is read from hours (10 s is not retained that long, and minutes are too many).
+        let p = Plan::for_range(now - 30 * 86_400, now, now, &r);
+        assert_eq!(p.resolution, Resolution::H1);
+        // A day that ended before the 10-second retention is read from minutes; unaligned
+        // ranges widen to whole windows.
+        let (start, end) = (now - 3 * 86_400 + 7, now - 2 * 86_400 - 7);
+        let p = Plan::for_range(start, end, now, &r);
+        assert_eq!(p.resolution, Resolution::M1);
+        assert_eq!((p.start % 60, p.end % 60), (0, 0));
+        assert!(p.start <= start && p.start > start - 60);
+        assert!(p.end >= end && p.end < end + 60);
+    }
+
+    #[test]
+    fn parses_unix_and_rfc3339_times() {
+        assert_eq!(parse_time("start", "1700000000.5").ok(), Some(1_700_000_000.5));
+        assert_eq!(parse_time("start", "2023-11-14T22:13:20Z").ok(), Some(1_700_000_000.0));
+        let e = parse_time("end", "yesterday").expect_err("bad");
+        assert!(e.to_string().contains("\"end\""), "{e}");
+    }
+}

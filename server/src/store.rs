@@ -1,0 +1,433 @@
+//! The embedded RocksDB store: histograms per series and window at three resolutions, the
+//! series index and the clients' durable watermarks.
+//!
+//! # Layout
+//!
+//! | column family | key | value |
+//! |---|---|---|
+//! | `win_10s`, `win_1m`, `win_1h` | partition `u32` ‖ series id `u64` ‖ window start `u64` (s) | histogram (merge operands) |
+//! | `series` | series id `u64` | encoded labels |
+//! | `watermarks` | client id `u64` | highest durable seq `u64` |
+//!
+//! All integers are big-endian, so one series' windows within a partition are one contiguous
+//! scan. A partition is a fixed span of time per resolution (1 h of 10-second windows, 1 day of
+//! minutes, 30 days of hours); retention deletes whole expired partitions with one range
+//! deletion and compacts them away. (Compaction filters would not work here: RocksDB does not
+//! call them for keys that only have merge operands.)
+//!
+//! Histogram values are written as merge operands; an associative merge operator adds them,
+//! so late data and retries are simply more operands.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, MergeOperands,
+    Options, ReadOptions, WriteBatch, WriteOptions, DB,
+};
+use tailscope_proto::histogram::{Histogram, Layout};
+
+use crate::config::RetentionConfig;
+use crate::series::SeriesLabels;
+use crate::telemetry::Metrics;
+
+const CF_SERIES: &str = "series";
+const CF_WATERMARKS: &str = "watermarks";
+const MERGE_OPERATOR: &str = "tailscope.histogram.v1";
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// RocksDB failed (I/O error, disk full, corruption).
+    #[error("store: {0}")]
+    RocksDb(#[from] rocksdb::Error),
+    /// A column family is missing from an opened database.
+    #[error("store: column family {0} is missing")]
+    MissingColumnFamily(&'static str),
+    /// A stored value does not decode.
+    #[error("store: corrupt {what}: {message}")]
+    Corrupt {
+        /// Which kind of value.
+        what: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+/// A window resolution and the column family that holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Resolution {
+    /// 10-second windows, the base resolution.
+    S10,
+    /// 1-minute windows.
+    M1,
+    /// 1-hour windows.
+    H1,
+}
+
+impl Resolution {
+    /// Every resolution, finest first.
+    pub const ALL: [Resolution; 3] = [Resolution::S10, Resolution::M1, Resolution::H1];
+
+    /// Width of one window in seconds.
+    pub fn seconds(self) -> i64 {
+        match self {
+            Resolution::S10 => 10,
+            Resolution::M1 => 60,
+            Resolution::H1 => 3600,
+        }
+    }
+
+    /// Width of one retention partition in seconds.
+    pub fn partition_seconds(self) -> i64 {
+        match self {
+            Resolution::S10 => 3600,
+            Resolution::M1 => 86_400,
+            Resolution::H1 => 30 * 86_400,
+        }
+    }
+
+    /// The column family name.
+    pub fn column_family(self) -> &'static str {
+        match self {
+            Resolution::S10 => "win_10s",
+            Resolution::M1 => "win_1m",
+            Resolution::H1 => "win_1h",
+        }
+    }
+
+    /// How long windows of this resolution are kept.
+    pub fn retention(self, r: &RetentionConfig) -> i64 {
+        let d = match self {
+            Resolution::S10 => r.window_10s,
+            Resolution::M1 => r.window_1m,
+            Resolution::H1 => r.window_1h,
+        };
+        i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+    }
+
+    /// The start of the window holding second `t`.
+    pub fn align(self, t: i64) -> i64 {
+        t.div_euclid(self.seconds()) * self.seconds()
+    }
+
+    /// The label used in API answers.
+    pub fn name(self) -> &'static str {
+        match self {
+            Resolution::S10 => "10s",
+            Resolution::M1 => "1m",
+            Resolution::H1 => "1h",
+        }
+    }
+}
+
+/// The key of one series' window.
+pub fn window_key(res: Resolution, series: u64, window_start: i64) -> [u8; 20] {
+    let start = window_start.max(0);
+    raw_key(start / res.partition_seconds(), series, start)
+}
+
+fn raw_key(partition: i64, series: u64, t: i64) -> [u8; 20] {
+    let mut k = [0u8; 20];
+    let partition = u32::try_from(partition).unwrap_or(u32::MAX);
+    k[..4].copy_from_slice(&partition.to_be_bytes());
+    k[4..12].copy_from_slice(&series.to_be_bytes());
+    k[12..].copy_from_slice(&(t.max(0) as u64).to_be_bytes());
+    k
+}
+
+fn window_of_key(key: &[u8]) -> Option<i64> {
+    let b: [u8; 8] = key.get(12..20)?.try_into().ok()?;
+    i64::try_from(u64::from_be_bytes(b)).ok()
+}
+
+/// One series' histogram delta for one base (10 s) window.
+#[derive(Debug, Clone)]
+pub struct WindowDelta {
+    /// The series id.
+    pub series: u64,
+    /// Start of the 10-second window, seconds since the epoch.
+    pub window_start: i64,
+    /// The encoded histogram.
+    pub histogram: Vec<u8>,
+}
+
+/// Everything one flush epoch writes atomically.
+#[derive(Debug, Default)]
+pub struct EpochWrite {
+    /// Histogram deltas, each merged into all three resolutions.
+    pub windows: Vec<WindowDelta>,
+    /// Series seen for the first time since start-up (idempotent puts).
+    pub series: Vec<(u64, SeriesLabels)>,
+    /// Clients' new durable watermarks.
+    pub watermarks: Vec<(u64, u64)>,
+}
+
+impl EpochWrite {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.windows.is_empty() && self.series.is_empty() && self.watermarks.is_empty()
+    }
+
+    /// Appends `other` (a failed epoch being retried together with a new one).
+    pub fn absorb(&mut self, other: EpochWrite) {
+        self.windows.extend(other.windows);
+        self.series.extend(other.series);
+        self.watermarks.extend(other.watermarks);
+    }
+}
+
+/// What a retention pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Partitions deleted, per resolution.
+    pub deleted: Vec<(Resolution, u64)>,
+}
+
+/// The store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Arc<DB>,
+    layout: Layout,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path, layout: Layout, metrics: &Metrics) -> Result<Store, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.increase_parallelism(2);
+        opts.set_keep_log_file_num(4);
+        let corrupt = metrics.corrupt_operands.clone();
+        let windows = Resolution::ALL.map(|res| {
+            let mut o = Options::default();
+            o.set_compression_type(DBCompressionType::Lz4);
+            let mut table = BlockBasedOptions::default();
+            table.set_bloom_filter(10.0, false);
+            o.set_block_based_table_factory(&table);
+            let corrupt = corrupt.clone();
+            o.set_merge_operator_associative(
+                MERGE_OPERATOR,
+                move |_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands| {
+                    Some(merge_values(layout, existing.into_iter().chain(operands), || {
+                        corrupt.inc();
+                    }))
+                },
+            );
+            ColumnFamilyDescriptor::new(res.column_family(), o)
+        });
+        let mut cfs: Vec<ColumnFamilyDescriptor> = windows.into();
+        cfs.push(ColumnFamilyDescriptor::new(CF_SERIES, Options::default()));
+        cfs.push(ColumnFamilyDescriptor::new(CF_WATERMARKS, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
+        Ok(Store { db: Arc::new(db), layout })
+    }
+
+    /// The histogram layout new histograms are created with.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StoreError> {
+        self.db.cf_handle(name).ok_or(StoreError::MissingColumnFamily(name))
+    }
+
+    /// Writes one flush epoch in a single synced write batch. Returns the batch's size in
+    /// bytes and the number of merge operands.
+    pub fn write_epoch(&self, epoch: &EpochWrite) -> Result<(usize, usize), StoreError> {
+        let mut batch = WriteBatch::default();
+        let cfs = [
+            self.cf(Resolution::S10.column_family())?,
+            self.cf(Resolution::M1.column_family())?,
+            self.cf(Resolution::H1.column_family())?,
+        ];
+        for w in &epoch.windows {
+            for (res, cf) in Resolution::ALL.iter().zip(cfs) {
+                batch.merge_cf(cf, window_key(*res, w.series, res.align(w.window_start)), &w.histogram);
+            }
+        }
+        let series = self.cf(CF_SERIES)?;
+        for (id, labels) in &epoch.series {
+            batch.put_cf(series, id.to_be_bytes(), labels.encode());
+        }
+        let marks = self.cf(CF_WATERMARKS)?;
+        for (client, seq) in &epoch.watermarks {
+            batch.put_cf(marks, client.to_be_bytes(), seq.to_be_bytes());
+        }
+        let bytes = batch.size_in_bytes();
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok((bytes, epoch.windows.len() * Resolution::ALL.len()))
+    }
+
+    /// Every client's durable watermark.
+    pub fn watermarks(&self) -> Result<Vec<(u64, u64)>, StoreError> {
+        let cf = self.cf(CF_WATERMARKS)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item?;
+            let (Ok(k), Ok(v)) = (<[u8; 8]>::try_from(&*k), <[u8; 8]>::try_from(&*v)) else {
+                return Err(StoreError::Corrupt { what: "watermark", message: "not 8 bytes".into() });
+            };
+            out.push((u64::from_be_bytes(k), u64::from_be_bytes(v)));
+        }
+        Ok(out)
+    }
+
+    /// Every series in the index.
+    pub fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
+        let cf = self.cf(CF_SERIES)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item?;
+            let id = <[u8; 8]>::try_from(&*k).map(u64::from_be_bytes).ok();
+            match (id, SeriesLabels::decode(&v)) {
+                (Some(id), Some(labels)) => out.push((id, labels)),
+                _ => {
+                    return Err(StoreError::Corrupt {
+                        what: "series index entry",
+                        message: format!("key {k:?}"),
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Calls `f` with each stored window of `series` at `res` whose start is in
+    /// `[start, end)`, in time order.
+    pub fn for_each_window(
+        &self,
+        res: Resolution,
+        series: u64,
+        start: i64,
+        end: i64,
+        mut f: impl FnMut(i64, Histogram),
+    ) -> Result<(), StoreError> {
+        let cf = self.cf(res.column_family())?;
+        let start = res.align(start.max(0));
+        if end <= start {
+            return Ok(());
+        }
+        let plen = res.partition_seconds();
+        let mut p = start / plen;
+        while p * plen < end {
+            // Both bounds carry partition p: the upper one is exclusive, so a bound at the
+            // next partition's first second still ends the scan inside this series' keys.
+            let from = raw_key(p, series, start.max(p * plen));
+            let to = raw_key(p, series, end.min((p + 1) * plen));
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_upper_bound(to.to_vec());
+            for item in self.db.iterator_cf_opt(cf, ro, IteratorMode::From(&from, Direction::Forward)) {
+                let (k, v) = item?;
+                let window = window_of_key(&k).ok_or_else(|| StoreError::Corrupt {
+                    what: "window key",
+                    message: format!("{} bytes", k.len()),
+                })?;
+                if window >= end {
+                    break;
+                }
+                let h = Histogram::decode(&v).map_err(|e| StoreError::Corrupt {
+                    what: "histogram",
+                    message: format!("series {series:016x} window {window}: {e}"),
+                })?;
+                f(window, h);
+            }
+            p += 1;
+        }
+        Ok(())
+    }
+
+    /// Deletes every partition that lies wholly before its resolution's retention horizon,
+    /// then compacts the deleted range so the disk space is reclaimed.
+    pub fn apply_retention(
+        &self,
+        now: i64,
+        retention: &RetentionConfig,
+    ) -> Result<RetentionReport, StoreError> {
+        let mut report = RetentionReport::default();
+        for res in Resolution::ALL {
+            let cf = self.cf(res.column_family())?;
+            let cutoff = now - res.retention(retention);
+            let first_kept = u32::try_from(cutoff.max(0) / res.partition_seconds()).unwrap_or(0);
+            let oldest = match self.db.iterator_cf(cf, IteratorMode::Start).next() {
+                Some(item) => {
+                    let (k, _) = item?;
+                    k.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes)
+                }
+                None => None,
+            };
+            let Some(oldest) = oldest.filter(|&o| o < first_kept) else { continue };
+            let from = [0u8; 4];
+            let to = first_kept.to_be_bytes();
+            self.db.delete_range_cf(cf, from, to)?;
+            self.db.compact_range_cf(cf, Some(from), Some(to));
+            report.deleted.push((res, u64::from(first_kept - oldest)));
+        }
+        Ok(report)
+    }
+
+    /// Flushes memtables to SST files (used before measuring disk use).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        for res in Resolution::ALL {
+            self.db.flush_cf(self.cf(res.column_family())?)?;
+        }
+        Ok(())
+    }
+
+    /// Compacts a whole resolution (used by tests and benchmarks to measure settled size).
+    pub fn compact(&self, res: Resolution) -> Result<(), StoreError> {
+        self.db.compact_range_cf(self.cf(res.column_family())?, None::<&[u8]>, None::<&[u8]>);
+        Ok(())
+    }
+
+    /// Live bytes (SST files plus memtables) of each column family.
+    pub fn sizes(&self) -> Vec<(&'static str, u64)> {
+        let names = [
+            Resolution::S10.column_family(),
+            Resolution::M1.column_family(),
+            Resolution::H1.column_family(),
+            CF_SERIES,
+            CF_WATERMARKS,
+        ];
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let cf = self.db.cf_handle(name)?;
+                let prop = |p: &str| self.db.property_int_value_cf(cf, p).ok().flatten().unwrap_or(0);
+                Some((name, prop("rocksdb.live-sst-files-size") + prop("rocksdb.cur-size-all-mem-tables")))
+            })
+            .collect()
+    }
+
+    /// Syncs the write-ahead log (at shutdown).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+}
+
+/// Adds encoded histograms; corrupt ones are skipped and reported through `on_corrupt`, so one
+/// bad operand never makes a key unreadable.
+pub fn merge_values<'a>(
+    layout: Layout,
+    values: impl IntoIterator<Item = &'a [u8]>,
+    mut on_corrupt: impl FnMut(),
+) -> Vec<u8> {
+    let mut acc: Option<Histogram> = None;
+    for bytes in values {
+        let ok = match acc.as_mut() {
+            Some(h) => h.merge_encoded(bytes).is_ok(),
+            None => Histogram::decode(bytes).map(|h| acc = Some(h)).is_ok(),
+        };
+        if !ok {
+            on_corrupt();
+        }
+    }
+    acc.unwrap_or_else(|| Histogram::new(layout)).to_bytes()
+}
+
+#[cfg(test)]
+mod tests;

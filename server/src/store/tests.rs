@@ -1,0 +1,156 @@
+use super::*;
+use crate::series::Status;
+
+fn open(dir: &Path) -> Store {
+    Store::open(dir, Layout::default(), &Metrics::new()).expect("open store")
+}
+
+fn hist(values: &[u64]) -> Histogram {
+    let mut h = Histogram::new(Layout::default());
+    for &v in values {
+        h.record(v, 1);
+    }
+    h
+}
+
+fn labels(op: &str) -> SeriesLabels {
+    SeriesLabels { service: "api".into(), operation: op.into(), status: Status::Ok }
+}
+
+const T0: i64 = 1_800_000_000; // aligned to the hour
+
+fn window_counts(store: &Store, res: Resolution, series: u64, start: i64, end: i64) -> Vec<(i64, u64)> {
+    let mut out = Vec::new();
+    store.for_each_window(res, series, start, end, |w, h| out.push((w, h.count()))).expect("scan");
+    out
+}
+
+#[test]
+fn epochs_merge_into_every_resolution() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let a = labels("GET /a");
+    let id = a.id();
+    let other = labels("GET /b").id();
+    for (i, window) in [T0, T0 + 10, T0 + 70, T0 + 10].into_iter().enumerate() {
+        let write = EpochWrite {
+            windows: vec![
+                WindowDelta { series: id, window_start: window, histogram: hist(&[1_000_000; 3]).to_bytes() },
+                WindowDelta { series: other, window_start: window, histogram: hist(&[5]).to_bytes() },
+            ],
+            series: vec![(id, a.clone())],
+            watermarks: vec![(42, i as u64 + 1)],
+        };
+        store.write_epoch(&write).expect("write");
+    }
+    assert_eq!(
+        window_counts(&store, Resolution::S10, id, T0, T0 + 3600),
+        vec![(T0, 3), (T0 + 10, 6), (T0 + 70, 3)]
+    );
+    assert_eq!(window_counts(&store, Resolution::M1, id, T0, T0 + 3600), vec![(T0, 9), (T0 + 60, 3)]);
+    assert_eq!(window_counts(&store, Resolution::H1, id, T0, T0 + 3600), vec![(T0, 12)]);
+    // Range bounds are respected and other series never leak in.
+    assert_eq!(window_counts(&store, Resolution::S10, id, T0 + 10, T0 + 70), vec![(T0 + 10, 6)]);
+    assert_eq!(store.watermarks().expect("marks"), vec![(42, 4)]);
+    assert_eq!(store.series().expect("series"), vec![(id, a)]);
+}
+
+#[test]
+fn scans_cross_partitions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let id = labels("x").id();
+    let windows = [T0 - 10, T0, T0 + 3600, T0 + 7200 - 10];
+    let write = EpochWrite {
+        windows: windows
+            .iter()
+            .map(|&w| WindowDelta { series: id, window_start: w, histogram: hist(&[7]).to_bytes() })
+            .collect(),
+        ..EpochWrite::default()
+    };
+    store.write_epoch(&write).expect("write");
+    let got: Vec<i64> = window_counts(&store, Resolution::S10, id, T0 - 3600, T0 + 7200)
+        .into_iter()
+        .map(|(w, _)| w)
+        .collect();
+    assert_eq!(got, windows);
+}
+
+#[test]
+fn data_survives_reopening() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = labels("x").id();
+    {
+        let store = open(dir.path());
+        let write = EpochWrite {
+            windows: vec![WindowDelta {
+                series: id,
+                window_start: T0,
+                histogram: hist(&[1, 2, 3]).to_bytes(),
+            }],
+            watermarks: vec![(7, 9)],
+            ..EpochWrite::default()
+        };
+        store.write_epoch(&write).expect("write");
+    }
+    let store = open(dir.path());
+    assert_eq!(window_counts(&store, Resolution::S10, id, T0, T0 + 10), vec![(T0, 3)]);
+    assert_eq!(store.watermarks().expect("marks"), vec![(7, 9)]);
+}
+
+#[test]
+fn corrupt_operands_are_skipped_not_fatal() {
+    let metrics = Metrics::new();
+    let mut corrupt = 0;
+    let good = hist(&[10, 20]).to_bytes();
+    let merged = merge_values(Layout::default(), [&good[..], b"garbage", &good[..]], || corrupt += 1);
+    assert_eq!(corrupt, 1);
+    assert_eq!(Histogram::decode(&merged).expect("merged").count(), 4);
+    drop(metrics);
+}
+
+#[test]
+fn retention_deletes_expired_partitions_and_reclaims_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let retention = RetentionConfig::default();
+    // Three days of 10-second windows for 20 series, one epoch per hour of data.
+    let mut values = Vec::new();
+    for i in 0..200u64 {
+        values.push(1_000 + i * 7_919);
+    }
+    let h = hist(&values).to_bytes();
+    let start = T0 - 3 * 86_400;
+    for hour in 0..72 {
+        let mut write = EpochWrite::default();
+        for s in 0..20u64 {
+            for w in (0..3600).step_by(10) {
+                write.windows.push(WindowDelta {
+                    series: s,
+                    window_start: start + hour * 3600 + w,
+                    histogram: h.clone(),
+                });
+            }
+        }
+        store.write_epoch(&write).expect("write");
+    }
+    store.flush().expect("flush");
+    store.compact(Resolution::S10).expect("compact");
+    let size =
+        |store: &Store| store.sizes().into_iter().find(|(n, _)| *n == "win_10s").map(|(_, b)| b).unwrap_or(0);
+    let before = size(&store);
+    assert!(window_counts(&store, Resolution::S10, 3, start, start + 10).len() == 1);
+
+    let report = store.apply_retention(T0, &retention).expect("retention");
+    // 10-second windows are kept 2 days: the first day of the three is deleted, 24 partitions.
+    assert_eq!(report.deleted, vec![(Resolution::S10, 24)]);
+    assert!(window_counts(&store, Resolution::S10, 3, start, start + 86_400).is_empty());
+    assert_eq!(window_counts(&store, Resolution::S10, 3, T0 - 3600, T0 - 3590).len(), 1);
+    // Rollups of the deleted windows are still there.
+    assert_eq!(window_counts(&store, Resolution::H1, 3, start, start + 3600).len(), 1);
+    store.flush().expect("flush");
+    let after = size(&store);
+    assert!(after * 10 < before * 7, "disk not reclaimed: {before} -> {after} bytes");
+    // Idempotent: nothing more to delete.
+    assert_eq!(store.apply_retention(T0, &retention).expect("again").deleted, vec![]);
+}

@@ -1,0 +1,150 @@
+//! Helpers for the integration tests: start a real server in-process on 127.0.0.1:0 with a
+//! temporary data dir, talk to it over real gRPC and HTTP.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tailscope_proto::v1::ingest_client::IngestClient;
+use tailscope_proto::v1::{IngestReply, SeriesGroup, SeriesKey, Span, SpanBatch, SpanStatus};
+use tailscope_server::clock::{Clock, SystemClock};
+use tailscope_server::{Config, Server};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::Streaming;
+
+/// Polls `$cond` (an async expression yielding bool) every 20 ms until it holds, failing after 30 s.
+#[macro_export]
+macro_rules! assert_eventually {
+    ($cond:expr, $($msg:tt)+) => {{
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if $cond { break; }
+            if std::time::Instant::now() > deadline { panic!($($msg)+); }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }};
+}
+
+pub fn config(dir: &Path) -> Config {
+    let mut c = Config::default();
+    c.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    c.server.http_addr = "127.0.0.1:0".parse().unwrap();
+    c.server.data_dir = dir.to_path_buf();
+    c.ingest.shards = 2;
+    c.ingest.flush_interval = Duration::from_millis(50);
+    c
+}
+
+pub async fn start(dir: &Path) -> Server {
+    Server::start(config(dir)).await.expect("server starts")
+}
+
+pub async fn start_with(config: Config, clock: Arc<dyn Clock>) -> Server {
+    Server::start_with_clock(config, clock).await.expect("server starts")
+}
+
+pub fn now_nanos() -> i64 {
+    SystemClock.now_nanos()
+}
+
+pub fn span(start: i64, duration: i64, error: bool) -> Span {
+    Span {
+        trace_id_high: 1,
+        trace_id_low: start as u64,
+        span_id: 2,
+        parent_span_id: 0,
+        start_unix_nanos: start,
+        duration_nanos: duration,
+        status: if error { SpanStatus::Error as i32 } else { SpanStatus::Ok as i32 },
+        weight: 0,
+    }
+}
+
+pub fn group(service: &str, operation: &str, spans: Vec<Span>) -> SeriesGroup {
+    SeriesGroup { key: Some(SeriesKey { service: service.into(), operation: operation.into() }), spans }
+}
+
+pub fn batch(client_id: u64, seq: u64, groups: Vec<SeriesGroup>) -> SpanBatch {
+    SpanBatch { client_id, seq, groups, deltas: vec![] }
+}
+
+/// One open ingest stream.
+pub struct Stream {
+    pub tx: mpsc::Sender<SpanBatch>,
+    pub replies: Streaming<IngestReply>,
+    pub acked: u64,
+}
+
+pub async fn connect(addr: std::net::SocketAddr) -> IngestClient<Channel> {
+    IngestClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+        .max_decoding_message_size(64 << 20)
+}
+
+pub async fn open(addr: std::net::SocketAddr) -> Stream {
+    let mut client = connect(addr).await;
+    let (tx, rx) = mpsc::channel(64);
+    let replies = client.stream(ReceiverStream::new(rx)).await.expect("open stream").into_inner();
+    Stream { tx, replies, acked: 0 }
+}
+
+impl Stream {
+    pub async fn send(&mut self, b: SpanBatch) {
+        self.tx.send(b).await.expect("stream open");
+    }
+
+    /// Waits until the server acknowledges `seq`; returns the last reply.
+    pub async fn wait_acked(&mut self, seq: u64) -> IngestReply {
+        loop {
+            let reply = tokio::time::timeout(Duration::from_secs(30), self.replies.message())
+                .await
+                .expect("ack within 30 s")
+                .expect("stream ok")
+                .expect("stream open");
+            self.acked = self.acked.max(reply.durable_seq);
+            if reply.durable_seq >= seq {
+                return reply;
+            }
+        }
+    }
+
+    /// Reads replies until the stream ends with an error status, which it returns.
+    pub async fn wait_error(&mut self) -> tonic::Status {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), self.replies.message())
+                .await
+                .expect("reply within 30 s")
+            {
+                Ok(Some(r)) => self.acked = self.acked.max(r.durable_seq),
+                Ok(None) => panic!("stream ended without an error"),
+                Err(status) => return status,
+            }
+        }
+    }
+}
+
+pub async fn get_json(http: std::net::SocketAddr, path_and_query: &str) -> serde_json::Value {
+    reqwest::get(format!("http://{http}{path_and_query}")).await.expect("http").json().await.expect("json")
+}
+
+pub async fn tail(http: std::net::SocketAddr, query: &str) -> Vec<serde_json::Value> {
+    let v = get_json(http, &format!("/api/v1/tail?{query}")).await;
+    assert_eq!(v["status"], "success", "{v}");
+    v["data"]["series"].as_array().cloned().unwrap_or_default()
+}
+
+pub async fn metrics(http: std::net::SocketAddr) -> String {
+    reqwest::get(format!("http://{http}/metrics")).await.expect("http").text().await.expect("text")
+}
+
+/// The value of the sample whose name-and-labels text is exactly `series` (0 when absent).
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}

@@ -1,0 +1,215 @@
+//! Hostile and broken input: every case gets a clear gRPC status and a counter, the server
+//! keeps serving, and what was accepted before is intact.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use prost::Message;
+use tailscope_proto::histogram::{Histogram, Layout};
+use tailscope_proto::v1::{HistogramDelta, IngestReply, SeriesKey, SpanBatch};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::Code;
+
+/// A codec that sends raw bytes as the request message, so tests can send anything.
+#[derive(Debug, Default, Clone)]
+struct RawCodec;
+
+#[derive(Debug, Default, Clone)]
+struct RawEncoder;
+
+#[derive(Debug, Default, Clone)]
+struct ReplyDecoder;
+
+impl Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl Decoder for ReplyDecoder {
+    type Item = IngestReply;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<IngestReply>, tonic::Status> {
+        IngestReply::decode(src).map(Some).map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = IngestReply;
+    type Encoder = RawEncoder;
+    type Decoder = ReplyDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> ReplyDecoder {
+        ReplyDecoder
+    }
+}
+
+/// Sends `payloads` as raw messages on one stream and returns the status that ends it.
+async fn send_raw(addr: std::net::SocketAddr, payloads: Vec<Vec<u8>>) -> tonic::Status {
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/tailscope.v1.Ingest/Stream");
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    for p in payloads {
+        tx.send(p).await.unwrap();
+    }
+    let request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut replies = match grpc.streaming(request, path, RawCodec).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return status,
+    };
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(30), replies.message())
+            .await
+            .expect("answer")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("stream ended without an error"),
+            Err(status) => return status,
+        }
+    }
+}
+
+fn good_batch(client: u64, seq: u64) -> SpanBatch {
+    batch(client, seq, vec![group("shop", "GET /cart", vec![span(now_nanos(), 3_000_000, false)])])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_gets_a_clear_status_and_nothing_accepted_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.ingest.max_batch_bytes = 64 * 1024;
+    cfg.ingest.max_spans_per_batch = 1_000;
+    let server = tailscope_server::Server::start(cfg).await.unwrap();
+    let (grpc, http) = (server.grpc_addr(), server.http_addr());
+
+    // Some good data first.
+    let mut s = open(grpc).await;
+    s.send(good_batch(1, 1)).await;
+    s.wait_acked(1).await;
+
+    let cases: Vec<(&str, Vec<u8>, Code, &str)> = vec![
+        (
+            "non-protobuf payload",
+            b"\xff\xff\xff\xff this is not protobuf".to_vec(),
+            Code::InvalidArgument,
+            "malformed batch",
+        ),
+        ("oversized batch", vec![0u8; 100 * 1024], Code::ResourceExhausted, "too large"),
+        (
+            "too many spans",
+            batch(2, 1, vec![group("s", "o", (0..1_001).map(|_| span(now_nanos(), 1, false)).collect())])
+                .encode_to_vec(),
+            Code::ResourceExhausted,
+            "1001 spans",
+        ),
+        (
+            "empty service name",
+            batch(2, 1, vec![group("", "GET /", vec![])]).encode_to_vec(),
+            Code::InvalidArgument,
+            "empty service name",
+        ),
+        ("invalid UTF-8 label", invalid_utf8_batch(), Code::InvalidArgument, "UTF-8"),
+        ("corrupt histogram delta", corrupt_delta_batch(), Code::InvalidArgument, "delta 0 (shop/GET /cart)"),
+        ("zero client id", good_batch(0, 1).encode_to_vec(), Code::InvalidArgument, "client_id"),
+    ];
+    for (name, payload, code, needle) in cases {
+        let status = send_raw(grpc, vec![payload]).await;
+        assert_eq!(status.code(), code, "{name}: {status:?}");
+        assert!(status.message().contains(needle), "{name}: {:?} lacks {needle:?}", status.message());
+    }
+
+    let m = metrics(http).await;
+    assert_eq!(metric(&m, "tailscope_batches_rejected_total{reason=\"malformed\"}"), 2.0, "{m}");
+    assert_eq!(metric(&m, "tailscope_batches_rejected_total{reason=\"oversized\"}"), 2.0);
+    assert_eq!(metric(&m, "tailscope_batches_rejected_total{reason=\"invalid\"}"), 3.0);
+
+    // Still serving, and the earlier data is intact.
+    let mut s = open(grpc).await;
+    s.send(good_batch(1, 2)).await;
+    s.wait_acked(2).await;
+    let rows = tail(http, "service=shop").await;
+    assert_eq!(rows[0]["count"], 2);
+    assert!(reqwest::get(format!("http://{http}/-/ready")).await.unwrap().status().is_success());
+    server.shutdown().await;
+}
+
+/// A batch whose service label is not UTF-8, encoded by hand (prost refuses to build one).
+fn invalid_utf8_batch() -> Vec<u8> {
+    let key = SeriesKey { service: "AB".into(), operation: "op".into() };
+    let mut group = tailscope_proto::v1::SeriesGroup { key: Some(key), spans: vec![] }.encode_to_vec();
+    let at = group.windows(2).position(|w| w == b"AB").unwrap();
+    group[at] = 0xC3;
+    group[at + 1] = 0x28; // an invalid two-byte sequence
+    let mut out = SpanBatch { client_id: 3, seq: 1, groups: vec![], deltas: vec![] }.encode_to_vec();
+    out.push(0x1a); // field 3 (groups), length-delimited
+    prost::encoding::encode_varint(group.len() as u64, &mut out);
+    out.extend_from_slice(&group);
+    out
+}
+
+fn corrupt_delta_batch() -> Vec<u8> {
+    let mut h = Histogram::new(Layout::default());
+    h.record(1_000_000, 5);
+    let mut bytes = h.to_bytes();
+    let last = bytes.len() - 1;
+    bytes[last] = 9; // the bucket count no longer adds up to the total
+    let window = now_nanos() / 1_000_000_000 / 10 * 10;
+    SpanBatch {
+        client_id: 4,
+        seq: 1,
+        groups: vec![],
+        deltas: vec![HistogramDelta {
+            key: Some(SeriesKey { service: "shop".into(), operation: "GET /cart".into() }),
+            status: 0,
+            window_start_unix_seconds: window,
+            histogram: bytes,
+        }],
+    }
+    .encode_to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn histogram_deltas_count_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let mut h = Histogram::new(Layout::default());
+    for v in [1_000_000u64, 2_000_000, 400_000_000] {
+        h.record(v, 1000);
+    }
+    let window = now_nanos() / 1_000_000_000 / 10 * 10;
+    let mut b = good_batch(8, 1);
+    b.deltas.push(HistogramDelta {
+        key: Some(SeriesKey { service: "shop".into(), operation: "GET /cart".into() }),
+        status: 0,
+        window_start_unix_seconds: window,
+        histogram: h.to_bytes(),
+    });
+    let mut s = open(server.grpc_addr()).await;
+    s.send(b).await;
+    s.wait_acked(1).await;
+    let rows = tail(server.http_addr(), "service=shop").await;
+    assert_eq!(rows[0]["count"], 3001);
+    assert_eq!(rows[0]["max"], 0.4);
+    // A delta window that is not aligned is refused.
+    let mut bad = good_batch(8, 2);
+    bad.deltas.push(HistogramDelta {
+        key: Some(SeriesKey { service: "a".into(), operation: "b".into() }),
+        status: 0,
+        window_start_unix_seconds: window + 3,
+        histogram: h.to_bytes(),
+    });
+    let status = send_raw(server.grpc_addr(), vec![bad.encode_to_vec()]).await;
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("not a multiple of 10"), "{status:?}");
+    server.shutdown().await;
+}
