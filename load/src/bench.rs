@@ -207,40 +207,59 @@ impl Codec for PreEncodedCodec {
 }
 
 /// Streams `batches` batches over one connection and waits until the last is acknowledged.
+/// After a refusal (RESOURCE_EXHAUSTED, UNAVAILABLE) it reconnects and resends everything not
+/// yet acknowledged, as a real client does. Returns the number of refusals.
 async fn connection(
     grpc: SocketAddr,
     client_id: u64,
     batches: u64,
     bodies: Vec<Bytes>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u64> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?.connect().await?;
-    let mut client = tonic::client::Grpc::new(channel);
-    client.ready().await?;
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
     let path = http::uri::PathAndQuery::from_static("/tailscope.v1.Ingest/Stream");
-    let request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let mut replies = client.streaming(request, path, PreEncodedCodec).await?.into_inner();
-    let sender = tokio::spawn(async move {
-        for seq in 1..=batches {
-            let body = bodies[seq as usize % bodies.len()].clone();
-            if tx.send(Encoded { client_id, seq, body }).await.is_err() {
-                break;
+    let mut acked = 0;
+    let mut refusals = 0;
+    while acked < batches {
+        let mut client = tonic::client::Grpc::new(channel.clone());
+        client.ready().await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let mut replies = client.streaming(request, path.clone(), PreEncodedCodec).await?.into_inner();
+        let bodies = bodies.clone();
+        let from = acked + 1;
+        let sender = tokio::spawn(async move {
+            for seq in from..=batches {
+                let body = bodies[seq as usize % bodies.len()].clone();
+                if tx.send(Encoded { client_id, seq, body }).await.is_err() {
+                    return None;
+                }
+            }
+            // Keep the stream open until the acknowledgements are read.
+            Some(tx)
+        });
+        loop {
+            match replies.message().await {
+                // Throttle hints are expected while the benchmark saturates the server.
+                Ok(Some(r)) => {
+                    acked = acked.max(r.durable_seq);
+                    if acked >= batches {
+                        break;
+                    }
+                }
+                Ok(None) => bail!("stream of client {client_id} ended at ack {acked} of {batches}"),
+                Err(status)
+                    if matches!(status.code(), tonic::Code::ResourceExhausted | tonic::Code::Unavailable) =>
+                {
+                    refusals += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    break;
+                }
+                Err(status) => bail!("stream of client {client_id} failed at ack {acked}: {status}"),
             }
         }
-        // Keep the stream open until the acknowledgements are read.
-        tx
-    });
-    let mut acked = 0;
-    while acked < batches {
-        match replies.message().await {
-            // Throttle hints are expected while the benchmark saturates the server.
-            Ok(Some(r)) => acked = r.durable_seq,
-            Ok(None) => bail!("stream of client {client_id} ended at ack {acked} of {batches}"),
-            Err(status) => bail!("stream of client {client_id} failed at ack {acked}: {status}"),
-        }
+        sender.abort();
     }
-    drop(sender.await?);
-    Ok(())
+    Ok(refusals)
 }
 
 /// Runs the benchmark.
@@ -262,8 +281,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let client_id = rand::thread_rng().gen::<u64>() | 1;
         tasks.push(tokio::spawn(connection(grpc, client_id + k, per_connection, bodies.clone())));
     }
+    let mut refusals = 0;
     for t in tasks {
-        t.await??;
+        refusals += t.await??;
     }
     let elapsed = started.elapsed();
     let cpu = cpu_seconds(pid)? - cpu_before;
@@ -282,6 +302,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "server_rss_bytes_before": rss_before,
         "server_rss_bytes": status_bytes(pid, "VmRSS:")?,
         "server_peak_rss_bytes": status_bytes(pid, "VmHWM:")?,
+        "refusals": refusals,
     });
     if args.json {
         println!("{report}");

@@ -400,6 +400,31 @@ impl Histogram {
         self.absorb_stats(other.total, other.sum, other.min, other.max, other.clamped);
     }
 
+    /// Removes `other`, which must have been merged into this histogram before (the sliding
+    /// window of a range query: add the window entering, subtract the one leaving). Counts, sum
+    /// and the clamped count are exact afterwards; min and max stay as bounds (they may be
+    /// wider than the remaining values), which keeps quantiles within the layout's precision.
+    /// Layouts must match; a histogram of another layout is ignored and `false` returned.
+    pub fn subtract(&mut self, other: &Histogram) -> bool {
+        if other.layout != self.layout {
+            return false;
+        }
+        for (c, chunk) in other.chunks.iter().enumerate() {
+            if let (Some(src), Some(dst)) = (chunk, self.chunks[c].as_mut()) {
+                for (d, s) in dst.iter_mut().zip(src.iter()) {
+                    *d = d.saturating_sub(*s);
+                }
+            }
+        }
+        self.total = self.total.saturating_sub(other.total);
+        self.sum = self.sum.saturating_sub(other.sum);
+        self.clamped = self.clamped.saturating_sub(other.clamped);
+        if self.total == 0 {
+            self.reset();
+        }
+        true
+    }
+
     fn absorb_stats(&mut self, total: u64, sum: u128, min: u64, max: u64, clamped: u64) {
         self.total = self.total.saturating_add(total);
         self.sum = self.sum.saturating_add(sum);

@@ -178,6 +178,25 @@ impl IngestService {
     }
 }
 
+/// How long a batch waits for space in full shard queues before it is refused. While it
+/// waits, the stream is not read, so HTTP/2 flow control pushes back on the client: short
+/// bursts are absorbed, sustained overload is refused with RESOURCE_EXHAUSTED.
+const ADMISSION_PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
+
+impl IngestService {
+    async fn admit_with_backpressure(&self, mut batch: ValidatedBatch) -> Admission {
+        let deadline = tokio::time::Instant::now() + ADMISSION_PATIENCE;
+        loop {
+            match self.pipeline.admit(batch) {
+                Ok(outcome) => return outcome,
+                Err(_) if tokio::time::Instant::now() >= deadline => return Admission::Overloaded,
+                Err(back) => batch = back,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+}
+
 fn check_key(key: Option<&SeriesKey>) -> Result<(&str, &str), String> {
     let key = key.ok_or("missing series key")?;
     for (name, value) in [("service", &key.service), ("operation", &key.operation)] {
@@ -343,7 +362,7 @@ impl IngestService {
                 return Err(status);
             }
         };
-        match self.pipeline.admit(validated) {
+        match self.admit_with_backpressure(validated).await {
             Admission::Accepted => {
                 self.record_accepted(&stats);
                 for reason in SpanReject::ALL {

@@ -176,7 +176,7 @@ pub enum Admission {
     Accepted,
     /// Already accepted before (a resend); acknowledged when durable, not counted again.
     Duplicate,
-    /// A shard queue is full; the client should resend later.
+    /// Shard queues stayed full; the client should resend later.
     Overloaded,
     /// The store failed to write recently; the client should resend later.
     StoreUnavailable,
@@ -311,25 +311,30 @@ impl Pipeline {
             .fold(0.0, f64::max)
     }
 
-    /// Offers a validated batch.
-    pub fn admit(&self, batch: ValidatedBatch) -> Admission {
+    /// Offers a validated batch. When a shard queue it needs is full, nothing is enqueued and
+    /// the batch is handed back (`Err`), so the caller can wait and offer it again.
+    pub fn admit(&self, batch: ValidatedBatch) -> Result<Admission, ValidatedBatch> {
         let gate = self.gate.read();
         if gate.draining {
-            return Admission::Draining;
+            return Ok(Admission::Draining);
         }
         if !self.store_healthy.load(Ordering::Relaxed) {
-            return Admission::StoreUnavailable;
+            return Ok(Admission::StoreUnavailable);
         }
         let client = self.clients.entry(batch.client_id).or_default().clone();
         let mut marks = client.lock();
         if batch.seq <= marks.accepted {
-            return Admission::Duplicate;
+            return Ok(Admission::Duplicate);
         }
         let mut permits = Vec::with_capacity(batch.targets.len());
         for &s in &batch.targets {
             match self.shards[s as usize].try_reserve() {
                 Ok(p) => permits.push(p),
-                Err(_) => return Admission::Overloaded,
+                Err(_) => {
+                    drop(permits);
+                    drop(marks);
+                    return Err(batch);
+                }
             }
         }
         marks.accepted = batch.seq;
@@ -337,7 +342,7 @@ impl Pipeline {
         for p in permits {
             p.send(ShardMsg::Work { epoch: gate.epoch, batch: Arc::clone(&batch) });
         }
-        Admission::Accepted
+        Ok(Admission::Accepted)
     }
 
     /// Runs flush epochs every `interval` until `stop` turns true, then drains: refuses new

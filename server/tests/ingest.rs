@@ -217,3 +217,52 @@ async fn graceful_shutdown_acknowledges_everything_accepted() {
 }
 
 use tailscope_server::Server;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_clients_through_tiny_queues_and_fast_epochs_count_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.ingest.shards = 3;
+    cfg.ingest.queue_capacity = 2;
+    cfg.ingest.flush_interval = Duration::from_millis(10);
+    let server = Server::start(cfg).await.unwrap();
+    let now = now_nanos();
+    let clients = 8u64;
+    let mut tasks = Vec::new();
+    for c in 1..=clients {
+        let batches: Vec<_> = (1..=100u64)
+            .map(|seq| {
+                let groups = (0..4)
+                    .map(|g| {
+                        group(
+                            "svc",
+                            &format!("op{g}"),
+                            (0..25).map(|i| span(now - i, 1_000_000 * (g + 1), i % 5 == 0)).collect(),
+                        )
+                    })
+                    .collect();
+                batch(c, seq, groups)
+            })
+            .collect();
+        tasks.push(tokio::spawn(deliver(server.grpc_addr(), batches)));
+    }
+    let mut refusals = 0;
+    for t in tasks {
+        refusals += t.await.unwrap();
+    }
+    let rows = tail(server.http_addr(), "service=svc").await;
+    assert_eq!(rows.len(), 8, "4 operations × ok/error: {rows:?}");
+    let total: u64 = rows.iter().map(|r| r["count"].as_u64().unwrap()).sum();
+    assert_eq!(total, clients * 100 * 100, "every span exactly once ({refusals} refusals on the way)");
+    for r in &rows {
+        let expected = if r["status"] == "error" { clients * 100 * 5 } else { clients * 100 * 20 };
+        assert_eq!(r["count"].as_u64().unwrap(), expected, "{r}");
+    }
+    let m = metrics(server.http_addr()).await;
+    assert_eq!(
+        metric(&m, "tailscope_batches_rejected_total{reason=\"overloaded\"}"),
+        f64::from(refusals),
+        "{m}"
+    );
+    server.shutdown().await;
+}

@@ -204,3 +204,29 @@ fn random_bytes_never_panic() {
         let _ = Histogram::decode(&random);
     }
 }
+
+#[test]
+fn subtract_undoes_merge_and_keeps_quantiles_within_precision() {
+    let values = heavy_tailed(20_000);
+    let (old, new) = values.split_at(10_000);
+    let mut window = Histogram::new(Layout::default());
+    let mut leaving = Histogram::new(Layout::default());
+    let mut staying = Histogram::new(Layout::default());
+    old.iter().for_each(|&v| leaving.record(v, 1));
+    new.iter().for_each(|&v| staying.record(v, 1));
+    window.merge(&leaving);
+    window.merge(&staying);
+    assert!(window.subtract(&leaving));
+    assert_eq!(window.count(), staying.count());
+    assert_eq!(window.sum(), staying.sum());
+    assert!(window.iter_nonzero().eq(staying.iter_nonzero()));
+    for q in [0.5, 0.99, 0.999] {
+        let (a, b) = (window.quantile(q).expect("a") as f64, staying.quantile(q).expect("b") as f64);
+        assert!((a - b).abs() <= b * window.layout().relative_error() * 2.0, "q={q}: {a} vs {b}");
+    }
+    assert!(window.subtract(&staying));
+    assert!(window.is_empty());
+    assert_eq!(window.quantile(0.5), None);
+    let other = Histogram::new(Layout::new(3, 1_000, Layout::DEFAULT_HIGHEST).expect("layout"));
+    assert!(!window.subtract(&other));
+}

@@ -2,7 +2,10 @@
 //! temporary data dir, talk to it over real gRPC and HTTP.
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -147,4 +150,80 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Starts `tailscope-server` as a child process on ephemeral ports; returns it with its addresses.
+pub fn spawn_server(dir: &Path, env: &[(&str, &str)]) -> (Child, SocketAddr, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tailscope-server"))
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--data-dir")
+        .arg(dir)
+        .env("TAILSCOPE_INGEST_FLUSH_INTERVAL", "100ms")
+        .env("TAILSCOPE_LOG", "info")
+        .envs(env.iter().copied())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn tailscope-server");
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut lines = stderr.lines();
+    let started = loop {
+        let line = lines.next().expect("server exited before starting").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["fields"]["message"] == "tailscope started" {
+            break v;
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let addr = |k: &str| started["fields"][k].as_str().unwrap().parse().unwrap();
+    (child, addr("grpc_addr"), addr("http_addr"))
+}
+
+/// Delivers `batches` (seqs 1..=n) the way a well-behaved client does: streams them, and after
+/// a refusal (RESOURCE_EXHAUSTED, UNAVAILABLE) reconnects and resends everything not yet
+/// acknowledged. Returns the number of refusals it went through.
+pub async fn deliver(addr: SocketAddr, batches: Vec<SpanBatch>) -> u32 {
+    let last = batches.last().map_or(0, |b| b.seq);
+    let batches = Arc::new(batches);
+    let mut acked = 0;
+    let mut refusals = 0;
+    while acked < last {
+        let mut s = open(addr).await;
+        let tx = s.tx.clone();
+        let todo = batches.clone();
+        let from = acked;
+        let sender = tokio::spawn(async move {
+            for b in todo.iter().filter(|b| b.seq > from) {
+                if tx.send(b.clone()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), s.replies.message())
+                .await
+                .expect("reply in 30 s")
+            {
+                Ok(Some(r)) => {
+                    acked = acked.max(r.durable_seq);
+                    if acked >= last {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    assert!(
+                        matches!(status.code(), tonic::Code::ResourceExhausted | tonic::Code::Unavailable),
+                        "unexpected refusal: {status:?}"
+                    );
+                    refusals += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    break;
+                }
+            }
+        }
+        sender.abort();
+    }
+    refusals
 }
