@@ -184,7 +184,8 @@ impl IngestService {
 const ADMISSION_PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl IngestService {
-    async fn admit_with_backpressure(&self, mut batch: ValidatedBatch) -> Admission {
+    async fn admit_with_backpressure(&self, batch: ValidatedBatch) -> Admission {
+        let mut batch = Arc::new(batch);
         let deadline = tokio::time::Instant::now() + ADMISSION_PATIENCE;
         loop {
             match self.pipeline.admit(batch) {

@@ -313,7 +313,7 @@ impl Pipeline {
 
     /// Offers a validated batch. When a shard queue it needs is full, nothing is enqueued and
     /// the batch is handed back (`Err`), so the caller can wait and offer it again.
-    pub fn admit(&self, batch: ValidatedBatch) -> Result<Admission, ValidatedBatch> {
+    pub fn admit(&self, batch: Arc<ValidatedBatch>) -> Result<Admission, Arc<ValidatedBatch>> {
         let gate = self.gate.read();
         if gate.draining {
             return Ok(Admission::Draining);
@@ -338,7 +338,6 @@ impl Pipeline {
             }
         }
         marks.accepted = batch.seq;
-        let batch = Arc::new(batch);
         for p in permits {
             p.send(ShardMsg::Work { epoch: gate.epoch, batch: Arc::clone(&batch) });
         }
