@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// Distinct series (service × operation) the spans spread over.
     #[arg(long, default_value_t = 100)]
     series: usize,
+    /// Span start times spread over this many seconds before now (live traffic: about 1;
+    /// larger values open more windows per series at once).
+    #[arg(long, default_value_t = 1)]
+    start_spread: u64,
     /// An already running server's gRPC address; by default a server is started.
     #[arg(long, requires = "pid")]
     grpc: Option<SocketAddr>,
@@ -138,7 +142,7 @@ fn templates(args: &BenchArgs, count: usize) -> Vec<Bytes> {
                     trace_id_low: rng.gen(),
                     span_id: rng.gen(),
                     parent_span_id: 0,
-                    start_unix_nanos: now - rng.gen_range(0..60_000_000_000),
+                    start_unix_nanos: now - rng.gen_range(0..args.start_spread.max(1) as i64 * 1_000_000_000),
                     duration_nanos: (20e6 * (0.8 * z).exp()) as i64,
                     status: i32::from(rng.gen_bool(0.01)) * 2,
                     weight: 0,
@@ -295,6 +299,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "batch_size": args.batch,
         "connections": args.connections,
         "series": args.series,
+        "start_spread_seconds": args.start_spread,
         "seconds": elapsed.as_secs_f64(),
         "spans_per_second": spans as f64 / elapsed.as_secs_f64(),
         "server_cpu_seconds": cpu,

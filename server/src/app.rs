@@ -18,6 +18,11 @@ use crate::pipeline::Pipeline;
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 
+/// HTTP/2 receive window per ingest stream.
+const GRPC_STREAM_WINDOW: u32 = 4 << 20;
+/// HTTP/2 receive window per connection.
+const GRPC_CONNECTION_WINDOW: u32 = 16 << 20;
+
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -110,7 +115,12 @@ impl Server {
             let shutdown = async move {
                 let _ = closed.wait_for(|s| s.closed).await;
             };
+            // HTTP/2's default 64 KiB stream window allows about one batch in flight per
+            // stream; larger receive windows let a client pipeline (memory stays bounded by
+            // the connection window per client).
             let result = tonic::transport::Server::builder()
+                .initial_stream_window_size(Some(GRPC_STREAM_WINDOW))
+                .initial_connection_window_size(Some(GRPC_CONNECTION_WINDOW))
                 .add_service(ingest)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown)
                 .await;

@@ -34,6 +34,8 @@ use crate::telemetry::Metrics;
 const CF_SERIES: &str = "series";
 const CF_WATERMARKS: &str = "watermarks";
 const MERGE_OPERATOR: &str = "tailscope.histogram.v1";
+/// Memory for all memtables together.
+const MEMTABLE_BUDGET: usize = 64 << 20;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +201,9 @@ impl Store {
         opts.create_missing_column_families(true);
         opts.increase_parallelism(2);
         opts.set_keep_log_file_num(4);
+        // One budget for the memtables of every column family, so the store's memory stays
+        // bounded however many series are written (RocksDB flushes the largest when it is hit).
+        opts.set_db_write_buffer_size(MEMTABLE_BUDGET);
         let corrupt = metrics.corrupt_operands.clone();
         let windows = Resolution::ALL.map(|res| {
             let mut o = Options::default();
