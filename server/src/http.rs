@@ -1,5 +1,7 @@
 //! The HTTP API: health, readiness, self-metrics, and the native tail endpoint.
 
+pub mod prometheus;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -39,6 +41,7 @@ pub fn router(state: AppState) -> Router {
         .route("/-/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/api/v1/tail", get(tail))
+        .merge(prometheus::routes())
         .with_state(state)
 }
 

@@ -1,6 +1,8 @@
 //! Reads over the store: selecting series by label, choosing a resolution for a time range, and
 //! merging the windows of that range into one histogram per series.
 
+pub mod promql;
+
 use tailscope_proto::histogram::Histogram;
 
 use crate::config::RetentionConfig;

@@ -1,0 +1,862 @@
+//! A bounded PromQL subset evaluated over tailscope's histograms.
+//!
+//! tailscope stores one histogram per series and window, and exposes it as the Prometheus
+//! histogram `span_duration_seconds` (`_bucket` with `le`, `_count`, `_sum`). Expressions are
+//! parsed by `promql-parser` and evaluated over all steps of a query at once.
+//!
+//! Bucket series stay *histograms* as long as they can: `rate(span_duration_seconds_bucket[5m])`
+//! and `sum by (le, …)` of it are lazy [`HistValue`]s, so `histogram_quantile` is computed from
+//! the merged HDR histograms of each group — exact to the histogram's precision, with no
+//! interpolation between bucket bounds. Only when another operation needs bucket *numbers* are
+//! they synthesized, at the default `le` ladder or at exactly the `le` a matcher names.
+//!
+//! A range is read once per group: the windows of the union of all steps' ranges are scanned,
+//! and a sliding accumulator adds the windows entering a step's range and subtracts the ones
+//! leaving it, instead of re-merging per step.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use promql_parser::label::{MatchOp, Matcher};
+use promql_parser::parser::{
+    AggregateExpr, BinaryExpr, Call, Expr, LabelModifier, MatrixSelector, Offset, VectorMatchCardinality,
+    VectorSelector,
+};
+use tailscope_proto::histogram::{Histogram, Layout};
+
+use crate::config::RetentionConfig;
+use crate::series::SeriesLabels;
+use crate::store::{Resolution, StoreError};
+
+/// The histogram's base name.
+pub const METRIC: &str = "span_duration_seconds";
+/// Cumulative buckets, label `le`.
+pub const BUCKET: &str = "span_duration_seconds_bucket";
+/// Span counts.
+pub const COUNT: &str = "span_duration_seconds_count";
+/// Sums of span durations in seconds.
+pub const SUM: &str = "span_duration_seconds_sum";
+/// The three series names, in this order everywhere.
+pub const NAMES: [&str; 3] = [BUCKET, COUNT, SUM];
+
+/// The `le` bounds synthesized when no matcher names one: log-spaced 1-2.5-5 from 100 µs to
+/// 1000 s, the hour, and `+Inf`.
+pub const DEFAULT_LE: [f64; 24] = [
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    25.0,
+    50.0,
+    100.0,
+    250.0,
+    500.0,
+    1000.0,
+    3600.0,
+    f64::INFINITY,
+];
+
+/// A label set; `__name__` is one of its labels.
+pub type Labels = BTreeMap<String, String>;
+
+/// Where the engine reads series and windows (the store, or memory in tests).
+pub trait Source: Sync {
+    /// Every series.
+    fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError>;
+    /// Calls `f` with each window of `series` at `res` starting in `[start, end)`, in order.
+    fn windows(
+        &self,
+        res: Resolution,
+        series: u64,
+        start: i64,
+        end: i64,
+        f: &mut dyn FnMut(i64, Histogram),
+    ) -> Result<(), StoreError>;
+    /// The layout of new histograms.
+    fn layout(&self) -> Layout;
+}
+
+impl Source for crate::store::Store {
+    fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
+        crate::store::Store::series(self)
+    }
+
+    fn windows(
+        &self,
+        res: Resolution,
+        series: u64,
+        start: i64,
+        end: i64,
+        f: &mut dyn FnMut(i64, Histogram),
+    ) -> Result<(), StoreError> {
+        self.for_each_window(res, series, start, end, f)
+    }
+
+    fn layout(&self) -> Layout {
+        crate::store::Store::layout(self)
+    }
+}
+
+/// Why an evaluation failed; each maps to a Prometheus error type.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// Unsupported construct or bad argument (`bad_data`, HTTP 400).
+    #[error("{0}")]
+    Unsupported(String),
+    /// A limit was hit or the data does not fit the operation (`execution`, HTTP 422).
+    #[error("{0}")]
+    Execution(String),
+    /// The query ran out of time (`timeout`, HTTP 503).
+    #[error("query timed out in {0}")]
+    Timeout(&'static str),
+    /// The store failed (`internal`, HTTP 500).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn unsupported<T>(what: impl Into<String>) -> Result<T, EvalError> {
+    Err(EvalError::Unsupported(what.into()))
+}
+
+/// Limits that bound one query.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most series a query may select.
+    pub max_series: usize,
+    /// Most points per returned series.
+    pub max_points: usize,
+    /// When the query must have finished.
+    pub deadline: Instant,
+}
+
+/// The evaluation times of a query, in milliseconds since the epoch.
+#[derive(Debug, Clone)]
+pub struct Steps {
+    times: Vec<i64>,
+    step: i64,
+}
+
+impl Steps {
+    /// One evaluation at `t`.
+    pub fn instant(t: i64) -> Steps {
+        Steps { times: vec![t], step: 0 }
+    }
+
+    /// Evaluations from `start` to `end` every `step` (all in ms), at most `max_points`.
+    pub fn range(start: i64, end: i64, step: i64, max_points: usize) -> Result<Steps, EvalError> {
+        if step <= 0 {
+            return unsupported(
+                "zero or negative query resolution step widths are not accepted. Try a positive integer",
+            );
+        }
+        let n = (end - start) / step + 1;
+        if n as u64 > max_points as u64 {
+            let thousands = max_points / 1000;
+            let rest = max_points % 1000;
+            let limit = if thousands > 0 { format!("{thousands},{rest:03}") } else { rest.to_string() };
+            return Err(EvalError::Unsupported(format!(
+                "exceeded maximum resolution of {limit} points per timeseries. Try decreasing the query resolution (?step=XX)"
+            )));
+        }
+        Ok(Steps { times: (0..n).map(|i| start + i * step).collect(), step })
+    }
+
+    /// The evaluation times in ms.
+    pub fn times(&self) -> &[i64] {
+        &self.times
+    }
+
+    fn len(&self) -> usize {
+        self.times.len()
+    }
+}
+
+/// A series of values, one per step (`None` where it has no value).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    /// Its labels.
+    pub labels: Labels,
+    /// One value per step.
+    pub values: Vec<Option<f64>>,
+}
+
+/// The result of evaluating an expression over all steps.
+#[derive(Debug)]
+pub enum Value {
+    /// One number per step.
+    Scalar(Vec<f64>),
+    /// A string.
+    Str(String),
+    /// Series.
+    Vector(Vec<Series>),
+    /// Bucket series still held as histograms.
+    Hist(HistValue),
+}
+
+/// `rate`/`increase` of bucket series, possibly summed by group: still histograms.
+#[derive(Debug)]
+pub struct HistValue {
+    groups: Vec<HistGroup>,
+    le: Vec<f64>,
+    range: i64,
+    offset: i64,
+    per_second: bool,
+}
+
+#[derive(Debug)]
+struct HistGroup {
+    labels: Labels,
+    members: Vec<u64>,
+}
+
+/// What an evaluation needs besides the expression.
+pub struct Engine<'a> {
+    source: &'a dyn Source,
+    steps: &'a Steps,
+    now: i64,
+    retention: &'a RetentionConfig,
+    limits: Limits,
+    series: std::cell::OnceCell<Vec<(u64, SeriesLabels)>>,
+}
+
+impl std::fmt::Debug for Engine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("steps", &self.steps.len()).field("now", &self.now).finish()
+    }
+}
+
+/// Which of the three series names a selector matches, with its series and `le` bounds.
+struct Selection {
+    names: [bool; 3],
+    series: Vec<(u64, SeriesLabels)>,
+    le: Vec<f64>,
+}
+
+impl<'a> Engine<'a> {
+    /// An engine reading `source`, evaluating at `steps`; `now` (seconds) and `retention`
+    /// decide which resolutions are still available.
+    pub fn new(
+        source: &'a dyn Source,
+        steps: &'a Steps,
+        now: i64,
+        retention: &'a RetentionConfig,
+        limits: Limits,
+    ) -> Engine<'a> {
+        Engine { source, steps, now, retention, limits, series: std::cell::OnceCell::new() }
+    }
+
+    /// Evaluates `expr` at every step.
+    pub fn eval(&self, expr: &Expr) -> Result<Value, EvalError> {
+        self.check_time("evaluation")?;
+        match expr {
+            Expr::NumberLiteral(n) => Ok(Value::Scalar(vec![n.val; self.steps.len()])),
+            Expr::StringLiteral(s) => Ok(Value::Str(s.val.clone())),
+            Expr::Paren(p) => self.eval(&p.expr),
+            Expr::Unary(u) => match self.eval(&u.expr)? {
+                Value::Scalar(v) => Ok(Value::Scalar(v.into_iter().map(|x| -x).collect())),
+                other => {
+                    let mut series = self.materialize(other)?;
+                    for s in &mut series {
+                        s.labels.remove("__name__");
+                        s.values.iter_mut().flatten().for_each(|v| *v = -*v);
+                    }
+                    Ok(Value::Vector(series))
+                }
+            },
+            Expr::VectorSelector(vs) => self.instant_selector(vs),
+            Expr::MatrixSelector(_) => unsupported(
+                "a range vector (e.g. x[5m]) can only be an argument of rate() or increase() here",
+            ),
+            Expr::Call(call) => self.call(call),
+            Expr::Aggregate(agg) => self.aggregate(agg),
+            Expr::Binary(bin) => self.binary(bin),
+            Expr::Subquery(_) => unsupported("subqueries are not supported"),
+            Expr::Extension(_) => unsupported("extension expressions are not supported"),
+        }
+    }
+
+    fn check_time(&self, what: &'static str) -> Result<(), EvalError> {
+        if Instant::now() > self.limits.deadline {
+            return Err(EvalError::Timeout(what));
+        }
+        Ok(())
+    }
+
+    fn all_series(&self) -> Result<&[(u64, SeriesLabels)], EvalError> {
+        if let Some(s) = self.series.get() {
+            return Ok(s);
+        }
+        let loaded = self.source.series()?;
+        Ok(self.series.get_or_init(|| loaded))
+    }
+
+    /// Resolves a selector's matchers against the series index.
+    fn select(&self, vs: &VectorSelector) -> Result<Selection, EvalError> {
+        if vs.at.is_some() {
+            return unsupported("the @ modifier is not supported");
+        }
+        if !vs.matchers.or_matchers.is_empty() {
+            return unsupported("\"or\" between label matchers is not supported");
+        }
+        let mut names = NAMES.map(|n| vs.name.as_deref().is_none_or(|want| want == n));
+        let mut le = DEFAULT_LE.to_vec();
+        let mut label_matchers: Vec<&Matcher> = Vec::new();
+        for m in &vs.matchers.matchers {
+            match m.name.as_str() {
+                "__name__" => {
+                    for (i, n) in NAMES.iter().enumerate() {
+                        names[i] &= m.is_match(n);
+                    }
+                }
+                "le" => le = le_bounds(m)?,
+                _ => label_matchers.push(m),
+            }
+        }
+        if !names.iter().any(|&n| n) {
+            return Ok(Selection { names, series: Vec::new(), le });
+        }
+        let series: Vec<(u64, SeriesLabels)> = self
+            .all_series()?
+            .iter()
+            .filter(|(_, l)| label_matchers.iter().all(|m| m.is_match(l.get(&m.name).unwrap_or(""))))
+            .cloned()
+            .collect();
+        let selected = series.len() * names.iter().filter(|&&n| n).count();
+        if selected > self.limits.max_series {
+            return Err(EvalError::Execution(format!(
+                "the query selects {selected} series, more than the limit of {}",
+                self.limits.max_series
+            )));
+        }
+        Ok(Selection { names, series, le })
+    }
+
+    fn instant_selector(&self, vs: &VectorSelector) -> Result<Value, EvalError> {
+        let sel = self.select(vs)?;
+        if let Some(i) = sel.names.iter().position(|&n| n).filter(|_| !sel.series.is_empty()) {
+            return unsupported(format!(
+                "{} holds counts per time window, not a cumulative counter: use rate() or increase() over a range, e.g. rate({}[5m])",
+                NAMES[i], NAMES[i]
+            ));
+        }
+        // Any other metric: tailscope has none, like a Prometheus that never scraped it.
+        Ok(Value::Vector(Vec::new()))
+    }
+
+    fn call(&self, call: &Call) -> Result<Value, EvalError> {
+        let name = call.func.name;
+        let args = &call.args.args;
+        match name {
+            "rate" | "increase" => {
+                let Some(Expr::MatrixSelector(ms)) = args.first().map(|a| a.as_ref()) else {
+                    return unsupported(format!(
+                        "{name}() needs a range vector selector such as {COUNT}[5m]"
+                    ));
+                };
+                self.range_function(name == "rate", ms)
+            }
+            "histogram_quantile" => {
+                let (Some(phi), Some(hist)) = (args.first(), args.get(1)) else {
+                    return unsupported("histogram_quantile() needs two arguments");
+                };
+                let phi = match self.eval(phi)? {
+                    Value::Scalar(v) => v,
+                    _ => return unsupported("histogram_quantile()'s first argument must be a scalar"),
+                };
+                match self.eval(hist)? {
+                    Value::Hist(h) => self.quantiles(&phi, &h),
+                    Value::Vector(v) if v.is_empty() => Ok(Value::Vector(v)),
+                    _ => unsupported(format!(
+                        "histogram_quantile() is computed from tailscope's histograms: its second argument must be rate() or increase() of {BUCKET}, optionally summed by (le, …)"
+                    )),
+                }
+            }
+            other => unsupported(format!("function {other}() is not supported")),
+        }
+    }
+
+    fn range_function(&self, per_second: bool, ms: &MatrixSelector) -> Result<Value, EvalError> {
+        let range = i64::try_from(ms.range.as_secs()).unwrap_or(i64::MAX);
+        if range < 1 || ms.range.subsec_nanos() != 0 {
+            return unsupported("range durations must be whole seconds of at least 1s");
+        }
+        let offset = match &ms.vs.offset {
+            None => 0,
+            Some(Offset::Pos(d)) => d.as_secs() as i64,
+            Some(Offset::Neg(d)) => -(d.as_secs() as i64),
+        };
+        let sel = self.select(&ms.vs)?;
+        let mut out = Vec::new();
+        let [bucket, count, sum] = sel.names;
+        let base = |l: &SeriesLabels| -> Labels {
+            ["service", "operation", "status"]
+                .into_iter()
+                .filter_map(|k| l.get(k).map(|v| (k.to_owned(), v.to_owned())))
+                .collect()
+        };
+        if count || sum {
+            for (id, labels) in &sel.series {
+                let group = HistGroup { labels: base(labels), members: vec![*id] };
+                let mut counts = vec![None; self.steps.len()];
+                let mut sums = vec![None; self.steps.len()];
+                self.slide(&group, range, offset, |i, acc| {
+                    let scale = if per_second { range as f64 } else { 1.0 };
+                    counts[i] = Some(acc.count() as f64 / scale);
+                    sums[i] = Some(acc.sum() as f64 / 1e9 / scale);
+                })?;
+                for (wanted, values) in [(count, counts), (sum, sums)] {
+                    if wanted {
+                        out.push(Series { labels: group.labels.clone(), values });
+                    }
+                }
+            }
+        }
+        let groups: Vec<HistGroup> =
+            sel.series.iter().map(|(id, l)| HistGroup { labels: base(l), members: vec![*id] }).collect();
+        let hist = HistValue { groups, le: sel.le, range, offset, per_second };
+        if bucket && !count && !sum {
+            return Ok(Value::Hist(hist));
+        }
+        if bucket {
+            out.extend(self.materialize(Value::Hist(hist))?);
+        }
+        Ok(Value::Vector(out))
+    }
+
+    /// The resolution a range of `range` seconds is read at: the coarsest that still has at
+    /// least five windows per range and no more than one per step, and is retained at `from`.
+    fn resolution(&self, range: i64, from: i64) -> Resolution {
+        let step = self.steps.step / 1000;
+        let retained = |r: Resolution| from >= self.now - r.retention(self.retention);
+        let fits = |r: Resolution| r.seconds() * 5 <= range && (step == 0 || r.seconds() <= step);
+        Resolution::ALL
+            .into_iter()
+            .rev()
+            .find(|&r| fits(r) && retained(r))
+            .or_else(|| Resolution::ALL.into_iter().find(|&r| retained(r)))
+            .unwrap_or(Resolution::H1)
+    }
+
+    /// Runs a sliding accumulator over a group's windows: `f(step, acc)` is called for every
+    /// step whose range `[t - range, t)` (t in seconds, offset applied) holds any window.
+    fn slide(
+        &self,
+        group: &HistGroup,
+        range: i64,
+        offset: i64,
+        mut f: impl FnMut(usize, &Histogram),
+    ) -> Result<(), EvalError> {
+        let ends: Vec<i64> = self.steps.times().iter().map(|t| t.div_euclid(1000) - offset).collect();
+        let (Some(&first), Some(&last)) = (ends.first(), ends.last()) else { return Ok(()) };
+        let res = self.resolution(range, first - range);
+        // The union of the steps' ranges, as disjoint intervals: scan only what is needed.
+        let mut intervals: Vec<(i64, i64)> = Vec::new();
+        for &t in &ends {
+            match intervals.last_mut() {
+                Some(last) if t - range <= last.1 => last.1 = t,
+                _ => intervals.push((t - range, t)),
+            }
+        }
+        debug_assert!(last >= first);
+        let mut windows: BTreeMap<i64, Histogram> = BTreeMap::new();
+        for &member in &group.members {
+            for &(from, to) in &intervals {
+                self.source.windows(
+                    res,
+                    member,
+                    res.align(from),
+                    to,
+                    &mut |w, h| match windows.get_mut(&w) {
+                        Some(acc) => acc.merge(&h),
+                        None => {
+                            windows.insert(w, h);
+                        }
+                    },
+                )?;
+            }
+            self.check_time("reading windows")?;
+        }
+        let windows: Vec<(i64, Histogram)> = windows.into_iter().collect();
+        let mut acc = Histogram::new(self.source.layout());
+        let (mut lo, mut hi) = (0, 0);
+        for (i, &t) in ends.iter().enumerate() {
+            while hi < windows.len() && windows[hi].0 < t {
+                acc.merge(&windows[hi].1);
+                hi += 1;
+            }
+            while lo < hi && windows[lo].0 < t - range {
+                if !acc.subtract(&windows[lo].1) {
+                    // Windows of another layout (a changed configuration): re-merge this step.
+                    acc = Histogram::new(self.source.layout());
+                    windows[lo + 1..hi].iter().for_each(|(_, h)| acc.merge(h));
+                }
+                lo += 1;
+            }
+            if lo < hi {
+                f(i, &acc);
+            }
+        }
+        Ok(())
+    }
+
+    fn quantiles(&self, phi: &[f64], h: &HistValue) -> Result<Value, EvalError> {
+        let mut out = Vec::with_capacity(h.groups.len());
+        for g in &h.groups {
+            let mut values = vec![None; self.steps.len()];
+            self.slide(g, h.range, h.offset, |i, acc| {
+                let q = phi[i];
+                values[i] = Some(if q.is_nan() {
+                    f64::NAN
+                } else if q < 0.0 {
+                    f64::NEG_INFINITY
+                } else if q > 1.0 {
+                    f64::INFINITY
+                } else {
+                    acc.quantile(q).map_or(f64::NAN, |ns| ns as f64 / 1e9)
+                });
+            })?;
+            if values.iter().any(Option::is_some) {
+                out.push(Series { labels: g.labels.clone(), values });
+            }
+        }
+        Ok(Value::Vector(out))
+    }
+
+    /// The value with histograms turned into bucket series (for answers).
+    pub fn materialized(&self, v: Value) -> Result<Value, EvalError> {
+        match v {
+            Value::Hist(_) => Ok(Value::Vector(self.materialize(v)?)),
+            other => Ok(other),
+        }
+    }
+
+    /// Turns a value into plain series: histograms become bucket series at their `le` bounds.
+    fn materialize(&self, v: Value) -> Result<Vec<Series>, EvalError> {
+        match v {
+            Value::Vector(s) => Ok(s),
+            Value::Scalar(_) | Value::Str(_) => {
+                unsupported("expected an instant vector, got a scalar or string")
+            }
+            Value::Hist(h) => {
+                let mut out = Vec::new();
+                for g in &h.groups {
+                    let mut per_le: Vec<Vec<Option<f64>>> = vec![vec![None; self.steps.len()]; h.le.len()];
+                    self.slide(g, h.range, h.offset, |i, acc| {
+                        let scale = if h.per_second { h.range as f64 } else { 1.0 };
+                        for (j, &le) in h.le.iter().enumerate() {
+                            let n = if le.is_infinite() {
+                                acc.count()
+                            } else {
+                                acc.count_at_most((le * 1e9).clamp(0.0, u64::MAX as f64) as u64)
+                            };
+                            per_le[j][i] = Some(n as f64 / scale);
+                        }
+                    })?;
+                    for (le, values) in h.le.iter().zip(per_le) {
+                        let mut labels = g.labels.clone();
+                        labels.insert("le".into(), format_value(*le));
+                        out.push(Series { labels, values });
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    fn aggregate(&self, agg: &AggregateExpr) -> Result<Value, EvalError> {
+        let op = agg.op.to_string();
+        let inner = self.eval(&agg.expr)?;
+        let keep_le = match &agg.modifier {
+            Some(LabelModifier::Include(l)) => l.labels.iter().any(|x| x == "le"),
+            Some(LabelModifier::Exclude(l)) => !l.labels.iter().any(|x| x == "le"),
+            None => false,
+        };
+        if let (Value::Hist(h), "sum", true) = (&inner, op.as_str(), keep_le) {
+            // Summing bucket series by group keeps them histograms: merge the groups' members.
+            let mut merged: BTreeMap<Labels, Vec<u64>> = BTreeMap::new();
+            for g in &h.groups {
+                let key = group_labels(&g.labels, agg.modifier.as_ref());
+                merged.entry(key).or_default().extend(&g.members);
+            }
+            let Value::Hist(h) = inner else { unreachable!("matched above") };
+            let groups = merged.into_iter().map(|(labels, members)| HistGroup { labels, members }).collect();
+            return Ok(Value::Hist(HistValue { groups, ..h }));
+        }
+        let series = self.materialize(inner)?;
+        let n = self.steps.len();
+        match op.as_str() {
+            "topk" | "bottomk" => {
+                let k = match agg.param.as_deref().map(|p| self.eval(p)).transpose()? {
+                    Some(Value::Scalar(v)) => v,
+                    _ => return unsupported(format!("{op}() needs a scalar parameter")),
+                };
+                let mut groups: BTreeMap<Labels, Vec<usize>> = BTreeMap::new();
+                for (i, s) in series.iter().enumerate() {
+                    groups.entry(group_labels(&s.labels, agg.modifier.as_ref())).or_default().push(i);
+                }
+                let mut out: Vec<Series> = series
+                    .iter()
+                    .map(|s| Series { labels: s.labels.clone(), values: vec![None; n] })
+                    .collect();
+                for members in groups.values() {
+                    for (step, &kk) in k.iter().enumerate() {
+                        if kk.is_nan() || kk < 1.0 {
+                            continue;
+                        }
+                        let mut present: Vec<(usize, f64)> =
+                            members.iter().filter_map(|&i| series[i].values[step].map(|v| (i, v))).collect();
+                        present.sort_by(|a, b| {
+                            let o = a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal);
+                            if op == "topk" {
+                                o.reverse()
+                            } else {
+                                o
+                            }
+                        });
+                        for &(i, v) in present.iter().take(kk as usize) {
+                            out[i].values[step] = Some(v);
+                        }
+                    }
+                }
+                out.retain(|s| s.values.iter().any(Option::is_some));
+                Ok(Value::Vector(out))
+            }
+            "sum" | "avg" | "min" | "max" | "count" => {
+                if agg.param.is_some() {
+                    return unsupported(format!("{op}() takes no parameter"));
+                }
+                let mut groups: BTreeMap<Labels, Vec<usize>> = BTreeMap::new();
+                for (i, s) in series.iter().enumerate() {
+                    groups.entry(group_labels(&s.labels, agg.modifier.as_ref())).or_default().push(i);
+                }
+                let mut out = Vec::with_capacity(groups.len());
+                for (labels, members) in groups {
+                    let values = (0..n)
+                        .map(|step| {
+                            let vals: Vec<f64> =
+                                members.iter().filter_map(|&i| series[i].values[step]).collect();
+                            if vals.is_empty() {
+                                return None;
+                            }
+                            Some(match op.as_str() {
+                                "sum" => vals.iter().sum(),
+                                "avg" => vals.iter().sum::<f64>() / vals.len() as f64,
+                                "min" => vals.iter().copied().fold(f64::INFINITY, f64::min),
+                                "max" => vals.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                                _ => vals.len() as f64,
+                            })
+                        })
+                        .collect();
+                    out.push(Series { labels, values });
+                }
+                out.retain(|s| s.values.iter().any(Option::is_some));
+                Ok(Value::Vector(out))
+            }
+            other => unsupported(format!("aggregation {other}() is not supported")),
+        }
+    }
+
+    fn binary(&self, bin: &BinaryExpr) -> Result<Value, EvalError> {
+        let op = bin.op.to_string();
+        if bin.op.is_set_operator() {
+            return unsupported(format!("set operator {op} is not supported"));
+        }
+        let Some(f) = arithmetic(&op) else {
+            return unsupported(format!("binary operator {op} is not supported"));
+        };
+        let comparison = bin.op.is_comparison_operator();
+        let return_bool = bin.modifier.as_ref().is_some_and(|m| m.return_bool);
+        let lhs = self.eval(&bin.lhs)?;
+        let rhs = self.eval(&bin.rhs)?;
+        let apply = |a: f64, b: f64, keep: f64| -> Option<f64> {
+            let r = f(a, b);
+            if !comparison || return_bool {
+                Some(r)
+            } else if r == 1.0 {
+                Some(keep)
+            } else {
+                None
+            }
+        };
+        match (lhs, rhs) {
+            (Value::Scalar(a), Value::Scalar(b)) => {
+                if comparison && !return_bool {
+                    return unsupported("comparisons between scalars must use the bool modifier");
+                }
+                Ok(Value::Scalar(a.iter().zip(&b).map(|(&x, &y)| f(x, y)).collect()))
+            }
+            (Value::Str(_), _) | (_, Value::Str(_)) => {
+                unsupported("binary operators on strings are not supported")
+            }
+            (Value::Scalar(a), other) => {
+                let mut series = self.materialize(other)?;
+                for s in &mut series {
+                    if !comparison || return_bool {
+                        s.labels.remove("__name__");
+                    }
+                    for (i, v) in s.values.iter_mut().enumerate() {
+                        *v = v.and_then(|y| apply(a[i], y, y));
+                    }
+                }
+                Ok(Value::Vector(series))
+            }
+            (other, Value::Scalar(b)) => {
+                let mut series = self.materialize(other)?;
+                for s in &mut series {
+                    if !comparison || return_bool {
+                        s.labels.remove("__name__");
+                    }
+                    for (i, v) in s.values.iter_mut().enumerate() {
+                        *v = v.and_then(|x| apply(x, b[i], x));
+                    }
+                }
+                Ok(Value::Vector(series))
+            }
+            (l, r) => {
+                let modifier = bin.modifier.as_ref();
+                if modifier.is_some_and(|m| m.card != VectorMatchCardinality::OneToOne) {
+                    return unsupported("group_left and group_right are not supported");
+                }
+                let matching = modifier.and_then(|m| m.matching.as_ref());
+                let (l, r) = (self.materialize(l)?, self.materialize(r)?);
+                let mut right: BTreeMap<Labels, &Series> = BTreeMap::new();
+                for s in &r {
+                    if right.insert(signature(&s.labels, matching), s).is_some() {
+                        return Err(EvalError::Execution(
+                            "found duplicate series for the match group on the right hand-side of the operation; many-to-many matching not allowed: matching labels must be unique on one side".into(),
+                        ));
+                    }
+                }
+                let mut seen = std::collections::BTreeSet::new();
+                let mut out = Vec::new();
+                for s in &l {
+                    let sig = signature(&s.labels, matching);
+                    let Some(other) = right.get(&sig) else { continue };
+                    if !seen.insert(sig) {
+                        return Err(EvalError::Execution(
+                            "found duplicate series for the match group on the left hand-side of the operation; many-to-many matching not allowed: matching labels must be unique on one side".into(),
+                        ));
+                    }
+                    let values = s
+                        .values
+                        .iter()
+                        .zip(&other.values)
+                        .map(|(a, b)| match (a, b) {
+                            (Some(x), Some(y)) => apply(*x, *y, *x),
+                            _ => None,
+                        })
+                        .collect();
+                    let mut labels = s.labels.clone();
+                    if !comparison || return_bool {
+                        labels.remove("__name__");
+                    }
+                    match matching {
+                        Some(LabelModifier::Include(on)) => labels.retain(|k, _| on.labels.contains(k)),
+                        Some(LabelModifier::Exclude(ign)) => labels.retain(|k, _| !ign.labels.contains(k)),
+                        None => {}
+                    }
+                    out.push(Series { labels, values });
+                }
+                out.retain(|s| s.values.iter().any(Option::is_some));
+                Ok(Value::Vector(out))
+            }
+        }
+    }
+}
+
+/// The labels a series is grouped by under `by (…)` / `without (…)`.
+fn group_labels(labels: &Labels, modifier: Option<&LabelModifier>) -> Labels {
+    match modifier {
+        None => Labels::new(),
+        Some(LabelModifier::Include(by)) => labels
+            .iter()
+            .filter(|(k, _)| by.labels.contains(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        Some(LabelModifier::Exclude(without)) => labels
+            .iter()
+            .filter(|(k, _)| *k != "__name__" && !without.labels.contains(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+/// The labels two series are matched on in a vector-vector operation.
+fn signature(labels: &Labels, matching: Option<&LabelModifier>) -> Labels {
+    labels
+        .iter()
+        .filter(|(k, _)| match matching {
+            Some(LabelModifier::Include(on)) => on.labels.contains(k),
+            Some(LabelModifier::Exclude(ign)) => *k != "__name__" && !ign.labels.contains(k),
+            None => *k != "__name__",
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The function of an arithmetic or comparison operator; comparisons yield 1 or 0.
+fn arithmetic(op: &str) -> Option<fn(f64, f64) -> f64> {
+    Some(match op {
+        "+" => |a, b| a + b,
+        "-" => |a, b| a - b,
+        "*" => |a, b| a * b,
+        "/" => |a, b| a / b,
+        "%" => |a, b| a % b,
+        "^" => f64::powf,
+        "==" => |a, c| if a == c { 1.0 } else { 0.0 },
+        "!=" => |a, c| if a != c { 1.0 } else { 0.0 },
+        ">" => |a, c| if a > c { 1.0 } else { 0.0 },
+        "<" => |a, c| if a < c { 1.0 } else { 0.0 },
+        ">=" => |a, c| if a >= c { 1.0 } else { 0.0 },
+        "<=" => |a, c| if a <= c { 1.0 } else { 0.0 },
+        _ => return None,
+    })
+}
+
+/// The `le` bounds a matcher selects: an equality names exactly one bound (any number); other
+/// matchers filter the default ladder.
+fn le_bounds(m: &Matcher) -> Result<Vec<f64>, EvalError> {
+    if let MatchOp::Equal = m.op {
+        return match parse_le(&m.value) {
+            Some(v) => Ok(vec![v]),
+            None => Ok(Vec::new()),
+        };
+    }
+    Ok(DEFAULT_LE.iter().copied().filter(|&le| m.is_match(&format_value(le))).collect())
+}
+
+fn parse_le(s: &str) -> Option<f64> {
+    match s {
+        "+Inf" | "Inf" | "inf" | "+inf" => Some(f64::INFINITY),
+        _ => s.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0),
+    }
+}
+
+/// Formats a sample value or `le` bound as Prometheus does (`NaN`, `+Inf`, `-Inf`, shortest
+/// decimal otherwise).
+pub fn format_value(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v == f64::INFINITY {
+        "+Inf".into()
+    } else if v == f64::NEG_INFINITY {
+        "-Inf".into()
+    } else {
+        format!("{v}")
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,352 @@
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::series::Status;
+
+/// Windows in memory, written to every resolution like the store does.
+#[derive(Default)]
+struct Mem {
+    series: Vec<(u64, SeriesLabels)>,
+    windows: BTreeMap<(Resolution, u64, i64), Histogram>,
+}
+
+impl Mem {
+    fn record(&mut self, service: &str, operation: &str, status: Status, t: i64, nanos: u64) {
+        let labels = SeriesLabels { service: service.into(), operation: operation.into(), status };
+        let id = labels.id();
+        if !self.series.iter().any(|(i, _)| *i == id) {
+            self.series.push((id, labels));
+        }
+        for res in Resolution::ALL {
+            self.windows
+                .entry((res, id, res.align(t)))
+                .or_insert_with(|| Histogram::new(Layout::default()))
+                .record(nanos, 1);
+        }
+    }
+}
+
+impl Source for Mem {
+    fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
+        Ok(self.series.clone())
+    }
+
+    fn windows(
+        &self,
+        res: Resolution,
+        series: u64,
+        start: i64,
+        end: i64,
+        f: &mut dyn FnMut(i64, Histogram),
+    ) -> Result<(), StoreError> {
+        for ((_, _, w), h) in self.windows.range((res, series, start)..(res, series, end)) {
+            f(*w, h.clone());
+        }
+        Ok(())
+    }
+
+    fn layout(&self) -> Layout {
+        Layout::default()
+    }
+}
+
+const NOW: i64 = 1_800_000_000;
+
+fn limits() -> Limits {
+    Limits { max_series: 1000, max_points: 11_000, deadline: Instant::now() + Duration::from_secs(30) }
+}
+
+fn eval_at(mem: &Mem, q: &str, t: i64) -> Result<Value, EvalError> {
+    let expr = promql_parser::parser::parse(q).map_err(EvalError::Unsupported)?;
+    let steps = Steps::instant(t * 1000);
+    let retention = RetentionConfig::default();
+    let engine = Engine::new(mem, &steps, NOW, &retention, limits());
+    let v = engine.eval(&expr)?;
+    engine.materialized(v)
+}
+
+fn vector(mem: &Mem, q: &str) -> Vec<(Labels, f64)> {
+    match eval_at(mem, q, NOW).unwrap_or_else(|e| panic!("{q}: {e}")) {
+        Value::Vector(s) => s.into_iter().filter_map(|s| s.values[0].map(|v| (s.labels, v))).collect(),
+        other => panic!("{q}: not a vector: {other:?}"),
+    }
+}
+
+fn scalar(mem: &Mem, q: &str) -> f64 {
+    match eval_at(mem, q, NOW).unwrap_or_else(|e| panic!("{q}: {e}")) {
+        Value::Scalar(v) => v[0],
+        other => panic!("{q}: not a scalar: {other:?}"),
+    }
+}
+
+fn exact_quantile(values: &mut [u64], q: f64) -> f64 {
+    values.sort_unstable();
+    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    values[rank - 1] as f64 / 1e9
+}
+
+fn close(got: f64, exact: f64) -> bool {
+    (got - exact).abs() <= exact * Layout::default().relative_error() + 1e-9
+}
+
+/// Three services with different distributions over the five minutes before NOW.
+fn traffic() -> (Mem, BTreeMap<&'static str, Vec<u64>>) {
+    let mut r = rand::rngs::StdRng::seed_from_u64(5);
+    let mut mem = Mem::default();
+    let mut raw: BTreeMap<&'static str, Vec<u64>> = BTreeMap::new();
+    for i in 0..30_000 {
+        let t = NOW - 300 + (i % 300);
+        let (service, v) = match i % 3 {
+            0 => ("lognormal", {
+                let z: f64 = (-2.0 * r.gen_range(1e-12f64..1.0).ln()).sqrt()
+                    * (r.gen::<f64>() * std::f64::consts::TAU).cos();
+                (20e6 * (0.7 * z).exp()) as u64
+            }),
+            1 => (
+                "bimodal",
+                if r.gen_bool(0.9) {
+                    r.gen_range(5_000_000..6_000_000)
+                } else {
+                    r.gen_range(800_000_000..900_000_000)
+                },
+            ),
+            _ => ("pareto", (10e6 / r.gen_range(1e-6f64..1.0).powf(1.0 / 1.1)) as u64),
+        };
+        let op = if i % 2 == 0 { "read" } else { "write" };
+        mem.record(service, op, Status::Ok, t, v);
+        raw.entry(service).or_default().push(v);
+    }
+    (mem, raw)
+}
+
+#[test]
+fn grafana_save_and_test_gets_a_scalar() {
+    let mem = Mem::default();
+    assert_eq!(scalar(&mem, "1+1"), 2.0);
+    assert_eq!(scalar(&mem, "(2 * 3) ^ 2 - 1 % 1"), 36.0);
+    assert_eq!(scalar(&mem, "2 > bool 1"), 1.0);
+    assert!(matches!(eval_at(&mem, "\"x\"", NOW), Ok(Value::Str(s)) if s == "x"));
+}
+
+#[test]
+fn histogram_quantile_is_exact_per_series_and_summed() {
+    let (mem, mut raw) = traffic();
+    for (service, values) in raw.iter_mut() {
+        for q in [0.5, 0.9, 0.99] {
+            let exact = exact_quantile(values, q);
+            let got = vector(
+                &mem,
+                &format!("histogram_quantile({q}, sum by (le, service) (rate(span_duration_seconds_bucket{{service=\"{service}\"}}[5m])))"),
+            );
+            assert_eq!(got.len(), 1);
+            assert!(close(got[0].1, exact), "{service} q={q}: {} vs exact {exact}", got[0].1);
+            assert_eq!(got[0].0.get("service").map(String::as_str), Some(*service));
+        }
+    }
+    // Not aggregated: one quantile per series (service × operation).
+    let per_series = vector(&mem, "histogram_quantile(0.99, rate(span_duration_seconds_bucket[5m]))");
+    assert_eq!(per_series.len(), 6);
+    // Everything summed: the quantile of all values together.
+    let mut all: Vec<u64> = raw.values().flatten().copied().collect();
+    let got = vector(&mem, "histogram_quantile(0.99, sum by (le) (rate(span_duration_seconds_bucket[5m])))");
+    assert!(close(got[0].1, exact_quantile(&mut all, 0.99)), "{got:?}");
+}
+
+#[test]
+fn rates_counts_and_sums() {
+    let (mem, raw) = traffic();
+    let total: f64 = raw.values().map(|v| v.len() as f64).sum();
+    let sum = vector(&mem, "sum(increase(span_duration_seconds_count[5m]))");
+    assert_eq!(sum[0].1, total);
+    let rate = vector(&mem, "sum(rate(span_duration_seconds_count[5m]))");
+    assert!((rate[0].1 - total / 300.0).abs() < 1e-9);
+    let seconds: f64 = raw.values().flatten().map(|&v| v as f64 / 1e9).sum();
+    let s = vector(&mem, "sum(increase(span_duration_seconds_sum[5m]))");
+    assert!((s[0].1 - seconds).abs() < 1e-6 * seconds);
+    // Mean latency per service as a vector/vector division.
+    let mean = vector(
+        &mem,
+        "sum by (service) (rate(span_duration_seconds_sum[5m])) / sum by (service) (rate(span_duration_seconds_count[5m]))",
+    );
+    assert_eq!(mean.len(), 3);
+    for (labels, m) in mean {
+        let v = &raw[labels["service"].as_str()];
+        let exact = v.iter().map(|&x| x as f64 / 1e9).sum::<f64>() / v.len() as f64;
+        assert!((m - exact).abs() < 1e-9 * exact.max(1.0), "{labels:?}: {m} vs {exact}");
+    }
+}
+
+#[test]
+fn le_matchers_count_requests_below_a_bound() {
+    let (mem, raw) = traffic();
+    let below = raw["bimodal"].iter().filter(|&&v| v <= 300_000_000).count() as f64;
+    let got =
+        vector(&mem, "sum(increase(span_duration_seconds_bucket{service=\"bimodal\", le=\"0.3\"}[5m]))");
+    assert_eq!(got[0].1, below);
+    let ladder = vector(&mem, "sum by (le) (increase(span_duration_seconds_bucket{service=\"pareto\"}[5m]))");
+    assert_eq!(ladder.len(), DEFAULT_LE.len());
+    let inf = ladder.iter().find(|(l, _)| l["le"] == "+Inf").map(|(_, v)| *v);
+    assert_eq!(inf, Some(raw["pareto"].len() as f64));
+    // Cumulative: counts never decrease with le.
+    let mut by_le: Vec<(f64, f64)> =
+        ladder.iter().map(|(l, v)| (l["le"].replace("+Inf", "inf").parse().unwrap_or(0.0), *v)).collect();
+    by_le.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert!(by_le.windows(2).all(|w| w[0].1 <= w[1].1), "{by_le:?}");
+    // The error ratio pattern: errors over all.
+    let ratio = vector(&mem, "sum(rate(span_duration_seconds_count{status=\"error\"}[5m])) / sum(rate(span_duration_seconds_count[5m]))");
+    assert!(ratio.is_empty(), "no errors recorded, so no error series: {ratio:?}");
+}
+
+#[test]
+fn aggregations_topk_and_comparisons() {
+    let (mem, raw) = traffic();
+    let counts = vector(&mem, "count(increase(span_duration_seconds_count[5m]))");
+    assert_eq!(counts[0].1, 6.0);
+    let top = vector(
+        &mem,
+        "topk(2, histogram_quantile(0.99, sum by (le, service) (rate(span_duration_seconds_bucket[5m]))))",
+    );
+    assert_eq!(top.len(), 2);
+    let names: Vec<&str> = top.iter().map(|(l, _)| l["service"].as_str()).collect();
+    assert!(names.contains(&"pareto") && names.contains(&"bimodal"), "{names:?}");
+    let slow = vector(
+        &mem,
+        "histogram_quantile(0.99, sum by (le, service) (rate(span_duration_seconds_bucket[5m]))) > 0.5",
+    );
+    assert_eq!(slow.len(), 2);
+    let flags = vector(&mem, "histogram_quantile(0.5, sum by (le, service) (rate(span_duration_seconds_bucket[5m]))) > bool 0.0195");
+    assert_eq!(flags.len(), 3);
+    assert_eq!(flags.iter().filter(|(_, v)| *v == 1.0).count(), 1, "{flags:?}");
+    let by_op = vector(&mem, "max without (operation) (increase(span_duration_seconds_count[5m]))");
+    assert_eq!(by_op.len(), 3);
+    // One-to-one matching on a subset of labels: each operation's share of its service.
+    let share = vector(
+        &mem,
+        "sum by (service) (increase(span_duration_seconds_count{operation=\"read\"}[5m])) / on (service) sum by (service) (increase(span_duration_seconds_count[5m]))",
+    );
+    assert_eq!(share.len(), 3);
+    for (labels, v) in share {
+        assert_eq!(labels.keys().collect::<Vec<_>>(), vec!["service"]);
+        let n = raw[labels["service"].as_str()].len() as f64;
+        assert!((v - (n / 2.0).ceil() / n).abs() < 0.01, "{labels:?}: {v}");
+    }
+}
+
+#[test]
+fn range_evaluation_slides_to_the_same_answers_as_instant_queries() {
+    let (mem, _) = traffic();
+    let q = "histogram_quantile(0.9, sum by (le, service) (rate(span_duration_seconds_bucket[1m])))";
+    let expr = promql_parser::parser::parse(q).expect("parses");
+    let steps = Steps::range((NOW - 290) * 1000, NOW * 1000, 10_000, 11_000).expect("steps");
+    let retention = RetentionConfig::default();
+    let engine = Engine::new(&mem, &steps, NOW, &retention, limits());
+    let Value::Vector(series) = engine.eval(&expr).expect("eval") else { panic!("vector") };
+    assert_eq!(series.len(), 3);
+    for s in &series {
+        for (i, &t) in steps.times().iter().enumerate() {
+            let instant = match eval_at(&mem, q, t / 1000).expect("instant") {
+                Value::Vector(v) => v.into_iter().find(|x| x.labels == s.labels).and_then(|x| x.values[0]),
+                _ => None,
+            };
+            match (s.values[i], instant) {
+                (Some(a), Some(b)) => assert!(close(a, b), "step {i}: {a} vs {b}"),
+                (a, b) => assert_eq!(a.is_some(), b.is_some(), "step {i}: {a:?} vs {b:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn unsupported_constructs_are_named() {
+    let (mem, _) = traffic();
+    for (q, needle) in [
+        ("abs(rate(span_duration_seconds_count[5m]))", "function abs()"),
+        ("rate(span_duration_seconds_count[5m])[10m:1m]", "subqueries"),
+        ("rate(span_duration_seconds_count[5m] @ 100)", "@ modifier"),
+        ("rate(span_duration_seconds_count[5m]) and rate(span_duration_seconds_sum[5m])", "set operator and"),
+        ("stddev(rate(span_duration_seconds_count[5m]))", "aggregation stddev()"),
+        ("span_duration_seconds_count", "use rate() or increase()"),
+        ("histogram_quantile(0.9, rate(span_duration_seconds_count[5m]))", "histogram_quantile()"),
+        ("1 > 2", "BOOL modifier"),
+        ("rate(span_duration_seconds_count{service=\"pareto\"}[5m]) / on (service) group_left rate(span_duration_seconds_count[5m])", "group_left"),
+    ] {
+        match eval_at(&mem, q, NOW) {
+            Err(EvalError::Unsupported(m)) => assert!(m.contains(needle), "{q}: {m:?} lacks {needle:?}"),
+            other => panic!("{q}: expected an unsupported error, got {other:?}"),
+        }
+    }
+    // Unknown metrics select nothing, like in Prometheus.
+    assert!(vector(&mem, "rate(http_requests_total[5m])").is_empty());
+}
+
+#[test]
+fn limits_are_enforced_with_clear_errors() {
+    let (mem, _) = traffic();
+    let expr = promql_parser::parser::parse("rate(span_duration_seconds_count[5m])").expect("parses");
+    let steps = Steps::instant(NOW * 1000);
+    let retention = RetentionConfig::default();
+    let tight = Limits { max_series: 2, ..limits() };
+    let e = Engine::new(&mem, &steps, NOW, &retention, tight).eval(&expr).expect_err("too many series");
+    assert!(matches!(e, EvalError::Execution(ref m) if m.contains("limit of 2")), "{e}");
+    let late = Limits { deadline: Instant::now() - Duration::from_secs(1), ..limits() };
+    let e = Engine::new(&mem, &steps, NOW, &retention, late).eval(&expr).expect_err("timeout");
+    assert!(matches!(e, EvalError::Timeout(_)), "{e}");
+    let e = Steps::range(0, 20_000_000, 1000, 11_000).expect_err("too many points");
+    assert!(e.to_string().contains("11,000 points"), "{e}");
+}
+
+#[test]
+fn random_queries_never_panic() {
+    let (mem, _) = traffic();
+    let atoms = [
+        "rate(span_duration_seconds_bucket[5m])",
+        "increase(span_duration_seconds_count{service=~\"p.*\"}[1m])",
+        "rate(span_duration_seconds_sum[30s] offset 1m)",
+        "rate({__name__=~\"span_duration_seconds_.*\"}[5m])",
+        "1",
+        "-0.5",
+        "NaN",
+        "Inf",
+        "span_duration_seconds_count",
+        "\"s\"",
+        "up",
+    ];
+    let wraps = [
+        "sum by (le) ({})",
+        "sum without (operation) ({})",
+        "histogram_quantile(0.99, {})",
+        "histogram_quantile(-1, {})",
+        "topk(1, {})",
+        "bottomk(2, {})",
+        "avg({})",
+        "min by (service) ({})",
+        "count({})",
+        "-({})",
+        "({}) * 2",
+        "({}) / ({})",
+        "({}) > bool 0.1",
+        "({}) < 3",
+        "({}) + on (service) ({})",
+        "({}) - ignoring (le) ({})",
+    ];
+    let mut r = rand::rngs::StdRng::seed_from_u64(11);
+    for _ in 0..2_000 {
+        let mut q = atoms[r.gen_range(0..atoms.len())].to_string();
+        for _ in 0..r.gen_range(0..4) {
+            let w = wraps[r.gen_range(0..wraps.len())];
+            q = w.replace("{}", &q);
+        }
+        if r.gen_bool(0.2) {
+            // Break it at a random place.
+            let cut = r.gen_range(0..=q.len());
+            q.truncate(cut);
+            while !q.is_char_boundary(q.len()) {
+                q.pop();
+            }
+        }
+        let _ = eval_at(&mem, &q, NOW);
+    }
+}
