@@ -311,6 +311,20 @@ impl Store {
         end: i64,
         mut f: impl FnMut(i64, Histogram),
     ) -> Result<(), StoreError> {
+        self.for_each_encoded(res, series, start, end, |w, bytes| Histogram::decode(bytes).map(|h| f(w, h)))
+    }
+
+    /// Like [`Store::for_each_window`], with each window's encoded histogram, so callers can
+    /// merge it without decoding it into a histogram of its own first. An error `f` returns
+    /// marks the window corrupt.
+    pub fn for_each_encoded(
+        &self,
+        res: Resolution,
+        series: u64,
+        start: i64,
+        end: i64,
+        mut f: impl FnMut(i64, &[u8]) -> Result<(), tailscope_proto::histogram::HistogramError>,
+    ) -> Result<(), StoreError> {
         let cf = self.cf(res.column_family())?;
         let start = res.align(start.max(0));
         if end <= start {
@@ -334,11 +348,10 @@ impl Store {
                 if window >= end {
                     break;
                 }
-                let h = Histogram::decode(&v).map_err(|e| StoreError::Corrupt {
+                f(window, &v).map_err(|e| StoreError::Corrupt {
                     what: "histogram",
                     message: format!("series {series:016x} window {window}: {e}"),
                 })?;
-                f(window, h);
             }
             p += 1;
         }

@@ -22,7 +22,7 @@ use promql_parser::parser::{
     AggregateExpr, BinaryExpr, Call, Expr, LabelModifier, MatrixSelector, Offset, VectorMatchCardinality,
     VectorSelector,
 };
-use tailscope_proto::histogram::{Histogram, Layout};
+use tailscope_proto::histogram::{Histogram, HistogramError, Layout};
 
 use crate::config::RetentionConfig;
 use crate::series::SeriesLabels;
@@ -71,18 +71,22 @@ pub const DEFAULT_LE: [f64; 24] = [
 /// A label set; `__name__` is one of its labels.
 pub type Labels = BTreeMap<String, String>;
 
+/// What [`Source::windows`] calls with each window: its start and encoded histogram.
+pub type WindowFn<'a> = dyn FnMut(i64, &[u8]) -> Result<(), HistogramError> + 'a;
+
 /// Where the engine reads series and windows (the store, or memory in tests).
 pub trait Source: Sync {
     /// Every series.
     fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError>;
-    /// Calls `f` with each window of `series` at `res` starting in `[start, end)`, in order.
+    /// Calls `f` with the encoded histogram of each window of `series` at `res` starting in
+    /// `[start, end)`, in order; an error from `f` marks the window corrupt.
     fn windows(
         &self,
         res: Resolution,
         series: u64,
         start: i64,
         end: i64,
-        f: &mut dyn FnMut(i64, Histogram),
+        f: &mut WindowFn<'_>,
     ) -> Result<(), StoreError>;
     /// The layout of new histograms.
     fn layout(&self) -> Layout;
@@ -99,9 +103,9 @@ impl Source for crate::store::Store {
         series: u64,
         start: i64,
         end: i64,
-        f: &mut dyn FnMut(i64, Histogram),
+        f: &mut WindowFn<'_>,
     ) -> Result<(), StoreError> {
-        self.for_each_window(res, series, start, end, f)
+        self.for_each_encoded(res, series, start, end, f)
     }
 
     fn layout(&self) -> Layout {
@@ -210,6 +214,10 @@ pub enum Value {
 pub struct HistValue {
     groups: Vec<HistGroup>,
     le: Vec<f64>,
+    /// False once a `sum` grouped the `le` label away: as numbers, the value is then the
+    /// classic sum over all buckets; as histograms (`histogram_quantile`) nothing changes, as
+    /// with Prometheus' native histograms.
+    le_kept: bool,
     range: i64,
     offset: i64,
     per_second: bool,
@@ -425,7 +433,7 @@ impl<'a> Engine<'a> {
         }
         let groups: Vec<HistGroup> =
             sel.series.iter().map(|(id, l)| HistGroup { labels: base(l), members: vec![*id] }).collect();
-        let hist = HistValue { groups, le: sel.le, range, offset, per_second };
+        let hist = HistValue { groups, le: sel.le, le_kept: true, range, offset, per_second };
         if bucket && !count && !sum {
             return Ok(Value::Hist(hist));
         }
@@ -470,21 +478,13 @@ impl<'a> Engine<'a> {
             }
         }
         debug_assert!(last >= first);
+        let layout = self.source.layout();
         let mut windows: BTreeMap<i64, Histogram> = BTreeMap::new();
         for &member in &group.members {
             for &(from, to) in &intervals {
-                self.source.windows(
-                    res,
-                    member,
-                    res.align(from),
-                    to,
-                    &mut |w, h| match windows.get_mut(&w) {
-                        Some(acc) => acc.merge(&h),
-                        None => {
-                            windows.insert(w, h);
-                        }
-                    },
-                )?;
+                self.source.windows(res, member, res.align(from), to, &mut |w, bytes| {
+                    windows.entry(w).or_insert_with(|| Histogram::new(layout)).merge_encoded(bytes)
+                })?;
             }
             self.check_time("reading windows")?;
         }
@@ -564,10 +564,18 @@ impl<'a> Engine<'a> {
                             per_le[j][i] = Some(n as f64 / scale);
                         }
                     })?;
-                    for (le, values) in h.le.iter().zip(per_le) {
-                        let mut labels = g.labels.clone();
-                        labels.insert("le".into(), format_value(*le));
-                        out.push(Series { labels, values });
+                    if h.le_kept {
+                        for (le, values) in h.le.iter().zip(per_le) {
+                            let mut labels = g.labels.clone();
+                            labels.insert("le".into(), format_value(*le));
+                            out.push(Series { labels, values });
+                        }
+                    } else {
+                        // The classic meaning of summing bucket series over `le`.
+                        let values = (0..self.steps.len())
+                            .map(|i| per_le.iter().map(|v| v[i]).sum::<Option<f64>>())
+                            .collect();
+                        out.push(Series { labels: g.labels.clone(), values });
                     }
                 }
                 Ok(out)
@@ -583,8 +591,8 @@ impl<'a> Engine<'a> {
             Some(LabelModifier::Exclude(l)) => !l.labels.iter().any(|x| x == "le"),
             None => false,
         };
-        if let (Value::Hist(h), "sum", true) = (&inner, op.as_str(), keep_le) {
-            // Summing bucket series by group keeps them histograms: merge the groups' members.
+        if let (Value::Hist(h), "sum") = (&inner, op.as_str()) {
+            // Summing bucket series keeps them histograms: merge the groups' members.
             let mut merged: BTreeMap<Labels, Vec<u64>> = BTreeMap::new();
             for g in &h.groups {
                 let key = group_labels(&g.labels, agg.modifier.as_ref());
@@ -592,7 +600,7 @@ impl<'a> Engine<'a> {
             }
             let Value::Hist(h) = inner else { unreachable!("matched above") };
             let groups = merged.into_iter().map(|(labels, members)| HistGroup { labels, members }).collect();
-            return Ok(Value::Hist(HistValue { groups, ..h }));
+            return Ok(Value::Hist(HistValue { groups, le_kept: h.le_kept && keep_le, ..h }));
         }
         let series = self.materialize(inner)?;
         let n = self.steps.len();

@@ -40,10 +40,11 @@ impl Source for Mem {
         series: u64,
         start: i64,
         end: i64,
-        f: &mut dyn FnMut(i64, Histogram),
+        f: &mut WindowFn<'_>,
     ) -> Result<(), StoreError> {
         for ((_, _, w), h) in self.windows.range((res, series, start)..(res, series, end)) {
-            f(*w, h.clone());
+            f(*w, &h.to_bytes())
+                .map_err(|e| StoreError::Corrupt { what: "histogram", message: e.to_string() })?;
         }
         Ok(())
     }
@@ -145,6 +146,23 @@ fn histogram_quantile_is_exact_per_series_and_summed() {
             assert!(close(got[0].1, exact), "{service} q={q}: {} vs exact {exact}", got[0].1);
             assert_eq!(got[0].0.get("service").map(String::as_str), Some(*service));
         }
+    }
+    // As with native histograms, summing without `le` still merges histograms.
+    let native =
+        vector(&mem, "histogram_quantile(0.99, sum by (service) (rate(span_duration_seconds_bucket[5m])))");
+    let classic = vector(
+        &mem,
+        "histogram_quantile(0.99, sum by (le, service) (rate(span_duration_seconds_bucket[5m])))",
+    );
+    assert_eq!(native, classic);
+    // As numbers, such a sum keeps its classic meaning: the sum over all buckets.
+    let over_le =
+        vector(&mem, "sum by (service) (increase(span_duration_seconds_bucket{le=~\"1|\\\\+Inf\"}[5m]))");
+    assert_eq!(over_le.len(), 3);
+    for (labels, v) in &over_le {
+        let values = &raw[labels["service"].as_str()];
+        let expected = (values.iter().filter(|&&x| x <= 1_000_000_000).count() + values.len()) as f64;
+        assert!((v - expected).abs() <= expected * 0.005, "{labels:?}: {v} vs {expected}");
     }
     // Not aggregated: one quantile per series (service × operation).
     let per_series = vector(&mem, "histogram_quantile(0.99, rate(span_duration_seconds_bucket[5m]))");
