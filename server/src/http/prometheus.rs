@@ -347,6 +347,20 @@ async fn matching_series(s: &AppState, p: &Params) -> Result<Vec<promql::Labels>
     Ok(out.into_iter().collect())
 }
 
+/// The distinct label names (`name` = None) or values of label `name` of the series the
+/// `match[]` selectors select, sorted, cut at `limit`.
+async fn label_answer(s: &AppState, p: &Params, name: Option<&str>) -> Result<Json_, ApiError> {
+    p.time("start", 0.0)?;
+    p.time("end", 0.0)?;
+    let limit = p.limit()?;
+    let sets = matching_series(s, p).await?;
+    let found: std::collections::BTreeSet<String> = match name {
+        None => sets.iter().flat_map(|l| l.keys().cloned()).collect(),
+        Some(n) => sets.iter().filter_map(|l| l.get(n).cloned()).collect(),
+    };
+    Ok(json!(found.into_iter().take(limit.unwrap_or(usize::MAX)).collect::<Vec<_>>()))
+}
+
 async fn labels(
     State(s): State<AppState>,
     method: Method,
@@ -354,25 +368,7 @@ async fn labels(
     RawQuery(q): RawQuery,
     body: Bytes,
 ) -> Response {
-    let p = Params::new(&method, &headers, q, &body);
-    let result = async {
-        p.time("start", 0.0)?;
-        p.time("end", 0.0)?;
-        let limit = p.limit()?;
-        let sets = matching_series(&s, &p).await?;
-        let mut names: Vec<String> = sets
-            .iter()
-            .flat_map(|l| l.keys().cloned())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        if let Some(n) = limit {
-            names.truncate(n);
-        }
-        Ok::<_, ApiError>(json!(names))
-    }
-    .await;
-    respond(result)
+    respond(label_answer(&s, &Params::new(&method, &headers, q, &body), None).await)
 }
 
 async fn label_values(
@@ -382,25 +378,7 @@ async fn label_values(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
-    let p = Params::new(&method, &headers, q, &Bytes::new());
-    let result = async {
-        p.time("start", 0.0)?;
-        p.time("end", 0.0)?;
-        let limit = p.limit()?;
-        let sets = matching_series(&s, &p).await?;
-        let mut values: Vec<String> = sets
-            .iter()
-            .filter_map(|l| l.get(&name).cloned())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        if let Some(n) = limit {
-            values.truncate(n);
-        }
-        Ok::<_, ApiError>(json!(values))
-    }
-    .await;
-    respond(result)
+    respond(label_answer(&s, &Params::new(&method, &headers, q, &Bytes::new()), Some(&name)).await)
 }
 
 async fn series(

@@ -698,6 +698,19 @@ impl<'a> Engine<'a> {
                 None
             }
         };
+        let scalar_vector = |k: Vec<f64>, other: Value, scalar_left: bool| {
+            let mut series = self.materialize(other)?;
+            for s in &mut series {
+                if !comparison || return_bool {
+                    s.labels.remove("__name__");
+                }
+                for (i, v) in s.values.iter_mut().enumerate() {
+                    // A filtering comparison keeps the vector's own value.
+                    *v = v.and_then(|y| if scalar_left { apply(k[i], y, y) } else { apply(y, k[i], y) });
+                }
+            }
+            Ok(Value::Vector(series))
+        };
         match (lhs, rhs) {
             (Value::Scalar(a), Value::Scalar(b)) => {
                 if comparison && !return_bool {
@@ -708,30 +721,8 @@ impl<'a> Engine<'a> {
             (Value::Str(_), _) | (_, Value::Str(_)) => {
                 unsupported("binary operators on strings are not supported")
             }
-            (Value::Scalar(a), other) => {
-                let mut series = self.materialize(other)?;
-                for s in &mut series {
-                    if !comparison || return_bool {
-                        s.labels.remove("__name__");
-                    }
-                    for (i, v) in s.values.iter_mut().enumerate() {
-                        *v = v.and_then(|y| apply(a[i], y, y));
-                    }
-                }
-                Ok(Value::Vector(series))
-            }
-            (other, Value::Scalar(b)) => {
-                let mut series = self.materialize(other)?;
-                for s in &mut series {
-                    if !comparison || return_bool {
-                        s.labels.remove("__name__");
-                    }
-                    for (i, v) in s.values.iter_mut().enumerate() {
-                        *v = v.and_then(|x| apply(x, b[i], x));
-                    }
-                }
-                Ok(Value::Vector(series))
-            }
+            (Value::Scalar(k), other) => scalar_vector(k, other, true),
+            (other, Value::Scalar(k)) => scalar_vector(k, other, false),
             (l, r) => {
                 let modifier = bin.modifier.as_ref();
                 if modifier.is_some_and(|m| m.card != VectorMatchCardinality::OneToOne) {
