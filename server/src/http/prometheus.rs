@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -41,6 +41,21 @@ pub fn routes() -> Router<AppState> {
 /// Request parameters: the query string, then the form body of a POST.
 #[derive(Debug, Default)]
 struct Params(Vec<(String, String)>);
+
+/// Reads the parameters of any request: the query string, then a form body of a POST.
+impl<S: Send + Sync> FromRequest<S> for Params {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Params, Response> {
+        let method = req.method().clone();
+        let headers = req.headers().clone();
+        let query = req.uri().query().map(str::to_owned);
+        let body = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| bad_data(format!("cannot read the request body: {e}")).into_response())?;
+        Ok(Params::new(&method, &headers, query, &body))
+    }
+}
 
 impl Params {
     fn new(method: &Method, headers: &HeaderMap, query: Option<String>, body: &Bytes) -> Params {
@@ -187,14 +202,7 @@ async fn evaluate(
     .map_err(eval_error)
 }
 
-async fn query(
-    State(s): State<AppState>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Response {
-    let p = Params::new(&method, &headers, q, &body);
+async fn query(State(s): State<AppState>, p: Params) -> Response {
     let result = async {
         let expr = parse_query(&p)?;
         let now = s.clock.now_nanos() as f64 / 1e9;
@@ -217,14 +225,7 @@ async fn query(
     respond(result)
 }
 
-async fn query_range(
-    State(s): State<AppState>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Response {
-    let p = Params::new(&method, &headers, q, &body);
+async fn query_range(State(s): State<AppState>, p: Params) -> Response {
     let result = async {
         let expr = parse_query(&p)?;
         let missing =
@@ -361,34 +362,15 @@ async fn label_answer(s: &AppState, p: &Params, name: Option<&str>) -> Result<Js
     Ok(json!(found.into_iter().take(limit.unwrap_or(usize::MAX)).collect::<Vec<_>>()))
 }
 
-async fn labels(
-    State(s): State<AppState>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Response {
-    respond(label_answer(&s, &Params::new(&method, &headers, q, &body), None).await)
+async fn labels(State(s): State<AppState>, p: Params) -> Response {
+    respond(label_answer(&s, &p, None).await)
 }
 
-async fn label_values(
-    State(s): State<AppState>,
-    Path(name): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-) -> Response {
-    respond(label_answer(&s, &Params::new(&method, &headers, q, &Bytes::new()), Some(&name)).await)
+async fn label_values(State(s): State<AppState>, Path(name): Path<String>, p: Params) -> Response {
+    respond(label_answer(&s, &p, Some(&name)).await)
 }
 
-async fn series(
-    State(s): State<AppState>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Response {
-    let p = Params::new(&method, &headers, q, &body);
+async fn series(State(s): State<AppState>, p: Params) -> Response {
     let result = async {
         if p.all("match[]").is_empty() {
             return Err(bad_data("no match[] parameter provided"));
@@ -406,8 +388,7 @@ async fn series(
     respond(result)
 }
 
-async fn metadata(RawQuery(q): RawQuery) -> Response {
-    let p = Params::new(&Method::GET, &HeaderMap::new(), q, &Bytes::new());
+async fn metadata(p: Params) -> Response {
     let entry = json!([{
         "type": "histogram",
         "help": "Duration of spans, by service, operation and status (ok or error).",
@@ -430,14 +411,7 @@ async fn buildinfo() -> Response {
     }))
 }
 
-async fn exemplars(
-    State(_s): State<AppState>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Response {
-    let p = Params::new(&method, &headers, q, &body);
+async fn exemplars(State(_s): State<AppState>, p: Params) -> Response {
     // Exemplars arrive with adaptive sampling; until then there are none to show.
     respond(parse_query(&p).and(p.time("start", 0.0)).and(p.time("end", 0.0)).map(|_| json!([])))
 }
