@@ -22,8 +22,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, MergeOperands,
-    Options, ReadOptions, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
+    MergeOperands, Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
 use tailscope_proto::histogram::{Histogram, Layout};
 
@@ -36,6 +36,8 @@ const CF_WATERMARKS: &str = "watermarks";
 const MERGE_OPERATOR: &str = "tailscope.histogram.v1";
 /// Memory for all memtables together.
 const MEMTABLE_BUDGET: usize = 64 << 20;
+/// Memory for cached (uncompressed) blocks of the window families.
+const BLOCK_CACHE: usize = 128 << 20;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -205,11 +207,15 @@ impl Store {
         // bounded however many series are written (RocksDB flushes the largest when it is hit).
         opts.set_db_write_buffer_size(MEMTABLE_BUDGET);
         let corrupt = metrics.corrupt_operands.clone();
+        // One block cache for the window families, so the windows a dashboard re-reads every
+        // refresh are served decompressed from memory rather than decompressed per query.
+        let cache = Cache::new_lru_cache(BLOCK_CACHE);
         let windows = Resolution::ALL.map(|res| {
             let mut o = Options::default();
             o.set_compression_type(DBCompressionType::Lz4);
             let mut table = BlockBasedOptions::default();
             table.set_bloom_filter(10.0, false);
+            table.set_block_cache(&cache);
             o.set_block_based_table_factory(&table);
             let corrupt = corrupt.clone();
             o.set_merge_operator_associative(
@@ -434,8 +440,16 @@ pub fn merge_values<'a>(
     values: impl IntoIterator<Item = &'a [u8]>,
     mut on_corrupt: impl FnMut(),
 ) -> Vec<u8> {
+    let mut values = values.into_iter();
+    let Some(first) = values.next() else { return Histogram::new(layout).to_bytes() };
+    let mut rest = values.peekable();
+    // One valid operand and nothing to merge it with (a window written in one epoch, read
+    // before compaction folded it): it already is the answer.
+    if rest.peek().is_none() && Histogram::validate(first).is_ok() {
+        return first.to_vec();
+    }
     let mut acc: Option<Histogram> = None;
-    for bytes in values {
+    for bytes in std::iter::once(first).chain(rest) {
         let ok = match acc.as_mut() {
             Some(h) => h.merge_encoded(bytes).is_ok(),
             None => Histogram::decode(bytes).map(|h| acc = Some(h)).is_ok(),

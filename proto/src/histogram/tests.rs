@@ -230,3 +230,83 @@ fn subtract_undoes_merge_and_keeps_quantiles_within_precision() {
     let other = Histogram::new(Layout::new(3, 1_000, Layout::DEFAULT_HIGHEST).expect("layout"));
     assert!(!window.subtract(&other));
 }
+
+#[test]
+fn checked_windows_add_and_subtract_like_histograms() {
+    let values = heavy_tailed(30_000);
+    let parts: Vec<Histogram> = values
+        .chunks(10_000)
+        .map(|c| {
+            let mut h = Histogram::new(Layout::default());
+            c.iter().for_each(|&v| h.record(v, 1));
+            h
+        })
+        .collect();
+    let bytes: Vec<Vec<u8>> = parts.iter().map(Histogram::to_bytes).collect();
+    let checked: Vec<Checked> = bytes.iter().map(|b| Checked::new(b).expect("valid")).collect();
+    assert_eq!((checked[0].count(), checked[0].len()), (10_000, bytes[0].len()));
+    let (mut by_checked, mut by_merge) =
+        (Histogram::new(Layout::default()), Histogram::new(Layout::default()));
+    for ((c, b), h) in checked.iter().zip(&bytes).zip(&parts) {
+        by_checked.add_checked(c, b);
+        by_merge.merge(h);
+    }
+    assert_eq!(by_checked, by_merge);
+    // Slide: drop the first part, the rest must equal their own merge (counts, sum, buckets).
+    assert!(by_checked.subtract_checked(&checked[0], &bytes[0]));
+    assert!(by_merge.subtract(&parts[0]));
+    assert_eq!(by_checked.count(), 20_000);
+    assert!(by_checked.iter_nonzero().eq(by_merge.iter_nonzero()));
+    assert_eq!(by_checked.quantile(0.99), by_merge.quantile(0.99));
+    assert!(by_checked.subtract_checked(&checked[1], &bytes[1]));
+    assert!(by_checked.subtract_checked(&checked[2], &bytes[2]));
+    assert!(by_checked.is_empty());
+    // Another layout is refused, not mis-subtracted; hostile bytes are never checked.
+    let mut other = Histogram::new(Layout::new(3, 1_000, Layout::DEFAULT_HIGHEST).expect("layout"));
+    other.add_checked(&checked[0], &bytes[0]);
+    assert_eq!(other.count(), 10_000);
+    assert!(!other.subtract_checked(&checked[0], &bytes[0]));
+    assert!(Checked::new(&[1, 2, 3]).is_err());
+    // Bytes that are not the checked ones count garbage but never panic.
+    let mut h = Histogram::new(Layout::default());
+    h.add_checked(&checked[0], &[0xff; 64]);
+    h.add_checked(&checked[0], &[]);
+    h.subtract_checked(&checked[1], &[0xff; 64]);
+    // A trusted header reads the same totals; a lying bucket list is not its problem, but
+    // must not panic either.
+    let trusted = Checked::trusted(&bytes[0]).expect("header");
+    assert_eq!((trusted.count(), trusted.len()), (checked[0].count(), checked[0].len()));
+    let mut lying = bytes[0].clone();
+    let n = lying.len();
+    lying[n - 2..].copy_from_slice(&[0xff, 0x7f]);
+    assert!(Checked::new(&lying).is_err());
+    let mut h = Histogram::new(Layout::default());
+    h.add_checked(&Checked::trusted(&lying).expect("header"), &lying);
+    assert!(Checked::trusted(&[1, 2]).is_err());
+}
+
+#[test]
+fn fast_scans_agree_with_the_iterator() {
+    let mut h = Histogram::new(Layout::default());
+    heavy_tailed(5_000).iter().for_each(|&v| h.record(v, 1));
+    let mut seen = 0u64;
+    for (i, n) in h.iter_nonzero() {
+        seen += n;
+        let v = h.layout().highest_equivalent(i);
+        assert_eq!(h.count_at_most(v), seen, "at index {i}");
+    }
+    assert_eq!(h.nonzero_count(), h.iter_nonzero().count());
+}
+
+#[test]
+fn varints_round_trip_to_the_edge_of_64_bits() {
+    for v in [0, 1, 127, 128, 300, 1 << 35, u64::MAX - 1, u64::MAX] {
+        let mut out = Vec::new();
+        put_varint(&mut out, v);
+        assert_eq!(Reader { bytes: &out, pos: 0 }.varint("v"), Ok(v));
+    }
+    let mut over = Vec::new();
+    put_varint_u128(&mut over, u128::from(u64::MAX) + 1);
+    assert_eq!(Reader { bytes: &over, pos: 0 }.varint("v"), Err(HistogramError::BadVarint("v")));
+    assert_eq!(Reader { bytes: &[0x80, 0x80], pos: 0 }.varint("v"), Err(HistogramError::Truncated("v")));
+}

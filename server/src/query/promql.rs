@@ -22,7 +22,7 @@ use promql_parser::parser::{
     AggregateExpr, BinaryExpr, Call, Expr, LabelModifier, MatrixSelector, Offset, VectorMatchCardinality,
     VectorSelector,
 };
-use tailscope_proto::histogram::{Histogram, HistogramError, Layout};
+use tailscope_proto::histogram::{Checked, Histogram, HistogramError, Layout};
 
 use crate::config::RetentionConfig;
 use crate::series::SeriesLabels;
@@ -68,6 +68,9 @@ pub const DEFAULT_LE: [f64; 24] = [
     f64::INFINITY,
 ];
 
+/// The most encoded histogram bytes one group of one query may hold in memory.
+pub const MAX_QUERY_BYTES: usize = 256 << 20;
+
 /// A label set; `__name__` is one of its labels.
 pub type Labels = BTreeMap<String, String>;
 
@@ -79,7 +82,8 @@ pub trait Source: Sync {
     /// Every series.
     fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError>;
     /// Calls `f` with the encoded histogram of each window of `series` at `res` starting in
-    /// `[start, end)`, in order; an error from `f` marks the window corrupt.
+    /// `[start, end)`, in order; an error from `f` marks the window corrupt. The encodings must
+    /// have been validated on their way in (the engine checks only their headers).
     fn windows(
         &self,
         res: Resolution,
@@ -478,31 +482,59 @@ impl<'a> Engine<'a> {
             }
         }
         debug_assert!(last >= first);
-        let layout = self.source.layout();
-        let mut windows: BTreeMap<i64, Histogram> = BTreeMap::new();
+        // Every member's windows (validated when they were written; only their headers are
+        // checked here), kept encoded side by side in one buffer:
+        // each is added when it enters a step's range and subtracted when it leaves, and never
+        // decoded into counters of its own.
+        let mut bytes: Vec<u8> = Vec::new();
+        let mut windows: Vec<(i64, Checked, usize)> = Vec::new();
         for &member in &group.members {
             for &(from, to) in &intervals {
-                self.source.windows(res, member, res.align(from), to, &mut |w, bytes| {
-                    windows.entry(w).or_insert_with(|| Histogram::new(layout)).merge_encoded(bytes)
+                self.source.windows(res, member, res.align(from), to, &mut |w, b| {
+                    windows.push((w, Checked::trusted(b)?, bytes.len()));
+                    bytes.extend_from_slice(b);
+                    Ok(())
                 })?;
             }
             self.check_time("reading windows")?;
+            if bytes.len() > MAX_QUERY_BYTES {
+                return Err(EvalError::Execution(format!(
+                    "the query reads more than {} MiB of histograms; narrow the selection or the range",
+                    MAX_QUERY_BYTES >> 20
+                )));
+            }
         }
-        let windows: Vec<(i64, Histogram)> = windows.into_iter().collect();
+        if group.members.len() > 1 {
+            // Stable: a window's members keep their order, so results do not depend on it.
+            windows.sort_by_key(|(w, _, _)| *w);
+        }
+        let bytes_of = |(_, c, at): &(i64, Checked, usize)| &bytes[*at..*at + c.len()];
         let mut acc = Histogram::new(self.source.layout());
         let (mut lo, mut hi) = (0, 0);
         for (i, &t) in ends.iter().enumerate() {
-            while hi < windows.len() && windows[hi].0 < t {
-                acc.merge(&windows[hi].1);
-                hi += 1;
+            let leaving = windows[lo..hi].iter().take_while(|(w, _, _)| *w < t - range).count();
+            if leaving * 2 > hi - lo {
+                // Most of the range moves on (steps as long as the range, or longer): start
+                // over rather than subtract.
+                acc.reset();
+                lo += leaving;
+                windows[lo..hi].iter().for_each(|e| acc.add_checked(&e.1, bytes_of(e)));
             }
             while lo < hi && windows[lo].0 < t - range {
-                if !acc.subtract(&windows[lo].1) {
+                if !acc.subtract_checked(&windows[lo].1, bytes_of(&windows[lo])) {
                     // Windows of another layout (a changed configuration): re-merge this step.
-                    acc = Histogram::new(self.source.layout());
-                    windows[lo + 1..hi].iter().for_each(|(_, h)| acc.merge(h));
+                    acc.reset();
+                    windows[lo + 1..hi].iter().for_each(|e| acc.add_checked(&e.1, bytes_of(e)));
                 }
                 lo += 1;
+            }
+            while hi < windows.len() && windows[hi].0 < t {
+                if windows[hi].0 >= t - range {
+                    acc.add_checked(&windows[hi].1, bytes_of(&windows[hi]));
+                } else {
+                    lo = hi + 1;
+                }
+                hi += 1;
             }
             if lo < hi {
                 f(i, &acc);
