@@ -136,22 +136,15 @@ async fn endpoint_shapes_match_the_golden_files() {
     server.shutdown().await;
 }
 
-/// Exact quantiles through the real store, per series and summed over many.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn histogram_quantile_matches_sorted_data_through_the_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new(T * SEC));
-    let server = start_with(config(dir.path()), clock).await;
+/// The accuracy data set: 5,000 spans per series over the 10 minutes before T, for four
+/// operations of each of three services named after their distributions.
+fn dataset() -> std::collections::BTreeMap<(String, String), Vec<i64>> {
     let mut r = rand::rngs::StdRng::seed_from_u64(9);
     let mut raw: std::collections::BTreeMap<(String, String), Vec<i64>> = Default::default();
-    let mut s = open(server.grpc_addr()).await;
-    let mut seq = 0;
     for service in ["lognormal", "bimodal", "pareto"] {
         for op in 0..4 {
-            let operation = format!("op{op}");
-            let mut spans = Vec::new();
-            for i in 0..5_000i64 {
-                let d: i64 = match service {
+            let durations = (0..5_000)
+                .map(|_| match service {
                     "lognormal" => {
                         let z: f64 = (-2.0 * r.gen_range(1e-12f64..1.0).ln()).sqrt()
                             * (r.gen::<f64>() * std::f64::consts::TAU).cos();
@@ -165,52 +158,224 @@ async fn histogram_quantile_matches_sorted_data_through_the_store() {
                         }
                     }
                     _ => (5e6 / r.gen_range(1e-6f64..1.0).powf(1.0 / 1.2)) as i64,
-                };
-                spans.push(span(T * SEC - (i % 600 + 1) * SEC, d, false));
-                raw.entry((service.into(), operation.clone())).or_default().push(d);
-            }
-            seq += 1;
-            s.send(batch(2, seq, vec![group(service, &operation, spans)])).await;
+                })
+                .collect();
+            raw.insert((service.into(), format!("op{op}")), durations);
         }
+    }
+    raw
+}
+
+/// A server at time T holding [`dataset`].
+async fn dataset_server(
+    dir: &std::path::Path,
+) -> (tailscope_server::Server, std::collections::BTreeMap<(String, String), Vec<i64>>) {
+    let clock = Arc::new(ManualClock::new(T * SEC));
+    let server = start_with(config(dir), clock).await;
+    let raw = dataset();
+    let mut s = open(server.grpc_addr()).await;
+    let mut seq = 0;
+    for ((service, operation), durations) in &raw {
+        let spans = durations
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| span(T * SEC - (i as i64 % 600 + 1) * SEC, d, false))
+            .collect();
+        seq += 1;
+        s.send(batch(2, seq, vec![group(service, operation, spans)])).await;
     }
     s.wait_acked(seq).await;
-    let http = server.http_addr();
-    let exact = |v: &mut Vec<i64>| {
-        v.sort_unstable();
-        let rank = ((0.99 * v.len() as f64).ceil() as usize).clamp(1, v.len());
-        v[rank - 1] as f64 / 1e9
-    };
-    let query = |expr: String| {
-        let encoded: String = form_encode(&expr);
-        async move {
-            let (code, body) =
-                call(http, "GET", &format!("/api/v1/query?query={encoded}&time={T}"), None).await;
-            assert_eq!(code, 200, "{body}");
-            body["data"]["result"].as_array().unwrap().clone()
-        }
-    };
-    let per_series = query("histogram_quantile(0.99, rate(span_duration_seconds_bucket[10m]))".into()).await;
-    assert_eq!(per_series.len(), 12);
-    for row in per_series {
-        let key = (
-            row["metric"]["service"].as_str().unwrap().to_owned(),
-            row["metric"]["operation"].as_str().unwrap().to_owned(),
-        );
-        let got: f64 = row["value"][1].as_str().unwrap().parse().unwrap();
-        let want = exact(raw.get_mut(&key).unwrap());
-        assert!((got - want).abs() <= want * 0.01, "{key:?}: {got} vs exact {want}");
-    }
-    for row in query(
-        "histogram_quantile(0.99, sum by (le, service) (rate(span_duration_seconds_bucket[10m])))".into(),
-    )
-    .await
-    {
-        let service = row["metric"]["service"].as_str().unwrap();
-        let mut all: Vec<i64> =
+    (server, raw)
+}
+
+/// The exact p99 (nearest rank) of `v`, in seconds.
+fn exact_p99(v: &[i64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    let rank = ((0.99 * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1] as f64 / 1e9
+}
+
+const PER_SERIES_P99: &str = "histogram_quantile(0.99, rate(span_duration_seconds_bucket[10m]))";
+const BY_SERVICE_P99: &str =
+    "histogram_quantile(0.99, sum by (le, service) (rate(span_duration_seconds_bucket[10m])))";
+
+/// An instant query at T: `(labels "service/operation" or "service", value)` per result row.
+async fn instant(http: std::net::SocketAddr, expr: &str) -> Vec<(String, f64)> {
+    let (code, body) =
+        call(http, "GET", &format!("/api/v1/query?query={}&time={T}", form_encode(expr)), None).await;
+    assert_eq!(code, 200, "{body}");
+    body["data"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let m = &row["metric"];
+            let key = match m["operation"].as_str() {
+                Some(op) => format!("{}/{op}", m["service"].as_str().unwrap()),
+                None => m["service"].as_str().unwrap().to_owned(),
+            };
+            (key, row["value"][1].as_str().unwrap().parse().unwrap())
+        })
+        .collect()
+}
+
+/// The exact p99 of every series and of every service's series together.
+fn exact_answers(
+    raw: &std::collections::BTreeMap<(String, String), Vec<i64>>,
+) -> std::collections::BTreeMap<String, f64> {
+    let mut out: std::collections::BTreeMap<String, f64> =
+        raw.iter().map(|((s, o), v)| (format!("{s}/{o}"), exact_p99(v))).collect();
+    for service in ["lognormal", "bimodal", "pareto"] {
+        let all: Vec<i64> =
             raw.iter().filter(|((s, _), _)| s == service).flat_map(|(_, v)| v.clone()).collect();
-        let got: f64 = row["value"][1].as_str().unwrap().parse().unwrap();
-        let want = exact(&mut all);
-        assert!((got - want).abs() <= want * 0.01, "{service}: {got} vs exact {want}");
+        out.insert(service.into(), exact_p99(&all));
+    }
+    out
+}
+
+/// Exact quantiles through the real store, per series and summed over many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn histogram_quantile_matches_sorted_data_through_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, raw) = dataset_server(dir.path()).await;
+    let exact = exact_answers(&raw);
+    let per_series = instant(server.http_addr(), PER_SERIES_P99).await;
+    let by_service = instant(server.http_addr(), BY_SERVICE_P99).await;
+    assert_eq!((per_series.len(), by_service.len()), (12, 3));
+    for (key, got) in per_series.into_iter().chain(by_service) {
+        let want = exact[&key];
+        assert!((got - want).abs() <= want * 0.01, "{key}: {got} vs exact {want}");
+    }
+    server.shutdown().await;
+}
+
+/// Prometheus' default classic buckets (client_golang's `DefBuckets`).
+const PROMETHEUS_DEFAULT_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// `promtool` and `prometheus` from PATH. Missing binaries fail the test, unless
+/// `TAILSCOPE_SKIP_PEERS` is set (then it is skipped, saying so).
+fn prometheus_binaries() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let find = |name: &str| {
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    };
+    match (find("promtool"), find("prometheus")) {
+        (Some(a), Some(b)) => Some((a, b)),
+        _ if std::env::var_os("TAILSCOPE_SKIP_PEERS").is_some() => {
+            eprintln!("SKIPPED: promtool/prometheus not on PATH and TAILSCOPE_SKIP_PEERS is set");
+            None
+        }
+        _ => panic!(
+            "promtool and prometheus are needed on PATH: install Debian's `prometheus` package \
+             (.ci/run does), or set TAILSCOPE_SKIP_PEERS=1 to skip the tests against real peers"
+        ),
+    }
+}
+
+/// A child process killed when dropped.
+struct Peer(std::process::Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The same spans exported as classic histograms with Prometheus' default buckets (two
+/// cumulative samples ten minutes apart), backfilled into a real Prometheus with promtool and
+/// queried with the same PromQL. tailscope's p99 is exact to its precision; Prometheus' is
+/// interpolated and must at least fall inside the default bucket that holds the exact p99 (which
+/// checks the export). Both errors are printed; BENCHMARKS.md records them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p99_next_to_a_real_prometheus_on_the_same_data() {
+    let Some((promtool, prometheus)) = prometheus_binaries() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (server, raw) = dataset_server(&dir.path().join("tailscope")).await;
+    let exact = exact_answers(&raw);
+
+    let mut om = String::from("# TYPE span_duration_seconds histogram\n");
+    for ((service, operation), durations) in &raw {
+        let labels = format!("service=\"{service}\",operation=\"{operation}\"");
+        for (ts, all) in [(T - 599, false), (T - 1, true)] {
+            let n =
+                |le: f64| if all { durations.iter().filter(|&&d| d as f64 / 1e9 <= le).count() } else { 0 };
+            for le in PROMETHEUS_DEFAULT_BUCKETS {
+                om += &format!("span_duration_seconds_bucket{{{labels},le=\"{le}\"}} {} {ts}\n", n(le));
+            }
+            let (count, sum) =
+                if all { (durations.len(), durations.iter().sum::<i64>() as f64 / 1e9) } else { (0, 0.0) };
+            om += &format!("span_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {count} {ts}\n");
+            om += &format!("span_duration_seconds_count{{{labels}}} {count} {ts}\n");
+            om += &format!("span_duration_seconds_sum{{{labels}}} {sum} {ts}\n");
+        }
+    }
+    om += "# EOF\n";
+    let (input, data) = (dir.path().join("spans.om"), dir.path().join("prometheus"));
+    std::fs::write(&input, om).unwrap();
+    let out = std::process::Command::new(&promtool)
+        .args(["tsdb", "create-blocks-from", "openmetrics"])
+        .args([&input, &data])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "promtool: {}", String::from_utf8_lossy(&out.stderr));
+
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(&config, "global:\n  scrape_interval: 1m\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+    let _peer = Peer(
+        std::process::Command::new(&prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", data.display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--storage.tsdb.retention.time=100y")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    assert_eventually!(
+        reqwest::get(format!("http://{addr}/-/ready")).await.is_ok_and(|r| r.status().is_success()),
+        "prometheus did not become ready: {}",
+        std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+    );
+
+    let mut rows = Vec::new();
+    for expr in [PER_SERIES_P99, BY_SERVICE_P99] {
+        let ours: std::collections::BTreeMap<String, f64> =
+            instant(server.http_addr(), expr).await.into_iter().collect();
+        let theirs: std::collections::BTreeMap<String, f64> = instant(addr, expr).await.into_iter().collect();
+        assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>(), "{expr}");
+        for (key, got) in ours {
+            let want = exact[&key];
+            let prom = theirs[&key];
+            assert!((got - want).abs() <= want * 0.01, "{key}: tailscope {got} vs exact {want}");
+            let upper =
+                PROMETHEUS_DEFAULT_BUCKETS.iter().copied().find(|&b| b >= want).unwrap_or(f64::INFINITY);
+            let lower = PROMETHEUS_DEFAULT_BUCKETS.iter().copied().rev().find(|&b| b < want).unwrap_or(0.0);
+            assert!(
+                prom >= lower && prom <= upper.min(10.0),
+                "{key}: prometheus {prom} outside ({lower}, {upper}]"
+            );
+            rows.push((key, want, got, prom));
+        }
+    }
+    println!("| series | exact p99 | tailscope | error | Prometheus (default buckets) | error |");
+    println!("|---|---|---|---|---|---|");
+    for (key, want, got, prom) in rows {
+        let err = |v: f64| 100.0 * (v - want) / want;
+        println!(
+            "| {key} | {:.2} ms | {:.2} ms | {:+.2} % | {:.2} ms | {:+.1} % |",
+            want * 1e3,
+            got * 1e3,
+            err(got),
+            prom * 1e3,
+            err(prom)
+        );
     }
     server.shutdown().await;
 }
