@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
 use tailscope_proto::v1::ingest_server::IngestServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -14,6 +15,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::ingest::IngestService;
+use crate::otlp::OtlpService;
 use crate::pipeline::Pipeline;
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
@@ -106,6 +108,9 @@ impl Server {
         ));
 
         let ingest = IngestService::new(pipeline.clone(), metrics.clone(), clock.clone(), &config.ingest);
+        let otlp = TraceServiceServer::new(OtlpService::new(ingest.clone()))
+            .max_decoding_message_size(config.ingest.max_batch_bytes)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
         let ingest = IngestServer::new(ingest)
             .max_decoding_message_size(config.ingest.max_batch_bytes)
             .max_encoding_message_size(1024 * 1024);
@@ -122,6 +127,7 @@ impl Server {
                 .initial_stream_window_size(Some(GRPC_STREAM_WINDOW))
                 .initial_connection_window_size(Some(GRPC_CONNECTION_WINDOW))
                 .add_service(ingest)
+                .add_service(otlp)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown)
                 .await;
             if let Err(e) = result {

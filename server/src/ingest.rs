@@ -32,8 +32,8 @@ pub const MAX_LABEL_BYTES: usize = 256;
 /// The ingest service.
 #[derive(Debug, Clone)]
 pub struct IngestService {
-    pipeline: Arc<Pipeline>,
-    metrics: Arc<Metrics>,
+    pub(crate) pipeline: Arc<Pipeline>,
+    pub(crate) metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
     max_spans: usize,
     throttle_high_water: f64,
@@ -59,19 +59,26 @@ impl IngestService {
 
 /// Counts of one batch, applied to the metrics only once the batch is accepted.
 #[derive(Debug, Default)]
-struct BatchStats {
-    accepted: u64,
-    clamped: u64,
-    rejected: [u64; SpanReject::ALL.len()],
+pub(crate) struct BatchStats {
+    pub(crate) accepted: u64,
+    pub(crate) clamped: u64,
+    pub(crate) rejected: [u64; SpanReject::ALL.len()],
+    /// Refused span records, unweighted (what OTLP's `partial_success` counts).
+    pub(crate) rejected_records: u64,
 }
 
 impl IngestService {
     /// Validates `batch` and computes its routes. Per-span problems are counted in `stats`;
     /// problems with the batch itself are returned as a status.
-    fn validate(&self, batch: SpanBatch, stats: &mut BatchStats) -> Result<ValidatedBatch, Status> {
+    pub(crate) fn validate(
+        &self,
+        batch: SpanBatch,
+        stats: &mut BatchStats,
+        anonymous: bool,
+    ) -> Result<ValidatedBatch, Status> {
         let seq = batch.seq;
         let bad = |msg: String| Status::invalid_argument(format!("batch seq {seq}: {msg}"));
-        if batch.client_id == 0 {
+        if batch.client_id == 0 && !anonymous {
             return Err(bad("client_id must not be 0".into()));
         }
         if seq == 0 {
@@ -109,7 +116,10 @@ impl IngestService {
                             stats.clamped += weight;
                         }
                     }
-                    Err(reason) => stats.rejected[reason.index()] += weight,
+                    Err(reason) => {
+                        stats.rejected[reason.index()] += weight;
+                        stats.rejected_records += 1;
+                    }
                 }
             }
         }
@@ -156,7 +166,7 @@ impl IngestService {
         Ok(ValidatedBatch { client_id: batch.client_id, seq, now, batch, groups, deltas, targets })
     }
 
-    fn record_accepted(&self, stats: &BatchStats) {
+    pub(crate) fn record_accepted(&self, stats: &BatchStats) {
         let m = &self.metrics;
         m.batches.get_or_create(&Outcome { result: "accepted" }).inc();
         m.spans_accepted.inc_by(stats.accepted);
@@ -185,12 +195,18 @@ const ADMISSION_PATIENCE: std::time::Duration = std::time::Duration::from_millis
 
 impl IngestService {
     async fn admit_with_backpressure(&self, batch: ValidatedBatch) -> Admission {
+        self.admit_in_epoch(batch).await.0
+    }
+
+    /// Offers a batch, waiting up to [`ADMISSION_PATIENCE`] for queue space; also returns the
+    /// epoch an accepted batch is durable with.
+    pub(crate) async fn admit_in_epoch(&self, batch: ValidatedBatch) -> (Admission, u64) {
         let mut batch = Arc::new(batch);
         let deadline = tokio::time::Instant::now() + ADMISSION_PATIENCE;
         loop {
-            match self.pipeline.admit(batch) {
+            match self.pipeline.admit_in_epoch(batch) {
                 Ok(outcome) => return outcome,
-                Err(_) if tokio::time::Instant::now() >= deadline => return Admission::Overloaded,
+                Err(_) if tokio::time::Instant::now() >= deadline => return (Admission::Overloaded, 0),
                 Err(back) => batch = back,
             }
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
@@ -355,7 +371,7 @@ impl IngestService {
             return Ok(());
         }
         let mut stats = BatchStats::default();
-        let validated = match self.validate(batch, &mut stats) {
+        let validated = match self.validate(batch, &mut stats, false) {
             Ok(v) => v,
             Err(status) => {
                 let reason = if status.code() == Code::ResourceExhausted { "oversized" } else { "invalid" };

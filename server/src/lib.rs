@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod http;
 pub mod ingest;
+pub mod otlp;
 pub mod pipeline;
 pub mod query;
 pub mod series;

@@ -314,17 +314,27 @@ impl Pipeline {
     /// Offers a validated batch. When a shard queue it needs is full, nothing is enqueued and
     /// the batch is handed back (`Err`), so the caller can wait and offer it again.
     pub fn admit(&self, batch: Arc<ValidatedBatch>) -> Result<Admission, Arc<ValidatedBatch>> {
+        self.admit_in_epoch(batch).map(|(admission, _)| admission)
+    }
+
+    /// Like [`Pipeline::admit`], also naming the epoch an accepted batch belongs to: it is
+    /// durable once [`DurableState::epoch`] reaches it. A batch of client 0 is anonymous (OTLP
+    /// exports carry no client identity): it is never a duplicate and leaves no watermark.
+    pub fn admit_in_epoch(
+        &self,
+        batch: Arc<ValidatedBatch>,
+    ) -> Result<(Admission, u64), Arc<ValidatedBatch>> {
         let gate = self.gate.read();
         if gate.draining {
-            return Ok(Admission::Draining);
+            return Ok((Admission::Draining, gate.epoch));
         }
         if !self.store_healthy.load(Ordering::Relaxed) {
-            return Ok(Admission::StoreUnavailable);
+            return Ok((Admission::StoreUnavailable, gate.epoch));
         }
-        let client = self.clients.entry(batch.client_id).or_default().clone();
-        let mut marks = client.lock();
-        if batch.seq <= marks.accepted {
-            return Ok(Admission::Duplicate);
+        let client = (batch.client_id != 0).then(|| self.clients.entry(batch.client_id).or_default().clone());
+        let mut marks = client.as_ref().map(|c| c.lock());
+        if marks.as_ref().is_some_and(|m| batch.seq <= m.accepted) {
+            return Ok((Admission::Duplicate, gate.epoch));
         }
         let mut permits = Vec::with_capacity(batch.targets.len());
         for &s in &batch.targets {
@@ -337,11 +347,13 @@ impl Pipeline {
                 }
             }
         }
-        marks.accepted = batch.seq;
+        if let Some(m) = marks.as_mut() {
+            m.accepted = batch.seq;
+        }
         for p in permits {
             p.send(ShardMsg::Work { epoch: gate.epoch, batch: Arc::clone(&batch) });
         }
-        Ok(Admission::Accepted)
+        Ok((Admission::Accepted, gate.epoch))
     }
 
     /// Runs flush epochs every `interval` until `stop` turns true, then drains: refuses new

@@ -1,0 +1,292 @@
+//! OpenTelemetry ingest: `opentelemetry.proto.collector.trace.v1.TraceService/Export` on the
+//! gRPC port, so any OpenTelemetry SDK's OTLP exporter can send to tailscope unchanged.
+//!
+//! Each span becomes a tailscope span: service from the resource's `service.name` (OTLP's
+//! `unknown_service` when absent), operation from the span name, duration from end − start,
+//! status from the span status, and weight from the W3C `tracestate` entry `ot=th:…` (the
+//! adjusted count of a probability-sampled span). An export is acknowledged only once its
+//! spans are written; spans that cannot be counted (too old, negative duration, …) are
+//! reported in `partial_success` with the reasons. Exports carry no client identity, so they
+//! are admitted anonymously: an exporter that retries an export after a lost reply may count
+//! it twice, which is OTLP's own at-least-once contract.
+
+use std::collections::HashMap;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+use tailscope_proto::v1::{SeriesGroup, SeriesKey, Span, SpanBatch, SpanStatus};
+use tonic::{Request, Response, Status};
+
+use crate::ingest::{BatchStats, IngestService, MAX_LABEL_BYTES};
+use crate::pipeline::{Admission, SpanReject};
+
+/// The service name OpenTelemetry SDKs report when none is configured.
+pub const UNKNOWN_SERVICE: &str = "unknown_service";
+
+/// The OTLP trace service.
+#[derive(Debug, Clone)]
+pub struct OtlpService {
+    ingest: IngestService,
+}
+
+impl OtlpService {
+    /// A service feeding the same pipeline as `ingest`.
+    pub fn new(ingest: IngestService) -> OtlpService {
+        OtlpService { ingest }
+    }
+}
+
+/// Converts an export into one anonymous batch grouped by series. Spans without a usable name
+/// are counted in `unnamed`.
+pub fn to_batch(request: &ExportTraceServiceRequest) -> (SpanBatch, u64) {
+    let mut index: HashMap<(String, String), usize> = HashMap::new();
+    let mut groups: Vec<SeriesGroup> = Vec::new();
+    let mut unnamed = 0u64;
+    for rs in &request.resource_spans {
+        let service = rs
+            .resource
+            .as_ref()
+            .and_then(|r| string_attribute(&r.attributes, "service.name"))
+            .filter(|s| !s.is_empty())
+            .unwrap_or(UNKNOWN_SERVICE);
+        let service = truncate(service);
+        for ss in &rs.scope_spans {
+            for span in &ss.spans {
+                if span.name.is_empty() {
+                    unnamed += 1;
+                    continue;
+                }
+                let operation = truncate(&span.name);
+                let i = *index.entry((service.to_owned(), operation.to_owned())).or_insert_with(|| {
+                    groups.push(SeriesGroup {
+                        key: Some(SeriesKey { service: service.to_owned(), operation: operation.to_owned() }),
+                        spans: Vec::new(),
+                    });
+                    groups.len() - 1
+                });
+                let start = span.start_time_unix_nano as i64;
+                let end = span.end_time_unix_nano as i64;
+                let status = match span.status.as_ref().map(|s| s.code()) {
+                    Some(StatusCode::Error) => SpanStatus::Error,
+                    Some(StatusCode::Ok) => SpanStatus::Ok,
+                    _ => SpanStatus::Unset,
+                };
+                let trace = span.trace_id.as_slice();
+                groups[i].spans.push(Span {
+                    trace_id_high: id_u64(trace.get(..8)),
+                    trace_id_low: id_u64(trace.get(8..16)),
+                    span_id: id_u64(span.span_id.get(..8)),
+                    parent_span_id: id_u64(span.parent_span_id.get(..8)),
+                    start_unix_nanos: start,
+                    duration_nanos: end.wrapping_sub(start),
+                    status: status as i32,
+                    weight: weight_from_tracestate(&span.trace_state),
+                });
+            }
+        }
+    }
+    (SpanBatch { client_id: 0, seq: 1, groups, deltas: Vec::new() }, unnamed)
+}
+
+fn string_attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
+    attributes.iter().find(|kv| kv.key == key).and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+        AnyValue::StringValue(s) => Some(s.as_str()),
+        _ => None,
+    })
+}
+
+/// Cuts a label to [`MAX_LABEL_BYTES`] at a character boundary.
+fn truncate(s: &str) -> &str {
+    if s.len() <= MAX_LABEL_BYTES {
+        return s;
+    }
+    let mut end = MAX_LABEL_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn id_u64(bytes: Option<&[u8]>) -> u64 {
+    bytes.and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes)
+}
+
+/// The adjusted count of a span from its W3C `tracestate`: OpenTelemetry's `ot=th:T` names
+/// the rejection threshold T (up to 14 hex digits, trailing zeros omitted) of consistent
+/// probability sampling, which kept the span with probability 1 − T/2⁵⁶; its weight is the
+/// inverse, rounded. 0 (meaning 1) when absent or malformed.
+pub fn weight_from_tracestate(tracestate: &str) -> u32 {
+    let Some(ot) = tracestate.split(',').map(str::trim).find_map(|m| m.strip_prefix("ot=")) else {
+        return 0;
+    };
+    let Some(th) = ot.split(';').find_map(|kv| kv.strip_prefix("th:")) else { return 0 };
+    if th.is_empty() || th.len() > 14 || !th.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return 0;
+    }
+    let Ok(value) = u64::from_str_radix(th, 16) else { return 0 };
+    let threshold = value << (4 * (14 - th.len()));
+    let kept = (1u64 << 56) - threshold;
+    let weight = (1u64 << 56) as f64 / kept as f64;
+    if weight <= 1.0 {
+        0
+    } else {
+        weight.round().min(f64::from(u32::MAX)) as u32
+    }
+}
+
+/// The `partial_success` of an export: how many spans were refused, and why (the reasons
+/// count adjusted spans, as tailscope's metrics do).
+fn partial_success(stats: &BatchStats, unnamed: u64) -> Option<ExportTracePartialSuccess> {
+    let mut reasons: Vec<String> = SpanReject::ALL
+        .iter()
+        .filter(|r| stats.rejected[r.index()] > 0)
+        .map(|r| format!("{} {}", stats.rejected[r.index()], r.as_str()))
+        .collect();
+    if unnamed > 0 {
+        reasons.push(format!("{unnamed} without a span name"));
+    }
+    let rejected = stats.rejected_records + unnamed;
+    (rejected > 0).then(|| ExportTracePartialSuccess {
+        rejected_spans: rejected as i64,
+        error_message: format!("spans not counted: {}", reasons.join(", ")),
+    })
+}
+
+#[tonic::async_trait]
+impl TraceService for OtlpService {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let (batch, unnamed) = to_batch(request.get_ref());
+        let mut stats = BatchStats::default();
+        let metrics = &self.ingest.metrics;
+        let validated = match self.ingest.validate(batch, &mut stats, true) {
+            Ok(v) => v,
+            Err(status) => {
+                metrics.reject_batch(if status.code() == tonic::Code::ResourceExhausted {
+                    "oversized"
+                } else {
+                    "invalid"
+                });
+                return Err(status);
+            }
+        };
+        let mut durable = self.ingest.pipeline.subscribe();
+        match self.ingest.admit_in_epoch(validated).await {
+            (Admission::Accepted, epoch) => {
+                self.ingest.record_accepted(&stats);
+                // Answer once the export is on disk, as the native stream acknowledges.
+                let written = durable.wait_for(|d| d.epoch >= epoch || d.closed).await;
+                if written.map(|d| d.epoch < epoch).unwrap_or(true) {
+                    return Err(Status::unavailable("server is shutting down; export again"));
+                }
+                Ok(Response::new(ExportTraceServiceResponse {
+                    partial_success: partial_success(&stats, unnamed),
+                }))
+            }
+            (Admission::Overloaded, _) => {
+                metrics.reject_batch("overloaded");
+                Err(Status::resource_exhausted("shard queues are full; export again after a backoff"))
+            }
+            (Admission::StoreUnavailable, _) => {
+                metrics.reject_batch("store_unavailable");
+                Err(Status::unavailable("the store cannot write right now; export again after a backoff"))
+            }
+            (Admission::Draining, _) => Err(Status::unavailable("server is shutting down; export again")),
+            (Admission::Duplicate, _) => {
+                Ok(Response::new(ExportTraceServiceResponse { partial_success: None }))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::common::v1::AnyValue as Any;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{
+        ResourceSpans, ScopeSpans, Span as OtlpSpan, Status as OtlpStatus,
+    };
+
+    #[test]
+    fn tracestate_thresholds_become_adjusted_counts() {
+        assert_eq!(weight_from_tracestate(""), 0);
+        assert_eq!(weight_from_tracestate("ot=th:0"), 0);
+        assert_eq!(weight_from_tracestate("ot=th:8"), 2);
+        assert_eq!(weight_from_tracestate("vendor=x, ot=rv:abc;th:c"), 4);
+        assert_eq!(weight_from_tracestate("ot=th:fd70a4"), 100); // 1 % sampling
+        assert_eq!(weight_from_tracestate("ot=th:zz"), 0);
+        assert_eq!(weight_from_tracestate("ot=th:123456789abcdef0"), 0);
+    }
+
+    #[test]
+    fn spans_are_grouped_by_service_and_name() {
+        let span = |name: &str, start: u64, end: u64, code: StatusCode| OtlpSpan {
+            trace_id: (1..=16).collect(),
+            span_id: vec![9; 8],
+            name: name.into(),
+            start_time_unix_nano: start,
+            end_time_unix_nano: end,
+            status: Some(OtlpStatus { message: String::new(), code: code as i32 }),
+            ..Default::default()
+        };
+        let resource = |service: Option<&str>| Resource {
+            attributes: service
+                .map(|s| KeyValue {
+                    key: "service.name".into(),
+                    value: Some(Any { value: Some(AnyValue::StringValue(s.into())) }),
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        };
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![
+                ResourceSpans {
+                    resource: Some(resource(Some("checkout"))),
+                    scope_spans: vec![ScopeSpans {
+                        spans: vec![
+                            span("pay", 100, 350, StatusCode::Ok),
+                            span("pay", 200, 210, StatusCode::Error),
+                            span("", 0, 1, StatusCode::Unset),
+                        ],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+                ResourceSpans {
+                    resource: Some(resource(None)),
+                    scope_spans: vec![ScopeSpans {
+                        spans: vec![span(&"x".repeat(300), 5, 4, StatusCode::Unset)],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            ],
+        };
+        let (batch, unnamed) = to_batch(&request);
+        assert_eq!(unnamed, 1);
+        assert_eq!(batch.groups.len(), 2);
+        let pay = &batch.groups[0];
+        assert_eq!(
+            pay.key.as_ref().map(|k| (k.service.as_str(), k.operation.as_str())),
+            Some(("checkout", "pay"))
+        );
+        assert_eq!(pay.spans[0].duration_nanos, 250);
+        assert_eq!(pay.spans[1].status, SpanStatus::Error as i32);
+        assert_eq!(pay.spans[0].trace_id_high, 0x0102030405060708);
+        assert_eq!(pay.spans[0].trace_id_low, 0x090a0b0c0d0e0f10);
+        let other = &batch.groups[1];
+        let key = other.key.as_ref().expect("key");
+        assert_eq!((key.service.as_str(), key.operation.len()), (UNKNOWN_SERVICE, MAX_LABEL_BYTES));
+        // end before start: a negative duration, refused per span by validation later.
+        assert_eq!(other.spans[0].duration_nanos, -1);
+    }
+}
