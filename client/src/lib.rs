@@ -1,14 +1,494 @@
-//! tailscope client library.
+//! The tailscope client: record span latencies in a few tens of nanoseconds and stream them to
+//! a tailscope server, with exact percentiles even through outages and sampling.
 //!
-//! This release provides [`BatchBuilder`], which groups spans by series into the wire format of
-//! `tailscope.v1.Ingest/Stream` and numbers batches for idempotent delivery. The background
-//! exporter (batching by time, resend after reconnect, circuit breaker, histogram folding) is
-//! built on it.
+//! ```no_run
+//! # async fn demo() -> Result<(), tailscope::BuildError> {
+//! let client = tailscope::Client::builder()
+//!     .endpoint("http://127.0.0.1:4317")
+//!     .service("checkout")
+//!     .build()?;
+//! {
+//!     let mut span = client.start("POST /pay");
+//!     // … handle the request; mark it failed if it did:
+//!     # let failed = false;
+//!     if failed {
+//!         span.error();
+//!     }
+//! } // the duration is recorded here
+//! client.record("GET /cart", std::time::Duration::from_millis(12), tailscope::Status::Ok);
+//! client.shutdown(std::time::Duration::from_secs(5)).await.ok();
+//! # Ok(()) }
+//! ```
+//!
+//! # What it guarantees the host
+//!
+//! Recording never blocks, never allocates (once an operation name has been seen), never
+//! panics and never grows memory without bound: a span goes into a fixed-size lock-free queue;
+//! when that is full it is folded into a histogram, and only when that is busy too is it
+//! dropped — counted in [`Stats`]. All network work happens on the exporter's own thread.
+//!
+//! # Exact percentiles through outages and sampling
+//!
+//! The exporter sends spans in full while the server is reachable and its sampling policy keeps
+//! them; every other span (sampled out, server down, circuit breaker open, too much unacked)
+//! is folded into a histogram per (operation, status, 10-second window) and sent as a delta
+//! once the server is back. Batches carry a random `client_id` and increasing `seq`; after a
+//! reconnect every unacknowledged batch is resent with its seq, which the server recognises, so
+//! nothing is counted twice. While the client lives, the server's counts and percentiles end up
+//! exact.
+//!
+//! # Integrations
+//!
+//! - feature `tracing`: [`layer::TailscopeLayer`], a `tracing_subscriber::Layer` recording
+//!   span durations;
+//! - feature `tower` (and `axum` for route names): [`tower::TailscopeLayer`], timing requests
+//!   of any tower service.
+
+mod backoff;
+mod breaker;
+mod exporter;
+#[cfg(feature = "tracing")]
+pub mod layer;
+mod shared;
+#[cfg(feature = "tower")]
+pub mod tower;
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use crossbeam_queue::ArrayQueue;
+use parking_lot::Mutex;
 pub use tailscope_proto as proto;
-use tailscope_proto::v1::{SeriesGroup, SeriesKey, Span, SpanBatch};
+use tailscope_proto::v1::{SeriesGroup, SeriesKey, Span, SpanBatch, SpanStatus};
+use tokio::sync::{mpsc, oneshot};
+
+pub use crate::backoff::Backoff;
+pub use crate::breaker::{Breaker, BreakerState};
+use crate::exporter::{Command, Exporter};
+use crate::shared::{Anchor, Counters, Folder, Interner, Record, Shared};
+pub use crate::shared::{MAX_OPERATION_BYTES, OVERFLOW_OPERATION};
+
+/// The outcome of a span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Succeeded.
+    Ok,
+    /// Failed: counted in the `status="error"` series, and always sent in full.
+    Error,
+}
+
+impl Status {
+    fn wire(self) -> i32 {
+        match self {
+            Status::Ok => SpanStatus::Ok as i32,
+            Status::Error => SpanStatus::Error as i32,
+        }
+    }
+}
+
+/// Trace context of a span, for linking tailscope's exemplars to your traces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ids {
+    /// The 128-bit trace id (0: a random one is made).
+    pub trace_id: u128,
+    /// The span's id (0: a random one is made).
+    pub span_id: u64,
+    /// The parent span's id, 0 for a root span.
+    pub parent_span_id: u64,
+}
+
+/// Why a client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The endpoint is not a valid `http://host:port` URI.
+    #[error("invalid endpoint {endpoint:?}: {message}")]
+    Endpoint {
+        /// What was given.
+        endpoint: String,
+        /// Why it is invalid.
+        message: String,
+    },
+    /// The service name is empty or longer than 256 bytes.
+    #[error("invalid service name {0:?}: it must be 1 to 256 bytes")]
+    Service(String),
+    /// The exporter thread could not be started.
+    #[error("cannot start the exporter thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// Why a flush or shutdown did not complete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExportError {
+    /// The deadline passed with spans still unacknowledged.
+    #[error("deadline passed with {unacked} spans not acknowledged by the server")]
+    Timeout {
+        /// Spans recorded but not (yet) acknowledged.
+        unacked: u64,
+    },
+    /// The exporter has stopped (the client was shut down).
+    #[error("the exporter has stopped")]
+    Stopped,
+}
+
+/// Tuning of a client; every field has a default (see [`ClientBuilder`]).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The server's gRPC address (default `http://127.0.0.1:4317`).
+    pub endpoint: String,
+    /// The `service` label of every span.
+    pub service: String,
+    /// Spans the queue holds between exporter turns (default 65,536; 64 bytes each).
+    pub queue_capacity: usize,
+    /// Most spans per batch (default 4,096).
+    pub max_batch_spans: usize,
+    /// Longest a span waits before its batch is cut (default 1 s).
+    pub max_batch_delay: Duration,
+    /// Bytes of sent but unacknowledged batches kept for resending (default 32 MiB); beyond,
+    /// spans are folded instead of batched.
+    pub max_unacked_bytes: usize,
+    /// Most (operation, status, window) histograms folded at once (default 4,096).
+    pub max_fold_windows: usize,
+    /// Most distinct operation names (default 2,000); more count as `__overflow__`.
+    pub max_operations: usize,
+    /// First reconnect delay bound (default 100 ms); doubles per failure.
+    pub backoff_base: Duration,
+    /// Largest reconnect delay bound (default 10 s).
+    pub backoff_cap: Duration,
+    /// Consecutive failures that open the circuit breaker (default 5).
+    pub breaker_threshold: u32,
+    /// How long the breaker stays open before a probe (default 15 s).
+    pub breaker_open_for: Duration,
+    /// Connect timeout (default 2 s).
+    pub connect_timeout: Duration,
+    /// How often the exporter drains the queue (default 2 ms).
+    pub poll_interval: Duration,
+    /// Default deadline of [`Client::flush`] (default 10 s).
+    pub flush_timeout: Duration,
+    /// How long the exporter keeps flushing after the last handle is dropped without a
+    /// [`Client::shutdown`] (default 2 s).
+    pub drop_flush_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            endpoint: "http://127.0.0.1:4317".into(),
+            service: "unknown_service".into(),
+            queue_capacity: 65_536,
+            max_batch_spans: 4_096,
+            max_batch_delay: Duration::from_secs(1),
+            max_unacked_bytes: 32 << 20,
+            max_fold_windows: 4_096,
+            max_operations: 2_000,
+            backoff_base: Duration::from_millis(100),
+            backoff_cap: Duration::from_secs(10),
+            breaker_threshold: 5,
+            breaker_open_for: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(2),
+            poll_interval: Duration::from_millis(2),
+            flush_timeout: Duration::from_secs(10),
+            drop_flush_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Builds a [`Client`].
+#[derive(Debug, Clone, Default)]
+pub struct ClientBuilder {
+    config: Config,
+}
+
+impl ClientBuilder {
+    /// The server's gRPC address, e.g. `http://127.0.0.1:4317`.
+    pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.config.endpoint = endpoint.into();
+        self
+    }
+
+    /// The `service` label of every span.
+    pub fn service(mut self, service: impl Into<String>) -> Self {
+        self.config.service = service.into();
+        self
+    }
+
+    /// Replaces the whole configuration (endpoint and service included).
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Changes the configuration in place.
+    pub fn configure(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(&mut self.config);
+        self
+    }
+
+    /// Starts the exporter thread and returns the client. Connecting happens in the
+    /// background: a server that is down is not an error here.
+    pub fn build(self) -> Result<Client, BuildError> {
+        let config = self.config;
+        let bad_endpoint =
+            |message: String| BuildError::Endpoint { endpoint: config.endpoint.clone(), message };
+        let uri: tonic::transport::Uri = config.endpoint.parse().map_err(|e| bad_endpoint(format!("{e}")))?;
+        if uri.scheme().is_none() || uri.authority().is_none() {
+            return Err(bad_endpoint("expected http://host:port".into()));
+        }
+        if config.service.is_empty() || config.service.len() > MAX_OPERATION_BYTES {
+            return Err(BuildError::Service(config.service));
+        }
+        let shared = Arc::new(Shared {
+            queue: ArrayQueue::new(config.queue_capacity.max(1)),
+            ops: Interner::new(config.max_operations),
+            fold: Mutex::new(Folder::new(config.max_fold_windows)),
+            counters: Counters::default(),
+            anchor: Anchor::now(),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let exporter = Exporter::new(shared.clone(), config.clone(), random_client_id());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let thread = std::thread::Builder::new()
+            .name("tailscope-exporter".into())
+            .spawn(move || runtime.block_on(exporter.run(rx)))?;
+        Ok(Client {
+            inner: Arc::new(Handle { shared, commands: tx, thread: Mutex::new(Some(thread)), config }),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Handle {
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    config: Config,
+}
+
+/// A handle to a tailscope exporter; cheap to clone, and shared by every thread that records.
+///
+/// Dropping the last handle without [`Client::shutdown`] lets the exporter flush for
+/// `drop_flush_timeout` in the background, then stop.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Handle>,
+}
+
+/// What a client did, since it was built.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Spans recorded.
+    pub recorded: u64,
+    /// Spans put into batches in full.
+    pub sent: u64,
+    /// Spans (in full or folded) the server acknowledged as durable.
+    pub acked: u64,
+    /// Spans folded into histograms instead of being sent in full.
+    pub folded: u64,
+    /// Spans dropped because the queue was full and the fold histograms busy.
+    pub dropped_queue_full: u64,
+    /// Spans dropped because the fold histograms reached `max_fold_windows`.
+    pub dropped_fold_full: u64,
+    /// Spans in batches the server refused as malformed (never resent).
+    pub dropped_rejected: u64,
+    /// Spans still unacknowledged when the exporter stopped.
+    pub dropped_unacked: u64,
+    /// Spans the server reported it could not count (too old, …), on the current stream.
+    pub server_rejected: u64,
+    /// Reconnections after the first connection.
+    pub reconnects: u64,
+    /// The circuit breaker's state.
+    pub breaker: BreakerState,
+    /// Bytes of batches kept for resending.
+    pub unacked_bytes: u64,
+}
+
+impl Client {
+    /// A builder with the defaults of [`Config`].
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// Starts timing a span of `operation`; its duration is recorded when the guard drops.
+    #[inline]
+    pub fn start(&self, operation: &str) -> SpanGuard<'_> {
+        SpanGuard {
+            client: self,
+            op: self.inner.shared.ops.id(operation),
+            started: Instant::now(),
+            ids: Ids::default(),
+            status: Status::Ok,
+        }
+    }
+
+    /// Records a span of `operation` that just ended after `duration`.
+    #[inline]
+    pub fn record(&self, operation: &str, duration: Duration, status: Status) {
+        self.record_with(operation, duration, status, Ids::default());
+    }
+
+    /// Like [`Client::record`], with the span's trace context.
+    #[inline]
+    pub fn record_with(&self, operation: &str, duration: Duration, status: Status, ids: Ids) {
+        let op = self.inner.shared.ops.id(operation);
+        let end = self.inner.shared.anchor.unix_nanos(Instant::now());
+        let nanos = i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX);
+        self.offer(op, end.saturating_sub(nanos), nanos, status, ids);
+    }
+
+    #[inline]
+    fn offer(&self, op: u32, start: i64, duration: i64, status: Status, ids: Ids) {
+        let trace = if ids.trace_id == 0 {
+            u128::from(fastrand::u64(..)) << 64 | u128::from(fastrand::u64(..))
+        } else {
+            ids.trace_id
+        };
+        self.inner.shared.offer(Record {
+            op,
+            status: status.wire(),
+            start,
+            duration,
+            trace_hi: (trace >> 64) as u64,
+            trace_lo: trace as u64,
+            span_id: if ids.span_id == 0 { fastrand::u64(1..) } else { ids.span_id },
+            parent: ids.parent_span_id,
+        });
+    }
+
+    /// Records a span of `operation` that started at `started` and ends now.
+    #[inline]
+    pub fn record_since(&self, operation: &str, started: Instant, status: Status) {
+        self.record_op_since(self.operation_id(operation), started, status);
+    }
+
+    #[inline]
+    pub(crate) fn operation_id(&self, operation: &str) -> u32 {
+        self.inner.shared.ops.id(operation)
+    }
+
+    #[inline]
+    pub(crate) fn record_op_since(&self, op: u32, started: Instant, status: Status) {
+        let start = self.inner.shared.anchor.unix_nanos(started);
+        let nanos = i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX);
+        self.offer(op, start, nanos, status, Ids::default());
+    }
+
+    /// Waits until everything recorded before this call is acknowledged by the server, or
+    /// until the configured `flush_timeout`.
+    pub async fn flush(&self) -> Result<(), ExportError> {
+        self.flush_within(self.inner.config.flush_timeout).await
+    }
+
+    /// Like [`Client::flush`], with its own deadline.
+    pub async fn flush_within(&self, timeout: Duration) -> Result<(), ExportError> {
+        let (reply, rx) = oneshot::channel();
+        let deadline = Instant::now() + timeout;
+        self.inner.commands.send(Command::Flush { deadline, reply }).map_err(|_| ExportError::Stopped)?;
+        rx.await.unwrap_or(Err(ExportError::Stopped))
+    }
+
+    /// Flushes (until `timeout`), then stops the exporter. Spans recorded afterwards are
+    /// counted as dropped.
+    pub async fn shutdown(&self, timeout: Duration) -> Result<(), ExportError> {
+        let (reply, rx) = oneshot::channel();
+        let deadline = Instant::now() + timeout;
+        self.inner
+            .commands
+            .send(Command::Shutdown { deadline, reply: Some(reply) })
+            .map_err(|_| ExportError::Stopped)?;
+        let result = rx.await.unwrap_or(Err(ExportError::Stopped));
+        let thread = self.inner.thread.lock().take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        result
+    }
+
+    /// What the client did so far.
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.shared.counters;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let queued = self.inner.shared.queue.len() as u64;
+        let dropped_queue_full = get(&c.dropped[0]);
+        let dropped_fold_full = get(&c.dropped[1]);
+        let folded = get(&c.folded);
+        Stats {
+            recorded: get(&c.drained)
+                + queued
+                + folded_on_overflow(c)
+                + dropped_queue_full
+                + dropped_fold_full,
+            sent: get(&c.sent),
+            acked: get(&c.acked),
+            folded,
+            dropped_queue_full,
+            dropped_fold_full,
+            dropped_rejected: get(&c.dropped[2]),
+            dropped_unacked: get(&c.dropped[3]),
+            server_rejected: get(&c.server_rejected),
+            reconnects: get(&c.reconnects),
+            breaker: BreakerState::from_u8(c.breaker.load(Ordering::Relaxed)),
+            unacked_bytes: get(&c.unacked_bytes),
+        }
+    }
+
+    /// The configuration the client runs with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+}
+
+fn folded_on_overflow(c: &Counters) -> u64 {
+    c.folded_on_overflow.load(Ordering::Relaxed)
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + self.config.drop_flush_timeout;
+        let _ = self.commands.send(Command::Shutdown { deadline, reply: None });
+    }
+}
+
+/// Times one span; records it when dropped.
+#[derive(Debug)]
+#[must_use = "the span is recorded when the guard drops; dropping it at once records ~0 s"]
+pub struct SpanGuard<'a> {
+    client: &'a Client,
+    op: u32,
+    started: Instant,
+    ids: Ids,
+    status: Status,
+}
+
+impl SpanGuard<'_> {
+    /// Marks the span failed.
+    pub fn error(&mut self) -> &mut Self {
+        self.status = Status::Error;
+        self
+    }
+
+    /// Sets the span's outcome.
+    pub fn set_status(&mut self, status: Status) -> &mut Self {
+        self.status = status;
+        self
+    }
+
+    /// Attaches trace context.
+    pub fn set_ids(&mut self, ids: Ids) -> &mut Self {
+        self.ids = ids;
+        self
+    }
+}
+
+impl Drop for SpanGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        let shared = &self.client.inner.shared;
+        let start = shared.anchor.unix_nanos(self.started);
+        let nanos = i64::try_from(self.started.elapsed().as_nanos()).unwrap_or(i64::MAX);
+        self.client.offer(self.op, start, nanos, self.status, self.ids);
+    }
+}
 
 /// Groups spans by `{service, operation}` and numbers the batches it produces.
 #[derive(Debug)]

@@ -154,8 +154,18 @@ pub fn metric(text: &str, series: &str) -> f64 {
 
 /// Starts `tailscope-server` as a child process on ephemeral ports; returns it with its addresses.
 pub fn spawn_server(dir: &Path, env: &[(&str, &str)]) -> (Child, SocketAddr, SocketAddr) {
+    spawn_server_at(dir, env, "127.0.0.1:0", "127.0.0.1:0")
+}
+
+/// Like [`spawn_server`], on the given addresses (to restart a server where clients expect it).
+pub fn spawn_server_at(
+    dir: &Path,
+    env: &[(&str, &str)],
+    grpc: &str,
+    http: &str,
+) -> (Child, SocketAddr, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tailscope-server"))
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--grpc-addr", grpc, "--http-addr", http, "--log-format", "json"])
         .arg("--data-dir")
         .arg(dir)
         .env("TAILSCOPE_INGEST_FLUSH_INTERVAL", "100ms")

@@ -1,0 +1,475 @@
+//! The background exporter: one thread with its own single-threaded runtime (so the host's
+//! runtime, if any, never runs tailscope's work), one bidirectional stream to the server.
+//!
+//! Each turn it drains the span queue — into the next batch when the connection is healthy and
+//! the sampling policy keeps the span, into the fold histograms otherwise — cuts a batch when
+//! it is full or old enough (with the folded histograms as deltas), sends unacknowledged
+//! batches in seq order, and reads acknowledgements. A new stream resends every unacknowledged
+//! batch with its original seq, so the server counts each exactly once.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tailscope_proto::v1::ingest_client::IngestClient;
+use tailscope_proto::v1::{HistogramDelta, IngestReply, SeriesGroup, SeriesKey, Span, SpanBatch, SpanStatus};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tonic::{Code, Status, Streaming};
+
+use crate::backoff::Backoff;
+use crate::breaker::Breaker;
+use crate::shared::{Drop, Record, Shared};
+use crate::{Config, ExportError};
+
+/// Where a flush's outcome goes.
+pub(crate) type Reply = oneshot::Sender<Result<(), ExportError>>;
+
+/// What the client asks of its exporter.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Send everything recorded so far; answer once acknowledged or at the deadline.
+    Flush { deadline: Instant, reply: oneshot::Sender<Result<(), ExportError>> },
+    /// Flush, then stop.
+    Shutdown { deadline: Instant, reply: Option<oneshot::Sender<Result<(), ExportError>>> },
+}
+
+/// A batch sent (or to be sent) and not yet acknowledged.
+#[derive(Debug)]
+struct Pending {
+    seq: u64,
+    batch: SpanBatch,
+    spans: u64,
+    bytes: usize,
+}
+
+struct Conn {
+    tx: mpsc::Sender<SpanBatch>,
+    replies: Streaming<IngestReply>,
+    /// The highest seq handed to this stream.
+    sent_upto: u64,
+}
+
+type Connecting = tokio::task::JoinHandle<Result<Conn, Status>>;
+
+struct Waiter {
+    /// The seq that must be acknowledged; `None` until a batch could be cut.
+    target: Option<u64>,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<(), ExportError>>,
+}
+
+/// Spans of the batch being built, grouped by operation.
+#[derive(Default)]
+struct Builder {
+    index: HashMap<(u32, bool), usize>,
+    groups: Vec<(u32, Vec<Span>)>,
+    spans: usize,
+}
+
+pub(crate) struct Exporter {
+    shared: Arc<Shared>,
+    config: Config,
+    client_id: u64,
+    next_seq: u64,
+    builder: Builder,
+    unacked: VecDeque<Pending>,
+    unacked_bytes: usize,
+    conn: Option<Conn>,
+    connecting: Option<Connecting>,
+    next_attempt: Instant,
+    backoff: Backoff,
+    breaker: Breaker,
+    last_cut: Instant,
+    /// Keep a span iff the low 56 bits of its trace id are at least this (0 keeps all).
+    threshold: u64,
+    throttled_until: Option<Instant>,
+    waiters: Vec<Waiter>,
+    connected_once: bool,
+}
+
+impl Exporter {
+    pub fn new(shared: Arc<Shared>, config: Config, client_id: u64) -> Exporter {
+        let now = Instant::now();
+        Exporter {
+            shared,
+            backoff: Backoff::new(config.backoff_base, config.backoff_cap),
+            breaker: Breaker::new(config.breaker_threshold, config.breaker_open_for),
+            config,
+            client_id,
+            next_seq: 1,
+            builder: Builder::default(),
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
+            conn: None,
+            connecting: None,
+            next_attempt: now,
+            last_cut: now,
+            threshold: 0,
+            throttled_until: None,
+            waiters: Vec::new(),
+            connected_once: false,
+        }
+    }
+
+    /// Runs until shut down (or until every client handle is gone).
+    pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut tick = tokio::time::interval(self.config.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stopping: Option<(Instant, Option<Reply>)> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                cmd = commands.recv(), if stopping.is_none() => match cmd {
+                    Some(Command::Flush { deadline, reply }) => {
+                        self.waiters.push(Waiter { target: None, deadline, reply });
+                    }
+                    Some(Command::Shutdown { deadline, reply }) => stopping = Some((deadline, reply)),
+                    None => stopping = Some((Instant::now() + self.config.drop_flush_timeout, None)),
+                },
+                reply = next_reply(&mut self.conn) => self.on_reply(reply),
+                done = join(&mut self.connecting) => {
+                    self.connecting = None;
+                    self.on_connected(done);
+                }
+            }
+            let now = Instant::now();
+            self.drain(now);
+            let flushing = stopping.is_some() || !self.waiters.is_empty();
+            self.cut(now, flushing);
+            self.maybe_connect(now);
+            self.send();
+            self.answer_waiters(now);
+            if let Some((deadline, reply)) = &mut stopping {
+                let done = self.everything_acked();
+                if done || now >= *deadline {
+                    let unacked: u64 = self.unacked.iter().map(|p| p.spans).sum::<u64>()
+                        + self.builder.spans as u64
+                        + self.shared.fold.lock().spans();
+                    self.shared.counters.drop(Drop::Unacked, unacked);
+                    if let Some(reply) = reply.take() {
+                        let _ = reply.send(if done { Ok(()) } else { Err(ExportError::Timeout { unacked }) });
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn can_send(&self, now: Instant) -> bool {
+        self.conn.is_some()
+            && self.unacked_bytes < self.config.max_unacked_bytes
+            && self.throttled_until.is_none_or(|t| now >= t)
+    }
+
+    /// Moves queued spans into the batch being built, or into the fold histograms.
+    fn drain(&mut self, now: Instant) {
+        let send = self.can_send(now);
+        let shared = self.shared.clone();
+        let mut fold = None;
+        let (mut drained, mut folded, mut dropped) = (0u64, 0u64, 0u64);
+        while let Some(r) = self.shared.queue.pop() {
+            drained += 1;
+            let error = r.status == SpanStatus::Error as i32;
+            let keep = error || self.threshold == 0 || (r.trace_lo & ((1 << 56) - 1)) >= self.threshold;
+            if send && keep {
+                self.builder.push(&r);
+            } else {
+                let f = fold.get_or_insert_with(|| shared.fold.lock());
+                if f.add(&r) {
+                    folded += 1;
+                } else {
+                    dropped += 1;
+                }
+            }
+            if self.builder.spans >= self.config.max_batch_spans {
+                drop(fold.take());
+                self.cut_batch(now, false);
+            }
+        }
+        drop(fold);
+        let c = &self.shared.counters;
+        c.drained.fetch_add(drained, Ordering::Relaxed);
+        c.folded.fetch_add(folded, Ordering::Relaxed);
+        if dropped > 0 {
+            c.drop(Drop::FoldFull, dropped);
+        }
+    }
+
+    /// Cuts a batch when the one being built is old enough (or a flush asks for it).
+    fn cut(&mut self, now: Instant, flushing: bool) {
+        let due = now.saturating_duration_since(self.last_cut) >= self.config.max_batch_delay;
+        if due || flushing {
+            self.cut_batch(now, true);
+        }
+    }
+
+    /// Turns the spans built so far (and, when connected, the folded histograms) into the next
+    /// batch.
+    fn cut_batch(&mut self, now: Instant, with_deltas: bool) {
+        self.last_cut = now;
+        let mut deltas = Vec::new();
+        let mut delta_spans = 0;
+        if with_deltas && self.can_send(now) {
+            let mut fold = self.shared.fold.lock();
+            if !fold.is_empty() {
+                delta_spans = fold.spans();
+                for ((op, status, window), h) in fold.take() {
+                    deltas.push(HistogramDelta {
+                        key: Some(self.key(op)),
+                        status,
+                        window_start_unix_seconds: window,
+                        histogram: h.to_bytes(),
+                    });
+                }
+            }
+        }
+        if self.builder.spans == 0 && deltas.is_empty() {
+            return;
+        }
+        let spans = self.builder.spans as u64;
+        let groups = std::mem::take(&mut self.builder)
+            .groups
+            .into_iter()
+            .map(|(op, spans)| SeriesGroup { key: Some(self.key(op)), spans })
+            .collect();
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let batch = SpanBatch { client_id: self.client_id, seq, groups, deltas };
+        let bytes = batch.encoded_len();
+        self.unacked_bytes += bytes;
+        self.shared.counters.unacked_bytes.store(self.unacked_bytes as u64, Ordering::Relaxed);
+        self.shared.counters.sent.fetch_add(spans, Ordering::Relaxed);
+        self.unacked.push_back(Pending { seq, batch, spans: spans + delta_spans, bytes });
+    }
+
+    fn key(&self, op: u32) -> SeriesKey {
+        SeriesKey { service: self.config.service.clone(), operation: self.shared.ops.name(op).to_string() }
+    }
+
+    fn maybe_connect(&mut self, now: Instant) {
+        if self.conn.is_some() || self.connecting.is_some() || now < self.next_attempt {
+            return;
+        }
+        let allowed = self.breaker.allow(now);
+        self.publish_breaker(now);
+        if !allowed {
+            return;
+        }
+        let endpoint = self.config.endpoint.clone();
+        let timeout = self.config.connect_timeout;
+        self.connecting = Some(tokio::spawn(connect(endpoint, timeout)));
+    }
+
+    fn on_connected(&mut self, result: Result<Conn, Status>) {
+        let now = Instant::now();
+        match result {
+            Ok(conn) => {
+                if self.connected_once {
+                    self.shared.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                self.connected_once = true;
+                self.conn = Some(conn);
+                self.breaker.on_success();
+                self.backoff.reset();
+            }
+            Err(_) => self.failed(now),
+        }
+        self.publish_breaker(now);
+    }
+
+    fn failed(&mut self, now: Instant) {
+        self.conn = None;
+        self.breaker.on_failure(now);
+        self.next_attempt = now + self.backoff.next_delay();
+        self.publish_breaker(now);
+    }
+
+    fn publish_breaker(&self, now: Instant) {
+        self.shared.counters.breaker.store(self.breaker.state(now).as_u8(), Ordering::Relaxed);
+    }
+
+    /// Hands unacknowledged batches to the stream in seq order, as far as it takes them.
+    fn send(&mut self) {
+        let Some(conn) = self.conn.as_mut() else { return };
+        let from = conn.sent_upto;
+        for p in self.unacked.iter().filter(|p| p.seq > from) {
+            match conn.tx.try_send(p.batch.clone()) {
+                Ok(()) => conn.sent_upto = p.seq,
+                Err(mpsc::error::TrySendError::Full(_)) => break,
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
+            }
+        }
+    }
+
+    fn on_reply(&mut self, reply: Result<Option<IngestReply>, Status>) {
+        let now = Instant::now();
+        match reply {
+            Ok(Some(r)) => {
+                self.ack(r.durable_seq);
+                if let Some(policy) = r.sampling.filter(|p| p.default_set) {
+                    self.threshold = threshold(policy.default_probability);
+                }
+                if let Some(t) = r.throttle.filter(|t| t.delay_millis > 0) {
+                    self.throttled_until = Some(now + Duration::from_millis(u64::from(t.delay_millis)));
+                }
+                let rejected: u64 = r.rejected.iter().map(|x| x.count).sum();
+                self.shared.counters.server_rejected.store(rejected, Ordering::Relaxed);
+            }
+            // The server ended the stream cleanly: reconnect and resend what is unacked.
+            Ok(None) => self.conn = None,
+            Err(status) if status.code() == Code::InvalidArgument => {
+                // A malformed batch is never resent: drop the one the status names.
+                let seq = batch_seq(status.message()).or(self.unacked.front().map(|p| p.seq));
+                if let Some(i) = self.unacked.iter().position(|p| Some(p.seq) == seq) {
+                    if let Some(p) = self.unacked.remove(i) {
+                        self.unacked_bytes -= p.bytes;
+                        self.shared.counters.drop(Drop::Rejected, p.spans);
+                    }
+                }
+                self.conn = None;
+            }
+            Err(_) => self.failed(now),
+        }
+    }
+
+    fn ack(&mut self, durable: u64) {
+        let mut acked = 0;
+        while self.unacked.front().is_some_and(|p| p.seq <= durable) {
+            if let Some(p) = self.unacked.pop_front() {
+                acked += p.spans;
+                self.unacked_bytes -= p.bytes;
+            }
+        }
+        let c = &self.shared.counters;
+        c.acked.fetch_add(acked, Ordering::Relaxed);
+        c.unacked_bytes.store(self.unacked_bytes as u64, Ordering::Relaxed);
+    }
+
+    fn everything_acked(&self) -> bool {
+        self.shared.queue.is_empty()
+            && self.builder.spans == 0
+            && self.unacked.is_empty()
+            && self.shared.fold.lock().is_empty()
+    }
+
+    fn answer_waiters(&mut self, now: Instant) {
+        let last_cut_seq = self.next_seq - 1;
+        let front = self.unacked.front().map(|p| p.seq);
+        let connected = self.can_send(now);
+        let fold_empty = self.shared.fold.lock().is_empty();
+        let mut i = 0;
+        while i < self.waiters.len() {
+            let w = &mut self.waiters[i];
+            // A target is set once everything recorded before the flush is in a batch.
+            if w.target.is_none() && (connected || fold_empty) {
+                w.target = Some(last_cut_seq);
+            }
+            let done = w.target.is_some_and(|t| front.is_none_or(|f| f > t));
+            if done || now >= w.deadline {
+                let w = self.waiters.swap_remove(i);
+                let unacked = self.unacked.iter().map(|p| p.spans).sum();
+                let _ = w.reply.send(if done { Ok(()) } else { Err(ExportError::Timeout { unacked }) });
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
+impl Builder {
+    fn push(&mut self, r: &Record) {
+        let groups = &mut self.groups;
+        let i = *self.index.entry((r.op, false)).or_insert_with(|| {
+            groups.push((r.op, Vec::new()));
+            groups.len() - 1
+        });
+        self.groups[i].1.push(Span {
+            trace_id_high: r.trace_hi,
+            trace_id_low: r.trace_lo,
+            span_id: r.span_id,
+            parent_span_id: r.parent,
+            start_unix_nanos: r.start,
+            duration_nanos: r.duration,
+            status: r.status,
+            weight: 0,
+        });
+        self.spans += 1;
+    }
+}
+
+/// The consistent-sampling threshold for probability `p`: keep a span iff the low 56 bits of
+/// its trace id are at least `(1 − p) · 2⁵⁶` (OpenTelemetry's `th`).
+pub(crate) fn threshold(p: f64) -> u64 {
+    if p.is_nan() || p >= 1.0 {
+        return 0;
+    }
+    let p = p.max(0.0);
+    (((1.0 - p) * (1u64 << 56) as f64) as u64).min((1 << 56) - 1)
+}
+
+/// The seq a status message names ("batch seq N: …").
+fn batch_seq(message: &str) -> Option<u64> {
+    let rest = message.split("batch seq ").nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+async fn connect(endpoint: String, timeout: Duration) -> Result<Conn, Status> {
+    let channel = Endpoint::from_shared(endpoint)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?
+        .connect_timeout(timeout)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let (tx, rx) = mpsc::channel(16);
+    let mut client = IngestClient::new(channel);
+    let call = client.stream(ReceiverStream::new(rx));
+    let replies = tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| Status::deadline_exceeded("stream not answered"))??
+        .into_inner();
+    Ok(Conn { tx, replies, sent_upto: 0 })
+}
+
+async fn next_reply(conn: &mut Option<Conn>) -> Result<Option<IngestReply>, Status> {
+    match conn {
+        Some(c) => c.replies.message().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn join(connecting: &mut Option<Connecting>) -> Result<Conn, Status> {
+    match connecting {
+        Some(handle) => handle.await.unwrap_or_else(|e| Err(Status::internal(e.to_string()))),
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_follow_opentelemetry_th() {
+        assert_eq!(threshold(1.0), 0);
+        assert_eq!(threshold(f64::NAN), 0);
+        assert_eq!(threshold(0.5), 1 << 55);
+        assert_eq!(threshold(0.0), (1 << 56) - 1);
+        // About 1 % of uniformly random trace ids pass a 1 % threshold.
+        let th = threshold(0.01);
+        let kept = (0..100_000).filter(|_| (fastrand::u64(..) & ((1 << 56) - 1)) >= th).count();
+        assert!((800..=1_200).contains(&kept), "{kept}");
+    }
+
+    #[test]
+    fn malformed_batch_statuses_name_their_seq() {
+        assert_eq!(batch_seq("batch seq 42: group 0: empty service name"), Some(42));
+        assert_eq!(batch_seq("malformed batch: decode error"), None);
+    }
+}

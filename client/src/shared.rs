@@ -1,0 +1,297 @@
+//! What the recording threads and the exporter share: the span queue, the operation names,
+//! the fold-over histograms and the counters.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_queue::ArrayQueue;
+use parking_lot::{Mutex, RwLock};
+use tailscope_proto::histogram::{Histogram, Layout};
+
+/// The longest operation name the server accepts, in bytes.
+pub const MAX_OPERATION_BYTES: usize = 256;
+/// The operation spans are counted under once the operation limit is reached.
+pub const OVERFLOW_OPERATION: &str = "__overflow__";
+
+/// One recorded span, fixed-size so queueing it allocates nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Record {
+    pub op: u32,
+    pub status: i32,
+    pub start: i64,
+    pub duration: i64,
+    pub trace_hi: u64,
+    pub trace_lo: u64,
+    pub span_id: u64,
+    pub parent: u64,
+}
+
+impl Record {
+    /// The 10-second window the span started in, in Unix seconds.
+    pub fn window(&self) -> i64 {
+        self.start.div_euclid(1_000_000_000).div_euclid(tailscope_proto::BASE_WINDOW_SECONDS)
+            * tailscope_proto::BASE_WINDOW_SECONDS
+    }
+}
+
+/// Operation names as small integers. Lookups of known names take a read lock and allocate
+/// nothing; beyond `limit` names, new ones count as [`OVERFLOW_OPERATION`].
+#[derive(Debug)]
+pub(crate) struct Interner {
+    ids: RwLock<HashMap<Box<str>, u32>>,
+    names: RwLock<Vec<Arc<str>>>,
+    limit: usize,
+}
+
+impl Interner {
+    pub fn new(limit: usize) -> Interner {
+        let names = vec![Arc::from(OVERFLOW_OPERATION)];
+        let ids = HashMap::from([(Box::from(OVERFLOW_OPERATION), 0)]);
+        Interner { ids: RwLock::new(ids), names: RwLock::new(names), limit: limit.max(1) }
+    }
+
+    #[inline]
+    pub fn id(&self, name: &str) -> u32 {
+        if let Some(&id) = self.ids.read().get(name) {
+            return id;
+        }
+        self.insert(name)
+    }
+
+    #[cold]
+    fn insert(&self, name: &str) -> u32 {
+        let name = sanitize(name);
+        let mut ids = self.ids.write();
+        if let Some(&id) = ids.get(name) {
+            return id;
+        }
+        let mut names = self.names.write();
+        if names.len() > self.limit {
+            return 0;
+        }
+        let id = names.len() as u32;
+        names.push(Arc::from(name));
+        ids.insert(Box::from(name), id);
+        id
+    }
+
+    pub fn name(&self, id: u32) -> Arc<str> {
+        let names = self.names.read();
+        names.get(id as usize).unwrap_or(&names[0]).clone()
+    }
+}
+
+/// A name the server accepts: not empty, at most [`MAX_OPERATION_BYTES`] (cut at a character
+/// boundary).
+fn sanitize(name: &str) -> &str {
+    if name.is_empty() {
+        return "unnamed";
+    }
+    let mut end = name.len().min(MAX_OPERATION_BYTES);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
+/// Spans counted but not sent in full, as histograms per (operation, status, window).
+#[derive(Debug)]
+pub(crate) struct Folder {
+    entries: HashMap<(u32, i32, i64), Histogram>,
+    limit: usize,
+    spans: u64,
+}
+
+impl Folder {
+    pub fn new(limit: usize) -> Folder {
+        Folder { entries: HashMap::new(), limit, spans: 0 }
+    }
+
+    /// Counts `r`; false (nothing counted) when it needs a new histogram and the limit is
+    /// reached.
+    pub fn add(&mut self, r: &Record) -> bool {
+        let key = (r.op, r.status, r.window());
+        let full = self.entries.len() >= self.limit;
+        let h = match self.entries.get_mut(&key) {
+            Some(h) => h,
+            None if full => return false,
+            None => self.entries.entry(key).or_insert_with(|| Histogram::new(Layout::default())),
+        };
+        h.record(r.duration.max(0) as u64, 1);
+        self.spans += 1;
+        true
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Spans counted since the last [`Folder::take`].
+    pub fn spans(&self) -> u64 {
+        self.spans
+    }
+
+    pub fn take(&mut self) -> Vec<((u32, i32, i64), Histogram)> {
+        self.spans = 0;
+        self.entries.drain().collect()
+    }
+}
+
+/// Why spans were dropped (counted, never silently).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Drop {
+    /// The queue was full and the fold histograms were busy.
+    QueueFull = 0,
+    /// The fold histograms reached their limit of (operation, status, window) entries.
+    FoldFull = 1,
+    /// The server refused the batch as malformed.
+    Rejected = 2,
+    /// The client shut down before the server acknowledged them.
+    Unacked = 3,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub drained: AtomicU64,
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    pub folded: AtomicU64,
+    /// Of `folded`, those folded on the recording thread because the queue was full.
+    pub folded_on_overflow: AtomicU64,
+    pub dropped: [AtomicU64; 4],
+    pub reconnects: AtomicU64,
+    pub breaker: AtomicU8,
+    pub unacked_bytes: AtomicU64,
+    pub server_rejected: AtomicU64,
+}
+
+impl Counters {
+    pub fn drop(&self, why: Drop, n: u64) {
+        self.dropped[why as usize].fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Converts `Instant`s to Unix nanoseconds without reading the wall clock per span.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Anchor {
+    instant: Instant,
+    unix_nanos: i64,
+}
+
+impl Anchor {
+    pub fn now() -> Anchor {
+        let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO);
+        Anchor { instant: Instant::now(), unix_nanos: unix.as_nanos() as i64 }
+    }
+
+    #[inline]
+    pub fn unix_nanos(&self, at: Instant) -> i64 {
+        match at.checked_duration_since(self.instant) {
+            Some(d) => self.unix_nanos.saturating_add(d.as_nanos() as i64),
+            None => self.unix_nanos.saturating_sub(self.instant.duration_since(at).as_nanos() as i64),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub queue: ArrayQueue<Record>,
+    pub ops: Interner,
+    pub fold: Mutex<Folder>,
+    pub counters: Counters,
+    pub anchor: Anchor,
+}
+
+impl Shared {
+    /// Hands a span to the exporter without blocking: into the queue, or when it is full into
+    /// the fold histograms, or when those are busy or full it is dropped and counted.
+    #[inline]
+    pub fn offer(&self, r: Record) {
+        if let Err(r) = self.queue.push(r) {
+            self.overflow(r);
+        }
+    }
+
+    #[cold]
+    fn overflow(&self, r: Record) {
+        match self.fold.try_lock() {
+            Some(mut f) => {
+                if f.add(&r) {
+                    self.counters.folded.fetch_add(1, Ordering::Relaxed);
+                    self.counters.folded_on_overflow.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.counters.drop(Drop::FoldFull, 1);
+                }
+            }
+            None => self.counters.drop(Drop::QueueFull, 1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interner_sanitizes_and_caps_names() {
+        let i = Interner::new(3);
+        let a = i.id("GET /a");
+        assert_eq!(i.id("GET /a"), a);
+        assert_eq!(&*i.name(i.id("")), "unnamed");
+        let long = "é".repeat(200);
+        assert_eq!(i.name(i.id(&long)).len(), MAX_OPERATION_BYTES);
+        // The limit is reached: new names overflow, known ones keep their ids.
+        assert_eq!(i.id("GET /c"), 0);
+        assert_eq!(&*i.name(0), OVERFLOW_OPERATION);
+        assert_eq!(i.id("GET /a"), a);
+    }
+
+    #[test]
+    fn folder_counts_per_window_and_respects_its_limit() {
+        let mut f = Folder::new(2);
+        let r = |op, start: i64| Record { op, start, duration: 5_000_000, status: 1, ..Record::default() };
+        assert!(f.add(&r(1, 1_000_000_000_000)));
+        assert!(f.add(&r(1, 1_000_000_000_000 + 9_000_000_000)));
+        assert!(f.add(&r(1, 1_000_000_000_000 + 10_000_000_000)));
+        assert!(!f.add(&r(2, 1_000_000_000_000)));
+        assert_eq!(f.spans(), 3);
+        let mut taken = f.take();
+        taken.sort_by_key(|(k, _)| *k);
+        assert_eq!(taken.len(), 2);
+        assert_eq!((taken[0].0, taken[0].1.count()), ((1, 1, 1_000), 2));
+        assert_eq!((taken[1].0 .2, taken[1].1.count()), (1_010, 1));
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_folds_and_counts() {
+        let shared = Shared {
+            queue: ArrayQueue::new(1),
+            ops: Interner::new(10),
+            fold: Mutex::new(Folder::new(10)),
+            counters: Counters::default(),
+            anchor: Anchor::now(),
+        };
+        let r = Record { op: 1, start: 1_000_000_000_000, duration: 1_000, status: 1, ..Record::default() };
+        shared.offer(r);
+        shared.offer(r);
+        assert_eq!(shared.queue.len(), 1);
+        assert_eq!(shared.counters.folded.load(Ordering::Relaxed), 1);
+        let guard = shared.fold.lock();
+        shared.offer(r);
+        drop(guard);
+        assert_eq!(shared.counters.dropped[Drop::QueueFull as usize].load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn anchor_converts_instants_both_ways() {
+        let a = Anchor::now();
+        let later = a.instant + Duration::from_millis(1500);
+        assert_eq!(a.unix_nanos(later) - a.unix_nanos, 1_500_000_000);
+        if let Some(earlier) = a.instant.checked_sub(Duration::from_millis(20)) {
+            assert_eq!(a.unix_nanos - a.unix_nanos(earlier), 20_000_000);
+        }
+    }
+}

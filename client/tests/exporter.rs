@@ -1,0 +1,251 @@
+//! The exporter against a scripted in-process ingest server: batching by size and time, seq
+//! numbering, resending in order after a lost stream, folding while the server is down, and
+//! obeying the sampling policy.
+#![allow(clippy::unwrap_used)]
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tailscope::proto::histogram::Histogram;
+use tailscope::proto::v1::ingest_server::{Ingest, IngestServer};
+use tailscope::proto::v1::{IngestReply, SamplingPolicy, SpanBatch, SpanStatus};
+use tailscope::{BreakerState, Client, Status};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::Stream;
+
+/// What the scripted server does with each stream.
+#[derive(Default)]
+struct Script {
+    /// Streams opened so far.
+    streams: usize,
+    /// Every batch received: (stream number, batch).
+    received: Vec<(usize, SpanBatch)>,
+    /// On stream 1: end the stream with UNAVAILABLE after this many batches, acking none.
+    drop_first_after: Option<usize>,
+    /// Sampling probability to announce in every reply.
+    probability: Option<f64>,
+}
+
+#[derive(Clone)]
+struct Fake(Arc<Mutex<Script>>);
+
+#[tonic::async_trait]
+impl Ingest for Fake {
+    type StreamStream = Pin<Box<dyn Stream<Item = Result<IngestReply, tonic::Status>> + Send>>;
+
+    async fn stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<SpanBatch>>,
+    ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let script = self.0.clone();
+        let stream_no = {
+            let mut s = script.lock();
+            s.streams += 1;
+            s.streams
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut on_stream = 0;
+            while let Ok(Some(batch)) = inbound.message().await {
+                on_stream += 1;
+                let (seq, drop_now, probability) = {
+                    let mut s = script.lock();
+                    s.received.push((stream_no, batch.clone()));
+                    let drop_now = stream_no == 1 && s.drop_first_after.is_some_and(|n| on_stream >= n);
+                    (batch.seq, drop_now, s.probability)
+                };
+                if drop_now {
+                    let _ = tx.send(Err(tonic::Status::unavailable("scripted outage"))).await;
+                    return;
+                }
+                if stream_no == 1 && script.lock().drop_first_after.is_some() {
+                    continue; // acks nothing before the outage
+                }
+                let sampling =
+                    probability.map(|p| SamplingPolicy { default_probability: p, default_set: true });
+                let reply = IngestReply { durable_seq: seq, sampling, ..IngestReply::default() };
+                if tx.send(Ok(reply)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+async fn serve_on(listener: tokio::net::TcpListener, script: Arc<Mutex<Script>>) {
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(IngestServer::new(Fake(script)))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+}
+
+async fn fake_server(script: Script) -> (String, Arc<Mutex<Script>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let script = Arc::new(Mutex::new(script));
+    serve_on(listener, script.clone()).await;
+    (endpoint, script)
+}
+
+fn client(endpoint: &str, f: impl FnOnce(&mut tailscope::Config)) -> Client {
+    Client::builder().endpoint(endpoint).service("svc").configure(f).build().unwrap()
+}
+
+/// Spans in a batch, in full plus folded in its deltas.
+fn counted(batch: &SpanBatch) -> u64 {
+    let full: u64 = batch.groups.iter().map(|g| g.spans.len() as u64).sum();
+    let folded: u64 = batch.deltas.iter().map(|d| Histogram::decode(&d.histogram).unwrap().count()).sum();
+    full + folded
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_cut_by_size_and_numbered_from_one() {
+    let (endpoint, script) = fake_server(Script::default()).await;
+    let c = client(&endpoint, |c| {
+        c.max_batch_spans = 100;
+        c.max_batch_delay = Duration::from_millis(20);
+    });
+    // Let the stream open, so spans are batched in full rather than folded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while script.lock().streams == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for i in 0..1_000u64 {
+        c.record(if i % 2 == 0 { "GET /a" } else { "GET /b" }, Duration::from_micros(100 + i), Status::Ok);
+    }
+    c.flush().await.unwrap();
+    let s = script.lock();
+    let seqs: Vec<u64> = s.received.iter().map(|(_, b)| b.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert!(s.received.iter().all(|(_, b)| b.groups.iter().map(|g| g.spans.len()).sum::<usize>() <= 100));
+    assert_eq!(s.received.iter().map(|(_, b)| counted(b)).sum::<u64>(), 1_000);
+    let client_ids: std::collections::BTreeSet<u64> = s.received.iter().map(|(_, b)| b.client_id).collect();
+    assert_eq!(client_ids.len(), 1);
+    assert_ne!(*client_ids.first().unwrap(), 0);
+    let stats = c.stats();
+    assert_eq!((stats.recorded, stats.acked), (1_000, 1_000), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_cut_by_time_when_traffic_is_light() {
+    let (endpoint, script) = fake_server(Script::default()).await;
+    let c = client(&endpoint, |c| c.max_batch_delay = Duration::from_millis(50));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while script.lock().streams == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    c.record("GET /slow-trickle", Duration::from_millis(3), Status::Ok);
+    // No flush: the batch delay alone must send it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.stats().acked < 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(c.stats().acked, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_batches_are_resent_in_order_after_a_lost_stream() {
+    let (endpoint, script) = fake_server(Script { drop_first_after: Some(3), ..Script::default() }).await;
+    let c = client(&endpoint, |c| {
+        c.max_batch_spans = 50;
+        c.backoff_base = Duration::from_millis(10);
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while script.lock().streams == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for i in 0..400u64 {
+        c.record("POST /pay", Duration::from_micros(1_000 + i), Status::Ok);
+    }
+    c.flush().await.unwrap();
+    let s = script.lock();
+    let first: Vec<&SpanBatch> = s.received.iter().filter(|(n, _)| *n == 1).map(|(_, b)| b).collect();
+    let second: Vec<&SpanBatch> = s.received.iter().filter(|(n, _)| *n == 2).map(|(_, b)| b).collect();
+    assert_eq!(first.len(), 3);
+    // The new stream starts by resending the unacknowledged batches, same seqs, same spans, in order.
+    for (a, b) in first.iter().zip(&second) {
+        assert_eq!(a, b);
+    }
+    let seqs: Vec<u64> = second.iter().map(|b| b.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(second.iter().map(|b| counted(b)).sum::<u64>(), 400);
+    assert!(c.stats().reconnects >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_server_opens_the_breaker_and_spans_are_folded_then_sent_as_deltas() {
+    // A port with nothing listening yet.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let c = client(&format!("http://{addr}"), |c| {
+        c.backoff_base = Duration::from_millis(5);
+        c.backoff_cap = Duration::from_millis(20);
+        c.breaker_threshold = 2;
+        c.breaker_open_for = Duration::from_millis(200);
+    });
+    for i in 0..500u64 {
+        let status = if i % 100 == 0 { Status::Error } else { Status::Ok };
+        c.record("GET /a", Duration::from_micros(500 + i), status);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.stats().breaker != BreakerState::Open && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stats = c.stats();
+    assert_eq!(stats.breaker, BreakerState::Open);
+    assert_eq!((stats.folded, stats.sent), (500, 0), "{stats:?}");
+    // The server comes up where the client expects it: the folded spans arrive as deltas.
+    let script = Arc::new(Mutex::new(Script::default()));
+    serve_on(tokio::net::TcpListener::bind(addr).await.unwrap(), script.clone()).await;
+    c.flush_within(Duration::from_secs(20)).await.unwrap();
+    let s = script.lock();
+    assert_eq!(s.received.iter().map(|(_, b)| counted(b)).sum::<u64>(), 500);
+    let errors: u64 = s
+        .received
+        .iter()
+        .flat_map(|(_, b)| &b.deltas)
+        .filter(|d| d.status == SpanStatus::Error as i32)
+        .map(|d| Histogram::decode(&d.histogram).unwrap().count())
+        .sum();
+    assert_eq!(errors, 5);
+    assert_eq!(c.stats().breaker, BreakerState::Closed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sampling_policy_thins_full_spans_keeps_errors_and_folds_the_rest() {
+    let (endpoint, script) = fake_server(Script { probability: Some(0.1), ..Script::default() }).await;
+    let c = client(&endpoint, |c| c.max_batch_delay = Duration::from_millis(10));
+    // The first reply carries the policy.
+    c.record("warm-up", Duration::from_micros(1), Status::Ok);
+    c.flush().await.unwrap();
+    for i in 0..20_000u64 {
+        let status = if i % 1_000 == 0 { Status::Error } else { Status::Ok };
+        c.record("GET /hot", Duration::from_micros(200 + i % 700), status);
+    }
+    c.flush().await.unwrap();
+    let s = script.lock();
+    let hot = |b: &SpanBatch| -> (u64, u64) {
+        let full = b
+            .groups
+            .iter()
+            .filter(|g| g.key.as_ref().unwrap().operation == "GET /hot")
+            .flat_map(|g| &g.spans)
+            .filter(|sp| sp.status != SpanStatus::Error as i32)
+            .count() as u64;
+        let errors =
+            b.groups.iter().flat_map(|g| &g.spans).filter(|sp| sp.status == SpanStatus::Error as i32).count()
+                as u64;
+        (full, errors)
+    };
+    let (full, errors) = s.received.iter().map(|(_, b)| hot(b)).fold((0, 0), |a, (f, e)| (a.0 + f, a.1 + e));
+    assert_eq!(errors, 20, "every error is sent in full");
+    // 10 % of 19,980 ok spans by trace id: 1,998 expected; ±5 σ.
+    assert!((1_800..=2_200).contains(&full), "{full}");
+    assert_eq!(s.received.iter().map(|(_, b)| counted(b)).sum::<u64>(), 20_001);
+}
