@@ -1,0 +1,248 @@
+//! The `tailscope` client crate against a real server: exact counts and percentiles, a
+//! 60-second outage, a SIGKILL mid-stream, and the tracing and tower layers in an axum app.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::{Rng, SeedableRng};
+use tailscope::{BreakerState, Client, Status};
+
+fn exact(sorted: &[i64], q: f64) -> f64 {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1] as f64 / 1e9
+}
+
+fn lognormal(r: &mut impl Rng, median_ms: f64) -> Duration {
+    let z: f64 =
+        (-2.0 * r.gen_range(1e-12f64..1.0).ln()).sqrt() * (r.gen::<f64>() * std::f64::consts::TAU).cos();
+    Duration::from_nanos((median_ms * 1e6 * (0.7 * z).exp()) as u64)
+}
+
+/// The server's ok-series row for `service`/`operation` over the last hour.
+async fn ok_row(http: std::net::SocketAddr, service: &str, operation: &str) -> Option<serde_json::Value> {
+    tail(http, &format!("service={service}&operation={}", operation.replace(' ', "%20")))
+        .await
+        .into_iter()
+        .find(|r| r["status"] == "ok")
+}
+
+fn assert_percentiles(row: &serde_json::Value, sorted: &[i64]) {
+    assert_eq!(row["count"], sorted.len() as u64, "{row}");
+    for (field, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99)] {
+        let got = row[field].as_f64().unwrap();
+        let want = exact(sorted, q);
+        assert!((got - want).abs() <= want * 0.01, "{field}: server {got} vs client-side exact {want}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_spans_arrive_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let client =
+        Client::builder().endpoint(format!("http://{}", server.grpc_addr())).service("shop").build().unwrap();
+    let mut r = rand::rngs::StdRng::seed_from_u64(1);
+    let mut durations = Vec::new();
+    for i in 0..20_000 {
+        let d = lognormal(&mut r, 20.0);
+        durations.push(d.as_nanos() as i64);
+        client.record("GET /cart", d, if i % 500 == 0 { Status::Error } else { Status::Ok });
+    }
+    client.flush().await.unwrap();
+    let ok: Vec<i64> = {
+        let mut v: Vec<i64> =
+            durations.iter().enumerate().filter(|(i, _)| i % 500 != 0).map(|(_, &d)| d).collect();
+        v.sort_unstable();
+        v
+    };
+    assert_percentiles(&ok_row(server.http_addr(), "shop", "GET /cart").await.unwrap(), &ok);
+    let stats = client.stats();
+    assert_eq!((stats.recorded, stats.acked, stats.dropped_queue_full), (20_000, 20_000, 0), "{stats:?}");
+    client.shutdown(Duration::from_secs(5)).await.unwrap();
+    server.shutdown().await;
+}
+
+/// The server is down for 60 s while the client records 500 spans/s; when it is back, the
+/// server's count for the whole period equals what was recorded and its percentiles match the
+/// client-side exact ones. Meanwhile the client's breaker opened, it kept no batches beyond its
+/// bound, folded instead of dropping, and never blocked the recording loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sixty_second_outage_ends_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    let server = start_with(config.clone(), std::sync::Arc::new(tailscope_server::clock::SystemClock)).await;
+    let grpc = server.grpc_addr();
+    config.server.grpc_addr = grpc;
+    let client = Client::builder()
+        .endpoint(format!("http://{grpc}"))
+        .service("outage")
+        .configure(|c| {
+            c.breaker_threshold = 3;
+            c.breaker_open_for = Duration::from_secs(5);
+            c.backoff_cap = Duration::from_secs(2);
+        })
+        .build()
+        .unwrap();
+    let recorder = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut r = rand::rngs::StdRng::seed_from_u64(2);
+            let mut durations = Vec::new();
+            let mut slowest_call = Duration::ZERO;
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(75) {
+                tick.tick().await;
+                for _ in 0..5 {
+                    let d = lognormal(&mut r, 30.0);
+                    let t = Instant::now();
+                    client.record("GET /orders", d, Status::Ok);
+                    slowest_call = slowest_call.max(t.elapsed());
+                    durations.push(d.as_nanos() as i64);
+                }
+            }
+            (durations, slowest_call)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    server.shutdown().await;
+    let down = Instant::now();
+    let mut saw_open = false;
+    let mut max_unacked = 0;
+    while down.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let s = client.stats();
+        saw_open |= s.breaker == BreakerState::Open;
+        max_unacked = max_unacked.max(s.unacked_bytes);
+    }
+    let server = start_with(config, std::sync::Arc::new(tailscope_server::clock::SystemClock)).await;
+    let (mut durations, slowest_call) = recorder.await.unwrap();
+    client.flush_within(Duration::from_secs(30)).await.unwrap();
+    durations.sort_unstable();
+    assert_percentiles(&ok_row(server.http_addr(), "outage", "GET /orders").await.unwrap(), &durations);
+    let stats = client.stats();
+    assert!(saw_open, "the breaker never opened: {stats:?}");
+    assert!(stats.folded > 20_000, "{stats:?}");
+    assert_eq!(stats.dropped_queue_full + stats.dropped_fold_full, 0, "{stats:?}");
+    assert!(max_unacked <= client.config().max_unacked_bytes as u64);
+    assert!(stats.reconnects >= 1);
+    println!(
+        "outage: {} spans, {} folded, slowest record() call {slowest_call:?}, max unacked {max_unacked} B",
+        durations.len(),
+        stats.folded
+    );
+    server.shutdown().await;
+}
+
+/// A SIGKILL of the server process while the client streams: after the restart nothing acked is
+/// lost and nothing is counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_mid_stream_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, grpc, http) = spawn_server(dir.path(), &[]);
+    let client = Client::builder()
+        .endpoint(format!("http://{grpc}"))
+        .service("killed")
+        .configure(|c| {
+            c.max_batch_spans = 500;
+            c.max_batch_delay = Duration::from_millis(20);
+            c.backoff_cap = Duration::from_millis(500);
+        })
+        .build()
+        .unwrap();
+    let mut r = rand::rngs::StdRng::seed_from_u64(3);
+    let mut durations = Vec::new();
+    let mut record = |n: usize, durations: &mut Vec<i64>| {
+        for _ in 0..n {
+            let d = lognormal(&mut r, 5.0);
+            durations.push(d.as_nanos() as i64);
+            client.record("POST /kill", d, Status::Ok);
+        }
+    };
+    for _ in 0..20 {
+        record(2_000, &mut durations);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let acked_before = client.stats().acked;
+    // Mid-stream: more in flight, then the kill.
+    record(5_000, &mut durations);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    record(5_000, &mut durations);
+    let (mut child, _, http2) = spawn_server_at(dir.path(), &[], &grpc.to_string(), &http.to_string());
+    record(5_000, &mut durations);
+    client.flush_within(Duration::from_secs(30)).await.unwrap();
+    durations.sort_unstable();
+    let row = ok_row(http2, "killed", "POST /kill").await.unwrap();
+    assert!(acked_before > 0);
+    assert_percentiles(&row, &durations);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// The tracing and tower layers time the real requests of a small axum app. Single-threaded, so
+/// the app's tasks run where the test's subscriber is the default.
+#[tokio::test]
+async fn tracing_and_tower_layers_record_an_axum_app() {
+    use axum::routing::get;
+    use tracing_subscriber::prelude::*;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let client =
+        Client::builder().endpoint(format!("http://{}", server.grpc_addr())).service("web").build().unwrap();
+
+    #[tracing::instrument]
+    async fn load_user(id: u32) -> Result<String, String> {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        if id == 13 {
+            tracing::error!("unlucky user");
+            return Err("no".into());
+        }
+        Ok(format!("user {id}"))
+    }
+    async fn user(
+        axum::extract::Path(id): axum::extract::Path<u32>,
+    ) -> Result<String, axum::http::StatusCode> {
+        load_user(id).await.map_err(|_| axum::http::StatusCode::INTERNAL_SERVER_ERROR)
+    }
+    let app = axum::Router::new()
+        .route("/users/{id}", get(user))
+        .route("/health", get(|| async { "ok" }))
+        .layer(tailscope::tower::TailscopeLayer::new(client.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let subscriber =
+        tracing_subscriber::registry().with(tailscope::layer::TailscopeLayer::new(client.clone()));
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let http = reqwest::Client::new();
+    for id in 1..=20 {
+        let resp = http.get(format!("http://{addr}/users/{id}")).send().await.unwrap();
+        assert_eq!(resp.status().is_success(), id != 13);
+    }
+    for _ in 0..5 {
+        http.get(format!("http://{addr}/health")).send().await.unwrap();
+    }
+    client.flush().await.unwrap();
+    let rows = tail(server.http_addr(), "service=web").await;
+    let count = |op: &str, status: &str| {
+        rows.iter()
+            .find(|r| r["operation"] == op && r["status"] == status)
+            .map_or(0, |r| r["count"].as_u64().unwrap())
+    };
+    // tower: one operation per route, not per id; the 500 is an error.
+    assert_eq!(count("GET /users/{id}", "ok"), 19, "{rows:?}");
+    assert_eq!(count("GET /users/{id}", "error"), 1, "{rows:?}");
+    assert_eq!(count("GET /health", "ok"), 5, "{rows:?}");
+    // tracing: the instrumented function, failed where an ERROR event happened inside it.
+    assert_eq!(count("load_user", "ok"), 19, "{rows:?}");
+    assert_eq!(count("load_user", "error"), 1, "{rows:?}");
+    let slowest = rows.iter().find(|r| r["operation"] == "load_user" && r["status"] == "ok").unwrap();
+    assert!(slowest["min"].as_f64().unwrap() >= 0.002, "{slowest}");
+    server.shutdown().await;
+}
