@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_queue::ArrayQueue;
 use parking_lot::{Mutex, RwLock};
+use rustc_hash::FxHashMap;
 use tailscope_proto::histogram::{Histogram, Layout};
 
 /// The longest operation name the server accepts, in bytes.
@@ -40,7 +41,7 @@ impl Record {
 /// nothing; beyond `limit` names, new ones count as [`OVERFLOW_OPERATION`].
 #[derive(Debug)]
 pub(crate) struct Interner {
-    ids: RwLock<HashMap<Box<str>, u32>>,
+    ids: RwLock<FxHashMap<Box<str>, u32>>,
     names: RwLock<Vec<Arc<str>>>,
     limit: usize,
 }
@@ -48,7 +49,8 @@ pub(crate) struct Interner {
 impl Interner {
     pub fn new(limit: usize) -> Interner {
         let names = vec![Arc::from(OVERFLOW_OPERATION)];
-        let ids = HashMap::from([(Box::from(OVERFLOW_OPERATION), 0)]);
+        let mut ids = FxHashMap::default();
+        ids.insert(Box::from(OVERFLOW_OPERATION), 0);
         Interner { ids: RwLock::new(ids), names: RwLock::new(names), limit: limit.max(1) }
     }
 
