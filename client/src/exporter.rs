@@ -86,6 +86,9 @@ pub(crate) struct Exporter {
     last_cut: Instant,
     /// Keep a span iff the low 56 bits of its trace id are at least this (0 keeps all).
     threshold: u64,
+    /// Per operation id: its own threshold, and the duration from which spans are always kept
+    /// (0: no such rule), from the server's per-key policies.
+    policies: Vec<Option<(u64, i64)>>,
     throttled_until: Option<Instant>,
     waiters: Vec<Waiter>,
     connected_once: bool,
@@ -109,6 +112,7 @@ impl Exporter {
             next_attempt: now,
             last_cut: now,
             threshold: 0,
+            policies: Vec::new(),
             throttled_until: None,
             waiters: Vec::new(),
             connected_once: false,
@@ -173,8 +177,7 @@ impl Exporter {
         let (mut drained, mut folded, mut dropped) = (0u64, 0u64, 0u64);
         while let Some(r) = self.shared.queue.pop() {
             drained += 1;
-            let error = r.status == SpanStatus::Error as i32;
-            let keep = error || self.threshold == 0 || (r.trace_lo & ((1 << 56) - 1)) >= self.threshold;
+            let keep = self.keeps(&r);
             if send && keep {
                 self.builder.push(&r);
             } else {
@@ -197,6 +200,18 @@ impl Exporter {
         if dropped > 0 {
             c.drop(Drop::FoldFull, dropped);
         }
+    }
+
+    /// Whether the sampling policy sends `r` in full: errors always, spans at least as slow as
+    /// their key's recent p99 always, others iff the low 56 bits of the trace id reach the
+    /// key's threshold (consistent by trace across services).
+    fn keeps(&self, r: &Record) -> bool {
+        if r.status == SpanStatus::Error as i32 {
+            return true;
+        }
+        let (threshold, slow) =
+            self.policies.get(r.op as usize).copied().flatten().unwrap_or((self.threshold, 0));
+        (slow > 0 && r.duration >= slow) || threshold == 0 || (r.trace_lo & ((1 << 56) - 1)) >= threshold
     }
 
     /// Cuts a batch when the one being built is old enough (or a flush asks for it).
@@ -273,6 +288,7 @@ impl Exporter {
                 }
                 self.connected_once = true;
                 self.conn = Some(conn);
+                self.shared.counters.connected.store(true, Ordering::Relaxed);
                 self.breaker.on_success();
                 self.backoff.reset();
             }
@@ -282,10 +298,15 @@ impl Exporter {
     }
 
     fn failed(&mut self, now: Instant) {
-        self.conn = None;
+        self.disconnected();
         self.breaker.on_failure(now);
         self.next_attempt = now + self.backoff.next_delay();
         self.publish_breaker(now);
+    }
+
+    fn disconnected(&mut self) {
+        self.conn = None;
+        self.shared.counters.connected.store(false, Ordering::Relaxed);
     }
 
     fn publish_breaker(&self, now: Instant) {
@@ -310,8 +331,19 @@ impl Exporter {
         match reply {
             Ok(Some(r)) => {
                 self.ack(r.durable_seq);
-                if let Some(policy) = r.sampling.filter(|p| p.default_set) {
-                    self.threshold = threshold(policy.default_probability);
+                if let Some(policy) = r.sampling {
+                    if policy.default_set {
+                        self.threshold = threshold(policy.default_probability);
+                    }
+                    for kp in policy.keys {
+                        let Some(key) = kp.key.filter(|k| k.service == self.config.service) else { continue };
+                        let Some(op) = self.shared.ops.lookup(&key.operation) else { continue };
+                        let op = op as usize;
+                        if self.policies.len() <= op {
+                            self.policies.resize(op + 1, None);
+                        }
+                        self.policies[op] = Some((threshold(kp.probability), kp.always_keep_above_nanos));
+                    }
                 }
                 if let Some(t) = r.throttle.filter(|t| t.delay_millis > 0) {
                     self.throttled_until = Some(now + Duration::from_millis(u64::from(t.delay_millis)));
@@ -320,7 +352,7 @@ impl Exporter {
                 self.shared.counters.server_rejected.store(rejected, Ordering::Relaxed);
             }
             // The server ended the stream cleanly: reconnect and resend what is unacked.
-            Ok(None) => self.conn = None,
+            Ok(None) => self.disconnected(),
             Err(status) if status.code() == Code::InvalidArgument => {
                 // A malformed batch is never resent: drop the one the status names.
                 let seq = batch_seq(status.message()).or(self.unacked.front().map(|p| p.seq));
@@ -330,7 +362,7 @@ impl Exporter {
                         self.shared.counters.drop(Drop::Rejected, p.spans);
                     }
                 }
-                self.conn = None;
+                self.disconnected();
             }
             Err(_) => self.failed(now),
         }
@@ -465,6 +497,25 @@ mod tests {
         let th = threshold(0.01);
         let kept = (0..100_000).filter(|_| (fastrand::u64(..) & ((1 << 56) - 1)) >= th).count();
         assert!((800..=1_200).contains(&kept), "{kept}");
+    }
+
+    #[test]
+    fn consistent_sampling_keeps_traces_of_the_lowest_probability_everywhere() {
+        // Three services sampling at 5 %, 20 % and 60 %: every trace the 5 % one keeps is kept
+        // by the other two, so traces sampled there are complete.
+        let keep = |trace_lo: u64, p: f64| (trace_lo & ((1 << 56) - 1)) >= threshold(p);
+        let mut kept_low = 0;
+        for _ in 0..200_000 {
+            let t = fastrand::u64(..);
+            if keep(t, 0.05) {
+                kept_low += 1;
+                assert!(keep(t, 0.2) && keep(t, 0.6));
+            }
+            if keep(t, 0.2) {
+                assert!(keep(t, 0.6));
+            }
+        }
+        assert!((9_000..=11_000).contains(&kept_low), "{kept_low}");
     }
 
     #[test]

@@ -299,6 +299,8 @@ pub struct Stats {
     pub reconnects: u64,
     /// The circuit breaker's state.
     pub breaker: BreakerState,
+    /// Whether a stream to the server is open.
+    pub connected: bool,
     /// Bytes of batches kept for resending.
     pub unacked_bytes: u64,
 }
@@ -428,6 +430,7 @@ impl Client {
             server_rejected: get(&c.server_rejected),
             reconnects: get(&c.reconnects),
             breaker: BreakerState::from_u8(c.breaker.load(Ordering::Relaxed)),
+            connected: c.connected.load(Ordering::Relaxed),
             unacked_bytes: get(&c.unacked_bytes),
         }
     }

@@ -62,6 +62,11 @@ impl Interner {
         self.insert(name)
     }
 
+    /// The id of a name already known, without adding it.
+    pub fn lookup(&self, name: &str) -> Option<u32> {
+        self.ids.read().get(name).copied()
+    }
+
     #[cold]
     fn insert(&self, name: &str) -> u32 {
         let name = sanitize(name);
@@ -165,6 +170,7 @@ pub(crate) struct Counters {
     pub dropped: [AtomicU64; 4],
     pub reconnects: AtomicU64,
     pub breaker: AtomicU8,
+    pub connected: std::sync::atomic::AtomicBool,
     pub unacked_bytes: AtomicU64,
     pub server_rejected: AtomicU64,
 }

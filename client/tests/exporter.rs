@@ -64,8 +64,11 @@ impl Ingest for Fake {
                 if stream_no == 1 && script.lock().drop_first_after.is_some() {
                     continue; // acks nothing before the outage
                 }
-                let sampling =
-                    probability.map(|p| SamplingPolicy { default_probability: p, default_set: true });
+                let sampling = probability.map(|p| SamplingPolicy {
+                    default_probability: p,
+                    default_set: true,
+                    keys: Vec::new(),
+                });
                 let reply = IngestReply { durable_seq: seq, sampling, ..IngestReply::default() };
                 if tx.send(Ok(reply)).await.is_err() {
                     return;
@@ -96,6 +99,15 @@ fn client(endpoint: &str, f: impl FnOnce(&mut tailscope::Config)) -> Client {
     Client::builder().endpoint(endpoint).service("svc").configure(f).build().unwrap()
 }
 
+/// Waits until the client's stream is open, so what it records next is sent in full.
+async fn connected(c: &Client) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.stats().connected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(c.stats().connected, "not connected: {:?}", c.stats());
+}
+
 /// Spans in a batch, in full plus folded in its deltas.
 fn counted(batch: &SpanBatch) -> u64 {
     let full: u64 = batch.groups.iter().map(|g| g.spans.len() as u64).sum();
@@ -110,11 +122,7 @@ async fn batches_are_cut_by_size_and_numbered_from_one() {
         c.max_batch_spans = 100;
         c.max_batch_delay = Duration::from_millis(20);
     });
-    // Let the stream open, so spans are batched in full rather than folded.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while script.lock().streams == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    connected(&c).await;
     for i in 0..1_000u64 {
         c.record(if i % 2 == 0 { "GET /a" } else { "GET /b" }, Duration::from_micros(100 + i), Status::Ok);
     }
@@ -133,12 +141,9 @@ async fn batches_are_cut_by_size_and_numbered_from_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_cut_by_time_when_traffic_is_light() {
-    let (endpoint, script) = fake_server(Script::default()).await;
+    let (endpoint, _script) = fake_server(Script::default()).await;
     let c = client(&endpoint, |c| c.max_batch_delay = Duration::from_millis(50));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while script.lock().streams == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    connected(&c).await;
     c.record("GET /slow-trickle", Duration::from_millis(3), Status::Ok);
     // No flush: the batch delay alone must send it.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -155,14 +160,15 @@ async fn unacked_batches_are_resent_in_order_after_a_lost_stream() {
         c.max_batch_spans = 50;
         c.backoff_base = Duration::from_millis(10);
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while script.lock().streams == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    connected(&c).await;
     for i in 0..400u64 {
         c.record("POST /pay", Duration::from_micros(1_000 + i), Status::Ok);
     }
-    c.flush().await.unwrap();
+    if let Err(e) = c.flush().await {
+        let s = script.lock();
+        let seen: Vec<(usize, u64, u64)> = s.received.iter().map(|(n, b)| (*n, b.seq, counted(b))).collect();
+        panic!("{e}: streams {}, received {seen:?}, {:?}", s.streams, c.stats());
+    }
     let s = script.lock();
     let first: Vec<&SpanBatch> = s.received.iter().filter(|(n, _)| *n == 1).map(|(_, b)| b).collect();
     let second: Vec<&SpanBatch> = s.received.iter().filter(|(n, _)| *n == 2).map(|(_, b)| b).collect();

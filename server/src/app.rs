@@ -17,6 +17,7 @@ use crate::http::{self, AppState};
 use crate::ingest::IngestService;
 use crate::otlp::OtlpService;
 use crate::pipeline::Pipeline;
+use crate::sampling::Sampler;
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 
@@ -107,7 +108,14 @@ impl Server {
             config.server.shutdown_timeout,
         ));
 
-        let ingest = IngestService::new(pipeline.clone(), metrics.clone(), clock.clone(), &config.ingest);
+        let sampler = Arc::new(Sampler::new(config.sampling.clone()));
+        let ingest = IngestService::new(
+            pipeline.clone(),
+            metrics.clone(),
+            clock.clone(),
+            &config.ingest,
+            sampler.clone(),
+        );
         let otlp = TraceServiceServer::new(OtlpService::new(ingest.clone()))
             .max_decoding_message_size(config.ingest.max_batch_bytes)
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
@@ -141,6 +149,7 @@ impl Server {
             metrics: metrics.clone(),
             clock: clock.clone(),
             retention: config.retention.clone(),
+            sampler: sampler.clone(),
         };
         let mut http_stop = stop_rx.clone();
         let http = tokio::spawn(async move {
@@ -155,6 +164,14 @@ impl Server {
         });
 
         let mut background = shard_tasks;
+        background.push(tokio::spawn(run_sampler(
+            sampler,
+            pipeline.clone(),
+            config.sampling.interval,
+            config.ingest.throttle_high_water,
+            metrics.clone(),
+            stop_rx.clone(),
+        )));
         background.push(tokio::spawn(run_retention(
             store.clone(),
             config.clone(),
@@ -231,5 +248,32 @@ async fn run_retention(
             Ok(Err(e)) => tracing::error!(error = %e, "retention failed"),
             Err(e) => tracing::error!(error = %e, "retention task failed"),
         }
+    }
+}
+
+/// Recomputes sampling probabilities every `interval`; shard queues above `high_water` count
+/// as overload.
+async fn run_sampler(
+    sampler: Arc<Sampler>,
+    pipeline: Arc<Pipeline>,
+    interval: std::time::Duration,
+    high_water: f64,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut last = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|&s| s) => return,
+        }
+        let seconds = last.elapsed().as_secs_f64().max(1e-3);
+        last = std::time::Instant::now();
+        sampler.tick(seconds, pipeline.pressure() >= high_water);
+        metrics.sampling_budget.set(sampler.effective_budget());
+        metrics.sampling_keys.set(sampler.snapshot().len() as i64);
     }
 }

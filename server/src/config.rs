@@ -64,6 +64,8 @@ pub struct Config {
     pub histogram: HistogramConfig,
     /// How long each resolution is kept.
     pub retention: RetentionConfig,
+    /// The adaptive sampler's budget.
+    pub sampling: crate::sampling::SamplingConfig,
 }
 
 /// `[server]`: listeners, data directory and process behaviour.
@@ -195,6 +197,9 @@ pub struct RetentionConfig {
     /// 1-hour windows.
     #[serde(with = "humantime_serde")]
     pub window_1h: Duration,
+    /// Exemplars (example spans of each series and window).
+    #[serde(with = "humantime_serde")]
+    pub exemplars: Duration,
     /// How often expired partitions are deleted and compacted away.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
@@ -207,6 +212,7 @@ impl Default for RetentionConfig {
             window_10s: Duration::from_secs(2 * day),
             window_1m: Duration::from_secs(30 * day),
             window_1h: Duration::from_secs(400 * day),
+            exemplars: Duration::from_secs(2 * day),
             interval: Duration::from_secs(600),
         }
     }
@@ -292,6 +298,7 @@ impl Config {
     /// Checks ranges that the types alone do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.histogram.layout()?;
+        self.sampling.validate().map_err(|message| ConfigError::Invalid { key: "sampling", message })?;
         let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
         let i = &self.ingest;
         if i.shards > 1024 {

@@ -32,6 +32,8 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// Retention, for choosing a resolution.
     pub retention: RetentionConfig,
+    /// The adaptive sampler.
+    pub sampler: std::sync::Arc<crate::sampling::Sampler>,
 }
 
 /// The routes of the HTTP listener.
@@ -41,8 +43,36 @@ pub fn router(state: AppState) -> Router {
         .route("/-/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/api/v1/tail", get(tail))
+        .route("/api/v1/sampling", get(sampling))
         .merge(prometheus::routes())
         .with_state(state)
+}
+
+/// Each series key's observed and kept throughput and its sampling probability.
+async fn sampling(State(s): State<AppState>) -> Response {
+    let keys: Vec<Value> = s
+        .sampler
+        .snapshot()
+        .into_iter()
+        .map(|(service, operation, v)| {
+            json!({
+                "service": service,
+                "operation": operation,
+                "observed_per_second": v.observed_per_second,
+                "kept_per_second": v.kept_per_second,
+                "probability": v.probability,
+                "always_keep_above_seconds": v.always_keep_above_nanos as f64 / 1e9,
+            })
+        })
+        .collect();
+    let kept: f64 = keys.iter().filter_map(|k| k["kept_per_second"].as_f64()).sum();
+    Json(json!({"status": "success", "data": {
+        "budget": s.sampler.budget(),
+        "effective_budget": s.sampler.effective_budget(),
+        "kept_per_second": kept,
+        "keys": keys,
+    }}))
+    .into_response()
 }
 
 async fn healthy() -> &'static str {

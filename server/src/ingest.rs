@@ -15,7 +15,7 @@ use std::sync::Arc;
 use futures::Stream;
 use tailscope_proto::histogram::Histogram;
 use tailscope_proto::v1::ingest_server::Ingest;
-use tailscope_proto::v1::{IngestReply, RejectedSpans, SeriesKey, SpanBatch, Throttle};
+use tailscope_proto::v1::{IngestReply, RejectedSpans, SamplingPolicy, SeriesKey, SpanBatch, Throttle};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -23,8 +23,12 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use crate::clock::Clock;
 use crate::config::IngestConfig;
 use crate::pipeline::{Admission, GroupRoute, Pipeline, RoutedDelta, SpanReject, ValidatedBatch};
+use crate::sampling::Sampler;
 use crate::series::{self, SeriesLabels, Status as SpanStatus};
-use crate::telemetry::{Metrics, Outcome, Reason};
+use crate::telemetry::{Form, Metrics, Outcome, Reason};
+
+/// Most series keys whose sampling policies one stream is told.
+const MAX_KEYS_PER_STREAM: usize = 10_000;
 
 /// The longest `service` or `operation` label accepted, in bytes.
 pub const MAX_LABEL_BYTES: usize = 256;
@@ -34,6 +38,7 @@ pub const MAX_LABEL_BYTES: usize = 256;
 pub struct IngestService {
     pub(crate) pipeline: Arc<Pipeline>,
     pub(crate) metrics: Arc<Metrics>,
+    sampler: Arc<Sampler>,
     clock: Arc<dyn Clock>,
     max_spans: usize,
     throttle_high_water: f64,
@@ -46,10 +51,12 @@ impl IngestService {
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
         config: &IngestConfig,
+        sampler: Arc<Sampler>,
     ) -> IngestService {
         IngestService {
             pipeline,
             metrics,
+            sampler,
             clock,
             max_spans: config.max_spans_per_batch,
             throttle_high_water: config.throttle_high_water,
@@ -65,6 +72,10 @@ pub(crate) struct BatchStats {
     pub(crate) rejected: [u64; SpanReject::ALL.len()],
     /// Refused span records, unweighted (what OTLP's `partial_success` counts).
     pub(crate) rejected_records: u64,
+    /// Spans that arrived folded in histogram deltas.
+    pub(crate) folded: u64,
+    /// The series keys (group hashes) of the batch.
+    pub(crate) keys: Vec<u64>,
 }
 
 impl IngestService {
@@ -100,8 +111,16 @@ impl IngestService {
         for (i, group) in batch.groups.iter().enumerate() {
             let (service, operation) =
                 check_key(group.key.as_ref()).map_err(|m| bad(format!("group {i}: {m}")))?;
-            let shard = series::partition(series::group_hash(service, operation), shards) as u32;
+            let hash = series::group_hash(service, operation);
+            let shard = series::partition(hash, shards) as u32;
             targets.push(shard);
+            self.sampler.observe_full(
+                hash,
+                service,
+                operation,
+                group.spans.iter().map(|s| (s.duration_nanos, u64::from(s.weight.max(1)))),
+            );
+            stats.keys.push(hash);
             groups.push(GroupRoute {
                 shard,
                 ok_series: series::series_id(service, operation, SpanStatus::Ok),
@@ -151,7 +170,11 @@ impl IngestService {
             stats.accepted += histogram.count();
             stats.clamped += histogram.clamped();
             let status = SpanStatus::from_wire(delta.status);
-            let shard = series::partition(series::group_hash(service, operation), shards) as u32;
+            let hash = series::group_hash(service, operation);
+            self.sampler.observe_folded(hash, service, operation, &histogram);
+            stats.folded += histogram.count();
+            stats.keys.push(hash);
+            let shard = series::partition(hash, shards) as u32;
             targets.push(shard);
             deltas.push(RoutedDelta {
                 shard,
@@ -170,6 +193,8 @@ impl IngestService {
         let m = &self.metrics;
         m.batches.get_or_create(&Outcome { result: "accepted" }).inc();
         m.spans_accepted.inc_by(stats.accepted);
+        m.spans_received.get_or_create(&Form { form: "full" }).inc_by(stats.accepted - stats.folded);
+        m.spans_received.get_or_create(&Form { form: "folded" }).inc_by(stats.folded);
         m.spans_clamped.inc_by(stats.clamped);
         for reason in SpanReject::ALL {
             let n = stats.rejected[reason.index()];
@@ -268,22 +293,35 @@ impl Ingest for IngestService {
 struct StreamState {
     client: Option<u64>,
     acked: u64,
+    /// The series keys this client sent, whose sampling policies it is told.
+    keys: std::collections::HashSet<u64>,
+    /// The sampler generation last told.
+    told: u64,
     rejected: BTreeMap<&'static str, u64>,
     tx: mpsc::Sender<Result<IngestReply, Status>>,
 }
 
 impl StreamState {
     /// Sends an acknowledgement when the client's durable seq moved; false when the client is gone.
-    async fn ack(&mut self, pipeline: &Pipeline, throttle: Option<Throttle>) -> bool {
+    async fn ack(&mut self, pipeline: &Pipeline, sampler: &Sampler, throttle: Option<Throttle>) -> bool {
         let Some(client) = self.client else { return true };
         let durable = pipeline.durable_seq(client);
         if durable <= self.acked && throttle.is_none() {
             return true;
         }
         self.acked = self.acked.max(durable);
+        let generation = sampler.generation();
+        let sampling = (generation > self.told && !self.keys.is_empty()).then(|| {
+            self.told = generation;
+            SamplingPolicy {
+                default_probability: 1.0,
+                default_set: false,
+                keys: sampler.policies(self.keys.iter().copied()),
+            }
+        });
         let reply = IngestReply {
             durable_seq: self.acked,
-            sampling: None,
+            sampling,
             throttle,
             rejected: self
                 .rejected
@@ -306,14 +344,21 @@ impl IngestService {
         tx: mpsc::Sender<Result<IngestReply, Status>>,
     ) {
         let mut durable = self.pipeline.subscribe();
-        let mut st = StreamState { client: None, acked: 0, rejected: BTreeMap::new(), tx };
+        let mut st = StreamState {
+            client: None,
+            acked: 0,
+            keys: Default::default(),
+            told: 0,
+            rejected: BTreeMap::new(),
+            tx,
+        };
         // Whether to read more batches: false once the client half-closed or the server drains.
         let mut reading = true;
         loop {
             tokio::select! {
                 changed = durable.changed() => {
                     let closed = changed.is_err() || durable.borrow_and_update().closed;
-                    if !st.ack(&self.pipeline, None).await {
+                    if !st.ack(&self.pipeline, &self.sampler, None).await {
                         return;
                     }
                     if closed {
@@ -334,7 +379,7 @@ impl IngestService {
                     Ok(None) => {
                         // The client is done sending; finish once what it sent is acknowledged.
                         reading = false;
-                        if st.client.is_none_or(|c| self.pipeline.is_settled(c)) && st.ack(&self.pipeline, None).await {
+                        if st.client.is_none_or(|c| self.pipeline.is_settled(c)) && st.ack(&self.pipeline, &self.sampler, None).await {
                             return;
                         }
                     }
@@ -365,7 +410,7 @@ impl IngestService {
         let (client, seq) = (batch.client_id, batch.seq);
         if self.pipeline.is_duplicate(client, seq) {
             self.metrics.batches.get_or_create(&Outcome { result: "duplicate" }).inc();
-            if !st.ack(&self.pipeline, None).await {
+            if !st.ack(&self.pipeline, &self.sampler, None).await {
                 return Err(Status::cancelled("client went away"));
             }
             return Ok(());
@@ -382,6 +427,12 @@ impl IngestService {
         match self.admit_with_backpressure(validated).await {
             Admission::Accepted => {
                 self.record_accepted(&stats);
+                // Bounded: a client with more keys than this is told the policies of the first.
+                for &k in &stats.keys {
+                    if st.keys.len() < MAX_KEYS_PER_STREAM {
+                        st.keys.insert(k);
+                    }
+                }
                 for reason in SpanReject::ALL {
                     let n = stats.rejected[reason.index()];
                     if n > 0 {
@@ -389,7 +440,7 @@ impl IngestService {
                     }
                 }
                 if let Some(t) = self.throttle() {
-                    if !st.ack(&self.pipeline, Some(t)).await {
+                    if !st.ack(&self.pipeline, &self.sampler, Some(t)).await {
                         return Err(Status::cancelled("client went away"));
                     }
                 }

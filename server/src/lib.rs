@@ -13,6 +13,7 @@ pub mod ingest;
 pub mod otlp;
 pub mod pipeline;
 pub mod query;
+pub mod sampling;
 pub mod series;
 pub mod store;
 pub mod telemetry;

@@ -420,9 +420,10 @@ impl Pipeline {
         let mut write = EpochWrite { watermarks, ..EpochWrite::default() };
         let mut active = 0;
         for rx in replies {
-            if let Ok(Handover { windows, series, active_series }) = rx.await {
+            if let Ok(Handover { windows, series, active_series, exemplars }) = rx.await {
                 write.windows.extend(windows);
                 write.series.extend(series);
+                write.exemplars.extend(exemplars);
                 active += active_series;
             }
         }

@@ -8,6 +8,7 @@
 //! | `win_10s`, `win_1m`, `win_1h` | partition `u32` ‖ series id `u64` ‖ window start `u64` (s) | histogram (merge operands) |
 //! | `series` | series id `u64` | encoded labels |
 //! | `watermarks` | client id `u64` | highest durable seq `u64` |
+//! | `exemplars` | hour `u32` ‖ series id `u64` ‖ window start `u64` ‖ span id `u64` | trace id, duration, start |
 //!
 //! All integers are big-endian, so one series' windows within a partition are one contiguous
 //! scan. A partition is a fixed span of time per resolution (1 h of 10-second windows, 1 day of
@@ -33,6 +34,9 @@ use crate::telemetry::Metrics;
 
 const CF_SERIES: &str = "series";
 const CF_WATERMARKS: &str = "watermarks";
+const CF_EXEMPLARS: &str = "exemplars";
+/// Exemplars are partitioned by the hour, like 10-second windows.
+const EXEMPLAR_PARTITION_SECONDS: i64 = 3600;
 const MERGE_OPERATOR: &str = "tailscope.histogram.v1";
 /// Memory for all memtables together.
 const MEMTABLE_BUDGET: usize = 64 << 20;
@@ -156,6 +160,76 @@ pub struct WindowDelta {
     pub histogram: Vec<u8>,
 }
 
+/// A span kept as an example of its series and window: one of the slowest, an error, or a
+/// random one. Grafana links it to the trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exemplar {
+    /// The series id.
+    pub series: u64,
+    /// Start of its 10-second window, seconds since the epoch.
+    pub window_start: i64,
+    /// High half of the 128-bit trace id.
+    pub trace_id_high: u64,
+    /// Low half of the trace id.
+    pub trace_id_low: u64,
+    /// The span id.
+    pub span_id: u64,
+    /// Start of the span, Unix nanoseconds.
+    pub start_unix_nanos: i64,
+    /// Its duration in nanoseconds.
+    pub duration_nanos: i64,
+}
+
+impl Exemplar {
+    /// Partition ‖ series ‖ window ‖ a mix of trace and span id (so spans that share a span id
+    /// in different traces do not overwrite each other).
+    fn key(&self) -> [u8; 28] {
+        let mut k = [0u8; 28];
+        k[..20].copy_from_slice(&raw_key(
+            self.window_start.max(0) / EXEMPLAR_PARTITION_SECONDS,
+            self.series,
+            self.window_start,
+        ));
+        let id = self.span_id ^ self.trace_id_low.rotate_left(21) ^ self.trace_id_high.rotate_left(42);
+        k[20..].copy_from_slice(&id.to_be_bytes());
+        k
+    }
+
+    fn value(&self) -> [u8; 40] {
+        let mut v = [0u8; 40];
+        for (i, x) in [
+            self.trace_id_high,
+            self.trace_id_low,
+            self.span_id,
+            self.start_unix_nanos as u64,
+            self.duration_nanos as u64,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            v[i * 8..i * 8 + 8].copy_from_slice(&x.to_be_bytes());
+        }
+        v
+    }
+
+    fn decode(key: &[u8], value: &[u8]) -> Option<Exemplar> {
+        let be =
+            |b: &[u8], at: usize| b.get(at..at + 8).and_then(|x| x.try_into().ok()).map(u64::from_be_bytes);
+        if key.len() != 28 || value.len() != 40 {
+            return None;
+        }
+        Some(Exemplar {
+            series: be(key, 4)?,
+            window_start: be(key, 12)? as i64,
+            trace_id_high: be(value, 0)?,
+            trace_id_low: be(value, 8)?,
+            span_id: be(value, 16)?,
+            start_unix_nanos: be(value, 24)? as i64,
+            duration_nanos: be(value, 32)? as i64,
+        })
+    }
+}
+
 /// Everything one flush epoch writes atomically.
 #[derive(Debug, Default)]
 pub struct EpochWrite {
@@ -165,12 +239,17 @@ pub struct EpochWrite {
     pub series: Vec<(u64, SeriesLabels)>,
     /// Clients' new durable watermarks.
     pub watermarks: Vec<(u64, u64)>,
+    /// Exemplars of windows that closed.
+    pub exemplars: Vec<Exemplar>,
 }
 
 impl EpochWrite {
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.windows.is_empty() && self.series.is_empty() && self.watermarks.is_empty()
+        self.windows.is_empty()
+            && self.series.is_empty()
+            && self.watermarks.is_empty()
+            && self.exemplars.is_empty()
     }
 
     /// Appends `other` (a failed epoch being retried together with a new one).
@@ -178,6 +257,7 @@ impl EpochWrite {
         self.windows.extend(other.windows);
         self.series.extend(other.series);
         self.watermarks.extend(other.watermarks);
+        self.exemplars.extend(other.exemplars);
     }
 }
 
@@ -186,6 +266,8 @@ impl EpochWrite {
 pub struct RetentionReport {
     /// Partitions deleted, per resolution.
     pub deleted: Vec<(Resolution, u64)>,
+    /// Hour partitions of exemplars deleted.
+    pub exemplar_partitions: u64,
 }
 
 /// The store.
@@ -231,6 +313,7 @@ impl Store {
         let mut cfs: Vec<ColumnFamilyDescriptor> = windows.into();
         cfs.push(ColumnFamilyDescriptor::new(CF_SERIES, Options::default()));
         cfs.push(ColumnFamilyDescriptor::new(CF_WATERMARKS, Options::default()));
+        cfs.push(ColumnFamilyDescriptor::new(CF_EXEMPLARS, Options::default()));
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
         Ok(Store { db: Arc::new(db), layout })
     }
@@ -266,11 +349,44 @@ impl Store {
         for (client, seq) in &epoch.watermarks {
             batch.put_cf(marks, client.to_be_bytes(), seq.to_be_bytes());
         }
+        let exemplars = self.cf(CF_EXEMPLARS)?;
+        for e in &epoch.exemplars {
+            batch.put_cf(exemplars, e.key(), e.value());
+        }
         let bytes = batch.size_in_bytes();
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(batch, &wo)?;
         Ok((bytes, epoch.windows.len() * Resolution::ALL.len()))
+    }
+
+    /// The exemplars of `series` whose windows start in `[start, end)` (seconds), in window
+    /// order.
+    pub fn exemplars(&self, series: u64, start: i64, end: i64) -> Result<Vec<Exemplar>, StoreError> {
+        let cf = self.cf(CF_EXEMPLARS)?;
+        let mut out = Vec::new();
+        let start = start.max(0);
+        if end <= start {
+            return Ok(out);
+        }
+        let plen = EXEMPLAR_PARTITION_SECONDS;
+        let mut p = start / plen;
+        while p * plen < end {
+            let from = raw_key(p, series, start.max(p * plen));
+            let to = raw_key(p, series, end.min((p + 1) * plen));
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_upper_bound(to.to_vec());
+            for item in self.db.iterator_cf_opt(cf, ro, IteratorMode::From(&from, Direction::Forward)) {
+                let (k, v) = item?;
+                let e = Exemplar::decode(&k, &v).ok_or_else(|| StoreError::Corrupt {
+                    what: "exemplar",
+                    message: format!("{} key bytes, {} value bytes", k.len(), v.len()),
+                })?;
+                out.push(e);
+            }
+            p += 1;
+        }
+        Ok(out)
     }
 
     /// Every client's durable watermark.
@@ -389,6 +505,20 @@ impl Store {
             self.db.delete_range_cf(cf, from, to)?;
             self.db.compact_range_cf(cf, Some(from), Some(to));
             report.deleted.push((res, u64::from(first_kept - oldest)));
+        }
+        let cf = self.cf(CF_EXEMPLARS)?;
+        let cutoff = now - i64::try_from(retention.exemplars.as_secs()).unwrap_or(i64::MAX);
+        let first_kept = u32::try_from(cutoff.max(0) / EXEMPLAR_PARTITION_SECONDS).unwrap_or(0);
+        let from = [0u8; 4];
+        let to = first_kept.to_be_bytes();
+        let expired = match self.db.iterator_cf(cf, IteratorMode::Start).next() {
+            Some(item) => item?.0.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes),
+            None => None,
+        };
+        if let Some(oldest) = expired.filter(|&o| o < first_kept) {
+            self.db.delete_range_cf(cf, from, to)?;
+            self.db.compact_range_cf(cf, Some(from), Some(to));
+            report.exemplar_partitions = u64::from(first_kept - oldest);
         }
         Ok(report)
     }

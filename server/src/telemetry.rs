@@ -22,6 +22,13 @@ pub struct Outcome {
     pub result: &'static str,
 }
 
+/// A `form` label: how spans arrived (`full`, or `folded` in a client's histogram delta).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Form {
+    /// How.
+    pub form: &'static str,
+}
+
 /// A `shard` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShardLabel {
@@ -70,6 +77,12 @@ pub struct Metrics {
     pub retention_partitions_deleted: Counter,
     /// Stored histograms found corrupt and skipped while merging.
     pub corrupt_operands: Counter,
+    /// Accepted spans by how they arrived: in full, or folded by clients.
+    pub spans_received: Family<Form, Counter>,
+    /// The sampler's effective budget of full spans per second.
+    pub sampling_budget: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Series keys the sampler tracks.
+    pub sampling_keys: Gauge,
 }
 
 impl Default for Metrics {
@@ -98,6 +111,9 @@ impl Metrics {
             store_bytes: Family::default(),
             retention_partitions_deleted: Counter::default(),
             corrupt_operands: Counter::default(),
+            spans_received: Family::default(),
+            sampling_budget: Gauge::default(),
+            sampling_keys: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -148,6 +164,17 @@ impl Metrics {
             "Stored histograms found corrupt and skipped while merging",
             m.corrupt_operands.clone(),
         );
+        r.register(
+            "spans_received",
+            "Accepted spans by how they arrived: in full (kept by sampling) or folded by clients",
+            m.spans_received.clone(),
+        );
+        r.register(
+            "sampling_budget_effective",
+            "Full spans per second the sampler currently allows (shrinks under overload)",
+            m.sampling_budget.clone(),
+        );
+        r.register("sampling_keys", "Series keys the sampler tracks", m.sampling_keys.clone());
         Metrics { registry, ..m }
     }
 

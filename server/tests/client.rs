@@ -246,3 +246,72 @@ async fn tracing_and_tower_layers_record_an_axum_app() {
     assert!(slowest["min"].as_f64().unwrap() >= 0.002, "{slowest}");
     server.shutdown().await;
 }
+
+/// Adaptive sampling changes what travels, never what is counted: the same traffic through a
+/// server whose budget is 1 % of it and through one that keeps everything gives identical
+/// counts and percentiles per series, while the sampled one received most spans folded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_percent_budget_counts_exactly_what_no_sampling_counts() {
+    let mut answers = Vec::new();
+    for budget in [100.0, 1e9] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path());
+        c.sampling.budget = budget;
+        c.sampling.interval = Duration::from_millis(200);
+        let server = start_with(c, std::sync::Arc::new(tailscope_server::clock::SystemClock)).await;
+        let client = Client::builder()
+            .endpoint(format!("http://{}", server.grpc_addr()))
+            .service("sampled")
+            .configure(|c| c.max_batch_delay = Duration::from_millis(50))
+            .build()
+            .unwrap();
+        // Connected first, so nothing is folded for want of a stream.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !client.stats().connected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let mut r = rand::rngs::StdRng::seed_from_u64(11);
+        let mut durations: Vec<Vec<i64>> = vec![Vec::new(); 5];
+        // 10,000 spans/s for 4 s over five operations of different weights.
+        for _ in 0..40 {
+            for i in 0..1_000usize {
+                let op = [0, 0, 0, 0, 1, 1, 2, 3, 4, 0][i % 10];
+                let d = lognormal(&mut r, 10.0 * (op + 1) as f64);
+                durations[op].push(d.as_nanos() as i64);
+                client.record(&format!("op{op}"), d, Status::Ok);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        client.flush_within(Duration::from_secs(30)).await.unwrap();
+        let mut rows = Vec::new();
+        for (op, d) in durations.iter_mut().enumerate() {
+            d.sort_unstable();
+            let row = ok_row(server.http_addr(), "sampled", &format!("op{op}")).await.unwrap();
+            assert_percentiles(&row, d);
+            rows.push((row["count"].clone(), row["p50"].clone(), row["p99"].clone()));
+        }
+        let text = metrics(server.http_addr()).await;
+        let full = metric(&text, "tailscope_spans_received_total{form=\"full\"}");
+        let folded = metric(&text, "tailscope_spans_received_total{form=\"folded\"}");
+        assert_eq!(full + folded, 40_000.0);
+        let sampling = get_json(server.http_addr(), "/api/v1/sampling").await;
+        println!("budget {budget}: {full} full, {folded} folded; {}", sampling["data"]["keys"]);
+        if budget < 1e6 {
+            assert!(full < 20_000.0, "sampling sent {full} of 40,000 in full");
+            let hottest = sampling["data"]["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|k| k["operation"] == "op0")
+                .unwrap();
+            assert!(hottest["probability"].as_f64().unwrap() < 0.2, "{hottest}");
+        } else {
+            assert_eq!(full, 40_000.0);
+        }
+        answers.push(rows);
+        client.shutdown(Duration::from_secs(5)).await.unwrap();
+        server.shutdown().await;
+    }
+    // Same counts; percentiles identical up to the histogram's precision (same buckets).
+    assert_eq!(answers[0], answers[1]);
+}

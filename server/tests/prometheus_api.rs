@@ -471,3 +471,70 @@ async fn dashboards_lint_and_run_against_a_live_server() {
     assert!(ran >= 10, "only {ran} queries ran");
     server.shutdown().await;
 }
+
+/// A known slow outlier (and a failed span) among ordinary spans comes back through
+/// `/api/v1/query_exemplars` with its trace id, for the panel query Grafana sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exemplars_link_a_slow_outlier_to_its_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(config(dir.path()), Arc::new(ManualClock::new(T * SEC))).await;
+    let mut s = open(server.grpc_addr()).await;
+    let window = T * SEC - 120 * SEC;
+    let mut spans: Vec<_> =
+        (0..500).map(|i| span(window + i * 10_000_000, 20_000_000 + i * 1_000, false)).collect();
+    let mut outlier = span(window + 3 * SEC, 4_200_000_000, false);
+    outlier.trace_id_high = 0x00c0ffee00000000;
+    outlier.trace_id_low = 0x1234;
+    outlier.span_id = 0xabcdef;
+    spans.push(outlier);
+    let mut failed = span(window + 4 * SEC, 30_000_000, true);
+    failed.trace_id_low = 0x5678;
+    spans.push(failed);
+    s.send(batch(5, 1, vec![group("checkout", "POST /pay", spans)])).await;
+    s.wait_acked(1).await;
+    let query = form_encode(
+        "histogram_quantile(0.99, sum by (le) (rate(span_duration_seconds_bucket{service=\"checkout\"}[5m])))",
+    );
+    let (code, body) = call(
+        server.http_addr(),
+        "GET",
+        &format!("/api/v1/query_exemplars?query={query}&start={}&end={T}", T - 600),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let groups = body["data"].as_array().unwrap();
+    let all: Vec<(&Value, &Value)> = groups
+        .iter()
+        .flat_map(|g| g["exemplars"].as_array().unwrap().iter().map(move |e| (&g["seriesLabels"], e)))
+        .collect();
+    let (labels, slow) = all
+        .iter()
+        .find(|(_, e)| e["labels"]["trace_id"] == "00c0ffee000000000000000000001234")
+        .unwrap_or_else(|| panic!("no outlier exemplar in {body}"));
+    assert_eq!(slow["labels"]["span_id"], "0000000000abcdef");
+    assert_eq!(slow["value"], "4.2");
+    assert_eq!(slow["timestamp"].as_f64().unwrap(), (window + 3 * SEC + 4_200_000_000) as f64 / 1e9);
+    assert_eq!(labels["le"], "5");
+    assert_eq!(labels["__name__"], "span_duration_seconds_bucket");
+    assert!(all
+        .iter()
+        .any(|(l, e)| l["status"] == "error" && e["labels"]["trace_id"].as_str().unwrap().ends_with("5678")));
+    // At most the slowest three, three errors and one random span per series and window.
+    let per_window = all.iter().filter(|(l, _)| l["status"] == "ok").count();
+    assert!((1..=4).contains(&per_window), "{per_window}");
+    // A selector of other series selects none.
+    let (code, body) = call(
+        server.http_addr(),
+        "GET",
+        &format!(
+            "/api/v1/query_exemplars?query={}&start={}&end={T}",
+            form_encode("span_duration_seconds_bucket{service=\"other\"}"),
+            T - 600
+        ),
+        None,
+    )
+    .await;
+    assert_eq!((code, &body["data"]), (200, &serde_json::json!([])));
+    server.shutdown().await;
+}

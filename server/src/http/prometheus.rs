@@ -411,9 +411,84 @@ async fn buildinfo() -> Response {
     }))
 }
 
-async fn exemplars(State(_s): State<AppState>, p: Params) -> Response {
-    // Exemplars arrive with adaptive sampling; until then there are none to show.
-    respond(parse_query(&p).and(p.time("start", 0.0)).and(p.time("end", 0.0)).map(|_| json!([])))
+/// Most exemplars one query returns.
+pub const MAX_EXEMPLARS: usize = 10_000;
+
+/// Exemplars of the bucket series the query's selectors select, in Prometheus' shape: grouped by
+/// series (with the `le` of the default ladder the span falls in), each with its trace and span
+/// id, duration in seconds and end time.
+async fn exemplars(State(s): State<AppState>, p: Params) -> Response {
+    let result = async {
+        let expr = parse_query(&p)?;
+        let now = s.clock.now_seconds() as f64;
+        let start = p.time("start", now - 3600.0)?;
+        let end = p.time("end", now)?;
+        if end < start {
+            return Err(bad_data("invalid parameter \"end\": end timestamp must not be before start time"));
+        }
+        let selectors: Vec<promql_parser::parser::VectorSelector> =
+            promql::selectors(&expr).into_iter().cloned().collect();
+        let store = s.store.clone();
+        let found = tokio::task::spawn_blocking(move || -> Result<Json_, crate::store::StoreError> {
+            let mut groups: std::collections::BTreeMap<promql::Labels, Vec<Json_>> = Default::default();
+            let mut total = 0;
+            'series: for (id, labels) in store.series()? {
+                let from = start.floor() as i64 - tailscope_proto::BASE_WINDOW_SECONDS;
+                for e in store.exemplars(id, from, end.ceil() as i64 + 1)? {
+                    let seconds = e.duration_nanos as f64 / 1e9;
+                    let at = (e.start_unix_nanos + e.duration_nanos) as f64 / 1e9;
+                    if at < start || at > end {
+                        continue;
+                    }
+                    let le =
+                        promql::DEFAULT_LE.iter().copied().find(|&le| seconds <= le).unwrap_or(f64::INFINITY);
+                    let mut set = promql::Labels::new();
+                    set.insert("__name__".into(), promql::BUCKET.into());
+                    for k in ["service", "operation", "status"] {
+                        if let Some(v) = labels.get(k) {
+                            set.insert(k.into(), v.into());
+                        }
+                    }
+                    set.insert("le".into(), format_value(le));
+                    let selected = selectors.iter().any(|vs| {
+                        vs.name.as_deref().is_none_or(|n| n == promql::BUCKET)
+                            && vs
+                                .matchers
+                                .matchers
+                                .iter()
+                                .all(|m| m.is_match(set.get(&m.name).map_or("", |v| v)))
+                    });
+                    if !selected {
+                        continue;
+                    }
+                    groups.entry(set).or_default().push(json!({
+                        "labels": {
+                            "trace_id": format!("{:016x}{:016x}", e.trace_id_high, e.trace_id_low),
+                            "span_id": format!("{:016x}", e.span_id),
+                        },
+                        "value": format_value(seconds),
+                        "timestamp": at,
+                    }));
+                    total += 1;
+                    if total >= MAX_EXEMPLARS {
+                        break 'series;
+                    }
+                }
+            }
+            Ok(Json_::Array(
+                groups
+                    .into_iter()
+                    .map(|(labels, ex)| json!({"seriesLabels": labels, "exemplars": ex}))
+                    .collect(),
+            ))
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        Ok::<_, ApiError>(found)
+    }
+    .await;
+    respond(result)
 }
 
 async fn rules() -> Response {

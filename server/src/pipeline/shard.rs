@@ -10,10 +10,59 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{SpanLimits, ValidatedBatch};
 use crate::series::{IdBuildHasher, SeriesLabels, Status};
-use crate::store::WindowDelta;
+use crate::store::{Exemplar, WindowDelta};
 
 /// How long a series stays "active" (and known to need no index write) after its last span.
 const ACTIVE_SECONDS: i64 = 600;
+/// Exemplars of a window are written once the window ended this long ago (late spans of it
+/// that arrive later start a new set).
+const EXEMPLAR_GRACE_SECONDS: i64 = 20;
+/// The slowest spans kept per series and window.
+const SLOWEST: usize = 3;
+/// The failed spans kept per series and window.
+const ERRORS: usize = 3;
+
+/// Example spans of one series and window: the slowest, the first few failed, and one chosen
+/// uniformly at random (reservoir sampling).
+#[derive(Debug, Default)]
+struct ExemplarSet {
+    slowest: Vec<Exemplar>,
+    errors: Vec<Exemplar>,
+    random: Option<Exemplar>,
+    seen: u64,
+}
+
+impl ExemplarSet {
+    fn offer(&mut self, e: Exemplar, error: bool, rng: &mut u64) {
+        self.seen += 1;
+        // xorshift64*: cheap, and only has to be fair, not unpredictable.
+        *rng ^= *rng >> 12;
+        *rng ^= *rng << 25;
+        *rng ^= *rng >> 27;
+        if rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % self.seen == 0 {
+            self.random = Some(e);
+        }
+        if error && self.errors.len() < ERRORS {
+            self.errors.push(e);
+        }
+        if self.slowest.len() < SLOWEST {
+            self.slowest.push(e);
+        } else if let Some(min) = self.slowest.iter_mut().min_by_key(|x| x.duration_nanos) {
+            if e.duration_nanos > min.duration_nanos {
+                *min = e;
+            }
+        }
+    }
+
+    fn into_exemplars(self, out: &mut Vec<Exemplar>) {
+        let mut kept: Vec<Exemplar> = self.slowest;
+        kept.extend(self.errors);
+        kept.extend(self.random);
+        kept.sort_by_key(|e| (e.trace_id_high, e.trace_id_low, e.span_id));
+        kept.dedup_by_key(|e| (e.trace_id_high, e.trace_id_low, e.span_id));
+        out.extend(kept);
+    }
+}
 
 /// Messages a shard reads from its queue, in order.
 #[derive(Debug)]
@@ -40,6 +89,8 @@ pub enum ShardMsg {
 /// What a shard hands over at a flush.
 #[derive(Debug, Default)]
 pub struct Handover {
+    /// Exemplars of windows that closed.
+    pub exemplars: Vec<Exemplar>,
     /// Encoded deltas per series and window.
     pub windows: Vec<WindowDelta>,
     /// Series this shard saw for the first time (since start-up or since they went idle).
@@ -62,6 +113,9 @@ struct ShardState {
     /// Series seen recently, with the second they were last seen.
     known: HashMap<u64, i64, IdBuildHasher>,
     now: i64,
+    /// Exemplars of open windows, per (series, window).
+    exemplars: HashMap<(u64, i64), ExemplarSet, IdBuildHasher>,
+    rng: u64,
 }
 
 impl ShardState {
@@ -89,6 +143,20 @@ impl ShardState {
                     Status::Error => route.error_series,
                 };
                 seen[status as usize] = true;
+                let exemplar = Exemplar {
+                    series,
+                    window_start: window,
+                    trace_id_high: span.trace_id_high,
+                    trace_id_low: span.trace_id_low,
+                    span_id: span.span_id,
+                    start_unix_nanos: span.start_unix_nanos,
+                    duration_nanos: span.duration_nanos,
+                };
+                self.exemplars.entry((series, window)).or_default().offer(
+                    exemplar,
+                    status == Status::Error,
+                    &mut self.rng,
+                );
                 let layout = self.layout;
                 acc.windows
                     .entry((series, window))
@@ -126,13 +194,29 @@ impl ShardState {
             .into_iter()
             .map(|((series, window_start), h)| WindowDelta { series, window_start, histogram: h.to_bytes() })
             .collect();
-        Handover { windows, series: acc.series, active_series: self.known.len() }
+        let closed = self.now - tailscope_proto::BASE_WINDOW_SECONDS - EXEMPLAR_GRACE_SECONDS;
+        let mut exemplars = Vec::new();
+        let done: Vec<(u64, i64)> = self.exemplars.keys().filter(|(_, w)| *w <= closed).copied().collect();
+        for key in done {
+            if let Some(set) = self.exemplars.remove(&key) {
+                set.into_exemplars(&mut exemplars);
+            }
+        }
+        Handover { windows, series: acc.series, active_series: self.known.len(), exemplars }
     }
 }
 
 /// Runs shard `id` until its queue closes.
 pub async fn run(id: u32, mut rx: mpsc::Receiver<ShardMsg>, layout: Layout, limits: SpanLimits) {
-    let mut state = ShardState { id, layout, limits, known: HashMap::default(), now: 0 };
+    let mut state = ShardState {
+        id,
+        layout,
+        limits,
+        known: HashMap::default(),
+        now: 0,
+        exemplars: HashMap::default(),
+        rng: 0x9e37_79b9_7f4a_7c15 ^ u64::from(id),
+    };
     // Work of the epoch being filled, and of the next one: a batch admitted just after the
     // coordinator cut an epoch can reach this queue before that epoch's Flush message.
     let mut current = Accumulator::default();

@@ -117,6 +117,34 @@ impl Source for crate::store::Store {
     }
 }
 
+/// Every vector selector of `expr` (those inside range selectors included), in order.
+pub fn selectors(expr: &Expr) -> Vec<&VectorSelector> {
+    fn walk<'a>(e: &'a Expr, out: &mut Vec<&'a VectorSelector>) {
+        match e {
+            Expr::VectorSelector(vs) => out.push(vs),
+            Expr::MatrixSelector(ms) => out.push(&ms.vs),
+            Expr::Aggregate(a) => {
+                walk(&a.expr, out);
+                if let Some(p) = &a.param {
+                    walk(p, out);
+                }
+            }
+            Expr::Unary(u) => walk(&u.expr, out),
+            Expr::Binary(b) => {
+                walk(&b.lhs, out);
+                walk(&b.rhs, out);
+            }
+            Expr::Paren(p) => walk(&p.expr, out),
+            Expr::Subquery(q) => walk(&q.expr, out),
+            Expr::Call(c) => c.args.args.iter().for_each(|a| walk(a, out)),
+            Expr::NumberLiteral(_) | Expr::StringLiteral(_) | Expr::Extension(_) => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(expr, &mut out);
+    out
+}
+
 /// Why an evaluation failed; each maps to a Prometheus error type.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {

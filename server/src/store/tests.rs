@@ -40,6 +40,7 @@ fn epochs_merge_into_every_resolution() {
             ],
             series: vec![(id, a.clone())],
             watermarks: vec![(42, i as u64 + 1)],
+            exemplars: Vec::new(),
         };
         store.write_epoch(&write).expect("write");
     }
@@ -153,4 +154,34 @@ fn retention_deletes_expired_partitions_and_reclaims_disk() {
     assert!(after * 10 < before * 7, "disk not reclaimed: {before} -> {after} bytes");
     // Idempotent: nothing more to delete.
     assert_eq!(store.apply_retention(T0, &retention).expect("again").deleted, vec![]);
+}
+
+#[test]
+fn exemplars_round_trip_by_series_and_window_and_expire() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let (a, b) = (labels("GET /a").id(), labels("GET /b").id());
+    let e = |series, window_start: i64, span_id| Exemplar {
+        series,
+        window_start,
+        trace_id_high: 7,
+        trace_id_low: span_id * 3,
+        span_id,
+        start_unix_nanos: window_start * 1_000_000_000 + 5,
+        duration_nanos: 1_234_567,
+    };
+    let written = vec![e(a, T0, 1), e(a, T0, 2), e(a, T0 + 3600, 3), e(b, T0, 4)];
+    store.write_epoch(&EpochWrite { exemplars: written.clone(), ..EpochWrite::default() }).expect("write");
+    let mut read = store.exemplars(a, T0, T0 + 7200).expect("read");
+    read.sort_by_key(|e| e.span_id);
+    assert_eq!(read, vec![written[0], written[1], written[2]]);
+    assert_eq!(store.exemplars(a, T0 + 10, T0 + 7200).expect("read"), vec![written[2]]);
+    assert_eq!(store.exemplars(b, T0, T0 + 10).expect("read"), vec![written[3]]);
+    assert!(store.exemplars(b, T0 + 10, T0).expect("read").is_empty());
+    // Exemplars older than their retention go, partition by partition.
+    let retention =
+        RetentionConfig { exemplars: std::time::Duration::from_secs(3600), ..RetentionConfig::default() };
+    let report = store.apply_retention(T0 + 7200, &retention).expect("retention");
+    assert_eq!(report.exemplar_partitions, 1);
+    assert_eq!(store.exemplars(a, T0, T0 + 7200).expect("read"), vec![written[2]]);
 }
