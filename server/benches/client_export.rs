@@ -3,7 +3,10 @@
 //! the CPU time of the client's exporter thread and of the recording thread per million spans
 //! (from /proc), and the peak RSS of the whole process (server included, so an upper bound).
 //!
-//! `cargo bench -p tailscope-server --bench client_export`
+//! `cargo bench -p tailscope-server --bench client_export`; `TAILSCOPE_BENCH_BUDGET=10000`
+//! sets the server's sampling budget (full spans per second; 1 % of the offered load) to
+//! compare the server's CPU with sampling against without (the default budget here is
+//! unlimited).
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -30,6 +33,14 @@ fn thread_cpu(prefix: &str) -> f64 {
     total
 }
 
+/// CPU seconds (user + system) of the whole process.
+fn process_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let after = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
+}
+
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let kb: f64 = status
@@ -47,6 +58,8 @@ fn main() {
     config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
     config.server.http_addr = "127.0.0.1:0".parse().unwrap();
     config.server.data_dir = dir.path().to_path_buf();
+    config.sampling.budget =
+        std::env::var("TAILSCOPE_BENCH_BUDGET").ok().and_then(|b| b.parse().ok()).unwrap_or(1e12);
     let server = runtime.block_on(Server::start(config)).unwrap();
     let client = Client::builder()
         .endpoint(format!("http://{}", server.grpc_addr()))
@@ -85,9 +98,11 @@ fn main() {
         })
         .unwrap();
     let exporter_before = thread_cpu("tailscope-expor");
+    let process_before = process_cpu();
     let (elapsed, recorder_cpu) = recorder.join().unwrap();
     runtime.block_on(client.flush_within(Duration::from_secs(60))).unwrap();
     let exporter_cpu = thread_cpu("tailscope-expor") - exporter_before;
+    let server_cpu = process_cpu() - process_before - exporter_cpu - recorder_cpu;
     let stats = client.stats();
     let millions = stats.recorded as f64 / 1e6;
     println!(
@@ -108,6 +123,7 @@ fn main() {
         "recording thread (record() calls and pacing): {:.3} CPU-s per million spans",
         recorder_cpu / millions
     );
+    println!("server (everything else in the process): {:.3} CPU-s per million spans", server_cpu / millions);
     println!("peak RSS of the process (server included): {:.0} MiB", peak_rss_mib());
     runtime.block_on(client.shutdown(Duration::from_secs(10))).ok();
     runtime.block_on(server.shutdown());
