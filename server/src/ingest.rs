@@ -440,6 +440,7 @@ impl IngestService {
                     }
                 }
                 if let Some(t) = self.throttle() {
+                    self.metrics.throttle_replies.inc();
                     if !st.ack(&self.pipeline, &self.sampler, Some(t)).await {
                         return Err(Status::cancelled("client went away"));
                     }
@@ -452,12 +453,20 @@ impl IngestService {
             }
             Admission::Overloaded => {
                 self.metrics.reject_batch("overloaded");
+                self.metrics
+                    .spans_throttled
+                    .get_or_create(&Reason { reason: "overloaded" })
+                    .inc_by(stats.accepted);
                 Err(Status::resource_exhausted(format!(
                     "batch seq {seq}: shard queues are full; resend after a backoff"
                 )))
             }
             Admission::StoreUnavailable => {
                 self.metrics.reject_batch("store_unavailable");
+                self.metrics
+                    .spans_throttled
+                    .get_or_create(&Reason { reason: "store_unavailable" })
+                    .inc_by(stats.accepted);
                 Err(Status::unavailable(format!(
                     "batch seq {seq}: the store cannot write right now; resend after a backoff"
                 )))

@@ -199,7 +199,7 @@ struct Gate {
 /// What ingest streams watch: the last written epoch, and whether the pipeline has closed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DurableState {
-    /// The number of the last epoch written.
+    /// The number of the last epoch written (epochs start at 1; 0: none yet).
     pub epoch: u64,
     /// No more batches will be accepted or acknowledged.
     pub closed: bool,
@@ -247,7 +247,8 @@ impl Pipeline {
         let pipeline = Pipeline {
             shards,
             queue_capacity: config.queue_capacity,
-            gate: RwLock::new(Gate::default()),
+            // Epochs start at 1, so a durable epoch of 0 means that nothing was written yet.
+            gate: RwLock::new(Gate { epoch: 1, draining: false }),
             clients,
             durable: watch::Sender::new(DurableState::default()),
             store,

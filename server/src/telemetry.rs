@@ -83,6 +83,10 @@ pub struct Metrics {
     pub sampling_budget: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Series keys the sampler tracks.
     pub sampling_keys: Gauge,
+    /// Spans in batches refused for overload (clients resend or fold them), by reason.
+    pub spans_throttled: Family<Reason, Counter>,
+    /// Replies that asked a client to slow down.
+    pub throttle_replies: Counter,
 }
 
 impl Default for Metrics {
@@ -114,6 +118,8 @@ impl Metrics {
             spans_received: Family::default(),
             sampling_budget: Gauge::default(),
             sampling_keys: Gauge::default(),
+            spans_throttled: Family::default(),
+            throttle_replies: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -175,6 +181,16 @@ impl Metrics {
             m.sampling_budget.clone(),
         );
         r.register("sampling_keys", "Series keys the sampler tracks", m.sampling_keys.clone());
+        r.register(
+            "spans_throttled",
+            "Spans in batches refused for overload (clients resend or fold them), by reason",
+            m.spans_throttled.clone(),
+        );
+        r.register(
+            "throttle_replies",
+            "Replies that asked a client to slow down",
+            m.throttle_replies.clone(),
+        );
         Metrics { registry, ..m }
     }
 

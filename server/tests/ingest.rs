@@ -264,5 +264,10 @@ async fn concurrent_clients_through_tiny_queues_and_fast_epochs_count_exactly() 
         f64::from(refusals),
         "{m}"
     );
+    assert_eq!(
+        metric(&m, "tailscope_spans_throttled_total{reason=\"overloaded\"}"),
+        f64::from(refusals) * 100.0,
+        "every span of every refused batch is counted as throttled: {m}"
+    );
     server.shutdown().await;
 }

@@ -221,7 +221,8 @@ pub async fn run(id: u32, mut rx: mpsc::Receiver<ShardMsg>, layout: Layout, limi
     // coordinator cut an epoch can reach this queue before that epoch's Flush message.
     let mut current = Accumulator::default();
     let mut next = Accumulator::default();
-    let mut open_epoch = 0u64;
+    // The pipeline's first epoch is 1.
+    let mut open_epoch = 1u64;
     while let Some(msg) = rx.recv().await {
         match msg {
             ShardMsg::Work { epoch, batch } => {
