@@ -363,30 +363,43 @@ impl Store {
     /// The exemplars of `series` whose windows start in `[start, end)` (seconds), in window
     /// order.
     pub fn exemplars(&self, series: u64, start: i64, end: i64) -> Result<Vec<Exemplar>, StoreError> {
-        let cf = self.cf(CF_EXEMPLARS)?;
         let mut out = Vec::new();
-        let start = start.max(0);
-        if end <= start {
-            return Ok(out);
-        }
-        let plen = EXEMPLAR_PARTITION_SECONDS;
-        let mut p = start / plen;
-        while p * plen < end {
-            let from = raw_key(p, series, start.max(p * plen));
-            let to = raw_key(p, series, end.min((p + 1) * plen));
+        self.scan(self.cf(CF_EXEMPLARS)?, EXEMPLAR_PARTITION_SECONDS, series, start.max(0), end, |k, v| {
+            out.push(Exemplar::decode(k, v).ok_or_else(|| StoreError::Corrupt {
+                what: "exemplar",
+                message: format!("{} key bytes, {} value bytes", k.len(), v.len()),
+            })?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with every key and value of `series` in a time-partitioned family whose time
+    /// (the key's bytes 12..20) is in `[start, end)`: one bounded iterator per partition.
+    fn scan(
+        &self,
+        cf: &rocksdb::ColumnFamily,
+        partition_seconds: i64,
+        series: u64,
+        start: i64,
+        end: i64,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut p = start / partition_seconds;
+        while p * partition_seconds < end {
+            // Both bounds carry partition p: the upper one is exclusive, so a bound at the
+            // next partition's first second still ends the scan inside this series' keys.
+            let from = raw_key(p, series, start.max(p * partition_seconds));
+            let to = raw_key(p, series, end.min((p + 1) * partition_seconds));
             let mut ro = ReadOptions::default();
             ro.set_iterate_upper_bound(to.to_vec());
             for item in self.db.iterator_cf_opt(cf, ro, IteratorMode::From(&from, Direction::Forward)) {
                 let (k, v) = item?;
-                let e = Exemplar::decode(&k, &v).ok_or_else(|| StoreError::Corrupt {
-                    what: "exemplar",
-                    message: format!("{} key bytes, {} value bytes", k.len(), v.len()),
-                })?;
-                out.push(e);
+                f(&k, &v)?;
             }
             p += 1;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Every client's durable watermark.
@@ -447,37 +460,20 @@ impl Store {
         end: i64,
         mut f: impl FnMut(i64, &[u8]) -> Result<(), tailscope_proto::histogram::HistogramError>,
     ) -> Result<(), StoreError> {
-        let cf = self.cf(res.column_family())?;
         let start = res.align(start.max(0));
         if end <= start {
             return Ok(());
         }
-        let plen = res.partition_seconds();
-        let mut p = start / plen;
-        while p * plen < end {
-            // Both bounds carry partition p: the upper one is exclusive, so a bound at the
-            // next partition's first second still ends the scan inside this series' keys.
-            let from = raw_key(p, series, start.max(p * plen));
-            let to = raw_key(p, series, end.min((p + 1) * plen));
-            let mut ro = ReadOptions::default();
-            ro.set_iterate_upper_bound(to.to_vec());
-            for item in self.db.iterator_cf_opt(cf, ro, IteratorMode::From(&from, Direction::Forward)) {
-                let (k, v) = item?;
-                let window = window_of_key(&k).ok_or_else(|| StoreError::Corrupt {
-                    what: "window key",
-                    message: format!("{} bytes", k.len()),
-                })?;
-                if window >= end {
-                    break;
-                }
-                f(window, &v).map_err(|e| StoreError::Corrupt {
-                    what: "histogram",
-                    message: format!("series {series:016x} window {window}: {e}"),
-                })?;
-            }
-            p += 1;
-        }
-        Ok(())
+        self.scan(self.cf(res.column_family())?, res.partition_seconds(), series, start, end, |k, v| {
+            let window = window_of_key(k).ok_or_else(|| StoreError::Corrupt {
+                what: "window key",
+                message: format!("{} bytes", k.len()),
+            })?;
+            f(window, v).map_err(|e| StoreError::Corrupt {
+                what: "histogram",
+                message: format!("series {series:016x} window {window}: {e}"),
+            })
+        })
     }
 
     /// Deletes every partition that lies wholly before its resolution's retention horizon,
@@ -489,38 +485,31 @@ impl Store {
     ) -> Result<RetentionReport, StoreError> {
         let mut report = RetentionReport::default();
         for res in Resolution::ALL {
-            let cf = self.cf(res.column_family())?;
-            let cutoff = now - res.retention(retention);
-            let first_kept = u32::try_from(cutoff.max(0) / res.partition_seconds()).unwrap_or(0);
-            let oldest = match self.db.iterator_cf(cf, IteratorMode::Start).next() {
-                Some(item) => {
-                    let (k, _) = item?;
-                    k.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes)
-                }
-                None => None,
-            };
-            let Some(oldest) = oldest.filter(|&o| o < first_kept) else { continue };
-            let from = [0u8; 4];
-            let to = first_kept.to_be_bytes();
-            self.db.delete_range_cf(cf, from, to)?;
-            self.db.compact_range_cf(cf, Some(from), Some(to));
-            report.deleted.push((res, u64::from(first_kept - oldest)));
+            let first_kept = (now - res.retention(retention)).max(0) / res.partition_seconds();
+            let deleted = self.expire(self.cf(res.column_family())?, first_kept)?;
+            if deleted > 0 {
+                report.deleted.push((res, deleted));
+            }
         }
-        let cf = self.cf(CF_EXEMPLARS)?;
-        let cutoff = now - i64::try_from(retention.exemplars.as_secs()).unwrap_or(i64::MAX);
-        let first_kept = u32::try_from(cutoff.max(0) / EXEMPLAR_PARTITION_SECONDS).unwrap_or(0);
-        let from = [0u8; 4];
-        let to = first_kept.to_be_bytes();
-        let expired = match self.db.iterator_cf(cf, IteratorMode::Start).next() {
+        let keep = i64::try_from(retention.exemplars.as_secs()).unwrap_or(i64::MAX);
+        let first_kept = now.saturating_sub(keep).max(0) / EXEMPLAR_PARTITION_SECONDS;
+        report.exemplar_partitions = self.expire(self.cf(CF_EXEMPLARS)?, first_kept)?;
+        Ok(report)
+    }
+
+    /// Range-deletes the partitions of a time-partitioned family before `first_kept` and
+    /// compacts them away; returns how many partitions that spanned.
+    fn expire(&self, cf: &rocksdb::ColumnFamily, first_kept: i64) -> Result<u64, StoreError> {
+        let first_kept = u32::try_from(first_kept).unwrap_or(u32::MAX);
+        let oldest = match self.db.iterator_cf(cf, IteratorMode::Start).next() {
             Some(item) => item?.0.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes),
             None => None,
         };
-        if let Some(oldest) = expired.filter(|&o| o < first_kept) {
-            self.db.delete_range_cf(cf, from, to)?;
-            self.db.compact_range_cf(cf, Some(from), Some(to));
-            report.exemplar_partitions = u64::from(first_kept - oldest);
-        }
-        Ok(report)
+        let Some(oldest) = oldest.filter(|&o| o < first_kept) else { return Ok(0) };
+        let (from, to) = ([0u8; 4], first_kept.to_be_bytes());
+        self.db.delete_range_cf(cf, from, to)?;
+        self.db.compact_range_cf(cf, Some(from), Some(to));
+        Ok(u64::from(first_kept - oldest))
     }
 
     /// Flushes memtables to SST files (used before measuring disk use).
