@@ -65,7 +65,7 @@ struct Waiter {
 /// Spans of the batch being built, grouped by operation.
 #[derive(Default)]
 struct Builder {
-    index: HashMap<(u32, bool), usize>,
+    index: HashMap<u32, usize>,
     groups: Vec<(u32, Vec<Span>)>,
     spans: usize,
 }
@@ -415,7 +415,7 @@ impl Exporter {
 impl Builder {
     fn push(&mut self, r: &Record) {
         let groups = &mut self.groups;
-        let i = *self.index.entry((r.op, false)).or_insert_with(|| {
+        let i = *self.index.entry(r.op).or_insert_with(|| {
             groups.push((r.op, Vec::new()));
             groups.len() - 1
         });

@@ -417,7 +417,7 @@ impl Client {
         Stats {
             recorded: get(&c.drained)
                 + queued
-                + folded_on_overflow(c)
+                + get(&c.folded_on_overflow)
                 + dropped_queue_full
                 + dropped_fold_full,
             sent: get(&c.sent),
@@ -439,10 +439,6 @@ impl Client {
     pub fn config(&self) -> &Config {
         &self.inner.config
     }
-}
-
-fn folded_on_overflow(c: &Counters) -> u64 {
-    c.folded_on_overflow.load(Ordering::Relaxed)
 }
 
 impl Drop for Handle {

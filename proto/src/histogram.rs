@@ -785,19 +785,8 @@ impl Reader<'_> {
                 return Ok(u64::from(b));
             }
         }
-        let mut v: u64 = 0;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte(field)?;
-            let bits = u64::from(b & 0x7f);
-            if shift == 63 && bits > 1 {
-                return Err(HistogramError::BadVarint(field));
-            }
-            v |= bits << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(HistogramError::BadVarint(field))
+        let v = self.varint_u128(field)?;
+        u64::try_from(v).map_err(|_| HistogramError::BadVarint(field))
     }
 
     fn varint_u128(&mut self, field: &'static str) -> Result<u128, HistogramError> {
