@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::alerting::Alerting;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::http::{self, AppState};
@@ -48,6 +49,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// A rule file or the notifier configuration is invalid.
+    #[error("alerting: {0}")]
+    Alerting(String),
     /// The store could not be opened.
     #[error("cannot open the store in {path}: {source}")]
     Store {
@@ -70,6 +74,7 @@ pub struct Server {
     background: Vec<JoinHandle<()>>,
     store: Store,
     metrics: Arc<Metrics>,
+    alerting: Arc<Alerting>,
 }
 
 impl Server {
@@ -143,6 +148,22 @@ impl Server {
             }
         });
 
+        let external_url = if config.alerting.external_url.is_empty() {
+            format!("http://{http_addr}")
+        } else {
+            config.alerting.external_url.clone()
+        };
+        let (alerting, alerting_tasks) = Alerting::start(
+            &config.alerting,
+            external_url,
+            store.clone(),
+            clock.clone(),
+            config.retention.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        )
+        .map_err(StartError::Alerting)?;
+
         let state = AppState {
             pipeline: pipeline.clone(),
             store: store.clone(),
@@ -150,6 +171,7 @@ impl Server {
             clock: clock.clone(),
             retention: config.retention.clone(),
             sampler: sampler.clone(),
+            alerting: alerting.clone(),
         };
         let mut http_stop = stop_rx.clone();
         let http = tokio::spawn(async move {
@@ -164,6 +186,7 @@ impl Server {
         });
 
         let mut background = shard_tasks;
+        background.extend(alerting_tasks);
         background.push(tokio::spawn(run_sampler(
             sampler,
             pipeline.clone(),
@@ -180,7 +203,7 @@ impl Server {
             stop_rx,
         )));
         tracing::info!(%grpc_addr, %http_addr, data_dir = %dir.display(), shards = pipeline.shard_count(), "tailscope started");
-        Ok(Server { grpc_addr, http_addr, stop, flusher, grpc, http, background, store, metrics })
+        Ok(Server { grpc_addr, http_addr, stop, flusher, grpc, http, background, store, metrics, alerting })
     }
 
     /// The bound gRPC address.
@@ -201,6 +224,12 @@ impl Server {
     /// The self-metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Re-reads the rule files and the notifier configuration (what SIGHUP does); on an error
+    /// the running configuration stays.
+    pub fn reload(&self) -> Result<(), String> {
+        self.alerting.reload()
     }
 
     /// Shuts down gracefully: stops accepting batches, writes and acknowledges everything

@@ -66,6 +66,8 @@ pub struct Config {
     pub retention: RetentionConfig,
     /// The adaptive sampler's budget.
     pub sampling: crate::sampling::SamplingConfig,
+    /// Alerting rules and notifications.
+    pub alerting: crate::alerting::AlertingConfig,
 }
 
 /// `[server]`: listeners, data directory and process behaviour.
@@ -299,6 +301,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.histogram.layout()?;
         self.sampling.validate().map_err(|message| ConfigError::Invalid { key: "sampling", message })?;
+        self.alerting.validate().map_err(|message| ConfigError::Invalid { key: "alerting", message })?;
         let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
         let i = &self.ingest;
         if i.shards > 1024 {

@@ -1,5 +1,6 @@
 //! The HTTP API: health, readiness, self-metrics, and the native tail endpoint.
 
+pub mod alerts;
 pub mod prometheus;
 
 use std::collections::HashMap;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub retention: RetentionConfig,
     /// The adaptive sampler.
     pub sampler: std::sync::Arc<crate::sampling::Sampler>,
+    /// Rules, alerts, silences.
+    pub alerting: Arc<crate::alerting::Alerting>,
 }
 
 /// The routes of the HTTP listener.
@@ -45,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/tail", get(tail))
         .route("/api/v1/sampling", get(sampling))
         .merge(prometheus::routes())
+        .merge(alerts::routes())
         .with_state(state)
 }
 
@@ -93,6 +97,7 @@ async fn ready(State(s): State<AppState>) -> Response {
 
 async fn metrics(State(s): State<AppState>) -> Response {
     s.pipeline.refresh_metrics();
+    s.alerting.refresh_metrics();
     let store = s.store.clone();
     let sizes = tokio::task::spawn_blocking(move || store.sizes()).await.unwrap_or_default();
     for (column_family, bytes) in sizes {

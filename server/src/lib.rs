@@ -5,6 +5,7 @@
 //! The modules read as the data flow: [`ingest`] → [`pipeline`] (shards) → [`store`];
 //! [`http`] → [`query`] → [`store`]. [`app`] wires them together; `main.rs` only parses flags.
 
+pub mod alerting;
 pub mod app;
 pub mod clock;
 pub mod config;

@@ -37,10 +37,52 @@ enum Command {
         /// The configuration file to check.
         file: PathBuf,
     },
+    /// Validates Prometheus rule files (syntax, expressions tailscope can evaluate, templates);
+    /// prints what each holds, or names the file, group, rule and problem.
+    CheckRules {
+        /// Rule files (or directories of them).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn check_rules(files: &[PathBuf]) -> ExitCode {
+    let paths = match tailscope_server::alerting::expand_rule_paths(files) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut failed = false;
+    for path in paths {
+        match tailscope_server::alerting::rules::RuleGroup::load_file(&path) {
+            Ok(groups) => {
+                let rules: usize = groups.iter().map(|g| g.rules.len()).sum();
+                println!(
+                    "Checking {}\n  SUCCESS: {} groups, {rules} rules found",
+                    path.display(),
+                    groups.len()
+                );
+            }
+            Err(e) => {
+                eprintln!("Checking {}\n  FAILED: {e}", path.display());
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::CheckRules { files }) = &cli.command {
+        return check_rules(files);
+    }
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return match Config::load(Some(file), std::env::vars(), &Overrides::default()) {
             Ok(config) => {
@@ -78,7 +120,12 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        wait_for_signal().await;
+        while let Signal::Reload = wait_for_signal().await {
+            tracing::info!("SIGHUP: reloading rule files and the notifier configuration");
+            if let Err(e) = server.reload() {
+                tracing::error!(error = %e, "reload failed; the running configuration stays");
+            }
+        }
         tracing::info!("shutting down: flushing and acknowledging accepted batches");
         server.shutdown().await;
         ExitCode::SUCCESS
@@ -98,18 +145,38 @@ fn init_logging(format: &str) {
     }
 }
 
-async fn wait_for_signal() {
+enum Signal {
+    Reload,
+    Stop,
+}
+
+async fn wait_for_signal() -> Signal {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+    let hangup = async {
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                hup.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGHUP; reload with POST /-/reload");
+                std::future::pending::<()>().await;
             }
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on SIGINT only");
-            let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on SIGINT only");
+                std::future::pending::<()>().await;
+            }
         }
+    };
+    tokio::select! {
+        _ = hangup => Signal::Reload,
+        _ = terminate => Signal::Stop,
+        _ = tokio::signal::ctrl_c() => Signal::Stop,
     }
 }

@@ -9,6 +9,7 @@
 //! | `series` | series id `u64` | encoded labels |
 //! | `watermarks` | client id `u64` | highest durable seq `u64` |
 //! | `exemplars` | hour `u32` ‖ series id `u64` ‖ window start `u64` ‖ span id `u64` | trace id, duration, start |
+//! | `alerting` | kind prefix ‖ name (rule state, notification log, silences) | JSON |
 //!
 //! All integers are big-endian, so one series' windows within a partition are one contiguous
 //! scan. A partition is a fixed span of time per resolution (1 h of 10-second windows, 1 day of
@@ -35,6 +36,7 @@ use crate::telemetry::Metrics;
 const CF_SERIES: &str = "series";
 const CF_WATERMARKS: &str = "watermarks";
 const CF_EXEMPLARS: &str = "exemplars";
+const CF_ALERTING: &str = "alerting";
 /// Exemplars are partitioned by the hour, like 10-second windows.
 const EXEMPLAR_PARTITION_SECONDS: i64 = 3600;
 const MERGE_OPERATOR: &str = "tailscope.histogram.v1";
@@ -42,6 +44,9 @@ const MERGE_OPERATOR: &str = "tailscope.histogram.v1";
 const MEMTABLE_BUDGET: usize = 64 << 20;
 /// Memory for cached (uncompressed) blocks of the window families.
 const BLOCK_CACHE: usize = 128 << 20;
+
+/// A key and its value.
+pub type Record = (Vec<u8>, Vec<u8>);
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -314,6 +319,7 @@ impl Store {
         cfs.push(ColumnFamilyDescriptor::new(CF_SERIES, Options::default()));
         cfs.push(ColumnFamilyDescriptor::new(CF_WATERMARKS, Options::default()));
         cfs.push(ColumnFamilyDescriptor::new(CF_EXEMPLARS, Options::default()));
+        cfs.push(ColumnFamilyDescriptor::new(CF_ALERTING, Options::default()));
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
         Ok(Store { db: Arc::new(db), layout })
     }
@@ -400,6 +406,37 @@ impl Store {
             p += 1;
         }
         Ok(())
+    }
+
+    /// Writes (`Some`) or deletes (`None`) alerting records in one synced batch, so rule state
+    /// and the notification log survive a crash the moment this returns.
+    pub fn write_alerting(&self, records: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+        let cf = self.cf(CF_ALERTING)?;
+        let mut batch = WriteBatch::default();
+        for (key, value) in records {
+            match value {
+                Some(v) => batch.put_cf(cf, key, v),
+                None => batch.delete_cf(cf, key),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Every alerting record whose key starts with `prefix`, in key order.
+    pub fn alerting_records(&self, prefix: &[u8]) -> Result<Vec<Record>, StoreError> {
+        let cf = self.cf(CF_ALERTING)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::From(prefix, Direction::Forward)) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
     }
 
     /// Every client's durable watermark.
@@ -534,6 +571,8 @@ impl Store {
             Resolution::H1.column_family(),
             CF_SERIES,
             CF_WATERMARKS,
+            CF_EXEMPLARS,
+            CF_ALERTING,
         ];
         names
             .into_iter()

@@ -43,6 +43,37 @@ pub struct ColumnFamilyLabel {
     pub column_family: &'static str,
 }
 
+/// A `rule_group` label: the rule file and group name, as `file;group` (Prometheus' form).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleGroupLabel {
+    /// `file;group`.
+    pub rule_group: String,
+}
+
+/// A `state` label (`pending`, `firing`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// The alert state.
+    pub state: &'static str,
+}
+
+/// A `receiver` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReceiverLabel {
+    /// The receiver's name.
+    pub receiver: String,
+}
+
+/// `receiver` and `result` labels of a delivery attempt.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabel {
+    /// The receiver's name.
+    pub receiver: String,
+    /// `success`, `server_error` (5xx/429, retried), `client_error` (other 4xx, not
+    /// retried), `connection_error`, `timeout`, `breaker_open`.
+    pub result: &'static str,
+}
+
 /// Every self-metric of the server.
 #[derive(Debug)]
 pub struct Metrics {
@@ -87,6 +118,30 @@ pub struct Metrics {
     pub spans_throttled: Family<Reason, Counter>,
     /// Replies that asked a client to slow down.
     pub throttle_replies: Counter,
+    /// Rule group evaluations.
+    pub rule_evaluations: Family<RuleGroupLabel, Counter>,
+    /// Rules whose evaluation failed.
+    pub rule_evaluation_failures: Family<RuleGroupLabel, Counter>,
+    /// Evaluations skipped because the previous one overran the interval.
+    pub rule_group_iterations_missed: Family<RuleGroupLabel, Counter>,
+    /// Duration of a group's last evaluation.
+    pub rule_group_last_duration: Family<RuleGroupLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Active alerts by state.
+    pub alerts: Family<StateLabel, Gauge>,
+    /// Alerts received by the notifier (from rules or `POST /api/v2/alerts`).
+    pub alerts_received: Counter,
+    /// Alert updates dropped because the notifier's queue was full (rules resend them).
+    pub alerts_dropped: Counter,
+    /// Notifications delivered, per receiver.
+    pub notifications: Family<ReceiverLabel, Counter>,
+    /// Notifications given up on (retried at the next group interval), per receiver.
+    pub notifications_failed: Family<ReceiverLabel, Counter>,
+    /// Every delivery attempt, by receiver and result.
+    pub notification_attempts: Family<AttemptLabel, Counter>,
+    /// Time from a group's flush to its notification's delivery, retries included.
+    pub notification_latency: Histogram,
+    /// Alerts forwarded to external Alertmanagers, by result.
+    pub alerts_forwarded: Family<Outcome, Counter>,
 }
 
 impl Default for Metrics {
@@ -120,6 +175,18 @@ impl Metrics {
             sampling_keys: Gauge::default(),
             spans_throttled: Family::default(),
             throttle_replies: Counter::default(),
+            rule_evaluations: Family::default(),
+            rule_evaluation_failures: Family::default(),
+            rule_group_iterations_missed: Family::default(),
+            rule_group_last_duration: Family::default(),
+            alerts: Family::default(),
+            alerts_received: Counter::default(),
+            alerts_dropped: Counter::default(),
+            notifications: Family::default(),
+            notifications_failed: Family::default(),
+            notification_attempts: Family::default(),
+            notification_latency: Histogram::new(exponential_buckets(0.001, 4.0, 10)),
+            alerts_forwarded: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -190,6 +257,50 @@ impl Metrics {
             "throttle_replies",
             "Replies that asked a client to slow down",
             m.throttle_replies.clone(),
+        );
+        r.register("rule_evaluations", "Rule group evaluations", m.rule_evaluations.clone());
+        r.register(
+            "rule_evaluation_failures",
+            "Rules whose evaluation failed",
+            m.rule_evaluation_failures.clone(),
+        );
+        r.register(
+            "rule_group_iterations_missed",
+            "Rule group evaluations skipped because the previous one overran the interval",
+            m.rule_group_iterations_missed.clone(),
+        );
+        r.register(
+            "rule_group_last_duration_seconds",
+            "Duration of the last evaluation of each rule group",
+            m.rule_group_last_duration.clone(),
+        );
+        r.register("alerts", "Active alerts, by state", m.alerts.clone());
+        r.register("alerts_received", "Alerts received by the notifier", m.alerts_received.clone());
+        r.register(
+            "alerts_dropped",
+            "Alert updates dropped because the notifier's queue was full (rules resend them)",
+            m.alerts_dropped.clone(),
+        );
+        r.register("notifications", "Notifications delivered, per receiver", m.notifications.clone());
+        r.register(
+            "notifications_failed",
+            "Notifications given up on until the next group interval, per receiver",
+            m.notifications_failed.clone(),
+        );
+        r.register(
+            "notification_attempts",
+            "Webhook delivery attempts, by receiver and result",
+            m.notification_attempts.clone(),
+        );
+        r.register(
+            "notification_latency_seconds",
+            "Time from a group flush to its notification's delivery, retries included",
+            m.notification_latency.clone(),
+        );
+        r.register(
+            "alerts_forwarded",
+            "Alerts forwarded to external Alertmanagers, by result",
+            m.alerts_forwarded.clone(),
         );
         Metrics { registry, ..m }
     }

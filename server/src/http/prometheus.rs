@@ -34,8 +34,6 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/metadata", get(metadata))
         .route("/api/v1/status/buildinfo", get(buildinfo))
         .route("/api/v1/query_exemplars", get(exemplars).post(exemplars))
-        .route("/api/v1/rules", get(rules))
-        .route("/api/v1/alerts", get(alerts))
 }
 
 /// Request parameters: the query string, then the form body of a POST.
@@ -489,12 +487,4 @@ async fn exemplars(State(s): State<AppState>, p: Params) -> Response {
     }
     .await;
     respond(result)
-}
-
-async fn rules() -> Response {
-    success(json!({"groups": []}))
-}
-
-async fn alerts() -> Response {
-    success(json!({"alerts": []}))
 }

@@ -739,7 +739,7 @@ impl<'a> Engine<'a> {
     fn binary(&self, bin: &BinaryExpr) -> Result<Value, EvalError> {
         let op = bin.op.to_string();
         if bin.op.is_set_operator() {
-            return unsupported(format!("set operator {op} is not supported"));
+            return self.set_operation(&op, bin);
         }
         let Some(f) = arithmetic(&op) else {
             return unsupported(format!("binary operator {op} is not supported"));
@@ -832,6 +832,72 @@ impl<'a> Engine<'a> {
                 Ok(Value::Vector(out))
             }
         }
+    }
+}
+
+impl Engine<'_> {
+    /// `and`, `or`, `unless`: many-to-many, step by step, matched on all labels but the name
+    /// (or on/ignoring).
+    fn set_operation(&self, op: &str, bin: &BinaryExpr) -> Result<Value, EvalError> {
+        let matching = bin.modifier.as_ref().and_then(|m| m.matching.as_ref());
+        let (l, r) = (self.eval(&bin.lhs)?, self.eval(&bin.rhs)?);
+        if [&l, &r].iter().any(|v| matches!(v, Value::Scalar(_) | Value::Str(_))) {
+            return unsupported(format!("set operator {op} not allowed in binary scalar expression"));
+        }
+        let (l, r) = (self.materialize(l)?, self.materialize(r)?);
+        // Per match signature, the steps at which that side has a sample.
+        let presence = |side: &[Series]| {
+            let mut p: BTreeMap<Labels, Vec<bool>> = BTreeMap::new();
+            for s in side {
+                let steps =
+                    p.entry(signature(&s.labels, matching)).or_insert_with(|| vec![false; s.values.len()]);
+                for (present, v) in steps.iter_mut().zip(&s.values) {
+                    *present |= v.is_some();
+                }
+            }
+            p
+        };
+        let mask = |mut s: Series, p: Option<&Vec<bool>>, keep_where_present: bool| {
+            for (i, v) in s.values.iter_mut().enumerate() {
+                let present = p.is_some_and(|p| p[i]);
+                if present != keep_where_present {
+                    *v = None;
+                }
+            }
+            s.values.iter().any(Option::is_some).then_some(s)
+        };
+        let out: Vec<Series> = match op {
+            "and" => {
+                let rp = presence(&r);
+                l.into_iter()
+                    .filter_map(|s| {
+                        let p = rp.get(&signature(&s.labels, matching));
+                        mask(s, p, true)
+                    })
+                    .collect()
+            }
+            "unless" => {
+                let rp = presence(&r);
+                l.into_iter()
+                    .filter_map(|s| {
+                        let p = rp.get(&signature(&s.labels, matching));
+                        mask(s, p, false)
+                    })
+                    .collect()
+            }
+            _ => {
+                let lp = presence(&l);
+                let extra: Vec<Series> = r
+                    .into_iter()
+                    .filter_map(|s| {
+                        let p = lp.get(&signature(&s.labels, matching));
+                        mask(s, p, false)
+                    })
+                    .collect();
+                l.into_iter().chain(extra).collect()
+            }
+        };
+        Ok(Value::Vector(out))
     }
 }
 

@@ -278,13 +278,35 @@ fn range_evaluation_slides_to_the_same_answers_as_instant_queries() {
 }
 
 #[test]
+fn set_operators_match_many_to_many_per_step() {
+    let (mem, _) = traffic();
+    let names = |q: &str| -> Vec<String> {
+        vector(&mem, q).into_iter().map(|(l, _)| format!("{}/{}", l["service"], l["operation"])).collect()
+    };
+    let count = "sum by (service, operation) (rate(span_duration_seconds_count[5m]))";
+    // Only the bimodal service has fewer than 16 requests per second under 500 ms.
+    let slow = "sum by (service, operation) (rate(span_duration_seconds_bucket{le=\"0.5\"}[5m])) < 16";
+    assert_eq!(names(slow), ["bimodal/read", "bimodal/write"]);
+    assert_eq!(names(&format!("{count} and {slow}")), names(slow));
+    assert_eq!(names(&format!("{count} and on (service) ({slow})")), names(slow));
+    assert_eq!(names(&format!("{count} and on (operation) ({slow})")).len(), 6);
+    let unless = names(&format!("{count} unless {slow}"));
+    assert!(unless.iter().all(|n| !names(slow).contains(n)) && !unless.is_empty());
+    assert_eq!(names(&format!("({slow}) or {count}")).len(), names(count).len());
+    // The left side's values are kept.
+    let and = vector(&mem, &format!("{count} and {slow}"));
+    let plain: BTreeMap<_, _> = vector(&mem, count).into_iter().collect();
+    assert!(and.iter().all(|(l, v)| plain[l] == *v));
+}
+
+#[test]
 fn unsupported_constructs_are_named() {
     let (mem, _) = traffic();
     for (q, needle) in [
         ("abs(rate(span_duration_seconds_count[5m]))", "function abs()"),
         ("rate(span_duration_seconds_count[5m])[10m:1m]", "subqueries"),
         ("rate(span_duration_seconds_count[5m] @ 100)", "@ modifier"),
-        ("rate(span_duration_seconds_count[5m]) and rate(span_duration_seconds_sum[5m])", "set operator and"),
+        ("rate(span_duration_seconds_count[5m]) and 1", "not allowed in binary scalar expression"),
         ("stddev(rate(span_duration_seconds_count[5m]))", "aggregation stddev()"),
         ("span_duration_seconds_count", "use rate() or increase()"),
         ("histogram_quantile(0.9, rate(span_duration_seconds_count[5m]))", "histogram_quantile()"),

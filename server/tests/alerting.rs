@@ -1,0 +1,367 @@
+//! Alerting end to end: spans in over gRPC, rules evaluated by a real server, notifications
+//! received by a real HTTP webhook receiver.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
+use axum::Json;
+use parking_lot::Mutex;
+use serde_json::Value;
+
+use common::*;
+
+/// A webhook receiver: records every notification it accepts; answers 500 while `down`.
+#[derive(Clone, Default)]
+struct Receiver {
+    accepted: Arc<Mutex<Vec<(String, Value)>>>,
+    refused: Arc<AtomicUsize>,
+    down: Arc<AtomicBool>,
+}
+
+impl Receiver {
+    async fn start() -> (Receiver, SocketAddr) {
+        let r = Receiver::default();
+        async fn hook(State(r): State<Receiver>, uri: Uri, Json(body): Json<Value>) -> StatusCode {
+            if r.down.load(Ordering::SeqCst) {
+                r.refused.fetch_add(1, Ordering::SeqCst);
+                return StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            r.accepted.lock().push((uri.path().to_owned(), body));
+            StatusCode::OK
+        }
+        let app = axum::Router::new().fallback(axum::routing::post(hook)).with_state(r.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (r, addr)
+    }
+
+    fn bodies(&self, path: &str) -> Vec<Value> {
+        self.accepted.lock().iter().filter(|(p, _)| p == path).map(|(_, b)| b.clone()).collect()
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// An Alertmanager-style notifier configuration posting to `receiver`'s `/hook`.
+fn notifier_yaml(receiver: SocketAddr, group_by: &str, group_wait: &str, group_interval: &str) -> String {
+    format!(
+        "route:\n  receiver: hook\n  group_by: {group_by}\n  group_wait: {group_wait}\n  group_interval: {group_interval}\n  repeat_interval: 1h\nreceivers:\n  - name: hook\n    webhook_configs:\n      - url: http://{receiver}/hook\n"
+    )
+}
+
+fn alerting_config(dir: &Path, rules: &str, notifier: &str) -> tailscope_server::Config {
+    let mut c = config(&dir.join("data"));
+    c.alerting.rule_files = vec![write(dir, "rules.yml", rules)];
+    c.alerting.alertmanager_config = write(dir, "alertmanager.yml", notifier);
+    c.alerting.resend_delay = Duration::from_secs(1);
+    c
+}
+
+/// Sends spans of the given durations (ms) for each operation of `service`, started just now.
+async fn send(grpc: SocketAddr, client_id: u64, service: &str, operations: &[String], durations_ms: &[i64]) {
+    let now = now_nanos();
+    let groups = operations
+        .iter()
+        .map(|op| {
+            let spans = durations_ms
+                .iter()
+                .enumerate()
+                .map(|(i, ms)| span(now - 1_000_000_000 + i as i64, ms * 1_000_000, false))
+                .collect();
+            group(service, op, spans)
+        })
+        .collect();
+    let mut s = open(grpc).await;
+    s.send(batch(client_id, 1, groups)).await;
+    s.wait_acked(1).await;
+}
+
+async fn instant(http: SocketAddr, q: &str) -> Vec<Value> {
+    let q: String = form_urlencoded::byte_serialize(q.as_bytes()).collect();
+    let v = get_json(http, &format!("/api/v1/query?query={q}")).await;
+    assert_eq!(v["status"], "success", "{v}");
+    v["data"]["result"].as_array().cloned().unwrap()
+}
+
+fn value(sample: &Value) -> f64 {
+    sample["value"][1].as_str().unwrap().parse().unwrap()
+}
+
+/// Waits `d` while rules keep evaluating (a quiet period in which nothing new may arrive).
+async fn quiet(d: Duration) {
+    tokio::time::sleep(d).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_misleading_average_stays_quiet_while_the_tail_rule_fires_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (receiver, raddr) = Receiver::start().await;
+    // 1,000 requests: 990 at 50 ms, 5 at 1 s, 5 at 5 s. The mean is 79.5 ms. With exactly 1 %
+    // slow requests p99 is the 990th request, 50 ms (the nearest-rank definition Prometheus
+    // and HdrHistogram share); the tail shows from p99.5 (1 s) and p99.9 (5 s) up.
+    let rules = r#"
+groups:
+  - name: seed
+    interval: 1s
+    rules:
+      - alert: AverageLatencyHigh
+        expr: sum by (service) (rate(span_duration_seconds_sum[1m])) / sum by (service) (rate(span_duration_seconds_count[1m])) > 0.2
+      - alert: TailLatencyHigh
+        expr: histogram_quantile(0.999, sum by (service, le) (rate(span_duration_seconds_bucket[1m]))) > 0.2
+        labels: {severity: page}
+        annotations:
+          summary: "p99.9 of {{ $labels.service }} is {{ $value | humanizeDuration }}"
+"#;
+    let config =
+        alerting_config(dir.path(), rules, &notifier_yaml(raddr, "[alertname, service]", "1s", "2s"));
+    let server = start_with(config, Arc::new(tailscope_server::clock::SystemClock)).await;
+    let mut block = vec![50; 990];
+    block.extend([1000; 5]);
+    block.extend([5000; 5]);
+    let repeated: Vec<i64> = block.iter().copied().cycle().take(3000).collect();
+    send(server.grpc_addr(), 7, "checkout", &["POST /pay".to_owned()], &repeated).await;
+
+    let http = server.http_addr();
+    assert_eventually!(!receiver.bodies("/hook").is_empty(), "the tail alert was not notified");
+    // The numbers the rules saw.
+    let mean = value(
+        &instant(
+            http,
+            "sum(rate(span_duration_seconds_sum[1m])) / sum(rate(span_duration_seconds_count[1m]))",
+        )
+        .await[0],
+    );
+    assert!((mean - 0.0795).abs() < 1e-9, "mean {mean}");
+    let q =
+        |phi: f64| format!("histogram_quantile({phi}, sum by (le) (rate(span_duration_seconds_bucket[1m])))");
+    let p99 = value(&instant(http, &q(0.99)).await[0]);
+    let p999 = value(&instant(http, &q(0.999)).await[0]);
+    assert!((p99 - 0.05).abs() / 0.05 < 0.01, "p99 {p99}");
+    assert!((p999 - 5.0).abs() / 5.0 < 0.01, "p99.9 {p999}");
+
+    // Several evaluations and group intervals later: still exactly one notification.
+    quiet(Duration::from_secs(6)).await;
+    let bodies = receiver.bodies("/hook");
+    assert_eq!(bodies.len(), 1, "{bodies:#?}");
+    let n = &bodies[0];
+    assert_eq!(n["status"], "firing");
+    assert_eq!(n["alerts"].as_array().unwrap().len(), 1);
+    assert_eq!(n["alerts"][0]["labels"]["alertname"], "TailLatencyHigh");
+    assert_eq!(n["alerts"][0]["labels"]["service"], "checkout");
+    let summary = n["alerts"][0]["annotations"]["summary"].as_str().unwrap();
+    assert!(
+        summary.starts_with("p99.9 of checkout is 4.9") || summary.starts_with("p99.9 of checkout is 5"),
+        "{summary}"
+    );
+    assert_eq!(n["groupKey"], r#"{}:{alertname="TailLatencyHigh", service="checkout"}"#);
+    // The average rule evaluated all along, healthy and quiet.
+    let rules = get_json(http, "/api/v1/rules").await;
+    let avg = &rules["data"]["groups"][0]["rules"][0];
+    assert_eq!(
+        (avg["name"].as_str(), avg["health"].as_str(), avg["state"].as_str()),
+        (Some("AverageLatencyHigh"), Some("ok"), Some("inactive"))
+    );
+    let tail = &rules["data"]["groups"][0]["rules"][1];
+    assert_eq!(tail["state"], "firing");
+    let alerts = get_json(http, "/api/v1/alerts").await;
+    assert_eq!(alerts["data"]["alerts"].as_array().unwrap().len(), 1, "{alerts}");
+    let text = metrics(http).await;
+    assert_eq!(metric(&text, "tailscope_notifications_total{receiver=\"hook\"}"), 1.0);
+    assert_eq!(metric(&text, "tailscope_alerts{state=\"firing\"}"), 1.0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_operations_breaching_at_once_make_one_notification_then_one_resolve() {
+    let dir = tempfile::tempdir().unwrap();
+    let (receiver, raddr) = Receiver::start().await;
+    let rules = r#"
+groups:
+  - name: p99
+    interval: 1s
+    rules:
+      - alert: HighP99Latency
+        expr: histogram_quantile(0.99, sum by (service, operation, le) (rate(span_duration_seconds_bucket[10s]))) > 0.5
+"#;
+    let config = alerting_config(dir.path(), rules, &notifier_yaml(raddr, "[service]", "2s", "3s"));
+    let server = start_with(config, Arc::new(tailscope_server::clock::SystemClock)).await;
+    let operations: Vec<String> = (0..50).map(|i| format!("GET /item/{i}")).collect();
+    send(server.grpc_addr(), 9, "catalog", &operations, &[900; 20]).await;
+
+    assert_eventually!(!receiver.bodies("/hook").is_empty(), "no notification");
+    let first = receiver.bodies("/hook")[0].clone();
+    assert_eq!(first["status"], "firing");
+    assert_eq!(first["alerts"].as_array().unwrap().len(), 50, "all fifty in the first notification");
+    assert_eq!(first["groupLabels"], serde_json::json!({"service": "catalog"}));
+    assert_eq!(
+        first["commonLabels"],
+        serde_json::json!({"alertname": "HighP99Latency", "service": "catalog"})
+    );
+
+    // The slow window leaves the 10 s range: everything resolves, and one resolve notice says so.
+    let resolved = || receiver.bodies("/hook").iter().any(|b| b["status"] == "resolved");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !resolved() {
+        assert!(std::time::Instant::now() < deadline, "never resolved: {:#?}", receiver.bodies("/hook"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    quiet(Duration::from_secs(4)).await;
+    let bodies = receiver.bodies("/hook");
+    assert_eq!(bodies.len(), 2, "one firing, one resolved: {bodies:#?}");
+    let last = &bodies[1];
+    assert_eq!(last["alerts"].as_array().unwrap().len(), 50);
+    assert!(last["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|a| a["status"] == "resolved" && a["endsAt"] != "0001-01-01T00:00:00Z"));
+    assert_eq!(get_json(server.http_addr(), "/api/v1/alerts").await["data"]["alerts"], serde_json::json!([]));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silences_and_inhibitions_mute_and_the_api_speaks_alertmanager() {
+    let dir = tempfile::tempdir().unwrap();
+    let (receiver, raddr) = Receiver::start().await;
+    let notifier = format!(
+        "{}inhibit_rules:\n  - source_matchers: ['severity=\"page\"']\n    target_matchers: ['severity=\"ticket\"']\n    equal: [service]\n",
+        notifier_yaml(raddr, "[alertname, service]", "1s", "2s")
+    );
+    let config = alerting_config(dir.path(), "groups: []\n", &notifier);
+    let server = start_with(config, Arc::new(tailscope_server::clock::SystemClock)).await;
+    let http = server.http_addr();
+    let client = reqwest::Client::new();
+    let url = |p: &str| format!("http://{http}{p}");
+
+    // Silence service "b" for an hour.
+    let now = tailscope_server::alerting::rfc3339(now_nanos() / 1_000_000);
+    let later = tailscope_server::alerting::rfc3339(now_nanos() / 1_000_000 + 3_600_000);
+    let silence = serde_json::json!({
+        "matchers": [{"name": "service", "value": "b", "isRegex": false, "isEqual": true}],
+        "startsAt": now, "endsAt": later, "createdBy": "test", "comment": "maintenance",
+    });
+    let r = client.post(url("/api/v2/silences")).json(&silence).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.json::<Value>().await.unwrap()["silenceID"].as_str().unwrap().to_owned();
+
+    let alert = |name: &str, service: &str, severity: &str| serde_json::json!({"labels": {"alertname": name, "service": service, "severity": severity}, "annotations": {"summary": "x"}});
+    let alerts = serde_json::json!([
+        alert("Latency", "a", "page"),
+        alert("Errors", "a", "ticket"),
+        alert("Latency", "b", "page"),
+        alert("Errors", "c", "ticket"),
+    ]);
+    let r = client.post(url("/api/v2/alerts")).json(&alerts).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    // a/Latency and c/Errors notify; a/Errors is inhibited by a/Latency; b is silenced.
+    assert_eventually!(receiver.bodies("/hook").len() >= 2, "notifications");
+    quiet(Duration::from_secs(3)).await;
+    let mut got: Vec<String> = receiver
+        .bodies("/hook")
+        .iter()
+        .flat_map(|b| b["alerts"].as_array().unwrap().clone())
+        .map(|a| {
+            format!(
+                "{}/{}",
+                a["labels"]["service"].as_str().unwrap(),
+                a["labels"]["alertname"].as_str().unwrap()
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(got, ["a/Latency", "c/Errors"]);
+
+    let listed: Vec<Value> = client.get(url("/api/v2/alerts")).send().await.unwrap().json().await.unwrap();
+    let state = |svc: &str, name: &str| {
+        listed.iter().find(|a| a["labels"]["service"] == svc && a["labels"]["alertname"] == name).unwrap()
+            ["status"]
+            .clone()
+    };
+    assert_eq!(state("b", "Latency")["silencedBy"], serde_json::json!([id]));
+    assert_eq!(state("a", "Errors")["state"], "suppressed");
+    assert_eq!(state("a", "Errors")["inhibitedBy"].as_array().unwrap().len(), 1);
+    assert_eq!(state("c", "Errors")["state"], "active");
+
+    // Silences: listed, fetched, expired by DELETE; bad ones refused with a reason.
+    let one: Value =
+        client.get(url(&format!("/api/v2/silence/{id}"))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        (one["status"]["state"].as_str(), one["comment"].as_str()),
+        (Some("active"), Some("maintenance"))
+    );
+    assert_eq!(client.delete(url(&format!("/api/v2/silence/{id}"))).send().await.unwrap().status(), 200);
+    let all: Vec<Value> = client.get(url("/api/v2/silences")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(all[0]["status"]["state"], "expired");
+    assert_eq!(client.delete(url("/api/v2/silence/nope")).send().await.unwrap().status(), 404);
+    let bad = serde_json::json!({"matchers": [{"name": "service", "value": "", "isRegex": false}], "startsAt": now, "endsAt": later});
+    let r = client.post(url("/api/v2/silences")).json(&bad).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("must not match the empty string"));
+    let r = client
+        .post(url("/api/v2/alerts"))
+        .body("[{\"labels\": {}}]")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("at least one label pair required"));
+    // Once the silence is gone, b's alert notifies.
+    assert_eventually!(
+        receiver.bodies("/hook").iter().any(|b| b["groupLabels"]["service"] == "b"),
+        "expired silence still mutes"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_reload_keeps_the_running_rules_and_a_good_one_replaces_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_receiver, raddr) = Receiver::start().await;
+    let rules = "groups:\n  - name: a\n    interval: 1s\n    rules:\n      - alert: One\n        expr: '1'\n";
+    let config = alerting_config(dir.path(), rules, &notifier_yaml(raddr, "[alertname]", "1s", "1s"));
+    let server = start_with(config, Arc::new(tailscope_server::clock::SystemClock)).await;
+    let http = server.http_addr();
+    let names = || async move {
+        let v = get_json(http, "/api/v1/rules").await;
+        v["data"]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["rules"].as_array().unwrap().clone())
+            .map(|r| r["name"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names().await, ["One"]);
+    std::fs::write(
+        dir.path().join("rules.yml"),
+        "groups:\n  - name: a\n    rules:\n      - alert: Two\n        expr: rate(x[5m]\n",
+    )
+    .unwrap();
+    let r = reqwest::Client::new().post(format!("http://{http}/-/reload")).send().await.unwrap();
+    assert_eq!(r.status(), 500);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("rules.yml") && text.contains("could not parse expression"), "{text}");
+    assert_eq!(names().await, ["One"]);
+    std::fs::write(
+        dir.path().join("rules.yml"),
+        "groups:\n  - name: a\n    rules:\n      - alert: Two\n        expr: '2'\n",
+    )
+    .unwrap();
+    assert_eq!(server.reload(), Ok(()));
+    assert_eq!(names().await, ["Two"]);
+    server.shutdown().await;
+}
