@@ -1,5 +1,5 @@
-//! The `tailscope-server` binary: `check-config`, and a graceful exit on SIGTERM that writes and
-//! acknowledges everything accepted.
+//! The `tailscope-server` binary: `check-config`, `check-rules`, SIGHUP reloading the rules,
+//! and a graceful exit on SIGTERM that writes and acknowledges everything accepted.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -22,6 +22,64 @@ fn check_config_prints_the_effective_config() {
     assert!(stdout.contains("grpc_addr = \"127.0.0.1:4317\""), "{stdout}");
     assert!(stdout.contains("shards = 3"), "env overrides the file: {stdout}");
     assert!(stdout.contains("window_10s = \"2days\""), "{stdout}");
+}
+
+const EXAMPLE_RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/rules");
+
+#[test]
+fn the_shipped_rule_files_pass_check_rules_and_promtool() {
+    let out = server_bin().args(["check-rules", EXAMPLE_RULES]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for file in ["errors.yml", "latency.yml", "slo.yml"] {
+        assert!(stdout.contains(file), "{stdout}");
+    }
+    assert!(stdout.contains("SUCCESS: 1 groups, 2 rules found"), "the SLO file's two burn rates: {stdout}");
+    // The same files pass Prometheus' own checker.
+    let Some(promtool) = peers(&["promtool"], "prometheus") else { return };
+    let files: Vec<_> = std::fs::read_dir(EXAMPLE_RULES).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 3);
+    let out = Command::new(&promtool[0]).args(["check", "rules"]).args(&files).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn check_rules_names_file_group_rule_and_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.yml");
+    std::fs::write(&good, "groups:\n  - name: ok\n    rules:\n      - alert: A\n        expr: '1'\n").unwrap();
+    let bad = dir.path().join("bad.yml");
+    std::fs::write(&bad, "groups:\n  - name: latency\n    rules:\n      - alert: A\n        expr: '1'\n      - alert: P99\n        expr: histogram_quantile(0.99, rate(span_duration_seconds_bucket[5m]) > 1\n").unwrap();
+    let out = server_bin().arg("check-rules").arg(&good).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stdout.contains("good.yml") && stdout.contains("SUCCESS: 1 groups, 1 rules found"), "{stdout}");
+    assert!(stderr.contains("bad.yml"), "{stderr}");
+    assert!(stderr.contains("group \"latency\", rule 2: \"P99\": could not parse expression"), "{stderr}");
+    let out = server_bin().arg("check-rules").arg(dir.path().join("missing.yml")).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.yml"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yml");
+    std::fs::write(&rules, "groups:\n  - name: g\n    rules:\n      - alert: Before\n        expr: '1'\n").unwrap();
+    let config = dir.path().join("tailscope.toml");
+    std::fs::write(&config, format!("[alerting]\nrule_files = [{:?}]\n", rules.display().to_string())).unwrap();
+    let config = config.display().to_string();
+    let (child, _, http) = spawn_server(&dir.path().join("data"), &[("TAILSCOPE_CONFIG", &config)]);
+    let child = Peer(child);
+    let name = || async move {
+        get_json(http, "/api/v1/rules").await["data"]["groups"][0]["rules"][0]["name"].as_str().map(str::to_owned)
+    };
+    assert_eq!(name().await.as_deref(), Some("Before"));
+    std::fs::write(&rules, "groups:\n  - name: g\n    rules:\n      - alert: After\n        expr: '1'\n").unwrap();
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    assert_eventually!(name().await.as_deref() == Some("After"), "SIGHUP did not reload the rules");
 }
 
 #[test]

@@ -253,35 +253,11 @@ async fn histogram_quantile_matches_sorted_data_through_the_store() {
 /// Prometheus' default classic buckets (client_golang's `DefBuckets`).
 const PROMETHEUS_DEFAULT_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-/// `promtool` and `prometheus` from PATH. Missing binaries fail the test, unless
-/// `TAILSCOPE_SKIP_PEERS` is set (then it is skipped, saying so).
+/// `promtool` and `prometheus` from PATH (see [`peers`]).
 fn prometheus_binaries() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
-    let find = |name: &str| {
-        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    };
-    match (find("promtool"), find("prometheus")) {
-        (Some(a), Some(b)) => Some((a, b)),
-        _ if std::env::var_os("TAILSCOPE_SKIP_PEERS").is_some() => {
-            eprintln!("SKIPPED: promtool/prometheus not on PATH and TAILSCOPE_SKIP_PEERS is set");
-            None
-        }
-        _ => panic!(
-            "promtool and prometheus are needed on PATH: install Debian's `prometheus` package \
-             (.ci/run does), or set TAILSCOPE_SKIP_PEERS=1 to skip the tests against real peers"
-        ),
-    }
-}
-
-/// A child process killed when dropped.
-struct Peer(std::process::Child);
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    let mut found = peers(&["promtool", "prometheus"], "prometheus")?;
+    let prometheus = found.pop()?;
+    Some((found.pop()?, prometheus))
 }
 
 /// The same spans exported as classic histograms with Prometheus' default buckets (two

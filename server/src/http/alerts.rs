@@ -209,7 +209,8 @@ async fn post_alerts(State(s): State<AppState>, body: Bytes) -> Response {
         if let Some(bad) = p.labels.keys().find(|k| !crate::alerting::rules::valid_label_name(k)) {
             return v2_error(StatusCode::BAD_REQUEST, format!("alert {i}: invalid label name {bad:?}"));
         }
-        let starts_at = starts.unwrap_or(now);
+        // Alertmanager's defaults: a resolve posted without a start starts when it ends.
+        let starts_at = starts.or(ends.filter(|&e| e < now)).unwrap_or(now);
         let ends_at = ends.unwrap_or(now.max(starts_at) + timeout);
         if ends_at < starts_at {
             return v2_error(

@@ -237,3 +237,37 @@ pub async fn deliver(addr: SocketAddr, batches: Vec<SpanBatch>) -> u32 {
     }
     refusals
 }
+
+/// `name` from PATH.
+pub fn on_path(name: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Real peer programs from PATH (`package` is the Debian package that has them). Missing ones
+/// fail the test, unless `TAILSCOPE_SKIP_PEERS` is set (then it is skipped, saying so).
+pub fn peers(names: &[&str], package: &str) -> Option<Vec<std::path::PathBuf>> {
+    let found: Option<Vec<_>> = names.iter().map(|n| on_path(n)).collect();
+    match found {
+        Some(paths) => Some(paths),
+        None if std::env::var_os("TAILSCOPE_SKIP_PEERS").is_some() => {
+            eprintln!("SKIPPED: {names:?} not on PATH and TAILSCOPE_SKIP_PEERS is set");
+            None
+        }
+        None => panic!(
+            "{names:?} are needed on PATH: install Debian's `{package}` package (.ci/run does), \
+             or set TAILSCOPE_SKIP_PEERS=1 to skip the tests against real peers"
+        ),
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Peer(pub Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
