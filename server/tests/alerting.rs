@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 use common::*;
+use tailscope_proto::v1::Span;
 
 /// A webhook receiver: records every notification it accepts; answers 500 while `down`.
 #[derive(Clone, Default)]
@@ -294,6 +295,17 @@ async fn silences_and_inhibitions_mute_and_the_api_speaks_alertmanager() {
     assert_eq!(state("a", "Errors")["state"], "suppressed");
     assert_eq!(state("a", "Errors")["inhibitedBy"].as_array().unwrap().len(), 1);
     assert_eq!(state("c", "Errors")["state"], "active");
+
+    // Go's zero time, as amtool writes it, means "no end".
+    let zero = serde_json::json!([{"labels": {"alertname": "Zero", "service": "z"}, "endsAt": "0001-01-01T00:00:00.000Z"}]);
+    assert_eq!(client.post(url("/api/v2/alerts")).json(&zero).send().await.unwrap().status(), 200);
+    assert_eventually!(
+        {
+            let listed: Vec<Value> = client.get(url("/api/v2/alerts")).send().await.unwrap().json().await.unwrap();
+            listed.iter().any(|a| a["labels"]["alertname"] == "Zero" && a["status"]["state"] == "active")
+        },
+        "an alert without an end is active"
+    );
 
     // Silences: listed, fetched, expired by DELETE; bad ones refused with a reason.
     let one: Value =
@@ -651,5 +663,38 @@ async fn the_same_alerts_group_and_notify_as_in_a_real_alertmanager() {
         assert_eq!((sorted(top), sorted(per_alert)), (want_top.clone(), want_alert.clone()));
     }
     eprintln!("{} notifications each; groups: {:#?}", ts.len(), summarize(&ts));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_rules_fire_on_the_service_that_breaks_them_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let now = now_nanos();
+    // "slow": 5 % of requests take 800 ms (p99 800 ms; 5 % over the 300 ms objective, i.e. a
+    // burn rate of 50x) and 10 % fail. "fast": all 100 ms, none fail.
+    let slow: Vec<Span> = (0..1000)
+        .map(|i| span(now - 1_000_000_000 + i, if i % 20 == 0 { 800_000_000 } else { 100_000_000 }, i % 10 == 3))
+        .collect();
+    let fast: Vec<Span> = (0..1000).map(|i| span(now - 1_000_000_000 + i, 100_000_000, false)).collect();
+    let mut s = open(server.grpc_addr()).await;
+    s.send(batch(21, 1, vec![group("slow", "GET /", slow), group("fast", "GET /", fast)])).await;
+    s.wait_acked(1).await;
+
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/rules");
+    let paths = tailscope_server::alerting::expand_rule_paths(&[dir.into()]).unwrap();
+    let groups = tailscope_server::alerting::load_rules(&paths, Duration::from_secs(60)).unwrap();
+    let mut fired = Vec::new();
+    for rule in groups.iter().flat_map(|g| &g.rules) {
+        for sample in instant(server.http_addr(), &rule.query).await {
+            let window = rule.labels.iter().find(|l| l.0 == "window").map(|l| l.1.clone()).unwrap_or_default();
+            fired.push(format!("{}{window} {}", rule.name, sample["metric"]["service"].as_str().unwrap()));
+        }
+    }
+    fired.sort();
+    assert_eq!(
+        fired,
+        ["HighErrorRatio slow", "HighP99Latency slow", "LatencySLOBudgetBurn1h slow", "LatencySLOBudgetBurn6h slow"]
+    );
     server.shutdown().await;
 }

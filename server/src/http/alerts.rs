@@ -193,10 +193,13 @@ async fn post_alerts(State(s): State<AppState>, body: Bytes) -> Response {
     for (i, p) in posted.into_iter().enumerate() {
         let time = |name: &str, v: &Option<String>| -> Result<Option<i64>, String> {
             match v.as_deref() {
-                None | Some("") | Some(ZERO_TIME) => Ok(None),
-                Some(t) => parse_rfc3339(t)
-                    .map(Some)
-                    .ok_or_else(|| format!("alert {i}: {name}: not an RFC 3339 time: {t:?}")),
+                None | Some("") => Ok(None),
+                Some(t) => match parse_rfc3339(t) {
+                    // Go's zero time (however written) means "not set".
+                    Some(ms) if Some(ms) == parse_rfc3339(ZERO_TIME) => Ok(None),
+                    Some(ms) => Ok(Some(ms)),
+                    None => Err(format!("alert {i}: {name}: not an RFC 3339 time: {t:?}")),
+                },
             }
         };
         let (starts, ends) = match (time("startsAt", &p.starts_at), time("endsAt", &p.ends_at)) {

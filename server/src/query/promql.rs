@@ -268,7 +268,7 @@ pub struct Engine<'a> {
     now: i64,
     retention: &'a RetentionConfig,
     limits: Limits,
-    series: std::cell::OnceCell<Vec<(u64, SeriesLabels)>>,
+    series: std::cell::OnceCell<std::sync::Arc<Vec<(u64, SeriesLabels)>>>,
 }
 
 impl std::fmt::Debug for Engine<'_> {
@@ -338,8 +338,15 @@ impl<'a> Engine<'a> {
         if let Some(s) = self.series.get() {
             return Ok(s);
         }
-        let loaded = self.source.series()?;
+        let loaded = std::sync::Arc::new(self.source.series()?);
         Ok(self.series.get_or_init(|| loaded))
+    }
+
+    /// Uses `series` as the series index instead of reading it from the source, so many
+    /// evaluations at one moment (a rule group) read the index once.
+    pub fn with_series(self, series: std::sync::Arc<Vec<(u64, SeriesLabels)>>) -> Engine<'a> {
+        let _ = self.series.set(series);
+        self
     }
 
     /// Resolves a selector's matchers against the series index.
