@@ -166,6 +166,7 @@ fn breach_to_webhook(n: usize) {
             // Spread the breaches uniformly over the evaluation interval.
             tokio::time::sleep(Duration::from_millis(rng.gen_range(0..1000))).await;
         }
+        println!("breach → webhook in order (ms): {:?}", latencies.iter().map(|l| l.round() as i64).collect::<Vec<_>>());
         latencies.sort_by(f64::total_cmp);
         let pick = |q: f64| latencies[((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1];
         println!(

@@ -301,7 +301,8 @@ async fn silences_and_inhibitions_mute_and_the_api_speaks_alertmanager() {
     assert_eq!(client.post(url("/api/v2/alerts")).json(&zero).send().await.unwrap().status(), 200);
     assert_eventually!(
         {
-            let listed: Vec<Value> = client.get(url("/api/v2/alerts")).send().await.unwrap().json().await.unwrap();
+            let listed: Vec<Value> =
+                client.get(url("/api/v2/alerts")).send().await.unwrap().json().await.unwrap();
             listed.iter().any(|a| a["labels"]["alertname"] == "Zero" && a["status"]["state"] == "active")
         },
         "an alert without an end is active"
@@ -508,8 +509,10 @@ groups:
     let text = metrics(http).await;
     let refused = receiver.refused.load(Ordering::SeqCst);
     assert!(refused > 0, "the receiver was never tried");
-    let server_errors = metric(&text, "tailscope_notification_attempts_total{receiver=\"hook\",result=\"server_error\"}");
-    let breaker_open = metric(&text, "tailscope_notification_attempts_total{receiver=\"hook\",result=\"breaker_open\"}");
+    let server_errors =
+        metric(&text, "tailscope_notification_attempts_total{receiver=\"hook\",result=\"server_error\"}");
+    let breaker_open =
+        metric(&text, "tailscope_notification_attempts_total{receiver=\"hook\",result=\"breaker_open\"}");
     assert_eq!(server_errors as usize, refused, "every attempt is counted");
     // Once open, the breaker lets one probe through per cool-down instead of a request per
     // retry: far fewer requests than the retries would have made.
@@ -526,6 +529,65 @@ groups:
     assert!(evaluations >= elapsed - 3.0, "{evaluations} evaluations in {elapsed:.0} s");
     assert_eq!(family_sum(&text, "tailscope_rule_group_iterations_missed_total{"), 0.0);
     eprintln!("receiver down {} s: {refused} refused requests, {breaker_open} attempts held by the breaker, {evaluations} evaluations in {elapsed:.0} s", down_seconds());
+    server.shutdown().await;
+}
+
+/// Starts a real Alertmanager (clustering off) on a free loopback port with `config`; returns
+/// it (killed when dropped) and its address once it is ready.
+async fn alertmanager(binary: &Path, dir: &Path, config: &str) -> (Peer, String) {
+    let file = write(dir, "am.yml", config);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let peer = Peer(
+        std::process::Command::new(binary)
+            .arg(format!("--config.file={}", file.display()))
+            .arg(format!("--storage.path={}", dir.join("am-data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--cluster.listen-address=")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start Alertmanager"),
+    );
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        if client.get(format!("http://{addr}/-/ready")).send().await.is_ok_and(|r| r.status() == 200) {
+            return (peer, addr);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("Alertmanager did not become ready on {addr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_are_forwarded_to_an_existing_alertmanager() {
+    let Some(found) = peers(&["prometheus-alertmanager"], "prometheus-alertmanager") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (_am, am_addr) =
+        alertmanager(&found[0], dir.path(), "route: {receiver: none}\nreceivers: [{name: none}]\n").await;
+    let rules = "groups:\n  - name: f\n    interval: 1s\n    rules:\n      - alert: Always\n        expr: '1'\n        labels: {service: checkout}\n        annotations: {summary: 'value {{ $value }}'}\n";
+    let mut config = config(&dir.path().join("data"));
+    config.alerting.rule_files = vec![write(dir.path(), "rules.yml", rules)];
+    config.alerting.alertmanager_urls = vec![format!("http://{am_addr}")];
+    let server = start_with(config, Arc::new(tailscope_server::clock::SystemClock)).await;
+    let client = reqwest::Client::new();
+    let mut found = Value::Null;
+    for _ in 0..200 {
+        let alerts: Vec<Value> =
+            client.get(format!("http://{am_addr}/api/v2/alerts")).send().await.unwrap().json().await.unwrap();
+        if let Some(a) = alerts.into_iter().find(|a| a["labels"]["alertname"] == "Always") {
+            found = a;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(found["labels"], serde_json::json!({"alertname": "Always", "service": "checkout"}), "{found}");
+    assert_eq!(found["annotations"]["summary"], "value 1");
+    assert_eq!(found["status"]["state"], "active");
+    let generator = found["generatorURL"].as_str().unwrap();
+    assert!(generator.starts_with(&format!("http://{}/graph?g0.expr=1", server.http_addr())), "{generator}");
+    let text = metrics(server.http_addr()).await;
+    assert!(metric(&text, "tailscope_alerts_forwarded_total{result=\"success\"}") >= 1.0, "{text}");
     server.shutdown().await;
 }
 
@@ -571,30 +633,8 @@ async fn the_same_alerts_group_and_notify_as_in_a_real_alertmanager() {
             "route:\n  receiver: team\n  group_by: [service]\n  group_wait: 2s\n  group_interval: 4s\n  repeat_interval: 1h\n  routes:\n    - matchers: ['severity=\"page\"']\n      receiver: pager\n      group_by: [alertname, service]\nreceivers:\n  - name: team\n    webhook_configs: [{{url: 'http://{raddr}/{prefix}/team'}}]\n  - name: pager\n    webhook_configs: [{{url: 'http://{raddr}/{prefix}/pager', send_resolved: true}}]\n"
         )
     };
-    let am_config = write(dir.path(), "am.yml", &notifier("am"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let am_addr = format!("127.0.0.1:{port}");
-    let _am = Peer(
-        std::process::Command::new(&found[0])
-            .arg(format!("--config.file={}", am_config.display()))
-            .arg(format!("--storage.path={}", dir.path().join("am-data").display()))
-            .arg(format!("--web.listen-address={am_addr}"))
-            .arg("--cluster.listen-address=")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start Alertmanager"),
-    );
+    let (_am, am_addr) = alertmanager(&found[0], dir.path(), &notifier("am")).await;
     let client = reqwest::Client::new();
-    let mut ready = false;
-    for _ in 0..200 {
-        if client.get(format!("http://{am_addr}/-/ready")).send().await.is_ok_and(|r| r.status() == 200) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "Alertmanager did not become ready");
     let config = alerting_config(dir.path(), "groups: []\n", &notifier("ts"));
     let server = start_with(config, Arc::new(tailscope_server::clock::SystemClock)).await;
     let ts_addr = server.http_addr().to_string();
@@ -613,7 +653,8 @@ async fn the_same_alerts_group_and_notify_as_in_a_real_alertmanager() {
         let (am, ts) = (am_addr.clone(), ts_addr.clone());
         async move {
             for addr in [am, ts] {
-                let r = client.post(format!("http://{addr}/api/v2/alerts")).json(&alerts).send().await.unwrap();
+                let r =
+                    client.post(format!("http://{addr}/api/v2/alerts")).json(&alerts).send().await.unwrap();
                 assert_eq!(r.status(), 200, "{addr}: {}", r.text().await.unwrap());
             }
         }
@@ -628,7 +669,8 @@ async fn the_same_alerts_group_and_notify_as_in_a_real_alertmanager() {
     post(Value::Array(all)).await;
     // t = 4 s (between the flushes at 2 s and 6 s): a's latency resolves, b saturates.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    post(serde_json::json!([alert("Latency", "a", "page", now()), alert("Saturation", "b", "ticket", hour)])).await;
+    post(serde_json::json!([alert("Latency", "a", "page", now()), alert("Saturation", "b", "ticket", hour)]))
+        .await;
     // t = 12 s (between 10 s and 14 s): everything resolves.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let mut resolved = Vec::new();
@@ -640,14 +682,27 @@ async fn the_same_alerts_group_and_notify_as_in_a_real_alertmanager() {
     post(Value::Array(resolved)).await;
     tokio::time::sleep(Duration::from_secs(10)).await;
 
-    let am: Vec<Value> = receiver.accepted.lock().iter().filter(|(p, _)| p.starts_with("/am/")).map(|(_, b)| b.clone()).collect();
-    let ts: Vec<Value> = receiver.accepted.lock().iter().filter(|(p, _)| p.starts_with("/ts/")).map(|(_, b)| b.clone()).collect();
+    let am: Vec<Value> = receiver
+        .accepted
+        .lock()
+        .iter()
+        .filter(|(p, _)| p.starts_with("/am/"))
+        .map(|(_, b)| b.clone())
+        .collect();
+    let ts: Vec<Value> = receiver
+        .accepted
+        .lock()
+        .iter()
+        .filter(|(p, _)| p.starts_with("/ts/"))
+        .map(|(_, b)| b.clone())
+        .collect();
     assert!(!am.is_empty(), "Alertmanager sent nothing");
     assert_eq!(summarize(&ts), summarize(&am), "tailscope vs Alertmanager notifications");
     assert_eq!(ts.len(), am.len());
     // The webhook body's fields, top level and per alert, are Alertmanager's, as recorded in
     // the golden file.
-    let golden: Value = serde_json::from_str(include_str!("golden/alertmanager_webhook_fields.json")).unwrap();
+    let golden: Value =
+        serde_json::from_str(include_str!("golden/alertmanager_webhook_fields.json")).unwrap();
     let (top, per_alert) = field_sets(&am[0]);
     let mut want_top: Vec<String> = serde_json::from_value(golden["body"].clone()).unwrap();
     let mut want_alert: Vec<String> = serde_json::from_value(golden["alert"].clone()).unwrap();
@@ -657,7 +712,11 @@ async fn the_same_alerts_group_and_notify_as_in_a_real_alertmanager() {
         v.sort();
         v
     };
-    assert_eq!((sorted(top), sorted(per_alert)), (want_top.clone(), want_alert.clone()), "Alertmanager's own fields changed");
+    assert_eq!(
+        (sorted(top), sorted(per_alert)),
+        (want_top.clone(), want_alert.clone()),
+        "Alertmanager's own fields changed"
+    );
     for b in &ts {
         let (top, per_alert) = field_sets(b);
         assert_eq!((sorted(top), sorted(per_alert)), (want_top.clone(), want_alert.clone()));
@@ -674,7 +733,9 @@ async fn the_shipped_rules_fire_on_the_service_that_breaks_them_only() {
     // "slow": 5 % of requests take 800 ms (p99 800 ms; 5 % over the 300 ms objective, i.e. a
     // burn rate of 50x) and 10 % fail. "fast": all 100 ms, none fail.
     let slow: Vec<Span> = (0..1000)
-        .map(|i| span(now - 1_000_000_000 + i, if i % 20 == 0 { 800_000_000 } else { 100_000_000 }, i % 10 == 3))
+        .map(|i| {
+            span(now - 1_000_000_000 + i, if i % 20 == 0 { 800_000_000 } else { 100_000_000 }, i % 10 == 3)
+        })
         .collect();
     let fast: Vec<Span> = (0..1000).map(|i| span(now - 1_000_000_000 + i, 100_000_000, false)).collect();
     let mut s = open(server.grpc_addr()).await;
@@ -687,14 +748,20 @@ async fn the_shipped_rules_fire_on_the_service_that_breaks_them_only() {
     let mut fired = Vec::new();
     for rule in groups.iter().flat_map(|g| &g.rules) {
         for sample in instant(server.http_addr(), &rule.query).await {
-            let window = rule.labels.iter().find(|l| l.0 == "window").map(|l| l.1.clone()).unwrap_or_default();
+            let window =
+                rule.labels.iter().find(|l| l.0 == "window").map(|l| l.1.clone()).unwrap_or_default();
             fired.push(format!("{}{window} {}", rule.name, sample["metric"]["service"].as_str().unwrap()));
         }
     }
     fired.sort();
     assert_eq!(
         fired,
-        ["HighErrorRatio slow", "HighP99Latency slow", "LatencySLOBudgetBurn1h slow", "LatencySLOBudgetBurn6h slow"]
+        [
+            "HighErrorRatio slow",
+            "HighP99Latency slow",
+            "LatencySLOBudgetBurn1h slow",
+            "LatencySLOBudgetBurn6h slow"
+        ]
     );
     server.shutdown().await;
 }

@@ -40,14 +40,20 @@ fn the_shipped_rule_files_pass_check_rules_and_promtool() {
     let files: Vec<_> = std::fs::read_dir(EXAMPLE_RULES).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(files.len(), 3);
     let out = Command::new(&promtool[0]).args(["check", "rules"]).args(&files).output().unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn check_rules_names_file_group_rule_and_problem() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.yml");
-    std::fs::write(&good, "groups:\n  - name: ok\n    rules:\n      - alert: A\n        expr: '1'\n").unwrap();
+    std::fs::write(&good, "groups:\n  - name: ok\n    rules:\n      - alert: A\n        expr: '1'\n")
+        .unwrap();
     let bad = dir.path().join("bad.yml");
     std::fs::write(&bad, "groups:\n  - name: latency\n    rules:\n      - alert: A\n        expr: '1'\n      - alert: P99\n        expr: histogram_quantile(0.99, rate(span_duration_seconds_bucket[5m]) > 1\n").unwrap();
     let out = server_bin().arg("check-rules").arg(&good).arg(&bad).output().unwrap();
@@ -66,17 +72,22 @@ fn check_rules_names_file_group_rule_and_problem() {
 async fn sighup_reloads_the_rules() {
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules.yml");
-    std::fs::write(&rules, "groups:\n  - name: g\n    rules:\n      - alert: Before\n        expr: '1'\n").unwrap();
+    std::fs::write(&rules, "groups:\n  - name: g\n    rules:\n      - alert: Before\n        expr: '1'\n")
+        .unwrap();
     let config = dir.path().join("tailscope.toml");
-    std::fs::write(&config, format!("[alerting]\nrule_files = [{:?}]\n", rules.display().to_string())).unwrap();
+    std::fs::write(&config, format!("[alerting]\nrule_files = [{:?}]\n", rules.display().to_string()))
+        .unwrap();
     let config = config.display().to_string();
     let (child, _, http) = spawn_server(&dir.path().join("data"), &[("TAILSCOPE_CONFIG", &config)]);
     let child = Peer(child);
     let name = || async move {
-        get_json(http, "/api/v1/rules").await["data"]["groups"][0]["rules"][0]["name"].as_str().map(str::to_owned)
+        get_json(http, "/api/v1/rules").await["data"]["groups"][0]["rules"][0]["name"]
+            .as_str()
+            .map(str::to_owned)
     };
     assert_eq!(name().await.as_deref(), Some("Before"));
-    std::fs::write(&rules, "groups:\n  - name: g\n    rules:\n      - alert: After\n        expr: '1'\n").unwrap();
+    std::fs::write(&rules, "groups:\n  - name: g\n    rules:\n      - alert: After\n        expr: '1'\n")
+        .unwrap();
     let pid = child.0.id().to_string();
     assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
     assert_eventually!(name().await.as_deref() == Some("After"), "SIGHUP did not reload the rules");

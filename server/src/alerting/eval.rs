@@ -262,7 +262,8 @@ impl GroupRuntime {
                     let started = Instant::now();
                     // A rule may take at most its group's interval.
                     let deadline = Instant::now() + interval;
-                    let result = index.clone().and_then(|index| sample(&store, index, &retention, expr, ts, deadline));
+                    let result =
+                        index.clone().and_then(|index| sample(&store, index, &retention, expr, ts, deadline));
                     (result, started.elapsed())
                 })
                 .collect::<Vec<_>>()

@@ -254,6 +254,9 @@ fn jitter() -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
     use super::*;
 
     fn alert(name: &str, service: &str, ends_at: i64) -> Alert {
@@ -301,6 +304,64 @@ mod tests {
         let all_resolved = Notification { now: 20_000, ..n.clone() };
         assert_eq!(all_resolved.body(&hook).unwrap()["status"], "resolved");
         assert!(all_resolved.body(&no_resolved).is_none());
+    }
+
+    /// A receiver answering with `statuses` in turn (then 200), counting requests.
+    async fn receiver(statuses: Vec<u16>) -> (String, Arc<AtomicUsize>) {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let app = axum::Router::new().fallback(axum::routing::post(move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            let status = statuses.get(n).copied().unwrap_or(200);
+            async move { axum::http::StatusCode::from_u16(status).unwrap() }
+        }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/hook"), hits)
+    }
+
+    async fn attempt(statuses: Vec<u16>, deadline: Duration) -> (Result<(), String>, usize, String) {
+        let (url, hits) = receiver(statuses).await;
+        let webhook = Webhook { url, send_resolved: true, max_alerts: 0, bearer_token: Some("t".into()) };
+        let metrics = Metrics::new();
+        let breaker = Breaker::new(Duration::from_secs(30));
+        let client = reqwest::Client::new();
+        let target = Target {
+            client: &client,
+            webhook: &webhook,
+            receiver: "r",
+            breaker: &breaker,
+            timeout: Duration::from_secs(5),
+            metrics: &metrics,
+        };
+        let result = deliver(target, &json!({}), Instant::now() + deadline).await;
+        (result, hits.load(Ordering::SeqCst), metrics.encode())
+    }
+
+    #[tokio::test]
+    async fn server_errors_and_429_are_retried_other_4xx_are_not() {
+        let (result, hits, metrics) = attempt(vec![503, 429], Duration::from_secs(10)).await;
+        assert_eq!((result, hits), (Ok(()), 3));
+        assert!(
+            metrics
+                .contains("tailscope_notification_attempts_total{receiver=\"r\",result=\"server_error\"} 2"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("tailscope_notification_attempts_total{receiver=\"r\",result=\"success\"} 1"),
+            "{metrics}"
+        );
+
+        let (result, hits, metrics) = attempt(vec![400], Duration::from_secs(10)).await;
+        assert_eq!(hits, 1, "a 4xx is not retried");
+        assert!(result.unwrap_err().contains("HTTP 400 Bad Request (not retried)"));
+        assert!(metrics.contains("result=\"client_error\"} 1"), "{metrics}");
+
+        // Retries stop at the deadline.
+        let (result, hits, _) = attempt(vec![500; 1000], Duration::from_millis(300)).await;
+        assert!(result.unwrap_err().contains("gave up after"));
+        assert!((1..20).contains(&hits), "{hits}");
     }
 
     #[test]

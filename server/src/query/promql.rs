@@ -505,7 +505,10 @@ impl<'a> Engine<'a> {
         offset: i64,
         mut f: impl FnMut(usize, &Histogram),
     ) -> Result<(), EvalError> {
-        let ends: Vec<i64> = self.steps.times().iter().map(|t| t.div_euclid(1000) - offset).collect();
+        // A step at t covers the windows starting in [t - range, t]: with t in whole seconds
+        // rounded up, a window that began in the step's own second counts (a rule evaluated
+        // at 12:00:00.420 sees the window that started at 12:00:00).
+        let ends: Vec<i64> = self.steps.times().iter().map(|t| (t + 999).div_euclid(1000) - offset).collect();
         let (Some(&first), Some(&last)) = (ends.first(), ends.last()) else { return Ok(()) };
         let res = self.resolution(range, first - range);
         // The union of the steps' ranges, as disjoint intervals: scan only what is needed.

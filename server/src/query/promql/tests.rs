@@ -300,6 +300,25 @@ fn set_operators_match_many_to_many_per_step() {
 }
 
 #[test]
+fn a_step_within_a_second_sees_the_window_that_began_in_that_second() {
+    let mut mem = Mem::default();
+    mem.record("svc", "op", Status::Ok, NOW, 1_000_000);
+    let expr = promql_parser::parser::parse("sum(increase(span_duration_seconds_count[1m]))").unwrap();
+    let retention = RetentionConfig::default();
+    let at = |ms: i64| {
+        let steps = Steps::instant(ms);
+        let engine = Engine::new(&mem, &steps, NOW, &retention, limits());
+        match engine.eval(&expr).unwrap() {
+            Value::Vector(v) => v.first().and_then(|s| s.values[0]),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(at(NOW * 1000 - 1), None, "before the window began");
+    assert_eq!(at(NOW * 1000 + 420), Some(1.0));
+    assert_eq!(at(NOW * 1000 + 1000), Some(1.0));
+}
+
+#[test]
 fn unsupported_constructs_are_named() {
     let (mem, _) = traffic();
     for (q, needle) in [
