@@ -338,6 +338,24 @@ impl Client {
         self.offer(op, end.saturating_sub(nanos), nanos, status, ids);
     }
 
+    /// Records a span of `operation` that started at `start` (wall-clock time) and took
+    /// `duration`: for spans reported late, such as from a queue or a batch job.
+    pub fn record_at(
+        &self,
+        operation: &str,
+        start: std::time::SystemTime,
+        duration: Duration,
+        status: Status,
+    ) {
+        let op = self.inner.shared.ops.id(operation);
+        let start = match start.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+            Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
+        };
+        let nanos = i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX);
+        self.offer(op, start, nanos, status, Ids::default());
+    }
+
     #[inline]
     fn offer(&self, op: u32, start: i64, duration: i64, status: Status, ids: Ids) {
         let trace = if ids.trace_id == 0 {

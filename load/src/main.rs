@@ -1,5 +1,9 @@
 //! `tailscope-load`: drives traffic at a tailscope server and measures it.
 //!
+//! `tailscope-load run --scenario NAME` drives realistic traffic and failure scenarios through
+//! the client crate and compares the clients' exact percentiles with the server's (see
+//! [`tailscope_load::run`]).
+//!
 //! `tailscope-load bench` measures maximum ingest throughput with pre-encoded batches over K
 //! connections, and the server's CPU-seconds per million spans and peak RSS, read from
 //! `/proc/<pid>` of a server it starts as a child process (or one given by `--grpc` and `--pid`).
@@ -20,6 +24,8 @@ struct Cli {
 enum Command {
     /// Maximum ingest throughput and server cost per million spans.
     Bench(bench::BenchArgs),
+    /// A traffic scenario through the client crate, compared with the server's answers.
+    Run(tailscope_load::run::RunArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,5 +33,9 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Bench(args) => runtime.block_on(bench::run(args)),
+        Command::Run(args) => runtime.block_on(async {
+            let mut stdout = std::io::stdout();
+            tailscope_load::run::run(&args, &mut stdout).await.map(|_| ())
+        }),
     }
 }

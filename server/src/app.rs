@@ -114,12 +114,18 @@ impl Server {
         ));
 
         let sampler = Arc::new(Sampler::new(config.sampling.clone()));
+        let known = store.series().map_err(|source| StartError::Store { path: dir.clone(), source })?;
+        let cardinality = Arc::new(crate::cardinality::Cardinality::new(
+            config.ingest.max_operations_per_service,
+            known.iter().map(|(_, l)| (l.service.as_str(), l.operation.as_str())),
+        ));
         let ingest = IngestService::new(
             pipeline.clone(),
             metrics.clone(),
             clock.clone(),
             &config.ingest,
             sampler.clone(),
+            cardinality,
         );
         let otlp = TraceServiceServer::new(OtlpService::new(ingest.clone()))
             .max_decoding_message_size(config.ingest.max_batch_bytes)

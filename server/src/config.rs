@@ -123,6 +123,9 @@ pub struct IngestConfig {
     /// this they are clamped.
     #[serde(with = "humantime_serde")]
     pub max_span_duration: Duration,
+    /// Most operations one service may have (0: no limit); spans of further new operations
+    /// are counted under `operation="__overflow__"`.
+    pub max_operations_per_service: usize,
 }
 
 impl Default for IngestConfig {
@@ -137,6 +140,7 @@ impl Default for IngestConfig {
             allowed_lateness: Duration::from_secs(3600),
             max_future_skew: Duration::from_secs(60),
             max_span_duration: Duration::from_secs(24 * 3600),
+            max_operations_per_service: 10_000,
         }
     }
 }

@@ -42,6 +42,7 @@ pub struct IngestService {
     clock: Arc<dyn Clock>,
     max_spans: usize,
     throttle_high_water: f64,
+    cardinality: Arc<crate::cardinality::Cardinality>,
 }
 
 impl IngestService {
@@ -52,6 +53,7 @@ impl IngestService {
         clock: Arc<dyn Clock>,
         config: &IngestConfig,
         sampler: Arc<Sampler>,
+        cardinality: Arc<crate::cardinality::Cardinality>,
     ) -> IngestService {
         IngestService {
             pipeline,
@@ -60,6 +62,7 @@ impl IngestService {
             clock,
             max_spans: config.max_spans_per_batch,
             throttle_high_water: config.throttle_high_water,
+            cardinality,
         }
     }
 }
@@ -74,6 +77,8 @@ pub(crate) struct BatchStats {
     pub(crate) rejected_records: u64,
     /// Spans that arrived folded in histogram deltas.
     pub(crate) folded: u64,
+    /// Spans counted under `__overflow__` (their service reached its operation cap).
+    pub(crate) overflowed: u64,
     /// The series keys (group hashes) of the batch.
     pub(crate) keys: Vec<u64>,
 }
@@ -111,6 +116,12 @@ impl IngestService {
         for (i, group) in batch.groups.iter().enumerate() {
             let (service, operation) =
                 check_key(group.key.as_ref()).map_err(|m| bad(format!("group {i}: {m}")))?;
+            let admitted = self.cardinality.admit(service, operation);
+            let overflow = admitted != operation;
+            let operation = admitted;
+            if overflow {
+                stats.overflowed += group.spans.iter().map(|s| u64::from(s.weight.max(1))).sum::<u64>();
+            }
             let hash = series::group_hash(service, operation);
             let shard = series::partition(hash, shards) as u32;
             targets.push(shard);
@@ -125,6 +136,7 @@ impl IngestService {
                 shard,
                 ok_series: series::series_id(service, operation, SpanStatus::Ok),
                 error_series: series::series_id(service, operation, SpanStatus::Error),
+                overflow,
             });
             for span in &group.spans {
                 let weight = u64::from(span.weight.max(1));
@@ -146,6 +158,9 @@ impl IngestService {
         for (i, delta) in batch.deltas.iter().enumerate() {
             let (service, operation) =
                 check_key(delta.key.as_ref()).map_err(|m| bad(format!("delta {i}: {m}")))?;
+            let admitted = self.cardinality.admit(service, operation);
+            let overflow = admitted != operation;
+            let operation = admitted;
             let histogram = Histogram::decode(&delta.histogram)
                 .map_err(|e| bad(format!("delta {i} ({service}/{operation}): {e}")))?;
             let window = delta.window_start_unix_seconds;
@@ -169,6 +184,9 @@ impl IngestService {
             }
             stats.accepted += histogram.count();
             stats.clamped += histogram.clamped();
+            if overflow {
+                stats.overflowed += histogram.count();
+            }
             let status = SpanStatus::from_wire(delta.status);
             let hash = series::group_hash(service, operation);
             self.sampler.observe_folded(hash, service, operation, &histogram);
@@ -196,6 +214,7 @@ impl IngestService {
         m.spans_received.get_or_create(&Form { form: "full" }).inc_by(stats.accepted - stats.folded);
         m.spans_received.get_or_create(&Form { form: "folded" }).inc_by(stats.folded);
         m.spans_clamped.inc_by(stats.clamped);
+        m.spans_overflowed.inc_by(stats.overflowed);
         for reason in SpanReject::ALL {
             let n = stats.rejected[reason.index()];
             if n > 0 {

@@ -133,6 +133,8 @@ pub struct GroupRoute {
     pub ok_series: u64,
     /// The id of the group's `status="error"` series.
     pub error_series: u64,
+    /// Whether the group's operation is counted as `__overflow__` (its service is at its cap).
+    pub overflow: bool,
 }
 
 /// A validated histogram delta, ready to merge.

@@ -118,6 +118,8 @@ pub struct Metrics {
     pub spans_throttled: Family<Reason, Counter>,
     /// Replies that asked a client to slow down.
     pub throttle_replies: Counter,
+    /// Spans counted under `operation="__overflow__"` (their service reached its cap).
+    pub spans_overflowed: Counter,
     /// Rule group evaluations.
     pub rule_evaluations: Family<RuleGroupLabel, Counter>,
     /// Rules whose evaluation failed.
@@ -175,6 +177,7 @@ impl Metrics {
             sampling_keys: Gauge::default(),
             spans_throttled: Family::default(),
             throttle_replies: Counter::default(),
+            spans_overflowed: Counter::default(),
             rule_evaluations: Family::default(),
             rule_evaluation_failures: Family::default(),
             rule_group_iterations_missed: Family::default(),
@@ -257,6 +260,11 @@ impl Metrics {
             "throttle_replies",
             "Replies that asked a client to slow down",
             m.throttle_replies.clone(),
+        );
+        r.register(
+            "spans_overflowed",
+            "Spans counted under operation=\"__overflow__\" because their service reached ingest.max_operations_per_service",
+            m.spans_overflowed.clone(),
         );
         r.register("rule_evaluations", "Rule group evaluations", m.rule_evaluations.clone());
         r.register(

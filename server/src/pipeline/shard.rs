@@ -168,7 +168,11 @@ impl ShardState {
                 if seen[status as usize] {
                     self.note_series(acc, series, || SeriesLabels {
                         service: key.map(|k| k.service.clone()).unwrap_or_default(),
-                        operation: key.map(|k| k.operation.clone()).unwrap_or_default(),
+                        operation: if route.overflow {
+                            crate::cardinality::OVERFLOW.to_owned()
+                        } else {
+                            key.map(|k| k.operation.clone()).unwrap_or_default()
+                        },
                         status,
                     });
                 }

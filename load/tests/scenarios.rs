@@ -1,0 +1,220 @@
+//! Every scenario at reduced scale against a real in-process server, each asserting its
+//! expected outcome.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use tailscope_load::run::{run, Report, RunArgs, Scenario};
+use tailscope_server::{Config, Server};
+
+async fn server(dir: &std::path::Path, alerting: Option<(&str, &str)>) -> Server {
+    server_with(dir, alerting, |_| {}).await
+}
+
+async fn server_with(
+    dir: &std::path::Path,
+    alerting: Option<(&str, &str)>,
+    tweak: impl FnOnce(&mut Config),
+) -> Server {
+    let mut c = Config::default();
+    c.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    c.server.http_addr = "127.0.0.1:0".parse().unwrap();
+    c.server.data_dir = dir.join("data");
+    c.ingest.flush_interval = Duration::from_millis(100);
+    if let Some((rules, notifier)) = alerting {
+        let r = dir.join("rules.yml");
+        std::fs::write(&r, rules).unwrap();
+        let n = dir.join("am.yml");
+        std::fs::write(&n, notifier).unwrap();
+        c.alerting.rule_files = vec![r];
+        c.alerting.alertmanager_config = n;
+    }
+    tweak(&mut c);
+    Server::start(c).await.unwrap()
+}
+
+async fn scenario(server: &Server, scenario: Scenario, rate: f64, seconds: u64) -> (Report, String) {
+    let args = RunArgs {
+        scenario,
+        rate,
+        duration: Duration::from_secs(seconds),
+        services: 3,
+        operations: 2,
+        endpoint: format!("http://{}", server.grpc_addr()),
+        http: format!("http://{}", server.http_addr()),
+        json: false,
+        quiet: false,
+        seed: 7,
+    };
+    let mut out = Vec::new();
+    let report = run(&args, &mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    eprintln!("{text}");
+    (report, text)
+}
+
+/// Every span the clients recorded is counted by the server, none dropped.
+fn assert_exact(r: &Report) {
+    assert_eq!(r.clients["dropped"], 0, "{r:?}");
+    for s in &r.services {
+        assert_eq!(s.server_count, s.client_count as f64, "{}: {r:?}", s.service);
+        assert_eq!(s.server_errors, s.client_errors as f64, "{}: {r:?}", s.service);
+    }
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() / b < 0.02
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_traffic_is_counted_exactly_with_the_clients_percentiles() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path(), None).await;
+    let (r, text) = scenario(&server, Scenario::Steady, 300.0, 5).await;
+    assert_exact(&r);
+    assert!(r.requests >= 1400, "{r:?}");
+    assert!(text.contains("nothing injected") && text.contains("spans sent"), "{text}");
+    for s in &r.services {
+        assert!(close(s.server_p50, s.client_p50) && close(s.server_p99, s.client_p99), "{s:?}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_misleading_average_fires_the_tail_alert_while_the_mean_stays_low() {
+    let dir = tempfile::tempdir().unwrap();
+    // With exactly 1 % slow requests p99 is the 50 ms boundary (nearest rank); the tail rule
+    // watches p99.9, which is where the 5 s requests show.
+    let rules = "groups:\n  - name: seed\n    interval: 1s\n    rules:\n      - alert: AverageLatencyHigh\n        expr: sum(rate(span_duration_seconds_sum[1m])) / sum(rate(span_duration_seconds_count[1m])) > 0.2\n      - alert: TailLatencyHigh\n        expr: histogram_quantile(0.999, sum by (service, le) (rate(span_duration_seconds_bucket[1m]))) > 0.2\n";
+    let notifier = "route: {receiver: none}\nreceivers: [{name: none}]\n";
+    let server = server(dir.path(), Some((rules, notifier))).await;
+    let (r, _) = scenario(&server, Scenario::MisleadingAverage, 300.0, 5).await;
+    assert_exact(&r);
+    let front = &r.services[0];
+    assert!(front.client_mean < 0.2, "mean {}", front.client_mean);
+    assert!(close(front.server_p999, 5.0), "{front:?}");
+    let http = server.http_addr();
+    let mut names = Vec::new();
+    for _ in 0..100 {
+        let v: serde_json::Value =
+            reqwest::get(format!("http://{http}/api/v1/alerts")).await.unwrap().json().await.unwrap();
+        names = v["data"]["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["labels"]["alertname"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>();
+        if !names.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(names, ["TailLatencyHigh"]);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latency_spike_in_a_dependency_reaches_its_callers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path(), None).await;
+    let (r, text) = scenario(&server, Scenario::LatencySpike, 300.0, 6).await;
+    assert_exact(&r);
+    assert!(
+        text.contains("injecting: payments: latency 100 ms → 500 ms") && text.contains("restored"),
+        "{text}"
+    );
+    // A third of the requests waited on the slow dependency: every caller's p99 shows it.
+    for s in &r.services {
+        assert!(s.server_p99 > 0.45, "{s:?}");
+        assert!(s.server_p50 < 0.3, "{s:?}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cascade_multiplies_load_and_the_server_stays_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path(), None).await;
+    let (r, _) = scenario(&server, Scenario::Cascade, 300.0, 6).await;
+    assert_exact(&r);
+    // Three attempts against the slow dependency: 3 spans per request before, 5 during.
+    assert!((r.spans_per_request.0 - 3.0).abs() < 1e-9, "{r:?}");
+    assert!((r.spans_per_request.1 - 5.0).abs() < 1e-9, "{r:?}");
+    let front = &r.services[0];
+    assert!(front.client_errors > 0 && front.server_p99 > 2.9, "{front:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_burst_is_counted_failure_by_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path(), None).await;
+    let (r, _) = scenario(&server, Scenario::ErrorBurst, 300.0, 6).await;
+    assert_exact(&r);
+    let (front, checkout, payments) = (&r.services[0], &r.services[1], &r.services[2]);
+    // About 30 % of the third of requests in the burst, at checkout and (propagated) frontend.
+    assert!(
+        (0.05..0.2).contains(&(checkout.client_errors as f64 / checkout.client_count as f64)),
+        "{checkout:?}"
+    );
+    assert_eq!(front.client_errors, checkout.client_errors);
+    assert_eq!(payments.client_errors, 0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cardinality_bomb_overflows_into_one_series_and_stays_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    // The server caps each service at 500 operations; the client itself at 2,000.
+    let server = server_with(dir.path(), None, |c| c.ingest.max_operations_per_service = 500).await;
+    let (r, _) = scenario(&server, Scenario::CardinalityBomb, 600.0, 5).await;
+    assert_exact(&r);
+    assert!(r.requests > 2500, "{r:?}");
+    let http = server.http_addr();
+    let q = "match[]=span_duration_seconds_count{service=\"frontend\"}";
+    let v: serde_json::Value =
+        reqwest::get(format!("http://{http}/api/v1/series?{q}")).await.unwrap().json().await.unwrap();
+    let series = v["data"].as_array().unwrap();
+    assert_eq!(series.len(), 501, "500 operations and __overflow__");
+    assert!(series.iter().any(|s| s["operation"] == "__overflow__"));
+    let text = reqwest::get(format!("http://{http}/metrics")).await.unwrap().text().await.unwrap();
+    let overflowed: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tailscope_spans_overflowed_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    // The client sends its first 2,000 names (then its own `__overflow__`); the server keeps 500.
+    assert_eq!(overflowed, (r.requests.min(2000) - 500) as f64, "{text}");
+    // The other services kept their two operations.
+    let q = "match[]=span_duration_seconds_count{service=\"checkout\"}";
+    let v: serde_json::Value =
+        reqwest::get(format!("http://{http}/api/v1/series?{q}")).await.unwrap().json().await.unwrap();
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_data_lands_in_its_own_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path(), None).await;
+    let (r, text) = scenario(&server, Scenario::LateData, 300.0, 6).await;
+    assert_exact(&r);
+    assert!(text.contains("payments: spans arrive 180 s late"), "{text}");
+    // The late third of payments' spans counts three minutes back, not now.
+    let http = server.http_addr();
+    let q = "sum(increase(span_duration_seconds_count{service=\"payments\"}[60s]))";
+    let v: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://{http}/api/v1/query"))
+        .form(&[("query", q)])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let recent: f64 = v["data"]["result"][0]["value"][1].as_str().unwrap().parse().unwrap();
+    let payments = &r.services[2];
+    assert!(recent < payments.client_count as f64 * 0.8, "{recent} of {}", payments.client_count);
+    server.shutdown().await;
+}
