@@ -8,7 +8,7 @@ use std::collections::HashSet;
 
 use dashmap::DashMap;
 
-use crate::series;
+use crate::series::{self, IdBuildHasher};
 
 /// The operation name overflowing spans are counted under.
 pub const OVERFLOW: &str = "__overflow__";
@@ -17,17 +17,23 @@ pub const OVERFLOW: &str = "__overflow__";
 #[derive(Debug)]
 pub struct Cardinality {
     cap: usize,
-    services: DashMap<String, HashSet<u64>>,
+    /// By a hash of the service name, the group hashes of its operations. Both keys are
+    /// already hashes, so the maps use them as they are (this runs once per span group).
+    services: DashMap<u64, HashSet<u64, IdBuildHasher>, IdBuildHasher>,
+}
+
+fn service_key(service: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(service.as_bytes())
 }
 
 impl Cardinality {
     /// A cap of `cap` operations per service (0: none), knowing the series already stored.
     pub fn new<'a>(cap: usize, known: impl IntoIterator<Item = (&'a str, &'a str)>) -> Cardinality {
-        let c = Cardinality { cap, services: DashMap::new() };
+        let c = Cardinality { cap, services: DashMap::default() };
         for (service, operation) in known {
             if operation != OVERFLOW {
                 c.services
-                    .entry(service.to_owned())
+                    .entry(service_key(service))
                     .or_default()
                     .insert(series::group_hash(service, operation));
             }
@@ -42,7 +48,8 @@ impl Cardinality {
             return operation;
         }
         let key = series::group_hash(service, operation);
-        if let Some(known) = self.services.get(service) {
+        let service = service_key(service);
+        if let Some(known) = self.services.get(&service) {
             if known.contains(&key) {
                 return operation;
             }
@@ -50,7 +57,7 @@ impl Cardinality {
                 return OVERFLOW;
             }
         }
-        let mut known = self.services.entry(service.to_owned()).or_default();
+        let mut known = self.services.entry(service).or_default();
         if known.len() >= self.cap && !known.contains(&key) {
             return OVERFLOW;
         }

@@ -151,7 +151,8 @@ fn overrides_fix_probabilities_and_p99_becomes_the_always_keep_rule() {
     assert_eq!(policies[0].probability, 1.0);
     assert!(policies[1].probability < 0.02, "{}", policies[1].probability);
     let p99 = policies[1].always_keep_above_nanos as f64;
-    assert!((p99 - 990e6).abs() <= 990e6 * 0.01, "{p99}");
+    // The recent histograms keep one significant digit: within 1/16 of the exact p99.
+    assert!((p99 - 990e6).abs() <= 990e6 / 16.0, "{p99}");
     assert!(SamplingConfig { budget: 0.0, ..SamplingConfig::default() }.validate().is_err());
     assert!(SamplingConfig::default().validate().is_ok());
 }
