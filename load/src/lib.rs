@@ -1,4 +1,5 @@
-//! `tailscope-load` as a library: the traffic scenarios, so tests can run them against an
-//! in-process server.
+//! `tailscope-load` as a library: the traffic scenarios and the demo, so tests can run them
+//! against an in-process server.
 
+pub mod demo;
 pub mod run;

@@ -26,6 +26,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// A traffic scenario through the client crate, compared with the server's answers.
     Run(tailscope_load::run::RunArgs),
+    /// tailscope in a minute: an embedded server, the example rules, a webhook receiver that
+    /// prints grouped alerts, and steady → latency-spike → cascade traffic.
+    Demo(tailscope_load::demo::DemoArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +39,10 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => runtime.block_on(async {
             let mut stdout = std::io::stdout();
             tailscope_load::run::run(&args, &mut stdout).await.map(|_| ())
+        }),
+        Command::Demo(args) => runtime.block_on(async {
+            let out = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::new()));
+            tailscope_load::demo::demo(&args, out, true).await.map(|_| ())
         }),
     }
 }

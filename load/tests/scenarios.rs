@@ -44,6 +44,7 @@ async fn scenario(server: &Server, scenario: Scenario, rate: f64, seconds: u64) 
         http: format!("http://{}", server.http_addr()),
         json: false,
         quiet: false,
+        compare: true,
         seed: 7,
     };
     let mut out = Vec::new();
