@@ -186,6 +186,7 @@ pub async fn demo(args: &DemoArgs, out: Arc<Mutex<Vec<u8>>>, echo: bool) -> anyh
             quiet: true,
             compare: false,
             seed: 11,
+            plot: None,
         };
         let mut buf = Vec::new();
         run(&run_args, &mut buf).await?;

@@ -2,4 +2,5 @@
 //! against an in-process server.
 
 pub mod demo;
+pub mod plot;
 pub mod run;

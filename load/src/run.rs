@@ -78,6 +78,9 @@ pub struct RunArgs {
     /// Random seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Draw p50/p99/p99.9 over time per service from the server into this SVG file.
+    #[arg(long)]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 const NAMES: [&str; 8] =
@@ -470,6 +473,16 @@ pub async fn run(args: &RunArgs, out: &mut (dyn std::io::Write + Send)) -> anyho
         services,
         clients: stats,
     };
+    if let Some(path) = &args.plot {
+        let names: Vec<String> = (0..depth).map(service_name).collect();
+        let data = crate::plot::fetch(&args.http, &names, start_wall, end).await?;
+        let title = format!(
+            "{:?} at {} requests/s, injected from {from:.0} s to {to:.0} s (10-second windows)",
+            args.scenario, args.rate
+        );
+        crate::plot::draw(path, &title, &data)?;
+        writeln!(out, "plot: {}", path.display())?;
+    }
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     } else if args.compare {

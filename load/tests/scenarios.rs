@@ -46,6 +46,7 @@ async fn scenario(server: &Server, scenario: Scenario, rate: f64, seconds: u64) 
         quiet: false,
         compare: true,
         seed: 7,
+        plot: None,
     };
     let mut out = Vec::new();
     let report = run(&args, &mut out).await.unwrap();
