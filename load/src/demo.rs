@@ -147,12 +147,12 @@ pub async fn demo(args: &DemoArgs, out: Arc<Mutex<Vec<u8>>>, echo: bool) -> anyh
                 "histogram_quantile(0.99, sum by (service, le) (rate(span_duration_seconds_bucket[10s])))";
             loop {
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                let Ok(resp) = client.post(format!("{http}/api/v1/query")).form(&[("query", q)]).send().await
+                let Ok(data) =
+                    crate::run::api(&client, &http, "/api/v1/query", &[("query", q.to_owned())]).await
                 else {
                     continue;
                 };
-                let Ok(v) = resp.json::<Value>().await else { continue };
-                let mut parts: Vec<(usize, String)> = v["data"]["result"]
+                let mut parts: Vec<(usize, String)> = data["result"]
                     .as_array()
                     .into_iter()
                     .flatten()

@@ -5,9 +5,7 @@
 use std::path::Path;
 use std::time::SystemTime;
 
-use anyhow::Context;
 use plotters::prelude::*;
-use serde_json::Value;
 
 /// One line: (seconds since the start, latency in seconds).
 type Points = Vec<(f64, f64)>;
@@ -35,21 +33,10 @@ pub async fn fetch(
             let q = format!(
                 "histogram_quantile({phi}, sum by (le) (rate(span_duration_seconds_bucket{{service=\"{service}\"}}[10s])))"
             );
-            let v: Value = client
-                .post(format!("{}/api/v1/query_range", http.trim_end_matches('/')))
-                .form(&[
-                    ("query", q.clone()),
-                    ("start", from.to_string()),
-                    ("end", to.to_string()),
-                    ("step", "1".into()),
-                ])
-                .send()
-                .await
-                .with_context(|| format!("cannot reach {http}"))?
-                .json()
-                .await?;
-            anyhow::ensure!(v["status"] == "success", "{q}: {v}");
-            let points: Points = v["data"]["result"][0]["values"]
+            let form =
+                [("query", q), ("start", from.to_string()), ("end", to.to_string()), ("step", "1".into())];
+            let data = crate::run::api(&client, http, "/api/v1/query_range", &form).await?;
+            let points: Points = data["result"][0]["values"]
                 .as_array()
                 .into_iter()
                 .flatten()

@@ -34,6 +34,16 @@ async fn server_with(
 }
 
 async fn scenario(server: &Server, scenario: Scenario, rate: f64, seconds: u64) -> (Report, String) {
+    scenario_plotted(server, scenario, rate, seconds, None).await
+}
+
+async fn scenario_plotted(
+    server: &Server,
+    scenario: Scenario,
+    rate: f64,
+    seconds: u64,
+    plot: Option<std::path::PathBuf>,
+) -> (Report, String) {
     let args = RunArgs {
         scenario,
         rate,
@@ -46,7 +56,7 @@ async fn scenario(server: &Server, scenario: Scenario, rate: f64, seconds: u64) 
         quiet: false,
         compare: true,
         seed: 7,
-        plot: None,
+        plot,
     };
     let mut out = Vec::new();
     let report = run(&args, &mut out).await.unwrap();
@@ -72,8 +82,19 @@ fn close(a: f64, b: f64) -> bool {
 async fn steady_traffic_is_counted_exactly_with_the_clients_percentiles() {
     let dir = tempfile::tempdir().unwrap();
     let server = server(dir.path(), None).await;
-    let (r, text) = scenario(&server, Scenario::Steady, 300.0, 5).await;
+    let svg = dir.path().join("steady.svg");
+    let (r, text) = scenario_plotted(&server, Scenario::Steady, 300.0, 5, Some(svg.clone())).await;
     assert_exact(&r);
+    // The chart: one panel per service, three quantile lines each, drawn from query_range.
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.starts_with("<svg") && chart.contains("frontend") && chart.contains("payments"), "{chart}");
+    for legend in [">\np50\n<", ">\np99\n<", ">\np99.9\n<"] {
+        assert_eq!(chart.matches(legend).count(), 3, "{legend} once per service panel");
+    }
+    // Each quantile's colour: its line and its legend mark in each of the three panels.
+    for colour in ["#3C78C8", "#E6781E", "#C81E28"] {
+        assert_eq!(chart.matches(&format!("stroke=\"{colour}\"")).count(), 6, "{colour}");
+    }
     assert!(r.requests >= 1400, "{r:?}");
     assert!(text.contains("nothing injected") && text.contains("spans sent"), "{text}");
     for s in &r.services {

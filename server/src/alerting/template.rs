@@ -380,15 +380,22 @@ pub fn humanize(v: f64) -> String {
             v /= 1000.0;
         }
     } else {
-        for p in ["m", "u", "n", "p", "f", "a", "z", "y"] {
-            if v.abs() >= 1.0 {
-                break;
-            }
-            prefix = p;
-            v *= 1000.0;
-        }
+        (v, prefix) = scale_up_below_one(v);
     }
     format!("{}{prefix}", go_g(v, 4))
+}
+
+/// A value below one scaled up by thousands into [1, 1000), with its SI prefix (m, u, n, …).
+fn scale_up_below_one(mut v: f64) -> (f64, &'static str) {
+    let mut prefix = "";
+    for p in ["m", "u", "n", "p", "f", "a", "z", "y"] {
+        if v.abs() >= 1.0 {
+            break;
+        }
+        prefix = p;
+        v *= 1000.0;
+    }
+    (v, prefix)
 }
 
 fn humanize1024(v: f64) -> String {
@@ -430,15 +437,7 @@ pub fn humanize_duration(v: f64) -> String {
             format!("{sign}{}s", go_g(v, 4))
         };
     }
-    let mut v = v;
-    let mut prefix = "";
-    for p in ["m", "u", "n", "p", "f", "a", "z", "y"] {
-        if v.abs() >= 1.0 {
-            break;
-        }
-        prefix = p;
-        v *= 1000.0;
-    }
+    let (v, prefix) = scale_up_below_one(v);
     format!("{}{prefix}s", go_g(v, 4))
 }
 

@@ -877,21 +877,14 @@ impl Engine<'_> {
             s.values.iter().any(Option::is_some).then_some(s)
         };
         let out: Vec<Series> = match op {
-            "and" => {
+            // The left side where the right has a sample (and), or where it has none (unless).
+            "and" | "unless" => {
                 let rp = presence(&r);
+                let keep_where_present = op == "and";
                 l.into_iter()
                     .filter_map(|s| {
                         let p = rp.get(&signature(&s.labels, matching));
-                        mask(s, p, true)
-                    })
-                    .collect()
-            }
-            "unless" => {
-                let rp = presence(&r);
-                l.into_iter()
-                    .filter_map(|s| {
-                        let p = rp.get(&signature(&s.labels, matching));
-                        mask(s, p, false)
+                        mask(s, p, keep_where_present)
                     })
                     .collect()
             }
