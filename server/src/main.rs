@@ -151,32 +151,23 @@ enum Signal {
 }
 
 async fn wait_for_signal() -> Signal {
-    use tokio::signal::unix::{signal, SignalKind};
-    let hangup = async {
-        match signal(SignalKind::hangup()) {
-            Ok(mut hup) => {
-                hup.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGHUP; reload with POST /-/reload");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    let terminate = async {
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on SIGINT only");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
+    use tokio::signal::unix::SignalKind;
     tokio::select! {
-        _ = hangup => Signal::Reload,
-        _ = terminate => Signal::Stop,
+        _ = delivered(SignalKind::hangup(), "cannot watch SIGHUP; reload with POST /-/reload") => Signal::Reload,
+        _ = delivered(SignalKind::terminate(), "cannot watch SIGTERM; stopping on SIGINT only") => Signal::Stop,
         _ = tokio::signal::ctrl_c() => Signal::Stop,
+    }
+}
+
+/// Resolves when the signal arrives; never, after logging `unavailable`, if it cannot be watched.
+async fn delivered(kind: tokio::signal::unix::SignalKind, unavailable: &str) {
+    match tokio::signal::unix::signal(kind) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "{unavailable}");
+            std::future::pending::<()>().await;
+        }
     }
 }
