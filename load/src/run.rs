@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tailscope::{Client, Status};
 
 /// The failure a run injects.
@@ -557,9 +557,4 @@ async fn query(http: &reqwest::Client, base: &str, expr: &str, at: f64) -> anyho
     let data =
         api(http, base, "/api/v1/query", &[("query", expr.to_owned()), ("time", format!("{at:.3}"))]).await?;
     Ok(data["result"][0]["value"][1].as_str().and_then(|x| x.parse().ok()))
-}
-
-/// The JSON of a report (for tests and tools).
-pub fn to_json(r: &Report) -> Value {
-    json!(r)
 }

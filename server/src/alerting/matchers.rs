@@ -117,6 +117,26 @@ pub fn render(matchers: &[Matcher]) -> String {
     format!("{{{}}}", parts.join(","))
 }
 
+/// The value of a double-quoted string whose opening quote is already consumed (escapes
+/// `\n`, `\t`, and `\x` for any other x), and the bytes it took, closing quote included;
+/// `None` when it is not closed.
+pub(crate) fn unquote(quoted: &str) -> Option<(String, usize)> {
+    let mut value = String::new();
+    let mut chars = quoted.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return Some((value, i + 1)),
+            '\\' => match chars.next()? {
+                (_, 'n') => value.push('\n'),
+                (_, 't') => value.push('\t'),
+                (_, c) => value.push(c),
+            },
+            c => value.push(c),
+        }
+    }
+    None
+}
+
 /// Parses one matcher string, which may hold several matchers in `{…}` separated by commas.
 pub fn parse(input: &str) -> Result<Vec<Matcher>, String> {
     let s = input.trim();
@@ -141,25 +161,8 @@ pub fn parse(input: &str) -> Result<Vec<Matcher>, String> {
         };
         rest = rest[token.len()..].trim_start();
         let (value, after) = if let Some(quoted) = rest.strip_prefix('"') {
-            let mut value = String::new();
-            let mut chars = quoted.char_indices();
-            let mut end = None;
-            while let Some((i, c)) = chars.next() {
-                match c {
-                    '"' => {
-                        end = Some(i + 1);
-                        break;
-                    }
-                    '\\' => match chars.next() {
-                        Some((_, 'n')) => value.push('\n'),
-                        Some((_, 't')) => value.push('\t'),
-                        Some((_, c)) => value.push(c),
-                        None => break,
-                    },
-                    c => value.push(c),
-                }
-            }
-            let end = end.ok_or_else(|| format!("{input:?}: unterminated quoted value"))?;
+            let (value, end) =
+                unquote(quoted).ok_or_else(|| format!("{input:?}: unterminated quoted value"))?;
             (value, &quoted[end..])
         } else {
             let end = rest.find(',').unwrap_or(rest.len());

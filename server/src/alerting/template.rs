@@ -220,26 +220,9 @@ fn tokenize(body: &str) -> Result<Vec<Token>, String> {
             continue;
         }
         if c == '"' {
-            chars.next();
-            let mut s = String::new();
-            let mut closed = false;
-            while let Some((_, c)) = chars.next() {
-                match c {
-                    '"' => {
-                        closed = true;
-                        break;
-                    }
-                    '\\' => match chars.next() {
-                        Some((_, 'n')) => s.push('\n'),
-                        Some((_, 't')) => s.push('\t'),
-                        Some((_, c)) => s.push(c),
-                        None => break,
-                    },
-                    c => s.push(c),
-                }
-            }
-            if !closed {
-                return Err("unterminated quoted string".into());
+            let (s, len) = super::matchers::unquote(&body[i + 1..]).ok_or("unterminated quoted string")?;
+            while chars.peek().is_some_and(|&(j, _)| j <= i + len) {
+                chars.next();
             }
             out.push(Token::Str(s));
             continue;
@@ -273,7 +256,7 @@ fn operand(t: &Token) -> Result<Operand, String> {
         let mut it = rest.splitn(2, '.');
         match (it.next(), it.next()) {
             (Some(v), None) if v == root_value(root) => Ok(Operand::Value),
-            (Some(l), Some(name)) if l == root_labels(root) && valid_label_name(name) => {
+            (Some(l), Some(name)) if l == root_labels(root) && super::rules::valid_label_name(name) => {
                 Ok(Operand::Label(name.to_owned()))
             }
             _ => Err(format!("undefined {root}{rest}: use $labels.<name>, $value, .Labels.<name> or .Value")),
@@ -303,12 +286,6 @@ fn root_labels(root: &str) -> &'static str {
     } else {
         "Labels"
     }
-}
-
-fn valid_label_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn run(pipeline: &[Command], data: Data<'_>) -> Val {
@@ -476,13 +453,24 @@ pub fn go_float(v: f64) -> String {
         return go_g(v, 4);
     }
     let sci = format!("{v:e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
+    let exp: i32 = sci.split_once('e').and_then(|(_, e)| e.parse().ok()).unwrap_or(0);
     if !(-4..21).contains(&exp) {
-        format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+        go_exponent(v, None)
     } else {
         format!("{v}")
     }
+}
+
+/// Go's `%e` (`1.5e+00`) with `precision` digits after the point, or the fewest that
+/// round-trip (`strconv.FormatFloat(v, 'e', -1, 64)`).
+pub fn go_exponent(v: f64, precision: Option<usize>) -> String {
+    let s = match precision {
+        Some(p) => format!("{v:.p$e}"),
+        None => format!("{v:e}"),
+    };
+    let (m, e) = s.split_once('e').unwrap_or((&s, "0"));
+    let e: i32 = e.parse().unwrap_or(0);
+    format!("{m}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs())
 }
 
 /// `printf` with the verbs `%s %v %d %f %g %e %%` and an optional precision.
@@ -531,12 +519,7 @@ fn printf(args: &[Val]) -> String {
                 Some(p) => go_g(n, p),
                 None => go_float(n),
             }),
-            ('e', Some(n)) => {
-                let s = format!("{n:.*e}", precision.unwrap_or(6));
-                let (m, e) = s.split_once('e').unwrap_or((&s, "0"));
-                let e: i32 = e.parse().unwrap_or(0);
-                let _ = write!(out, "{m}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs());
-            }
+            ('e', Some(n)) => out.push_str(&go_exponent(n, Some(precision.unwrap_or(6)))),
             _ => {
                 let _ = write!(out, "%!{verb}({})", arg.text());
             }

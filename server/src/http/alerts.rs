@@ -34,10 +34,7 @@ fn go_e(v: f64) -> String {
     if v.is_infinite() {
         return if v > 0.0 { "+Inf".into() } else { "-Inf".into() };
     }
-    let s = format!("{v:e}");
-    let (m, e) = s.split_once('e').unwrap_or((&s, "0"));
-    let e: i32 = e.parse().unwrap_or(0);
-    format!("{m}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs())
+    crate::alerting::template::go_exponent(v, None)
 }
 
 fn time_or_zero(ms: Option<i64>) -> String {
