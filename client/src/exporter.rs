@@ -177,15 +177,15 @@ impl Exporter {
         let (mut drained, mut folded, mut dropped) = (0u64, 0u64, 0u64);
         while let Some(r) = self.shared.queue.pop() {
             drained += 1;
-            let keep = self.keeps(&r);
-            if send && keep {
-                self.builder.push(&r);
-            } else {
-                let f = fold.get_or_insert_with(|| shared.fold.lock());
-                if f.add(&r) {
-                    folded += 1;
-                } else {
-                    dropped += 1;
+            match self.keeps(&r) {
+                Some(adjusted_count) if send => self.builder.push(&r, adjusted_count),
+                _ => {
+                    let f = fold.get_or_insert_with(|| shared.fold.lock());
+                    if f.add(&r) {
+                        folded += 1;
+                    } else {
+                        dropped += 1;
+                    }
                 }
             }
             if self.builder.spans >= self.config.max_batch_spans {
@@ -202,16 +202,23 @@ impl Exporter {
         }
     }
 
-    /// Whether the sampling policy sends `r` in full: errors always, spans at least as slow as
-    /// their key's recent p99 always, others iff the low 56 bits of the trace id reach the
-    /// key's threshold (consistent by trace across services).
-    fn keeps(&self, r: &Record) -> bool {
+    /// Whether the sampling policy sends `r` in full, and if so its adjusted count: errors
+    /// always (1), spans at least as slow as their key's recent p99 always (1), others iff the
+    /// low 56 bits of the trace id reach the key's threshold (consistent by trace across
+    /// services), standing for 2⁵⁶ / (2⁵⁶ − threshold) spans.
+    fn keeps(&self, r: &Record) -> Option<f64> {
         if r.status == SpanStatus::Error as i32 {
-            return true;
+            return Some(1.0);
         }
         let (threshold, slow) =
             self.policies.get(r.op as usize).copied().flatten().unwrap_or((self.threshold, 0));
-        (slow > 0 && r.duration >= slow) || threshold == 0 || (r.trace_lo & ((1 << 56) - 1)) >= threshold
+        if (slow > 0 && r.duration >= slow) || threshold == 0 {
+            Some(1.0)
+        } else if (r.trace_lo & ((1 << 56) - 1)) >= threshold {
+            Some(adjusted_count(threshold))
+        } else {
+            None
+        }
     }
 
     /// Cuts a batch when the one being built is old enough (or a flush asks for it).
@@ -413,7 +420,7 @@ impl Exporter {
 }
 
 impl Builder {
-    fn push(&mut self, r: &Record) {
+    fn push(&mut self, r: &Record, adjusted_count: f64) {
         let groups = &mut self.groups;
         let i = *self.index.entry(r.op).or_insert_with(|| {
             groups.push((r.op, Vec::new()));
@@ -428,6 +435,7 @@ impl Builder {
             duration_nanos: r.duration,
             status: r.status,
             weight: 0,
+            adjusted_count,
         });
         self.spans += 1;
     }
@@ -441,6 +449,11 @@ pub(crate) fn threshold(p: f64) -> u64 {
     }
     let p = p.max(0.0);
     (((1.0 - p) * (1u64 << 56) as f64) as u64).min((1 << 56) - 1)
+}
+
+/// How many spans one kept at `threshold` stands for: 2⁵⁶ / (2⁵⁶ − threshold).
+pub(crate) fn adjusted_count(threshold: u64) -> f64 {
+    (1u64 << 56) as f64 / ((1u64 << 56) - threshold.min((1 << 56) - 1)) as f64
 }
 
 /// The seq a status message names ("batch seq N: …").
@@ -497,6 +510,15 @@ mod tests {
         let th = threshold(0.01);
         let kept = (0..100_000).filter(|_| (fastrand::u64(..) & ((1 << 56) - 1)) >= th).count();
         assert!((800..=1_200).contains(&kept), "{kept}");
+    }
+
+    #[test]
+    fn adjusted_counts_invert_the_probability() {
+        assert_eq!(adjusted_count(threshold(1.0)), 1.0);
+        assert_eq!(adjusted_count(threshold(0.5)), 2.0);
+        assert!((adjusted_count(threshold(0.01)) - 100.0).abs() < 1e-6);
+        // A zero probability keeps nothing; the count stays finite anyway.
+        assert!(adjusted_count(threshold(0.0)).is_finite());
     }
 
     #[test]

@@ -254,4 +254,17 @@ async fn the_sampling_policy_thins_full_spans_keeps_errors_and_folds_the_rest() 
     // 10 % of 19,980 ok spans by trace id: 1,998 expected; ±5 σ.
     assert!((1_800..=2_200).contains(&full), "{full}");
     assert_eq!(s.received.iter().map(|(_, b)| counted(b)).sum::<u64>(), 20_001);
+    // Kept spans carry their adjusted count (informational; they still count once): the ok
+    // ones of GET /hot stand for 10 each, errors for themselves.
+    for sp in s
+        .received
+        .iter()
+        .flat_map(|(_, b)| &b.groups)
+        .filter(|g| g.key.as_ref().unwrap().operation == "GET /hot")
+        .flat_map(|g| &g.spans)
+    {
+        let want = if sp.status == SpanStatus::Error as i32 { 1.0 } else { 10.0 };
+        assert!((sp.adjusted_count - want).abs() < 1e-9, "{sp:?}");
+        assert_eq!(sp.weight, 0);
+    }
 }

@@ -146,6 +146,7 @@ fn templates(args: &BenchArgs, count: usize) -> Vec<Bytes> {
                     duration_nanos: (20e6 * (0.8 * z).exp()) as i64,
                     status: i32::from(rng.gen_bool(0.01)) * 2,
                     weight: 0,
+                    adjusted_count: 1.0,
                 };
                 b.push(&format!("service-{}", s % 10), &format!("operation-{s}"), span);
             }

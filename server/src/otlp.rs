@@ -77,6 +77,8 @@ pub fn to_batch(request: &ExportTraceServiceRequest) -> (SpanBatch, u64) {
                     _ => SpanStatus::Unset,
                 };
                 let trace = span.trace_id.as_slice();
+                // OpenTelemetry's `th` is both: the span counts for its adjusted count.
+                let weight = weight_from_tracestate(&span.trace_state);
                 groups[i].spans.push(Span {
                     trace_id_high: id_u64(trace.get(..8)),
                     trace_id_low: id_u64(trace.get(8..16)),
@@ -85,7 +87,8 @@ pub fn to_batch(request: &ExportTraceServiceRequest) -> (SpanBatch, u64) {
                     start_unix_nanos: start,
                     duration_nanos: end.wrapping_sub(start),
                     status: status as i32,
-                    weight: weight_from_tracestate(&span.trace_state),
+                    weight,
+                    adjusted_count: f64::from(weight),
                 });
             }
         }

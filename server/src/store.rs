@@ -167,7 +167,7 @@ pub struct WindowDelta {
 
 /// A span kept as an example of its series and window: one of the slowest, an error, or a
 /// random one. Grafana links it to the trace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Exemplar {
     /// The series id.
     pub series: u64,
@@ -183,6 +183,9 @@ pub struct Exemplar {
     pub start_unix_nanos: i64,
     /// Its duration in nanoseconds.
     pub duration_nanos: i64,
+    /// How many spans it stood for when sampled (the inverse of its probability); 0 when the
+    /// sender did not say.
+    pub adjusted_count: f64,
 }
 
 impl Exemplar {
@@ -200,14 +203,15 @@ impl Exemplar {
         k
     }
 
-    fn value(&self) -> [u8; 40] {
-        let mut v = [0u8; 40];
+    fn value(&self) -> [u8; 48] {
+        let mut v = [0u8; 48];
         for (i, x) in [
             self.trace_id_high,
             self.trace_id_low,
             self.span_id,
             self.start_unix_nanos as u64,
             self.duration_nanos as u64,
+            self.adjusted_count.to_bits(),
         ]
         .into_iter()
         .enumerate()
@@ -220,7 +224,8 @@ impl Exemplar {
     fn decode(key: &[u8], value: &[u8]) -> Option<Exemplar> {
         let be =
             |b: &[u8], at: usize| b.get(at..at + 8).and_then(|x| x.try_into().ok()).map(u64::from_be_bytes);
-        if key.len() != 28 || value.len() != 40 {
+        // Values written before adjusted counts were kept are 40 bytes long.
+        if key.len() != 28 || (value.len() != 48 && value.len() != 40) {
             return None;
         }
         Some(Exemplar {
@@ -231,6 +236,7 @@ impl Exemplar {
             span_id: be(value, 16)?,
             start_unix_nanos: be(value, 24)? as i64,
             duration_nanos: be(value, 32)? as i64,
+            adjusted_count: be(value, 40).map_or(0.0, f64::from_bits),
         })
     }
 }

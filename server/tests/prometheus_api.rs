@@ -11,6 +11,7 @@ use common::*;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tailscope_server::clock::ManualClock;
+use tailscope_proto::v1::Span;
 
 /// Golden files live in tests/golden; `TAILSCOPE_UPDATE_GOLDEN=1` rewrites them.
 fn golden(name: &str, actual: &Value) {
@@ -456,9 +457,16 @@ async fn exemplars_link_a_slow_outlier_to_its_trace() {
     let server = start_with(config(dir.path()), Arc::new(ManualClock::new(T * SEC))).await;
     let mut s = open(server.grpc_addr()).await;
     let window = T * SEC - 120 * SEC;
-    let mut spans: Vec<_> =
-        (0..500).map(|i| span(window + i * 10_000_000, 20_000_000 + i * 1_000, false)).collect();
+    // Sampled at 5 %, as a client says in each span's adjusted count; the outlier was kept
+    // for being slow (1), the failed span's sender did not say.
+    let mut spans: Vec<_> = (0..500)
+        .map(|i| Span {
+            adjusted_count: 20.0,
+            ..span(window + i * 10_000_000, 20_000_000 + i * 1_000, false)
+        })
+        .collect();
     let mut outlier = span(window + 3 * SEC, 4_200_000_000, false);
+    outlier.adjusted_count = 1.0;
     outlier.trace_id_high = 0x00c0ffee00000000;
     outlier.trace_id_low = 0x1234;
     outlier.span_id = 0xabcdef;
@@ -489,13 +497,15 @@ async fn exemplars_link_a_slow_outlier_to_its_trace() {
         .find(|(_, e)| e["labels"]["trace_id"] == "00c0ffee000000000000000000001234")
         .unwrap_or_else(|| panic!("no outlier exemplar in {body}"));
     assert_eq!(slow["labels"]["span_id"], "0000000000abcdef");
+    assert_eq!(slow["labels"]["adjusted_count"], "1");
     assert_eq!(slow["value"], "4.2");
     assert_eq!(slow["timestamp"].as_f64().unwrap(), (window + 3 * SEC + 4_200_000_000) as f64 / 1e9);
     assert_eq!(labels["le"], "5");
     assert_eq!(labels["__name__"], "span_duration_seconds_bucket");
-    assert!(all
-        .iter()
-        .any(|(l, e)| l["status"] == "error" && e["labels"]["trace_id"].as_str().unwrap().ends_with("5678")));
+    assert!(all.iter().any(|(l, e)| l["status"] == "error"
+        && e["labels"]["trace_id"].as_str().unwrap().ends_with("5678")
+        && e["labels"].get("adjusted_count").is_none()));
+    assert!(all.iter().any(|(_, e)| e["labels"]["adjusted_count"] == "20"), "{body}");
     // At most the slowest three, three errors and one random span per series and window.
     let per_window = all.iter().filter(|(l, _)| l["status"] == "ok").count();
     assert!((1..=4).contains(&per_window), "{per_window}");

@@ -414,7 +414,7 @@ pub const MAX_EXEMPLARS: usize = 10_000;
 
 /// Exemplars of the bucket series the query's selectors select, in Prometheus' shape: grouped by
 /// series (with the `le` of the default ladder the span falls in), each with its trace and span
-/// id, duration in seconds and end time.
+/// id (and, when the sender said, its sampling adjusted count), duration in seconds and end time.
 async fn exemplars(State(s): State<AppState>, p: Params) -> Response {
     let result = async {
         let expr = parse_query(&p)?;
@@ -459,11 +459,15 @@ async fn exemplars(State(s): State<AppState>, p: Params) -> Response {
                     if !selected {
                         continue;
                     }
+                    let mut ids = json!({
+                        "trace_id": format!("{:016x}{:016x}", e.trace_id_high, e.trace_id_low),
+                        "span_id": format!("{:016x}", e.span_id),
+                    });
+                    if e.adjusted_count > 0.0 {
+                        ids["adjusted_count"] = format_value(e.adjusted_count).into();
+                    }
                     groups.entry(set).or_default().push(json!({
-                        "labels": {
-                            "trace_id": format!("{:016x}{:016x}", e.trace_id_high, e.trace_id_low),
-                            "span_id": format!("{:016x}", e.span_id),
-                        },
+                        "labels": ids,
                         "value": format_value(seconds),
                         "timestamp": at,
                     }));

@@ -151,6 +151,7 @@ impl ShardState {
                     span_id: span.span_id,
                     start_unix_nanos: span.start_unix_nanos,
                     duration_nanos: span.duration_nanos,
+                    adjusted_count: span.adjusted_count,
                 };
                 self.exemplars.entry((series, window)).or_default().offer(
                     exemplar,

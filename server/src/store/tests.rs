@@ -169,6 +169,7 @@ fn exemplars_round_trip_by_series_and_window_and_expire() {
         span_id,
         start_unix_nanos: window_start * 1_000_000_000 + 5,
         duration_nanos: 1_234_567,
+        adjusted_count: span_id as f64 * 10.0,
     };
     let written = vec![e(a, T0, 1), e(a, T0, 2), e(a, T0 + 3600, 3), e(b, T0, 4)];
     store.write_epoch(&EpochWrite { exemplars: written.clone(), ..EpochWrite::default() }).expect("write");

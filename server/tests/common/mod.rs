@@ -63,6 +63,7 @@ pub fn span(start: i64, duration: i64, error: bool) -> Span {
         duration_nanos: duration,
         status: if error { SpanStatus::Error as i32 } else { SpanStatus::Ok as i32 },
         weight: 0,
+        adjusted_count: 0.0,
     }
 }
 
