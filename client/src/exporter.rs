@@ -51,6 +51,8 @@ struct Conn {
     replies: Streaming<IngestReply>,
     /// The highest seq handed to this stream.
     sent_upto: u64,
+    /// Since when batches handed to this stream have waited without any reply.
+    waiting_since: Option<Instant>,
 }
 
 type Connecting = tokio::task::JoinHandle<Result<Conn, Status>>;
@@ -141,6 +143,7 @@ impl Exporter {
                 }
             }
             let now = Instant::now();
+            self.check_ack_timeout(now);
             self.drain(now);
             let flushing = stopping.is_some() || !self.waiters.is_empty();
             self.cut(now, flushing);
@@ -294,10 +297,10 @@ impl Exporter {
                     self.shared.counters.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
                 self.connected_once = true;
+                // Not yet a success for the breaker or the backoff: a paused server still
+                // completes TCP handshakes. The first reply is (`on_reply`).
                 self.conn = Some(conn);
                 self.shared.counters.connected.store(true, Ordering::Relaxed);
-                self.breaker.on_success();
-                self.backoff.reset();
             }
             Err(_) => self.failed(now),
         }
@@ -320,13 +323,31 @@ impl Exporter {
         self.shared.counters.breaker.store(self.breaker.state(now).as_u8(), Ordering::Relaxed);
     }
 
+    /// A stream whose batches wait longer than `ack_timeout` for any reply has failed: the
+    /// server is paused or the connection half-open, and nothing else would notice for as
+    /// long as TCP keeps the connection.
+    fn check_ack_timeout(&mut self, now: Instant) {
+        let hung = self
+            .conn
+            .as_ref()
+            .and_then(|c| c.waiting_since)
+            .is_some_and(|t| now.saturating_duration_since(t) >= self.config.ack_timeout);
+        if hung {
+            self.shared.counters.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+            self.failed(now);
+        }
+    }
+
     /// Hands unacknowledged batches to the stream in seq order, as far as it takes them.
     fn send(&mut self) {
         let Some(conn) = self.conn.as_mut() else { return };
         let from = conn.sent_upto;
         for p in self.unacked.iter().filter(|p| p.seq > from) {
             match conn.tx.try_send(p.batch.clone()) {
-                Ok(()) => conn.sent_upto = p.seq,
+                Ok(()) => {
+                    conn.sent_upto = p.seq;
+                    conn.waiting_since.get_or_insert_with(Instant::now);
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => break,
                 Err(mpsc::error::TrySendError::Closed(_)) => break,
             }
@@ -337,7 +358,14 @@ impl Exporter {
         let now = Instant::now();
         match reply {
             Ok(Some(r)) => {
+                self.breaker.on_success();
+                self.backoff.reset();
+                self.publish_breaker(now);
                 self.ack(r.durable_seq);
+                if let Some(c) = self.conn.as_mut() {
+                    // Any reply shows the server alive; wait afresh for what is still out.
+                    c.waiting_since = (c.sent_upto > r.durable_seq).then_some(now);
+                }
                 if let Some(policy) = r.sampling {
                     if policy.default_set {
                         self.threshold = threshold(policy.default_probability);
@@ -479,7 +507,7 @@ async fn connect(endpoint: String, timeout: Duration) -> Result<Conn, Status> {
         .await
         .map_err(|_| Status::deadline_exceeded("stream not answered"))??
         .into_inner();
-    Ok(Conn { tx, replies, sent_upto: 0 })
+    Ok(Conn { tx, replies, sent_upto: 0, waiting_since: None })
 }
 
 async fn next_reply(conn: &mut Option<Conn>) -> Result<Option<IngestReply>, Status> {

@@ -162,6 +162,11 @@ pub struct Config {
     pub breaker_open_for: Duration,
     /// Connect timeout (default 2 s).
     pub connect_timeout: Duration,
+    /// Longest the stream may hold sent batches without any reply (default 5 s; the server
+    /// acknowledges every flush, once a second by default). Beyond it the server is taken for
+    /// hung — paused, or a half-open connection — and the stream counts as failed: the client
+    /// reconnects, and the breaker opens if that keeps failing.
+    pub ack_timeout: Duration,
     /// How often the exporter drains the queue (default 2 ms).
     pub poll_interval: Duration,
     /// Default deadline of [`Client::flush`] (default 10 s).
@@ -187,6 +192,7 @@ impl Default for Config {
             breaker_threshold: 5,
             breaker_open_for: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(2),
+            ack_timeout: Duration::from_secs(5),
             poll_interval: Duration::from_millis(2),
             flush_timeout: Duration::from_secs(10),
             drop_flush_timeout: Duration::from_secs(2),
@@ -297,6 +303,8 @@ pub struct Stats {
     pub server_rejected: u64,
     /// Reconnections after the first connection.
     pub reconnects: u64,
+    /// Streams given up because no reply came within `ack_timeout`.
+    pub ack_timeouts: u64,
     /// The circuit breaker's state.
     pub breaker: BreakerState,
     /// Whether a stream to the server is open.
@@ -447,6 +455,7 @@ impl Client {
             dropped_unacked: get(&c.dropped[3]),
             server_rejected: get(&c.server_rejected),
             reconnects: get(&c.reconnects),
+            ack_timeouts: get(&c.ack_timeouts),
             breaker: BreakerState::from_u8(c.breaker.load(Ordering::Relaxed)),
             connected: c.connected.load(Ordering::Relaxed),
             unacked_bytes: get(&c.unacked_bytes),

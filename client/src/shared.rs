@@ -169,6 +169,7 @@ pub(crate) struct Counters {
     pub folded_on_overflow: AtomicU64,
     pub dropped: [AtomicU64; 4],
     pub reconnects: AtomicU64,
+    pub ack_timeouts: AtomicU64,
     pub breaker: AtomicU8,
     pub connected: std::sync::atomic::AtomicBool,
     pub unacked_bytes: AtomicU64,

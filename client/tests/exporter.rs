@@ -1,6 +1,6 @@
 //! The exporter against a scripted in-process ingest server: batching by size and time, seq
-//! numbering, resending in order after a lost stream, folding while the server is down, and
-//! obeying the sampling policy.
+//! numbering, resending in order after a lost stream, folding while the server is down, giving
+//! up on a server that takes batches and never answers, and obeying the sampling policy.
 #![allow(clippy::unwrap_used)]
 
 use std::pin::Pin;
@@ -26,6 +26,8 @@ struct Script {
     drop_first_after: Option<usize>,
     /// Sampling probability to announce in every reply.
     probability: Option<f64>,
+    /// Take every batch and never answer, the stream left open: a hung server.
+    silent: bool,
 }
 
 #[derive(Clone)]
@@ -61,8 +63,8 @@ impl Ingest for Fake {
                     let _ = tx.send(Err(tonic::Status::unavailable("scripted outage"))).await;
                     return;
                 }
-                if stream_no == 1 && script.lock().drop_first_after.is_some() {
-                    continue; // acks nothing before the outage
+                if stream_no == 1 && script.lock().drop_first_after.is_some() || script.lock().silent {
+                    continue; // acks nothing before the outage, or nothing ever
                 }
                 let sampling = probability.map(|p| SamplingPolicy {
                     default_probability: p,
@@ -267,4 +269,43 @@ async fn the_sampling_policy_thins_full_spans_keeps_errors_and_folds_the_rest() 
         assert!((sp.adjusted_count - want).abs() < 1e-9, "{sp:?}");
         assert_eq!(sp.weight, 0);
     }
+}
+
+/// A server that takes batches and never answers (paused, or behind a half-open connection)
+/// keeps TCP happy; only the ack timeout notices. Each silent stream counts as a failure, so
+/// the breaker opens and the spans recorded meanwhile are folded, not queued for a dead stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_opens_the_breaker() {
+    let (endpoint, script) = fake_server(Script { silent: true, ..Script::default() }).await;
+    let c = client(&endpoint, |c| {
+        c.max_batch_delay = Duration::from_millis(10);
+        c.ack_timeout = Duration::from_millis(200);
+        c.backoff_base = Duration::from_millis(10);
+        c.breaker_threshold = 3;
+        c.breaker_open_for = Duration::from_secs(600);
+    });
+    connected(&c).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0u64;
+    while c.stats().breaker != BreakerState::Open && Instant::now() < deadline {
+        c.record("GET /slow", Duration::from_millis(1 + i % 10), Status::Ok);
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let s = c.stats();
+    assert_eq!(s.breaker, BreakerState::Open, "{s:?}");
+    assert!(s.ack_timeouts >= 1, "{s:?}");
+    assert_eq!(s.acked, 0);
+    assert!(script.lock().streams >= 2, "the client reconnected before giving up");
+    // While it is open, what is recorded folds (kept for the server's return).
+    for _ in 0..1_000 {
+        c.record("GET /slow", Duration::from_millis(3), Status::Ok);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.stats().folded < s.folded + 1_000 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let after = c.stats();
+    assert!(after.folded >= s.folded + 1_000, "{after:?}");
+    assert!(!after.connected);
 }

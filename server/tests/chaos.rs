@@ -1,6 +1,7 @@
 //! Chaos: the server process paused with SIGSTOP under load (a hung server, not a dead one),
-//! then resumed. The host keeps recording, the client's memory stays bounded, and after
-//! SIGCONT every span recorded is counted exactly once.
+//! then resumed. The host keeps recording, the client notices (ack timeout), its breaker opens
+//! and it folds, its memory stays bounded, and after SIGCONT every span recorded is counted
+//! exactly once.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -47,7 +48,16 @@ async fn a_paused_server_loses_nothing_and_does_not_stall_the_host() {
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
-    tokio::time::sleep(Duration::from_secs(pause_seconds())).await;
+    // TCP stays up (the kernel still completes handshakes), so only the client's ack timeout
+    // can tell the server is hung; then reconnects time out and the breaker opens.
+    let paused = Instant::now();
+    let mut opened_after = None;
+    while paused.elapsed() < Duration::from_secs(pause_seconds()) {
+        if opened_after.is_none() && client.stats().breaker == tailscope::BreakerState::Open {
+            opened_after = Some(paused.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let during = client.stats();
     assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -56,12 +66,14 @@ async fn a_paused_server_loses_nothing_and_does_not_stall_the_host() {
     client.flush_within(Duration::from_secs(60)).await.unwrap();
     let stats = client.stats();
     eprintln!(
-        "paused {} s: {recorded} spans recorded, slowest record call {slowest:?}; while paused: acked {}, unacked bytes {}, folded {}; after: {stats:?}",
+        "paused {} s: breaker open after {opened_after:?}; {recorded} spans recorded, slowest record call {slowest:?}; while paused: acked {}, unacked bytes {}, folded {}; after: {stats:?}",
         pause_seconds(),
         during.acked,
         during.unacked_bytes,
         during.folded
     );
+    assert!(opened_after.is_some(), "the breaker never opened while the server was paused: {during:?}");
+    assert!(during.ack_timeouts >= 1 && during.folded > 0, "{during:?}");
     assert_eq!(stats.recorded, recorded);
     assert_eq!(stats.acked, recorded, "everything acknowledged after SIGCONT");
     let dropped =

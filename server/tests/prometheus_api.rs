@@ -10,8 +10,8 @@ use std::sync::Arc;
 use common::*;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-use tailscope_server::clock::ManualClock;
 use tailscope_proto::v1::Span;
+use tailscope_server::clock::ManualClock;
 
 /// Golden files live in tests/golden; `TAILSCOPE_UPDATE_GOLDEN=1` rewrites them.
 fn golden(name: &str, actual: &Value) {
