@@ -174,23 +174,32 @@ impl IngestService {
             let window_nanos = window.saturating_mul(1_000_000_000);
             let last = window_nanos.saturating_add(tailscope_proto::BASE_WINDOW_SECONDS * 1_000_000_000 - 1);
             let fits = limits.window_of(last, now).is_ok() || limits.window_of(window_nanos, now).is_ok();
+            // Counts are the sender's word: a hostile one must not overflow the batch's totals.
+            let count = histogram.count();
+            let overflows = |total: u64| {
+                total.checked_add(count).ok_or_else(|| {
+                    bad(format!(
+                        "delta {i} ({service}/{operation}): a count of {count} overflows the batch's total"
+                    ))
+                })
+            };
             if !fits {
                 let reason = limits.window_of(window_nanos, now).err().unwrap_or(SpanReject::TooOld);
-                stats.rejected[reason.index()] += histogram.count();
+                stats.rejected[reason.index()] = overflows(stats.rejected[reason.index()])?;
                 continue;
             }
             if histogram.is_empty() {
                 continue;
             }
-            stats.accepted += histogram.count();
-            stats.clamped += histogram.clamped();
+            stats.accepted = overflows(stats.accepted)?;
+            stats.clamped = stats.clamped.saturating_add(histogram.clamped());
             if overflow {
-                stats.overflowed += histogram.count();
+                stats.overflowed = stats.overflowed.saturating_add(count);
             }
             let status = SpanStatus::from_wire(delta.status);
             let hash = series::group_hash(service, operation);
             self.sampler.observe_folded(hash, service, operation, &histogram);
-            stats.folded += histogram.count();
+            stats.folded = stats.folded.saturating_add(count);
             stats.keys.push(hash);
             let shard = series::partition(hash, shards) as u32;
             targets.push(shard);
