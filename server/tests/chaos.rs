@@ -86,3 +86,138 @@ async fn a_paused_server_loses_nothing_and_does_not_stall_the_host() {
     assert_eq!(counted, recorded, "counted exactly once: {rows:?}");
     client.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tailscope-test"])
+            .arg(dir.path())
+            .status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "the disk-full test mounts a small tmpfs and needs root for it (CI runs as root); \
+             set TAILSCOPE_SKIP_DISK_FULL=1 to skip it"
+        );
+        SmallDisk { dir }
+    }
+
+    /// Fills what is left with a file; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.dir.path().join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        while f.write_all(&chunk[..512]).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+/// The data directory's filesystem fills up under load: flushes fail with the system's own
+/// words in the log, acknowledgements stop (so clients keep what they sent), new batches are
+/// refused, readiness goes down, queries keep answering; when space returns the server writes
+/// again by itself and every recorded span is counted exactly once, and a restart on the same
+/// data finds it intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_acknowledgements_and_recovers_when_space_returns() {
+    if std::env::var_os("TAILSCOPE_SKIP_DISK_FULL").is_some() {
+        eprintln!("skipped: TAILSCOPE_SKIP_DISK_FULL is set");
+        return;
+    }
+    let disk = SmallDisk::mount("96m");
+    let data = disk.dir.path().join("data");
+    let (child, grpc, http, said) = spawn_server_logged(&data, &[], "127.0.0.1:0", "127.0.0.1:0");
+    let child = Peer(child);
+    let client = Client::builder()
+        .endpoint(format!("http://{grpc}"))
+        .service("disk")
+        .configure(|c| c.max_batch_delay = Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let record = |n: u64, from: u64| {
+        for i in from..from + n {
+            client.record(&format!("op{}", i % 20), Duration::from_micros(500 + i % 5_000), Status::Ok);
+        }
+    };
+    record(20_000, 0);
+    client.flush_within(Duration::from_secs(30)).await.unwrap();
+    let before = client.stats().acked;
+    assert_eq!(before, 20_000);
+
+    // The disk fills; traffic goes on until the server's writes fail.
+    let filler = disk.fill();
+    let started = Instant::now();
+    let mut recorded = 20_000;
+    let failed = loop {
+        record(2_000, recorded);
+        recorded += 2_000;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let m = metrics(http).await;
+        if metric(&m, "tailscope_flushes_total{result=\"error\"}") > 0.0 {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "two minutes on a full disk and no write failed"
+        );
+    };
+    // Five more seconds of traffic on the full disk.
+    for _ in 0..50 {
+        record(2_000, recorded);
+        recorded += 2_000;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stuck = client.stats();
+    let m = metrics(http).await;
+    assert!(metric(&m, "tailscope_batches_rejected_total{reason=\"store_unavailable\"}") > 0.0, "{m}");
+    assert!(stuck.acked < recorded, "{stuck:?}");
+    let log = said.lock().join("\n");
+    assert!(log.contains("No space left on device"), "the log does not say why: {log}");
+    let ready = reqwest::get(format!("http://{http}/-/ready")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await.unwrap().contains("store is failing"));
+    // Queries still answer, from what is on disk.
+    let rows = tail(http, "service=disk").await;
+    let counted: u64 = rows.iter().map(|r| r["count"].as_u64().unwrap()).sum();
+    assert!(counted >= before, "{counted}");
+
+    // Space returns: the server writes again without a restart, and the client's resends
+    // complete the count.
+    std::fs::remove_file(filler).unwrap();
+    let freed = Instant::now();
+    client.flush_within(Duration::from_secs(120)).await.unwrap();
+    let recovered = freed.elapsed();
+    let stats = client.stats();
+    assert_eq!(stats.acked, recorded, "{stats:?}");
+    let dropped =
+        stats.dropped_queue_full + stats.dropped_fold_full + stats.dropped_rejected + stats.dropped_unacked;
+    assert_eq!(dropped, 0, "{stats:?}");
+    let count = |rows: Vec<serde_json::Value>| rows.iter().map(|r| r["count"].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(count(tail(http, "service=disk").await), recorded);
+    assert!(reqwest::get(format!("http://{http}/-/ready")).await.unwrap().status().is_success());
+    client.shutdown(Duration::from_secs(5)).await.unwrap();
+    eprintln!(
+        "disk full: first failed write {failed:?} after filling; {recorded} spans recorded, {} acked while full; \
+         recovered {recovered:?} after space returned",
+        stuck.acked
+    );
+
+    // Nothing corrupt: a restart on the same data counts the same.
+    drop(child);
+    let (child, _, http) = spawn_server(&data, &[]);
+    let _child = Peer(child);
+    assert_eq!(count(tail(http, "service=disk").await), recorded);
+}

@@ -165,6 +165,17 @@ pub fn spawn_server_at(
     grpc: &str,
     http: &str,
 ) -> (Child, SocketAddr, SocketAddr) {
+    let (child, grpc, http, _) = spawn_server_logged(dir, env, grpc, http);
+    (child, grpc, http)
+}
+
+/// Like [`spawn_server_at`], also returning what the server logs at ERROR and WARN.
+pub fn spawn_server_logged(
+    dir: &Path,
+    env: &[(&str, &str)],
+    grpc: &str,
+    http: &str,
+) -> (Child, SocketAddr, SocketAddr, Log) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tailscope-server"))
         .args(["--grpc-addr", grpc, "--http-addr", http, "--log-format", "json"])
         .arg("--data-dir")
@@ -185,11 +196,23 @@ pub fn spawn_server_at(
             break v;
         }
     };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    // Keep draining stderr so the child never blocks on a full pipe; error and warning lines
+    // are kept for the tests that check what the server said.
+    let said = Log::default();
+    let kept = said.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains("\"ERROR\"") || line.contains("\"WARN\"") {
+                kept.lock().push(line);
+            }
+        }
+    });
     let addr = |k: &str| started["fields"][k].as_str().unwrap().parse().unwrap();
-    (child, addr("grpc_addr"), addr("http_addr"))
+    (child, addr("grpc_addr"), addr("http_addr"), said)
 }
+
+/// Error and warning lines a child server logged.
+pub type Log = Arc<parking_lot::Mutex<Vec<String>>>;
 
 /// Delivers `batches` (seqs 1..=n) the way a well-behaved client does: streams them, and after
 /// a refusal (RESOURCE_EXHAUSTED, UNAVAILABLE) reconnects and resends everything not yet
