@@ -221,3 +221,72 @@ async fn a_full_disk_stops_acknowledgements_and_recovers_when_space_returns() {
     let _child = Peer(child);
     assert_eq!(count(tail(http, "service=disk").await), recorded);
 }
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// A cardinality bomb: 200,000 distinct operation names in one service, from a sender that
+/// caps nothing. The server keeps its first 1,000 (`max_operations_per_service`) and counts the
+/// rest under `__overflow__`, so its memory stops growing once the cap is reached, and every
+/// span is still counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cardinality_bomb_cannot_grow_memory_past_the_cap() {
+    const NAMES: u64 = 200_000;
+    const PER_BATCH: u64 = 1_000;
+    let cap: u64 = std::env::var("CHAOS_OPERATION_CAP").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000);
+    let dir = tempfile::tempdir().unwrap();
+    let (child, grpc, http) =
+        spawn_server(dir.path(), &[("TAILSCOPE_INGEST_MAX_OPERATIONS_PER_SERVICE", &cap.to_string())]);
+    let child = Peer(child);
+    let pid = child.0.id();
+    let now = now_nanos();
+    let batches = |from: u64, to: u64| -> Vec<tailscope_proto::v1::SpanBatch> {
+        (from..to)
+            .map(|b| {
+                let groups = (b * PER_BATCH..(b + 1) * PER_BATCH)
+                    .map(|n| {
+                        group(
+                            "bomb",
+                            &format!("GET /item/{n}"),
+                            vec![span(now - n as i64, 1_000_000 + n as i64, false)],
+                        )
+                    })
+                    .collect();
+                batch(1, b + 1, groups)
+            })
+            .collect()
+    };
+    // The cap is reached within the first batches; memory is measured from there.
+    deliver(grpc, batches(0, 5)).await;
+    let at_cap = rss_bytes(pid);
+    let mut peak = at_cap;
+    for chunk in (5..NAMES / PER_BATCH).step_by(15) {
+        deliver(grpc, batches(chunk, (chunk + 15).min(NAMES / PER_BATCH))).await;
+        peak = peak.max(rss_bytes(pid));
+    }
+    let growth = peak.saturating_sub(at_cap);
+    eprintln!(
+        "cardinality bomb: {NAMES} names, cap {cap}; RSS {} MiB at the cap, peak {} MiB (+{} MiB)",
+        at_cap >> 20,
+        peak >> 20,
+        growth >> 20
+    );
+    let rows = tail(http, "service=bomb").await;
+    let counted: u64 = rows.iter().map(|r| r["count"].as_u64().unwrap()).sum();
+    assert_eq!(counted, NAMES, "every span counted");
+    assert_eq!(rows.len() as u64, cap + 1, "{cap} operations and __overflow__");
+    let overflow = rows.iter().find(|r| r["operation"] == "__overflow__").unwrap();
+    assert_eq!(overflow["count"], NAMES - cap);
+    let m = metrics(http).await;
+    assert_eq!(metric(&m, "tailscope_spans_overflowed_total"), (NAMES - cap) as f64);
+    // 199,000 more names cost well under 64 MiB; as series each would hold at least a
+    // 10-second window (~8 KiB), over 1.5 GiB.
+    assert!(growth < 64 << 20, "RSS grew by {growth} bytes past the cap");
+}
