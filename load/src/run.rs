@@ -78,7 +78,7 @@ pub struct RunArgs {
     /// Random seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Draw p50/p99/p99.9 over time per service from the server into this SVG file.
+    /// Draw p50/p99/p99.9 over time per service from the server into this file (.svg or .png).
     #[arg(long)]
     pub plot: Option<std::path::PathBuf>,
 }
