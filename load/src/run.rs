@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::io::IsTerminal;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
@@ -343,8 +344,21 @@ pub async fn run(args: &RunArgs, out: &mut (dyn std::io::Write + Send)) -> anyho
     let mut injected = Vec::new();
     let start_wall = SystemTime::now();
     let started = Instant::now();
+    // On a terminal the rates go to a progress bar on stderr; elsewhere (pipes, logs, tests)
+    // they are printed as lines, once a second.
+    let bar = (!args.quiet && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(args.duration.as_millis() as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{elapsed:>3} [{bar:20}] {msg}") {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar
+    });
+    let say = |out: &mut (dyn std::io::Write + Send), line: String| match &bar {
+        Some(bar) => bar.suspend(|| writeln!(out, "{line}")),
+        None => writeln!(out, "{line}"),
+    };
     if always {
-        writeln!(out, "t=   0.0s  {on}")?;
+        say(out, format!("t=   0.0s  {on}"))?;
         injected.push((0.0, on.clone()));
     }
     let mut calls = Vec::new();
@@ -360,12 +374,12 @@ pub async fn run(args: &RunArgs, out: &mut (dyn std::io::Write + Send)) -> anyho
             break;
         }
         if !always && phase == 0 && t >= from {
-            writeln!(out, "t={t:6.1}s  injecting: {on}")?;
+            say(out, format!("t={t:6.1}s  injecting: {on}"))?;
             injected.push((t, on.clone()));
             phase = 1;
         }
         if !always && phase == 1 && t >= to {
-            writeln!(out, "t={t:6.1}s  restored: {off}")?;
+            say(out, format!("t={t:6.1}s  restored: {off}"))?;
             injected.push((t, off.clone()));
             phase = 2;
         }
@@ -401,18 +415,33 @@ pub async fn run(args: &RunArgs, out: &mut (dyn std::io::Write + Send)) -> anyho
             let now = sum_stats(&clients);
             let secs = last_progress.elapsed().as_secs_f64();
             let rate = |k: &str| (now[k] - last_stats[k]) as f64 / secs;
-            writeln!(
-                out,
-                "t={t:6.1}s  requests {:>7.0}/s  spans sent {:>8.0}/s  acked {:>8.0}/s  folded {:>7.0}/s  dropped {}",
+            let rates = format!(
+                "requests {:>7.0}/s  spans sent {:>8.0}/s  acked {:>8.0}/s  folded {:>7.0}/s  dropped {}",
                 args.rate,
                 rate("sent"),
                 rate("acked"),
                 rate("folded"),
                 now["dropped"]
-            )?;
+            );
+            match &bar {
+                Some(bar) => {
+                    bar.set_position(started.elapsed().as_millis() as u64);
+                    bar.set_message(format!(
+                        "spans sent {:.0}/s  acked {:.0}/s  folded {:.0}/s  dropped {}",
+                        rate("sent"),
+                        rate("acked"),
+                        rate("folded"),
+                        now["dropped"]
+                    ));
+                }
+                None => writeln!(out, "t={t:6.1}s  {rates}")?,
+            }
             last_stats = now;
             last_progress = Instant::now();
         }
+    }
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
     }
     for c in &clients {
         c.shutdown(Duration::from_secs(15)).await.context("a client could not flush")?;
