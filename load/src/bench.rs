@@ -5,10 +5,9 @@
 //! network, not on encoding. The server runs as a separate process, whose CPU time and peak
 //! RSS are read from `/proc`.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -18,6 +17,8 @@ use rand::{Rng, SeedableRng};
 use tailscope::BatchBuilder;
 use tailscope_proto::v1::{IngestReply, Span};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+use crate::child::{server_bin, ChildServer};
 
 /// Options of `bench`.
 #[derive(Debug, clap::Args)]
@@ -55,46 +56,19 @@ pub struct BenchArgs {
     json: bool,
 }
 
-/// A server child process that is killed when dropped.
-struct ChildServer {
-    child: Child,
+/// A server child process with its temporary data directory.
+struct BenchServer {
+    _server: ChildServer,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(args: &BenchArgs) -> anyhow::Result<(ChildServer, SocketAddr, u32)> {
-    let bin = match &args.server_bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?.with_file_name("tailscope-server"),
-    };
+fn start_server(args: &BenchArgs) -> anyhow::Result<(BenchServer, SocketAddr, u32)> {
+    let bin = server_bin(args.server_bin.as_deref())?;
     let dir = tempfile::tempdir()?;
-    let mut child = Command::new(&bin)
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--log-format", "json"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env("TAILSCOPE_INGEST_SHARDS", args.shards.to_string())
-        .env("TAILSCOPE_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    let pid = child.id();
-    let mut lines = BufReader::new(child.stderr.take().context("no stderr")?).lines();
-    let grpc = loop {
-        let Some(line) = lines.next() else { bail!("server exited before it started") };
-        let v: serde_json::Value = serde_json::from_str(&line?).unwrap_or_default();
-        if v["fields"]["message"] == "tailscope started" {
-            break v["fields"]["grpc_addr"].as_str().context("no grpc_addr")?.parse()?;
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Ok((ChildServer { child, _dir: dir }, grpc, pid))
+    let shards = [("TAILSCOPE_INGEST_SHARDS", args.shards.to_string())];
+    let server = ChildServer::start(&bin, dir.path(), "127.0.0.1:0", "127.0.0.1:0", &shards)?;
+    let (grpc, pid) = (server.grpc, server.pid());
+    Ok((BenchServer { _server: server, _dir: dir }, grpc, pid))
 }
 
 /// CPU seconds (user + system) of process `pid`.

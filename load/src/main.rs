@@ -4,11 +4,16 @@
 //! the client crate and compares the clients' exact percentiles with the server's (see
 //! [`tailscope_load::run`]).
 //!
+//! `tailscope-load chaos --fault kill|pause` runs a scenario against a server process, breaks
+//! it at a third of the run, and checks that every recorded span was counted exactly once.
+//!
 //! `tailscope-load bench` measures maximum ingest throughput with pre-encoded batches over K
 //! connections, and the server's CPU-seconds per million spans and peak RSS, read from
 //! `/proc/<pid>` of a server it starts as a child process (or one given by `--grpc` and `--pid`).
 
 mod bench;
+mod chaos;
+mod child;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +31,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// A traffic scenario through the client crate, compared with the server's answers.
     Run(tailscope_load::run::RunArgs),
+    /// A fault (SIGKILL and restart, or SIGSTOP) injected into a server process under a
+    /// scenario's traffic, then every recorded span checked to be counted exactly once.
+    Chaos(chaos::ChaosArgs),
     /// tailscope in a minute: an embedded server, the example rules, a webhook receiver that
     /// prints grouped alerts, and steady → latency-spike → cascade traffic.
     Demo(tailscope_load::demo::DemoArgs),
@@ -40,6 +48,7 @@ fn main() -> anyhow::Result<()> {
             let mut stdout = std::io::stdout();
             tailscope_load::run::run(&args, &mut stdout).await.map(|_| ())
         }),
+        Command::Chaos(args) => runtime.block_on(chaos::chaos(args)),
         Command::Demo(args) => runtime.block_on(async {
             let out = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::new()));
             tailscope_load::demo::demo(&args, out, true).await.map(|_| ())

@@ -293,6 +293,8 @@ fn sum_stats(clients: &[Client]) -> BTreeMap<String, u64> {
             ("acked", s.acked),
             ("folded", s.folded),
             ("dropped", dropped),
+            ("reconnects", s.reconnects),
+            ("ack_timeouts", s.ack_timeouts),
         ] {
             *m.entry(k.to_owned()).or_insert(0) += v;
         }
@@ -444,7 +446,8 @@ pub async fn run(args: &RunArgs, out: &mut (dyn std::io::Write + Send)) -> anyho
         bar.finish_and_clear();
     }
     for c in &clients {
-        c.shutdown(Duration::from_secs(15)).await.context("a client could not flush")?;
+        // Long enough for a client whose breaker opened (a paused server) to probe again.
+        c.shutdown(Duration::from_secs(60)).await.context("a client could not flush")?;
     }
     let stats = sum_stats(&clients);
 
