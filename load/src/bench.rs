@@ -254,6 +254,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let bodies = templates(&args, 16);
     let rss_before = status_bytes(pid, "VmRSS:")?;
     let cpu_before = cpu_seconds(pid)?;
+    let own_before = cpu_seconds(std::process::id())?;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for k in 0..args.connections {
@@ -266,6 +267,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     let cpu = cpu_seconds(pid)? - cpu_before;
+    // The generator's own cost, so the numbers say what limited them: on a machine whose cores
+    // the two share, throughput is bounded by both.
+    let own = cpu_seconds(std::process::id())? - own_before;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     // Let idle memory settle for the RSS reading.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let spans = per_connection * args.connections * args.batch as u64;
@@ -279,6 +284,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "spans_per_second": spans as f64 / elapsed.as_secs_f64(),
         "server_cpu_seconds": cpu,
         "server_cpu_seconds_per_million_spans": cpu / (spans as f64 / 1e6),
+        "generator_cpu_seconds_per_million_spans": own / (spans as f64 / 1e6),
+        "generator_ceiling_spans_per_core_second": spans as f64 / own.max(1e-9),
+        "machine_busy": (cpu + own) / (elapsed.as_secs_f64() * cores),
         "server_rss_bytes_before": rss_before,
         "server_rss_bytes": status_bytes(pid, "VmRSS:")?,
         "server_peak_rss_bytes": status_bytes(pid, "VmHWM:")?,
@@ -302,6 +310,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "  server CPU        {:>12.3} s, {:.3} CPU-s per million spans",
             cpu,
             report["server_cpu_seconds_per_million_spans"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "  generator CPU     {:>12.3} s, {:.3} CPU-s per million spans (ceiling {:.1} M spans/s per core)",
+            own,
+            report["generator_cpu_seconds_per_million_spans"].as_f64().unwrap_or(0.0),
+            report["generator_ceiling_spans_per_core_second"].as_f64().unwrap_or(0.0) / 1e6
+        );
+        println!(
+            "  machine           {:>11.0}% of {cores} cores busy (server + generator)",
+            report["machine_busy"].as_f64().unwrap_or(0.0) * 100.0
         );
         println!(
             "  server RSS        {:>12} bytes now, {} peak, {} before",
