@@ -309,3 +309,52 @@ async fn a_server_that_never_answers_opens_the_breaker() {
     assert!(after.folded >= s.folded + 1_000, "{after:?}");
     assert!(!after.connected);
 }
+
+/// Consistent by trace, end to end through three clients: three services whose servers ask
+/// for 5 %, 20 % and 60 % record the same 20,000 traces (each trace one span per service).
+/// Every trace the 5 % service sent in full was sent in full by the other two, so a trace
+/// sampled at the lowest probability is complete everywhere; and each service kept about its
+/// share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_kept_at_the_lowest_probability_are_complete_in_every_service() {
+    let probabilities = [0.05, 0.2, 0.6];
+    let mut services = Vec::new();
+    for p in probabilities {
+        let (endpoint, script) = fake_server(Script { probability: Some(p), ..Script::default() }).await;
+        let c = client(&endpoint, |c| c.max_batch_delay = Duration::from_millis(10));
+        // The first reply carries the policy.
+        c.record("warm-up", Duration::from_micros(1), Status::Ok);
+        c.flush().await.unwrap();
+        services.push((c, script));
+    }
+    let mut r = fastrand::Rng::with_seed(9);
+    let traces: Vec<u128> = (0..20_000).map(|_| r.u128(..)).collect();
+    for &trace_id in &traces {
+        for (c, _) in &services {
+            let ids = tailscope::Ids { trace_id, span_id: r.u64(..) | 1, parent_span_id: 0 };
+            c.record_with("GET /t", Duration::from_micros(300), Status::Ok, ids);
+        }
+    }
+    let mut kept: Vec<std::collections::HashSet<u128>> = Vec::new();
+    for (c, script) in &services {
+        c.flush().await.unwrap();
+        let s = script.lock();
+        let ids = s
+            .received
+            .iter()
+            .flat_map(|(_, b)| &b.groups)
+            .filter(|g| g.key.as_ref().unwrap().operation == "GET /t")
+            .flat_map(|g| &g.spans)
+            .map(|sp| (u128::from(sp.trace_id_high) << 64) | u128::from(sp.trace_id_low))
+            .collect();
+        kept.push(ids);
+    }
+    for (k, p) in kept.iter().zip(probabilities) {
+        // Binomial(20,000, p): within ±5 σ of its mean.
+        let (mean, sd) = (20_000.0 * p, (20_000.0 * p * (1.0 - p)).sqrt());
+        assert!((k.len() as f64 - mean).abs() < 5.0 * sd, "{} kept at {p}", k.len());
+    }
+    assert!(kept[0].is_subset(&kept[1]) && kept[1].is_subset(&kept[2]));
+    let recorded: std::collections::HashSet<u128> = traces.into_iter().collect();
+    assert!(kept[0].is_subset(&recorded));
+}

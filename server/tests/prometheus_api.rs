@@ -131,6 +131,13 @@ async fn endpoint_shapes_match_the_golden_files() {
         assert_eq!(code, expected_code, "{name}: {body}");
         golden(name, &body);
     }
+    // Input the PromQL parser panics on (found by fuzzing): a clear 400, and the server
+    // answers the next query.
+    let huge = q("span_duration_seconds_count[444444444444444444444444444444444444444444444490]");
+    let (code, body) = call(http, "GET", &format!("/api/v1/query?query={huge}"), None).await;
+    assert_eq!((code, &body["errorType"]), (400, &serde_json::json!("bad_data")), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("parser failed"), "{body}");
+    assert_eq!(call(http, "GET", "/api/v1/query?query=1", None).await.0, 200);
     // A refused method.
     let (code, _) = call(http, "PUT", "/api/v1/query", None).await;
     assert_eq!(code, 405);

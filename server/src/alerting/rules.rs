@@ -184,7 +184,7 @@ pub fn duration(v: &str) -> Option<Duration> {
     if zero {
         return Some(Duration::ZERO);
     }
-    promql_parser::util::parse_duration(v).ok()
+    crate::query::promql::parse_duration(v).ok()
 }
 
 fn parse_rule(r: RuleYaml) -> Result<AlertingRule, String> {
@@ -210,8 +210,8 @@ fn parse_rule(r: RuleYaml) -> Result<AlertingRule, String> {
     if query.trim().is_empty() {
         return Err(named("field 'expr' must be set".into()));
     }
-    let expr = promql_parser::parser::parse(&query)
-        .map_err(|e| named(format!("could not parse expression: {e}")))?;
+    let expr =
+        crate::query::promql::parse(&query).map_err(|e| named(format!("could not parse expression: {e}")))?;
     dry_run(&expr).map_err(|e| named(format!("expression not supported: {e}")))?;
     let parse_duration = |field: &str, v: &Option<String>| -> Result<Duration, String> {
         match v {

@@ -157,14 +157,14 @@ fn parse_duration(name: &str, v: &str) -> Result<Duration, ApiError> {
             return Ok(Duration::from_secs_f64(secs));
         }
     }
-    promql_parser::util::parse_duration(v).map_err(|_| {
+    promql::parse_duration(v).map_err(|_| {
         bad_data(format!("invalid parameter \"{name}\": cannot parse {v:?} to a valid duration"))
     })
 }
 
 fn parse_query(p: &Params) -> Result<promql_parser::parser::Expr, ApiError> {
     let q = p.get("query").unwrap_or("");
-    promql_parser::parser::parse(q).map_err(|e| bad_data(format!("invalid parameter \"query\": {e}")))
+    promql::parse(q).map_err(|e| bad_data(format!("invalid parameter \"query\": {e}")))
 }
 
 fn deadline(p: &Params) -> Result<Instant, ApiError> {
@@ -296,7 +296,7 @@ async fn matching_series(s: &AppState, p: &Params) -> Result<Vec<promql::Labels>
     let selectors = p.all("match[]");
     let mut parsed = Vec::new();
     for sel in &selectors {
-        match promql_parser::parser::parse(sel) {
+        match promql::parse(sel) {
             Ok(promql_parser::parser::Expr::VectorSelector(vs)) => parsed.push(vs),
             Ok(_) => {
                 return Err(bad_data(format!(

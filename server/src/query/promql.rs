@@ -117,6 +117,29 @@ impl Source for crate::store::Store {
     }
 }
 
+/// Parses PromQL text. promql-parser panics on some inputs (fuzzing found a duration literal
+/// too large for a `Duration`: `x[444…490]`), so a panic is contained here and reported as a
+/// parse error; the server never panics on a query.
+pub fn parse(text: &str) -> Result<Expr, String> {
+    contained(|| promql_parser::parser::parse(text))
+}
+
+/// Parses a PromQL duration (`5m`, `1h30m`), with panics contained as in [`parse`].
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    contained(|| promql_parser::util::parse_duration(text))
+}
+
+fn contained<T>(f: impl FnOnce() -> Result<T, String> + std::panic::UnwindSafe) -> Result<T, String> {
+    std::panic::catch_unwind(f).unwrap_or_else(|payload| {
+        let why = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(format!("the PromQL parser failed on this input ({why})"))
+    })
+}
+
 /// Every vector selector of `expr` (those inside range selectors included), in order.
 pub fn selectors(expr: &Expr) -> Vec<&VectorSelector> {
     fn walk<'a>(e: &'a Expr, out: &mut Vec<&'a VectorSelector>) {

@@ -409,3 +409,16 @@ fn random_queries_never_panic() {
         let _ = eval_at(&mem, &q, NOW);
     }
 }
+
+/// Found by `cargo fuzz run promql`: promql-parser panics converting a huge duration literal;
+/// `promql::parse` turns that into a parse error.
+#[test]
+fn a_duration_too_large_for_the_parser_is_an_error_not_a_panic() {
+    let e = parse("span_duration_seconds_count[444444444444444444444444444444444444444444444490]")
+        .expect_err("refused");
+    assert!(e.contains("the PromQL parser failed"), "{e}");
+    for d in ["444444444444444444444444444444444444444s", "99999999999999999999y", "1e400s"] {
+        let _ = parse_duration(d);
+    }
+    assert_eq!(parse_duration("1m30s").expect("parses"), std::time::Duration::from_secs(90));
+}
