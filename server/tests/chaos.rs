@@ -222,16 +222,6 @@ async fn a_full_disk_stops_acknowledgements_and_recovers_when_space_returns() {
     assert_eq!(count(tail(http, "service=disk").await), recorded);
 }
 
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
-}
-
 /// A cardinality bomb: 200,000 distinct operation names in one service, from a sender that
 /// caps nothing. The server keeps its first 1,000 (`max_operations_per_service`) and counts the
 /// rest under `__overflow__`, so its memory stops growing once the cap is reached, and every
@@ -265,11 +255,11 @@ async fn a_cardinality_bomb_cannot_grow_memory_past_the_cap() {
     };
     // The cap is reached within the first batches; memory is measured from there.
     deliver(grpc, batches(0, 5)).await;
-    let at_cap = rss_bytes(pid);
+    let at_cap = proc_status_bytes(pid, "VmRSS:");
     let mut peak = at_cap;
     for chunk in (5..NAMES / PER_BATCH).step_by(15) {
         deliver(grpc, batches(chunk, (chunk + 15).min(NAMES / PER_BATCH))).await;
-        peak = peak.max(rss_bytes(pid));
+        peak = peak.max(proc_status_bytes(pid, "VmRSS:"));
     }
     let growth = peak.saturating_sub(at_cap);
     eprintln!(

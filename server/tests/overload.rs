@@ -86,14 +86,20 @@ async fn burst(
     }
 }
 
-fn peak_rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
+/// Queries the server every 0.5 s until `until`, each of which must answer; returns the
+/// slowest answer's time, how many there were and the lowest effective sampling budget seen.
+async fn query_until(http: std::net::SocketAddr, until: Instant) -> (Duration, u32, f64) {
+    let (mut slowest, mut queries, mut lowest_budget) = (Duration::ZERO, 0, f64::INFINITY);
+    while Instant::now() < until {
+        let t = Instant::now();
+        let v = get_json(http, "/api/v1/query?query=sum(rate(span_duration_seconds_count%5B1m%5D))").await;
+        assert_eq!(v["status"], "success", "{v}");
+        slowest = slowest.max(t.elapsed());
+        queries += 1;
+        lowest_budget = lowest_budget.min(effective_budget(http).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    (slowest, queries, lowest_budget)
 }
 
 /// How long the bursts last (`OVERLOAD_TEST_SECONDS`, default the 60 s).
@@ -147,16 +153,7 @@ async fn a_minute_of_overload_is_survived_and_counted_exactly() {
     let senders: Vec<_> = (1..=4u64).map(|c| tokio::spawn(burst(grpc, c, groups.clone(), until))).collect();
 
     // Meanwhile the server answers queries, and its budget shrinks.
-    let (mut slowest, mut queries, mut lowest_budget) = (Duration::ZERO, 0, BUDGET);
-    while Instant::now() < until {
-        let t = Instant::now();
-        let v = get_json(http, "/api/v1/query?query=sum(rate(span_duration_seconds_count%5B1m%5D))").await;
-        assert_eq!(v["status"], "success", "{v}");
-        slowest = slowest.max(t.elapsed());
-        queries += 1;
-        lowest_budget = lowest_budget.min(effective_budget(http).await);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let (slowest, queries, lowest_budget) = query_until(http, until).await;
     let (mut acked, mut refusals) = (0, 0);
     for s in senders {
         let (a, r) = s.await.unwrap();
@@ -171,7 +168,7 @@ async fn a_minute_of_overload_is_survived_and_counted_exactly() {
     // (HTTP/2 flow control and admission patience absorb the rest; refusals are counted).
     assert!(lowest_budget < BUDGET / 2.0, "the server was never overloaded: lowest budget {lowest_budget}");
     assert!(slowest < Duration::from_secs(5), "a query took {slowest:?}");
-    let peak = peak_rss_bytes(child.id());
+    let peak = proc_status_bytes(child.id(), "VmHWM:");
     assert!(peak < 512 << 20, "peak RSS {peak} bytes");
     // Recovery: the full budget is back within a minute.
     let recovered =
@@ -320,22 +317,14 @@ async fn ten_times_capacity_is_folded_exactly_by_the_client() {
 
     // Meanwhile queries answer, and memory stays bounded.
     let until = Instant::now() + Duration::from_secs(burst_seconds());
-    let (mut slowest, mut queries) = (Duration::ZERO, 0);
-    while Instant::now() < until {
-        let t = Instant::now();
-        let v = get_json(http, "/api/v1/query?query=sum(rate(span_duration_seconds_count%5B1m%5D))").await;
-        assert_eq!(v["status"], "success", "{v}");
-        slowest = slowest.max(t.elapsed());
-        queries += 1;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let (slowest, queries, _) = query_until(http, until).await;
     stop.store(true, Ordering::Relaxed);
     let (recorded, errors, exact, elapsed) = host.join().unwrap();
     let offered = recorded as f64 / elapsed.as_secs_f64();
     let burst_end = Instant::now();
     client.flush_within(Duration::from_secs(120)).await.unwrap();
     let stats = client.stats();
-    let peak = peak_rss_bytes(child.0.id());
+    let peak = proc_status_bytes(child.0.id(), "VmHWM:");
 
     // Nothing lost, nothing doubled: every recorded span counted once; every error went in full.
     assert_eq!(stats.recorded, recorded);

@@ -286,6 +286,17 @@ pub fn peers(names: &[&str], package: &str) -> Option<Vec<std::path::PathBuf>> {
     }
 }
 
+/// A `/proc/<pid>/status` field in kB (`VmRSS:`, `VmHWM:`), as bytes.
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
 /// A child process killed when dropped.
 pub struct Peer(pub Child);
 
