@@ -56,19 +56,14 @@ pub struct BenchArgs {
     json: bool,
 }
 
-/// A server child process with its temporary data directory.
-struct BenchServer {
-    _server: ChildServer,
-    _dir: tempfile::TempDir,
-}
-
-fn start_server(args: &BenchArgs) -> anyhow::Result<(BenchServer, SocketAddr, u32)> {
+/// Starts a server child process on a temporary data directory (dropped after the server,
+/// which is killed first).
+fn start_server(args: &BenchArgs) -> anyhow::Result<(ChildServer, tempfile::TempDir)> {
     let bin = server_bin(args.server_bin.as_deref())?;
     let dir = tempfile::tempdir()?;
     let shards = [("TAILSCOPE_INGEST_SHARDS", args.shards.to_string())];
     let server = ChildServer::start(&bin, dir.path(), "127.0.0.1:0", "127.0.0.1:0", &shards)?;
-    let (grpc, pid) = (server.grpc, server.pid());
-    Ok((BenchServer { _server: server, _dir: dir }, grpc, pid))
+    Ok((server, dir))
 }
 
 /// CPU seconds (user + system) of process `pid`.
@@ -246,8 +241,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (_child, grpc, pid) = match (args.grpc, args.pid) {
         (Some(g), Some(p)) => (None, g, p),
         _ => {
-            let (c, g, p) = start_server(&args)?;
-            (Some(c), g, p)
+            let (server, dir) = start_server(&args)?;
+            let (g, p) = (server.grpc, server.pid());
+            (Some((server, dir)), g, p)
         }
     };
     let per_connection = args.spans / args.batch as u64 / args.connections;

@@ -27,10 +27,9 @@ pub enum Fault {
 
 impl std::fmt::Display for Fault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Fault::Kill => "kill",
-            Fault::Pause => "pause",
-        })
+        // The name it has on the command line.
+        use clap::ValueEnum;
+        f.write_str(self.to_possible_value().as_ref().map_or("", |v| v.get_name()))
     }
 }
 

@@ -418,8 +418,7 @@ pub async fn run(args: &RunArgs, out: &mut (dyn std::io::Write + Send)) -> anyho
             let secs = last_progress.elapsed().as_secs_f64();
             let rate = |k: &str| (now[k] - last_stats[k]) as f64 / secs;
             let rates = format!(
-                "requests {:>7.0}/s  spans sent {:>8.0}/s  acked {:>8.0}/s  folded {:>7.0}/s  dropped {}",
-                args.rate,
+                "spans sent {:>8.0}/s  acked {:>8.0}/s  folded {:>7.0}/s  dropped {}",
                 rate("sent"),
                 rate("acked"),
                 rate("folded"),
@@ -428,15 +427,9 @@ pub async fn run(args: &RunArgs, out: &mut (dyn std::io::Write + Send)) -> anyho
             match &bar {
                 Some(bar) => {
                     bar.set_position(started.elapsed().as_millis() as u64);
-                    bar.set_message(format!(
-                        "spans sent {:.0}/s  acked {:.0}/s  folded {:.0}/s  dropped {}",
-                        rate("sent"),
-                        rate("acked"),
-                        rate("folded"),
-                        now["dropped"]
-                    ));
+                    bar.set_message(rates);
                 }
-                None => writeln!(out, "t={t:6.1}s  {rates}")?,
+                None => writeln!(out, "t={t:6.1}s  requests {:>7.0}/s  {rates}", args.rate)?,
             }
             last_stats = now;
             last_progress = Instant::now();
