@@ -19,8 +19,8 @@ use tailscope_server::alerting::eval::{Context, GroupRuntime};
 use tailscope_server::alerting::rules::RuleGroup;
 use tailscope_server::alerting::{Alert, Sink};
 use tailscope_server::clock::{Clock, SystemClock};
-use tailscope_server::config::RetentionConfig;
 use tailscope_server::series::{SeriesLabels, Status};
+use tailscope_server::store::RetentionConfig;
 use tailscope_server::store::{EpochWrite, Store, WindowDelta};
 use tailscope_server::telemetry::Metrics;
 

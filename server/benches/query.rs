@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion};
 use rand::{Rng, SeedableRng};
 use tailscope_proto::histogram::{Histogram, Layout};
-use tailscope_server::config::RetentionConfig;
 use tailscope_server::query::promql::{Engine, Limits, Steps, Value};
 use tailscope_server::series::{SeriesLabels, Status};
+use tailscope_server::store::RetentionConfig;
 use tailscope_server::store::{EpochWrite, Resolution, Store, WindowDelta};
 use tailscope_server::telemetry::Metrics;
 
@@ -59,8 +59,12 @@ fn run(store: &Store, query: &str, range: i64, steps: i64) -> usize {
     let step_ms = range * 1000 / steps;
     let steps = Steps::range((NOW - range) * 1000, NOW * 1000, step_ms, 11_000).unwrap();
     let retention = RetentionConfig::default();
-    let limits =
-        Limits { max_series: 50_000, max_points: 11_000, deadline: Instant::now() + Duration::from_secs(60) };
+    let limits = Limits {
+        max_series: 50_000,
+        max_points: 11_000,
+        max_samples: usize::MAX,
+        deadline: Instant::now() + Duration::from_secs(60),
+    };
     match Engine::new(store, &steps, NOW, &retention, limits).eval(&expr).unwrap() {
         Value::Vector(v) => v.len(),
         _ => 0,

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
-use crate::config::RetentionConfig;
+use crate::store::RetentionConfig;
 use crate::store::Store;
 use crate::telemetry::{Metrics, StateLabel};
 
@@ -198,6 +198,12 @@ pub struct AlertingConfig {
     /// Per-request webhook timeout.
     #[serde(with = "humantime_serde")]
     pub webhook_timeout: Duration,
+    /// Most silences kept, expired ones still listed included (Alertmanager's
+    /// `--silences.max-silences`).
+    pub max_silences: usize,
+    /// Largest silence accepted, as its JSON (matchers, comment, author), in bytes (Alertmanager's
+    /// `--silences.max-silence-size-bytes`).
+    pub max_silence_size_bytes: usize,
 }
 
 impl Default for AlertingConfig {
@@ -211,6 +217,8 @@ impl Default for AlertingConfig {
             resend_delay: Duration::from_secs(60),
             queue_capacity: 10_000,
             webhook_timeout: Duration::from_secs(10),
+            max_silences: 1_000,
+            max_silence_size_bytes: 16 * 1024,
         }
     }
 }
@@ -223,6 +231,9 @@ impl AlertingConfig {
         }
         if self.queue_capacity == 0 {
             return Err("queue_capacity must be at least 1".into());
+        }
+        if self.max_silences == 0 || self.max_silence_size_bytes < 256 {
+            return Err("max_silences must be at least 1 and max_silence_size_bytes at least 256".into());
         }
         if self.webhook_timeout.is_zero() {
             return Err("webhook_timeout must be positive".into());
@@ -329,6 +340,10 @@ impl Alerting {
             external_url: external_url.clone(),
             webhook_timeout: config.webhook_timeout,
             queue_capacity: config.queue_capacity,
+            silences: silences::Limits {
+                max_silences: config.max_silences,
+                max_size_bytes: config.max_silence_size_bytes,
+            },
         };
         let (notifier, notifier_task) = notify::Notifier::start(
             notifier_config,

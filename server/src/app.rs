@@ -116,6 +116,7 @@ impl Server {
         let sampler = Arc::new(Sampler::new(config.sampling.clone()));
         let known = store.series().map_err(|source| StartError::Store { path: dir.clone(), source })?;
         let cardinality = Arc::new(crate::cardinality::Cardinality::new(
+            config.ingest.max_services,
             config.ingest.max_operations_per_service,
             known.iter().map(|(_, l)| (l.service.as_str(), l.operation.as_str())),
         ));
@@ -178,6 +179,8 @@ impl Server {
             retention: config.retention.clone(),
             sampler: sampler.clone(),
             alerting: alerting.clone(),
+            query: config.query.clone(),
+            queries: Arc::new(tokio::sync::Semaphore::new(config.query.max_concurrency)),
         };
         let mut http_stop = stop_rx.clone();
         let http = tokio::spawn(async move {

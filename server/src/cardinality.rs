@@ -1,25 +1,30 @@
-//! A cap on the operations (series keys) of each service, so a client that puts ids into
-//! operation names (a cardinality bomb) cannot grow memory and disk without bound: beyond
-//! `ingest.max_operations_per_service`, new operations of that service are counted under
-//! `operation="__overflow__"` — counted exactly, just not told apart — and
+//! Caps on the services and on the operations (series keys) of each service, so a client
+//! that puts ids into service or operation names (a cardinality bomb) cannot grow memory and
+//! disk without bound: beyond `ingest.max_services`, spans of new services are counted under
+//! `service="__overflow__"`, and beyond `ingest.max_operations_per_service`, new operations of
+//! a service under `operation="__overflow__"` — counted exactly, just not told apart — and
 //! `tailscope_spans_overflowed_total` says how many spans went there.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
 use crate::series::{self, IdBuildHasher};
 
-/// The operation name overflowing spans are counted under.
+/// The service or operation name overflowing spans are counted under.
 pub const OVERFLOW: &str = "__overflow__";
 
-/// Each service's known operations, up to the cap.
+/// The services known, and each one's operations, up to the caps.
 #[derive(Debug)]
 pub struct Cardinality {
-    cap: usize,
+    max_services: usize,
+    max_operations: usize,
     /// By a hash of the service name, the group hashes of its operations. Both keys are
     /// already hashes, so the maps use them as they are (this runs once per span group).
     services: DashMap<u64, HashSet<u64, IdBuildHasher>, IdBuildHasher>,
+    /// How many services `services` holds (its `len()` would lock every shard of the map).
+    service_count: AtomicUsize,
 }
 
 fn service_key(service: &str) -> u64 {
@@ -27,42 +32,79 @@ fn service_key(service: &str) -> u64 {
 }
 
 impl Cardinality {
-    /// A cap of `cap` operations per service (0: none), knowing the series already stored.
-    pub fn new<'a>(cap: usize, known: impl IntoIterator<Item = (&'a str, &'a str)>) -> Cardinality {
-        let c = Cardinality { cap, services: DashMap::default() };
+    /// Caps of `max_services` services and `max_operations` operations per service (0: no
+    /// cap), knowing the series already stored.
+    pub fn new<'a>(
+        max_services: usize,
+        max_operations: usize,
+        known: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Cardinality {
+        let c = Cardinality {
+            max_services,
+            max_operations,
+            services: DashMap::default(),
+            service_count: AtomicUsize::new(0),
+        };
         for (service, operation) in known {
+            let mut ops = c.services.entry(service_key(service)).or_default();
             if operation != OVERFLOW {
-                c.services
-                    .entry(service_key(service))
-                    .or_default()
-                    .insert(series::group_hash(service, operation));
+                ops.insert(series::group_hash(service, operation));
             }
         }
+        c.service_count.store(c.services.len(), Ordering::Relaxed);
         c
     }
 
-    /// The operation to count a span of `service`/`operation` under: itself while the service
-    /// is under its cap or the operation is known, else [`OVERFLOW`].
-    pub fn admit<'a>(&self, service: &str, operation: &'a str) -> &'a str {
-        if self.cap == 0 || operation == OVERFLOW {
-            return operation;
+    /// The service and operation to count a span of `service`/`operation` under: themselves
+    /// while under the caps or already known, else [`OVERFLOW`] for the one over its cap (a new
+    /// service over the service cap keeps its operation names, which the operation cap of the
+    /// overflow service then bounds).
+    pub fn admit<'a>(&self, service: &'a str, operation: &'a str) -> (&'a str, &'a str) {
+        let service = self.admit_service(service);
+        if self.max_operations == 0 || operation == OVERFLOW {
+            return (service, operation);
         }
         let key = series::group_hash(service, operation);
-        let service = service_key(service);
-        if let Some(known) = self.services.get(&service) {
+        let skey = service_key(service);
+        if let Some(known) = self.services.get(&skey) {
             if known.contains(&key) {
-                return operation;
+                return (service, operation);
             }
-            if known.len() >= self.cap {
-                return OVERFLOW;
+            if known.len() >= self.max_operations {
+                return (service, OVERFLOW);
             }
         }
-        let mut known = self.services.entry(service).or_default();
-        if known.len() >= self.cap && !known.contains(&key) {
-            return OVERFLOW;
+        let mut known = self.services.entry(skey).or_default();
+        if known.len() >= self.max_operations && !known.contains(&key) {
+            return (service, OVERFLOW);
         }
         known.insert(key);
-        operation
+        (service, operation)
+    }
+
+    fn admit_service<'a>(&self, service: &'a str) -> &'a str {
+        if self.max_services == 0 || service == OVERFLOW {
+            return service;
+        }
+        let skey = service_key(service);
+        if self.services.contains_key(&skey) {
+            return service;
+        }
+        if self.service_count.load(Ordering::Relaxed) >= self.max_services {
+            return OVERFLOW;
+        }
+        match self.services.entry(skey) {
+            dashmap::Entry::Occupied(_) => service,
+            dashmap::Entry::Vacant(v) => {
+                // Reserve a place first: concurrent new services cannot pass the cap together.
+                if self.service_count.fetch_add(1, Ordering::Relaxed) >= self.max_services {
+                    self.service_count.fetch_sub(1, Ordering::Relaxed);
+                    return OVERFLOW;
+                }
+                v.insert(HashSet::default());
+                service
+            }
+        }
     }
 }
 
@@ -72,15 +114,44 @@ mod tests {
 
     #[test]
     fn new_operations_beyond_the_cap_overflow_and_known_ones_do_not() {
-        let c = Cardinality::new(3, [("a", "x"), ("a", OVERFLOW)]);
-        assert_eq!(c.admit("a", "x"), "x");
-        assert_eq!(c.admit("a", "y"), "y");
-        assert_eq!(c.admit("a", "z"), "z");
-        assert_eq!(c.admit("a", "w"), OVERFLOW);
-        assert_eq!(c.admit("a", "y"), "y", "known operations keep their series");
-        assert_eq!(c.admit("b", "w"), "w", "the cap is per service");
-        assert_eq!(c.admit("a", OVERFLOW), OVERFLOW);
-        let unlimited = Cardinality::new(0, []);
-        assert!((0..10_000).all(|i| unlimited.admit("a", &i.to_string()) != OVERFLOW));
+        let c = Cardinality::new(0, 3, [("a", "x"), ("a", OVERFLOW)]);
+        let op = |s, o| c.admit(s, o).1;
+        assert_eq!(op("a", "x"), "x");
+        assert_eq!(op("a", "y"), "y");
+        assert_eq!(op("a", "z"), "z");
+        assert_eq!(op("a", "w"), OVERFLOW);
+        assert_eq!(op("a", "y"), "y", "known operations keep their series");
+        assert_eq!(op("b", "w"), "w", "the cap is per service");
+        assert_eq!(op("a", OVERFLOW), OVERFLOW);
+        let unlimited = Cardinality::new(0, 0, []);
+        assert!((0..10_000).all(|i| unlimited.admit("a", &i.to_string()).1 != OVERFLOW));
+    }
+
+    #[test]
+    fn new_services_beyond_the_cap_overflow_with_their_operations_capped() {
+        let c = Cardinality::new(2, 3, [("known", "x")]);
+        assert_eq!(c.admit("known", "x"), ("known", "x"));
+        assert_eq!(c.admit("second", "x"), ("second", "x"));
+        assert_eq!(c.admit("third", "a"), (OVERFLOW, "a"));
+        assert_eq!(c.admit("fourth", "b"), (OVERFLOW, "b"));
+        assert_eq!(c.admit("fifth", "c"), (OVERFLOW, "c"));
+        // The overflow service's own operations are capped like any service's.
+        assert_eq!(c.admit("sixth", "d"), (OVERFLOW, OVERFLOW));
+        assert_eq!(c.admit("second", "y"), ("second", "y"), "known services keep their series");
+        // Services already stored count against the cap after a restart.
+        let restarted = Cardinality::new(2, 3, [("known", "x"), ("second", "x")]);
+        assert_eq!(restarted.admit("third", "a"), (OVERFLOW, "a"));
+        // Many threads racing to add new services never pass the cap.
+        let racing = std::sync::Arc::new(Cardinality::new(100, 0, []));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let c = racing.clone();
+                std::thread::spawn(move || {
+                    (0..1_000).filter(|i| c.admit(&format!("s{t}-{i}"), "op").0 != OVERFLOW).count()
+                })
+            })
+            .collect();
+        let admitted: usize = threads.into_iter().map(|t| t.join().unwrap_or(0)).sum();
+        assert_eq!(admitted, 100);
     }
 }

@@ -12,6 +12,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tailscope_proto::histogram::Layout;
 
+pub use crate::store::RetentionConfig;
+
 /// Environment variables with the prefix that are not configuration keys.
 const NON_CONFIG_ENV: &[&str] = &["TAILSCOPE_LOG", "TAILSCOPE_CONFIG", "TAILSCOPE_LOG_FORMAT"];
 
@@ -68,6 +70,40 @@ pub struct Config {
     pub sampling: crate::sampling::SamplingConfig,
     /// Alerting rules and notifications.
     pub alerting: crate::alerting::AlertingConfig,
+    /// Limits of the query API.
+    pub query: QueryConfig,
+}
+
+/// `[query]`: what one request to the query API may cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueryConfig {
+    /// Deepest expression accepted (operators, brackets and calls nested); deeper text is
+    /// refused before it is parsed.
+    pub max_depth: usize,
+    /// Longest a query may run; a request's own `timeout` may only shorten it.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Most series one query may select, and most items a series or label request answers
+    /// (more are cut, with a warning, as Prometheus does for `limit`).
+    pub max_series: usize,
+    /// Most samples (selected series × evaluation steps) one query may hold, as Prometheus'
+    /// `query.max-samples`.
+    pub max_samples: usize,
+    /// Queries evaluated at once; more wait their turn within their timeout.
+    pub max_concurrency: usize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        QueryConfig {
+            max_depth: crate::query::promql::DEFAULT_MAX_DEPTH,
+            timeout: Duration::from_secs(30),
+            max_series: 50_000,
+            max_samples: 10_000_000,
+            max_concurrency: 4,
+        }
+    }
 }
 
 /// `[server]`: listeners, data directory and process behaviour.
@@ -110,9 +146,17 @@ pub struct IngestConfig {
     pub max_batch_bytes: usize,
     /// Most spans one batch may carry.
     pub max_spans_per_batch: usize,
+    /// Most spans one span record may stand for (its weight, or OTLP's adjusted count from
+    /// `tracestate`); a larger weight is cut to this and counted.
+    pub max_span_weight: u32,
     /// How often a flush epoch writes all shards' deltas and acknowledges their batches.
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
+    /// When an OTLP export waits for its spans to be durable, the epoch is cut this long after
+    /// it arrived instead of at the next flush interval; every export arriving meanwhile shares
+    /// the one synced write (group commit).
+    #[serde(with = "humantime_serde")]
+    pub group_commit_delay: Duration,
     /// How far in the past a span may start and still be counted in its own window.
     #[serde(with = "humantime_serde")]
     pub allowed_lateness: Duration,
@@ -126,6 +170,9 @@ pub struct IngestConfig {
     /// Most operations one service may have (0: no limit); spans of further new operations
     /// are counted under `operation="__overflow__"`.
     pub max_operations_per_service: usize,
+    /// Most services (0: no limit); spans of further new services are counted under
+    /// `service="__overflow__"` (keeping their operation names, capped as any service's).
+    pub max_services: usize,
 }
 
 impl Default for IngestConfig {
@@ -136,11 +183,14 @@ impl Default for IngestConfig {
             throttle_high_water: 0.75,
             max_batch_bytes: 16 * 1024 * 1024,
             max_spans_per_batch: 100_000,
+            max_span_weight: 100_000,
             flush_interval: Duration::from_secs(1),
+            group_commit_delay: Duration::from_millis(5),
             allowed_lateness: Duration::from_secs(3600),
             max_future_skew: Duration::from_secs(60),
             max_span_duration: Duration::from_secs(24 * 3600),
             max_operations_per_service: 10_000,
+            max_services: 5_000,
         }
     }
 }
@@ -186,41 +236,6 @@ impl HistogramConfig {
         let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         Layout::new(self.significant_digits, nanos(self.lowest), nanos(self.highest))
             .map_err(|e| ConfigError::Invalid { key: "histogram", message: e.to_string() })
-    }
-}
-
-/// `[retention]`: how long each resolution's windows are kept. Disk is reclaimed by dropping
-/// whole time partitions, so data lives up to one partition longer than configured.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RetentionConfig {
-    /// 10-second windows.
-    #[serde(with = "humantime_serde")]
-    pub window_10s: Duration,
-    /// 1-minute windows.
-    #[serde(with = "humantime_serde")]
-    pub window_1m: Duration,
-    /// 1-hour windows.
-    #[serde(with = "humantime_serde")]
-    pub window_1h: Duration,
-    /// Exemplars (example spans of each series and window).
-    #[serde(with = "humantime_serde")]
-    pub exemplars: Duration,
-    /// How often expired partitions are deleted and compacted away.
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-}
-
-impl Default for RetentionConfig {
-    fn default() -> Self {
-        let day = 24 * 3600;
-        RetentionConfig {
-            window_10s: Duration::from_secs(2 * day),
-            window_1m: Duration::from_secs(30 * day),
-            window_1h: Duration::from_secs(400 * day),
-            exemplars: Duration::from_secs(2 * day),
-            interval: Duration::from_secs(600),
-        }
     }
 }
 
@@ -320,11 +335,17 @@ impl Config {
         if i.max_batch_bytes < 1024 {
             return invalid("ingest.max_batch_bytes", "must be at least 1024");
         }
+        if i.max_span_weight == 0 {
+            return invalid("ingest.max_span_weight", "must be at least 1");
+        }
         if i.max_spans_per_batch == 0 {
             return invalid("ingest.max_spans_per_batch", "must be at least 1");
         }
         if i.flush_interval < Duration::from_millis(10) || i.flush_interval > Duration::from_secs(60) {
             return invalid("ingest.flush_interval", "must be between 10ms and 60s");
+        }
+        if i.group_commit_delay > i.flush_interval {
+            return invalid("ingest.group_commit_delay", "must be at most ingest.flush_interval");
         }
         if i.max_span_duration < self.histogram.highest {
             return invalid("ingest.max_span_duration", "must be at least histogram.highest");
@@ -339,6 +360,18 @@ impl Config {
         }
         if r.interval < Duration::from_secs(1) {
             return invalid("retention.interval", "must be at least 1s");
+        }
+        if !(1..=2_000).contains(&self.query.max_depth) {
+            return invalid("query.max_depth", "must be between 1 and 2000");
+        }
+        if self.query.max_samples == 0 || self.query.max_concurrency == 0 {
+            return invalid("query.max_samples", "max_samples and max_concurrency must be at least 1");
+        }
+        if self.query.max_series == 0 {
+            return invalid("query.max_series", "must be at least 1");
+        }
+        if self.query.timeout < Duration::from_millis(1) {
+            return invalid("query.timeout", "must be at least 1ms");
         }
         Ok(())
     }

@@ -14,9 +14,9 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use crate::clock::Clock;
-use crate::config::RetentionConfig;
 use crate::pipeline::Pipeline;
 use crate::query::{self, Plan, QueryError, SeriesFilter};
+use crate::store::RetentionConfig;
 use crate::store::Store;
 use crate::telemetry::{ColumnFamilyLabel, Metrics};
 
@@ -37,6 +37,10 @@ pub struct AppState {
     pub sampler: std::sync::Arc<crate::sampling::Sampler>,
     /// Rules, alerts, silences.
     pub alerting: Arc<crate::alerting::Alerting>,
+    /// Limits of the query API.
+    pub query: crate::config::QueryConfig,
+    /// One permit per query evaluated at once (`query.max_concurrency`).
+    pub queries: Arc<tokio::sync::Semaphore>,
 }
 
 /// The routes of the HTTP listener.

@@ -41,6 +41,7 @@ pub struct IngestService {
     sampler: Arc<Sampler>,
     clock: Arc<dyn Clock>,
     max_spans: usize,
+    max_span_weight: u32,
     throttle_high_water: f64,
     cardinality: Arc<crate::cardinality::Cardinality>,
 }
@@ -61,6 +62,7 @@ impl IngestService {
             sampler,
             clock,
             max_spans: config.max_spans_per_batch,
+            max_span_weight: config.max_span_weight.max(1),
             throttle_high_water: config.throttle_high_water,
             cardinality,
         }
@@ -79,6 +81,8 @@ pub(crate) struct BatchStats {
     pub(crate) folded: u64,
     /// Spans counted under `__overflow__` (their service reached its operation cap).
     pub(crate) overflowed: u64,
+    /// Span records whose weight was above `ingest.max_span_weight` and was cut to it.
+    pub(crate) weight_clamped: u64,
     /// The series keys (group hashes) of the batch.
     pub(crate) keys: Vec<u64>,
 }
@@ -88,10 +92,18 @@ impl IngestService {
     /// problems with the batch itself are returned as a status.
     pub(crate) fn validate(
         &self,
-        batch: SpanBatch,
+        mut batch: SpanBatch,
         stats: &mut BatchStats,
         anonymous: bool,
     ) -> Result<ValidatedBatch, Status> {
+        // One span may stand for many (its adjusted count under sampling), but not for
+        // billions: a weight above the limit is cut to it and counted.
+        for span in batch.groups.iter_mut().flat_map(|g| g.spans.iter_mut()) {
+            if span.weight > self.max_span_weight {
+                span.weight = self.max_span_weight;
+                stats.weight_clamped += 1;
+            }
+        }
         let seq = batch.seq;
         let bad = |msg: String| Status::invalid_argument(format!("batch seq {seq}: {msg}"));
         if batch.client_id == 0 && !anonymous {
@@ -114,12 +126,12 @@ impl IngestService {
         let mut targets = Vec::new();
         let mut groups = Vec::with_capacity(batch.groups.len());
         for (i, group) in batch.groups.iter().enumerate() {
-            let (service, operation) =
+            let (sent_service, sent_operation) =
                 check_key(group.key.as_ref()).map_err(|m| bad(format!("group {i}: {m}")))?;
-            let admitted = self.cardinality.admit(service, operation);
-            let overflow = admitted != operation;
-            let operation = admitted;
-            if overflow {
+            let (service, operation) = self.cardinality.admit(sent_service, sent_operation);
+            let service_overflow = service != sent_service;
+            let overflow = operation != sent_operation;
+            if overflow || service_overflow {
                 stats.overflowed += group.spans.iter().map(|s| u64::from(s.weight.max(1))).sum::<u64>();
             }
             let hash = series::group_hash(service, operation);
@@ -137,6 +149,7 @@ impl IngestService {
                 ok_series: series::series_id(service, operation, SpanStatus::Ok),
                 error_series: series::series_id(service, operation, SpanStatus::Error),
                 overflow,
+                service_overflow,
             });
             for span in &group.spans {
                 let weight = u64::from(span.weight.max(1));
@@ -156,11 +169,10 @@ impl IngestService {
         }
         let mut deltas = Vec::with_capacity(batch.deltas.len());
         for (i, delta) in batch.deltas.iter().enumerate() {
-            let (service, operation) =
+            let (sent_service, sent_operation) =
                 check_key(delta.key.as_ref()).map_err(|m| bad(format!("delta {i}: {m}")))?;
-            let admitted = self.cardinality.admit(service, operation);
-            let overflow = admitted != operation;
-            let operation = admitted;
+            let (service, operation) = self.cardinality.admit(sent_service, sent_operation);
+            let overflow = service != sent_service || operation != sent_operation;
             let histogram = Histogram::decode(&delta.histogram)
                 .map_err(|e| bad(format!("delta {i} ({service}/{operation}): {e}")))?;
             let window = delta.window_start_unix_seconds;
@@ -224,6 +236,7 @@ impl IngestService {
         m.spans_received.get_or_create(&Form { form: "folded" }).inc_by(stats.folded);
         m.spans_clamped.inc_by(stats.clamped);
         m.spans_overflowed.inc_by(stats.overflowed);
+        m.span_weights_clamped.inc_by(stats.weight_clamped);
         for reason in SpanReject::ALL {
             let n = stats.rejected[reason.index()];
             if n > 0 {

@@ -184,7 +184,10 @@ impl TraceService for OtlpService {
         match self.ingest.admit_in_epoch(validated).await {
             (Admission::Accepted, epoch) => {
                 self.ingest.record_accepted(&stats);
-                // Answer once the export is on disk, as the native stream acknowledges.
+                // Answer once the export is on disk, as the native stream acknowledges; an
+                // SDK exports one batch at a time, so the epoch is cut for it now (group
+                // commit) rather than at the next flush interval.
+                self.ingest.pipeline.hurry();
                 let written = durable.wait_for(|d| d.epoch >= epoch || d.closed).await;
                 if written.map(|d| d.epoch < epoch).unwrap_or(true) {
                     return Err(Status::unavailable("server is shutting down; export again"));

@@ -135,6 +135,8 @@ pub struct GroupRoute {
     pub error_series: u64,
     /// Whether the group's operation is counted as `__overflow__` (its service is at its cap).
     pub overflow: bool,
+    /// Whether the group's service is counted as `__overflow__` (the service cap is reached).
+    pub service_overflow: bool,
 }
 
 /// A validated histogram delta, ready to merge.
@@ -221,6 +223,10 @@ pub struct Pipeline {
     layout: Layout,
     limits: SpanLimits,
     clock: Arc<dyn Clock>,
+    /// Woken when a caller waits for durability (an OTLP export): the flusher cuts an epoch
+    /// after the group-commit delay instead of at its next tick.
+    hurry: tokio::sync::Notify,
+    group_commit_delay: std::time::Duration,
 }
 
 impl Pipeline {
@@ -259,6 +265,8 @@ impl Pipeline {
             layout,
             limits,
             clock,
+            hurry: tokio::sync::Notify::new(),
+            group_commit_delay: config.group_commit_delay,
         };
         Ok((Arc::new(pipeline), handles))
     }
@@ -286,6 +294,12 @@ impl Pipeline {
     /// Subscribes to durable-epoch progress.
     pub fn subscribe(&self) -> watch::Receiver<DurableState> {
         self.durable.subscribe()
+    }
+
+    /// Asks for the current epoch to be written soon: a caller is waiting for it (group commit).
+    /// Every caller that asks within the group-commit delay shares one synced write.
+    pub fn hurry(&self) {
+        self.hurry.notify_one();
     }
 
     /// The highest durable seq of `client`.
@@ -371,9 +385,20 @@ impl Pipeline {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pending = EpochWrite::default();
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
+            let hurried = tokio::select! {
+                _ = tick.tick() => false,
+                _ = self.hurry.notified() => true,
                 _ = stop.wait_for(|&s| s) => break,
+            };
+            if hurried {
+                // Group commit: let the exports arriving meanwhile join this epoch.
+                tokio::select! {
+                    _ = tokio::time::sleep(self.group_commit_delay) => {}
+                    _ = stop.wait_for(|&s| s) => break,
+                }
+                self.metrics.early_epochs.inc();
+                // The next regular epoch is a full interval after this one.
+                tick.reset();
             }
             self.flush_epoch(&mut pending).await;
         }

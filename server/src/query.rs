@@ -1,12 +1,13 @@
 //! Reads over the store: selecting series by label, choosing a resolution for a time range, and
 //! merging the windows of that range into one histogram per series.
 
+pub mod labels;
 pub mod promql;
 
 use tailscope_proto::histogram::Histogram;
 
-use crate::config::RetentionConfig;
 use crate::series::SeriesLabels;
+use crate::store::RetentionConfig;
 use crate::store::{Resolution, Store, StoreError};
 
 /// The most windows per series a range may be read at before a coarser resolution is used.
@@ -100,17 +101,22 @@ pub fn merged_series(
     Ok(out)
 }
 
-/// Parses a Prometheus-style time: Unix seconds (fractions allowed) or RFC 3339.
+/// Times are clamped to ±10¹² s (about 30,000 years either side of 1970): the same answer for
+/// every time that can hold data, and no arithmetic on them can overflow.
+pub const TIME_LIMIT_SECONDS: f64 = 1e12;
+
+/// Parses a Prometheus-style time: Unix seconds (fractions allowed) or RFC 3339, clamped to
+/// [`TIME_LIMIT_SECONDS`].
 pub fn parse_time(name: &str, value: &str) -> Result<f64, QueryError> {
     if let Ok(t) = value.parse::<f64>() {
         if t.is_finite() {
-            return Ok(t);
+            return Ok(t.clamp(-TIME_LIMIT_SECONDS, TIME_LIMIT_SECONDS));
         }
     }
     humantime::parse_rfc3339_weak(value)
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_secs_f64())
+        .map(|d| d.as_secs_f64().min(TIME_LIMIT_SECONDS))
         .ok_or_else(|| {
             QueryError::BadData(format!(
                 "invalid parameter \"{name}\": cannot parse {value:?} to a valid timestamp"

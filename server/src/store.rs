@@ -22,14 +22,15 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
     MergeOperands, Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
+use serde::{Deserialize, Serialize};
 use tailscope_proto::histogram::{Histogram, Layout};
 
-use crate::config::RetentionConfig;
 use crate::series::SeriesLabels;
 use crate::telemetry::Metrics;
 
@@ -65,6 +66,41 @@ pub enum StoreError {
         /// Why.
         message: String,
     },
+}
+
+/// `[retention]`: how long each resolution's windows are kept. Disk is reclaimed by dropping
+/// whole time partitions, so data lives up to one partition longer than configured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// 10-second windows.
+    #[serde(with = "humantime_serde")]
+    pub window_10s: Duration,
+    /// 1-minute windows.
+    #[serde(with = "humantime_serde")]
+    pub window_1m: Duration,
+    /// 1-hour windows.
+    #[serde(with = "humantime_serde")]
+    pub window_1h: Duration,
+    /// Exemplars (example spans of each series and window).
+    #[serde(with = "humantime_serde")]
+    pub exemplars: Duration,
+    /// How often expired partitions are deleted and compacted away.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        let day = 24 * 3600;
+        RetentionConfig {
+            window_10s: Duration::from_secs(2 * day),
+            window_1m: Duration::from_secs(30 * day),
+            window_1h: Duration::from_secs(400 * day),
+            exemplars: Duration::from_secs(2 * day),
+            interval: Duration::from_secs(600),
+        }
+    }
 }
 
 /// A window resolution and the column family that holds it.
@@ -387,7 +423,9 @@ impl Store {
     }
 
     /// Calls `f` with every key and value of `series` in a time-partitioned family whose time
-    /// (the key's bytes 12..20) is in `[start, end)`: one bounded iterator per partition.
+    /// (the key's bytes 12..20) is in `[start, end)`: one bounded iterator per partition that
+    /// holds any key. Empty partitions are skipped with one seek, so a range of any width
+    /// (`start=0&end=9e18`) costs what the data in it costs, not one step per partition.
     fn scan(
         &self,
         cf: &rocksdb::ColumnFamily,
@@ -397,8 +435,10 @@ impl Store {
         end: i64,
         mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let mut p = start / partition_seconds;
-        while p * partition_seconds < end {
+        // Keys hold the partition as a u32: nothing lies outside that.
+        let last = ((end - 1).div_euclid(partition_seconds)).min(i64::from(u32::MAX));
+        let mut p = start.div_euclid(partition_seconds).max(0);
+        while p <= last {
             // Both bounds carry partition p: the upper one is exclusive, so a bound at the
             // next partition's first second still ends the scan inside this series' keys.
             let from = raw_key(p, series, start.max(p * partition_seconds));
@@ -409,7 +449,26 @@ impl Store {
                 let (k, v) = item?;
                 f(&k, &v)?;
             }
-            p += 1;
+            if p == last {
+                break;
+            }
+            // The next partition holding any key, found with one seek.
+            let next = raw_key(p + 1, 0, 0);
+            let mut ro = ReadOptions::default();
+            if last < i64::from(u32::MAX) {
+                ro.set_iterate_upper_bound(raw_key(last + 1, 0, 0).to_vec());
+            }
+            match self.db.iterator_cf_opt(cf, ro, IteratorMode::From(&next, Direction::Forward)).next() {
+                Some(item) => {
+                    let (k, _) = item?;
+                    let found = k.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+                    match found {
+                        Some(found) if i64::from(found) > p => p = i64::from(found),
+                        _ => break,
+                    }
+                }
+                None => break,
+            }
         }
         Ok(())
     }

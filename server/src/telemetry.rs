@@ -22,6 +22,13 @@ pub struct Outcome {
     pub result: &'static str,
 }
 
+/// A `limit` label: the configuration key of a limit a request ran into.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    /// The key, e.g. `query.max_depth`.
+    pub limit: &'static str,
+}
+
 /// A `form` label: how spans arrived (`full`, or `folded` in a client's histogram delta).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Form {
@@ -84,6 +91,8 @@ pub struct Metrics {
     pub spans_rejected: Family<Reason, Counter>,
     /// Spans above the histogram's range, counted at its top.
     pub spans_clamped: Counter,
+    /// Span records whose weight (adjusted count) was cut to `ingest.max_span_weight`.
+    pub span_weights_clamped: Counter,
     /// Batches received, by result (`accepted`, `duplicate`, `rejected`).
     pub batches: Family<Outcome, Counter>,
     /// Batches refused, by reason.
@@ -94,6 +103,10 @@ pub struct Metrics {
     pub shard_queue_depth: Family<ShardLabel, Gauge>,
     /// Flush epochs, by result (`ok`, `error`).
     pub flushes: Family<Outcome, Counter>,
+    /// Epochs cut early because an OTLP export was waiting (group commit).
+    pub early_epochs: Counter,
+    /// Requests refused or cut because they ran into a limit, by the limit's key.
+    pub limit_hits: Family<LimitLabel, Counter>,
     /// Time to collect and write one flush epoch.
     pub flush_duration: Histogram,
     /// Bytes of one flush epoch's RocksDB write batch.
@@ -160,11 +173,14 @@ impl Metrics {
             spans_accepted: Counter::default(),
             spans_rejected: Family::default(),
             spans_clamped: Counter::default(),
+            span_weights_clamped: Counter::default(),
             batches: Family::default(),
             batches_rejected: Family::default(),
             ingest_streams: Gauge::default(),
             shard_queue_depth: Family::default(),
             flushes: Family::default(),
+            early_epochs: Counter::default(),
+            limit_hits: Family::default(),
             flush_duration: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             flush_bytes: Histogram::new(exponential_buckets(1024.0, 4.0, 12)),
             flush_operands: Counter::default(),
@@ -204,6 +220,11 @@ impl Metrics {
             "Spans longer than the histogram range, counted at its top",
             m.spans_clamped.clone(),
         );
+        r.register(
+            "span_weights_clamped",
+            "Span records whose weight (adjusted count) was above ingest.max_span_weight and was cut to it",
+            m.span_weights_clamped.clone(),
+        );
         r.register("batches", "Ingest batches received, by result", m.batches.clone());
         r.register("batches_rejected", "Ingest batches refused, by reason", m.batches_rejected.clone());
         r.register("ingest_streams", "Open ingest streams", m.ingest_streams.clone());
@@ -213,6 +234,16 @@ impl Metrics {
             m.shard_queue_depth.clone(),
         );
         r.register("flushes", "Flush epochs, by result", m.flushes.clone());
+        r.register(
+            "limit_hits",
+            "Requests refused or cut short because they ran into a limit, by the limit's configuration key",
+            m.limit_hits.clone(),
+        );
+        r.register(
+            "early_epochs",
+            "Flush epochs cut early because an OTLP export was waiting for durability (group commit)",
+            m.early_epochs.clone(),
+        );
         r.register(
             "flush_duration_seconds",
             "Time to collect and durably write one flush epoch",
@@ -311,6 +342,11 @@ impl Metrics {
             m.alerts_forwarded.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    /// Counts a request that ran into the limit `limit` (its configuration key).
+    pub fn limit_hit(&self, limit: &'static str) {
+        self.limit_hits.get_or_create(&LimitLabel { limit }).inc();
     }
 
     /// Counts a refused batch.

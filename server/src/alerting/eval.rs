@@ -14,8 +14,8 @@ use super::rules::{AlertingRule, RuleGroup};
 use super::template::Data;
 use super::{fingerprint, Alert, Labels, Sink};
 use crate::clock::Clock;
-use crate::config::RetentionConfig;
 use crate::query::promql::{Engine, Limits, Steps, Value};
+use crate::store::RetentionConfig;
 use crate::store::Store;
 use crate::telemetry::{Metrics, RuleGroupLabel};
 
@@ -465,7 +465,7 @@ fn sample(
     deadline: Instant,
 ) -> Result<Vec<(Labels, f64)>, String> {
     let steps = Steps::instant(ts);
-    let limits = Limits { max_series: MAX_SERIES, max_points: 1, deadline };
+    let limits = Limits { max_series: MAX_SERIES, max_points: 1, max_samples: MAX_SERIES, deadline };
     let engine = Engine::new(store, &steps, ts.div_euclid(1000), retention, limits).with_series(index);
     let value = engine.eval(expr).and_then(|v| engine.materialized(v)).map_err(|e| e.to_string())?;
     Ok(match value {

@@ -50,13 +50,26 @@ impl PartialEq for Matcher {
     }
 }
 
+/// The most memory one matcher's compiled regex (and its lazy DFA cache) may take: `\w{200}`
+/// compiles to about 12 MB, enough to exhaust memory with a few hundred silences.
+pub const MAX_REGEX_BYTES: usize = 256 * 1024;
+
 impl Matcher {
     /// A matcher; fails on an invalid regex.
     pub fn new(name: &str, op: Op, value: &str) -> Result<Matcher, String> {
         let regex = match op {
             Op::Regex | Op::NotRegex => Some(
-                Regex::new(&format!("^(?:{value})$"))
-                    .map_err(|e| format!("invalid regular expression {value:?}: {e}"))?,
+                regex::RegexBuilder::new(&format!("^(?:{value})$"))
+                    .size_limit(MAX_REGEX_BYTES)
+                    .dfa_size_limit(MAX_REGEX_BYTES)
+                    .build()
+                    .map_err(|e| match e {
+                        regex::Error::CompiledTooBig(_) => format!(
+                            "regular expression {value:?} compiles to more than {} KiB; simplify it",
+                            MAX_REGEX_BYTES >> 10
+                        ),
+                        e => format!("invalid regular expression {value:?}: {e}"),
+                    })?,
             ),
             _ => None,
         };

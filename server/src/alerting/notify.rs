@@ -42,6 +42,8 @@ pub struct Settings {
     pub webhook_timeout: Duration,
     /// Alert updates the notifier's queue holds.
     pub queue_capacity: usize,
+    /// What silences may cost.
+    pub silences: super::silences::Limits,
 }
 
 /// One notification log entry: what a webhook was last told about a group.
@@ -125,7 +127,7 @@ impl Notifier {
         metrics: Arc<Metrics>,
         stop: watch::Receiver<bool>,
     ) -> Result<(Notifier, JoinHandle<()>), StoreError> {
-        let silences = Silences::load(store.clone())?;
+        let silences = Silences::load(store.clone(), settings.silences)?;
         let mut log = HashMap::new();
         for (k, v) in store.alerting_records(NFLOG_PREFIX)? {
             match serde_json::from_slice::<LogEntry>(&v) {

@@ -15,9 +15,9 @@ use serde::Deserialize;
 use tailscope_proto::histogram::Layout;
 
 use super::template::Template;
-use crate::config::RetentionConfig;
 use crate::query::promql::{Engine, EvalError, Limits, Source, Steps, WindowFn};
 use crate::series::SeriesLabels;
+use crate::store::RetentionConfig;
 use crate::store::{Resolution, StoreError};
 
 /// Default evaluation interval of a group that names none.
@@ -268,7 +268,12 @@ fn dry_run(expr: &Expr) -> Result<(), String> {
     let layout = Layout::new(2, 1_000, 3_600_000_000_000).map_err(|e| e.to_string())?;
     let steps = Steps::instant(0);
     let retention = RetentionConfig::default();
-    let limits = Limits { max_series: 1, max_points: 1, deadline: Instant::now() + Duration::from_secs(5) };
+    let limits = Limits {
+        max_series: 1,
+        max_points: 1,
+        max_samples: 1,
+        deadline: Instant::now() + Duration::from_secs(5),
+    };
     let empty = Empty(layout);
     let engine = Engine::new(&empty, &steps, 0, &retention, limits);
     match engine.eval(expr) {

@@ -114,6 +114,9 @@ pub enum SilenceError {
     /// The silence is invalid (HTTP 400).
     #[error("{0}")]
     Invalid(String),
+    /// A limit on silences is reached (HTTP 429, as Alertmanager).
+    #[error("{0}")]
+    Limit(String),
     /// No silence has that id (HTTP 404).
     #[error("silence {0} not found")]
     NotFound(String),
@@ -122,16 +125,29 @@ pub enum SilenceError {
     Store(#[from] StoreError),
 }
 
+/// What silences may cost.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most silences kept (expired ones still listed included).
+    pub max_silences: usize,
+    /// Largest silence, as its stored JSON.
+    pub max_size_bytes: usize,
+}
+
+/// Most matchers one silence may have.
+pub const MAX_MATCHERS: usize = 32;
+
 /// Every silence, with their compiled matchers.
 #[derive(Debug)]
 pub struct Silences {
     store: Store,
+    limits: Limits,
     all: RwLock<BTreeMap<String, (Silence, Vec<Matcher>)>>,
 }
 
 impl Silences {
     /// Loads the stored silences.
-    pub fn load(store: Store) -> Result<Silences, StoreError> {
+    pub fn load(store: Store, limits: Limits) -> Result<Silences, StoreError> {
         let mut all = BTreeMap::new();
         for (k, v) in store.alerting_records(PREFIX)? {
             match serde_json::from_slice::<Silence>(&v) {
@@ -144,7 +160,7 @@ impl Silences {
                 }
             }
         }
-        Ok(Silences { store, all: RwLock::new(all) })
+        Ok(Silences { store, limits, all: RwLock::new(all) })
     }
 
     /// Creates or updates a silence; returns its id.
@@ -163,6 +179,12 @@ impl Silences {
         if p.matchers.is_empty() {
             return Err(invalid("silence invalid: at least one matcher required".into()));
         }
+        if p.matchers.len() > MAX_MATCHERS {
+            return Err(invalid(format!(
+                "silence invalid: {} matchers, more than the limit of {MAX_MATCHERS}",
+                p.matchers.len()
+            )));
+        }
         let mut compiled = Vec::new();
         for m in &p.matchers {
             if !super::rules::valid_label_name(&m.name) {
@@ -179,7 +201,17 @@ impl Silences {
         let id = match p.id.filter(|id| !id.is_empty()) {
             Some(id) if !all.contains_key(&id) => return Err(SilenceError::NotFound(id)),
             Some(id) => id,
-            None => new_id(now, all.len()),
+            None => {
+                forget_expired(&self.store, &mut all, now);
+                if all.len() >= self.limits.max_silences {
+                    return Err(SilenceError::Limit(format!(
+                        "failed to create silence: the limit of {} silences (alerting.max_silences) is reached; \
+                         expire or delete some first",
+                        self.limits.max_silences
+                    )));
+                }
+                new_id(now, all.len())
+            }
         };
         // A new silence starting in the past starts now, as in Alertmanager.
         let starts_at = if all.contains_key(&id) { starts_at } else { starts_at.max(now) };
@@ -192,6 +224,13 @@ impl Silences {
             created_by: p.created_by,
             comment: p.comment,
         };
+        let size = serde_json::to_vec(&s).map_or(usize::MAX, |v| v.len());
+        if size > self.limits.max_size_bytes {
+            return Err(invalid(format!(
+                "silence invalid: {size} bytes, more than alerting.max_silence_size_bytes ({})",
+                self.limits.max_size_bytes
+            )));
+        }
         self.persist(&s)?;
         all.insert(id.clone(), (s, compiled));
         Ok(id)
@@ -226,20 +265,7 @@ impl Silences {
     /// Every silence in the API's form; expired ones past their retention are forgotten.
     pub fn list(&self, now: i64) -> Vec<Value> {
         let mut all = self.all.write();
-        let forgotten: Vec<String> = all
-            .values()
-            .filter(|(s, _)| s.ends_at + EXPIRED_RETENTION_MS < now)
-            .map(|(s, _)| s.id.clone())
-            .collect();
-        if !forgotten.is_empty() {
-            let deletes: Vec<_> =
-                forgotten.iter().map(|id| ([PREFIX, id.as_bytes()].concat(), None)).collect();
-            if self.store.write_alerting(&deletes).is_ok() {
-                forgotten.iter().for_each(|id| {
-                    all.remove(id);
-                });
-            }
-        }
+        forget_expired(&self.store, &mut all, now);
         all.values().map(|(s, _)| s.to_json(now)).collect()
     }
 
@@ -251,6 +277,23 @@ impl Silences {
             .filter(|(s, m)| s.state(now) == "active" && m.iter().all(|m| m.matches(labels)))
             .map(|(s, _)| s.id.clone())
             .collect()
+    }
+}
+
+/// Forgets the silences expired for longer than they are listed.
+fn forget_expired(store: &Store, all: &mut BTreeMap<String, (Silence, Vec<Matcher>)>, now: i64) {
+    let forgotten: Vec<String> = all
+        .values()
+        .filter(|(s, _)| s.ends_at.saturating_add(EXPIRED_RETENTION_MS) < now)
+        .map(|(s, _)| s.id.clone())
+        .collect();
+    if !forgotten.is_empty() {
+        let deletes: Vec<_> = forgotten.iter().map(|id| ([PREFIX, id.as_bytes()].concat(), None)).collect();
+        if store.write_alerting(&deletes).is_ok() {
+            forgotten.iter().for_each(|id| {
+                all.remove(id);
+            });
+        }
     }
 }
 

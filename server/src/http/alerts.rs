@@ -239,6 +239,7 @@ fn silence_error(e: SilenceError) -> Response {
     match e {
         SilenceError::Invalid(m) => v2_error(StatusCode::BAD_REQUEST, m),
         SilenceError::NotFound(_) => v2_error(StatusCode::NOT_FOUND, e),
+        SilenceError::Limit(m) => v2_error(StatusCode::TOO_MANY_REQUESTS, m),
         SilenceError::Store(e) => v2_error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }

@@ -13,15 +13,11 @@ use axum::{Json, Router};
 use serde_json::{json, Value as Json_};
 
 use super::{api_error, AppState};
-use crate::query::parse_time;
-use crate::query::promql::{self, format_value, Engine, EvalError, Limits, Series, Steps, Value, NAMES};
+use crate::query::promql::{self, format_value, Engine, EvalError, Limits, Series, Steps, Value};
+use crate::query::{labels, parse_time};
 
 /// Most points per series of a range query (as Prometheus).
 pub const MAX_POINTS: usize = 11_000;
-/// Most series one query may select.
-pub const MAX_SERIES: usize = 50_000;
-/// How long a query may run unless `timeout` asks for less.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The Prometheus-compatible routes.
 pub fn routes() -> Router<AppState> {
@@ -162,70 +158,176 @@ fn parse_duration(name: &str, v: &str) -> Result<Duration, ApiError> {
     })
 }
 
-fn parse_query(p: &Params) -> Result<promql_parser::parser::Expr, ApiError> {
+fn parse_query(s: &AppState, p: &Params) -> Result<promql_parser::parser::Expr, ApiError> {
     let q = p.get("query").unwrap_or("");
-    promql::parse(q).map_err(|e| bad_data(format!("invalid parameter \"query\": {e}")))
+    promql::parse_bounded(q, s.query.max_depth).map_err(|e| {
+        if e.contains("query.max_depth") {
+            s.metrics.limit_hit("query.max_depth");
+        }
+        bad_data(format!("invalid parameter \"query\": {e}"))
+    })
 }
 
-fn deadline(p: &Params) -> Result<Instant, ApiError> {
+fn deadline(s: &AppState, p: &Params) -> Result<Instant, ApiError> {
+    let limit = s.query.timeout;
     let timeout = match p.get("timeout") {
-        None | Some("") => DEFAULT_TIMEOUT,
-        Some(v) => parse_duration("timeout", v)?.min(DEFAULT_TIMEOUT),
+        None | Some("") => limit,
+        Some(v) => parse_duration("timeout", v)?.min(limit),
     };
     Ok(Instant::now() + timeout)
 }
 
-/// Evaluates `expr` at `steps` on a blocking thread.
+/// Evaluates `expr` at `steps` and renders the answer, both on a blocking thread and both
+/// within the request's budget: the deadline covers evaluation *and* building the response,
+/// at most `query.max_concurrency` queries run at once (others wait their turn within their
+/// deadline), and the work stops when the client leaves.
 async fn evaluate(
     s: &AppState,
     expr: promql_parser::parser::Expr,
     steps: Steps,
     deadline: Instant,
-) -> Result<Value, ApiError> {
+    render: fn(Value, &Steps, &labels::Budget) -> Result<Vec<u8>, EvalError>,
+) -> Result<Response, ApiError> {
+    let budget = labels::Budget::new(deadline);
+    let _cancel = budget.cancel_on_drop();
+    let wait = deadline.saturating_duration_since(Instant::now());
+    let _permit = match tokio::time::timeout(wait, s.queries.clone().acquire_owned()).await {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            s.metrics.limit_hit("query.max_concurrency");
+            return Err(eval_error(EvalError::Timeout("waiting for a query slot (query.max_concurrency)")));
+        }
+    };
     let store = s.store.clone();
     let retention = s.retention.clone();
     let now = s.clock.now_seconds();
-    let limits = Limits { max_series: MAX_SERIES, max_points: MAX_POINTS, deadline };
-    tokio::task::spawn_blocking(move || {
+    let limits = Limits {
+        max_series: s.query.max_series,
+        max_points: MAX_POINTS,
+        max_samples: s.query.max_samples,
+        deadline,
+    };
+    let bytes = tokio::task::spawn_blocking(move || {
         let engine = Engine::new(&store, &steps, now, &retention, limits);
         let value = engine.eval(&expr)?;
         // Bucket histograms leave the engine as bucket series.
-        match value {
-            Value::Hist(_) => engine.materialized(value),
-            v => Ok(v),
-        }
+        let value = match value {
+            Value::Hist(_) => engine.materialized(value)?,
+            v => v,
+        };
+        budget.check("building the response")?;
+        render(value, &steps, &budget)
     })
     .await
     .map_err(|e| internal(format!("query task failed: {e}")))?
-    .map_err(eval_error)
+    .map_err(|e| {
+        if let EvalError::Execution(m) = &e {
+            if m.contains("query.max_samples") {
+                s.metrics.limit_hit("query.max_samples");
+            }
+        }
+        if matches!(e, EvalError::Timeout(_)) {
+            s.metrics.limit_hit("query.timeout");
+        }
+        eval_error(e)
+    })?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
+}
+
+/// `{"status":"success","data":…}` with `data` written by `f`.
+fn envelope(f: impl FnOnce(&mut Vec<u8>) -> Result<(), EvalError>) -> Result<Vec<u8>, EvalError> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(br#"{"status":"success","data":"#);
+    f(&mut out)?;
+    out.push(b'}');
+    Ok(out)
+}
+
+fn write_json(out: &mut Vec<u8>, v: &impl serde::Serialize) -> Result<(), EvalError> {
+    serde_json::to_writer(out, v).map_err(|e| EvalError::Execution(format!("cannot render the answer: {e}")))
+}
+
+fn render_instant(value: Value, steps: &Steps, _: &labels::Budget) -> Result<Vec<u8>, EvalError> {
+    let t = steps.times()[0];
+    let data = match value {
+        Value::Scalar(v) => json!({"resultType": "scalar", "result": [json_time(t), format_value(v[0])]}),
+        Value::Str(st) => json!({"resultType": "string", "result": [json_time(t), st]}),
+        Value::Vector(series) => json!({
+            "resultType": "vector",
+            "result": series.iter().filter_map(|s| s.values[0].map(|v| json!({
+                "metric": s.labels,
+                "value": [json_time(t), format_value(v)],
+            }))).collect::<Vec<_>>(),
+        }),
+        Value::Hist(_) => json!({"resultType": "vector", "result": []}),
+    };
+    envelope(|out| write_json(out, &data))
+}
+
+/// A range answer, written point by point (no JSON tree of millions of values in between),
+/// checking the budget as it goes.
+fn render_matrix(value: Value, steps: &Steps, budget: &labels::Budget) -> Result<Vec<u8>, EvalError> {
+    let series = match value {
+        Value::Scalar(v) => {
+            vec![Series { labels: promql::Labels::new(), values: v.into_iter().map(Some).collect() }]
+        }
+        Value::Vector(series) => series,
+        Value::Str(_) => {
+            return Err(EvalError::Unsupported(
+                "invalid expression type \"string\" for range query, must be Scalar or instant Vector".into(),
+            ))
+        }
+        Value::Hist(_) => Vec::new(),
+    };
+    let times = steps.times();
+    envelope(|out| {
+        out.extend_from_slice(br#"{"resultType":"matrix","result":["#);
+        let mut first = true;
+        for (i, s) in series.iter().filter(|s| s.values.iter().any(Option::is_some)).enumerate() {
+            if i % 64 == 0 {
+                budget.check("building the response")?;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(br#"{"metric":"#);
+            write_json(out, &s.labels)?;
+            out.extend_from_slice(br#","values":["#);
+            let mut first_point = true;
+            for (v, &t) in s.values.iter().zip(times) {
+                let Some(v) = v else { continue };
+                if !first_point {
+                    out.push(b',');
+                }
+                first_point = false;
+                out.push(b'[');
+                write_json(out, &json_time(t))?;
+                out.extend_from_slice(b",\"");
+                out.extend_from_slice(format_value(*v).as_bytes());
+                out.extend_from_slice(b"\"]");
+            }
+            out.extend_from_slice(b"]}");
+        }
+        out.extend_from_slice(b"]}");
+        Ok(())
+    })
 }
 
 async fn query(State(s): State<AppState>, p: Params) -> Response {
     let result = async {
-        let expr = parse_query(&p)?;
+        let expr = parse_query(&s, &p)?;
         let now = s.clock.now_nanos() as f64 / 1e9;
         let t = (p.time("time", now)? * 1000.0).round() as i64;
-        let value = evaluate(&s, expr, Steps::instant(t), deadline(&p)?).await?;
-        Ok::<_, ApiError>(match value {
-            Value::Scalar(v) => json!({"resultType": "scalar", "result": [json_time(t), format_value(v[0])]}),
-            Value::Str(st) => json!({"resultType": "string", "result": [json_time(t), st]}),
-            Value::Vector(series) => json!({
-                "resultType": "vector",
-                "result": series.iter().filter_map(|s| s.values[0].map(|v| json!({
-                    "metric": s.labels,
-                    "value": [json_time(t), format_value(v)],
-                }))).collect::<Vec<_>>(),
-            }),
-            Value::Hist(_) => json!({"resultType": "vector", "result": []}),
-        })
+        evaluate(&s, expr, Steps::instant(t), deadline(&s, &p)?, render_instant).await
     }
     .await;
-    respond(result)
+    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn query_range(State(s): State<AppState>, p: Params) -> Response {
     let result = async {
-        let expr = parse_query(&p)?;
+        let expr = parse_query(&s, &p)?;
         let missing =
             |n: &str| bad_data(format!("invalid parameter \"{n}\": cannot parse \"\" to a valid timestamp"));
         let start = p.get("start").ok_or_else(|| missing("start"))?;
@@ -254,136 +356,99 @@ async fn query_range(State(s): State<AppState>, p: Params) -> Response {
                     }
                     other => eval_error(other),
                 })?;
-        let times: Vec<i64> = steps.times().to_vec();
-        let value = evaluate(&s, expr, steps, deadline(&p)?).await?;
-        let matrix = |series: Vec<Series>| -> Json_ {
-            let out: Vec<Json_> = series
-                .into_iter()
-                .filter(|s| s.values.iter().any(Option::is_some))
-                .map(|s| {
-                    let values: Vec<Json_> = s
-                        .values
-                        .iter()
-                        .zip(&times)
-                        .filter_map(|(v, &t)| v.map(|v| json!([json_time(t), format_value(v)])))
-                        .collect();
-                    json!({"metric": s.labels, "values": values})
-                })
-                .collect();
-            json!({"resultType": "matrix", "result": out})
-        };
-        Ok::<_, ApiError>(match value {
-            Value::Scalar(v) => matrix(vec![Series {
-                labels: promql::Labels::new(),
-                values: v.into_iter().map(Some).collect(),
-            }]),
-            Value::Vector(series) => matrix(series),
-            Value::Str(_) => {
-                return Err(bad_data(
-                    "invalid expression type \"string\" for range query, must be Scalar or instant Vector",
-                ))
-            }
-            Value::Hist(_) => matrix(Vec::new()),
-        })
+        evaluate(&s, expr, steps, deadline(&s, &p)?, render_matrix).await
     }
     .await;
-    respond(result)
+    result.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// The label sets of every stored series that one of the `match[]` selectors selects (all
-/// series when there are none), each with the names it matched.
-async fn matching_series(s: &AppState, p: &Params) -> Result<Vec<promql::Labels>, ApiError> {
-    let selectors = p.all("match[]");
+/// The `match[]` selectors of a request, parsed.
+fn match_selectors(s: &AppState, p: &Params) -> Result<Vec<promql_parser::parser::VectorSelector>, ApiError> {
     let mut parsed = Vec::new();
-    for sel in &selectors {
-        match promql::parse(sel) {
+    for sel in p.all("match[]") {
+        match promql::parse_bounded(sel, s.query.max_depth) {
             Ok(promql_parser::parser::Expr::VectorSelector(vs)) => parsed.push(vs),
             Ok(_) => {
                 return Err(bad_data(format!(
                     "invalid parameter \"match[]\": {sel:?} is not a series selector"
                 )))
             }
-            Err(e) => return Err(bad_data(format!("invalid parameter \"match[]\": {e}"))),
-        }
-    }
-    let store = s.store.clone();
-    let all =
-        tokio::task::spawn_blocking(move || store.series()).await.map_err(internal)?.map_err(internal)?;
-    let mut out = std::collections::BTreeSet::new();
-    for (_, labels) in &all {
-        for name in NAMES {
-            let les: Vec<String> = if name == promql::BUCKET {
-                promql::DEFAULT_LE.iter().map(|&v| format_value(v)).collect()
-            } else {
-                vec![String::new()]
-            };
-            for le in les {
-                let mut set = promql::Labels::new();
-                set.insert("__name__".into(), name.into());
-                for k in ["service", "operation", "status"] {
-                    if let Some(v) = labels.get(k) {
-                        set.insert(k.into(), v.into());
-                    }
+            Err(e) => {
+                if e.contains("query.max_depth") {
+                    s.metrics.limit_hit("query.max_depth");
                 }
-                if !le.is_empty() {
-                    set.insert("le".into(), le);
-                }
-                let selected = parsed.is_empty()
-                    || parsed.iter().any(|vs| {
-                        vs.name.as_deref().is_none_or(|n| n == name)
-                            && vs
-                                .matchers
-                                .matchers
-                                .iter()
-                                .all(|m| m.is_match(set.get(&m.name).map_or("", |v| v)))
-                    });
-                if selected {
-                    out.insert(set);
-                }
+                return Err(bad_data(format!("invalid parameter \"match[]\": {e}")));
             }
         }
     }
-    Ok(out.into_iter().collect())
+    Ok(parsed)
 }
 
-/// The distinct label names (`name` = None) or values of label `name` of the series the
-/// `match[]` selectors select, sorted, cut at `limit`.
-async fn label_answer(s: &AppState, p: &Params, name: Option<&str>) -> Result<Json_, ApiError> {
-    p.time("start", 0.0)?;
-    p.time("end", 0.0)?;
-    let limit = p.limit()?;
-    let sets = matching_series(s, p).await?;
-    let found: std::collections::BTreeSet<String> = match name {
-        None => sets.iter().flat_map(|l| l.keys().cloned()).collect(),
-        Some(n) => sets.iter().filter_map(|l| l.get(n).cloned()).collect(),
-    };
-    Ok(json!(found.into_iter().take(limit.unwrap_or(usize::MAX)).collect::<Vec<_>>()))
+/// Runs a series or label walk off the async runtime within the request's budget (the query
+/// timeout; cancelled when the client leaves), answering at most `limit` items (the request's
+/// `limit`, else `query.max_series`) with Prometheus' warning when more matched.
+async fn label_walk<T: serde::Serialize + Send + 'static>(
+    s: &AppState,
+    p: &Params,
+    walk: impl FnOnce(&crate::store::Store, usize, &labels::Budget) -> Result<labels::Capped<T>, EvalError>
+        + Send
+        + 'static,
+) -> Response {
+    let result = async {
+        p.time("start", 0.0)?;
+        p.time("end", 0.0)?;
+        let limit = p.limit()?.unwrap_or(s.query.max_series).min(s.query.max_series);
+        let budget = labels::Budget::new(deadline(s, p)?);
+        let _cancel = budget.cancel_on_drop();
+        let store = s.store.clone();
+        let found = tokio::task::spawn_blocking(move || walk(&store, limit, &budget))
+            .await
+            .map_err(|e| internal(format!("label task failed: {e}")))?
+            .map_err(eval_error)?;
+        Ok::<_, ApiError>(found)
+    }
+    .await;
+    match result {
+        Ok(found) if found.truncated => {
+            s.metrics.limit_hit("query.max_series");
+            Json(json!({
+                "status": "success",
+                "data": found.items,
+                "warnings": ["results truncated due to limit (the request's limit, or query.max_series)"],
+            }))
+            .into_response()
+        }
+        Ok(found) => success(json!(found.items)),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn labels(State(s): State<AppState>, p: Params) -> Response {
-    respond(label_answer(&s, &p, None).await)
+    let selectors = match match_selectors(&s, &p) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    label_walk(&s, &p, move |store, limit, budget| labels::names(store, &selectors, limit, budget)).await
 }
 
 async fn label_values(State(s): State<AppState>, Path(name): Path<String>, p: Params) -> Response {
-    respond(label_answer(&s, &p, Some(&name)).await)
+    let selectors = match match_selectors(&s, &p) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    label_walk(&s, &p, move |store, limit, budget| labels::values(store, &selectors, &name, limit, budget))
+        .await
 }
 
 async fn series(State(s): State<AppState>, p: Params) -> Response {
-    let result = async {
-        if p.all("match[]").is_empty() {
-            return Err(bad_data("no match[] parameter provided"));
-        }
-        p.time("start", 0.0)?;
-        p.time("end", 0.0)?;
-        let limit = p.limit()?;
-        let mut sets = matching_series(&s, &p).await?;
-        if let Some(n) = limit {
-            sets.truncate(n);
-        }
-        Ok::<_, ApiError>(json!(sets))
+    if p.all("match[]").is_empty() {
+        return bad_data("no match[] parameter provided").into_response();
     }
-    .await;
-    respond(result)
+    let selectors = match match_selectors(&s, &p) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    label_walk(&s, &p, move |store, limit, budget| labels::series(store, &selectors, limit, budget)).await
 }
 
 async fn metadata(p: Params) -> Response {
@@ -417,7 +482,7 @@ pub const MAX_EXEMPLARS: usize = 10_000;
 /// id (and, when the sender said, its sampling adjusted count), duration in seconds and end time.
 async fn exemplars(State(s): State<AppState>, p: Params) -> Response {
     let result = async {
-        let expr = parse_query(&p)?;
+        let expr = parse_query(&s, &p)?;
         let now = s.clock.now_seconds() as f64;
         let start = p.time("start", now - 3600.0)?;
         let end = p.time("end", now)?;

@@ -168,7 +168,11 @@ impl ShardState {
             for (status, series) in [(Status::Ok, route.ok_series), (Status::Error, route.error_series)] {
                 if seen[status as usize] {
                     self.note_series(acc, series, || SeriesLabels {
-                        service: key.map(|k| k.service.clone()).unwrap_or_default(),
+                        service: if route.service_overflow {
+                            crate::cardinality::OVERFLOW.to_owned()
+                        } else {
+                            key.map(|k| k.service.clone()).unwrap_or_default()
+                        },
                         operation: if route.overflow {
                             crate::cardinality::OVERFLOW.to_owned()
                         } else {

@@ -24,8 +24,8 @@ use promql_parser::parser::{
 };
 use tailscope_proto::histogram::{Checked, Histogram, HistogramError, Layout};
 
-use crate::config::RetentionConfig;
 use crate::series::SeriesLabels;
+use crate::store::RetentionConfig;
 use crate::store::{Resolution, StoreError};
 
 /// The histogram's base name.
@@ -117,10 +117,21 @@ impl Source for crate::store::Store {
     }
 }
 
-/// Parses PromQL text. promql-parser panics on some inputs (fuzzing found a duration literal
-/// too large for a `Duration`: `x[444…490]`), so a panic is contained here and reported as a
-/// parse error; the server never panics on a query.
+/// The deepest expression accepted when no limit is configured (`query.max_depth`).
+pub const DEFAULT_MAX_DEPTH: usize = 256;
+
+/// Parses PromQL text whose tree is at most [`DEFAULT_MAX_DEPTH`] deep (see [`parse_bounded`]).
 pub fn parse(text: &str) -> Result<Expr, String> {
+    parse_bounded(text, DEFAULT_MAX_DEPTH)
+}
+
+/// Parses PromQL text, refusing before the parser runs any text whose tree may be deeper than
+/// `max_depth` (the parser, the evaluator and the tree's destructor recurse per level, and a
+/// stack overflow aborts the process). promql-parser also panics on some inputs (fuzzing found
+/// a duration literal too large for a `Duration`: `x[444…490]`), so a panic is contained here
+/// and reported as a parse error; the server never panics on a query.
+pub fn parse_bounded(text: &str, max_depth: usize) -> Result<Expr, String> {
+    depth::check(text, max_depth)?;
     contained(|| promql_parser::parser::parse(text))
 }
 
@@ -196,6 +207,8 @@ pub struct Limits {
     pub max_series: usize,
     /// Most points per returned series.
     pub max_points: usize,
+    /// Most samples (selected series × steps) the query may hold.
+    pub max_samples: usize,
     /// When the query must have finished.
     pub deadline: Instant,
 }
@@ -410,6 +423,15 @@ impl<'a> Engine<'a> {
                 self.limits.max_series
             )));
         }
+        let samples = selected.saturating_mul(self.steps.len());
+        if samples > self.limits.max_samples {
+            return Err(EvalError::Execution(format!(
+                "the query would hold {samples} samples ({selected} series × {} steps), more than \
+                 query.max_samples ({}); narrow the selection, shorten the range or raise the step",
+                self.steps.len(),
+                self.limits.max_samples
+            )));
+        }
         Ok(Selection { names, series, le })
     }
 
@@ -505,22 +527,25 @@ impl<'a> Engine<'a> {
         Ok(Value::Vector(out))
     }
 
-    /// The resolution a range of `range` seconds is read at: the coarsest that still has at
-    /// least five windows per range and no more than one per step, and is retained at `from`.
-    fn resolution(&self, range: i64, from: i64) -> Resolution {
+    /// The resolutions a range of `range` seconds starting at `from` is read at, finest
+    /// first: every one retained at `from` up to the coarsest that still has at least five
+    /// windows per range and no more than one per step (coarser reads fewer windows; the finer
+    /// ones read the range's edges).
+    fn levels(&self, range: i64, from: i64) -> Vec<Resolution> {
         let step = self.steps.step / 1000;
         let retained = |r: Resolution| from >= self.now - r.retention(self.retention);
         let fits = |r: Resolution| r.seconds() * 5 <= range && (step == 0 || r.seconds() <= step);
-        Resolution::ALL
-            .into_iter()
-            .rev()
-            .find(|&r| fits(r) && retained(r))
-            .or_else(|| Resolution::ALL.into_iter().find(|&r| retained(r)))
-            .unwrap_or(Resolution::H1)
+        let available: Vec<Resolution> = Resolution::ALL.into_iter().filter(|&r| retained(r)).collect();
+        let Some(&finest) = available.first() else { return vec![Resolution::H1] };
+        let coarsest = available.iter().rev().find(|&&r| fits(r)).copied().unwrap_or(finest);
+        available.into_iter().filter(|r| r.seconds() <= coarsest.seconds()).collect()
     }
 
-    /// Runs a sliding accumulator over a group's windows: `f(step, acc)` is called for every
-    /// step whose range `[t - range, t)` (t in seconds, offset applied) holds any window.
+    /// Runs sliding sums over a group's windows: `f(step, acc)` is called for every step whose
+    /// range (the 10 s windows starting in `[t - range, t)`, t in seconds rounded up, offset
+    /// applied) holds any window. Coarse rollups are read only for whole coarse windows inside
+    /// a step's range and its edges at the finer resolutions ([`plan`]), so every answer covers
+    /// exactly the asked range to the 10 s grid.
     fn slide(
         &self,
         group: &HistGroup,
@@ -528,77 +553,73 @@ impl<'a> Engine<'a> {
         offset: i64,
         mut f: impl FnMut(usize, &Histogram),
     ) -> Result<(), EvalError> {
-        // A step at t covers the windows starting in [t - range, t]: with t in whole seconds
-        // rounded up, a window that began in the step's own second counts (a rule evaluated
-        // at 12:00:00.420 sees the window that started at 12:00:00).
+        // A window that began in the step's own second counts (a rule evaluated at
+        // 12:00:00.420 sees the window that started at 12:00:00).
         let ends: Vec<i64> = self.steps.times().iter().map(|t| (t + 999).div_euclid(1000) - offset).collect();
-        let (Some(&first), Some(&last)) = (ends.first(), ends.last()) else { return Ok(()) };
-        let res = self.resolution(range, first - range);
-        // The union of the steps' ranges, as disjoint intervals: scan only what is needed.
-        let mut intervals: Vec<(i64, i64)> = Vec::new();
-        for &t in &ends {
-            match intervals.last_mut() {
-                Some(last) if t - range <= last.1 => last.1 = t,
-                _ => intervals.push((t - range, t)),
-            }
-        }
-        debug_assert!(last >= first);
-        // Every member's windows (validated when they were written; only their headers are
-        // checked here), kept encoded side by side in one buffer:
-        // each is added when it enters a step's range and subtracted when it leaves, and never
-        // decoded into counters of its own.
-        let mut bytes: Vec<u8> = Vec::new();
-        let mut windows: Vec<(i64, Checked, usize)> = Vec::new();
-        for &member in &group.members {
-            for &(from, to) in &intervals {
-                self.source.windows(res, member, res.align(from), to, &mut |w, b| {
-                    windows.push((w, Checked::trusted(b)?, bytes.len()));
-                    bytes.extend_from_slice(b);
-                    Ok(())
-                })?;
-            }
-            self.check_time("reading windows")?;
-            if bytes.len() > MAX_QUERY_BYTES {
-                return Err(EvalError::Execution(format!(
-                    "the query reads more than {} MiB of histograms; narrow the selection or the range",
-                    MAX_QUERY_BYTES >> 20
-                )));
-            }
-        }
-        if group.members.len() > 1 {
-            // Stable: a window's members keep their order, so results do not depend on it.
-            windows.sort_by_key(|(w, _, _)| *w);
-        }
-        let bytes_of = |(_, c, at): &(i64, Checked, usize)| &bytes[*at..*at + c.len()];
-        let mut acc = Histogram::new(self.source.layout());
-        let (mut lo, mut hi) = (0, 0);
-        for (i, &t) in ends.iter().enumerate() {
-            let leaving = windows[lo..hi].iter().take_while(|(w, _, _)| *w < t - range).count();
-            if leaving * 2 > hi - lo {
-                // Most of the range moves on (steps as long as the range, or longer): start
-                // over rather than subtract.
-                acc.reset();
-                lo += leaving;
-                windows[lo..hi].iter().for_each(|e| acc.add_checked(&e.1, bytes_of(e)));
-            }
-            while lo < hi && windows[lo].0 < t - range {
-                if !acc.subtract_checked(&windows[lo].1, bytes_of(&windows[lo])) {
-                    // Windows of another layout (a changed configuration): re-merge this step.
-                    acc.reset();
-                    windows[lo + 1..hi].iter().for_each(|e| acc.add_checked(&e.1, bytes_of(e)));
+        let Some(&first) = ends.first() else { return Ok(()) };
+        let levels = self.levels(range, first - range);
+        let seconds: Vec<i64> = levels.iter().map(|r| r.seconds()).collect();
+        let step_pieces: Vec<Vec<plan::Piece>> =
+            ends.iter().map(|&t| plan::pieces(&seconds, t - range, t)).collect();
+        // Per level, the union of its pieces over all steps as disjoint intervals: read only
+        // what some step needs.
+        let mut windows: Vec<plan::Windows> = levels.iter().map(|_| plan::Windows::default()).collect();
+        let mut read = 0;
+        for (level, &res) in levels.iter().enumerate() {
+            let mut spans: Vec<(i64, i64)> = step_pieces
+                .iter()
+                .flatten()
+                .filter(|p| p.level == level && p.lo < p.hi)
+                .map(|p| (p.lo, p.hi))
+                .collect();
+            spans.sort_unstable();
+            let mut intervals: Vec<(i64, i64)> = Vec::new();
+            for (lo, hi) in spans {
+                match intervals.last_mut() {
+                    Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
+                    _ => intervals.push((lo, hi)),
                 }
-                lo += 1;
             }
-            while hi < windows.len() && windows[hi].0 < t {
-                if windows[hi].0 >= t - range {
-                    acc.add_checked(&windows[hi].1, bytes_of(&windows[hi]));
-                } else {
-                    lo = hi + 1;
+            let w = &mut windows[level];
+            for &member in &group.members {
+                for &(from, to) in &intervals {
+                    self.source.windows(res, member, from, to, &mut |start, b| {
+                        w.push(start, Checked::trusted(b)?, b);
+                        Ok(())
+                    })?;
                 }
-                hi += 1;
+                self.check_time("reading windows")?;
+                if read + w.bytes() > MAX_QUERY_BYTES {
+                    return Err(EvalError::Execution(format!(
+                        "the query reads more than {} MiB of histograms; narrow the selection or the range",
+                        MAX_QUERY_BYTES >> 20
+                    )));
+                }
             }
-            if lo < hi {
-                f(i, &acc);
+            read += w.bytes();
+            if group.members.len() > 1 {
+                w.sort();
+            }
+        }
+        let layout = self.source.layout();
+        let mut sliders: Vec<plan::Slider> =
+            (0..2 * levels.len() - 1).map(|_| plan::Slider::new(layout)).collect();
+        let mut sum = Histogram::new(layout);
+        for (i, pieces) in step_pieces.iter().enumerate() {
+            for (slider, p) in sliders.iter_mut().zip(pieces) {
+                slider.advance(&windows[p.level], p.lo, p.hi);
+            }
+            let mut holding = sliders.iter().filter(|s| s.holds_windows());
+            match (holding.next(), holding.next()) {
+                (None, _) => {}
+                (Some(only), None) => f(i, only.histogram()),
+                (Some(a), Some(b)) => {
+                    sum.reset();
+                    sum.merge(a.histogram());
+                    sum.merge(b.histogram());
+                    holding.for_each(|s| sum.merge(s.histogram()));
+                    f(i, &sum);
+                }
             }
         }
         Ok(())
@@ -1008,6 +1029,9 @@ pub fn format_value(v: f64) -> String {
         format!("{v}")
     }
 }
+
+mod depth;
+mod plan;
 
 #[cfg(test)]
 mod tests;

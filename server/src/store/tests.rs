@@ -186,3 +186,31 @@ fn exemplars_round_trip_by_series_and_window_and_expire() {
     assert_eq!(report.exemplar_partitions, 1);
     assert_eq!(store.exemplars(a, T0, T0 + 7200).expect("read"), vec![written[2]]);
 }
+
+#[test]
+fn a_scan_of_any_width_skips_empty_partitions_and_finds_every_window() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let a = labels("GET /far");
+    let id = a.id();
+    let other = labels("GET /other").id();
+    // Windows a year apart (8,760 partitions of 10 s windows between them), and another
+    // series in a partition in between.
+    let year = 365 * 24 * 3600;
+    for (series, window) in [(id, T0), (other, T0 + year / 2), (id, T0 + year)] {
+        let write = EpochWrite {
+            windows: vec![WindowDelta { series, window_start: window, histogram: hist(&[7]).to_bytes() }],
+            series: vec![(id, a.clone())],
+            watermarks: Vec::new(),
+            exemplars: Vec::new(),
+        };
+        store.write_epoch(&write).expect("write");
+    }
+    assert_eq!(window_counts(&store, Resolution::S10, id, 0, i64::MAX), vec![(T0, 1), (T0 + year, 1)]);
+    assert_eq!(
+        window_counts(&store, Resolution::S10, id, T0 + 10, 9_000_000_000_000_000_000),
+        vec![(T0 + year, 1)]
+    );
+    assert_eq!(window_counts(&store, Resolution::S10, other, -5, i64::MAX), vec![(T0 + year / 2, 1)]);
+    assert!(window_counts(&store, Resolution::S10, id, T0 + 10, T0 + year).is_empty());
+}

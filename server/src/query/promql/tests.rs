@@ -57,7 +57,12 @@ impl Source for Mem {
 const NOW: i64 = 1_800_000_000;
 
 fn limits() -> Limits {
-    Limits { max_series: 1000, max_points: 11_000, deadline: Instant::now() + Duration::from_secs(30) }
+    Limits {
+        max_series: 1000,
+        max_points: 11_000,
+        max_samples: 50_000_000,
+        deadline: Instant::now() + Duration::from_secs(30),
+    }
 }
 
 fn eval_at(mem: &Mem, q: &str, t: i64) -> Result<Value, EvalError> {
@@ -421,4 +426,97 @@ fn a_duration_too_large_for_the_parser_is_an_error_not_a_panic() {
         let _ = parse_duration(d);
     }
     assert_eq!(parse_duration("1m30s").expect("parses"), std::time::Duration::from_secs(90));
+}
+
+/// Spans every 7 s over three hours before NOW, with durations that change every window, so
+/// reading one window too many or too few changes both count and quantiles.
+fn three_hours() -> (Mem, Vec<(i64, u64)>) {
+    let mut mem = Mem::default();
+    let mut spans = Vec::new();
+    let mut t = NOW - 3 * 3600;
+    let mut i: u64 = 0;
+    while t < NOW {
+        let nanos = 1_000_000 + (i * 7_919 % 997) * 1_000_000;
+        mem.record("api", "get", Status::Ok, t, nanos);
+        spans.push((t, nanos));
+        t += 7;
+        i += 1;
+    }
+    (mem, spans)
+}
+
+/// The spans of the 10 s windows that start in `[t - range, t)`, t rounded up to a second.
+fn in_window(spans: &[(i64, u64)], t_ms: i64, range: i64) -> Vec<u64> {
+    let t = (t_ms + 999).div_euclid(1000);
+    spans
+        .iter()
+        .filter(|(s, _)| (s - s.rem_euclid(10)) >= t - range && (s - s.rem_euclid(10)) < t)
+        .map(|s| s.1)
+        .collect()
+}
+
+#[test]
+fn instant_queries_at_unaligned_times_read_exactly_the_asked_window() {
+    let (mem, spans) = three_hours();
+    let retention = RetentionConfig::default();
+    for (range, label) in [(300, "5m"), (600, "10m"), (3600, "1h"), (5400, "90m")] {
+        for t_ms in [
+            (NOW - 30) * 1000,
+            (NOW - 1) * 1000 + 420,
+            (NOW - 3600 - 17) * 1000,
+            (NOW - 600) * 1000 - 1,
+            (NOW - 5) * 1000,
+            NOW * 1000,
+        ] {
+            let mut exact = in_window(&spans, t_ms, range);
+            let steps = Steps::instant(t_ms);
+            let engine = Engine::new(&mem, &steps, NOW, &retention, limits());
+            let eval = |q: &str| -> f64 {
+                let expr = promql_parser::parser::parse(q).expect("parses");
+                match engine.materialized(engine.eval(&expr).expect("eval")).expect("materialized") {
+                    Value::Vector(v) => v[0].values[0].expect("a value"),
+                    other => panic!("{q}: {other:?}"),
+                }
+            };
+            let count = eval(&format!("sum(increase(span_duration_seconds_count[{label}]))"));
+            assert_eq!(count, exact.len() as f64, "count over {label} at {t_ms}");
+            for q in [0.5, 0.99] {
+                let got = eval(&format!(
+                    "histogram_quantile({q}, sum by (le) (rate(span_duration_seconds_bucket[{label}])))"
+                ));
+                let want = exact_quantile(&mut exact, q);
+                assert!(close(got, want), "p{q} over {label} at {t_ms}: {got} vs exact {want}");
+            }
+        }
+    }
+}
+
+#[test]
+fn range_queries_at_unaligned_steps_read_exactly_each_steps_window() {
+    let (mem, spans) = three_hours();
+    let retention = RetentionConfig::default();
+    // Steps of 60 s and 5 m starting 23.5 s past a minute, ranges from 5 m to 1 h.
+    for (step, range, label) in [(60_000, 300, "5m"), (300_000, 3600, "1h"), (60_000, 1800, "30m")] {
+        let start = (NOW - 7200) * 1000 + 23_500;
+        let steps = Steps::range(start, NOW * 1000, step, 11_000).expect("steps");
+        let engine = Engine::new(&mem, &steps, NOW, &retention, limits());
+        let q = format!("sum(increase(span_duration_seconds_count[{label}]))");
+        let expr = promql_parser::parser::parse(&q).expect("parses");
+        let Value::Vector(v) = engine.eval(&expr).expect("eval") else { panic!("vector") };
+        let q99 =
+            format!("histogram_quantile(0.99, sum by (le) (rate(span_duration_seconds_bucket[{label}])))");
+        let expr = promql_parser::parser::parse(&q99).expect("parses");
+        let Value::Vector(p99) =
+            engine.materialized(engine.eval(&expr).expect("eval")).expect("materialized")
+        else {
+            panic!("vector")
+        };
+        for (i, &t) in steps.times().iter().enumerate() {
+            let mut exact = in_window(&spans, t, range);
+            assert_eq!(v[0].values[i], Some(exact.len() as f64), "{q} at step {i} ({t})");
+            let want = exact_quantile(&mut exact, 0.99);
+            let got = p99[0].values[i].expect("p99");
+            assert!(close(got, want), "{q99} at step {i}: {got} vs {want}");
+        }
+    }
 }

@@ -1,0 +1,215 @@
+//! The series and labels of the Prometheus view (`/api/v1/series`, `/labels`,
+//! `/label/<name>/values`), bounded: each stored series is exposed as `span_duration_seconds`
+//! `_bucket` (one label set per default `le`), `_count` and `_sum`, but those sets are only
+//! *matched* per series, never all built — only the answer is, and at most `limit` of it.
+//! A budget (deadline and cancellation) is checked as the series are walked.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use promql_parser::parser::VectorSelector;
+
+use super::promql::{self, format_value, EvalError, Labels, Source};
+use crate::series::SeriesLabels;
+
+#[cfg(test)]
+mod tests;
+
+/// How many series are walked between two budget checks.
+const CHECK_EVERY: usize = 1024;
+
+/// What one request may spend: a deadline, and a flag its handler sets when the client leaves.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    deadline: Instant,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl Budget {
+    /// A budget ending at `deadline`.
+    pub fn new(deadline: Instant) -> Budget {
+        Budget { deadline, cancelled: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// A guard that cancels the work when dropped (hold it in the request's future: a client
+    /// that leaves drops the future).
+    pub fn cancel_on_drop(&self) -> CancelOnDrop {
+        CancelOnDrop(self.cancelled.clone())
+    }
+
+    /// Fails once the deadline has passed or the request was cancelled.
+    pub fn check(&self, what: &'static str) -> Result<(), EvalError> {
+        if self.cancelled.load(Ordering::Relaxed) {
+            return Err(EvalError::Execution(format!("the request was cancelled while {what}")));
+        }
+        if Instant::now() > self.deadline {
+            return Err(EvalError::Timeout(what));
+        }
+        Ok(())
+    }
+}
+
+/// Cancels a [`Budget`]'s work when dropped.
+#[derive(Debug)]
+pub struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The `le` values of the exposed buckets, as they are written.
+fn le_values() -> Vec<String> {
+    promql::DEFAULT_LE.iter().map(|&v| format_value(v)).collect()
+}
+
+/// Whether a selector selects the exposed series `name` of `labels` at `le`.
+fn selects(vs: &VectorSelector, name: &str, labels: &SeriesLabels, le: Option<&str>) -> bool {
+    let get = |label: &str| -> &str {
+        match label {
+            "__name__" => name,
+            "le" => le.unwrap_or(""),
+            other => labels.get(other).unwrap_or(""),
+        }
+    };
+    vs.name.as_deref().is_none_or(|n| n == name)
+        && vs.matchers.matchers.iter().all(|m| m.is_match(get(&m.name)))
+}
+
+/// Calls `f` with every exposed series (name, labels, `le`) that one of `selectors` selects
+/// (every one when there are none), series by series in the source's order.
+fn for_each_selected(
+    source: &dyn Source,
+    selectors: &[VectorSelector],
+    budget: &Budget,
+    mut f: impl FnMut(&'static str, &SeriesLabels, Option<&str>),
+) -> Result<(), EvalError> {
+    let les = le_values();
+    let all = source.series()?;
+    for (i, (_, labels)) in all.iter().enumerate() {
+        if i % CHECK_EVERY == 0 {
+            budget.check("matching series")?;
+        }
+        for name in promql::NAMES {
+            if name == promql::BUCKET {
+                for le in &les {
+                    if selectors.is_empty() || selectors.iter().any(|vs| selects(vs, name, labels, Some(le)))
+                    {
+                        f(name, labels, Some(le));
+                    }
+                }
+            } else if selectors.is_empty() || selectors.iter().any(|vs| selects(vs, name, labels, None)) {
+                f(name, labels, None);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An exposed series' label set.
+fn label_set(name: &str, labels: &SeriesLabels, le: Option<&str>) -> Labels {
+    let mut set = Labels::new();
+    set.insert("__name__".into(), name.into());
+    for k in ["service", "operation", "status"] {
+        if let Some(v) = labels.get(k) {
+            set.insert(k.into(), v.into());
+        }
+    }
+    if let Some(le) = le {
+        set.insert("le".into(), le.into());
+    }
+    set
+}
+
+/// A sorted answer cut at a limit: only the `limit` smallest items are ever held.
+#[derive(Debug)]
+pub struct Capped<T> {
+    /// The items, sorted.
+    pub items: BTreeSet<T>,
+    /// Whether items beyond the limit were dropped.
+    pub truncated: bool,
+}
+
+impl<T: Ord> Capped<T> {
+    fn new() -> Capped<T> {
+        Capped { items: BTreeSet::new(), truncated: false }
+    }
+
+    fn insert(&mut self, item: T, limit: usize) {
+        if self.items.len() >= limit {
+            if self.items.last().is_some_and(|last| &item >= last) {
+                self.truncated |= !self.items.contains(&item);
+                return;
+            }
+            self.items.insert(item);
+            if self.items.len() > limit {
+                self.items.pop_last();
+                self.truncated = true;
+            }
+        } else {
+            self.items.insert(item);
+        }
+    }
+}
+
+/// The label sets selected, sorted, at most `limit`.
+pub fn series(
+    source: &dyn Source,
+    selectors: &[VectorSelector],
+    limit: usize,
+    budget: &Budget,
+) -> Result<Capped<Labels>, EvalError> {
+    let mut out = Capped::new();
+    for_each_selected(source, selectors, budget, |name, labels, le| {
+        out.insert(label_set(name, labels, le), limit)
+    })?;
+    Ok(out)
+}
+
+/// The label names of the selected sets, sorted, at most `limit`.
+pub fn names(
+    source: &dyn Source,
+    selectors: &[VectorSelector],
+    limit: usize,
+    budget: &Budget,
+) -> Result<Capped<String>, EvalError> {
+    let mut out = Capped::new();
+    for_each_selected(source, selectors, budget, |_, labels, le| {
+        for k in ["__name__", "service", "operation", "status"] {
+            if k == "__name__" || labels.get(k).is_some() {
+                out.insert(k.to_owned(), limit);
+            }
+        }
+        if le.is_some() {
+            out.insert("le".to_owned(), limit);
+        }
+    })?;
+    Ok(out)
+}
+
+/// The values of label `label` in the selected sets, sorted, at most `limit`.
+pub fn values(
+    source: &dyn Source,
+    selectors: &[VectorSelector],
+    label: &str,
+    limit: usize,
+    budget: &Budget,
+) -> Result<Capped<String>, EvalError> {
+    let mut out = Capped::new();
+    for_each_selected(source, selectors, budget, |name, labels, le| {
+        let value = match label {
+            "__name__" => Some(name),
+            "le" => le,
+            other => labels.get(other),
+        };
+        if let Some(v) = value.filter(|v| !v.is_empty()) {
+            if !out.items.contains(v) {
+                out.insert(v.to_owned(), limit);
+            }
+        }
+    })?;
+    Ok(out)
+}
