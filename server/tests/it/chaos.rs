@@ -4,11 +4,9 @@
 //! exactly once.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tailscope::{Client, Status};
 
 /// How long the server stays stopped (`CHAOS_PAUSE_SECONDS`, default the 30 s).
@@ -17,6 +15,7 @@ fn pause_seconds() -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: run by scripts/test.sh after the fast suite (cargo test -- --ignored)"]
 async fn a_paused_server_loses_nothing_and_does_not_stall_the_host() {
     let dir = tempfile::tempdir().unwrap();
     let (child, grpc, http) = spawn_server(dir.path(), &[]);
@@ -132,6 +131,7 @@ impl Drop for SmallDisk {
 /// again by itself and every recorded span is counted exactly once, and a restart on the same
 /// data finds it intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: run by scripts/test.sh after the fast suite (cargo test -- --ignored)"]
 async fn a_full_disk_stops_acknowledgements_and_recovers_when_space_returns() {
     if std::env::var_os("TAILSCOPE_SKIP_DISK_FULL").is_some() {
         eprintln!("skipped: TAILSCOPE_SKIP_DISK_FULL is set");
@@ -227,6 +227,7 @@ async fn a_full_disk_stops_acknowledgements_and_recovers_when_space_returns() {
 /// rest under `__overflow__`, so its memory stops growing once the cap is reached, and every
 /// span is still counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: run by scripts/test.sh after the fast suite (cargo test -- --ignored)"]
 async fn a_cardinality_bomb_cannot_grow_memory_past_the_cap() {
     const NAMES: u64 = 200_000;
     const PER_BATCH: u64 = 1_000;

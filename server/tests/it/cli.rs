@@ -2,11 +2,9 @@
 //! and a graceful exit on SIGTERM that writes and acknowledges everything accepted.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 fn server_bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tailscope-server"))

@@ -2,11 +2,9 @@
 //! 60-second outage, a SIGKILL mid-stream, and the tracing and tower layers in an axum app.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rand::{Rng, SeedableRng};
 use tailscope::{BreakerState, Client, Status};
 
@@ -70,6 +68,7 @@ async fn recorded_spans_arrive_exactly() {
 /// client-side exact ones. Meanwhile the client's breaker opened, it kept no batches beyond its
 /// bound, folded instead of dropping, and never blocked the recording loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: run by scripts/test.sh after the fast suite (cargo test -- --ignored)"]
 async fn a_sixty_second_outage_ends_exact() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path());

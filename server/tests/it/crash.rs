@@ -2,12 +2,10 @@
 //! lost, and after the client resends what was not acknowledged, every span counts exactly once.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const SPANS_PER_BATCH: u64 = 100;
 const BATCHES: u64 = 300;

@@ -2,12 +2,10 @@
 //! shutdown. Real server in-process, real tonic client, real HTTP.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rand::{Rng, SeedableRng};
 use tailscope_server::clock::ManualClock;
 

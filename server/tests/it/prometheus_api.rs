@@ -3,11 +3,9 @@
 //! dashboards run against a live server.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tailscope_proto::v1::Span;

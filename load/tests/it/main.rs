@@ -1,0 +1,6 @@
+//! The load tool's integration tests, in one binary: its scenarios, `demo` and `chaos`
+//! commands against real servers on 127.0.0.1:0.
+
+mod chaos;
+mod demo;
+mod scenarios;

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The test command: installs what the build and the tests need when it is missing, then runs
+# the fast suite and, after it, the soak suite (the long scenarios).
+#
+#   scripts/test.sh          both suites (what CI runs)
+#   scripts/test.sh --fast   the fast suite only
+#   scripts/test.sh --soak   the soak suite only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+suites=(fast soak)
+case "${1:-}" in
+  --fast) suites=(fast) ;;
+  --soak) suites=(soak) ;;
+  "") ;;
+  *) echo "usage: scripts/test.sh [--fast|--soak]" >&2; exit 2 ;;
+esac
+
+need_apt=()
+# RocksDB's Rust bindings are generated with bindgen, which loads libclang.
+if ! compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null && ! compgen -G "/usr/lib/x86_64-linux-gnu/libclang*.so*" >/dev/null; then
+  need_apt+=(libclang-dev)
+fi
+# RocksDB itself is C++ compiled from source.
+command -v g++ >/dev/null || need_apt+=(g++)
+# Real peers the tests compare against: Prometheus (promtool backfill + queries, rule checks).
+command -v promtool >/dev/null && command -v prometheus >/dev/null || need_apt+=(prometheus)
+# ... and Alertmanager, the oracle of the notifier's grouping and webhook body.
+command -v prometheus-alertmanager >/dev/null || need_apt+=(prometheus-alertmanager)
+# The load tool's PNG charts set their text in a system font.
+[ -n "$(find /usr/share/fonts -name '*.ttf' -print -quit 2>/dev/null)" ] || need_apt+=(fonts-dejavu-core)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "installing: ${need_apt[*]}"
+  if [ "$(id -u)" -ne 0 ]; then sudo=sudo; else sudo=; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+
+# The real OpenTelemetry client the OTLP tests drive.
+if ! python3 -c "import opentelemetry.sdk.trace, opentelemetry.exporter.otlp.proto.grpc.trace_exporter" 2>/dev/null; then
+  echo "installing: opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc (PyPI)"
+  python3 -m pip install -q opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc
+fi
+
+cargo --version
+# A one-shot build gains nothing from incremental state; it only costs disk.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+for suite in "${suites[@]}"; do
+  started=$SECONDS
+  case $suite in
+    fast)
+      echo "== fast suite: cargo test --workspace"
+      cargo test --workspace
+      ;;
+    soak)
+      # One at a time: these measure the server under load, pauses and outages.
+      echo "== soak suite: cargo test -p tailscope-server --test it -- --ignored --test-threads=1"
+      cargo test -p tailscope-server --test it -- --ignored --test-threads=1
+      ;;
+  esac
+  echo "== $suite suite: $((SECONDS - started)) s (build included)"
+done

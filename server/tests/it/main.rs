@@ -1,0 +1,23 @@
+//! The server's integration tests, in one binary (each binary links RocksDB): real servers
+//! in-process or as child processes on 127.0.0.1:0, real clients and real peers.
+//!
+//! The long scenarios — overload minutes, a receiver down for minutes, pauses, a full disk,
+//! the Alertmanager timing comparison — are the soak suite: marked `#[ignore = "soak: …"]`,
+//! they run with `cargo test -p tailscope-server --test it -- --ignored` (the test script
+//! runs them after the fast suite).
+
+#[macro_use]
+#[path = "../common/mod.rs"]
+mod common;
+
+mod alerting;
+mod bounded;
+mod chaos;
+mod cli;
+mod client;
+mod crash;
+mod ingest;
+mod malformed;
+mod otlp;
+mod overload;
+mod prometheus_api;
