@@ -16,13 +16,9 @@ case "${1:-}" in
   *) echo "usage: scripts/test.sh [--fast|--soak]" >&2; exit 2 ;;
 esac
 
+# What the build needs: libclang and g++.
+bash scripts/build-deps.sh
 need_apt=()
-# RocksDB's Rust bindings are generated with bindgen, which loads libclang.
-if ! compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null && ! compgen -G "/usr/lib/x86_64-linux-gnu/libclang*.so*" >/dev/null; then
-  need_apt+=(libclang-dev)
-fi
-# RocksDB itself is C++ compiled from source.
-command -v g++ >/dev/null || need_apt+=(g++)
 # Real peers the tests compare against: Prometheus (promtool backfill + queries, rule checks).
 command -v promtool >/dev/null && command -v prometheus >/dev/null || need_apt+=(prometheus)
 # ... and Alertmanager, the oracle of the notifier's grouping and webhook body.
@@ -37,9 +33,15 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 # The real OpenTelemetry client the OTLP tests drive.
-if ! python3 -c "import opentelemetry.sdk.trace, opentelemetry.exporter.otlp.proto.grpc.trace_exporter" 2>/dev/null; then
-  echo "installing: opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc (PyPI)"
-  python3 -m pip install -q opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc
+if ! python3 -c "import opentelemetry.sdk.trace, opentelemetry.exporter.otlp.proto.grpc.trace_exporter, opentelemetry.exporter.otlp.proto.http.trace_exporter" 2>/dev/null; then
+  echo "installing: opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-exporter-otlp-proto-http (PyPI)"
+  python3 -m pip install -q opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-exporter-otlp-proto-http
+fi
+
+# The real OpenTelemetry Node.js SDK and exporters the OTLP tests drive (Node 20 is on the machine).
+if [ ! -d server/tests/node/node_modules/@opentelemetry/sdk-trace ]; then
+  echo "installing: the OpenTelemetry Node.js SDK and OTLP exporters (npm ci in server/tests/node)"
+  npm ci --prefix server/tests/node --no-audit --no-fund --loglevel=error
 fi
 
 cargo --version

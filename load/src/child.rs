@@ -43,7 +43,16 @@ impl ChildServer {
         env: &[(&str, String)],
     ) -> anyhow::Result<ChildServer> {
         let mut child = Command::new(bin)
-            .args(["--grpc-addr", grpc, "--http-addr", http, "--log-format", "json"])
+            .args([
+                "--grpc-addr",
+                grpc,
+                "--http-addr",
+                http,
+                "--otlp-http-addr",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+            ])
             .arg("--data-dir")
             .arg(data)
             .env("TAILSCOPE_LOG", "info")

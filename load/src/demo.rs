@@ -123,6 +123,7 @@ pub async fn demo(args: &DemoArgs, out: Arc<Mutex<Vec<u8>>>, echo: bool) -> anyh
     let mut config = tailscope_server::Config::default();
     config.server.grpc_addr = "127.0.0.1:0".parse()?;
     config.server.http_addr = "127.0.0.1:0".parse()?;
+    config.server.otlp_http_addr = "127.0.0.1:0".parse()?;
     config.server.data_dir = dir.path().join("data");
     config.ingest.flush_interval = Duration::from_millis(200);
     config.alerting.rule_files = rule_files;

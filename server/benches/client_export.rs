@@ -57,6 +57,7 @@ fn main() {
     let mut config = Config::default();
     config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
     config.server.http_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.otlp_http_addr = "127.0.0.1:0".parse().unwrap();
     config.server.data_dir = dir.path().to_path_buf();
     config.sampling.budget =
         std::env::var("TAILSCOPE_BENCH_BUDGET").ok().and_then(|b| b.parse().ok()).unwrap_or(1e12);

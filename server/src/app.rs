@@ -15,9 +15,9 @@ use crate::alerting::Alerting;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::http::{self, AppState};
+use crate::ingest::otlp::{grpc::OtlpService, http as otlp_http};
 use crate::ingest::IngestService;
-use crate::otlp::OtlpService;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Admit, Pipeline};
 use crate::sampling::Sampler;
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
@@ -67,6 +67,7 @@ pub enum StartError {
 pub struct Server {
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
+    otlp_http_addr: SocketAddr,
     stop: watch::Sender<bool>,
     flusher: JoinHandle<()>,
     grpc: JoinHandle<()>,
@@ -101,10 +102,12 @@ impl Server {
         };
         let grpc_listener = bind(config.server.grpc_addr).await?;
         let http_listener = bind(config.server.http_addr).await?;
+        let otlp_http_listener = bind(config.server.otlp_http_addr).await?;
         let local =
             |l: &TcpListener, addr| l.local_addr().map_err(|source| StartError::Bind { addr, source });
         let grpc_addr = local(&grpc_listener, config.server.grpc_addr)?;
         let http_addr = local(&http_listener, config.server.http_addr)?;
+        let otlp_http_addr = local(&otlp_http_listener, config.server.otlp_http_addr)?;
 
         let (stop, stop_rx) = watch::channel(false);
         let flusher = tokio::spawn(pipeline.clone().run_flusher(
@@ -128,6 +131,25 @@ impl Server {
             sampler.clone(),
             cardinality,
         );
+        let otlp_http_routes = otlp_http::router(
+            ingest.clone(),
+            otlp_http::HttpConfig {
+                max_body_bytes: config.ingest.max_batch_bytes,
+                cors_origins: config.server.otlp_http_cors_origins.clone(),
+            },
+        );
+        // OTLP/HTTP, like gRPC, ends once the pipeline has closed (exports in flight answered).
+        let mut otlp_closed = pipeline.subscribe();
+        let otlp_http = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = otlp_closed.wait_for(|s| s.closed).await;
+            };
+            if let Err(e) =
+                axum::serve(otlp_http_listener, otlp_http_routes).with_graceful_shutdown(shutdown).await
+            {
+                tracing::error!(error = %e, "OTLP/HTTP listener failed");
+            }
+        });
         let otlp = TraceServiceServer::new(OtlpService::new(ingest.clone()))
             .max_decoding_message_size(config.ingest.max_batch_bytes)
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
@@ -195,6 +217,7 @@ impl Server {
         });
 
         let mut background = shard_tasks;
+        background.push(otlp_http);
         background.extend(alerting_tasks);
         background.push(tokio::spawn(run_sampler(
             sampler,
@@ -211,8 +234,20 @@ impl Server {
             metrics.clone(),
             stop_rx,
         )));
-        tracing::info!(%grpc_addr, %http_addr, data_dir = %dir.display(), shards = pipeline.shard_count(), "tailscope started");
-        Ok(Server { grpc_addr, http_addr, stop, flusher, grpc, http, background, store, metrics, alerting })
+        tracing::info!(%grpc_addr, %http_addr, %otlp_http_addr, data_dir = %dir.display(), shards = pipeline.shard_count(), "tailscope started");
+        Ok(Server {
+            grpc_addr,
+            http_addr,
+            otlp_http_addr,
+            stop,
+            flusher,
+            grpc,
+            http,
+            background,
+            store,
+            metrics,
+            alerting,
+        })
     }
 
     /// The bound gRPC address.
@@ -223,6 +258,11 @@ impl Server {
     /// The bound HTTP address.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The bound OTLP/HTTP address.
+    pub fn otlp_http_addr(&self) -> SocketAddr {
+        self.otlp_http_addr
     }
 
     /// The store (for tests and benchmarks).

@@ -114,6 +114,10 @@ pub struct ServerConfig {
     pub grpc_addr: SocketAddr,
     /// Address of the HTTP listener (query API, health, metrics).
     pub http_addr: SocketAddr,
+    /// Address of the OTLP/HTTP listener (`POST /v1/traces`).
+    pub otlp_http_addr: SocketAddr,
+    /// Origins browsers may send OTLP/HTTP from (`*` for any); empty: no CORS.
+    pub otlp_http_cors_origins: Vec<String>,
     /// Directory of the embedded RocksDB store; created when missing.
     pub data_dir: PathBuf,
     /// How long a graceful shutdown may take to flush and acknowledge what was accepted.
@@ -126,6 +130,8 @@ impl Default for ServerConfig {
         ServerConfig {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 4317)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 9797)),
+            otlp_http_addr: SocketAddr::from(([127, 0, 0, 1], 4318)),
+            otlp_http_cors_origins: Vec::new(),
             data_dir: PathBuf::from("./tailscope-data"),
             shutdown_timeout: Duration::from_secs(10),
         }
@@ -246,6 +252,8 @@ pub struct Overrides {
     pub grpc_addr: Option<SocketAddr>,
     /// `--http-addr`.
     pub http_addr: Option<SocketAddr>,
+    /// `--otlp-http-addr`.
+    pub otlp_http_addr: Option<SocketAddr>,
     /// `--data-dir`.
     pub data_dir: Option<PathBuf>,
 }
@@ -278,6 +286,9 @@ impl Config {
         }
         if let Some(a) = overrides.http_addr {
             config.server.http_addr = a;
+        }
+        if let Some(a) = overrides.otlp_http_addr {
+            config.server.otlp_http_addr = a;
         }
         if let Some(d) = &overrides.data_dir {
             config.server.data_dir = d.clone();

@@ -1,43 +1,114 @@
-//! gRPC ingest: the `tailscope.v1.Ingest/Stream` service. Each stream decodes batches,
-//! validates them, offers them to the pipeline and turns durable-epoch progress into
-//! acknowledgements.
+//! The ingest door: every protocol — the native `tailscope.v1.Ingest/Stream`, OTLP over gRPC
+//! and over HTTP — turns what it receives into a [`SpanBatch`] and hands it to
+//! [`IngestService::submit`], which validates it, admits it to the pipeline (through the
+//! [`Admit`] seam) and says what became of it in a [`Receipt`] or an [`IngestError`]. The
+//! error maps once to a gRPC status ([`IngestError::grpc_status`]) and once to an HTTP status
+//! ([`IngestError::http_status`]); the adapters only translate their wire format.
 //!
-//! Per-batch problems end the stream with a status naming the batch and what was wrong
-//! (`INVALID_ARGUMENT` for malformed input, `RESOURCE_EXHAUSTED` for overload or an oversized
-//! batch, `UNAVAILABLE` at shutdown); the client reconnects and resends what is unacknowledged.
-//! Processing a stream is sequential, so a refused batch is never followed by an accepted one
-//! on the same stream, and a client's accepted watermark always covers a prefix of its batches.
+//! Where to add a protocol: a file under `ingest/` (a folder per protocol with a file per
+//! transport, as `otlp/{grpc,http}.rs`), converting to a `SpanBatch` and calling `submit` —
+//! and [`IngestService::durable`] when the protocol answers only once the spans are on disk.
 
-use std::collections::BTreeMap;
-use std::pin::Pin;
+pub mod native;
+pub mod otlp;
+
 use std::sync::Arc;
 
-use futures::Stream;
 use tailscope_proto::histogram::Histogram;
-use tailscope_proto::v1::ingest_server::Ingest;
-use tailscope_proto::v1::{IngestReply, RejectedSpans, SamplingPolicy, SeriesKey, SpanBatch, Throttle};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, Response, Status, Streaming};
+use tailscope_proto::v1::{SeriesKey, SpanBatch, Throttle};
 
+use crate::cardinality::OVERFLOW;
 use crate::clock::Clock;
 use crate::config::IngestConfig;
-use crate::pipeline::{Admission, GroupRoute, Pipeline, RoutedDelta, SpanReject, ValidatedBatch};
+use crate::pipeline::{Admission, Admit, GroupRoute, RoutedDelta, SpanReject, ValidatedBatch};
 use crate::sampling::Sampler;
 use crate::series::{self, SeriesLabels, Status as SpanStatus};
 use crate::telemetry::{Form, Metrics, Outcome, Reason};
 
-/// Most series keys whose sampling policies one stream is told.
-const MAX_KEYS_PER_STREAM: usize = 10_000;
-
 /// The longest `service` or `operation` label accepted, in bytes.
 pub const MAX_LABEL_BYTES: usize = 256;
 
-/// The ingest service.
+/// Who sent a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A tailscope client on the native stream: it has a client id and numbers its batches,
+    /// so a resend is recognised and counted once.
+    Native,
+    /// An OpenTelemetry exporter: anonymous, at least once (OTLP's own contract).
+    Otlp,
+}
+
+/// Why a batch was not taken. Each variant maps to one gRPC code and one HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IngestError {
+    /// Malformed: the sender must fix it (INVALID_ARGUMENT, HTTP 400).
+    #[error("{0}")]
+    Invalid(String),
+    /// Larger than a limit: split it (RESOURCE_EXHAUSTED, HTTP 413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The pipeline is full: send again after a backoff (RESOURCE_EXHAUSTED, HTTP 429).
+    #[error("{0}")]
+    Overloaded(String),
+    /// The store cannot write: send again after a backoff (UNAVAILABLE, HTTP 503).
+    #[error("{0}")]
+    StoreUnavailable(String),
+    /// The server is shutting down: send again to it or another (UNAVAILABLE, HTTP 503).
+    #[error("server is shutting down; send again")]
+    Draining,
+}
+
+impl IngestError {
+    /// The batch-refusal reason counted in `tailscope_batches_rejected_total`.
+    fn reason(&self) -> Option<&'static str> {
+        match self {
+            IngestError::Invalid(_) => Some("invalid"),
+            IngestError::TooLarge(_) => Some("oversized"),
+            IngestError::Overloaded(_) => Some("overloaded"),
+            IngestError::StoreUnavailable(_) => Some("store_unavailable"),
+            IngestError::Draining => None,
+        }
+    }
+
+    /// The gRPC status of this error.
+    pub fn grpc_status(&self) -> tonic::Status {
+        let code = match self {
+            IngestError::Invalid(_) => tonic::Code::InvalidArgument,
+            IngestError::TooLarge(_) | IngestError::Overloaded(_) => tonic::Code::ResourceExhausted,
+            IngestError::StoreUnavailable(_) | IngestError::Draining => tonic::Code::Unavailable,
+        };
+        tonic::Status::new(code, self.to_string())
+    }
+
+    /// The HTTP status of this error, and the seconds to send with `Retry-After` when the
+    /// sender should try again (OTLP/HTTP's throttling contract).
+    pub fn http_status(&self) -> (u16, Option<u32>) {
+        match self {
+            IngestError::Invalid(_) => (400, None),
+            IngestError::TooLarge(_) => (413, None),
+            IngestError::Overloaded(_) => (429, Some(1)),
+            IngestError::StoreUnavailable(_) => (503, Some(5)),
+            IngestError::Draining => (503, Some(1)),
+        }
+    }
+}
+
+/// What became of a submitted batch.
+#[derive(Debug, Default)]
+pub struct Receipt {
+    /// The epoch it is durable with ([`IngestService::durable`] waits for it).
+    pub epoch: u64,
+    /// It was a resend of a batch already accepted: not counted again.
+    pub duplicate: bool,
+    /// Its counts (empty for a duplicate).
+    pub(crate) stats: BatchStats,
+}
+
+/// The ingest service: the one door every protocol adapter submits through.
 #[derive(Debug, Clone)]
 pub struct IngestService {
-    pub(crate) pipeline: Arc<Pipeline>,
-    pub(crate) metrics: Arc<Metrics>,
+    pipeline: Arc<dyn Admit>,
+    metrics: Arc<Metrics>,
     sampler: Arc<Sampler>,
     clock: Arc<dyn Clock>,
     max_spans: usize,
@@ -47,9 +118,9 @@ pub struct IngestService {
 }
 
 impl IngestService {
-    /// A service feeding `pipeline`.
+    /// A service admitting into `pipeline`.
     pub fn new(
-        pipeline: Arc<Pipeline>,
+        pipeline: Arc<dyn Admit>,
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
         config: &IngestConfig,
@@ -67,6 +138,71 @@ impl IngestService {
             cardinality,
         }
     }
+
+    /// Validates and admits one batch. Refusals are counted here, so adapters only translate.
+    pub async fn submit(&self, batch: SpanBatch, origin: Origin) -> Result<Receipt, IngestError> {
+        let mut stats = BatchStats::default();
+        let seq = batch.seq;
+        let validated = match self.validate(batch, &mut stats, origin) {
+            Ok(v) => Arc::new(v),
+            Err(e) => {
+                self.refused(&e, 0);
+                return Err(e);
+            }
+        };
+        let named = |msg: &str| match origin {
+            Origin::Native => format!("batch seq {seq}: {msg}"),
+            Origin::Otlp => msg.to_owned(),
+        };
+        let (admission, epoch) = self.admit(Arc::clone(&validated)).await;
+        let refused = match admission {
+            Admission::Accepted => {
+                self.observe(&validated);
+                self.record_accepted(&stats);
+                return Ok(Receipt { epoch, duplicate: false, stats });
+            }
+            Admission::Duplicate => {
+                self.metrics.batches.get_or_create(&Outcome { result: "duplicate" }).inc();
+                return Ok(Receipt { epoch, duplicate: true, stats: BatchStats::default() });
+            }
+            Admission::Overloaded => {
+                IngestError::Overloaded(named("shard queues are full; send again after a backoff"))
+            }
+            Admission::StoreUnavailable => IngestError::StoreUnavailable(named(
+                "the store cannot write right now; send again after a backoff",
+            )),
+            Admission::Draining => IngestError::Draining,
+        };
+        self.refused(&refused, stats.accepted);
+        Err(refused)
+    }
+
+    /// Waits until the batch of `receipt` is durable, asking for its epoch to be written now
+    /// (group commit) rather than at the next flush interval.
+    pub async fn durable(&self, receipt: &Receipt) -> Result<(), IngestError> {
+        let mut durable = self.pipeline.subscribe();
+        self.pipeline.hurry();
+        let written = durable.wait_for(|d| d.epoch >= receipt.epoch || d.closed).await;
+        if written.map(|d| d.epoch < receipt.epoch).unwrap_or(true) {
+            return Err(IngestError::Draining);
+        }
+        Ok(())
+    }
+
+    /// Counts a request an adapter could not turn into a batch (`reason`: why, as a label of
+    /// `tailscope_batches_rejected_total`).
+    pub fn count_undecodable(&self, reason: &'static str) {
+        self.metrics.reject_batch(reason);
+    }
+
+    /// Counts a refused batch (`spans`: the spans it carried, when refused for overload).
+    fn refused(&self, e: &IngestError, spans: u64) {
+        let Some(reason) = e.reason() else { return };
+        self.metrics.reject_batch(reason);
+        if matches!(e, IngestError::Overloaded(_) | IngestError::StoreUnavailable(_)) {
+            self.metrics.spans_throttled.get_or_create(&Reason { reason }).inc_by(spans);
+        }
+    }
 }
 
 /// Counts of one batch, applied to the metrics only once the batch is accepted.
@@ -79,7 +215,7 @@ pub(crate) struct BatchStats {
     pub(crate) rejected_records: u64,
     /// Spans that arrived folded in histogram deltas.
     pub(crate) folded: u64,
-    /// Spans counted under `__overflow__` (their service reached its operation cap).
+    /// Spans counted under `__overflow__` (their service or operation reached its cap).
     pub(crate) overflowed: u64,
     /// Span records whose weight was above `ingest.max_span_weight` and was cut to it.
     pub(crate) weight_clamped: u64,
@@ -89,13 +225,13 @@ pub(crate) struct BatchStats {
 
 impl IngestService {
     /// Validates `batch` and computes its routes. Per-span problems are counted in `stats`;
-    /// problems with the batch itself are returned as a status.
-    pub(crate) fn validate(
+    /// problems with the batch itself are returned as an error naming what was wrong.
+    fn validate(
         &self,
         mut batch: SpanBatch,
         stats: &mut BatchStats,
-        anonymous: bool,
-    ) -> Result<ValidatedBatch, Status> {
+        origin: Origin,
+    ) -> Result<ValidatedBatch, IngestError> {
         // One span may stand for many (its adjusted count under sampling), but not for
         // billions: a weight above the limit is cut to it and counted.
         for span in batch.groups.iter_mut().flat_map(|g| g.spans.iter_mut()) {
@@ -105,19 +241,24 @@ impl IngestService {
             }
         }
         let seq = batch.seq;
-        let bad = |msg: String| Status::invalid_argument(format!("batch seq {seq}: {msg}"));
-        if batch.client_id == 0 && !anonymous {
+        // Native batches are named by their seq; an OTLP export has none of its own.
+        let named = |msg: String| match origin {
+            Origin::Native => format!("batch seq {seq}: {msg}"),
+            Origin::Otlp => msg,
+        };
+        let bad = |msg: String| IngestError::Invalid(named(msg));
+        if batch.client_id == 0 && origin == Origin::Native {
             return Err(bad("client_id must not be 0".into()));
         }
         if seq == 0 {
-            return Err(Status::invalid_argument("batch seq must be at least 1"));
+            return Err(IngestError::Invalid("batch seq must be at least 1".into()));
         }
         let spans: usize = batch.groups.iter().map(|g| g.spans.len()).sum();
         if spans > self.max_spans {
-            return Err(Status::resource_exhausted(format!(
-                "batch seq {seq}: {spans} spans, more than the limit of {}; split the batch",
+            return Err(IngestError::TooLarge(named(format!(
+                "{spans} spans, more than the limit of {} (ingest.max_spans_per_batch); split the batch",
                 self.max_spans
-            )));
+            ))));
         }
         let now = self.clock.now_nanos();
         let limits = self.pipeline.limits();
@@ -137,14 +278,9 @@ impl IngestService {
             let hash = series::group_hash(service, operation);
             let shard = series::partition(hash, shards) as u32;
             targets.push(shard);
-            self.sampler.observe_full(
-                hash,
-                service,
-                operation,
-                group.spans.iter().map(|s| (s.duration_nanos, u64::from(s.weight.max(1)))),
-            );
             stats.keys.push(hash);
             groups.push(GroupRoute {
+                key: hash,
                 shard,
                 ok_series: series::series_id(service, operation, SpanStatus::Ok),
                 error_series: series::series_id(service, operation, SpanStatus::Error),
@@ -210,12 +346,12 @@ impl IngestService {
             }
             let status = SpanStatus::from_wire(delta.status);
             let hash = series::group_hash(service, operation);
-            self.sampler.observe_folded(hash, service, operation, &histogram);
             stats.folded = stats.folded.saturating_add(count);
             stats.keys.push(hash);
             let shard = series::partition(hash, shards) as u32;
             targets.push(shard);
             deltas.push(RoutedDelta {
+                key: hash,
                 shard,
                 series: series::series_id(service, operation, status),
                 labels: SeriesLabels { service: service.to_owned(), operation: operation.to_owned(), status },
@@ -228,7 +364,31 @@ impl IngestService {
         Ok(ValidatedBatch { client_id: batch.client_id, seq, now, batch, groups, deltas, targets })
     }
 
-    pub(crate) fn record_accepted(&self, stats: &BatchStats) {
+    /// Feeds the sampler with what an admitted batch carried (refused batches are not traffic
+    /// the budget has to cover).
+    fn observe(&self, batch: &ValidatedBatch) {
+        for (group, route) in batch.batch.groups.iter().zip(&batch.groups) {
+            let Some(key) = group.key.as_ref() else { continue };
+            let service = if route.service_overflow { OVERFLOW } else { key.service.as_str() };
+            let operation = if route.overflow { OVERFLOW } else { key.operation.as_str() };
+            self.sampler.observe_full(
+                route.key,
+                service,
+                operation,
+                group.spans.iter().map(|s| (s.duration_nanos, u64::from(s.weight.max(1)))),
+            );
+        }
+        for delta in &batch.deltas {
+            self.sampler.observe_folded(
+                delta.key,
+                &delta.labels.service,
+                &delta.labels.operation,
+                &delta.histogram,
+            );
+        }
+    }
+
+    fn record_accepted(&self, stats: &BatchStats) {
         let m = &self.metrics;
         m.batches.get_or_create(&Outcome { result: "accepted" }).inc();
         m.spans_accepted.inc_by(stats.accepted);
@@ -260,17 +420,12 @@ impl IngestService {
 const ADMISSION_PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl IngestService {
-    async fn admit_with_backpressure(&self, batch: ValidatedBatch) -> Admission {
-        self.admit_in_epoch(batch).await.0
-    }
-
     /// Offers a batch, waiting up to [`ADMISSION_PATIENCE`] for queue space; also returns the
     /// epoch an accepted batch is durable with.
-    pub(crate) async fn admit_in_epoch(&self, batch: ValidatedBatch) -> (Admission, u64) {
-        let mut batch = Arc::new(batch);
+    async fn admit(&self, mut batch: Arc<ValidatedBatch>) -> (Admission, u64) {
         let deadline = tokio::time::Instant::now() + ADMISSION_PATIENCE;
         loop {
-            match self.pipeline.admit_in_epoch(batch) {
+            match self.pipeline.admit(batch) {
                 Ok(outcome) => return outcome,
                 Err(_) if tokio::time::Instant::now() >= deadline => return (Admission::Overloaded, 0),
                 Err(back) => batch = back,
@@ -293,230 +448,5 @@ fn check_key(key: Option<&SeriesKey>) -> Result<(&str, &str), String> {
     Ok((&key.service, &key.operation))
 }
 
-/// Maps an error from decoding the inbound stream to the status and counter reason it gets.
-/// `None` means the client went away, which is not the client's fault to report.
-fn inbound_error(status: &Status) -> Option<(Status, &'static str)> {
-    match status.code() {
-        Code::OutOfRange | Code::ResourceExhausted => Some((
-            Status::resource_exhausted(format!("batch too large: {}; split it", status.message())),
-            "oversized",
-        )),
-        Code::Internal => {
-            Some((Status::invalid_argument(format!("malformed batch: {}", status.message())), "malformed"))
-        }
-        _ => None,
-    }
-}
-
-type ReplyStream = Pin<Box<dyn Stream<Item = Result<IngestReply, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl Ingest for IngestService {
-    type StreamStream = ReplyStream;
-
-    async fn stream(
-        &self,
-        request: Request<Streaming<SpanBatch>>,
-    ) -> Result<Response<Self::StreamStream>, Status> {
-        let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(8);
-        let service = self.clone();
-        tokio::spawn(async move {
-            service.metrics.ingest_streams.inc();
-            service.serve_stream(inbound, tx).await;
-            service.metrics.ingest_streams.dec();
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
-/// The per-stream state.
-struct StreamState {
-    client: Option<u64>,
-    acked: u64,
-    /// The series keys this client sent, whose sampling policies it is told.
-    keys: std::collections::HashSet<u64>,
-    /// The sampler generation last told.
-    told: u64,
-    rejected: BTreeMap<&'static str, u64>,
-    tx: mpsc::Sender<Result<IngestReply, Status>>,
-}
-
-impl StreamState {
-    /// Sends an acknowledgement when the client's durable seq moved; false when the client is gone.
-    async fn ack(&mut self, pipeline: &Pipeline, sampler: &Sampler, throttle: Option<Throttle>) -> bool {
-        let Some(client) = self.client else { return true };
-        let durable = pipeline.durable_seq(client);
-        if durable <= self.acked && throttle.is_none() {
-            return true;
-        }
-        self.acked = self.acked.max(durable);
-        let generation = sampler.generation();
-        let sampling = (generation > self.told && !self.keys.is_empty()).then(|| {
-            self.told = generation;
-            SamplingPolicy {
-                default_probability: 1.0,
-                default_set: false,
-                keys: sampler.policies(self.keys.iter().copied()),
-            }
-        });
-        let reply = IngestReply {
-            durable_seq: self.acked,
-            sampling,
-            throttle,
-            rejected: self
-                .rejected
-                .iter()
-                .map(|(&reason, &count)| RejectedSpans { reason: reason.to_owned(), count })
-                .collect(),
-        };
-        self.tx.send(Ok(reply)).await.is_ok()
-    }
-
-    async fn fail(&self, status: Status) {
-        let _ = self.tx.send(Err(status)).await;
-    }
-}
-
-impl IngestService {
-    async fn serve_stream(
-        &self,
-        mut inbound: Streaming<SpanBatch>,
-        tx: mpsc::Sender<Result<IngestReply, Status>>,
-    ) {
-        let mut durable = self.pipeline.subscribe();
-        let mut st = StreamState {
-            client: None,
-            acked: 0,
-            keys: Default::default(),
-            told: 0,
-            rejected: BTreeMap::new(),
-            tx,
-        };
-        // Whether to read more batches: false once the client half-closed or the server drains.
-        let mut reading = true;
-        loop {
-            tokio::select! {
-                changed = durable.changed() => {
-                    let closed = changed.is_err() || durable.borrow_and_update().closed;
-                    if !st.ack(&self.pipeline, &self.sampler, None).await {
-                        return;
-                    }
-                    if closed {
-                        st.fail(Status::unavailable("server is shutting down; reconnect and resend unacknowledged batches")).await;
-                        return;
-                    }
-                    if !reading && st.client.is_none_or(|c| self.pipeline.is_settled(c)) {
-                        return;
-                    }
-                }
-                msg = inbound.message(), if reading => match msg {
-                    Ok(Some(batch)) => {
-                        if let Err(status) = self.offer(&mut st, batch, &mut reading).await {
-                            st.fail(status).await;
-                            return;
-                        }
-                    }
-                    Ok(None) => {
-                        // The client is done sending; finish once what it sent is acknowledged.
-                        reading = false;
-                        if st.client.is_none_or(|c| self.pipeline.is_settled(c)) && st.ack(&self.pipeline, &self.sampler, None).await {
-                            return;
-                        }
-                    }
-                    Err(status) => {
-                        if let Some((status, reason)) = inbound_error(&status) {
-                            self.metrics.reject_batch(reason);
-                            st.fail(status).await;
-                        }
-                        return;
-                    }
-                },
-            }
-        }
-    }
-
-    /// Handles one batch. An error ends the stream with that status.
-    async fn offer(&self, st: &mut StreamState, batch: SpanBatch, reading: &mut bool) -> Result<(), Status> {
-        match st.client {
-            Some(c) if c != batch.client_id => {
-                self.metrics.reject_batch("invalid");
-                return Err(Status::invalid_argument(format!(
-                    "batch seq {}: client_id {:016x} differs from this stream's client {c:016x}",
-                    batch.seq, batch.client_id
-                )));
-            }
-            _ => st.client = Some(batch.client_id),
-        }
-        let (client, seq) = (batch.client_id, batch.seq);
-        if self.pipeline.is_duplicate(client, seq) {
-            self.metrics.batches.get_or_create(&Outcome { result: "duplicate" }).inc();
-            if !st.ack(&self.pipeline, &self.sampler, None).await {
-                return Err(Status::cancelled("client went away"));
-            }
-            return Ok(());
-        }
-        let mut stats = BatchStats::default();
-        let validated = match self.validate(batch, &mut stats, false) {
-            Ok(v) => v,
-            Err(status) => {
-                let reason = if status.code() == Code::ResourceExhausted { "oversized" } else { "invalid" };
-                self.metrics.reject_batch(reason);
-                return Err(status);
-            }
-        };
-        match self.admit_with_backpressure(validated).await {
-            Admission::Accepted => {
-                self.record_accepted(&stats);
-                // Bounded: a client with more keys than this is told the policies of the first.
-                for &k in &stats.keys {
-                    if st.keys.len() < MAX_KEYS_PER_STREAM {
-                        st.keys.insert(k);
-                    }
-                }
-                for reason in SpanReject::ALL {
-                    let n = stats.rejected[reason.index()];
-                    if n > 0 {
-                        *st.rejected.entry(reason.as_str()).or_default() += n;
-                    }
-                }
-                if let Some(t) = self.throttle() {
-                    self.metrics.throttle_replies.inc();
-                    if !st.ack(&self.pipeline, &self.sampler, Some(t)).await {
-                        return Err(Status::cancelled("client went away"));
-                    }
-                }
-                Ok(())
-            }
-            Admission::Duplicate => {
-                self.metrics.batches.get_or_create(&Outcome { result: "duplicate" }).inc();
-                Ok(())
-            }
-            Admission::Overloaded => {
-                self.metrics.reject_batch("overloaded");
-                self.metrics
-                    .spans_throttled
-                    .get_or_create(&Reason { reason: "overloaded" })
-                    .inc_by(stats.accepted);
-                Err(Status::resource_exhausted(format!(
-                    "batch seq {seq}: shard queues are full; resend after a backoff"
-                )))
-            }
-            Admission::StoreUnavailable => {
-                self.metrics.reject_batch("store_unavailable");
-                self.metrics
-                    .spans_throttled
-                    .get_or_create(&Reason { reason: "store_unavailable" })
-                    .inc_by(stats.accepted);
-                Err(Status::unavailable(format!(
-                    "batch seq {seq}: the store cannot write right now; resend after a backoff"
-                )))
-            }
-            Admission::Draining => {
-                // Stop reading; the final epoch's acknowledgement and UNAVAILABLE follow.
-                *reading = false;
-                Ok(())
-            }
-        }
-    }
-}
+#[cfg(test)]
+mod tests;

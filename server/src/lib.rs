@@ -12,7 +12,6 @@ pub mod clock;
 pub mod config;
 pub mod http;
 pub mod ingest;
-pub mod otlp;
 pub mod pipeline;
 pub mod query;
 pub mod sampling;

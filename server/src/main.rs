@@ -20,6 +20,9 @@ struct Cli {
     /// HTTP listen address (query API, health, metrics); overrides TAILSCOPE_HTTP_ADDR.
     #[arg(long)]
     http_addr: Option<std::net::SocketAddr>,
+    /// OTLP/HTTP listen address (POST /v1/traces); overrides TAILSCOPE_OTLP_HTTP_ADDR.
+    #[arg(long)]
+    otlp_http_addr: Option<std::net::SocketAddr>,
     /// Data directory of the embedded store; overrides TAILSCOPE_DATA_DIR.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -96,8 +99,12 @@ fn main() -> ExitCode {
         };
     }
     init_logging(&cli.log_format);
-    let overrides =
-        Overrides { grpc_addr: cli.grpc_addr, http_addr: cli.http_addr, data_dir: cli.data_dir.clone() };
+    let overrides = Overrides {
+        grpc_addr: cli.grpc_addr,
+        http_addr: cli.http_addr,
+        otlp_http_addr: cli.otlp_http_addr,
+        data_dir: cli.data_dir.clone(),
+    };
     let config = match Config::load(cli.config.as_deref(), std::env::vars(), &overrides) {
         Ok(c) => c,
         Err(e) => {

@@ -127,6 +127,8 @@ impl SpanLimits {
 /// Where one group of a batch goes.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupRoute {
+    /// The series key (hash of service and operation as counted).
+    pub key: u64,
     /// The shard owning the group's series.
     pub shard: u32,
     /// The id of the group's `status="ok"` series.
@@ -142,6 +144,8 @@ pub struct GroupRoute {
 /// A validated histogram delta, ready to merge.
 #[derive(Debug)]
 pub struct RoutedDelta {
+    /// The series key (hash of service and operation as counted).
+    pub key: u64,
     /// The shard owning the series.
     pub shard: u32,
     /// The series id.
@@ -209,6 +213,125 @@ pub struct DurableState {
     pub closed: bool,
 }
 
+/// The seam between ingest and what admits its batches: today the epoch [`Pipeline`]; a
+/// log-backed cluster gateway implements the same (append per partition, durable at the
+/// log's offset). Ingest adapters see only this.
+pub trait Admit: Send + Sync + std::fmt::Debug {
+    /// Offers a validated batch, all or nothing, and names the epoch an accepted batch is
+    /// durable with (once [`DurableState::epoch`] reaches it). When a queue it needs is full,
+    /// nothing is enqueued and the batch is handed back (`Err`), so the caller can wait and
+    /// offer it again.
+    fn admit(&self, batch: Arc<ValidatedBatch>) -> Result<(Admission, u64), Arc<ValidatedBatch>>;
+    /// Subscribes to durable-epoch progress.
+    fn subscribe(&self) -> watch::Receiver<DurableState>;
+    /// Asks for the current epoch to be written soon: a caller is waiting for it (group
+    /// commit). Every caller that asks within the group-commit delay shares one synced write.
+    fn hurry(&self);
+    /// The highest durable seq of `client`.
+    fn durable_seq(&self, client: u64) -> u64;
+    /// Whether `seq` was already accepted from `client` (a cheap check before validation).
+    fn is_duplicate(&self, client: u64, seq: u64) -> bool;
+    /// Whether every accepted batch of `client` is durable.
+    fn is_settled(&self, client: u64) -> bool;
+    /// The fullest queue's fill level, 0..=1.
+    fn pressure(&self) -> f64;
+    /// The number of partitions (shards) batches are routed to.
+    fn shard_count(&self) -> usize;
+    /// The histogram layout.
+    fn layout(&self) -> Layout;
+    /// The span limits.
+    fn limits(&self) -> SpanLimits;
+}
+
+impl Admit for Pipeline {
+    /// The number of shards.
+    fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The histogram layout.
+    fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The span limits.
+    fn limits(&self) -> SpanLimits {
+        self.limits
+    }
+
+    /// Subscribes to durable-epoch progress.
+    fn subscribe(&self) -> watch::Receiver<DurableState> {
+        self.durable.subscribe()
+    }
+
+    /// Asks for the current epoch to be written soon: a caller is waiting for it (group commit).
+    /// Every caller that asks within the group-commit delay shares one synced write.
+    fn hurry(&self) {
+        self.hurry.notify_one();
+    }
+
+    /// The highest durable seq of `client`.
+    fn durable_seq(&self, client: u64) -> u64 {
+        self.clients.get(&client).map_or(0, |m| m.lock().durable)
+    }
+
+    /// Whether `seq` was already accepted from `client` (a cheap check before validation).
+    fn is_duplicate(&self, client: u64, seq: u64) -> bool {
+        self.clients.get(&client).is_some_and(|m| seq <= m.lock().accepted)
+    }
+
+    /// Whether every accepted batch of `client` is durable.
+    fn is_settled(&self, client: u64) -> bool {
+        self.clients.get(&client).is_none_or(|m| {
+            let m = m.lock();
+            m.durable >= m.accepted
+        })
+    }
+
+    /// The fullest shard queue's fill level, 0..=1.
+    fn pressure(&self) -> f64 {
+        self.shards
+            .iter()
+            .map(|tx| 1.0 - tx.capacity() as f64 / self.queue_capacity as f64)
+            .fold(0.0, f64::max)
+    }
+
+    /// A batch of client 0 is anonymous (OTLP exports carry no client identity): it is never a
+    /// duplicate and leaves no watermark.
+    fn admit(&self, batch: Arc<ValidatedBatch>) -> Result<(Admission, u64), Arc<ValidatedBatch>> {
+        let gate = self.gate.read();
+        if gate.draining {
+            return Ok((Admission::Draining, gate.epoch));
+        }
+        if !self.store_healthy.load(Ordering::Relaxed) {
+            return Ok((Admission::StoreUnavailable, gate.epoch));
+        }
+        let client = (batch.client_id != 0).then(|| self.clients.entry(batch.client_id).or_default().clone());
+        let mut marks = client.as_ref().map(|c| c.lock());
+        if marks.as_ref().is_some_and(|m| batch.seq <= m.accepted) {
+            return Ok((Admission::Duplicate, gate.epoch));
+        }
+        let mut permits = Vec::with_capacity(batch.targets.len());
+        for &s in &batch.targets {
+            match self.shards[s as usize].try_reserve() {
+                Ok(p) => permits.push(p),
+                Err(_) => {
+                    drop(permits);
+                    drop(marks);
+                    return Err(batch);
+                }
+            }
+        }
+        if let Some(m) = marks.as_mut() {
+            m.accepted = batch.seq;
+        }
+        for p in permits {
+            p.send(ShardMsg::Work { epoch: gate.epoch, batch: Arc::clone(&batch) });
+        }
+        Ok((Admission::Accepted, gate.epoch))
+    }
+}
+
 /// The pipeline: shard queues, client watermarks and the flush coordinator's state.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -271,106 +394,9 @@ impl Pipeline {
         Ok((Arc::new(pipeline), handles))
     }
 
-    /// The number of shards.
-    pub fn shard_count(&self) -> usize {
-        self.shards.len()
-    }
-
-    /// The histogram layout.
-    pub fn layout(&self) -> Layout {
-        self.layout
-    }
-
-    /// The span limits.
-    pub fn limits(&self) -> SpanLimits {
-        self.limits
-    }
-
     /// Whether new batches are accepted and the store writes.
     pub fn is_ready(&self) -> bool {
         self.store_healthy.load(Ordering::Relaxed) && !self.gate.read().draining
-    }
-
-    /// Subscribes to durable-epoch progress.
-    pub fn subscribe(&self) -> watch::Receiver<DurableState> {
-        self.durable.subscribe()
-    }
-
-    /// Asks for the current epoch to be written soon: a caller is waiting for it (group commit).
-    /// Every caller that asks within the group-commit delay shares one synced write.
-    pub fn hurry(&self) {
-        self.hurry.notify_one();
-    }
-
-    /// The highest durable seq of `client`.
-    pub fn durable_seq(&self, client: u64) -> u64 {
-        self.clients.get(&client).map_or(0, |m| m.lock().durable)
-    }
-
-    /// Whether `seq` was already accepted from `client` (a cheap check before validation).
-    pub fn is_duplicate(&self, client: u64, seq: u64) -> bool {
-        self.clients.get(&client).is_some_and(|m| seq <= m.lock().accepted)
-    }
-
-    /// Whether every accepted batch of `client` is durable.
-    pub fn is_settled(&self, client: u64) -> bool {
-        self.clients.get(&client).is_none_or(|m| {
-            let m = m.lock();
-            m.durable >= m.accepted
-        })
-    }
-
-    /// The fullest shard queue's fill level, 0..=1.
-    pub fn pressure(&self) -> f64 {
-        self.shards
-            .iter()
-            .map(|tx| 1.0 - tx.capacity() as f64 / self.queue_capacity as f64)
-            .fold(0.0, f64::max)
-    }
-
-    /// Offers a validated batch. When a shard queue it needs is full, nothing is enqueued and
-    /// the batch is handed back (`Err`), so the caller can wait and offer it again.
-    pub fn admit(&self, batch: Arc<ValidatedBatch>) -> Result<Admission, Arc<ValidatedBatch>> {
-        self.admit_in_epoch(batch).map(|(admission, _)| admission)
-    }
-
-    /// Like [`Pipeline::admit`], also naming the epoch an accepted batch belongs to: it is
-    /// durable once [`DurableState::epoch`] reaches it. A batch of client 0 is anonymous (OTLP
-    /// exports carry no client identity): it is never a duplicate and leaves no watermark.
-    pub fn admit_in_epoch(
-        &self,
-        batch: Arc<ValidatedBatch>,
-    ) -> Result<(Admission, u64), Arc<ValidatedBatch>> {
-        let gate = self.gate.read();
-        if gate.draining {
-            return Ok((Admission::Draining, gate.epoch));
-        }
-        if !self.store_healthy.load(Ordering::Relaxed) {
-            return Ok((Admission::StoreUnavailable, gate.epoch));
-        }
-        let client = (batch.client_id != 0).then(|| self.clients.entry(batch.client_id).or_default().clone());
-        let mut marks = client.as_ref().map(|c| c.lock());
-        if marks.as_ref().is_some_and(|m| batch.seq <= m.accepted) {
-            return Ok((Admission::Duplicate, gate.epoch));
-        }
-        let mut permits = Vec::with_capacity(batch.targets.len());
-        for &s in &batch.targets {
-            match self.shards[s as usize].try_reserve() {
-                Ok(p) => permits.push(p),
-                Err(_) => {
-                    drop(permits);
-                    drop(marks);
-                    return Err(batch);
-                }
-            }
-        }
-        if let Some(m) = marks.as_mut() {
-            m.accepted = batch.seq;
-        }
-        for p in permits {
-            p.send(ShardMsg::Work { epoch: gate.epoch, batch: Arc::clone(&batch) });
-        }
-        Ok((Admission::Accepted, gate.epoch))
     }
 
     /// Runs flush epochs every `interval` until `stop` turns true, then drains: refuses new

@@ -2,7 +2,8 @@
 defaults (BatchSpanProcessor: a 2,048-span queue, 512-span exports, one export at a time) and
 its OTLP/gRPC exporter, the way an instrumented service does.
 
-Usage: otlp_rate.py ENDPOINT SERVICE RATE SECONDS
+Usage: otlp_rate.py ENDPOINT SERVICE RATE SECONDS [grpc|http]
+(http: ENDPOINT is the full URL, e.g. http://127.0.0.1:4318/v1/traces)
 
 Prints one JSON line: spans created, the SDK's "Queue full, dropping" warnings, and the
 latency of each export call (what the SDK waits for an acknowledgement).
@@ -12,7 +13,7 @@ import logging
 import sys
 import time
 
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+import importlib
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -31,24 +32,33 @@ class Dropped(logging.Handler):
             self.messages.append(message)
 
 
-class Timed(OTLPSpanExporter):
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.latencies = []
+def timed(protocol, endpoint):
+    """The SDK's own OTLP exporter for `protocol`, timing each export call."""
+    module = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{protocol}.trace_exporter")
 
-    def export(self, spans):
-        started = time.perf_counter()
-        result = super().export(spans)
-        self.latencies.append(time.perf_counter() - started)
-        return result
+    class Timed(module.OTLPSpanExporter):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.latencies = []
+
+        def export(self, spans):
+            started = time.perf_counter()
+            result = super().export(spans)
+            self.latencies.append(time.perf_counter() - started)
+            return result
+
+    if protocol == "grpc":
+        return Timed(endpoint=endpoint, insecure=True)
+    return Timed(endpoint=endpoint)
 
 
 def main() -> int:
     endpoint, service, rate, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    protocol = sys.argv[5] if len(sys.argv) > 5 else "grpc"
     dropped = Dropped()
     logging.getLogger("opentelemetry").addHandler(dropped)
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    exporter = Timed(endpoint=endpoint, insecure=True)
+    exporter = timed(protocol, endpoint)
     provider.add_span_processor(BatchSpanProcessor(exporter))  # every default
     tracer = provider.get_tracer("tailscope-rate-test")
     total = int(rate * seconds)

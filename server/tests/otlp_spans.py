@@ -1,12 +1,13 @@
 """Sends spans with known durations to tailscope through the real OpenTelemetry Python SDK and
-its OTLP/gRPC exporter. Usage: otlp_spans.py ENDPOINT SPEC.json
+its OTLP exporter. Usage: otlp_spans.py ENDPOINT SPEC.json [grpc|http]
+(http: ENDPOINT is the full URL, e.g. http://127.0.0.1:4318/v1/traces)
 
 SPEC: {"service": str, "spans": [[operation, start_unix_nanos, duration_nanos, is_error], ...]}
 """
+import importlib
 import json
 import sys
 
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -18,7 +19,12 @@ def main() -> int:
     with open(spec_path) as f:
         spec = json.load(f)
     provider = TracerProvider(resource=Resource.create({"service.name": spec["service"]}))
-    exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True)
+    protocol = sys.argv[3] if len(sys.argv) > 3 else "grpc"
+    module = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{protocol}.trace_exporter")
+    if protocol == "grpc":
+        exporter = module.OTLPSpanExporter(endpoint=endpoint, insecure=True)
+    else:
+        exporter = module.OTLPSpanExporter(endpoint=endpoint)
     # A queue that holds every span: the default (2,048) drops what does not fit.
     queue = len(spec["spans"]) + 1
     provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=queue, max_export_batch_size=512))

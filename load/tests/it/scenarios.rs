@@ -19,6 +19,7 @@ async fn server_with(
     let mut c = Config::default();
     c.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
     c.server.http_addr = "127.0.0.1:0".parse().unwrap();
+    c.server.otlp_http_addr = "127.0.0.1:0".parse().unwrap();
     c.server.data_dir = dir.join("data");
     c.ingest.flush_interval = Duration::from_millis(100);
     if let Some((rules, notifier)) = alerting {

@@ -35,6 +35,7 @@ pub fn config(dir: &Path) -> Config {
     let mut c = Config::default();
     c.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
     c.server.http_addr = "127.0.0.1:0".parse().unwrap();
+    c.server.otlp_http_addr = "127.0.0.1:0".parse().unwrap();
     c.server.data_dir = dir.to_path_buf();
     c.ingest.shards = 2;
     c.ingest.flush_interval = Duration::from_millis(50);
@@ -177,7 +178,16 @@ pub fn spawn_server_logged(
     http: &str,
 ) -> (Child, SocketAddr, SocketAddr, Log) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tailscope-server"))
-        .args(["--grpc-addr", grpc, "--http-addr", http, "--log-format", "json"])
+        .args([
+            "--grpc-addr",
+            grpc,
+            "--http-addr",
+            http,
+            "--otlp-http-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
         .arg("--data-dir")
         .arg(dir)
         .env("TAILSCOPE_INGEST_FLUSH_INTERVAL", "100ms")

@@ -1,5 +1,7 @@
 //! OTLP ingest with a real OpenTelemetry client that no one here wrote: the Python SDK and its
-//! OTLP/gRPC exporter (PyPI `opentelemetry-sdk`, `opentelemetry-exporter-otlp-proto-grpc`).
+//! OTLP exporters over gRPC and HTTP (PyPI `opentelemetry-sdk`,
+//! `opentelemetry-exporter-otlp-proto-grpc`, `opentelemetry-exporter-otlp-proto-http`); and
+//! OTLP/HTTP's answers to bad input.
 #![allow(clippy::unwrap_used)]
 
 use crate::common::*;
@@ -9,7 +11,11 @@ use rand::{Rng, SeedableRng};
 /// unless `TAILSCOPE_SKIP_PEERS` is set (then it is skipped, saying so).
 fn python_with_otel() -> Option<&'static str> {
     let ok = std::process::Command::new("python3")
-        .args(["-c", "import opentelemetry.sdk.trace, opentelemetry.exporter.otlp.proto.grpc.trace_exporter"])
+        .args([
+            "-c",
+            "import opentelemetry.sdk.trace, opentelemetry.exporter.otlp.proto.grpc.trace_exporter, \
+             opentelemetry.exporter.otlp.proto.http.trace_exporter",
+        ])
         .status()
         .is_ok_and(|s| s.success());
     match ok {
@@ -21,8 +27,8 @@ fn python_with_otel() -> Option<&'static str> {
             None
         }
         false => panic!(
-            "python3 with opentelemetry-sdk and opentelemetry-exporter-otlp-proto-grpc is needed \
-             (pip install them; .ci/run does), or set TAILSCOPE_SKIP_PEERS=1"
+            "python3 with opentelemetry-sdk and opentelemetry-exporter-otlp-proto-grpc and -http is \
+             needed (pip install them; scripts/test.sh does), or set TAILSCOPE_SKIP_PEERS=1"
         ),
     }
 }
@@ -34,9 +40,31 @@ fn exact(sorted: &[i64], q: f64) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_opentelemetry_sdk_spans_are_counted_exactly() {
-    let Some(python) = python_with_otel() else { return };
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
+    let grpc = format!("http://{}", server.grpc_addr());
+    sdk_spans_counted_exactly(&server, dir.path(), "grpc", &grpc).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_opentelemetry_sdk_spans_over_http_are_counted_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let http = format!("http://{}/v1/traces", server.otlp_http_addr());
+    sdk_spans_counted_exactly(&server, dir.path(), "http", &http).await;
+    server.shutdown().await;
+}
+
+/// 3,000 spans of known durations through the Python SDK's exporter for `protocol`: every one
+/// counted, percentiles exact to the histogram's precision.
+async fn sdk_spans_counted_exactly(
+    server: &tailscope_server::Server,
+    dir: &std::path::Path,
+    protocol: &str,
+    endpoint: &str,
+) {
+    let Some(python) = python_with_otel() else { return };
     let mut r = rand::rngs::StdRng::seed_from_u64(3);
     let now = now_nanos();
     let mut ok: Vec<i64> = Vec::new();
@@ -61,14 +89,14 @@ async fn python_opentelemetry_sdk_spans_are_counted_exactly() {
     }
     // A span that ends before it starts is reported back in partial_success, not counted.
     let spec = serde_json::json!({"service": "py-shop", "spans": spans});
-    let spec_path = dir.path().join("spans.json");
+    let spec_path = dir.join("spans.json");
     std::fs::write(&spec_path, spec.to_string()).unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp_spans.py");
-    let endpoint = format!("http://{}", server.grpc_addr());
     let out = tokio::process::Command::new(python)
         .arg(script)
-        .arg(&endpoint)
+        .arg(endpoint)
         .arg(&spec_path)
+        .arg(protocol)
         .output()
         .await
         .unwrap();
@@ -93,8 +121,7 @@ async fn python_opentelemetry_sdk_spans_are_counted_exactly() {
         assert!((got - want).abs() <= want * 0.01, "{field}: {got} vs exact {want}");
     }
     let text = metrics(server.http_addr()).await;
-    assert_eq!(metric(&text, "tailscope_spans_accepted_total"), 3_000.0);
-    server.shutdown().await;
+    assert_eq!(metric(&text, "tailscope_spans_accepted_total"), 3_000.0, "{protocol}");
 }
 
 /// Spans the server cannot count come back in `partial_success`, with the reason. The export is
@@ -145,8 +172,8 @@ async fn refused_otlp_spans_are_reported_in_partial_success() {
 
 /// The stock Python SDK with every default (a 2,048-span queue, one 512-span export at a time)
 /// against a server with the default configuration (1 s flush epochs): at 10,000 spans/s for
-/// 10 s no span may be dropped by the SDK, because an export is acknowledged as soon as its
-/// spans are durable (group commit), not at the next epoch.
+/// 10 s no span may be dropped by the SDK, over gRPC or HTTP, because an export is acknowledged
+/// as soon as its spans are durable (group commit), not at the next epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "soak: run by scripts/test.sh after the fast suite (cargo test -- --ignored)"]
 async fn python_sdk_defaults_at_ten_thousand_spans_per_second_drop_nothing() {
@@ -155,33 +182,39 @@ async fn python_sdk_defaults_at_ten_thousand_spans_per_second_drop_nothing() {
     let mut c = tailscope_server::Config::default();
     c.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
     c.server.http_addr = "127.0.0.1:0".parse().unwrap();
+    c.server.otlp_http_addr = "127.0.0.1:0".parse().unwrap();
     c.server.data_dir = dir.path().to_path_buf();
     assert_eq!(c.ingest.flush_interval, std::time::Duration::from_secs(1), "the default epoch");
     let server = tailscope_server::Server::start(c).await.unwrap();
     let (rate, seconds): (u64, u64) = (10_000, 10);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp_rate.py");
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .arg(format!("http://{}", server.grpc_addr()))
-        .args(["py-rate", &rate.to_string(), &seconds.to_string()])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "python failed: {stdout}{stderr}");
-    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    println!("python SDK at {rate} spans/s: {report}");
-    let created = report["created"].as_u64().unwrap();
-    assert_eq!(created, rate * seconds, "the script makes exactly rate × seconds spans");
-    // How close to the asked rate this machine came is printed (BENCHMARKS.md), not asserted.
-    let offered = created as f64 / report["offered_seconds"].as_f64().unwrap();
-    println!("offered {offered:.0} spans/s");
-    assert_eq!(report["dropped_warnings"], 0, "the SDK dropped spans: {report}");
-    assert!(!stderr.to_lowercase().contains("dropping"), "{stderr}");
-    let rows = tail(server.http_addr(), "service=py-rate").await;
-    let counted: u64 = rows.iter().map(|r| r["count"].as_u64().unwrap()).sum();
-    assert_eq!(counted, created, "every span counted once: {rows:?}");
+    for (protocol, endpoint) in [
+        ("grpc", format!("http://{}", server.grpc_addr())),
+        ("http", format!("http://{}/v1/traces", server.otlp_http_addr())),
+    ] {
+        let service = format!("py-rate-{protocol}");
+        let out = tokio::process::Command::new(python)
+            .arg(script)
+            .arg(&endpoint)
+            .args([&service, &rate.to_string(), &seconds.to_string(), protocol])
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "python ({protocol}) failed: {stdout}{stderr}");
+        let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        let created = report["created"].as_u64().unwrap();
+        assert_eq!(created, rate * seconds, "the script makes exactly rate × seconds spans");
+        // How close to the asked rate this machine came is printed (BENCHMARKS.md), not asserted.
+        let offered = created as f64 / report["offered_seconds"].as_f64().unwrap();
+        println!("python SDK over {protocol} at {rate} spans/s (offered {offered:.0}/s): {report}");
+        assert_eq!(report["dropped_warnings"], 0, "the SDK dropped spans over {protocol}: {report}");
+        assert!(!stderr.to_lowercase().contains("dropping"), "{stderr}");
+        let rows = tail(server.http_addr(), &format!("service={service}")).await;
+        let counted: u64 = rows.iter().map(|r| r["count"].as_u64().unwrap()).sum();
+        assert_eq!(counted, created, "every span counted once over {protocol}: {rows:?}");
+    }
     let text = metrics(server.http_addr()).await;
     println!(
         "early epochs {}, flushes {}",
@@ -189,4 +222,274 @@ async fn python_sdk_defaults_at_ten_thousand_spans_per_second_drop_nothing() {
         metric(&text, "tailscope_flushes_total{result=\"ok\"}")
     );
     server.shutdown().await;
+}
+
+async fn post_otlp(
+    addr: std::net::SocketAddr,
+    content_type: &str,
+    encoding: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, String, Vec<u8>) {
+    let mut req = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/traces"))
+        .header("content-type", content_type)
+        .body(body);
+    if let Some(e) = encoding {
+        req = req.header("content-encoding", e);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let ct = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    (status, ct, resp.bytes().await.unwrap().to_vec())
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+fn json_export(service: Option<&str>, spans: &[(&str, u64, u64)]) -> Vec<u8> {
+    let attributes = match service {
+        Some(s) => serde_json::json!([{"key": "service.name", "value": {"stringValue": s}}]),
+        None => serde_json::json!([]),
+    };
+    let spans: Vec<_> = spans
+        .iter()
+        .map(|(name, start, end)| {
+            serde_json::json!({
+                "traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b174",
+                "name": name, "kind": 2,
+                "startTimeUnixNano": start.to_string(), "endTimeUnixNano": end,
+            })
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({"resourceSpans": [{
+        "resource": {"attributes": attributes},
+        "scopeSpans": [{"scope": {"name": "test"}, "spans": spans}],
+    }]}))
+    .unwrap()
+}
+
+/// OTLP/HTTP with hand-made requests: JSON and gzip are taken, partial success is reported in
+/// the request's encoding, and every kind of bad input gets a clear 4xx, counted, with nothing
+/// accepted before lost and the server still serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_http_takes_json_and_gzip_and_refuses_bad_input_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.ingest.max_batch_bytes = 64 * 1024;
+    c.server.otlp_http_cors_origins = vec!["http://app.example".into()];
+    let server = tailscope_server::Server::start(c).await.unwrap();
+    let (otlp, http) = (server.otlp_http_addr(), server.http_addr());
+    let now = now_nanos() as u64;
+
+    // JSON, with one span that ends before it starts: counted 1, refused 1 in partialSuccess.
+    let body = json_export(Some("web"), &[("GET /", now - 5_000_000, now), ("GET /", now, now - 1)]);
+    let (status, ct, answer) = post_otlp(otlp, "application/json", None, body).await;
+    assert_eq!((status, ct.as_str()), (200, "application/json"), "{}", String::from_utf8_lossy(&answer));
+    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(answer["partialSuccess"]["rejectedSpans"], "1", "{answer}");
+    assert!(answer["partialSuccess"]["errorMessage"].as_str().unwrap().contains("negative_duration"));
+    // The same as gzip'd protobuf, from the Rust types.
+    let export = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
+        resource_spans: vec![opentelemetry_proto::tonic::trace::v1::ResourceSpans {
+            resource: Some(opentelemetry_proto::tonic::resource::v1::Resource {
+                attributes: vec![opentelemetry_proto::tonic::common::v1::KeyValue {
+                    key: "service.name".into(),
+                    value: Some(opentelemetry_proto::tonic::common::v1::AnyValue {
+                        value: Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(
+                            "web".into(),
+                        )),
+                    }),
+                }],
+                ..Default::default()
+            }),
+            scope_spans: vec![opentelemetry_proto::tonic::trace::v1::ScopeSpans {
+                spans: vec![opentelemetry_proto::tonic::trace::v1::Span {
+                    name: "GET /".into(),
+                    start_time_unix_nano: now - 7_000_000,
+                    end_time_unix_nano: now,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let body = gzip(&prost::Message::encode_to_vec(&export));
+    let (status, ct, _) = post_otlp(otlp, "application/x-protobuf", Some("gzip"), body).await;
+    assert_eq!((status, ct.as_str()), (200, "application/x-protobuf"));
+    let counted = || async {
+        tail(http, "service=web").await.iter().map(|r| r["count"].as_u64().unwrap()).sum::<u64>()
+    };
+    assert_eq!(counted().await, 2);
+
+    // Bad input, each a clear 4xx in the request's encoding.
+    let bomb = gzip(&vec![b' '; 8 << 20]);
+    let big = json_export(Some("web"), &vec![("GET /", now - 1, now); 2_000]);
+    assert!(big.len() > 64 * 1024);
+    // (what, content type, content encoding, body, status, what the answer says, reason counted)
+    type Case = (&'static str, &'static str, Option<&'static str>, Vec<u8>, u16, &'static str, &'static str);
+    let cases: Vec<Case> = vec![
+        (
+            "not protobuf",
+            "application/x-protobuf",
+            None,
+            b"\xff\xff\xff garbage".to_vec(),
+            400,
+            "not an OTLP ExportTraceServiceRequest",
+            "malformed",
+        ),
+        (
+            "bad JSON",
+            "application/json",
+            None,
+            b"{\"resourceSpans\": [".to_vec(),
+            400,
+            "invalid JSON",
+            "malformed",
+        ),
+        (
+            "wrong content type",
+            "text/plain",
+            None,
+            b"hello".to_vec(),
+            415,
+            "unsupported content type",
+            "unsupported_media_type",
+        ),
+        ("oversize body", "application/json", None, big, 413, "larger than 65536 bytes", "oversized"),
+        (
+            "gzip bomb",
+            "application/json",
+            Some("gzip"),
+            bomb,
+            413,
+            "inflates to more than 65536 bytes",
+            "oversized",
+        ),
+        (
+            "empty service.name",
+            "application/json",
+            None,
+            json_export(Some(""), &[("GET /", now - 1, now)]),
+            400,
+            "service.name is empty",
+            "invalid",
+        ),
+        (
+            "bad trace id",
+            "application/json",
+            None,
+            br#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"zz"}]}]}]}"#.to_vec(),
+            400,
+            "traceId",
+            "malformed",
+        ),
+    ];
+    for (what, ct, encoding, body, want, says, reason) in cases {
+        let before =
+            metric(&metrics(http).await, &format!("tailscope_batches_rejected_total{{reason=\"{reason}\"}}"));
+        let (status, answer_ct, answer) = post_otlp(otlp, ct, encoding, body).await;
+        assert_eq!(status, want, "{what}: {}", String::from_utf8_lossy(&answer));
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.contains(says), "{what}: {text}");
+        if ct == "application/json" {
+            assert_eq!(answer_ct, "application/json", "{what}");
+            let v: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+            assert!(v["code"].as_i64().unwrap() > 0 && v["message"].is_string(), "{what}: {v}");
+        }
+        let after =
+            metric(&metrics(http).await, &format!("tailscope_batches_rejected_total{{reason=\"{reason}\"}}"));
+        assert_eq!(after, before + 1.0, "{what} counted under {reason}");
+    }
+    assert_eq!(counted().await, 2, "nothing accepted before was lost");
+    assert!(reqwest::get(format!("http://{http}/-/healthy")).await.unwrap().status().is_success());
+
+    // CORS: the configured origin may post from a browser; another may not.
+    let client = reqwest::Client::new();
+    let preflight = |origin: &'static str| {
+        client
+            .request(reqwest::Method::OPTIONS, format!("http://{otlp}/v1/traces"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type")
+            .send()
+    };
+    let ok = preflight("http://app.example").await.unwrap();
+    assert_eq!(ok.status(), 204);
+    assert_eq!(ok.headers()["access-control-allow-origin"], "http://app.example");
+    assert_eq!(preflight("http://evil.example").await.unwrap().status(), 403);
+    server.shutdown().await;
+}
+
+/// The directory of the Node.js OpenTelemetry SDK the tests drive (`npm ci` there installs it;
+/// scripts/test.sh does). Missing packages fail the test unless `TAILSCOPE_SKIP_PEERS` is set.
+fn node_with_otel() -> Option<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
+    let ok = dir.join("node_modules/@opentelemetry/sdk-trace").is_dir()
+        && std::process::Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
+    match ok {
+        true => Some(dir),
+        false if std::env::var_os("TAILSCOPE_SKIP_PEERS").is_some() => {
+            eprintln!("SKIPPED: node or the OpenTelemetry Node.js packages are missing and TAILSCOPE_SKIP_PEERS is set");
+            None
+        }
+        false => panic!(
+            "node and the OpenTelemetry Node.js SDK are needed: `npm ci --prefix server/tests/node` \
+             (scripts/test.sh does), or set TAILSCOPE_SKIP_PEERS=1"
+        ),
+    }
+}
+
+/// Runs the Node.js SDK at `rate` spans/s for `seconds` through each of its three OTLP
+/// exporters (gRPC, HTTP JSON, HTTP protobuf) against a server with the default flush epoch,
+/// and checks that it dropped nothing and every span was counted once.
+async fn node_sdk_exact_at(rate: u64, seconds: u64) {
+    let Some(node_dir) = node_with_otel() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.ingest.flush_interval = tailscope_server::Config::default().ingest.flush_interval;
+    let server = tailscope_server::Server::start(c).await.unwrap();
+    for (protocol, endpoint) in [
+        ("grpc", format!("http://{}", server.grpc_addr())),
+        ("http", format!("http://{}/v1/traces", server.otlp_http_addr())),
+        ("proto", format!("http://{}/v1/traces", server.otlp_http_addr())),
+    ] {
+        let service = format!("node-{protocol}");
+        let out = tokio::process::Command::new("node")
+            .current_dir(&node_dir)
+            .arg("otlp_rate.mjs")
+            .args([protocol, &endpoint, &service, &rate.to_string(), &seconds.to_string()])
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "node ({protocol}) failed: {stdout}{stderr}");
+        let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        let created = report["created"].as_u64().unwrap();
+        let offered = created as f64 / report["offered_seconds"].as_f64().unwrap();
+        println!("node SDK over {protocol} at {rate} spans/s (offered {offered:.0}/s): {report}");
+        assert_eq!(created, rate * seconds);
+        assert_eq!(report["dropped"], 0, "the SDK dropped spans over {protocol}: {report}");
+        assert_eq!(report["failures"], serde_json::json!([]), "exports failed over {protocol}: {report}");
+        let rows = tail(server.http_addr(), &format!("service={service}")).await;
+        let counted: u64 = rows.iter().map(|r| r["count"].as_u64().unwrap()).sum();
+        assert_eq!(counted, created, "every span counted once over {protocol}: {rows:?}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_sdk_exporters_grpc_json_and_protobuf_are_counted_exactly() {
+    node_sdk_exact_at(2_000, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: run by scripts/test.sh after the fast suite (cargo test -- --ignored)"]
+async fn node_sdk_defaults_at_ten_thousand_spans_per_second_drop_nothing() {
+    node_sdk_exact_at(10_000, 10).await;
 }

@@ -1,5 +1,7 @@
-//! OpenTelemetry ingest: `opentelemetry.proto.collector.trace.v1.TraceService/Export` on the
-//! gRPC port, so any OpenTelemetry SDK's OTLP exporter can send to tailscope unchanged.
+//! OpenTelemetry ingest (OTLP): what an export means for tailscope, shared by both transports —
+//! [`grpc`] (`TraceService/Export` on the gRPC port) and [`http`] (`POST /v1/traces` on its
+//! own port, protobuf or JSON) — so any OpenTelemetry SDK's exporter sends to tailscope
+//! unchanged.
 //!
 //! Each span becomes a tailscope span: service from the resource's `service.name` (OTLP's
 //! `unknown_service` when absent), operation from the span name, duration from end − start,
@@ -10,50 +12,39 @@
 //! are admitted anonymously: an exporter that retries an export after a lost reply may count
 //! it twice, which is OTLP's own at-least-once contract.
 
+pub mod grpc;
+pub mod http;
+mod json;
+
 use std::collections::HashMap;
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService;
 use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+    ExportTracePartialSuccess, ExportTraceServiceRequest,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use tailscope_proto::v1::{SeriesGroup, SeriesKey, Span, SpanBatch, SpanStatus};
-use tonic::{Request, Response, Status};
 
-use crate::ingest::{BatchStats, IngestService, MAX_LABEL_BYTES};
-use crate::pipeline::{Admission, SpanReject};
+use crate::ingest::{BatchStats, MAX_LABEL_BYTES};
+use crate::pipeline::SpanReject;
 
 /// The service name OpenTelemetry SDKs report when none is configured.
 pub const UNKNOWN_SERVICE: &str = "unknown_service";
 
-/// The OTLP trace service.
-#[derive(Debug, Clone)]
-pub struct OtlpService {
-    ingest: IngestService,
-}
-
-impl OtlpService {
-    /// A service feeding the same pipeline as `ingest`.
-    pub fn new(ingest: IngestService) -> OtlpService {
-        OtlpService { ingest }
-    }
-}
-
 /// Converts an export into one anonymous batch grouped by series. Spans without a usable name
-/// are counted in `unnamed`.
-pub fn to_batch(request: &ExportTraceServiceRequest) -> (SpanBatch, u64) {
+/// are counted in `unnamed`. A resource whose `service.name` is set but empty is refused (an
+/// absent one is OpenTelemetry's `unknown_service`).
+pub fn to_batch(request: &ExportTraceServiceRequest) -> Result<(SpanBatch, u64), String> {
     let mut index: HashMap<(String, String), usize> = HashMap::new();
     let mut groups: Vec<SeriesGroup> = Vec::new();
     let mut unnamed = 0u64;
-    for rs in &request.resource_spans {
-        let service = rs
-            .resource
-            .as_ref()
-            .and_then(|r| string_attribute(&r.attributes, "service.name"))
-            .filter(|s| !s.is_empty())
-            .unwrap_or(UNKNOWN_SERVICE);
+    for (r, rs) in request.resource_spans.iter().enumerate() {
+        let named = rs.resource.as_ref().and_then(|r| string_attribute(&r.attributes, "service.name"));
+        if named == Some("") {
+            return Err(format!("resourceSpans[{r}]: the resource's service.name is empty"));
+        }
+        let service = named.unwrap_or(UNKNOWN_SERVICE);
         let service = truncate(service);
         for ss in &rs.scope_spans {
             for span in &ss.spans {
@@ -93,7 +84,7 @@ pub fn to_batch(request: &ExportTraceServiceRequest) -> (SpanBatch, u64) {
             }
         }
     }
-    (SpanBatch { client_id: 0, seq: 1, groups, deltas: Vec::new() }, unnamed)
+    Ok((SpanBatch { client_id: 0, seq: 1, groups, deltas: Vec::new() }, unnamed))
 }
 
 fn string_attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
@@ -144,7 +135,7 @@ pub fn weight_from_tracestate(tracestate: &str) -> u32 {
 
 /// The `partial_success` of an export: how many spans were refused, and why (the reasons
 /// count adjusted spans, as tailscope's metrics do).
-fn partial_success(stats: &BatchStats, unnamed: u64) -> Option<ExportTracePartialSuccess> {
+pub(crate) fn partial_success(stats: &BatchStats, unnamed: u64) -> Option<ExportTracePartialSuccess> {
     let mut reasons: Vec<String> = SpanReject::ALL
         .iter()
         .filter(|r| stats.rejected[r.index()] > 0)
@@ -158,58 +149,6 @@ fn partial_success(stats: &BatchStats, unnamed: u64) -> Option<ExportTracePartia
         rejected_spans: rejected as i64,
         error_message: format!("spans not counted: {}", reasons.join(", ")),
     })
-}
-
-#[tonic::async_trait]
-impl TraceService for OtlpService {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        let (batch, unnamed) = to_batch(request.get_ref());
-        let mut stats = BatchStats::default();
-        let metrics = &self.ingest.metrics;
-        let validated = match self.ingest.validate(batch, &mut stats, true) {
-            Ok(v) => v,
-            Err(status) => {
-                metrics.reject_batch(if status.code() == tonic::Code::ResourceExhausted {
-                    "oversized"
-                } else {
-                    "invalid"
-                });
-                return Err(status);
-            }
-        };
-        let mut durable = self.ingest.pipeline.subscribe();
-        match self.ingest.admit_in_epoch(validated).await {
-            (Admission::Accepted, epoch) => {
-                self.ingest.record_accepted(&stats);
-                // Answer once the export is on disk, as the native stream acknowledges; an
-                // SDK exports one batch at a time, so the epoch is cut for it now (group
-                // commit) rather than at the next flush interval.
-                self.ingest.pipeline.hurry();
-                let written = durable.wait_for(|d| d.epoch >= epoch || d.closed).await;
-                if written.map(|d| d.epoch < epoch).unwrap_or(true) {
-                    return Err(Status::unavailable("server is shutting down; export again"));
-                }
-                Ok(Response::new(ExportTraceServiceResponse {
-                    partial_success: partial_success(&stats, unnamed),
-                }))
-            }
-            (Admission::Overloaded, _) => {
-                metrics.reject_batch("overloaded");
-                Err(Status::resource_exhausted("shard queues are full; export again after a backoff"))
-            }
-            (Admission::StoreUnavailable, _) => {
-                metrics.reject_batch("store_unavailable");
-                Err(Status::unavailable("the store cannot write right now; export again after a backoff"))
-            }
-            (Admission::Draining, _) => Err(Status::unavailable("server is shutting down; export again")),
-            (Admission::Duplicate, _) => {
-                Ok(Response::new(ExportTraceServiceResponse { partial_success: None }))
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -277,7 +216,7 @@ mod tests {
                 },
             ],
         };
-        let (batch, unnamed) = to_batch(&request);
+        let (batch, unnamed) = to_batch(&request).expect("converts");
         assert_eq!(unnamed, 1);
         assert_eq!(batch.groups.len(), 2);
         let pay = &batch.groups[0];
@@ -294,5 +233,11 @@ mod tests {
         assert_eq!((key.service.as_str(), key.operation.len()), (UNKNOWN_SERVICE, MAX_LABEL_BYTES));
         // end before start: a negative duration, refused per span by validation later.
         assert_eq!(other.spans[0].duration_nanos, -1);
+        // An empty service.name is refused, naming the resource.
+        let empty = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans { resource: Some(resource(Some(""))), ..Default::default() }],
+        };
+        let err = to_batch(&empty).expect_err("refused");
+        assert!(err.contains("resourceSpans[0]") && err.contains("service.name is empty"), "{err}");
     }
 }

@@ -1,0 +1,224 @@
+//! The native protocol: `tailscope.v1.Ingest/Stream`. Each stream decodes batches, submits
+//! them through the ingest door and turns durable-epoch progress into acknowledgements, with
+//! the sampling policies and throttle hints the client applies.
+//!
+//! Per-batch problems end the stream with a status naming the batch and what was wrong
+//! (`INVALID_ARGUMENT` for malformed input, `RESOURCE_EXHAUSTED` for overload or an oversized
+//! batch, `UNAVAILABLE` at shutdown); the client reconnects and resends what is unacknowledged.
+//! Processing a stream is sequential, so a refused batch is never followed by an accepted one
+//! on the same stream, and a client's accepted watermark always covers a prefix of its batches.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+
+use futures::Stream;
+use tailscope_proto::v1::ingest_server::Ingest;
+use tailscope_proto::v1::{IngestReply, RejectedSpans, SamplingPolicy, SpanBatch, Throttle};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use super::{IngestError, IngestService, Origin};
+use crate::pipeline::{Admit, SpanReject};
+use crate::sampling::Sampler;
+use crate::telemetry::Outcome;
+
+/// Most series keys whose sampling policies one stream is told.
+const MAX_KEYS_PER_STREAM: usize = 10_000;
+
+/// Maps an error from decoding the inbound stream to the status and counter reason it gets.
+/// `None` means the client went away, which is not the client's fault to report.
+fn inbound_error(status: &Status) -> Option<(Status, &'static str)> {
+    match status.code() {
+        Code::OutOfRange | Code::ResourceExhausted => Some((
+            Status::resource_exhausted(format!("batch too large: {}; split it", status.message())),
+            "oversized",
+        )),
+        Code::Internal => {
+            Some((Status::invalid_argument(format!("malformed batch: {}", status.message())), "malformed"))
+        }
+        _ => None,
+    }
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<IngestReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    type StreamStream = ReplyStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<SpanBatch>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(8);
+        let service = self.clone();
+        tokio::spawn(async move {
+            service.metrics.ingest_streams.inc();
+            service.serve_stream(inbound, tx).await;
+            service.metrics.ingest_streams.dec();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The per-stream state.
+struct StreamState {
+    client: Option<u64>,
+    acked: u64,
+    /// The series keys this client sent, whose sampling policies it is told.
+    keys: std::collections::HashSet<u64>,
+    /// The sampler generation last told.
+    told: u64,
+    rejected: BTreeMap<&'static str, u64>,
+    tx: mpsc::Sender<Result<IngestReply, Status>>,
+}
+
+impl StreamState {
+    /// Sends an acknowledgement when the client's durable seq moved; false when the client is gone.
+    async fn ack(&mut self, pipeline: &dyn Admit, sampler: &Sampler, throttle: Option<Throttle>) -> bool {
+        let Some(client) = self.client else { return true };
+        let durable = pipeline.durable_seq(client);
+        if durable <= self.acked && throttle.is_none() {
+            return true;
+        }
+        self.acked = self.acked.max(durable);
+        let generation = sampler.generation();
+        let sampling = (generation > self.told && !self.keys.is_empty()).then(|| {
+            self.told = generation;
+            SamplingPolicy {
+                default_probability: 1.0,
+                default_set: false,
+                keys: sampler.policies(self.keys.iter().copied()),
+            }
+        });
+        let reply = IngestReply {
+            durable_seq: self.acked,
+            sampling,
+            throttle,
+            rejected: self
+                .rejected
+                .iter()
+                .map(|(&reason, &count)| RejectedSpans { reason: reason.to_owned(), count })
+                .collect(),
+        };
+        self.tx.send(Ok(reply)).await.is_ok()
+    }
+
+    async fn fail(&self, status: Status) {
+        let _ = self.tx.send(Err(status)).await;
+    }
+}
+
+impl IngestService {
+    async fn serve_stream(
+        &self,
+        mut inbound: Streaming<SpanBatch>,
+        tx: mpsc::Sender<Result<IngestReply, Status>>,
+    ) {
+        let mut durable = self.pipeline.subscribe();
+        let mut st = StreamState {
+            client: None,
+            acked: 0,
+            keys: Default::default(),
+            told: 0,
+            rejected: BTreeMap::new(),
+            tx,
+        };
+        // Whether to read more batches: false once the client half-closed or the server drains.
+        let mut reading = true;
+        loop {
+            tokio::select! {
+                changed = durable.changed() => {
+                    let closed = changed.is_err() || durable.borrow_and_update().closed;
+                    if !st.ack(self.pipeline.as_ref(), &self.sampler, None).await {
+                        return;
+                    }
+                    if closed {
+                        st.fail(Status::unavailable("server is shutting down; reconnect and resend unacknowledged batches")).await;
+                        return;
+                    }
+                    if !reading && st.client.is_none_or(|c| self.pipeline.is_settled(c)) {
+                        return;
+                    }
+                }
+                msg = inbound.message(), if reading => match msg {
+                    Ok(Some(batch)) => {
+                        if let Err(status) = self.offer(&mut st, batch, &mut reading).await {
+                            st.fail(status).await;
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        // The client is done sending; finish once what it sent is acknowledged.
+                        reading = false;
+                        if st.client.is_none_or(|c| self.pipeline.is_settled(c)) && st.ack(self.pipeline.as_ref(), &self.sampler, None).await {
+                            return;
+                        }
+                    }
+                    Err(status) => {
+                        if let Some((status, reason)) = inbound_error(&status) {
+                            self.metrics.reject_batch(reason);
+                            st.fail(status).await;
+                        }
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Handles one batch. An error ends the stream with that status.
+    async fn offer(&self, st: &mut StreamState, batch: SpanBatch, reading: &mut bool) -> Result<(), Status> {
+        match st.client {
+            Some(c) if c != batch.client_id => {
+                self.metrics.reject_batch("invalid");
+                return Err(Status::invalid_argument(format!(
+                    "batch seq {}: client_id {:016x} differs from this stream's client {c:016x}",
+                    batch.seq, batch.client_id
+                )));
+            }
+            _ => st.client = Some(batch.client_id),
+        }
+        let (client, seq) = (batch.client_id, batch.seq);
+        if self.pipeline.is_duplicate(client, seq) {
+            self.metrics.batches.get_or_create(&Outcome { result: "duplicate" }).inc();
+            if !st.ack(self.pipeline.as_ref(), &self.sampler, None).await {
+                return Err(Status::cancelled("client went away"));
+            }
+            return Ok(());
+        }
+        match self.submit(batch, Origin::Native).await {
+            Ok(receipt) if receipt.duplicate => Ok(()),
+            Ok(receipt) => {
+                let stats = receipt.stats;
+                // Bounded: a client with more keys than this is told the policies of the first.
+                for &k in &stats.keys {
+                    if st.keys.len() < MAX_KEYS_PER_STREAM {
+                        st.keys.insert(k);
+                    }
+                }
+                for reason in SpanReject::ALL {
+                    let n = stats.rejected[reason.index()];
+                    if n > 0 {
+                        *st.rejected.entry(reason.as_str()).or_default() += n;
+                    }
+                }
+                if let Some(t) = self.throttle() {
+                    self.metrics.throttle_replies.inc();
+                    if !st.ack(self.pipeline.as_ref(), &self.sampler, Some(t)).await {
+                        return Err(Status::cancelled("client went away"));
+                    }
+                }
+                Ok(())
+            }
+            Err(IngestError::Draining) => {
+                // Stop reading; the final epoch's acknowledgement and UNAVAILABLE follow.
+                *reading = false;
+                Ok(())
+            }
+            Err(e) => Err(e.grpc_status()),
+        }
+    }
+}
