@@ -133,6 +133,7 @@ fn breach_to_webhook(n: usize) {
         let mut config = tailscope_server::Config::default();
         config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
         config.server.http_addr = "127.0.0.1:0".parse().unwrap();
+        config.server.otlp_http_addr = "127.0.0.1:0".parse().unwrap();
         config.server.data_dir = dir.path().join("data");
         config.ingest.flush_interval = Duration::from_millis(100);
         config.alerting.rule_files = vec![rules];

@@ -204,6 +204,11 @@ pub struct AlertingConfig {
     /// Largest silence accepted, as its JSON (matchers, comment, author), in bytes (Alertmanager's
     /// `--silences.max-silence-size-bytes`).
     pub max_silence_size_bytes: usize,
+    /// Most alerts the notifier holds (posted and from rules); beyond it new alerts are
+    /// refused (429 for a POST) or dropped, counted.
+    pub max_alerts: usize,
+    /// Most webhook deliveries in flight at once; the rest wait their turn.
+    pub max_concurrent_deliveries: usize,
 }
 
 impl Default for AlertingConfig {
@@ -219,6 +224,8 @@ impl Default for AlertingConfig {
             webhook_timeout: Duration::from_secs(10),
             max_silences: 1_000,
             max_silence_size_bytes: 16 * 1024,
+            max_alerts: 50_000,
+            max_concurrent_deliveries: 32,
         }
     }
 }
@@ -231,6 +238,9 @@ impl AlertingConfig {
         }
         if self.queue_capacity == 0 {
             return Err("queue_capacity must be at least 1".into());
+        }
+        if self.max_alerts == 0 || self.max_concurrent_deliveries == 0 {
+            return Err("max_alerts and max_concurrent_deliveries must be at least 1".into());
         }
         if self.max_silences == 0 || self.max_silence_size_bytes < 256 {
             return Err("max_silences must be at least 1 and max_silence_size_bytes at least 256".into());
@@ -340,6 +350,8 @@ impl Alerting {
             external_url: external_url.clone(),
             webhook_timeout: config.webhook_timeout,
             queue_capacity: config.queue_capacity,
+            max_alerts: config.max_alerts,
+            max_deliveries: config.max_concurrent_deliveries,
             silences: silences::Limits {
                 max_silences: config.max_silences,
                 max_size_bytes: config.max_silence_size_bytes,

@@ -44,6 +44,10 @@ pub struct Settings {
     pub queue_capacity: usize,
     /// What silences may cost.
     pub silences: super::silences::Limits,
+    /// Most alerts the notifier holds; new ones beyond it are dropped, counted.
+    pub max_alerts: usize,
+    /// Most webhook deliveries in flight at once; the rest wait their turn.
+    pub max_deliveries: usize,
 }
 
 /// One notification log entry: what a webhook was last told about a group.
@@ -103,6 +107,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     http: reqwest::Client,
     stop: watch::Receiver<bool>,
+    /// One permit per webhook delivery in flight (`alerting.max_concurrent_deliveries`).
+    deliveries: Arc<tokio::sync::Semaphore>,
 }
 
 /// An aggregation group.
@@ -139,6 +145,7 @@ impl Notifier {
         }
         let http = reqwest::Client::builder().build().unwrap_or_default();
         let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
+        let deliveries = Arc::new(tokio::sync::Semaphore::new(settings.max_deliveries.max(1)));
         let shared = Arc::new(Shared {
             config: RwLock::new(Arc::new(config)),
             settings,
@@ -153,9 +160,17 @@ impl Notifier {
             metrics,
             http,
             stop,
+            deliveries,
         });
         let task = tokio::spawn(dispatch(shared.clone(), rx));
         Ok((Notifier { tx, shared }, task))
+    }
+
+    /// Whether `alerts` fit under `alerting.max_alerts` (updates of known alerts always do).
+    pub fn has_room_for(&self, alerts: &[Alert]) -> bool {
+        let known = self.shared.alerts.lock();
+        let new = alerts.iter().filter(|a| !known.contains_key(&fingerprint(&a.labels))).count();
+        known.len() + new <= self.shared.settings.max_alerts
     }
 
     /// Replaces the configuration: every group restarts under the new routes (the log keeps
@@ -242,6 +257,11 @@ impl Shared {
         let fp = fingerprint(&alert.labels);
         {
             let mut alerts = self.alerts.lock();
+            if !alerts.contains_key(&fp) && alerts.len() >= self.settings.max_alerts {
+                self.metrics.alerts_dropped.inc();
+                self.metrics.limit_hit("alerting.max_alerts");
+                return;
+            }
             if let Some(old) = alerts.get(&fp) {
                 // The same alert still going on keeps its start.
                 if !old.resolved(alert.starts_at) && old.starts_at < alert.starts_at {
@@ -469,6 +489,9 @@ async fn flush(shared: &Arc<Shared>, group: &Arc<Group>) {
                 metrics: &shared.metrics,
             };
             let label = ReceiverLabel { receiver: receiver_name.clone() };
+            // A bounded pool: a burst of groups (5,000 services, each its own group) waits its
+            // turn instead of opening a connection each.
+            let Ok(_permit) = shared.deliveries.clone().acquire_owned().await else { return };
             match webhook::deliver(target, &body, deadline).await {
                 Ok(()) => {
                     shared.metrics.notifications.get_or_create(&label).inc();

@@ -226,6 +226,13 @@ async fn post_alerts(State(s): State<AppState>, body: Bytes) -> Response {
             generator_url: p.generator_url,
         });
     }
+    if !notifier.has_room_for(&alerts) {
+        s.metrics.limit_hit("alerting.max_alerts");
+        return v2_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "the notifier holds as many alerts as alerting.max_alerts allows; send again after resolved ones expire",
+        );
+    }
     notifier.send(alerts);
     (StatusCode::OK, "").into_response()
 }

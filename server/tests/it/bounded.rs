@@ -213,3 +213,127 @@ async fn services_beyond_the_cap_are_counted_under_overflow() {
     assert_eq!(metric(&text, "tailscope_spans_accepted_total"), 300.0);
     server.shutdown().await;
 }
+
+async fn post_json(url: String, body: serde_json::Value) -> (u16, String) {
+    let resp = reqwest::Client::new().post(url).json(&body).send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+fn silence(matchers: serde_json::Value, comment: &str) -> serde_json::Value {
+    serde_json::json!({
+        "matchers": matchers,
+        "startsAt": "2020-01-01T00:00:00Z",
+        "endsAt": "2999-01-01T00:00:00Z",
+        "createdBy": "test",
+        "comment": comment,
+    })
+}
+
+/// A5, U2: a 120-byte silence whose regex compiled to ~12 MB, comments of megabytes and
+/// silences without number. Each is now refused naming its limit, and a restart with the most
+/// silences allowed loads them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silences_are_bounded_in_number_size_and_regex_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.alerting.max_silences = 20;
+    let server = tailscope_server::Server::start(c.clone()).await.unwrap();
+    let url = format!("http://{}/api/v2/silences", server.http_addr());
+    let m = |name: &str, value: &str, regex: bool| serde_json::json!({"name": name, "value": value, "isRegex": regex});
+    let (code, body) =
+        post_json(url.clone(), silence(serde_json::json!([m("service", r"\w{200}", true)]), "")).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("compiles to more than 256 KiB"), "{body}");
+    let many: Vec<_> = (0..33).map(|i| m("service", &format!("s{i}"), false)).collect();
+    let (code, body) = post_json(url.clone(), silence(serde_json::json!(many), "")).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("33 matchers, more than the limit of 32"), "{body}");
+    let (code, body) =
+        post_json(url.clone(), silence(serde_json::json!([m("service", "a", false)]), &"x".repeat(20_000)))
+            .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("alerting.max_silence_size_bytes"), "{body}");
+    for i in 0..20 {
+        let (code, body) = post_json(
+            url.clone(),
+            silence(serde_json::json!([m("service", &format!("svc-{i}.*"), true)]), "ok"),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+    }
+    let (code, body) =
+        post_json(url.clone(), silence(serde_json::json!([m("service", "one-more", false)]), "")).await;
+    assert_eq!(code, 429, "{body}");
+    assert!(body.contains("alerting.max_silences"), "{body}");
+    server.shutdown().await;
+    // A restart loads every silence it kept.
+    let server = tailscope_server::Server::start(c).await.unwrap();
+    let listed = get_json(server.http_addr(), "/api/v2/silences").await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(20), "{listed}");
+    server.shutdown().await;
+}
+
+/// U3, A7: posted alerts had no cap, and 5,000 groups meant 5,000 webhook POSTs at once. The
+/// notifier now holds at most `alerting.max_alerts` (a POST beyond gets 429; updates of known
+/// alerts pass), and delivers through a pool of `alerting.max_concurrent_deliveries`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posted_alerts_are_capped_and_deliveries_go_through_a_bounded_pool() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    // A slow receiver that remembers the most requests it had in flight at once.
+    #[derive(Clone, Default)]
+    struct Slow {
+        now: Arc<AtomicUsize>,
+        most: Arc<AtomicUsize>,
+        done: Arc<AtomicUsize>,
+    }
+    async fn hook(axum::extract::State(s): axum::extract::State<Slow>) -> &'static str {
+        let n = s.now.fetch_add(1, Ordering::SeqCst) + 1;
+        s.most.fetch_max(n, Ordering::SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        s.now.fetch_sub(1, Ordering::SeqCst);
+        s.done.fetch_add(1, Ordering::SeqCst);
+        "ok"
+    }
+    let slow = Slow::default();
+    let app = axum::Router::new().fallback(axum::routing::post(hook)).with_state(slow.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let raddr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("am.yml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "route:\n  receiver: hook\n  group_by: [alertname, service]\n  group_wait: 0s\n  group_interval: 1m\n  repeat_interval: 1h\nreceivers:\n  - name: hook\n    webhook_configs:\n      - url: http://{raddr}/hook\n"
+        ),
+    )
+    .unwrap();
+    let mut c = config(&dir.path().join("data"));
+    c.alerting.alertmanager_config = yaml;
+    c.alerting.max_alerts = 300;
+    c.alerting.max_concurrent_deliveries = 8;
+    let server = tailscope_server::Server::start(c).await.unwrap();
+    let url = format!("http://{}/api/v2/alerts", server.http_addr());
+    let alert = |service: String| serde_json::json!({"labels": {"alertname": "Slow", "service": service}});
+    let alerts = |range: std::ops::Range<usize>| {
+        serde_json::json!(range.map(|i| alert(format!("s{i}"))).collect::<Vec<_>>())
+    };
+    let (code, body) = post_json(url.clone(), alerts(0..400)).await;
+    assert_eq!(code, 429, "400 new alerts do not fit under 300: {body}");
+    assert!(body.contains("alerting.max_alerts"), "{body}");
+    let (code, body) = post_json(url.clone(), alerts(0..300)).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eventually!(slow.done.load(Ordering::SeqCst) >= 300, "300 groups delivered");
+    let (code, _) = post_json(url.clone(), alerts(300..301)).await;
+    assert_eq!(code, 429, "a new alert beyond the cap");
+    let (code, _) = post_json(url.clone(), alerts(0..1)).await;
+    assert_eq!(code, 200, "an update of a known alert");
+    let most = slow.most.load(Ordering::SeqCst);
+    println!("300 groups: at most {most} deliveries in flight at once");
+    assert!(most <= 8, "{most} deliveries at once, more than the pool of 8");
+    let text = metrics(server.http_addr()).await;
+    assert!(metric(&text, "tailscope_limit_hits_total{limit=\"alerting.max_alerts\"}") >= 2.0, "{text}");
+    server.shutdown().await;
+}
