@@ -8,6 +8,7 @@
 
 pub mod eval;
 pub mod forward;
+pub mod inhibit;
 pub mod matchers;
 pub mod notify;
 pub mod route;

@@ -95,8 +95,10 @@ pub struct Notifier {
 struct Shared {
     config: RwLock<Arc<NotifierConfig>>,
     settings: Settings,
-    /// Every alert the notifier knows, by fingerprint (inhibition reads it).
+    /// Every alert the notifier knows, by fingerprint.
     alerts: Mutex<HashMap<u64, Alert>>,
+    /// The inhibit rules' sources among `alerts`, indexed (rebuilt on reload and maintenance).
+    inhibit: Mutex<super::inhibit::InhibitIndex>,
     groups: Mutex<HashMap<String, Arc<Group>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     silences: Silences,
@@ -150,6 +152,7 @@ impl Notifier {
             config: RwLock::new(Arc::new(config)),
             settings,
             alerts: Mutex::new(HashMap::new()),
+            inhibit: Mutex::new(super::inhibit::InhibitIndex::default()),
             groups: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
             silences,
@@ -177,6 +180,7 @@ impl Notifier {
     /// them from re-sending what they already sent).
     pub fn reload(&self, config: NotifierConfig) {
         *self.shared.config.write() = Arc::new(config);
+        self.shared.reindex();
         for t in self.shared.tasks.lock().drain(..) {
             t.abort();
         }
@@ -212,7 +216,7 @@ impl Notifier {
             .iter()
             .filter(|a| !a.resolved(now))
             .map(|a| {
-                let silenced = self.shared.silences.muting(&a.labels, now);
+                let silenced = self.shared.silences.muting(fingerprint(&a.labels), &a.labels, now);
                 let inhibited = self.shared.inhibitors(&config, a, now);
                 let state = if silenced.is_empty() && inhibited.is_empty() { "active" } else { "suppressed" };
                 let receivers: Vec<Value> =
@@ -268,6 +272,8 @@ impl Shared {
                     alert.starts_at = old.starts_at;
                 }
             }
+            let rules = &self.config.read().inhibit_rules;
+            self.inhibit.lock().add(rules, fp, &alert);
             alerts.insert(fp, alert.clone());
         }
         self.route(alert, now);
@@ -316,32 +322,27 @@ impl Shared {
         }
     }
 
-    /// The fingerprints (hex) of firing alerts that inhibit `target`.
+    /// The fingerprints (hex) of firing alerts that inhibit `target`: one index lookup per
+    /// inhibit rule whose target matchers `target` matches.
     fn inhibitors(&self, config: &NotifierConfig, target: &Alert, now: i64) -> Vec<String> {
-        let mut out = Vec::new();
-        let rules: Vec<_> = config
-            .inhibit_rules
-            .iter()
-            .filter(|r| r.target.iter().all(|m| m.matches(&target.labels)))
-            .collect();
-        if rules.is_empty() {
-            return out;
+        if config.inhibit_rules.is_empty() {
+            return Vec::new();
         }
         let target_fp = fingerprint(&target.labels);
+        self.inhibit
+            .lock()
+            .inhibitors(&config.inhibit_rules, target_fp, target, now)
+            .into_iter()
+            .map(|fp| format!("{fp:016x}"))
+            .collect()
+    }
+
+    /// Rebuilds the inhibition index from the alerts held (after a reload or a clean-up).
+    fn reindex(&self) {
+        let rules = self.config.read().inhibit_rules.clone();
         let alerts = self.alerts.lock();
-        for (fp, source) in alerts.iter() {
-            if *fp == target_fp || source.resolved(now) {
-                continue;
-            }
-            let inhibits = rules.iter().any(|r| {
-                r.source.iter().all(|m| m.matches(&source.labels))
-                    && r.equal.iter().all(|l| source.labels.get(l) == target.labels.get(l))
-            });
-            if inhibits {
-                out.push(fingerprint_hex(&source.labels));
-            }
-        }
-        out
+        *self.inhibit.lock() =
+            super::inhibit::InhibitIndex::build(&rules, alerts.iter().map(|(fp, a)| (*fp, a)));
     }
 
     fn breaker(&self, receiver: &str, index: usize, group_interval: Duration) -> Arc<Breaker> {
@@ -353,6 +354,9 @@ impl Shared {
     /// Cleans up resolved alerts no longer needed and expired log entries.
     fn maintain(&self, now: i64) {
         self.alerts.lock().retain(|_, a| !(a.resolved(now) && a.ends_at + RESOLVED_RETENTION_MS < now));
+        self.reindex();
+        // Keeps the mute cache to the alerts still held.
+        self.silences.invalidate();
         let expired: Vec<Vec<u8>> = self
             .log
             .lock()
@@ -438,7 +442,7 @@ async fn flush(shared: &Arc<Shared>, group: &Arc<Group>) {
         .filter(|a| {
             // Muting applies to firing alerts; a resolve is never held back.
             a.resolved(now)
-                || (shared.silences.muting(&a.labels, now).is_empty()
+                || (shared.silences.muting(fingerprint(&a.labels), &a.labels, now).is_empty()
                     && shared.inhibitors(&config, a, now).is_empty())
         })
         .collect();

@@ -143,6 +143,18 @@ pub struct Silences {
     store: Store,
     limits: Limits,
     all: RwLock<BTreeMap<String, (Silence, Vec<Matcher>)>>,
+    /// What muted each alert (by fingerprint) when last asked, valid while no silence was
+    /// written and no silence started or ended since (Alertmanager keeps the same per-alert
+    /// cache): a flush asks for every alert of its group every group interval.
+    cache: parking_lot::Mutex<MuteCache>,
+}
+
+#[derive(Debug, Default)]
+struct MuteCache {
+    /// Bumped by every write: entries of an older version are stale.
+    version: u64,
+    /// Fingerprint → (version, valid until (ms, exclusive), the muting silences).
+    entries: std::collections::HashMap<u64, (u64, i64, Vec<String>)>,
 }
 
 impl Silences {
@@ -160,7 +172,7 @@ impl Silences {
                 }
             }
         }
-        Ok(Silences { store, limits, all: RwLock::new(all) })
+        Ok(Silences { store, limits, all: RwLock::new(all), cache: Default::default() })
     }
 
     /// Creates or updates a silence; returns its id.
@@ -233,6 +245,7 @@ impl Silences {
         }
         self.persist(&s)?;
         all.insert(id.clone(), (s, compiled));
+        self.invalidate();
         Ok(id)
     }
 
@@ -246,6 +259,7 @@ impl Silences {
             s.updated_at = now;
             let s = s.clone();
             self.persist(&s)?;
+            self.invalidate();
         }
         Ok(())
     }
@@ -269,14 +283,44 @@ impl Silences {
         all.values().map(|(s, _)| s.to_json(now)).collect()
     }
 
-    /// The ids of the active silences that mute `labels`.
-    pub fn muting(&self, labels: &Labels, now: i64) -> Vec<String> {
-        self.all
-            .read()
+    /// The ids of the active silences that mute `labels` (an alert of fingerprint `fp`),
+    /// from the cache while it is valid.
+    pub fn muting(&self, fp: u64, labels: &Labels, now: i64) -> Vec<String> {
+        {
+            let cache = self.cache.lock();
+            if let Some((version, until, ids)) = cache.entries.get(&fp) {
+                if *version == cache.version && now < *until {
+                    return ids.clone();
+                }
+            }
+        }
+        let all = self.all.read();
+        let version = self.cache.lock().version;
+        // The answer holds until the next start or end of any silence.
+        let until = all
+            .values()
+            .flat_map(|(s, _)| [s.starts_at, s.ends_at])
+            .filter(|&t| t > now)
+            .min()
+            .unwrap_or(i64::MAX);
+        let ids: Vec<String> = all
             .values()
             .filter(|(s, m)| s.state(now) == "active" && m.iter().all(|m| m.matches(labels)))
             .map(|(s, _)| s.id.clone())
-            .collect()
+            .collect();
+        drop(all);
+        let mut cache = self.cache.lock();
+        if cache.version == version {
+            cache.entries.insert(fp, (version, until, ids.clone()));
+        }
+        ids
+    }
+
+    /// Forgets the cached answers (silences changed, or alerts were cleaned up).
+    pub fn invalidate(&self) {
+        let mut cache = self.cache.lock();
+        cache.version += 1;
+        cache.entries.clear();
     }
 }
 
