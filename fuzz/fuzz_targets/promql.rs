@@ -1,4 +1,7 @@
-//! Any query text, parsed and evaluated over a small in-memory data set: never a panic.
+//! Any query text, parsed and evaluated over a small in-memory data set: never a panic, and
+//! never a stack overflow. Inputs starting with `#!` are read as a recipe for a deeply nested
+//! expression (each further byte picks a wrapper around what was built so far, up to
+//! thousands deep), which a fuzzer would otherwise need thousands of typed brackets to reach.
 #![no_main]
 
 use std::time::{Duration, Instant};
@@ -50,7 +53,17 @@ fuzz_target!(|data: &[u8]| {
     // `promql::parse` contains no longer does.
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| drop(std::panic::take_hook()));
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let owned;
+    let text = match data.strip_prefix(b"#!") {
+        Some(recipe) => {
+            owned = nested(recipe);
+            owned.as_str()
+        }
+        None => match std::str::from_utf8(data) {
+            Ok(t) => t,
+            Err(_) => return,
+        },
+    };
     let Ok(expr) = tailscope_server::query::promql::parse(text) else { return };
     let labels = |s: &str, o: &str, st| SeriesLabels { service: s.into(), operation: o.into(), status: st };
     let mem = Mem(
@@ -60,7 +73,12 @@ fuzz_target!(|data: &[u8]| {
             .collect(),
     );
     let retention = RetentionConfig::default();
-    let limits = Limits { max_series: 100, max_points: 100, deadline: Instant::now() + Duration::from_secs(1) };
+    let limits = Limits {
+        max_series: 100,
+        max_points: 100,
+        max_samples: 10_000,
+        deadline: Instant::now() + Duration::from_secs(1),
+    };
     for steps in [Steps::instant(NOW * 1000), Steps::range((NOW - 600) * 1000, NOW * 1000, 60_000, 100).expect("steps")] {
         let engine = Engine::new(&mem, &steps, NOW, &retention, limits);
         if let Ok(v) = engine.eval(&expr) {
@@ -68,3 +86,28 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// A nested expression: each byte wraps what was built so far (a byte repeated up to 64 times
+/// by its high bits), so short inputs reach thousands of levels.
+fn nested(recipe: &[u8]) -> String {
+    const WRAPS: [&str; 8] = [
+        "sum({})",
+        "({})",
+        "-{}",
+        "{} + 1",
+        "1 * {}",
+        "histogram_quantile(0.9, {})",
+        "rate(span_duration_seconds_bucket[5m]) and {}",
+        "{} or vector(1)",
+    ];
+    let mut q = String::from("rate(span_duration_seconds_count[1m])");
+    for &b in recipe {
+        for _ in 0..=(b >> 3) {
+            q = WRAPS[usize::from(b & 7)].replace("{}", &q);
+            if q.len() > 200_000 {
+                return q;
+            }
+        }
+    }
+    q
+}

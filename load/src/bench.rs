@@ -51,9 +51,27 @@ pub struct BenchArgs {
     /// Shards of the started server (0: one per core).
     #[arg(long, default_value_t = 0)]
     shards: usize,
+    /// What to send: the native stream, or OTLP export requests over gRPC or HTTP (protobuf),
+    /// `--batch` spans each, as an OpenTelemetry SDK does (each answered once durable).
+    #[arg(long, value_enum, default_value_t = Protocol::Native)]
+    protocol: Protocol,
+    /// OTLP only: export requests in flight per connection.
+    #[arg(long, default_value_t = 8)]
+    in_flight: usize,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// What `bench` sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// `tailscope.v1.Ingest/Stream`, pipelined batches.
+    Native,
+    /// OTLP `TraceService/Export` on the gRPC port.
+    OtlpGrpc,
+    /// OTLP `POST /v1/traces` (protobuf) on the OTLP/HTTP port.
+    OtlpHttp,
 }
 
 /// Starts a server child process on a temporary data directory (dropped after the server,
@@ -125,6 +143,189 @@ fn templates(args: &BenchArgs, count: usize) -> Vec<Bytes> {
             Bytes::from(batch.encode_to_vec())
         })
         .collect()
+}
+
+/// Encodes `count` distinct OTLP export requests of `args.batch` spans each, one resource per
+/// service, as an SDK would send them.
+fn otlp_templates(args: &BenchArgs, count: usize) -> Vec<Bytes> {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{
+        status, ResourceSpans, ScopeSpans, Span as OtlpSpan, Status,
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    (0..count)
+        .map(|_| {
+            let mut by_service: std::collections::BTreeMap<usize, Vec<OtlpSpan>> = Default::default();
+            for _ in 0..args.batch {
+                let s = rng.gen_range(0..args.series);
+                let z: f64 = rng.gen_range(-3.0..3.0);
+                let start = now - rng.gen_range(0..args.start_spread.max(1) * 1_000_000_000);
+                let error = rng.gen_bool(0.01);
+                by_service.entry(s % 10).or_default().push(OtlpSpan {
+                    trace_id: rng.gen::<[u8; 16]>().to_vec(),
+                    span_id: rng.gen::<[u8; 8]>().to_vec(),
+                    name: format!("operation-{s}"),
+                    kind: 2,
+                    start_time_unix_nano: start,
+                    end_time_unix_nano: start + (20e6 * (0.8 * z).exp()) as u64,
+                    status: error
+                        .then(|| Status { code: status::StatusCode::Error as i32, ..Default::default() }),
+                    ..Default::default()
+                });
+            }
+            let resource_spans = by_service
+                .into_iter()
+                .map(|(service, spans)| ResourceSpans {
+                    resource: Some(Resource {
+                        attributes: vec![KeyValue {
+                            key: "service.name".into(),
+                            value: Some(AnyValue {
+                                value: Some(any_value::Value::StringValue(format!("service-{service}"))),
+                            }),
+                        }],
+                        ..Default::default()
+                    }),
+                    scope_spans: vec![ScopeSpans { spans, ..Default::default() }],
+                    ..Default::default()
+                })
+                .collect();
+            Bytes::from(ExportTraceServiceRequest { resource_spans }.encode_to_vec())
+        })
+        .collect()
+}
+
+/// A pre-encoded OTLP export body, sent as is.
+#[derive(Debug, Default, Clone)]
+struct RawCodec;
+
+#[derive(Debug, Default, Clone)]
+struct RawEncoder;
+
+#[derive(Debug, Default, Clone)]
+struct IgnoreDecoder;
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for IgnoreDecoder {
+    type Item = ();
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<()>, tonic::Status> {
+        use bytes::Buf;
+        src.advance(src.remaining());
+        Ok(Some(()))
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = ();
+    type Encoder = RawEncoder;
+    type Decoder = IgnoreDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> IgnoreDecoder {
+        IgnoreDecoder
+    }
+}
+
+/// Sends `exports` OTLP export requests over one connection, `in_flight` at a time, each
+/// answered once its spans are durable; refused ones are sent again after a pause. Returns
+/// the acknowledgement latencies and the number of refusals.
+async fn otlp_connection(
+    protocol: Protocol,
+    addr: SocketAddr,
+    exports: u64,
+    in_flight: usize,
+    bodies: Vec<Bytes>,
+) -> anyhow::Result<(Vec<Duration>, u64)> {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let channel = match protocol {
+        Protocol::OtlpGrpc => {
+            Some(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?)
+        }
+        _ => None,
+    };
+    let http = reqwest::Client::new();
+    let mut workers = Vec::new();
+    for _ in 0..in_flight.max(1) {
+        let (next, bodies, channel, http) = (next.clone(), bodies.clone(), channel.clone(), http.clone());
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut refusals = 0u64;
+            let path = http::uri::PathAndQuery::from_static(
+                "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            );
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= exports {
+                    return Ok::<_, anyhow::Error>((latencies, refusals));
+                }
+                let body = bodies[i as usize % bodies.len()].clone();
+                loop {
+                    let started = Instant::now();
+                    let refused = match &channel {
+                        Some(channel) => {
+                            let mut client = tonic::client::Grpc::new(channel.clone());
+                            client.ready().await?;
+                            match client
+                                .unary(tonic::Request::new(body.clone()), path.clone(), RawCodec)
+                                .await
+                            {
+                                Ok(_) => false,
+                                Err(s)
+                                    if matches!(
+                                        s.code(),
+                                        tonic::Code::ResourceExhausted | tonic::Code::Unavailable
+                                    ) =>
+                                {
+                                    true
+                                }
+                                Err(s) => bail!("export failed: {s}"),
+                            }
+                        }
+                        None => {
+                            let r = http
+                                .post(format!("http://{addr}/v1/traces"))
+                                .header("content-type", "application/x-protobuf")
+                                .body(body.clone())
+                                .send()
+                                .await?;
+                            match r.status().as_u16() {
+                                200 => false,
+                                429 | 503 => true,
+                                code => bail!("export failed: {code} {}", r.text().await.unwrap_or_default()),
+                            }
+                        }
+                    };
+                    if !refused {
+                        latencies.push(started.elapsed());
+                        break;
+                    }
+                    refusals += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    let (mut latencies, mut refusals) = (Vec::new(), 0);
+    for w in workers {
+        let (l, r) = w.await??;
+        latencies.extend(l);
+        refusals += r;
+    }
+    Ok((latencies, refusals))
 }
 
 /// A pre-encoded batch: the client id and seq fields, then a template body.
@@ -238,29 +439,61 @@ async fn connection(
 
 /// Runs the benchmark.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let (_child, grpc, pid) = match (args.grpc, args.pid) {
-        (Some(g), Some(p)) => (None, g, p),
+    let (_child, grpc, otlp_http, pid) = match (args.grpc, args.pid) {
+        (Some(g), Some(p)) => (None, g, None, p),
         _ => {
             let (server, dir) = start_server(&args)?;
-            let (g, p) = (server.grpc, server.pid());
-            (Some((server, dir)), g, p)
+            let (g, h, p) = (server.grpc, server.otlp_http, server.pid());
+            (Some((server, dir)), g, Some(h), p)
         }
     };
     let per_connection = args.spans / args.batch as u64 / args.connections;
-    let bodies = templates(&args, 16);
+    let bodies = match args.protocol {
+        Protocol::Native => templates(&args, 16),
+        _ => otlp_templates(&args, 16),
+    };
     let rss_before = status_bytes(pid, "VmRSS:")?;
     let cpu_before = cpu_seconds(pid)?;
     let own_before = cpu_seconds(std::process::id())?;
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for k in 0..args.connections {
-        let client_id = rand::thread_rng().gen::<u64>() | 1;
-        tasks.push(tokio::spawn(connection(grpc, client_id + k, per_connection, bodies.clone())));
-    }
     let mut refusals = 0;
-    for t in tasks {
-        refusals += t.await??;
+    let mut latencies = Vec::new();
+    if args.protocol == Protocol::Native {
+        let mut tasks = Vec::new();
+        for k in 0..args.connections {
+            let client_id = rand::thread_rng().gen::<u64>() | 1;
+            tasks.push(tokio::spawn(connection(grpc, client_id + k, per_connection, bodies.clone())));
+        }
+        for t in tasks {
+            refusals += t.await??;
+        }
+    } else {
+        let addr = match args.protocol {
+            Protocol::OtlpGrpc => grpc,
+            _ => otlp_http.context("OTLP/HTTP needs a server started by bench")?,
+        };
+        let mut tasks = Vec::new();
+        for _ in 0..args.connections {
+            tasks.push(tokio::spawn(otlp_connection(
+                args.protocol,
+                addr,
+                per_connection,
+                args.in_flight,
+                bodies.clone(),
+            )));
+        }
+        for t in tasks {
+            let (l, r) = t.await??;
+            latencies.extend(l);
+            refusals += r;
+        }
     }
+    latencies.sort_unstable();
+    let quantile = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+            .map(|d| d.as_secs_f64())
+    };
     let elapsed = started.elapsed();
     let cpu = cpu_seconds(pid)? - cpu_before;
     // The generator's own cost, so the numbers say what limited them: on a machine whose cores
@@ -287,6 +520,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "server_rss_bytes": status_bytes(pid, "VmRSS:")?,
         "server_peak_rss_bytes": status_bytes(pid, "VmHWM:")?,
         "refusals": refusals,
+        "protocol": format!("{:?}", args.protocol),
+        "ack_seconds_p50": quantile(0.5),
+        "ack_seconds_p99": quantile(0.99),
     });
     if args.json {
         println!("{report}");
@@ -321,6 +557,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "  server RSS        {:>12} bytes now, {} peak, {} before",
             report["server_rss_bytes"], report["server_peak_rss_bytes"], rss_before
         );
+        if let (Some(p50), Some(p99)) = (quantile(0.5), quantile(0.99)) {
+            println!(
+                "  export acks       p50 {:.1} ms, p99 {:.1} ms ({refusals} refused)",
+                p50 * 1e3,
+                p99 * 1e3
+            );
+        }
     }
     Ok(())
 }

@@ -15,6 +15,8 @@ pub struct ChildServer {
     pub grpc: SocketAddr,
     /// Its HTTP address.
     pub http: SocketAddr,
+    /// Its OTLP/HTTP address.
+    pub otlp_http: SocketAddr,
 }
 
 /// The server binary: `given`, or `tailscope-server` next to this binary.
@@ -80,7 +82,12 @@ impl ChildServer {
         let addr = |k: &str| -> anyhow::Result<SocketAddr> {
             Ok(started["fields"][k].as_str().with_context(|| format!("no {k} in the start line"))?.parse()?)
         };
-        Ok(ChildServer { grpc: addr("grpc_addr")?, http: addr("http_addr")?, child })
+        Ok(ChildServer {
+            grpc: addr("grpc_addr")?,
+            http: addr("http_addr")?,
+            otlp_http: addr("otlp_http_addr")?,
+            child,
+        })
     }
 
     /// Its process id.

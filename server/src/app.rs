@@ -9,7 +9,6 @@ use tailscope_proto::v1::ingest_server::IngestServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::alerting::Alerting;
 use crate::clock::{Clock, SystemClock};
@@ -110,6 +109,12 @@ impl Server {
         let otlp_http_addr = local(&otlp_http_listener, config.server.otlp_http_addr)?;
 
         let (stop, stop_rx) = watch::channel(false);
+        let limits = crate::listener::ConnectionLimits {
+            max_connections: config.server.max_connections,
+            header_read_timeout: config.server.header_read_timeout,
+            handshake_timeout: config.server.handshake_timeout,
+            shutdown_timeout: config.server.shutdown_timeout,
+        };
         let flusher = tokio::spawn(pipeline.clone().run_flusher(
             config.ingest.flush_interval,
             stop_rx.clone(),
@@ -139,17 +144,19 @@ impl Server {
             },
         );
         // OTLP/HTTP, like gRPC, ends once the pipeline has closed (exports in flight answered).
+        let (otlp_stop, otlp_stop_rx) = watch::channel(false);
         let mut otlp_closed = pipeline.subscribe();
-        let otlp_http = tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = otlp_closed.wait_for(|s| s.closed).await;
-            };
-            if let Err(e) =
-                axum::serve(otlp_http_listener, otlp_http_routes).with_graceful_shutdown(shutdown).await
-            {
-                tracing::error!(error = %e, "OTLP/HTTP listener failed");
-            }
+        tokio::spawn(async move {
+            let _ = otlp_closed.wait_for(|s| s.closed).await;
+            let _ = otlp_stop.send(true);
         });
+        let otlp_http = tokio::spawn(crate::listener::serve_http(
+            otlp_http_listener,
+            otlp_http_routes,
+            limits,
+            metrics.clone(),
+            otlp_stop_rx,
+        ));
         let otlp = TraceServiceServer::new(OtlpService::new(ingest.clone()))
             .max_decoding_message_size(config.ingest.max_batch_bytes)
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
@@ -158,6 +165,7 @@ impl Server {
             .max_encoding_message_size(1024 * 1024);
         // gRPC ends once the pipeline has closed every stream (after the final flush).
         let mut closed = pipeline.subscribe();
+        let grpc_incoming = crate::listener::grpc_incoming(grpc_listener, limits, metrics.clone());
         let grpc = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = closed.wait_for(|s| s.closed).await;
@@ -170,7 +178,7 @@ impl Server {
                 .initial_connection_window_size(Some(GRPC_CONNECTION_WINDOW))
                 .add_service(ingest)
                 .add_service(otlp)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown)
+                .serve_with_incoming_shutdown(grpc_incoming, shutdown)
                 .await;
             if let Err(e) = result {
                 tracing::error!(error = %e, "gRPC listener failed");
@@ -204,17 +212,13 @@ impl Server {
             query: config.query.clone(),
             queries: Arc::new(tokio::sync::Semaphore::new(config.query.max_concurrency)),
         };
-        let mut http_stop = stop_rx.clone();
-        let http = tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = http_stop.wait_for(|&s| s).await;
-            };
-            if let Err(e) =
-                axum::serve(http_listener, http::router(state)).with_graceful_shutdown(shutdown).await
-            {
-                tracing::error!(error = %e, "HTTP listener failed");
-            }
-        });
+        let http = tokio::spawn(crate::listener::serve_http(
+            http_listener,
+            http::router(state),
+            limits,
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
 
         let mut background = shard_tasks;
         background.push(otlp_http);

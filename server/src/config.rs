@@ -123,6 +123,14 @@ pub struct ServerConfig {
     /// How long a graceful shutdown may take to flush and acknowledge what was accepted.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Connections open at once on each listener; the next is accepted when one closes.
+    pub max_connections: usize,
+    /// How long an HTTP client may take to send a request's headers.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// How long a gRPC client may take to send the HTTP/2 preface.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -134,6 +142,9 @@ impl Default for ServerConfig {
             otlp_http_cors_origins: Vec::new(),
             data_dir: PathBuf::from("./tailscope-data"),
             shutdown_timeout: Duration::from_secs(10),
+            max_connections: 512,
+            header_read_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -333,6 +344,16 @@ impl Config {
         self.sampling.validate().map_err(|message| ConfigError::Invalid { key: "sampling", message })?;
         self.alerting.validate().map_err(|message| ConfigError::Invalid { key: "alerting", message })?;
         let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
+        let srv = &self.server;
+        if srv.max_connections == 0 {
+            return invalid("server.max_connections", "must be at least 1");
+        }
+        if srv.header_read_timeout.is_zero() || srv.handshake_timeout.is_zero() {
+            return invalid(
+                "server.header_read_timeout",
+                "header_read_timeout and handshake_timeout must be positive",
+            );
+        }
         let i = &self.ingest;
         if i.shards > 1024 {
             return invalid("ingest.shards", "must be at most 1024");

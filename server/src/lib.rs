@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod http;
 pub mod ingest;
+pub mod listener;
 pub mod pipeline;
 pub mod query;
 pub mod sampling;

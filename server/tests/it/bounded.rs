@@ -418,3 +418,56 @@ async fn many_alerts_with_silences_and_inhibition_do_not_stall_ingest() {
     assert!(states.contains(&serde_json::json!("suppressed")), "{v}");
     server.shutdown().await;
 }
+
+/// CPU seconds (user + system) of process `pid` so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
+}
+
+/// A6: at a file-descriptor limit, both listeners spun at 100 % on EMFILE. Now accepting backs
+/// off (the server's CPU while it is out of descriptors is printed), and once connections
+/// close the server answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_listeners_back_off_and_recover() {
+    let Some(prlimit) = on_path("prlimit") else {
+        eprintln!("SKIPPED: prlimit (util-linux) is not on PATH");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _grpc, http) = spawn_server(dir.path(), &[]);
+    let mut child = Peer(child);
+    let pid = child.0.id();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let limit = open + 12;
+    let status = std::process::Command::new(prlimit)
+        .args(["--pid", &pid.to_string(), &format!("--nofile={limit}:{limit}")])
+        .status()
+        .unwrap();
+    assert!(status.success(), "prlimit failed");
+    // More connections than descriptors left: the kernel's backlog holds what cannot be accepted.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(tokio::net::TcpStream::connect(http).await.unwrap());
+    }
+    let before = cpu_seconds(pid);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let spent = cpu_seconds(pid) - before;
+    println!("out of descriptors (limit {limit}, {open} open at start): server CPU {spent:.2} s over 2 s");
+    drop(held);
+    let mut healthy = false;
+    for _ in 0..300 {
+        let ok =
+            reqwest::get(format!("http://{http}/-/healthy")).await.is_ok_and(|r| r.status().is_success());
+        if ok {
+            healthy = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(healthy, "the server did not answer again once connections closed");
+    let text = metrics(http).await;
+    assert!(metric(&text, "tailscope_limit_hits_total{limit=\"open_files\"}") >= 1.0, "{text}");
+    child.0.kill().unwrap();
+}

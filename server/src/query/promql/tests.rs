@@ -520,3 +520,52 @@ fn range_queries_at_unaligned_steps_read_exactly_each_steps_window() {
         }
     }
 }
+
+/// Nested expressions of random shapes up to far beyond the depth limit: each is refused naming
+/// `query.max_depth` or parsed and evaluated — on a thread with the 2 MiB stack of the server's
+/// runtime threads, so an accepted expression that could overflow a stack fails the test
+/// instead of hiding behind the test harness's bigger stack.
+#[test]
+fn nested_queries_are_refused_or_evaluated_within_a_small_stack() {
+    let handle = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(|| {
+            let (mem, _) = traffic();
+            let wraps = [
+                "sum({})",
+                "({})",
+                "-{}",
+                "{} + 1",
+                "1 * {}",
+                "histogram_quantile(0.9, {})",
+                "rate(span_duration_seconds_bucket[5m]) and {}",
+                "max by (service) ({})",
+            ];
+            let mut r = rand::rngs::StdRng::seed_from_u64(23);
+            let (mut refused, mut evaluated) = (0, 0);
+            for _ in 0..200 {
+                let mut q = "rate(span_duration_seconds_count[1m])".to_string();
+                for _ in 0..r.gen_range(0..600) {
+                    q = wraps[r.gen_range(0..wraps.len())].replace("{}", &q);
+                }
+                match parse(&q) {
+                    Err(e) => {
+                        assert!(e.contains("query.max_depth"), "{e}");
+                        refused += 1;
+                    }
+                    Ok(expr) => {
+                        let steps = Steps::instant(NOW * 1000);
+                        let retention = RetentionConfig::default();
+                        let engine = Engine::new(&mem, &steps, NOW, &retention, limits());
+                        if let Ok(v) = engine.eval(&expr) {
+                            let _ = engine.materialized(v);
+                        }
+                        evaluated += 1;
+                    }
+                }
+            }
+            assert!(refused > 0 && evaluated > 0, "{refused} refused, {evaluated} evaluated");
+        })
+        .expect("thread");
+    handle.join().expect("no panic, no overflow");
+}
