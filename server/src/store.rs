@@ -578,6 +578,70 @@ impl Store {
         })
     }
 
+    /// Like [`Store::for_each_encoded`] for each of `intervals` (`[start, end)` in seconds,
+    /// sorted and disjoint), in order, with one iterator per partition: an interval after the
+    /// first in the same partition costs a seek, not a new iterator.
+    pub fn for_each_encoded_in(
+        &self,
+        res: Resolution,
+        series: u64,
+        intervals: &[(i64, i64)],
+        mut f: impl FnMut(i64, &[u8]) -> Result<(), tailscope_proto::histogram::HistogramError>,
+    ) -> Result<(), StoreError> {
+        let cf = self.cf(res.column_family())?;
+        let ps = res.partition_seconds();
+        let mut i = 0;
+        while i < intervals.len() {
+            let (start, end) = intervals[i];
+            let start = res.align(start.max(0));
+            if end <= start {
+                i += 1;
+                continue;
+            }
+            let partition = start.div_euclid(ps);
+            if partition != (end - 1).div_euclid(ps) || partition > i64::from(u32::MAX) {
+                // Spans partitions: the general scan (which skips empty ones).
+                self.for_each_encoded(res, series, start, end, &mut f)?;
+                i += 1;
+                continue;
+            }
+            // Every following interval inside this partition shares one iterator.
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_upper_bound(raw_key(partition, series, (partition + 1) * ps).to_vec());
+            let mut it = self.db.raw_iterator_cf_opt(cf, ro);
+            while i < intervals.len() {
+                let (from, to) = intervals[i];
+                let from = res.align(from.max(0));
+                if to <= from {
+                    i += 1;
+                    continue;
+                }
+                if from.div_euclid(ps) != partition || (to - 1).div_euclid(ps) != partition {
+                    break;
+                }
+                it.seek(raw_key(partition, series, from));
+                while it.valid() {
+                    let (Some(k), Some(v)) = (it.key(), it.value()) else { break };
+                    let window = window_of_key(k).ok_or_else(|| StoreError::Corrupt {
+                        what: "window key",
+                        message: format!("{} bytes", k.len()),
+                    })?;
+                    if window >= to {
+                        break;
+                    }
+                    f(window, v).map_err(|e| StoreError::Corrupt {
+                        what: "histogram",
+                        message: format!("series {series:016x} window {window}: {e}"),
+                    })?;
+                    it.next();
+                }
+                it.status()?;
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes every partition that lies wholly before its resolution's retention horizon,
     /// then compacts the deleted range so the disk space is reclaimed.
     pub fn apply_retention(

@@ -36,7 +36,8 @@ pub const UNKNOWN_SERVICE: &str = "unknown_service";
 /// are counted in `unnamed`. A resource whose `service.name` is set but empty is refused (an
 /// absent one is OpenTelemetry's `unknown_service`).
 pub fn to_batch(request: &ExportTraceServiceRequest) -> Result<(SpanBatch, u64), String> {
-    let mut index: HashMap<(String, String), usize> = HashMap::new();
+    // Keys borrow from the request: no allocation per span, one per group.
+    let mut index: HashMap<(&str, &str), usize> = HashMap::new();
     let mut groups: Vec<SeriesGroup> = Vec::new();
     let mut unnamed = 0u64;
     for (r, rs) in request.resource_spans.iter().enumerate() {
@@ -53,7 +54,7 @@ pub fn to_batch(request: &ExportTraceServiceRequest) -> Result<(SpanBatch, u64),
                     continue;
                 }
                 let operation = truncate(&span.name);
-                let i = *index.entry((service.to_owned(), operation.to_owned())).or_insert_with(|| {
+                let i = *index.entry((service, operation)).or_insert_with(|| {
                     groups.push(SeriesGroup {
                         key: Some(SeriesKey { service: service.to_owned(), operation: operation.to_owned() }),
                         spans: Vec::new(),

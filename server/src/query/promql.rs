@@ -92,6 +92,21 @@ pub trait Source: Sync {
         end: i64,
         f: &mut WindowFn<'_>,
     ) -> Result<(), StoreError>;
+    /// Like [`Source::windows`] for each of `intervals` (`[start, end)`, sorted, disjoint),
+    /// in order. A store reads them with one iterator per partition, seeking from one interval
+    /// to the next, instead of one iterator per interval.
+    fn windows_in(
+        &self,
+        res: Resolution,
+        series: u64,
+        intervals: &[(i64, i64)],
+        f: &mut WindowFn<'_>,
+    ) -> Result<(), StoreError> {
+        for &(start, end) in intervals {
+            self.windows(res, series, start, end, f)?;
+        }
+        Ok(())
+    }
     /// The layout of new histograms.
     fn layout(&self) -> Layout;
 }
@@ -110,6 +125,16 @@ impl Source for crate::store::Store {
         f: &mut WindowFn<'_>,
     ) -> Result<(), StoreError> {
         self.for_each_encoded(res, series, start, end, f)
+    }
+
+    fn windows_in(
+        &self,
+        res: Resolution,
+        series: u64,
+        intervals: &[(i64, i64)],
+        f: &mut WindowFn<'_>,
+    ) -> Result<(), StoreError> {
+        self.for_each_encoded_in(res, series, intervals, f)
     }
 
     fn layout(&self) -> Layout {
@@ -582,12 +607,10 @@ impl<'a> Engine<'a> {
             }
             let w = &mut windows[level];
             for &member in &group.members {
-                for &(from, to) in &intervals {
-                    self.source.windows(res, member, from, to, &mut |start, b| {
-                        w.push(start, Checked::trusted(b)?, b);
-                        Ok(())
-                    })?;
-                }
+                self.source.windows_in(res, member, &intervals, &mut |start, b| {
+                    w.push(start, Checked::trusted(b)?, b);
+                    Ok(())
+                })?;
                 self.check_time("reading windows")?;
                 if read + w.bytes() > MAX_QUERY_BYTES {
                     return Err(EvalError::Execution(format!(
@@ -601,25 +624,38 @@ impl<'a> Engine<'a> {
                 w.sort();
             }
         }
-        let layout = self.source.layout();
-        let mut sliders: Vec<plan::Slider> =
-            (0..2 * levels.len() - 1).map(|_| plan::Slider::new(layout)).collect();
-        let mut sum = Histogram::new(layout);
+        // The top level's piece slides; the edges (a few finer windows per step) are added to
+        // its sum for the step and subtracted again, which costs their buckets only — not a
+        // merge of whole histograms per step.
+        let mut top = plan::Slider::new(self.source.layout());
         for (i, pieces) in step_pieces.iter().enumerate() {
-            for (slider, p) in sliders.iter_mut().zip(pieces) {
-                slider.advance(&windows[p.level], p.lo, p.hi);
-            }
-            let mut holding = sliders.iter().filter(|s| s.holds_windows());
-            match (holding.next(), holding.next()) {
-                (None, _) => {}
-                (Some(only), None) => f(i, only.histogram()),
-                (Some(a), Some(b)) => {
-                    sum.reset();
-                    sum.merge(a.histogram());
-                    sum.merge(b.histogram());
-                    holding.for_each(|s| sum.merge(s.histogram()));
-                    f(i, &sum);
+            let (head, edges) = pieces.split_first().expect("a piece per level");
+            top.advance(&windows[head.level], head.lo, head.hi);
+            let ranges: Vec<(usize, std::ops::Range<usize>)> = edges
+                .iter()
+                .filter(|p| p.lo < p.hi)
+                .map(|p| (p.level, windows[p.level].range(p.lo, p.hi)))
+                .filter(|(_, r)| !r.is_empty())
+                .collect();
+            if ranges.is_empty() {
+                if top.holds_windows() {
+                    f(i, top.histogram());
                 }
+                continue;
+            }
+            for (level, r) in &ranges {
+                r.clone().for_each(|w| windows[*level].add(w, top.histogram_mut()));
+            }
+            f(i, top.histogram());
+            let mut exact = true;
+            for (level, r) in &ranges {
+                for w in r.clone() {
+                    exact &= windows[*level].subtract(w, top.histogram_mut());
+                }
+            }
+            if !exact {
+                // A window of another layout (a changed configuration) cannot be taken out.
+                top.rebuild(&windows[head.level]);
             }
         }
         Ok(())

@@ -214,3 +214,47 @@ fn a_scan_of_any_width_skips_empty_partitions_and_finds_every_window() {
     assert_eq!(window_counts(&store, Resolution::S10, other, -5, i64::MAX), vec![(T0 + year / 2, 1)]);
     assert!(window_counts(&store, Resolution::S10, id, T0 + 10, T0 + year).is_empty());
 }
+
+#[test]
+fn many_intervals_read_as_one_scan_per_interval_would() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let a = labels("GET /many");
+    let id = a.id();
+    let other = labels("GET /next-door").id();
+    // Three hours of 10 s windows (three partitions), and a neighbour series in between.
+    let mut windows = Vec::new();
+    for w in (T0..T0 + 3 * 3600).step_by(10) {
+        windows.push(WindowDelta { series: id, window_start: w, histogram: hist(&[w as u64]).to_bytes() });
+        windows.push(WindowDelta { series: other, window_start: w, histogram: hist(&[1, 2]).to_bytes() });
+    }
+    store
+        .write_epoch(&EpochWrite {
+            windows,
+            series: vec![(id, a)],
+            watermarks: Vec::new(),
+            exemplars: Vec::new(),
+        })
+        .expect("write");
+    let intervals = [
+        (T0 - 100, T0 + 25),
+        (T0 + 40, T0 + 41),
+        (T0 + 600, T0 + 660),
+        (T0 + 3000, T0 + 4000),
+        (T0 + 4000, T0 + 4000),
+        (T0 + 5000, T0 + 9000),
+        (T0 + 10_000, T0 + 20_000),
+    ];
+    let mut together = Vec::new();
+    store
+        .for_each_encoded_in(Resolution::S10, id, &intervals, |w, b| {
+            together.push((w, Histogram::decode(b)?.count()));
+            Ok(())
+        })
+        .expect("scan");
+    let one_by_one: Vec<(i64, u64)> =
+        intervals.iter().flat_map(|&(s, e)| window_counts(&store, Resolution::S10, id, s, e)).collect();
+    assert_eq!(together, one_by_one);
+    assert_eq!(together.len(), 3 + 1 + 6 + 100 + 400 + 80);
+    assert!(together.iter().all(|&(_, c)| c == 1));
+}

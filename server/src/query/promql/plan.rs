@@ -84,12 +84,21 @@ impl Windows {
         self.bytes.len()
     }
 
-    fn add(&self, i: usize, acc: &mut Histogram) {
+    /// The indexes of the windows starting in `[lo, hi)`.
+    pub fn range(&self, lo: i64, hi: i64) -> std::ops::Range<usize> {
+        let from = self.entries.partition_point(|(s, _, _)| *s < lo);
+        let to = self.entries.partition_point(|(s, _, _)| *s < hi);
+        from..to.max(from)
+    }
+
+    /// Adds window `i` to `acc`.
+    pub fn add(&self, i: usize, acc: &mut Histogram) {
         let (_, c, at) = &self.entries[i];
         acc.add_checked(c, &self.bytes[*at..*at + c.len()]);
     }
 
-    fn subtract(&self, i: usize, acc: &mut Histogram) -> bool {
+    /// Subtracts window `i` (added before) from `acc`; false when its layout differs.
+    pub fn subtract(&self, i: usize, acc: &mut Histogram) -> bool {
         let (_, c, at) = &self.entries[i];
         acc.subtract_checked(c, &self.bytes[*at..*at + c.len()])
     }
@@ -147,5 +156,17 @@ impl Slider {
     /// The sum.
     pub fn histogram(&self) -> &Histogram {
         &self.acc
+    }
+
+    /// The sum, to add windows to for a moment (they must be subtracted again, or the sum
+    /// rebuilt with [`Slider::rebuild`]).
+    pub fn histogram_mut(&mut self) -> &mut Histogram {
+        &mut self.acc
+    }
+
+    /// Recomputes the sum of its current windows from scratch.
+    pub fn rebuild(&mut self, w: &Windows) {
+        self.acc.reset();
+        (self.lo..self.hi).for_each(|i| w.add(i, &mut self.acc));
     }
 }
