@@ -119,7 +119,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let server = match Server::start(config).await {
             Ok(s) => s,
             Err(e) => {
@@ -136,7 +136,12 @@ fn main() -> ExitCode {
         tracing::info!("shutting down: flushing and acknowledging accepted batches");
         server.shutdown().await;
         ExitCode::SUCCESS
-    })
+    });
+    // Everything accepted is written by now. Work still running on blocking threads (a query
+    // whose client was cut off by the shutdown) is cancelled, not waited for: dropping the
+    // runtime would wait for it without bound.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 fn init_logging(format: &str) {

@@ -471,3 +471,53 @@ async fn out_of_file_descriptors_the_listeners_back_off_and_recover() {
     assert!(metric(&text, "tailscope_limit_hits_total{limit=\"open_files\"}") >= 1.0, "{text}");
     child.0.kill().unwrap();
 }
+
+/// SIGTERM while queries are running: the server writes what it accepted and exits without
+/// waiting for the queries (they are cancelled); the time it took is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_queries_exits_within_the_shutdown_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, grpc, http) = spawn_server(dir.path(), &[("TAILSCOPE_SHUTDOWN_TIMEOUT", "2s")]);
+    let mut child = Peer(child);
+    let mut ingest = open(grpc).await;
+    let now = now_nanos();
+    let groups: Vec<_> = (0..2_000)
+        .map(|i| {
+            group(
+                "busy",
+                &format!("op-{i}"),
+                (0..20).map(|k| span(now - k * 1_000_000_000, 1_000_000, false)).collect(),
+            )
+        })
+        .collect();
+    ingest.send(batch(11, 1, groups)).await;
+    ingest.wait_acked(1).await;
+    // Range queries over every series, several at once, kept going.
+    let q = "histogram_quantile(0.99, sum by (operation, le) (rate(span_duration_seconds_bucket%5B1m%5D)))";
+    let end = now / 1_000_000_000;
+    let url = format!("http://{http}/api/v1/query_range?query={q}&start={}&end={end}&step=1", end - 3600);
+    let queries: Vec<_> = (0..4).map(|_| tokio::spawn(reqwest::get(url.clone()))).collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let pid = child.0.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let mut status = None;
+    for _ in 0..600 {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let status = status.expect("the server exited after SIGTERM");
+    println!("SIGTERM with 4 queries running: exited in {:?} ({status})", started.elapsed());
+    assert!(status.success(), "{status}");
+    for q in queries {
+        let _ = q.await; // answered or cut off: either way the server did not wait for them.
+    }
+    // What was acknowledged is there after a restart.
+    let (restarted, _, http) = spawn_server(dir.path(), &[]);
+    let _restarted = Peer(restarted);
+    let rows = tail(http, "service=busy").await;
+    assert_eq!(rows.iter().map(|r| r["count"].as_u64().unwrap()).sum::<u64>(), 40_000);
+}
