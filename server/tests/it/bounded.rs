@@ -229,6 +229,30 @@ fn silence(matchers: serde_json::Value, comment: &str) -> serde_json::Value {
     })
 }
 
+/// Serves a webhook receiver on a free loopback port; returns its address.
+async fn receiver(app: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// A server configuration whose notifier sends every group (by alertname and service) at once
+/// to `receiver`, with `extra` appended to the notifier's YAML.
+fn notifying(dir: &std::path::Path, receiver: std::net::SocketAddr, extra: &str) -> tailscope_server::Config {
+    let yaml = dir.join("am.yml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "route:\n  receiver: hook\n  group_by: [alertname, service]\n  group_wait: 0s\n  group_interval: 1m\n  repeat_interval: 1h\nreceivers:\n  - name: hook\n    webhook_configs:\n      - url: http://{receiver}/hook\n{extra}"
+        ),
+    )
+    .unwrap();
+    let mut c = config(&dir.join("data"));
+    c.alerting.alertmanager_config = yaml;
+    c
+}
+
 /// A5, U2: a 120-byte silence whose regex compiled to ~12 MB, comments of megabytes and
 /// silences without number. Each is now refused naming its limit, and a restart with the most
 /// silences allowed loads them all.
@@ -296,22 +320,10 @@ async fn posted_alerts_are_capped_and_deliveries_go_through_a_bounded_pool() {
         "ok"
     }
     let slow = Slow::default();
-    let app = axum::Router::new().fallback(axum::routing::post(hook)).with_state(slow.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let raddr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-
+    let raddr =
+        receiver(axum::Router::new().fallback(axum::routing::post(hook)).with_state(slow.clone())).await;
     let dir = tempfile::tempdir().unwrap();
-    let yaml = dir.path().join("am.yml");
-    std::fs::write(
-        &yaml,
-        format!(
-            "route:\n  receiver: hook\n  group_by: [alertname, service]\n  group_wait: 0s\n  group_interval: 1m\n  repeat_interval: 1h\nreceivers:\n  - name: hook\n    webhook_configs:\n      - url: http://{raddr}/hook\n"
-        ),
-    )
-    .unwrap();
-    let mut c = config(&dir.path().join("data"));
-    c.alerting.alertmanager_config = yaml;
+    let mut c = notifying(dir.path(), raddr, "");
     c.alerting.max_alerts = 300;
     c.alerting.max_concurrent_deliveries = 8;
     let server = tailscope_server::Server::start(c).await.unwrap();
@@ -360,20 +372,10 @@ async fn many_alerts_with_silences_and_inhibition_do_not_stall_ingest() {
     let app = axum::Router::new()
         .fallback(axum::routing::post(hook))
         .with_state((delivered.clone(), tickets.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let raddr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let raddr = receiver(app).await;
     let dir = tempfile::tempdir().unwrap();
-    let yaml = dir.path().join("am.yml");
-    std::fs::write(
-        &yaml,
-        format!(
-            "route:\n  receiver: hook\n  group_by: [alertname, service]\n  group_wait: 0s\n  group_interval: 1m\n  repeat_interval: 1h\nreceivers:\n  - name: hook\n    webhook_configs:\n      - url: http://{raddr}/hook\ninhibit_rules:\n  - source_matchers: ['severity=\"page\"']\n    target_matchers: ['severity=\"ticket\"']\n    equal: [service]\n"
-        ),
-    )
-    .unwrap();
-    let mut c = config(&dir.path().join("data"));
-    c.alerting.alertmanager_config = yaml;
+    let inhibit = "inhibit_rules:\n  - source_matchers: ['severity=\"page\"']\n    target_matchers: ['severity=\"ticket\"']\n    equal: [service]\n";
+    let c = notifying(dir.path(), raddr, inhibit);
     let server = tailscope_server::Server::start(c).await.unwrap();
     let http = server.http_addr();
     let mut ingest = open(server.grpc_addr()).await;
