@@ -124,6 +124,7 @@ fn query_error(e: QueryError) -> Response {
     match e {
         QueryError::BadData(m) => api_error(StatusCode::BAD_REQUEST, "bad_data", m),
         QueryError::Store(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e),
+        QueryError::Limit(m) => api_error(StatusCode::SERVICE_UNAVAILABLE, "timeout", m),
     }
 }
 
@@ -156,7 +157,11 @@ async fn tail_body(s: &AppState, params: &HashMap<String, String>) -> Result<Val
         SeriesFilter { service: params.get("service").cloned(), operation: params.get("operation").cloned() };
     let plan = Plan::for_range(start.floor() as i64, end.ceil() as i64, now as i64, &s.retention);
     let store = s.store.clone();
-    let rows = tokio::task::spawn_blocking(move || query::merged_series(&store, &filter, plan))
+    // Within the query timeout, and cancelled when the client leaves (the guard is dropped
+    // with this future).
+    let budget = query::labels::Budget::new(std::time::Instant::now() + s.query.timeout);
+    let _cancel = budget.cancel_on_drop();
+    let rows = tokio::task::spawn_blocking(move || query::merged_series(&store, &filter, plan, &budget))
         .await
         .map_err(|e| QueryError::BadData(format!("query task failed: {e}")))??;
     let secs = |ns: Option<u64>| ns.map(|v| v as f64 / 1e9);

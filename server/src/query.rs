@@ -22,6 +22,9 @@ pub enum QueryError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The request ran out of time or was cancelled.
+    #[error("{0}")]
+    Limit(String),
 }
 
 /// Exact-match label filters; `None` matches every value.
@@ -80,18 +83,20 @@ pub struct SeriesHistogram {
     pub histogram: Histogram,
 }
 
-/// Merges, per series passing `filter`, every window of `plan`. Series without data in the
-/// range are left out. Sorted by labels.
+/// Merges, per series passing `filter`, every window of `plan`, within `budget` (checked per
+/// series). Series without data in the range are left out. Sorted by labels.
 pub fn merged_series(
     store: &Store,
     filter: &SeriesFilter,
     plan: Plan,
+    budget: &labels::Budget,
 ) -> Result<Vec<SeriesHistogram>, QueryError> {
     let mut out = Vec::new();
     let mut series = store.series()?;
     series.retain(|(_, labels)| filter.matches(labels));
     series.sort_by(|a, b| a.1.cmp(&b.1));
     for (id, labels) in series {
+        budget.check("merging series").map_err(|e| QueryError::Limit(e.to_string()))?;
         let mut merged = Histogram::new(store.layout());
         store.for_each_window(plan.resolution, id, plan.start, plan.end, |_, h| merged.merge(&h))?;
         if !merged.is_empty() {

@@ -492,10 +492,14 @@ async fn exemplars(State(s): State<AppState>, p: Params) -> Response {
         let selectors: Vec<promql_parser::parser::VectorSelector> =
             promql::selectors(&expr).into_iter().cloned().collect();
         let store = s.store.clone();
-        let found = tokio::task::spawn_blocking(move || -> Result<Json_, crate::store::StoreError> {
+        // Within the query timeout, and cancelled when the client leaves.
+        let budget = labels::Budget::new(deadline(&s, &p)?);
+        let _cancel = budget.cancel_on_drop();
+        let found = tokio::task::spawn_blocking(move || -> Result<Json_, EvalError> {
             let mut groups: std::collections::BTreeMap<promql::Labels, Vec<Json_>> = Default::default();
             let mut total = 0;
             'series: for (id, labels) in store.series()? {
+                budget.check("reading exemplars")?;
                 let from = start.floor() as i64 - tailscope_proto::BASE_WINDOW_SECONDS;
                 for e in store.exemplars(id, from, end.ceil() as i64 + 1)? {
                     let seconds = e.duration_nanos as f64 / 1e9;
@@ -551,7 +555,7 @@ async fn exemplars(State(s): State<AppState>, p: Params) -> Response {
         })
         .await
         .map_err(internal)?
-        .map_err(internal)?;
+        .map_err(eval_error)?;
         Ok::<_, ApiError>(found)
     }
     .await;
