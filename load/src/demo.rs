@@ -149,7 +149,7 @@ pub async fn demo(args: &DemoArgs, out: Arc<Mutex<Vec<u8>>>, echo: bool) -> anyh
             loop {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 let Ok(data) =
-                    crate::run::api(&client, &http, "/api/v1/query", &[("query", q.to_owned())]).await
+                    crate::api::api(&client, &http, "/api/v1/query", &[("query", q.to_owned())]).await
                 else {
                     continue;
                 };

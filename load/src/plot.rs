@@ -36,7 +36,7 @@ pub async fn fetch(
             );
             let form =
                 [("query", q), ("start", from.to_string()), ("end", to.to_string()), ("step", "1".into())];
-            let data = crate::run::api(&client, http, "/api/v1/query_range", &form).await?;
+            let data = crate::api::api(&client, http, "/api/v1/query_range", &form).await?;
             let points: Points = data["result"][0]["values"]
                 .as_array()
                 .into_iter()

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
 use tailscope::{Client, Status};
 
 /// The failure a run injects.
@@ -557,29 +556,14 @@ pub fn table(r: &Report) -> String {
     s
 }
 
-/// Posts a form to the server's Prometheus API at `path`; the answer's `data` on success.
-pub(crate) async fn api(
-    http: &reqwest::Client,
-    base: &str,
-    path: &str,
-    form: &[(&str, String)],
-) -> anyhow::Result<Value> {
-    let base = base.trim_end_matches('/');
-    let v: Value = http
-        .post(format!("{base}{path}"))
-        .form(form)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {base}"))?
-        .json()
-        .await?;
-    anyhow::ensure!(v["status"] == "success", "{path} {form:?}: {v}");
-    Ok(v["data"].clone())
-}
-
 /// One instant query's single value (`None` when the result is empty).
 async fn query(http: &reqwest::Client, base: &str, expr: &str, at: f64) -> anyhow::Result<Option<f64>> {
-    let data =
-        api(http, base, "/api/v1/query", &[("query", expr.to_owned()), ("time", format!("{at:.3}"))]).await?;
+    let data = crate::api::api(
+        http,
+        base,
+        "/api/v1/query",
+        &[("query", expr.to_owned()), ("time", format!("{at:.3}"))],
+    )
+    .await?;
     Ok(data["result"][0]["value"][1].as_str().and_then(|x| x.parse().ok()))
 }
