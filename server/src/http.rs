@@ -159,7 +159,7 @@ async fn tail_body(s: &AppState, params: &HashMap<String, String>) -> Result<Val
     let store = s.store.clone();
     // Within the query timeout, and cancelled when the client leaves (the guard is dropped
     // with this future).
-    let budget = query::labels::Budget::new(std::time::Instant::now() + s.query.timeout);
+    let budget = query::Budget::new(std::time::Instant::now() + s.query.timeout);
     let _cancel = budget.cancel_on_drop();
     let rows = tokio::task::spawn_blocking(move || query::merged_series(&store, &filter, plan, &budget))
         .await

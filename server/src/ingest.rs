@@ -38,6 +38,17 @@ pub enum Origin {
     Otlp,
 }
 
+impl Origin {
+    /// `msg` about batch `seq`: native batches are named by their seq; an OTLP export has none
+    /// of its own.
+    fn name(self, seq: u64, msg: &str) -> String {
+        match self {
+            Origin::Native => format!("batch seq {seq}: {msg}"),
+            Origin::Otlp => msg.to_owned(),
+        }
+    }
+}
+
 /// Why a batch was not taken. Each variant maps to one gRPC code and one HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IngestError {
@@ -150,10 +161,7 @@ impl IngestService {
                 return Err(e);
             }
         };
-        let named = |msg: &str| match origin {
-            Origin::Native => format!("batch seq {seq}: {msg}"),
-            Origin::Otlp => msg.to_owned(),
-        };
+        let named = |msg: &str| origin.name(seq, msg);
         let (admission, epoch) = self.admit(Arc::clone(&validated)).await;
         let refused = match admission {
             Admission::Accepted => {
@@ -241,11 +249,7 @@ impl IngestService {
             }
         }
         let seq = batch.seq;
-        // Native batches are named by their seq; an OTLP export has none of its own.
-        let named = |msg: String| match origin {
-            Origin::Native => format!("batch seq {seq}: {msg}"),
-            Origin::Otlp => msg,
-        };
+        let named = |msg: String| origin.name(seq, &msg);
         let bad = |msg: String| IngestError::Invalid(named(msg));
         if batch.client_id == 0 && origin == Origin::Native {
             return Err(bad("client_id must not be 0".into()));

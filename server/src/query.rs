@@ -4,11 +4,58 @@
 pub mod labels;
 pub mod promql;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
 use tailscope_proto::histogram::Histogram;
+
+use promql::EvalError;
 
 use crate::series::SeriesLabels;
 use crate::store::RetentionConfig;
 use crate::store::{Resolution, Store, StoreError};
+
+/// What one request may spend: a deadline, and a flag its handler sets when the client leaves.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    deadline: Instant,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl Budget {
+    /// A budget ending at `deadline`.
+    pub fn new(deadline: Instant) -> Budget {
+        Budget { deadline, cancelled: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// A guard that cancels the work when dropped (hold it in the request's future: a client
+    /// that leaves drops the future).
+    pub fn cancel_on_drop(&self) -> CancelOnDrop {
+        CancelOnDrop(self.cancelled.clone())
+    }
+
+    /// Fails once the deadline has passed or the request was cancelled.
+    pub fn check(&self, what: &'static str) -> Result<(), EvalError> {
+        if self.cancelled.load(Ordering::Relaxed) {
+            return Err(EvalError::Execution(format!("the request was cancelled while {what}")));
+        }
+        if Instant::now() > self.deadline {
+            return Err(EvalError::Timeout(what));
+        }
+        Ok(())
+    }
+}
+
+/// Cancels a [`Budget`]'s work when dropped.
+#[derive(Debug)]
+pub struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
 
 /// The most windows per series a range may be read at before a coarser resolution is used.
 pub const MAX_WINDOWS_PER_SERIES: i64 = 2_000;
@@ -89,7 +136,7 @@ pub fn merged_series(
     store: &Store,
     filter: &SeriesFilter,
     plan: Plan,
-    budget: &labels::Budget,
+    budget: &Budget,
 ) -> Result<Vec<SeriesHistogram>, QueryError> {
     let mut out = Vec::new();
     let mut series = store.series()?;

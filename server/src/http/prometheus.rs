@@ -186,9 +186,9 @@ async fn evaluate(
     expr: promql_parser::parser::Expr,
     steps: Steps,
     deadline: Instant,
-    render: fn(Value, &Steps, &labels::Budget) -> Result<Vec<u8>, EvalError>,
+    render: fn(Value, &Steps, &crate::query::Budget) -> Result<Vec<u8>, EvalError>,
 ) -> Result<Response, ApiError> {
-    let budget = labels::Budget::new(deadline);
+    let budget = crate::query::Budget::new(deadline);
     let _cancel = budget.cancel_on_drop();
     let wait = deadline.saturating_duration_since(Instant::now());
     let _permit = match tokio::time::timeout(wait, s.queries.clone().acquire_owned()).await {
@@ -247,7 +247,7 @@ fn write_json(out: &mut Vec<u8>, v: &impl serde::Serialize) -> Result<(), EvalEr
     serde_json::to_writer(out, v).map_err(|e| EvalError::Execution(format!("cannot render the answer: {e}")))
 }
 
-fn render_instant(value: Value, steps: &Steps, _: &labels::Budget) -> Result<Vec<u8>, EvalError> {
+fn render_instant(value: Value, steps: &Steps, _: &crate::query::Budget) -> Result<Vec<u8>, EvalError> {
     let t = steps.times()[0];
     let data = match value {
         Value::Scalar(v) => json!({"resultType": "scalar", "result": [json_time(t), format_value(v[0])]}),
@@ -266,7 +266,7 @@ fn render_instant(value: Value, steps: &Steps, _: &labels::Budget) -> Result<Vec
 
 /// A range answer, written point by point (no JSON tree of millions of values in between),
 /// checking the budget as it goes.
-fn render_matrix(value: Value, steps: &Steps, budget: &labels::Budget) -> Result<Vec<u8>, EvalError> {
+fn render_matrix(value: Value, steps: &Steps, budget: &crate::query::Budget) -> Result<Vec<u8>, EvalError> {
     let series = match value {
         Value::Scalar(v) => {
             vec![Series { labels: promql::Labels::new(), values: v.into_iter().map(Some).collect() }]
@@ -390,7 +390,7 @@ fn match_selectors(s: &AppState, p: &Params) -> Result<Vec<promql_parser::parser
 async fn label_walk<T: serde::Serialize + Send + 'static>(
     s: &AppState,
     p: &Params,
-    walk: impl FnOnce(&crate::store::Store, usize, &labels::Budget) -> Result<labels::Capped<T>, EvalError>
+    walk: impl FnOnce(&crate::store::Store, usize, &crate::query::Budget) -> Result<labels::Capped<T>, EvalError>
         + Send
         + 'static,
 ) -> Response {
@@ -398,7 +398,7 @@ async fn label_walk<T: serde::Serialize + Send + 'static>(
         p.time("start", 0.0)?;
         p.time("end", 0.0)?;
         let limit = p.limit()?.unwrap_or(s.query.max_series).min(s.query.max_series);
-        let budget = labels::Budget::new(deadline(s, p)?);
+        let budget = crate::query::Budget::new(deadline(s, p)?);
         let _cancel = budget.cancel_on_drop();
         let store = s.store.clone();
         let found = tokio::task::spawn_blocking(move || walk(&store, limit, &budget))
@@ -493,7 +493,7 @@ async fn exemplars(State(s): State<AppState>, p: Params) -> Response {
             promql::selectors(&expr).into_iter().cloned().collect();
         let store = s.store.clone();
         // Within the query timeout, and cancelled when the client leaves.
-        let budget = labels::Budget::new(deadline(&s, &p)?);
+        let budget = crate::query::Budget::new(deadline(&s, &p)?);
         let _cancel = budget.cancel_on_drop();
         let found = tokio::task::spawn_blocking(move || -> Result<Json_, EvalError> {
             let mut groups: std::collections::BTreeMap<promql::Labels, Vec<Json_>> = Default::default();

@@ -2,16 +2,14 @@
 //! `/label/<name>/values`), bounded: each stored series is exposed as `span_duration_seconds`
 //! `_bucket` (one label set per default `le`), `_count` and `_sum`, but those sets are only
 //! *matched* per series, never all built — only the answer is, and at most `limit` of it.
-//! A budget (deadline and cancellation) is checked as the series are walked.
+//! The request's [`Budget`] is checked as the series are walked.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
 
 use promql_parser::parser::VectorSelector;
 
 use super::promql::{self, format_value, EvalError, Labels, Source};
+use super::Budget;
 use crate::series::SeriesLabels;
 
 #[cfg(test)]
@@ -19,47 +17,6 @@ mod tests;
 
 /// How many series are walked between two budget checks.
 const CHECK_EVERY: usize = 1024;
-
-/// What one request may spend: a deadline, and a flag its handler sets when the client leaves.
-#[derive(Debug, Clone)]
-pub struct Budget {
-    deadline: Instant,
-    cancelled: Arc<AtomicBool>,
-}
-
-impl Budget {
-    /// A budget ending at `deadline`.
-    pub fn new(deadline: Instant) -> Budget {
-        Budget { deadline, cancelled: Arc::new(AtomicBool::new(false)) }
-    }
-
-    /// A guard that cancels the work when dropped (hold it in the request's future: a client
-    /// that leaves drops the future).
-    pub fn cancel_on_drop(&self) -> CancelOnDrop {
-        CancelOnDrop(self.cancelled.clone())
-    }
-
-    /// Fails once the deadline has passed or the request was cancelled.
-    pub fn check(&self, what: &'static str) -> Result<(), EvalError> {
-        if self.cancelled.load(Ordering::Relaxed) {
-            return Err(EvalError::Execution(format!("the request was cancelled while {what}")));
-        }
-        if Instant::now() > self.deadline {
-            return Err(EvalError::Timeout(what));
-        }
-        Ok(())
-    }
-}
-
-/// Cancels a [`Budget`]'s work when dropped.
-#[derive(Debug)]
-pub struct CancelOnDrop(Arc<AtomicBool>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
 
 /// The `le` values of the exposed buckets, as they are written.
 fn le_values() -> Vec<String> {

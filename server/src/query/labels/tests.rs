@@ -1,9 +1,10 @@
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tailscope_proto::histogram::Layout;
 
 use super::*;
 use crate::query::promql::WindowFn;
+use crate::query::Budget;
 use crate::series::Status;
 use crate::store::{Resolution, StoreError};
 
