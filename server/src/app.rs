@@ -318,6 +318,13 @@ async fn run_retention(
         let (store, retention, now) = (store.clone(), config.retention.clone(), clock.now_seconds());
         match tokio::task::spawn_blocking(move || store.apply_retention(now, &retention)).await {
             Ok(Ok(report)) => {
+                if report.series_retired > 0 {
+                    metrics.series_retired.inc_by(report.series_retired);
+                    tracing::info!(
+                        series = report.series_retired,
+                        "retention retired series past every resolution"
+                    );
+                }
                 for (res, n) in report.deleted {
                     metrics.retention_partitions_deleted.inc_by(n);
                     tracing::info!(

@@ -84,10 +84,13 @@ pub struct SeriesFilter {
 }
 
 impl SeriesFilter {
-    /// Whether `labels` pass the filter.
-    pub fn matches(&self, labels: &SeriesLabels) -> bool {
-        self.service.as_deref().is_none_or(|s| s == labels.service)
-            && self.operation.as_deref().is_none_or(|o| o == labels.operation)
+    /// The filter as equality matchers, for the series index.
+    pub fn matchers(&self) -> Vec<promql_parser::label::Matcher> {
+        use promql_parser::label::{MatchOp, Matcher};
+        [("service", &self.service), ("operation", &self.operation)]
+            .into_iter()
+            .filter_map(|(name, value)| Some(Matcher::new(MatchOp::Equal, name, value.as_deref()?)))
+            .collect()
     }
 }
 
@@ -139,8 +142,7 @@ pub fn merged_series(
     budget: &Budget,
 ) -> Result<Vec<SeriesHistogram>, QueryError> {
     let mut out = Vec::new();
-    let mut series = store.series()?;
-    series.retain(|(_, labels)| filter.matches(labels));
+    let mut series = store.index().select(&filter.matchers().iter().collect::<Vec<_>>());
     series.sort_by(|a, b| a.1.cmp(&b.1));
     for (id, labels) in series {
         budget.check("merging series").map_err(|e| QueryError::Limit(e.to_string()))?;

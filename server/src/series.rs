@@ -73,17 +73,24 @@ impl SeriesLabels {
 
     /// Decodes labels written by [`SeriesLabels::encode`].
     pub fn decode(bytes: &[u8]) -> Option<SeriesLabels> {
+        match SeriesLabels::decode_prefix(bytes)? {
+            (labels, []) => Some(labels),
+            _ => None,
+        }
+    }
+
+    /// Decodes labels written by [`SeriesLabels::encode`] at the start of `bytes`, and
+    /// returns the bytes after them.
+    pub fn decode_prefix(bytes: &[u8]) -> Option<(SeriesLabels, &[u8])> {
         let (service, rest) = take_str(bytes)?;
         let (operation, rest) = take_str(rest)?;
         let (status, rest) = take_str(rest)?;
-        if !rest.is_empty() {
-            return None;
-        }
-        Some(SeriesLabels {
+        let labels = SeriesLabels {
             service: service.to_owned(),
             operation: operation.to_owned(),
             status: Status::parse(status)?,
-        })
+        };
+        Some((labels, rest))
     }
 
     /// The value of label `name`, if the series has it.

@@ -6,7 +6,7 @@
 //! | column family | key | value |
 //! |---|---|---|
 //! | `win_10s`, `win_1m`, `win_1h` | partition `u32` ‖ series id `u64` ‖ window start `u64` (s) | histogram (merge operands) |
-//! | `series` | series id `u64` | encoded labels |
+//! | `series` | series id `u64` | encoded labels ‖ hour of the newest window `u32` |
 //! | `watermarks` | client id `u64` | highest durable seq `u64` |
 //! | `exemplars` | hour `u32` ‖ series id `u64` ‖ window start `u64` ‖ span id `u64` | trace id, duration, start |
 //! | `alerting` | kind prefix ‖ name (rule state, notification log, silences) | JSON |
@@ -19,6 +19,12 @@
 //!
 //! Histogram values are written as merge operands; an associative merge operator adds them,
 //! so late data and retries are simply more operands.
+//!
+//! The series family is also held in memory as a [`SeriesIndex`] (posting lists per label
+//! value), loaded at open and kept current by every epoch written: selection and label values
+//! never scan the family. A series' entry is rewritten when its newest window moves to a new
+//! hour, and retention retires the series whose newest window is older than every resolution
+//! keeps.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -33,6 +39,10 @@ use tailscope_proto::histogram::{Histogram, Layout};
 
 use crate::series::SeriesLabels;
 use crate::telemetry::Metrics;
+
+mod index;
+use index::hour_of;
+pub use index::SeriesIndex;
 
 const CF_SERIES: &str = "series";
 const CF_WATERMARKS: &str = "watermarks";
@@ -315,6 +325,9 @@ pub struct RetentionReport {
     pub deleted: Vec<(Resolution, u64)>,
     /// Hour partitions of exemplars deleted.
     pub exemplar_partitions: u64,
+    /// Series retired from the index: their newest window is older than every resolution's
+    /// retention, so nothing of them is left to read.
+    pub series_retired: u64,
 }
 
 /// The store.
@@ -322,6 +335,10 @@ pub struct RetentionReport {
 pub struct Store {
     db: Arc<DB>,
     layout: Layout,
+    index: Arc<SeriesIndex>,
+    /// Held while series entries are written or retired, so a retirement never deletes an
+    /// entry an epoch is rewriting.
+    series_writes: Arc<std::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -363,7 +380,45 @@ impl Store {
         cfs.push(ColumnFamilyDescriptor::new(CF_EXEMPLARS, Options::default()));
         cfs.push(ColumnFamilyDescriptor::new(CF_ALERTING, Options::default()));
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
-        Ok(Store { db: Arc::new(db), layout })
+        let store = Store { db: Arc::new(db), layout, index: Arc::default(), series_writes: Arc::default() };
+        store.load_index()?;
+        Ok(store)
+    }
+
+    /// Reads the series family into the in-memory index. An entry written before the newest
+    /// hour was kept counts as written now: it is retired one retention from now at the
+    /// earliest, never before its data.
+    fn load_index(&self) -> Result<(), StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let cf = self.cf(CF_SERIES)?;
+        let mut loaded = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item?;
+            let id = <[u8; 8]>::try_from(&*k).map(u64::from_be_bytes).ok();
+            let entry = SeriesLabels::decode_prefix(&v).and_then(|(labels, rest)| match rest {
+                [] => Some((labels, hour_of(now))),
+                [a, b, c, d] => Some((labels, u32::from_be_bytes([*a, *b, *c, *d]))),
+                _ => None,
+            });
+            match (id, entry) {
+                (Some(id), Some((labels, hour))) => loaded.push((id, labels, hour)),
+                _ => {
+                    return Err(StoreError::Corrupt {
+                        what: "series index entry",
+                        message: format!("key {k:?}"),
+                    })
+                }
+            }
+        }
+        self.index.extend(loaded);
+        Ok(())
+    }
+
+    /// The series index.
+    pub fn index(&self) -> &SeriesIndex {
+        &self.index
     }
 
     /// The histogram layout new histograms are created with.
@@ -389,9 +444,18 @@ impl Store {
                 batch.merge_cf(cf, window_key(*res, w.series, res.align(w.window_start)), &w.histogram);
             }
         }
+        // New series, and known ones whose newest window moved to a later hour: their index
+        // entries (labels ‖ hour), applied to the in-memory index once the batch is durable.
+        let _series_writes = self.series_writes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let written = || epoch.windows.iter().map(|w| (w.series, w.window_start));
+        let epoch_hour = written().map(|(_, t)| hour_of(t)).max().unwrap_or(0);
+        let mut entries = self.index.newer(written());
+        entries.extend(epoch.series.iter().map(|(id, labels)| (*id, labels.clone(), epoch_hour)));
         let series = self.cf(CF_SERIES)?;
-        for (id, labels) in &epoch.series {
-            batch.put_cf(series, id.to_be_bytes(), labels.encode());
+        for (id, labels, hour) in &entries {
+            let mut value = labels.encode();
+            value.extend_from_slice(&hour.to_be_bytes());
+            batch.put_cf(series, id.to_be_bytes(), value);
         }
         let marks = self.cf(CF_WATERMARKS)?;
         for (client, seq) in &epoch.watermarks {
@@ -405,6 +469,7 @@ impl Store {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(batch, &wo)?;
+        self.index.extend(entries);
         Ok((bytes, epoch.windows.len() * Resolution::ALL.len()))
     }
 
@@ -518,24 +583,9 @@ impl Store {
         Ok(out)
     }
 
-    /// Every series in the index.
+    /// Every series in the index, in id order.
     pub fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
-        let cf = self.cf(CF_SERIES)?;
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
-            let (k, v) = item?;
-            let id = <[u8; 8]>::try_from(&*k).map(u64::from_be_bytes).ok();
-            match (id, SeriesLabels::decode(&v)) {
-                (Some(id), Some(labels)) => out.push((id, labels)),
-                _ => {
-                    return Err(StoreError::Corrupt {
-                        what: "series index entry",
-                        message: format!("key {k:?}"),
-                    })
-                }
-            }
-        }
-        Ok(out)
+        Ok(self.index.all())
     }
 
     /// Calls `f` with each stored window of `series` at `res` whose start is in
@@ -660,7 +710,28 @@ impl Store {
         let keep = i64::try_from(retention.exemplars.as_secs()).unwrap_or(i64::MAX);
         let first_kept = now.saturating_sub(keep).max(0) / EXEMPLAR_PARTITION_SECONDS;
         report.exemplar_partitions = self.expire(self.cf(CF_EXEMPLARS)?, first_kept)?;
+        report.series_retired = self.retire_series(now, retention)?;
         Ok(report)
+    }
+
+    /// Deletes the index entries of the series whose newest window lies before the longest
+    /// retention of any resolution (each resolution's data of them is gone or going), then
+    /// forgets them in memory. Returns how many.
+    fn retire_series(&self, now: i64, retention: &RetentionConfig) -> Result<u64, StoreError> {
+        let longest = Resolution::ALL.iter().map(|r| r.retention(retention)).max().unwrap_or(i64::MAX);
+        let first_kept_hour = hour_of(now.saturating_sub(longest));
+        let _series_writes = self.series_writes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let expired = self.index.expired(first_kept_hour);
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let cf = self.cf(CF_SERIES)?;
+        let mut batch = WriteBatch::default();
+        for id in &expired {
+            batch.delete_cf(cf, id.to_be_bytes());
+        }
+        self.db.write(batch)?;
+        Ok(self.index.retire(&expired, first_kept_hour).len() as u64)
     }
 
     /// Range-deletes the partitions of a time-partitioned family before `first_kept` and

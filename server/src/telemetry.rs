@@ -119,6 +119,8 @@ pub struct Metrics {
     pub store_bytes: Family<ColumnFamilyLabel, Gauge>,
     /// Expired time partitions deleted by retention.
     pub retention_partitions_deleted: Counter,
+    /// Series forgotten by the index because their newest window passed every retention.
+    pub series_retired: Counter,
     /// Stored histograms found corrupt and skipped while merging.
     pub corrupt_operands: Counter,
     /// Accepted spans by how they arrived: in full, or folded by clients.
@@ -187,6 +189,7 @@ impl Metrics {
             active_series: Gauge::default(),
             store_bytes: Family::default(),
             retention_partitions_deleted: Counter::default(),
+            series_retired: Counter::default(),
             corrupt_operands: Counter::default(),
             spans_received: Family::default(),
             sampling_budget: Gauge::default(),
@@ -265,6 +268,11 @@ impl Metrics {
             "retention_partitions_deleted",
             "Expired time partitions deleted by retention",
             m.retention_partitions_deleted.clone(),
+        );
+        r.register(
+            "series_retired",
+            "Series forgotten by the series index because their newest window passed every retention",
+            m.series_retired.clone(),
         );
         r.register(
             "corrupt_operands",

@@ -254,16 +254,13 @@ impl GroupRuntime {
         let retention = ctx.retention.clone();
         let interval = self.group.interval;
         let results = tokio::task::spawn_blocking(move || {
-            // The series index is read once for the whole group.
-            let index = store.series().map(Arc::new).map_err(|e| e.to_string());
             exprs
                 .iter()
                 .map(|expr| {
                     let started = Instant::now();
                     // A rule may take at most its group's interval.
                     let deadline = Instant::now() + interval;
-                    let result =
-                        index.clone().and_then(|index| sample(&store, index, &retention, expr, ts, deadline));
+                    let result = sample(&store, &retention, expr, ts, deadline);
                     (result, started.elapsed())
                 })
                 .collect::<Vec<_>>()
@@ -458,7 +455,6 @@ pub fn generator_url(external_url: &str, query: &str) -> String {
 /// Evaluates `expr` at `ts` (ms): one (labels without `__name__`, value) per sample.
 fn sample(
     store: &Store,
-    index: Arc<Vec<(u64, crate::series::SeriesLabels)>>,
     retention: &RetentionConfig,
     expr: &promql_parser::parser::Expr,
     ts: i64,
@@ -466,7 +462,7 @@ fn sample(
 ) -> Result<Vec<(Labels, f64)>, String> {
     let steps = Steps::instant(ts);
     let limits = Limits { max_series: MAX_SERIES, max_points: 1, max_samples: MAX_SERIES, deadline };
-    let engine = Engine::new(store, &steps, ts.div_euclid(1000), retention, limits).with_series(index);
+    let engine = Engine::new(store, &steps, ts.div_euclid(1000), retention, limits);
     let value = engine.eval(expr).and_then(|v| engine.materialized(v)).map_err(|e| e.to_string())?;
     Ok(match value {
         Value::Scalar(v) => {

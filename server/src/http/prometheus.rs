@@ -177,6 +177,19 @@ fn deadline(s: &AppState, p: &Params) -> Result<Instant, ApiError> {
     Ok(Instant::now() + timeout)
 }
 
+/// One of the `query.max_concurrency` slots that queries, label and series walks and exemplar
+/// reads share, waited for until `deadline`.
+async fn query_slot(s: &AppState, deadline: Instant) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    let wait = deadline.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(wait, s.queries.clone().acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => {
+            s.metrics.limit_hit("query.max_concurrency");
+            Err(eval_error(EvalError::Timeout("waiting for a query slot (query.max_concurrency)")))
+        }
+    }
+}
+
 /// Evaluates `expr` at `steps` and renders the answer, both on a blocking thread and both
 /// within the request's budget: the deadline covers evaluation *and* building the response,
 /// at most `query.max_concurrency` queries run at once (others wait their turn within their
@@ -190,14 +203,7 @@ async fn evaluate(
 ) -> Result<Response, ApiError> {
     let budget = crate::query::Budget::new(deadline);
     let _cancel = budget.cancel_on_drop();
-    let wait = deadline.saturating_duration_since(Instant::now());
-    let _permit = match tokio::time::timeout(wait, s.queries.clone().acquire_owned()).await {
-        Ok(Ok(permit)) => permit,
-        _ => {
-            s.metrics.limit_hit("query.max_concurrency");
-            return Err(eval_error(EvalError::Timeout("waiting for a query slot (query.max_concurrency)")));
-        }
-    };
+    let _permit = query_slot(s, deadline).await?;
     let store = s.store.clone();
     let retention = s.retention.clone();
     let now = s.clock.now_seconds();
@@ -386,7 +392,8 @@ fn match_selectors(s: &AppState, p: &Params) -> Result<Vec<promql_parser::parser
 
 /// Runs a series or label walk off the async runtime within the request's budget (the query
 /// timeout; cancelled when the client leaves), answering at most `limit` items (the request's
-/// `limit`, else `query.max_series`) with Prometheus' warning when more matched.
+/// `limit`, else `query.max_series`) with Prometheus' warning when more matched. It takes one
+/// of the query slots, like a query.
 async fn label_walk<T: serde::Serialize + Send + 'static>(
     s: &AppState,
     p: &Params,
@@ -398,8 +405,10 @@ async fn label_walk<T: serde::Serialize + Send + 'static>(
         p.time("start", 0.0)?;
         p.time("end", 0.0)?;
         let limit = p.limit()?.unwrap_or(s.query.max_series).min(s.query.max_series);
-        let budget = crate::query::Budget::new(deadline(s, p)?);
+        let deadline = deadline(s, p)?;
+        let budget = crate::query::Budget::new(deadline);
         let _cancel = budget.cancel_on_drop();
+        let _permit = query_slot(s, deadline).await?;
         let store = s.store.clone();
         let found = tokio::task::spawn_blocking(move || walk(&store, limit, &budget))
             .await
@@ -492,13 +501,15 @@ async fn exemplars(State(s): State<AppState>, p: Params) -> Response {
         let selectors: Vec<promql_parser::parser::VectorSelector> =
             promql::selectors(&expr).into_iter().cloned().collect();
         let store = s.store.clone();
-        // Within the query timeout, and cancelled when the client leaves.
-        let budget = crate::query::Budget::new(deadline(&s, &p)?);
+        // Within the query timeout, in a query slot, and cancelled when the client leaves.
+        let deadline = deadline(&s, &p)?;
+        let budget = crate::query::Budget::new(deadline);
         let _cancel = budget.cancel_on_drop();
+        let _permit = query_slot(&s, deadline).await?;
         let found = tokio::task::spawn_blocking(move || -> Result<Json_, EvalError> {
             let mut groups: std::collections::BTreeMap<promql::Labels, Vec<Json_>> = Default::default();
             let mut total = 0;
-            'series: for (id, labels) in store.series()? {
+            'series: for (id, labels) in labels::candidates(&store, &selectors, &budget)? {
                 budget.check("reading exemplars")?;
                 let from = start.floor() as i64 - tailscope_proto::BASE_WINDOW_SECONDS;
                 for e in store.exemplars(id, from, end.ceil() as i64 + 1)? {

@@ -2,7 +2,10 @@
 //! `/label/<name>/values`), bounded: each stored series is exposed as `span_duration_seconds`
 //! `_bucket` (one label set per default `le`), `_count` and `_sum`, but those sets are only
 //! *matched* per series, never all built — only the answer is, and at most `limit` of it.
-//! The request's [`Budget`] is checked as the series are walked.
+//! Series come from the source's index: a selector's matchers on `service`, `operation` and
+//! `status` pick candidates from posting lists, and without a selector names and values are
+//! read off the index directly. The request's [`Budget`] is checked as the candidates are
+//! walked.
 
 use std::collections::BTreeSet;
 
@@ -36,8 +39,37 @@ fn selects(vs: &VectorSelector, name: &str, labels: &SeriesLabels, le: Option<&s
         && vs.matchers.matchers.iter().all(|m| m.is_match(get(&m.name)))
 }
 
+/// The matchers of a selector that a stored series answers (`__name__` and `le` are checked
+/// per exposed series instead).
+fn series_matchers(vs: &VectorSelector) -> Vec<&promql_parser::label::Matcher> {
+    vs.matchers.matchers.iter().filter(|m| m.name != "__name__" && m.name != "le").collect()
+}
+
+/// The stored series that one of `selectors` may select (every one when there are none), in
+/// id order: the union of the index's selections by each selector's `service`, `operation`
+/// and `status` matchers. `__name__` and `le` are left to the caller.
+pub fn candidates(
+    source: &dyn Source,
+    selectors: &[VectorSelector],
+    budget: &Budget,
+) -> Result<Vec<(u64, SeriesLabels)>, EvalError> {
+    Ok(match selectors {
+        [] => source.series()?,
+        [one] => source.select(&series_matchers(one))?,
+        many => {
+            let mut union = std::collections::BTreeMap::new();
+            for vs in many {
+                budget.check("matching series")?;
+                union.extend(source.select(&series_matchers(vs))?);
+            }
+            union.into_iter().collect()
+        }
+    })
+}
+
 /// Calls `f` with every exposed series (name, labels, `le`) that one of `selectors` selects
-/// (every one when there are none), series by series in the source's order.
+/// (every one when there are none), series by series in id order. The stored series are
+/// taken from the source's index selection per selector, not from a walk of all of them.
 fn for_each_selected(
     source: &dyn Source,
     selectors: &[VectorSelector],
@@ -45,8 +77,8 @@ fn for_each_selected(
     mut f: impl FnMut(&'static str, &SeriesLabels, Option<&str>),
 ) -> Result<(), EvalError> {
     let les = le_values();
-    let all = source.series()?;
-    for (i, (_, labels)) in all.iter().enumerate() {
+    let candidates = candidates(source, selectors, budget)?;
+    for (i, (_, labels)) in candidates.iter().enumerate() {
         if i % CHECK_EVERY == 0 {
             budget.check("matching series")?;
         }
@@ -134,6 +166,16 @@ pub fn names(
     budget: &Budget,
 ) -> Result<Capped<String>, EvalError> {
     let mut out = Capped::new();
+    if selectors.is_empty() {
+        budget.check("reading label names")?;
+        // Every series has all five names; there is one if any status is held.
+        if !source.label_values("status", 1)?.0.is_empty() {
+            for k in ["__name__", "le", "operation", "service", "status"] {
+                out.insert(k.to_owned(), limit);
+            }
+        }
+        return Ok(out);
+    }
     for_each_selected(source, selectors, budget, |_, labels, le| {
         for k in ["__name__", "service", "operation", "status"] {
             if k == "__name__" || labels.get(k).is_some() {
@@ -156,6 +198,27 @@ pub fn values(
     budget: &Budget,
 ) -> Result<Capped<String>, EvalError> {
     let mut out = Capped::new();
+    if selectors.is_empty() {
+        budget.check("reading label values")?;
+        // Read off the index without looking at a series: the stored labels' values, or the
+        // exposed names and `le` values when there is any series at all.
+        let fixed: Vec<String> = match label {
+            "__name__" => promql::NAMES.iter().map(|&n| n.to_owned()).collect(),
+            "le" => le_values(),
+            _ => {
+                let (values, more) = source.label_values(label, limit)?;
+                out.items.extend(values);
+                out.truncated = more;
+                return Ok(out);
+            }
+        };
+        if !source.label_values("status", 1)?.0.is_empty() {
+            for v in fixed {
+                out.insert(v, limit);
+            }
+        }
+        return Ok(out);
+    }
     for_each_selected(source, selectors, budget, |name, labels, le| {
         let value = match label {
             "__name__" => Some(name),

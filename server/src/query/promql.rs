@@ -81,6 +81,23 @@ pub type WindowFn<'a> = dyn FnMut(i64, &[u8]) -> Result<(), HistogramError> + 'a
 pub trait Source: Sync {
     /// Every series.
     fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError>;
+    /// The series every one of `matchers` (on `service`, `operation`, `status` or labels no
+    /// series has, which read as empty) matches. A store answers from its posting lists; the
+    /// default filters [`Source::series`].
+    fn select(&self, matchers: &[&Matcher]) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
+        let mut all = self.series()?;
+        all.retain(|(_, l)| matchers.iter().all(|m| m.is_match(l.get(&m.name).unwrap_or(""))));
+        Ok(all)
+    }
+    /// The distinct non-empty values of `label` over every series, sorted, at most `limit`,
+    /// and whether there were more. A store reads them off its posting lists.
+    fn label_values(&self, label: &str, limit: usize) -> Result<(Vec<String>, bool), StoreError> {
+        let all = self.series()?;
+        let set: std::collections::BTreeSet<&str> =
+            all.iter().filter_map(|(_, l)| l.get(label)).filter(|v| !v.is_empty()).collect();
+        let more = set.len() > limit;
+        Ok((set.into_iter().take(limit).map(str::to_owned).collect(), more))
+    }
     /// Calls `f` with the encoded histogram of each window of `series` at `res` starting in
     /// `[start, end)`, in order; an error from `f` marks the window corrupt. The encodings must
     /// have been validated on their way in (the engine checks only their headers).
@@ -114,6 +131,14 @@ pub trait Source: Sync {
 impl Source for crate::store::Store {
     fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
         crate::store::Store::series(self)
+    }
+
+    fn select(&self, matchers: &[&Matcher]) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
+        Ok(self.index().select(matchers))
+    }
+
+    fn label_values(&self, label: &str, limit: usize) -> Result<(Vec<String>, bool), StoreError> {
+        Ok(self.index().values(label, limit))
     }
 
     fn windows(
@@ -329,7 +354,6 @@ pub struct Engine<'a> {
     now: i64,
     retention: &'a RetentionConfig,
     limits: Limits,
-    series: std::cell::OnceCell<std::sync::Arc<Vec<(u64, SeriesLabels)>>>,
 }
 
 impl std::fmt::Debug for Engine<'_> {
@@ -355,7 +379,7 @@ impl<'a> Engine<'a> {
         retention: &'a RetentionConfig,
         limits: Limits,
     ) -> Engine<'a> {
-        Engine { source, steps, now, retention, limits, series: std::cell::OnceCell::new() }
+        Engine { source, steps, now, retention, limits }
     }
 
     /// Evaluates `expr` at every step.
@@ -395,21 +419,6 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    fn all_series(&self) -> Result<&[(u64, SeriesLabels)], EvalError> {
-        if let Some(s) = self.series.get() {
-            return Ok(s);
-        }
-        let loaded = std::sync::Arc::new(self.source.series()?);
-        Ok(self.series.get_or_init(|| loaded))
-    }
-
-    /// Uses `series` as the series index instead of reading it from the source, so many
-    /// evaluations at one moment (a rule group) read the index once.
-    pub fn with_series(self, series: std::sync::Arc<Vec<(u64, SeriesLabels)>>) -> Engine<'a> {
-        let _ = self.series.set(series);
-        self
-    }
-
     /// Resolves a selector's matchers against the series index.
     fn select(&self, vs: &VectorSelector) -> Result<Selection, EvalError> {
         if vs.at.is_some() {
@@ -435,12 +444,7 @@ impl<'a> Engine<'a> {
         if !names.iter().any(|&n| n) {
             return Ok(Selection { names, series: Vec::new(), le });
         }
-        let series: Vec<(u64, SeriesLabels)> = self
-            .all_series()?
-            .iter()
-            .filter(|(_, l)| label_matchers.iter().all(|m| m.is_match(l.get(&m.name).unwrap_or(""))))
-            .cloned()
-            .collect();
+        let series = self.source.select(&label_matchers)?;
         let selected = series.len() * names.iter().filter(|&&n| n).count();
         if selected > self.limits.max_series {
             return Err(EvalError::Execution(format!(

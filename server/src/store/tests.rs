@@ -258,3 +258,60 @@ fn many_intervals_read_as_one_scan_per_interval_would() {
     assert_eq!(together.len(), 3 + 1 + 6 + 100 + 400 + 80);
     assert!(together.iter().all(|&(_, c)| c == 1));
 }
+
+#[test]
+fn series_past_every_retention_are_retired_on_disk_and_in_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old, kept) = (labels("GET /old"), labels("GET /kept"));
+    let retention = RetentionConfig {
+        window_10s: std::time::Duration::from_secs(3600),
+        window_1m: std::time::Duration::from_secs(2 * 3600),
+        window_1h: std::time::Duration::from_secs(3 * 3600),
+        ..RetentionConfig::default()
+    };
+    let delta =
+        |series: u64, window_start| WindowDelta { series, window_start, histogram: hist(&[9]).to_bytes() };
+    {
+        let store = open(dir.path());
+        let first = EpochWrite {
+            windows: vec![delta(old.id(), T0), delta(kept.id(), T0)],
+            series: vec![(old.id(), old.clone()), (kept.id(), kept.clone())],
+            ..EpochWrite::default()
+        };
+        store.write_epoch(&first).expect("write");
+        // Two hours later only `kept` is written; its entry moves to the new hour.
+        store
+            .write_epoch(&EpochWrite { windows: vec![delta(kept.id(), T0 + 7200)], ..EpochWrite::default() })
+            .expect("write");
+        // Three hours after T0 + 1 h, the hour of `old`'s newest window is past the longest
+        // retention (3 h); `kept`'s is not.
+        let report = store.apply_retention(T0 + 4 * 3600 + 1, &retention).expect("retention");
+        assert_eq!(report.series_retired, 1);
+        assert_eq!(store.series().expect("series"), vec![(kept.id(), kept.clone())]);
+        assert_eq!(store.index().values("operation", 10).0, vec!["GET /kept"]);
+        assert_eq!(store.apply_retention(T0 + 4 * 3600 + 1, &retention).expect("again").series_retired, 0);
+    }
+    // The retirement and the newer hour are on disk.
+    let store = open(dir.path());
+    assert_eq!(store.series().expect("series"), vec![(kept.id(), kept.clone())]);
+    assert_eq!(store.apply_retention(T0 + 5 * 3600 + 1, &retention).expect("retention").series_retired, 0);
+    assert_eq!(store.apply_retention(T0 + 6 * 3600 + 1, &retention).expect("retention").series_retired, 1);
+}
+
+#[test]
+fn an_index_entry_without_an_hour_loads_as_written_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = labels("GET /legacy");
+    {
+        let store = open(dir.path());
+        // The entry as written before the hour was kept: labels alone.
+        let cf = store.cf(CF_SERIES).expect("cf");
+        store.db.put_cf(cf, a.id().to_be_bytes(), a.encode()).expect("put");
+    }
+    let store = open(dir.path());
+    assert_eq!(store.series().expect("series"), vec![(a.id(), a.clone())]);
+    // Counted as written now: nothing older than a retention from now retires it.
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
+    assert_eq!(store.apply_retention(now, &RetentionConfig::default()).expect("retention").series_retired, 0);
+}

@@ -1,0 +1,247 @@
+//! The series index, held in memory beside its column family: every series' labels, a
+//! posting list (the ids that carry it) per `service` and per `operation` value, and the hour
+//! of the newest window written to each series.
+//!
+//! Selection starts from the smallest posting list an equality matcher names (or the union of
+//! the values a regular expression on `service` or `operation` matches, walking distinct values
+//! rather than series) and checks the remaining matchers on those candidates only; label values
+//! are read off the posting lists' keys, so `/label/service/values?limit=10` touches ten keys
+//! however many series there are. The same shape as Prometheus' head postings, for the three
+//! labels a tailscope series has.
+//!
+//! A series whose newest window is older than the longest retention holds nothing a query can
+//! read; [`SeriesIndex::expired`] names those and [`SeriesIndex::retire`] forgets them, so the
+//! index shrinks with retention instead of growing for ever.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::RwLock;
+
+use promql_parser::label::{MatchOp, Matcher};
+
+use crate::series::{IdBuildHasher, SeriesLabels, Status};
+
+#[cfg(test)]
+mod tests;
+
+/// The hour (since the epoch) second `t` falls in, clamped to `u32`.
+pub fn hour_of(t: i64) -> u32 {
+    u32::try_from(t.div_euclid(3600).max(0)).unwrap_or(u32::MAX)
+}
+
+#[derive(Debug)]
+struct Entry {
+    labels: SeriesLabels,
+    /// The hour of the newest window written (only ever raised, under the read lock).
+    newest_hour: AtomicU32,
+}
+
+#[derive(Debug, Default)]
+struct Postings {
+    series: HashMap<u64, Entry, IdBuildHasher>,
+    service: BTreeMap<String, BTreeSet<u64>>,
+    operation: BTreeMap<String, BTreeSet<u64>>,
+    /// How many series have each status (`ok`, `error`).
+    statuses: [usize; 2],
+}
+
+impl Postings {
+    fn list(&self, label: &str) -> Option<&BTreeMap<String, BTreeSet<u64>>> {
+        match label {
+            "service" => Some(&self.service),
+            "operation" => Some(&self.operation),
+            _ => None,
+        }
+    }
+
+    fn insert(&mut self, id: u64, labels: SeriesLabels, hour: u32) {
+        if let Some(e) = self.series.get(&id) {
+            e.newest_hour.fetch_max(hour, Ordering::Relaxed);
+            return;
+        }
+        self.service.entry(labels.service.clone()).or_default().insert(id);
+        self.operation.entry(labels.operation.clone()).or_default().insert(id);
+        self.statuses[labels.status as usize] += 1;
+        self.series.insert(id, Entry { labels, newest_hour: AtomicU32::new(hour) });
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(e) = self.series.remove(&id) else { return };
+        self.statuses[e.labels.status as usize] -= 1;
+        for (list, value) in
+            [(&mut self.service, &e.labels.service), (&mut self.operation, &e.labels.operation)]
+        {
+            if let Some(ids) = list.get_mut(value.as_str()) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    list.remove(value.as_str());
+                }
+            }
+        }
+    }
+
+    /// The candidates of a selection: the ids of the narrowest posting list the matchers name,
+    /// or `None` when none names one (every series is a candidate).
+    fn candidates(&self, matchers: &[&Matcher]) -> Option<BTreeSet<u64>> {
+        let equal = matchers
+            .iter()
+            .filter(|m| matches!(m.op, MatchOp::Equal))
+            .filter_map(|m| Some(self.list(&m.name)?.get(&m.value).map_or(0, BTreeSet::len)).map(|n| (n, m)))
+            .min_by_key(|(n, _)| *n);
+        if let Some((_, m)) = equal {
+            return Some(self.list(&m.name).and_then(|l| l.get(&m.value)).cloned().unwrap_or_default());
+        }
+        // No equality: the first other matcher on service (fewer distinct values than
+        // operation), else on operation, is resolved over the list's distinct values.
+        let m =
+            ["service", "operation"].iter().find_map(|label| matchers.iter().find(|m| m.name == *label))?;
+        let list = self.list(&m.name)?;
+        let mut ids = BTreeSet::new();
+        for (value, posting) in list {
+            if m.is_match(value) {
+                ids.extend(posting);
+            }
+        }
+        Some(ids)
+    }
+}
+
+/// The series index (see the module documentation).
+#[derive(Debug, Default)]
+pub struct SeriesIndex {
+    inner: RwLock<Postings>,
+}
+
+impl SeriesIndex {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Postings> {
+        self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Postings> {
+        self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds a series (or raises its newest hour if it is known).
+    pub fn insert(&self, id: u64, labels: SeriesLabels, newest_hour: u32) {
+        self.write().insert(id, labels, newest_hour);
+    }
+
+    /// Adds many series under one lock.
+    pub fn extend(&self, series: impl IntoIterator<Item = (u64, SeriesLabels, u32)>) {
+        let mut p = self.write();
+        for (id, labels, hour) in series {
+            p.insert(id, labels, hour);
+        }
+    }
+
+    /// The number of series.
+    pub fn len(&self) -> usize {
+        self.read().series.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The series that `written` (series id, window start in seconds) moves to a newer hour
+    /// than the index holds for them, with their labels and that hour: what must be written
+    /// back so the hour survives a restart. Series the index does not hold are left out (their
+    /// labels come with the epoch that writes them). The index itself is not changed; see
+    /// [`SeriesIndex::extend`].
+    pub fn newer(&self, written: impl IntoIterator<Item = (u64, i64)>) -> Vec<(u64, SeriesLabels, u32)> {
+        let p = self.read();
+        let mut out: HashMap<u64, (SeriesLabels, u32), IdBuildHasher> = HashMap::default();
+        for (id, t) in written {
+            let hour = hour_of(t);
+            let Some(e) = p.series.get(&id) else { continue };
+            if e.newest_hour.load(Ordering::Relaxed) < hour {
+                let slot = out.entry(id).or_insert_with(|| (e.labels.clone(), hour));
+                slot.1 = slot.1.max(hour);
+            }
+        }
+        out.into_iter().map(|(id, (labels, hour))| (id, labels, hour)).collect()
+    }
+
+    /// The series whose newest window lies in an hour before `first_kept_hour`.
+    pub fn expired(&self, first_kept_hour: u32) -> Vec<u64> {
+        let p = self.read();
+        let mut out: Vec<u64> = p
+            .series
+            .iter()
+            .filter(|(_, e)| e.newest_hour.load(Ordering::Relaxed) < first_kept_hour)
+            .map(|(&id, _)| id)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Forgets `ids` — those that are still expired at `first_kept_hour` (a series written
+    /// since [`SeriesIndex::expired`] named it is kept). Returns the ones forgotten.
+    pub fn retire(&self, ids: &[u64], first_kept_hour: u32) -> Vec<u64> {
+        let mut p = self.write();
+        let mut gone = Vec::new();
+        for &id in ids {
+            if p.series.get(&id).is_some_and(|e| e.newest_hour.load(Ordering::Relaxed) < first_kept_hour) {
+                p.remove(id);
+                gone.push(id);
+            }
+        }
+        gone
+    }
+
+    /// Every series, in id order.
+    pub fn all(&self) -> Vec<(u64, SeriesLabels)> {
+        let p = self.read();
+        let mut out: Vec<(u64, SeriesLabels)> =
+            p.series.iter().map(|(&id, e)| (id, e.labels.clone())).collect();
+        out.sort_unstable_by_key(|(id, _)| *id);
+        out
+    }
+
+    /// The series every one of `matchers` matches (a label a series does not have reads as
+    /// empty, as in Prometheus), in id order.
+    pub fn select(&self, matchers: &[&Matcher]) -> Vec<(u64, SeriesLabels)> {
+        let p = self.read();
+        let keep =
+            |labels: &SeriesLabels| matchers.iter().all(|m| m.is_match(labels.get(&m.name).unwrap_or("")));
+        match p.candidates(matchers) {
+            Some(ids) => ids
+                .into_iter()
+                .filter_map(|id| p.series.get(&id).map(|e| (id, &e.labels)))
+                .filter(|(_, l)| keep(l))
+                .map(|(id, l)| (id, l.clone()))
+                .collect(),
+            None => {
+                let mut out: Vec<(u64, SeriesLabels)> = p
+                    .series
+                    .iter()
+                    .filter(|(_, e)| keep(&e.labels))
+                    .map(|(&id, e)| (id, e.labels.clone()))
+                    .collect();
+                out.sort_unstable_by_key(|(id, _)| *id);
+                out
+            }
+        }
+    }
+
+    /// The distinct non-empty values of `label` over every series, sorted, at most `limit`,
+    /// and whether there were more: read off the posting lists' keys and the status counts.
+    pub fn values(&self, label: &str, limit: usize) -> (Vec<String>, bool) {
+        let p = self.read();
+        let mut values: Vec<String> = match label {
+            "status" => [Status::Ok, Status::Error]
+                .into_iter()
+                .filter(|&s| p.statuses[s as usize] > 0)
+                .map(|s| s.as_str().to_owned())
+                .collect(),
+            _ => p.list(label).map_or_else(Vec::new, |list| {
+                list.keys().filter(|v| !v.is_empty()).take(limit.saturating_add(1)).cloned().collect()
+            }),
+        };
+        values.truncate(limit.saturating_add(1));
+        let more = values.len() > limit;
+        values.truncate(limit);
+        (values, more)
+    }
+}
