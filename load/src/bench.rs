@@ -106,7 +106,7 @@ fn clock_ticks() -> f64 {
 }
 
 /// A `/proc/<pid>/status` field in kB, as bytes.
-fn status_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
+pub(crate) fn status_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field}"))?;
     let kb: u64 = line.split_whitespace().nth(1).context("no value")?.parse()?;

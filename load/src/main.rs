@@ -7,6 +7,9 @@
 //! `tailscope-load chaos --fault kill|pause` runs a scenario against a server process, breaks
 //! it at a third of the run, and checks that every recorded span was counted exactly once.
 //!
+//! `tailscope-load pressure` reads the server's peak RSS and ingest acknowledgement latency
+//! while the heaviest requests its limits allow run, phase by phase, next to idle.
+//!
 //! `tailscope-load bench` measures maximum ingest throughput with pre-encoded batches over K
 //! connections, and the server's CPU-seconds per million spans and peak RSS, read from
 //! `/proc/<pid>` of a server it starts as a child process (or one given by `--grpc` and `--pid`).
@@ -14,6 +17,7 @@
 mod bench;
 mod chaos;
 mod child;
+mod pressure;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +38,9 @@ enum Command {
     /// A fault (SIGKILL and restart, or SIGSTOP) injected into a server process under a
     /// scenario's traffic, then every recorded span checked to be counted exactly once.
     Chaos(chaos::ChaosArgs),
+    /// Server memory and ingest acknowledgement latency while the heaviest requests the
+    /// limits allow run (widest query, label and series walks, alert posts), next to idle.
+    Pressure(pressure::PressureArgs),
     /// tailscope in a minute: an embedded server, the example rules, a webhook receiver that
     /// prints grouped alerts, and steady → latency-spike → cascade traffic.
     Demo(tailscope_load::demo::DemoArgs),
@@ -49,6 +56,7 @@ fn main() -> anyhow::Result<()> {
             tailscope_load::run::run(&args, &mut stdout).await.map(|_| ())
         }),
         Command::Chaos(args) => runtime.block_on(chaos::chaos(args)),
+        Command::Pressure(args) => runtime.block_on(pressure::run(args)),
         Command::Demo(args) => runtime.block_on(async {
             let out = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::new()));
             tailscope_load::demo::demo(&args, out, true).await.map(|_| ())

@@ -190,6 +190,10 @@ pub struct IngestConfig {
     /// Most services (0: no limit); spans of further new services are counted under
     /// `service="__overflow__"` (keeping their operation names, capped as any service's).
     pub max_services: usize,
+    /// Most (series, window) histograms the shards hold open for one epoch, together; reaching
+    /// it cuts the epoch early, so spans spread over many series and windows (a backfill of the
+    /// whole allowed lateness) cost a bounded amount of memory.
+    pub max_open_windows: usize,
 }
 
 impl Default for IngestConfig {
@@ -208,6 +212,7 @@ impl Default for IngestConfig {
             max_span_duration: Duration::from_secs(24 * 3600),
             max_operations_per_service: 10_000,
             max_services: 5_000,
+            max_open_windows: 200_000,
         }
     }
 }
@@ -366,6 +371,9 @@ impl Config {
         }
         if i.max_batch_bytes < 1024 {
             return invalid("ingest.max_batch_bytes", "must be at least 1024");
+        }
+        if i.max_open_windows == 0 {
+            return invalid("ingest.max_open_windows", "must be at least 1");
         }
         if i.max_span_weight == 0 {
             return invalid("ingest.max_span_weight", "must be at least 1");

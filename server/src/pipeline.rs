@@ -346,9 +346,10 @@ pub struct Pipeline {
     layout: Layout,
     limits: SpanLimits,
     clock: Arc<dyn Clock>,
-    /// Woken when a caller waits for durability (an OTLP export): the flusher cuts an epoch
-    /// after the group-commit delay instead of at its next tick.
-    hurry: tokio::sync::Notify,
+    /// Woken when a caller waits for durability (an OTLP export), or a shard holds
+    /// `ingest.max_open_windows` of its share: the flusher cuts an epoch after the group-commit
+    /// delay instead of at its next tick.
+    hurry: Arc<tokio::sync::Notify>,
     group_commit_delay: std::time::Duration,
 }
 
@@ -366,10 +367,12 @@ impl Pipeline {
         let limits = SpanLimits::new(config);
         let mut shards = Vec::with_capacity(n);
         let mut handles = Vec::with_capacity(n);
+        let hurry = Arc::new(tokio::sync::Notify::new());
+        let open = shard::OpenLimit { windows: (config.max_open_windows / n).max(1), hurry: hurry.clone() };
         for id in 0..n {
             let (tx, rx) = mpsc::channel(config.queue_capacity);
             shards.push(tx);
-            handles.push(tokio::spawn(shard::run(id as u32, rx, layout, limits)));
+            handles.push(tokio::spawn(shard::run(id as u32, rx, layout, limits, open.clone())));
         }
         let clients = DashMap::new();
         for (client, seq) in store.watermarks()? {
@@ -388,7 +391,7 @@ impl Pipeline {
             layout,
             limits,
             clock,
-            hurry: tokio::sync::Notify::new(),
+            hurry,
             group_commit_delay: config.group_commit_delay,
         };
         Ok((Arc::new(pipeline), handles))

@@ -169,11 +169,26 @@ impl Notifier {
         Ok((Notifier { tx, shared }, task))
     }
 
-    /// Whether `alerts` fit under `alerting.max_alerts` (updates of known alerts always do).
-    pub fn has_room_for(&self, alerts: &[Alert]) -> bool {
-        let known = self.shared.alerts.lock();
-        let new = alerts.iter().filter(|a| !known.contains_key(&fingerprint(&a.labels))).count();
-        known.len() + new <= self.shared.settings.max_alerts
+    /// Takes posted alerts all or none: all when the new ones among them fit under
+    /// `alerting.max_alerts` (updates of known alerts always do), checked and admitted under
+    /// one lock so that posts in quick succession cannot pass the cap together; none (`false`)
+    /// otherwise. Admitted alerts are routed before this returns.
+    pub fn post(&self, alerts: Vec<Alert>) -> bool {
+        let shared = &self.shared;
+        let now = shared.now();
+        let admitted: Vec<Alert> = {
+            let mut known = shared.alerts.lock();
+            let new = alerts.iter().filter(|a| !known.contains_key(&fingerprint(&a.labels))).count();
+            if known.len() + new > shared.settings.max_alerts {
+                return false;
+            }
+            alerts.into_iter().map(|a| shared.merge(&mut known, a)).collect()
+        };
+        shared.metrics.alerts_received.inc_by(admitted.len() as u64);
+        for a in admitted {
+            shared.route(a, now);
+        }
+        true
     }
 
     /// Replaces the configuration: every group restarts under the new routes (the log keeps
@@ -256,27 +271,34 @@ impl Shared {
     }
 
     /// Merges an incoming alert into the known ones and hands it to its groups.
-    fn ingest(self: &Arc<Self>, mut alert: Alert, now: i64) {
+    fn ingest(self: &Arc<Self>, alert: Alert, now: i64) {
         self.metrics.alerts_received.inc();
         let fp = fingerprint(&alert.labels);
-        {
+        let alert = {
             let mut alerts = self.alerts.lock();
             if !alerts.contains_key(&fp) && alerts.len() >= self.settings.max_alerts {
                 self.metrics.alerts_dropped.inc();
                 self.metrics.limit_hit("alerting.max_alerts");
                 return;
             }
-            if let Some(old) = alerts.get(&fp) {
-                // The same alert still going on keeps its start.
-                if !old.resolved(alert.starts_at) && old.starts_at < alert.starts_at {
-                    alert.starts_at = old.starts_at;
-                }
-            }
-            let rules = &self.config.read().inhibit_rules;
-            self.inhibit.lock().add(rules, fp, &alert);
-            alerts.insert(fp, alert.clone());
-        }
+            self.merge(&mut alerts, alert)
+        };
         self.route(alert, now);
+    }
+
+    /// Puts `alert` among the known `alerts` (the same alert still going on keeps its start)
+    /// and the inhibit index; returns it as kept.
+    fn merge(&self, alerts: &mut HashMap<u64, Alert>, mut alert: Alert) -> Alert {
+        let fp = fingerprint(&alert.labels);
+        if let Some(old) = alerts.get(&fp) {
+            if !old.resolved(alert.starts_at) && old.starts_at < alert.starts_at {
+                alert.starts_at = old.starts_at;
+            }
+        }
+        let rules = &self.config.read().inhibit_rules;
+        self.inhibit.lock().add(rules, fp, &alert);
+        alerts.insert(fp, alert.clone());
+        alert
     }
 
     fn route(self: &Arc<Self>, alert: Alert, now: i64) {

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::{api_error, AppState};
 use crate::alerting::eval::{ActiveAlert, State as AlertState};
 use crate::alerting::silences::{PostableSilence, SilenceError};
-use crate::alerting::{parse_rfc3339, rfc3339, Alert, Labels, Sink, ZERO_TIME};
+use crate::alerting::{parse_rfc3339, rfc3339, Alert, Labels, ZERO_TIME};
 
 /// The alerting routes.
 pub fn routes() -> Router<AppState> {
@@ -226,14 +226,18 @@ async fn post_alerts(State(s): State<AppState>, body: Bytes) -> Response {
             generator_url: p.generator_url,
         });
     }
-    if !notifier.has_room_for(&alerts) {
+    // Admitted (and routed) off the async runtime, all or none.
+    let admitted = {
+        let notifier = notifier.clone();
+        tokio::task::spawn_blocking(move || notifier.post(alerts)).await.unwrap_or(false)
+    };
+    if !admitted {
         s.metrics.limit_hit("alerting.max_alerts");
         return v2_error(
             StatusCode::TOO_MANY_REQUESTS,
             "the notifier holds as many alerts as alerting.max_alerts allows; send again after resolved ones expire",
         );
     }
-    notifier.send(alerts);
     (StatusCode::OK, "").into_response()
 }
 

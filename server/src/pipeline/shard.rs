@@ -104,6 +104,17 @@ pub struct Handover {
 struct Accumulator {
     windows: HashMap<(u64, i64), Histogram, IdBuildHasher>,
     series: Vec<(u64, SeriesLabels)>,
+    /// Whether this epoch was asked to be cut early for holding too many windows.
+    hurried: bool,
+}
+
+/// The shard's share of `ingest.max_open_windows`, and how it asks for an early epoch.
+#[derive(Debug, Clone)]
+pub struct OpenLimit {
+    /// Most (series, window) histograms the shard's epoch may hold before it asks.
+    pub windows: usize,
+    /// Wakes the flusher.
+    pub hurry: std::sync::Arc<tokio::sync::Notify>,
 }
 
 struct ShardState {
@@ -216,7 +227,13 @@ impl ShardState {
 }
 
 /// Runs shard `id` until its queue closes.
-pub async fn run(id: u32, mut rx: mpsc::Receiver<ShardMsg>, layout: Layout, limits: SpanLimits) {
+pub async fn run(
+    id: u32,
+    mut rx: mpsc::Receiver<ShardMsg>,
+    layout: Layout,
+    limits: SpanLimits,
+    open: OpenLimit,
+) {
     let mut state = ShardState {
         id,
         layout,
@@ -237,6 +254,10 @@ pub async fn run(id: u32, mut rx: mpsc::Receiver<ShardMsg>, layout: Layout, limi
             ShardMsg::Work { epoch, batch } => {
                 let acc = if epoch <= open_epoch { &mut current } else { &mut next };
                 state.apply(acc, &batch);
+                if acc.windows.len() >= open.windows && !acc.hurried {
+                    acc.hurried = true;
+                    open.hurry.notify_one();
+                }
             }
             ShardMsg::Flush { epoch, now, reply } => {
                 let done = std::mem::replace(&mut current, std::mem::take(&mut next));

@@ -293,6 +293,38 @@ async fn label_and_series_calls_over_many_series_answer_from_the_index_while_ing
     server.shutdown().await;
 }
 
+/// Spans spread over many series and the whole allowed lateness open one histogram per
+/// (series, window) until their epoch is written — 3 million of them (6 GB) for a fast
+/// backfill. At `ingest.max_open_windows` the shard asks for the epoch to be cut early: with
+/// a flush interval of a minute, the batch below is acknowledged only because it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_windows_beyond_the_limit_cut_the_epoch_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.ingest.flush_interval = std::time::Duration::from_secs(60);
+    c.ingest.max_open_windows = 1_000;
+    let server = tailscope_server::Server::start(c).await.unwrap();
+    let http = server.http_addr();
+    let mut ingest = open(server.grpc_addr()).await;
+    let now = now_nanos();
+    // 100 series × 30 windows = 3,000 histograms, three times the limit.
+    let groups = (0..100)
+        .map(|s| {
+            let spans = (0..30).map(|w| span(now - (w * 10 + 5) * 1_000_000_000, 1_000_000, false)).collect();
+            group("backfill", &format!("op-{s}"), spans)
+        })
+        .collect();
+    ingest.send(batch(3, 1, groups)).await;
+    ingest.wait_acked(1).await;
+    let text = metrics(http).await;
+    assert!(metric(&text, "tailscope_early_epochs_total") >= 1.0, "{text}");
+    // Every span counted.
+    let rows = tail(http, "service=backfill&start=0&end=9e18").await;
+    let counted: u64 = rows.iter().map(|r| r["count"].as_u64().unwrap()).sum();
+    assert_eq!(counted, 3_000, "{rows:?}");
+    server.shutdown().await;
+}
+
 /// U1: distinct `service` names had no cap (the operation cap was per service, so it was
 /// bypassed). Beyond `ingest.max_services` they are counted under `service="__overflow__"`,
 /// every span still counted.
@@ -461,6 +493,35 @@ async fn posted_alerts_are_capped_and_deliveries_go_through_a_bounded_pool() {
     assert!(most <= 8, "{most} deliveries at once, more than the pool of 8");
     let text = metrics(server.http_addr()).await;
     assert!(metric(&text, "tailscope_limit_hits_total{limit=\"alerting.max_alerts\"}") >= 2.0, "{text}");
+    server.shutdown().await;
+}
+
+/// Posts in quick succession were each checked against the alerts the notifier had taken in
+/// so far, while earlier posts still waited in its queue: together they passed the cap and
+/// the excess was dropped after a 200. A post is now admitted all or none under one lock
+/// before it is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_in_quick_succession_cannot_pass_the_alert_cap_together() {
+    let raddr = receiver(axum::Router::new().fallback(axum::routing::post(|| async { "ok" }))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = notifying(dir.path(), raddr, "");
+    c.alerting.max_alerts = 300;
+    let server = tailscope_server::Server::start(c).await.unwrap();
+    let url = format!("http://{}/api/v2/alerts", server.http_addr());
+    let alerts = |range: std::ops::Range<usize>| {
+        serde_json::json!(range
+            .map(|i| serde_json::json!({"labels": {"alertname": "Burst", "service": format!("s{i}")}}))
+            .collect::<Vec<_>>())
+    };
+    let (first, second) =
+        tokio::join!(post_json(url.clone(), alerts(0..200)), post_json(url.clone(), alerts(200..400)));
+    let mut codes = [first.0, second.0];
+    codes.sort();
+    assert_eq!(codes, [200, 429], "{first:?} {second:?}");
+    let held: Vec<serde_json::Value> = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    assert_eq!(held.len(), 200, "every alert of the admitted post, none of the other");
+    let text = metrics(server.http_addr()).await;
+    assert_eq!(metric(&text, "tailscope_alerts_dropped_total"), 0.0, "nothing accepted was dropped");
     server.shutdown().await;
 }
 
