@@ -35,12 +35,15 @@ use crate::child::{server_bin, ChildServer};
 pub struct PressureArgs {
     /// Series to load (1,000 operations per service). At most `query.max_series` (50,000 by
     /// default), so the widest query is one the limits allow.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 49_999)]
     series: usize,
     /// Seconds of history each series gets one span per 10-second window of (at most the
     /// allowed lateness, an hour by default).
     #[arg(long, default_value_t = 600)]
     history: u64,
+    /// Spans per batch while loading.
+    #[arg(long, default_value_t = 10_000)]
+    batch_spans: usize,
     /// Seconds each phase lasts.
     #[arg(long, default_value_t = 15)]
     phase: u64,
@@ -79,7 +82,7 @@ pub async fn run(args: PressureArgs) -> anyhow::Result<()> {
     let pid = server.pid();
 
     let started = Instant::now();
-    let spans = load(server.grpc, args.series, args.history).await?;
+    let spans = load(server.grpc, args.series, args.history, args.batch_spans).await?;
     println!(
         "loaded {} series, {spans} spans over {} s of history in {:.1} s; RSS {} MiB",
         args.series,
@@ -95,9 +98,11 @@ pub async fn run(args: PressureArgs) -> anyhow::Result<()> {
     rows.push(measure("idle", server.otlp_http, pid, phase, Vec::new()).await?);
 
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let steps = (10_000_000 / args.series.max(1)).max(2) as u64;
+    // The probe's series is selected too.
+    let steps = (10_000_000 / (args.series + 1)).max(2) as u64;
     let (start, end) = (now - args.history, now);
-    let step = ((end - start) / (steps - 1)).max(1);
+    // `steps` evaluation steps at most: ⌈range / (steps − 1)⌉ apart.
+    let step = (end - start).div_ceil(steps - 1).max(1);
     let query = vec![
         ("query", "histogram_quantile(0.99, sum by (le, service, operation, status) (rate(span_duration_seconds_bucket[1m])))".to_owned()),
         ("start", start.to_string()),
@@ -162,26 +167,42 @@ enum Request {
 }
 
 impl Request {
-    /// Sends it; whether it succeeded (a 2xx), and fails only when the server is unreachable.
-    async fn send(&self, http: &reqwest::Client, base: &str) -> anyhow::Result<bool> {
+    /// Sends it; the answer's status and start when not a 2xx. Fails only when the server is
+    /// unreachable.
+    async fn send(&self, http: &reqwest::Client, base: &str) -> anyhow::Result<Result<(), String>> {
         let resp = match self {
             Request::Get(path) => http.get(format!("{base}{path}")).send().await,
             Request::Form(path, form) => http.post(format!("{base}{path}")).form(form).send().await,
             Request::Json(path, body) => http.post(format!("{base}{path}")).json(body).send().await,
         }
         .with_context(|| format!("cannot reach {base}"))?;
-        let ok = resp.status().is_success();
+        let status = resp.status();
         // Read the whole answer, as a client would.
-        resp.bytes().await?;
-        Ok(ok)
+        let body = resp.bytes().await?;
+        if status.is_success() {
+            return Ok(Ok(()));
+        }
+        let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+        Ok(Err(format!("{status}: {text}")))
     }
 }
 
-/// Counts of a phase's requests: done, and refused (not 2xx).
+/// Counts of a phase's requests: done, and refused (not 2xx), with the first refusal.
 #[derive(Default)]
 struct Counts {
     done: AtomicU64,
     refused: AtomicU64,
+    first_refusal: std::sync::Mutex<Option<String>>,
+}
+
+impl Counts {
+    fn count(&self, answer: Result<(), String>) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = answer {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            self.first_refusal.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
+        }
+    }
 }
 
 /// A phase's load: tasks that run until told to stop.
@@ -196,9 +217,7 @@ fn requests(http: &reqwest::Client, base: &str, each: Vec<Request>) -> Load {
             Box::new(move |stop: Arc<AtomicBool>, counts: Arc<Counts>| {
                 tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
-                        let ok = r.send(&http, &base).await?;
-                        counts.done.fetch_add(1, Ordering::Relaxed);
-                        counts.refused.fetch_add(u64::from(!ok), Ordering::Relaxed);
+                        counts.count(r.send(&http, &base).await?);
                     }
                     Ok(())
                 })
@@ -220,9 +239,7 @@ fn sequence(
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let ok = r.send(&http, &base).await?;
-                counts.done.fetch_add(1, Ordering::Relaxed);
-                counts.refused.fetch_add(u64::from(!ok), Ordering::Relaxed);
+                counts.count(r.send(&http, &base).await?);
             }
             Ok(())
         })
@@ -274,6 +291,9 @@ async fn measure(
         t.await??;
     }
     let peak_rss = sampler.await?;
+    if let Some(e) = counts.first_refusal.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+        eprintln!("phase {name}: first refusal: {e}");
+    }
     Ok(Phase {
         name,
         acks,
@@ -319,14 +339,13 @@ fn probe() -> Vec<u8> {
 
 /// Loads `series` series with one span per 10-second window over `history` seconds; returns
 /// the spans sent.
-async fn load(grpc: SocketAddr, series: usize, history: u64) -> anyhow::Result<u64> {
+async fn load(grpc: SocketAddr, series: usize, history: u64, batch_spans: usize) -> anyhow::Result<u64> {
     let mut client = IngestClient::connect(format!("http://{grpc}")).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let mut replies = client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
     let now = now_nanos();
     let windows = (history / 10).max(1) as i64;
-    // About 100,000 spans a batch.
-    let per_batch = (100_000 / windows as usize).max(1);
+    let per_batch = (batch_spans / windows as usize).max(1);
     let batches: Vec<std::ops::Range<usize>> =
         (0..series).step_by(per_batch).map(|s| s..(s + per_batch).min(series)).collect();
     let last = batches.len() as u64;

@@ -191,8 +191,9 @@ pub struct IngestConfig {
     /// `service="__overflow__"` (keeping their operation names, capped as any service's).
     pub max_services: usize,
     /// Most (series, window) histograms the shards hold open for one epoch, together; reaching
-    /// it cuts the epoch early, so spans spread over many series and windows (a backfill of the
-    /// whole allowed lateness) cost a bounded amount of memory.
+    /// it encodes them (a few dozen bytes each instead of kilobytes) and cuts the epoch early,
+    /// so spans spread over many series and windows (a backfill of the whole allowed lateness)
+    /// cost a bounded amount of memory.
     pub max_open_windows: usize,
 }
 

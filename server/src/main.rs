@@ -7,6 +7,14 @@ use clap::{Parser, Subcommand};
 use tailscope_server::config::{Config, Overrides};
 use tailscope_server::Server;
 
+/// jemalloc, for every allocation of the process (RocksDB's C++ ones too), with background
+/// threads that return freed memory to the system: the C library's allocator kept the
+/// transient peaks of a backfill or of wide queries resident for good. Measured with
+/// `tailscope-load pressure` (BENCHMARKS.md): 0.93 GiB against 1.76 GiB after the same
+/// backfill, falling to 0.56 GiB while the server works on.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// tailscope: a tail-latency aggregator with exact percentiles.
 #[derive(Debug, Parser)]
 #[command(name = "tailscope-server", version)]

@@ -104,8 +104,30 @@ pub struct Handover {
 struct Accumulator {
     windows: HashMap<(u64, i64), Histogram, IdBuildHasher>,
     series: Vec<(u64, SeriesLabels)>,
+    /// Histograms already encoded because the epoch held its share of open windows: a few
+    /// dozen bytes each instead of the kilobytes of an open one. The store adds deltas of the
+    /// same (series, window) as merge operands, so one may be spilled more than once.
+    spilled: Vec<WindowDelta>,
+    /// Exemplars of windows that had closed when the histograms were spilled.
+    spilled_exemplars: Vec<Exemplar>,
     /// Whether this epoch was asked to be cut early for holding too many windows.
     hurried: bool,
+}
+
+impl Accumulator {
+    /// Encodes every open histogram into `spilled`.
+    fn spill(&mut self) {
+        self.spilled.extend(self.windows.drain().map(|((series, window_start), h)| WindowDelta {
+            series,
+            window_start,
+            histogram: h.to_bytes(),
+        }));
+    }
+}
+
+/// The start of the newest window whose exemplars are final at second `now`.
+fn closed_before(now: i64) -> i64 {
+    now - tailscope_proto::BASE_WINDOW_SECONDS - EXEMPLAR_GRACE_SECONDS
 }
 
 /// The shard's share of `ingest.max_open_windows`, and how it asks for an early epoch.
@@ -209,20 +231,41 @@ impl ShardState {
         self.now = self.now.max(now);
         let horizon = self.now - ACTIVE_SECONDS;
         self.known.retain(|_, &mut seen| seen >= horizon);
-        let windows = acc
-            .windows
-            .into_iter()
-            .map(|((series, window_start), h)| WindowDelta { series, window_start, histogram: h.to_bytes() })
-            .collect();
-        let closed = self.now - tailscope_proto::BASE_WINDOW_SECONDS - EXEMPLAR_GRACE_SECONDS;
-        let mut exemplars = Vec::new();
+        let mut windows = acc.spilled;
+        windows.extend(acc.windows.into_iter().map(|((series, window_start), h)| WindowDelta {
+            series,
+            window_start,
+            histogram: h.to_bytes(),
+        }));
+        let mut exemplars = acc.spilled_exemplars;
+        self.take_closed_exemplars(&mut exemplars);
+        // A backfill may have grown these maps far beyond what live traffic keeps: give the
+        // memory back.
+        if self.exemplars.capacity() > 4 * self.exemplars.len() + 4096 {
+            self.exemplars.shrink_to_fit();
+        }
+        if self.known.capacity() > 4 * self.known.len() + 4096 {
+            self.known.shrink_to_fit();
+        }
+        Handover { windows, series: acc.series, active_series: self.known.len(), exemplars }
+    }
+
+    /// Moves the exemplars of every window closed by now into `out`.
+    fn take_closed_exemplars(&mut self, out: &mut Vec<Exemplar>) {
+        let closed = closed_before(self.now);
         let done: Vec<(u64, i64)> = self.exemplars.keys().filter(|(_, w)| *w <= closed).copied().collect();
         for key in done {
             if let Some(set) = self.exemplars.remove(&key) {
-                set.into_exemplars(&mut exemplars);
+                set.into_exemplars(out);
             }
         }
-        Handover { windows, series: acc.series, active_series: self.known.len(), exemplars }
+    }
+
+    /// Encodes the epoch's open histograms and takes the exemplars of closed windows out of
+    /// the open sets, when the epoch holds its share of `ingest.max_open_windows`.
+    fn spill(&mut self, acc: &mut Accumulator) {
+        acc.spill();
+        self.take_closed_exemplars(&mut acc.spilled_exemplars);
     }
 }
 
@@ -254,9 +297,14 @@ pub async fn run(
             ShardMsg::Work { epoch, batch } => {
                 let acc = if epoch <= open_epoch { &mut current } else { &mut next };
                 state.apply(acc, &batch);
-                if acc.windows.len() >= open.windows && !acc.hurried {
-                    acc.hurried = true;
-                    open.hurry.notify_one();
+                if acc.windows.len() >= open.windows {
+                    // Batches already queued behind the flush request keep opening windows:
+                    // they are encoded as they go, so the epoch's memory stays bounded.
+                    state.spill(acc);
+                    if !acc.hurried {
+                        acc.hurried = true;
+                        open.hurry.notify_one();
+                    }
                 }
             }
             ShardMsg::Flush { epoch, now, reply } => {
