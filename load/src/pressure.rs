@@ -205,9 +205,12 @@ impl Counts {
     }
 }
 
-/// A phase's load: tasks that run until told to stop.
-type Load =
-    Vec<Box<dyn FnOnce(Arc<AtomicBool>, Arc<Counts>) -> tokio::task::JoinHandle<anyhow::Result<()>> + Send>>;
+/// One client of a phase: started with the stop flag and the counts.
+type Client =
+    Box<dyn FnOnce(Arc<AtomicBool>, Arc<Counts>) -> tokio::task::JoinHandle<anyhow::Result<()>> + Send>;
+
+/// A phase's load: clients that run until told to stop.
+type Load = Vec<Client>;
 
 /// One client per request, each repeating its request until the phase ends.
 fn requests(http: &reqwest::Client, base: &str, each: Vec<Request>) -> Load {
@@ -227,11 +230,7 @@ fn requests(http: &reqwest::Client, base: &str, each: Vec<Request>) -> Load {
 }
 
 /// One client sending `requests` once each, in order, until they are done or the phase ends.
-fn sequence(
-    http: &reqwest::Client,
-    base: &str,
-    requests: Vec<Request>,
-) -> Box<dyn FnOnce(Arc<AtomicBool>, Arc<Counts>) -> tokio::task::JoinHandle<anyhow::Result<()>> + Send> {
+fn sequence(http: &reqwest::Client, base: &str, requests: Vec<Request>) -> Client {
     let (http, base) = (http.clone(), base.to_owned());
     Box::new(move |stop: Arc<AtomicBool>, counts: Arc<Counts>| {
         tokio::spawn(async move {
