@@ -435,12 +435,50 @@ async fn silences_are_bounded_in_number_size_and_regex_memory() {
         post_json(url.clone(), silence(serde_json::json!([m("service", "one-more", false)]), "")).await;
     assert_eq!(code, 429, "{body}");
     assert!(body.contains("alerting.max_silences"), "{body}");
+    let mut ingest = open(server.grpc_addr()).await;
+    println!("ack after the refused silences: {:?}", ack_latency(&mut ingest, 1).await);
     server.shutdown().await;
     // A restart loads every silence it kept.
     let server = tailscope_server::Server::start(c).await.unwrap();
     let listed = get_json(server.http_addr(), "/api/v2/silences").await;
     assert_eq!(listed.as_array().map(Vec::len), Some(20), "{listed}");
     server.shutdown().await;
+}
+
+/// A5: 150 silences with a regex compiling to ~12 MB each cost 1.75 GB, again at every start.
+/// With the default `alerting.max_silences` (1,000) each holding the costliest regex the
+/// limit lets through (`\w{3}`, ~175 KiB compiled, under the 256 KiB bound), a restart loads
+/// them all within memory bounded by those limits (1,000 × 256 KiB), and ingest is
+/// acknowledged meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_the_most_silences_allowed_loads_them_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, grpc, http) = spawn_server(dir.path(), &[]);
+    let mut child = Peer(child);
+    let url = format!("http://{http}/api/v2/silences");
+    let m = |value: String| serde_json::json!([{"name": "service", "value": value, "isRegex": true}]);
+    for i in 0..1_000 {
+        let (code, body) = post_json(url.clone(), silence(m(format!(r"\w{{3}}-{i}")), "worst allowed")).await;
+        assert_eq!(code, 200, "silence {i}: {body}");
+    }
+    let (code, body) = post_json(url.clone(), silence(m("one-more".into()), "")).await;
+    assert_eq!(code, 429, "{body}");
+    let pid = child.0.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    child.0.wait().unwrap();
+    let (restarted, grpc_again, http) = spawn_server(dir.path(), &[]);
+    let restarted = Peer(restarted);
+    let _ = grpc;
+    let listed = get_json(http, "/api/v2/silences").await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1_000));
+    let peak = proc_status_bytes(restarted.0.id(), "VmHWM:");
+    let mut ingest = open(grpc_again).await;
+    println!(
+        "restart with 1,000 silences of \\w{{3}}: peak RSS {} MiB; ack {:?}",
+        peak >> 20,
+        ack_latency(&mut ingest, 1).await
+    );
+    assert!(peak < 1 << 30, "peak RSS {} MiB at start, beyond 1,000 × 256 KiB and the base", peak >> 20);
 }
 
 /// U3, A7: posted alerts had no cap, and 5,000 groups meant 5,000 webhook POSTs at once. The
@@ -489,7 +527,11 @@ async fn posted_alerts_are_capped_and_deliveries_go_through_a_bounded_pool() {
     let (code, _) = post_json(url.clone(), alerts(0..1)).await;
     assert_eq!(code, 200, "an update of a known alert");
     let most = slow.most.load(Ordering::SeqCst);
-    println!("300 groups: at most {most} deliveries in flight at once");
+    let mut ingest = open(server.grpc_addr()).await;
+    println!(
+        "300 groups: at most {most} deliveries in flight at once; ack meanwhile {:?}",
+        ack_latency(&mut ingest, 1).await
+    );
     assert!(most <= 8, "{most} deliveries at once, more than the pool of 8");
     let text = metrics(server.http_addr()).await;
     assert!(metric(&text, "tailscope_limit_hits_total{limit=\"alerting.max_alerts\"}") >= 2.0, "{text}");
