@@ -137,6 +137,8 @@ pub async fn run(args: PressureArgs) -> anyhow::Result<()> {
         .collect();
     rows.push(measure("alerts", server.otlp_http, pid, phase, vec![sequence(&http, &base, posts)]).await?);
 
+    let held: Vec<serde_json::Value> = http.get(format!("{base}/api/v2/alerts")).send().await?.json().await?;
+    println!("alerts held by the notifier at the end: {}", held.len());
     println!(
         "\n| phase | requests done (refused) | ack p50 | ack p99 | ack max | peak RSS |\n|---|---|---|---|---|---|"
     );

@@ -142,7 +142,7 @@ pub fn merged_series(
     budget: &Budget,
 ) -> Result<Vec<SeriesHistogram>, QueryError> {
     let mut out = Vec::new();
-    let mut series = store.index().select(&filter.matchers().iter().collect::<Vec<_>>());
+    let mut series = store.index().select(&filter.matchers().iter().collect::<Vec<_>>(), usize::MAX);
     series.sort_by(|a, b| a.1.cmp(&b.1));
     for (id, labels) in series {
         budget.check("merging series").map_err(|e| QueryError::Limit(e.to_string()))?;

@@ -55,12 +55,12 @@ pub fn candidates(
 ) -> Result<Vec<(u64, SeriesLabels)>, EvalError> {
     Ok(match selectors {
         [] => source.series()?,
-        [one] => source.select(&series_matchers(one))?,
+        [one] => source.select(&series_matchers(one), usize::MAX)?,
         many => {
             let mut union = std::collections::BTreeMap::new();
             for vs in many {
                 budget.check("matching series")?;
-                union.extend(source.select(&series_matchers(vs))?);
+                union.extend(source.select(&series_matchers(vs), usize::MAX)?);
             }
             union.into_iter().collect()
         }

@@ -82,11 +82,13 @@ pub trait Source: Sync {
     /// Every series.
     fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError>;
     /// The series every one of `matchers` (on `service`, `operation`, `status` or labels no
-    /// series has, which read as empty) matches. A store answers from its posting lists; the
-    /// default filters [`Source::series`].
-    fn select(&self, matchers: &[&Matcher]) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
+    /// series has, which read as empty) matches, at most `at_most` of them (which ones, when
+    /// more match, is unspecified: a caller asks for one more than it accepts). A store
+    /// answers from its posting lists; the default filters [`Source::series`].
+    fn select(&self, matchers: &[&Matcher], at_most: usize) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
         let mut all = self.series()?;
         all.retain(|(_, l)| matchers.iter().all(|m| m.is_match(l.get(&m.name).unwrap_or(""))));
+        all.truncate(at_most);
         Ok(all)
     }
     /// The distinct non-empty values of `label` over every series, sorted, at most `limit`,
@@ -133,8 +135,8 @@ impl Source for crate::store::Store {
         crate::store::Store::series(self)
     }
 
-    fn select(&self, matchers: &[&Matcher]) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
-        Ok(self.index().select(matchers))
+    fn select(&self, matchers: &[&Matcher], at_most: usize) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
+        Ok(self.index().select(matchers, at_most))
     }
 
     fn label_values(&self, label: &str, limit: usize) -> Result<(Vec<String>, bool), StoreError> {
@@ -444,11 +446,13 @@ impl<'a> Engine<'a> {
         if !names.iter().any(|&n| n) {
             return Ok(Selection { names, series: Vec::new(), le });
         }
-        let series = self.source.select(&label_matchers)?;
-        let selected = series.len() * names.iter().filter(|&&n| n).count();
+        // One series past the limit is enough to refuse: no more is taken from the index.
+        let per_series = names.iter().filter(|&&n| n).count();
+        let series = self.source.select(&label_matchers, self.limits.max_series / per_series + 1)?;
+        let selected = series.len() * per_series;
         if selected > self.limits.max_series {
             return Err(EvalError::Execution(format!(
-                "the query selects {selected} series, more than the limit of {}",
+                "the query selects more than {} series (query.max_series); narrow the selection",
                 self.limits.max_series
             )));
         }

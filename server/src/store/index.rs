@@ -200,8 +200,9 @@ impl SeriesIndex {
     }
 
     /// The series every one of `matchers` matches (a label a series does not have reads as
-    /// empty, as in Prometheus), in id order.
-    pub fn select(&self, matchers: &[&Matcher]) -> Vec<(u64, SeriesLabels)> {
+    /// empty, as in Prometheus), in id order; at most `at_most` of them (when more match, the
+    /// first by id from a posting list, else any).
+    pub fn select(&self, matchers: &[&Matcher], at_most: usize) -> Vec<(u64, SeriesLabels)> {
         let p = self.read();
         let keep =
             |labels: &SeriesLabels| matchers.iter().all(|m| m.is_match(labels.get(&m.name).unwrap_or("")));
@@ -210,6 +211,7 @@ impl SeriesIndex {
                 .into_iter()
                 .filter_map(|id| p.series.get(&id).map(|e| (id, &e.labels)))
                 .filter(|(_, l)| keep(l))
+                .take(at_most)
                 .map(|(id, l)| (id, l.clone()))
                 .collect(),
             None => {
@@ -217,6 +219,7 @@ impl SeriesIndex {
                     .series
                     .iter()
                     .filter(|(_, e)| keep(&e.labels))
+                    .take(at_most)
                     .map(|(&id, e)| (id, e.labels.clone()))
                     .collect();
                 out.sort_unstable_by_key(|(id, _)| *id);

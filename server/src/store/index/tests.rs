@@ -63,7 +63,11 @@ fn selection_from_posting_lists_equals_a_filter_over_every_series() {
             .filter(|(_, l)| refs.iter().all(|m| m.is_match(l.get(&m.name).unwrap_or(""))))
             .cloned()
             .collect();
-        assert_eq!(index.select(&refs), expected, "{matchers:?}");
+        assert_eq!(index.select(&refs, usize::MAX), expected, "{matchers:?}");
+        // At most n of them: the first n when a posting list gave the candidates, else any n.
+        let cut = index.select(&refs, 3);
+        assert_eq!(cut.len(), expected.len().min(3), "{matchers:?}");
+        assert!(cut.iter().all(|s| expected.contains(s)), "{matchers:?}");
     }
 }
 
@@ -105,7 +109,7 @@ fn series_past_the_horizon_are_retired_and_their_values_with_them() {
     assert_eq!(index.values("service", 10).0, vec!["kept"]);
     assert_eq!(index.values("status", 10).0, vec!["ok"]);
     let gone = sel(r#"x{service="gone"}"#);
-    assert!(index.select(&gone.iter().filter(|m| m.name == "service").collect::<Vec<_>>()).is_empty());
+    assert!(index.select(&gone.iter().filter(|m| m.name == "service").collect::<Vec<_>>(), 1).is_empty());
 }
 
 #[test]
