@@ -90,7 +90,8 @@ pub struct QueryConfig {
     /// Most samples (selected series × evaluation steps) one query may hold, as Prometheus'
     /// `query.max-samples`.
     pub max_samples: usize,
-    /// Queries evaluated at once; more wait their turn within their timeout.
+    /// Queries (and label, series and exemplar reads) served at once; more wait their turn
+    /// within their timeout.
     pub max_concurrency: usize,
 }
 

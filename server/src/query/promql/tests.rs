@@ -354,7 +354,10 @@ fn limits_are_enforced_with_clear_errors() {
     let retention = RetentionConfig::default();
     let tight = Limits { max_series: 2, ..limits() };
     let e = Engine::new(&mem, &steps, NOW, &retention, tight).eval(&expr).expect_err("too many series");
-    assert!(matches!(e, EvalError::Execution(ref m) if m.contains("more than 2 series (query.max_series)")), "{e}");
+    assert!(
+        matches!(e, EvalError::Execution(ref m) if m.contains("more than 2 series (query.max_series)")),
+        "{e}"
+    );
     let late = Limits { deadline: Instant::now() - Duration::from_secs(1), ..limits() };
     let e = Engine::new(&mem, &steps, NOW, &retention, late).eval(&expr).expect_err("timeout");
     assert!(matches!(e, EvalError::Timeout(_)), "{e}");
