@@ -7,11 +7,12 @@ use clap::{Parser, Subcommand};
 use tailscope_server::config::{Config, Overrides};
 use tailscope_server::Server;
 
-/// jemalloc, for every allocation of the process (RocksDB's C++ ones too), with background
-/// threads that return freed memory to the system: the C library's allocator kept the
-/// transient peaks of a backfill or of wide queries resident for good. Measured with
-/// `tailscope-load pressure` (BENCHMARKS.md): 0.93 GiB against 1.76 GiB after the same
-/// backfill, falling to 0.56 GiB while the server works on.
+/// With `--features jemalloc`: jemalloc for every allocation of the process (RocksDB's C++ ones
+/// too), with background threads that return freed memory to the system; the C library's
+/// allocator keeps the transient peaks of a backfill or of wide queries resident. Measured with
+/// `tailscope-load pressure` (BENCHMARKS.md): 0.64–0.93 GiB against 1.76 GiB after the same
+/// backfill.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
