@@ -30,6 +30,11 @@ use tailscope_proto::v1::{SeriesGroup, SeriesKey, Span, SpanBatch};
 
 use crate::child::{server_bin, ChildServer};
 
+/// The server's default `query.max_samples`: the widest query is sized to it.
+const MAX_SAMPLES: usize = 10_000_000;
+/// The server's default `query.max_concurrency`: that many query clients run at once.
+const QUERY_CLIENTS: usize = 4;
+
 /// Options of `pressure`.
 #[derive(Debug, clap::Args)]
 pub struct PressureArgs {
@@ -99,7 +104,7 @@ pub async fn run(args: PressureArgs) -> anyhow::Result<()> {
 
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
     // The probe's series is selected too.
-    let steps = (10_000_000 / (args.series + 1)).max(2) as u64;
+    let steps = (MAX_SAMPLES / (args.series + 1)).max(2) as u64;
     let (start, end) = (now - args.history, now);
     // `steps` evaluation steps at most: ⌈range / (steps − 1)⌉ apart.
     let step = (end - start).div_ceil(steps - 1).max(1);
@@ -109,7 +114,7 @@ pub async fn run(args: PressureArgs) -> anyhow::Result<()> {
         ("end", end.to_string()),
         ("step", step.to_string()),
     ];
-    let clients = (0..4).map(|_| Request::Form("/api/v1/query_range", query.clone())).collect();
+    let clients = (0..QUERY_CLIENTS).map(|_| Request::Form("/api/v1/query_range", query.clone())).collect();
     rows.push(measure("query", server.otlp_http, pid, phase, requests(&http, &base, clients)).await?);
 
     let labels = vec![

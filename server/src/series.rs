@@ -93,6 +93,12 @@ impl SeriesLabels {
         Some((labels, rest))
     }
 
+    /// Whether every one of `matchers` matches these labels (a label the series does not have
+    /// reads as empty, as in Prometheus).
+    pub fn matches(&self, matchers: &[&promql_parser::label::Matcher]) -> bool {
+        matchers.iter().all(|m| m.is_match(self.get(&m.name).unwrap_or("")))
+    }
+
     /// The value of label `name`, if the series has it.
     pub fn get(&self, name: &str) -> Option<&str> {
         match name {

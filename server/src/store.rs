@@ -41,8 +41,8 @@ use crate::series::SeriesLabels;
 use crate::telemetry::Metrics;
 
 mod index;
-use index::hour_of;
 pub use index::SeriesIndex;
+use index::{decode_entry, encode_entry, hour_of};
 
 const CF_SERIES: &str = "series";
 const CF_WATERMARKS: &str = "watermarks";
@@ -397,12 +397,7 @@ impl Store {
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item?;
             let id = <[u8; 8]>::try_from(&*k).map(u64::from_be_bytes).ok();
-            let entry = SeriesLabels::decode_prefix(&v).and_then(|(labels, rest)| match rest {
-                [] => Some((labels, hour_of(now))),
-                [a, b, c, d] => Some((labels, u32::from_be_bytes([*a, *b, *c, *d]))),
-                _ => None,
-            });
-            match (id, entry) {
+            match (id, decode_entry(&v, hour_of(now))) {
                 (Some(id), Some((labels, hour))) => loaded.push((id, labels, hour)),
                 _ => {
                     return Err(StoreError::Corrupt {
@@ -453,9 +448,7 @@ impl Store {
         entries.extend(epoch.series.iter().map(|(id, labels)| (*id, labels.clone(), epoch_hour)));
         let series = self.cf(CF_SERIES)?;
         for (id, labels, hour) in &entries {
-            let mut value = labels.encode();
-            value.extend_from_slice(&hour.to_be_bytes());
-            batch.put_cf(series, id.to_be_bytes(), value);
+            batch.put_cf(series, id.to_be_bytes(), encode_entry(labels, *hour));
         }
         let marks = self.cf(CF_WATERMARKS)?;
         for (client, seq) in &epoch.watermarks {
@@ -731,7 +724,7 @@ impl Store {
             batch.delete_cf(cf, id.to_be_bytes());
         }
         self.db.write(batch)?;
-        Ok(self.index.retire(&expired, first_kept_hour).len() as u64)
+        Ok(self.index.retire(&expired, first_kept_hour) as u64)
     }
 
     /// Range-deletes the partitions of a time-partitioned family before `first_kept` and

@@ -229,7 +229,10 @@ async fn post_alerts(State(s): State<AppState>, body: Bytes) -> Response {
     // Admitted (and routed) off the async runtime, all or none.
     let admitted = {
         let notifier = notifier.clone();
-        tokio::task::spawn_blocking(move || notifier.post(alerts)).await.unwrap_or(false)
+        tokio::task::spawn_blocking(move || notifier.post(alerts)).await
+    };
+    let Ok(admitted) = admitted else {
+        return v2_error(StatusCode::INTERNAL_SERVER_ERROR, "the alerts could not be admitted");
     };
     if !admitted {
         s.metrics.limit_hit("alerting.max_alerts");

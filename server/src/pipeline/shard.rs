@@ -227,16 +227,12 @@ impl ShardState {
         }
     }
 
-    fn hand_over(&mut self, acc: Accumulator, now: i64) -> Handover {
+    fn hand_over(&mut self, mut acc: Accumulator, now: i64) -> Handover {
         self.now = self.now.max(now);
         let horizon = self.now - ACTIVE_SECONDS;
         self.known.retain(|_, &mut seen| seen >= horizon);
-        let mut windows = acc.spilled;
-        windows.extend(acc.windows.into_iter().map(|((series, window_start), h)| WindowDelta {
-            series,
-            window_start,
-            histogram: h.to_bytes(),
-        }));
+        acc.spill();
+        let windows = acc.spilled;
         let mut exemplars = acc.spilled_exemplars;
         self.take_closed_exemplars(&mut exemplars);
         // A backfill may have grown these maps far beyond what live traffic keeps: give the

@@ -98,6 +98,11 @@ fn for_each_selected(
     Ok(())
 }
 
+/// Whether the source holds any series (every series has a status), without listing them.
+fn any_series(source: &dyn Source) -> Result<bool, EvalError> {
+    Ok(!source.label_values("status", 1)?.0.is_empty())
+}
+
 /// An exposed series' label set.
 fn label_set(name: &str, labels: &SeriesLabels, le: Option<&str>) -> Labels {
     let mut set = Labels::new();
@@ -168,8 +173,8 @@ pub fn names(
     let mut out = Capped::new();
     if selectors.is_empty() {
         budget.check("reading label names")?;
-        // Every series has all five names; there is one if any status is held.
-        if !source.label_values("status", 1)?.0.is_empty() {
+        // Every series has all five names.
+        if any_series(source)? {
             for k in ["__name__", "le", "operation", "service", "status"] {
                 out.insert(k.to_owned(), limit);
             }
@@ -212,7 +217,7 @@ pub fn values(
                 return Ok(out);
             }
         };
-        if !source.label_values("status", 1)?.0.is_empty() {
+        if any_series(source)? {
             for v in fixed {
                 out.insert(v, limit);
             }

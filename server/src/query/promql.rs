@@ -87,7 +87,7 @@ pub trait Source: Sync {
     /// answers from its posting lists; the default filters [`Source::series`].
     fn select(&self, matchers: &[&Matcher], at_most: usize) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
         let mut all = self.series()?;
-        all.retain(|(_, l)| matchers.iter().all(|m| m.is_match(l.get(&m.name).unwrap_or(""))));
+        all.retain(|(_, l)| l.matches(matchers));
         all.truncate(at_most);
         Ok(all)
     }

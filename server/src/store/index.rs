@@ -14,7 +14,6 @@
 //! index shrinks with retention instead of growing for ever.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::RwLock;
 
 use promql_parser::label::{MatchOp, Matcher};
@@ -29,11 +28,38 @@ pub fn hour_of(t: i64) -> u32 {
     u32::try_from(t.div_euclid(3600).max(0)).unwrap_or(u32::MAX)
 }
 
+/// A series' value in the series family: its labels ‖ the hour of its newest window (`u32`).
+pub fn encode_entry(labels: &SeriesLabels, newest_hour: u32) -> Vec<u8> {
+    let mut value = labels.encode();
+    value.extend_from_slice(&newest_hour.to_be_bytes());
+    value
+}
+
+/// Decodes [`encode_entry`]; an entry of labels alone (written before the hour was kept) gets
+/// `legacy_hour`.
+pub fn decode_entry(value: &[u8], legacy_hour: u32) -> Option<(SeriesLabels, u32)> {
+    match SeriesLabels::decode_prefix(value)? {
+        (labels, []) => Some((labels, legacy_hour)),
+        (labels, &[a, b, c, d]) => Some((labels, u32::from_be_bytes([a, b, c, d]))),
+        _ => None,
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     labels: SeriesLabels,
-    /// The hour of the newest window written (only ever raised, under the read lock).
-    newest_hour: AtomicU32,
+    /// The hour of the newest window written (only ever raised).
+    newest_hour: u32,
+}
+
+/// Where a selection's candidates come from.
+enum Candidates<'a> {
+    /// One posting list, borrowed.
+    List(&'a BTreeSet<u64>),
+    /// The union of the posting lists of the values a matcher matches.
+    Union(BTreeSet<u64>),
+    /// Every series.
+    All,
 }
 
 #[derive(Debug, Default)]
@@ -55,14 +81,14 @@ impl Postings {
     }
 
     fn insert(&mut self, id: u64, labels: SeriesLabels, hour: u32) {
-        if let Some(e) = self.series.get(&id) {
-            e.newest_hour.fetch_max(hour, Ordering::Relaxed);
+        if let Some(e) = self.series.get_mut(&id) {
+            e.newest_hour = e.newest_hour.max(hour);
             return;
         }
         self.service.entry(labels.service.clone()).or_default().insert(id);
         self.operation.entry(labels.operation.clone()).or_default().insert(id);
         self.statuses[labels.status as usize] += 1;
-        self.series.insert(id, Entry { labels, newest_hour: AtomicU32::new(hour) });
+        self.series.insert(id, Entry { labels, newest_hour: hour });
     }
 
     fn remove(&mut self, id: u64) {
@@ -80,29 +106,31 @@ impl Postings {
         }
     }
 
-    /// The candidates of a selection: the ids of the narrowest posting list the matchers name,
-    /// or `None` when none names one (every series is a candidate).
-    fn candidates(&self, matchers: &[&Matcher]) -> Option<BTreeSet<u64>> {
-        let equal = matchers
+    /// The candidates of a selection: the narrowest posting list an equality matcher names,
+    /// else the union for the first other matcher on `service` (fewer distinct values than
+    /// `operation`) or `operation`, resolved over the list's distinct values; else every series.
+    fn candidates(&self, matchers: &[&Matcher]) -> Candidates<'_> {
+        const NONE: &BTreeSet<u64> = &BTreeSet::new();
+        let narrowest = matchers
             .iter()
             .filter(|m| matches!(m.op, MatchOp::Equal))
-            .filter_map(|m| Some(self.list(&m.name)?.get(&m.value).map_or(0, BTreeSet::len)).map(|n| (n, m)))
-            .min_by_key(|(n, _)| *n);
-        if let Some((_, m)) = equal {
-            return Some(self.list(&m.name).and_then(|l| l.get(&m.value)).cloned().unwrap_or_default());
+            .filter_map(|m| Some(self.list(&m.name)?.get(&m.value).unwrap_or(NONE)))
+            .min_by_key(|ids| ids.len());
+        if let Some(ids) = narrowest {
+            return Candidates::List(ids);
         }
-        // No equality: the first other matcher on service (fewer distinct values than
-        // operation), else on operation, is resolved over the list's distinct values.
-        let m =
-            ["service", "operation"].iter().find_map(|label| matchers.iter().find(|m| m.name == *label))?;
-        let list = self.list(&m.name)?;
+        let Some(m) =
+            ["service", "operation"].iter().find_map(|label| matchers.iter().find(|m| m.name == *label))
+        else {
+            return Candidates::All;
+        };
         let mut ids = BTreeSet::new();
-        for (value, posting) in list {
+        for (value, posting) in self.list(&m.name).into_iter().flatten() {
             if m.is_match(value) {
                 ids.extend(posting);
             }
         }
-        Some(ids)
+        Candidates::Union(ids)
     }
 }
 
@@ -121,27 +149,12 @@ impl SeriesIndex {
         self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Adds a series (or raises its newest hour if it is known).
-    pub fn insert(&self, id: u64, labels: SeriesLabels, newest_hour: u32) {
-        self.write().insert(id, labels, newest_hour);
-    }
-
-    /// Adds many series under one lock.
+    /// Adds series (or raises the newest hour of known ones) under one lock.
     pub fn extend(&self, series: impl IntoIterator<Item = (u64, SeriesLabels, u32)>) {
         let mut p = self.write();
         for (id, labels, hour) in series {
             p.insert(id, labels, hour);
         }
-    }
-
-    /// The number of series.
-    pub fn len(&self) -> usize {
-        self.read().series.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// The series that `written` (series id, window start in seconds) moves to a newer hour
@@ -155,7 +168,7 @@ impl SeriesIndex {
         for (id, t) in written {
             let hour = hour_of(t);
             let Some(e) = p.series.get(&id) else { continue };
-            if e.newest_hour.load(Ordering::Relaxed) < hour {
+            if e.newest_hour < hour {
                 let slot = out.entry(id).or_insert_with(|| (e.labels.clone(), hour));
                 slot.1 = slot.1.max(hour);
             }
@@ -166,25 +179,21 @@ impl SeriesIndex {
     /// The series whose newest window lies in an hour before `first_kept_hour`.
     pub fn expired(&self, first_kept_hour: u32) -> Vec<u64> {
         let p = self.read();
-        let mut out: Vec<u64> = p
-            .series
-            .iter()
-            .filter(|(_, e)| e.newest_hour.load(Ordering::Relaxed) < first_kept_hour)
-            .map(|(&id, _)| id)
-            .collect();
+        let mut out: Vec<u64> =
+            p.series.iter().filter(|(_, e)| e.newest_hour < first_kept_hour).map(|(&id, _)| id).collect();
         out.sort_unstable();
         out
     }
 
     /// Forgets `ids` — those that are still expired at `first_kept_hour` (a series written
-    /// since [`SeriesIndex::expired`] named it is kept). Returns the ones forgotten.
-    pub fn retire(&self, ids: &[u64], first_kept_hour: u32) -> Vec<u64> {
+    /// since [`SeriesIndex::expired`] named it is kept). Returns how many were forgotten.
+    pub fn retire(&self, ids: &[u64], first_kept_hour: u32) -> usize {
         let mut p = self.write();
-        let mut gone = Vec::new();
+        let mut gone = 0;
         for &id in ids {
-            if p.series.get(&id).is_some_and(|e| e.newest_hour.load(Ordering::Relaxed) < first_kept_hour) {
+            if p.series.get(&id).is_some_and(|e| e.newest_hour < first_kept_hour) {
                 p.remove(id);
-                gone.push(id);
+                gone += 1;
             }
         }
         gone
@@ -204,21 +213,22 @@ impl SeriesIndex {
     /// first by id from a posting list, else any).
     pub fn select(&self, matchers: &[&Matcher], at_most: usize) -> Vec<(u64, SeriesLabels)> {
         let p = self.read();
-        let keep =
-            |labels: &SeriesLabels| matchers.iter().all(|m| m.is_match(labels.get(&m.name).unwrap_or("")));
-        match p.candidates(matchers) {
-            Some(ids) => ids
-                .into_iter()
-                .filter_map(|id| p.series.get(&id).map(|e| (id, &e.labels)))
-                .filter(|(_, l)| keep(l))
+        let from_ids = |ids: &BTreeSet<u64>| -> Vec<(u64, SeriesLabels)> {
+            ids.iter()
+                .filter_map(|&id| Some((id, &p.series.get(&id)?.labels)))
+                .filter(|(_, l)| l.matches(matchers))
                 .take(at_most)
                 .map(|(id, l)| (id, l.clone()))
-                .collect(),
-            None => {
+                .collect()
+        };
+        match p.candidates(matchers) {
+            Candidates::List(ids) => from_ids(ids),
+            Candidates::Union(ids) => from_ids(&ids),
+            Candidates::All => {
                 let mut out: Vec<(u64, SeriesLabels)> = p
                     .series
                     .iter()
-                    .filter(|(_, e)| keep(&e.labels))
+                    .filter(|(_, e)| e.labels.matches(matchers))
                     .take(at_most)
                     .map(|(&id, e)| (id, e.labels.clone()))
                     .collect();
@@ -233,7 +243,8 @@ impl SeriesIndex {
     pub fn values(&self, label: &str, limit: usize) -> (Vec<String>, bool) {
         let p = self.read();
         let mut values: Vec<String> = match label {
-            "status" => [Status::Ok, Status::Error]
+            // In the order of their values, like every other label's.
+            "status" => [Status::Error, Status::Ok]
                 .into_iter()
                 .filter(|&s| p.statuses[s as usize] > 0)
                 .map(|s| s.as_str().to_owned())
