@@ -1,21 +1,20 @@
 //! Alerting on percentiles: Prometheus rule files evaluated through the query engine
 //! ([`eval`]), and a notifier in Alertmanager's model ([`notify`]) that groups, deduplicates,
-//! inhibits and silences before posting Alertmanager's webhook body ([`webhook`]). Alerts can
-//! also be forwarded to existing Alertmanagers ([`forward`]).
+//! inhibits and silences before telling each receiver's integrations ([`receivers`]: the
+//! webhook's Alertmanager body, and forwarding to existing Alertmanagers).
 //!
 //! Evaluation and delivery never wait on each other: rules hand alerts to a bounded queue
 //! ([`Sink::send`] never blocks), and every aggregation group delivers from its own task.
 
 pub mod eval;
-pub mod forward;
 pub mod inhibit;
 pub mod matchers;
 pub mod notify;
+pub mod receivers;
 pub mod route;
 pub mod rules;
 pub mod silences;
 pub mod template;
-pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -370,7 +369,7 @@ impl Alerting {
         let mut sinks: Vec<Arc<dyn Sink>> = vec![Arc::new(notifier.clone())];
         let mut tasks = vec![notifier_task];
         if !config.alertmanager_urls.is_empty() {
-            let (forwarder, task) = forward::Forwarder::start(
+            let (forwarder, task) = receivers::alertmanager::Forwarder::start(
                 config.alertmanager_urls.clone(),
                 config.queue_capacity,
                 config.webhook_timeout,

@@ -16,9 +16,10 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::matchers::go_quote;
+use super::receivers::retry::{self, Breaker, Target};
+use super::receivers::Notification;
 use super::route::{NotifierConfig, Route};
 use super::silences::Silences;
-use super::webhook::{self, Breaker, Notification, Target};
 use super::{fingerprint, fingerprint_hex, rfc3339, Alert, Labels, Sink};
 use crate::clock::Clock;
 use crate::store::{Store, StoreError};
@@ -489,7 +490,7 @@ async fn flush(shared: &Arc<Shared>, group: &Arc<Group>) {
     let started = Instant::now();
     let deadline = started + group.route.group_interval.max(Duration::from_secs(1));
     let mut all_ok = true;
-    for (i, hook) in receiver.webhooks.iter().enumerate() {
+    for (i, integration) in receiver.integrations.iter().enumerate() {
         let mut key = NFLOG_PREFIX.to_vec();
         key.extend_from_slice(format!("{receiver_name}\0{}\0{i}", group.key).as_bytes());
         let entry = shared.log.lock().get(&key).cloned();
@@ -497,18 +498,17 @@ async fn flush(shared: &Arc<Shared>, group: &Arc<Group>) {
             entry.as_ref(),
             &firing,
             &resolved,
-            hook.send_resolved,
+            integration.send_resolved(),
             group.route.repeat_interval,
             now,
         );
         if !due {
             continue;
         }
-        if let Some(body) = notification.body(hook) {
+        if let Some(request) = integration.request(&notification) {
             let breaker = shared.breaker(&receiver_name, i, group.route.group_interval);
             let target = Target {
                 client: &shared.http,
-                webhook: hook,
                 receiver: &receiver_name,
                 breaker: &breaker,
                 timeout: shared.settings.webhook_timeout,
@@ -518,14 +518,15 @@ async fn flush(shared: &Arc<Shared>, group: &Arc<Group>) {
             // A bounded pool: a burst of groups (5,000 services, each its own group) waits its
             // turn instead of opening a connection each.
             let Ok(_permit) = shared.deliveries.clone().acquire_owned().await else { return };
-            match webhook::deliver(target, &body, deadline).await {
+            let retryable = |status| integration.retryable(status);
+            match retry::deliver(target, &request, &retryable, deadline).await {
                 Ok(()) => {
                     shared.metrics.notifications.get_or_create(&label).inc();
                     shared.metrics.notification_latency.observe(started.elapsed().as_secs_f64());
                 }
                 Err(e) => {
                     shared.metrics.notifications_failed.get_or_create(&label).inc();
-                    tracing::warn!(receiver = %receiver_name, group = %group.key, error = %e, "notification failed; retrying at the next group interval");
+                    tracing::warn!(receiver = %receiver_name, integration = integration.kind(), group = %group.key, error = %e, "notification failed; retrying at the next group interval");
                     all_ok = false;
                     continue;
                 }

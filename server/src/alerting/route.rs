@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::matchers::{self, Matcher, Op};
+use super::receivers::{ReceiverConfig, ReceiverYaml};
 use super::rules::duration;
 use super::Labels;
 
@@ -58,40 +59,6 @@ struct RouteYaml {
     routes: Vec<RouteYaml>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReceiverYaml {
-    name: String,
-    #[serde(default)]
-    webhook_configs: Vec<WebhookYaml>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WebhookYaml {
-    url: String,
-    send_resolved: Option<bool>,
-    #[serde(default)]
-    max_alerts: usize,
-    #[serde(default)]
-    http_config: HttpConfigYaml,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HttpConfigYaml {
-    authorization: Option<AuthorizationYaml>,
-    bearer_token: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AuthorizationYaml {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    credentials: String,
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct InhibitYaml {
@@ -117,7 +84,7 @@ pub struct NotifierConfig {
     /// The routing tree.
     pub route: Route,
     /// Receivers by name.
-    pub receivers: BTreeMap<String, Receiver>,
+    pub receivers: BTreeMap<String, ReceiverConfig>,
     /// Inhibition rules.
     pub inhibit_rules: Vec<InhibitRule>,
     /// End given to alerts posted without one.
@@ -154,28 +121,6 @@ pub enum GroupBy {
     Labels(Vec<String>),
     /// By every label (`group_by: ['...']`).
     All,
-}
-
-/// A receiver.
-#[derive(Debug, Clone)]
-pub struct Receiver {
-    /// Its name.
-    pub name: String,
-    /// Its webhooks.
-    pub webhooks: Vec<Webhook>,
-}
-
-/// One webhook of a receiver.
-#[derive(Debug, Clone)]
-pub struct Webhook {
-    /// Where notifications are posted.
-    pub url: String,
-    /// Whether resolved alerts are sent.
-    pub send_resolved: bool,
-    /// Most alerts per notification (0: all).
-    pub max_alerts: usize,
-    /// `Authorization: Bearer …`.
-    pub bearer_token: Option<String>,
 }
 
 /// An inhibition rule: a firing source alert mutes target alerts with equal `equal` labels.
@@ -242,42 +187,9 @@ impl NotifierConfig {
             opt_duration("global.resolve_timeout", &y.global.resolve_timeout)?.unwrap_or(RESOLVE_TIMEOUT);
         let mut receivers = BTreeMap::new();
         for r in y.receivers {
-            if r.name.is_empty() {
-                return Err("receivers: a receiver has an empty name".into());
-            }
-            let mut webhooks = Vec::new();
-            for (i, w) in r.webhook_configs.into_iter().enumerate() {
-                let at = format!("receiver {:?}: webhook_configs[{i}]", r.name);
-                let url = reqwest::Url::parse(&w.url).map_err(|e| format!("{at}: url {:?}: {e}", w.url))?;
-                if url.scheme() != "http" {
-                    return Err(format!("{at}: url {:?}: only http:// webhooks are supported (terminate TLS in a local proxy)", w.url));
-                }
-                let bearer_token = match (w.http_config.authorization, w.http_config.bearer_token) {
-                    (Some(_), Some(_)) => {
-                        return Err(format!(
-                            "{at}: http_config: at most one of authorization and bearer_token may be set"
-                        ))
-                    }
-                    (Some(a), None) => {
-                        if a.kind.as_deref().is_some_and(|k| !k.eq_ignore_ascii_case("bearer")) {
-                            return Err(format!(
-                                "{at}: http_config.authorization.type: only Bearer is supported"
-                            ));
-                        }
-                        Some(a.credentials)
-                    }
-                    (None, t) => t,
-                };
-                webhooks.push(Webhook {
-                    url: w.url,
-                    send_resolved: w.send_resolved.unwrap_or(true),
-                    max_alerts: w.max_alerts,
-                    bearer_token,
-                });
-            }
             let name = r.name.clone();
-            if receivers.insert(name.clone(), Receiver { name, webhooks }).is_some() {
-                return Err(format!("receivers: notification config name {:?} is not unique", r.name));
+            if receivers.insert(name.clone(), ReceiverConfig::parse(r)?).is_some() {
+                return Err(format!("receivers: notification config name {name:?} is not unique"));
             }
         }
         let root = y.route.ok_or("route: a root route is required")?;
@@ -406,7 +318,7 @@ fn build_route(y: RouteYaml, parent: &Route, parent_key: Option<&str>, at: &str)
     Ok(route)
 }
 
-fn check_receivers(route: &Route, receivers: &BTreeMap<String, Receiver>) -> Result<(), String> {
+fn check_receivers(route: &Route, receivers: &BTreeMap<String, ReceiverConfig>) -> Result<(), String> {
     if !receivers.contains_key(&route.receiver) {
         return Err(format!("undefined receiver {:?} used in route", route.receiver));
     }
@@ -462,8 +374,8 @@ inhibit_rules:
             (Duration::from_secs(1), Duration::from_secs(5))
         );
         assert_eq!(pager.group_by, GroupBy::Labels(vec!["alertname".into(), "service".into()]));
-        let w = &c.receivers["pager"].webhooks[0];
-        assert_eq!((w.send_resolved, w.max_alerts, w.bearer_token.as_deref()), (false, 10, Some("s3cret")));
+        let w = format!("{:?}", c.receivers["pager"].integrations[0]);
+        assert!(w.contains("send_resolved: false, max_alerts: 10, bearer_token: Some(\"s3cret\")"), "{w}");
         let page_core = labels(&[("severity", "page"), ("team", "core"), ("service", "a")]);
         let names: Vec<&str> = c.route.matching(&page_core).iter().map(|r| r.receiver.as_str()).collect();
         assert_eq!(names, ["pager", "core"]);
