@@ -7,42 +7,27 @@
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use tailscope_proto::histogram::{Histogram, Layout};
-use tailscope_server::config::RetentionConfig;
-use tailscope_server::query::promql::{Engine, Limits, Source, Steps, WindowFn};
+use tailscope_proto::histogram::Layout;
+use tailscope_server::query::promql::{Engine, Limits, Steps};
 use tailscope_server::series::{SeriesLabels, Status};
-use tailscope_server::store::{Resolution, StoreError};
+use tailscope_server::store::{MemoryStore, RetentionConfig};
 
 const NOW: i64 = 1_800_000_000;
 
-struct Mem(Vec<(u64, SeriesLabels)>);
-
-impl Source for Mem {
-    fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
-        Ok(self.0.clone())
-    }
-
-    fn windows(
-        &self,
-        res: Resolution,
-        series: u64,
-        start: i64,
-        end: i64,
-        f: &mut WindowFn<'_>,
-    ) -> Result<(), StoreError> {
-        let mut w = res.align(start.max(NOW - 3600));
-        while w < end.min(NOW) {
-            let mut h = Histogram::new(Layout::default());
-            h.record(series % 1_000_000_000 + 1_000, 3);
-            f(w, &h.to_bytes()).map_err(|e| StoreError::Corrupt { what: "histogram", message: e.to_string() })?;
-            w += res.seconds();
+/// Three series with a span every 10 s over the last hour, built once.
+fn data() -> &'static MemoryStore {
+    static DATA: std::sync::OnceLock<MemoryStore> = std::sync::OnceLock::new();
+    DATA.get_or_init(|| {
+        let labels = |s: &str, o: &str, st| SeriesLabels { service: s.into(), operation: o.into(), status: st };
+        let mut mem = MemoryStore::new(Layout::default());
+        for l in [labels("a", "x", Status::Ok), labels("a", "y", Status::Error), labels("b", "x", Status::Ok)] {
+            let nanos = l.id() % 1_000_000_000 + 1_000;
+            for t in (NOW - 3600..NOW).step_by(10) {
+                mem.record(l.clone(), t, nanos, 3);
+            }
         }
-        Ok(())
-    }
-
-    fn layout(&self) -> Layout {
-        Layout::default()
-    }
+        mem
+    })
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -65,13 +50,7 @@ fuzz_target!(|data: &[u8]| {
         },
     };
     let Ok(expr) = tailscope_server::query::promql::parse(text) else { return };
-    let labels = |s: &str, o: &str, st| SeriesLabels { service: s.into(), operation: o.into(), status: st };
-    let mem = Mem(
-        [labels("a", "x", Status::Ok), labels("a", "y", Status::Error), labels("b", "x", Status::Ok)]
-            .into_iter()
-            .map(|l| (l.id(), l))
-            .collect(),
-    );
+    let mem = data();
     let retention = RetentionConfig::default();
     let limits = Limits {
         max_series: 100,
@@ -80,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
         deadline: Instant::now() + Duration::from_secs(1),
     };
     for steps in [Steps::instant(NOW * 1000), Steps::range((NOW - 600) * 1000, NOW * 1000, 60_000, 100).expect("steps")] {
-        let engine = Engine::new(&mem, &steps, NOW, &retention, limits);
+        let engine = Engine::new(mem, &steps, NOW, &retention, limits);
         if let Ok(v) = engine.eval(&expr) {
             let _ = engine.materialized(v);
         }

@@ -101,7 +101,7 @@ fn evaluation(c: &mut Criterion) {
     for (name, group) in [("1 series per rule", one_series), ("100 series per rule", per_service)] {
         let runtime = GroupRuntime::new(group, None, &store);
         rt.block_on(runtime.evaluate(&ctx, NOW * 1000));
-        let firing: usize = runtime.state.lock().rules.iter().map(|r| r.alerts.len()).sum();
+        let firing: usize = runtime.snapshot().rules.iter().map(|r| r.alerts.len()).sum();
         println!("{name}: {firing} alerts");
         g.bench_function(name, |b| b.iter(|| rt.block_on(runtime.evaluate(&ctx, NOW * 1000))));
     }

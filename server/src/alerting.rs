@@ -59,6 +59,20 @@ impl Alert {
     }
 }
 
+/// Why alerting could not start or reload; nothing changes on an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AlertingError {
+    /// A rule file is missing or invalid (the message names the file, group and rule).
+    #[error("{0}")]
+    Rules(String),
+    /// The Alertmanager-style configuration is missing or invalid (the message names the key).
+    #[error("{0}")]
+    Receivers(String),
+    /// The stored alerting state cannot be read.
+    #[error("alerting state: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
 /// Where evaluated alerts go; `send` never blocks.
 pub trait Sink: Send + Sync + std::fmt::Debug {
     /// Hands over alerts to be notified.
@@ -343,9 +357,12 @@ impl Alerting {
         retention: RetentionConfig,
         metrics: Arc<Metrics>,
         stop: watch::Receiver<bool>,
-    ) -> Result<(Arc<Alerting>, Vec<JoinHandle<()>>), String> {
-        let groups = load_rules(&config.rule_paths()?, config.evaluation_interval)?;
-        let notifier_config = load_notifier_config(&config.alertmanager_config)?;
+    ) -> Result<(Arc<Alerting>, Vec<JoinHandle<()>>), AlertingError> {
+        let groups =
+            load_rules(&config.rule_paths().map_err(AlertingError::Rules)?, config.evaluation_interval)
+                .map_err(AlertingError::Rules)?;
+        let notifier_config =
+            load_notifier_config(&config.alertmanager_config).map_err(AlertingError::Receivers)?;
         let settings = notify::Settings {
             external_url: external_url.clone(),
             webhook_timeout: config.webhook_timeout,
@@ -364,8 +381,7 @@ impl Alerting {
             clock.clone(),
             metrics.clone(),
             stop.clone(),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let mut sinks: Vec<Arc<dyn Sink>> = vec![Arc::new(notifier.clone())];
         let mut tasks = vec![notifier_task];
         if !config.alertmanager_urls.is_empty() {
@@ -409,9 +425,11 @@ impl Alerting {
 
     /// Re-reads the rule files and the notifier configuration (SIGHUP, `POST /-/reload`).
     /// Nothing changes unless everything is valid.
-    pub fn reload(&self) -> Result<(), String> {
-        let groups = load_rules(&self.config.rule_paths()?, self.config.evaluation_interval)?;
-        let notifier_config = load_notifier_config(&self.config.alertmanager_config)?;
+    pub fn reload(&self) -> Result<(), AlertingError> {
+        let paths = self.config.rule_paths().map_err(AlertingError::Rules)?;
+        let groups = load_rules(&paths, self.config.evaluation_interval).map_err(AlertingError::Rules)?;
+        let notifier_config =
+            load_notifier_config(&self.config.alertmanager_config).map_err(AlertingError::Receivers)?;
         self.notifier.reload(notifier_config);
         self.install(groups);
         tracing::info!(groups = self.groups.read().len(), "alerting configuration reloaded");
@@ -461,7 +479,7 @@ impl Alerting {
     pub fn refresh_metrics(&self) {
         let (mut pending, mut firing) = (0, 0);
         for g in self.groups.read().iter() {
-            for r in &g.state.lock().rules {
+            for r in &g.snapshot().rules {
                 for a in r.alerts.values() {
                     match a.state {
                         eval::State::Pending => pending += 1,

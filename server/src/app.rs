@@ -50,7 +50,7 @@ pub enum StartError {
     },
     /// A rule file or the notifier configuration is invalid.
     #[error("alerting: {0}")]
-    Alerting(String),
+    Alerting(#[from] crate::alerting::AlertingError),
     /// The store could not be opened.
     #[error("cannot open the store in {path}: {source}")]
     Store {
@@ -281,7 +281,7 @@ impl Server {
 
     /// Re-reads the rule files and the notifier configuration (what SIGHUP does); on an error
     /// the running configuration stays.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), crate::alerting::AlertingError> {
         self.alerting.reload()
     }
 

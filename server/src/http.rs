@@ -1,6 +1,7 @@
 //! The HTTP API: health, readiness, self-metrics, and the native tail endpoint.
 
 pub mod alerts;
+pub mod envelope;
 pub mod prometheus;
 
 use std::collections::HashMap;
@@ -10,15 +11,17 @@ use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use serde_json::{json, Value};
 
 use crate::clock::Clock;
 use crate::pipeline::Pipeline;
 use crate::query::{self, Plan, QueryError, SeriesFilter};
+
 use crate::store::RetentionConfig;
 use crate::store::Store;
 use crate::telemetry::{ColumnFamilyLabel, Metrics};
+use envelope::ApiError;
 
 /// What every handler can reach.
 #[derive(Debug, Clone)]
@@ -74,13 +77,12 @@ async fn sampling(State(s): State<AppState>) -> Response {
         })
         .collect();
     let kept: f64 = keys.iter().filter_map(|k| k["kept_per_second"].as_f64()).sum();
-    Json(json!({"status": "success", "data": {
+    envelope::success(json!({
         "budget": s.sampler.budget(),
         "effective_budget": s.sampler.effective_budget(),
         "kept_per_second": kept,
         "keys": keys,
-    }}))
-    .into_response()
+    }))
 }
 
 async fn healthy() -> &'static str {
@@ -114,28 +116,11 @@ async fn metrics(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
-/// A Prometheus-style error body.
-pub fn api_error(status: StatusCode, error_type: &str, message: impl std::fmt::Display) -> Response {
-    (status, Json(json!({"status": "error", "errorType": error_type, "error": message.to_string()})))
-        .into_response()
-}
-
-fn query_error(e: QueryError) -> Response {
-    match e {
-        QueryError::BadData(m) => api_error(StatusCode::BAD_REQUEST, "bad_data", m),
-        QueryError::Store(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e),
-        QueryError::Limit(m) => api_error(StatusCode::SERVICE_UNAVAILABLE, "timeout", m),
-    }
-}
-
 /// `GET /api/v1/tail?service=&operation=&start=&end=`: per series, count, min, max, mean and
 /// p50/p90/p99/p99.9 (in seconds) over the range, from the merged histograms. `end` defaults to
 /// now and `start` to one hour before `end`.
 async fn tail(State(s): State<AppState>, Query(params): Query<HashMap<String, String>>) -> Response {
-    match tail_body(&s, &params).await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => query_error(e),
-    }
+    envelope::respond(tail_body(&s, &params).await.map_err(ApiError::from))
 }
 
 async fn tail_body(s: &AppState, params: &HashMap<String, String>) -> Result<Value, QueryError> {
@@ -186,12 +171,9 @@ async fn tail_body(s: &AppState, params: &HashMap<String, String>) -> Result<Val
         })
         .collect();
     Ok(json!({
-        "status": "success",
-        "data": {
-            "resolution": plan.resolution.name(),
-            "start": plan.start,
-            "end": plan.end,
-            "series": series,
-        }
+        "resolution": plan.resolution.name(),
+        "start": plan.start,
+        "end": plan.end,
+        "series": series,
     }))
 }

@@ -20,8 +20,9 @@ use tailscope_proto::v1::{SeriesKey, SpanBatch, Throttle};
 use crate::cardinality::OVERFLOW;
 use crate::clock::Clock;
 use crate::config::IngestConfig;
-use crate::pipeline::{Admission, Admit, GroupRoute, RoutedDelta, SpanReject, ValidatedBatch};
+use crate::pipeline::{Admission, Admit, GroupRoute, RoutedDelta, ValidatedBatch};
 use crate::sampling::Sampler;
+use crate::series::SpanReject;
 use crate::series::{self, SeriesLabels, Status as SpanStatus};
 use crate::telemetry::{Form, Metrics, Outcome, Reason};
 

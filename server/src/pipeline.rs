@@ -36,93 +36,7 @@ use crate::telemetry::{Metrics, Outcome, ShardLabel};
 
 use shard::{Handover, ShardMsg};
 
-/// Why a span is refused on its own (the batch that carries it is still accepted).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum SpanReject {
-    /// Started before `now - allowed_lateness`.
-    TooOld,
-    /// Started after `now + max_future_skew`.
-    TooFarInFuture,
-    /// Duration below zero.
-    NegativeDuration,
-    /// Duration above `max_span_duration`.
-    AbsurdDuration,
-}
-
-impl SpanReject {
-    /// Every reason, in the order of [`SpanReject::index`].
-    pub const ALL: [SpanReject; 4] = [
-        SpanReject::TooOld,
-        SpanReject::TooFarInFuture,
-        SpanReject::NegativeDuration,
-        SpanReject::AbsurdDuration,
-    ];
-
-    /// The reason as a label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SpanReject::TooOld => "too_old",
-            SpanReject::TooFarInFuture => "too_far_in_future",
-            SpanReject::NegativeDuration => "negative_duration",
-            SpanReject::AbsurdDuration => "absurd_duration",
-        }
-    }
-
-    /// A dense index for per-reason counters.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// The limits a span's time and duration are checked against.
-#[derive(Debug, Clone, Copy)]
-pub struct SpanLimits {
-    /// Allowed lateness in nanoseconds.
-    pub lateness: i64,
-    /// Allowed future skew in nanoseconds.
-    pub skew: i64,
-    /// Longest accepted duration in nanoseconds.
-    pub max_duration: i64,
-}
-
-impl SpanLimits {
-    /// The limits of `config`.
-    pub fn new(config: &IngestConfig) -> SpanLimits {
-        let nanos = |d: std::time::Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
-        SpanLimits {
-            lateness: nanos(config.allowed_lateness),
-            skew: nanos(config.max_future_skew),
-            max_duration: nanos(config.max_span_duration),
-        }
-    }
-
-    /// Checks a span against the limits at `now` and returns the start of its 10-second window
-    /// in seconds.
-    #[inline]
-    pub fn classify(&self, start: i64, duration: i64, now: i64) -> Result<i64, SpanReject> {
-        if duration < 0 {
-            return Err(SpanReject::NegativeDuration);
-        }
-        if duration > self.max_duration {
-            return Err(SpanReject::AbsurdDuration);
-        }
-        self.window_of(start, now)
-    }
-
-    /// Checks a start time against the limits at `now` and returns the start of its 10-second
-    /// window in seconds.
-    #[inline]
-    pub fn window_of(&self, start: i64, now: i64) -> Result<i64, SpanReject> {
-        if start < now.saturating_sub(self.lateness) {
-            return Err(SpanReject::TooOld);
-        }
-        if start > now.saturating_add(self.skew) {
-            return Err(SpanReject::TooFarInFuture);
-        }
-        let seconds = start.div_euclid(1_000_000_000);
-        Ok(seconds - seconds.rem_euclid(tailscope_proto::BASE_WINDOW_SECONDS))
-    }
-}
+use crate::series::SpanLimits;
 
 /// Where one group of a batch goes.
 #[derive(Debug, Clone, Copy)]
@@ -364,7 +278,8 @@ impl Pipeline {
     ) -> Result<(Arc<Pipeline>, Vec<JoinHandle<()>>), crate::store::StoreError> {
         let n = config.shard_count();
         let layout = store.layout();
-        let limits = SpanLimits::new(config);
+        let limits =
+            SpanLimits::new(config.allowed_lateness, config.max_future_skew, config.max_span_duration);
         let mut shards = Vec::with_capacity(n);
         let mut handles = Vec::with_capacity(n);
         let hurry = Arc::new(tokio::sync::Notify::new());

@@ -1,6 +1,7 @@
 //! Reads over the store: selecting series by label, choosing a resolution for a time range, and
 //! merging the windows of that range into one histogram per series.
 
+pub mod exemplars;
 pub mod labels;
 pub mod promql;
 

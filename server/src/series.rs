@@ -1,5 +1,7 @@
 //! Series identity: the label set of a series, its stable 64-bit id, and the explicit
-//! hash partitioning that assigns series to shards (and, scaled out, to nodes).
+//! hash partitioning that assigns series to shards (and, scaled out, to nodes); and the rules
+//! a span's time and duration must keep to be counted in one ([`SpanLimits`]), below both
+//! ingest and the shards.
 //!
 //! A series is `{service, operation, status}`. Its id is the xxh3 hash of the canonical
 //! encoding of its labels, so any node computes the same id without coordination. Routing
@@ -7,8 +9,94 @@
 //! series live on the same shard and a batch group is handled by one shard.
 
 use std::hash::{BuildHasherDefault, Hasher};
+use std::time::Duration;
 
 use xxhash_rust::xxh3::xxh3_64;
+
+/// Why a span is refused on its own (the batch that carries it is still accepted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SpanReject {
+    /// Started before `now - allowed_lateness`.
+    TooOld,
+    /// Started after `now + max_future_skew`.
+    TooFarInFuture,
+    /// Duration below zero.
+    NegativeDuration,
+    /// Duration above `max_span_duration`.
+    AbsurdDuration,
+}
+
+impl SpanReject {
+    /// Every reason, in the order of [`SpanReject::index`].
+    pub const ALL: [SpanReject; 4] = [
+        SpanReject::TooOld,
+        SpanReject::TooFarInFuture,
+        SpanReject::NegativeDuration,
+        SpanReject::AbsurdDuration,
+    ];
+
+    /// The reason as a label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpanReject::TooOld => "too_old",
+            SpanReject::TooFarInFuture => "too_far_in_future",
+            SpanReject::NegativeDuration => "negative_duration",
+            SpanReject::AbsurdDuration => "absurd_duration",
+        }
+    }
+
+    /// A dense index for per-reason counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The limits a span's time and duration are checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct SpanLimits {
+    /// Allowed lateness in nanoseconds.
+    pub lateness: i64,
+    /// Allowed future skew in nanoseconds.
+    pub skew: i64,
+    /// Longest accepted duration in nanoseconds.
+    pub max_duration: i64,
+}
+
+impl SpanLimits {
+    /// The limits `ingest.allowed_lateness`, `ingest.max_future_skew` and
+    /// `ingest.max_span_duration` set.
+    pub fn new(lateness: Duration, skew: Duration, max_duration: Duration) -> SpanLimits {
+        let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        SpanLimits { lateness: nanos(lateness), skew: nanos(skew), max_duration: nanos(max_duration) }
+    }
+
+    /// Checks a span against the limits at `now` and returns the start of its 10-second window
+    /// in seconds.
+    #[inline]
+    pub fn classify(&self, start: i64, duration: i64, now: i64) -> Result<i64, SpanReject> {
+        if duration < 0 {
+            return Err(SpanReject::NegativeDuration);
+        }
+        if duration > self.max_duration {
+            return Err(SpanReject::AbsurdDuration);
+        }
+        self.window_of(start, now)
+    }
+
+    /// Checks a start time against the limits at `now` and returns the start of its 10-second
+    /// window in seconds.
+    #[inline]
+    pub fn window_of(&self, start: i64, now: i64) -> Result<i64, SpanReject> {
+        if start < now.saturating_sub(self.lateness) {
+            return Err(SpanReject::TooOld);
+        }
+        if start > now.saturating_add(self.skew) {
+            return Err(SpanReject::TooFarInFuture);
+        }
+        let seconds = start.div_euclid(1_000_000_000);
+        Ok(seconds - seconds.rem_euclid(tailscope_proto::BASE_WINDOW_SECONDS))
+    }
+}
 
 /// The `status` label of a series.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -30,19 +30,23 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use promql_parser::label::Matcher;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
     MergeOperands, Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
 use serde::{Deserialize, Serialize};
-use tailscope_proto::histogram::{Histogram, Layout};
+use tailscope_proto::histogram::{Histogram, HistogramError, Layout};
 
 use crate::series::SeriesLabels;
 use crate::telemetry::Metrics;
 
 mod index;
+mod memory;
+
 pub use index::SeriesIndex;
 use index::{decode_entry, encode_entry, hour_of};
+pub use memory::MemoryStore;
 
 const CF_SERIES: &str = "series";
 const CF_WATERMARKS: &str = "watermarks";
@@ -810,6 +814,110 @@ pub fn merge_values<'a>(
         }
     }
     acc.unwrap_or_else(|| Histogram::new(layout)).to_bytes()
+}
+
+/// What [`Source::windows`] calls with each window: its start and encoded histogram.
+pub type WindowFn<'a> = dyn FnMut(i64, &[u8]) -> Result<(), HistogramError> + 'a;
+
+/// What the query side reads: series (selected through the index), their windows at a
+/// resolution, and exemplars. [`Store`] is the RocksDB implementation, [`MemoryStore`] the
+/// in-memory one of the tests and fuzz targets.
+pub trait Source: Sync {
+    /// Every series.
+    fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError>;
+    /// The series every one of `matchers` (on `service`, `operation`, `status` or labels no
+    /// series has, which read as empty) matches, at most `at_most` of them (which ones, when
+    /// more match, is unspecified: a caller asks for one more than it accepts). A store
+    /// answers from its posting lists; the default filters [`Source::series`].
+    fn select(&self, matchers: &[&Matcher], at_most: usize) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
+        let mut all = self.series()?;
+        all.retain(|(_, l)| l.matches(matchers));
+        all.truncate(at_most);
+        Ok(all)
+    }
+    /// The distinct non-empty values of `label` over every series, sorted, at most `limit`,
+    /// and whether there were more. A store reads them off its posting lists.
+    fn label_values(&self, label: &str, limit: usize) -> Result<(Vec<String>, bool), StoreError> {
+        let all = self.series()?;
+        let set: std::collections::BTreeSet<&str> =
+            all.iter().filter_map(|(_, l)| l.get(label)).filter(|v| !v.is_empty()).collect();
+        let more = set.len() > limit;
+        Ok((set.into_iter().take(limit).map(str::to_owned).collect(), more))
+    }
+    /// Calls `f` with the encoded histogram of each window of `series` at `res` starting in
+    /// `[start, end)`, in order; an error from `f` marks the window corrupt. The encodings must
+    /// have been validated on their way in (the engine checks only their headers).
+    fn windows(
+        &self,
+        res: Resolution,
+        series: u64,
+        start: i64,
+        end: i64,
+        f: &mut WindowFn<'_>,
+    ) -> Result<(), StoreError>;
+    /// Like [`Source::windows`] for each of `intervals` (`[start, end)`, sorted, disjoint),
+    /// in order. A store reads them with one iterator per partition, seeking from one interval
+    /// to the next, instead of one iterator per interval.
+    fn windows_in(
+        &self,
+        res: Resolution,
+        series: u64,
+        intervals: &[(i64, i64)],
+        f: &mut WindowFn<'_>,
+    ) -> Result<(), StoreError> {
+        for &(start, end) in intervals {
+            self.windows(res, series, start, end, f)?;
+        }
+        Ok(())
+    }
+    /// The layout of new histograms.
+    fn layout(&self) -> Layout;
+    /// The exemplars kept for `series` in windows starting in `[start, end)` (seconds), in
+    /// time order.
+    fn exemplars(&self, series: u64, start: i64, end: i64) -> Result<Vec<Exemplar>, StoreError>;
+}
+
+impl Source for Store {
+    fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
+        Store::series(self)
+    }
+
+    fn select(&self, matchers: &[&Matcher], at_most: usize) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
+        Ok(self.index().select(matchers, at_most))
+    }
+
+    fn label_values(&self, label: &str, limit: usize) -> Result<(Vec<String>, bool), StoreError> {
+        Ok(self.index().values(label, limit))
+    }
+
+    fn windows(
+        &self,
+        res: Resolution,
+        series: u64,
+        start: i64,
+        end: i64,
+        f: &mut WindowFn<'_>,
+    ) -> Result<(), StoreError> {
+        self.for_each_encoded(res, series, start, end, f)
+    }
+
+    fn windows_in(
+        &self,
+        res: Resolution,
+        series: u64,
+        intervals: &[(i64, i64)],
+        f: &mut WindowFn<'_>,
+    ) -> Result<(), StoreError> {
+        self.for_each_encoded_in(res, series, intervals, f)
+    }
+
+    fn layout(&self) -> Layout {
+        Store::layout(self)
+    }
+
+    fn exemplars(&self, series: u64, start: i64, end: i64) -> Result<Vec<Exemplar>, StoreError> {
+        Store::exemplars(self, series, start, end)
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use super::rules::{AlertingRule, RuleGroup};
@@ -111,26 +111,34 @@ impl RuleState {
     }
 }
 
-/// A loaded group with its rules' live state.
+/// A loaded group with its rules' live state. Evaluation owns the state; readers (the API,
+/// metrics) see the snapshot it publishes after each evaluation.
 #[derive(Debug)]
 pub struct GroupRuntime {
     /// The group as loaded.
     pub group: RuleGroup,
-    /// Per rule, in order.
-    pub state: Mutex<GroupState>,
+    state: Mutex<GroupState>,
+    published: RwLock<Arc<GroupSnapshot>>,
 }
 
 /// A group's evaluation state.
 #[derive(Debug, Default)]
-pub struct GroupState {
+struct GroupState {
     /// One per rule.
+    rules: Vec<RuleState>,
+    /// What was last persisted per rule, to write only on change.
+    persisted: Vec<Vec<u8>>,
+}
+
+/// A group's state as its last evaluation left it.
+#[derive(Debug, Clone, Default)]
+pub struct GroupSnapshot {
+    /// One per rule, in order.
     pub rules: Vec<RuleState>,
     /// When the group was last evaluated (ms).
     pub last_evaluation: Option<i64>,
     /// How long that took.
     pub evaluation_time: Duration,
-    /// What was last persisted per rule, to write only on change.
-    persisted: Vec<Vec<u8>>,
 }
 
 /// What evaluation needs from the server.
@@ -200,7 +208,13 @@ impl GroupRuntime {
             state.persisted.push(encode_state(&restored));
             state.rules.push(restored);
         }
-        GroupRuntime { group, state: Mutex::new(state) }
+        let published = GroupSnapshot { rules: state.rules.clone(), ..GroupSnapshot::default() };
+        GroupRuntime { group, state: Mutex::new(state), published: RwLock::new(Arc::new(published)) }
+    }
+
+    /// The state as the last evaluation left it.
+    pub fn snapshot(&self) -> Arc<GroupSnapshot> {
+        self.published.read().clone()
     }
 
     /// `file;group`, the label of the group's metrics.
@@ -303,8 +317,11 @@ impl GroupRuntime {
                     state.persisted[i] = encoded;
                 }
             }
-            state.last_evaluation = Some(ts);
-            state.evaluation_time = started.elapsed();
+            *self.published.write() = Arc::new(GroupSnapshot {
+                rules: state.rules.clone(),
+                last_evaluation: Some(ts),
+                evaluation_time: started.elapsed(),
+            });
         }
         if !writes.is_empty() {
             let store = ctx.store.clone();
@@ -526,7 +543,8 @@ mod tests {
         let rules = vec![RuleState::default()];
         GroupRuntime {
             group,
-            state: Mutex::new(GroupState { rules, persisted: vec![Vec::new()], ..Default::default() }),
+            state: Mutex::new(GroupState { rules, persisted: vec![Vec::new()] }),
+            published: Default::default(),
         }
     }
 

@@ -1,23 +1,31 @@
 //! The notifier, in Alertmanager's model: alerts are routed down the route tree into
-//! aggregation groups (route × `group_by` labels); each group is its own task that flushes after
-//! `group_wait` and then every `group_interval`; a flush drops silenced and inhibited alerts,
-//! asks the notification log whether anything changed (or `repeat_interval` passed), delivers,
+//! aggregation groups (route × `group_by` labels); a group flushes after `group_wait` and then
+//! every `group_interval`; a flush drops silenced and inhibited alerts, asks the notification
+//! log whether anything changed for each integration (or `repeat_interval` passed), delivers,
 //! and logs what it delivered. The log is persisted, so a restart re-sends nothing already
 //! sent and forgets nothing due.
+//!
+//! One task, the dispatcher, owns all of it — alerts, groups and their timers, the inhibition
+//! index, the log, the breakers — and is reached only by messages: alerts from the rules
+//! (a bounded queue that never blocks them), posts, listings and reloads from the API. A
+//! flush hands its deliveries to a task of their own, which reports back what it delivered;
+//! the dispatcher never waits on a receiver.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, watch, Notify};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 
+use super::inhibit::InhibitIndex;
 use super::matchers::go_quote;
 use super::receivers::retry::{self, Breaker, Target};
-use super::receivers::Notification;
+use super::receivers::{Notification, Receiver, Request};
 use super::route::{NotifierConfig, Route};
 use super::silences::Silences;
 use super::{fingerprint, fingerprint_hex, rfc3339, Alert, Labels, Sink};
@@ -85,49 +93,45 @@ impl LogEntry {
     }
 }
 
-/// The notifier.
+/// Why the notifier did not do what was asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotifierError {
+    /// Taking the alerts would pass `alerting.max_alerts`.
+    #[error(
+        "the notifier holds as many alerts as alerting.max_alerts allows; send again after resolved ones expire"
+    )]
+    Full,
+    /// The notifier has stopped (the server is shutting down).
+    #[error("the notifier has stopped")]
+    Stopped,
+}
+
+/// The notifier: a handle to its dispatcher task.
 #[derive(Debug, Clone)]
 pub struct Notifier {
-    tx: mpsc::Sender<Vec<Alert>>,
-    shared: Arc<Shared>,
-}
-
-#[derive(Debug)]
-struct Shared {
-    config: RwLock<Arc<NotifierConfig>>,
-    settings: Settings,
-    /// Every alert the notifier knows, by fingerprint.
-    alerts: Mutex<HashMap<u64, Alert>>,
-    /// The inhibit rules' sources among `alerts`, indexed (rebuilt on reload and maintenance).
-    inhibit: Mutex<super::inhibit::InhibitIndex>,
-    groups: Mutex<HashMap<String, Arc<Group>>>,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
-    silences: Silences,
-    log: Mutex<HashMap<Vec<u8>, LogEntry>>,
-    breakers: Mutex<HashMap<String, Arc<Breaker>>>,
-    store: Store,
+    /// Alerts from the rules: bounded, never waited on.
+    alerts: mpsc::Sender<Vec<Alert>>,
+    /// Requests from the API; each sender waits for its answer, so they are as many as the
+    /// HTTP connections allow.
+    control: mpsc::UnboundedSender<Control>,
+    config: Arc<watch::Sender<Arc<NotifierConfig>>>,
+    silences: Arc<Silences>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
-    http: reqwest::Client,
-    stop: watch::Receiver<bool>,
-    /// One permit per webhook delivery in flight (`alerting.max_concurrent_deliveries`).
-    deliveries: Arc<tokio::sync::Semaphore>,
 }
 
-/// An aggregation group.
 #[derive(Debug)]
-struct Group {
-    /// Alertmanager's group key: `<route key>:<group labels>`.
-    key: String,
-    route: Route,
-    labels: Labels,
-    alerts: Mutex<BTreeMap<u64, Alert>>,
-    wake: Notify,
-    flushed: std::sync::atomic::AtomicBool,
+enum Control {
+    /// Posted alerts, all or none; answered once admitted and routed.
+    Post(Vec<Alert>, oneshot::Sender<bool>),
+    /// The configuration in `config` changed.
+    Reload,
+    /// The alerts held, in API v2 form.
+    List(oneshot::Sender<Vec<Value>>),
 }
 
 impl Notifier {
-    /// Starts the notifier's dispatcher; stops when `stop` fires.
+    /// Starts the dispatcher; it stops when `stop` fires.
     pub fn start(
         config: NotifierConfig,
         settings: Settings,
@@ -136,7 +140,7 @@ impl Notifier {
         metrics: Arc<Metrics>,
         stop: watch::Receiver<bool>,
     ) -> Result<(Notifier, JoinHandle<()>), StoreError> {
-        let silences = Silences::load(store.clone(), settings.silences)?;
+        let silences = Arc::new(Silences::load(store.clone(), settings.silences)?);
         let mut log = HashMap::new();
         for (k, v) in store.alerting_records(NFLOG_PREFIX)? {
             match serde_json::from_slice::<LogEntry>(&v) {
@@ -146,97 +150,327 @@ impl Notifier {
                 Err(e) => tracing::warn!(error = %e, "ignoring unreadable notification log entry"),
             }
         }
-        let http = reqwest::Client::builder().build().unwrap_or_default();
-        let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
-        let deliveries = Arc::new(tokio::sync::Semaphore::new(settings.max_deliveries.max(1)));
-        let shared = Arc::new(Shared {
-            config: RwLock::new(Arc::new(config)),
+        let config = Arc::new(config);
+        let (config_tx, config_rx) = watch::channel(config.clone());
+        let (alerts_tx, alerts_rx) = mpsc::channel(settings.queue_capacity.max(1));
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let dispatcher = Dispatcher {
+            inhibit: InhibitIndex::build(&config.inhibit_rules, std::iter::empty()),
+            config,
+            config_rx,
+            deliveries: Arc::new(tokio::sync::Semaphore::new(settings.max_deliveries.max(1))),
             settings,
-            alerts: Mutex::new(HashMap::new()),
-            inhibit: Mutex::new(super::inhibit::InhibitIndex::default()),
-            groups: Mutex::new(HashMap::new()),
-            tasks: Mutex::new(Vec::new()),
-            silences,
-            log: Mutex::new(log),
-            breakers: Mutex::new(HashMap::new()),
+            alerts: HashMap::new(),
+            groups: HashMap::new(),
+            timers: BinaryHeap::new(),
+            seq: 0,
+            generation: 0,
+            log,
+            breakers: HashMap::new(),
+            silences: silences.clone(),
             store,
+            clock: clock.clone(),
+            metrics: metrics.clone(),
+            http: reqwest::Client::builder().build().unwrap_or_default(),
+            in_flight: JoinSet::new(),
+        };
+        let task = tokio::spawn(dispatcher.run(alerts_rx, control_rx, stop));
+        let notifier = Notifier {
+            alerts: alerts_tx,
+            control: control_tx,
+            config: Arc::new(config_tx),
+            silences,
             clock,
             metrics,
-            http,
-            stop,
-            deliveries,
-        });
-        let task = tokio::spawn(dispatch(shared.clone(), rx));
-        Ok((Notifier { tx, shared }, task))
+        };
+        Ok((notifier, task))
     }
 
     /// Takes posted alerts all or none: all when the new ones among them fit under
-    /// `alerting.max_alerts` (updates of known alerts always do), checked and admitted under
-    /// one lock so that posts in quick succession cannot pass the cap together; none (`false`)
-    /// otherwise. Admitted alerts are routed before this returns.
-    pub fn post(&self, alerts: Vec<Alert>) -> bool {
-        let shared = &self.shared;
-        let now = shared.now();
-        let admitted: Vec<Alert> = {
-            let mut known = shared.alerts.lock();
-            let new = alerts.iter().filter(|a| !known.contains_key(&fingerprint(&a.labels))).count();
-            if known.len() + new > shared.settings.max_alerts {
-                return false;
-            }
-            alerts.into_iter().map(|a| shared.merge(&mut known, a)).collect()
-        };
-        shared.metrics.alerts_received.inc_by(admitted.len() as u64);
-        for a in admitted {
-            shared.route(a, now);
+    /// `alerting.max_alerts` (updates of known alerts always do). The dispatcher admits one
+    /// post at a time, so posts in quick succession cannot pass the cap together. Admitted
+    /// alerts are routed before this returns.
+    pub async fn post(&self, alerts: Vec<Alert>) -> Result<(), NotifierError> {
+        let (tx, rx) = oneshot::channel();
+        self.control.send(Control::Post(alerts, tx)).map_err(|_| NotifierError::Stopped)?;
+        match rx.await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(NotifierError::Full),
+            Err(_) => Err(NotifierError::Stopped),
         }
-        true
     }
 
     /// Replaces the configuration: every group restarts under the new routes (the log keeps
     /// them from re-sending what they already sent).
     pub fn reload(&self, config: NotifierConfig) {
-        *self.shared.config.write() = Arc::new(config);
-        self.shared.reindex();
-        for t in self.shared.tasks.lock().drain(..) {
-            t.abort();
-        }
-        self.shared.groups.lock().clear();
-        let now = self.shared.now();
-        let alerts: Vec<Alert> = self.shared.alerts.lock().values().cloned().collect();
-        for a in alerts {
-            self.shared.route(a, now);
-        }
+        self.config.send_replace(Arc::new(config));
+        // A stopped dispatcher has nothing to reload.
+        let _ = self.control.send(Control::Reload);
     }
 
     /// The silences.
     pub fn silences(&self) -> &Silences {
-        &self.shared.silences
+        &self.silences
     }
 
     /// Now, in ms.
     pub fn now(&self) -> i64 {
-        self.shared.now()
+        self.clock.now_nanos().div_euclid(1_000_000)
     }
 
     /// How long an alert posted without an end stays firing.
     pub fn resolve_timeout(&self) -> Duration {
-        self.shared.config.read().resolve_timeout
+        self.config.borrow().resolve_timeout
     }
 
     /// Every alert the notifier holds, in Alertmanager's API v2 form.
-    pub fn alerts_json(&self) -> Vec<Value> {
-        let now = self.shared.now();
-        let config = self.shared.config.read().clone();
-        let alerts: Vec<Alert> = self.shared.alerts.lock().values().cloned().collect();
-        let mut out: Vec<(Labels, Value)> = alerts
-            .iter()
+    pub async fn alerts_json(&self) -> Result<Vec<Value>, NotifierError> {
+        let (tx, rx) = oneshot::channel();
+        self.control.send(Control::List(tx)).map_err(|_| NotifierError::Stopped)?;
+        rx.await.map_err(|_| NotifierError::Stopped)
+    }
+}
+
+impl Sink for Notifier {
+    fn send(&self, alerts: Vec<Alert>) {
+        let n = alerts.len() as u64;
+        if self.alerts.try_send(alerts).is_err() {
+            // Rules resend every firing alert, so a dropped update is late, not lost.
+            self.metrics.alerts_dropped.inc_by(n);
+        }
+    }
+}
+
+/// The dispatcher: owns every piece of the notifier's state.
+#[derive(Debug)]
+struct Dispatcher {
+    config: Arc<NotifierConfig>,
+    config_rx: watch::Receiver<Arc<NotifierConfig>>,
+    settings: Settings,
+    /// Every alert the notifier knows, by fingerprint.
+    alerts: HashMap<u64, Alert>,
+    /// The inhibit rules' sources among `alerts`, indexed.
+    inhibit: InhibitIndex,
+    /// By receiver and group key.
+    groups: HashMap<String, Group>,
+    /// Flush times: (when, sequence, group); an entry whose sequence is not its group's
+    /// `next` any more is stale and skipped.
+    timers: BinaryHeap<Reverse<(Instant, u64, String)>>,
+    seq: u64,
+    /// Bumped by every reload: deliveries of an older generation log what they delivered but
+    /// no longer touch the groups.
+    generation: u64,
+    log: HashMap<Vec<u8>, LogEntry>,
+    /// By receiver and integration index.
+    breakers: HashMap<String, Arc<Breaker>>,
+    silences: Arc<Silences>,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    http: reqwest::Client,
+    /// One permit per delivery in flight (`alerting.max_concurrent_deliveries`).
+    deliveries: Arc<tokio::sync::Semaphore>,
+    /// Flushes being delivered, at most one per group.
+    in_flight: JoinSet<Delivered>,
+}
+
+/// An aggregation group.
+#[derive(Debug)]
+struct Group {
+    /// Alertmanager's group key: `<route key>:<group labels>`.
+    key: String,
+    route: Route,
+    labels: Labels,
+    alerts: BTreeMap<u64, Alert>,
+    /// The pending flush: when, and its timer's sequence.
+    next: Option<(Instant, u64)>,
+    /// Whether it has flushed once (after that `group_wait` no longer applies).
+    flushed: bool,
+    /// Whether a flush is being delivered.
+    delivering: bool,
+    /// Whether a flush came due while one was being delivered.
+    due_again: bool,
+}
+
+/// What a flush's delivery reports back.
+#[derive(Debug)]
+struct Delivered {
+    group: String,
+    generation: u64,
+    /// The log entries it wrote (persisted already).
+    logged: Vec<(Vec<u8>, LogEntry)>,
+    all_ok: bool,
+    /// When the flush happened (ms).
+    now: i64,
+    /// The group's alerts as the flush saw them.
+    snapshot: Vec<(u64, Alert)>,
+}
+
+/// One integration a flush tells.
+struct Due {
+    index: usize,
+    log_key: Vec<u8>,
+    integration: Arc<dyn Receiver>,
+    /// `None`: nothing to send to it (only resolves, unwanted), logged all the same.
+    request: Option<Request>,
+    breaker: Arc<Breaker>,
+}
+
+impl Dispatcher {
+    async fn run(
+        mut self,
+        mut alerts: mpsc::Receiver<Vec<Alert>>,
+        mut control: mpsc::UnboundedReceiver<Control>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut maintenance = tokio::time::interval(MAINTENANCE);
+        loop {
+            let next = self.next_timer();
+            tokio::select! {
+                batch = alerts.recv() => {
+                    let Some(batch) = batch else { break };
+                    let now = self.now();
+                    for a in batch {
+                        self.ingest(a, now);
+                    }
+                }
+                Some(c) = control.recv() => self.control(c),
+                Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => match done {
+                    Ok(d) => self.delivered(d),
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => tracing::error!(error = %e, "a notification delivery task failed"),
+                },
+                _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
+                    self.fire_due();
+                }
+                _ = maintenance.tick() => self.maintain(self.now()),
+                _ = stop.wait_for(|&s| s) => break,
+            }
+        }
+        self.in_flight.abort_all();
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.now_nanos().div_euclid(1_000_000)
+    }
+
+    fn control(&mut self, c: Control) {
+        match c {
+            Control::Post(alerts, reply) => {
+                let _ = reply.send(self.post(alerts));
+            }
+            Control::Reload => self.reload(),
+            Control::List(reply) => {
+                let _ = reply.send(self.list());
+            }
+        }
+    }
+
+    /// Posted alerts: all when the new ones fit under `alerting.max_alerts`, else none.
+    fn post(&mut self, alerts: Vec<Alert>) -> bool {
+        let new = alerts.iter().filter(|a| !self.alerts.contains_key(&fingerprint(&a.labels))).count();
+        if self.alerts.len() + new > self.settings.max_alerts {
+            return false;
+        }
+        self.metrics.alerts_received.inc_by(alerts.len() as u64);
+        let now = self.now();
+        for a in alerts {
+            let a = self.merge(a);
+            self.route(a, now);
+        }
+        true
+    }
+
+    /// An alert from the rules: dropped, counted, when it is new and the notifier is full.
+    fn ingest(&mut self, alert: Alert, now: i64) {
+        self.metrics.alerts_received.inc();
+        if !self.alerts.contains_key(&fingerprint(&alert.labels))
+            && self.alerts.len() >= self.settings.max_alerts
+        {
+            self.metrics.alerts_dropped.inc();
+            self.metrics.limit_hit("alerting.max_alerts");
+            return;
+        }
+        let alert = self.merge(alert);
+        self.route(alert, now);
+    }
+
+    /// Puts `alert` among the known alerts (the same alert still going on keeps its start)
+    /// and the inhibit index; returns it as kept.
+    fn merge(&mut self, mut alert: Alert) -> Alert {
+        let fp = fingerprint(&alert.labels);
+        if let Some(old) = self.alerts.get(&fp) {
+            if !old.resolved(alert.starts_at) && old.starts_at < alert.starts_at {
+                alert.starts_at = old.starts_at;
+            }
+        }
+        self.inhibit.add(&self.config.inhibit_rules, fp, &alert);
+        self.alerts.insert(fp, alert.clone());
+        alert
+    }
+
+    /// Hands `alert` to the group of every route it takes, creating groups as needed.
+    fn route(&mut self, alert: Alert, now: i64) {
+        let fp = fingerprint(&alert.labels);
+        let config = self.config.clone();
+        for route in config.route.matching(&alert.labels) {
+            let labels = route.group_labels(&alert.labels);
+            let key = format!("{}:{}", route.key, label_set_string(&labels));
+            let map_key = format!("{}\0{key}", route.receiver);
+            let created = !self.groups.contains_key(&map_key);
+            let group = self.groups.entry(map_key.clone()).or_insert_with(|| Group {
+                key,
+                route: route.clone(),
+                labels,
+                alerts: BTreeMap::new(),
+                next: None,
+                flushed: false,
+                delivering: false,
+                due_again: false,
+            });
+            group.alerts.insert(fp, alert.clone());
+            // An alert that started longer than group_wait ago is not held back again.
+            let overdue = !group.flushed && alert.starts_at + route.group_wait.as_millis() as i64 <= now;
+            // Flushed from the timers, after the rest of this batch has joined the group.
+            if overdue {
+                self.schedule(&map_key, Instant::now());
+            } else if created {
+                self.schedule(&map_key, Instant::now() + route.group_wait);
+            }
+        }
+    }
+
+    /// Every group restarts under the new configuration.
+    fn reload(&mut self) {
+        self.config = self.config_rx.borrow_and_update().clone();
+        self.reindex();
+        self.groups.clear();
+        self.timers.clear();
+        self.generation += 1;
+        let now = self.now();
+        let alerts: Vec<Alert> = self.alerts.values().cloned().collect();
+        for a in alerts {
+            self.route(a, now);
+        }
+    }
+
+    fn list(&self) -> Vec<Value> {
+        let now = self.now();
+        let mut out: Vec<(&Labels, Value)> = self
+            .alerts
+            .values()
             .filter(|a| !a.resolved(now))
             .map(|a| {
-                let silenced = self.shared.silences.muting(fingerprint(&a.labels), &a.labels, now);
-                let inhibited = self.shared.inhibitors(&config, a, now);
+                let silenced = self.silences.muting(fingerprint(&a.labels), &a.labels, now);
+                let inhibited = self.inhibitors(a, now);
                 let state = if silenced.is_empty() && inhibited.is_empty() { "active" } else { "suppressed" };
-                let receivers: Vec<Value> =
-                    config.route.matching(&a.labels).iter().map(|r| json!({"name": r.receiver})).collect();
+                let receivers: Vec<Value> = self
+                    .config
+                    .route
+                    .matching(&a.labels)
+                    .iter()
+                    .map(|r| json!({"name": r.receiver}))
+                    .collect();
                 let v = json!({
                     "labels": a.labels,
                     "annotations": a.annotations,
@@ -248,141 +482,194 @@ impl Notifier {
                     "receivers": receivers,
                     "status": {"state": state, "silencedBy": silenced, "inhibitedBy": inhibited},
                 });
-                (a.labels.clone(), v)
+                (&a.labels, v)
             })
             .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by(|a, b| a.0.cmp(b.0));
         out.into_iter().map(|(_, v)| v).collect()
-    }
-}
-
-impl Sink for Notifier {
-    fn send(&self, alerts: Vec<Alert>) {
-        let n = alerts.len() as u64;
-        if self.tx.try_send(alerts).is_err() {
-            // Rules resend every firing alert, so a dropped update is late, not lost.
-            self.shared.metrics.alerts_dropped.inc_by(n);
-        }
-    }
-}
-
-impl Shared {
-    fn now(&self) -> i64 {
-        self.clock.now_nanos().div_euclid(1_000_000)
-    }
-
-    /// Merges an incoming alert into the known ones and hands it to its groups.
-    fn ingest(self: &Arc<Self>, alert: Alert, now: i64) {
-        self.metrics.alerts_received.inc();
-        let fp = fingerprint(&alert.labels);
-        let alert = {
-            let mut alerts = self.alerts.lock();
-            if !alerts.contains_key(&fp) && alerts.len() >= self.settings.max_alerts {
-                self.metrics.alerts_dropped.inc();
-                self.metrics.limit_hit("alerting.max_alerts");
-                return;
-            }
-            self.merge(&mut alerts, alert)
-        };
-        self.route(alert, now);
-    }
-
-    /// Puts `alert` among the known `alerts` (the same alert still going on keeps its start)
-    /// and the inhibit index; returns it as kept.
-    fn merge(&self, alerts: &mut HashMap<u64, Alert>, mut alert: Alert) -> Alert {
-        let fp = fingerprint(&alert.labels);
-        if let Some(old) = alerts.get(&fp) {
-            if !old.resolved(alert.starts_at) && old.starts_at < alert.starts_at {
-                alert.starts_at = old.starts_at;
-            }
-        }
-        let rules = &self.config.read().inhibit_rules;
-        self.inhibit.lock().add(rules, fp, &alert);
-        alerts.insert(fp, alert.clone());
-        alert
-    }
-
-    fn route(self: &Arc<Self>, alert: Alert, now: i64) {
-        let fp = fingerprint(&alert.labels);
-        let config = self.config.read().clone();
-        for route in config.route.matching(&alert.labels) {
-            let labels = route.group_labels(&alert.labels);
-            let key = format!("{}:{}", route.key, label_set_string(&labels));
-            let map_key = format!("{}\0{key}", route.receiver);
-            let (group, created) = {
-                let mut groups = self.groups.lock();
-                let group = match groups.get(&map_key) {
-                    Some(g) => (g.clone(), false),
-                    None => {
-                        let g = Arc::new(Group {
-                            key,
-                            route: route.clone(),
-                            labels,
-                            alerts: Mutex::new(BTreeMap::new()),
-                            wake: Notify::new(),
-                            flushed: std::sync::atomic::AtomicBool::new(false),
-                        });
-                        groups.insert(map_key.clone(), g.clone());
-                        (g, true)
-                    }
-                };
-                // Inserted under the groups lock, so a group found empty and removed by its
-                // task cannot take an alert after it is gone.
-                group.0.alerts.lock().insert(fp, alert.clone());
-                group
-            };
-            if created {
-                let task = tokio::spawn(run_group(self.clone(), group.clone(), map_key));
-                let mut tasks = self.tasks.lock();
-                tasks.retain(|t| !t.is_finished());
-                tasks.push(task);
-            }
-            // An alert that started longer than group_wait ago is not held back again.
-            let flushed = group.flushed.load(std::sync::atomic::Ordering::Acquire);
-            if !flushed && alert.starts_at + route.group_wait.as_millis() as i64 <= now {
-                group.wake.notify_one();
-            }
-        }
     }
 
     /// The fingerprints (hex) of firing alerts that inhibit `target`: one index lookup per
     /// inhibit rule whose target matchers `target` matches.
-    fn inhibitors(&self, config: &NotifierConfig, target: &Alert, now: i64) -> Vec<String> {
-        if config.inhibit_rules.is_empty() {
+    fn inhibitors(&self, target: &Alert, now: i64) -> Vec<String> {
+        if self.config.inhibit_rules.is_empty() {
             return Vec::new();
         }
-        let target_fp = fingerprint(&target.labels);
         self.inhibit
-            .lock()
-            .inhibitors(&config.inhibit_rules, target_fp, target, now)
+            .inhibitors(&self.config.inhibit_rules, fingerprint(&target.labels), target, now)
             .into_iter()
             .map(|fp| format!("{fp:016x}"))
             .collect()
     }
 
     /// Rebuilds the inhibition index from the alerts held (after a reload or a clean-up).
-    fn reindex(&self) {
-        let rules = self.config.read().inhibit_rules.clone();
-        let alerts = self.alerts.lock();
-        *self.inhibit.lock() =
-            super::inhibit::InhibitIndex::build(&rules, alerts.iter().map(|(fp, a)| (*fp, a)));
+    fn reindex(&mut self) {
+        self.inhibit =
+            InhibitIndex::build(&self.config.inhibit_rules, self.alerts.iter().map(|(fp, a)| (*fp, a)));
     }
 
-    fn breaker(&self, receiver: &str, index: usize, group_interval: Duration) -> Arc<Breaker> {
+    fn schedule(&mut self, group: &str, at: Instant) {
+        let Some(g) = self.groups.get_mut(group) else { return };
+        self.seq += 1;
+        g.next = Some((at, self.seq));
+        self.timers.push(Reverse((at, self.seq, group.to_owned())));
+    }
+
+    /// The earliest pending flush, stale timers dropped.
+    fn next_timer(&mut self) -> Option<Instant> {
+        while let Some(Reverse((at, seq, group))) = self.timers.peek() {
+            if self.groups.get(group).is_some_and(|g| g.next == Some((*at, *seq))) {
+                return Some(*at);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    /// Flushes every group whose time has come.
+    fn fire_due(&mut self) {
+        let now = Instant::now();
+        while let Some(at) = self.next_timer() {
+            if at > now {
+                break;
+            }
+            let Some(Reverse((_, _, group))) = self.timers.pop() else { break };
+            if let Some(g) = self.groups.get_mut(&group) {
+                g.next = None;
+            }
+            self.flush(&group);
+        }
+    }
+
+    /// One flush of a group: what to tell which integration, decided here; the telling, in a
+    /// task of its own. The next flush is one interval after this one starts, as in
+    /// Alertmanager, however long delivery takes.
+    fn flush(&mut self, map_key: &str) {
+        let now = self.now();
+        let Some(group) = self.groups.get_mut(map_key) else { return };
+        if group.delivering {
+            group.due_again = true;
+            return;
+        }
+        group.flushed = true;
+        let snapshot: Vec<(u64, Alert)> = group.alerts.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let route = group.route.clone();
+        let (group_key, group_labels) = (group.key.clone(), group.labels.clone());
+        self.schedule(map_key, Instant::now() + route.group_interval);
+        let mut alerts: Vec<Alert> = snapshot
+            .iter()
+            .map(|(_, a)| a.clone())
+            .filter(|a| {
+                // Muting applies to firing alerts; a resolve is never held back.
+                a.resolved(now)
+                    || (self.silences.muting(fingerprint(&a.labels), &a.labels, now).is_empty()
+                        && self.inhibitors(a, now).is_empty())
+            })
+            .collect();
+        alerts.sort_by(|a, b| {
+            let key = |x: &Alert| (x.labels.get("job").cloned(), x.labels.get("instance").cloned());
+            key(a).cmp(&key(b)).then_with(|| a.labels.cmp(&b.labels))
+        });
+        let firing: BTreeSet<u64> =
+            alerts.iter().filter(|a| !a.resolved(now)).map(|a| fingerprint(&a.labels)).collect();
+        let resolved: BTreeSet<u64> =
+            alerts.iter().filter(|a| a.resolved(now)).map(|a| fingerprint(&a.labels)).collect();
+        let receiver = route.receiver.clone();
+        let Some(config) = self.config.receivers.get(&receiver).cloned() else { return };
+        let notification = Notification {
+            receiver: receiver.clone(),
+            group_key: group_key.clone(),
+            group_labels,
+            alerts,
+            now,
+            external_url: self.settings.external_url.clone(),
+        };
+        let mut due = Vec::new();
+        for (index, integration) in config.integrations.iter().enumerate() {
+            let mut log_key = NFLOG_PREFIX.to_vec();
+            log_key.extend_from_slice(format!("{receiver}\0{group_key}\0{index}").as_bytes());
+            let needed = LogEntry::needs_update(
+                self.log.get(&log_key),
+                &firing,
+                &resolved,
+                integration.send_resolved(),
+                route.repeat_interval,
+                now,
+            );
+            if needed {
+                due.push(Due {
+                    index,
+                    log_key,
+                    integration: integration.clone(),
+                    request: integration.request(&notification),
+                    breaker: self.breaker(&receiver, index, route.group_interval),
+                });
+            }
+        }
+        let done = Delivered {
+            group: map_key.to_owned(),
+            generation: self.generation,
+            logged: Vec::new(),
+            all_ok: true,
+            now,
+            snapshot,
+        };
+        if due.is_empty() {
+            self.delivered(done);
+            return;
+        }
+        if let Some(g) = self.groups.get_mut(map_key) {
+            g.delivering = true;
+        }
+        let entry = LogEntry { firing, resolved, timestamp: now };
+        let deadline = std::time::Instant::now() + route.group_interval.max(Duration::from_secs(1));
+        let ctx = DeliveryContext {
+            http: self.http.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            deliveries: self.deliveries.clone(),
+            timeout: self.settings.webhook_timeout,
+        };
+        self.in_flight.spawn(deliver(ctx, receiver, group_key, due, entry, deadline, done));
+    }
+
+    /// A flush's delivery is over: what it delivered is logged; resolved alerts it told every
+    /// integration of leave the group; an empty group ends.
+    fn delivered(&mut self, d: Delivered) {
+        self.log.extend(d.logged);
+        if d.generation != self.generation {
+            return;
+        }
+        let Some(group) = self.groups.get_mut(&d.group) else { return };
+        group.delivering = false;
+        if d.all_ok {
+            for (fp, a) in &d.snapshot {
+                if a.resolved(d.now) && group.alerts.get(fp) == Some(a) {
+                    group.alerts.remove(fp);
+                }
+            }
+        }
+        if group.alerts.is_empty() {
+            self.groups.remove(&d.group);
+        } else if std::mem::take(&mut group.due_again) {
+            self.flush(&d.group);
+        }
+    }
+
+    fn breaker(&mut self, receiver: &str, index: usize, group_interval: Duration) -> Arc<Breaker> {
         let key = format!("{receiver}\0{index}");
         let cool_down = group_interval.clamp(Duration::from_secs(1), Duration::from_secs(30));
-        self.breakers.lock().entry(key).or_insert_with(|| Arc::new(Breaker::new(cool_down))).clone()
+        self.breakers.entry(key).or_insert_with(|| Arc::new(Breaker::new(cool_down))).clone()
     }
 
     /// Cleans up resolved alerts no longer needed and expired log entries.
-    fn maintain(&self, now: i64) {
-        self.alerts.lock().retain(|_, a| !(a.resolved(now) && a.ends_at + RESOLVED_RETENTION_MS < now));
+    fn maintain(&mut self, now: i64) {
+        self.alerts.retain(|_, a| !(a.resolved(now) && a.ends_at + RESOLVED_RETENTION_MS < now));
         self.reindex();
         // Keeps the mute cache to the alerts still held.
         self.silences.invalidate();
         let expired: Vec<Vec<u8>> = self
             .log
-            .lock()
             .iter()
             .filter(|(_, e)| e.timestamp + NFLOG_RETENTION_MS < now)
             .map(|(k, _)| k.clone())
@@ -392,166 +679,78 @@ impl Shared {
         }
         let deletes: Vec<_> = expired.iter().map(|k| (k.clone(), None)).collect();
         match self.store.write_alerting(&deletes) {
-            Ok(()) => {
-                let mut log = self.log.lock();
-                expired.iter().for_each(|k| {
-                    log.remove(k);
-                });
-            }
+            Ok(()) => expired.iter().for_each(|k| {
+                self.log.remove(k);
+            }),
             Err(e) => tracing::warn!(error = %e, "cannot expire notification log entries"),
         }
     }
+}
+
+/// What a delivery task needs of the dispatcher.
+struct DeliveryContext {
+    http: reqwest::Client,
+    store: Store,
+    metrics: Arc<Metrics>,
+    deliveries: Arc<tokio::sync::Semaphore>,
+    timeout: Duration,
+}
+
+/// Tells each due integration, within the pool of deliveries, and persists a log entry for
+/// each one told (or with nothing to tell).
+async fn deliver(
+    ctx: DeliveryContext,
+    receiver: String,
+    group_key: String,
+    due: Vec<Due>,
+    entry: LogEntry,
+    deadline: std::time::Instant,
+    mut done: Delivered,
+) -> Delivered {
+    let started = std::time::Instant::now();
+    let label = ReceiverLabel { receiver: receiver.clone() };
+    for d in due {
+        if let Some(request) = &d.request {
+            let target = Target {
+                client: &ctx.http,
+                receiver: &receiver,
+                breaker: &d.breaker,
+                timeout: ctx.timeout,
+                metrics: &ctx.metrics,
+            };
+            // A bounded pool: a burst of groups (5,000 services, each its own group) waits its
+            // turn instead of opening a connection each.
+            let Ok(_permit) = ctx.deliveries.clone().acquire_owned().await else { break };
+            let retryable = |status| d.integration.retryable(status);
+            match retry::deliver(target, request, &retryable, deadline).await {
+                Ok(()) => {
+                    ctx.metrics.notifications.get_or_create(&label).inc();
+                    ctx.metrics.notification_latency.observe(started.elapsed().as_secs_f64());
+                }
+                Err(e) => {
+                    ctx.metrics.notifications_failed.get_or_create(&label).inc();
+                    tracing::warn!(%receiver, integration = d.integration.kind(), index = d.index, group = %group_key, error = %e, "notification failed; retrying at the next group interval");
+                    done.all_ok = false;
+                    continue;
+                }
+            }
+        }
+        let store = ctx.store.clone();
+        let record = vec![(d.log_key.clone(), serde_json::to_vec(&entry).ok())];
+        match tokio::task::spawn_blocking(move || store.write_alerting(&record)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot persist the notification log"),
+            Err(e) => tracing::error!(error = %e, "notification log task failed"),
+        }
+        done.logged.push((d.log_key, entry.clone()));
+    }
+    done
 }
 
 /// Alertmanager's `model.LabelSet.String()`: `{a="b", c="d"}`.
 fn label_set_string(labels: &Labels) -> String {
     let parts: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={}", go_quote(v))).collect();
     format!("{{{}}}", parts.join(", "))
-}
-
-async fn dispatch(shared: Arc<Shared>, mut rx: mpsc::Receiver<Vec<Alert>>) {
-    let mut stop = shared.stop.clone();
-    let mut maintenance = tokio::time::interval(MAINTENANCE);
-    loop {
-        tokio::select! {
-            batch = rx.recv() => {
-                let Some(batch) = batch else { break };
-                let now = shared.now();
-                for a in batch {
-                    shared.ingest(a, now);
-                }
-            }
-            _ = maintenance.tick() => shared.maintain(shared.now()),
-            _ = stop.wait_for(|&s| s) => break,
-        }
-    }
-    for t in shared.tasks.lock().drain(..) {
-        t.abort();
-    }
-}
-
-async fn run_group(shared: Arc<Shared>, group: Arc<Group>, map_key: String) {
-    let mut stop = shared.stop.clone();
-    let mut next = tokio::time::Instant::now() + group.route.group_wait;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep_until(next) => {}
-            _ = group.wake.notified() => {}
-            _ = stop.wait_for(|&s| s) => return,
-        }
-        // The next flush is one interval after this one started, as in Alertmanager, however
-        // long delivery takes.
-        next = tokio::time::Instant::now() + group.route.group_interval;
-        flush(&shared, &group).await;
-        group.flushed.store(true, std::sync::atomic::Ordering::Release);
-        let mut groups = shared.groups.lock();
-        if group.alerts.lock().is_empty() {
-            if groups.get(&map_key).is_some_and(|g| Arc::ptr_eq(g, &group)) {
-                groups.remove(&map_key);
-            }
-            return;
-        }
-    }
-}
-
-/// One flush of a group.
-async fn flush(shared: &Arc<Shared>, group: &Arc<Group>) {
-    let now = shared.now();
-    let config = shared.config.read().clone();
-    let snapshot: Vec<(u64, Alert)> = group.alerts.lock().iter().map(|(k, v)| (*k, v.clone())).collect();
-    let mut alerts: Vec<Alert> = snapshot
-        .iter()
-        .map(|(_, a)| a.clone())
-        .filter(|a| {
-            // Muting applies to firing alerts; a resolve is never held back.
-            a.resolved(now)
-                || (shared.silences.muting(fingerprint(&a.labels), &a.labels, now).is_empty()
-                    && shared.inhibitors(&config, a, now).is_empty())
-        })
-        .collect();
-    alerts.sort_by(|a, b| {
-        let key = |x: &Alert| (x.labels.get("job").cloned(), x.labels.get("instance").cloned());
-        key(a).cmp(&key(b)).then_with(|| a.labels.cmp(&b.labels))
-    });
-    let firing: BTreeSet<u64> =
-        alerts.iter().filter(|a| !a.resolved(now)).map(|a| fingerprint(&a.labels)).collect();
-    let resolved: BTreeSet<u64> =
-        alerts.iter().filter(|a| a.resolved(now)).map(|a| fingerprint(&a.labels)).collect();
-    let receiver_name = group.route.receiver.clone();
-    let Some(receiver) = config.receivers.get(&receiver_name).cloned() else { return };
-    let notification = Notification {
-        receiver: receiver_name.clone(),
-        group_key: group.key.clone(),
-        group_labels: group.labels.clone(),
-        alerts,
-        now,
-        external_url: shared.settings.external_url.clone(),
-    };
-    let started = Instant::now();
-    let deadline = started + group.route.group_interval.max(Duration::from_secs(1));
-    let mut all_ok = true;
-    for (i, integration) in receiver.integrations.iter().enumerate() {
-        let mut key = NFLOG_PREFIX.to_vec();
-        key.extend_from_slice(format!("{receiver_name}\0{}\0{i}", group.key).as_bytes());
-        let entry = shared.log.lock().get(&key).cloned();
-        let due = LogEntry::needs_update(
-            entry.as_ref(),
-            &firing,
-            &resolved,
-            integration.send_resolved(),
-            group.route.repeat_interval,
-            now,
-        );
-        if !due {
-            continue;
-        }
-        if let Some(request) = integration.request(&notification) {
-            let breaker = shared.breaker(&receiver_name, i, group.route.group_interval);
-            let target = Target {
-                client: &shared.http,
-                receiver: &receiver_name,
-                breaker: &breaker,
-                timeout: shared.settings.webhook_timeout,
-                metrics: &shared.metrics,
-            };
-            let label = ReceiverLabel { receiver: receiver_name.clone() };
-            // A bounded pool: a burst of groups (5,000 services, each its own group) waits its
-            // turn instead of opening a connection each.
-            let Ok(_permit) = shared.deliveries.clone().acquire_owned().await else { return };
-            let retryable = |status| integration.retryable(status);
-            match retry::deliver(target, &request, &retryable, deadline).await {
-                Ok(()) => {
-                    shared.metrics.notifications.get_or_create(&label).inc();
-                    shared.metrics.notification_latency.observe(started.elapsed().as_secs_f64());
-                }
-                Err(e) => {
-                    shared.metrics.notifications_failed.get_or_create(&label).inc();
-                    tracing::warn!(receiver = %receiver_name, integration = integration.kind(), group = %group.key, error = %e, "notification failed; retrying at the next group interval");
-                    all_ok = false;
-                    continue;
-                }
-            }
-        }
-        let entry = LogEntry { firing: firing.clone(), resolved: resolved.clone(), timestamp: now };
-        let value = serde_json::to_vec(&entry).ok();
-        let store = shared.store.clone();
-        let record = vec![(key.clone(), value)];
-        match tokio::task::spawn_blocking(move || store.write_alerting(&record)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot persist the notification log"),
-            Err(e) => tracing::error!(error = %e, "notification log task failed"),
-        }
-        shared.log.lock().insert(key, entry);
-    }
-    if all_ok {
-        // Resolved alerts that were delivered (and not updated since) leave the group.
-        let mut alerts = group.alerts.lock();
-        for (fp, a) in &snapshot {
-            if a.resolved(now) && alerts.get(fp) == Some(a) {
-                alerts.remove(fp);
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -15,10 +15,8 @@ use serde::Deserialize;
 use tailscope_proto::histogram::Layout;
 
 use super::template::Template;
-use crate::query::promql::{Engine, EvalError, Limits, Source, Steps, WindowFn};
-use crate::series::SeriesLabels;
-use crate::store::RetentionConfig;
-use crate::store::{Resolution, StoreError};
+use crate::query::promql::{Engine, EvalError, Limits, Steps};
+use crate::store::{MemoryStore, RetentionConfig};
 
 /// Default evaluation interval of a group that names none.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
@@ -247,23 +245,6 @@ pub fn valid_label_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// A store with no series: evaluating over it finds every unsupported construct.
-struct Empty(Layout);
-
-impl Source for Empty {
-    fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
-        Ok(Vec::new())
-    }
-
-    fn windows(&self, _: Resolution, _: u64, _: i64, _: i64, _: &mut WindowFn<'_>) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    fn layout(&self) -> Layout {
-        self.0
-    }
-}
-
 fn dry_run(expr: &Expr) -> Result<(), String> {
     let layout = Layout::new(2, 1_000, 3_600_000_000_000).map_err(|e| e.to_string())?;
     let steps = Steps::instant(0);
@@ -274,7 +255,8 @@ fn dry_run(expr: &Expr) -> Result<(), String> {
         max_samples: 1,
         deadline: Instant::now() + Duration::from_secs(5),
     };
-    let empty = Empty(layout);
+    // A store with no series: evaluating over it finds every unsupported construct.
+    let empty = MemoryStore::new(layout);
     let engine = Engine::new(&empty, &steps, 0, &retention, limits);
     match engine.eval(expr) {
         Ok(crate::query::promql::Value::Str(_)) => {

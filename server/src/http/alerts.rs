@@ -10,8 +10,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{api_error, AppState};
+use super::envelope::{success, ApiError};
+use super::AppState;
 use crate::alerting::eval::{ActiveAlert, State as AlertState};
+use crate::alerting::notify::NotifierError;
 use crate::alerting::silences::{PostableSilence, SilenceError};
 use crate::alerting::{parse_rfc3339, rfc3339, Alert, Labels, ZERO_TIME};
 
@@ -65,11 +67,7 @@ async fn rules(State(s): State<AppState>, RawQuery(q): RawQuery) -> Response {
     };
     let kind = all("type").first().copied().unwrap_or("");
     if !matches!(kind, "" | "alert" | "record") {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "bad_data",
-            format!("invalid query parameter type='{kind}'"),
-        );
+        return ApiError::bad_data(format!("invalid query parameter type='{kind}'")).into_response();
     }
     let (names, groups_wanted, files) = (all("rule_name[]"), all("rule_group[]"), all("file[]"));
     let mut groups = Vec::new();
@@ -80,7 +78,7 @@ async fn rules(State(s): State<AppState>, RawQuery(q): RawQuery) -> Response {
         {
             continue;
         }
-        let state = g.state.lock();
+        let state = g.snapshot();
         let mut rules = Vec::new();
         if kind != "record" {
             for (rule, rs) in g.group.rules.iter().zip(&state.rules) {
@@ -128,18 +126,18 @@ async fn rules(State(s): State<AppState>, RawQuery(q): RawQuery) -> Response {
             "lastEvaluation": time_or_zero(state.last_evaluation),
         }));
     }
-    Json(json!({"status": "success", "data": {"groups": groups}})).into_response()
+    success(json!({"groups": groups}))
 }
 
 /// `GET /api/v1/alerts`: every pending and firing alert.
 async fn alerts(State(s): State<AppState>) -> Response {
     let mut out = Vec::new();
     for g in s.alerting.groups() {
-        for rs in &g.state.lock().rules {
+        for rs in &g.snapshot().rules {
             out.extend(rs.alerts.values().filter(|a| a.state != AlertState::Inactive).map(alert_json));
         }
     }
-    Json(json!({"status": "success", "data": {"alerts": out}})).into_response()
+    success(json!({"alerts": out}))
 }
 
 /// `POST /-/reload`: rule files and notifier configuration, all or nothing.
@@ -160,7 +158,10 @@ fn v2_error(status: StatusCode, message: impl std::fmt::Display) -> Response {
 }
 
 async fn v2_alerts(State(s): State<AppState>) -> Response {
-    Json(s.alerting.notifier().alerts_json()).into_response()
+    match s.alerting.notifier().alerts_json().await {
+        Ok(alerts) => Json(alerts).into_response(),
+        Err(e) => v2_error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -226,20 +227,14 @@ async fn post_alerts(State(s): State<AppState>, body: Bytes) -> Response {
             generator_url: p.generator_url,
         });
     }
-    // Admitted (and routed) off the async runtime, all or none.
-    let admitted = {
-        let notifier = notifier.clone();
-        tokio::task::spawn_blocking(move || notifier.post(alerts)).await
-    };
-    let Ok(admitted) = admitted else {
-        return v2_error(StatusCode::INTERNAL_SERVER_ERROR, "the alerts could not be admitted");
-    };
-    if !admitted {
-        s.metrics.limit_hit("alerting.max_alerts");
-        return v2_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "the notifier holds as many alerts as alerting.max_alerts allows; send again after resolved ones expire",
-        );
+    // Admitted (and routed) by the notifier, all or none.
+    match notifier.post(alerts).await {
+        Ok(()) => {}
+        Err(e @ NotifierError::Full) => {
+            s.metrics.limit_hit("alerting.max_alerts");
+            return v2_error(StatusCode::TOO_MANY_REQUESTS, e);
+        }
+        Err(e @ NotifierError::Stopped) => return v2_error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
     (StatusCode::OK, "").into_response()
 }

@@ -6,15 +6,16 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Path, Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, HeaderMap, Method};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use serde_json::{json, Value as Json_};
 
-use super::{api_error, AppState};
+use super::envelope::{self, respond, success, success_with_warnings, ApiError};
+use super::AppState;
 use crate::query::promql::{self, format_value, Engine, EvalError, Limits, Series, Steps, Value};
-use crate::query::{labels, parse_time};
+use crate::query::{exemplars, labels, parse_time};
 
 /// Most points per series of a range query (as Prometheus).
 pub const MAX_POINTS: usize = 11_000;
@@ -46,7 +47,7 @@ impl<S: Send + Sync> FromRequest<S> for Params {
         let query = req.uri().query().map(str::to_owned);
         let body = Bytes::from_request(req, state)
             .await
-            .map_err(|e| bad_data(format!("cannot read the request body: {e}")).into_response())?;
+            .map_err(|e| ApiError::bad_data(format!("cannot read the request body: {e}")).into_response())?;
         Ok(Params::new(&method, &headers, query, &body))
     }
 }
@@ -76,7 +77,7 @@ impl Params {
     fn time(&self, name: &str, default: f64) -> Result<f64, ApiError> {
         match self.get(name) {
             None | Some("") => Ok(default),
-            Some(v) => parse_time(name, v).map_err(bad_data),
+            Some(v) => parse_time(name, v).map_err(ApiError::bad_data),
         }
     }
 
@@ -86,56 +87,12 @@ impl Params {
             Some(v) => match v.parse::<usize>() {
                 Ok(0) => Ok(None),
                 Ok(n) => Ok(Some(n)),
-                Err(_) => {
-                    Err(bad_data(format!("invalid parameter \"limit\": cannot parse {v:?} to a valid limit")))
-                }
+                Err(_) => Err(ApiError::bad_data(format!(
+                    "invalid parameter \"limit\": cannot parse {v:?} to a valid limit"
+                ))),
             },
         }
     }
-}
-
-/// A Prometheus API error: HTTP status, `errorType` and message.
-#[derive(Debug)]
-struct ApiError {
-    status: StatusCode,
-    kind: &'static str,
-    message: String,
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        api_error(self.status, self.kind, self.message)
-    }
-}
-
-fn bad_data(e: impl std::fmt::Display) -> ApiError {
-    ApiError { status: StatusCode::BAD_REQUEST, kind: "bad_data", message: e.to_string() }
-}
-
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, kind: "internal", message: e.to_string() }
-}
-
-/// Answers with the data, or with the error.
-fn respond(result: Result<Json_, ApiError>) -> Response {
-    match result {
-        Ok(data) => success(data),
-        Err(e) => e.into_response(),
-    }
-}
-
-fn success(data: Json_) -> Response {
-    Json(json!({"status": "success", "data": data})).into_response()
-}
-
-fn eval_error(e: EvalError) -> ApiError {
-    let (status, kind) = match &e {
-        EvalError::Unsupported(_) => (StatusCode::BAD_REQUEST, "bad_data"),
-        EvalError::Execution(_) => (StatusCode::UNPROCESSABLE_ENTITY, "execution"),
-        EvalError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
-        EvalError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-    };
-    ApiError { status, kind, message: e.to_string() }
 }
 
 /// A time as Prometheus writes it: float seconds (whole seconds without a fraction).
@@ -154,7 +111,7 @@ fn parse_duration(name: &str, v: &str) -> Result<Duration, ApiError> {
         }
     }
     promql::parse_duration(v).map_err(|_| {
-        bad_data(format!("invalid parameter \"{name}\": cannot parse {v:?} to a valid duration"))
+        ApiError::bad_data(format!("invalid parameter \"{name}\": cannot parse {v:?} to a valid duration"))
     })
 }
 
@@ -164,7 +121,7 @@ fn parse_query(s: &AppState, p: &Params) -> Result<promql_parser::parser::Expr, 
         if e.contains("query.max_depth") {
             s.metrics.limit_hit("query.max_depth");
         }
-        bad_data(format!("invalid parameter \"query\": {e}"))
+        ApiError::bad_data(format!("invalid parameter \"query\": {e}"))
     })
 }
 
@@ -185,7 +142,7 @@ async fn query_slot(s: &AppState, deadline: Instant) -> Result<tokio::sync::Owne
         Ok(Ok(permit)) => Ok(permit),
         _ => {
             s.metrics.limit_hit("query.max_concurrency");
-            Err(eval_error(EvalError::Timeout("waiting for a query slot (query.max_concurrency)")))
+            Err(ApiError::from(EvalError::Timeout("waiting for a query slot (query.max_concurrency)")))
         }
     }
 }
@@ -225,7 +182,7 @@ async fn evaluate(
         render(value, &steps, &budget)
     })
     .await
-    .map_err(|e| internal(format!("query task failed: {e}")))?
+    .map_err(|e| ApiError::internal(format!("query task failed: {e}")))?
     .map_err(|e| {
         if let EvalError::Execution(m) = &e {
             if m.contains("query.max_samples") {
@@ -235,18 +192,9 @@ async fn evaluate(
         if matches!(e, EvalError::Timeout(_)) {
             s.metrics.limit_hit("query.timeout");
         }
-        eval_error(e)
+        ApiError::from(e)
     })?;
     Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
-}
-
-/// `{"status":"success","data":…}` with `data` written by `f`.
-fn envelope(f: impl FnOnce(&mut Vec<u8>) -> Result<(), EvalError>) -> Result<Vec<u8>, EvalError> {
-    let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(br#"{"status":"success","data":"#);
-    f(&mut out)?;
-    out.push(b'}');
-    Ok(out)
 }
 
 fn write_json(out: &mut Vec<u8>, v: &impl serde::Serialize) -> Result<(), EvalError> {
@@ -267,7 +215,7 @@ fn render_instant(value: Value, steps: &Steps, _: &crate::query::Budget) -> Resu
         }),
         Value::Hist(_) => json!({"resultType": "vector", "result": []}),
     };
-    envelope(|out| write_json(out, &data))
+    envelope::write_success(|out| write_json(out, &data))
 }
 
 /// A range answer, written point by point (no JSON tree of millions of values in between),
@@ -286,7 +234,7 @@ fn render_matrix(value: Value, steps: &Steps, budget: &crate::query::Budget) -> 
         Value::Hist(_) => Vec::new(),
     };
     let times = steps.times();
-    envelope(|out| {
+    envelope::write_success(|out| {
         out.extend_from_slice(br#"{"resultType":"matrix","result":["#);
         let mut first = true;
         for (i, s) in series.iter().filter(|s| s.values.iter().any(Option::is_some)).enumerate() {
@@ -334,18 +282,23 @@ async fn query(State(s): State<AppState>, p: Params) -> Response {
 async fn query_range(State(s): State<AppState>, p: Params) -> Response {
     let result = async {
         let expr = parse_query(&s, &p)?;
-        let missing =
-            |n: &str| bad_data(format!("invalid parameter \"{n}\": cannot parse \"\" to a valid timestamp"));
+        let missing = |n: &str| {
+            ApiError::bad_data(format!("invalid parameter \"{n}\": cannot parse \"\" to a valid timestamp"))
+        };
         let start = p.get("start").ok_or_else(|| missing("start"))?;
         let end = p.get("end").ok_or_else(|| missing("end"))?;
-        let start = parse_time("start", start).map_err(bad_data)?;
-        let end = parse_time("end", end).map_err(bad_data)?;
+        let start = parse_time("start", start).map_err(ApiError::bad_data)?;
+        let end = parse_time("end", end).map_err(ApiError::bad_data)?;
         if end < start {
-            return Err(bad_data("invalid parameter \"end\": end timestamp must not be before start time"));
+            return Err(ApiError::bad_data(
+                "invalid parameter \"end\": end timestamp must not be before start time",
+            ));
         }
         let step = match p.get("step") {
             None | Some("") => {
-                return Err(bad_data("invalid parameter \"step\": cannot parse \"\" to a valid duration"))
+                return Err(ApiError::bad_data(
+                    "invalid parameter \"step\": cannot parse \"\" to a valid duration",
+                ))
             }
             // A number of seconds may be zero or negative; Steps::range refuses those.
             Some(v) => match v.parse::<f64>() {
@@ -358,9 +311,9 @@ async fn query_range(State(s): State<AppState>, p: Params) -> Response {
             Steps::range((start * 1000.0).round() as i64, (end * 1000.0).round() as i64, step_ms, MAX_POINTS)
                 .map_err(|e| match e {
                     EvalError::Unsupported(m) if step_ms <= 0 => {
-                        bad_data(format!("invalid parameter \"step\": {m}"))
+                        ApiError::bad_data(format!("invalid parameter \"step\": {m}"))
                     }
-                    other => eval_error(other),
+                    other => ApiError::from(other),
                 })?;
         evaluate(&s, expr, steps, deadline(&s, &p)?, render_matrix).await
     }
@@ -375,7 +328,7 @@ fn match_selectors(s: &AppState, p: &Params) -> Result<Vec<promql_parser::parser
         match promql::parse_bounded(sel, s.query.max_depth) {
             Ok(promql_parser::parser::Expr::VectorSelector(vs)) => parsed.push(vs),
             Ok(_) => {
-                return Err(bad_data(format!(
+                return Err(ApiError::bad_data(format!(
                     "invalid parameter \"match[]\": {sel:?} is not a series selector"
                 )))
             }
@@ -383,7 +336,7 @@ fn match_selectors(s: &AppState, p: &Params) -> Result<Vec<promql_parser::parser
                 if e.contains("query.max_depth") {
                     s.metrics.limit_hit("query.max_depth");
                 }
-                return Err(bad_data(format!("invalid parameter \"match[]\": {e}")));
+                return Err(ApiError::bad_data(format!("invalid parameter \"match[]\": {e}")));
             }
         }
     }
@@ -412,22 +365,18 @@ async fn label_walk<T: serde::Serialize + Send + 'static>(
         let store = s.store.clone();
         let found = tokio::task::spawn_blocking(move || walk(&store, limit, &budget))
             .await
-            .map_err(|e| internal(format!("label task failed: {e}")))?
-            .map_err(eval_error)?;
+            .map_err(|e| ApiError::internal(format!("label task failed: {e}")))?
+            .map_err(ApiError::from)?;
         Ok::<_, ApiError>(found)
     }
     .await;
     match result {
         Ok(found) if found.truncated => {
             s.metrics.limit_hit("query.max_series");
-            Json(json!({
-                "status": "success",
-                "data": found.items,
-                "warnings": ["results truncated due to limit (the request's limit, or query.max_series)"],
-            }))
-            .into_response()
+            let warning = "results truncated due to limit (the request's limit, or query.max_series)";
+            success_with_warnings(found.items, vec![warning.to_owned()])
         }
-        Ok(found) => success(json!(found.items)),
+        Ok(found) => success(found.items),
         Err(e) => e.into_response(),
     }
 }
@@ -451,7 +400,7 @@ async fn label_values(State(s): State<AppState>, Path(name): Path<String>, p: Pa
 
 async fn series(State(s): State<AppState>, p: Params) -> Response {
     if p.all("match[]").is_empty() {
-        return bad_data("no match[] parameter provided").into_response();
+        return ApiError::bad_data("no match[] parameter provided").into_response();
     }
     let selectors = match match_selectors(&s, &p) {
         Ok(v) => v,
@@ -483,12 +432,8 @@ async fn buildinfo() -> Response {
     }))
 }
 
-/// Most exemplars one query returns.
-pub const MAX_EXEMPLARS: usize = 10_000;
-
-/// Exemplars of the bucket series the query's selectors select, in Prometheus' shape: grouped by
-/// series (with the `le` of the default ladder the span falls in), each with its trace and span
-/// id (and, when the sender said, its sampling adjusted count), duration in seconds and end time.
+/// `GET /api/v1/query_exemplars`: the exemplars of the bucket series the query's selectors
+/// select ([`exemplars::select`]).
 async fn exemplars(State(s): State<AppState>, p: Params) -> Response {
     let result = async {
         let expr = parse_query(&s, &p)?;
@@ -496,7 +441,9 @@ async fn exemplars(State(s): State<AppState>, p: Params) -> Response {
         let start = p.time("start", now - 3600.0)?;
         let end = p.time("end", now)?;
         if end < start {
-            return Err(bad_data("invalid parameter \"end\": end timestamp must not be before start time"));
+            return Err(ApiError::bad_data(
+                "invalid parameter \"end\": end timestamp must not be before start time",
+            ));
         }
         let selectors: Vec<promql_parser::parser::VectorSelector> =
             promql::selectors(&expr).into_iter().cloned().collect();
@@ -506,67 +453,11 @@ async fn exemplars(State(s): State<AppState>, p: Params) -> Response {
         let budget = crate::query::Budget::new(deadline);
         let _cancel = budget.cancel_on_drop();
         let _permit = query_slot(&s, deadline).await?;
-        let found = tokio::task::spawn_blocking(move || -> Result<Json_, EvalError> {
-            let mut groups: std::collections::BTreeMap<promql::Labels, Vec<Json_>> = Default::default();
-            let mut total = 0;
-            'series: for (id, labels) in labels::candidates(&store, &selectors, &budget)? {
-                budget.check("reading exemplars")?;
-                let from = start.floor() as i64 - tailscope_proto::BASE_WINDOW_SECONDS;
-                for e in store.exemplars(id, from, end.ceil() as i64 + 1)? {
-                    let seconds = e.duration_nanos as f64 / 1e9;
-                    let at = (e.start_unix_nanos + e.duration_nanos) as f64 / 1e9;
-                    if at < start || at > end {
-                        continue;
-                    }
-                    let le =
-                        promql::DEFAULT_LE.iter().copied().find(|&le| seconds <= le).unwrap_or(f64::INFINITY);
-                    let mut set = promql::Labels::new();
-                    set.insert("__name__".into(), promql::BUCKET.into());
-                    for k in ["service", "operation", "status"] {
-                        if let Some(v) = labels.get(k) {
-                            set.insert(k.into(), v.into());
-                        }
-                    }
-                    set.insert("le".into(), format_value(le));
-                    let selected = selectors.iter().any(|vs| {
-                        vs.name.as_deref().is_none_or(|n| n == promql::BUCKET)
-                            && vs
-                                .matchers
-                                .matchers
-                                .iter()
-                                .all(|m| m.is_match(set.get(&m.name).map_or("", |v| v)))
-                    });
-                    if !selected {
-                        continue;
-                    }
-                    let mut ids = json!({
-                        "trace_id": format!("{:016x}{:016x}", e.trace_id_high, e.trace_id_low),
-                        "span_id": format!("{:016x}", e.span_id),
-                    });
-                    if e.adjusted_count > 0.0 {
-                        ids["adjusted_count"] = format_value(e.adjusted_count).into();
-                    }
-                    groups.entry(set).or_default().push(json!({
-                        "labels": ids,
-                        "value": format_value(seconds),
-                        "timestamp": at,
-                    }));
-                    total += 1;
-                    if total >= MAX_EXEMPLARS {
-                        break 'series;
-                    }
-                }
-            }
-            Ok(Json_::Array(
-                groups
-                    .into_iter()
-                    .map(|(labels, ex)| json!({"seriesLabels": labels, "exemplars": ex}))
-                    .collect(),
-            ))
-        })
-        .await
-        .map_err(internal)?
-        .map_err(eval_error)?;
+        let found =
+            tokio::task::spawn_blocking(move || exemplars::select(&store, &selectors, start, end, &budget))
+                .await
+                .map_err(ApiError::internal)?
+                .map_err(ApiError::from)?;
         Ok::<_, ApiError>(found)
     }
     .await;

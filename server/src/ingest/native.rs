@@ -19,8 +19,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::{IngestError, IngestService, Origin};
-use crate::pipeline::{Admit, SpanReject};
+use crate::pipeline::Admit;
 use crate::sampling::Sampler;
+use crate::series::SpanReject;
 use crate::telemetry::Outcome;
 
 /// Most series keys whose sampling policies one stream is told.

@@ -27,7 +27,7 @@ use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use tailscope_proto::v1::{SeriesGroup, SeriesKey, Span, SpanBatch, SpanStatus};
 
 use crate::ingest::{BatchStats, MAX_LABEL_BYTES};
-use crate::pipeline::SpanReject;
+use crate::series::SpanReject;
 
 /// The service name OpenTelemetry SDKs report when none is configured.
 pub const UNKNOWN_SERVICE: &str = "unknown_service";

@@ -10,7 +10,8 @@ use tokio::sync::watch;
 
 use super::*;
 use crate::clock::ManualClock;
-use crate::pipeline::{DurableState, SpanLimits};
+use crate::pipeline::DurableState;
+use crate::series::SpanLimits;
 
 const NOW: i64 = 1_800_000_000_000_000_000;
 
@@ -68,7 +69,10 @@ impl Admit for FakeAdmit {
         Layout::default()
     }
     fn limits(&self) -> SpanLimits {
-        SpanLimits::new(&IngestConfig::default())
+        {
+            let c = IngestConfig::default();
+            SpanLimits::new(c.allowed_lateness, c.max_future_skew, c.max_span_duration)
+        }
     }
 }
 

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use tailscope_proto::histogram::{Histogram, Layout};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{SpanLimits, ValidatedBatch};
+use super::ValidatedBatch;
+use crate::series::SpanLimits;
 use crate::series::{IdBuildHasher, SeriesLabels, Status};
 use crate::store::{Exemplar, WindowDelta};
 

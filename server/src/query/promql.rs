@@ -22,7 +22,7 @@ use promql_parser::parser::{
     AggregateExpr, BinaryExpr, Call, Expr, LabelModifier, MatrixSelector, Offset, VectorMatchCardinality,
     VectorSelector,
 };
-use tailscope_proto::histogram::{Checked, Histogram, HistogramError, Layout};
+use tailscope_proto::histogram::{Checked, Histogram};
 
 use crate::series::SeriesLabels;
 use crate::store::RetentionConfig;
@@ -74,100 +74,7 @@ pub const MAX_QUERY_BYTES: usize = 256 << 20;
 /// A label set; `__name__` is one of its labels.
 pub type Labels = BTreeMap<String, String>;
 
-/// What [`Source::windows`] calls with each window: its start and encoded histogram.
-pub type WindowFn<'a> = dyn FnMut(i64, &[u8]) -> Result<(), HistogramError> + 'a;
-
-/// Where the engine reads series and windows (the store, or memory in tests).
-pub trait Source: Sync {
-    /// Every series.
-    fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError>;
-    /// The series every one of `matchers` (on `service`, `operation`, `status` or labels no
-    /// series has, which read as empty) matches, at most `at_most` of them (which ones, when
-    /// more match, is unspecified: a caller asks for one more than it accepts). A store
-    /// answers from its posting lists; the default filters [`Source::series`].
-    fn select(&self, matchers: &[&Matcher], at_most: usize) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
-        let mut all = self.series()?;
-        all.retain(|(_, l)| l.matches(matchers));
-        all.truncate(at_most);
-        Ok(all)
-    }
-    /// The distinct non-empty values of `label` over every series, sorted, at most `limit`,
-    /// and whether there were more. A store reads them off its posting lists.
-    fn label_values(&self, label: &str, limit: usize) -> Result<(Vec<String>, bool), StoreError> {
-        let all = self.series()?;
-        let set: std::collections::BTreeSet<&str> =
-            all.iter().filter_map(|(_, l)| l.get(label)).filter(|v| !v.is_empty()).collect();
-        let more = set.len() > limit;
-        Ok((set.into_iter().take(limit).map(str::to_owned).collect(), more))
-    }
-    /// Calls `f` with the encoded histogram of each window of `series` at `res` starting in
-    /// `[start, end)`, in order; an error from `f` marks the window corrupt. The encodings must
-    /// have been validated on their way in (the engine checks only their headers).
-    fn windows(
-        &self,
-        res: Resolution,
-        series: u64,
-        start: i64,
-        end: i64,
-        f: &mut WindowFn<'_>,
-    ) -> Result<(), StoreError>;
-    /// Like [`Source::windows`] for each of `intervals` (`[start, end)`, sorted, disjoint),
-    /// in order. A store reads them with one iterator per partition, seeking from one interval
-    /// to the next, instead of one iterator per interval.
-    fn windows_in(
-        &self,
-        res: Resolution,
-        series: u64,
-        intervals: &[(i64, i64)],
-        f: &mut WindowFn<'_>,
-    ) -> Result<(), StoreError> {
-        for &(start, end) in intervals {
-            self.windows(res, series, start, end, f)?;
-        }
-        Ok(())
-    }
-    /// The layout of new histograms.
-    fn layout(&self) -> Layout;
-}
-
-impl Source for crate::store::Store {
-    fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
-        crate::store::Store::series(self)
-    }
-
-    fn select(&self, matchers: &[&Matcher], at_most: usize) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
-        Ok(self.index().select(matchers, at_most))
-    }
-
-    fn label_values(&self, label: &str, limit: usize) -> Result<(Vec<String>, bool), StoreError> {
-        Ok(self.index().values(label, limit))
-    }
-
-    fn windows(
-        &self,
-        res: Resolution,
-        series: u64,
-        start: i64,
-        end: i64,
-        f: &mut WindowFn<'_>,
-    ) -> Result<(), StoreError> {
-        self.for_each_encoded(res, series, start, end, f)
-    }
-
-    fn windows_in(
-        &self,
-        res: Resolution,
-        series: u64,
-        intervals: &[(i64, i64)],
-        f: &mut WindowFn<'_>,
-    ) -> Result<(), StoreError> {
-        self.for_each_encoded_in(res, series, intervals, f)
-    }
-
-    fn layout(&self) -> Layout {
-        crate::store::Store::layout(self)
-    }
-}
+pub use crate::store::{Source, WindowFn};
 
 /// The deepest expression accepted when no limit is configured (`query.max_depth`).
 pub const DEFAULT_MAX_DEPTH: usize = 256;

@@ -1,43 +1,23 @@
 use std::time::{Duration, Instant};
 
-use tailscope_proto::histogram::Layout;
-
 use super::*;
-use crate::query::promql::WindowFn;
 use crate::query::Budget;
 use crate::series::Status;
-use crate::store::{Resolution, StoreError};
+use crate::store::MemoryStore;
 
 /// Series only: these functions never read windows.
-struct Index(Vec<(u64, SeriesLabels)>);
-
-impl Source for Index {
-    fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
-        Ok(self.0.clone())
-    }
-
-    fn windows(&self, _: Resolution, _: u64, _: i64, _: i64, _: &mut WindowFn<'_>) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    fn layout(&self) -> Layout {
-        Layout::default()
-    }
-}
+type Index = MemoryStore;
 
 fn index(n: usize) -> Index {
-    Index(
-        (0..n)
-            .map(|i| {
-                let l = SeriesLabels {
-                    service: format!("svc-{:03}", i % 7),
-                    operation: format!("op-{i:05}"),
-                    status: if i % 3 == 0 { Status::Error } else { Status::Ok },
-                };
-                (l.id(), l)
-            })
-            .collect(),
-    )
+    let mut idx = MemoryStore::default();
+    for i in 0..n {
+        idx.add_series(SeriesLabels {
+            service: format!("svc-{:03}", i % 7),
+            operation: format!("op-{i:05}"),
+            status: if i % 3 == 0 { Status::Error } else { Status::Ok },
+        });
+    }
+    idx
 }
 
 fn selector(text: &str) -> VectorSelector {

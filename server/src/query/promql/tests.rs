@@ -5,52 +5,20 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 use crate::series::Status;
+use crate::store::MemoryStore;
+use tailscope_proto::histogram::Layout;
 
-/// Windows in memory, written to every resolution like the store does.
-#[derive(Default)]
-struct Mem {
-    series: Vec<(u64, SeriesLabels)>,
-    windows: BTreeMap<(Resolution, u64, i64), Histogram>,
+/// The shared in-memory store, recorded one span at a time.
+type Mem = MemoryStore;
+
+trait Span {
+    fn span(&mut self, service: &str, operation: &str, status: Status, t: i64, nanos: u64);
 }
 
-impl Mem {
-    fn record(&mut self, service: &str, operation: &str, status: Status, t: i64, nanos: u64) {
+impl Span for MemoryStore {
+    fn span(&mut self, service: &str, operation: &str, status: Status, t: i64, nanos: u64) {
         let labels = SeriesLabels { service: service.into(), operation: operation.into(), status };
-        let id = labels.id();
-        if !self.series.iter().any(|(i, _)| *i == id) {
-            self.series.push((id, labels));
-        }
-        for res in Resolution::ALL {
-            self.windows
-                .entry((res, id, res.align(t)))
-                .or_insert_with(|| Histogram::new(Layout::default()))
-                .record(nanos, 1);
-        }
-    }
-}
-
-impl Source for Mem {
-    fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
-        Ok(self.series.clone())
-    }
-
-    fn windows(
-        &self,
-        res: Resolution,
-        series: u64,
-        start: i64,
-        end: i64,
-        f: &mut WindowFn<'_>,
-    ) -> Result<(), StoreError> {
-        for ((_, _, w), h) in self.windows.range((res, series, start)..(res, series, end)) {
-            f(*w, &h.to_bytes())
-                .map_err(|e| StoreError::Corrupt { what: "histogram", message: e.to_string() })?;
-        }
-        Ok(())
-    }
-
-    fn layout(&self) -> Layout {
-        Layout::default()
+        MemoryStore::record(self, labels, t, nanos, 1);
     }
 }
 
@@ -122,7 +90,7 @@ fn traffic() -> (Mem, BTreeMap<&'static str, Vec<u64>>) {
             _ => ("pareto", (10e6 / r.gen_range(1e-6f64..1.0).powf(1.0 / 1.1)) as u64),
         };
         let op = if i % 2 == 0 { "read" } else { "write" };
-        mem.record(service, op, Status::Ok, t, v);
+        mem.span(service, op, Status::Ok, t, v);
         raw.entry(service).or_default().push(v);
     }
     (mem, raw)
@@ -307,7 +275,7 @@ fn set_operators_match_many_to_many_per_step() {
 #[test]
 fn a_step_within_a_second_sees_the_window_that_began_in_that_second() {
     let mut mem = Mem::default();
-    mem.record("svc", "op", Status::Ok, NOW, 1_000_000);
+    mem.span("svc", "op", Status::Ok, NOW, 1_000_000);
     let expr = promql_parser::parser::parse("sum(increase(span_duration_seconds_count[1m]))").unwrap();
     let retention = RetentionConfig::default();
     let at = |ms: i64| {
@@ -440,7 +408,7 @@ fn three_hours() -> (Mem, Vec<(i64, u64)>) {
     let mut i: u64 = 0;
     while t < NOW {
         let nanos = 1_000_000 + (i * 7_919 % 997) * 1_000_000;
-        mem.record("api", "get", Status::Ok, t, nanos);
+        mem.span("api", "get", Status::Ok, t, nanos);
         spans.push((t, nanos));
         t += 7;
         i += 1;
