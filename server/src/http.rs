@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::clock::Clock;
 use crate::pipeline::Pipeline;
-use crate::query::{self, Plan, QueryError, SeriesFilter};
+use crate::query::{self, QueryError, RangePlan, SeriesFilter};
 
 use crate::store::RetentionConfig;
 use crate::store::Store;
@@ -140,13 +140,14 @@ async fn tail_body(s: &AppState, params: &HashMap<String, String>) -> Result<Val
     }
     let filter =
         SeriesFilter { service: params.get("service").cloned(), operation: params.get("operation").cloned() };
-    let plan = Plan::for_range(start.floor() as i64, end.ceil() as i64, now as i64, &s.retention);
+    let plan = RangePlan::new(start.floor() as i64, end.ceil() as i64, now as i64, &s.retention);
     let store = s.store.clone();
     // Within the query timeout, and cancelled when the client leaves (the guard is dropped
     // with this future).
     let budget = query::Budget::new(std::time::Instant::now() + s.query.timeout);
     let _cancel = budget.cancel_on_drop();
-    let rows = tokio::task::spawn_blocking(move || query::merged_series(&store, &filter, plan, &budget))
+    let (resolution, covered) = (plan.coarsest(), (plan.start, plan.end));
+    let rows = tokio::task::spawn_blocking(move || query::merged_series(&store, &filter, &plan, &budget))
         .await
         .map_err(|e| QueryError::BadData(format!("query task failed: {e}")))??;
     let secs = |ns: Option<u64>| ns.map(|v| v as f64 / 1e9);
@@ -171,9 +172,9 @@ async fn tail_body(s: &AppState, params: &HashMap<String, String>) -> Result<Val
         })
         .collect();
     Ok(json!({
-        "resolution": plan.resolution.name(),
-        "start": plan.start,
-        "end": plan.end,
+        "resolution": resolution.name(),
+        "start": covered.0,
+        "end": covered.1,
         "series": series,
     }))
 }

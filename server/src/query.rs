@@ -3,7 +3,10 @@
 
 pub mod exemplars;
 pub mod labels;
+pub mod plan;
 pub mod promql;
+
+pub use plan::RangePlan;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,8 +17,7 @@ use tailscope_proto::histogram::Histogram;
 use promql::EvalError;
 
 use crate::series::SeriesLabels;
-use crate::store::RetentionConfig;
-use crate::store::{Resolution, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// What one request may spend: a deadline, and a flag its handler sets when the client leaves.
 #[derive(Debug, Clone)]
@@ -58,9 +60,6 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// The most windows per series a range may be read at before a coarser resolution is used.
-pub const MAX_WINDOWS_PER_SERIES: i64 = 2_000;
-
 /// Errors of a query.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -95,36 +94,6 @@ impl SeriesFilter {
     }
 }
 
-/// The windows a range is read at: `[start, end)` widened to whole windows of `resolution`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Plan {
-    /// The resolution read.
-    pub resolution: Resolution,
-    /// First second covered.
-    pub start: i64,
-    /// End (exclusive) of the covered range.
-    pub end: i64,
-}
-
-impl Plan {
-    /// The finest resolution still retained at `start` that reads at most
-    /// [`MAX_WINDOWS_PER_SERIES`] windows per series.
-    pub fn for_range(start: i64, end: i64, now: i64, retention: &RetentionConfig) -> Plan {
-        let mut chosen = Resolution::H1;
-        for res in Resolution::ALL {
-            let retained = start >= now - res.retention(retention);
-            let windows = (end - start) / res.seconds();
-            if retained && windows <= MAX_WINDOWS_PER_SERIES {
-                chosen = res;
-                break;
-            }
-        }
-        let step = chosen.seconds();
-        let aligned_end = (end + step - 1).div_euclid(step) * step;
-        Plan { resolution: chosen, start: chosen.align(start), end: aligned_end }
-    }
-}
-
 /// One series' merged histogram over a range.
 #[derive(Debug)]
 pub struct SeriesHistogram {
@@ -134,12 +103,12 @@ pub struct SeriesHistogram {
     pub histogram: Histogram,
 }
 
-/// Merges, per series passing `filter`, every window of `plan`, within `budget` (checked per
+/// Merges, per series passing `filter`, every window `plan` reads, within `budget` (checked per
 /// series). Series without data in the range are left out. Sorted by labels.
 pub fn merged_series(
     store: &Store,
     filter: &SeriesFilter,
-    plan: Plan,
+    plan: &RangePlan,
     budget: &Budget,
 ) -> Result<Vec<SeriesHistogram>, QueryError> {
     let mut out = Vec::new();
@@ -148,7 +117,9 @@ pub fn merged_series(
     for (id, labels) in series {
         budget.check("merging series").map_err(|e| QueryError::Limit(e.to_string()))?;
         let mut merged = Histogram::new(store.layout());
-        store.for_each_window(plan.resolution, id, plan.start, plan.end, |_, h| merged.merge(&h))?;
+        for &(res, lo, hi) in &plan.reads {
+            store.for_each_window(res, id, lo, hi, |_, h| merged.merge(&h))?;
+        }
         if !merged.is_empty() {
             out.push(SeriesHistogram { labels, histogram: merged });
         }
@@ -182,24 +153,26 @@ pub fn parse_time(name: &str, value: &str) -> Result<f64, QueryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Resolution, RetentionConfig};
 
     #[test]
-    fn plan_prefers_the_finest_retained_resolution() {
+    fn a_range_is_read_exactly_at_the_coarsest_resolution_that_fits() {
         let r = RetentionConfig::default();
         let now = 1_800_000_000;
-        let p = Plan::for_range(now - 3600, now, now, &r);
-        assert_eq!(p.resolution, Resolution::S10);
-        // A month is read from hours (10 s is not retained that long, and minutes are too many).
-        let p = Plan::for_range(now - 30 * 86_400, now, now, &r);
-        assert_eq!(p.resolution, Resolution::H1);
-        // A day that ended before the 10-second retention is read from minutes; unaligned
-        // ranges widen to whole windows.
-        let (start, end) = (now - 3 * 86_400 + 7, now - 2 * 86_400 - 7);
-        let p = Plan::for_range(start, end, now, &r);
-        assert_eq!(p.resolution, Resolution::M1);
-        assert_eq!((p.start % 60, p.end % 60), (0, 0));
-        assert!(p.start <= start && p.start > start - 60);
-        assert!(p.end >= end && p.end < end + 60);
+        // An hour: whole minutes inside, 10-second edges.
+        let p = RangePlan::new(now - 3600 - 25, now - 25, now, &r);
+        assert_eq!(p.levels, [Resolution::S10, Resolution::M1]);
+        assert_eq!((p.start, p.end), (now - 3600 - 20, now - 20));
+        let seconds: i64 = p.reads.iter().map(|(_, lo, hi)| hi - lo).sum();
+        assert_eq!(seconds, 3600);
+        // A month: 10 s is not retained that long; hours inside, minutes at the edges.
+        let p = RangePlan::new(now - 30 * 86_400 + 90, now, now, &r);
+        assert_eq!(p.levels, [Resolution::M1, Resolution::H1]);
+        assert_eq!(p.coarsest(), Resolution::H1);
+        assert_eq!((p.start, p.end), (now - 30 * 86_400 + 120, now));
+        assert!(p.reads.iter().all(|(res, lo, hi)| lo % res.seconds() == 0 && hi % res.seconds() == 0));
+        let seconds: i64 = p.reads.iter().map(|(_, lo, hi)| hi - lo).sum();
+        assert_eq!(seconds, p.end - p.start);
     }
 
     #[test]

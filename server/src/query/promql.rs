@@ -18,15 +18,13 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use promql_parser::label::{MatchOp, Matcher};
-use promql_parser::parser::{
-    AggregateExpr, BinaryExpr, Call, Expr, LabelModifier, MatrixSelector, Offset, VectorMatchCardinality,
-    VectorSelector,
-};
+use promql_parser::parser::{Expr, Offset, VectorSelector};
 use tailscope_proto::histogram::{Checked, Histogram};
 
+use crate::query::plan;
 use crate::series::SeriesLabels;
 use crate::store::RetentionConfig;
-use crate::store::{Resolution, StoreError};
+use crate::store::StoreError;
 
 /// The histogram's base name.
 pub const METRIC: &str = "span_duration_seconds";
@@ -387,100 +385,6 @@ impl<'a> Engine<'a> {
         Ok(Value::Vector(Vec::new()))
     }
 
-    fn call(&self, call: &Call) -> Result<Value, EvalError> {
-        let name = call.func.name;
-        let args = &call.args.args;
-        match name {
-            "rate" | "increase" => {
-                let Some(Expr::MatrixSelector(ms)) = args.first().map(|a| a.as_ref()) else {
-                    return unsupported(format!(
-                        "{name}() needs a range vector selector such as {COUNT}[5m]"
-                    ));
-                };
-                self.range_function(name == "rate", ms)
-            }
-            "histogram_quantile" => {
-                let (Some(phi), Some(hist)) = (args.first(), args.get(1)) else {
-                    return unsupported("histogram_quantile() needs two arguments");
-                };
-                let phi = match self.eval(phi)? {
-                    Value::Scalar(v) => v,
-                    _ => return unsupported("histogram_quantile()'s first argument must be a scalar"),
-                };
-                match self.eval(hist)? {
-                    Value::Hist(h) => self.quantiles(&phi, &h),
-                    Value::Vector(v) if v.is_empty() => Ok(Value::Vector(v)),
-                    _ => unsupported(format!(
-                        "histogram_quantile() is computed from tailscope's histograms: its second argument must be rate() or increase() of {BUCKET}, optionally summed by (le, …)"
-                    )),
-                }
-            }
-            other => unsupported(format!("function {other}() is not supported")),
-        }
-    }
-
-    fn range_function(&self, per_second: bool, ms: &MatrixSelector) -> Result<Value, EvalError> {
-        let range = i64::try_from(ms.range.as_secs()).unwrap_or(i64::MAX);
-        if range < 1 || ms.range.subsec_nanos() != 0 {
-            return unsupported("range durations must be whole seconds of at least 1s");
-        }
-        let offset = match &ms.vs.offset {
-            None => 0,
-            Some(Offset::Pos(d)) => d.as_secs() as i64,
-            Some(Offset::Neg(d)) => -(d.as_secs() as i64),
-        };
-        let sel = self.select(&ms.vs)?;
-        let mut out = Vec::new();
-        let [bucket, count, sum] = sel.names;
-        let base = |l: &SeriesLabels| -> Labels {
-            ["service", "operation", "status"]
-                .into_iter()
-                .filter_map(|k| l.get(k).map(|v| (k.to_owned(), v.to_owned())))
-                .collect()
-        };
-        if count || sum {
-            for (id, labels) in &sel.series {
-                let group = HistGroup { labels: base(labels), members: vec![*id] };
-                let mut counts = vec![None; self.steps.len()];
-                let mut sums = vec![None; self.steps.len()];
-                self.slide(&group, range, offset, |i, acc| {
-                    let scale = if per_second { range as f64 } else { 1.0 };
-                    counts[i] = Some(acc.count() as f64 / scale);
-                    sums[i] = Some(acc.sum() as f64 / 1e9 / scale);
-                })?;
-                for (wanted, values) in [(count, counts), (sum, sums)] {
-                    if wanted {
-                        out.push(Series { labels: group.labels.clone(), values });
-                    }
-                }
-            }
-        }
-        let groups: Vec<HistGroup> =
-            sel.series.iter().map(|(id, l)| HistGroup { labels: base(l), members: vec![*id] }).collect();
-        let hist = HistValue { groups, le: sel.le, le_kept: true, range, offset, per_second };
-        if bucket && !count && !sum {
-            return Ok(Value::Hist(hist));
-        }
-        if bucket {
-            out.extend(self.materialize(Value::Hist(hist))?);
-        }
-        Ok(Value::Vector(out))
-    }
-
-    /// The resolutions a range of `range` seconds starting at `from` is read at, finest
-    /// first: every one retained at `from` up to the coarsest that still has at least five
-    /// windows per range and no more than one per step (coarser reads fewer windows; the finer
-    /// ones read the range's edges).
-    fn levels(&self, range: i64, from: i64) -> Vec<Resolution> {
-        let step = self.steps.step / 1000;
-        let retained = |r: Resolution| from >= self.now - r.retention(self.retention);
-        let fits = |r: Resolution| r.seconds() * 5 <= range && (step == 0 || r.seconds() <= step);
-        let available: Vec<Resolution> = Resolution::ALL.into_iter().filter(|&r| retained(r)).collect();
-        let Some(&finest) = available.first() else { return vec![Resolution::H1] };
-        let coarsest = available.iter().rev().find(|&&r| fits(r)).copied().unwrap_or(finest);
-        available.into_iter().filter(|r| r.seconds() <= coarsest.seconds()).collect()
-    }
-
     /// Runs sliding sums over a group's windows: `f(step, acc)` is called for every step whose
     /// range (the 10 s windows starting in `[t - range, t)`, t in seconds rounded up, offset
     /// applied) holds any window. Coarse rollups are read only for whole coarse windows inside
@@ -497,7 +401,7 @@ impl<'a> Engine<'a> {
         // 12:00:00.420 sees the window that started at 12:00:00).
         let ends: Vec<i64> = self.steps.times().iter().map(|t| (t + 999).div_euclid(1000) - offset).collect();
         let Some(&first) = ends.first() else { return Ok(()) };
-        let levels = self.levels(range, first - range);
+        let levels = plan::levels(range, self.steps.step / 1000, first - range, self.now, self.retention);
         let seconds: Vec<i64> = levels.iter().map(|r| r.seconds()).collect();
         let step_pieces: Vec<Vec<plan::Piece>> =
             ends.iter().map(|&t| plan::pieces(&seconds, t - range, t)).collect();
@@ -576,29 +480,6 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    fn quantiles(&self, phi: &[f64], h: &HistValue) -> Result<Value, EvalError> {
-        let mut out = Vec::with_capacity(h.groups.len());
-        for g in &h.groups {
-            let mut values = vec![None; self.steps.len()];
-            self.slide(g, h.range, h.offset, |i, acc| {
-                let q = phi[i];
-                values[i] = Some(if q.is_nan() {
-                    f64::NAN
-                } else if q < 0.0 {
-                    f64::NEG_INFINITY
-                } else if q > 1.0 {
-                    f64::INFINITY
-                } else {
-                    acc.quantile(q).map_or(f64::NAN, |ns| ns as f64 / 1e9)
-                });
-            })?;
-            if values.iter().any(Option::is_some) {
-                out.push(Series { labels: g.labels.clone(), values });
-            }
-        }
-        Ok(Value::Vector(out))
-    }
-
     /// The value with histograms turned into bucket series (for answers).
     pub fn materialized(&self, v: Value) -> Result<Value, EvalError> {
         match v {
@@ -647,305 +528,6 @@ impl<'a> Engine<'a> {
             }
         }
     }
-
-    fn aggregate(&self, agg: &AggregateExpr) -> Result<Value, EvalError> {
-        let op = agg.op.to_string();
-        let inner = self.eval(&agg.expr)?;
-        let keep_le = match &agg.modifier {
-            Some(LabelModifier::Include(l)) => l.labels.iter().any(|x| x == "le"),
-            Some(LabelModifier::Exclude(l)) => !l.labels.iter().any(|x| x == "le"),
-            None => false,
-        };
-        if let (Value::Hist(h), "sum") = (&inner, op.as_str()) {
-            // Summing bucket series keeps them histograms: merge the groups' members.
-            let mut merged: BTreeMap<Labels, Vec<u64>> = BTreeMap::new();
-            for g in &h.groups {
-                let key = group_labels(&g.labels, agg.modifier.as_ref());
-                merged.entry(key).or_default().extend(&g.members);
-            }
-            let Value::Hist(h) = inner else { unreachable!("matched above") };
-            let groups = merged.into_iter().map(|(labels, members)| HistGroup { labels, members }).collect();
-            return Ok(Value::Hist(HistValue { groups, le_kept: h.le_kept && keep_le, ..h }));
-        }
-        let series = self.materialize(inner)?;
-        let n = self.steps.len();
-        match op.as_str() {
-            "topk" | "bottomk" => {
-                let k = match agg.param.as_deref().map(|p| self.eval(p)).transpose()? {
-                    Some(Value::Scalar(v)) => v,
-                    _ => return unsupported(format!("{op}() needs a scalar parameter")),
-                };
-                let mut groups: BTreeMap<Labels, Vec<usize>> = BTreeMap::new();
-                for (i, s) in series.iter().enumerate() {
-                    groups.entry(group_labels(&s.labels, agg.modifier.as_ref())).or_default().push(i);
-                }
-                let mut out: Vec<Series> = series
-                    .iter()
-                    .map(|s| Series { labels: s.labels.clone(), values: vec![None; n] })
-                    .collect();
-                for members in groups.values() {
-                    for (step, &kk) in k.iter().enumerate() {
-                        if kk.is_nan() || kk < 1.0 {
-                            continue;
-                        }
-                        let mut present: Vec<(usize, f64)> =
-                            members.iter().filter_map(|&i| series[i].values[step].map(|v| (i, v))).collect();
-                        present.sort_by(|a, b| {
-                            let o = a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal);
-                            if op == "topk" {
-                                o.reverse()
-                            } else {
-                                o
-                            }
-                        });
-                        for &(i, v) in present.iter().take(kk as usize) {
-                            out[i].values[step] = Some(v);
-                        }
-                    }
-                }
-                out.retain(|s| s.values.iter().any(Option::is_some));
-                Ok(Value::Vector(out))
-            }
-            "sum" | "avg" | "min" | "max" | "count" => {
-                if agg.param.is_some() {
-                    return unsupported(format!("{op}() takes no parameter"));
-                }
-                let mut groups: BTreeMap<Labels, Vec<usize>> = BTreeMap::new();
-                for (i, s) in series.iter().enumerate() {
-                    groups.entry(group_labels(&s.labels, agg.modifier.as_ref())).or_default().push(i);
-                }
-                let mut out = Vec::with_capacity(groups.len());
-                for (labels, members) in groups {
-                    let values = (0..n)
-                        .map(|step| {
-                            let vals: Vec<f64> =
-                                members.iter().filter_map(|&i| series[i].values[step]).collect();
-                            if vals.is_empty() {
-                                return None;
-                            }
-                            Some(match op.as_str() {
-                                "sum" => vals.iter().sum(),
-                                "avg" => vals.iter().sum::<f64>() / vals.len() as f64,
-                                "min" => vals.iter().copied().fold(f64::INFINITY, f64::min),
-                                "max" => vals.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-                                _ => vals.len() as f64,
-                            })
-                        })
-                        .collect();
-                    out.push(Series { labels, values });
-                }
-                out.retain(|s| s.values.iter().any(Option::is_some));
-                Ok(Value::Vector(out))
-            }
-            other => unsupported(format!("aggregation {other}() is not supported")),
-        }
-    }
-
-    fn binary(&self, bin: &BinaryExpr) -> Result<Value, EvalError> {
-        let op = bin.op.to_string();
-        if bin.op.is_set_operator() {
-            return self.set_operation(&op, bin);
-        }
-        let Some(f) = arithmetic(&op) else {
-            return unsupported(format!("binary operator {op} is not supported"));
-        };
-        let comparison = bin.op.is_comparison_operator();
-        let return_bool = bin.modifier.as_ref().is_some_and(|m| m.return_bool);
-        let lhs = self.eval(&bin.lhs)?;
-        let rhs = self.eval(&bin.rhs)?;
-        let apply = |a: f64, b: f64, keep: f64| -> Option<f64> {
-            let r = f(a, b);
-            if !comparison || return_bool {
-                Some(r)
-            } else if r == 1.0 {
-                Some(keep)
-            } else {
-                None
-            }
-        };
-        let scalar_vector = |k: Vec<f64>, other: Value, scalar_left: bool| {
-            let mut series = self.materialize(other)?;
-            for s in &mut series {
-                if !comparison || return_bool {
-                    s.labels.remove("__name__");
-                }
-                for (i, v) in s.values.iter_mut().enumerate() {
-                    // A filtering comparison keeps the vector's own value.
-                    *v = v.and_then(|y| if scalar_left { apply(k[i], y, y) } else { apply(y, k[i], y) });
-                }
-            }
-            Ok(Value::Vector(series))
-        };
-        match (lhs, rhs) {
-            (Value::Scalar(a), Value::Scalar(b)) => {
-                if comparison && !return_bool {
-                    return unsupported("comparisons between scalars must use the bool modifier");
-                }
-                Ok(Value::Scalar(a.iter().zip(&b).map(|(&x, &y)| f(x, y)).collect()))
-            }
-            (Value::Str(_), _) | (_, Value::Str(_)) => {
-                unsupported("binary operators on strings are not supported")
-            }
-            (Value::Scalar(k), other) => scalar_vector(k, other, true),
-            (other, Value::Scalar(k)) => scalar_vector(k, other, false),
-            (l, r) => {
-                let modifier = bin.modifier.as_ref();
-                if modifier.is_some_and(|m| m.card != VectorMatchCardinality::OneToOne) {
-                    return unsupported("group_left and group_right are not supported");
-                }
-                let matching = modifier.and_then(|m| m.matching.as_ref());
-                let (l, r) = (self.materialize(l)?, self.materialize(r)?);
-                let mut right: BTreeMap<Labels, &Series> = BTreeMap::new();
-                for s in &r {
-                    if right.insert(signature(&s.labels, matching), s).is_some() {
-                        return Err(EvalError::Execution(
-                            "found duplicate series for the match group on the right hand-side of the operation; many-to-many matching not allowed: matching labels must be unique on one side".into(),
-                        ));
-                    }
-                }
-                let mut seen = std::collections::BTreeSet::new();
-                let mut out = Vec::new();
-                for s in &l {
-                    let sig = signature(&s.labels, matching);
-                    let Some(other) = right.get(&sig) else { continue };
-                    if !seen.insert(sig) {
-                        return Err(EvalError::Execution(
-                            "found duplicate series for the match group on the left hand-side of the operation; many-to-many matching not allowed: matching labels must be unique on one side".into(),
-                        ));
-                    }
-                    let values = s
-                        .values
-                        .iter()
-                        .zip(&other.values)
-                        .map(|(a, b)| match (a, b) {
-                            (Some(x), Some(y)) => apply(*x, *y, *x),
-                            _ => None,
-                        })
-                        .collect();
-                    let mut labels = s.labels.clone();
-                    if !comparison || return_bool {
-                        labels.remove("__name__");
-                    }
-                    match matching {
-                        Some(LabelModifier::Include(on)) => labels.retain(|k, _| on.labels.contains(k)),
-                        Some(LabelModifier::Exclude(ign)) => labels.retain(|k, _| !ign.labels.contains(k)),
-                        None => {}
-                    }
-                    out.push(Series { labels, values });
-                }
-                out.retain(|s| s.values.iter().any(Option::is_some));
-                Ok(Value::Vector(out))
-            }
-        }
-    }
-}
-
-impl Engine<'_> {
-    /// `and`, `or`, `unless`: many-to-many, step by step, matched on all labels but the name
-    /// (or on/ignoring).
-    fn set_operation(&self, op: &str, bin: &BinaryExpr) -> Result<Value, EvalError> {
-        let matching = bin.modifier.as_ref().and_then(|m| m.matching.as_ref());
-        let (l, r) = (self.eval(&bin.lhs)?, self.eval(&bin.rhs)?);
-        if [&l, &r].iter().any(|v| matches!(v, Value::Scalar(_) | Value::Str(_))) {
-            return unsupported(format!("set operator {op} not allowed in binary scalar expression"));
-        }
-        let (l, r) = (self.materialize(l)?, self.materialize(r)?);
-        // Per match signature, the steps at which that side has a sample.
-        let presence = |side: &[Series]| {
-            let mut p: BTreeMap<Labels, Vec<bool>> = BTreeMap::new();
-            for s in side {
-                let steps =
-                    p.entry(signature(&s.labels, matching)).or_insert_with(|| vec![false; s.values.len()]);
-                for (present, v) in steps.iter_mut().zip(&s.values) {
-                    *present |= v.is_some();
-                }
-            }
-            p
-        };
-        let mask = |mut s: Series, p: Option<&Vec<bool>>, keep_where_present: bool| {
-            for (i, v) in s.values.iter_mut().enumerate() {
-                let present = p.is_some_and(|p| p[i]);
-                if present != keep_where_present {
-                    *v = None;
-                }
-            }
-            s.values.iter().any(Option::is_some).then_some(s)
-        };
-        let out: Vec<Series> = match op {
-            // The left side where the right has a sample (and), or where it has none (unless).
-            "and" | "unless" => {
-                let rp = presence(&r);
-                let keep_where_present = op == "and";
-                l.into_iter()
-                    .filter_map(|s| {
-                        let p = rp.get(&signature(&s.labels, matching));
-                        mask(s, p, keep_where_present)
-                    })
-                    .collect()
-            }
-            _ => {
-                let lp = presence(&l);
-                let extra: Vec<Series> = r
-                    .into_iter()
-                    .filter_map(|s| {
-                        let p = lp.get(&signature(&s.labels, matching));
-                        mask(s, p, false)
-                    })
-                    .collect();
-                l.into_iter().chain(extra).collect()
-            }
-        };
-        Ok(Value::Vector(out))
-    }
-}
-
-/// The labels a series is grouped by under `by (…)` / `without (…)`.
-fn group_labels(labels: &Labels, modifier: Option<&LabelModifier>) -> Labels {
-    match modifier {
-        None => Labels::new(),
-        Some(LabelModifier::Include(by)) => labels
-            .iter()
-            .filter(|(k, _)| by.labels.contains(k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        Some(LabelModifier::Exclude(without)) => labels
-            .iter()
-            .filter(|(k, _)| *k != "__name__" && !without.labels.contains(k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    }
-}
-
-/// The labels two series are matched on in a vector-vector operation.
-fn signature(labels: &Labels, matching: Option<&LabelModifier>) -> Labels {
-    labels
-        .iter()
-        .filter(|(k, _)| match matching {
-            Some(LabelModifier::Include(on)) => on.labels.contains(k),
-            Some(LabelModifier::Exclude(ign)) => *k != "__name__" && !ign.labels.contains(k),
-            None => *k != "__name__",
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
-}
-
-/// The function of an arithmetic or comparison operator; comparisons yield 1 or 0.
-fn arithmetic(op: &str) -> Option<fn(f64, f64) -> f64> {
-    Some(match op {
-        "+" => |a, b| a + b,
-        "-" => |a, b| a - b,
-        "*" => |a, b| a * b,
-        "/" => |a, b| a / b,
-        "%" => |a, b| a % b,
-        "^" => f64::powf,
-        "==" => |a, c| if a == c { 1.0 } else { 0.0 },
-        "!=" => |a, c| if a != c { 1.0 } else { 0.0 },
-        ">" => |a, c| if a > c { 1.0 } else { 0.0 },
-        "<" => |a, c| if a < c { 1.0 } else { 0.0 },
-        ">=" => |a, c| if a >= c { 1.0 } else { 0.0 },
-        "<=" => |a, c| if a <= c { 1.0 } else { 0.0 },
-        _ => return None,
-    })
 }
 
 /// The `le` bounds a matcher selects: an equality names exactly one bound (any number); other
@@ -982,7 +564,8 @@ pub fn format_value(v: f64) -> String {
 }
 
 mod depth;
-mod plan;
+mod functions;
+mod operators;
 
 #[cfg(test)]
 mod tests;

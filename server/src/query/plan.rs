@@ -1,4 +1,6 @@
-//! Which windows of which resolution make up the range of each step.
+//! The one resolution policy: which resolutions a range is read at ([`levels`]), and which
+//! windows of each make up the range of each step ([`pieces`]) — for PromQL's steps and the
+//! `tail` endpoint's one range alike.
 //!
 //! A step at `t` with range `r` covers the 10 s windows that start in `[t − r, t)` (`t` rounded
 //! up to whole seconds, so a window that began in the step's own second counts). Coarse
@@ -17,6 +19,8 @@
 
 use tailscope_proto::histogram::{Checked, Histogram, Layout};
 
+use crate::store::{Resolution, RetentionConfig};
+
 #[cfg(test)]
 mod tests;
 
@@ -29,6 +33,53 @@ pub struct Piece {
     pub lo: i64,
     /// First window start no longer included.
     pub hi: i64,
+}
+
+/// The resolutions a range of `range` seconds starting at `from` is read at, finest first:
+/// every one still retained at `from`, up to the coarsest that has at least five windows in the
+/// range and (for steps `step` seconds apart; 0 for a single range) no more than one per step.
+/// Coarser reads fewer windows; the finer ones read the range's edges ([`pieces`]).
+pub fn levels(range: i64, step: i64, from: i64, now: i64, retention: &RetentionConfig) -> Vec<Resolution> {
+    let retained = |r: Resolution| from >= now - r.retention(retention);
+    let fits = |r: Resolution| r.seconds() * 5 <= range && (step == 0 || r.seconds() <= step);
+    let available: Vec<Resolution> = Resolution::ALL.into_iter().filter(|&r| retained(r)).collect();
+    let Some(&finest) = available.first() else { return vec![Resolution::H1] };
+    let coarsest = available.iter().rev().find(|&&r| fits(r)).copied().unwrap_or(finest);
+    available.into_iter().filter(|r| r.seconds() <= coarsest.seconds()).collect()
+}
+
+/// How one range `[start, end)` (seconds) is read: its levels, and the intervals of window
+/// starts read at each, together exactly the range on the finest level's grid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangePlan {
+    /// The resolutions read, finest first.
+    pub levels: Vec<Resolution>,
+    /// Per level, `[lo, hi)` of window starts (empty intervals left out).
+    pub reads: Vec<(Resolution, i64, i64)>,
+    /// First second covered (the start rounded up to the finest grid).
+    pub start: i64,
+    /// End (exclusive) of the covered range.
+    pub end: i64,
+}
+
+impl RangePlan {
+    /// The plan of `[start, end)` read at `now`.
+    pub fn new(start: i64, end: i64, now: i64, retention: &RetentionConfig) -> RangePlan {
+        let levels = levels(end - start, 0, start, now, retention);
+        let seconds: Vec<i64> = levels.iter().map(|r| r.seconds()).collect();
+        let all = pieces(&seconds, start, end);
+        let reads = all.iter().filter(|p| p.lo < p.hi).map(|p| (levels[p.level], p.lo, p.hi)).collect();
+        let (start, end) = match (all.iter().map(|p| p.lo).min(), all.iter().map(|p| p.hi).max()) {
+            (Some(lo), Some(hi)) => (lo, hi),
+            _ => (start, start),
+        };
+        RangePlan { levels, reads, start, end }
+    }
+
+    /// The coarsest resolution read.
+    pub fn coarsest(&self) -> Resolution {
+        self.levels.last().copied().unwrap_or(Resolution::H1)
+    }
 }
 
 fn ceil_to(x: i64, step: i64) -> i64 {

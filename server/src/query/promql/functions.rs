@@ -1,0 +1,112 @@
+//! PromQL functions: `rate`/`increase` over the windows of a range, `histogram_quantile` from
+//! merged histograms. A new function is a match arm in [`Engine::call`] and its evaluation
+//! here.
+
+use promql_parser::parser::{Call, Expr, MatrixSelector};
+
+use super::*;
+
+impl Engine<'_> {
+    pub(super) fn call(&self, call: &Call) -> Result<Value, EvalError> {
+        let name = call.func.name;
+        let args = &call.args.args;
+        match name {
+            "rate" | "increase" => {
+                let Some(Expr::MatrixSelector(ms)) = args.first().map(|a| a.as_ref()) else {
+                    return unsupported(format!(
+                        "{name}() needs a range vector selector such as {COUNT}[5m]"
+                    ));
+                };
+                self.range_function(name == "rate", ms)
+            }
+            "histogram_quantile" => {
+                let (Some(phi), Some(hist)) = (args.first(), args.get(1)) else {
+                    return unsupported("histogram_quantile() needs two arguments");
+                };
+                let phi = match self.eval(phi)? {
+                    Value::Scalar(v) => v,
+                    _ => return unsupported("histogram_quantile()'s first argument must be a scalar"),
+                };
+                match self.eval(hist)? {
+                    Value::Hist(h) => self.quantiles(&phi, &h),
+                    Value::Vector(v) if v.is_empty() => Ok(Value::Vector(v)),
+                    _ => unsupported(format!(
+                        "histogram_quantile() is computed from tailscope's histograms: its second argument must be rate() or increase() of {BUCKET}, optionally summed by (le, …)"
+                    )),
+                }
+            }
+            other => unsupported(format!("function {other}() is not supported")),
+        }
+    }
+
+    pub(super) fn range_function(&self, per_second: bool, ms: &MatrixSelector) -> Result<Value, EvalError> {
+        let range = i64::try_from(ms.range.as_secs()).unwrap_or(i64::MAX);
+        if range < 1 || ms.range.subsec_nanos() != 0 {
+            return unsupported("range durations must be whole seconds of at least 1s");
+        }
+        let offset = match &ms.vs.offset {
+            None => 0,
+            Some(Offset::Pos(d)) => d.as_secs() as i64,
+            Some(Offset::Neg(d)) => -(d.as_secs() as i64),
+        };
+        let sel = self.select(&ms.vs)?;
+        let mut out = Vec::new();
+        let [bucket, count, sum] = sel.names;
+        let base = |l: &SeriesLabels| -> Labels {
+            ["service", "operation", "status"]
+                .into_iter()
+                .filter_map(|k| l.get(k).map(|v| (k.to_owned(), v.to_owned())))
+                .collect()
+        };
+        if count || sum {
+            for (id, labels) in &sel.series {
+                let group = HistGroup { labels: base(labels), members: vec![*id] };
+                let mut counts = vec![None; self.steps.len()];
+                let mut sums = vec![None; self.steps.len()];
+                self.slide(&group, range, offset, |i, acc| {
+                    let scale = if per_second { range as f64 } else { 1.0 };
+                    counts[i] = Some(acc.count() as f64 / scale);
+                    sums[i] = Some(acc.sum() as f64 / 1e9 / scale);
+                })?;
+                for (wanted, values) in [(count, counts), (sum, sums)] {
+                    if wanted {
+                        out.push(Series { labels: group.labels.clone(), values });
+                    }
+                }
+            }
+        }
+        let groups: Vec<HistGroup> =
+            sel.series.iter().map(|(id, l)| HistGroup { labels: base(l), members: vec![*id] }).collect();
+        let hist = HistValue { groups, le: sel.le, le_kept: true, range, offset, per_second };
+        if bucket && !count && !sum {
+            return Ok(Value::Hist(hist));
+        }
+        if bucket {
+            out.extend(self.materialize(Value::Hist(hist))?);
+        }
+        Ok(Value::Vector(out))
+    }
+
+    pub(super) fn quantiles(&self, phi: &[f64], h: &HistValue) -> Result<Value, EvalError> {
+        let mut out = Vec::with_capacity(h.groups.len());
+        for g in &h.groups {
+            let mut values = vec![None; self.steps.len()];
+            self.slide(g, h.range, h.offset, |i, acc| {
+                let q = phi[i];
+                values[i] = Some(if q.is_nan() {
+                    f64::NAN
+                } else if q < 0.0 {
+                    f64::NEG_INFINITY
+                } else if q > 1.0 {
+                    f64::INFINITY
+                } else {
+                    acc.quantile(q).map_or(f64::NAN, |ns| ns as f64 / 1e9)
+                });
+            })?;
+            if values.iter().any(Option::is_some) {
+                out.push(Series { labels: g.labels.clone(), values });
+            }
+        }
+        Ok(Value::Vector(out))
+    }
+}
