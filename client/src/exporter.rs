@@ -7,14 +7,15 @@
 //! batches in seq order, and reads acknowledgements. A new stream resends every unacknowledged
 //! batch with its original seq, so the server counts each exactly once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message;
+use tailscope_proto::batch::BatchBuilder;
 use tailscope_proto::v1::ingest_client::IngestClient;
-use tailscope_proto::v1::{HistogramDelta, IngestReply, SeriesGroup, SeriesKey, Span, SpanBatch, SpanStatus};
+use tailscope_proto::v1::{HistogramDelta, IngestReply, SeriesKey, Span, SpanBatch, SpanStatus};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
@@ -64,20 +65,13 @@ struct Waiter {
     reply: oneshot::Sender<Result<(), ExportError>>,
 }
 
-/// Spans of the batch being built, grouped by operation.
-#[derive(Default)]
-struct Builder {
-    index: HashMap<u32, usize>,
-    groups: Vec<(u32, Vec<Span>)>,
-    spans: usize,
-}
-
 pub(crate) struct Exporter {
     shared: Arc<Shared>,
     config: Config,
     client_id: u64,
     next_seq: u64,
-    builder: Builder,
+    /// Spans of the batch being built, grouped by operation id.
+    builder: BatchBuilder<u32>,
     unacked: VecDeque<Pending>,
     unacked_bytes: usize,
     conn: Option<Conn>,
@@ -106,7 +100,7 @@ impl Exporter {
             config,
             client_id,
             next_seq: 1,
-            builder: Builder::default(),
+            builder: BatchBuilder::new(),
             unacked: VecDeque::new(),
             unacked_bytes: 0,
             conn: None,
@@ -154,7 +148,7 @@ impl Exporter {
                 let done = self.everything_acked();
                 if done || now >= *deadline {
                     let unacked: u64 = self.unacked.iter().map(|p| p.spans).sum::<u64>()
-                        + self.builder.spans as u64
+                        + self.builder.len() as u64
                         + self.shared.fold.lock().spans();
                     self.shared.counters.drop(Drop::Unacked, unacked);
                     if let Some(reply) = reply.take() {
@@ -181,7 +175,12 @@ impl Exporter {
         while let Some(r) = self.shared.queue.pop() {
             drained += 1;
             match self.keeps(&r) {
-                Some(adjusted_count) if send => self.builder.push(&r, adjusted_count),
+                Some(adjusted_count) if send => {
+                    let (service, ops) = (&self.config.service, &self.shared.ops);
+                    let series =
+                        || SeriesKey { service: service.clone(), operation: ops.name(r.op).to_string() };
+                    self.builder.push(r.op, series, r.span(adjusted_count));
+                }
                 _ => {
                     let f = fold.get_or_insert_with(|| shared.fold.lock());
                     if f.add(&r) {
@@ -191,7 +190,7 @@ impl Exporter {
                     }
                 }
             }
-            if self.builder.spans >= self.config.max_batch_spans {
+            if self.builder.len() >= self.config.max_batch_spans {
                 drop(fold.take());
                 self.cut_batch(now, false);
             }
@@ -252,18 +251,13 @@ impl Exporter {
                 }
             }
         }
-        if self.builder.spans == 0 && deltas.is_empty() {
+        if self.builder.is_empty() && deltas.is_empty() {
             return;
         }
-        let spans = self.builder.spans as u64;
-        let groups = std::mem::take(&mut self.builder)
-            .groups
-            .into_iter()
-            .map(|(op, spans)| SeriesGroup { key: Some(self.key(op)), spans })
-            .collect();
+        let spans = self.builder.len() as u64;
         let seq = self.next_seq;
         self.next_seq += 1;
-        let batch = SpanBatch { client_id: self.client_id, seq, groups, deltas };
+        let batch = self.builder.finish(self.client_id, seq, deltas);
         let bytes = batch.encoded_len();
         self.unacked_bytes += bytes;
         self.shared.counters.unacked_bytes.store(self.unacked_bytes as u64, Ordering::Relaxed);
@@ -418,7 +412,7 @@ impl Exporter {
 
     fn everything_acked(&self) -> bool {
         self.shared.queue.is_empty()
-            && self.builder.spans == 0
+            && self.builder.is_empty()
             && self.unacked.is_empty()
             && self.shared.fold.lock().is_empty()
     }
@@ -447,25 +441,20 @@ impl Exporter {
     }
 }
 
-impl Builder {
-    fn push(&mut self, r: &Record, adjusted_count: f64) {
-        let groups = &mut self.groups;
-        let i = *self.index.entry(r.op).or_insert_with(|| {
-            groups.push((r.op, Vec::new()));
-            groups.len() - 1
-        });
-        self.groups[i].1.push(Span {
-            trace_id_high: r.trace_hi,
-            trace_id_low: r.trace_lo,
-            span_id: r.span_id,
-            parent_span_id: r.parent,
-            start_unix_nanos: r.start,
-            duration_nanos: r.duration,
-            status: r.status,
+impl Record {
+    /// The span this record stands for, counting for `adjusted_count` spans.
+    fn span(&self, adjusted_count: f64) -> Span {
+        Span {
+            trace_id_high: self.trace_hi,
+            trace_id_low: self.trace_lo,
+            span_id: self.span_id,
+            parent_span_id: self.parent,
+            start_unix_nanos: self.start,
+            duration_nanos: self.duration,
+            status: self.status,
             weight: 0,
             adjusted_count,
-        });
-        self.spans += 1;
+        }
     }
 }
 

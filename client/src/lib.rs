@@ -53,7 +53,6 @@ mod shared;
 #[cfg(feature = "tower")]
 pub mod tower;
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,7 +60,7 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 use parking_lot::Mutex;
 pub use tailscope_proto as proto;
-use tailscope_proto::v1::{SeriesGroup, SeriesKey, Span, SpanBatch, SpanStatus};
+use tailscope_proto::v1::{SeriesKey, Span, SpanBatch, SpanStatus};
 use tokio::sync::{mpsc, oneshot};
 
 pub use crate::backoff::Backoff;
@@ -521,53 +520,36 @@ impl Drop for SpanGuard<'_> {
 pub struct BatchBuilder {
     client_id: u64,
     next_seq: u64,
-    index: HashMap<(String, String), usize>,
-    groups: Vec<SeriesGroup>,
-    spans: usize,
+    groups: tailscope_proto::batch::BatchBuilder<(String, String)>,
 }
 
 impl BatchBuilder {
     /// A builder for client `client_id` (must not be 0), whose first batch gets seq 1.
     pub fn new(client_id: u64) -> BatchBuilder {
-        BatchBuilder { client_id, next_seq: 1, index: HashMap::new(), groups: Vec::new(), spans: 0 }
+        BatchBuilder { client_id, next_seq: 1, groups: Default::default() }
     }
 
     /// Adds a span of series `{service, operation}`.
     pub fn push(&mut self, service: &str, operation: &str, span: Span) {
-        let groups = &mut self.groups;
-        let i = *self.index.entry((service.to_owned(), operation.to_owned())).or_insert_with(|| {
-            groups.push(SeriesGroup {
-                key: Some(SeriesKey { service: service.to_owned(), operation: operation.to_owned() }),
-                spans: Vec::new(),
-            });
-            groups.len() - 1
-        });
-        self.groups[i].spans.push(span);
-        self.spans += 1;
+        let series = || SeriesKey { service: service.to_owned(), operation: operation.to_owned() };
+        self.groups.push((service.to_owned(), operation.to_owned()), series, span);
     }
 
     /// Spans added since the last batch.
     pub fn len(&self) -> usize {
-        self.spans
+        self.groups.len()
     }
 
     /// Whether no span was added since the last batch.
     pub fn is_empty(&self) -> bool {
-        self.spans == 0
+        self.groups.is_empty()
     }
 
     /// Takes the spans added so far as the next batch.
     pub fn finish(&mut self) -> SpanBatch {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.index.clear();
-        self.spans = 0;
-        SpanBatch {
-            client_id: self.client_id,
-            seq,
-            groups: std::mem::take(&mut self.groups),
-            deltas: Vec::new(),
-        }
+        self.groups.finish(self.client_id, seq, Vec::new())
     }
 }
 

@@ -1,6 +1,8 @@
 //! tailscope's wire contract: the gRPC ingest protocol (`tailscope.v1`) and the histogram
-//! encoding shared by the server, the client crate and anything else that sends deltas.
+//! encoding shared by the server, the client crate and anything else that sends deltas, and
+//! the one span grouper that builds batches ([`batch::BatchBuilder`]).
 
+pub mod batch;
 pub mod histogram;
 
 /// Generated types and gRPC stubs of `tailscope/v1/ingest.proto`.

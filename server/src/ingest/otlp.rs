@@ -16,15 +16,14 @@ pub mod grpc;
 pub mod http;
 mod json;
 
-use std::collections::HashMap;
-
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
-use tailscope_proto::v1::{SeriesGroup, SeriesKey, Span, SpanBatch, SpanStatus};
+use tailscope_proto::batch::BatchBuilder;
+use tailscope_proto::v1::{SeriesKey, Span, SpanBatch, SpanStatus};
 
 use crate::ingest::{BatchStats, MAX_LABEL_BYTES};
 use crate::series::SpanReject;
@@ -37,8 +36,7 @@ pub const UNKNOWN_SERVICE: &str = "unknown_service";
 /// absent one is OpenTelemetry's `unknown_service`).
 pub fn to_batch(request: &ExportTraceServiceRequest) -> Result<(SpanBatch, u64), String> {
     // Keys borrow from the request: no allocation per span, one per group.
-    let mut index: HashMap<(&str, &str), usize> = HashMap::new();
-    let mut groups: Vec<SeriesGroup> = Vec::new();
+    let mut groups: BatchBuilder<(&str, &str)> = BatchBuilder::new();
     let mut unnamed = 0u64;
     for (r, rs) in request.resource_spans.iter().enumerate() {
         let named = rs.resource.as_ref().and_then(|r| string_attribute(&r.attributes, "service.name"));
@@ -54,13 +52,6 @@ pub fn to_batch(request: &ExportTraceServiceRequest) -> Result<(SpanBatch, u64),
                     continue;
                 }
                 let operation = truncate(&span.name);
-                let i = *index.entry((service, operation)).or_insert_with(|| {
-                    groups.push(SeriesGroup {
-                        key: Some(SeriesKey { service: service.to_owned(), operation: operation.to_owned() }),
-                        spans: Vec::new(),
-                    });
-                    groups.len() - 1
-                });
                 let start = span.start_time_unix_nano as i64;
                 let end = span.end_time_unix_nano as i64;
                 let status = match span.status.as_ref().map(|s| s.code()) {
@@ -71,21 +62,26 @@ pub fn to_batch(request: &ExportTraceServiceRequest) -> Result<(SpanBatch, u64),
                 let trace = span.trace_id.as_slice();
                 // OpenTelemetry's `th` is both: the span counts for its adjusted count.
                 let weight = weight_from_tracestate(&span.trace_state);
-                groups[i].spans.push(Span {
-                    trace_id_high: id_u64(trace.get(..8)),
-                    trace_id_low: id_u64(trace.get(8..16)),
-                    span_id: id_u64(span.span_id.get(..8)),
-                    parent_span_id: id_u64(span.parent_span_id.get(..8)),
-                    start_unix_nanos: start,
-                    duration_nanos: end.wrapping_sub(start),
-                    status: status as i32,
-                    weight,
-                    adjusted_count: f64::from(weight),
-                });
+                let series = || SeriesKey { service: service.to_owned(), operation: operation.to_owned() };
+                groups.push(
+                    (service, operation),
+                    series,
+                    Span {
+                        trace_id_high: id_u64(trace.get(..8)),
+                        trace_id_low: id_u64(trace.get(8..16)),
+                        span_id: id_u64(span.span_id.get(..8)),
+                        parent_span_id: id_u64(span.parent_span_id.get(..8)),
+                        start_unix_nanos: start,
+                        duration_nanos: end.wrapping_sub(start),
+                        status: status as i32,
+                        weight,
+                        adjusted_count: f64::from(weight),
+                    },
+                );
             }
         }
     }
-    Ok((SpanBatch { client_id: 0, seq: 1, groups, deltas: Vec::new() }, unnamed))
+    Ok((groups.finish(0, 1, Vec::new()), unnamed))
 }
 
 fn string_attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
