@@ -75,6 +75,7 @@ fn evaluation(c: &mut Criterion) {
     populate(&store);
     let ctx = Context {
         store: store.clone(),
+        state: Arc::new(store.clone()),
         clock: Arc::new(SystemClock),
         retention: RetentionConfig::default(),
         metrics,

@@ -377,7 +377,7 @@ impl Alerting {
         let (notifier, notifier_task) = notify::Notifier::start(
             notifier_config,
             settings,
-            store.clone(),
+            Arc::new(store.clone()),
             clock.clone(),
             metrics.clone(),
             stop.clone(),
@@ -396,6 +396,7 @@ impl Alerting {
             tasks.push(task);
         }
         let ctx = eval::Context {
+            state: Arc::new(store.clone()),
             store,
             clock,
             retention,
@@ -442,7 +443,7 @@ impl Alerting {
             .into_iter()
             .map(|g| {
                 let prev = previous.iter().find(|p| p.group.file == g.file && p.group.name == g.name);
-                Arc::new(eval::GroupRuntime::new(g, prev.map(|p| &**p), &self.ctx.store))
+                Arc::new(eval::GroupRuntime::new(g, prev.map(|p| &**p), &*self.ctx.state))
             })
             .collect();
         self.stop_groups();

@@ -537,7 +537,7 @@ impl Store {
 
     /// Writes (`Some`) or deletes (`None`) alerting records in one synced batch, so rule state
     /// and the notification log survive a crash the moment this returns.
-    pub fn write_alerting(&self, records: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+    fn write_alerting(&self, records: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError> {
         let cf = self.cf(CF_ALERTING)?;
         let mut batch = WriteBatch::default();
         for (key, value) in records {
@@ -553,7 +553,7 @@ impl Store {
     }
 
     /// Every alerting record whose key starts with `prefix`, in key order.
-    pub fn alerting_records(&self, prefix: &[u8]) -> Result<Vec<Record>, StoreError> {
+    fn alerting_records(&self, prefix: &[u8]) -> Result<Vec<Record>, StoreError> {
         let cf = self.cf(CF_ALERTING)?;
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, IteratorMode::From(prefix, Direction::Forward)) {
@@ -818,6 +818,53 @@ pub fn merge_values<'a>(
 
 /// What [`Source::windows`] calls with each window: its start and encoded histogram.
 pub type WindowFn<'a> = dyn FnMut(i64, &[u8]) -> Result<(), HistogramError> + 'a;
+
+/// The kinds of alerting state the store keeps, each under a key prefix this module owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StateKind {
+    /// Silences, by id.
+    Silence,
+    /// The notifier's log: what each integration was last told of each group.
+    NotificationLog,
+    /// Alerting rules' alerts, by file, group and rule.
+    RuleState,
+}
+
+impl StateKind {
+    /// The key prefix of the kind (unchanged since the first release: stores written then
+    /// read the same).
+    fn prefix(self) -> &'static [u8] {
+        match self {
+            StateKind::Silence => b"silence\0",
+            StateKind::NotificationLog => b"nflog\0",
+            StateKind::RuleState => b"rule\0",
+        }
+    }
+}
+
+/// What alerting needs from storage: records of its kinds of state, written durably.
+pub trait StateStore: Send + Sync + std::fmt::Debug {
+    /// Every record of `kind` whose key starts with `prefix`, in key order (keys without the
+    /// kind's own prefix).
+    fn state(&self, kind: StateKind, prefix: &[u8]) -> Result<Vec<Record>, StoreError>;
+    /// Writes (`Some`) or deletes (`None`) records of `kind` at once, durable when this
+    /// returns.
+    fn write_state(&self, kind: StateKind, records: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError>;
+}
+
+impl StateStore for Store {
+    fn state(&self, kind: StateKind, prefix: &[u8]) -> Result<Vec<Record>, StoreError> {
+        let own = kind.prefix().len();
+        let records = self.alerting_records(&[kind.prefix(), prefix].concat())?;
+        Ok(records.into_iter().map(|(k, v)| (k[own..].to_vec(), v)).collect())
+    }
+
+    fn write_state(&self, kind: StateKind, records: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+        let prefixed: Vec<_> =
+            records.iter().map(|(k, v)| ([kind.prefix(), k].concat(), v.clone())).collect();
+        self.write_alerting(&prefixed)
+    }
+}
 
 /// What the query side reads: series (selected through the index), their windows at a
 /// resolution, and exemplars. [`Store`] is the RocksDB implementation, [`MemoryStore`] the

@@ -15,8 +15,7 @@ use super::template::Data;
 use super::{fingerprint, Alert, Labels, Sink};
 use crate::clock::Clock;
 use crate::query::promql::{Engine, Limits, Steps, Value};
-use crate::store::RetentionConfig;
-use crate::store::Store;
+use crate::store::{RetentionConfig, StateKind, StateStore, Store};
 use crate::telemetry::{Metrics, RuleGroupLabel};
 
 /// How long a resolved alert is still sent (so a notifier that missed the first resolve hears
@@ -144,8 +143,10 @@ pub struct GroupSnapshot {
 /// What evaluation needs from the server.
 #[derive(Debug, Clone)]
 pub struct Context {
-    /// The store read by the engine and written with state.
+    /// The store the engine reads.
     pub store: Store,
+    /// Where the rules' alerts are kept across restarts.
+    pub state: Arc<dyn StateStore>,
     /// Wall-clock time.
     pub clock: Arc<dyn Clock>,
     /// Which resolutions exist.
@@ -162,8 +163,7 @@ pub struct Context {
 
 /// The storage key of a rule's state.
 fn state_key(group: &RuleGroup, index: usize, rule: &AlertingRule) -> Vec<u8> {
-    let mut k = b"rule\0".to_vec();
-    k.extend_from_slice(group.file.to_string_lossy().as_bytes());
+    let mut k = group.file.to_string_lossy().as_bytes().to_vec();
     k.push(0);
     k.extend_from_slice(group.name.as_bytes());
     k.push(0);
@@ -180,7 +180,7 @@ struct Persisted {
 impl GroupRuntime {
     /// A runtime for `group`, its rules' state restored from `previous` (a reload) or else from
     /// the store (a restart).
-    pub fn new(group: RuleGroup, previous: Option<&GroupRuntime>, store: &Store) -> GroupRuntime {
+    pub fn new(group: RuleGroup, previous: Option<&GroupRuntime>, store: &dyn StateStore) -> GroupRuntime {
         let mut state = GroupState::default();
         for (i, rule) in group.rules.iter().enumerate() {
             let carried = previous.and_then(|p| {
@@ -189,7 +189,7 @@ impl GroupRuntime {
                 same.then(|| p.state.lock().rules[i].clone())
             });
             let key = state_key(&group, i, rule);
-            let restored = carried.unwrap_or_else(|| match store.alerting_records(&key) {
+            let restored = carried.unwrap_or_else(|| match store.state(StateKind::RuleState, &key) {
                 Ok(records) => {
                     let mut rs = RuleState::default();
                     for (k, v) in records.into_iter().filter(|(k, _)| *k == key) {
@@ -324,8 +324,9 @@ impl GroupRuntime {
             });
         }
         if !writes.is_empty() {
-            let store = ctx.store.clone();
-            let written = tokio::task::spawn_blocking(move || store.write_alerting(&writes)).await;
+            let store = ctx.state.clone();
+            let written =
+                tokio::task::spawn_blocking(move || store.write_state(StateKind::RuleState, &writes)).await;
             if let Err(e) = written.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
                 tracing::error!(group = %self.group.name, error = %e, "cannot persist alert state");
             }

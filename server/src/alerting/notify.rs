@@ -30,10 +30,9 @@ use super::route::{NotifierConfig, Route};
 use super::silences::Silences;
 use super::{fingerprint, fingerprint_hex, rfc3339, Alert, Labels, Sink};
 use crate::clock::Clock;
-use crate::store::{Store, StoreError};
+use crate::store::{StateKind, StateStore, StoreError};
 use crate::telemetry::{Metrics, ReceiverLabel};
 
-const NFLOG_PREFIX: &[u8] = b"nflog\0";
 /// How long a notification log entry is kept after its last notification (Alertmanager's
 /// default data retention).
 const NFLOG_RETENTION_MS: i64 = 120 * 3600 * 1000;
@@ -135,14 +134,14 @@ impl Notifier {
     pub fn start(
         config: NotifierConfig,
         settings: Settings,
-        store: Store,
+        store: Arc<dyn StateStore>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
         stop: watch::Receiver<bool>,
     ) -> Result<(Notifier, JoinHandle<()>), StoreError> {
         let silences = Arc::new(Silences::load(store.clone(), settings.silences)?);
         let mut log = HashMap::new();
-        for (k, v) in store.alerting_records(NFLOG_PREFIX)? {
+        for (k, v) in store.state(StateKind::NotificationLog, b"")? {
             match serde_json::from_slice::<LogEntry>(&v) {
                 Ok(e) => {
                     log.insert(k, e);
@@ -264,7 +263,7 @@ struct Dispatcher {
     /// By receiver and integration index.
     breakers: HashMap<String, Arc<Breaker>>,
     silences: Arc<Silences>,
-    store: Store,
+    store: Arc<dyn StateStore>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     http: reqwest::Client,
@@ -586,8 +585,7 @@ impl Dispatcher {
         };
         let mut due = Vec::new();
         for (index, integration) in config.integrations.iter().enumerate() {
-            let mut log_key = NFLOG_PREFIX.to_vec();
-            log_key.extend_from_slice(format!("{receiver}\0{group_key}\0{index}").as_bytes());
+            let log_key = format!("{receiver}\0{group_key}\0{index}").into_bytes();
             let needed = LogEntry::needs_update(
                 self.log.get(&log_key),
                 &firing,
@@ -678,7 +676,7 @@ impl Dispatcher {
             return;
         }
         let deletes: Vec<_> = expired.iter().map(|k| (k.clone(), None)).collect();
-        match self.store.write_alerting(&deletes) {
+        match self.store.write_state(StateKind::NotificationLog, &deletes) {
             Ok(()) => expired.iter().for_each(|k| {
                 self.log.remove(k);
             }),
@@ -690,7 +688,7 @@ impl Dispatcher {
 /// What a delivery task needs of the dispatcher.
 struct DeliveryContext {
     http: reqwest::Client,
-    store: Store,
+    store: Arc<dyn StateStore>,
     metrics: Arc<Metrics>,
     deliveries: Arc<tokio::sync::Semaphore>,
     timeout: Duration,
@@ -737,7 +735,9 @@ async fn deliver(
         }
         let store = ctx.store.clone();
         let record = vec![(d.log_key.clone(), serde_json::to_vec(&entry).ok())];
-        match tokio::task::spawn_blocking(move || store.write_alerting(&record)).await {
+        match tokio::task::spawn_blocking(move || store.write_state(StateKind::NotificationLog, &record))
+            .await
+        {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "cannot persist the notification log"),
             Err(e) => tracing::error!(error = %e, "notification log task failed"),

@@ -3,6 +3,7 @@
 //! listed as expired, as in Alertmanager).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
@@ -10,9 +11,8 @@ use serde_json::{json, Value};
 
 use super::matchers::{Matcher, Op};
 use super::{parse_rfc3339, rfc3339, Labels};
-use crate::store::{Store, StoreError};
+use crate::store::{StateKind, StateStore, StoreError};
 
-const PREFIX: &[u8] = b"silence\0";
 /// How long an expired silence is still listed.
 const EXPIRED_RETENTION_MS: i64 = 5 * 24 * 3600 * 1000;
 
@@ -140,7 +140,7 @@ pub const MAX_MATCHERS: usize = 32;
 /// Every silence, with their compiled matchers.
 #[derive(Debug)]
 pub struct Silences {
-    store: Store,
+    store: Arc<dyn StateStore>,
     limits: Limits,
     all: RwLock<BTreeMap<String, (Silence, Vec<Matcher>)>>,
     /// What muted each alert (by fingerprint) when last asked, valid while no silence was
@@ -159,9 +159,9 @@ struct MuteCache {
 
 impl Silences {
     /// Loads the stored silences.
-    pub fn load(store: Store, limits: Limits) -> Result<Silences, StoreError> {
+    pub fn load(store: Arc<dyn StateStore>, limits: Limits) -> Result<Silences, StoreError> {
         let mut all = BTreeMap::new();
-        for (k, v) in store.alerting_records(PREFIX)? {
+        for (k, v) in store.state(StateKind::Silence, b"")? {
             match serde_json::from_slice::<Silence>(&v) {
                 Ok(s) => {
                     let m = s.compiled();
@@ -214,7 +214,7 @@ impl Silences {
             Some(id) if !all.contains_key(&id) => return Err(SilenceError::NotFound(id)),
             Some(id) => id,
             None => {
-                forget_expired(&self.store, &mut all, now);
+                forget_expired(&*self.store, &mut all, now);
                 if all.len() >= self.limits.max_silences {
                     return Err(SilenceError::Limit(format!(
                         "failed to create silence: the limit of {} silences (alerting.max_silences) is reached; \
@@ -265,10 +265,8 @@ impl Silences {
     }
 
     fn persist(&self, s: &Silence) -> Result<(), StoreError> {
-        let mut key = PREFIX.to_vec();
-        key.extend_from_slice(s.id.as_bytes());
         let value = serde_json::to_vec(s).ok();
-        self.store.write_alerting(&[(key, value)])
+        self.store.write_state(StateKind::Silence, &[(s.id.as_bytes().to_vec(), value)])
     }
 
     /// One silence in the API's form.
@@ -279,7 +277,7 @@ impl Silences {
     /// Every silence in the API's form; expired ones past their retention are forgotten.
     pub fn list(&self, now: i64) -> Vec<Value> {
         let mut all = self.all.write();
-        forget_expired(&self.store, &mut all, now);
+        forget_expired(&*self.store, &mut all, now);
         all.values().map(|(s, _)| s.to_json(now)).collect()
     }
 
@@ -325,15 +323,15 @@ impl Silences {
 }
 
 /// Forgets the silences expired for longer than they are listed.
-fn forget_expired(store: &Store, all: &mut BTreeMap<String, (Silence, Vec<Matcher>)>, now: i64) {
+fn forget_expired(store: &dyn StateStore, all: &mut BTreeMap<String, (Silence, Vec<Matcher>)>, now: i64) {
     let forgotten: Vec<String> = all
         .values()
         .filter(|(s, _)| s.ends_at.saturating_add(EXPIRED_RETENTION_MS) < now)
         .map(|(s, _)| s.id.clone())
         .collect();
     if !forgotten.is_empty() {
-        let deletes: Vec<_> = forgotten.iter().map(|id| ([PREFIX, id.as_bytes()].concat(), None)).collect();
-        if store.write_alerting(&deletes).is_ok() {
+        let deletes: Vec<_> = forgotten.iter().map(|id| (id.as_bytes().to_vec(), None)).collect();
+        if store.write_state(StateKind::Silence, &deletes).is_ok() {
             forgotten.iter().for_each(|id| {
                 all.remove(id);
             });

@@ -1,22 +1,31 @@
-//! An in-memory [`Source`]: series, windows at every resolution, and exemplars in ordered
-//! maps. The one test double for the query side — the engine's, the label APIs' and the rule
-//! loader's unit tests, and the fuzz targets read it as they would read the store.
+//! An in-memory store: series, windows at every resolution and exemplars ([`Source`]), and
+//! alerting state ([`StateStore`]), in ordered maps. The one test double for both sides — the
+//! engine's, the label APIs', the rule loader's and alerting's unit tests, and the fuzz
+//! targets read it as they would read the store.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use promql_parser::label::Matcher;
 use tailscope_proto::histogram::{Histogram, Layout};
 
-use super::{Exemplar, Resolution, Source, StoreError, WindowFn};
+use super::{Exemplar, Record, Resolution, Source, StateKind, StateStore, StoreError, WindowFn};
 use crate::series::SeriesLabels;
 
-/// Series, windows and exemplars in memory.
+/// Alerting state by kind and key.
+type StateRecords = BTreeMap<(StateKind, Vec<u8>), Vec<u8>>;
+
+/// Series, windows, exemplars and alerting state in memory.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryStore {
     layout: Layout,
     series: BTreeMap<u64, SeriesLabels>,
     windows: BTreeMap<(Resolution, u64, i64), Histogram>,
     exemplars: BTreeMap<(u64, i64, i64), Exemplar>,
+    /// Shared by clones, as the store's handles share one database.
+    state: Arc<Mutex<StateRecords>>,
 }
 
 impl MemoryStore {
@@ -97,5 +106,27 @@ impl Source for MemoryStore {
             .range((series, start, i64::MIN)..(series, end, i64::MIN))
             .map(|(_, e)| *e)
             .collect())
+    }
+}
+
+impl StateStore for MemoryStore {
+    fn state(&self, kind: StateKind, prefix: &[u8]) -> Result<Vec<Record>, StoreError> {
+        let state = self.state.lock();
+        Ok(state
+            .range((kind, prefix.to_vec())..)
+            .take_while(|((k, key), _)| *k == kind && key.starts_with(prefix))
+            .map(|((_, key), v)| (key.clone(), v.clone()))
+            .collect())
+    }
+
+    fn write_state(&self, kind: StateKind, records: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+        let mut state = self.state.lock();
+        for (key, value) in records {
+            match value {
+                Some(v) => state.insert((kind, key.clone()), v.clone()),
+                None => state.remove(&(kind, key.clone())),
+            };
+        }
+        Ok(())
     }
 }

@@ -315,3 +315,31 @@ fn an_index_entry_without_an_hour_loads_as_written_at_open() {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
     assert_eq!(store.apply_retention(now, &RetentionConfig::default()).expect("retention").series_retired, 0);
 }
+
+#[test]
+fn alerting_state_is_kept_per_kind_alike_in_rocksdb_and_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let rocks = open(dir.path());
+    let memory = MemoryStore::default();
+    for store in [&rocks as &dyn StateStore, &memory] {
+        let put = |k: &str, v: &str| (k.as_bytes().to_vec(), Some(v.as_bytes().to_vec()));
+        store.write_state(StateKind::Silence, &[put("a", "1"), put("ab", "2"), put("b", "3")]).unwrap();
+        store.write_state(StateKind::NotificationLog, &[put("a", "log")]).unwrap();
+        let keys = |kind, prefix: &[u8]| -> Vec<(String, String)> {
+            let records = store.state(kind, prefix).unwrap();
+            records
+                .into_iter()
+                .map(|(k, v)| (String::from_utf8(k).unwrap(), String::from_utf8(v).unwrap()))
+                .collect()
+        };
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(keys(StateKind::Silence, b"a"), [pair("a", "1"), pair("ab", "2")]);
+        assert_eq!(keys(StateKind::NotificationLog, b""), [pair("a", "log")]);
+        assert!(keys(StateKind::RuleState, b"").is_empty());
+        store.write_state(StateKind::Silence, &[(b"ab".to_vec(), None)]).unwrap();
+        assert_eq!(keys(StateKind::Silence, b""), [pair("a", "1"), pair("b", "3")]);
+    }
+    // On disk the keys keep the prefixes of the first release.
+    let raw: Vec<Vec<u8>> = rocks.alerting_records(b"").unwrap().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(raw, [b"nflog\0a".to_vec(), b"silence\0a".to_vec(), b"silence\0b".to_vec()]);
+}
