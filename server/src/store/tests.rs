@@ -1,5 +1,11 @@
+use std::path::Path;
+
+use tailscope_proto::histogram::Histogram;
+
+use super::rocksdb::CF_SERIES;
 use super::*;
 use crate::series::Status;
+use crate::telemetry::Metrics;
 
 fn open(dir: &Path) -> Store {
     Store::open(dir, Layout::default(), &Metrics::new()).expect("open store")
