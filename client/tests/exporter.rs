@@ -12,6 +12,7 @@ use tailscope::proto::histogram::Histogram;
 use tailscope::proto::v1::ingest_server::{Ingest, IngestServer};
 use tailscope::proto::v1::{IngestReply, SamplingPolicy, SpanBatch, SpanStatus};
 use tailscope::{BreakerState, Client, Status};
+use tailscope_test_support::assert_eventually;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::Stream;
 
@@ -103,11 +104,7 @@ fn client(endpoint: &str, f: impl FnOnce(&mut tailscope::Config)) -> Client {
 
 /// Waits until the client's stream is open, so what it records next is sent in full.
 async fn connected(c: &Client) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !c.stats().connected && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    assert!(c.stats().connected, "not connected: {:?}", c.stats());
+    assert_eventually!(within = Duration::from_secs(10); c.stats().connected, "not connected: {:?}", c.stats());
 }
 
 /// Spans in a batch, in full plus folded in its deltas.
@@ -148,10 +145,7 @@ async fn batches_are_cut_by_time_when_traffic_is_light() {
     connected(&c).await;
     c.record("GET /slow-trickle", Duration::from_millis(3), Status::Ok);
     // No flush: the batch delay alone must send it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while c.stats().acked < 1 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    assert_eventually!(within = Duration::from_secs(10); c.stats().acked >= 1, "not sent: {:?}", c.stats());
     assert_eq!(c.stats().acked, 1);
 }
 
@@ -201,10 +195,7 @@ async fn a_dead_server_opens_the_breaker_and_spans_are_folded_then_sent_as_delta
         let status = if i % 100 == 0 { Status::Error } else { Status::Ok };
         c.record("GET /a", Duration::from_micros(500 + i), status);
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while c.stats().breaker != BreakerState::Open && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    assert_eventually!(within = Duration::from_secs(10); c.stats().breaker == BreakerState::Open, "breaker not open: {:?}", c.stats());
     let stats = c.stats();
     assert_eq!(stats.breaker, BreakerState::Open);
     assert_eq!((stats.folded, stats.sent), (500, 0), "{stats:?}");
@@ -301,10 +292,7 @@ async fn a_server_that_never_answers_opens_the_breaker() {
     for _ in 0..1_000 {
         c.record("GET /slow", Duration::from_millis(3), Status::Ok);
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.stats().folded < s.folded + 1_000 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    assert_eventually!(within = Duration::from_secs(30); c.stats().folded >= s.folded + 1_000, "not folded: {:?}", c.stats());
     let after = c.stats();
     assert!(after.folded >= s.folded + 1_000, "{after:?}");
     assert!(!after.connected);

@@ -18,18 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Streaming;
 
-/// Polls `$cond` (an async expression yielding bool) every 20 ms until it holds, failing after 30 s.
-#[macro_export]
-macro_rules! assert_eventually {
-    ($cond:expr, $($msg:tt)+) => {{
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            if $cond { break; }
-            if std::time::Instant::now() > deadline { panic!($($msg)+); }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    }};
-}
+pub use tailscope_test_support::{assert_eventually, on_path, peers, proc_status_bytes, Peer};
 
 pub fn config(dir: &Path) -> Config {
     let mut c = Config::default();
@@ -270,49 +259,4 @@ pub async fn deliver(addr: SocketAddr, batches: Vec<SpanBatch>) -> u32 {
         sender.abort();
     }
     refusals
-}
-
-/// `name` from PATH.
-pub fn on_path(name: &str) -> Option<std::path::PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// Real peer programs from PATH (`package` is the Debian package that has them). Missing ones
-/// fail the test, unless `TAILSCOPE_SKIP_PEERS` is set (then it is skipped, saying so).
-pub fn peers(names: &[&str], package: &str) -> Option<Vec<std::path::PathBuf>> {
-    let found: Option<Vec<_>> = names.iter().map(|n| on_path(n)).collect();
-    match found {
-        Some(paths) => Some(paths),
-        None if std::env::var_os("TAILSCOPE_SKIP_PEERS").is_some() => {
-            eprintln!("SKIPPED: {names:?} not on PATH and TAILSCOPE_SKIP_PEERS is set");
-            None
-        }
-        None => panic!(
-            "{names:?} are needed on PATH: install Debian's `{package}` package (.ci/run does), \
-             or set TAILSCOPE_SKIP_PEERS=1 to skip the tests against real peers"
-        ),
-    }
-}
-
-/// A `/proc/<pid>/status` field in kB (`VmRSS:`, `VmHWM:`), as bytes.
-pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
-}
-
-/// A child process killed when dropped.
-pub struct Peer(pub Child);
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

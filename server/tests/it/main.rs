@@ -6,7 +6,6 @@
 //! they run with `cargo test -p tailscope-server --test it -- --ignored` (the test script
 //! runs them after the fast suite).
 
-#[macro_use]
 #[path = "../common/mod.rs"]
 mod common;
 

@@ -1,0 +1,135 @@
+//! Test support shared by the server's, the client's and the load tool's tests.
+//!
+//! - [`assert_eventually!`] and [`eventually`]: poll a condition until it holds instead of
+//!   sleeping a fixed time, so a test waits as long as a slow machine needs and no longer;
+//! - [`peers`] and [`on_path`]: the real peer programs the tests run against;
+//! - [`Peer`]: a child process killed when the test ends, however it ends;
+//! - [`proc_status_bytes`]: a process's memory as `/proc` reports it.
+#![allow(clippy::unwrap_used)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+/// How long [`assert_eventually!`] waits by default.
+pub const EVENTUALLY: Duration = Duration::from_secs(30);
+
+/// Polls `$cond` (an expression yielding bool, which may `.await`) every 20 ms until it holds,
+/// and panics with the message after 30 s, or after `within = DURATION;` when given.
+#[macro_export]
+macro_rules! assert_eventually {
+    (within = $within:expr; $cond:expr, $($msg:tt)+) => {{
+        let deadline = std::time::Instant::now() + $within;
+        loop {
+            if $cond { break; }
+            if std::time::Instant::now() > deadline { panic!($($msg)+); }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }};
+    ($cond:expr, $($msg:tt)+) => {
+        $crate::assert_eventually!(within = $crate::EVENTUALLY; $cond, $($msg)+)
+    };
+}
+
+/// Whether `cond` came to hold within `within`, polled every `every`.
+pub async fn eventually<F, Fut>(within: Duration, every: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// `name` from PATH.
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Real peer programs from PATH (`package` is the Debian package that has them). Missing ones
+/// fail the test, unless `TAILSCOPE_SKIP_PEERS` is set (then it is skipped, saying so).
+pub fn peers(names: &[&str], package: &str) -> Option<Vec<PathBuf>> {
+    let found: Option<Vec<_>> = names.iter().map(|n| on_path(n)).collect();
+    match found {
+        Some(paths) => Some(paths),
+        None if std::env::var_os("TAILSCOPE_SKIP_PEERS").is_some() => {
+            eprintln!("SKIPPED: {names:?} not on PATH and TAILSCOPE_SKIP_PEERS is set");
+            None
+        }
+        None => panic!(
+            "{names:?} are needed on PATH: install Debian's `{package}` package (.ci/run does), \
+             or set TAILSCOPE_SKIP_PEERS=1 to skip the tests against real peers"
+        ),
+    }
+}
+
+/// A `/proc/<pid>/status` field in kB (`VmRSS:`, `VmHWM:`), as bytes.
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// A child process killed when dropped.
+#[derive(Debug)]
+pub struct Peer(pub Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_condition_is_awaited_until_it_holds_and_not_forever() {
+        let polls = AtomicU32::new(0);
+        assert_eventually!(polls.fetch_add(1, Ordering::Relaxed) >= 3, "never held");
+        assert!(polls.load(Ordering::Relaxed) >= 4);
+        let never = eventually(Duration::from_millis(50), Duration::from_millis(5), || async { false }).await;
+        assert!(!never);
+        let result = tokio::spawn(async {
+            assert_eventually!(within = Duration::from_millis(30); false, "gave up as told");
+        })
+        .await;
+        assert!(result.unwrap_err().is_panic());
+    }
+
+    #[test]
+    fn programs_are_found_on_path_and_memory_is_read_from_proc() {
+        assert!(on_path("sh").is_some());
+        assert!(on_path("no-such-program-anywhere").is_none());
+        assert!(proc_status_bytes(std::process::id(), "VmRSS:") > 0);
+        let mut peer = Peer(std::process::Command::new("sleep").arg("30").spawn().unwrap());
+        let pid = peer.0.id();
+        assert!(peer.0.try_wait().unwrap().is_none());
+        drop(peer);
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists() || {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                stat.contains(") Z ")
+            }
+        );
+    }
+}
