@@ -17,7 +17,7 @@ use tailscope_proto::histogram::Histogram;
 use promql::EvalError;
 
 use crate::series::SeriesLabels;
-use crate::store::{Store, StoreError};
+use crate::store::{Source, StoreError};
 
 /// What one request may spend: a deadline, and a flag its handler sets when the client leaves.
 #[derive(Debug, Clone)]
@@ -106,19 +106,21 @@ pub struct SeriesHistogram {
 /// Merges, per series passing `filter`, every window `plan` reads, within `budget` (checked per
 /// series). Series without data in the range are left out. Sorted by labels.
 pub fn merged_series(
-    store: &Store,
+    source: &dyn Source,
     filter: &SeriesFilter,
     plan: &RangePlan,
     budget: &Budget,
 ) -> Result<Vec<SeriesHistogram>, QueryError> {
     let mut out = Vec::new();
-    let mut series = store.index().select(&filter.matchers().iter().collect::<Vec<_>>(), usize::MAX);
+    let mut series = source.select(&filter.matchers().iter().collect::<Vec<_>>(), usize::MAX)?;
     series.sort_by(|a, b| a.1.cmp(&b.1));
     for (id, labels) in series {
         budget.check("merging series").map_err(|e| QueryError::Limit(e.to_string()))?;
-        let mut merged = Histogram::new(store.layout());
+        let mut merged = Histogram::new(source.layout());
         for &(res, lo, hi) in &plan.reads {
-            store.for_each_window(res, id, lo, hi, |_, h| merged.merge(&h))?;
+            source.windows(res, id, lo, hi, &mut |_, bytes| {
+                Histogram::decode(bytes).map(|h| merged.merge(&h))
+            })?;
         }
         if !merged.is_empty() {
             out.push(SeriesHistogram { labels, histogram: merged });
@@ -173,6 +175,27 @@ mod tests {
         assert!(p.reads.iter().all(|(res, lo, hi)| lo % res.seconds() == 0 && hi % res.seconds() == 0));
         let seconds: i64 = p.reads.iter().map(|(_, lo, hi)| hi - lo).sum();
         assert_eq!(seconds, p.end - p.start);
+    }
+
+    #[test]
+    fn a_tail_range_counts_exactly_the_windows_it_covers() {
+        use crate::series::{SeriesLabels, Status};
+        use crate::store::MemoryStore;
+        let now = 1_800_000_000;
+        let mut mem = MemoryStore::default();
+        let labels = SeriesLabels { service: "a".into(), operation: "x".into(), status: Status::Ok };
+        // One span in each 10 s window of the last two hours.
+        for t in (now - 7200..now).step_by(10) {
+            mem.record(labels.clone(), t, 1_000_000, 1);
+        }
+        let budget = Budget::new(Instant::now() + std::time::Duration::from_secs(10));
+        let filter = SeriesFilter::default();
+        for (start, end) in [(now - 3600 - 25, now - 25), (now - 5000, now - 1234), (now - 7200, now)] {
+            let plan = RangePlan::new(start, end, now, &RetentionConfig::default());
+            let rows = merged_series(&mem, &filter, &plan, &budget).unwrap();
+            let want = (plan.start..plan.end).step_by(10).count() as u64;
+            assert_eq!(rows[0].histogram.count(), want, "[{start}, {end}) read as {plan:?}");
+        }
     }
 
     #[test]

@@ -350,7 +350,11 @@ fn match_selectors(s: &AppState, p: &Params) -> Result<Vec<promql_parser::parser
 async fn label_walk<T: serde::Serialize + Send + 'static>(
     s: &AppState,
     p: &Params,
-    walk: impl FnOnce(&crate::store::Store, usize, &crate::query::Budget) -> Result<labels::Capped<T>, EvalError>
+    walk: impl FnOnce(
+            &dyn crate::store::Source,
+            usize,
+            &crate::query::Budget,
+        ) -> Result<labels::Capped<T>, EvalError>
         + Send
         + 'static,
 ) -> Response {
