@@ -23,6 +23,8 @@ need_apt=()
 command -v promtool >/dev/null && command -v prometheus >/dev/null || need_apt+=(prometheus)
 # ... and Alertmanager, the oracle of the notifier's grouping and webhook body.
 command -v prometheus-alertmanager >/dev/null || need_apt+=(prometheus-alertmanager)
+# curl is the HTTP client of the TLS tests (certificates, client certificates).
+command -v curl >/dev/null || need_apt+=(curl ca-certificates)
 # The load tool's PNG charts set their text in a system font.
 [ -n "$(find /usr/share/fonts -name '*.ttf' -print -quit 2>/dev/null)" ] || need_apt+=(fonts-dejavu-core)
 if [ ${#need_apt[@]} -gt 0 ]; then

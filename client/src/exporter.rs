@@ -18,13 +18,13 @@ use tailscope_proto::v1::ingest_client::IngestClient;
 use tailscope_proto::v1::{HistogramDelta, IngestReply, SeriesKey, Span, SpanBatch, SpanStatus};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status, Streaming};
 
 use crate::backoff::Backoff;
 use crate::breaker::Breaker;
 use crate::shared::{Drop, Record, Shared};
-use crate::{Config, ExportError};
+use crate::{BuildError, Config, ExportError};
 
 /// Where a flush's outcome goes.
 pub(crate) type Reply = oneshot::Sender<Result<(), ExportError>>;
@@ -88,10 +88,17 @@ pub(crate) struct Exporter {
     throttled_until: Option<Instant>,
     waiters: Vec<Waiter>,
     connected_once: bool,
+    /// For an `https://` endpoint.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Exporter {
-    pub fn new(shared: Arc<Shared>, config: Config, client_id: u64) -> Exporter {
+    pub fn new(
+        shared: Arc<Shared>,
+        config: Config,
+        client_id: u64,
+        tls: Option<ClientTlsConfig>,
+    ) -> Exporter {
         let now = Instant::now();
         Exporter {
             shared,
@@ -101,6 +108,7 @@ impl Exporter {
             client_id,
             next_seq: 1,
             builder: BatchBuilder::new(),
+            tls,
             unacked: VecDeque::new(),
             unacked_bytes: 0,
             conn: None,
@@ -280,7 +288,7 @@ impl Exporter {
         }
         let endpoint = self.config.endpoint.clone();
         let timeout = self.config.connect_timeout;
-        self.connecting = Some(tokio::spawn(connect(endpoint, timeout)));
+        self.connecting = Some(tokio::spawn(connect(endpoint, timeout, self.tls.clone())));
     }
 
     fn on_connected(&mut self, result: Result<Conn, Status>) {
@@ -479,9 +487,32 @@ fn batch_seq(message: &str) -> Option<u64> {
     rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
-async fn connect(endpoint: String, timeout: Duration) -> Result<Conn, Status> {
-    let channel = Endpoint::from_shared(endpoint)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?
+/// The TLS settings of an `https://` endpoint: the system's roots, the configured CA, and
+/// the client's own certificate for mutual TLS; `None` for `http://`.
+pub(crate) fn tls_config(config: &Config) -> Result<Option<ClientTlsConfig>, BuildError> {
+    if !config.endpoint.starts_with("https://") {
+        return Ok(None);
+    }
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path).map_err(|source| BuildError::TlsFile { path: path.clone(), source })
+    };
+    let mut tls = ClientTlsConfig::new().with_native_roots();
+    if let Some(ca) = &config.tls_ca_file {
+        tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(Some(tls))
+}
+
+async fn connect(endpoint: String, timeout: Duration, tls: Option<ClientTlsConfig>) -> Result<Conn, Status> {
+    let mut endpoint =
+        Endpoint::from_shared(endpoint).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    }
+    let channel = endpoint
         .connect_timeout(timeout)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .initial_stream_window_size(Some(4 << 20))

@@ -115,6 +115,14 @@ pub enum BuildError {
     /// The exporter thread could not be started.
     #[error("cannot start the exporter thread: {0}")]
     Thread(#[from] std::io::Error),
+    /// A TLS file (`tls_ca_file`, `tls_cert_file`, `tls_key_file`) cannot be read.
+    #[error("{path}: {source}")]
+    TlsFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Why a flush or shutdown did not complete.
@@ -170,6 +178,12 @@ pub struct Config {
     pub poll_interval: Duration,
     /// Default deadline of [`Client::flush`] (default 10 s).
     pub flush_timeout: Duration,
+    /// For an `https://` endpoint: a CA certificate (PEM) to trust besides the system's roots.
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// For mutual TLS: this client's certificate (PEM) and [`Config::tls_key_file`] its key.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// The key of [`Config::tls_cert_file`] (PEM).
+    pub tls_key_file: Option<std::path::PathBuf>,
     /// How long the exporter keeps flushing after the last handle is dropped without a
     /// [`Client::shutdown`] (default 2 s).
     pub drop_flush_timeout: Duration,
@@ -194,6 +208,9 @@ impl Default for Config {
             ack_timeout: Duration::from_secs(5),
             poll_interval: Duration::from_millis(2),
             flush_timeout: Duration::from_secs(10),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             drop_flush_timeout: Duration::from_secs(2),
         }
     }
@@ -238,7 +255,7 @@ impl ClientBuilder {
             |message: String| BuildError::Endpoint { endpoint: config.endpoint.clone(), message };
         let uri: tonic::transport::Uri = config.endpoint.parse().map_err(|e| bad_endpoint(format!("{e}")))?;
         if uri.scheme().is_none() || uri.authority().is_none() {
-            return Err(bad_endpoint("expected http://host:port".into()));
+            return Err(bad_endpoint("expected http://host:port or https://host:port".into()));
         }
         if config.service.is_empty() || config.service.len() > MAX_OPERATION_BYTES {
             return Err(BuildError::Service(config.service));
@@ -250,8 +267,9 @@ impl ClientBuilder {
             counters: Counters::default(),
             anchor: Anchor::now(),
         });
+        let tls = exporter::tls_config(&config)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let exporter = Exporter::new(shared.clone(), config.clone(), random_client_id());
+        let exporter = Exporter::new(shared.clone(), config.clone(), random_client_id(), tls);
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let thread = std::thread::Builder::new()
             .name("tailscope-exporter".into())

@@ -48,6 +48,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The web configuration (TLS) is invalid, or a certificate it names.
+    #[error("web configuration: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// A rule file or the notifier configuration is invalid.
     #[error("alerting: {0}")]
     Alerting(#[from] crate::alerting::AlertingError),
@@ -74,7 +77,7 @@ pub struct Server {
     background: Vec<JoinHandle<()>>,
     store: Store,
     metrics: Arc<Metrics>,
-    alerting: Arc<Alerting>,
+    reloader: crate::reload::Reloader,
 }
 
 impl Server {
@@ -96,6 +99,11 @@ impl Server {
             Pipeline::start(&config.ingest, store.clone(), metrics.clone(), clock.clone())
                 .map_err(|source| StartError::Store { path: dir.clone(), source })?;
 
+        let tls = if config.server.web_config_file.as_os_str().is_empty() {
+            None
+        } else {
+            crate::tls::Tls::load(&config.server.web_config_file)?.map(Arc::new)
+        };
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
         };
@@ -155,6 +163,7 @@ impl Server {
             otlp_http_routes,
             limits,
             metrics.clone(),
+            tls.clone(),
             otlp_stop_rx,
         ));
         let otlp = TraceServiceServer::new(OtlpService::new(ingest.clone()))
@@ -165,7 +174,8 @@ impl Server {
             .max_encoding_message_size(1024 * 1024);
         // gRPC ends once the pipeline has closed every stream (after the final flush).
         let mut closed = pipeline.subscribe();
-        let grpc_incoming = crate::listener::grpc_incoming(grpc_listener, limits, metrics.clone());
+        let grpc_incoming =
+            crate::listener::grpc_incoming(grpc_listener, limits, metrics.clone(), tls.clone());
         let grpc = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = closed.wait_for(|s| s.closed).await;
@@ -201,6 +211,7 @@ impl Server {
         )
         .map_err(StartError::Alerting)?;
 
+        let reloader = crate::reload::Reloader::new(alerting.clone(), tls.clone());
         let state = AppState {
             pipeline: pipeline.clone(),
             store: store.clone(),
@@ -211,12 +222,14 @@ impl Server {
             alerting: alerting.clone(),
             query: config.query.clone(),
             queries: Arc::new(tokio::sync::Semaphore::new(config.query.max_concurrency)),
+            reloader: reloader.clone(),
         };
         let http = tokio::spawn(crate::listener::serve_http(
             http_listener,
             http::router(state),
             limits,
             metrics.clone(),
+            tls.clone(),
             stop_rx.clone(),
         ));
 
@@ -250,7 +263,7 @@ impl Server {
             background,
             store,
             metrics,
-            alerting,
+            reloader,
         })
     }
 
@@ -279,10 +292,10 @@ impl Server {
         &self.metrics
     }
 
-    /// Re-reads the rule files and the notifier configuration (what SIGHUP does); on an error
-    /// the running configuration stays.
-    pub fn reload(&self) -> Result<(), crate::alerting::AlertingError> {
-        self.alerting.reload()
+    /// Re-reads the certificates, the rule files and the notifier configuration (what SIGHUP
+    /// does); on an error the running configuration of that part stays.
+    pub fn reload(&self) -> Result<(), crate::reload::ReloadError> {
+        self.reloader.reload()
     }
 
     /// Shuts down gracefully: stops accepting batches, writes and acknowledges everything

@@ -132,6 +132,9 @@ pub struct ServerConfig {
     /// How long a gRPC client may take to send the HTTP/2 preface.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Prometheus' web configuration file (`--web.config.file`): with `tls_server_config`,
+    /// every listener serves TLS (mutual with `client_auth_type`); empty: plaintext.
+    pub web_config_file: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -146,6 +149,7 @@ impl Default for ServerConfig {
             max_connections: 512,
             header_read_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            web_config_file: PathBuf::new(),
         }
     }
 }
@@ -274,6 +278,8 @@ pub struct Overrides {
     pub otlp_http_addr: Option<SocketAddr>,
     /// `--data-dir`.
     pub data_dir: Option<PathBuf>,
+    /// `--web-config-file`.
+    pub web_config_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -310,6 +316,9 @@ impl Config {
         }
         if let Some(d) = &overrides.data_dir {
             config.server.data_dir = d.clone();
+        }
+        if let Some(w) = &overrides.web_config_file {
+            config.server.web_config_file = w.clone();
         }
         config.validate()?;
         Ok(config)

@@ -44,6 +44,8 @@ pub struct AppState {
     pub query: crate::config::QueryConfig,
     /// One permit per query evaluated at once (`query.max_concurrency`).
     pub queries: Arc<tokio::sync::Semaphore>,
+    /// What `POST /-/reload` re-reads.
+    pub reloader: crate::reload::Reloader,
 }
 
 /// The routes of the HTTP listener.

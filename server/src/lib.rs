@@ -15,10 +15,12 @@ pub mod ingest;
 pub mod listener;
 pub mod pipeline;
 pub mod query;
+pub mod reload;
 pub mod sampling;
 pub mod series;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 pub use app::{Server, StartError};
 pub use config::Config;

@@ -35,6 +35,10 @@ struct Cli {
     /// Data directory of the embedded store; overrides TAILSCOPE_DATA_DIR.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Prometheus' web configuration file (TLS for every listener); overrides
+    /// TAILSCOPE_SERVER_WEB_CONFIG_FILE.
+    #[arg(long)]
+    web_config_file: Option<PathBuf>,
     /// Log format: text or json. Levels come from TAILSCOPE_LOG (e.g. "info,tailscope_server=debug").
     #[arg(long, env = "TAILSCOPE_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
         http_addr: cli.http_addr,
         otlp_http_addr: cli.otlp_http_addr,
         data_dir: cli.data_dir.clone(),
+        web_config_file: cli.web_config_file.clone(),
     };
     let config = match Config::load(cli.config.as_deref(), std::env::vars(), &overrides) {
         Ok(c) => c,
@@ -137,7 +142,7 @@ fn main() -> ExitCode {
             }
         };
         while let Signal::Reload = wait_for_signal().await {
-            tracing::info!("SIGHUP: reloading rule files and the notifier configuration");
+            tracing::info!("SIGHUP: reloading certificates, rule files and the notifier configuration");
             if let Err(e) = server.reload() {
                 tracing::error!(error = %e, "reload failed; the running configuration stays");
             }

@@ -159,6 +159,8 @@ pub struct Metrics {
     pub notification_latency: Histogram,
     /// Alerts forwarded to external Alertmanagers, by result.
     pub alerts_forwarded: Family<Outcome, Counter>,
+    /// TLS handshakes that failed (no certificate, a wrong one, not TLS, too slow).
+    pub tls_handshake_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -209,6 +211,7 @@ impl Metrics {
             notification_attempts: Family::default(),
             notification_latency: Histogram::new(exponential_buckets(0.001, 4.0, 10)),
             alerts_forwarded: Family::default(),
+            tls_handshake_failures: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -348,6 +351,11 @@ impl Metrics {
             "alerts_forwarded",
             "Alerts forwarded to external Alertmanagers, by result",
             m.alerts_forwarded.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed on any listener (a wrong or missing client certificate, not TLS, too slow)",
+            m.tls_handshake_failures.clone(),
         );
         Metrics { registry, ..m }
     }

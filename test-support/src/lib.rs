@@ -133,3 +133,58 @@ mod tests {
         );
     }
 }
+
+/// Certificates made for a test: a CA, a server certificate for `localhost` and `127.0.0.1`,
+/// a client certificate, both signed by the CA, written as PEM files into a directory.
+pub mod pki {
+    use std::path::{Path, PathBuf};
+
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+
+    /// The files of one certificate authority's certificates.
+    #[derive(Debug, Clone)]
+    pub struct Pki {
+        /// The CA certificate (trust it to verify the others).
+        pub ca: PathBuf,
+        /// The server certificate and its key.
+        pub server_cert: PathBuf,
+        /// The server key.
+        pub server_key: PathBuf,
+        /// A client certificate and its key.
+        pub client_cert: PathBuf,
+        /// The client key.
+        pub client_key: PathBuf,
+    }
+
+    impl Pki {
+        /// A new CA and its certificates, written into `dir` with `prefix` before each name.
+        pub fn new(dir: &Path, prefix: &str) -> Pki {
+            let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            ca_params.distinguished_name.push(DnType::CommonName, format!("{prefix} test CA"));
+            let ca_key = KeyPair::generate().unwrap();
+            let ca = ca_params.self_signed(&ca_key).unwrap();
+            let leaf = |names: Vec<String>, cn: &str| {
+                let mut params = CertificateParams::new(names).unwrap();
+                params.distinguished_name.push(DnType::CommonName, cn);
+                let key = KeyPair::generate().unwrap();
+                let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+                (cert.pem(), key.serialize_pem())
+            };
+            let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()], "tailscope");
+            let (client_cert, client_key) = leaf(vec!["client.test".into()], "a client");
+            let write = |name: &str, pem: &str| {
+                let path = dir.join(format!("{prefix}{name}"));
+                std::fs::write(&path, pem).unwrap();
+                path
+            };
+            Pki {
+                ca: write("ca.pem", &ca.pem()),
+                server_cert: write("server.pem", &server_cert),
+                server_key: write("server-key.pem", &server_key),
+                client_cert: write("client.pem", &client_cert),
+                client_key: write("client-key.pem", &client_key),
+            }
+        }
+    }
+}

@@ -140,10 +140,10 @@ async fn alerts(State(s): State<AppState>) -> Response {
     success(json!({"alerts": out}))
 }
 
-/// `POST /-/reload`: rule files and notifier configuration, all or nothing.
+/// `POST /-/reload`: certificates, rule files and notifier configuration, each all or nothing.
 async fn reload(State(s): State<AppState>) -> Response {
-    let alerting = s.alerting.clone();
-    match tokio::task::spawn_blocking(move || alerting.reload()).await {
+    let reloader = s.reloader.clone();
+    match tokio::task::spawn_blocking(move || reloader.reload()).await {
         Ok(Ok(())) => (StatusCode::OK, "").into_response(),
         Ok(Err(e)) => {
             (StatusCode::INTERNAL_SERVER_ERROR, format!("failed to reload config: {e}\n")).into_response()

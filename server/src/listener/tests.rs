@@ -19,7 +19,7 @@ async fn http_server(limits: ConnectionLimits) -> (std::net::SocketAddr, Arc<Met
     let metrics = Arc::new(Metrics::new());
     let (stop, rx) = watch::channel(false);
     let router = Router::new().route("/", axum::routing::get(|| async { "hello" }));
-    tokio::spawn(serve_http(listener, router, limits, metrics.clone(), rx));
+    tokio::spawn(serve_http(listener, router, limits, metrics.clone(), None, rx));
     (addr, metrics, stop)
 }
 
@@ -72,7 +72,7 @@ async fn connections_beyond_the_cap_wait_for_one_to_close() {
 async fn a_grpc_connection_without_a_preface_times_out() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let mut incoming = Box::pin(grpc_incoming(listener, limits(4), Arc::new(Metrics::new())));
+    let mut incoming = Box::pin(grpc_incoming(listener, limits(4), Arc::new(Metrics::new()), None));
     let mut client = TcpStream::connect(addr).await.expect("connect");
     client.write_all(b"PRI *").await.expect("write");
     let mut conn = futures::StreamExt::next(&mut incoming).await.expect("a connection").expect("accepted");

@@ -20,3 +20,4 @@ mod malformed;
 mod otlp;
 mod overload;
 mod prometheus_api;
+mod tls;

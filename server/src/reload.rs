@@ -1,0 +1,43 @@
+//! What `SIGHUP` and `POST /-/reload` re-read: the web configuration's certificates, the rule
+//! files and the notifier configuration. Each part is all or nothing: one that fails keeps
+//! running as it was, and the error names its file.
+
+use std::sync::Arc;
+
+use crate::alerting::{Alerting, AlertingError};
+use crate::tls::{Tls, TlsError};
+
+/// Why a reload failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The web configuration or a certificate it names.
+    #[error("web configuration: {0}")]
+    Tls(#[from] TlsError),
+    /// A rule file or the notifier configuration.
+    #[error(transparent)]
+    Alerting(#[from] AlertingError),
+}
+
+/// The reloadable parts of a running server.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    alerting: Arc<Alerting>,
+    tls: Option<Arc<Tls>>,
+}
+
+impl Reloader {
+    /// Reloads `alerting` and, when the listeners use it, `tls`.
+    pub fn new(alerting: Arc<Alerting>, tls: Option<Arc<Tls>>) -> Reloader {
+        Reloader { alerting, tls }
+    }
+
+    /// Re-reads everything; the first failure is returned (later parts are still tried).
+    pub fn reload(&self) -> Result<(), ReloadError> {
+        let tls = self.tls.as_ref().map_or(Ok(()), |t| t.reload());
+        if let Err(e) = &tls {
+            tracing::error!(error = %e, "reload: the running certificate stays");
+        }
+        self.alerting.reload()?;
+        Ok(tls?)
+    }
+}
