@@ -288,7 +288,8 @@ impl Exporter {
         }
         let endpoint = self.config.endpoint.clone();
         let timeout = self.config.connect_timeout;
-        self.connecting = Some(tokio::spawn(connect(endpoint, timeout, self.tls.clone())));
+        let token = self.config.token.clone();
+        self.connecting = Some(tokio::spawn(connect(endpoint, timeout, self.tls.clone(), token)));
     }
 
     fn on_connected(&mut self, result: Result<Conn, Status>) {
@@ -506,7 +507,12 @@ pub(crate) fn tls_config(config: &Config) -> Result<Option<ClientTlsConfig>, Bui
     Ok(Some(tls))
 }
 
-async fn connect(endpoint: String, timeout: Duration, tls: Option<ClientTlsConfig>) -> Result<Conn, Status> {
+async fn connect(
+    endpoint: String,
+    timeout: Duration,
+    tls: Option<ClientTlsConfig>,
+    token: Option<String>,
+) -> Result<Conn, Status> {
     let mut endpoint =
         Endpoint::from_shared(endpoint).map_err(|e| Status::invalid_argument(e.to_string()))?;
     if let Some(tls) = tls {
@@ -522,7 +528,14 @@ async fn connect(endpoint: String, timeout: Duration, tls: Option<ClientTlsConfi
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let (tx, rx) = mpsc::channel(16);
     let mut client = IngestClient::new(channel);
-    let call = client.stream(ReceiverStream::new(rx));
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| Status::invalid_argument("the token is not a valid header value"))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let call = client.stream(request);
     let replies = tokio::time::timeout(timeout, call)
         .await
         .map_err(|_| Status::deadline_exceeded("stream not answered"))??

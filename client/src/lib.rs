@@ -184,6 +184,8 @@ pub struct Config {
     pub tls_cert_file: Option<std::path::PathBuf>,
     /// The key of [`Config::tls_cert_file`] (PEM).
     pub tls_key_file: Option<std::path::PathBuf>,
+    /// A bearer token sent with every stream (the server's `auth.ingest_token_files`).
+    pub token: Option<String>,
     /// How long the exporter keeps flushing after the last handle is dropped without a
     /// [`Client::shutdown`] (default 2 s).
     pub drop_flush_timeout: Duration,
@@ -211,6 +213,7 @@ impl Default for Config {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            token: None,
             drop_flush_timeout: Duration::from_secs(2),
         }
     }

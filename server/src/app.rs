@@ -48,6 +48,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The users of the web configuration or an ingest token file are invalid.
+    #[error("credentials: {0}")]
+    Auth(#[from] crate::auth::AuthError),
     /// The web configuration (TLS) is invalid, or a certificate it names.
     #[error("web configuration: {0}")]
     Tls(#[from] crate::tls::TlsError),
@@ -104,6 +107,9 @@ impl Server {
         } else {
             crate::tls::Tls::load(&config.server.web_config_file)?.map(Arc::new)
         };
+        let web_config = (!config.server.web_config_file.as_os_str().is_empty())
+            .then_some(config.server.web_config_file.as_path());
+        let auth = Arc::new(crate::auth::Auth::load(&config.auth, web_config, metrics.clone())?);
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
         };
@@ -158,6 +164,8 @@ impl Server {
             let _ = otlp_closed.wait_for(|s| s.closed).await;
             let _ = otlp_stop.send(true);
         });
+        let otlp_http_routes = otlp_http_routes
+            .layer(axum::middleware::from_fn_with_state(auth.clone(), crate::auth::guard_otlp_http));
         let otlp_http = tokio::spawn(crate::listener::serve_http(
             otlp_http_listener,
             otlp_http_routes,
@@ -166,12 +174,15 @@ impl Server {
             tls.clone(),
             otlp_stop_rx,
         ));
+        let guard = crate::auth::GrpcGuard(auth.clone());
         let otlp = TraceServiceServer::new(OtlpService::new(ingest.clone()))
             .max_decoding_message_size(config.ingest.max_batch_bytes)
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+        let otlp = tonic::service::interceptor::InterceptedService::new(otlp, guard.clone());
         let ingest = IngestServer::new(ingest)
             .max_decoding_message_size(config.ingest.max_batch_bytes)
             .max_encoding_message_size(1024 * 1024);
+        let ingest = tonic::service::interceptor::InterceptedService::new(ingest, guard);
         // gRPC ends once the pipeline has closed every stream (after the final flush).
         let mut closed = pipeline.subscribe();
         let grpc_incoming =
@@ -211,7 +222,7 @@ impl Server {
         )
         .map_err(StartError::Alerting)?;
 
-        let reloader = crate::reload::Reloader::new(alerting.clone(), tls.clone());
+        let reloader = crate::reload::Reloader::new(alerting.clone(), tls.clone(), auth.clone());
         let state = AppState {
             pipeline: pipeline.clone(),
             store: store.clone(),
@@ -223,6 +234,7 @@ impl Server {
             query: config.query.clone(),
             queries: Arc::new(tokio::sync::Semaphore::new(config.query.max_concurrency)),
             reloader: reloader.clone(),
+            auth: auth.clone(),
         };
         let http = tokio::spawn(crate::listener::serve_http(
             http_listener,

@@ -72,6 +72,8 @@ pub struct Config {
     pub alerting: crate::alerting::AlertingConfig,
     /// Limits of the query API.
     pub query: QueryConfig,
+    /// Who may write and administer (the users are the web configuration's).
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// `[query]`: what one request to the query API may cost.
@@ -200,6 +202,11 @@ pub struct IngestConfig {
     /// so spans spread over many series and windows (a backfill of the whole allowed lateness)
     /// cost a bounded amount of memory.
     pub max_open_windows: usize,
+    /// How far past its accepted watermark a client's next batch may be numbered. A client
+    /// numbers its batches one by one and resends from its watermark, so a batch further
+    /// ahead is refused (INVALID_ARGUMENT): it would make the client's later batches look like
+    /// resends, acknowledged and never counted.
+    pub max_seq_gap: u64,
 }
 
 impl Default for IngestConfig {
@@ -219,6 +226,7 @@ impl Default for IngestConfig {
             max_operations_per_service: 10_000,
             max_services: 5_000,
             max_open_windows: 200_000,
+            max_seq_gap: 1_000_000,
         }
     }
 }
@@ -382,6 +390,9 @@ impl Config {
         }
         if i.max_batch_bytes < 1024 {
             return invalid("ingest.max_batch_bytes", "must be at least 1024");
+        }
+        if i.max_seq_gap == 0 {
+            return invalid("ingest.max_seq_gap", "must be at least 1");
         }
         if i.max_open_windows == 0 {
             return invalid("ingest.max_open_windows", "must be at least 1");

@@ -46,6 +46,8 @@ pub struct AppState {
     pub queries: Arc<tokio::sync::Semaphore>,
     /// What `POST /-/reload` re-reads.
     pub reloader: crate::reload::Reloader,
+    /// Who may read, write and administer.
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 /// The routes of the HTTP listener.
@@ -58,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/sampling", get(sampling))
         .merge(prometheus::routes())
         .merge(alerts::routes())
+        .layer(axum::middleware::from_fn_with_state(state.auth.clone(), crate::auth::guard_http))
         .with_state(state)
 }
 

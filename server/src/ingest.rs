@@ -68,6 +68,9 @@ pub enum IngestError {
     /// The server is shutting down: send again to it or another (UNAVAILABLE, HTTP 503).
     #[error("server is shutting down; send again")]
     Draining,
+    /// Numbered implausibly far past the client's watermark (INVALID_ARGUMENT, HTTP 400).
+    #[error("{0}")]
+    SeqGap(String),
 }
 
 impl IngestError {
@@ -78,6 +81,7 @@ impl IngestError {
             IngestError::TooLarge(_) => Some("oversized"),
             IngestError::Overloaded(_) => Some("overloaded"),
             IngestError::StoreUnavailable(_) => Some("store_unavailable"),
+            IngestError::SeqGap(_) => Some("seq_gap"),
             IngestError::Draining => None,
         }
     }
@@ -85,7 +89,7 @@ impl IngestError {
     /// The gRPC status of this error.
     pub fn grpc_status(&self) -> tonic::Status {
         let code = match self {
-            IngestError::Invalid(_) => tonic::Code::InvalidArgument,
+            IngestError::Invalid(_) | IngestError::SeqGap(_) => tonic::Code::InvalidArgument,
             IngestError::TooLarge(_) | IngestError::Overloaded(_) => tonic::Code::ResourceExhausted,
             IngestError::StoreUnavailable(_) | IngestError::Draining => tonic::Code::Unavailable,
         };
@@ -96,7 +100,7 @@ impl IngestError {
     /// sender should try again (OTLP/HTTP's throttling contract).
     pub fn http_status(&self) -> (u16, Option<u32>) {
         match self {
-            IngestError::Invalid(_) => (400, None),
+            IngestError::Invalid(_) | IngestError::SeqGap(_) => (400, None),
             IngestError::TooLarge(_) => (413, None),
             IngestError::Overloaded(_) => (429, Some(1)),
             IngestError::StoreUnavailable(_) => (503, Some(5)),
@@ -181,6 +185,10 @@ impl IngestService {
                 "the store cannot write right now; send again after a backoff",
             )),
             Admission::Draining => IngestError::Draining,
+            Admission::SeqGap { watermark, limit } => IngestError::SeqGap(named(&format!(
+                "seq is more than ingest.max_seq_gap ({limit}) past client {}'s accepted watermark {watermark}: a client numbers its batches one by one and resends from its watermark",
+                validated.client_id
+            ))),
         };
         self.refused(&refused, stats.accepted);
         Err(refused)

@@ -7,6 +7,7 @@
 
 pub mod alerting;
 pub mod app;
+pub mod auth;
 pub mod cardinality;
 pub mod clock;
 pub mod config;

@@ -104,6 +104,15 @@ pub enum Admission {
     StoreUnavailable,
     /// The server is shutting down.
     Draining,
+    /// Its seq is more than `limit` (`ingest.max_seq_gap`) past the client's accepted
+    /// `watermark`: no client skips that many batches, so it is refused, and the client's count
+    /// is safe from a batch that would make its next ones look like resends.
+    SeqGap {
+        /// The client's accepted watermark.
+        watermark: u64,
+        /// `ingest.max_seq_gap`.
+        limit: u64,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -220,10 +229,28 @@ impl Admit for Pipeline {
         if !self.store_healthy.load(Ordering::Relaxed) {
             return Ok((Admission::StoreUnavailable, gate.epoch));
         }
-        let client = (batch.client_id != 0).then(|| self.clients.entry(batch.client_id).or_default().clone());
+        let client = match batch.client_id {
+            0 => None,
+            id => match self.clients.get(&id).map(|c| c.clone()) {
+                Some(c) => Some(c),
+                // A new client numbers from 1; no entry is made for one refused.
+                None if batch.seq > self.max_seq_gap => {
+                    return Ok((Admission::SeqGap { watermark: 0, limit: self.max_seq_gap }, gate.epoch))
+                }
+                None => Some(self.clients.entry(id).or_default().clone()),
+            },
+        };
         let mut marks = client.as_ref().map(|c| c.lock());
-        if marks.as_ref().is_some_and(|m| batch.seq <= m.accepted) {
-            return Ok((Admission::Duplicate, gate.epoch));
+        if let Some(m) = &marks {
+            if batch.seq <= m.accepted {
+                return Ok((Admission::Duplicate, gate.epoch));
+            }
+            if batch.seq - m.accepted > self.max_seq_gap {
+                return Ok((
+                    Admission::SeqGap { watermark: m.accepted, limit: self.max_seq_gap },
+                    gate.epoch,
+                ));
+            }
         }
         let mut permits = Vec::with_capacity(batch.targets.len());
         for &s in &batch.targets {
@@ -265,6 +292,8 @@ pub struct Pipeline {
     /// delay instead of at its next tick.
     hurry: Arc<tokio::sync::Notify>,
     group_commit_delay: std::time::Duration,
+    /// `ingest.max_seq_gap`.
+    max_seq_gap: u64,
 }
 
 impl Pipeline {
@@ -308,6 +337,7 @@ impl Pipeline {
             clock,
             hurry,
             group_commit_delay: config.group_commit_delay,
+            max_seq_gap: config.max_seq_gap,
         };
         Ok((Arc::new(pipeline), handles))
     }

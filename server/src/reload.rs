@@ -1,10 +1,11 @@
-//! What `SIGHUP` and `POST /-/reload` re-read: the web configuration's certificates, the rule
-//! files and the notifier configuration. Each part is all or nothing: one that fails keeps
+//! What `SIGHUP` and `POST /-/reload` re-read: the web configuration's certificates and users,
+//! the ingest tokens, the rule files and the notifier configuration. Each part is all or nothing: one that fails keeps
 //! running as it was, and the error names its file.
 
 use std::sync::Arc;
 
 use crate::alerting::{Alerting, AlertingError};
+use crate::auth::{Auth, AuthError};
 use crate::tls::{Tls, TlsError};
 
 /// Why a reload failed.
@@ -13,6 +14,9 @@ pub enum ReloadError {
     /// The web configuration or a certificate it names.
     #[error("web configuration: {0}")]
     Tls(#[from] TlsError),
+    /// The users or a token file.
+    #[error("credentials: {0}")]
+    Auth(#[from] AuthError),
     /// A rule file or the notifier configuration.
     #[error(transparent)]
     Alerting(#[from] AlertingError),
@@ -23,12 +27,13 @@ pub enum ReloadError {
 pub struct Reloader {
     alerting: Arc<Alerting>,
     tls: Option<Arc<Tls>>,
+    auth: Arc<Auth>,
 }
 
 impl Reloader {
-    /// Reloads `alerting` and, when the listeners use it, `tls`.
-    pub fn new(alerting: Arc<Alerting>, tls: Option<Arc<Tls>>) -> Reloader {
-        Reloader { alerting, tls }
+    /// Reloads `alerting`, `auth` and, when the listeners use it, `tls`.
+    pub fn new(alerting: Arc<Alerting>, tls: Option<Arc<Tls>>, auth: Arc<Auth>) -> Reloader {
+        Reloader { alerting, tls, auth }
     }
 
     /// Re-reads everything; the first failure is returned (later parts are still tried).
@@ -37,7 +42,12 @@ impl Reloader {
         if let Err(e) = &tls {
             tracing::error!(error = %e, "reload: the running certificate stays");
         }
+        let auth = self.auth.reload();
+        if let Err(e) = &auth {
+            tracing::error!(error = %e, "reload: the running credentials stay");
+        }
         self.alerting.reload()?;
-        Ok(tls?)
+        tls?;
+        Ok(auth?)
     }
 }

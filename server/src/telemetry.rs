@@ -22,6 +22,15 @@ pub struct Outcome {
     pub result: &'static str,
 }
 
+/// The labels of a refused credential.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabel {
+    /// `http`, `grpc` or `otlp_http`.
+    pub listener: &'static str,
+    /// `missing`, `invalid`, `forbidden`, `lifecycle_disabled`.
+    pub reason: &'static str,
+}
+
 /// A `limit` label: the configuration key of a limit a request ran into.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabel {
@@ -161,6 +170,8 @@ pub struct Metrics {
     pub alerts_forwarded: Family<Outcome, Counter>,
     /// TLS handshakes that failed (no certificate, a wrong one, not TLS, too slow).
     pub tls_handshake_failures: Counter,
+    /// Requests refused for their credentials, by listener and reason.
+    pub auth_failures: Family<AuthLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -212,6 +223,7 @@ impl Metrics {
             notification_latency: Histogram::new(exponential_buckets(0.001, 4.0, 10)),
             alerts_forwarded: Family::default(),
             tls_handshake_failures: Counter::default(),
+            auth_failures: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -357,7 +369,17 @@ impl Metrics {
             "TLS handshakes that failed on any listener (a wrong or missing client certificate, not TLS, too slow)",
             m.tls_handshake_failures.clone(),
         );
+        r.register(
+            "auth_failures",
+            "Requests refused for their credentials, by listener (http, grpc, otlp_http) and reason",
+            m.auth_failures.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Counts a request refused for its credentials.
+    pub fn auth_failure(&self, listener: &'static str, reason: &'static str) {
+        self.auth_failures.get_or_create(&AuthLabel { listener, reason }).inc();
     }
 
     /// Counts a request that ran into the limit `limit` (its configuration key).

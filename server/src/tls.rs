@@ -46,6 +46,10 @@ pub enum TlsError {
 #[serde(deny_unknown_fields)]
 struct WebConfigYaml {
     tls_server_config: Option<TlsServerYaml>,
+    /// Read by `auth`.
+    #[serde(default)]
+    #[allow(dead_code)]
+    basic_auth_users: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]

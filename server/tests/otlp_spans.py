@@ -1,6 +1,7 @@
 """Sends spans with known durations to tailscope through the real OpenTelemetry Python SDK and
 its OTLP exporter. Usage: otlp_spans.py ENDPOINT SPEC.json [grpc|http]
-(http: ENDPOINT is the full URL, e.g. http://127.0.0.1:4318/v1/traces)
+(http: ENDPOINT is the full URL, e.g. http://127.0.0.1:4318/v1/traces; TLS and headers come from
+the SDK's own environment variables, OTEL_EXPORTER_OTLP_CERTIFICATE and OTEL_EXPORTER_OTLP_HEADERS)
 
 SPEC: {"service": str, "spans": [[operation, start_unix_nanos, duration_nanos, is_error], ...]}
 """
@@ -22,7 +23,9 @@ def main() -> int:
     protocol = sys.argv[3] if len(sys.argv) > 3 else "grpc"
     module = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{protocol}.trace_exporter")
     if protocol == "grpc":
-        exporter = module.OTLPSpanExporter(endpoint=endpoint, insecure=True)
+        # https:// endpoints: the CA from OTEL_EXPORTER_OTLP_CERTIFICATE; headers (a bearer
+        # token) from OTEL_EXPORTER_OTLP_HEADERS, as any deployment would set them.
+        exporter = module.OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
     else:
         exporter = module.OTLPSpanExporter(endpoint=endpoint)
     # A queue that holds every span: the default (2,048) drops what does not fit.

@@ -47,7 +47,7 @@ fn bad_web_configs_name_the_key_and_the_file() {
         pki.server_key.display()
     );
     for (yaml, want) in [
-        ("basic_auth_users: {a: b}\n".to_string(), "unknown field `basic_auth_users`"),
+        ("http_server_config: {http2: false}\n".to_string(), "unknown field `http_server_config`"),
         (
             format!("{base}  client_auth_type: RequireAndVerifyClientCert\n"),
             "client_ca_file: required by client_auth_type",

@@ -349,7 +349,8 @@ async fn a_bad_reload_keeps_the_running_rules_and_a_good_one_replaces_them() {
     let dir = tempfile::tempdir().unwrap();
     let (_receiver, raddr) = Receiver::start().await;
     let rules = "groups:\n  - name: a\n    interval: 1s\n    rules:\n      - alert: One\n        expr: '1'\n";
-    let config = alerting_config(dir.path(), rules, &notifier_yaml(raddr, "[alertname]", "1s", "1s"));
+    let mut config = alerting_config(dir.path(), rules, &notifier_yaml(raddr, "[alertname]", "1s", "1s"));
+    config.auth.enable_lifecycle = true;
     let server = start_with(config, Arc::new(tailscope_server::clock::SystemClock)).await;
     let http = server.http_addr();
     let names = || async move {

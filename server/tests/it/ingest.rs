@@ -269,3 +269,41 @@ async fn concurrent_clients_through_tiny_queues_and_fast_epochs_count_exactly() 
     );
     server.shutdown().await;
 }
+
+/// Watermark poisoning: a batch naming another client's id with a seq far ahead would make
+/// that client's next batches look like resends — acknowledged, never counted. It is refused,
+/// counted, and the owner's batches keep being counted exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seq_far_past_the_watermark_is_refused_and_the_owner_stays_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let now = now_nanos();
+    let make = |client: u64, seq: u64| {
+        batch(
+            client,
+            seq,
+            vec![group("owner", "GET /", vec![span(now - (seq % 1_000) as i64 * 1_000, 1_000_000, false)])],
+        )
+    };
+    let mut owner = open(server.grpc_addr()).await;
+    for seq in 1..=5 {
+        owner.send(make(9, seq)).await;
+    }
+    owner.wait_acked(5).await;
+    for (client, seq) in [(9, 1u64 << 63), (9, 5 + 1_000_001), (77, 5_000_000)] {
+        let mut attacker = open(server.grpc_addr()).await;
+        attacker.send(make(client, seq)).await;
+        let status = attacker.wait_error().await;
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("ingest.max_seq_gap"), "{}", status.message());
+    }
+    for seq in 6..=11 {
+        owner.send(make(9, seq)).await;
+    }
+    assert_eq!(owner.wait_acked(11).await.durable_seq, 11);
+    let rows = tail(server.http_addr(), "service=owner").await;
+    assert_eq!(rows.iter().map(|r| r["count"].as_u64().unwrap()).sum::<u64>(), 11, "{rows:?}");
+    let m = metrics(server.http_addr()).await;
+    assert_eq!(metric(&m, "tailscope_batches_rejected_total{reason=\"seq_gap\"}"), 3.0, "{m}");
+    server.shutdown().await;
+}

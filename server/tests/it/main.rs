@@ -10,6 +10,7 @@
 mod common;
 
 mod alerting;
+mod auth;
 mod bounded;
 mod chaos;
 mod cli;
