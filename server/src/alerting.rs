@@ -264,8 +264,8 @@ impl AlertingConfig {
         }
         for u in &self.alertmanager_urls {
             match reqwest::Url::parse(u) {
-                Ok(url) if url.scheme() == "http" => {}
-                Ok(_) => return Err(format!("alertmanager_urls: {u:?}: only http:// is supported")),
+                Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+                Ok(_) => return Err(format!("alertmanager_urls: {u:?}: the scheme must be http or https")),
                 Err(e) => return Err(format!("alertmanager_urls: {u:?}: {e}")),
             }
         }

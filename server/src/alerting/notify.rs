@@ -170,7 +170,6 @@ impl Notifier {
             store,
             clock: clock.clone(),
             metrics: metrics.clone(),
-            http: reqwest::Client::builder().build().unwrap_or_default(),
             in_flight: JoinSet::new(),
         };
         let task = tokio::spawn(dispatcher.run(alerts_rx, control_rx, stop));
@@ -266,7 +265,6 @@ struct Dispatcher {
     store: Arc<dyn StateStore>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
-    http: reqwest::Client,
     /// One permit per delivery in flight (`alerting.max_concurrent_deliveries`).
     deliveries: Arc<tokio::sync::Semaphore>,
     /// Flushes being delivered, at most one per group.
@@ -622,7 +620,6 @@ impl Dispatcher {
         let entry = LogEntry { firing, resolved, timestamp: now };
         let deadline = std::time::Instant::now() + route.group_interval.max(Duration::from_secs(1));
         let ctx = DeliveryContext {
-            http: self.http.clone(),
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             deliveries: self.deliveries.clone(),
@@ -687,7 +684,6 @@ impl Dispatcher {
 
 /// What a delivery task needs of the dispatcher.
 struct DeliveryContext {
-    http: reqwest::Client,
     store: Arc<dyn StateStore>,
     metrics: Arc<Metrics>,
     deliveries: Arc<tokio::sync::Semaphore>,
@@ -710,7 +706,7 @@ async fn deliver(
     for d in due {
         if let Some(request) = &d.request {
             let target = Target {
-                client: &ctx.http,
+                http: d.integration.http(),
                 receiver: &receiver,
                 breaker: &d.breaker,
                 timeout: ctx.timeout,

@@ -375,7 +375,8 @@ inhibit_rules:
         );
         assert_eq!(pager.group_by, GroupBy::Labels(vec!["alertname".into(), "service".into()]));
         let w = format!("{:?}", c.receivers["pager"].integrations[0]);
-        assert!(w.contains("send_resolved: false, max_alerts: 10, bearer_token: Some(\"s3cret\")"), "{w}");
+        assert!(w.contains("send_resolved: false, max_alerts: 10"), "{w}");
+        assert!(w.contains("Authorization(Bearer <secret>)") && !w.contains("s3cret"), "{w}");
         let page_core = labels(&[("severity", "page"), ("team", "core"), ("service", "a")]);
         let names: Vec<&str> = c.route.matching(&page_core).iter().map(|r| r.receiver.as_str()).collect();
         assert_eq!(names, ["pager", "core"]);
@@ -409,8 +410,20 @@ inhibit_rules:
                 "unknown field `email_configs`",
             ),
             (
-                "route: {receiver: a}\nreceivers: [{name: a, webhook_configs: [{url: 'https://x/'}]}]\n",
-                "only http:// webhooks are supported",
+                "route: {receiver: a}\nreceivers: [{name: a, webhook_configs: [{url: 'ftp://x/'}]}]\n",
+                "webhook_configs[0]: url \"ftp://x/\": the scheme must be http or https",
+            ),
+            (
+                "route: {receiver: a}\nreceivers: [{name: a, pagerduty_configs: [{service_key: k}]}]\n",
+                "pagerduty_configs[0]: service_key: the Events API v1 is not supported",
+            ),
+            (
+                "route: {receiver: a}\nreceivers: [{name: a, slack_configs: [{api_url: 'https://h/', text: '{{ .Status }}'}]}]\n",
+                "slack_configs[0]: text: notification templates are not supported",
+            ),
+            (
+                "route: {receiver: a}\nreceivers: [{name: a, webhook_configs: [{url: 'https://x/', http_config: {bearer_token: a, basic_auth: {username: u}}}]}]\n",
+                "at most one of authorization, basic_auth and bearer_token",
             ),
             ("route: {receiver: a}\nreceivers: [{name: a}, {name: a}]\n", "\"a\" is not unique"),
             (

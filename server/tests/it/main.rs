@@ -20,5 +20,6 @@ mod ingest;
 mod malformed;
 mod otlp;
 mod overload;
+mod pagers;
 mod prometheus_api;
 mod tls;

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::http_config::HttpConfig;
 use super::retry::{self, Breaker, Target};
 use super::{Notification, Receiver, Request};
 use crate::alerting::{rfc3339, Alert, Sink};
@@ -24,12 +25,16 @@ const RECEIVER: &str = "alertmanager_urls";
 #[derive(Debug, Clone)]
 pub struct AlertmanagerApi {
     endpoint: String,
+    http: HttpConfig,
 }
 
 impl AlertmanagerApi {
-    /// The Alertmanager at `url` (`http://host:9093`).
+    /// The Alertmanager at `url` (`http://host:9093` or `https://…`).
     pub fn new(url: &str) -> AlertmanagerApi {
-        AlertmanagerApi { endpoint: format!("{}/api/v2/alerts", url.trim_end_matches('/')) }
+        AlertmanagerApi {
+            endpoint: format!("{}/api/v2/alerts", url.trim_end_matches('/')),
+            http: HttpConfig::default(),
+        }
     }
 }
 
@@ -42,12 +47,16 @@ impl Receiver for AlertmanagerApi {
         true
     }
 
+    fn http(&self) -> &HttpConfig {
+        &self.http
+    }
+
     fn request(&self, n: &Notification) -> Option<Request> {
         if n.alerts.is_empty() {
             return None;
         }
         let body = Value::Array(n.alerts.iter().map(postable).collect());
-        Some(Request { url: self.endpoint.clone(), bearer_token: None, body })
+        Some(Request { url: self.endpoint.clone(), body })
     }
 }
 
@@ -69,48 +78,50 @@ impl Forwarder {
         mut stop: watch::Receiver<bool>,
     ) -> (Forwarder, JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<Vec<Alert>>(capacity.max(1));
-        let client = reqwest::Client::builder().build().unwrap_or_default();
         let apis: Vec<(AlertmanagerApi, Breaker)> = urls
             .iter()
             .map(|u| (AlertmanagerApi::new(u), Breaker::new(timeout.max(Duration::from_secs(1)))))
             .collect();
         let m = metrics.clone();
-        let task =
-            tokio::spawn(async move {
-                loop {
-                    let batch = tokio::select! {
-                        b = rx.recv() => match b { Some(b) => b, None => return },
-                        _ = stop.wait_for(|&s| s) => return,
+        let task = tokio::spawn(async move {
+            loop {
+                let batch = tokio::select! {
+                    b = rx.recv() => match b { Some(b) => b, None => return },
+                    _ = stop.wait_for(|&s| s) => return,
+                };
+                for chunk in batch.chunks(MAX_BATCH) {
+                    let n = Notification {
+                        receiver: RECEIVER.into(),
+                        group_key: String::new(),
+                        group_labels: Default::default(),
+                        alerts: chunk.to_vec(),
+                        now: 0,
+                        external_url: String::new(),
                     };
-                    for chunk in batch.chunks(MAX_BATCH) {
-                        let n = Notification {
-                            receiver: RECEIVER.into(),
-                            group_key: String::new(),
-                            group_labels: Default::default(),
-                            alerts: chunk.to_vec(),
-                            now: 0,
-                            external_url: String::new(),
+                    for (api, breaker) in &apis {
+                        let Some(request) = api.request(&n) else { continue };
+                        let target =
+                            Target { http: api.http(), receiver: RECEIVER, breaker, timeout, metrics: &m };
+                        let retryable = |s| api.retryable(s);
+                        let result = match retry::deliver(
+                            target,
+                            &request,
+                            &retryable,
+                            Instant::now() + timeout,
+                        )
+                        .await
+                        {
+                            Ok(()) => "success",
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot forward alerts to Alertmanager");
+                                "error"
+                            }
                         };
-                        for (api, breaker) in &apis {
-                            let Some(request) = api.request(&n) else { continue };
-                            let target =
-                                Target { client: &client, receiver: RECEIVER, breaker, timeout, metrics: &m };
-                            let retryable = |s| api.retryable(s);
-                            let result =
-                                match retry::deliver(target, &request, &retryable, Instant::now() + timeout)
-                                    .await
-                                {
-                                    Ok(()) => "success",
-                                    Err(e) => {
-                                        tracing::warn!(error = %e, "cannot forward alerts to Alertmanager");
-                                        "error"
-                                    }
-                                };
-                            m.alerts_forwarded.get_or_create(&Outcome { result }).inc_by(chunk.len() as u64);
-                        }
+                        m.alerts_forwarded.get_or_create(&Outcome { result }).inc_by(chunk.len() as u64);
                     }
                 }
-            });
+            }
+        });
         (Forwarder { tx, metrics }, task)
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::http_config::HttpConfig;
 use super::Request;
 use crate::telemetry::{AttemptLabel, Metrics};
 
@@ -129,8 +130,8 @@ impl Attempt {
 /// How requests of one integration go out.
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
-    /// The HTTP client.
-    pub client: &'a reqwest::Client,
+    /// The integration's client and credentials.
+    pub http: &'a HttpConfig,
     /// Its receiver's name (for metrics).
     pub receiver: &'a str,
     /// The integration's breaker.
@@ -149,14 +150,11 @@ pub async fn deliver(
     retryable: &(dyn Fn(u16) -> bool + Sync),
     deadline: Instant,
 ) -> Result<(), DeliveryError> {
-    let Target { client, receiver, breaker, timeout, metrics } = target;
+    let Target { http, receiver, breaker, timeout, metrics } = target;
     let mut attempt = 0u32;
     loop {
         let (outcome, detail) = if breaker.allow() {
-            let mut req = client.post(&request.url).json(&request.body).timeout(timeout);
-            if let Some(t) = &request.bearer_token {
-                req = req.bearer_auth(t);
-            }
+            let req = http.authorize(http.client.post(&request.url).json(&request.body).timeout(timeout));
             let (outcome, detail) = match req.send().await {
                 Ok(resp) => {
                     let status = resp.status();

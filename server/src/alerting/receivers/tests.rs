@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use super::http_config::HttpConfig;
 use super::retry::{deliver, Breaker, DeliveryError, Target, BREAKER_THRESHOLD};
 use super::webhook::Webhook;
 use super::*;
@@ -33,7 +34,8 @@ fn the_webhook_body_is_alertmanagers_v4() {
         now: 5_000,
         external_url: "http://tailscope".into(),
     };
-    let hook = Webhook { url: "http://r/".into(), send_resolved: true, max_alerts: 0, bearer_token: None };
+    let hook =
+        Webhook { url: "http://r/".into(), send_resolved: true, max_alerts: 0, http: HttpConfig::default() };
     let body = hook.body(&n).unwrap();
     assert_eq!(body["status"], "firing");
     assert_eq!(body["version"], "4");
@@ -55,10 +57,9 @@ fn the_webhook_body_is_alertmanagers_v4() {
     assert_eq!(hook.body(&all_resolved).unwrap()["status"], "resolved");
     assert!(no_resolved.body(&all_resolved).is_none());
 
-    // Through the trait: the request carries the URL and the token.
-    let with_token = Webhook { bearer_token: Some("t".into()), ..hook.clone() };
-    let r = Receiver::request(&with_token, &n).unwrap();
-    assert_eq!((r.url.as_str(), r.bearer_token.as_deref()), ("http://r/", Some("t")));
+    // Through the trait: the request carries the URL and the body.
+    let r = Receiver::request(&hook, &n).unwrap();
+    assert_eq!(r.url.as_str(), "http://r/");
     assert_eq!(r.body, body);
     assert!(Receiver::request(&no_resolved, &all_resolved).is_none());
 }
@@ -94,19 +95,17 @@ async fn receiver(statuses: Vec<u16>) -> (String, Arc<AtomicUsize>) {
 
 async fn attempt(statuses: Vec<u16>, deadline: Duration) -> (Result<(), DeliveryError>, usize, String) {
     let (url, hits) = receiver(statuses).await;
-    let hook =
-        Webhook { url: url.clone(), send_resolved: true, max_alerts: 0, bearer_token: Some("t".into()) };
+    let hook = Webhook { url: url.clone(), send_resolved: true, max_alerts: 0, http: HttpConfig::default() };
     let metrics = Metrics::new();
     let breaker = Breaker::new(Duration::from_secs(30));
-    let client = reqwest::Client::new();
     let target = Target {
-        client: &client,
+        http: hook.http(),
         receiver: "r",
         breaker: &breaker,
         timeout: Duration::from_secs(5),
         metrics: &metrics,
     };
-    let request = Request { url, bearer_token: Some("t".into()), body: json!({}) };
+    let request = Request { url, body: json!({}) };
     let retryable = |s| hook.retryable(s);
     let result = deliver(target, &request, &retryable, Instant::now() + deadline).await;
     (result, hits.load(Ordering::SeqCst), metrics.encode())
@@ -153,4 +152,113 @@ fn the_breaker_opens_after_repeated_failures_and_probes_after_the_cool_down() {
     assert!(!b.allow(), "one probe at a time");
     b.record(true);
     assert!(b.allow() && !b.is_open());
+}
+
+/// Every field of `ours` is a field of the documented example `doc`, with the same JSON type,
+/// object by object: what we send is what the service documents.
+fn shaped_like(ours: &serde_json::Value, doc: &serde_json::Value, at: &str) {
+    use serde_json::Value;
+    match (ours, doc) {
+        (Value::Object(o), Value::Object(d)) => {
+            for (k, v) in o {
+                // custom_details is free-form.
+                if at.ends_with("custom_details") {
+                    continue;
+                }
+                let documented =
+                    d.get(k).unwrap_or_else(|| panic!("{at}.{k} is not in the documented example"));
+                shaped_like(v, documented, &format!("{at}.{k}"));
+            }
+        }
+        (Value::Array(o), Value::Array(d)) => {
+            for v in o {
+                shaped_like(v, &d[0], &format!("{at}[]"));
+            }
+        }
+        (o, d) => assert_eq!(std::mem::discriminant(o), std::mem::discriminant(d), "{at}: {o} vs {d}"),
+    }
+}
+
+fn crafted() -> Notification {
+    // Label values that try to break out of a JSON string or inject a template.
+    let evil = "x\", \"event_action\": \"resolve\"}\n{{ .Status }} ] } \\";
+    let mut a = alert("Latency", "checkout", 1_000_000);
+    a.labels.insert("detail".into(), evil.into());
+    Notification {
+        receiver: "pager".into(),
+        group_key: "{}/{severity=\"page\"}:{alertname=\"Latency\"}".into(),
+        group_labels: [("alertname".to_string(), "Latency".to_string())].into(),
+        alerts: vec![a, alert("Latency", "payments", 2_000)],
+        now: 5_000,
+        external_url: "https://tailscope.example".into(),
+    }
+}
+
+#[test]
+fn pagerduty_events_are_the_documented_shape_deduplicated_by_group() {
+    use super::pagerduty::{dedup_key, PagerDuty};
+    let parse = |y: &str| PagerDuty::parse(serde_yaml::from_str(y).unwrap());
+    let pd = parse("routing_key: r0ut1ng\nseverity: critical\n").unwrap();
+    let n = crafted();
+    let body = pd.body(&n).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(include_str!("fixtures/pagerduty-event.json")).unwrap();
+    shaped_like(&body, &doc, "");
+    assert_eq!(body["event_action"], "trigger");
+    assert_eq!(body["routing_key"], "r0ut1ng");
+    assert_eq!(body["dedup_key"], dedup_key(&n.group_key));
+    assert_eq!(body["dedup_key"].as_str().unwrap().len(), 64);
+    assert_eq!(body["payload"]["severity"], "critical");
+    assert_eq!(body["payload"]["summary"], "[FIRING:1] Latency (page)");
+    assert_eq!(body["payload"]["custom_details"]["num_resolved"], "1");
+    // The crafted value is data, nothing more: it did not change the event.
+    let firing = body["payload"]["custom_details"]["firing"].as_str().unwrap();
+    assert!(firing.contains("x\", \"event_action\": \"resolve\"}\n{{ .Status }}"), "{firing}");
+    assert_eq!(body["client_url"], "https://tailscope.example/#/alerts?receiver=pager");
+    // All resolved: a resolve with the same key.
+    let resolved = Notification { now: 10_000_000, ..n.clone() };
+    let body = pd.body(&resolved).unwrap();
+    assert_eq!(
+        (body["event_action"].as_str(), body["dedup_key"].as_str()),
+        (Some("resolve"), Some(&*dedup_key(&n.group_key)))
+    );
+    for (yaml, want) in [
+        ("severity: page\nrouting_key: k\n", "severity: \"page\""),
+        ("{}", "routing_key or routing_key_file is required"),
+        (
+            "routing_key: k\ndescription: '{{ .Status }}'\n",
+            "description: notification templates are not supported",
+        ),
+        ("routing_key: k\nurl: 'ftp://x'\n", "the scheme must be http or https"),
+    ] {
+        let e = parse(yaml).unwrap_err();
+        assert!(e.contains(want), "{yaml}: {e}");
+    }
+}
+
+#[test]
+fn slack_messages_are_the_documented_shape() {
+    use super::slack::Slack;
+    let parse = |y: &str| Slack::parse(serde_yaml::from_str(y).unwrap());
+    let slack =
+        parse("api_url: 'https://hooks.slack.com/services/T/B/X'\nchannel: '#oncall'\nsend_resolved: true\n")
+            .unwrap();
+    let n = crafted();
+    let body = slack.body(&n).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(include_str!("fixtures/slack-message.json")).unwrap();
+    shaped_like(&body, &doc, "");
+    let a = &body["attachments"][0];
+    assert_eq!(body["channel"], "#oncall");
+    assert_eq!(a["color"], "danger");
+    assert_eq!(a["title"], "[FIRING:1] Latency (page)");
+    assert_eq!(a["title_link"], "https://tailscope.example/#/alerts?receiver=pager");
+    assert_eq!(
+        a["fallback"],
+        "[FIRING:1] Latency (page) | https://tailscope.example/#/alerts?receiver=pager"
+    );
+    let resolved = Notification { now: 10_000_000, ..n.clone() };
+    assert_eq!(slack.body(&resolved).unwrap()["attachments"][0]["color"], "good");
+    // Alertmanager's default for Slack: resolves are not sent.
+    let quiet = parse("api_url: 'https://hooks.slack.com/x'\n").unwrap();
+    assert!(!quiet.send_resolved() && quiet.body(&resolved).is_none());
+    assert!(parse("channel: x\n").unwrap_err().contains("api_url or api_url_file is required"));
 }

@@ -1,11 +1,12 @@
-//! The webhook integration (`webhook_configs`): Alertmanager's v4 JSON body, posted with an
-//! optional bearer token.
+//! The webhook integration (`webhook_configs`): Alertmanager's v4 JSON body, posted over http
+//! or https with the integration's `http_config`.
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::http_config::{check_url, HttpConfig, HttpConfigYaml};
 use super::{Notification, Receiver, Request};
-use crate::alerting::{fingerprint_hex, rfc3339, Alert, Labels, ZERO_TIME};
+use crate::alerting::{fingerprint_hex, rfc3339, ZERO_TIME};
 
 /// `webhook_configs[]` as written.
 #[derive(Debug, Deserialize)]
@@ -19,23 +20,8 @@ pub(in crate::alerting) struct WebhookYaml {
     http_config: HttpConfigYaml,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HttpConfigYaml {
-    authorization: Option<AuthorizationYaml>,
-    bearer_token: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AuthorizationYaml {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    credentials: String,
-}
-
 /// One webhook of a receiver.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Webhook {
     /// Where notifications are posted.
     pub url: String,
@@ -43,37 +29,19 @@ pub struct Webhook {
     pub send_resolved: bool,
     /// Most alerts per notification (0: all).
     pub max_alerts: usize,
-    /// `Authorization: Bearer …`.
-    pub bearer_token: Option<String>,
+    /// Its client and credentials.
+    pub http: HttpConfig,
 }
 
 impl Webhook {
     /// Checks a `webhook_configs` entry; the error says which field is wrong.
     pub(in crate::alerting) fn parse(w: WebhookYaml) -> Result<Webhook, String> {
-        let url = reqwest::Url::parse(&w.url).map_err(|e| format!("url {:?}: {e}", w.url))?;
-        if url.scheme() != "http" {
-            return Err(format!(
-                "url {:?}: only http:// webhooks are supported (terminate TLS in a local proxy)",
-                w.url
-            ));
-        }
-        let bearer_token = match (w.http_config.authorization, w.http_config.bearer_token) {
-            (Some(_), Some(_)) => {
-                return Err("http_config: at most one of authorization and bearer_token may be set".into())
-            }
-            (Some(a), None) => {
-                if a.kind.as_deref().is_some_and(|k| !k.eq_ignore_ascii_case("bearer")) {
-                    return Err("http_config.authorization.type: only Bearer is supported".into());
-                }
-                Some(a.credentials)
-            }
-            (None, t) => t,
-        };
+        check_url("url", &w.url)?;
         Ok(Webhook {
             url: w.url,
             send_resolved: w.send_resolved.unwrap_or(true),
             max_alerts: w.max_alerts,
-            bearer_token,
+            http: HttpConfig::build(w.http_config)?,
         })
     }
 
@@ -89,15 +57,7 @@ impl Webhook {
             truncated = alerts.len() - self.max_alerts;
             alerts.truncate(self.max_alerts);
         }
-        let firing = alerts.iter().any(|a| !a.resolved(n.now));
-        let common = |get: fn(&Alert) -> &Labels| -> Labels {
-            let mut it = alerts.iter();
-            let mut common = it.next().map(|a| get(a).clone()).unwrap_or_default();
-            for a in it {
-                common.retain(|k, v| get(a).get(k) == Some(v));
-            }
-            common
-        };
+        let firing = n.firing(&alerts) > 0;
         let status = |resolved: bool| if resolved { "resolved" } else { "firing" };
         Some(json!({
             "receiver": n.receiver,
@@ -116,8 +76,8 @@ impl Webhook {
                 })
             }).collect::<Vec<_>>(),
             "groupLabels": n.group_labels,
-            "commonLabels": common(|a| &a.labels),
-            "commonAnnotations": common(|a| &a.annotations),
+            "commonLabels": Notification::common(&alerts, false),
+            "commonAnnotations": Notification::common(&alerts, true),
             "externalURL": n.external_url,
             "version": "4",
             "groupKey": n.group_key,
@@ -135,8 +95,11 @@ impl Receiver for Webhook {
         self.send_resolved
     }
 
+    fn http(&self) -> &HttpConfig {
+        &self.http
+    }
+
     fn request(&self, n: &Notification) -> Option<Request> {
-        let body = self.body(n)?;
-        Some(Request { url: self.url.clone(), bearer_token: self.bearer_token.clone(), body })
+        Some(Request { url: self.url.clone(), body: self.body(n)? })
     }
 }
