@@ -6,7 +6,7 @@
 //! RSS are read from `/proc`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,10 @@ pub struct BenchArgs {
     /// OTLP only: export requests in flight per connection.
     #[arg(long, default_value_t = 8)]
     in_flight: usize,
+    /// Serve and send over TLS: the started server gets a certificate made for the run (its
+    /// own CA), and every connection verifies it.
+    #[arg(long, conflicts_with = "grpc")]
+    tls: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -74,14 +78,72 @@ pub enum Protocol {
     OtlpHttp,
 }
 
+/// How the generator reaches the server: plaintext to 127.0.0.1, or TLS to `localhost`
+/// trusting the run's CA.
+#[derive(Debug, Clone)]
+struct Link {
+    ca: Option<std::sync::Arc<Vec<u8>>>,
+}
+
+impl Link {
+    fn url(&self, addr: SocketAddr) -> String {
+        match self.ca {
+            None => format!("http://{addr}"),
+            Some(_) => format!("https://localhost:{}", addr.port()),
+        }
+    }
+
+    async fn channel(&self, addr: SocketAddr) -> anyhow::Result<tonic::transport::Channel> {
+        let mut endpoint = tonic::transport::Endpoint::from_shared(self.url(addr))?;
+        if let Some(ca) = &self.ca {
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca.as_slice()))
+                .domain_name("localhost");
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        Ok(endpoint.connect().await?)
+    }
+
+    fn http(&self) -> anyhow::Result<reqwest::Client> {
+        let mut builder = reqwest::Client::builder();
+        if let Some(ca) = &self.ca {
+            builder = builder.use_rustls_tls().add_root_certificate(reqwest::Certificate::from_pem(ca)?);
+        }
+        Ok(builder.build()?)
+    }
+}
+
+/// A CA and a `localhost` certificate it signed, written into `dir` with a web configuration
+/// naming them; returns the configuration's path and the CA (PEM).
+fn certificates(dir: &Path) -> anyhow::Result<(PathBuf, Vec<u8>)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate()?;
+    let ca = ca_params.self_signed(&ca_key)?;
+    let key = KeyPair::generate()?;
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])?.signed_by(&key, &ca, &ca_key)?;
+    std::fs::write(dir.join("server.pem"), cert.pem())?;
+    std::fs::write(dir.join("server-key.pem"), key.serialize_pem())?;
+    let web = dir.join("web.yml");
+    std::fs::write(&web, "tls_server_config:\n  cert_file: server.pem\n  key_file: server-key.pem\n")?;
+    Ok((web, ca.pem().into_bytes()))
+}
+
 /// Starts a server child process on a temporary data directory (dropped after the server,
-/// which is killed first).
-fn start_server(args: &BenchArgs) -> anyhow::Result<(ChildServer, tempfile::TempDir)> {
+/// which is killed first); with `--tls`, serving TLS with a certificate made for the run.
+fn start_server(args: &BenchArgs) -> anyhow::Result<(ChildServer, tempfile::TempDir, Link)> {
     let bin = server_bin(args.server_bin.as_deref())?;
     let dir = tempfile::tempdir()?;
-    let shards = [("TAILSCOPE_INGEST_SHARDS", args.shards.to_string())];
-    let server = ChildServer::start(&bin, dir.path(), "127.0.0.1:0", "127.0.0.1:0", &shards)?;
-    Ok((server, dir))
+    let mut env = vec![("TAILSCOPE_INGEST_SHARDS", args.shards.to_string())];
+    let mut link = Link { ca: None };
+    if args.tls {
+        let (web, ca) = certificates(dir.path())?;
+        env.push(("TAILSCOPE_WEB_CONFIG_FILE", web.display().to_string()));
+        link.ca = Some(std::sync::Arc::new(ca));
+    }
+    let server = ChildServer::start(&bin, &dir.path().join("data"), "127.0.0.1:0", "127.0.0.1:0", &env)?;
+    Ok((server, dir, link))
 }
 
 /// CPU seconds (user + system) of process `pid`.
@@ -245,6 +307,7 @@ impl Codec for RawCodec {
 /// the acknowledgement latencies and the number of refusals.
 async fn otlp_connection(
     protocol: Protocol,
+    link: Link,
     addr: SocketAddr,
     exports: u64,
     in_flight: usize,
@@ -252,15 +315,15 @@ async fn otlp_connection(
 ) -> anyhow::Result<(Vec<Duration>, u64)> {
     let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let channel = match protocol {
-        Protocol::OtlpGrpc => {
-            Some(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?)
-        }
+        Protocol::OtlpGrpc => Some(link.channel(addr).await?),
         _ => None,
     };
-    let http = reqwest::Client::new();
+    let http = link.http()?;
+    let url = format!("{}/v1/traces", link.url(addr));
     let mut workers = Vec::new();
     for _ in 0..in_flight.max(1) {
-        let (next, bodies, channel, http) = (next.clone(), bodies.clone(), channel.clone(), http.clone());
+        let (next, bodies, channel, http, url) =
+            (next.clone(), bodies.clone(), channel.clone(), http.clone(), url.clone());
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut refusals = 0u64;
@@ -297,7 +360,7 @@ async fn otlp_connection(
                         }
                         None => {
                             let r = http
-                                .post(format!("http://{addr}/v1/traces"))
+                                .post(&url)
                                 .header("content-type", "application/x-protobuf")
                                 .body(body.clone())
                                 .send()
@@ -385,12 +448,13 @@ impl Codec for PreEncodedCodec {
 /// After a refusal (RESOURCE_EXHAUSTED, UNAVAILABLE) it reconnects and resends everything not
 /// yet acknowledged, as a real client does. Returns the number of refusals.
 async fn connection(
+    link: Link,
     grpc: SocketAddr,
     client_id: u64,
     batches: u64,
     bodies: Vec<Bytes>,
 ) -> anyhow::Result<u64> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?.connect().await?;
+    let channel = link.channel(grpc).await?;
     let path = http::uri::PathAndQuery::from_static("/tailscope.v1.Ingest/Stream");
     let mut acked = 0;
     let mut refusals = 0;
@@ -439,12 +503,12 @@ async fn connection(
 
 /// Runs the benchmark.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let (_child, grpc, otlp_http, pid) = match (args.grpc, args.pid) {
-        (Some(g), Some(p)) => (None, g, None, p),
+    let (_child, grpc, otlp_http, pid, link) = match (args.grpc, args.pid) {
+        (Some(g), Some(p)) => (None, g, None, p, Link { ca: None }),
         _ => {
-            let (server, dir) = start_server(&args)?;
+            let (server, dir, link) = start_server(&args)?;
             let (g, h, p) = (server.grpc, server.otlp_http, server.pid());
-            (Some((server, dir)), g, Some(h), p)
+            (Some((server, dir)), g, Some(h), p, link)
         }
     };
     let per_connection = args.spans / args.batch as u64 / args.connections;
@@ -462,7 +526,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let mut tasks = Vec::new();
         for k in 0..args.connections {
             let client_id = rand::thread_rng().gen::<u64>() | 1;
-            tasks.push(tokio::spawn(connection(grpc, client_id + k, per_connection, bodies.clone())));
+            tasks.push(tokio::spawn(connection(
+                link.clone(),
+                grpc,
+                client_id + k,
+                per_connection,
+                bodies.clone(),
+            )));
         }
         for t in tasks {
             refusals += t.await??;
@@ -476,6 +546,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         for _ in 0..args.connections {
             tasks.push(tokio::spawn(otlp_connection(
                 args.protocol,
+                link.clone(),
                 addr,
                 per_connection,
                 args.in_flight,
