@@ -258,6 +258,7 @@ impl Server {
         )));
         background.push(tokio::spawn(run_retention(
             store.clone(),
+            pipeline.clone(),
             config.clone(),
             clock,
             metrics.clone(),
@@ -329,6 +330,7 @@ impl Server {
 
 async fn run_retention(
     store: Store,
+    pipeline: Arc<Pipeline>,
     config: Config,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
@@ -341,6 +343,10 @@ async fn run_retention(
             _ = stop.wait_for(|&s| s) => return,
         }
         let (store, retention, now) = (store.clone(), config.retention.clone(), clock.now_seconds());
+        let idle = config.ingest.client_idle_timeout.as_secs() as i64;
+        if idle > 0 {
+            pipeline.forget_idle_clients(now - idle);
+        }
         match tokio::task::spawn_blocking(move || store.apply_retention(now, &retention)).await {
             Ok(Ok(report)) => {
                 if report.series_retired > 0 {

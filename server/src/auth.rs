@@ -45,6 +45,11 @@ pub struct AuthConfig {
     pub enable_lifecycle: bool,
 }
 
+/// The credential a span writer authenticated with: the first 8 bytes of its token's digest
+/// (never 0). A client id belongs to the credential that first used it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credential(pub u64);
+
 /// What a request wants to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -169,9 +174,14 @@ impl Auth {
     }
 
     /// Checks a span writer's `Authorization` header (`Bearer <token>`); counts a refusal.
-    pub fn check_ingest(&self, authorization: Option<&str>, transport: &'static str) -> Result<(), Refusal> {
+    /// The credential, when tokens are required.
+    pub fn check_ingest(
+        &self,
+        authorization: Option<&str>,
+        transport: &'static str,
+    ) -> Result<Option<Credential>, Refusal> {
         let result = self.ingest(authorization);
-        self.count(&result, transport);
+        self.count(&result.as_ref().map(|_| ()).map_err(Clone::clone), transport);
         result
     }
 
@@ -229,10 +239,10 @@ impl Auth {
         true
     }
 
-    fn ingest(&self, authorization: Option<&str>) -> Result<(), Refusal> {
+    fn ingest(&self, authorization: Option<&str>) -> Result<Option<Credential>, Refusal> {
         let credentials = self.credentials.read();
         if credentials.tokens.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let header = authorization.ok_or(Refusal::Missing)?;
         let token = strip_scheme(header, "bearer").ok_or(Refusal::Invalid)?;
@@ -240,7 +250,8 @@ impl Auth {
         // Every token compared, each in constant time: neither which nor how much matched shows.
         let found = credentials.tokens.iter().fold(false, |found, t| found | constant_time_eq(t, &digest));
         if found {
-            Ok(())
+            let id = u64::from_be_bytes(digest[..8].try_into().unwrap_or_default());
+            Ok(Some(Credential(id.max(1))))
         } else {
             Err(Refusal::Invalid)
         }
@@ -381,7 +392,7 @@ pub async fn guard_otlp_http(
         return next.run(request).await;
     }
     match auth.check_ingest(header(&request), "otlp_http") {
-        Ok(()) => next.run(request).await,
+        Ok(_) => next.run(request).await,
         Err(refusal) => refused(&refusal),
     }
 }
@@ -391,10 +402,15 @@ pub async fn guard_otlp_http(
 pub struct GrpcGuard(pub Arc<Auth>);
 
 impl tonic::service::Interceptor for GrpcGuard {
-    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
         match self.0.check_ingest(header, "grpc") {
-            Ok(()) => Ok(request),
+            Ok(credential) => {
+                if let Some(c) = credential {
+                    request.extensions_mut().insert(c);
+                }
+                Ok(request)
+            }
             Err(refusal) => Err(tonic::Status::unauthenticated(refusal.to_string())),
         }
     }

@@ -207,6 +207,10 @@ pub struct IngestConfig {
     /// ahead is refused (INVALID_ARGUMENT): it would make the client's later batches look like
     /// resends, acknowledged and never counted.
     pub max_seq_gap: u64,
+    /// How long a client id may send nothing before its watermark is forgotten (its row
+    /// deleted; a client coming back after that starts over as a new one). 0: kept forever.
+    #[serde(with = "humantime_serde")]
+    pub client_idle_timeout: Duration,
 }
 
 impl Default for IngestConfig {
@@ -227,6 +231,7 @@ impl Default for IngestConfig {
             max_services: 5_000,
             max_open_windows: 200_000,
             max_seq_gap: 1_000_000,
+            client_idle_timeout: Duration::from_secs(30 * 86_400),
         }
     }
 }

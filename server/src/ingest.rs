@@ -71,6 +71,9 @@ pub enum IngestError {
     /// Numbered implausibly far past the client's watermark (INVALID_ARGUMENT, HTTP 400).
     #[error("{0}")]
     SeqGap(String),
+    /// The client id belongs to another credential (PERMISSION_DENIED, HTTP 403).
+    #[error("{0}")]
+    NotOwner(String),
 }
 
 impl IngestError {
@@ -82,6 +85,7 @@ impl IngestError {
             IngestError::Overloaded(_) => Some("overloaded"),
             IngestError::StoreUnavailable(_) => Some("store_unavailable"),
             IngestError::SeqGap(_) => Some("seq_gap"),
+            IngestError::NotOwner(_) => Some("not_owner"),
             IngestError::Draining => None,
         }
     }
@@ -90,6 +94,7 @@ impl IngestError {
     pub fn grpc_status(&self) -> tonic::Status {
         let code = match self {
             IngestError::Invalid(_) | IngestError::SeqGap(_) => tonic::Code::InvalidArgument,
+            IngestError::NotOwner(_) => tonic::Code::PermissionDenied,
             IngestError::TooLarge(_) | IngestError::Overloaded(_) => tonic::Code::ResourceExhausted,
             IngestError::StoreUnavailable(_) | IngestError::Draining => tonic::Code::Unavailable,
         };
@@ -101,6 +106,7 @@ impl IngestError {
     pub fn http_status(&self) -> (u16, Option<u32>) {
         match self {
             IngestError::Invalid(_) | IngestError::SeqGap(_) => (400, None),
+            IngestError::NotOwner(_) => (403, None),
             IngestError::TooLarge(_) => (413, None),
             IngestError::Overloaded(_) => (429, Some(1)),
             IngestError::StoreUnavailable(_) => (503, Some(5)),
@@ -157,10 +163,24 @@ impl IngestService {
 
     /// Validates and admits one batch. Refusals are counted here, so adapters only translate.
     pub async fn submit(&self, batch: SpanBatch, origin: Origin) -> Result<Receipt, IngestError> {
+        self.submit_as(batch, origin, 0).await
+    }
+
+    /// [`IngestService::submit`] for a sender that authenticated as `owner` (a digest of its
+    /// credential; 0: none): a client id belongs to the credential that first used it.
+    pub async fn submit_as(
+        &self,
+        batch: SpanBatch,
+        origin: Origin,
+        owner: u64,
+    ) -> Result<Receipt, IngestError> {
         let mut stats = BatchStats::default();
         let seq = batch.seq;
         let validated = match self.validate(batch, &mut stats, origin) {
-            Ok(v) => Arc::new(v),
+            Ok(mut v) => {
+                v.owner = owner;
+                Arc::new(v)
+            }
             Err(e) => {
                 self.refused(&e, 0);
                 return Err(e);
@@ -185,6 +205,10 @@ impl IngestService {
                 "the store cannot write right now; send again after a backoff",
             )),
             Admission::Draining => IngestError::Draining,
+            Admission::NotOwner => IngestError::NotOwner(named(&format!(
+                "client id {} belongs to another credential (the one that first used it)",
+                validated.client_id
+            ))),
             Admission::SeqGap { watermark, limit } => IngestError::SeqGap(named(&format!(
                 "seq is more than ingest.max_seq_gap ({limit}) past client {}'s accepted watermark {watermark}: a client numbers its batches one by one and resends from its watermark",
                 validated.client_id
@@ -374,7 +398,7 @@ impl IngestService {
         }
         targets.sort_unstable();
         targets.dedup();
-        Ok(ValidatedBatch { client_id: batch.client_id, seq, now, batch, groups, deltas, targets })
+        Ok(ValidatedBatch { client_id: batch.client_id, seq, now, batch, groups, deltas, targets, owner: 0 })
     }
 
     /// Feeds the sampler with what an admitted batch carried (refused batches are not traffic

@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
 use crate::config::IngestConfig;
-use crate::store::{EpochWrite, Store};
+use crate::store::{EpochWrite, Store, Watermark};
 use crate::telemetry::{Metrics, Outcome, ShardLabel};
 
 use shard::{Handover, ShardMsg};
@@ -89,6 +89,8 @@ pub struct ValidatedBatch {
     pub deltas: Vec<RoutedDelta>,
     /// The distinct shards it touches, ascending.
     pub targets: Vec<u32>,
+    /// The credential it was sent with (a digest of the token; 0: none).
+    pub owner: u64,
 }
 
 /// What became of a batch offered to the pipeline.
@@ -113,12 +115,20 @@ pub enum Admission {
         /// `ingest.max_seq_gap`.
         limit: u64,
     },
+    /// The client id belongs to another credential: the one that first used it.
+    NotOwner,
 }
 
 #[derive(Debug, Default)]
 struct ClientMarks {
     accepted: u64,
     durable: u64,
+    /// The credential the client id belongs to (0: none yet).
+    owner: u64,
+    /// When it last sent a batch (seconds).
+    last_seen: i64,
+    /// Whether `owner` or `last_seen` changed since the last write.
+    changed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -242,6 +252,9 @@ impl Admit for Pipeline {
         };
         let mut marks = client.as_ref().map(|c| c.lock());
         if let Some(m) = &marks {
+            if m.owner != 0 && batch.owner != m.owner {
+                return Ok((Admission::NotOwner, gate.epoch));
+            }
             if batch.seq <= m.accepted {
                 return Ok((Admission::Duplicate, gate.epoch));
             }
@@ -265,6 +278,16 @@ impl Admit for Pipeline {
         }
         if let Some(m) = marks.as_mut() {
             m.accepted = batch.seq;
+            if m.owner == 0 && batch.owner != 0 {
+                m.owner = batch.owner;
+                m.changed = true;
+            }
+            // Kept to the minute: the mark is rewritten once a minute at most for this alone.
+            let seen = batch.now.div_euclid(1_000_000_000);
+            if seen >= m.last_seen + 60 {
+                m.last_seen = seen;
+                m.changed = true;
+            }
         }
         for p in permits {
             p.send(ShardMsg::Work { epoch: gate.epoch, batch: Arc::clone(&batch) });
@@ -294,6 +317,8 @@ pub struct Pipeline {
     group_commit_delay: std::time::Duration,
     /// `ingest.max_seq_gap`.
     max_seq_gap: u64,
+    /// Clients idle since before this (seconds) are forgotten with the next epoch (0: none).
+    forget_before: std::sync::atomic::AtomicI64,
 }
 
 impl Pipeline {
@@ -319,8 +344,18 @@ impl Pipeline {
             handles.push(tokio::spawn(shard::run(id as u32, rx, layout, limits, open.clone())));
         }
         let clients = DashMap::new();
-        for (client, seq) in store.watermarks()? {
-            clients.insert(client, Arc::new(Mutex::new(ClientMarks { accepted: seq, durable: seq })));
+        let now = clock.now_seconds();
+        for (client, mark) in store.watermarks()? {
+            // A row written before last-seen times were kept counts as seen now.
+            let last_seen = if mark.last_seen == 0 { now } else { mark.last_seen };
+            let marks = ClientMarks {
+                accepted: mark.seq,
+                durable: mark.seq,
+                owner: mark.owner,
+                last_seen,
+                changed: mark.last_seen == 0,
+            };
+            clients.insert(client, Arc::new(Mutex::new(marks)));
         }
         let pipeline = Pipeline {
             shards,
@@ -338,8 +373,16 @@ impl Pipeline {
             hurry,
             group_commit_delay: config.group_commit_delay,
             max_seq_gap: config.max_seq_gap,
+            forget_before: std::sync::atomic::AtomicI64::new(0),
         };
         Ok((Arc::new(pipeline), handles))
+    }
+
+    /// Asks the next epoch to forget the clients that sent nothing since `before` (seconds)
+    /// and have nothing unwritten: out of memory and, in the same write as the epoch, out of
+    /// the store. Their ids are free again (a client seen after that starts over from seq 1).
+    pub fn forget_idle_clients(&self, before: i64) {
+        self.forget_before.store(before, Ordering::Relaxed);
     }
 
     /// Whether new batches are accepted and the store writes.
@@ -398,20 +441,42 @@ impl Pipeline {
     /// with the next epoch; nothing it holds is acknowledged until it is written.
     async fn flush_epoch(&self, pending: &mut EpochWrite) {
         let started = Instant::now();
-        let (epoch, watermarks) = {
+        let (epoch, watermarks, forgotten) = {
             let mut gate = self.gate.write();
             let epoch = gate.epoch;
             gate.epoch += 1;
-            let marks: Vec<(u64, u64)> = self
+            // Under the gate no batch is admitted: a client forgotten here cannot be mid-batch.
+            let before = self.forget_before.swap(0, Ordering::Relaxed);
+            let mut forgotten = Vec::new();
+            if before > 0 {
+                self.clients.retain(|id, m| {
+                    let m = m.lock();
+                    let idle = m.last_seen < before && m.accepted == m.durable && !m.changed;
+                    if idle {
+                        forgotten.push(*id);
+                    }
+                    !idle
+                });
+            }
+            let marks: Vec<(u64, Watermark)> = self
                 .clients
                 .iter()
                 .filter_map(|e| {
-                    let m = e.value().lock();
-                    (m.accepted > m.durable).then_some((*e.key(), m.accepted))
+                    let mut m = e.value().lock();
+                    let due = m.accepted > m.durable || m.changed;
+                    m.changed = false;
+                    due.then_some((
+                        *e.key(),
+                        Watermark { seq: m.accepted, owner: m.owner, last_seen: m.last_seen },
+                    ))
                 })
                 .collect();
-            (epoch, marks)
+            (epoch, marks, forgotten)
         };
+        if !forgotten.is_empty() {
+            tracing::info!(clients = forgotten.len(), "forgetting the watermarks of idle clients");
+            self.metrics.clients_forgotten.inc_by(forgotten.len() as u64);
+        }
         let mut replies = Vec::with_capacity(self.shards.len());
         for tx in &self.shards {
             let (reply, rx) = oneshot::channel();
@@ -419,7 +484,7 @@ impl Pipeline {
                 replies.push(rx);
             }
         }
-        let mut write = EpochWrite { watermarks, ..EpochWrite::default() };
+        let mut write = EpochWrite { watermarks, forgotten_clients: forgotten, ..EpochWrite::default() };
         let mut active = 0;
         for rx in replies {
             if let Ok(Handover { windows, series, active_series, exemplars }) = rx.await {
@@ -444,10 +509,10 @@ impl Pipeline {
         .await;
         match result {
             Ok((batch, Ok((bytes, operands)))) => {
-                for &(client, seq) in &batch.watermarks {
+                for &(client, mark) in &batch.watermarks {
                     if let Some(m) = self.clients.get(&client) {
                         let mut m = m.lock();
-                        m.durable = m.durable.max(seq);
+                        m.durable = m.durable.max(mark.seq);
                     }
                 }
                 self.store_healthy.store(true, Ordering::Relaxed);

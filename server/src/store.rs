@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | `win_10s`, `win_1m`, `win_1h` | partition `u32` ‖ series id `u64` ‖ window start `u64` (s) | histogram (merge operands) |
 //! | `series` | series id `u64` | encoded labels ‖ hour of the newest window `u32` |
-//! | `watermarks` | client id `u64` | highest durable seq `u64` |
+//! | `watermarks` | client id `u64` | highest durable seq `u64` ‖ owning credential `u64` ‖ last seen `i64` (s) |
 //! | `exemplars` | hour `u32` ‖ series id `u64` ‖ window start `u64` ‖ span id `u64` | trace id, duration, start |
 //! | `alerting` | kind prefix ‖ name (rule state, notification log, silences) | JSON |
 //!
@@ -208,6 +208,39 @@ pub struct Exemplar {
     pub adjusted_count: f64,
 }
 
+/// A client's durable watermark and what it is known by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Watermark {
+    /// The highest durable seq.
+    pub seq: u64,
+    /// The credential that owns the client id (a digest of its token; 0: none).
+    pub owner: u64,
+    /// When the client last sent a batch, seconds since the epoch (0: unknown, a row written
+    /// before this was kept).
+    pub last_seen: i64,
+}
+
+impl Watermark {
+    /// The stored value: seq ‖ owner ‖ last seen, big-endian.
+    pub(crate) fn encode(&self) -> [u8; 24] {
+        let mut v = [0u8; 24];
+        v[..8].copy_from_slice(&self.seq.to_be_bytes());
+        v[8..16].copy_from_slice(&self.owner.to_be_bytes());
+        v[16..].copy_from_slice(&self.last_seen.to_be_bytes());
+        v
+    }
+
+    /// A stored value: 24 bytes, or the 8 of a seq alone (written before owners were kept).
+    pub(crate) fn decode(v: &[u8]) -> Option<Watermark> {
+        let at = |i: usize| v.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+        match v.len() {
+            8 => Some(Watermark { seq: at(0)?, owner: 0, last_seen: 0 }),
+            24 => Some(Watermark { seq: at(0)?, owner: at(8)?, last_seen: at(16)? as i64 }),
+            _ => None,
+        }
+    }
+}
+
 /// Everything one flush epoch writes atomically.
 #[derive(Debug, Default)]
 pub struct EpochWrite {
@@ -216,7 +249,9 @@ pub struct EpochWrite {
     /// Series seen for the first time since start-up (idempotent puts).
     pub series: Vec<(u64, SeriesLabels)>,
     /// Clients' new durable watermarks.
-    pub watermarks: Vec<(u64, u64)>,
+    pub watermarks: Vec<(u64, Watermark)>,
+    /// Clients whose watermarks are forgotten (idle for `ingest.client_idle_timeout`).
+    pub forgotten_clients: Vec<u64>,
     /// Exemplars of windows that closed.
     pub exemplars: Vec<Exemplar>,
 }
@@ -227,6 +262,7 @@ impl EpochWrite {
         self.windows.is_empty()
             && self.series.is_empty()
             && self.watermarks.is_empty()
+            && self.forgotten_clients.is_empty()
             && self.exemplars.is_empty()
     }
 
@@ -235,6 +271,7 @@ impl EpochWrite {
         self.windows.extend(other.windows);
         self.series.extend(other.series);
         self.watermarks.extend(other.watermarks);
+        self.forgotten_clients.extend(other.forgotten_clients);
         self.exemplars.extend(other.exemplars);
     }
 }

@@ -170,6 +170,8 @@ pub struct Metrics {
     pub alerts_forwarded: Family<Outcome, Counter>,
     /// TLS handshakes that failed (no certificate, a wrong one, not TLS, too slow).
     pub tls_handshake_failures: Counter,
+    /// Clients whose watermarks were forgotten after `ingest.client_idle_timeout`.
+    pub clients_forgotten: Counter,
     /// Requests refused for their credentials, by listener and reason.
     pub auth_failures: Family<AuthLabel, Counter>,
 }
@@ -224,6 +226,7 @@ impl Metrics {
             alerts_forwarded: Family::default(),
             tls_handshake_failures: Counter::default(),
             auth_failures: Family::default(),
+            clients_forgotten: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -368,6 +371,11 @@ impl Metrics {
             "tls_handshake_failures",
             "TLS handshakes that failed on any listener (a wrong or missing client certificate, not TLS, too slow)",
             m.tls_handshake_failures.clone(),
+        );
+        r.register(
+            "clients_forgotten",
+            "Clients whose watermarks were forgotten after ingest.client_idle_timeout without a batch",
+            m.clients_forgotten.clone(),
         );
         r.register(
             "auth_failures",

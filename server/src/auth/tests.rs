@@ -68,8 +68,10 @@ fn users_read_writers_write_admins_reload_and_the_rest_is_refused_and_counted() 
 fn ingest_takes_any_listed_token_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let (auth, _) = setup(dir.path(), |_| {});
-    assert_eq!(auth.check_ingest(Some("Bearer s3cret-one"), "grpc"), Ok(()));
-    assert_eq!(auth.check_ingest(Some("bearer   s3cret-two"), "grpc"), Ok(()));
+    let one = auth.check_ingest(Some("Bearer s3cret-one"), "grpc").unwrap().expect("a credential");
+    let two = auth.check_ingest(Some("bearer   s3cret-two"), "grpc").unwrap().expect("a credential");
+    assert_ne!(one, two, "each token is its own credential");
+    assert_eq!(auth.check_ingest(Some("Bearer s3cret-one"), "grpc"), Ok(Some(one)));
     assert_eq!(auth.check_ingest(Some("Bearer s3cret"), "grpc"), Err(Refusal::Invalid));
     assert_eq!(auth.check_ingest(Some("Bearer # writers"), "grpc"), Err(Refusal::Invalid));
     assert_eq!(auth.check_ingest(Some("s3cret-one"), "grpc"), Err(Refusal::Invalid));
@@ -78,7 +80,7 @@ fn ingest_takes_any_listed_token_and_nothing_else() {
     std::fs::write(dir.path().join("tokens"), "rotated\n").unwrap();
     auth.reload().unwrap();
     assert_eq!(auth.check_ingest(Some("Bearer s3cret-one"), "grpc"), Err(Refusal::Invalid));
-    assert_eq!(auth.check_ingest(Some("Bearer rotated"), "grpc"), Ok(()));
+    assert!(auth.check_ingest(Some("Bearer rotated"), "grpc").unwrap().is_some());
 }
 
 #[test]
@@ -87,7 +89,7 @@ fn without_credentials_everything_but_the_lifecycle_is_open() {
     let open = Auth::load(&AuthConfig::default(), None, metrics.clone()).unwrap();
     assert_eq!(open.check_http(None, Access::Read), Ok(()));
     assert_eq!(open.check_http(None, Access::Write), Ok(()));
-    assert_eq!(open.check_ingest(None, "grpc"), Ok(()));
+    assert_eq!(open.check_ingest(None, "grpc"), Ok(None));
     assert_eq!(open.check_http(None, Access::Admin), Err(Refusal::LifecycleDisabled));
     let lifecycle = AuthConfig { enable_lifecycle: true, ..AuthConfig::default() };
     assert_eq!(Auth::load(&lifecycle, None, metrics).unwrap().check_http(None, Access::Admin), Ok(()));

@@ -52,12 +52,14 @@ impl Ingest for IngestService {
         &self,
         request: Request<Streaming<SpanBatch>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        // The credential the stream authenticated with (the gRPC guard puts it there).
+        let owner = request.extensions().get::<crate::auth::Credential>().map_or(0, |c| c.0);
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(8);
         let service = self.clone();
         tokio::spawn(async move {
             service.metrics.ingest_streams.inc();
-            service.serve_stream(inbound, tx).await;
+            service.serve_stream(inbound, tx, owner).await;
             service.metrics.ingest_streams.dec();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -67,6 +69,8 @@ impl Ingest for IngestService {
 /// The per-stream state.
 struct StreamState {
     client: Option<u64>,
+    /// The credential the stream authenticated with (0: none).
+    owner: u64,
     acked: u64,
     /// The series keys this client sent, whose sampling policies it is told.
     keys: std::collections::HashSet<u64>,
@@ -117,10 +121,12 @@ impl IngestService {
         &self,
         mut inbound: Streaming<SpanBatch>,
         tx: mpsc::Sender<Result<IngestReply, Status>>,
+        owner: u64,
     ) {
         let mut durable = self.pipeline.subscribe();
         let mut st = StreamState {
             client: None,
+            owner,
             acked: 0,
             keys: Default::default(),
             told: 0,
@@ -190,7 +196,7 @@ impl IngestService {
             }
             return Ok(());
         }
-        match self.submit(batch, Origin::Native).await {
+        match self.submit_as(batch, Origin::Native, st.owner).await {
             Ok(receipt) if receipt.duplicate => Ok(()),
             Ok(receipt) => {
                 let stats = receipt.stats;

@@ -17,7 +17,7 @@ use super::keys::{raw_key, window_key, window_of_key, EXEMPLAR_PARTITION_SECONDS
 use super::merge::{merge_values, MERGE_OPERATOR};
 use super::{
     EpochWrite, Exemplar, Record, Resolution, RetentionConfig, RetentionReport, Source, StateKind,
-    StateStore, StoreError, WindowFn,
+    StateStore, StoreError, Watermark, WindowFn,
 };
 use crate::series::SeriesLabels;
 use crate::telemetry::Metrics;
@@ -152,8 +152,11 @@ impl Store {
             batch.put_cf(series, id.to_be_bytes(), encode_entry(labels, *hour));
         }
         let marks = self.cf(CF_WATERMARKS)?;
-        for (client, seq) in &epoch.watermarks {
-            batch.put_cf(marks, client.to_be_bytes(), seq.to_be_bytes());
+        for client in &epoch.forgotten_clients {
+            batch.delete_cf(marks, client.to_be_bytes());
+        }
+        for (client, mark) in &epoch.watermarks {
+            batch.put_cf(marks, client.to_be_bytes(), mark.encode());
         }
         let exemplars = self.cf(CF_EXEMPLARS)?;
         for e in &epoch.exemplars {
@@ -264,15 +267,18 @@ impl Store {
     }
 
     /// Every client's durable watermark.
-    pub fn watermarks(&self) -> Result<Vec<(u64, u64)>, StoreError> {
+    pub fn watermarks(&self) -> Result<Vec<(u64, Watermark)>, StoreError> {
         let cf = self.cf(CF_WATERMARKS)?;
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item?;
-            let (Ok(k), Ok(v)) = (<[u8; 8]>::try_from(&*k), <[u8; 8]>::try_from(&*v)) else {
-                return Err(StoreError::Corrupt { what: "watermark", message: "not 8 bytes".into() });
+            let (Ok(k), Some(mark)) = (<[u8; 8]>::try_from(&*k), Watermark::decode(&v)) else {
+                return Err(StoreError::Corrupt {
+                    what: "watermark",
+                    message: format!("{} key bytes, {} value bytes", k.len(), v.len()),
+                });
             };
-            out.push((u64::from_be_bytes(k), u64::from_be_bytes(v)));
+            out.push((u64::from_be_bytes(k), mark));
         }
         Ok(out)
     }

@@ -45,8 +45,9 @@ fn epochs_merge_into_every_resolution() {
                 WindowDelta { series: other, window_start: window, histogram: hist(&[5]).to_bytes() },
             ],
             series: vec![(id, a.clone())],
-            watermarks: vec![(42, i as u64 + 1)],
+            watermarks: vec![(42, Watermark { seq: i as u64 + 1, owner: 3, last_seen: 1_800_000_000 })],
             exemplars: Vec::new(),
+            forgotten_clients: Vec::new(),
         };
         store.write_epoch(&write).expect("write");
     }
@@ -58,7 +59,10 @@ fn epochs_merge_into_every_resolution() {
     assert_eq!(window_counts(&store, Resolution::H1, id, T0, T0 + 3600), vec![(T0, 12)]);
     // Range bounds are respected and other series never leak in.
     assert_eq!(window_counts(&store, Resolution::S10, id, T0 + 10, T0 + 70), vec![(T0 + 10, 6)]);
-    assert_eq!(store.watermarks().expect("marks"), vec![(42, 4)]);
+    assert_eq!(
+        store.watermarks().expect("marks"),
+        vec![(42, Watermark { seq: 4, owner: 3, last_seen: 1_800_000_000 })]
+    );
     assert_eq!(store.series().expect("series"), vec![(id, a)]);
 }
 
@@ -95,14 +99,14 @@ fn data_survives_reopening() {
                 window_start: T0,
                 histogram: hist(&[1, 2, 3]).to_bytes(),
             }],
-            watermarks: vec![(7, 9)],
+            watermarks: vec![(7, Watermark { seq: 9, ..Watermark::default() })],
             ..EpochWrite::default()
         };
         store.write_epoch(&write).expect("write");
     }
     let store = open(dir.path());
     assert_eq!(window_counts(&store, Resolution::S10, id, T0, T0 + 10), vec![(T0, 3)]);
-    assert_eq!(store.watermarks().expect("marks"), vec![(7, 9)]);
+    assert_eq!(store.watermarks().expect("marks"), vec![(7, Watermark { seq: 9, ..Watermark::default() })]);
 }
 
 #[test]
@@ -209,6 +213,7 @@ fn a_scan_of_any_width_skips_empty_partitions_and_finds_every_window() {
             series: vec![(id, a.clone())],
             watermarks: Vec::new(),
             exemplars: Vec::new(),
+            forgotten_clients: Vec::new(),
         };
         store.write_epoch(&write).expect("write");
     }
@@ -240,6 +245,7 @@ fn many_intervals_read_as_one_scan_per_interval_would() {
             series: vec![(id, a)],
             watermarks: Vec::new(),
             exemplars: Vec::new(),
+            forgotten_clients: Vec::new(),
         })
         .expect("write");
     let intervals = [
@@ -348,4 +354,13 @@ fn alerting_state_is_kept_per_kind_alike_in_rocksdb_and_in_memory() {
     // On disk the keys keep the prefixes of the first release.
     let raw: Vec<Vec<u8>> = rocks.alerting_records(b"").unwrap().into_iter().map(|(k, _)| k).collect();
     assert_eq!(raw, [b"nflog\0a".to_vec(), b"silence\0a".to_vec(), b"silence\0b".to_vec()]);
+}
+
+#[test]
+fn watermarks_keep_their_owner_and_last_seen_and_old_rows_still_read() {
+    let mark = Watermark { seq: 77, owner: 0xfeed, last_seen: 1_800_000_123 };
+    assert_eq!(Watermark::decode(&mark.encode()), Some(mark));
+    // A row of the first release: the seq alone.
+    assert_eq!(Watermark::decode(&77u64.to_be_bytes()), Some(Watermark { seq: 77, owner: 0, last_seen: 0 }));
+    assert_eq!(Watermark::decode(&[1, 2, 3]), None);
 }

@@ -176,3 +176,83 @@ async fn the_lifecycle_api_is_off_unless_enabled() {
     assert!(r.text().await.unwrap().contains("auth.enable_lifecycle"));
     server.shutdown().await;
 }
+
+/// A stream whose requests carry `token`.
+async fn open_as(addr: std::net::SocketAddr, token: &str) -> Stream {
+    let mut client = connect(addr).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
+    let replies = client.stream(request).await.expect("open stream").into_inner();
+    Stream { tx, replies, acked: 0 }
+}
+
+/// Watermark poisoning with authentication on: a client id belongs to the credential that
+/// first used it, across restarts; another credential naming it is refused and counted; the
+/// owner's batches keep being counted exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_belongs_to_the_credential_that_first_used_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "token-a\ntoken-b\n").unwrap();
+    let mut c = config(&dir.path().join("data"));
+    c.auth.ingest_token_files = vec![tokens];
+    let now = now_nanos();
+    let make = |seq: u64| {
+        batch(9, seq, vec![group("owned", "GET /", vec![span(now - seq as i64, 1_000_000, false)])])
+    };
+    let server = tailscope_server::Server::start(c.clone()).await.unwrap();
+    let mut owner = open_as(server.grpc_addr(), "token-a").await;
+    for seq in 1..=5 {
+        owner.send(make(seq)).await;
+    }
+    owner.wait_acked(5).await;
+    let mut other = open_as(server.grpc_addr(), "token-b").await;
+    other.send(make(6)).await;
+    let status = other.wait_error().await;
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("belongs to another credential"), "{}", status.message());
+    for seq in 6..=11 {
+        owner.send(make(seq)).await;
+    }
+    owner.wait_acked(11).await;
+    drop(owner);
+    server.shutdown().await;
+
+    // After a restart the id is still token-a's.
+    let server = tailscope_server::Server::start(c).await.unwrap();
+    let mut other = open_as(server.grpc_addr(), "token-b").await;
+    other.send(make(12)).await;
+    assert_eq!(other.wait_error().await.code(), tonic::Code::PermissionDenied);
+    let mut owner = open_as(server.grpc_addr(), "token-a").await;
+    owner.send(make(12)).await;
+    owner.wait_acked(12).await;
+    let rows = tail(server.http_addr(), "service=owned").await;
+    assert_eq!(rows.iter().map(|r| r["count"].as_u64().unwrap()).sum::<u64>(), 12, "{rows:?}");
+    let m = metrics(server.http_addr()).await;
+    assert_eq!(metric(&m, "tailscope_batches_rejected_total{reason=\"not_owner\"}"), 1.0, "{m}");
+    server.shutdown().await;
+}
+
+/// Watermarks of client ids idle for `ingest.client_idle_timeout` are forgotten: out of memory
+/// and their rows out of the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_ids_are_forgotten_and_their_rows_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir.path().join("data"));
+    c.ingest.client_idle_timeout = Duration::from_secs(1);
+    c.retention.interval = Duration::from_secs(1);
+    let server = tailscope_server::Server::start(c).await.unwrap();
+    let now = now_nanos();
+    let mut s = open(server.grpc_addr()).await;
+    s.send(batch(31, 1, vec![group("idle", "GET /", vec![span(now, 1_000_000, false)])])).await;
+    s.wait_acked(1).await;
+    assert!(server.store().watermarks().unwrap().iter().any(|(id, _)| *id == 31));
+    assert_eventually!(
+        !server.store().watermarks().unwrap().iter().any(|(id, _)| *id == 31),
+        "the idle client's watermark row is still there"
+    );
+    let m = metrics(server.http_addr()).await;
+    assert!(metric(&m, "tailscope_clients_forgotten_total") >= 1.0, "{m}");
+    server.shutdown().await;
+}
