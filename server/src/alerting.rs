@@ -200,8 +200,12 @@ pub struct AlertingConfig {
     pub evaluation_interval: Duration,
     /// Alertmanager-style YAML (`route`, `receivers`, `inhibit_rules`); empty: no receivers.
     pub alertmanager_config: PathBuf,
-    /// Alertmanagers to forward alerts to as well (`http://host:9093`).
+    /// Alertmanagers to forward alerts to as well (`http://host:9093`, `https://…`).
     pub alertmanager_urls: Vec<String>,
+    /// How to reach them: a YAML file in Alertmanager's `http_config` format (`tls_config`
+    /// with a CA or client certificate, `basic_auth`, `authorization`, `proxy_url`); empty:
+    /// the system's roots and no credentials.
+    pub alertmanager_http_config: PathBuf,
     /// This server's URL as users reach it (links in notifications); empty: the HTTP address.
     pub external_url: String,
     /// Least time between two sends of an unchanged firing alert.
@@ -232,6 +236,7 @@ impl Default for AlertingConfig {
             evaluation_interval: Duration::from_secs(60),
             alertmanager_config: PathBuf::new(),
             alertmanager_urls: Vec::new(),
+            alertmanager_http_config: PathBuf::new(),
             external_url: String::new(),
             resend_delay: Duration::from_secs(60),
             queue_capacity: 10_000,
@@ -385,8 +390,11 @@ impl Alerting {
         let mut sinks: Vec<Arc<dyn Sink>> = vec![Arc::new(notifier.clone())];
         let mut tasks = vec![notifier_task];
         if !config.alertmanager_urls.is_empty() {
+            let http = receivers::http_config::HttpConfig::load(&config.alertmanager_http_config)
+                .map_err(AlertingError::Receivers)?;
             let (forwarder, task) = receivers::alertmanager::Forwarder::start(
                 config.alertmanager_urls.clone(),
+                http,
                 config.queue_capacity,
                 config.webhook_timeout,
                 metrics.clone(),

@@ -169,3 +169,36 @@ receivers:
     assert!(attempts("server_error") >= 2.0, "{text}");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_are_forwarded_to_an_alertmanager_over_https_with_its_http_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Pki::new(dir.path(), "am-");
+    let (am, am_addr) = Impostor::start(dir.path(), &ca, &[]).await;
+    let http_config = dir.path().join("am-http.yml");
+    std::fs::write(
+        &http_config,
+        format!(
+            "tls_config: {{ca_file: {}}}\nbasic_auth: {{username: prom, password: secret}}\n",
+            ca.ca.display()
+        ),
+    )
+    .unwrap();
+    let rules = dir.path().join("rules.yml");
+    std::fs::write(
+        &rules,
+        "groups:\n  - name: g\n    interval: 1s\n    rules:\n      - alert: Always\n        expr: '1'\n",
+    )
+    .unwrap();
+    let mut config = config(&dir.path().join("data"));
+    config.alerting.rule_files = vec![rules];
+    config.alerting.alertmanager_urls = vec![format!("https://localhost:{}", am_addr.port())];
+    config.alerting.alertmanager_http_config = http_config;
+    let server = tailscope_server::Server::start(config).await.expect("server starts");
+    assert_eventually!(!am.seen().is_empty(), "nothing forwarded");
+    let (path, auth, body) = &am.seen()[0];
+    assert_eq!(path, "/api/v2/alerts");
+    assert_eq!(auth, "Basic cHJvbTpzZWNyZXQ=", "prom:secret");
+    assert_eq!(body[0]["labels"]["alertname"], "Always");
+    server.shutdown().await;
+}

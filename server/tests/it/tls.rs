@@ -188,3 +188,33 @@ fn the_example_web_config_is_valid_for_prometheus_and_for_tailscope() {
     );
     assert!(tailscope_server::tls::Tls::load(&path).unwrap().is_some());
 }
+
+/// The server process itself: a certificate rotated on disk and `SIGHUP` — new connections
+/// get the new certificate, a client's open stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_takes_a_rotated_certificate_in_the_running_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "");
+    let web = web_config(dir.path(), &pki, false);
+    let web = web.display().to_string();
+    let (child, grpc, http) =
+        spawn_server(&dir.path().join("data"), &[("TAILSCOPE_WEB_CONFIG_FILE", web.as_str())]);
+    let child = Peer(child);
+    let url = format!("https://localhost:{}/-/healthy", http.port());
+    assert!(curl(&pki.ca, &[], &url).0);
+    let client = tls_client(grpc, &pki.ca);
+    client.record("GET /a", Duration::from_millis(1), Status::Ok);
+    client.flush_within(Duration::from_secs(30)).await.expect("acknowledged over TLS");
+    let next = Pki::new(dir.path(), "next-");
+    std::fs::copy(&next.server_cert, &pki.server_cert).unwrap();
+    std::fs::copy(&next.server_key, &pki.server_key).unwrap();
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    assert_eventually!(curl(&next.ca, &[], &url).0, "the new certificate is not served after SIGHUP");
+    assert!(!curl(&pki.ca, &[], &url).0, "the old one is no longer served");
+    let reconnects = client.stats().reconnects;
+    client.record("GET /a", Duration::from_millis(1), Status::Ok);
+    client.flush_within(Duration::from_secs(30)).await.expect("the open stream still acknowledges");
+    assert_eq!(client.stats().reconnects, reconnects, "the stream was not dropped");
+    client.shutdown(Duration::from_secs(5)).await.unwrap();
+}

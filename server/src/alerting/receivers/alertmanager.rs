@@ -29,12 +29,9 @@ pub struct AlertmanagerApi {
 }
 
 impl AlertmanagerApi {
-    /// The Alertmanager at `url` (`http://host:9093` or `https://…`).
-    pub fn new(url: &str) -> AlertmanagerApi {
-        AlertmanagerApi {
-            endpoint: format!("{}/api/v2/alerts", url.trim_end_matches('/')),
-            http: HttpConfig::default(),
-        }
+    /// The Alertmanager at `url` (`http://host:9093` or `https://…`), reached as `http` says.
+    pub fn new(url: &str, http: HttpConfig) -> AlertmanagerApi {
+        AlertmanagerApi { endpoint: format!("{}/api/v2/alerts", url.trim_end_matches('/')), http }
     }
 }
 
@@ -72,6 +69,7 @@ impl Forwarder {
     /// within `timeout`; an Alertmanager that keeps failing opens its breaker.
     pub fn start(
         urls: Vec<String>,
+        http: HttpConfig,
         capacity: usize,
         timeout: Duration,
         metrics: Arc<Metrics>,
@@ -80,7 +78,9 @@ impl Forwarder {
         let (tx, mut rx) = mpsc::channel::<Vec<Alert>>(capacity.max(1));
         let apis: Vec<(AlertmanagerApi, Breaker)> = urls
             .iter()
-            .map(|u| (AlertmanagerApi::new(u), Breaker::new(timeout.max(Duration::from_secs(1)))))
+            .map(|u| {
+                (AlertmanagerApi::new(u, http.clone()), Breaker::new(timeout.max(Duration::from_secs(1))))
+            })
             .collect();
         let m = metrics.clone();
         let task = tokio::spawn(async move {

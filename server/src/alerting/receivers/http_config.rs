@@ -198,6 +198,18 @@ impl HttpConfig {
         Ok(HttpConfig { client, credentials: set.into_iter().next() })
     }
 
+    /// An `http_config` of its own file (`alerting.alertmanager_http_config`); an empty path:
+    /// the default.
+    pub fn load(path: &Path) -> Result<HttpConfig, String> {
+        if path.as_os_str().is_empty() {
+            return Ok(HttpConfig::default());
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let y: HttpConfigYaml =
+            serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        HttpConfig::build(y).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     /// `request` with the credentials.
     pub fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.credentials {
