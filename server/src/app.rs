@@ -50,10 +50,10 @@ pub enum StartError {
     },
     /// The users of the web configuration or an ingest token file are invalid.
     #[error("credentials: {0}")]
-    Auth(#[from] crate::auth::AuthError),
+    Auth(crate::auth::AuthError),
     /// The web configuration (TLS) is invalid, or a certificate it names.
     #[error("web configuration: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(crate::tls::TlsError),
     /// A rule file or the notifier configuration is invalid.
     #[error("alerting: {0}")]
     Alerting(#[from] crate::alerting::AlertingError),
@@ -105,11 +105,13 @@ impl Server {
         let tls = if config.server.web_config_file.as_os_str().is_empty() {
             None
         } else {
-            crate::tls::Tls::load(&config.server.web_config_file)?.map(Arc::new)
+            crate::tls::Tls::load(&config.server.web_config_file).map_err(StartError::Tls)?.map(Arc::new)
         };
         let web_config = (!config.server.web_config_file.as_os_str().is_empty())
             .then_some(config.server.web_config_file.as_path());
-        let auth = Arc::new(crate::auth::Auth::load(&config.auth, web_config, metrics.clone())?);
+        let auth = Arc::new(
+            crate::auth::Auth::load(&config.auth, web_config, metrics.clone()).map_err(StartError::Auth)?,
+        );
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
         };

@@ -95,26 +95,8 @@ impl Refusal {
     }
 }
 
-/// Why the credentials cannot be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum AuthError {
-    /// A file cannot be read.
-    #[error("{path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// A file's content is wrong.
-    #[error("{path}: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-}
+/// Why the credentials cannot be loaded: a file that cannot be read, or what it holds.
+pub type AuthError = crate::files::FileError;
 
 #[derive(Debug, Deserialize)]
 struct UsersYaml {
@@ -261,8 +243,7 @@ impl Auth {
 fn read_credentials(config: &AuthConfig, web_config: Option<&Path>) -> Result<Credentials, AuthError> {
     let mut credentials = Credentials::default();
     if let Some(path) = web_config {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| AuthError::Read { path: path.to_owned(), source })?;
+        let text = crate::files::read_to_string(path)?;
         // The rest of the file is the TLS loader's; only the users are read here.
         let y: UsersYaml = serde_yaml::from_str(&text)
             .map_err(|e| AuthError::Invalid { path: path.to_owned(), message: e.to_string() })?;
@@ -277,8 +258,7 @@ fn read_credentials(config: &AuthConfig, web_config: Option<&Path>) -> Result<Cr
         }
     }
     for path in &config.ingest_token_files {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| AuthError::Read { path: path.clone(), source })?;
+        let text = crate::files::read_to_string(path)?;
         let before = credentials.tokens.len();
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
             credentials.tokens.push(sha256(&[line.as_bytes()]));

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod cardinality;
 pub mod clock;
 pub mod config;
+pub mod files;
 pub mod http;
 pub mod ingest;
 pub mod listener;

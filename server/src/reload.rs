@@ -13,10 +13,10 @@ use crate::tls::{Tls, TlsError};
 pub enum ReloadError {
     /// The web configuration or a certificate it names.
     #[error("web configuration: {0}")]
-    Tls(#[from] TlsError),
+    Tls(TlsError),
     /// The users or a token file.
     #[error("credentials: {0}")]
-    Auth(#[from] AuthError),
+    Auth(AuthError),
     /// A rule file or the notifier configuration.
     #[error(transparent)]
     Alerting(#[from] AlertingError),
@@ -47,7 +47,7 @@ impl Reloader {
             tracing::error!(error = %e, "reload: the running credentials stay");
         }
         self.alerting.reload()?;
-        tls?;
-        Ok(auth?)
+        tls.map_err(ReloadError::Tls)?;
+        auth.map_err(ReloadError::Auth)
     }
 }

@@ -21,26 +21,9 @@ use tokio_rustls::TlsAcceptor;
 #[cfg(test)]
 mod tests;
 
-/// Why the web configuration cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A file cannot be read.
-    #[error("{path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file is not a web configuration, or a key in it is wrong.
-    #[error("{path}: {message}")]
-    Invalid {
-        /// The web configuration file.
-        path: PathBuf,
-        /// What is wrong, naming the key.
-        message: String,
-    },
-}
+/// Why the web configuration cannot be used: a file that cannot be read, or a key in it that
+/// is wrong.
+pub type TlsError = crate::files::FileError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,18 +99,15 @@ impl Tls {
     }
 }
 
-fn invalid(path: &Path, message: impl Into<String>) -> TlsError {
-    TlsError::Invalid { path: path.to_owned(), message: message.into() }
-}
+use crate::files::read;
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })
+fn invalid(path: &Path, message: impl Into<String>) -> TlsError {
+    TlsError::invalid(path, message)
 }
 
 /// The server configurations (HTTP/1.1, HTTP/2) the file describes.
 fn build(path: &Path) -> Result<Option<Configs>, TlsError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })?;
+    let text = crate::files::read_to_string(path)?;
     let y: WebConfigYaml = serde_yaml::from_str(&text).map_err(|e| invalid(path, e.to_string()))?;
     let Some(t) = y.tls_server_config else { return Ok(None) };
     // Relative paths are relative to the web configuration file, as in Prometheus.

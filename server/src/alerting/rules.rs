@@ -22,25 +22,7 @@ use crate::store::{MemoryStore, RetentionConfig};
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A rule file could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum RuleError {
-    /// The file could not be read.
-    #[error("{path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file is not valid rule YAML, or a rule in it is invalid.
-    #[error("{path}: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong and where.
-        message: String,
-    },
-}
+pub type RuleError = crate::files::FileError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
