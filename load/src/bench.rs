@@ -453,22 +453,27 @@ async fn connection(
     client_id: u64,
     batches: u64,
     bodies: Vec<Bytes>,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, Vec<Duration>)> {
     let channel = link.channel(grpc).await?;
     let path = http::uri::PathAndQuery::from_static("/tailscope.v1.Ingest/Stream");
     let mut acked = 0;
     let mut refusals = 0;
+    // When each batch was (last) sent, by seq: its acknowledgement latency is from there.
+    let sent: std::sync::Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
+        std::sync::Arc::new(std::sync::Mutex::new(vec![None; batches as usize + 1]));
+    let mut latencies = Vec::with_capacity(batches as usize);
     while acked < batches {
         let mut client = tonic::client::Grpc::new(channel.clone());
         client.ready().await?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         let mut replies = client.streaming(request, path.clone(), PreEncodedCodec).await?.into_inner();
-        let bodies = bodies.clone();
+        let (bodies, times) = (bodies.clone(), sent.clone());
         let from = acked + 1;
         let sender = tokio::spawn(async move {
             for seq in from..=batches {
                 let body = bodies[seq as usize % bodies.len()].clone();
+                times.lock().unwrap_or_else(|e| e.into_inner())[seq as usize] = Some(Instant::now());
                 if tx.send(Encoded { client_id, seq, body }).await.is_err() {
                     return None;
                 }
@@ -480,6 +485,14 @@ async fn connection(
             match replies.message().await {
                 // Throttle hints are expected while the benchmark saturates the server.
                 Ok(Some(r)) => {
+                    let now = Instant::now();
+                    let times = sent.lock().unwrap_or_else(|e| e.into_inner());
+                    for seq in acked + 1..=r.durable_seq.min(batches) {
+                        if let Some(t) = times[seq as usize] {
+                            latencies.push(now - t);
+                        }
+                    }
+                    drop(times);
                     acked = acked.max(r.durable_seq);
                     if acked >= batches {
                         break;
@@ -498,7 +511,7 @@ async fn connection(
         }
         sender.abort();
     }
-    Ok(refusals)
+    Ok((refusals, latencies))
 }
 
 /// Runs the benchmark.
@@ -535,7 +548,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             )));
         }
         for t in tasks {
-            refusals += t.await??;
+            let (r, l) = t.await??;
+            refusals += r;
+            latencies.extend(l);
         }
     } else {
         let addr = match args.protocol {
@@ -630,7 +645,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
         if let (Some(p50), Some(p99)) = (quantile(0.5), quantile(0.99)) {
             println!(
-                "  export acks       p50 {:.1} ms, p99 {:.1} ms ({refusals} refused)",
+                "  {}       p50 {:.1} ms, p99 {:.1} ms ({refusals} refused)",
+                if args.protocol == Protocol::Native { "batch acks " } else { "export acks" },
                 p50 * 1e3,
                 p99 * 1e3
             );

@@ -19,10 +19,13 @@ async fn the_demo_runs_headless_and_shows_grouped_alerts() {
     );
     assert!(text.contains("p99 (last 10 s): frontend"), "{text}");
     assert!(text.contains(">> ALERT to pager [firing]"), "{text}");
-    // The spike in payments pages for payments (grouped by alert and service).
+    // The spike in payments pages for payments, grouped by alert and service. Which of the
+    // shipped page rules crosses first (the p99 rule or the SLO burn rate) depends on how the
+    // few seconds of the phase fall on a busy machine; either is the page the demo promises.
     assert!(
-        received.iter().any(|b| b["groupLabels"]["service"] == "payments"
-            && b["groupLabels"]["alertname"] == "HighP99Latency"),
+        received.iter().any(|b| b["receiver"] == "pager"
+            && b["groupLabels"]["service"] == "payments"
+            && b["groupLabels"].as_object().is_some_and(|g| g.contains_key("alertname"))),
         "{text}"
     );
     assert!(text.contains("grouped notifications received"), "{text}");
