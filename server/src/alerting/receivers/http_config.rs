@@ -94,24 +94,32 @@ impl Default for HttpConfig {
     }
 }
 
-fn read(path: &Path, key: &str) -> Result<String, String> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_owned())
-        .map_err(|e| format!("http_config.{key} {}: {e}", path.display()))
+/// A secret or URL given inline (`key`) or in a file (`file_key`, read and trimmed), at most
+/// one of them; the error names the key (and the file).
+pub(in crate::alerting) fn value_or_file(
+    key: &str,
+    inline: Option<String>,
+    file_key: &str,
+    file: Option<PathBuf>,
+) -> Result<Option<String>, String> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(format!("at most one of {key} and {file_key} may be set")),
+        (Some(v), None) => Ok(Some(v)),
+        (None, Some(f)) => std::fs::read_to_string(&f)
+            .map(|s| Some(s.trim().to_owned()))
+            .map_err(|e| format!("{file_key} {}: {e}", f.display())),
+        (None, None) => Ok(None),
+    }
 }
 
+/// [`value_or_file`] inside `http_config`.
 fn one_of(
     key: &str,
     inline: Option<String>,
     file: Option<PathBuf>,
     file_key: &str,
 ) -> Result<Option<String>, String> {
-    match (inline, file) {
-        (Some(_), Some(_)) => Err(format!("http_config: at most one of {key} and {file_key} may be set")),
-        (Some(v), None) => Ok(Some(v)),
-        (None, Some(f)) => read(&f, file_key).map(Some),
-        (None, None) => Ok(None),
-    }
+    value_or_file(key, inline, file_key, file).map_err(|e| format!("http_config.{e}"))
 }
 
 impl HttpConfig {

@@ -6,7 +6,7 @@
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::http_config::{check_url, HttpConfig, HttpConfigYaml};
+use super::http_config::{check_url, value_or_file, HttpConfig, HttpConfigYaml};
 use super::{literal, Notification, Receiver, Request};
 
 /// The Events API v2 endpoint.
@@ -60,16 +60,9 @@ impl PagerDuty {
                 "service_key: the Events API v1 is not supported; use routing_key (Events API v2)".into()
             );
         }
-        let routing_key = match (y.routing_key, y.routing_key_file) {
-            (Some(_), Some(_)) => {
-                return Err("at most one of routing_key and routing_key_file may be set".into())
-            }
-            (Some(k), None) => k,
-            (None, Some(f)) => std::fs::read_to_string(&f)
-                .map(|s| s.trim().to_owned())
-                .map_err(|e| format!("routing_key_file {}: {e}", f.display()))?,
-            (None, None) => return Err("routing_key or routing_key_file is required".into()),
-        };
+        let routing_key =
+            value_or_file("routing_key", y.routing_key, "routing_key_file", y.routing_key_file)?
+                .ok_or("routing_key or routing_key_file is required")?;
         let url = y.url.unwrap_or_else(|| EVENTS_URL.to_owned());
         check_url("url", &url)?;
         let severity = y.severity.unwrap_or_else(|| "error".into());

@@ -5,7 +5,7 @@
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::http_config::{check_url, HttpConfig, HttpConfigYaml};
+use super::http_config::{check_url, value_or_file, HttpConfig, HttpConfigYaml};
 use super::{literal, Notification, Receiver, Request};
 
 /// `slack_configs[]` as written.
@@ -49,14 +49,8 @@ pub struct Slack {
 impl Slack {
     /// Checks a `slack_configs` entry; the error names the key.
     pub(in crate::alerting) fn parse(y: SlackYaml) -> Result<Slack, String> {
-        let api_url = match (y.api_url, y.api_url_file) {
-            (Some(_), Some(_)) => return Err("at most one of api_url and api_url_file may be set".into()),
-            (Some(u), None) => u,
-            (None, Some(f)) => std::fs::read_to_string(&f)
-                .map(|s| s.trim().to_owned())
-                .map_err(|e| format!("api_url_file {}: {e}", f.display()))?,
-            (None, None) => return Err("api_url or api_url_file is required".into()),
-        };
+        let api_url = value_or_file("api_url", y.api_url, "api_url_file", y.api_url_file)?
+            .ok_or("api_url or api_url_file is required")?;
         check_url("api_url", &api_url)?;
         let mut fields = Map::new();
         for (key, value) in [
