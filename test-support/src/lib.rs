@@ -1,16 +1,15 @@
 //! Test support shared by the server's, the client's and the load tool's tests.
 //!
-//! - [`assert_eventually!`] and [`eventually`]: poll a condition until it holds instead of
+//! - [`assert_eventually!`]: polls a condition until it holds instead of
 //!   sleeping a fixed time, so a test waits as long as a slow machine needs and no longer;
 //! - [`peers`] and [`on_path`]: the real peer programs the tests run against;
 //! - [`Peer`]: a child process killed when the test ends, however it ends;
 //! - [`proc_status_bytes`]: a process's memory as `/proc` reports it.
 #![allow(clippy::unwrap_used)]
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long [`assert_eventually!`] waits by default.
 pub const EVENTUALLY: Duration = Duration::from_secs(30);
@@ -30,24 +29,6 @@ macro_rules! assert_eventually {
     ($cond:expr, $($msg:tt)+) => {
         $crate::assert_eventually!(within = $crate::EVENTUALLY; $cond, $($msg)+)
     };
-}
-
-/// Whether `cond` came to hold within `within`, polled every `every`.
-pub async fn eventually<F, Fut>(within: Duration, every: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if cond().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(every).await;
-    }
 }
 
 /// `name` from PATH.
@@ -107,8 +88,6 @@ mod tests {
         let polls = AtomicU32::new(0);
         assert_eventually!(polls.fetch_add(1, Ordering::Relaxed) >= 3, "never held");
         assert!(polls.load(Ordering::Relaxed) >= 4);
-        let never = eventually(Duration::from_millis(50), Duration::from_millis(5), || async { false }).await;
-        assert!(!never);
         let result = tokio::spawn(async {
             assert_eventually!(within = Duration::from_millis(30); false, "gave up as told");
         })
