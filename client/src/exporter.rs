@@ -185,8 +185,11 @@ impl Exporter {
             match self.keeps(&r) {
                 Some(adjusted_count) if send => {
                     let (service, ops) = (&self.config.service, &self.shared.ops);
-                    let series =
-                        || SeriesKey { service: service.clone(), operation: ops.name(r.op).to_string() };
+                    let series = || SeriesKey {
+                        service: service.clone(),
+                        operation: ops.name(r.op).to_string(),
+                        kind: ops.kind(r.op) as i32,
+                    };
                     self.builder.push(r.op, series, r.span(adjusted_count));
                 }
                 _ => {
@@ -274,7 +277,11 @@ impl Exporter {
     }
 
     fn key(&self, op: u32) -> SeriesKey {
-        SeriesKey { service: self.config.service.clone(), operation: self.shared.ops.name(op).to_string() }
+        SeriesKey {
+            service: self.config.service.clone(),
+            operation: self.shared.ops.name(op).to_string(),
+            kind: self.shared.ops.kind(op) as i32,
+        }
     }
 
     fn maybe_connect(&mut self, now: Instant) {
@@ -375,12 +382,14 @@ impl Exporter {
                     }
                     for kp in policy.keys {
                         let Some(key) = kp.key.filter(|k| k.service == self.config.service) else { continue };
-                        let Some(op) = self.shared.ops.lookup(&key.operation) else { continue };
-                        let op = op as usize;
-                        if self.policies.len() <= op {
-                            self.policies.resize(op + 1, None);
+                        // A policy names an operation; it holds for every kind the name is used in.
+                        for op in self.shared.ops.lookup(&key.operation) {
+                            let op = op as usize;
+                            if self.policies.len() <= op {
+                                self.policies.resize(op + 1, None);
+                            }
+                            self.policies[op] = Some((threshold(kp.probability), kp.always_keep_above_nanos));
                         }
-                        self.policies[op] = Some((threshold(kp.probability), kp.always_keep_above_nanos));
                     }
                 }
                 if let Some(t) = r.throttle.filter(|t| t.delay_millis > 0) {

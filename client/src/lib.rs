@@ -60,6 +60,7 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 use parking_lot::Mutex;
 pub use tailscope_proto as proto;
+pub use tailscope_proto::v1::SpanKind;
 use tailscope_proto::v1::{SeriesKey, Span, SpanBatch, SpanStatus};
 use tokio::sync::{mpsc, oneshot};
 
@@ -342,9 +343,16 @@ impl Client {
     /// Starts timing a span of `operation`; its duration is recorded when the guard drops.
     #[inline]
     pub fn start(&self, operation: &str) -> SpanGuard<'_> {
+        self.start_kind(operation, SpanKind::Unspecified)
+    }
+
+    /// Like [`Client::start`], for a span of `kind`: [`SpanKind::Client`] for a call this
+    /// service makes, which the server keeps apart from the service's own latency.
+    #[inline]
+    pub fn start_kind(&self, operation: &str, kind: SpanKind) -> SpanGuard<'_> {
         SpanGuard {
             client: self,
-            op: self.inner.shared.ops.id(operation),
+            op: self.inner.shared.ops.id_of(operation, kind),
             started: Instant::now(),
             ids: Ids::default(),
             status: Status::Ok,
@@ -357,10 +365,22 @@ impl Client {
         self.record_with(operation, duration, status, Ids::default());
     }
 
+    /// Like [`Client::record`], for a span of `kind`.
+    #[inline]
+    pub fn record_kind(&self, operation: &str, kind: SpanKind, duration: Duration, status: Status) {
+        let op = self.inner.shared.ops.id_of(operation, kind);
+        self.record_op(op, duration, status, Ids::default());
+    }
+
     /// Like [`Client::record`], with the span's trace context.
     #[inline]
     pub fn record_with(&self, operation: &str, duration: Duration, status: Status, ids: Ids) {
         let op = self.inner.shared.ops.id(operation);
+        self.record_op(op, duration, status, ids);
+    }
+
+    #[inline]
+    fn record_op(&self, op: u32, duration: Duration, status: Status, ids: Ids) {
         let end = self.inner.shared.anchor.unix_nanos(Instant::now());
         let nanos = i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX);
         self.offer(op, end.saturating_sub(nanos), nanos, status, ids);
@@ -406,12 +426,12 @@ impl Client {
     /// Records a span of `operation` that started at `started` and ends now.
     #[inline]
     pub fn record_since(&self, operation: &str, started: Instant, status: Status) {
-        self.record_op_since(self.operation_id(operation), started, status);
+        self.record_op_since(self.operation_id(operation, SpanKind::Unspecified), started, status);
     }
 
     #[inline]
-    pub(crate) fn operation_id(&self, operation: &str) -> u32 {
-        self.inner.shared.ops.id(operation)
+    pub(crate) fn operation_id(&self, operation: &str, kind: SpanKind) -> u32 {
+        self.inner.shared.ops.id_of(operation, kind)
     }
 
     #[inline]
@@ -536,12 +556,12 @@ impl Drop for SpanGuard<'_> {
     }
 }
 
-/// Groups spans by `{service, operation}` and numbers the batches it produces.
+/// Groups spans by `{service, operation, kind}` and numbers the batches it produces.
 #[derive(Debug)]
 pub struct BatchBuilder {
     client_id: u64,
     next_seq: u64,
-    groups: tailscope_proto::batch::BatchBuilder<(String, String)>,
+    groups: tailscope_proto::batch::BatchBuilder<(String, String, i32)>,
 }
 
 impl BatchBuilder {
@@ -550,10 +570,16 @@ impl BatchBuilder {
         BatchBuilder { client_id, next_seq: 1, groups: Default::default() }
     }
 
-    /// Adds a span of series `{service, operation}`.
+    /// Adds a span of series `{service, operation}` of unspecified kind.
     pub fn push(&mut self, service: &str, operation: &str, span: Span) {
-        let series = || SeriesKey { service: service.to_owned(), operation: operation.to_owned() };
-        self.groups.push((service.to_owned(), operation.to_owned()), series, span);
+        self.push_kind(service, operation, SpanKind::Unspecified, span);
+    }
+
+    /// Adds a span of series `{service, operation}` of `kind`.
+    pub fn push_kind(&mut self, service: &str, operation: &str, kind: SpanKind, span: Span) {
+        let kind = kind as i32;
+        let series = || SeriesKey { service: service.to_owned(), operation: operation.to_owned(), kind };
+        self.groups.push((service.to_owned(), operation.to_owned(), kind), series, span);
     }
 
     /// Spans added since the last batch.

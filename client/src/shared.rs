@@ -10,6 +10,7 @@ use crossbeam_queue::ArrayQueue;
 use parking_lot::{Mutex, RwLock};
 use rustc_hash::FxHashMap;
 use tailscope_proto::histogram::{Histogram, Layout};
+use tailscope_proto::v1::SpanKind;
 
 /// The longest operation name the server accepts, in bytes.
 pub const MAX_OPERATION_BYTES: usize = 256;
@@ -37,40 +38,57 @@ impl Record {
     }
 }
 
-/// Operation names as small integers. Lookups of known names take a read lock and allocate
-/// nothing; beyond `limit` names, new ones count as [`OVERFLOW_OPERATION`].
+/// Operation names, each with its span kind, as small integers. Lookups of known names take a
+/// read lock and allocate nothing; beyond `limit` names, new ones count as
+/// [`OVERFLOW_OPERATION`] (of unspecified kind).
 #[derive(Debug)]
 pub(crate) struct Interner {
-    ids: RwLock<FxHashMap<Box<str>, u32>>,
-    names: RwLock<Vec<Arc<str>>>,
+    /// Per kind (by its wire number), name → id.
+    ids: RwLock<[FxHashMap<Box<str>, u32>; KINDS]>,
+    names: RwLock<Vec<(Arc<str>, SpanKind)>>,
     limit: usize,
+}
+
+/// How many span kinds there are.
+const KINDS: usize = 6;
+
+fn kind_index(kind: SpanKind) -> usize {
+    usize::try_from(kind as i32).unwrap_or(0).min(KINDS - 1)
 }
 
 impl Interner {
     pub fn new(limit: usize) -> Interner {
-        let names = vec![Arc::from(OVERFLOW_OPERATION)];
-        let mut ids = FxHashMap::default();
-        ids.insert(Box::from(OVERFLOW_OPERATION), 0);
+        let names = vec![(Arc::from(OVERFLOW_OPERATION), SpanKind::Unspecified)];
+        let mut ids: [FxHashMap<Box<str>, u32>; KINDS] = Default::default();
+        ids[0].insert(Box::from(OVERFLOW_OPERATION), 0);
         Interner { ids: RwLock::new(ids), names: RwLock::new(names), limit: limit.max(1) }
     }
 
+    /// The id of `name` as a span of unspecified kind.
     #[inline]
     pub fn id(&self, name: &str) -> u32 {
-        if let Some(&id) = self.ids.read().get(name) {
-            return id;
-        }
-        self.insert(name)
+        self.id_of(name, SpanKind::Unspecified)
     }
 
-    /// The id of a name already known, without adding it.
-    pub fn lookup(&self, name: &str) -> Option<u32> {
-        self.ids.read().get(name).copied()
+    /// The id of `name` as a span of `kind`.
+    #[inline]
+    pub fn id_of(&self, name: &str, kind: SpanKind) -> u32 {
+        if let Some(&id) = self.ids.read()[kind_index(kind)].get(name) {
+            return id;
+        }
+        self.insert(name, kind)
+    }
+
+    /// The ids a name already known has, of any kind, without adding it.
+    pub fn lookup(&self, name: &str) -> Vec<u32> {
+        self.ids.read().iter().filter_map(|ids| ids.get(name).copied()).collect()
     }
 
     #[cold]
-    fn insert(&self, name: &str) -> u32 {
+    fn insert(&self, name: &str, kind: SpanKind) -> u32 {
         let name = sanitize(name);
         let mut ids = self.ids.write();
+        let ids = &mut ids[kind_index(kind)];
         if let Some(&id) = ids.get(name) {
             return id;
         }
@@ -79,14 +97,19 @@ impl Interner {
             return 0;
         }
         let id = names.len() as u32;
-        names.push(Arc::from(name));
+        names.push((Arc::from(name), kind));
         ids.insert(Box::from(name), id);
         id
     }
 
+    /// The span kind of an operation id.
+    pub fn kind(&self, id: u32) -> SpanKind {
+        self.names.read().get(id as usize).map_or(SpanKind::Unspecified, |n| n.1)
+    }
+
     pub fn name(&self, id: u32) -> Arc<str> {
         let names = self.names.read();
-        names.get(id as usize).unwrap_or(&names[0]).clone()
+        names.get(id as usize).unwrap_or(&names[0]).0.clone()
     }
 }
 
@@ -255,6 +278,21 @@ mod tests {
         assert_eq!(i.id("GET /c"), 0);
         assert_eq!(&*i.name(0), OVERFLOW_OPERATION);
         assert_eq!(i.id("GET /a"), a);
+    }
+
+    #[test]
+    fn a_name_of_two_kinds_is_two_operations() {
+        let i = Interner::new(10);
+        let plain = i.id("charge");
+        let client = i.id_of("charge", SpanKind::Client);
+        assert_ne!(plain, client);
+        assert_eq!(i.id_of("charge", SpanKind::Client), client);
+        assert_eq!((i.kind(plain), i.kind(client)), (SpanKind::Unspecified, SpanKind::Client));
+        assert_eq!((&*i.name(plain), &*i.name(client)), ("charge", "charge"));
+        let mut both = i.lookup("charge");
+        both.sort_unstable();
+        assert_eq!(both, vec![plain.min(client), plain.max(client)]);
+        assert!(i.lookup("refund").is_empty());
     }
 
     #[test]

@@ -70,7 +70,7 @@ fn operation<B>(client: &Client, req: &http::Request<B>) -> u32 {
         name.push_str(req.method().as_str());
         name.push(' ');
         name.push_str(route);
-        client.operation_id(name)
+        client.operation_id(name, crate::SpanKind::Server)
     })
 }
 

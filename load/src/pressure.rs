@@ -365,6 +365,7 @@ async fn load(grpc: SocketAddr, series: usize, history: u64, batch_spans: usize)
                     key: Some(SeriesKey {
                         service: format!("svc-{:03}", s / 1000),
                         operation: format!("op-{:03}", s % 1000),
+                        ..Default::default()
                     }),
                     spans: (0..windows)
                         .map(|w| Span {

@@ -69,7 +69,7 @@ mod tests {
     use super::*;
 
     fn key(service: &str, operation: &str) -> SeriesKey {
-        SeriesKey { service: service.into(), operation: operation.into() }
+        SeriesKey { service: service.into(), operation: operation.into(), ..Default::default() }
     }
 
     fn span(start: i64) -> Span {

@@ -31,10 +31,8 @@ const OPERATIONS: usize = 100;
 fn populate(store: &Store) {
     let mut r = rand::rngs::StdRng::seed_from_u64(3);
     let labels: Vec<SeriesLabels> = (0..SERVICES * OPERATIONS)
-        .map(|i| SeriesLabels {
-            service: format!("svc{}", i / OPERATIONS),
-            operation: format!("op{}", i % OPERATIONS),
-            status: Status::Ok,
+        .map(|i| {
+            SeriesLabels::new(format!("svc{}", i / OPERATIONS), format!("op{}", i % OPERATIONS), Status::Ok)
         })
         .collect();
     let mut write =
@@ -151,7 +149,7 @@ fn breach_to_webhook(n: usize) {
             let batch = SpanBatch {
                 client_id: 77,
                 seq: i as u64 + 1,
-                groups: vec![SeriesGroup { key: Some(SeriesKey { service: format!("svc{i}"), operation: "op".into() }), spans }],
+                groups: vec![SeriesGroup { key: Some(SeriesKey { service: format!("svc{i}"), operation: "op".into(), ..Default::default() }), spans }],
                 deltas: vec![],
             };
             let (btx, brx) = tokio::sync::mpsc::channel(1);

@@ -20,11 +20,7 @@ const SERIES: usize = 100;
 fn populate(store: &Store) {
     let mut r = rand::rngs::StdRng::seed_from_u64(1);
     let labels: Vec<SeriesLabels> = (0..SERIES)
-        .map(|i| SeriesLabels {
-            service: format!("svc{}", i % 10),
-            operation: format!("op{}", i / 10),
-            status: Status::Ok,
-        })
+        .map(|i| SeriesLabels::new(format!("svc{}", i % 10), format!("op{}", i / 10), Status::Ok))
         .collect();
     let start = NOW - 86_400;
     for hour in 0..24 {

@@ -143,8 +143,11 @@ async fn tail_body(s: &AppState, params: &HashMap<String, String>) -> Result<Val
     if end < start {
         return Err(QueryError::BadData("end timestamp must not be before start time".into()));
     }
-    let filter =
-        SeriesFilter { service: params.get("service").cloned(), operation: params.get("operation").cloned() };
+    let filter = SeriesFilter {
+        service: params.get("service").cloned(),
+        operation: params.get("operation").cloned(),
+        span_kind: params.get("span_kind").cloned(),
+    };
     let plan = RangePlan::new(start.floor() as i64, end.ceil() as i64, now as i64, &s.retention);
     let store = s.store.clone();
     // Within the query timeout, and cancelled when the client leaves (the guard is dropped
@@ -164,6 +167,7 @@ async fn tail_body(s: &AppState, params: &HashMap<String, String>) -> Result<Val
                 "service": r.labels.service,
                 "operation": r.labels.operation,
                 "status": r.labels.status.as_str(),
+                "span_kind": r.labels.kind.as_str(),
                 "count": h.count(),
                 "clamped": h.clamped(),
                 "min": secs(h.min()),

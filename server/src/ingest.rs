@@ -304,7 +304,7 @@ impl IngestService {
         let mut targets = Vec::new();
         let mut groups = Vec::with_capacity(batch.groups.len());
         for (i, group) in batch.groups.iter().enumerate() {
-            let (sent_service, sent_operation) =
+            let (sent_service, sent_operation, kind) =
                 check_key(group.key.as_ref()).map_err(|m| bad(format!("group {i}: {m}")))?;
             let (service, operation) = self.cardinality.admit(sent_service, sent_operation);
             let service_overflow = service != sent_service;
@@ -319,8 +319,9 @@ impl IngestService {
             groups.push(GroupRoute {
                 key: hash,
                 shard,
-                ok_series: series::series_id(service, operation, SpanStatus::Ok),
-                error_series: series::series_id(service, operation, SpanStatus::Error),
+                ok_series: series::series_id(service, operation, SpanStatus::Ok, kind),
+                error_series: series::series_id(service, operation, SpanStatus::Error, kind),
+                kind,
                 overflow,
                 service_overflow,
             });
@@ -342,7 +343,7 @@ impl IngestService {
         }
         let mut deltas = Vec::with_capacity(batch.deltas.len());
         for (i, delta) in batch.deltas.iter().enumerate() {
-            let (sent_service, sent_operation) =
+            let (sent_service, sent_operation, kind) =
                 check_key(delta.key.as_ref()).map_err(|m| bad(format!("delta {i}: {m}")))?;
             let (service, operation) = self.cardinality.admit(sent_service, sent_operation);
             let overflow = service != sent_service || operation != sent_operation;
@@ -390,8 +391,8 @@ impl IngestService {
             deltas.push(RoutedDelta {
                 key: hash,
                 shard,
-                series: series::series_id(service, operation, status),
-                labels: SeriesLabels { service: service.to_owned(), operation: operation.to_owned(), status },
+                series: series::series_id(service, operation, status, kind),
+                labels: SeriesLabels { kind, ..SeriesLabels::new(service, operation, status) },
                 window_start: window,
                 histogram,
             });
@@ -472,7 +473,7 @@ impl IngestService {
     }
 }
 
-fn check_key(key: Option<&SeriesKey>) -> Result<(&str, &str), String> {
+fn check_key(key: Option<&SeriesKey>) -> Result<(&str, &str, series::Kind), String> {
     let key = key.ok_or("missing series key")?;
     for (name, value) in [("service", &key.service), ("operation", &key.operation)] {
         if value.is_empty() {
@@ -482,7 +483,7 @@ fn check_key(key: Option<&SeriesKey>) -> Result<(&str, &str), String> {
             return Err(format!("{name} name is {} bytes, longer than {MAX_LABEL_BYTES}", value.len()));
         }
     }
-    Ok((&key.service, &key.operation))
+    Ok((&key.service, &key.operation, series::Kind::from_wire(key.kind)))
 }
 
 #[cfg(test)]

@@ -49,6 +49,8 @@ pub struct GroupRoute {
     pub ok_series: u64,
     /// The id of the group's `status="error"` series.
     pub error_series: u64,
+    /// The group's `span_kind`.
+    pub kind: crate::series::Kind,
     /// Whether the group's operation is counted as `__overflow__` (its service is at its cap).
     pub overflow: bool,
     /// Whether the group's service is counted as `__overflow__` (the service cap is reached).

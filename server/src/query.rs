@@ -81,13 +81,15 @@ pub struct SeriesFilter {
     pub service: Option<String>,
     /// `operation`.
     pub operation: Option<String>,
+    /// `span_kind` (without it, a service's own work: see [`crate::series::Kind::is_outgoing`]).
+    pub span_kind: Option<String>,
 }
 
 impl SeriesFilter {
     /// The filter as equality matchers, for the series index.
     pub fn matchers(&self) -> Vec<promql_parser::label::Matcher> {
         use promql_parser::label::{MatchOp, Matcher};
-        [("service", &self.service), ("operation", &self.operation)]
+        [("service", &self.service), ("operation", &self.operation), ("span_kind", &self.span_kind)]
             .into_iter()
             .filter_map(|(name, value)| Some(Matcher::new(MatchOp::Equal, name, value.as_deref()?)))
             .collect()
@@ -183,7 +185,7 @@ mod tests {
         use crate::store::MemoryStore;
         let now = 1_800_000_000;
         let mut mem = MemoryStore::default();
-        let labels = SeriesLabels { service: "a".into(), operation: "x".into(), status: Status::Ok };
+        let labels = SeriesLabels::new("a", "x", Status::Ok);
         // One span in each 10 s window of the last two hours.
         for t in (now - 7200..now).step_by(10) {
             mem.record(labels.clone(), t, 1_000_000, 1);

@@ -342,7 +342,11 @@ impl Sampler {
             .map(|s| {
                 let v = *s.view.lock();
                 KeyPolicy {
-                    key: Some(SeriesKey { service: s.service.clone(), operation: s.operation.clone() }),
+                    key: Some(SeriesKey {
+                        service: s.service.clone(),
+                        operation: s.operation.clone(),
+                        ..Default::default()
+                    }),
                     probability: v.probability,
                     always_keep_above_nanos: v.always_keep_above_nanos,
                 }

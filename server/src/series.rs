@@ -3,10 +3,16 @@
 //! a span's time and duration must keep to be counted in one ([`SpanLimits`]), below both
 //! ingest and the shards.
 //!
-//! A series is `{service, operation, status}`. Its id is the xxh3 hash of the canonical
-//! encoding of its labels, so any node computes the same id without coordination. Routing
-//! uses the hash of the *group* key (`service`, `operation`) so that a group's `ok` and `error`
-//! series live on the same shard and a batch group is handled by one shard.
+//! A series is `{service, operation, status, span_kind}`. Its id is the xxh3 hash of the
+//! canonical encoding of its labels, so any node computes the same id without coordination; a
+//! series of unspecified kind (all a v1 client sends) is encoded, and hashed, without the kind,
+//! so series written before kinds existed keep their ids. Routing uses the hash of the *group*
+//! key (`service`, `operation`) so that a group's `ok` and `error` series, of every kind, live
+//! on the same shard and a batch group is handled by one shard.
+//!
+//! A selector that names no `span_kind` reads a service's own work only — its server,
+//! consumer, internal and unspecified spans — never the calls it makes (`SPAN_KIND_CLIENT`,
+//! `SPAN_KIND_PRODUCER`), so a slow dependency does not mix into the caller's own latency.
 
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
@@ -135,6 +141,64 @@ impl Status {
     }
 }
 
+/// The `span_kind` label of a series: OpenTelemetry's span kinds, named as Tempo's
+/// metrics-generator and the collector's spanmetrics connector name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Kind {
+    /// `SPAN_KIND_UNSPECIFIED`: what a v1 client sends.
+    #[default]
+    Unspecified = 0,
+    /// `SPAN_KIND_INTERNAL`.
+    Internal = 1,
+    /// `SPAN_KIND_SERVER`.
+    Server = 2,
+    /// `SPAN_KIND_CLIENT`: a call the service makes.
+    Client = 3,
+    /// `SPAN_KIND_PRODUCER`: a message the service sends.
+    Producer = 4,
+    /// `SPAN_KIND_CONSUMER`.
+    Consumer = 5,
+}
+
+impl Kind {
+    /// Every kind, in the order of [`Kind::index`].
+    pub const ALL: [Kind; 6] =
+        [Kind::Unspecified, Kind::Internal, Kind::Server, Kind::Client, Kind::Producer, Kind::Consumer];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Unspecified => "SPAN_KIND_UNSPECIFIED",
+            Kind::Internal => "SPAN_KIND_INTERNAL",
+            Kind::Server => "SPAN_KIND_SERVER",
+            Kind::Client => "SPAN_KIND_CLIENT",
+            Kind::Producer => "SPAN_KIND_PRODUCER",
+            Kind::Consumer => "SPAN_KIND_CONSUMER",
+        }
+    }
+
+    /// The kind of a wire value (OTLP's numbers; an unknown one reads as unspecified).
+    pub fn from_wire(kind: i32) -> Kind {
+        usize::try_from(kind).ok().and_then(|i| Kind::ALL.get(i).copied()).unwrap_or_default()
+    }
+
+    /// Parses a label value.
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// A dense index for per-kind counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Whether spans of this kind time what the service asks of others (client calls, sent
+    /// messages) rather than its own work: read only by selectors that name `span_kind`.
+    pub fn is_outgoing(self) -> bool {
+        matches!(self, Kind::Client | Kind::Producer)
+    }
+}
+
 /// The labels of one series.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SeriesLabels {
@@ -144,19 +208,39 @@ pub struct SeriesLabels {
     pub operation: String,
     /// `status`.
     pub status: Status,
+    /// `span_kind`.
+    pub kind: Kind,
 }
 
 impl SeriesLabels {
+    /// The label names every series has, in their canonical order.
+    pub const NAMES: [&'static str; 4] = ["service", "operation", "status", "span_kind"];
+
+    /// Labels of a series of unspecified kind.
+    pub fn new(service: impl Into<String>, operation: impl Into<String>, status: Status) -> SeriesLabels {
+        SeriesLabels { service: service.into(), operation: operation.into(), status, kind: Kind::Unspecified }
+    }
+
     /// The series id of these labels.
     pub fn id(&self) -> u64 {
-        series_id(&self.service, &self.operation, self.status)
+        series_id(&self.service, &self.operation, self.status, self.kind)
     }
 
     /// Encodes the labels for the series index.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.service.len() + self.operation.len() + 8);
-        encode_labels(&mut out, &self.service, &self.operation, self.status);
+        let mut out = Vec::with_capacity(self.service.len() + self.operation.len() + 32);
+        encode_labels(&mut out, &self.service, &self.operation, self.status, self.kind);
         out
+    }
+
+    /// Every label as (name, value), in the order of [`SeriesLabels::NAMES`].
+    pub fn pairs(&self) -> [(&'static str, &str); 4] {
+        [
+            ("service", &self.service),
+            ("operation", &self.operation),
+            ("status", self.status.as_str()),
+            ("span_kind", self.kind.as_str()),
+        ]
     }
 
     /// Decodes labels written by [`SeriesLabels::encode`].
@@ -168,23 +252,32 @@ impl SeriesLabels {
     }
 
     /// Decodes labels written by [`SeriesLabels::encode`] at the start of `bytes`, and
-    /// returns the bytes after them.
+    /// returns the bytes after them. The kind is there only when it is not unspecified; what
+    /// follows the labels in the series family (a `u32` hour, far above any kind name's
+    /// length) never reads as one.
     pub fn decode_prefix(bytes: &[u8]) -> Option<(SeriesLabels, &[u8])> {
         let (service, rest) = take_str(bytes)?;
         let (operation, rest) = take_str(rest)?;
         let (status, rest) = take_str(rest)?;
+        let (kind, rest) = match take_str(rest).and_then(|(k, after)| Some((Kind::parse(k)?, after))) {
+            Some((kind, after)) if kind != Kind::Unspecified => (kind, after),
+            _ => (Kind::Unspecified, rest),
+        };
         let labels = SeriesLabels {
             service: service.to_owned(),
             operation: operation.to_owned(),
             status: Status::parse(status)?,
+            kind,
         };
         Some((labels, rest))
     }
 
     /// Whether every one of `matchers` matches these labels (a label the series does not have
-    /// reads as empty, as in Prometheus).
+    /// reads as empty, as in Prometheus). Matchers that name no `span_kind` select a service's
+    /// own work only: series of outgoing kinds ([`Kind::is_outgoing`]) are left out.
     pub fn matches(&self, matchers: &[&promql_parser::label::Matcher]) -> bool {
-        matchers.iter().all(|m| m.is_match(self.get(&m.name).unwrap_or("")))
+        (!self.kind.is_outgoing() || matchers.iter().any(|m| m.name == "span_kind"))
+            && matchers.iter().all(|m| m.is_match(self.get(&m.name).unwrap_or("")))
     }
 
     /// The value of label `name`, if the series has it.
@@ -193,13 +286,15 @@ impl SeriesLabels {
             "service" => Some(&self.service),
             "operation" => Some(&self.operation),
             "status" => Some(self.status.as_str()),
+            "span_kind" => Some(self.kind.as_str()),
             _ => None,
         }
     }
 }
 
-fn encode_labels(out: &mut Vec<u8>, service: &str, operation: &str, status: Status) {
-    for s in [service, operation, status.as_str()] {
+fn encode_labels(out: &mut Vec<u8>, service: &str, operation: &str, status: Status, kind: Kind) {
+    let kind = (kind != Kind::Unspecified).then(|| kind.as_str());
+    for s in [service, operation, status.as_str()].into_iter().chain(kind) {
         out.extend_from_slice(&(s.len() as u32).to_be_bytes());
         out.extend_from_slice(s.as_bytes());
     }
@@ -211,13 +306,15 @@ fn take_str(bytes: &[u8]) -> Option<(&str, &[u8])> {
     Some((std::str::from_utf8(s).ok()?, &bytes[4 + len..]))
 }
 
-/// The stable id of series `{service, operation, status}`.
-pub fn series_id(service: &str, operation: &str, status: Status) -> u64 {
+/// The stable id of series `{service, operation, status, span_kind}`: the hash of its
+/// [`SeriesLabels::encode`] form.
+pub fn series_id(service: &str, operation: &str, status: Status, kind: Kind) -> u64 {
     let mut buf = [0u8; 256];
-    let needed = service.len() + operation.len() + status.as_str().len() + 12;
+    let kind = (kind != Kind::Unspecified).then(|| kind.as_str());
+    let needed = service.len() + operation.len() + status.as_str().len() + 16 + kind.map_or(0, str::len);
     if needed <= buf.len() {
         let mut at = 0;
-        for s in [service, operation, status.as_str()] {
+        for s in [service, operation, status.as_str()].into_iter().chain(kind) {
             buf[at..at + 4].copy_from_slice(&(s.len() as u32).to_be_bytes());
             buf[at + 4..at + 4 + s.len()].copy_from_slice(s.as_bytes());
             at += 4 + s.len();
@@ -225,7 +322,8 @@ pub fn series_id(service: &str, operation: &str, status: Status) -> u64 {
         xxh3_64(&buf[..at])
     } else {
         let mut v = Vec::with_capacity(needed);
-        encode_labels(&mut v, service, operation, status);
+        let kind = kind.and_then(Kind::parse).unwrap_or_default();
+        encode_labels(&mut v, service, operation, status, kind);
         xxh3_64(&v)
     }
 }
@@ -283,22 +381,63 @@ mod tests {
 
     #[test]
     fn ids_are_stable_and_distinct() {
-        let a = series_id("checkout", "POST /pay", Status::Ok);
-        assert_eq!(a, series_id("checkout", "POST /pay", Status::Ok));
-        assert_ne!(a, series_id("checkout", "POST /pay", Status::Error));
+        let id = |s: &str, o: &str, st| series_id(s, o, st, Kind::Unspecified);
+        let a = id("checkout", "POST /pay", Status::Ok);
+        assert_eq!(a, id("checkout", "POST /pay", Status::Ok));
+        assert_ne!(a, id("checkout", "POST /pay", Status::Error));
         // Length prefixes keep label boundaries: "ab"+"c" differs from "a"+"bc".
-        assert_ne!(series_id("ab", "c", Status::Ok), series_id("a", "bc", Status::Ok));
+        assert_ne!(id("ab", "c", Status::Ok), id("a", "bc", Status::Ok));
+        // The id of a series of unspecified kind is the one it had before kinds: the hash of
+        // its three labels.
+        let mut v1 = Vec::new();
+        for s in ["checkout", "POST /pay", "ok"] {
+            v1.extend_from_slice(&(s.len() as u32).to_be_bytes());
+            v1.extend_from_slice(s.as_bytes());
+        }
+        assert_eq!(a, xxh3_64(&v1));
+        for kind in Kind::ALL.into_iter().skip(1) {
+            assert_ne!(a, series_id("checkout", "POST /pay", Status::Ok, kind), "{kind:?}");
+        }
         let long = "x".repeat(300);
-        let labels = SeriesLabels { service: long.clone(), operation: "op".into(), status: Status::Ok };
-        assert_eq!(labels.id(), series_id(&long, "op", Status::Ok));
+        for kind in [Kind::Unspecified, Kind::Client] {
+            let labels = SeriesLabels { kind, ..SeriesLabels::new(long.clone(), "op", Status::Ok) };
+            assert_eq!(labels.id(), series_id(&long, "op", Status::Ok, kind));
+            assert_eq!(labels.id(), xxh3_64(&labels.encode()));
+            let short = SeriesLabels { kind, ..SeriesLabels::new("s", "op", Status::Ok) };
+            assert_eq!(short.id(), xxh3_64(&short.encode()));
+        }
     }
 
     #[test]
     fn labels_round_trip() {
-        let l = SeriesLabels { service: "api".into(), operation: "GET /".into(), status: Status::Error };
-        assert_eq!(SeriesLabels::decode(&l.encode()), Some(l.clone()));
-        assert_eq!(SeriesLabels::decode(&l.encode()[..5]), None);
-        assert_eq!(l.get("status"), Some("error"));
+        for kind in Kind::ALL {
+            let l = SeriesLabels { kind, ..SeriesLabels::new("api", "GET /", Status::Error) };
+            assert_eq!(SeriesLabels::decode(&l.encode()), Some(l.clone()));
+            assert_eq!(SeriesLabels::decode(&l.encode()[..5]), None);
+            // Followed by a series-family hour, which is not a kind.
+            let mut entry = l.encode();
+            entry.extend_from_slice(&493_000u32.to_be_bytes());
+            assert_eq!(SeriesLabels::decode_prefix(&entry), Some((l.clone(), &493_000u32.to_be_bytes()[..])));
+            assert_eq!(l.get("status"), Some("error"));
+            assert_eq!(l.get("span_kind"), Some(kind.as_str()));
+            assert_eq!(Kind::from_wire(kind as i32), kind);
+        }
+        assert_eq!(Kind::from_wire(17), Kind::Unspecified);
+    }
+
+    #[test]
+    fn selectors_without_span_kind_read_a_services_own_work() {
+        use promql_parser::label::{MatchOp, Matcher};
+        let service = Matcher::new(MatchOp::Equal, "service", "checkout");
+        let any_kind =
+            Matcher::new(MatchOp::Re(regex::Regex::new("^(?:.*)$").expect("re")), "span_kind", ".*");
+        let client = Matcher::new(MatchOp::Equal, "span_kind", "SPAN_KIND_CLIENT");
+        for kind in Kind::ALL {
+            let l = SeriesLabels { kind, ..SeriesLabels::new("checkout", "pay", Status::Ok) };
+            assert_eq!(l.matches(&[&service]), !matches!(kind, Kind::Client | Kind::Producer), "{kind:?}");
+            assert!(l.matches(&[&service, &any_kind]), "{kind:?}");
+            assert_eq!(l.matches(&[&client]), kind == Kind::Client);
+        }
     }
 
     #[test]

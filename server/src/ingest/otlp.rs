@@ -4,7 +4,8 @@
 //! unchanged.
 //!
 //! Each span becomes a tailscope span: service from the resource's `service.name` (OTLP's
-//! `unknown_service` when absent), operation from the span name, duration from end − start,
+//! `unknown_service` when absent), operation from the span name, `span_kind` from the span's
+//! kind, duration from end − start,
 //! status from the span status, and weight from the W3C `tracestate` entry `ot=th:…` (the
 //! adjusted count of a probability-sampled span). An export is acknowledged only once its
 //! spans are written; spans that cannot be counted (too old, negative duration, …) are
@@ -36,7 +37,7 @@ pub const UNKNOWN_SERVICE: &str = "unknown_service";
 /// absent one is OpenTelemetry's `unknown_service`).
 pub fn to_batch(request: &ExportTraceServiceRequest) -> Result<(SpanBatch, u64), String> {
     // Keys borrow from the request: no allocation per span, one per group.
-    let mut groups: BatchBuilder<(&str, &str)> = BatchBuilder::new();
+    let mut groups: BatchBuilder<(&str, &str, i32)> = BatchBuilder::new();
     let mut unnamed = 0u64;
     for (r, rs) in request.resource_spans.iter().enumerate() {
         let named = rs.resource.as_ref().and_then(|r| string_attribute(&r.attributes, "service.name"));
@@ -62,9 +63,12 @@ pub fn to_batch(request: &ExportTraceServiceRequest) -> Result<(SpanBatch, u64),
                 let trace = span.trace_id.as_slice();
                 // OpenTelemetry's `th` is both: the span counts for its adjusted count.
                 let weight = weight_from_tracestate(&span.trace_state);
-                let series = || SeriesKey { service: service.to_owned(), operation: operation.to_owned() };
+                // OTLP's kinds are tailscope's, number for number.
+                let kind = span.kind;
+                let series =
+                    || SeriesKey { service: service.to_owned(), operation: operation.to_owned(), kind };
                 groups.push(
-                    (service, operation),
+                    (service, operation, kind),
                     series,
                     Span {
                         trace_id_high: id_u64(trace.get(..8)),

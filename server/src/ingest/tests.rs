@@ -96,7 +96,7 @@ fn batch(client_id: u64, spans: Vec<Span>) -> SpanBatch {
         client_id,
         seq: 1,
         groups: vec![SeriesGroup {
-            key: Some(SeriesKey { service: "api".into(), operation: "GET /".into() }),
+            key: Some(SeriesKey { service: "api".into(), operation: "GET /".into(), ..Default::default() }),
             spans,
         }],
         deltas: Vec::new(),
@@ -140,7 +140,8 @@ async fn malformed_batches_are_refused_naming_what_is_wrong() {
     let e = ingest.submit(batch(5, vec![span(1, 0); 3]), Origin::Native).await.expect_err("too many");
     assert!(matches!(&e, IngestError::TooLarge(m) if m.contains("ingest.max_spans_per_batch")), "{e:?}");
     let mut unnamed = batch(5, vec![span(1, 0)]);
-    unnamed.groups[0].key = Some(SeriesKey { service: String::new(), operation: "x".into() });
+    unnamed.groups[0].key =
+        Some(SeriesKey { service: String::new(), operation: "x".into(), ..Default::default() });
     let e = ingest.submit(unnamed, Origin::Otlp).await.expect_err("empty service");
     assert_eq!(e, IngestError::Invalid("group 0: empty service name".into()), "OTLP errors carry no seq");
 }

@@ -213,6 +213,7 @@ impl ShardState {
                             key.map(|k| k.operation.clone()).unwrap_or_default()
                         },
                         status,
+                        kind: route.kind,
                     });
                 }
             }

@@ -61,10 +61,8 @@ pub fn select(
             let le = DEFAULT_LE.iter().copied().find(|&le| seconds <= le).unwrap_or(f64::INFINITY);
             let mut set = Labels::new();
             set.insert("__name__".into(), BUCKET.into());
-            for k in ["service", "operation", "status"] {
-                if let Some(v) = series.get(k) {
-                    set.insert(k.into(), v.into());
-                }
+            for (k, v) in series.pairs() {
+                set.insert(k.into(), v.into());
             }
             set.insert("le".into(), format_value(le));
             let selected = selectors.iter().any(|vs| {

@@ -107,10 +107,8 @@ fn any_series(source: &dyn Source) -> Result<bool, EvalError> {
 fn label_set(name: &str, labels: &SeriesLabels, le: Option<&str>) -> Labels {
     let mut set = Labels::new();
     set.insert("__name__".into(), name.into());
-    for k in ["service", "operation", "status"] {
-        if let Some(v) = labels.get(k) {
-            set.insert(k.into(), v.into());
-        }
+    for (k, v) in labels.pairs() {
+        set.insert(k.into(), v.into());
     }
     if let Some(le) = le {
         set.insert("le".into(), le.into());
@@ -173,16 +171,16 @@ pub fn names(
     let mut out = Capped::new();
     if selectors.is_empty() {
         budget.check("reading label names")?;
-        // Every series has all five names.
+        // Every series has all of them.
         if any_series(source)? {
-            for k in ["__name__", "le", "operation", "service", "status"] {
+            for k in ["__name__", "le"].into_iter().chain(SeriesLabels::NAMES) {
                 out.insert(k.to_owned(), limit);
             }
         }
         return Ok(out);
     }
     for_each_selected(source, selectors, budget, |_, labels, le| {
-        for k in ["__name__", "service", "operation", "status"] {
+        for k in ["__name__"].into_iter().chain(SeriesLabels::NAMES) {
             if k == "__name__" || labels.get(k).is_some() {
                 out.insert(k.to_owned(), limit);
             }

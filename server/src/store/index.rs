@@ -18,7 +18,7 @@ use std::sync::RwLock;
 
 use promql_parser::label::{MatchOp, Matcher};
 
-use crate::series::{IdBuildHasher, SeriesLabels, Status};
+use crate::series::{IdBuildHasher, Kind, SeriesLabels, Status};
 
 #[cfg(test)]
 mod tests;
@@ -69,6 +69,8 @@ struct Postings {
     operation: BTreeMap<String, BTreeSet<u64>>,
     /// How many series have each status (`ok`, `error`).
     statuses: [usize; 2],
+    /// How many series have each span kind.
+    kinds: [usize; 6],
 }
 
 impl Postings {
@@ -88,12 +90,14 @@ impl Postings {
         self.service.entry(labels.service.clone()).or_default().insert(id);
         self.operation.entry(labels.operation.clone()).or_default().insert(id);
         self.statuses[labels.status as usize] += 1;
+        self.kinds[labels.kind.index()] += 1;
         self.series.insert(id, Entry { labels, newest_hour: hour });
     }
 
     fn remove(&mut self, id: u64) {
         let Some(e) = self.series.remove(&id) else { return };
         self.statuses[e.labels.status as usize] -= 1;
+        self.kinds[e.labels.kind.index()] -= 1;
         for (list, value) in
             [(&mut self.service, &e.labels.service), (&mut self.operation, &e.labels.operation)]
         {
@@ -249,6 +253,15 @@ impl SeriesIndex {
                 .filter(|&s| p.statuses[s as usize] > 0)
                 .map(|s| s.as_str().to_owned())
                 .collect(),
+            "span_kind" => {
+                let mut kinds: Vec<String> = Kind::ALL
+                    .into_iter()
+                    .filter(|k| p.kinds[k.index()] > 0)
+                    .map(|k| k.as_str().to_owned())
+                    .collect();
+                kinds.sort_unstable();
+                kinds
+            }
             _ => p.list(label).map_or_else(Vec::new, |list| {
                 list.keys().filter(|v| !v.is_empty()).take(limit.saturating_add(1)).cloned().collect()
             }),

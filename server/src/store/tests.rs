@@ -20,7 +20,7 @@ fn hist(values: &[u64]) -> Histogram {
 }
 
 fn labels(op: &str) -> SeriesLabels {
-    SeriesLabels { service: "api".into(), operation: op.into(), status: Status::Ok }
+    SeriesLabels::new("api", op, Status::Ok)
 }
 
 const T0: i64 = 1_800_000_000; // aligned to the hour

@@ -58,7 +58,10 @@ pub fn span(start: i64, duration: i64, error: bool) -> Span {
 }
 
 pub fn group(service: &str, operation: &str, spans: Vec<Span>) -> SeriesGroup {
-    SeriesGroup { key: Some(SeriesKey { service: service.into(), operation: operation.into() }), spans }
+    SeriesGroup {
+        key: Some(SeriesKey { service: service.into(), operation: operation.into(), ..Default::default() }),
+        spans,
+    }
 }
 
 pub fn batch(client_id: u64, seq: u64, groups: Vec<SeriesGroup>) -> SpanBatch {

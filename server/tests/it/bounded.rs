@@ -230,7 +230,10 @@ async fn label_and_series_calls_over_many_series_answer_from_the_index_while_ing
     assert_eq!(v["data"].as_array().unwrap().len(), 50);
     assert!(v["warnings"][0].as_str().unwrap().contains("truncated"), "{v}");
     let v = get_json(http, "/api/v1/labels").await;
-    assert_eq!(v["data"], serde_json::json!(["__name__", "le", "operation", "service", "status"]));
+    assert_eq!(
+        v["data"],
+        serde_json::json!(["__name__", "le", "operation", "service", "span_kind", "status"])
+    );
 
     // Four clients calling them in a loop (what Grafana's variable queries and the metrics
     // browser do) while a fifth sends batches and times each acknowledgement.

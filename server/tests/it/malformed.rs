@@ -149,7 +149,7 @@ async fn malformed_input_gets_a_clear_status_and_nothing_accepted_is_lost() {
 
 /// A batch whose service label is not UTF-8, encoded by hand (prost refuses to build one).
 fn invalid_utf8_batch() -> Vec<u8> {
-    let key = SeriesKey { service: "AB".into(), operation: "op".into() };
+    let key = SeriesKey { service: "AB".into(), operation: "op".into(), ..Default::default() };
     let mut group = tailscope_proto::v1::SeriesGroup { key: Some(key), spans: vec![] }.encode_to_vec();
     let at = group.windows(2).position(|w| w == b"AB").unwrap();
     group[at] = 0xC3;
@@ -167,7 +167,7 @@ fn overflowing_deltas_batch() -> Vec<u8> {
     h.record(1_000_000, 1 << 63);
     let window = now_nanos() / 1_000_000_000 / 10 * 10;
     let delta = HistogramDelta {
-        key: Some(SeriesKey { service: "shop".into(), operation: "GET /cart".into() }),
+        key: Some(SeriesKey { service: "shop".into(), operation: "GET /cart".into(), ..Default::default() }),
         status: 0,
         window_start_unix_seconds: window,
         histogram: h.to_bytes(),
@@ -187,7 +187,11 @@ fn corrupt_delta_batch() -> Vec<u8> {
         seq: 1,
         groups: vec![],
         deltas: vec![HistogramDelta {
-            key: Some(SeriesKey { service: "shop".into(), operation: "GET /cart".into() }),
+            key: Some(SeriesKey {
+                service: "shop".into(),
+                operation: "GET /cart".into(),
+                ..Default::default()
+            }),
             status: 0,
             window_start_unix_seconds: window,
             histogram: bytes,
@@ -207,7 +211,7 @@ async fn histogram_deltas_count_exactly() {
     let window = now_nanos() / 1_000_000_000 / 10 * 10;
     let mut b = good_batch(8, 1);
     b.deltas.push(HistogramDelta {
-        key: Some(SeriesKey { service: "shop".into(), operation: "GET /cart".into() }),
+        key: Some(SeriesKey { service: "shop".into(), operation: "GET /cart".into(), ..Default::default() }),
         status: 0,
         window_start_unix_seconds: window,
         histogram: h.to_bytes(),
@@ -221,7 +225,7 @@ async fn histogram_deltas_count_exactly() {
     // A delta window that is not aligned is refused.
     let mut bad = good_batch(8, 2);
     bad.deltas.push(HistogramDelta {
-        key: Some(SeriesKey { service: "a".into(), operation: "b".into() }),
+        key: Some(SeriesKey { service: "a".into(), operation: "b".into(), ..Default::default() }),
         status: 0,
         window_start_unix_seconds: window + 3,
         histogram: h.to_bytes(),
@@ -274,7 +278,9 @@ fn hostile_batch(r: &mut impl rand::Rng) -> SpanBatch {
             i => names[i % names.len()].to_owned(),
         }
     };
-    let key = |r: &mut dyn rand::RngCore| Some(SeriesKey { service: name(r), operation: name(r) });
+    let key = |r: &mut dyn rand::RngCore| {
+        Some(SeriesKey { service: name(r), operation: name(r), ..Default::default() })
+    };
     let times = [i64::MIN, -1, 0, 1, now, now - 3_600_000_000_000, now + 3_600_000_000_000, i64::MAX];
     let durations = [i64::MIN, -1, 0, 1, 3_000_000, 3_600_000_000_000, 86_400_000_000_000, i64::MAX];
     let groups = (0..r.gen_range(0..5))

@@ -90,7 +90,10 @@ async fn grafana_probe_calls_work() {
         ])
     );
     let (_, labels) = call(http, "GET", "/api/v1/labels?limit=40000", None).await;
-    assert_eq!(labels["data"], serde_json::json!(["__name__", "le", "operation", "service", "status"]));
+    assert_eq!(
+        labels["data"],
+        serde_json::json!(["__name__", "le", "operation", "service", "span_kind", "status"])
+    );
     server.shutdown().await;
 }
 
@@ -528,4 +531,139 @@ async fn exemplars_link_a_slow_outlier_to_its_trace() {
     .await;
     assert_eq!((code, &body["data"]), (200, &serde_json::json!([])));
     server.shutdown().await;
+}
+
+/// OTLP spans of one service, by kind: `(operation, kind, duration in ms, how many)`, ending
+/// before T, as OTLP/JSON.
+fn otlp_by_kind(service: &str, spans: &[(&str, i32, i64, i64)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &(name, kind, ms, n) in spans {
+        for i in 0..n {
+            let end = T * SEC - (i + 1) * SEC;
+            out.push(serde_json::json!({
+                "traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b174",
+                "name": name, "kind": kind,
+                "startTimeUnixNano": (end - ms * 1_000_000).to_string(), "endTimeUnixNano": end.to_string(),
+            }));
+        }
+    }
+    serde_json::to_vec(&serde_json::json!({"resourceSpans": [{
+        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+        "scopeSpans": [{"scope": {"name": "test"}, "spans": out}],
+    }]}))
+    .unwrap()
+}
+
+/// A service whose outgoing calls are slow and its own work fast keeps a fast
+/// `span_duration_seconds`: client spans are their own series (label `span_kind`), read only
+/// by selectors that name `span_kind`, and keep their kind across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_spans_do_not_mix_into_a_services_own_latency() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = otlp_by_kind(
+        "checkout",
+        &[
+            // Its own work: server spans of 10 ms, and internal spans of 5 ms.
+            ("POST /pay", 2, 10, 200),
+            ("render", 1, 5, 50),
+            // Its calls: the same name as a client span (a proxy), and a payments call, both 2 s.
+            ("POST /pay", 3, 2_000, 100),
+            ("payments.Charge", 3, 2_000, 100),
+        ],
+    );
+    for restarted in [false, true] {
+        let server = start_with(config(dir.path()), Arc::new(ManualClock::new(T * SEC))).await;
+        let http = server.http_addr();
+        if !restarted {
+            let resp = reqwest::Client::new()
+                .post(format!("http://{}/v1/traces", server.otlp_http_addr()))
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 200, "{}", resp.text().await.unwrap());
+        }
+        let p99 = instant(
+            http,
+            r#"histogram_quantile(0.99, sum by (le, service) (rate(span_duration_seconds_bucket{service="checkout"}[10m])))"#,
+        )
+        .await;
+        assert_eq!(p99.len(), 1, "{p99:?}");
+        assert!((p99[0].1 - 0.010).abs() <= 0.010 * 0.01, "restarted={restarted}: own p99 {p99:?}");
+        let by = |expr: &str| {
+            let expr = expr.to_owned();
+            async move {
+                let (code, body) =
+                    call(http, "GET", &format!("/api/v1/query?query={}&time={T}", form_encode(&expr)), None)
+                        .await;
+                assert_eq!(code, 200, "{body}");
+                let mut rows: Vec<(String, String, f64)> = body["data"]["result"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| {
+                        let m = &r["metric"];
+                        let label = |k: &str| m[k].as_str().unwrap_or("").to_owned();
+                        (
+                            label("operation"),
+                            label("span_kind"),
+                            r["value"][1].as_str().unwrap().parse().unwrap(),
+                        )
+                    })
+                    .collect();
+                rows.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                rows
+            }
+        };
+        // Without a span_kind matcher: the server and internal series; with one: any kind.
+        let own = by(r#"sum by (operation, span_kind) (increase(span_duration_seconds_count{service="checkout"}[10m]))"#)
+            .await;
+        assert_eq!(
+            own,
+            vec![
+                ("POST /pay".into(), "SPAN_KIND_SERVER".into(), 200.0),
+                ("render".into(), "SPAN_KIND_INTERNAL".into(), 50.0),
+            ],
+            "restarted={restarted}"
+        );
+        let calls = by(r#"sum by (operation, span_kind) (increase(span_duration_seconds_count{service="checkout", span_kind="SPAN_KIND_CLIENT"}[10m]))"#)
+            .await;
+        assert_eq!(
+            calls,
+            vec![
+                ("POST /pay".into(), "SPAN_KIND_CLIENT".into(), 100.0),
+                ("payments.Charge".into(), "SPAN_KIND_CLIENT".into(), 100.0),
+            ]
+        );
+        let all =
+            by(r#"sum by (span_kind) (increase(span_duration_seconds_count{span_kind=~".+"}[10m]))"#).await;
+        assert_eq!(all.iter().map(|r| r.2).sum::<f64>(), 450.0, "{all:?}");
+        let slow = instant(
+            http,
+            r#"histogram_quantile(0.5, sum by (le, service) (rate(span_duration_seconds_bucket{span_kind="SPAN_KIND_CLIENT"}[10m])))"#,
+        )
+        .await;
+        assert!((slow[0].1 - 2.0).abs() <= 0.02, "{slow:?}");
+        // The label's values, and the series API, say the same.
+        let (_, values) = call(http, "GET", "/api/v1/label/span_kind/values", None).await;
+        assert_eq!(
+            values["data"],
+            serde_json::json!(["SPAN_KIND_CLIENT", "SPAN_KIND_INTERNAL", "SPAN_KIND_SERVER"])
+        );
+        let (_, series) = call(
+            http,
+            "GET",
+            &format!(
+                "/api/v1/series?match[]={}",
+                form_encode(r#"span_duration_seconds_count{service="checkout"}"#)
+            ),
+            None,
+        )
+        .await;
+        let kinds: std::collections::BTreeSet<&str> =
+            series["data"].as_array().unwrap().iter().map(|s| s["span_kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["SPAN_KIND_INTERNAL", "SPAN_KIND_SERVER"].into_iter().collect());
+        server.shutdown().await;
+    }
 }

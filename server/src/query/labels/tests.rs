@@ -11,11 +11,11 @@ type Index = MemoryStore;
 fn index(n: usize) -> Index {
     let mut idx = MemoryStore::default();
     for i in 0..n {
-        idx.add_series(SeriesLabels {
-            service: format!("svc-{:03}", i % 7),
-            operation: format!("op-{i:05}"),
-            status: if i % 3 == 0 { Status::Error } else { Status::Ok },
-        });
+        idx.add_series(SeriesLabels::new(
+            format!("svc-{:03}", i % 7),
+            format!("op-{i:05}"),
+            if i % 3 == 0 { Status::Error } else { Status::Ok },
+        ));
     }
     idx
 }
@@ -59,7 +59,10 @@ fn a_limit_keeps_the_first_sets_in_order_and_says_it_cut() {
 fn names_and_values_follow_the_selectors() {
     let idx = index(50);
     let names = names(&idx, &[selector("span_duration_seconds_sum")], usize::MAX, &budget()).expect("names");
-    assert_eq!(names.items.into_iter().collect::<Vec<_>>(), ["__name__", "operation", "service", "status"]);
+    assert_eq!(
+        names.items.into_iter().collect::<Vec<_>>(),
+        ["__name__", "operation", "service", "span_kind", "status"]
+    );
     let with_le = names_all(&idx);
     assert!(with_le.contains(&"le".to_owned()));
     let services = values(&idx, &[], "service", usize::MAX, &budget()).expect("values");

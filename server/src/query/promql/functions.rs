@@ -53,10 +53,7 @@ impl Engine<'_> {
         let mut out = Vec::new();
         let [bucket, count, sum] = sel.names;
         let base = |l: &SeriesLabels| -> Labels {
-            ["service", "operation", "status"]
-                .into_iter()
-                .filter_map(|k| l.get(k).map(|v| (k.to_owned(), v.to_owned())))
-                .collect()
+            l.pairs().into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
         };
         if count || sum {
             for (id, labels) in &sel.series {

@@ -17,7 +17,7 @@ trait Span {
 
 impl Span for MemoryStore {
     fn span(&mut self, service: &str, operation: &str, status: Status, t: i64, nanos: u64) {
-        let labels = SeriesLabels { service: service.into(), operation: operation.into(), status };
+        let labels = SeriesLabels::new(service, operation, status);
         MemoryStore::record(self, labels, t, nanos, 1);
     }
 }

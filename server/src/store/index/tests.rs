@@ -3,7 +3,7 @@ use promql_parser::label::Matcher;
 use super::*;
 
 fn labels(service: &str, operation: &str, status: Status) -> SeriesLabels {
-    SeriesLabels { service: service.into(), operation: operation.into(), status }
+    SeriesLabels::new(service, operation, status)
 }
 
 /// 7 services × 40 operations × both statuses, plus one series with an empty service.
