@@ -42,16 +42,28 @@
 //! - feature `tracing`: [`layer::TailscopeLayer`], a `tracing_subscriber::Layer` recording
 //!   span durations;
 //! - feature `tower` (and `axum` for route names): [`tower::TailscopeLayer`], timing requests
-//!   of any tower service.
+//!   of any tower service, and [`tower::TailscopeClientLayer`], timing the calls a service
+//!   makes;
+//! - feature `opentelemetry`: [`otel::TailscopeSpanProcessor`], for a service that already uses
+//!   the OpenTelemetry SDK.
+//!
+//! # Trace context
+//!
+//! The tower layers read and write W3C `traceparent`, and every span recorded while a request
+//! (or a `tracing` span) is worked on joins its trace ([`trace::TraceContext::current`]), so
+//! exemplars link to the traces your tracing backend holds.
 
 mod backoff;
 mod breaker;
 mod exporter;
 #[cfg(feature = "tracing")]
 pub mod layer;
+#[cfg(feature = "opentelemetry")]
+pub mod otel;
 mod shared;
 #[cfg(feature = "tower")]
 pub mod tower;
+pub mod trace;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -91,7 +103,8 @@ impl Status {
 /// Trace context of a span, for linking tailscope's exemplars to your traces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Ids {
-    /// The 128-bit trace id (0: a random one is made).
+    /// The 128-bit trace id (0: the current trace's, see [`trace::TraceContext::current`],
+    /// with the current span as parent; else a random one is made).
     pub trace_id: u128,
     /// The span's id (0: a random one is made).
     pub span_id: u64,
@@ -406,10 +419,12 @@ impl Client {
 
     #[inline]
     fn offer(&self, op: u32, start: i64, duration: i64, status: Status, ids: Ids) {
-        let trace = if ids.trace_id == 0 {
-            u128::from(fastrand::u64(..)) << 64 | u128::from(fastrand::u64(..))
-        } else {
-            ids.trace_id
+        let (trace, parent) = match ids.trace_id {
+            0 => match trace::TraceContext::current() {
+                Some(current) => (current.trace_id, current.span_id),
+                None => (u128::from(fastrand::u64(..)) << 64 | u128::from(fastrand::u64(1..)), 0),
+            },
+            trace => (trace, ids.parent_span_id),
         };
         self.inner.shared.offer(Record {
             op,
@@ -419,8 +434,15 @@ impl Client {
             trace_hi: (trace >> 64) as u64,
             trace_lo: trace as u64,
             span_id: if ids.span_id == 0 { fastrand::u64(1..) } else { ids.span_id },
-            parent: ids.parent_span_id,
+            parent,
         });
+    }
+
+    /// Records a span of operation id `op` that started at `start` (Unix nanoseconds) and took
+    /// `duration` nanoseconds.
+    #[inline]
+    pub(crate) fn record_op_at(&self, op: u32, start: i64, duration: i64, status: Status, ids: Ids) {
+        self.offer(op, start, duration, status, ids);
     }
 
     /// Records a span of `operation` that started at `started` and ends now.
@@ -436,9 +458,14 @@ impl Client {
 
     #[inline]
     pub(crate) fn record_op_since(&self, op: u32, started: Instant, status: Status) {
+        self.record_op_since_ids(op, started, status, Ids::default());
+    }
+
+    #[inline]
+    pub(crate) fn record_op_since_ids(&self, op: u32, started: Instant, status: Status, ids: Ids) {
         let start = self.inner.shared.anchor.unix_nanos(started);
         let nanos = i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX);
-        self.offer(op, start, nanos, status, Ids::default());
+        self.offer(op, start, nanos, status, ids);
     }
 
     /// Waits until everything recorded before this call is acknowledged by the server, or
@@ -458,18 +485,23 @@ impl Client {
     /// Flushes (until `timeout`), then stops the exporter. Spans recorded afterwards are
     /// counted as dropped.
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), ExportError> {
+        let result = self.stop(timeout).await;
+        let thread = self.inner.thread.lock().take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        result
+    }
+
+    /// Flushes (until `timeout`) and tells the exporter to stop, without waiting for its thread.
+    pub(crate) async fn stop(&self, timeout: Duration) -> Result<(), ExportError> {
         let (reply, rx) = oneshot::channel();
         let deadline = Instant::now() + timeout;
         self.inner
             .commands
             .send(Command::Shutdown { deadline, reply: Some(reply) })
             .map_err(|_| ExportError::Stopped)?;
-        let result = rx.await.unwrap_or(Err(ExportError::Stopped));
-        let thread = self.inner.thread.lock().take();
-        if let Some(thread) = thread {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
-        result
+        rx.await.unwrap_or(Err(ExportError::Stopped))
     }
 
     /// What the client did so far.

@@ -130,9 +130,9 @@ async fn tail(State(s): State<AppState>, Query(params): Query<HashMap<String, St
 
 async fn tail_body(s: &AppState, params: &HashMap<String, String>) -> Result<Value, QueryError> {
     for key in params.keys() {
-        if !matches!(key.as_str(), "service" | "operation" | "start" | "end") {
+        if !matches!(key.as_str(), "service" | "operation" | "span_kind" | "start" | "end") {
             return Err(QueryError::BadData(format!(
-                "unknown parameter \"{key}\" (expected service, operation, start, end)"
+                "unknown parameter \"{key}\" (expected service, operation, span_kind, start, end)"
             )));
         }
     }

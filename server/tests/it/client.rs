@@ -314,3 +314,221 @@ async fn a_one_percent_budget_counts_exactly_what_no_sampling_counts() {
     // Same counts; percentiles identical up to the histogram's precision (same buckets).
     assert_eq!(answers[0], answers[1]);
 }
+
+/// A server whose clock runs a minute ahead, so the windows of spans recorded now are already
+/// closed and their exemplars written with the epoch that acknowledges them (exemplars are
+/// kept for windows that ended 20 s ago).
+async fn ahead_of_the_spans(dir: &std::path::Path) -> tailscope_server::Server {
+    let clock = std::sync::Arc::new(tailscope_server::clock::ManualClock::new(now_nanos() + 60_000_000_000));
+    start_with(config(dir), clock).await
+}
+
+/// Every exemplar of `service`'s bucket series of `kind` in the last ten minutes, as
+/// (operation, trace id, span id).
+async fn exemplars(http: std::net::SocketAddr, service: &str, kind: &str) -> Vec<(String, String, String)> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let query = format!("span_duration_seconds_bucket{{service=\"{service}\",span_kind=\"{kind}\"}}");
+    let enc: String = query
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'_' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let body =
+        get_json(http, &format!("/api/v1/query_exemplars?query={enc}&start={}&end={}", now - 600, now + 60))
+            .await;
+    let mut out = Vec::new();
+    for g in body["data"].as_array().unwrap_or_else(|| panic!("{body}")) {
+        for e in g["exemplars"].as_array().unwrap() {
+            out.push((
+                g["seriesLabels"]["operation"].as_str().unwrap().to_owned(),
+                e["labels"]["trace_id"].as_str().unwrap().to_owned(),
+                e["labels"]["span_id"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// W3C trace context through the tower layers: a request carrying `traceparent` into a
+/// frontend (server layer), whose handler calls a backend through hyper's client wrapped in the
+/// client layer, and a `tracing` span inside the backend: all four spans are in the caller's
+/// trace, each kind in its series, and the backend's server span is the child of the
+/// frontend's client span (the `traceparent` the backend received).
+#[tokio::test]
+async fn tower_and_tracing_layers_carry_w3c_trace_context_across_a_hop() {
+    use axum::routing::get;
+    use tower::ServiceExt;
+    use tracing_subscriber::prelude::*;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = ahead_of_the_spans(dir.path()).await;
+    let endpoint = format!("http://{}", server.grpc_addr());
+    let frontend = Client::builder().endpoint(endpoint.clone()).service("frontend").build().unwrap();
+    let backend = Client::builder().endpoint(endpoint).service("backend").build().unwrap();
+
+    // The backend: the traceparent it received, kept; a tracing span inside the handler.
+    let received = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    #[tracing::instrument]
+    async fn charge() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let seen = received.clone();
+    let backend_app = axum::Router::new()
+        .route(
+            "/charge",
+            get(move |headers: axum::http::HeaderMap| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().push(headers["traceparent"].to_str().unwrap().to_owned());
+                    charge().await;
+                    "charged"
+                }
+            }),
+        )
+        .layer(tailscope::tower::TailscopeLayer::new(backend.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, backend_app).await });
+
+    // The frontend calls it through hyper's client behind the client layer.
+    let hyper_client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let outgoing = tower::ServiceBuilder::new()
+        .layer(tailscope::tower::TailscopeClientLayer::new(frontend.clone()))
+        .service(hyper_client);
+    let frontend_app = axum::Router::new()
+        .route(
+            "/checkout",
+            get(move || {
+                let outgoing = outgoing.clone();
+                async move {
+                    let req = axum::http::Request::get(format!("http://{backend_addr}/charge"))
+                        .body(http_body_util::Empty::new())
+                        .unwrap();
+                    let resp = outgoing.oneshot(req).await.unwrap();
+                    resp.status().as_u16().to_string()
+                }
+            }),
+        )
+        .layer(tailscope::tower::TailscopeLayer::new(frontend.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let frontend_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, frontend_app).await });
+
+    let subscriber =
+        tracing_subscriber::registry().with(tailscope::layer::TailscopeLayer::new(backend.clone()));
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let resp = reqwest::Client::new()
+        .get(format!("http://{frontend_addr}/checkout"))
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.text().await.unwrap(), "200");
+    // A request without one starts a trace of its own.
+    reqwest::Client::new().get(format!("http://{frontend_addr}/checkout")).send().await.unwrap();
+    frontend.flush().await.unwrap();
+    backend.flush().await.unwrap();
+
+    let http = server.http_addr();
+    let server_spans = exemplars(http, "frontend", "SPAN_KIND_SERVER").await;
+    let client_spans = exemplars(http, "frontend", "SPAN_KIND_CLIENT").await;
+    let backend_spans = exemplars(http, "backend", "SPAN_KIND_SERVER").await;
+    let inner_spans = exemplars(http, "backend", "SPAN_KIND_UNSPECIFIED").await;
+    for (name, spans, op) in [
+        ("frontend server", &server_spans, "GET /checkout"),
+        ("frontend client", &client_spans, "GET /charge"),
+        ("backend server", &backend_spans, "GET /charge"),
+        ("backend tracing", &inner_spans, "charge"),
+    ] {
+        assert_eq!(spans.len(), 2, "{name}: {spans:?}");
+        assert!(spans.iter().all(|s| s.0 == op), "{name}: {spans:?}");
+        assert_eq!(
+            spans.iter().filter(|s| s.1 == trace).count(),
+            1,
+            "{name} in the caller's trace: {spans:?}"
+        );
+    }
+    // The other request's four spans share one new trace.
+    let other: std::collections::BTreeSet<&str> =
+        [&server_spans, &client_spans, &backend_spans, &inner_spans]
+            .iter()
+            .flat_map(|v| v.iter())
+            .map(|s| s.1.as_str())
+            .filter(|t| *t != trace)
+            .collect();
+    assert_eq!(other.len(), 1, "{other:?}");
+    // The backend received the frontend client span's id as its parent.
+    let sent = received.lock().clone();
+    let from_client: Vec<String> = client_spans.iter().map(|(_, t, s)| format!("00-{t}-{s}-01")).collect();
+    for header in &sent {
+        assert!(from_client.contains(header), "{header} not among {from_client:?}");
+    }
+    // Spans of a request the layers serve are not counted in the callers' own latency.
+    let own = tail(http, "service=frontend").await;
+    assert!(own.iter().all(|r| r["span_kind"] == "SPAN_KIND_SERVER"), "{own:?}");
+    server.shutdown().await;
+}
+
+/// A service that already uses the OpenTelemetry SDK adds the span processor: its spans are
+/// counted exactly by kind, with the SDK's trace and span ids on their exemplars.
+#[tokio::test]
+async fn the_opentelemetry_span_processor_records_sdk_spans_with_their_ids() {
+    use opentelemetry::trace::{Span as _, SpanKind, Status as OtelStatus, Tracer as _, TracerProvider as _};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = ahead_of_the_spans(dir.path()).await;
+    let client = Client::builder()
+        .endpoint(format!("http://{}", server.grpc_addr()))
+        .service("otel-app")
+        .build()
+        .unwrap();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_span_processor(tailscope::otel::TailscopeSpanProcessor::new(client.clone()))
+        .build();
+    let tracer = provider.tracer("test");
+    // Spans recorded before the stream is open are folded (counted, with no exemplar).
+    assert_eventually!(client.stats().connected, "the client connects");
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let mut span = tracer.span_builder("GET /items").with_kind(SpanKind::Server).start(&tracer);
+        if i % 10 == 0 {
+            span.set_status(OtelStatus::error("boom"));
+        }
+        let cx = span.span_context().clone();
+        ids.push(format!("{}", cx.trace_id()));
+        span.end();
+    }
+    for _ in 0..5 {
+        tracer.span_builder("db.query").with_kind(SpanKind::Client).start(&tracer).end();
+    }
+    // force_flush blocks until the server acknowledged: call it off the runtime's threads.
+    let flushed = tokio::task::spawn_blocking(move || {
+        let out = provider.force_flush();
+        (out, provider)
+    })
+    .await
+    .unwrap();
+    flushed.0.unwrap();
+    let http = server.http_addr();
+    let rows = tail(http, "service=otel-app").await;
+    let count =
+        |status: &str| rows.iter().find(|r| r["status"] == status).map(|r| r["count"].as_u64().unwrap());
+    assert_eq!((count("ok"), count("error")), (Some(27), Some(3)), "{rows:?}");
+    assert!(rows.iter().all(|r| r["span_kind"] == "SPAN_KIND_SERVER" && r["operation"] == "GET /items"));
+    let calls = tail(http, "service=otel-app&span_kind=SPAN_KIND_CLIENT").await;
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!((calls[0]["operation"].as_str(), calls[0]["count"].as_u64()), (Some("db.query"), Some(5)));
+    let seen = exemplars(http, "otel-app", "SPAN_KIND_SERVER").await;
+    assert!(!seen.is_empty());
+    assert!(seen.iter().all(|(_, t, _)| ids.contains(t)), "{seen:?} not among the SDK's trace ids");
+    tokio::task::spawn_blocking(move || flushed.1.shutdown()).await.unwrap().unwrap();
+    server.shutdown().await;
+}
