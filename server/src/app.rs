@@ -57,6 +57,14 @@ pub enum StartError {
     /// A rule file or the notifier configuration is invalid.
     #[error("alerting: {0}")]
     Alerting(#[from] crate::alerting::AlertingError),
+    /// A remote-write target cannot be set up (its http_config file).
+    #[error("remote_write {name}: {message}")]
+    RemoteWrite {
+        /// The target.
+        name: String,
+        /// What was wrong.
+        message: String,
+    },
     /// The store could not be opened.
     #[error("cannot open the store in {path}: {source}")]
     Store {
@@ -125,6 +133,18 @@ impl Server {
         let otlp_http_addr = local(&otlp_http_listener, config.server.otlp_http_addr)?;
 
         let (stop, stop_rx) = watch::channel(false);
+        let mut remote_tasks = Vec::new();
+        for target in &config.remote_write {
+            let (writer, tasks) = crate::remote_write::RemoteWriter::start(
+                target.clone(),
+                clock.clone(),
+                metrics.clone(),
+                stop_rx.clone(),
+            )
+            .map_err(|message| StartError::RemoteWrite { name: target.display_name(), message })?;
+            pipeline.add_sink(writer);
+            remote_tasks.extend(tasks);
+        }
         let limits = crate::listener::ConnectionLimits {
             max_connections: config.server.max_connections,
             header_read_timeout: config.server.header_read_timeout,
@@ -248,6 +268,7 @@ impl Server {
         ));
 
         let mut background = shard_tasks;
+        background.extend(remote_tasks);
         background.push(otlp_http);
         background.extend(alerting_tasks);
         background.push(tokio::spawn(run_sampler(

@@ -74,6 +74,8 @@ pub struct Config {
     pub query: QueryConfig,
     /// Who may write and administer (the users are the web configuration's).
     pub auth: crate::auth::AuthConfig,
+    /// Prometheus remote-write targets that receive the latency histograms (`[[remote_write]]`).
+    pub remote_write: Vec<crate::remote_write::RemoteWriteConfig>,
 }
 
 /// `[query]`: what one request to the query API may cost.
@@ -439,6 +441,21 @@ impl Config {
         }
         if self.query.timeout < Duration::from_millis(1) {
             return invalid("query.timeout", "must be at least 1ms");
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, target) in self.remote_write.iter().enumerate() {
+            target
+                .validate()
+                .map_err(|m| ConfigError::Invalid { key: "remote_write", message: format!("[{i}] {m}") })?;
+            if !names.insert(target.display_name()) {
+                return Err(ConfigError::Invalid {
+                    key: "remote_write",
+                    message: format!(
+                        "[{i}] name {:?} is used twice; give each target its own name",
+                        target.display_name()
+                    ),
+                });
+            }
         }
         Ok(())
     }

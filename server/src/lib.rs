@@ -18,6 +18,7 @@ pub mod listener;
 pub mod pipeline;
 pub mod query;
 pub mod reload;
+pub mod remote_write;
 pub mod sampling;
 pub mod series;
 pub mod store;

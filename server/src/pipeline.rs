@@ -321,9 +321,23 @@ pub struct Pipeline {
     max_seq_gap: u64,
     /// Clients idle since before this (seconds) are forgotten with the next epoch (0: none).
     forget_before: std::sync::atomic::AtomicI64,
+    /// Told of every durable epoch.
+    sinks: RwLock<Vec<Arc<dyn EpochSink>>>,
+}
+
+/// What happens after an epoch is written: the seam through which the pipeline feeds consumers
+/// of exact deltas (remote write today) without knowing them.
+pub trait EpochSink: Send + Sync + std::fmt::Debug {
+    /// Called once per durable epoch, on a blocking thread, with what it wrote.
+    fn written(&self, write: &EpochWrite);
 }
 
 impl Pipeline {
+    /// Tells `sink` of every epoch written from now on.
+    pub fn add_sink(&self, sink: Arc<dyn EpochSink>) {
+        self.sinks.write().push(sink);
+    }
+
     /// Starts the shard tasks and returns the pipeline with their join handles. Durable
     /// watermarks are loaded from the store so resends after a restart are recognised.
     pub fn start(
@@ -376,6 +390,7 @@ impl Pipeline {
             group_commit_delay: config.group_commit_delay,
             max_seq_gap: config.max_seq_gap,
             forget_before: std::sync::atomic::AtomicI64::new(0),
+            sinks: RwLock::new(Vec::new()),
         };
         Ok((Arc::new(pipeline), handles))
     }
@@ -504,8 +519,14 @@ impl Pipeline {
         }
         let batch = std::mem::take(pending);
         let store = self.store.clone();
+        let sinks = self.sinks.read().clone();
         let result = tokio::task::spawn_blocking(move || {
             let r = store.write_epoch(&batch);
+            if r.is_ok() {
+                for sink in &sinks {
+                    sink.written(&batch);
+                }
+            }
             (batch, r)
         })
         .await;

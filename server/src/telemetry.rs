@@ -80,6 +80,22 @@ pub struct ReceiverLabel {
     pub receiver: String,
 }
 
+/// A `remote` label: a remote-write target's name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RemoteLabel {
+    /// The target's name.
+    pub remote: String,
+}
+
+/// `remote` and `reason` labels of samples a remote-write target did not get.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RemoteDropLabel {
+    /// The target's name.
+    pub remote: String,
+    /// `queue_full`, `rejected` (a 4xx answer), `encoding`, `unlabelled`.
+    pub reason: &'static str,
+}
+
 /// `receiver` and `result` labels of a delivery attempt.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttemptLabel {
@@ -174,6 +190,14 @@ pub struct Metrics {
     pub clients_forgotten: Counter,
     /// Requests refused for their credentials, by listener and reason.
     pub auth_failures: Family<AuthLabel, Counter>,
+    /// Samples delivered to remote-write targets.
+    pub remote_write_sent: Family<RemoteLabel, Counter>,
+    /// Samples a remote-write target did not get, by reason.
+    pub remote_write_dropped: Family<RemoteDropLabel, Counter>,
+    /// Remote-write requests retried (5xx, 429, connection errors, timeouts).
+    pub remote_write_retries: Family<RemoteLabel, Counter>,
+    /// Samples waiting to be sent, per target.
+    pub remote_write_queued: Family<RemoteLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -227,6 +251,10 @@ impl Metrics {
             tls_handshake_failures: Counter::default(),
             auth_failures: Family::default(),
             clients_forgotten: Counter::default(),
+            remote_write_sent: Family::default(),
+            remote_write_dropped: Family::default(),
+            remote_write_retries: Family::default(),
+            remote_write_queued: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -361,6 +389,26 @@ impl Metrics {
             "notification_latency_seconds",
             "Time from a group flush to its notification's delivery, retries included",
             m.notification_latency.clone(),
+        );
+        r.register(
+            "remote_write_samples",
+            "Samples delivered to remote-write targets",
+            m.remote_write_sent.clone(),
+        );
+        r.register(
+            "remote_write_samples_dropped",
+            "Samples a remote-write target did not get, by reason",
+            m.remote_write_dropped.clone(),
+        );
+        r.register(
+            "remote_write_retries",
+            "Remote-write requests retried (5xx, 429, connection errors, timeouts)",
+            m.remote_write_retries.clone(),
+        );
+        r.register(
+            "remote_write_queued_samples",
+            "Samples waiting to be sent to a remote-write target",
+            m.remote_write_queued.clone(),
         );
         r.register(
             "alerts_forwarded",

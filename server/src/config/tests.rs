@@ -81,3 +81,36 @@ fn the_effective_config_prints_as_toml_that_parses_back() {
     let c = Config::default();
     assert_eq!(Config::from_toml(&c.to_toml(), Path::new("printed")).expect("round trip"), c);
 }
+
+#[test]
+fn remote_write_targets_parse_and_bad_ones_name_the_key() {
+    let text = "[[remote_write]]\nurl = \"http://127.0.0.1:9090/api/v1/write\"\nhistograms = \"both\"\nsend_interval = \"15s\"\n\
+                [[remote_write]]\nname = \"mimir\"\nurl = \"https://mimir.example/api/v1/push\"\n";
+    let config = Config::from_toml(text, Path::new("t.toml")).expect("parses");
+    assert_eq!(config.remote_write.len(), 2);
+    assert_eq!(config.remote_write[0].histograms, crate::remote_write::HistogramForm::Both);
+    assert_eq!(config.remote_write[0].send_interval, Duration::from_secs(15));
+    assert_eq!(config.remote_write[0].display_name(), "127.0.0.1:9090");
+    config.validate().expect("valid");
+    let twice = Config::from_toml(
+        "[[remote_write]]\nurl = \"http://a:1/w\"\n[[remote_write]]\nurl = \"http://a:1/x\"\n",
+        Path::new("t.toml"),
+    )
+    .expect("parses");
+    let err = twice.validate().expect_err("same name twice").to_string();
+    assert!(err.contains("remote_write") && err.contains("used twice"), "{err}");
+    let bad = Config::from_toml(
+        "[[remote_write]]\nurl = \"http://a:1/w\"\nnative_schema = 12\n",
+        Path::new("t.toml"),
+    )
+    .expect("parses");
+    let err = bad.validate().expect_err("schema").to_string();
+    assert!(err.contains("remote_write") && err.contains("native_schema"), "{err}");
+    let err = Config::from_toml(
+        "[[remote_write]]\nurl = \"http://a:1/w\"\nhistogram = \"native\"\n",
+        Path::new("t.toml"),
+    )
+    .expect_err("unknown key")
+    .to_string();
+    assert!(err.contains("histogram"), "{err}");
+}

@@ -22,4 +22,5 @@ mod otlp;
 mod overload;
 mod pagers;
 mod prometheus_api;
+mod remote_write;
 mod tls;
