@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
 use crate::config::IngestConfig;
-use crate::store::{EpochWrite, Store, Watermark};
+use crate::store::{EpochSink, EpochWrite, Store, Watermark};
 use crate::telemetry::{Metrics, Outcome, ShardLabel};
 
 use shard::{Handover, ShardMsg};
@@ -323,13 +323,6 @@ pub struct Pipeline {
     forget_before: std::sync::atomic::AtomicI64,
     /// Told of every durable epoch.
     sinks: RwLock<Vec<Arc<dyn EpochSink>>>,
-}
-
-/// What happens after an epoch is written: the seam through which the pipeline feeds consumers
-/// of exact deltas (remote write today) without knowing them.
-pub trait EpochSink: Send + Sync + std::fmt::Debug {
-    /// Called once per durable epoch, on a blocking thread, with what it wrote.
-    fn written(&self, write: &EpochWrite);
 }
 
 impl Pipeline {

@@ -30,9 +30,8 @@ use tokio::task::JoinHandle;
 
 use crate::alerting::receivers::http_config::HttpConfig;
 use crate::clock::Clock;
-use crate::pipeline::EpochSink;
 use crate::series::{IdBuildHasher, SeriesLabels};
-use crate::store::EpochWrite;
+use crate::store::{EpochSink, EpochWrite};
 use crate::telemetry::{Metrics, RemoteDropLabel, RemoteLabel};
 
 #[cfg(test)]

@@ -256,6 +256,13 @@ pub struct EpochWrite {
     pub exemplars: Vec<Exemplar>,
 }
 
+/// What happens after an epoch is written: the seam through which the pipeline feeds consumers
+/// of exact deltas (remote write today) without knowing them.
+pub trait EpochSink: Send + Sync + std::fmt::Debug {
+    /// Called once per durable epoch, on a blocking thread, with what it wrote.
+    fn written(&self, write: &EpochWrite);
+}
+
 impl EpochWrite {
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
