@@ -495,7 +495,9 @@ fn sample(
                 Some((labels, v))
             })
             .collect(),
-        Value::Str(_) | Value::Hist(_) => return Err("rule result is not a vector or scalar".into()),
+        Value::Str(_) | Value::Hist(_) | Value::Native(_) => {
+            return Err("rule result is not a vector or scalar".into())
+        }
     })
 }
 

@@ -214,8 +214,25 @@ fn render_instant(value: Value, steps: &Steps, _: &crate::query::Budget) -> Resu
             }))).collect::<Vec<_>>(),
         }),
         Value::Hist(_) => json!({"resultType": "vector", "result": []}),
+        Value::Native(series) => json!({
+            "resultType": "vector",
+            "result": series.iter().filter_map(|s| s.values[0].as_ref().map(|h| json!({
+                "metric": s.labels,
+                "histogram": [json_time(t), native_json(h)],
+            }))).collect::<Vec<_>>(),
+        }),
     };
     envelope::write_success(|out| write_json(out, &data))
+}
+
+/// A native histogram as the Prometheus API writes it: count, sum and `[boundary rule, lower,
+/// upper, count]` per bucket, numbers as strings (rule 3: both bounds inclusive).
+fn native_json(h: &promql::NativeSample) -> serde_json::Value {
+    json!({
+        "count": format_value(h.count),
+        "sum": format_value(h.sum),
+        "buckets": h.buckets.iter().map(|&(lo, hi, n)| json!([3, format_value(lo), format_value(hi), format_value(n)])).collect::<Vec<_>>(),
+    })
 }
 
 /// A range answer, written point by point (no JSON tree of millions of values in between),
@@ -232,6 +249,7 @@ fn render_matrix(value: Value, steps: &Steps, budget: &crate::query::Budget) -> 
             ))
         }
         Value::Hist(_) => Vec::new(),
+        Value::Native(series) => return render_native_matrix(&series, steps, budget),
     };
     let times = steps.times();
     envelope::write_success(|out| {
@@ -262,6 +280,33 @@ fn render_matrix(value: Value, steps: &Steps, budget: &crate::query::Budget) -> 
                 out.extend_from_slice(b"\"]");
             }
             out.extend_from_slice(b"]}");
+        }
+        out.extend_from_slice(b"]}");
+        Ok(())
+    })
+}
+
+/// A range answer of native histograms: `histograms` instead of `values`.
+fn render_native_matrix(
+    series: &[promql::NativeSeries],
+    steps: &Steps,
+    budget: &crate::query::Budget,
+) -> Result<Vec<u8>, EvalError> {
+    let times = steps.times();
+    envelope::write_success(|out| {
+        out.extend_from_slice(br#"{"resultType":"matrix","result":["#);
+        for (i, s) in series.iter().enumerate() {
+            budget.check("building the response")?;
+            if i > 0 {
+                out.push(b',');
+            }
+            let points: Vec<serde_json::Value> = s
+                .values
+                .iter()
+                .zip(times)
+                .filter_map(|(h, &t)| Some(json!([json_time(t), native_json(h.as_ref()?)])))
+                .collect();
+            write_json(out, &json!({"metric": s.labels, "histograms": points}))?;
         }
         out.extend_from_slice(b"]}");
         Ok(())

@@ -26,7 +26,7 @@ use crate::series::SeriesLabels;
 use crate::store::RetentionConfig;
 use crate::store::StoreError;
 
-/// The histogram's base name.
+/// The histogram's base name, and its native-histogram series: selected only by naming it.
 pub const METRIC: &str = "span_duration_seconds";
 /// Cumulative buckets, label `le`.
 pub const BUCKET: &str = "span_duration_seconds_bucket";
@@ -34,8 +34,8 @@ pub const BUCKET: &str = "span_duration_seconds_bucket";
 pub const COUNT: &str = "span_duration_seconds_count";
 /// Sums of span durations in seconds.
 pub const SUM: &str = "span_duration_seconds_sum";
-/// The three series names, in this order everywhere.
-pub const NAMES: [&str; 3] = [BUCKET, COUNT, SUM];
+/// The series names, in this order everywhere.
+pub const NAMES: [&str; 4] = [BUCKET, COUNT, SUM, METRIC];
 
 /// The `le` bounds synthesized when no matcher names one: log-spaced 1-2.5-5 from 100 µs to
 /// 1000 s, the hour, and `+Inf`.
@@ -232,6 +232,30 @@ pub enum Value {
     Vector(Vec<Series>),
     /// Bucket series still held as histograms.
     Hist(HistValue),
+    /// Native histograms, for answers (`histogram`/`histograms` in the JSON).
+    Native(Vec<NativeSeries>),
+}
+
+/// A native-histogram series: one histogram per step (`None` where it has none).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NativeSeries {
+    /// Its labels.
+    pub labels: Labels,
+    /// One histogram per step.
+    pub values: Vec<Option<NativeSample>>,
+}
+
+/// One native-histogram sample as the Prometheus API shows it: count, sum (seconds) and the
+/// non-empty buckets as `(lower, upper, count)`, both bounds inclusive (tailscope's buckets
+/// hold whole nanoseconds), scaled per second for `rate()`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NativeSample {
+    /// Observations.
+    pub count: f64,
+    /// Their sum in seconds.
+    pub sum: f64,
+    /// `(lower, upper, count)` per non-empty bucket, ascending.
+    pub buckets: Vec<(f64, f64, f64)>,
 }
 
 /// `rate`/`increase` of bucket series, possibly summed by group: still histograms.
@@ -246,6 +270,8 @@ pub struct HistValue {
     range: i64,
     offset: i64,
     per_second: bool,
+    /// Native histograms (`span_duration_seconds`): read only as histograms, never as numbers.
+    native: bool,
 }
 
 #[derive(Debug)]
@@ -271,7 +297,7 @@ impl std::fmt::Debug for Engine<'_> {
 
 /// Which of the three series names a selector matches, with its series and `le` bounds.
 struct Selection {
-    names: [bool; 3],
+    names: [bool; 4],
     series: Vec<(u64, SeriesLabels)>,
     le: Vec<f64>,
 }
@@ -348,6 +374,15 @@ impl<'a> Engine<'a> {
                 _ => label_matchers.push(m),
             }
         }
+        // The native histogram is selected only by its name: a float selection and histograms
+        // never mix in one vector.
+        let named = vs.name.as_deref() == Some(METRIC)
+            || vs
+                .matchers
+                .matchers
+                .iter()
+                .any(|m| m.name == "__name__" && matches!(m.op, MatchOp::Equal) && m.value == METRIC);
+        names[3] &= named;
         if !names.iter().any(|&n| n) {
             return Ok(Selection { names, series: Vec::new(), le });
         }
@@ -375,6 +410,9 @@ impl<'a> Engine<'a> {
 
     fn instant_selector(&self, vs: &VectorSelector) -> Result<Value, EvalError> {
         let sel = self.select(vs)?;
+        if sel.names[3] {
+            return Ok(self.cumulative(vs, sel));
+        }
         if let Some(i) = sel.names.iter().position(|&n| n).filter(|_| !sel.series.is_empty()) {
             return unsupported(format!(
                 "{} holds counts per time window, not a cumulative counter: use rate() or increase() over a range, e.g. rate({}[5m])",
@@ -383,6 +421,41 @@ impl<'a> Engine<'a> {
         }
         // Any other metric: tailscope has none, like a Prometheus that never scraped it.
         Ok(Value::Vector(Vec::new()))
+    }
+
+    /// A plain selector of the native histogram: at each step, every span of the series
+    /// since the oldest 10-second window still retained (`retention.window_10s`) — the
+    /// cumulative counter a Prometheus scraping tailscope since then would hold, exact to the
+    /// 10 s grid (coarse rollups are read for the whole hours inside, fine windows at the edges).
+    fn cumulative(&self, vs: &VectorSelector, sel: Selection) -> Value {
+        let offset = match &vs.offset {
+            None => 0,
+            Some(Offset::Pos(d)) => d.as_secs() as i64,
+            Some(Offset::Neg(d)) => -(d.as_secs() as i64),
+        };
+        let retained = i64::try_from(self.retention.window_10s.as_secs()).unwrap_or(i64::MAX);
+        // The oldest 10-second window still kept, on the 10 s grid.
+        let oldest = self.now.saturating_sub(retained).div_euclid(10) * 10 + 10;
+        let last = self.steps.times().last().map_or(self.now, |t| (t + 999).div_euclid(1000)) - offset;
+        let groups = sel
+            .series
+            .iter()
+            .map(|(id, l)| HistGroup {
+                labels: std::iter::once(("__name__".to_owned(), METRIC.to_owned()))
+                    .chain(l.pairs().into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())))
+                    .collect(),
+                members: vec![*id],
+            })
+            .collect();
+        Value::Hist(HistValue {
+            groups,
+            le: Vec::new(),
+            le_kept: false,
+            range: (last - oldest).max(1),
+            offset,
+            per_second: false,
+            native: true,
+        })
     }
 
     /// Runs sliding sums over a group's windows: `f(step, acc)` is called for every step whose
@@ -480,12 +553,45 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    /// The value with histograms turned into bucket series (for answers).
+    /// The value with histograms turned into bucket series, or native histograms (for
+    /// answers).
     pub fn materialized(&self, v: Value) -> Result<Value, EvalError> {
         match v {
+            Value::Hist(h) if h.native => Ok(Value::Native(self.native_series(&h)?)),
             Value::Hist(_) => Ok(Value::Vector(self.materialize(v)?)),
             other => Ok(other),
         }
+    }
+
+    /// Native histograms per group and step: the merged histogram's non-empty buckets.
+    fn native_series(&self, h: &HistValue) -> Result<Vec<NativeSeries>, EvalError> {
+        let layout = self.source.layout();
+        let scale = if h.per_second { h.range as f64 } else { 1.0 };
+        let mut out = Vec::with_capacity(h.groups.len());
+        for g in &h.groups {
+            let mut values = vec![None; self.steps.len()];
+            self.slide(g, h.range, h.offset, |i, acc| {
+                let buckets = acc
+                    .iter_nonzero()
+                    .map(|(index, n)| {
+                        (
+                            layout.lowest_equivalent(index) as f64 / 1e9,
+                            layout.highest_equivalent(index) as f64 / 1e9,
+                            n as f64 / scale,
+                        )
+                    })
+                    .collect();
+                values[i] = Some(NativeSample {
+                    count: acc.count() as f64 / scale,
+                    sum: acc.sum() as f64 / 1e9 / scale,
+                    buckets,
+                });
+            })?;
+            if values.iter().any(Option::is_some) {
+                out.push(NativeSeries { labels: g.labels.clone(), values });
+            }
+        }
+        Ok(out)
     }
 
     /// Turns a value into plain series: histograms become bucket series at their `le` bounds.
@@ -495,6 +601,8 @@ impl<'a> Engine<'a> {
             Value::Scalar(_) | Value::Str(_) => {
                 unsupported("expected an instant vector, got a scalar or string")
             }
+            Value::Native(_) => unsupported(NOT_A_NUMBER),
+            Value::Hist(h) if h.native => unsupported(NOT_A_NUMBER),
             Value::Hist(h) => {
                 let mut out = Vec::new();
                 for g in &h.groups {
@@ -529,6 +637,10 @@ impl<'a> Engine<'a> {
         }
     }
 }
+
+/// Why a native histogram cannot stand where a number is needed.
+const NOT_A_NUMBER: &str = "span_duration_seconds is a native histogram: read it with histogram_quantile(), \
+     histogram_count(), histogram_sum(), histogram_avg() or histogram_fraction(), or aggregate it with sum";
 
 /// The `le` bounds a matcher selects: an equality names exactly one bound (any number); other
 /// matchers filter the default ladder.

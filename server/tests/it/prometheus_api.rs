@@ -84,6 +84,7 @@ async fn grafana_probe_calls_work() {
     assert_eq!(
         names["data"],
         serde_json::json!([
+            "span_duration_seconds",
             "span_duration_seconds_bucket",
             "span_duration_seconds_count",
             "span_duration_seconds_sum"
@@ -666,4 +667,90 @@ async fn client_spans_do_not_mix_into_a_services_own_latency() {
         assert_eq!(kinds, ["SPAN_KIND_INTERNAL", "SPAN_KIND_SERVER"].into_iter().collect());
         server.shutdown().await;
     }
+}
+
+/// Native histograms over HTTP: `histogram` in instant answers and `histograms` in range
+/// answers, in the Prometheus API's shape (numbers as strings, `[rule, lower, upper, count]`
+/// buckets), with counts that agree with the classic `_count` series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_histograms_come_back_in_the_prometheus_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = known_server(dir.path()).await;
+    let http = server.http_addr();
+    let q = |e: &str| form_encode(e);
+    let (code, body) = call(
+        http,
+        "GET",
+        &format!(
+            "/api/v1/query?query={}&time={T}",
+            q("sum by (service) (increase(span_duration_seconds[10m]))")
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["resultType"], "vector");
+    let rows = body["data"]["result"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{body}");
+    let classic = instant(http, "sum by (service) (increase(span_duration_seconds_count[10m]))").await;
+    for row in rows {
+        assert!(row.get("value").is_none());
+        let [t, h] = row["histogram"].as_array().unwrap().as_slice() else { panic!("{row}") };
+        assert_eq!(t.as_f64(), Some(T as f64));
+        let count: f64 = h["count"].as_str().unwrap().parse().unwrap();
+        let service = row["metric"]["service"].as_str().unwrap();
+        assert_eq!(Some(count), classic.iter().find(|(k, _)| k == service).map(|r| r.1), "{row}");
+        let buckets = h["buckets"].as_array().unwrap();
+        let in_buckets: f64 = buckets.iter().map(|b| b[3].as_str().unwrap().parse::<f64>().unwrap()).sum();
+        assert_eq!(in_buckets, count);
+        for b in buckets {
+            assert_eq!(b[0], 3, "both bounds inclusive: {b}");
+            let (lo, hi): (f64, f64) =
+                (b[1].as_str().unwrap().parse().unwrap(), b[2].as_str().unwrap().parse().unwrap());
+            assert!(lo <= hi && hi <= lo * 1.01 + 1e-9, "a bucket of 1 % at most: {b}");
+        }
+        assert!(h["sum"].as_str().unwrap().parse::<f64>().unwrap() > 0.0);
+    }
+    let (code, body) = call(
+        http,
+        "GET",
+        &format!(
+            "/api/v1/query_range?query={}&start={}&end={T}&step=60",
+            q("rate(span_duration_seconds{service=\"search\"}[5m])"),
+            T - 600
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["resultType"], "matrix");
+    let series = body["data"]["result"].as_array().unwrap();
+    assert!(!series.is_empty());
+    for s in series {
+        let points = s["histograms"].as_array().unwrap();
+        assert!(!points.is_empty() && s.get("values").is_none(), "{s}");
+        assert!(points.iter().all(|p| p[1]["buckets"].is_array()));
+    }
+    // The plain selector: the cumulative histogram, and an SLI from it.
+    let (code, body) =
+        call(http, "GET", &format!("/api/v1/query?query={}&time={T}", q("span_duration_seconds")), None)
+            .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["result"].as_array().unwrap().len(), 4, "{body}");
+    let value = |expr: &'static str| async move {
+        let (_, body) =
+            call(http, "GET", &format!("/api/v1/query?query={}&time={T}", form_encode(expr)), None).await;
+        body["data"]["result"][0]["value"][1]
+            .as_str()
+            .unwrap_or_else(|| panic!("{expr}: {body}"))
+            .parse::<f64>()
+            .unwrap()
+    };
+    let fraction = value("histogram_fraction(0, 0.05, sum(increase(span_duration_seconds[10m])))").await;
+    let le = value(
+        "sum(increase(span_duration_seconds_bucket{le=\"0.05\"}[10m])) / sum(increase(span_duration_seconds_count[10m]))",
+    )
+    .await;
+    assert!((fraction - le).abs() < 1e-9, "{fraction} vs {le}");
+    server.shutdown().await;
 }

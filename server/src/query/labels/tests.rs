@@ -32,10 +32,13 @@ fn budget() -> Budget {
 }
 
 #[test]
-fn every_series_is_exposed_as_buckets_count_and_sum() {
+fn every_series_is_exposed_as_buckets_count_sum_and_a_native_histogram() {
     let idx = index(2);
     let all = series(&idx, &[], usize::MAX, &budget()).expect("series");
-    assert_eq!(all.items.len(), 2 * (promql::DEFAULT_LE.len() + 2));
+    assert_eq!(all.items.len(), 2 * (promql::DEFAULT_LE.len() + 3));
+    let native = series(&idx, &[selector("span_duration_seconds")], usize::MAX, &budget()).expect("series");
+    assert_eq!(native.items.len(), 2);
+    assert!(native.items.iter().all(|s| !s.contains_key("le")));
     assert!(!all.truncated);
     let counts =
         series(&idx, &[selector("span_duration_seconds_count")], usize::MAX, &budget()).expect("series");

@@ -35,8 +35,89 @@ impl Engine<'_> {
                     )),
                 }
             }
+            "histogram_count" | "histogram_sum" | "histogram_avg" => {
+                let [hist] = args.as_slice() else {
+                    return unsupported(format!("{name}() needs one argument"));
+                };
+                let h = self.histogram_argument(name, hist)?;
+                self.per_histogram(&h, |_, acc, scale| match name {
+                    "histogram_count" => acc.count() as f64 / scale,
+                    "histogram_sum" => acc.sum() as f64 / 1e9 / scale,
+                    _ => acc.mean().map_or(f64::NAN, |m| m / 1e9),
+                })
+            }
+            "histogram_fraction" => {
+                let [lower, upper, hist] = args.as_slice() else {
+                    return unsupported(
+                        "histogram_fraction() needs three arguments: lower, upper, histogram",
+                    );
+                };
+                let bound = |e| match self.eval(e)? {
+                    Value::Scalar(v) => Ok(v),
+                    _ => unsupported("histogram_fraction()'s bounds must be scalars"),
+                };
+                let (lower, upper) = (bound(lower)?, bound(upper)?);
+                let h = self.histogram_argument(name, hist)?;
+                let nanos = |s: f64| (s * 1e9).clamp(0.0, u64::MAX as f64) as u64;
+                self.per_histogram(&h, |step, acc, _| {
+                    let (lo, hi) = (lower[step], upper[step]);
+                    if acc.count() == 0 || lo.is_nan() || hi.is_nan() {
+                        return f64::NAN;
+                    }
+                    let at_most = |v: f64| {
+                        if v < 0.0 {
+                            0
+                        } else if v.is_infinite() {
+                            acc.count()
+                        } else {
+                            acc.count_at_most(nanos(v))
+                        }
+                    };
+                    at_most(hi).saturating_sub(at_most(lo)) as f64 / acc.count() as f64
+                })
+            }
             other => unsupported(format!("function {other}() is not supported")),
         }
+    }
+
+    /// The histogram argument of `name`: rate()/increase() of a histogram, possibly summed.
+    fn histogram_argument(&self, name: &str, e: &Expr) -> Result<HistValue, EvalError> {
+        match self.eval(e)? {
+            Value::Hist(h) => Ok(h),
+            Value::Vector(v) if v.is_empty() => Ok(HistValue {
+                groups: Vec::new(),
+                le: Vec::new(),
+                le_kept: false,
+                range: 1,
+                offset: 0,
+                per_second: false,
+                native: true,
+            }),
+            _ => unsupported(format!(
+                "{name}() reads histograms: its argument must be {METRIC}, rate() or increase() of it (or of {BUCKET}), optionally summed"
+            )),
+        }
+    }
+
+    /// `f(step, histogram, per-second scale)` at every step of every group, as series without
+    /// `__name__`.
+    fn per_histogram(
+        &self,
+        h: &HistValue,
+        mut f: impl FnMut(usize, &Histogram, f64) -> f64,
+    ) -> Result<Value, EvalError> {
+        let scale = if h.per_second { h.range as f64 } else { 1.0 };
+        let mut out = Vec::with_capacity(h.groups.len());
+        for g in &h.groups {
+            let mut values = vec![None; self.steps.len()];
+            self.slide(g, h.range, h.offset, |i, acc| values[i] = Some(f(i, acc, scale)))?;
+            if values.iter().any(Option::is_some) {
+                let mut labels = g.labels.clone();
+                labels.remove("__name__");
+                out.push(Series { labels, values });
+            }
+        }
+        Ok(Value::Vector(out))
     }
 
     pub(super) fn range_function(&self, per_second: bool, ms: &MatrixSelector) -> Result<Value, EvalError> {
@@ -51,7 +132,7 @@ impl Engine<'_> {
         };
         let sel = self.select(&ms.vs)?;
         let mut out = Vec::new();
-        let [bucket, count, sum] = sel.names;
+        let [bucket, count, sum, native] = sel.names;
         let base = |l: &SeriesLabels| -> Labels {
             l.pairs().into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
         };
@@ -74,7 +155,18 @@ impl Engine<'_> {
         }
         let groups: Vec<HistGroup> =
             sel.series.iter().map(|(id, l)| HistGroup { labels: base(l), members: vec![*id] }).collect();
-        let hist = HistValue { groups, le: sel.le, le_kept: true, range, offset, per_second };
+        if native {
+            return Ok(Value::Hist(HistValue {
+                groups,
+                le: Vec::new(),
+                le_kept: false,
+                range,
+                offset,
+                per_second,
+                native: true,
+            }));
+        }
+        let hist = HistValue { groups, le: sel.le, le_kept: true, range, offset, per_second, native: false };
         if bucket && !count && !sum {
             return Ok(Value::Hist(hist));
         }

@@ -540,3 +540,95 @@ fn nested_queries_are_refused_or_evaluated_within_a_small_stack() {
         .expect("thread");
     handle.join().expect("no panic, no overflow");
 }
+
+fn native(mem: &Mem, q: &str, t: i64) -> Vec<NativeSeries> {
+    match eval_at(mem, q, t).unwrap_or_else(|e| panic!("{q}: {e}")) {
+        Value::Native(s) => s,
+        other => panic!("{q}: not native histograms: {other:?}"),
+    }
+}
+
+#[test]
+fn native_histograms_are_read_by_name_and_by_the_histogram_functions() {
+    let (mem, raw) = traffic();
+    let all: Vec<u64> = raw.values().flatten().copied().collect();
+    let total = all.len() as f64;
+    // rate() of the native histogram: one histogram per series, its buckets summing to its count.
+    let rates = native(&mem, "rate(span_duration_seconds[5m])", NOW);
+    let classic_series = vector(&mem, "rate(span_duration_seconds_count[5m])");
+    assert_eq!(rates.len(), classic_series.len());
+    for s in &rates {
+        let h = s.values[0].as_ref().expect("a sample");
+        let in_buckets: f64 = h.buckets.iter().map(|b| b.2).sum();
+        assert!((in_buckets - h.count).abs() < 1e-9 * h.count.max(1.0));
+        assert!(h.buckets.windows(2).all(|w| w[0].1 < w[1].0), "ascending, disjoint");
+        assert!(!s.labels.contains_key("__name__"));
+    }
+    let summed = native(&mem, "sum(increase(span_duration_seconds[5m]))", NOW);
+    assert_eq!(summed.len(), 1);
+    assert_eq!(summed[0].values[0].as_ref().map(|h| h.count), Some(total));
+    // The functions, against the classic series and the raw spans.
+    let count = vector(&mem, "sum(histogram_count(increase(span_duration_seconds[5m])))");
+    assert_eq!(count[0].1, total);
+    let classic = vector(&mem, "sum(increase(span_duration_seconds_count[5m]))");
+    assert_eq!(count[0].1, classic[0].1);
+    let sum = vector(&mem, "histogram_sum(sum(increase(span_duration_seconds[5m])))")[0].1;
+    let exact_sum = all.iter().sum::<u64>() as f64 / 1e9;
+    assert!((sum - exact_sum).abs() <= exact_sum * 0.01, "{sum} vs {exact_sum}");
+    let avg = vector(&mem, "histogram_avg(sum(increase(span_duration_seconds[5m])))")[0].1;
+    assert!((avg - exact_sum / total).abs() <= avg * 0.01);
+    // An SLI: the share of spans at most 30 ms, exact to the bucket precision.
+    let fraction = vector(&mem, "histogram_fraction(0, 0.03, sum(rate(span_duration_seconds[5m])))")[0].1;
+    let exact = all.iter().filter(|&&v| v <= 30_000_000).count() as f64 / total;
+    assert!((fraction - exact).abs() <= 0.01, "{fraction} vs {exact}");
+    let mut values = all.clone();
+    let p99 = vector(&mem, "histogram_quantile(0.99, sum(rate(span_duration_seconds[5m])))")[0].1;
+    assert!(close(p99, exact_quantile(&mut values, 0.99)), "{p99}");
+    // The classic bucket rates are histograms too.
+    let from_buckets = vector(&mem, "sum(histogram_count(increase(span_duration_seconds_bucket[5m])))");
+    assert_eq!(from_buckets[0].1, total);
+}
+
+#[test]
+fn a_plain_native_selector_is_a_cumulative_counter() {
+    let (mem, raw) = traffic();
+    let total: usize = raw.values().map(Vec::len).sum();
+    let at = |t: i64| -> f64 {
+        native(&mem, "span_duration_seconds", t)
+            .iter()
+            .map(|s| s.values[0].as_ref().map_or(0.0, |h| h.count))
+            .sum()
+    };
+    // Everything before t: nothing before the traffic, all of it after, monotone between.
+    assert_eq!(at(NOW - 400), 0.0);
+    let (a, b, c) = (at(NOW - 200), at(NOW - 100), at(NOW + 60));
+    assert!(0.0 < a && a < b && b < c, "{a} {b} {c}");
+    assert_eq!(c, total as f64);
+    let labelled = native(&mem, r#"span_duration_seconds{service="lognormal"}"#, NOW + 60);
+    assert!(labelled
+        .iter()
+        .all(|s| s.labels.get("__name__").map(String::as_str) == Some("span_duration_seconds")));
+    let count: f64 = labelled.iter().map(|s| s.values[0].as_ref().map_or(0.0, |h| h.count)).sum();
+    assert_eq!(count, raw["lognormal"].len() as f64);
+}
+
+#[test]
+fn native_histograms_are_never_numbers_and_never_selected_unnamed() {
+    let (mem, _) = traffic();
+    for q in [
+        "rate(span_duration_seconds[5m]) * 2",
+        "max(rate(span_duration_seconds[5m]))",
+        "-span_duration_seconds",
+    ] {
+        let err = eval_at(&mem, q, NOW).expect_err(q).to_string();
+        assert!(err.contains("native histogram"), "{q}: {err}");
+    }
+    // A selector that does not name it keeps its float series only.
+    let unnamed =
+        vector(&mem, r#"sum(rate({service="lognormal", __name__=~"span_duration_seconds(_count)?"}[5m]))"#);
+    let count = vector(&mem, r#"sum(rate(span_duration_seconds_count{service="lognormal"}[5m]))"#);
+    assert_eq!(unnamed, count);
+    let err = eval_at(&mem, "histogram_count(rate(span_duration_seconds_count[5m]))", NOW)
+        .expect_err("not a histogram");
+    assert!(err.to_string().contains("histogram_count() reads histograms"), "{err}");
+}
