@@ -421,8 +421,11 @@ async fn tower_and_tracing_layers_carry_w3c_trace_context_across_a_hop() {
     let frontend_addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, frontend_app).await });
 
-    let subscriber =
-        tracing_subscriber::registry().with(tailscope::layer::TailscopeLayer::new(backend.clone()));
+    // Only this test's spans: the in-process server's HTTP/2 stack traces on the same thread.
+    let subscriber = tracing_subscriber::registry().with(
+        tailscope::layer::TailscopeLayer::new(backend.clone())
+            .with_filter(tracing_subscriber::filter::filter_fn(|m| m.target().starts_with("it::"))),
+    );
     let _guard = tracing::subscriber::set_default(subscriber);
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let resp = reqwest::Client::new()
