@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
 use tailscope_proto::v1::ingest_server::IngestServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -197,9 +196,7 @@ impl Server {
             otlp_stop_rx,
         ));
         let guard = crate::auth::GrpcGuard(auth.clone());
-        let otlp = TraceServiceServer::new(OtlpService::new(ingest.clone()))
-            .max_decoding_message_size(config.ingest.max_batch_bytes)
-            .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+        let otlp = OtlpService::new(ingest.clone(), config.ingest.max_batch_bytes);
         let otlp = tonic::service::interceptor::InterceptedService::new(otlp, guard.clone());
         let ingest = IngestServer::new(ingest)
             .max_decoding_message_size(config.ingest.max_batch_bytes)

@@ -16,6 +16,7 @@
 pub mod grpc;
 pub mod http;
 mod json;
+pub mod wire;
 
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest,
@@ -36,56 +37,106 @@ pub const UNKNOWN_SERVICE: &str = "unknown_service";
 /// are counted in `unnamed`. A resource whose `service.name` is set but empty is refused (an
 /// absent one is OpenTelemetry's `unknown_service`).
 pub fn to_batch(request: &ExportTraceServiceRequest) -> Result<(SpanBatch, u64), String> {
-    // Keys borrow from the request: no allocation per span, one per group.
-    let mut groups: BatchBuilder<(&str, &str, i32)> = BatchBuilder::new();
-    let mut unnamed = 0u64;
+    let mut out = Converter::default();
     for (r, rs) in request.resource_spans.iter().enumerate() {
         let named = rs.resource.as_ref().and_then(|r| string_attribute(&r.attributes, "service.name"));
-        if named == Some("") {
-            return Err(format!("resourceSpans[{r}]: the resource's service.name is empty"));
-        }
-        let service = named.unwrap_or(UNKNOWN_SERVICE);
-        let service = truncate(service);
+        let service = Converter::service(named, r)?;
         for ss in &rs.scope_spans {
             for span in &ss.spans {
-                if span.name.is_empty() {
-                    unnamed += 1;
-                    continue;
-                }
-                let operation = truncate(&span.name);
-                let start = span.start_time_unix_nano as i64;
-                let end = span.end_time_unix_nano as i64;
-                let status = match span.status.as_ref().map(|s| s.code()) {
-                    Some(StatusCode::Error) => SpanStatus::Error,
-                    Some(StatusCode::Ok) => SpanStatus::Ok,
-                    _ => SpanStatus::Unset,
-                };
-                let trace = span.trace_id.as_slice();
-                // OpenTelemetry's `th` is both: the span counts for its adjusted count.
-                let weight = weight_from_tracestate(&span.trace_state);
-                // OTLP's kinds are tailscope's, number for number.
-                let kind = span.kind;
-                let series =
-                    || SeriesKey { service: service.to_owned(), operation: operation.to_owned(), kind };
-                groups.push(
-                    (service, operation, kind),
-                    series,
-                    Span {
-                        trace_id_high: id_u64(trace.get(..8)),
-                        trace_id_low: id_u64(trace.get(8..16)),
-                        span_id: id_u64(span.span_id.get(..8)),
-                        parent_span_id: id_u64(span.parent_span_id.get(..8)),
-                        start_unix_nanos: start,
-                        duration_nanos: end.wrapping_sub(start),
-                        status: status as i32,
-                        weight,
-                        adjusted_count: f64::from(weight),
+                out.push(
+                    service,
+                    &SpanFields {
+                        name: &span.name,
+                        kind: span.kind,
+                        start: span.start_time_unix_nano,
+                        end: span.end_time_unix_nano,
+                        code: span.status.as_ref().map_or(0, |s| s.code),
+                        trace_id: &span.trace_id,
+                        span_id: &span.span_id,
+                        parent_span_id: &span.parent_span_id,
+                        trace_state: &span.trace_state,
                     },
                 );
             }
         }
     }
-    Ok((groups.finish(0, 1, Vec::new()), unnamed))
+    Ok(out.finish())
+}
+
+/// What tailscope reads of one OTLP span, borrowed from wherever it was decoded.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SpanFields<'a> {
+    pub name: &'a str,
+    pub kind: i32,
+    pub start: u64,
+    pub end: u64,
+    /// `status.code`: 0 unset, 1 ok, 2 error.
+    pub code: i32,
+    pub trace_id: &'a [u8],
+    pub span_id: &'a [u8],
+    pub parent_span_id: &'a [u8],
+    pub trace_state: &'a str,
+}
+
+/// Builds one batch from OTLP spans, whichever decoder read them: the one place an OTLP span
+/// becomes a tailscope span.
+#[derive(Debug, Default)]
+pub(crate) struct Converter<'a> {
+    // Keys borrow from the request: no allocation per span, one per group.
+    groups: BatchBuilder<(&'a str, &'a str, i32)>,
+    unnamed: u64,
+}
+
+impl<'a> Converter<'a> {
+    /// The service of resource `r` from its `service.name` (`None`: absent or not a string).
+    pub fn service(named: Option<&'a str>, r: usize) -> Result<&'a str, String> {
+        if named == Some("") {
+            return Err(format!("resourceSpans[{r}]: the resource's service.name is empty"));
+        }
+        Ok(truncate(named.unwrap_or(UNKNOWN_SERVICE)))
+    }
+
+    /// Adds one span of `service`.
+    pub fn push(&mut self, service: &'a str, span: &SpanFields<'a>) {
+        if span.name.is_empty() {
+            self.unnamed += 1;
+            return;
+        }
+        let operation = truncate(span.name);
+        let start = span.start as i64;
+        let end = span.end as i64;
+        let status = match span.code {
+            c if c == StatusCode::Error as i32 => SpanStatus::Error,
+            c if c == StatusCode::Ok as i32 => SpanStatus::Ok,
+            _ => SpanStatus::Unset,
+        };
+        let trace = span.trace_id;
+        // OpenTelemetry's `th` is both: the span counts for its adjusted count.
+        let weight = weight_from_tracestate(span.trace_state);
+        // OTLP's kinds are tailscope's, number for number.
+        let kind = span.kind;
+        let series = || SeriesKey { service: service.to_owned(), operation: operation.to_owned(), kind };
+        self.groups.push(
+            (service, operation, kind),
+            series,
+            Span {
+                trace_id_high: id_u64(trace.get(..8)),
+                trace_id_low: id_u64(trace.get(8..16)),
+                span_id: id_u64(span.span_id.get(..8)),
+                parent_span_id: id_u64(span.parent_span_id.get(..8)),
+                start_unix_nanos: start,
+                duration_nanos: end.wrapping_sub(start),
+                status: status as i32,
+                weight,
+                adjusted_count: f64::from(weight),
+            },
+        );
+    }
+
+    /// The batch (anonymous: client 0, seq 1) and how many spans had no name.
+    pub fn finish(mut self) -> (SpanBatch, u64) {
+        (self.groups.finish(0, 1, Vec::new()), self.unnamed)
+    }
 }
 
 fn string_attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
@@ -116,6 +167,9 @@ fn id_u64(bytes: Option<&[u8]>) -> u64 {
 /// probability sampling, which kept the span with probability 1 − T/2⁵⁶; its weight is the
 /// inverse, rounded. 0 (meaning 1) when absent or malformed.
 pub fn weight_from_tracestate(tracestate: &str) -> u32 {
+    if tracestate.is_empty() {
+        return 0;
+    }
     let Some(ot) = tracestate.split(',').map(str::trim).find_map(|m| m.strip_prefix("ot=")) else {
         return 0;
     };

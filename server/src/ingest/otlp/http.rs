@@ -16,12 +16,11 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 
 use super::json;
+use super::wire::{self, WireError};
 use super::{partial_success, to_batch};
 use crate::ingest::{IngestError, IngestService, Origin};
 
@@ -209,16 +208,22 @@ async fn receive(s: &HttpState, request: Request) -> Result<Response, (Refusal, 
             ))
         }
     };
-    let export = match encoding {
-        Encoding::Protobuf => ExportTraceServiceRequest::decode(body.as_ref())
-            .map_err(|e| format!("the body is not an OTLP ExportTraceServiceRequest in protobuf: {e}")),
+    let bad = |reason, m: String| refuse(reason, Refusal::new(400, tonic::Code::InvalidArgument, m));
+    let (batch, unnamed) = match encoding {
+        // Read in place: only the fields tailscope uses, nothing allocated per span.
+        Encoding::Protobuf => wire::decode_export(&body).map_err(|e| match e {
+            WireError::Malformed(m) => bad(
+                "malformed",
+                format!("the body is not an OTLP ExportTraceServiceRequest in protobuf: {m}"),
+            ),
+            WireError::Invalid(m) => bad("invalid", m),
+        })?,
         Encoding::Json => {
-            json::export_from_json(&body).map_err(|e| format!("the body is not OTLP/JSON: {e}"))
+            let export = json::export_from_json(&body)
+                .map_err(|e| bad("malformed", format!("the body is not OTLP/JSON: {e}")))?;
+            to_batch(&export).map_err(|m| bad("invalid", m))?
         }
-    }
-    .map_err(|m| refuse("malformed", Refusal::new(400, tonic::Code::InvalidArgument, m)))?;
-    let (batch, unnamed) = to_batch(&export)
-        .map_err(|m| refuse("invalid", Refusal::new(400, tonic::Code::InvalidArgument, m)))?;
+    };
     let receipt =
         s.ingest.submit(batch, Origin::Otlp).await.map_err(|e| (Refusal::from_ingest(&e), encoding))?;
     s.ingest.durable(&receipt).await.map_err(|e| (Refusal::from_ingest(&e), encoding))?;
