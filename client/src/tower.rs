@@ -53,15 +53,18 @@ impl<S> tower_layer::Layer<S> for TailscopeLayer {
     type Service = TailscopeService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TailscopeService { inner, client: self.client.clone() }
+        TailscopeService { inner, client: self.client.clone(), kind: SpanKind::Server }
     }
 }
 
-/// A service whose requests are timed.
+/// A service whose requests are timed: the requests it serves (from [`TailscopeLayer`]), or
+/// the calls it makes (from [`TailscopeClientLayer`]).
 #[derive(Debug, Clone)]
 pub struct TailscopeService<S> {
     inner: S,
     client: Client,
+    /// `Server` for requests served, `Client` for calls made.
+    kind: SpanKind,
 }
 
 thread_local! {
@@ -102,10 +105,22 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let op = operation(&self.client, &req, SpanKind::Server);
-        let parent = traceparent(&req);
-        let ctx = parent.map_or_else(TraceContext::root, |p| p.child(0));
-        req.extensions_mut().insert(ctx);
+        let op = operation(&self.client, &req, self.kind);
+        let (ctx, parent) = if self.kind == SpanKind::Client {
+            // A call: child of the request being served, and its callee's parent.
+            let parent = req.extensions().get::<TraceContext>().copied().or_else(TraceContext::current);
+            let ctx = parent.map_or_else(TraceContext::root, |p| p.child(0));
+            if let Ok(value) = http::HeaderValue::from_str(&ctx.traceparent()) {
+                req.headers_mut().insert("traceparent", value);
+            }
+            (ctx, parent)
+        } else {
+            // A request served: child of its caller's `traceparent`.
+            let parent = traceparent(&req);
+            let ctx = parent.map_or_else(TraceContext::root, |p| p.child(0));
+            req.extensions_mut().insert(ctx);
+            (ctx, parent)
+        };
         let timer = Timer {
             client: self.client.clone(),
             op,
@@ -138,51 +153,13 @@ impl<S> tower_layer::Layer<S> for TailscopeClientLayer {
     type Service = TailscopeClientService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TailscopeClientService { inner, client: self.client.clone() }
+        TailscopeService { inner, client: self.client.clone(), kind: SpanKind::Client }
     }
 }
 
 /// A client whose calls are timed as `SPAN_KIND_CLIENT` spans under `"{METHOD} {path}"` (a
 /// tonic client's paths are its methods) and carry `traceparent`.
-#[derive(Debug, Clone)]
-pub struct TailscopeClientService<S> {
-    inner: S,
-    client: Client,
-}
-
-impl<S, B, RB> tower_service::Service<http::Request<B>> for TailscopeClientService<S>
-where
-    S: tower_service::Service<http::Request<B>, Response = http::Response<RB>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let op = operation(&self.client, &req, SpanKind::Client);
-        let parent = req.extensions().get::<TraceContext>().copied().or_else(TraceContext::current);
-        let ctx = parent.map_or_else(TraceContext::root, |p| p.child(0));
-        if let Ok(value) = http::HeaderValue::from_str(&ctx.traceparent()) {
-            req.headers_mut().insert("traceparent", value);
-        }
-        let timer = Timer {
-            client: self.client.clone(),
-            op,
-            started: Instant::now(),
-            done: false,
-            ids: ctx.ids(parent.as_ref()),
-        };
-        let inner = {
-            let _current = TraceContext::enter(ctx);
-            self.inner.call(req)
-        };
-        ResponseFuture { inner, timer, ctx }
-    }
-}
+pub type TailscopeClientService<S> = TailscopeService<S>;
 
 /// Records the request when it completes, or as failed when dropped before.
 #[derive(Debug)]
@@ -210,7 +187,7 @@ impl Drop for Timer {
 }
 
 pin_project_lite::pin_project! {
-    /// The response future of [`TailscopeService`] and [`TailscopeClientService`]; the
+    /// The response future of [`TailscopeService`]; the
     /// request's trace context is current while it is polled.
     #[derive(Debug)]
     pub struct ResponseFuture<F> {

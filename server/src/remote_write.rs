@@ -60,6 +60,8 @@ pub struct RemoteWriteConfig {
     pub url: String,
     /// A Prometheus `http_config` YAML file (TLS, basic auth, bearer token, proxy); empty: none.
     pub http_config_file: PathBuf,
+    /// Extra headers on every request, e.g. Mimir's tenant: `{ "X-Scope-OrgID" = "team-a" }`.
+    pub headers: BTreeMap<String, String>,
     /// `classic`, `native` or `both`.
     pub histograms: HistogramForm,
     /// The classic bucket ladder, seconds, increasing (`+Inf` is added); by default the `le`
@@ -95,6 +97,7 @@ impl Default for RemoteWriteConfig {
             name: String::new(),
             url: String::new(),
             http_config_file: PathBuf::new(),
+            headers: BTreeMap::new(),
             histograms: HistogramForm::Classic,
             buckets: crate::query::promql::DEFAULT_LE.iter().copied().filter(|b| b.is_finite()).collect(),
             native_schema: 7,
@@ -108,6 +111,10 @@ impl Default for RemoteWriteConfig {
         }
     }
 }
+
+/// Headers the remote-write protocol sets, which `headers` may not change.
+const RESERVED_HEADERS: [&str; 5] =
+    ["content-type", "content-encoding", "content-length", "x-prometheus-remote-write-version", "user-agent"];
 
 impl RemoteWriteConfig {
     /// Checks what the types alone do not; the error names the key.
@@ -137,6 +144,17 @@ impl RemoteWriteConfig {
         }
         if self.timeout.is_zero() {
             return Err("timeout: must be positive".into());
+        }
+        for (name, value) in &self.headers {
+            let header = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("headers: {name:?} is not a header name"))?;
+            if RESERVED_HEADERS.contains(&header.as_str()) {
+                return Err(format!(
+                    "headers: {name} is set by tailscope (the protocol's own headers cannot be changed)"
+                ));
+            }
+            reqwest::header::HeaderValue::from_str(value)
+                .map_err(|_| format!("headers: the value of {name} is not a header value"))?;
         }
         Ok(())
     }
@@ -393,8 +411,11 @@ impl RemoteWriter {
                     _ = stopped(&mut stop) => return,
                 }
             };
-            let request = http
-                .authorize(http.client.post(&self.config.url))
+            let mut request = http.authorize(http.client.post(&self.config.url));
+            for (name, value) in &self.config.headers {
+                request = request.header(name, value);
+            }
+            let request = request
                 .timeout(self.config.timeout)
                 .header("content-type", "application/x-protobuf")
                 .header("content-encoding", "snappy")

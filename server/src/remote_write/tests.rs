@@ -158,6 +158,9 @@ async fn a_full_queue_drops_its_oldest_requests_and_counts_them() {
 fn bad_targets_are_refused_naming_the_key() {
     let ok = config(HistogramForm::Classic);
     assert_eq!(ok.validate(), Ok(()));
+    let tenant =
+        RemoteWriteConfig { headers: [("X-Scope-OrgID".into(), "team-a".into())].into(), ..ok.clone() };
+    assert_eq!(tenant.validate(), Ok(()));
     assert_eq!(ok.display_name(), "127.0.0.1:9");
     for (bad, says) in [
         (RemoteWriteConfig { url: "ftp://x/".into(), ..ok.clone() }, "scheme ftp"),
@@ -169,6 +172,18 @@ fn bad_targets_are_refused_naming_the_key() {
         (RemoteWriteConfig { send_interval: Duration::from_millis(10), ..ok.clone() }, "send_interval"),
         (RemoteWriteConfig { queue_capacity: 1, ..ok.clone() }, "queue_capacity"),
         (RemoteWriteConfig { min_backoff: Duration::from_secs(9), ..ok.clone() }, "min_backoff"),
+        (
+            RemoteWriteConfig { headers: [("Content-Encoding".into(), "gzip".into())].into(), ..ok.clone() },
+            "set by tailscope",
+        ),
+        (
+            RemoteWriteConfig { headers: [("bad name".into(), "x".into())].into(), ..ok.clone() },
+            "header name",
+        ),
+        (
+            RemoteWriteConfig { headers: [("X-Scope-OrgID".into(), "a\nb".into())].into(), ..ok.clone() },
+            "header value",
+        ),
     ] {
         let err = bad.validate().expect_err("refused");
         assert!(err.contains(says), "{err} should say {says}");

@@ -263,3 +263,13 @@ pub async fn deliver(addr: SocketAddr, batches: Vec<SpanBatch>) -> u32 {
     }
     refusals
 }
+
+/// `s` percent-encoded for a URL's query (unreserved characters kept).
+pub fn form_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

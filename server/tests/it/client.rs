@@ -328,16 +328,7 @@ async fn ahead_of_the_spans(dir: &std::path::Path) -> tailscope_server::Server {
 async fn exemplars(http: std::net::SocketAddr, service: &str, kind: &str) -> Vec<(String, String, String)> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let query = format!("span_duration_seconds_bucket{{service=\"{service}\",span_kind=\"{kind}\"}}");
-    let enc: String = query
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b == b'_' {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect();
+    let enc = form_encode(&query);
     let body =
         get_json(http, &format!("/api/v1/query_exemplars?query={enc}&start={}&end={}", now - 600, now + 60))
             .await;

@@ -366,15 +366,6 @@ async fn p99_next_to_a_real_prometheus_on_the_same_data() {
     server.shutdown().await;
 }
 
-fn form_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// Every panel of every dashboard: has a description and uses the data-source variable. Every
 /// expression of the overview dashboard, with the variables substituted as Grafana would, runs
 /// against a live server holding data and returns something.

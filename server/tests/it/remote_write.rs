@@ -48,23 +48,15 @@ async fn start_prometheus(bin: &Path, dir: &Path, addr: SocketAddr) -> Peer {
     peer
 }
 
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// An instant query now: `("service/operation" or "", value)` per row, sorted.
 async fn query(addr: SocketAddr, expr: &str) -> Vec<(String, f64)> {
-    let body: serde_json::Value = reqwest::get(format!("http://{addr}/api/v1/query?query={}", encode(expr)))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: serde_json::Value =
+        reqwest::get(format!("http://{addr}/api/v1/query?query={}", form_encode(expr)))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
     assert_eq!(body["status"], "success", "{expr}: {body}");
     let mut rows: Vec<(String, f64)> = body["data"]["result"]
         .as_array()
@@ -252,4 +244,75 @@ async fn an_unreachable_target_for_five_seconds_loses_nothing_that_fits_the_queu
 #[ignore = "soak: a minute of outage"]
 async fn an_unreachable_target_for_sixty_seconds_loses_nothing_that_fits_the_queue() {
     an_unreachable_target_loses_nothing_that_fits_the_queue(Duration::from_secs(60)).await;
+}
+
+/// What a receiver of ours saw: each request's headers and inflated body.
+type Seen = std::sync::Arc<parking_lot::Mutex<Vec<(axum::http::HeaderMap, Vec<u8>)>>>;
+
+/// A receiver answering `status` to every request, keeping what it got.
+async fn receiver(status: u16) -> (SocketAddr, Seen) {
+    let seen: Seen = Default::default();
+    let kept = seen.clone();
+    let app = axum::Router::new().route(
+        "/api/v1/write",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let kept = kept.clone();
+            async move {
+                let raw = snap::raw::Decoder::new().decompress_vec(&body).unwrap_or_default();
+                kept.lock().push((headers, raw));
+                (axum::http::StatusCode::from_u16(status).unwrap(), "out of bounds")
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, seen)
+}
+
+/// The protocol's headers, the target's own (a tenant) and its http_config credentials go with
+/// every request; a 4xx drops the request and counts it, a 5xx is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_carry_the_protocol_headers_and_refusals_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, ok_seen) = receiver(200).await;
+    let (refusing, refused_seen) = receiver(400).await;
+    let (failing, failing_seen) = receiver(503).await;
+    let http_config = dir.path().join("http_config.yml");
+    std::fs::write(&http_config, "basic_auth:\n  username: writer\n  password: s3cret\n").unwrap();
+    let mut c = config(&dir.path().join("tailscope"));
+    c.remote_write = vec![
+        RemoteWriteConfig {
+            headers: [("X-Scope-OrgID".to_owned(), "team-a".to_owned())].into(),
+            http_config_file: http_config,
+            ..target("ok", format!("http://{ok}/api/v1/write"), HistogramForm::Classic)
+        },
+        target("refusing", format!("http://{refusing}/api/v1/write"), HistogramForm::Classic),
+        target("failing", format!("http://{failing}/api/v1/write"), HistogramForm::Classic),
+    ];
+    let server = tailscope_server::Server::start(c).await.unwrap();
+    send_spans(&server).await;
+    assert_eventually!(
+        !ok_seen.lock().is_empty() && !refused_seen.lock().is_empty() && failing_seen.lock().len() >= 3,
+        "every receiver was called"
+    );
+    let (headers, body) = ok_seen.lock()[0].clone();
+    let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(header("content-encoding").as_deref(), Some("snappy"));
+    assert_eq!(header("content-type").as_deref(), Some("application/x-protobuf"));
+    assert_eq!(header("x-prometheus-remote-write-version").as_deref(), Some("0.1.0"));
+    assert_eq!(header("x-scope-orgid").as_deref(), Some("team-a"));
+    assert_eq!(header("authorization").as_deref(), Some("Basic d3JpdGVyOnMzY3JldA=="));
+    assert!(body.windows(27).any(|w| w == b"span_duration_seconds_count"), "a WriteRequest of our series");
+    // The tenant header went to its own target only.
+    assert!(refused_seen.lock()[0].0.get("x-scope-orgid").is_none());
+    let text = metrics(server.http_addr()).await;
+    assert!(
+        metric(&text, r#"tailscope_remote_write_samples_dropped_total{remote="refusing",reason="rejected"}"#)
+            > 0.0,
+        "{text}"
+    );
+    assert!(metric(&text, r#"tailscope_remote_write_retries_total{remote="failing"}"#) >= 2.0, "{text}");
+    assert!(!text.contains(r#"remote_write_samples_dropped_total{remote="failing""#), "{text}");
+    server.shutdown().await;
 }
