@@ -190,9 +190,16 @@ struct Cumulative {
 
 #[derive(Debug, Default)]
 struct Fold {
-    labels: HashMap<u64, SeriesLabels, IdBuildHasher>,
+    /// Each series' labels and when it last had a delta (seconds). The pipeline names a
+    /// series again only after [`LABELS_KEPT`] / 2 without spans, so labels are kept that long
+    /// even when the counters are dropped sooner (`series_idle`).
+    labels: HashMap<u64, (SeriesLabels, i64), IdBuildHasher>,
     series: HashMap<u64, Cumulative, IdBuildHasher>,
 }
+
+/// How long a series' labels are kept after its last delta: twice the time the shards
+/// remember a series before they send its labels again.
+const LABELS_KEPT: i64 = 1200;
 
 /// A request waiting to be sent.
 #[derive(Debug)]
@@ -291,12 +298,12 @@ impl RemoteWriter {
             let mut fold = self.fold.lock();
             let Fold { labels, series: counters } = &mut *fold;
             counters.retain(|_, c| c.touched >= now.saturating_sub(idle));
-            labels.retain(|id, _| counters.contains_key(id));
+            labels.retain(|_, (_, seen)| *seen >= now.saturating_sub(idle.max(LABELS_KEPT)));
             let mut ids: Vec<u64> = counters.keys().copied().collect();
             ids.sort_unstable();
             let before = ts - i64::try_from(self.config.send_interval.as_millis()).unwrap_or(i64::MAX);
             for id in ids {
-                let (Some(c), Some(l)) = (counters.get_mut(&id), labels.get(&id)) else { continue };
+                let (Some(c), Some((l, _))) = (counters.get_mut(&id), labels.get(&id)) else { continue };
                 let fresh = !std::mem::replace(&mut c.announced, true);
                 let base = |name: &str, le: Option<String>| {
                     let mut out = vec![wire::Label { name: "__name__".into(), value: name.into() }];
@@ -398,6 +405,18 @@ impl RemoteWriter {
         }
     }
 
+    /// At shutdown: what is still queued is not sent, and counted.
+    fn abandon(&self) {
+        let mut q = self.queue.lock();
+        let samples = std::mem::take(&mut q.samples);
+        q.requests.clear();
+        drop(q);
+        if samples > 0 {
+            tracing::warn!(remote = %self.name, samples, "shutting down with remote-write samples unsent");
+            self.dropped("shutdown", samples);
+        }
+    }
+
     async fn send_loop(self: Arc<Self>, http: HttpConfig, mut stop: watch::Receiver<bool>) {
         let mut backoff = self.config.min_backoff;
         loop {
@@ -408,7 +427,7 @@ impl RemoteWriter {
             let Some((id, body, samples)) = next else {
                 tokio::select! {
                     _ = self.ready.notified() => continue,
-                    _ = stopped(&mut stop) => return,
+                    _ = stopped(&mut stop) => return self.abandon(),
                 }
             };
             let mut request = http.authorize(http.client.post(&self.config.url));
@@ -424,7 +443,7 @@ impl RemoteWriter {
                 .body(body);
             let outcome = tokio::select! {
                 r = request.send() => r,
-                _ = stopped(&mut stop) => return,
+                _ = stopped(&mut stop) => return self.abandon(),
             };
             let retry = match outcome {
                 Ok(resp) if resp.status().is_success() => {
@@ -451,7 +470,7 @@ impl RemoteWriter {
                 self.metrics.remote_write_retries.get_or_create(&self.label()).inc();
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = stopped(&mut stop) => return,
+                    _ = stopped(&mut stop) => return self.abandon(),
                 }
                 backoff = (backoff * 2).min(self.config.max_backoff);
                 continue;
@@ -479,15 +498,18 @@ impl EpochSink for RemoteWriter {
         let now = self.clock.now_seconds();
         let mut fold = self.fold.lock();
         for (id, labels) in &write.series {
-            fold.labels.entry(*id).or_insert_with(|| labels.clone());
+            fold.labels.entry(*id).or_insert_with(|| (labels.clone(), now));
         }
         let n = self.bounds.len() + 1;
         for w in &write.windows {
             // Deltas were validated on their way in.
             let Ok(h) = Histogram::decode(&w.histogram) else { continue };
-            if !fold.labels.contains_key(&w.series) {
-                self.dropped("unlabelled", 1);
-                continue;
+            match fold.labels.get_mut(&w.series) {
+                Some((_, seen)) => *seen = now,
+                None => {
+                    self.dropped("unlabelled", 1);
+                    continue;
+                }
             }
             let Fold { series, .. } = &mut *fold;
             let c = series.entry(w.series).or_insert_with(|| Cumulative {

@@ -92,7 +92,8 @@ pub struct RemoteLabel {
 pub struct RemoteDropLabel {
     /// The target's name.
     pub remote: String,
-    /// `queue_full`, `rejected` (a 4xx answer), `encoding`, `unlabelled`.
+    /// `queue_full`, `rejected` (a 4xx answer), `shutdown` (queued at exit), `encoding`,
+    /// `unlabelled` (a delta of a series whose labels were not seen).
     pub reason: &'static str,
 }
 

@@ -120,10 +120,16 @@ async fn deltas_become_cumulative_counters_with_a_zero_sample_first() {
     assert_eq!(value(&second, "span_duration_seconds_bucket", Some("0.01")), vec![(3.0, ts + 10_000)]);
     assert_eq!(value(&second, "span_duration_seconds_count", None), vec![(6.0, ts + 10_000)]);
 
-    // A series idle for series_idle is no longer sent.
+    // A series idle for series_idle is no longer sent; its labels stay for the deltas that
+    // come before the pipeline names it again, and it starts over from zero.
     clock.advance(601_000_000_000);
     w.snapshot();
     assert!(drain(&w).iter().all(|r| r.timeseries.is_empty()));
+    w.written(&write(Vec::new(), vec![delta(id, &[9])]));
+    w.snapshot();
+    let again = drain(&w);
+    let ts = ts + 611_000;
+    assert_eq!(value(&again, "span_duration_seconds_count", None), vec![(0.0, ts - 10_000), (1.0, ts)]);
     // A delta of a series whose labels were never seen is counted, not sent unnamed.
     w.written(&write(Vec::new(), vec![delta(42, &[1])]));
     let text = metrics.encode();
