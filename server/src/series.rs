@@ -310,11 +310,12 @@ fn take_str(bytes: &[u8]) -> Option<(&str, &[u8])> {
 /// [`SeriesLabels::encode`] form.
 pub fn series_id(service: &str, operation: &str, status: Status, kind: Kind) -> u64 {
     let mut buf = [0u8; 256];
-    let kind = (kind != Kind::Unspecified).then(|| kind.as_str());
-    let needed = service.len() + operation.len() + status.as_str().len() + 16 + kind.map_or(0, str::len);
+    let kind_label = (kind != Kind::Unspecified).then(|| kind.as_str());
+    let needed =
+        service.len() + operation.len() + status.as_str().len() + 16 + kind_label.map_or(0, str::len);
     if needed <= buf.len() {
         let mut at = 0;
-        for s in [service, operation, status.as_str()].into_iter().chain(kind) {
+        for s in [service, operation, status.as_str()].into_iter().chain(kind_label) {
             buf[at..at + 4].copy_from_slice(&(s.len() as u32).to_be_bytes());
             buf[at + 4..at + 4 + s.len()].copy_from_slice(s.as_bytes());
             at += 4 + s.len();
@@ -322,7 +323,6 @@ pub fn series_id(service: &str, operation: &str, status: Status, kind: Kind) -> 
         xxh3_64(&buf[..at])
     } else {
         let mut v = Vec::with_capacity(needed);
-        let kind = kind.and_then(Kind::parse).unwrap_or_default();
         encode_labels(&mut v, service, operation, status, kind);
         xxh3_64(&v)
     }

@@ -428,11 +428,7 @@ impl<'a> Engine<'a> {
     /// cumulative counter a Prometheus scraping tailscope since then would hold, exact to the
     /// 10 s grid (coarse rollups are read for the whole hours inside, fine windows at the edges).
     fn cumulative(&self, vs: &VectorSelector, sel: Selection) -> Value {
-        let offset = match &vs.offset {
-            None => 0,
-            Some(Offset::Pos(d)) => d.as_secs() as i64,
-            Some(Offset::Neg(d)) => -(d.as_secs() as i64),
-        };
+        let offset = offset_seconds(&vs.offset);
         let retained = i64::try_from(self.retention.window_10s.as_secs()).unwrap_or(i64::MAX);
         // The oldest 10-second window still kept, on the 10 s grid.
         let oldest = self.now.saturating_sub(retained).div_euclid(10) * 10 + 10;
@@ -635,6 +631,15 @@ impl<'a> Engine<'a> {
                 Ok(out)
             }
         }
+    }
+}
+
+/// A selector's `offset` in seconds (negative for `offset -5m`).
+fn offset_seconds(offset: &Option<Offset>) -> i64 {
+    match offset {
+        None => 0,
+        Some(Offset::Pos(d)) => d.as_secs() as i64,
+        Some(Offset::Neg(d)) => -(d.as_secs() as i64),
     }
 }
 

@@ -67,6 +67,30 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(b.try_into().map_err(|_| "buffer underflow".to_owned())?))
     }
 
+    /// A length-delimited field's bytes; `field` names it if its wire type is wrong.
+    fn len_field(&mut self, field: &str, wire: u8) -> Result<&'a [u8], String> {
+        expect(field, wire, LEN)?;
+        self.bytes()
+    }
+
+    /// A string field, checked for UTF-8.
+    fn str_field(&mut self, field: &str, wire: u8) -> Result<&'a str, String> {
+        let b = self.len_field(field, wire)?;
+        std::str::from_utf8(b).map_err(|_| format!("{field}: invalid UTF-8"))
+    }
+
+    /// A `fixed64` field.
+    fn fixed64_field(&mut self, field: &str, wire: u8) -> Result<u64, String> {
+        expect(field, wire, FIXED64)?;
+        self.fixed64()
+    }
+
+    /// A varint field (an enum), as protobuf's `int32` reads it.
+    fn i32_field(&mut self, field: &str, wire: u8) -> Result<i32, String> {
+        expect(field, wire, VARINT)?;
+        Ok(self.varint()? as i32)
+    }
+
     fn skip(&mut self, wire: u8) -> Result<(), String> {
         match wire {
             VARINT => self.varint().map(drop),
@@ -86,10 +110,6 @@ fn expect(field: &str, wire: u8, want: u8) -> Result<(), String> {
     }
 }
 
-fn utf8<'a>(field: &str, b: &'a [u8]) -> Result<&'a str, String> {
-    std::str::from_utf8(b).map_err(|_| format!("{field}: invalid UTF-8"))
-}
-
 /// The `service.name` of a `Resource`, when it is a string attribute (the first one wins).
 fn service_name(resource: &[u8]) -> Result<Option<&str>, String> {
     let mut r = Reader { buf: resource };
@@ -99,23 +119,19 @@ fn service_name(resource: &[u8]) -> Result<Option<&str>, String> {
             r.skip(wire)?;
             continue;
         }
-        expect("Resource.attributes", wire, LEN)?;
-        let mut kv = Reader { buf: r.bytes()? };
+        let mut kv = Reader { buf: r.len_field("Resource.attributes", wire)? };
         let (mut key, mut value) = ("", None);
         while let Some((field, wire)) = kv.key()? {
             match field {
                 1 => {
-                    expect("KeyValue.key", wire, LEN)?;
-                    key = utf8("KeyValue.key", kv.bytes()?)?;
+                    key = kv.str_field("KeyValue.key", wire)?;
                 }
                 2 => {
-                    expect("KeyValue.value", wire, LEN)?;
-                    let mut any = Reader { buf: kv.bytes()? };
+                    let mut any = Reader { buf: kv.len_field("KeyValue.value", wire)? };
                     value = None;
                     while let Some((field, wire)) = any.key()? {
                         if field == 1 {
-                            expect("AnyValue.string_value", wire, LEN)?;
-                            value = Some(utf8("AnyValue.string_value", any.bytes()?)?);
+                            value = Some(any.str_field("AnyValue.string_value", wire)?);
                         } else {
                             // Another kind of value: whatever came before is replaced (oneof).
                             value = None;
@@ -138,45 +154,19 @@ fn span<'a>(bytes: &'a [u8]) -> Result<SpanFields<'a>, String> {
     let mut s = SpanFields::default();
     while let Some((field, wire)) = r.key()? {
         match field {
-            1 => {
-                expect("Span.trace_id", wire, LEN)?;
-                s.trace_id = r.bytes()?;
-            }
-            2 => {
-                expect("Span.span_id", wire, LEN)?;
-                s.span_id = r.bytes()?;
-            }
-            3 => {
-                expect("Span.trace_state", wire, LEN)?;
-                s.trace_state = utf8("Span.trace_state", r.bytes()?)?;
-            }
-            4 => {
-                expect("Span.parent_span_id", wire, LEN)?;
-                s.parent_span_id = r.bytes()?;
-            }
-            5 => {
-                expect("Span.name", wire, LEN)?;
-                s.name = utf8("Span.name", r.bytes()?)?;
-            }
-            6 => {
-                expect("Span.kind", wire, VARINT)?;
-                s.kind = r.varint()? as i32;
-            }
-            7 => {
-                expect("Span.start_time_unix_nano", wire, FIXED64)?;
-                s.start = r.fixed64()?;
-            }
-            8 => {
-                expect("Span.end_time_unix_nano", wire, FIXED64)?;
-                s.end = r.fixed64()?;
-            }
+            1 => s.trace_id = r.len_field("Span.trace_id", wire)?,
+            2 => s.span_id = r.len_field("Span.span_id", wire)?,
+            3 => s.trace_state = r.str_field("Span.trace_state", wire)?,
+            4 => s.parent_span_id = r.len_field("Span.parent_span_id", wire)?,
+            5 => s.name = r.str_field("Span.name", wire)?,
+            6 => s.kind = r.i32_field("Span.kind", wire)?,
+            7 => s.start = r.fixed64_field("Span.start_time_unix_nano", wire)?,
+            8 => s.end = r.fixed64_field("Span.end_time_unix_nano", wire)?,
             15 => {
-                expect("Span.status", wire, LEN)?;
-                let mut st = Reader { buf: r.bytes()? };
+                let mut st = Reader { buf: r.len_field("Span.status", wire)? };
                 while let Some((field, wire)) = st.key()? {
                     if field == 3 {
-                        expect("Status.code", wire, VARINT)?;
-                        s.code = st.varint()? as i32;
+                        s.code = st.i32_field("Status.code", wire)?;
                     } else {
                         st.skip(wire)?;
                     }
@@ -224,19 +214,16 @@ fn read_export(bytes: &[u8]) -> Result<Converted, String> {
             request.skip(wire)?;
             continue;
         }
-        expect("ExportTraceServiceRequest.resource_spans", wire, LEN)?;
-        let mut rs = Reader { buf: request.bytes()? };
+        let mut rs = Reader { buf: request.len_field("ExportTraceServiceRequest.resource_spans", wire)? };
         scopes.clear();
         let mut named = None;
         while let Some((field, wire)) = rs.key()? {
             match field {
                 1 => {
-                    expect("ResourceSpans.resource", wire, LEN)?;
-                    named = service_name(rs.bytes()?)?;
+                    named = service_name(rs.len_field("ResourceSpans.resource", wire)?)?;
                 }
                 2 => {
-                    expect("ResourceSpans.scope_spans", wire, LEN)?;
-                    scopes.push(rs.bytes()?);
+                    scopes.push(rs.len_field("ResourceSpans.scope_spans", wire)?);
                 }
                 _ => rs.skip(wire)?,
             }
@@ -249,8 +236,7 @@ fn read_export(bytes: &[u8]) -> Result<Converted, String> {
             let mut ss = Reader { buf: scope };
             while let Some((field, wire)) = ss.key()? {
                 if field == 2 {
-                    expect("ScopeSpans.spans", wire, LEN)?;
-                    out.push(service, &span(ss.bytes()?)?);
+                    out.push(service, &span(ss.len_field("ScopeSpans.spans", wire)?)?);
                 } else {
                     ss.skip(wire)?;
                 }

@@ -125,11 +125,7 @@ impl Engine<'_> {
         if range < 1 || ms.range.subsec_nanos() != 0 {
             return unsupported("range durations must be whole seconds of at least 1s");
         }
-        let offset = match &ms.vs.offset {
-            None => 0,
-            Some(Offset::Pos(d)) => d.as_secs() as i64,
-            Some(Offset::Neg(d)) => -(d.as_secs() as i64),
-        };
+        let offset = offset_seconds(&ms.vs.offset);
         let sel = self.select(&ms.vs)?;
         let mut out = Vec::new();
         let [bucket, count, sum, native] = sel.names;
