@@ -441,6 +441,7 @@ impl Client {
     /// Records a span of operation id `op` that started at `start` (Unix nanoseconds) and took
     /// `duration` nanoseconds.
     #[inline]
+    #[cfg(feature = "opentelemetry")]
     pub(crate) fn record_op_at(&self, op: u32, start: i64, duration: i64, status: Status, ids: Ids) {
         self.offer(op, start, duration, status, ids);
     }

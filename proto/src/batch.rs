@@ -36,7 +36,7 @@ impl<K: Hash + Eq> BatchBuilder<K> {
     pub fn push(&mut self, key: K, series: impl FnOnce() -> SeriesKey, span: Span) {
         let groups = &mut self.groups;
         let i = *self.index.entry(key).or_insert_with(|| {
-            groups.push(SeriesGroup { key: Some(series()), spans: Vec::new() });
+            groups.push(SeriesGroup { key: Some(series()), spans: Vec::with_capacity(8) });
             groups.len() - 1
         });
         self.groups[i].spans.push(span);

@@ -476,18 +476,9 @@ impl Histogram {
 
     /// Appends the encoding of this histogram to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.push(VERSION);
-        put_varint(out, u64::from(self.layout.significant_digits));
-        put_varint(out, self.layout.lowest);
-        put_varint(out, self.layout.highest);
-        put_varint(out, self.total);
-        put_varint_u128(out, self.sum);
-        if self.total > 0 {
-            put_varint(out, self.min);
-            put_varint(out, self.max);
-        }
-        put_varint(out, self.clamped);
-        put_varint(out, self.nonzero_count() as u64);
+        let stats =
+            Stats { total: self.total, sum: self.sum, min: self.min, max: self.max, clamped: self.clamped };
+        stats.encode_head(&self.layout, self.nonzero_count(), out);
         let mut next = 0usize;
         self.try_nonzero(|index, n| {
             put_varint(out, (index - next) as u64);
@@ -666,6 +657,141 @@ impl<'a> Parsed<'a> {
         if h.total == 0 {
             h.reset();
         }
+    }
+}
+
+/// The totals an encoding starts with.
+struct Stats {
+    total: u64,
+    sum: u128,
+    min: u64,
+    max: u64,
+    clamped: u64,
+}
+
+impl Stats {
+    /// Appends the version, layout, totals and the number of non-zero counters that follow.
+    fn encode_head(&self, layout: &Layout, nonzero: usize, out: &mut Vec<u8>) {
+        out.push(VERSION);
+        put_varint(out, u64::from(layout.significant_digits));
+        put_varint(out, layout.lowest);
+        put_varint(out, layout.highest);
+        put_varint(out, self.total);
+        put_varint_u128(out, self.sum);
+        if self.total > 0 {
+            put_varint(out, self.min);
+            put_varint(out, self.max);
+        }
+        put_varint(out, self.clamped);
+        put_varint(out, nonzero as u64);
+    }
+}
+
+/// A histogram being filled for a short while, then encoded once: the delta of one series and
+/// window within one flush epoch. Values are appended as they come, with no counter array to
+/// allocate and touch, and counted into buckets only when encoded; past
+/// [`Recorder::SPARSE_VALUES`] values (or on a merge) it turns into a [`Histogram`]. Its
+/// encoding is the one the [`Histogram`] of the same values has.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    layout: Layout,
+    /// `(value, weight)` as recorded, while no histogram was needed.
+    values: Vec<(u64, u64)>,
+    dense: Option<Box<Histogram>>,
+}
+
+impl Recorder {
+    /// The most values kept unbucketed (16 bytes each).
+    pub const SPARSE_VALUES: usize = 512;
+
+    /// An empty recorder with `layout`.
+    pub fn new(layout: Layout) -> Recorder {
+        Recorder { layout, values: Vec::new(), dense: None }
+    }
+
+    /// Records `value` `weight` times, as [`Histogram::record`] does.
+    #[inline]
+    pub fn record(&mut self, value: u64, weight: u64) {
+        if weight == 0 {
+            return;
+        }
+        match &mut self.dense {
+            Some(h) => h.record(value, weight),
+            None if self.values.len() < Self::SPARSE_VALUES => self.values.push((value, weight)),
+            None => self.densify().record(value, weight),
+        }
+    }
+
+    /// Adds `other` into it.
+    pub fn merge(&mut self, other: &Histogram) {
+        self.densify().merge(other);
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty() && self.dense.as_ref().is_none_or(|h| h.is_empty())
+    }
+
+    fn densify(&mut self) -> &mut Histogram {
+        let values = &mut self.values;
+        let layout = self.layout;
+        self.dense.get_or_insert_with(|| {
+            let mut h = Histogram::new(layout);
+            for (value, weight) in values.drain(..) {
+                h.record(value, weight);
+            }
+            Box::new(h)
+        })
+    }
+
+    /// Appends the encoding of what it recorded to `out`.
+    pub fn encode(mut self, out: &mut Vec<u8>) {
+        if let Some(h) = &self.dense {
+            return h.encode(out);
+        }
+        let layout = self.layout;
+        let mut stats = Stats { total: 0, sum: 0, min: u64::MAX, max: 0, clamped: 0 };
+        // Each value is replaced by its counter index, then equal indexes are summed.
+        for (value, weight) in self.values.iter_mut() {
+            let v = if *value > layout.highest {
+                stats.clamped = stats.clamped.saturating_add(*weight);
+                layout.highest
+            } else {
+                *value
+            };
+            stats.total = stats.total.saturating_add(*weight);
+            stats.sum = stats.sum.saturating_add(u128::from(v) * u128::from(*weight));
+            stats.min = stats.min.min(v);
+            stats.max = stats.max.max(v);
+            *value = layout.index_of(v) as u64;
+        }
+        self.values.sort_unstable_by_key(|&(index, _)| index);
+        let mut buckets = 0;
+        for i in 0..self.values.len() {
+            let (index, weight) = self.values[i];
+            if buckets > 0 && self.values[buckets - 1].0 == index {
+                let n = &mut self.values[buckets - 1].1;
+                *n = n.saturating_add(weight);
+            } else {
+                self.values[buckets] = (index, weight);
+                buckets += 1;
+            }
+        }
+        self.values.truncate(buckets);
+        stats.encode_head(&layout, buckets, out);
+        let mut next = 0u64;
+        for &(index, n) in &self.values {
+            put_varint(out, index - next);
+            put_varint(out, n);
+            next = index + 1;
+        }
+    }
+
+    /// Its encoding.
+    pub fn to_bytes(self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(48 + 4 * self.values.len());
+        self.encode(&mut out);
+        out
     }
 }
 

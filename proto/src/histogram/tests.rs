@@ -310,3 +310,48 @@ fn varints_round_trip_to_the_edge_of_64_bits() {
     assert_eq!(Reader { bytes: &over, pos: 0 }.varint("v"), Err(HistogramError::BadVarint("v")));
     assert_eq!(Reader { bytes: &[0x80, 0x80], pos: 0 }.varint("v"), Err(HistogramError::Truncated("v")));
 }
+
+#[test]
+fn a_recorder_encodes_what_a_histogram_of_the_same_values_encodes() {
+    let mut r = rng();
+    let layout = Layout::default();
+    for case in 0..400 {
+        // Below, at and past the point where a recorder turns dense.
+        let n = match case % 4 {
+            0 => r.gen_range(0..8),
+            1 => r.gen_range(0..Recorder::SPARSE_VALUES),
+            2 => Recorder::SPARSE_VALUES + r.gen_range(0..3),
+            _ => r.gen_range(0..3 * Recorder::SPARSE_VALUES),
+        };
+        let mut dense = Histogram::new(layout);
+        let mut sparse = Recorder::new(layout);
+        // Few distinct values in some cases (equal buckets summed), any in the others, with
+        // weights of 0, huge weights, and values past the highest (clamped).
+        let few = case % 3 == 0;
+        for _ in 0..n {
+            let value = match r.gen_range(0..20) {
+                0 => layout.highest() + r.gen_range(1..1000),
+                1 => 0,
+                _ if few => r.gen_range(0..5) * 1_000_000,
+                _ => 10f64.powf(r.gen_range(0.0..10.0)) as u64,
+            };
+            let weight = match r.gen_range(0..10) {
+                0 => 0,
+                1 => u64::MAX / 4096,
+                _ => r.gen_range(1..100),
+            };
+            dense.record(value, weight);
+            sparse.record(value, weight);
+        }
+        if case % 10 == 9 {
+            let mut other = Histogram::new(layout);
+            other.record(r.gen_range(1..1_000_000_000), 3);
+            dense.merge(&other);
+            sparse.merge(&other);
+        }
+        assert_eq!(sparse.is_empty(), dense.is_empty(), "case {case}");
+        let bytes = sparse.to_bytes();
+        assert_eq!(bytes, dense.to_bytes(), "case {case}: {n} values");
+        assert_eq!(Histogram::decode(&bytes).expect("decodes"), dense, "case {case}");
+    }
+}

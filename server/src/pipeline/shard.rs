@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tailscope_proto::histogram::{Histogram, Layout};
+use tailscope_proto::histogram::{Layout, Recorder};
 use tokio::sync::{mpsc, oneshot};
 
 use super::ValidatedBatch;
@@ -103,7 +103,8 @@ pub struct Handover {
 /// The deltas of one epoch.
 #[derive(Debug, Default)]
 struct Accumulator {
-    windows: HashMap<(u64, i64), Histogram, IdBuildHasher>,
+    /// Each (series, window)'s delta: its values as they came, bucketed only when encoded.
+    windows: HashMap<(u64, i64), Recorder, IdBuildHasher>,
     series: Vec<(u64, SeriesLabels)>,
     /// Histograms already encoded because the epoch held its share of open windows: a few
     /// dozen bytes each instead of the kilobytes of an open one. The store adds deltas of the
@@ -166,6 +167,9 @@ impl ShardState {
                 continue;
             }
             let mut seen = [false; 2];
+            // Spans of a group mostly share a series and window: the two maps are looked up
+            // once per run of them, not once per span.
+            let mut open: Option<((u64, i64), &mut Recorder, &mut ExemplarSet)> = None;
             for span in &group.spans {
                 let Ok(window) = self.limits.classify(span.start_unix_nanos, span.duration_nanos, work.now)
                 else {
@@ -177,6 +181,18 @@ impl ShardState {
                     Status::Error => route.error_series,
                 };
                 seen[status as usize] = true;
+                let at = (series, window);
+                let (histogram, exemplars) = match open {
+                    Some((key, ref mut h, ref mut e)) if key == at => (h, e),
+                    _ => {
+                        open = None;
+                        let layout = self.layout;
+                        let h = acc.windows.entry(at).or_insert_with(|| Recorder::new(layout));
+                        let e = self.exemplars.entry(at).or_default();
+                        let (_, h, e) = open.insert((at, h, e));
+                        (h, e)
+                    }
+                };
                 let exemplar = Exemplar {
                     series,
                     window_start: window,
@@ -187,17 +203,10 @@ impl ShardState {
                     duration_nanos: span.duration_nanos,
                     adjusted_count: span.adjusted_count,
                 };
-                self.exemplars.entry((series, window)).or_default().offer(
-                    exemplar,
-                    status == Status::Error,
-                    &mut self.rng,
-                );
-                let layout = self.layout;
-                acc.windows
-                    .entry((series, window))
-                    .or_insert_with(|| Histogram::new(layout))
-                    .record(span.duration_nanos as u64, u64::from(span.weight.max(1)));
+                exemplars.offer(exemplar, status == Status::Error, &mut self.rng);
+                histogram.record(span.duration_nanos as u64, u64::from(span.weight.max(1)));
             }
+            drop(open);
             let key = group.key.as_ref();
             for (status, series) in [(Status::Ok, route.ok_series), (Status::Error, route.error_series)] {
                 if seen[status as usize] {
@@ -223,7 +232,7 @@ impl ShardState {
             let layout = self.layout;
             acc.windows
                 .entry((delta.series, delta.window_start))
-                .or_insert_with(|| Histogram::new(layout))
+                .or_insert_with(|| Recorder::new(layout))
                 .merge(&delta.histogram);
             self.note_series(acc, delta.series, || delta.labels.clone());
         }

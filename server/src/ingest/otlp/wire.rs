@@ -23,7 +23,19 @@ const LEN: u8 = 2;
 const FIXED32: u8 = 5;
 
 impl<'a> Reader<'a> {
+    #[inline]
     fn varint(&mut self) -> Result<u64, String> {
+        // Keys, lengths and enums are mostly one byte.
+        if let Some((&b, rest)) = self.buf.split_first() {
+            if b < 0x80 {
+                self.buf = rest;
+                return Ok(u64::from(b));
+            }
+        }
+        self.long_varint()
+    }
+
+    fn long_varint(&mut self) -> Result<u64, String> {
         let mut value = 0u64;
         for (i, &b) in self.buf.iter().enumerate().take(10) {
             value |= u64::from(b & 0x7f) << (7 * i);
@@ -36,6 +48,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The next field's number and wire type, or `None` at the end.
+    #[inline]
     fn key(&mut self) -> Result<Option<(u64, u8)>, String> {
         if self.buf.is_empty() {
             return Ok(None);
@@ -48,6 +61,7 @@ impl<'a> Reader<'a> {
         Ok(Some((field, wire)))
     }
 
+    #[inline]
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         if n > self.buf.len() {
             return Err("buffer underflow".into());
@@ -57,11 +71,13 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
+    #[inline]
     fn bytes(&mut self) -> Result<&'a [u8], String> {
         let n = usize::try_from(self.varint()?).map_err(|_| "length too large".to_owned())?;
         self.take(n)
     }
 
+    #[inline]
     fn fixed64(&mut self) -> Result<u64, String> {
         let b = self.take(8)?;
         Ok(u64::from_le_bytes(b.try_into().map_err(|_| "buffer underflow".to_owned())?))
