@@ -697,7 +697,7 @@ pub struct Recorder {
     layout: Layout,
     /// `(value, weight)` as recorded, while no histogram was needed.
     values: Vec<(u64, u64)>,
-    dense: Option<Box<Histogram>>,
+    dense: Option<Histogram>,
 }
 
 impl Recorder {
@@ -740,7 +740,7 @@ impl Recorder {
             for (value, weight) in values.drain(..) {
                 h.record(value, weight);
             }
-            Box::new(h)
+            h
         })
     }
 

@@ -206,7 +206,6 @@ impl ShardState {
                 exemplars.offer(exemplar, status == Status::Error, &mut self.rng);
                 histogram.record(span.duration_nanos as u64, u64::from(span.weight.max(1)));
             }
-            drop(open);
             let key = group.key.as_ref();
             for (status, series) in [(Status::Ok, route.ok_series), (Status::Error, route.error_series)] {
                 if seen[status as usize] {
