@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::alerting::receivers::http_config::HttpConfig;
 use crate::clock::Clock;
+use crate::pipeline::shard::ACTIVE_SECONDS;
 use crate::series::{IdBuildHasher, SeriesLabels};
 use crate::store::{EpochSink, EpochWrite};
 use crate::telemetry::{Metrics, RemoteDropLabel, RemoteLabel};
@@ -191,15 +192,15 @@ struct Cumulative {
 #[derive(Debug, Default)]
 struct Fold {
     /// Each series' labels and when it last had a delta (seconds). The pipeline names a
-    /// series again only after [`LABELS_KEPT`] / 2 without spans, so labels are kept that long
-    /// even when the counters are dropped sooner (`series_idle`).
+    /// series again only after [`ACTIVE_SECONDS`] without spans, so labels are kept longer
+    /// ([`LABELS_KEPT`]) even when the counters are dropped sooner (`series_idle`).
     labels: HashMap<u64, (SeriesLabels, i64), IdBuildHasher>,
     series: HashMap<u64, Cumulative, IdBuildHasher>,
 }
 
 /// How long a series' labels are kept after its last delta: twice the time the shards
 /// remember a series before they send its labels again.
-const LABELS_KEPT: i64 = 1200;
+const LABELS_KEPT: i64 = 2 * ACTIVE_SECONDS;
 
 /// A request waiting to be sent.
 #[derive(Debug)]

@@ -14,7 +14,10 @@ use crate::series::{IdBuildHasher, SeriesLabels, Status};
 use crate::store::{Exemplar, WindowDelta};
 
 /// How long a series stays "active" (and known to need no index write) after its last span.
-const ACTIVE_SECONDS: i64 = 600;
+/// A contract, not only a detail: a series idle this long is named again (its labels in the
+/// epoch's `series`) with its next span, which is what an [`crate::store::EpochSink`] that keeps
+/// labels relies on.
+pub const ACTIVE_SECONDS: i64 = 600;
 /// Exemplars of a window are written once the window ended this long ago (late spans of it
 /// that arrive later start a new set).
 const EXEMPLAR_GRACE_SECONDS: i64 = 20;
