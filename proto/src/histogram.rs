@@ -692,7 +692,7 @@ impl Stats {
 /// allocate and touch, and counted into buckets only when encoded; past
 /// [`Recorder::SPARSE_VALUES`] values (or on a merge) it turns into a [`Histogram`]. Its
 /// encoding is the one the [`Histogram`] of the same values has.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Recorder {
     layout: Layout,
     /// `(value, weight)` as recorded, while no histogram was needed.
@@ -725,11 +725,6 @@ impl Recorder {
     /// Adds `other` into it.
     pub fn merge(&mut self, other: &Histogram) {
         self.densify().merge(other);
-    }
-
-    /// Whether nothing was recorded.
-    pub fn is_empty(&self) -> bool {
-        self.values.is_empty() && self.dense.as_ref().is_none_or(|h| h.is_empty())
     }
 
     fn densify(&mut self) -> &mut Histogram {

@@ -503,8 +503,6 @@ impl EpochSink for RemoteWriter {
         }
         let n = self.bounds.len() + 1;
         for w in &write.windows {
-            // Deltas were validated on their way in.
-            let Ok(h) = Histogram::decode(&w.histogram) else { continue };
             match fold.labels.get_mut(&w.series) {
                 Some((_, seen)) => *seen = now,
                 None => {
@@ -512,6 +510,8 @@ impl EpochSink for RemoteWriter {
                     continue;
                 }
             }
+            // Deltas were validated on their way in.
+            let Ok(h) = Histogram::decode(&w.histogram) else { continue };
             let Fold { series, .. } = &mut *fold;
             let c = series.entry(w.series).or_insert_with(|| Cumulative {
                 count: 0,
