@@ -185,10 +185,14 @@ impl Exporter {
             match self.keeps(&r) {
                 Some(adjusted_count) if send => {
                     let (service, ops) = (&self.config.service, &self.shared.ops);
-                    let series = || SeriesKey {
-                        service: service.clone(),
-                        operation: ops.name(r.op).to_string(),
-                        kind: ops.kind(r.op) as i32,
+                    let series = || {
+                        let op = ops.operation(r.op);
+                        SeriesKey {
+                            service: service.clone(),
+                            operation: op.name.to_string(),
+                            kind: op.kind as i32,
+                            peer: op.peer.to_string(),
+                        }
                     };
                     self.builder.push(r.op, series, r.span(adjusted_count));
                 }
@@ -277,10 +281,12 @@ impl Exporter {
     }
 
     fn key(&self, op: u32) -> SeriesKey {
+        let op = self.shared.ops.operation(op);
         SeriesKey {
             service: self.config.service.clone(),
-            operation: self.shared.ops.name(op).to_string(),
-            kind: self.shared.ops.kind(op) as i32,
+            operation: op.name.to_string(),
+            kind: op.kind as i32,
+            peer: op.peer.to_string(),
         }
     }
 

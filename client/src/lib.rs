@@ -385,6 +385,38 @@ impl Client {
         self.record_op(op, duration, status, Ids::default());
     }
 
+    /// Starts timing a call this service makes to `peer` — another service by its own
+    /// `service` name, or an uninstrumented system such as `db:postgres` — as a
+    /// [`SpanKind::Client`] span of `operation`. The server keeps it apart from the service's
+    /// own latency and draws it as the edge from this service to `peer` of the service graph,
+    /// with exact counts and latencies.
+    #[inline]
+    pub fn start_client(&self, operation: &str, peer: &str) -> SpanGuard<'_> {
+        SpanGuard {
+            client: self,
+            op: self.inner.shared.ops.id_with_peer(operation, SpanKind::Client, peer),
+            started: Instant::now(),
+            ids: Ids::default(),
+            status: Status::Ok,
+        }
+    }
+
+    /// Records a span of `operation` of `kind` whose other end is `peer` (see
+    /// [`Client::start_client`]; for a [`SpanKind::Server`] span, the caller) that just ended
+    /// after `duration`.
+    #[inline]
+    pub fn record_peer(
+        &self,
+        operation: &str,
+        kind: SpanKind,
+        peer: &str,
+        duration: Duration,
+        status: Status,
+    ) {
+        let op = self.inner.shared.ops.id_with_peer(operation, kind, peer);
+        self.record_op(op, duration, status, Ids::default());
+    }
+
     /// Like [`Client::record`], with the span's trace context.
     #[inline]
     pub fn record_with(&self, operation: &str, duration: Duration, status: Status, ids: Ids) {
@@ -594,7 +626,7 @@ impl Drop for SpanGuard<'_> {
 pub struct BatchBuilder {
     client_id: u64,
     next_seq: u64,
-    groups: tailscope_proto::batch::BatchBuilder<(String, String, i32)>,
+    groups: tailscope_proto::batch::BatchBuilder<(String, String, i32, String)>,
 }
 
 impl BatchBuilder {
@@ -610,9 +642,21 @@ impl BatchBuilder {
 
     /// Adds a span of series `{service, operation}` of `kind`.
     pub fn push_kind(&mut self, service: &str, operation: &str, kind: SpanKind, span: Span) {
+        self.push_peer(service, operation, kind, "", span);
+    }
+
+    /// Adds a span of series `{service, operation}` of `kind` whose other end is `peer` (the
+    /// service called, for a [`SpanKind::Client`] span; the caller, for a
+    /// [`SpanKind::Server`] one; none when empty).
+    pub fn push_peer(&mut self, service: &str, operation: &str, kind: SpanKind, peer: &str, span: Span) {
         let kind = kind as i32;
-        let series = || SeriesKey { service: service.to_owned(), operation: operation.to_owned(), kind };
-        self.groups.push((service.to_owned(), operation.to_owned(), kind), series, span);
+        let series = || SeriesKey {
+            service: service.to_owned(),
+            operation: operation.to_owned(),
+            kind,
+            peer: peer.to_owned(),
+        };
+        self.groups.push((service.to_owned(), operation.to_owned(), kind, peer.to_owned()), series, span);
     }
 
     /// Spans added since the last batch.

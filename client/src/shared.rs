@@ -38,16 +38,30 @@ impl Record {
     }
 }
 
-/// Operation names, each with its span kind, as small integers. Lookups of known names take a
-/// read lock and allocate nothing; beyond `limit` names, new ones count as
-/// [`OVERFLOW_OPERATION`] (of unspecified kind).
+/// Operation names, each with its span kind and peer, as small integers. Lookups of known
+/// names take a read lock and allocate nothing; beyond `limit` names, new ones count as
+/// [`OVERFLOW_OPERATION`] (of unspecified kind, without a peer).
 #[derive(Debug)]
 pub(crate) struct Interner {
-    /// Per kind (by its wire number), name → id.
-    ids: RwLock<[FxHashMap<Box<str>, u32>; KINDS]>,
-    names: RwLock<Vec<(Arc<str>, SpanKind)>>,
+    /// Per kind (by its wire number), name → id, for operations without a peer.
+    ids: RwLock<ByKind>,
+    /// Per peer, then per kind, name → id.
+    peered: RwLock<FxHashMap<Box<str>, ByKind>>,
+    names: RwLock<Vec<Operation>>,
     limit: usize,
 }
+
+/// What an operation id stands for.
+#[derive(Debug, Clone)]
+pub(crate) struct Operation {
+    pub name: Arc<str>,
+    pub kind: SpanKind,
+    /// Empty for none.
+    pub peer: Arc<str>,
+}
+
+/// Per span kind (by its wire number), operation name → id.
+type ByKind = [FxHashMap<Box<str>, u32>; KINDS];
 
 /// How many span kinds there are.
 const KINDS: usize = 6;
@@ -58,10 +72,19 @@ fn kind_index(kind: SpanKind) -> usize {
 
 impl Interner {
     pub fn new(limit: usize) -> Interner {
-        let names = vec![(Arc::from(OVERFLOW_OPERATION), SpanKind::Unspecified)];
-        let mut ids: [FxHashMap<Box<str>, u32>; KINDS] = Default::default();
+        let names = vec![Operation {
+            name: Arc::from(OVERFLOW_OPERATION),
+            kind: SpanKind::Unspecified,
+            peer: Arc::from(""),
+        }];
+        let mut ids: ByKind = Default::default();
         ids[0].insert(Box::from(OVERFLOW_OPERATION), 0);
-        Interner { ids: RwLock::new(ids), names: RwLock::new(names), limit: limit.max(1) }
+        Interner {
+            ids: RwLock::new(ids),
+            peered: RwLock::new(FxHashMap::default()),
+            names: RwLock::new(names),
+            limit: limit.max(1),
+        }
     }
 
     /// The id of `name` as a span of unspecified kind.
@@ -79,9 +102,27 @@ impl Interner {
         self.insert(name, kind)
     }
 
-    /// The ids a name already known has, of any kind, without adding it.
+    /// The id of `name` as a span of `kind` whose other end is `peer` (none when empty).
+    #[inline]
+    pub fn id_with_peer(&self, name: &str, kind: SpanKind, peer: &str) -> u32 {
+        if peer.is_empty() {
+            return self.id_of(name, kind);
+        }
+        if let Some(&id) =
+            self.peered.read().get(peer).and_then(|by_kind| by_kind[kind_index(kind)].get(name))
+        {
+            return id;
+        }
+        self.insert_peered(name, kind, peer)
+    }
+
+    /// The ids a name already known has, of any kind and peer, without adding it.
     pub fn lookup(&self, name: &str) -> Vec<u32> {
-        self.ids.read().iter().filter_map(|ids| ids.get(name).copied()).collect()
+        let mut out: Vec<u32> = self.ids.read().iter().filter_map(|ids| ids.get(name).copied()).collect();
+        for by_kind in self.peered.read().values() {
+            out.extend(by_kind.iter().filter_map(|ids| ids.get(name).copied()));
+        }
+        out
     }
 
     #[cold]
@@ -92,24 +133,39 @@ impl Interner {
         if let Some(&id) = ids.get(name) {
             return id;
         }
-        let mut names = self.names.write();
-        if names.len() > self.limit {
-            return 0;
-        }
-        let id = names.len() as u32;
-        names.push((Arc::from(name), kind));
+        let Some(id) = self.push(name, kind, "") else { return 0 };
         ids.insert(Box::from(name), id);
         id
     }
 
-    /// The span kind of an operation id.
-    pub fn kind(&self, id: u32) -> SpanKind {
-        self.names.read().get(id as usize).map_or(SpanKind::Unspecified, |n| n.1)
+    #[cold]
+    fn insert_peered(&self, name: &str, kind: SpanKind, peer: &str) -> u32 {
+        let (name, peer) = (sanitize(name), sanitize(peer));
+        let mut peered = self.peered.write();
+        let ids = &mut peered.entry(Box::from(peer)).or_default()[kind_index(kind)];
+        if let Some(&id) = ids.get(name) {
+            return id;
+        }
+        let Some(id) = self.push(name, kind, peer) else { return 0 };
+        ids.insert(Box::from(name), id);
+        id
     }
 
-    pub fn name(&self, id: u32) -> Arc<str> {
+    /// A new id for the operation, unless the limit is reached.
+    fn push(&self, name: &str, kind: SpanKind, peer: &str) -> Option<u32> {
+        let mut names = self.names.write();
+        if names.len() > self.limit {
+            return None;
+        }
+        let id = names.len() as u32;
+        names.push(Operation { name: Arc::from(name), kind, peer: Arc::from(peer) });
+        Some(id)
+    }
+
+    /// What operation id `id` stands for (an unknown id reads as the overflow operation).
+    pub fn operation(&self, id: u32) -> Operation {
         let names = self.names.read();
-        names.get(id as usize).unwrap_or(&names[0]).0.clone()
+        names.get(id as usize).unwrap_or(&names[0]).clone()
     }
 }
 
@@ -271,12 +327,14 @@ mod tests {
         let i = Interner::new(3);
         let a = i.id("GET /a");
         assert_eq!(i.id("GET /a"), a);
-        assert_eq!(&*i.name(i.id("")), "unnamed");
+        let name = |id| i.operation(id).name;
+        assert_eq!(&*name(i.id("")), "unnamed");
         let long = "é".repeat(200);
-        assert_eq!(i.name(i.id(&long)).len(), MAX_OPERATION_BYTES);
+        assert_eq!(name(i.id(&long)).len(), MAX_OPERATION_BYTES);
         // The limit is reached: new names overflow, known ones keep their ids.
         assert_eq!(i.id("GET /c"), 0);
-        assert_eq!(&*i.name(0), OVERFLOW_OPERATION);
+        assert_eq!(i.id_with_peer("GET /d", SpanKind::Client, "payments"), 0);
+        assert_eq!(&*name(0), OVERFLOW_OPERATION);
         assert_eq!(i.id("GET /a"), a);
     }
 
@@ -287,12 +345,34 @@ mod tests {
         let client = i.id_of("charge", SpanKind::Client);
         assert_ne!(plain, client);
         assert_eq!(i.id_of("charge", SpanKind::Client), client);
-        assert_eq!((i.kind(plain), i.kind(client)), (SpanKind::Unspecified, SpanKind::Client));
-        assert_eq!((&*i.name(plain), &*i.name(client)), ("charge", "charge"));
+        let (p, c) = (i.operation(plain), i.operation(client));
+        assert_eq!((p.kind, c.kind), (SpanKind::Unspecified, SpanKind::Client));
+        assert_eq!((&*p.name, &*c.name), ("charge", "charge"));
         let mut both = i.lookup("charge");
         both.sort_unstable();
         assert_eq!(both, vec![plain.min(client), plain.max(client)]);
         assert!(i.lookup("refund").is_empty());
+    }
+
+    #[test]
+    fn a_name_called_on_two_peers_is_two_operations() {
+        let i = Interner::new(10);
+        let unnamed_peer = i.id_of("charge", SpanKind::Client);
+        assert_eq!(i.id_with_peer("charge", SpanKind::Client, ""), unnamed_peer);
+        let payments = i.id_with_peer("charge", SpanKind::Client, "payments");
+        let stripe = i.id_with_peer("charge", SpanKind::Client, "ext:api.stripe.com");
+        let served = i.id_with_peer("charge", SpanKind::Server, "payments");
+        assert_eq!(i.id_with_peer("charge", SpanKind::Client, "payments"), payments);
+        let mut ids = vec![unnamed_peer, payments, stripe, served];
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 4);
+        let op = i.operation(payments);
+        assert_eq!((&*op.name, op.kind, &*op.peer), ("charge", SpanKind::Client, "payments"));
+        assert_eq!(&*i.operation(unnamed_peer).peer, "");
+        let mut all = i.lookup("charge");
+        all.sort_unstable();
+        assert_eq!(all, ids);
     }
 
     #[test]

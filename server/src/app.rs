@@ -161,7 +161,8 @@ impl Server {
         let cardinality = Arc::new(crate::cardinality::Cardinality::new(
             config.ingest.max_services,
             config.ingest.max_operations_per_service,
-            known.iter().map(|(_, l)| (l.service.as_str(), l.operation.as_str())),
+            config.ingest.max_peers_per_service,
+            known.iter().map(|(_, l)| (l.service.as_str(), l.operation.as_str(), l.peer.as_str())),
         ));
         let ingest = IngestService::new(
             pipeline.clone(),

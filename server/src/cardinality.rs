@@ -3,7 +3,9 @@
 //! disk without bound: beyond `ingest.max_services`, spans of new services are counted under
 //! `service="__overflow__"`, and beyond `ingest.max_operations_per_service`, new operations of
 //! a service under `operation="__overflow__"` — counted exactly, just not told apart — and
-//! `tailscope_spans_overflowed_total` says how many spans went there.
+//! `tailscope_spans_overflowed_total` says how many spans went there. Peers (the other end of
+//! a service's calls, which a client may name by address) are capped per service the same way
+//! (`ingest.max_peers_per_service`, beyond it `peer="__overflow__"`).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +22,9 @@ pub const OVERFLOW: &str = "__overflow__";
 pub struct Cardinality {
     max_services: usize,
     max_operations: usize,
+    max_peers: usize,
+    /// By a hash of the service name, hashes of its peers.
+    peers: DashMap<u64, HashSet<u64, IdBuildHasher>, IdBuildHasher>,
     /// By a hash of the service name, the group hashes of its operations. Both keys are
     /// already hashes, so the maps use them as they are (this runs once per span group).
     services: DashMap<u64, HashSet<u64, IdBuildHasher>, IdBuildHasher>,
@@ -32,23 +37,29 @@ fn service_key(service: &str) -> u64 {
 }
 
 impl Cardinality {
-    /// Caps of `max_services` services and `max_operations` operations per service (0: no
-    /// cap), knowing the series already stored.
+    /// Caps of `max_services` services, `max_operations` operations and `max_peers` peers per
+    /// service (0: no cap), knowing the series already stored as (service, operation, peer).
     pub fn new<'a>(
         max_services: usize,
         max_operations: usize,
-        known: impl IntoIterator<Item = (&'a str, &'a str)>,
+        max_peers: usize,
+        known: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
     ) -> Cardinality {
         let c = Cardinality {
             max_services,
             max_operations,
+            max_peers,
+            peers: DashMap::default(),
             services: DashMap::default(),
             service_count: AtomicUsize::new(0),
         };
-        for (service, operation) in known {
+        for (service, operation, peer) in known {
             let mut ops = c.services.entry(service_key(service)).or_default();
             if operation != OVERFLOW {
                 ops.insert(series::group_hash(service, operation));
+            }
+            if !peer.is_empty() && peer != OVERFLOW {
+                c.peers.entry(service_key(service)).or_default().insert(service_key(peer));
             }
         }
         c.service_count.store(c.services.len(), Ordering::Relaxed);
@@ -82,6 +93,27 @@ impl Cardinality {
         (service, operation)
     }
 
+    /// The peer to count a span of (admitted) `service` calling or called by `peer` under:
+    /// itself while the service is under its peer cap or the peer is known, else [`OVERFLOW`].
+    /// No peer (empty) is always itself.
+    pub fn admit_peer<'a>(&self, service: &str, peer: &'a str) -> &'a str {
+        if self.max_peers == 0 || peer.is_empty() || peer == OVERFLOW {
+            return peer;
+        }
+        let (skey, pkey) = (service_key(service), service_key(peer));
+        if let Some(known) = self.peers.get(&skey) {
+            if known.contains(&pkey) {
+                return peer;
+            }
+        }
+        let mut known = self.peers.entry(skey).or_default();
+        if known.len() >= self.max_peers && !known.contains(&pkey) {
+            return OVERFLOW;
+        }
+        known.insert(pkey);
+        peer
+    }
+
     fn admit_service<'a>(&self, service: &'a str) -> &'a str {
         if self.max_services == 0 || service == OVERFLOW {
             return service;
@@ -113,8 +145,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn new_peers_beyond_the_cap_overflow_per_service() {
+        let c = Cardinality::new(0, 0, 2, [("checkout", "pay", "payments"), ("checkout", "x", OVERFLOW)]);
+        assert_eq!(c.admit_peer("checkout", "payments"), "payments");
+        assert_eq!(c.admit_peer("checkout", "db:postgres"), "db:postgres");
+        assert_eq!(c.admit_peer("checkout", "10.0.0.7"), OVERFLOW);
+        assert_eq!(c.admit_peer("checkout", "db:postgres"), "db:postgres", "known peers keep their series");
+        assert_eq!(c.admit_peer("checkout", ""), "", "no peer is no peer");
+        assert_eq!(c.admit_peer("frontend", "10.0.0.7"), "10.0.0.7", "the cap is per service");
+        let unlimited = Cardinality::new(0, 0, 0, []);
+        assert!((0..1_000).all(|i| unlimited.admit_peer("a", &i.to_string()) != OVERFLOW));
+    }
+
+    #[test]
     fn new_operations_beyond_the_cap_overflow_and_known_ones_do_not() {
-        let c = Cardinality::new(0, 3, [("a", "x"), ("a", OVERFLOW)]);
+        let c = Cardinality::new(0, 3, 0, [("a", "x", ""), ("a", OVERFLOW, "")]);
         let op = |s, o| c.admit(s, o).1;
         assert_eq!(op("a", "x"), "x");
         assert_eq!(op("a", "y"), "y");
@@ -123,13 +168,13 @@ mod tests {
         assert_eq!(op("a", "y"), "y", "known operations keep their series");
         assert_eq!(op("b", "w"), "w", "the cap is per service");
         assert_eq!(op("a", OVERFLOW), OVERFLOW);
-        let unlimited = Cardinality::new(0, 0, []);
+        let unlimited = Cardinality::new(0, 0, 0, []);
         assert!((0..10_000).all(|i| unlimited.admit("a", &i.to_string()).1 != OVERFLOW));
     }
 
     #[test]
     fn new_services_beyond_the_cap_overflow_with_their_operations_capped() {
-        let c = Cardinality::new(2, 3, [("known", "x")]);
+        let c = Cardinality::new(2, 3, 0, [("known", "x", "")]);
         assert_eq!(c.admit("known", "x"), ("known", "x"));
         assert_eq!(c.admit("second", "x"), ("second", "x"));
         assert_eq!(c.admit("third", "a"), (OVERFLOW, "a"));
@@ -139,10 +184,10 @@ mod tests {
         assert_eq!(c.admit("sixth", "d"), (OVERFLOW, OVERFLOW));
         assert_eq!(c.admit("second", "y"), ("second", "y"), "known services keep their series");
         // Services already stored count against the cap after a restart.
-        let restarted = Cardinality::new(2, 3, [("known", "x"), ("second", "x")]);
+        let restarted = Cardinality::new(2, 3, 0, [("known", "x", ""), ("second", "x", "")]);
         assert_eq!(restarted.admit("third", "a"), (OVERFLOW, "a"));
         // Many threads racing to add new services never pass the cap.
-        let racing = std::sync::Arc::new(Cardinality::new(100, 0, []));
+        let racing = std::sync::Arc::new(Cardinality::new(100, 0, 0, []));
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let c = racing.clone();

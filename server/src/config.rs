@@ -196,6 +196,9 @@ pub struct IngestConfig {
     /// Most operations one service may have (0: no limit); spans of further new operations
     /// are counted under `operation="__overflow__"`.
     pub max_operations_per_service: usize,
+    /// Most peers (services called or calling, databases, hosts) one service may have (0: no
+    /// limit); spans with further new peers are counted under `peer="__overflow__"`.
+    pub max_peers_per_service: usize,
     /// Most services (0: no limit); spans of further new services are counted under
     /// `service="__overflow__"` (keeping their operation names, capped as any service's).
     pub max_services: usize,
@@ -230,6 +233,7 @@ impl Default for IngestConfig {
             max_future_skew: Duration::from_secs(60),
             max_span_duration: Duration::from_secs(24 * 3600),
             max_operations_per_service: 10_000,
+            max_peers_per_service: 64,
             max_services: 5_000,
             max_open_windows: 200_000,
             max_seq_gap: 1_000_000,

@@ -130,9 +130,9 @@ async fn tail(State(s): State<AppState>, Query(params): Query<HashMap<String, St
 
 async fn tail_body(s: &AppState, params: &HashMap<String, String>) -> Result<Value, QueryError> {
     for key in params.keys() {
-        if !matches!(key.as_str(), "service" | "operation" | "span_kind" | "start" | "end") {
+        if !matches!(key.as_str(), "service" | "operation" | "span_kind" | "peer" | "start" | "end") {
             return Err(QueryError::BadData(format!(
-                "unknown parameter \"{key}\" (expected service, operation, span_kind, start, end)"
+                "unknown parameter \"{key}\" (expected service, operation, span_kind, peer, start, end)"
             )));
         }
     }
@@ -147,6 +147,7 @@ async fn tail_body(s: &AppState, params: &HashMap<String, String>) -> Result<Val
         service: params.get("service").cloned(),
         operation: params.get("operation").cloned(),
         span_kind: params.get("span_kind").cloned(),
+        peer: params.get("peer").cloned(),
     };
     let plan = RangePlan::new(start.floor() as i64, end.ceil() as i64, now as i64, &s.retention);
     let store = s.store.clone();
@@ -168,6 +169,7 @@ async fn tail_body(s: &AppState, params: &HashMap<String, String>) -> Result<Val
                 "operation": r.labels.operation,
                 "status": r.labels.status.as_str(),
                 "span_kind": r.labels.kind.as_str(),
+                "peer": r.labels.peer,
                 "count": h.count(),
                 "clamped": h.clamped(),
                 "min": secs(h.min()),

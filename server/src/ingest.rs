@@ -26,8 +26,7 @@ use crate::series::SpanReject;
 use crate::series::{self, SeriesLabels, Status as SpanStatus};
 use crate::telemetry::{Form, Metrics, Outcome, Reason};
 
-/// The longest `service` or `operation` label accepted, in bytes.
-pub const MAX_LABEL_BYTES: usize = 256;
+pub use crate::series::MAX_LABEL_BYTES;
 
 /// Who sent a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -304,12 +303,14 @@ impl IngestService {
         let mut targets = Vec::new();
         let mut groups = Vec::with_capacity(batch.groups.len());
         for (i, group) in batch.groups.iter().enumerate() {
-            let (sent_service, sent_operation, kind) =
+            let (sent_service, sent_operation, kind, sent_peer) =
                 check_key(group.key.as_ref()).map_err(|m| bad(format!("group {i}: {m}")))?;
             let (service, operation) = self.cardinality.admit(sent_service, sent_operation);
+            let peer = self.cardinality.admit_peer(service, sent_peer);
             let service_overflow = service != sent_service;
             let overflow = operation != sent_operation;
-            if overflow || service_overflow {
+            let peer_overflow = peer != sent_peer;
+            if overflow || service_overflow || peer_overflow {
                 stats.overflowed += group.spans.iter().map(|s| u64::from(s.weight.max(1))).sum::<u64>();
             }
             let hash = series::group_hash(service, operation);
@@ -319,11 +320,12 @@ impl IngestService {
             groups.push(GroupRoute {
                 key: hash,
                 shard,
-                ok_series: series::series_id(service, operation, SpanStatus::Ok, kind),
-                error_series: series::series_id(service, operation, SpanStatus::Error, kind),
+                ok_series: series::series_id(service, operation, SpanStatus::Ok, kind, peer),
+                error_series: series::series_id(service, operation, SpanStatus::Error, kind, peer),
                 kind,
                 overflow,
                 service_overflow,
+                peer_overflow,
             });
             for span in &group.spans {
                 let weight = u64::from(span.weight.max(1));
@@ -343,10 +345,11 @@ impl IngestService {
         }
         let mut deltas = Vec::with_capacity(batch.deltas.len());
         for (i, delta) in batch.deltas.iter().enumerate() {
-            let (sent_service, sent_operation, kind) =
+            let (sent_service, sent_operation, kind, sent_peer) =
                 check_key(delta.key.as_ref()).map_err(|m| bad(format!("delta {i}: {m}")))?;
             let (service, operation) = self.cardinality.admit(sent_service, sent_operation);
-            let overflow = service != sent_service || operation != sent_operation;
+            let peer = self.cardinality.admit_peer(service, sent_peer);
+            let overflow = service != sent_service || operation != sent_operation || peer != sent_peer;
             let histogram = Histogram::decode(&delta.histogram)
                 .map_err(|e| bad(format!("delta {i} ({service}/{operation}): {e}")))?;
             let window = delta.window_start_unix_seconds;
@@ -391,8 +394,12 @@ impl IngestService {
             deltas.push(RoutedDelta {
                 key: hash,
                 shard,
-                series: series::series_id(service, operation, status, kind),
-                labels: SeriesLabels { kind, ..SeriesLabels::new(service, operation, status) },
+                series: series::series_id(service, operation, status, kind, peer),
+                labels: SeriesLabels {
+                    kind,
+                    peer: peer.to_owned(),
+                    ..SeriesLabels::new(service, operation, status)
+                },
                 window_start: window,
                 histogram,
             });
@@ -473,7 +480,7 @@ impl IngestService {
     }
 }
 
-fn check_key(key: Option<&SeriesKey>) -> Result<(&str, &str, series::Kind), String> {
+fn check_key(key: Option<&SeriesKey>) -> Result<(&str, &str, series::Kind, &str), String> {
     let key = key.ok_or("missing series key")?;
     for (name, value) in [("service", &key.service), ("operation", &key.operation)] {
         if value.is_empty() {
@@ -483,7 +490,10 @@ fn check_key(key: Option<&SeriesKey>) -> Result<(&str, &str, series::Kind), Stri
             return Err(format!("{name} name is {} bytes, longer than {MAX_LABEL_BYTES}", value.len()));
         }
     }
-    Ok((&key.service, &key.operation, series::Kind::from_wire(key.kind)))
+    if key.peer.len() > MAX_LABEL_BYTES {
+        return Err(format!("peer name is {} bytes, longer than {MAX_LABEL_BYTES}", key.peer.len()));
+    }
+    Ok((&key.service, &key.operation, series::Kind::from_wire(key.kind), &key.peer))
 }
 
 #[cfg(test)]

@@ -55,6 +55,8 @@ pub struct GroupRoute {
     pub overflow: bool,
     /// Whether the group's service is counted as `__overflow__` (the service cap is reached).
     pub service_overflow: bool,
+    /// Whether the group's peer is counted as `__overflow__` (its service's peer cap is reached).
+    pub peer_overflow: bool,
 }
 
 /// A validated histogram delta, ready to merge.

@@ -83,16 +83,23 @@ pub struct SeriesFilter {
     pub operation: Option<String>,
     /// `span_kind` (without it, a service's own work: see [`crate::series::Kind::is_outgoing`]).
     pub span_kind: Option<String>,
+    /// `peer` (`""`: series without one).
+    pub peer: Option<String>,
 }
 
 impl SeriesFilter {
     /// The filter as equality matchers, for the series index.
     pub fn matchers(&self) -> Vec<promql_parser::label::Matcher> {
         use promql_parser::label::{MatchOp, Matcher};
-        [("service", &self.service), ("operation", &self.operation), ("span_kind", &self.span_kind)]
-            .into_iter()
-            .filter_map(|(name, value)| Some(Matcher::new(MatchOp::Equal, name, value.as_deref()?)))
-            .collect()
+        [
+            ("service", &self.service),
+            ("operation", &self.operation),
+            ("span_kind", &self.span_kind),
+            ("peer", &self.peer),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some(Matcher::new(MatchOp::Equal, name, value.as_deref()?)))
+        .collect()
     }
 }
 

@@ -311,9 +311,7 @@ impl RemoteWriter {
                     if let Some(le) = le {
                         out.push(wire::Label { name: "le".into(), value: le });
                     }
-                    out.extend(
-                        l.pairs().iter().map(|(k, v)| wire::Label { name: (*k).into(), value: (*v).into() }),
-                    );
+                    out.extend(l.pairs().map(|(k, v)| wire::Label { name: k.into(), value: v.into() }));
                     out.sort_by(|a, b| a.name.cmp(&b.name));
                     out
                 };

@@ -3,12 +3,17 @@
 //! a span's time and duration must keep to be counted in one ([`SpanLimits`]), below both
 //! ingest and the shards.
 //!
-//! A series is `{service, operation, status, span_kind}`. Its id is the xxh3 hash of the
+//! A series is `{service, operation, status, span_kind, peer}`. Its id is the xxh3 hash of the
 //! canonical encoding of its labels, so any node computes the same id without coordination; a
-//! series of unspecified kind (all a v1 client sends) is encoded, and hashed, without the kind,
-//! so series written before kinds existed keep their ids. Routing uses the hash of the *group*
-//! key (`service`, `operation`) so that a group's `ok` and `error` series, of every kind, live
-//! on the same shard and a batch group is handled by one shard.
+//! series of unspecified kind and no peer (all a v1 client sends) is encoded, and hashed,
+//! without them, so series written before kinds and peers existed keep their ids. Routing uses
+//! the hash of the *group* key (`service`, `operation`) so that a group's `ok` and `error`
+//! series, of every kind and peer, live on the same shard and a batch group is handled by one
+//! shard.
+//!
+//! `peer` is the other end of a call: the callee of a service's CLIENT and PRODUCER spans, the
+//! caller of its SERVER and CONSUMER spans when known. An edge of the service graph is a pair
+//! of such series ([`Edge`]), so its counts and latencies are as exact as any series'.
 //!
 //! A selector that names no `span_kind` reads a service's own work only — its server,
 //! consumer, internal and unspecified spans — never the calls it makes (`SPAN_KIND_CLIENT`,
@@ -210,37 +215,72 @@ pub struct SeriesLabels {
     pub status: Status,
     /// `span_kind`.
     pub kind: Kind,
+    /// `peer`: the other end of the spans' calls; empty for none (the label is then absent).
+    pub peer: String,
 }
 
+/// The longest label value accepted (`service`, `operation`, `peer`), in bytes. A
+/// series-family entry's labels are followed by a `u32` hour, whose value (past 1970's 256th
+/// hour) never reads as the length of a peer.
+pub const MAX_LABEL_BYTES: usize = 256;
+
 impl SeriesLabels {
-    /// The label names every series has, in their canonical order.
+    /// The label names every series has, in their canonical order (`peer`, which only some
+    /// series have, follows them).
     pub const NAMES: [&'static str; 4] = ["service", "operation", "status", "span_kind"];
 
-    /// Labels of a series of unspecified kind.
+    /// Labels of a series of unspecified kind and no peer.
     pub fn new(service: impl Into<String>, operation: impl Into<String>, status: Status) -> SeriesLabels {
-        SeriesLabels { service: service.into(), operation: operation.into(), status, kind: Kind::Unspecified }
+        SeriesLabels {
+            service: service.into(),
+            operation: operation.into(),
+            status,
+            kind: Kind::Unspecified,
+            peer: String::new(),
+        }
     }
 
     /// The series id of these labels.
     pub fn id(&self) -> u64 {
-        series_id(&self.service, &self.operation, self.status, self.kind)
+        series_id(&self.service, &self.operation, self.status, self.kind, &self.peer)
     }
 
     /// Encodes the labels for the series index.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.service.len() + self.operation.len() + 32);
-        encode_labels(&mut out, &self.service, &self.operation, self.status, self.kind);
+        let mut out = Vec::with_capacity(self.service.len() + self.operation.len() + self.peer.len() + 48);
+        encode_labels(&mut out, &self.service, &self.operation, self.status, self.kind, &self.peer);
         out
     }
 
-    /// Every label as (name, value), in the order of [`SeriesLabels::NAMES`].
-    pub fn pairs(&self) -> [(&'static str, &str); 4] {
+    /// Every label the series has as (name, value): those of [`SeriesLabels::NAMES`] in that
+    /// order, then `peer` when it is not empty.
+    pub fn pairs(&self) -> impl Iterator<Item = (&'static str, &str)> {
         [
-            ("service", &self.service),
-            ("operation", &self.operation),
+            ("service", self.service.as_str()),
+            ("operation", self.operation.as_str()),
             ("status", self.status.as_str()),
             ("span_kind", self.kind.as_str()),
         ]
+        .into_iter()
+        .chain((!self.peer.is_empty()).then_some(("peer", self.peer.as_str())))
+    }
+
+    /// The edge of the service graph the series times, if it is one: a CLIENT or PRODUCER
+    /// series with a peer (the caller's view), or a SERVER or CONSUMER series with a peer (the
+    /// callee's view).
+    pub fn edge(&self) -> Option<Edge<'_>> {
+        if self.peer.is_empty() {
+            return None;
+        }
+        match self.kind {
+            Kind::Client | Kind::Producer => {
+                Some(Edge { client: &self.service, server: &self.peer, side: Side::Client, kind: self.kind })
+            }
+            Kind::Server | Kind::Consumer => {
+                Some(Edge { client: &self.peer, server: &self.service, side: Side::Server, kind: self.kind })
+            }
+            Kind::Unspecified | Kind::Internal => None,
+        }
     }
 
     /// Decodes labels written by [`SeriesLabels::encode`].
@@ -252,22 +292,31 @@ impl SeriesLabels {
     }
 
     /// Decodes labels written by [`SeriesLabels::encode`] at the start of `bytes`, and
-    /// returns the bytes after them. The kind is there only when it is not unspecified; what
-    /// follows the labels in the series family (a `u32` hour, far above any kind name's
-    /// length) never reads as one.
+    /// returns the bytes after them. The kind is there only when it is not unspecified or a
+    /// peer follows it; what follows the labels in the series family (a `u32` hour, far above
+    /// any kind name's or peer's length) never reads as either.
     pub fn decode_prefix(bytes: &[u8]) -> Option<(SeriesLabels, &[u8])> {
         let (service, rest) = take_str(bytes)?;
         let (operation, rest) = take_str(rest)?;
         let (status, rest) = take_str(rest)?;
-        let (kind, rest) = match take_str(rest).and_then(|(k, after)| Some((Kind::parse(k)?, after))) {
-            Some((kind, after)) if kind != Kind::Unspecified => (kind, after),
-            _ => (Kind::Unspecified, rest),
+        let (kind, explicit, rest) =
+            match take_str(rest).and_then(|(k, after)| Some((Kind::parse(k)?, after))) {
+                Some((kind, after)) => (kind, true, after),
+                None => (Kind::Unspecified, false, rest),
+            };
+        // A peer follows an explicit kind, and is never longer than MAX_LABEL_BYTES.
+        let (peer, rest) = match take_str(rest) {
+            Some((peer, after)) if explicit && !peer.is_empty() && peer.len() <= MAX_LABEL_BYTES => {
+                (peer, after)
+            }
+            _ => ("", rest),
         };
         let labels = SeriesLabels {
             service: service.to_owned(),
             operation: operation.to_owned(),
             status: Status::parse(status)?,
             kind,
+            peer: peer.to_owned(),
         };
         Some((labels, rest))
     }
@@ -287,14 +336,28 @@ impl SeriesLabels {
             "operation" => Some(&self.operation),
             "status" => Some(self.status.as_str()),
             "span_kind" => Some(self.kind.as_str()),
+            "peer" if !self.peer.is_empty() => Some(&self.peer),
             _ => None,
         }
     }
 }
 
-fn encode_labels(out: &mut Vec<u8>, service: &str, operation: &str, status: Status, kind: Kind) {
-    let kind = (kind != Kind::Unspecified).then(|| kind.as_str());
-    for s in [service, operation, status.as_str()].into_iter().chain(kind) {
+/// The strings a series' labels are encoded as, in order: the kind only when it is not
+/// unspecified or a peer follows, the peer only when there is one.
+fn label_strings<'a>(
+    service: &'a str,
+    operation: &'a str,
+    status: Status,
+    kind: Kind,
+    peer: &'a str,
+) -> impl Iterator<Item = &'a str> {
+    let kind = (kind != Kind::Unspecified || !peer.is_empty()).then(|| kind.as_str());
+    let peer = (!peer.is_empty()).then_some(peer);
+    [service, operation, status.as_str()].into_iter().chain(kind).chain(peer)
+}
+
+fn encode_labels(out: &mut Vec<u8>, service: &str, operation: &str, status: Status, kind: Kind, peer: &str) {
+    for s in label_strings(service, operation, status, kind, peer) {
         out.extend_from_slice(&(s.len() as u32).to_be_bytes());
         out.extend_from_slice(s.as_bytes());
     }
@@ -306,16 +369,14 @@ fn take_str(bytes: &[u8]) -> Option<(&str, &[u8])> {
     Some((std::str::from_utf8(s).ok()?, &bytes[4 + len..]))
 }
 
-/// The stable id of series `{service, operation, status, span_kind}`: the hash of its
+/// The stable id of series `{service, operation, status, span_kind, peer}`: the hash of its
 /// [`SeriesLabels::encode`] form.
-pub fn series_id(service: &str, operation: &str, status: Status, kind: Kind) -> u64 {
+pub fn series_id(service: &str, operation: &str, status: Status, kind: Kind, peer: &str) -> u64 {
     let mut buf = [0u8; 256];
-    let kind_label = (kind != Kind::Unspecified).then(|| kind.as_str());
-    let needed =
-        service.len() + operation.len() + status.as_str().len() + 16 + kind_label.map_or(0, str::len);
+    let needed: usize = label_strings(service, operation, status, kind, peer).map(|s| s.len() + 4).sum();
     if needed <= buf.len() {
         let mut at = 0;
-        for s in [service, operation, status.as_str()].into_iter().chain(kind_label) {
+        for s in label_strings(service, operation, status, kind, peer) {
             buf[at..at + 4].copy_from_slice(&(s.len() as u32).to_be_bytes());
             buf[at + 4..at + 4 + s.len()].copy_from_slice(s.as_bytes());
             at += 4 + s.len();
@@ -323,8 +384,44 @@ pub fn series_id(service: &str, operation: &str, status: Status, kind: Kind) -> 
         xxh3_64(&buf[..at])
     } else {
         let mut v = Vec::with_capacity(needed);
-        encode_labels(&mut v, service, operation, status, kind);
+        encode_labels(&mut v, service, operation, status, kind, peer);
         xxh3_64(&v)
+    }
+}
+
+/// Which side of a call a series times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Side {
+    /// The caller's CLIENT or PRODUCER spans: the call as the caller waited for it.
+    Client,
+    /// The callee's SERVER or CONSUMER spans: the call as the callee served it.
+    Server,
+}
+
+/// An edge of the service graph, as one series sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Edge<'a> {
+    /// The calling service.
+    pub client: &'a str,
+    /// The called service, or an uninstrumented system (`db:postgres`).
+    pub server: &'a str,
+    /// Which side's spans the series holds.
+    pub side: Side,
+    /// The span kind of the series.
+    pub kind: Kind,
+}
+
+impl Edge<'_> {
+    /// Tempo's `connection_type`: `messaging_system` for producer/consumer edges, `database`
+    /// for a `db:` peer, else empty (a synchronous call between services).
+    pub fn connection_type(&self) -> &'static str {
+        if matches!(self.kind, Kind::Producer | Kind::Consumer) {
+            "messaging_system"
+        } else if self.server.starts_with("db:") {
+            "database"
+        } else {
+            ""
+        }
     }
 }
 
@@ -381,7 +478,7 @@ mod tests {
 
     #[test]
     fn ids_are_stable_and_distinct() {
-        let id = |s: &str, o: &str, st| series_id(s, o, st, Kind::Unspecified);
+        let id = |s: &str, o: &str, st| series_id(s, o, st, Kind::Unspecified, "");
         let a = id("checkout", "POST /pay", Status::Ok);
         assert_eq!(a, id("checkout", "POST /pay", Status::Ok));
         assert_ne!(a, id("checkout", "POST /pay", Status::Error));
@@ -396,22 +493,72 @@ mod tests {
         }
         assert_eq!(a, xxh3_64(&v1));
         for kind in Kind::ALL.into_iter().skip(1) {
-            assert_ne!(a, series_id("checkout", "POST /pay", Status::Ok, kind), "{kind:?}");
+            assert_ne!(a, series_id("checkout", "POST /pay", Status::Ok, kind, ""), "{kind:?}");
         }
+        // A peer makes another series, also of unspecified kind.
+        let peered = series_id("checkout", "POST /pay", Status::Ok, Kind::Unspecified, "payments");
+        assert_ne!(a, peered);
+        assert_ne!(peered, series_id("checkout", "POST /pay", Status::Ok, Kind::Client, "payments"));
         let long = "x".repeat(300);
         for kind in [Kind::Unspecified, Kind::Client] {
-            let labels = SeriesLabels { kind, ..SeriesLabels::new(long.clone(), "op", Status::Ok) };
-            assert_eq!(labels.id(), series_id(&long, "op", Status::Ok, kind));
-            assert_eq!(labels.id(), xxh3_64(&labels.encode()));
-            let short = SeriesLabels { kind, ..SeriesLabels::new("s", "op", Status::Ok) };
-            assert_eq!(short.id(), xxh3_64(&short.encode()));
+            for peer in ["", "payments", long.as_str()] {
+                let labels = SeriesLabels {
+                    kind,
+                    peer: peer.to_owned(),
+                    ..SeriesLabels::new(long.clone(), "op", Status::Ok)
+                };
+                assert_eq!(labels.id(), series_id(&long, "op", Status::Ok, kind, peer));
+                assert_eq!(labels.id(), xxh3_64(&labels.encode()));
+                let short =
+                    SeriesLabels { kind, peer: peer.to_owned(), ..SeriesLabels::new("s", "op", Status::Ok) };
+                assert_eq!(short.id(), xxh3_64(&short.encode()));
+            }
         }
     }
 
     #[test]
+    fn edges_are_read_off_kind_and_peer() {
+        let series = |service: &str, kind, peer: &str| SeriesLabels {
+            kind,
+            peer: peer.to_owned(),
+            ..SeriesLabels::new(service, "op", Status::Ok)
+        };
+        let caller = series("checkout", Kind::Client, "payments");
+        let edge = caller.edge().expect("a client series with a peer is an edge");
+        assert_eq!((edge.client, edge.server, edge.side), ("checkout", "payments", Side::Client));
+        assert_eq!(edge.connection_type(), "");
+        let callee = series("payments", Kind::Server, "checkout");
+        let edge = callee.edge().expect("a server series with a peer is an edge");
+        assert_eq!((edge.client, edge.server, edge.side), ("checkout", "payments", Side::Server));
+        assert_eq!(
+            series("checkout", Kind::Client, "db:postgres").edge().map(|e| e.connection_type()),
+            Some("database")
+        );
+        assert_eq!(
+            series("orders", Kind::Producer, "kafka").edge().map(|e| e.connection_type()),
+            Some("messaging_system")
+        );
+        assert_eq!(series("checkout", Kind::Client, "").edge(), None);
+        assert_eq!(series("checkout", Kind::Internal, "x").edge(), None);
+        assert_eq!(caller.get("peer"), Some("payments"));
+        assert_eq!(series("a", Kind::Client, "").get("peer"), None);
+        assert_eq!(caller.pairs().last(), Some(("peer", "payments")));
+        assert_eq!(series("a", Kind::Client, "").pairs().count(), 4);
+    }
+
+    #[test]
     fn labels_round_trip() {
-        for kind in Kind::ALL {
-            let l = SeriesLabels { kind, ..SeriesLabels::new("api", "GET /", Status::Error) };
+        let longest = "p".repeat(MAX_LABEL_BYTES);
+        let kinds_and_peers = Kind::ALL
+            .into_iter()
+            .flat_map(|k| [(k, ""), (k, "payments"), (k, "SPAN_KIND_CLIENT")])
+            .chain([(Kind::Client, longest.as_str())]);
+        for (kind, peer) in kinds_and_peers {
+            let l = SeriesLabels {
+                kind,
+                peer: peer.to_owned(),
+                ..SeriesLabels::new("api", "GET /", Status::Error)
+            };
             assert_eq!(SeriesLabels::decode(&l.encode()), Some(l.clone()));
             assert_eq!(SeriesLabels::decode(&l.encode()[..5]), None);
             // Followed by a series-family hour, which is not a kind.

@@ -5,7 +5,8 @@
 //!
 //! Each span becomes a tailscope span: service from the resource's `service.name` (OTLP's
 //! `unknown_service` when absent), operation from the span name, `span_kind` from the span's
-//! kind, duration from end − start,
+//! kind, `peer` of a CLIENT or PRODUCER span from its attributes ([`Peer`]), duration from
+//! end − start,
 //! status from the span status, and weight from the W3C `tracestate` entry `ot=th:…` (the
 //! adjusted count of a probability-sampled span). An export is acknowledged only once its
 //! spans are written; spans that cannot be counted (too old, negative duration, …) are
@@ -25,7 +26,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use tailscope_proto::batch::BatchBuilder;
-use tailscope_proto::v1::{SeriesKey, Span, SpanBatch, SpanStatus};
+use tailscope_proto::v1::{SeriesKey, Span, SpanBatch, SpanKind, SpanStatus};
 
 use crate::ingest::{BatchStats, MAX_LABEL_BYTES};
 use crate::series::SpanReject;
@@ -55,6 +56,7 @@ pub fn to_batch(request: &ExportTraceServiceRequest) -> Result<(SpanBatch, u64),
                         span_id: &span.span_id,
                         parent_span_id: &span.parent_span_id,
                         trace_state: &span.trace_state,
+                        peer: Peer::of(&span.attributes),
                     },
                 );
             }
@@ -76,6 +78,70 @@ pub(crate) struct SpanFields<'a> {
     pub span_id: &'a [u8],
     pub parent_span_id: &'a [u8],
     pub trace_state: &'a str,
+    /// The best peer its attributes name.
+    pub peer: Peer<'a>,
+}
+
+/// The callee of a CLIENT or PRODUCER span, from OpenTelemetry's semantic-convention
+/// attributes, the first present of: `peer.service` or `service.peer.name` (the service
+/// called, as named), `db.system.name` or `db.system` (`db:<system>`, an uninstrumented
+/// database), `messaging.system` (`mq:<system>`), `server.address` or the older
+/// `net.peer.name` (the host called, as named: a service reached by its own name joins that
+/// service's node). Offered attribute by attribute, so a decoder keeps no attribute list.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Peer<'a> {
+    /// 0 for none; lower is preferred.
+    rank: u8,
+    prefix: &'static str,
+    name: &'a str,
+}
+
+impl<'a> Peer<'a> {
+    /// The rank and prefix of an attribute that names a peer.
+    fn rank(key: &str) -> Option<(u8, &'static str)> {
+        Some(match key {
+            "peer.service" | "service.peer.name" => (1, ""),
+            "db.system.name" | "db.system" => (2, "db:"),
+            "messaging.system" => (3, "mq:"),
+            "server.address" => (4, ""),
+            "net.peer.name" => (5, ""),
+            _ => return None,
+        })
+    }
+
+    /// Whether attribute `key` can name a peer (a decoder reads the value only then).
+    pub fn wants(key: &str) -> bool {
+        Peer::rank(key).is_some()
+    }
+
+    /// Takes string attribute `key` = `value` if it names a better peer than the one held.
+    pub fn offer(&mut self, key: &str, value: &'a str) {
+        let Some((rank, prefix)) = Peer::rank(key) else { return };
+        if !value.is_empty() && (self.rank == 0 || rank < self.rank) {
+            *self = Peer { rank, prefix, name: value };
+        }
+    }
+
+    /// The best peer of `attributes`.
+    pub fn of(attributes: &'a [KeyValue]) -> Peer<'a> {
+        let mut peer = Peer::default();
+        for kv in attributes {
+            if let Some(AnyValue::StringValue(v)) = kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                peer.offer(&kv.key, v);
+            }
+        }
+        peer
+    }
+
+    /// The peer as its prefix and name (both empty for none).
+    fn key(&self) -> (&'static str, &'a str) {
+        (self.prefix, self.name)
+    }
+}
+
+/// The `peer` label of a peer key, cut to [`MAX_LABEL_BYTES`].
+fn peer_label((prefix, name): (&str, &str)) -> String {
+    truncate(&[prefix, name].concat()).to_owned()
 }
 
 /// Builds one batch from OTLP spans, whichever decoder read them: the one place an OTLP span
@@ -83,7 +149,7 @@ pub(crate) struct SpanFields<'a> {
 #[derive(Debug, Default)]
 pub(crate) struct Converter<'a> {
     // Keys borrow from the request: no allocation per span, one per group.
-    groups: BatchBuilder<(&'a str, &'a str, i32)>,
+    groups: BatchBuilder<(&'a str, &'a str, i32, (&'static str, &'a str))>,
     unnamed: u64,
 }
 
@@ -115,9 +181,18 @@ impl<'a> Converter<'a> {
         let weight = weight_from_tracestate(span.trace_state);
         // OTLP's kinds are tailscope's, number for number.
         let kind = span.kind;
-        let series = || SeriesKey { service: service.to_owned(), operation: operation.to_owned(), kind };
+        // Only an outgoing span's attributes name its callee; a server span's caller is not
+        // in its attributes.
+        let outgoing = kind == SpanKind::Client as i32 || kind == SpanKind::Producer as i32;
+        let peer = if outgoing { span.peer.key() } else { ("", "") };
+        let series = || SeriesKey {
+            service: service.to_owned(),
+            operation: operation.to_owned(),
+            kind,
+            peer: if peer.1.is_empty() { String::new() } else { peer_label(peer) },
+        };
         self.groups.push(
-            (service, operation, kind),
+            (service, operation, kind, peer),
             series,
             Span {
                 trace_id_high: id_u64(trace.get(..8)),
@@ -294,5 +369,61 @@ mod tests {
         };
         let err = to_batch(&empty).expect_err("refused");
         assert!(err.contains("resourceSpans[0]") && err.contains("service.name is empty"), "{err}");
+    }
+
+    #[test]
+    fn outgoing_spans_name_their_peer_from_semantic_conventions() {
+        let attr = |k: &str, v: &str| KeyValue {
+            key: k.into(),
+            value: Some(Any { value: Some(AnyValue::StringValue(v.into())) }),
+        };
+        let span = |kind: SpanKind, attributes: Vec<KeyValue>| OtlpSpan {
+            name: "call".into(),
+            kind: kind as i32,
+            start_time_unix_nano: 1,
+            end_time_unix_nano: 2,
+            attributes,
+            ..Default::default()
+        };
+        let cases = [
+            (
+                SpanKind::Client,
+                vec![attr("server.address", "payments"), attr("peer.service", "billing")],
+                "billing",
+            ),
+            (
+                SpanKind::Client,
+                vec![attr("server.address", "pg.local"), attr("db.system", "postgresql")],
+                "db:postgresql",
+            ),
+            (SpanKind::Client, vec![attr("db.system.name", "mysql")], "db:mysql"),
+            (SpanKind::Producer, vec![attr("messaging.system", "kafka")], "mq:kafka"),
+            (
+                SpanKind::Client,
+                vec![attr("net.peer.name", "old"), attr("server.address", "api.stripe.com")],
+                "api.stripe.com",
+            ),
+            (SpanKind::Client, vec![attr("peer.service", ""), attr("http.route", "/x")], ""),
+            // A server span's attributes name no caller.
+            (SpanKind::Server, vec![attr("peer.service", "frontend")], ""),
+            (SpanKind::Internal, vec![attr("peer.service", "frontend")], ""),
+            (SpanKind::Client, vec![attr("peer.service", &"p".repeat(300))], &"p".repeat(MAX_LABEL_BYTES)),
+        ];
+        for (kind, attributes, want) in cases {
+            let request = ExportTraceServiceRequest {
+                resource_spans: vec![ResourceSpans {
+                    scope_spans: vec![ScopeSpans {
+                        spans: vec![span(kind, attributes.clone())],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            };
+            let (batch, _) = to_batch(&request).expect("converts");
+            let key = batch.groups[0].key.clone().expect("key");
+            assert_eq!((key.kind, key.peer.as_str()), (kind as i32, want), "{attributes:?}");
+            let bytes = prost::Message::encode_to_vec(&request);
+            assert_eq!(wire::decode_export(&bytes).map_err(|e| e.to_string()), Ok((batch, 0)));
+        }
     }
 }

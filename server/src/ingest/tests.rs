@@ -83,7 +83,7 @@ fn service(admit: Arc<FakeAdmit>, config: IngestConfig) -> IngestService {
         Arc::new(ManualClock::new(NOW)),
         &config,
         Arc::new(Sampler::new(crate::sampling::SamplingConfig::default())),
-        Arc::new(crate::cardinality::Cardinality::new(0, 0, [])),
+        Arc::new(crate::cardinality::Cardinality::new(0, 0, 0, [])),
     )
 }
 

@@ -225,6 +225,11 @@ impl ShardState {
                         },
                         status,
                         kind: route.kind,
+                        peer: match key {
+                            _ if route.peer_overflow => crate::cardinality::OVERFLOW.to_owned(),
+                            Some(k) => k.peer.clone(),
+                            None => String::new(),
+                        },
                     });
                 }
             }

@@ -171,16 +171,19 @@ pub fn names(
     let mut out = Capped::new();
     if selectors.is_empty() {
         budget.check("reading label names")?;
-        // Every series has all of them.
+        // Every series has all of them; `peer` only the series that have one.
         if any_series(source)? {
             for k in ["__name__", "le"].into_iter().chain(SeriesLabels::NAMES) {
                 out.insert(k.to_owned(), limit);
+            }
+            if !source.label_values("peer", 1)?.0.is_empty() {
+                out.insert("peer".to_owned(), limit);
             }
         }
         return Ok(out);
     }
     for_each_selected(source, selectors, budget, |_, labels, le| {
-        for k in ["__name__"].into_iter().chain(SeriesLabels::NAMES) {
+        for k in ["__name__"].into_iter().chain(SeriesLabels::NAMES).chain(["peer"]) {
             if k == "__name__" || labels.get(k).is_some() {
                 out.insert(k.to_owned(), limit);
             }

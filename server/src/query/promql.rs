@@ -438,7 +438,7 @@ impl<'a> Engine<'a> {
             .iter()
             .map(|(id, l)| HistGroup {
                 labels: std::iter::once(("__name__".to_owned(), METRIC.to_owned()))
-                    .chain(l.pairs().into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())))
+                    .chain(l.pairs().map(|(k, v)| (k.to_owned(), v.to_owned())))
                     .collect(),
                 members: vec![*id],
             })

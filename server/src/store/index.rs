@@ -67,6 +67,8 @@ struct Postings {
     series: HashMap<u64, Entry, IdBuildHasher>,
     service: BTreeMap<String, BTreeSet<u64>>,
     operation: BTreeMap<String, BTreeSet<u64>>,
+    /// Series with a peer only.
+    peer: BTreeMap<String, BTreeSet<u64>>,
     /// How many series have each status (`ok`, `error`).
     statuses: [usize; 2],
     /// How many series have each span kind.
@@ -78,6 +80,7 @@ impl Postings {
         match label {
             "service" => Some(&self.service),
             "operation" => Some(&self.operation),
+            "peer" => Some(&self.peer),
             _ => None,
         }
     }
@@ -89,6 +92,9 @@ impl Postings {
         }
         self.service.entry(labels.service.clone()).or_default().insert(id);
         self.operation.entry(labels.operation.clone()).or_default().insert(id);
+        if !labels.peer.is_empty() {
+            self.peer.entry(labels.peer.clone()).or_default().insert(id);
+        }
         self.statuses[labels.status as usize] += 1;
         self.kinds[labels.kind.index()] += 1;
         self.series.insert(id, Entry { labels, newest_hour: hour });
@@ -98,9 +104,11 @@ impl Postings {
         let Some(e) = self.series.remove(&id) else { return };
         self.statuses[e.labels.status as usize] -= 1;
         self.kinds[e.labels.kind.index()] -= 1;
-        for (list, value) in
-            [(&mut self.service, &e.labels.service), (&mut self.operation, &e.labels.operation)]
-        {
+        for (list, value) in [
+            (&mut self.service, &e.labels.service),
+            (&mut self.operation, &e.labels.operation),
+            (&mut self.peer, &e.labels.peer),
+        ] {
             if let Some(ids) = list.get_mut(value.as_str()) {
                 ids.remove(&id);
                 if ids.is_empty() {
@@ -117,7 +125,8 @@ impl Postings {
         const NONE: &BTreeSet<u64> = &BTreeSet::new();
         let narrowest = matchers
             .iter()
-            .filter(|m| matches!(m.op, MatchOp::Equal))
+            // `label=""` also matches series without the label: no posting list holds them.
+            .filter(|m| matches!(m.op, MatchOp::Equal) && !m.value.is_empty())
             .filter_map(|m| Some(self.list(&m.name)?.get(&m.value).unwrap_or(NONE)))
             .min_by_key(|ids| ids.len());
         if let Some(ids) = narrowest {

@@ -89,12 +89,15 @@ const SPAN_KINDS: [&str; 6] = [
 ];
 const STATUS_CODES: [&str; 3] = ["STATUS_CODE_UNSET", "STATUS_CODE_OK", "STATUS_CODE_ERROR"];
 
-/// String attributes only (what tailscope reads; other values are skipped).
-fn attributes(v: &Value, at: &str) -> Result<Vec<KeyValue>, String> {
+/// The string attributes whose keys `wanted` accepts (what tailscope reads; other values are
+/// skipped).
+fn attributes(v: &Value, at: &str, wanted: fn(&str) -> bool) -> Result<Vec<KeyValue>, String> {
     let mut out = Vec::new();
     for (i, kv) in array(v, "attributes", "attributes", at)?.iter().enumerate() {
-        let at = format!("{at}.attributes[{i}]");
-        let key = string(kv, "key", "key", &at)?;
+        let key = match field(kv, "key", "key") {
+            Some(Value::String(k)) if !wanted(k) => continue,
+            _ => string(kv, "key", "key", &format!("{at}.attributes[{i}]"))?,
+        };
         let value = field(kv, "value", "value")
             .and_then(|val| field(val, "stringValue", "string_value"))
             .and_then(Value::as_str)
@@ -127,6 +130,7 @@ fn span(v: &Value, at: &str) -> Result<Span, String> {
         start_time_unix_nano: uint64(v, "startTimeUnixNano", "start_time_unix_nano", at)?,
         end_time_unix_nano: uint64(v, "endTimeUnixNano", "end_time_unix_nano", at)?,
         status,
+        attributes: attributes(v, at, super::Peer::wants)?,
         ..Default::default()
     })
 }
@@ -142,7 +146,7 @@ pub fn export_from_json(body: &[u8]) -> Result<ExportTraceServiceRequest, String
         let at = format!("resourceSpans[{r}]");
         let resource = match field(rs, "resource", "resource") {
             Some(res) => Some(Resource {
-                attributes: attributes(res, &format!("{at}.resource"))?,
+                attributes: attributes(res, &format!("{at}.resource"), |k| k == "service.name")?,
                 ..Default::default()
             }),
             None => None,

@@ -5,9 +5,9 @@
 //! type. What it does read it checks as a full decoder would (wire types, lengths, UTF-8), and
 //! it gives what [`super::to_batch`] gives for the same request (a test holds the two equal).
 
-use tailscope_proto::v1::SpanBatch;
+use tailscope_proto::v1::{SpanBatch, SpanKind};
 
-use super::{Converter, SpanFields};
+use super::{Converter, Peer, SpanFields};
 
 #[cfg(test)]
 mod tests;
@@ -135,34 +135,44 @@ fn service_name(resource: &[u8]) -> Result<Option<&str>, String> {
             r.skip(wire)?;
             continue;
         }
-        let mut kv = Reader { buf: r.len_field("Resource.attributes", wire)? };
-        let (mut key, mut value) = ("", None);
-        while let Some((field, wire)) = kv.key()? {
-            match field {
-                1 => {
-                    key = kv.str_field("KeyValue.key", wire)?;
-                }
-                2 => {
-                    let mut any = Reader { buf: kv.len_field("KeyValue.value", wire)? };
-                    value = None;
-                    while let Some((field, wire)) = any.key()? {
-                        if field == 1 {
-                            value = Some(any.str_field("AnyValue.string_value", wire)?);
-                        } else {
-                            // Another kind of value: whatever came before is replaced (oneof).
-                            value = None;
-                            any.skip(wire)?;
-                        }
-                    }
-                }
-                _ => kv.skip(wire)?,
-            }
-        }
+        let (key, value) = key_value(r.len_field("Resource.attributes", wire)?, |_| true)?;
         if found.is_none() && key == "service.name" {
             found = Some(value);
         }
     }
     Ok(found.flatten())
+}
+
+/// A `KeyValue`'s key, and its value when it is a string and `wanted(key)` (the key comes
+/// first in every encoder's output; a value read before its key is kept as well).
+fn key_value(bytes: &[u8], wanted: impl Fn(&str) -> bool) -> Result<(&str, Option<&str>), String> {
+    let mut kv = Reader { buf: bytes };
+    let (mut key, mut value) = ("", None);
+    while let Some((field, wire)) = kv.key()? {
+        match field {
+            1 => {
+                key = kv.str_field("KeyValue.key", wire)?;
+                if !wanted(key) {
+                    return Ok((key, None));
+                }
+            }
+            2 => {
+                let mut any = Reader { buf: kv.len_field("KeyValue.value", wire)? };
+                value = None;
+                while let Some((field, wire)) = any.key()? {
+                    if field == 1 {
+                        value = Some(any.str_field("AnyValue.string_value", wire)?);
+                    } else {
+                        // Another kind of value: whatever came before is replaced (oneof).
+                        value = None;
+                        any.skip(wire)?;
+                    }
+                }
+            }
+            _ => kv.skip(wire)?,
+        }
+    }
+    Ok((key, value))
 }
 
 fn span<'a>(bytes: &'a [u8]) -> Result<SpanFields<'a>, String> {
@@ -176,6 +186,14 @@ fn span<'a>(bytes: &'a [u8]) -> Result<SpanFields<'a>, String> {
             4 => s.parent_span_id = r.len_field("Span.parent_span_id", wire)?,
             5 => s.name = r.str_field("Span.name", wire)?,
             6 => s.kind = r.i32_field("Span.kind", wire)?,
+            // Attributes name the callee of an outgoing span only; the kind comes before them
+            // in every encoder's output, so the attributes of other spans are skipped whole.
+            9 if s.kind == 0 || s.kind == SpanKind::Client as i32 || s.kind == SpanKind::Producer as i32 => {
+                let (key, value) = key_value(r.len_field("Span.attributes", wire)?, Peer::wants)?;
+                if let Some(value) = value {
+                    s.peer.offer(key, value);
+                }
+            }
             7 => s.start = r.fixed64_field("Span.start_time_unix_nano", wire)?,
             8 => s.end = r.fixed64_field("Span.end_time_unix_nano", wire)?,
             15 => {

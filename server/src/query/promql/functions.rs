@@ -129,9 +129,8 @@ impl Engine<'_> {
         let sel = self.select(&ms.vs)?;
         let mut out = Vec::new();
         let [bucket, count, sum, native] = sel.names;
-        let base = |l: &SeriesLabels| -> Labels {
-            l.pairs().into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
-        };
+        let base =
+            |l: &SeriesLabels| -> Labels { l.pairs().map(|(k, v)| (k.to_owned(), v.to_owned())).collect() };
         if count || sum {
             for (id, labels) in &sel.series {
                 let group = HistGroup { labels: base(labels), members: vec![*id] };

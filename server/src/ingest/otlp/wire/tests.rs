@@ -43,7 +43,29 @@ fn random_export(r: &mut impl Rng) -> ExportTraceServiceRequest {
                     kind: r.gen_range(0..7),
                     start_time_unix_nano: r.gen_range(0..2_000_000_000_000_000_000),
                     end_time_unix_nano: r.gen_range(0..2_000_000_000_000_000_000),
-                    attributes: vec![attr("http.route", AnyValue::StringValue(format!("/r{i}")))],
+                    attributes: {
+                        let mut attributes =
+                            vec![attr("http.route", AnyValue::StringValue(format!("/r{i}")))];
+                        // Peer attributes of every rank, sometimes empty or not a string.
+                        for _ in 0..r.gen_range(0..3) {
+                            let key = [
+                                "peer.service",
+                                "db.system",
+                                "messaging.system",
+                                "server.address",
+                                "net.peer.name",
+                            ][r.gen_range(0..5)];
+                            let value = match r.gen_range(0..5) {
+                                0 => AnyValue::StringValue(String::new()),
+                                1 => AnyValue::IntValue(5432),
+                                _ => AnyValue::StringValue(
+                                    ["payments", "postgresql", "kafka", "10.0.0.7"][r.gen_range(0..4)].into(),
+                                ),
+                            };
+                            attributes.push(attr(key, value));
+                        }
+                        attributes
+                    },
                     events: vec![Event { name: "e".into(), ..Default::default() }],
                     links: vec![Link { trace_id: vec![1; 16], ..Default::default() }],
                     status: r.gen_bool(0.7).then(|| Status { message: "m".into(), code: r.gen_range(0..3) }),
