@@ -295,11 +295,32 @@ impl std::fmt::Debug for Engine<'_> {
     }
 }
 
-/// Which of the three series names a selector matches, with its series and `le` bounds.
+/// Which of the series names a selector matches (bucket, count, sum, native), with its series
+/// grouped as they are exposed (one series per group for `span_duration_seconds`, one group per
+/// edge for the service graph's names) and its `le` bounds.
 struct Selection {
     names: [bool; 4],
-    series: Vec<(u64, SeriesLabels)>,
+    /// The names exposed for each of `names`.
+    called: [&'static str; 4],
+    /// Labels without `__name__`.
+    groups: Vec<HistGroup>,
     le: Vec<f64>,
+    /// Whether the names are the service graph's (whose plain selectors read as counters).
+    graph: bool,
+}
+
+impl Selection {
+    /// A selection of `span_duration_seconds` series, one group each.
+    fn of_series(names: [bool; 4], series: Vec<(u64, SeriesLabels)>, le: Vec<f64>) -> Selection {
+        let groups = series
+            .into_iter()
+            .map(|(id, l)| HistGroup {
+                labels: l.pairs().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
+                members: vec![id],
+            })
+            .collect();
+        Selection { names, called: NAMES, groups, le, graph: false }
+    }
 }
 
 impl<'a> Engine<'a> {
@@ -360,6 +381,16 @@ impl<'a> Engine<'a> {
         if !vs.matchers.or_matchers.is_empty() {
             return unsupported("\"or\" between label matchers is not supported");
         }
+        let named = vs.name.clone().or_else(|| {
+            vs.matchers
+                .matchers
+                .iter()
+                .find(|m| m.name == "__name__" && matches!(m.op, MatchOp::Equal))
+                .map(|m| m.value.clone())
+        });
+        if let Some(metric) = named.as_deref().and_then(graph::named) {
+            return self.select_graph(vs, metric);
+        }
         let mut names = NAMES.map(|n| vs.name.as_deref().is_none_or(|want| want == n));
         let mut le = DEFAULT_LE.to_vec();
         let mut label_matchers: Vec<&Matcher> = Vec::new();
@@ -384,12 +415,17 @@ impl<'a> Engine<'a> {
                 .any(|m| m.name == "__name__" && matches!(m.op, MatchOp::Equal) && m.value == METRIC);
         names[3] &= named;
         if !names.iter().any(|&n| n) {
-            return Ok(Selection { names, series: Vec::new(), le });
+            return Ok(Selection::of_series(names, Vec::new(), le));
         }
         // One series past the limit is enough to refuse: no more is taken from the index.
         let per_series = names.iter().filter(|&&n| n).count();
         let series = self.source.select(&label_matchers, self.limits.max_series / per_series + 1)?;
-        let selected = series.len() * per_series;
+        self.check_selected(series.len() * per_series)?;
+        Ok(Selection::of_series(names, series, le))
+    }
+
+    /// Refuses a selection of more than `query.max_series` series or `query.max_samples`.
+    fn check_selected(&self, selected: usize) -> Result<(), EvalError> {
         if selected > self.limits.max_series {
             return Err(EvalError::Execution(format!(
                 "the query selects more than {} series (query.max_series); narrow the selection",
@@ -405,7 +441,46 @@ impl<'a> Engine<'a> {
                 self.limits.max_samples
             )));
         }
-        Ok(Selection { names, series, le })
+        Ok(())
+    }
+
+    /// A selection of a service-graph name ([`graph`]): the edges' series, one group per edge.
+    fn select_graph(&self, vs: &VectorSelector, metric: graph::GraphMetric) -> Result<Selection, EvalError> {
+        let part = metric.part;
+        let names =
+            [part == graph::Part::Bucket, part == graph::Part::Count, part == graph::Part::Sum, false];
+        let mut called = [""; 4];
+        called[names.iter().position(|&n| n).expect("one part")] = metric.name;
+        let mut le = DEFAULT_LE.to_vec();
+        let mut checked: Vec<&Matcher> = Vec::new();
+        for m in &vs.matchers.matchers {
+            match m.name.as_str() {
+                "__name__" if m.is_match(metric.name) => {}
+                "__name__" => {
+                    return Ok(Selection { names, called, groups: Vec::new(), le, graph: true });
+                }
+                "le" if part == graph::Part::Bucket => le = le_bounds(m)?,
+                _ => checked.push(m),
+            }
+        }
+        let index = graph::index_matchers(metric, &checked);
+        let series = self.source.select(&index.iter().collect::<Vec<_>>(), self.limits.max_series + 1)?;
+        self.check_selected(series.len())?;
+        let mut edges: BTreeMap<Labels, Vec<u64>> = BTreeMap::new();
+        for (id, l) in &series {
+            let Some(edge) = l.edge().filter(|e| e.side == metric.side) else { continue };
+            let mut labels = Labels::new();
+            labels.insert("client".into(), edge.client.into());
+            labels.insert("server".into(), edge.server.into());
+            if !edge.connection_type().is_empty() {
+                labels.insert("connection_type".into(), edge.connection_type().into());
+            }
+            if checked.iter().all(|m| m.is_match(labels.get(&m.name).map_or("", String::as_str))) {
+                edges.entry(labels).or_default().push(*id);
+            }
+        }
+        let groups = edges.into_iter().map(|(labels, members)| HistGroup { labels, members }).collect();
+        Ok(Selection { names, called, groups, le, graph: true })
     }
 
     fn instant_selector(&self, vs: &VectorSelector) -> Result<Value, EvalError> {
@@ -413,7 +488,12 @@ impl<'a> Engine<'a> {
         if sel.names[3] {
             return Ok(self.cumulative(vs, sel));
         }
-        if let Some(i) = sel.names.iter().position(|&n| n).filter(|_| !sel.series.is_empty()) {
+        if sel.graph {
+            // A counter, as Tempo's would read: every call since the oldest window retained.
+            let offset = offset_seconds(&vs.offset);
+            return self.windowed(sel, self.since_oldest(offset), offset, false, true);
+        }
+        if let Some(i) = sel.names.iter().position(|&n| n).filter(|_| !sel.groups.is_empty()) {
             return unsupported(format!(
                 "{} holds counts per time window, not a cumulative counter: use rate() or increase() over a range, e.g. rate({}[5m])",
                 NAMES[i], NAMES[i]
@@ -429,29 +509,29 @@ impl<'a> Engine<'a> {
     /// 10 s grid (coarse rollups are read for the whole hours inside, fine windows at the edges).
     fn cumulative(&self, vs: &VectorSelector, sel: Selection) -> Value {
         let offset = offset_seconds(&vs.offset);
-        let retained = i64::try_from(self.retention.window_10s.as_secs()).unwrap_or(i64::MAX);
-        // The oldest 10-second window still kept, on the 10 s grid.
-        let oldest = self.now.saturating_sub(retained).div_euclid(10) * 10 + 10;
-        let last = self.steps.times().last().map_or(self.now, |t| (t + 999).div_euclid(1000)) - offset;
-        let groups = sel
-            .series
-            .iter()
-            .map(|(id, l)| HistGroup {
-                labels: std::iter::once(("__name__".to_owned(), METRIC.to_owned()))
-                    .chain(l.pairs().map(|(k, v)| (k.to_owned(), v.to_owned())))
-                    .collect(),
-                members: vec![*id],
-            })
-            .collect();
+        let mut groups = sel.groups;
+        for g in &mut groups {
+            g.labels.insert("__name__".to_owned(), METRIC.to_owned());
+        }
         Value::Hist(HistValue {
             groups,
             le: Vec::new(),
             le_kept: false,
-            range: (last - oldest).max(1),
+            range: self.since_oldest(offset),
             offset,
             per_second: false,
             native: true,
         })
+    }
+
+    /// The range, in seconds, from the oldest 10-second window still retained to the last
+    /// step (moved back by `offset`).
+    fn since_oldest(&self, offset: i64) -> i64 {
+        let retained = i64::try_from(self.retention.window_10s.as_secs()).unwrap_or(i64::MAX);
+        // The oldest 10-second window still kept, on the 10 s grid.
+        let oldest = self.now.saturating_sub(retained).div_euclid(10) * 10 + 10;
+        let last = self.steps.times().last().map_or(self.now, |t| (t + 999).div_euclid(1000)) - offset;
+        (last - oldest).max(1)
     }
 
     /// Runs sliding sums over a group's windows: `f(step, acc)` is called for every step whose
@@ -682,6 +762,7 @@ pub fn format_value(v: f64) -> String {
 
 mod depth;
 mod functions;
+mod graph;
 mod operators;
 
 #[cfg(test)]

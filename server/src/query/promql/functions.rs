@@ -127,29 +127,51 @@ impl Engine<'_> {
         }
         let offset = offset_seconds(&ms.vs.offset);
         let sel = self.select(&ms.vs)?;
+        self.windowed(sel, range, offset, per_second, false)
+    }
+
+    /// A selection read over `range` seconds at every step: its count and sum series, and its
+    /// buckets as histograms (`per_second`: divided by the range, as `rate()`); `named` keeps
+    /// each series' name (a plain selector) instead of dropping it (a function's result).
+    pub(super) fn windowed(
+        &self,
+        sel: Selection,
+        range: i64,
+        offset: i64,
+        per_second: bool,
+        named: bool,
+    ) -> Result<Value, EvalError> {
         let mut out = Vec::new();
         let [bucket, count, sum, native] = sel.names;
-        let base =
-            |l: &SeriesLabels| -> Labels { l.pairs().map(|(k, v)| (k.to_owned(), v.to_owned())).collect() };
+        let mut groups = sel.groups;
+        let with_name = |labels: &Labels, i: usize| {
+            let mut labels = labels.clone();
+            if named {
+                labels.insert("__name__".to_owned(), sel.called[i].to_owned());
+            }
+            labels
+        };
         if count || sum {
-            for (id, labels) in &sel.series {
-                let group = HistGroup { labels: base(labels), members: vec![*id] };
+            for group in &groups {
                 let mut counts = vec![None; self.steps.len()];
                 let mut sums = vec![None; self.steps.len()];
-                self.slide(&group, range, offset, |i, acc| {
+                self.slide(group, range, offset, |i, acc| {
                     let scale = if per_second { range as f64 } else { 1.0 };
                     counts[i] = Some(acc.count() as f64 / scale);
                     sums[i] = Some(acc.sum() as f64 / 1e9 / scale);
                 })?;
-                for (wanted, values) in [(count, counts), (sum, sums)] {
+                for (i, wanted, values) in [(1, count, counts), (2, sum, sums)] {
                     if wanted {
-                        out.push(Series { labels: group.labels.clone(), values });
+                        out.push(Series { labels: with_name(&group.labels, i), values });
                     }
                 }
             }
         }
-        let groups: Vec<HistGroup> =
-            sel.series.iter().map(|(id, l)| HistGroup { labels: base(l), members: vec![*id] }).collect();
+        if named {
+            for g in &mut groups {
+                g.labels = with_name(&g.labels, 0);
+            }
+        }
         if native {
             return Ok(Value::Hist(HistValue {
                 groups,

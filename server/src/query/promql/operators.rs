@@ -64,7 +64,7 @@ impl Engine<'_> {
                 out.retain(|s| s.values.iter().any(Option::is_some));
                 Ok(Value::Vector(out))
             }
-            "sum" | "avg" | "min" | "max" | "count" => {
+            "sum" | "avg" | "min" | "max" | "count" | "group" => {
                 if agg.param.is_some() {
                     return unsupported(format!("{op}() takes no parameter"));
                 }
@@ -86,6 +86,7 @@ impl Engine<'_> {
                                 "avg" => vals.iter().sum::<f64>() / vals.len() as f64,
                                 "min" => vals.iter().copied().fold(f64::INFINITY, f64::min),
                                 "max" => vals.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                                "group" => 1.0,
                                 _ => vals.len() as f64,
                             })
                         })

@@ -632,3 +632,128 @@ fn native_histograms_are_never_numbers_and_never_selected_unnamed() {
         .expect_err("not a histogram");
     assert!(err.to_string().contains("histogram_count() reads histograms"), "{err}");
 }
+
+/// frontend → checkout → payments, checkout → db:postgres, over the five minutes before NOW,
+/// seen from both sides where both are instrumented; and series that are no edge.
+fn service_graph() -> Mem {
+    use crate::series::Kind;
+    let mut mem = Mem::default();
+    let mut record = |service: &str, kind: Kind, peer: &str, status: Status, t: i64, nanos: u64| {
+        let labels = SeriesLabels { kind, peer: peer.into(), ..SeriesLabels::new(service, "call", status) };
+        mem.record(labels, t, nanos, 1);
+    };
+    for i in 0..100 {
+        let t = NOW - 300 + 3 * i;
+        record("frontend", Kind::Client, "checkout", Status::Ok, t, 10_000_000);
+        record("checkout", Kind::Server, "frontend", Status::Ok, t, 8_000_000);
+        record("checkout", Kind::Unspecified, "", Status::Ok, t, 1_000_000);
+        record("checkout", Kind::Client, "", Status::Ok, t, 1_000_000);
+        if i < 50 {
+            let status = if i < 5 { Status::Error } else { Status::Ok };
+            record("checkout", Kind::Client, "payments", status, t, 2_100_000_000);
+            record("payments", Kind::Server, "checkout", status, t, 2_000_000_000);
+        }
+        if i < 20 {
+            record("checkout", Kind::Client, "db:postgres", Status::Ok, t, 3_000_000);
+        }
+    }
+    mem
+}
+
+fn edge_values(mem: &Mem, q: &str) -> BTreeMap<(String, String), f64> {
+    vector(mem, q)
+        .into_iter()
+        .map(|(l, v)| {
+            ((l.get("client").cloned().unwrap_or_default(), l.get("server").cloned().unwrap_or_default()), v)
+        })
+        .collect()
+}
+
+#[test]
+fn the_service_graph_reads_as_tempos_metrics() {
+    let mem = service_graph();
+    let edge = |c: &str, s: &str| (c.to_owned(), s.to_owned());
+    let calls =
+        edge_values(&mem, "sum by (client, server) (increase(traces_service_graph_request_total[5m]))");
+    assert_eq!(
+        calls,
+        BTreeMap::from([
+            (edge("checkout", "db:postgres"), 20.0),
+            (edge("checkout", "payments"), 50.0),
+            (edge("frontend", "checkout"), 100.0),
+        ])
+    );
+    let failed = edge_values(
+        &mem,
+        "sum by (client, server) (increase(traces_service_graph_request_failed_total[5m]))",
+    );
+    assert_eq!(failed, BTreeMap::from([(edge("checkout", "payments"), 5.0)]));
+    // The callee's view: only edges whose server side is instrumented.
+    let served = edge_values(
+        &mem,
+        "sum by (client, server) (increase(traces_service_graph_request_server_seconds_count[5m]))",
+    );
+    assert_eq!(
+        served,
+        BTreeMap::from([(edge("checkout", "payments"), 50.0), (edge("frontend", "checkout"), 100.0)])
+    );
+    let p90 = edge_values(
+        &mem,
+        "histogram_quantile(0.9, sum(rate(traces_service_graph_request_server_seconds_bucket{server=\"payments\"}[5m])) by (le, client, server))",
+    );
+    assert!(close(p90[&edge("checkout", "payments")], 2.0), "{p90:?}");
+    let waited = edge_values(&mem, "histogram_quantile(0.5, sum by (le, client, server) (rate(traces_service_graph_request_client_seconds_bucket[5m])))");
+    assert!(close(waited[&edge("checkout", "payments")], 2.1), "{waited:?}");
+    assert!(close(waited[&edge("frontend", "checkout")], 0.010), "{waited:?}");
+    let sum = edge_values(&mem, "sum by (client, server) (increase(traces_service_graph_request_client_seconds_sum{client=\"frontend\"}[5m]))");
+    assert!((sum[&edge("frontend", "checkout")] - 1.0).abs() < 1e-9, "{sum:?}");
+
+    // A plain selector reads as a counter and keeps its name; connection_type marks the
+    // database edge.
+    let plain = vector(&mem, "traces_service_graph_request_total{client=\"checkout\"}");
+    assert_eq!(plain.len(), 2, "{plain:?}");
+    for (labels, v) in &plain {
+        assert_eq!(labels.get("__name__").map(String::as_str), Some("traces_service_graph_request_total"));
+        let db = labels.get("server").map(String::as_str) == Some("db:postgres");
+        assert_eq!(labels.get("connection_type").map(String::as_str), db.then_some("database"), "{labels:?}");
+        assert_eq!(*v, if db { 20.0 } else { 50.0 });
+    }
+    assert!(vector(
+        &mem,
+        "traces_service_graph_request_total{connection_type=\"database\", server=\"payments\"}"
+    )
+    .is_empty());
+
+    // What Grafana's Tempo data source sends for its service map, for a one-hour range.
+    for metric in [
+        "traces_service_graph_request_server_seconds_sum",
+        "traces_service_graph_request_total",
+        "traces_service_graph_request_failed_total",
+        "traces_service_graph_request_server_seconds_bucket",
+    ] {
+        let rates = vector(&mem, &format!("sum by (client, server) (rate({metric}[3600s]))"));
+        assert!(!rates.is_empty(), "{metric}");
+        let groups = vector(&mem, &format!("group by (client, connection_type, server) ({metric})"));
+        assert!(!groups.is_empty() && groups.iter().all(|(_, v)| *v == 1.0), "{metric}: {groups:?}");
+    }
+    let joined = vector(
+        &mem,
+        "sum by (client, server) (rate(traces_service_graph_request_server_seconds_sum[3600s])) OR \
+         sum by (client, server) (rate(traces_service_graph_request_total[3600s])) OR \
+         sum by (client, server) (rate(traces_service_graph_request_failed_total[3600s]))",
+    );
+    assert_eq!(joined.len(), 3, "{joined:?}");
+    let groups = vector(
+        &mem,
+        "group by (client, connection_type, server) (traces_service_graph_request_total) OR \
+         group by (client, connection_type, server) (traces_service_graph_request_server_seconds_sum)",
+    );
+    assert_eq!(groups.len(), 3, "{groups:?}");
+    // No series of the span histogram leaks into the graph, and the graph's names stay out
+    // of span_duration_seconds.
+    assert!(vector(&mem, "traces_service_graph_request_total{client=\"checkout\", server=\"\"}").is_empty());
+    assert_eq!(
+        vector(&mem, "sum(increase(span_duration_seconds_count{service=\"checkout\"}[5m]))")[0].1,
+        200.0
+    );
+}
