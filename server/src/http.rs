@@ -3,6 +3,7 @@
 pub mod alerts;
 pub mod envelope;
 pub mod prometheus;
+pub mod topology;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -59,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/tail", get(tail))
         .route("/api/v1/sampling", get(sampling))
         .merge(prometheus::routes())
+        .merge(topology::routes())
         .merge(alerts::routes())
         .layer(axum::middleware::from_fn_with_state(state.auth.clone(), crate::auth::guard_http))
         .with_state(state)

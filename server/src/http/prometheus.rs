@@ -35,7 +35,7 @@ pub fn routes() -> Router<AppState> {
 
 /// Request parameters: the query string, then the form body of a POST.
 #[derive(Debug, Default)]
-struct Params(Vec<(String, String)>);
+pub(super) struct Params(Vec<(String, String)>);
 
 /// Reads the parameters of any request: the query string, then a form body of a POST.
 impl<S: Send + Sync> FromRequest<S> for Params {
@@ -66,7 +66,12 @@ impl Params {
         Params(pairs)
     }
 
-    fn get(&self, name: &str) -> Option<&str> {
+    /// Every parameter's name and value, in order.
+    pub(super) fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    pub(super) fn get(&self, name: &str) -> Option<&str> {
         self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
@@ -74,7 +79,7 @@ impl Params {
         self.0.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str()).collect()
     }
 
-    fn time(&self, name: &str, default: f64) -> Result<f64, ApiError> {
+    pub(super) fn time(&self, name: &str, default: f64) -> Result<f64, ApiError> {
         match self.get(name) {
             None | Some("") => Ok(default),
             Some(v) => parse_time(name, v).map_err(ApiError::bad_data),
@@ -125,7 +130,7 @@ fn parse_query(s: &AppState, p: &Params) -> Result<promql_parser::parser::Expr, 
     })
 }
 
-fn deadline(s: &AppState, p: &Params) -> Result<Instant, ApiError> {
+pub(super) fn deadline(s: &AppState, p: &Params) -> Result<Instant, ApiError> {
     let limit = s.query.timeout;
     let timeout = match p.get("timeout") {
         None | Some("") => limit,
@@ -158,6 +163,28 @@ async fn evaluate(
     deadline: Instant,
     render: fn(Value, &Steps, &crate::query::Budget) -> Result<Vec<u8>, EvalError>,
 ) -> Result<Response, ApiError> {
+    with_engine(s, steps, deadline, move |engine, steps, budget| {
+        let value = engine.eval(&expr)?;
+        // Bucket histograms leave the engine as bucket series.
+        let value = match value {
+            Value::Hist(_) => engine.materialized(value)?,
+            v => v,
+        };
+        budget.check("building the response")?;
+        render(value, steps, budget)
+    })
+    .await
+}
+
+/// Runs `job` with an engine over the store at `steps` on a blocking thread, within the
+/// request's budget ([`evaluate`]'s rules: the deadline, a `query.max_concurrency` slot,
+/// cancelled when the client leaves), and answers the JSON it renders.
+pub(super) async fn with_engine(
+    s: &AppState,
+    steps: Steps,
+    deadline: Instant,
+    job: impl FnOnce(&Engine<'_>, &Steps, &crate::query::Budget) -> Result<Vec<u8>, EvalError> + Send + 'static,
+) -> Result<Response, ApiError> {
     let budget = crate::query::Budget::new(deadline);
     let _cancel = budget.cancel_on_drop();
     let _permit = query_slot(s, deadline).await?;
@@ -172,14 +199,7 @@ async fn evaluate(
     };
     let bytes = tokio::task::spawn_blocking(move || {
         let engine = Engine::new(&store, &steps, now, &retention, limits);
-        let value = engine.eval(&expr)?;
-        // Bucket histograms leave the engine as bucket series.
-        let value = match value {
-            Value::Hist(_) => engine.materialized(value)?,
-            v => v,
-        };
-        budget.check("building the response")?;
-        render(value, &steps, &budget)
+        job(&engine, &steps, &budget)
     })
     .await
     .map_err(|e| ApiError::internal(format!("query task failed: {e}")))?

@@ -24,3 +24,4 @@ mod pagers;
 mod prometheus_api;
 mod remote_write;
 mod tls;
+mod topology;

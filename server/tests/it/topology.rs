@@ -1,0 +1,227 @@
+//! The service graph from exact spans: edges are series (a caller's CLIENT spans with the
+//! callee as `peer`, a callee's SERVER spans with the caller), so their counts hold under
+//! sampling, and they read through Tempo's metric names and `/api/v1/topology`.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use tailscope::{Client, SpanKind, Status};
+
+/// `expr` evaluated now: (client, server) → value.
+async fn edges(http: std::net::SocketAddr, expr: &str) -> BTreeMap<(String, String), f64> {
+    let v = get_json(http, &format!("/api/v1/query?query={}", form_encode(expr))).await;
+    assert_eq!(v["status"], "success", "{v}");
+    v["data"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let m = &r["metric"];
+            let label = |k: &str| m[k].as_str().unwrap_or("").to_owned();
+            ((label("client"), label("server")), r["value"][1].as_str().unwrap().parse().unwrap())
+        })
+        .collect()
+}
+
+fn edge(client: &str, server: &str) -> (String, String) {
+    (client.to_owned(), server.to_owned())
+}
+
+async fn connected(service: &str, grpc: std::net::SocketAddr) -> Client {
+    let client = Client::builder()
+        .endpoint(format!("http://{grpc}"))
+        .service(service)
+        .configure(|c| c.max_batch_delay = Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !client.stats().connected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    client
+}
+
+/// frontend → checkout → payments and checkout → db:postgres through the client crate, with
+/// a sampling budget of 1 % of the traffic: most spans travel folded, and every edge still
+/// counts exactly the calls made, failed calls included; `/api/v1/topology` draws the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_count_every_call_under_a_one_percent_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.sampling.budget = 100.0;
+    c.sampling.interval = Duration::from_millis(200);
+    let server = start_with(c, Arc::new(tailscope_server::clock::SystemClock)).await;
+    let grpc = server.grpc_addr();
+    let (frontend, checkout, payments) = (
+        connected("frontend", grpc).await,
+        connected("checkout", grpc).await,
+        connected("payments", grpc).await,
+    );
+    let ms = Duration::from_millis;
+    let (mut requests, mut failed) = (0u64, 0u64);
+    // 10,000 requests a second for 2 s; every tenth charge fails.
+    for round in 0..20 {
+        for i in 0..1_000u64 {
+            let n = round * 1_000 + i;
+            let status = if n % 10 == 0 { Status::Error } else { Status::Ok };
+            requests += 1;
+            failed += u64::from(status == Status::Error);
+            payments.record_peer("Charge", SpanKind::Server, "checkout", ms(40), status);
+            checkout.record_peer("Charge", SpanKind::Client, "payments", ms(42), status);
+            checkout.record_peer("SELECT cart", SpanKind::Client, "db:postgres", ms(3), Status::Ok);
+            checkout.record_peer("SELECT cart", SpanKind::Client, "db:postgres", ms(3), Status::Ok);
+            checkout.record_peer("POST /checkout", SpanKind::Server, "frontend", ms(50), status);
+            frontend.record_peer("POST /checkout", SpanKind::Client, "checkout", ms(52), status);
+            frontend.record_kind("GET /cart", SpanKind::Server, ms(55), status);
+        }
+        tokio::time::sleep(ms(100)).await;
+    }
+    for client in [&frontend, &checkout, &payments] {
+        client.flush_within(Duration::from_secs(30)).await.unwrap();
+    }
+    let http = server.http_addr();
+    let text = metrics(http).await;
+    let full = metric(&text, "tailscope_spans_received_total{form=\"full\"}");
+    let folded = metric(&text, "tailscope_spans_received_total{form=\"folded\"}");
+    assert_eq!(full + folded, 7.0 * requests as f64);
+    assert!(full < 0.5 * (full + folded), "sampling sent {full} of {} in full", full + folded);
+
+    let r = requests as f64;
+    let calls =
+        edges(http, "sum by (client, server) (increase(traces_service_graph_request_total[10m]))").await;
+    assert_eq!(
+        calls,
+        BTreeMap::from([
+            (edge("checkout", "db:postgres"), 2.0 * r),
+            (edge("checkout", "payments"), r),
+            (edge("frontend", "checkout"), r),
+        ])
+    );
+    let failures =
+        edges(http, "sum by (client, server) (increase(traces_service_graph_request_failed_total[10m]))")
+            .await;
+    let f = failed as f64;
+    assert_eq!(
+        failures,
+        BTreeMap::from([(edge("checkout", "payments"), f), (edge("frontend", "checkout"), f)])
+    );
+    let served = edges(
+        http,
+        "sum by (client, server) (increase(traces_service_graph_request_server_seconds_count[10m]))",
+    )
+    .await;
+    assert_eq!(
+        served,
+        BTreeMap::from([(edge("checkout", "payments"), r), (edge("frontend", "checkout"), r)])
+    );
+    let p99 = edges(
+        http,
+        "histogram_quantile(0.99, sum by (le, client, server) (rate(traces_service_graph_request_client_seconds_bucket[10m])))",
+    )
+    .await;
+    for ((client, server), want) in [(("checkout", "payments"), 0.042), (("frontend", "checkout"), 0.052)] {
+        let got = p99[&edge(client, server)];
+        assert!((got - want).abs() <= want * 0.01, "{client}→{server}: p99 {got}");
+    }
+    // The services' own latency is their own work only: three server spans per request.
+    let own = edges(http, "sum(increase(span_duration_seconds_count[10m]))").await;
+    assert_eq!(own.values().copied().collect::<Vec<_>>(), [3.0 * r], "{own:?}");
+
+    let topology = get_json(http, "/api/v1/topology?start=0").await;
+    assert_eq!(topology["status"], "success", "{topology}");
+    let nodes: Vec<&str> =
+        topology["data"]["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap()).collect();
+    assert_eq!(nodes, ["checkout", "db:postgres", "frontend", "payments"]);
+    let db = topology["data"]["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "db:postgres").unwrap();
+    assert_eq!(db["detail__instrumented"], false, "{db}");
+    let charge = topology["data"]["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == "checkout->payments")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (charge["detail__calls"].as_f64(), charge["detail__failed"].as_f64()),
+        (Some(r), Some(f)),
+        "{charge}"
+    );
+    let labels = get_json(http, "/api/v1/label/peer/values").await;
+    assert_eq!(labels["data"], serde_json::json!(["checkout", "db:postgres", "frontend", "payments"]));
+    let bad = get_json(http, "/api/v1/topology?step=5").await;
+    assert_eq!(bad["errorType"], "bad_data", "{bad}");
+    for client in [frontend, checkout, payments] {
+        client.shutdown(Duration::from_secs(5)).await.unwrap();
+    }
+    server.shutdown().await;
+}
+
+/// OpenTelemetry CLIENT spans name their callee by semantic conventions (`peer.service`,
+/// `db.system`, `server.address`) and become the same edges, across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_client_spans_draw_edges_to_their_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_nanos();
+    let span = |name: &str, kind: i32, attributes: serde_json::Value, i: i64| {
+        let end = now - (i + 1) * 1_000_000_000;
+        serde_json::json!({
+            "traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b174",
+            "name": name, "kind": kind, "attributes": attributes,
+            "startTimeUnixNano": (end - 20_000_000).to_string(), "endTimeUnixNano": end.to_string(),
+        })
+    };
+    let attr = |k: &str, v: &str| serde_json::json!({"key": k, "value": {"stringValue": v}});
+    let mut spans = Vec::new();
+    for i in 0..30 {
+        spans.push(span(
+            "POST /pay",
+            3,
+            serde_json::json!([attr("peer.service", "payments"), attr("server.address", "10.0.0.7")]),
+            i,
+        ));
+        spans.push(span(
+            "SELECT",
+            3,
+            serde_json::json!([attr("db.system", "postgresql"), attr("server.address", "pg")]),
+            i,
+        ));
+        spans.push(span("GET /rates", 3, serde_json::json!([attr("server.address", "api.fx.example")]), i));
+        spans.push(span("POST /checkout", 2, serde_json::json!([attr("peer.service", "ignored")]), i));
+    }
+    let body = serde_json::to_vec(&serde_json::json!({"resourceSpans": [{
+        "resource": {"attributes": [attr("service.name", "checkout")]},
+        "scopeSpans": [{"scope": {"name": "test"}, "spans": spans}],
+    }]}))
+    .unwrap();
+    for restarted in [false, true] {
+        let server = start(dir.path()).await;
+        if !restarted {
+            let resp = reqwest::Client::new()
+                .post(format!("http://{}/v1/traces", server.otlp_http_addr()))
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 200, "{}", resp.text().await.unwrap());
+        }
+        let calls = edges(
+            server.http_addr(),
+            "sum by (client, server) (increase(traces_service_graph_request_total[10m]))",
+        )
+        .await;
+        assert_eq!(
+            calls,
+            BTreeMap::from([
+                (edge("checkout", "api.fx.example"), 30.0),
+                (edge("checkout", "db:postgresql"), 30.0),
+                (edge("checkout", "payments"), 30.0),
+            ]),
+            "restarted={restarted}"
+        );
+        server.shutdown().await;
+    }
+}
