@@ -7,6 +7,7 @@
 //! ([`Sink::send`] never blocks), and every aggregation group delivers from its own task.
 
 pub mod eval;
+pub mod incidents;
 pub mod inhibit;
 pub mod matchers;
 pub mod notify;
@@ -227,6 +228,9 @@ pub struct AlertingConfig {
     pub max_alerts: usize,
     /// Most webhook deliveries in flight at once; the rest wait their turn.
     pub max_concurrent_deliveries: usize,
+    /// Topology-aware grouping: alerts stamped with the incident their service's tail
+    /// belongs to (`[alerting.incidents]`).
+    pub incidents: incidents::IncidentsConfig,
 }
 
 impl Default for AlertingConfig {
@@ -245,6 +249,7 @@ impl Default for AlertingConfig {
             max_silence_size_bytes: 16 * 1024,
             max_alerts: 50_000,
             max_concurrent_deliveries: 32,
+            incidents: incidents::IncidentsConfig::default(),
         }
     }
 }
@@ -267,6 +272,7 @@ impl AlertingConfig {
         if self.webhook_timeout.is_zero() {
             return Err("webhook_timeout must be positive".into());
         }
+        self.incidents.validate()?;
         for u in &self.alertmanager_urls {
             match reqwest::Url::parse(u) {
                 Ok(url) if matches!(url.scheme(), "http" | "https") => {}
@@ -333,6 +339,7 @@ pub struct Alerting {
     groups: RwLock<Vec<Arc<eval::GroupRuntime>>>,
     generation: Mutex<(watch::Sender<bool>, Vec<JoinHandle<()>>)>,
     notifier: notify::Notifier,
+    incidents: Option<Arc<incidents::Correlator>>,
     server_stop: watch::Receiver<bool>,
 }
 
@@ -403,13 +410,29 @@ impl Alerting {
             sinks.push(Arc::new(forwarder));
             tasks.push(task);
         }
+        let mut sink: Arc<dyn Sink> = Arc::new(Fanout(sinks));
+        let mut correlator = None;
+        if config.incidents.enabled {
+            let env = incidents::Environment {
+                source: Arc::new(store.clone()),
+                state: Arc::new(store.clone()),
+                retention: retention.clone(),
+                clock: clock.clone(),
+                metrics: metrics.clone(),
+            };
+            let (c, task) =
+                incidents::Correlator::start(config.incidents.clone(), env, sink, config.queue_capacity);
+            sink = c.clone();
+            correlator = Some(c);
+            tasks.push(task);
+        }
         let ctx = eval::Context {
             state: Arc::new(store.clone()),
             store,
             clock,
             retention,
             metrics,
-            sink: Arc::new(Fanout(sinks)),
+            sink,
             external_url,
             resend_delay: config.resend_delay,
         };
@@ -420,6 +443,7 @@ impl Alerting {
             groups: RwLock::new(Vec::new()),
             generation: Mutex::new((gen_stop, Vec::new())),
             notifier,
+            incidents: correlator,
             server_stop: stop.clone(),
         });
         alerting.install(groups);
@@ -482,6 +506,11 @@ impl Alerting {
     /// The notifier.
     pub fn notifier(&self) -> &notify::Notifier {
         &self.notifier
+    }
+
+    /// The incidents, when `[alerting.incidents]` is enabled.
+    pub fn incidents(&self) -> Option<Vec<incidents::Incident>> {
+        self.incidents.as_ref().map(|c| c.incidents())
     }
 
     /// Refreshes the `tailscope_alerts{state}` gauges.

@@ -307,6 +307,8 @@ pub enum StateKind {
     NotificationLog,
     /// Alerting rules' alerts, by file, group and rule.
     RuleState,
+    /// Incident stamps, by the alert's fingerprint.
+    Incident,
 }
 
 impl StateKind {
@@ -317,6 +319,7 @@ impl StateKind {
             StateKind::Silence => b"silence\0",
             StateKind::NotificationLog => b"nflog\0",
             StateKind::RuleState => b"rule\0",
+            StateKind::Incident => b"incident\0",
         }
     }
 }

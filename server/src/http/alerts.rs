@@ -22,10 +22,18 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/rules", get(rules))
         .route("/api/v1/alerts", get(alerts))
+        .route("/api/v1/incidents", get(incidents))
         .route("/-/reload", post(reload).put(reload))
         .route("/api/v2/alerts", get(v2_alerts).post(post_alerts))
         .route("/api/v2/silences", get(list_silences).post(post_silence))
         .route("/api/v2/silence/{id}", get(get_silence).delete(delete_silence))
+}
+
+/// `GET /api/v1/incidents`: open and recently resolved incidents with their alerts, roots and
+/// blame edges (empty when `[alerting.incidents]` is disabled).
+async fn incidents(State(s): State<AppState>) -> Response {
+    let enabled = s.alerting.incidents();
+    success(json!({ "enabled": enabled.is_some(), "incidents": enabled.unwrap_or_default() })).into_response()
 }
 
 /// Go's `strconv.FormatFloat(v, 'e', -1, 64)`, as Prometheus prints an alert's value.

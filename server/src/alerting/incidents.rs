@@ -1,0 +1,477 @@
+//! One incident per cascade, its root named: a stage between rule evaluation and the
+//! notifier (a [`Sink`] wrapping the next one) that stamps every alert naming a service with
+//! the incident its tail belongs to.
+//!
+//! The incident comes from the service graph's exact tails ([`blame`]): the alert's service is
+//! followed along the call edges that explain its p99 rise to the root service. Alerts whose
+//! blame ends at the same root are one incident; unrelated failures share no blame path and
+//! stay apart. Each alert gets
+//!
+//! - the label `incident="<first root>-<unix seconds>"`, sticky for the alert's firing life (so
+//!   its fingerprint never changes, and a route with `group_by: [incident]` delivers one group —
+//!   one notification — per incident, in Alertmanager's unchanged body);
+//! - the annotations `root_service`, `root_kind` (`service`, or `virtual` for an
+//!   uninstrumented callee such as `db:postgres`), `incident_role` (`root` or `symptom`),
+//!   `blame` (the edge and its p99s, for a symptom) and `incident_services`.
+//!
+//! A later alert of an open incident (staggered `for` clocks) joins it, and a re-rooted
+//! incident keeps its id. The stamps are written to the store before the alerts go on, so a
+//! restart keeps every incident id and the notification log sees the same groups.
+
+pub mod blame;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::{fingerprint, Alert, Labels, Sink};
+use crate::clock::Clock;
+use crate::query::promql::{self, Engine, Limits, Steps, Value};
+use crate::store::{RetentionConfig, Source, StateKind, StateStore};
+use crate::telemetry::Metrics;
+use blame::{Tail, Tails, Thresholds};
+
+#[cfg(test)]
+mod tests;
+
+/// `[alerting.incidents]`: topology-aware grouping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IncidentsConfig {
+    /// Stamp alerts with incidents.
+    pub enabled: bool,
+    /// The label that names an alert's service (alerts without it pass untouched).
+    pub service_label: String,
+    /// The recent window whose p99s are compared.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// The baseline before that window.
+    #[serde(with = "humantime_serde")]
+    pub baseline: Duration,
+    /// Share of a caller's own p99 rise its callee's edge must explain to be blamed.
+    pub share: f64,
+    /// Least rise of an edge's p99 that can blame.
+    #[serde(with = "humantime_serde")]
+    pub min_rise: Duration,
+    /// Least ratio of an edge's p99 now to its baseline that can blame.
+    pub min_ratio: f64,
+    /// Least time between two readings of the graph's tails.
+    #[serde(with = "humantime_serde")]
+    pub refresh: Duration,
+}
+
+impl Default for IncidentsConfig {
+    fn default() -> Self {
+        IncidentsConfig {
+            enabled: false,
+            service_label: "service".into(),
+            window: Duration::from_secs(300),
+            baseline: Duration::from_secs(3600),
+            share: 0.5,
+            min_rise: Duration::from_millis(10),
+            min_ratio: 1.5,
+            refresh: Duration::from_secs(5),
+        }
+    }
+}
+
+impl IncidentsConfig {
+    /// Checks what the types alone do not.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.service_label.is_empty() {
+            return Err("incidents.service_label must not be empty".into());
+        }
+        if self.window < Duration::from_secs(10) || self.baseline < self.window {
+            return Err("incidents.window must be at least 10s and incidents.baseline at least the window".into());
+        }
+        if !(self.share > 0.0 && self.share <= 1.0) || !(self.min_ratio >= 1.0) || !self.min_ratio.is_finite() {
+            return Err("incidents.share must be in (0, 1] and incidents.min_ratio at least 1".into());
+        }
+        Ok(())
+    }
+
+    fn thresholds(&self) -> Thresholds {
+        Thresholds { share: self.share, min_rise: self.min_rise.as_secs_f64(), min_ratio: self.min_ratio }
+    }
+}
+
+/// How long a resolved or no longer sent alert's stamp is kept.
+const FORGET_AFTER_MS: i64 = 3_600_000;
+
+/// What an alert was stamped with, kept for its firing life (and an hour after).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stamp {
+    /// The incident id.
+    pub incident: String,
+    /// The root service now.
+    pub root: String,
+    /// Whether the root is uninstrumented.
+    pub virtual_root: bool,
+    /// The alert's service.
+    pub service: String,
+    /// The alert's name.
+    pub alertname: String,
+    /// Its blame edge, printed, if it is a symptom.
+    pub blame: Option<String>,
+    /// When the alert started, ms.
+    pub starts_at: i64,
+    /// Whether it is resolved.
+    pub resolved: bool,
+    /// When it was last seen, ms.
+    pub last_seen: i64,
+}
+
+impl Stamp {
+    /// `root` or `symptom`.
+    pub fn role(&self) -> &'static str {
+        if self.service == self.root {
+            "root"
+        } else {
+            "symptom"
+        }
+    }
+}
+
+/// One incident as `GET /api/v1/incidents` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Incident {
+    /// Its id (the `incident` label).
+    pub id: String,
+    /// Its root now.
+    pub root_service: String,
+    /// `service` or `virtual`.
+    pub root_kind: &'static str,
+    /// `firing` while any member fires, else `resolved`.
+    pub state: &'static str,
+    /// Earliest start of its alerts, RFC 3339.
+    pub starts_at: String,
+    /// Its alerts.
+    pub alerts: Vec<Member>,
+}
+
+/// One alert of an incident.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Member {
+    /// `alertname`.
+    pub alertname: String,
+    /// Its service.
+    pub service: String,
+    /// `root` or `symptom`.
+    pub role: &'static str,
+    /// Its blame edge, for a symptom.
+    pub blame: Option<String>,
+    /// `firing` or `resolved`.
+    pub state: &'static str,
+}
+
+/// Where the correlator reads and keeps things.
+#[derive(Clone)]
+pub struct Environment {
+    /// The series (the engine's source).
+    pub source: Arc<dyn Source + Send>,
+    /// Where stamps persist.
+    pub state: Arc<dyn StateStore>,
+    /// Which resolutions exist.
+    pub retention: RetentionConfig,
+    /// Wall-clock time.
+    pub clock: Arc<dyn Clock>,
+    /// Self-metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Environment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Environment").finish_non_exhaustive()
+    }
+}
+
+/// The stage: stamps alerts and hands them on.
+#[derive(Debug)]
+pub struct Correlator {
+    tx: mpsc::Sender<Vec<Alert>>,
+    stamps: Arc<Mutex<HashMap<u64, Stamp>>>,
+}
+
+impl Sink for Correlator {
+    fn send(&self, alerts: Vec<Alert>) {
+        if self.tx.try_send(alerts).is_err() {
+            // Full: rules resend firing alerts every resend delay.
+            tracing::warn!("incident correlation queue full; alerts wait for their next resend");
+        }
+    }
+}
+
+impl Correlator {
+    /// Starts the stage in front of `next`, its stamps restored from the store.
+    pub fn start(
+        config: IncidentsConfig,
+        env: Environment,
+        next: Arc<dyn Sink>,
+        capacity: usize,
+    ) -> (Arc<Correlator>, JoinHandle<()>) {
+        let mut restored = HashMap::new();
+        match env.state.state(StateKind::Incident, b"") {
+            Ok(records) => {
+                for (key, value) in records {
+                    let fp = std::str::from_utf8(&key).ok().and_then(|k| u64::from_str_radix(k, 16).ok());
+                    match (fp, serde_json::from_slice::<Stamp>(&value)) {
+                        (Some(fp), Ok(stamp)) => {
+                            restored.insert(fp, stamp);
+                        }
+                        _ => tracing::warn!(key = %String::from_utf8_lossy(&key), "ignoring an unreadable incident stamp"),
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read incident stamps; incidents start afresh"),
+        }
+        let stamps = Arc::new(Mutex::new(restored));
+        let (tx, mut rx) = mpsc::channel::<Vec<Alert>>(capacity.max(1));
+        let worker = Worker { config, env, stamps: stamps.clone(), tails: None };
+        let task = tokio::spawn(async move {
+            let mut worker = worker;
+            while let Some(mut alerts) = rx.recv().await {
+                while let Ok(more) = rx.try_recv() {
+                    alerts.extend(more);
+                }
+                let stamped = worker.handle(alerts).await;
+                next.send(stamped);
+            }
+        });
+        (Arc::new(Correlator { tx, stamps }), task)
+    }
+
+    /// The incidents of the stamps kept, newest first.
+    pub fn incidents(&self) -> Vec<Incident> {
+        incidents_of(&self.stamps.lock())
+    }
+}
+
+struct Worker {
+    config: IncidentsConfig,
+    env: Environment,
+    stamps: Arc<Mutex<HashMap<u64, Stamp>>>,
+    /// The tails last read, and when (ms).
+    tails: Option<(i64, Arc<Tails>)>,
+}
+
+impl Worker {
+    async fn handle(&mut self, alerts: Vec<Alert>) -> Vec<Alert> {
+        let now = self.env.clock.now_nanos() / 1_000_000;
+        let label = self.config.service_label.clone();
+        let firing_in_scope = alerts
+            .iter()
+            .any(|a| !a.resolved(now) && a.labels.contains_key(&label) && !a.labels.contains_key("incident"));
+        let stale = self.tails.as_ref().is_none_or(|(at, _)| now - at >= self.config.refresh.as_millis() as i64);
+        if firing_in_scope && stale {
+            let (env, config) = (self.env.clone(), self.config.clone());
+            let read = tokio::task::spawn_blocking(move || read_tails(&env, &config, now)).await;
+            match read.map_err(|e| e.to_string()).and_then(|r| r) {
+                Ok(tails) => self.tails = Some((now, Arc::new(tails))),
+                Err(e) => tracing::warn!(error = %e, "cannot read the service graph's tails; alerts are rooted at their own service"),
+            }
+        }
+        let tails = self.tails.as_ref().map(|(_, t)| t.clone()).unwrap_or_default();
+        let (stamped, writes) = stamp(&mut self.stamps.lock(), alerts, &tails, &self.config, now);
+        if !writes.is_empty() {
+            let state = self.env.state.clone();
+            let written = tokio::task::spawn_blocking(move || state.write_state(StateKind::Incident, &writes)).await;
+            if let Err(e) = written.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                tracing::error!(error = %e, "cannot persist incident stamps");
+            }
+        }
+        stamped
+    }
+}
+
+/// Stamps `alerts` at `now` (ms), updating `stamps`; also returns the store writes.
+pub fn stamp(
+    stamps: &mut HashMap<u64, Stamp>,
+    alerts: Vec<Alert>,
+    tails: &Tails,
+    config: &IncidentsConfig,
+    now: i64,
+) -> (Vec<Alert>, Vec<(Vec<u8>, Option<Vec<u8>>)>) {
+    let thresholds = config.thresholds();
+    let mut changed = BTreeSet::new();
+    let mut keys = Vec::with_capacity(alerts.len());
+    for a in &alerts {
+        let Some(service) = a.labels.get(&config.service_label) else {
+            keys.push(None);
+            continue;
+        };
+        if a.labels.contains_key("incident") {
+            keys.push(None);
+            continue;
+        }
+        let fp = fingerprint(&a.labels);
+        let resolved = a.resolved(now);
+        if resolved && !stamps.contains_key(&fp) {
+            // Never stamped while firing: stamping now would make it another alert.
+            keys.push(None);
+            continue;
+        }
+        if !resolved {
+            let verdict = blame::explain(tails, service, &thresholds);
+            let open = |root: &str| {
+                stamps.values().filter(|s| !s.resolved && s.root == root).map(|s| s.incident.clone()).min()
+            };
+            let incident = match stamps.get(&fp) {
+                Some(s) if !s.resolved => s.incident.clone(),
+                _ => open(&verdict.root)
+                    .unwrap_or_else(|| format!("{}-{}", verdict.root, a.starts_at.div_euclid(1000))),
+            };
+            let stamp = Stamp {
+                incident,
+                root: verdict.root,
+                virtual_root: verdict.virtual_root,
+                service: service.clone(),
+                alertname: a.labels.get("alertname").cloned().unwrap_or_default(),
+                blame: verdict.blame.map(|b| b.to_string()),
+                starts_at: a.starts_at,
+                resolved: false,
+                last_seen: now,
+            };
+            let old = stamps.insert(fp, stamp.clone());
+            if old.is_none_or(|o| Stamp { last_seen: now, ..o } != stamp || now - o.last_seen > 60_000) {
+                changed.insert(fp);
+            }
+        } else if let Some(s) = stamps.get_mut(&fp) {
+            if !s.resolved {
+                s.resolved = true;
+                changed.insert(fp);
+            }
+            s.last_seen = now;
+        }
+        keys.push(Some(fp));
+    }
+    // The members of each incident, for `incident_services`.
+    let mut members: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for s in stamps.values().filter(|s| !s.resolved) {
+        members.entry(&s.incident).or_default().insert(&s.service);
+    }
+    let out = alerts
+        .into_iter()
+        .zip(&keys)
+        .map(|(mut a, key)| {
+            let Some(s) = key.and_then(|fp| stamps.get(&fp)) else { return a };
+            a.labels.insert("incident".into(), s.incident.clone());
+            let services = members.get(s.incident.as_str()).map_or_else(
+                || s.service.clone(),
+                |m| m.iter().copied().collect::<Vec<_>>().join(", "),
+            );
+            let notes = [
+                ("root_service", s.root.clone()),
+                ("root_kind", if s.virtual_root { "virtual" } else { "service" }.to_owned()),
+                ("incident_role", s.role().to_owned()),
+                ("incident_services", services),
+            ];
+            for (k, v) in notes {
+                a.annotations.insert(k.into(), v);
+            }
+            if let Some(b) = &s.blame {
+                a.annotations.insert("blame".into(), b.clone());
+            }
+            a
+        })
+        .collect();
+    let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = changed
+        .iter()
+        .filter_map(|fp| Some((format!("{fp:016x}").into_bytes(), Some(serde_json::to_vec(stamps.get(fp)?).ok()?))))
+        .collect();
+    let forgotten: Vec<u64> =
+        stamps.iter().filter(|(_, s)| now - s.last_seen > FORGET_AFTER_MS).map(|(fp, _)| *fp).collect();
+    for fp in forgotten {
+        stamps.remove(&fp);
+        writes.push((format!("{fp:016x}").into_bytes(), None));
+    }
+    (out, writes)
+}
+
+/// The incidents of `stamps`, grouped by id, newest first.
+pub fn incidents_of(stamps: &HashMap<u64, Stamp>) -> Vec<Incident> {
+    let mut by_id: BTreeMap<&str, Vec<&Stamp>> = BTreeMap::new();
+    for s in stamps.values() {
+        by_id.entry(&s.incident).or_default().push(s);
+    }
+    let mut out: Vec<(i64, Incident)> = by_id
+        .into_iter()
+        .map(|(id, mut members)| {
+            members.sort_by(|a, b| (a.role(), &a.service, &a.alertname).cmp(&(b.role(), &b.service, &b.alertname)));
+            let newest = members.iter().max_by_key(|s| s.last_seen).copied().unwrap_or(members[0]);
+            let started = members.iter().map(|s| s.starts_at).min().unwrap_or(0);
+            let incident = Incident {
+                id: id.to_owned(),
+                root_service: newest.root.clone(),
+                root_kind: if newest.virtual_root { "virtual" } else { "service" },
+                state: if members.iter().any(|s| !s.resolved) { "firing" } else { "resolved" },
+                starts_at: super::rfc3339(started),
+                alerts: members
+                    .iter()
+                    .map(|s| Member {
+                        alertname: s.alertname.clone(),
+                        service: s.service.clone(),
+                        role: s.role(),
+                        blame: s.blame.clone(),
+                        state: if s.resolved { "resolved" } else { "firing" },
+                    })
+                    .collect(),
+            };
+            (started, incident)
+        })
+        .collect();
+    out.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id)));
+    out.into_iter().map(|(_, i)| i).collect()
+}
+
+/// Reads every service's own p99 and every synchronous edge's p99 (as callers waited) over
+/// the recent window and the baseline before it, at `now` (ms): four queries.
+pub fn read_tails(env: &Environment, config: &IncidentsConfig, now: i64) -> Result<Tails, String> {
+    let steps = Steps::instant(now);
+    let limits = Limits {
+        max_series: 100_000,
+        max_points: 1,
+        max_samples: 100_000,
+        deadline: Instant::now() + Duration::from_secs(10),
+    };
+    let engine = Engine::new(&*env.source, &steps, now.div_euclid(1000), &env.retention, limits);
+    let (w, b) = (config.window.as_secs().max(10), config.baseline.as_secs().max(10));
+    let own = "histogram_quantile(0.99, sum by (service, le) (rate(span_duration_seconds_bucket";
+    let edge = "histogram_quantile(0.99, sum by (client, server, le) \
+                (rate(traces_service_graph_request_client_seconds_bucket{connection_type!=\"messaging_system\"}";
+    let mut tails = Tails::default();
+    let read = |expr: String| -> Result<Vec<(Labels, f64)>, String> {
+        let parsed = promql::parse(&expr)?;
+        let value = engine.eval(&parsed).and_then(|v| engine.materialized(v)).map_err(|e| e.to_string())?;
+        Ok(match value {
+            Value::Vector(series) => series
+                .into_iter()
+                .filter_map(|s| Some((s.labels, s.values.first().copied()??)).filter(|(_, v)| v.is_finite()))
+                .collect(),
+            _ => Vec::new(),
+        })
+    };
+    for (labels, now) in read(format!("{own}[{w}s])))"))? {
+        let service = labels.get("service").cloned().unwrap_or_default();
+        tails.services.insert(service, Tail { now, base: None });
+    }
+    for (labels, base) in read(format!("{own}[{b}s] offset {w}s)))"))? {
+        if let Some(t) = labels.get("service").and_then(|s| tails.services.get_mut(s)) {
+            t.base = Some(base);
+        }
+    }
+    let key = |l: &Labels| (l.get("client").cloned().unwrap_or_default(), l.get("server").cloned().unwrap_or_default());
+    for (labels, now) in read(format!("{edge}[{w}s])))"))? {
+        tails.edges.insert(key(&labels), Tail { now, base: None });
+    }
+    for (labels, base) in read(format!("{edge}[{b}s] offset {w}s)))"))? {
+        if let Some(t) = tails.edges.get_mut(&key(&labels)) {
+            t.base = Some(base);
+        }
+    }
+    Ok(tails)
+}

@@ -1,0 +1,172 @@
+//! The root-cause rule: which service's own time explains a breaching service's tail.
+//!
+//! For a service `s`, `ΔS(s)` is the rise of its own p99 (now against its baseline) and
+//! `ΔE(s→c)` the rise of the p99 of its calls to `c`, as `s` waited for them. The **blame
+//! edge** `b(s)` is the callee whose calls rose most, kept only if that rise explains the
+//! tail — `ΔE ≥ max(share·ΔS(s), min_rise)` and the edge's p99 at least `min_ratio` times its
+//! baseline. A service with a blame edge is a **symptom** of its callee; one without is a
+//! **root** (its own code explains its tail). Blame is followed downstream to the first root;
+//! a callee with no spans of its own (`db:postgres`, an external API) whose edge breached is
+//! a **virtual** root. A blame cycle (A waits on B, B calls back into A) is broken at the
+//! member whose own tail is least explained by its calls.
+//!
+//! This is the rule of Sage's counterfactual (is the caller's tail explained by the callee's?)
+//! and Dynatrace's merge along topology, on exact per-edge percentiles: deterministic, its
+//! reason printable, and its cost one pass over the breaching services and their edges.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+#[cfg(test)]
+mod tests;
+
+/// A p99 now and over the baseline, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tail {
+    /// Over the recent window.
+    pub now: f64,
+    /// Over the baseline before it (`None`: no data then).
+    pub base: Option<f64>,
+}
+
+impl Tail {
+    /// How much it rose (0 without a baseline, so a new series explains nothing).
+    pub fn rise(&self) -> f64 {
+        self.base.map_or(0.0, |b| self.now - b)
+    }
+
+    /// Now over the baseline (1 without one).
+    pub fn ratio(&self) -> f64 {
+        match self.base {
+            Some(b) if b > 0.0 => self.now / b,
+            _ => 1.0,
+        }
+    }
+}
+
+/// The tails the rule reads.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tails {
+    /// Each service's own p99 (server, consumer, internal spans).
+    pub services: BTreeMap<String, Tail>,
+    /// Each synchronous call edge's p99 as the caller waited, by (caller, callee).
+    pub edges: BTreeMap<(String, String), Tail>,
+}
+
+/// The rule's thresholds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    /// Share of the caller's own rise the callee's rise must reach (θ).
+    pub share: f64,
+    /// Least rise of an edge's p99 that can blame, in seconds (δ).
+    pub min_rise: f64,
+    /// Least ratio of an edge's p99 now to its baseline.
+    pub min_ratio: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds { share: 0.5, min_rise: 0.010, min_ratio: 1.5 }
+    }
+}
+
+/// Why a service is a symptom: its calls to `callee` rose from `base` to `now` (p99 seconds).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Blame {
+    /// The caller.
+    pub caller: String,
+    /// The callee blamed.
+    pub callee: String,
+    /// The edge's p99 now.
+    pub now: f64,
+    /// Its baseline.
+    pub base: f64,
+}
+
+impl std::fmt::Display for Blame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}→{} p99 {} → {} (+{})",
+            self.caller,
+            self.callee,
+            seconds(self.base),
+            seconds(self.now),
+            seconds(self.now - self.base)
+        )
+    }
+}
+
+/// A duration in seconds, printed the way people read tails (`48ms`, `2.1s`).
+pub fn seconds(s: f64) -> String {
+    if s.abs() < 1.0 {
+        format!("{:.0}ms", s * 1000.0)
+    } else {
+        let text = format!("{s:.2}");
+        format!("{}s", text.trim_end_matches('0').trim_end_matches('.'))
+    }
+}
+
+/// What the rule says of one service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    /// The root its blame leads to (itself when it is the root).
+    pub root: String,
+    /// Whether the root has no spans of its own (an uninstrumented database or API).
+    pub virtual_root: bool,
+    /// Its own blame edge, if it is a symptom.
+    pub blame: Option<Blame>,
+    /// The services from it to the root, both included.
+    pub path: Vec<String>,
+}
+
+/// The blame edge of `service`, if any.
+pub fn blame_edge(tails: &Tails, service: &str, t: &Thresholds) -> Option<Blame> {
+    let own = tails.services.get(service).map_or(0.0, Tail::rise);
+    let needed = (t.share * own).max(t.min_rise);
+    tails
+        .edges
+        .range((service.to_owned(), String::new())..)
+        .take_while(|((caller, _), _)| caller == service)
+        .filter(|((_, callee), tail)| callee != service && tail.rise() >= needed && tail.ratio() >= t.min_ratio)
+        // The largest rise; among equal rises, the first callee by name.
+        .max_by(|a, b| a.1.rise().total_cmp(&b.1.rise()).then_with(|| b.0 .1.cmp(&a.0 .1)))
+        .map(|((caller, callee), tail)| Blame {
+            caller: caller.clone(),
+            callee: callee.clone(),
+            now: tail.now,
+            base: tail.base.unwrap_or(0.0),
+        })
+}
+
+/// Follows `service`'s blame to its root.
+pub fn explain(tails: &Tails, service: &str, t: &Thresholds) -> Verdict {
+    let own_blame = blame_edge(tails, service, t);
+    let mut path = vec![service.to_owned()];
+    let mut seen: BTreeSet<String> = path.iter().cloned().collect();
+    let mut next = own_blame.as_ref().map(|b| b.callee.clone());
+    while let Some(callee) = next {
+        if seen.contains(&callee) {
+            // A cycle: its members are those from the first visit of `callee` on.
+            let start = path.iter().position(|p| *p == callee).unwrap_or(0);
+            let cycle = &path[start..];
+            let unexplained = |s: &String| {
+                let own = tails.services.get(s).map_or(0.0, Tail::rise);
+                own - blame_edge(tails, s, t).map_or(0.0, |b| b.now - b.base)
+            };
+            let root = cycle
+                .iter()
+                .max_by(|a, b| unexplained(a).total_cmp(&unexplained(b)).then_with(|| b.cmp(a)))
+                .cloned()
+                .unwrap_or(callee);
+            let cut = path.iter().position(|p| *p == root).map_or(path.len(), |i| i + 1);
+            path.truncate(cut);
+            return Verdict { virtual_root: false, root, blame: own_blame, path };
+        }
+        seen.insert(callee.clone());
+        path.push(callee.clone());
+        next = blame_edge(tails, &callee, t).map(|b| b.callee);
+    }
+    let root = path.last().cloned().unwrap_or_else(|| service.to_owned());
+    let virtual_root = !tails.services.contains_key(&root);
+    Verdict { root, virtual_root, blame: own_blame, path }
+}
