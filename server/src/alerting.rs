@@ -420,8 +420,13 @@ impl Alerting {
                 clock: clock.clone(),
                 metrics: metrics.clone(),
             };
-            let (c, task) =
-                incidents::Correlator::start(config.incidents.clone(), env, sink, config.queue_capacity);
+            let (c, task) = incidents::Correlator::start(
+                config.incidents.clone(),
+                env,
+                sink,
+                config.queue_capacity,
+                stop.clone(),
+            );
             sink = c.clone();
             correlator = Some(c);
             tasks.push(task);

@@ -87,9 +87,13 @@ impl IncidentsConfig {
             return Err("incidents.service_label must not be empty".into());
         }
         if self.window < Duration::from_secs(10) || self.baseline < self.window {
-            return Err("incidents.window must be at least 10s and incidents.baseline at least the window".into());
+            return Err(
+                "incidents.window must be at least 10s and incidents.baseline at least the window".into()
+            );
         }
-        if !(self.share > 0.0 && self.share <= 1.0) || !(self.min_ratio >= 1.0) || !self.min_ratio.is_finite() {
+        let share_ok = self.share > 0.0 && self.share <= 1.0;
+        let ratio_ok = self.min_ratio >= 1.0 && self.min_ratio.is_finite();
+        if !(share_ok && ratio_ok) {
             return Err("incidents.share must be in (0, 1] and incidents.min_ratio at least 1".into());
         }
         Ok(())
@@ -213,6 +217,7 @@ impl Correlator {
         env: Environment,
         next: Arc<dyn Sink>,
         capacity: usize,
+        mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> (Arc<Correlator>, JoinHandle<()>) {
         let mut restored = HashMap::new();
         match env.state.state(StateKind::Incident, b"") {
@@ -223,7 +228,9 @@ impl Correlator {
                         (Some(fp), Ok(stamp)) => {
                             restored.insert(fp, stamp);
                         }
-                        _ => tracing::warn!(key = %String::from_utf8_lossy(&key), "ignoring an unreadable incident stamp"),
+                        _ => {
+                            tracing::warn!(key = %String::from_utf8_lossy(&key), "ignoring an unreadable incident stamp")
+                        }
                     }
                 }
             }
@@ -234,7 +241,14 @@ impl Correlator {
         let worker = Worker { config, env, stamps: stamps.clone(), tails: None };
         let task = tokio::spawn(async move {
             let mut worker = worker;
-            while let Some(mut alerts) = rx.recv().await {
+            loop {
+                let mut alerts = tokio::select! {
+                    received = rx.recv() => match received {
+                        Some(alerts) => alerts,
+                        None => return,
+                    },
+                    _ = stop.wait_for(|&s| s) => return,
+                };
                 while let Ok(more) = rx.try_recv() {
                     alerts.extend(more);
                 }
@@ -266,20 +280,24 @@ impl Worker {
         let firing_in_scope = alerts
             .iter()
             .any(|a| !a.resolved(now) && a.labels.contains_key(&label) && !a.labels.contains_key("incident"));
-        let stale = self.tails.as_ref().is_none_or(|(at, _)| now - at >= self.config.refresh.as_millis() as i64);
+        let stale =
+            self.tails.as_ref().is_none_or(|(at, _)| now - at >= self.config.refresh.as_millis() as i64);
         if firing_in_scope && stale {
             let (env, config) = (self.env.clone(), self.config.clone());
             let read = tokio::task::spawn_blocking(move || read_tails(&env, &config, now)).await;
             match read.map_err(|e| e.to_string()).and_then(|r| r) {
                 Ok(tails) => self.tails = Some((now, Arc::new(tails))),
-                Err(e) => tracing::warn!(error = %e, "cannot read the service graph's tails; alerts are rooted at their own service"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the service graph's tails; alerts are rooted at their own service")
+                }
             }
         }
         let tails = self.tails.as_ref().map(|(_, t)| t.clone()).unwrap_or_default();
         let (stamped, writes) = stamp(&mut self.stamps.lock(), alerts, &tails, &self.config, now);
         if !writes.is_empty() {
             let state = self.env.state.clone();
-            let written = tokio::task::spawn_blocking(move || state.write_state(StateKind::Incident, &writes)).await;
+            let written =
+                tokio::task::spawn_blocking(move || state.write_state(StateKind::Incident, &writes)).await;
             if let Err(e) = written.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
                 tracing::error!(error = %e, "cannot persist incident stamps");
             }
@@ -288,6 +306,9 @@ impl Worker {
     }
 }
 
+/// A record of alerting state to write (`Some`) or delete (`None`).
+pub type StateWrite = (Vec<u8>, Option<Vec<u8>>);
+
 /// Stamps `alerts` at `now` (ms), updating `stamps`; also returns the store writes.
 pub fn stamp(
     stamps: &mut HashMap<u64, Stamp>,
@@ -295,7 +316,7 @@ pub fn stamp(
     tails: &Tails,
     config: &IncidentsConfig,
     now: i64,
-) -> (Vec<Alert>, Vec<(Vec<u8>, Option<Vec<u8>>)>) {
+) -> (Vec<Alert>, Vec<StateWrite>) {
     let thresholds = config.thresholds();
     let mut changed = BTreeSet::new();
     let mut keys = Vec::with_capacity(alerts.len());
@@ -351,7 +372,7 @@ pub fn stamp(
     }
     // The members of each incident, for `incident_services`.
     let mut members: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    for s in stamps.values().filter(|s| !s.resolved) {
+    for s in stamps.values() {
         members.entry(&s.incident).or_default().insert(&s.service);
     }
     let out = alerts
@@ -360,10 +381,9 @@ pub fn stamp(
         .map(|(mut a, key)| {
             let Some(s) = key.and_then(|fp| stamps.get(&fp)) else { return a };
             a.labels.insert("incident".into(), s.incident.clone());
-            let services = members.get(s.incident.as_str()).map_or_else(
-                || s.service.clone(),
-                |m| m.iter().copied().collect::<Vec<_>>().join(", "),
-            );
+            let services = members
+                .get(s.incident.as_str())
+                .map_or_else(|| s.service.clone(), |m| m.iter().copied().collect::<Vec<_>>().join(", "));
             let notes = [
                 ("root_service", s.root.clone()),
                 ("root_kind", if s.virtual_root { "virtual" } else { "service" }.to_owned()),
@@ -379,9 +399,11 @@ pub fn stamp(
             a
         })
         .collect();
-    let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = changed
+    let mut writes: Vec<StateWrite> = changed
         .iter()
-        .filter_map(|fp| Some((format!("{fp:016x}").into_bytes(), Some(serde_json::to_vec(stamps.get(fp)?).ok()?))))
+        .filter_map(|fp| {
+            Some((format!("{fp:016x}").into_bytes(), Some(serde_json::to_vec(stamps.get(fp)?).ok()?)))
+        })
         .collect();
     let forgotten: Vec<u64> =
         stamps.iter().filter(|(_, s)| now - s.last_seen > FORGET_AFTER_MS).map(|(fp, _)| *fp).collect();
@@ -401,7 +423,9 @@ pub fn incidents_of(stamps: &HashMap<u64, Stamp>) -> Vec<Incident> {
     let mut out: Vec<(i64, Incident)> = by_id
         .into_iter()
         .map(|(id, mut members)| {
-            members.sort_by(|a, b| (a.role(), &a.service, &a.alertname).cmp(&(b.role(), &b.service, &b.alertname)));
+            members.sort_by(|a, b| {
+                (a.role(), &a.service, &a.alertname).cmp(&(b.role(), &b.service, &b.alertname))
+            });
             let newest = members.iter().max_by_key(|s| s.last_seen).copied().unwrap_or(members[0]);
             let started = members.iter().map(|s| s.starts_at).min().unwrap_or(0);
             let incident = Incident {
@@ -464,7 +488,9 @@ pub fn read_tails(env: &Environment, config: &IncidentsConfig, now: i64) -> Resu
             t.base = Some(base);
         }
     }
-    let key = |l: &Labels| (l.get("client").cloned().unwrap_or_default(), l.get("server").cloned().unwrap_or_default());
+    let key = |l: &Labels| {
+        (l.get("client").cloned().unwrap_or_default(), l.get("server").cloned().unwrap_or_default())
+    };
     for (labels, now) in read(format!("{edge}[{w}s])))"))? {
         tails.edges.insert(key(&labels), Tail { now, base: None });
     }

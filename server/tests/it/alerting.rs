@@ -19,14 +19,14 @@ use tailscope_proto::v1::Span;
 
 /// A webhook receiver: records every notification it accepts; answers 500 while `down`.
 #[derive(Clone, Default)]
-struct Receiver {
+pub(crate) struct Receiver {
     accepted: Arc<Mutex<Vec<(String, Value)>>>,
     refused: Arc<AtomicUsize>,
     down: Arc<AtomicBool>,
 }
 
 impl Receiver {
-    async fn start() -> (Receiver, SocketAddr) {
+    pub(crate) async fn start() -> (Receiver, SocketAddr) {
         let r = Receiver::default();
         async fn hook(State(r): State<Receiver>, uri: Uri, Json(body): Json<Value>) -> StatusCode {
             if r.down.load(Ordering::SeqCst) {
@@ -43,12 +43,12 @@ impl Receiver {
         (r, addr)
     }
 
-    fn bodies(&self, path: &str) -> Vec<Value> {
+    pub(crate) fn bodies(&self, path: &str) -> Vec<Value> {
         self.accepted.lock().iter().filter(|(p, _)| p == path).map(|(_, b)| b.clone()).collect()
     }
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p
@@ -61,7 +61,7 @@ fn notifier_yaml(receiver: SocketAddr, group_by: &str, group_wait: &str, group_i
     )
 }
 
-fn alerting_config(dir: &Path, rules: &str, notifier: &str) -> tailscope_server::Config {
+pub(crate) fn alerting_config(dir: &Path, rules: &str, notifier: &str) -> tailscope_server::Config {
     let mut c = config(&dir.join("data"));
     c.alerting.rule_files = vec![write(dir, "rules.yml", rules)];
     c.alerting.alertmanager_config = write(dir, "alertmanager.yml", notifier);
@@ -541,7 +541,7 @@ groups:
 
 /// Starts a real Alertmanager (clustering off) on a free loopback port with `config`; returns
 /// it (killed when dropped) and its address once it is ready.
-async fn alertmanager(binary: &Path, dir: &Path, config: &str) -> (Peer, String) {
+pub(crate) async fn alertmanager(binary: &Path, dir: &Path, config: &str) -> (Peer, String) {
     let file = write(dir, "am.yml", config);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
@@ -556,7 +556,8 @@ async fn alertmanager(binary: &Path, dir: &Path, config: &str) -> (Peer, String)
             .spawn()
             .expect("start Alertmanager"),
     );
-    let client = reqwest::Client::new();
+    // A listener that accepts before it serves must not hold the wait forever.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
     for _ in 0..200 {
         if client.get(format!("http://{addr}/-/ready")).send().await.is_ok_and(|r| r.status() == 200) {
             return (peer, addr);
@@ -605,7 +606,7 @@ fn field_sets(body: &Value) -> (Vec<String>, Vec<String>) {
 }
 
 /// Per group key, the notifications it got: status and each alert's name and status.
-fn summarize(bodies: &[Value]) -> std::collections::BTreeMap<String, Vec<String>> {
+pub(crate) fn summarize(bodies: &[Value]) -> std::collections::BTreeMap<String, Vec<String>> {
     let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for b in bodies {
         let mut alerts: Vec<String> = b["alerts"]

@@ -16,6 +16,7 @@ mod chaos;
 mod cli;
 mod client;
 mod crash;
+mod incidents;
 mod ingest;
 mod malformed;
 mod otlp;

@@ -127,7 +127,9 @@ pub fn blame_edge(tails: &Tails, service: &str, t: &Thresholds) -> Option<Blame>
         .edges
         .range((service.to_owned(), String::new())..)
         .take_while(|((caller, _), _)| caller == service)
-        .filter(|((_, callee), tail)| callee != service && tail.rise() >= needed && tail.ratio() >= t.min_ratio)
+        .filter(|((_, callee), tail)| {
+            callee != service && tail.rise() >= needed && tail.ratio() >= t.min_ratio
+        })
         // The largest rise; among equal rises, the first callee by name.
         .max_by(|a, b| a.1.rise().total_cmp(&b.1.rise()).then_with(|| b.0 .1.cmp(&a.0 .1)))
         .map(|((caller, callee), tail)| Blame {

@@ -77,7 +77,10 @@ fn a_cascade_is_one_incident_with_its_root_named_and_an_unrelated_failure_anothe
     assert_eq!(writes.len(), 1);
     let listed = incidents_of(&stamps);
     let cascade = listed.iter().find(|i| i.id == id).expect("listed");
-    assert_eq!((cascade.root_service.as_str(), cascade.state, cascade.alerts.len()), ("payments", "firing", 3));
+    assert_eq!(
+        (cascade.root_service.as_str(), cascade.state, cascade.alerts.len()),
+        ("payments", "firing", 3)
+    );
     assert_eq!(cascade.alerts[0].role, "root");
 }
 
@@ -155,7 +158,8 @@ async fn stamps_survive_a_restart() {
     let mut seen: Vec<String> = Vec::new();
     for _ in 0..2 {
         let capture = Arc::new(Capture::default());
-        let (c, task) = Correlator::start(config.clone(), env.clone(), capture.clone(), 16);
+        let (_stop, stop) = tokio::sync::watch::channel(false);
+        let (c, task) = Correlator::start(config.clone(), env.clone(), capture.clone(), 16, stop);
         // What the first run stamped is there before anything is sent again.
         let restored: Vec<String> = c.incidents().into_iter().map(|i| i.id).collect();
         assert_eq!(restored, seen);

@@ -109,7 +109,8 @@ fn a_diamond_and_a_fan_out_lead_to_the_one_slow_callee() {
 fn a_callee_that_explains_little_of_the_tail_is_not_blamed() {
     // checkout's own p99 rose 2 s; its payments calls rose 0.3 s (less than half): its own
     // code (or its queueing) is the root.
-    let t = tails(&[("checkout", 0.06, 2.06), ("payments", 0.05, 0.35)], &[("checkout", "payments", 0.05, 0.35)]);
+    let t =
+        tails(&[("checkout", 0.06, 2.06), ("payments", 0.05, 0.35)], &[("checkout", "payments", 0.05, 0.35)]);
     assert_eq!(root(&t, "checkout").0, "checkout");
     // Below the least rise, or without a baseline, nothing is blamed either.
     let t = tails(&[("checkout", 0.001, 0.009)], &[("checkout", "payments", 0.001, 0.008)]);
@@ -147,8 +148,11 @@ fn random_graphs_find_the_injected_roots() {
             // Own rise of each service: the slow one's, or the largest rise among its callees.
             let mut own_rise = vec![0.0f64; n];
             for i in (0..n).rev() {
-                own_rise[i] =
-                    if i == slow { rise } else { callees[i].iter().map(|&j| own_rise[j]).fold(0.0, f64::max) };
+                own_rise[i] = if i == slow {
+                    rise
+                } else {
+                    callees[i].iter().map(|&j| own_rise[j]).fold(0.0, f64::max)
+                };
             }
             for i in 0..n {
                 let base = r.gen_range(0.01..0.1);
