@@ -117,7 +117,7 @@ pub async fn demo(args: &DemoArgs, out: Arc<Mutex<Vec<u8>>>, echo: bool) -> anyh
     std::fs::write(
         &notifier,
         format!(
-            "route:\n  receiver: team\n  group_by: [alertname, service]\n  group_wait: 1s\n  group_interval: 5s\n  repeat_interval: 1h\n  routes:\n    - matchers: ['severity=\"page\"']\n      receiver: pager\nreceivers:\n  - name: team\n    webhook_configs: [{{url: 'http://{hook}/team'}}]\n  - name: pager\n    webhook_configs: [{{url: 'http://{hook}/pager'}}]\ninhibit_rules:\n  - source_matchers: ['severity=\"page\"']\n    target_matchers: ['severity=\"ticket\"']\n    equal: [service]\n"
+            "route:\n  receiver: team\n  group_by: [alertname, service]\n  group_wait: 1s\n  group_interval: 5s\n  repeat_interval: 1h\n  routes:\n    - matchers: ['severity=\"page\"']\n      receiver: pager\n      group_by: [incident]\nreceivers:\n  - name: team\n    webhook_configs: [{{url: 'http://{hook}/team'}}]\n  - name: pager\n    webhook_configs: [{{url: 'http://{hook}/pager'}}]\ninhibit_rules:\n  - source_matchers: ['severity=\"page\"']\n    target_matchers: ['severity=\"ticket\"']\n    equal: [service]\n"
         ),
     )?;
     let mut config = tailscope_server::Config::default();
@@ -129,6 +129,11 @@ pub async fn demo(args: &DemoArgs, out: Arc<Mutex<Vec<u8>>>, echo: bool) -> anyh
     config.alerting.rule_files = rule_files;
     config.alerting.alertmanager_config = notifier;
     config.alerting.resend_delay = Duration::from_secs(5);
+    // Incidents over the demo's short phases: the last 20 s against the two minutes before.
+    config.alerting.incidents.enabled = true;
+    config.alerting.incidents.window = Duration::from_secs(20);
+    config.alerting.incidents.baseline = Duration::from_secs(120);
+    config.alerting.incidents.refresh = Duration::from_secs(1);
     let server = tailscope_server::Server::start(config).await?;
     let http = format!("http://{}", server.http_addr());
     say(format!(
@@ -199,10 +204,34 @@ pub async fn demo(args: &DemoArgs, out: Arc<Mutex<Vec<u8>>>, echo: bool) -> anyh
     // Let the last evaluations and notifications through.
     tokio::time::sleep(Duration::from_secs(3)).await;
     watcher.abort();
+    let incidents = crate::api::api(&reqwest::Client::new(), &http, "/api/v1/incidents", &[]).await;
     server.shutdown().await;
     printer.abort();
     let received = received.lock().await.clone();
-    say(format!("\n{} grouped notifications received.", received.len())).await;
+    let pages = received.iter().filter(|b| b["receiver"] == "pager").count();
+    say(format!("\n{} grouped notifications received, {pages} of them pages.", received.len())).await;
+    for i in incidents.ok().and_then(|d| d["incidents"].as_array().cloned()).unwrap_or_default() {
+        let members: Vec<String> = i["alerts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| {
+                format!(
+                    "{} {} ({})",
+                    a["alertname"].as_str().unwrap_or("?"),
+                    a["service"].as_str().unwrap_or("?"),
+                    a["role"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        say(format!(
+            "incident {}: root {} — {}",
+            i["id"].as_str().unwrap_or("?"),
+            i["root_service"].as_str().unwrap_or("?"),
+            members.join(", ")
+        ))
+        .await;
+    }
     Ok(received)
 }
 
@@ -215,8 +244,14 @@ pub fn describe_notification(body: &Value) -> String {
         .map(|a| {
             let l = &a["labels"];
             let op = l["operation"].as_str().map(|o| format!(" {o}")).unwrap_or_default();
+            let role = match (a["annotations"]["incident_role"].as_str(), a["annotations"]["blame"].as_str())
+            {
+                (Some("root"), _) => " — ROOT".to_owned(),
+                (Some(_), Some(blame)) => format!(" — symptom: {blame}"),
+                _ => String::new(),
+            };
             format!(
-                "{} {}{op} [{}]: {}",
+                "{} {}{op} [{}]: {}{role}",
                 l["alertname"].as_str().unwrap_or("?"),
                 l["service"].as_str().unwrap_or("?"),
                 a["status"].as_str().unwrap_or("?"),

@@ -4,7 +4,9 @@
 //! The graph is a chain of `--services` services (frontend → checkout → payments → …), each
 //! with `--operations` operations; a request to the frontend calls the same operation of the
 //! next service, and so on. A span's duration is its service's own work plus the time it
-//! waited for its dependency. Requests are generated at `--rate` per second for `--duration`,
+//! waited for its dependency. Each service records its own work as a SERVER span whose peer is
+//! its caller, and each call it makes as a CLIENT span whose peer is the callee (a timed-out
+//! attempt ends, failed, at the timeout), so the server sees the service graph's edges. Requests are generated at `--rate` per second for `--duration`,
 //! with their durations computed (not slept), and recorded by one client per service. A
 //! scenario injects its failure during the middle third of the run and prints what and when.
 //!
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tailscope::{Client, Status};
+use tailscope::{Client, SpanKind, Status};
 
 /// The failure a run injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -104,6 +106,8 @@ struct Call {
     duration: Duration,
     error: bool,
     late: bool,
+    /// For a CLIENT span, the service called; else the SERVER span of `service`'s own work.
+    callee: Option<usize>,
 }
 
 /// The simulated graph.
@@ -154,6 +158,7 @@ impl Sim {
                 duration: Duration::from_millis(ms),
                 error: false,
                 late: false,
+                callee: None,
             });
             return;
         }
@@ -193,7 +198,9 @@ impl Sim {
                 let mut ok = false;
                 for _ in 0..ATTEMPTS {
                     let (d, e) = self.call(i + 1, op, child_op.clone(), injecting, out);
-                    if d <= TIMEOUT && !e {
+                    let failed = d > TIMEOUT || e;
+                    out.push(Call::client(i, &child_op, d.min(TIMEOUT), failed));
+                    if !failed {
                         waited += d;
                         ok = true;
                         break;
@@ -202,15 +209,30 @@ impl Sim {
                 }
                 error |= !ok;
             } else {
-                let (d, e) = self.call(i + 1, op, child_op, injecting, out);
+                let (d, e) = self.call(i + 1, op, child_op.clone(), injecting, out);
+                out.push(Call::client(i, &child_op, d, e));
                 waited += d;
                 error |= e;
             }
         }
         let duration = own + waited;
         let late = self.scenario == Scenario::LateData && injecting && leaf;
-        out.push(Call { service: i, operation: name, duration, error, late });
+        out.push(Call { service: i, operation: name, duration, error, late, callee: None });
         (duration, error)
+    }
+}
+
+impl Call {
+    /// Service `caller`'s call to the next one, as the caller waited for it.
+    fn client(caller: usize, operation: &str, duration: Duration, error: bool) -> Call {
+        Call {
+            service: caller,
+            operation: operation.to_owned(),
+            duration,
+            error,
+            late: false,
+            callee: Some(caller + 1),
+        }
     }
 }
 
@@ -389,21 +411,37 @@ pub async fn run(args: &RunArgs, out: &mut (dyn std::io::Write + Send)) -> anyho
         while sim.requests < due {
             calls.clear();
             sim.request(injecting, &mut calls);
+            // Spans per request count the services' own work (the calls are their edges).
+            let own = calls.iter().filter(|c| c.callee.is_none()).count() as u64;
             if injecting {
                 req_in += 1;
-                spans_in += calls.len() as u64;
+                spans_in += own;
             } else {
                 req_out += 1;
-                spans_out += calls.len() as u64;
+                spans_out += own;
             }
             for c in &calls {
                 let status = if c.error { Status::Error } else { Status::Ok };
                 let client = &clients[c.service];
+                if let Some(callee) = c.callee {
+                    client.record_peer(
+                        &c.operation,
+                        SpanKind::Client,
+                        &service_name(callee),
+                        c.duration,
+                        status,
+                    );
+                    continue;
+                }
                 if c.late {
                     let start = SystemTime::now() - LATENESS - c.duration;
                     client.record_at(&c.operation, start, c.duration, status);
-                } else {
+                } else if args.scenario == Scenario::MisleadingAverage {
                     client.record(&c.operation, c.duration, status);
+                } else {
+                    // Its own work, served for its caller (the frontend's callers are users).
+                    let caller = c.service.checked_sub(1).map(service_name).unwrap_or_default();
+                    client.record_peer(&c.operation, SpanKind::Server, &caller, c.duration, status);
                 }
                 let s = &mut seen[c.service];
                 let ns = c.duration.as_nanos() as u64;

@@ -341,18 +341,37 @@ pub fn stamp(
             let open = |root: &str| {
                 stamps.values().filter(|s| !s.resolved && s.root == root).map(|s| s.incident.clone()).min()
             };
-            let incident = match stamps.get(&fp) {
-                Some(s) if !s.resolved => s.incident.clone(),
-                _ => open(&verdict.root)
-                    .unwrap_or_else(|| format!("{}-{}", verdict.root, a.starts_at.div_euclid(1000))),
+            let own_rising = tails
+                .services
+                .get(service)
+                .is_some_and(|t| t.ratio() >= thresholds.min_ratio && t.rise() >= thresholds.min_rise);
+            let (incident, root, virtual_root, blame) = match stamps.get(&fp) {
+                // A member whose tail no longer rises (its cause passed, the alert still fires)
+                // keeps what it was: only new evidence re-roots it.
+                Some(s) if !s.resolved && verdict.blame.is_none() && !own_rising => {
+                    (s.incident.clone(), s.root.clone(), s.virtual_root, s.blame.clone())
+                }
+                Some(s) if !s.resolved => (
+                    s.incident.clone(),
+                    verdict.root,
+                    verdict.virtual_root,
+                    verdict.blame.map(|b| b.to_string()),
+                ),
+                _ => (
+                    open(&verdict.root)
+                        .unwrap_or_else(|| format!("{}-{}", verdict.root, a.starts_at.div_euclid(1000))),
+                    verdict.root,
+                    verdict.virtual_root,
+                    verdict.blame.map(|b| b.to_string()),
+                ),
             };
             let stamp = Stamp {
                 incident,
-                root: verdict.root,
-                virtual_root: verdict.virtual_root,
+                root,
+                virtual_root,
                 service: service.clone(),
                 alertname: a.labels.get("alertname").cloned().unwrap_or_default(),
-                blame: verdict.blame.map(|b| b.to_string()),
+                blame,
                 starts_at: a.starts_at,
                 resolved: false,
                 last_seen: now,
@@ -452,8 +471,9 @@ pub fn incidents_of(stamps: &HashMap<u64, Stamp>) -> Vec<Incident> {
     out.into_iter().map(|(_, i)| i).collect()
 }
 
-/// Reads every service's own p99 and every synchronous edge's p99 (as callers waited) over
-/// the recent window and the baseline before it, at `now` (ms): four queries.
+/// Reads every service's own p99 and every synchronous edge's p99 (as callers waited) and calls
+/// per request over the recent window and the baseline before it, at `now` (ms): eight
+/// queries, each one pass over the graph's series.
 pub fn read_tails(env: &Environment, config: &IncidentsConfig, now: i64) -> Result<Tails, String> {
     let steps = Steps::instant(now);
     let limits = Limits {
@@ -497,6 +517,27 @@ pub fn read_tails(env: &Environment, config: &IncidentsConfig, now: i64) -> Resu
     for (labels, base) in read(format!("{edge}[{b}s] offset {w}s)))"))? {
         if let Some(t) = tails.edges.get_mut(&key(&labels)) {
             t.base = Some(base);
+        }
+    }
+    // Calls per request: an edge's calls over its caller's own spans.
+    let calls = "sum by (client, server) (increase(traces_service_graph_request_total\
+                 {connection_type!=\"messaging_system\"}";
+    let spans = "sum by (service) (increase(span_duration_seconds_count";
+    for (range, is_base) in [(format!("[{w}s]"), false), (format!("[{b}s] offset {w}s"), true)] {
+        let served: HashMap<String, f64> = read(format!("{spans}{range}))"))?
+            .into_iter()
+            .filter(|(_, n)| *n > 0.0)
+            .map(|(l, n)| (l.get("service").cloned().unwrap_or_default(), n))
+            .collect();
+        for (labels, n) in read(format!("{calls}{range}))"))? {
+            let edge = key(&labels);
+            let Some(per) = served.get(&edge.0).map(|s| n / s) else { continue };
+            let entry = tails.calls_per_request.entry(edge).or_insert(Tail { now: 1.0, base: None });
+            if is_base {
+                entry.base = Some(per);
+            } else {
+                entry.now = per;
+            }
         }
     }
     Ok(tails)

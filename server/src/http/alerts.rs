@@ -22,7 +22,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/rules", get(rules))
         .route("/api/v1/alerts", get(alerts))
-        .route("/api/v1/incidents", get(incidents))
+        .route("/api/v1/incidents", get(incidents).post(incidents))
         .route("/-/reload", post(reload).put(reload))
         .route("/api/v2/alerts", get(v2_alerts).post(post_alerts))
         .route("/api/v2/silences", get(list_silences).post(post_silence))

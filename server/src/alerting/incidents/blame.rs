@@ -1,7 +1,9 @@
 //! The root-cause rule: which service's own time explains a breaching service's tail.
 //!
 //! For a service `s`, `ΔS(s)` is the rise of its own p99 (now against its baseline) and
-//! `ΔE(s→c)` the rise of the p99 of its calls to `c`, as `s` waited for them. The **blame
+//! `ΔE(s→c)` the rise of the time `s` waits on `c` per request: the p99 of its calls to `c`
+//! times the calls it makes per request it serves (at least one), so retries and loops count
+//! every call they wait on — a caller that retries a 1 s timeout three times waited 3 s. The **blame
 //! edge** `b(s)` is the callee whose calls rose most, kept only if that rise explains the
 //! tail — `ΔE ≥ max(share·ΔS(s), min_rise)` and the edge's p99 at least `min_ratio` times its
 //! baseline. A service with a blame edge is a **symptom** of its callee; one without is a
@@ -50,6 +52,19 @@ pub struct Tails {
     pub services: BTreeMap<String, Tail>,
     /// Each synchronous call edge's p99 as the caller waited, by (caller, callee).
     pub edges: BTreeMap<(String, String), Tail>,
+    /// Each edge's calls per request its caller served, now and over the baseline (absent:
+    /// one).
+    pub calls_per_request: BTreeMap<(String, String), Tail>,
+}
+
+impl Tails {
+    /// The edge's wait per request: its p99 times its calls per request (at least one each).
+    fn wait(&self, edge: &(String, String), tail: &Tail) -> Tail {
+        let calls = self.calls_per_request.get(edge);
+        let now = calls.map_or(1.0, |c| c.now.max(1.0));
+        let base = calls.and_then(|c| c.base).unwrap_or(1.0).max(1.0);
+        Tail { now: tail.now * now, base: tail.base.map(|b| b * base) }
+    }
 }
 
 /// The rule's thresholds.
@@ -80,6 +95,8 @@ pub struct Blame {
     pub now: f64,
     /// Its baseline.
     pub base: f64,
+    /// Calls per request now and over the baseline, when they changed (retries).
+    pub amplified: Option<(f64, f64)>,
 }
 
 impl std::fmt::Display for Blame {
@@ -92,7 +109,11 @@ impl std::fmt::Display for Blame {
             seconds(self.base),
             seconds(self.now),
             seconds(self.now - self.base)
-        )
+        )?;
+        if let Some((now, base)) = self.amplified {
+            write!(f, ", {now:.1} calls per request (was {base:.1})")?;
+        }
+        Ok(())
     }
 }
 
@@ -127,16 +148,22 @@ pub fn blame_edge(tails: &Tails, service: &str, t: &Thresholds) -> Option<Blame>
         .edges
         .range((service.to_owned(), String::new())..)
         .take_while(|((caller, _), _)| caller == service)
-        .filter(|((_, callee), tail)| {
-            callee != service && tail.rise() >= needed && tail.ratio() >= t.min_ratio
+        .map(|(edge, tail)| (edge, tail, tails.wait(edge, tail)))
+        .filter(|((_, callee), _, wait)| {
+            callee != service && wait.rise() >= needed && wait.ratio() >= t.min_ratio
         })
         // The largest rise; among equal rises, the first callee by name.
-        .max_by(|a, b| a.1.rise().total_cmp(&b.1.rise()).then_with(|| b.0 .1.cmp(&a.0 .1)))
-        .map(|((caller, callee), tail)| Blame {
-            caller: caller.clone(),
-            callee: callee.clone(),
-            now: tail.now,
-            base: tail.base.unwrap_or(0.0),
+        .max_by(|a, b| a.2.rise().total_cmp(&b.2.rise()).then_with(|| b.0 .1.cmp(&a.0 .1)))
+        .map(|(edge, tail, _)| {
+            let calls = tails.calls_per_request.get(edge);
+            let (now, base) = (calls.map_or(1.0, |c| c.now), calls.and_then(|c| c.base).unwrap_or(1.0));
+            Blame {
+                caller: edge.0.clone(),
+                callee: edge.1.clone(),
+                now: tail.now,
+                base: tail.base.unwrap_or(0.0),
+                amplified: (now > 1.05 * base.max(1.0)).then_some((now, base)),
+            }
         })
 }
 
@@ -153,7 +180,12 @@ pub fn explain(tails: &Tails, service: &str, t: &Thresholds) -> Verdict {
             let cycle = &path[start..];
             let unexplained = |s: &String| {
                 let own = tails.services.get(s).map_or(0.0, Tail::rise);
-                own - blame_edge(tails, s, t).map_or(0.0, |b| b.now - b.base)
+                own - blame_edge(tails, s, t)
+                    .and_then(|b| {
+                        let edge = (b.caller, b.callee);
+                        Some(tails.wait(&edge, tails.edges.get(&edge)?).rise())
+                    })
+                    .unwrap_or(0.0)
             };
             let root = cycle
                 .iter()

@@ -10,6 +10,7 @@ fn tails(services: &[(&str, f64, f64)], edges: &[(&str, &str, f64, f64)]) -> Tai
     Tails {
         services: services.iter().map(|&(s, b, n)| (s.to_owned(), tail(b, n))).collect(),
         edges: edges.iter().map(|&(c, s, b, n)| ((c.to_owned(), s.to_owned()), tail(b, n))).collect(),
+        calls_per_request: BTreeMap::new(),
     }
 }
 
@@ -51,6 +52,23 @@ fn a_slow_leaf_is_the_root_of_its_callers() {
     assert_eq!(root(&t, "search"), ("search".to_owned(), false));
     let b = blame_edge(&t, "checkout", &Thresholds::default()).expect("blame");
     assert_eq!(b.to_string(), "checkout→payments p99 52ms → 2s (+1.95s)");
+}
+
+#[test]
+fn retries_count_every_call_the_caller_waited_on() {
+    // payments 50 ms → 2 s; checkout times out after 1 s and tries three times: its calls'
+    // p99 rose 0.95 s, but it waits three of them per request — 2.95 s, its own rise.
+    let mut t =
+        tails(&[("checkout", 0.06, 3.0), ("payments", 0.05, 2.0)], &[("checkout", "payments", 0.05, 1.0)]);
+    assert_eq!(
+        root(&t, "checkout").0,
+        "checkout",
+        "without the calls per request, the retries hide the cause"
+    );
+    t.calls_per_request.insert(("checkout".into(), "payments".into()), tail(1.0, 3.0));
+    assert_eq!(root(&t, "checkout").0, "payments");
+    let b = blame_edge(&t, "checkout", &Thresholds::default()).expect("blame");
+    assert_eq!(b.to_string(), "checkout→payments p99 50ms → 1s (+950ms), 3.0 calls per request (was 1.0)");
 }
 
 #[test]
