@@ -342,22 +342,29 @@ impl SeriesLabels {
     }
 }
 
-/// The strings a series' labels are encoded as, in order: the kind only when it is not
-/// unspecified or a peer follows, the peer only when there is one.
+/// The strings a series' labels are encoded as, in order, and how many of them there are: the
+/// kind only when it is not unspecified or a peer follows, the peer only when there is one.
+#[inline]
 fn label_strings<'a>(
     service: &'a str,
     operation: &'a str,
     status: Status,
     kind: Kind,
     peer: &'a str,
-) -> impl Iterator<Item = &'a str> {
-    let kind = (kind != Kind::Unspecified || !peer.is_empty()).then(|| kind.as_str());
-    let peer = (!peer.is_empty()).then_some(peer);
-    [service, operation, status.as_str()].into_iter().chain(kind).chain(peer)
+) -> ([&'a str; 5], usize) {
+    let n = if !peer.is_empty() {
+        5
+    } else if kind != Kind::Unspecified {
+        4
+    } else {
+        3
+    };
+    ([service, operation, status.as_str(), kind.as_str(), peer], n)
 }
 
 fn encode_labels(out: &mut Vec<u8>, service: &str, operation: &str, status: Status, kind: Kind, peer: &str) {
-    for s in label_strings(service, operation, status, kind, peer) {
+    let (parts, n) = label_strings(service, operation, status, kind, peer);
+    for s in &parts[..n] {
         out.extend_from_slice(&(s.len() as u32).to_be_bytes());
         out.extend_from_slice(s.as_bytes());
     }
@@ -373,10 +380,11 @@ fn take_str(bytes: &[u8]) -> Option<(&str, &[u8])> {
 /// [`SeriesLabels::encode`] form.
 pub fn series_id(service: &str, operation: &str, status: Status, kind: Kind, peer: &str) -> u64 {
     let mut buf = [0u8; 256];
-    let needed: usize = label_strings(service, operation, status, kind, peer).map(|s| s.len() + 4).sum();
+    let (parts, n) = label_strings(service, operation, status, kind, peer);
+    let needed: usize = parts[..n].iter().map(|s| s.len() + 4).sum();
     if needed <= buf.len() {
         let mut at = 0;
-        for s in label_strings(service, operation, status, kind, peer) {
+        for s in &parts[..n] {
             buf[at..at + 4].copy_from_slice(&(s.len() as u32).to_be_bytes());
             buf[at + 4..at + 4 + s.len()].copy_from_slice(s.as_bytes());
             at += 4 + s.len();
