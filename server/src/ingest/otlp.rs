@@ -152,8 +152,9 @@ type GroupKey<'a> = (&'a str, &'a str, i32, Option<(&'static str, &'a str)>);
 #[derive(Debug, Default)]
 pub(crate) struct Converter<'a> {
     // Keys borrow from the request: no allocation per span, one per group.
-    // The peer is an `Option`: hashing two empty strings per span for the common "no peer"
-    // made foldhash's keys collide (measured: memcmp went from 2 % to 17 % of the OTLP path).
+    // The peer is an `Option`: a (prefix, name) pair of empty strings for the common "no peer"
+    // cost the OTLP path 20–30 % (memcmp under this map's lookup rose from 2 % to 17 % of its
+    // profile; the comparisons per lookup, not their length, grew).
     groups: BatchBuilder<GroupKey<'a>>,
     unnamed: u64,
 }
