@@ -35,6 +35,34 @@ async fn server_with(
     Server::start(c).await.unwrap()
 }
 
+/// The value of an instant query's first sample, now.
+async fn instant(http: std::net::SocketAddr, query: &str) -> f64 {
+    let v: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://{http}/api/v1/query"))
+        .form(&[("query", query)])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["data"]["result"][0]["value"][1].as_str().unwrap().parse().unwrap()
+}
+
+/// The series `/api/v1/series` lists for one selector.
+async fn series(http: std::net::SocketAddr, selector: &str) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{http}/api/v1/series"))
+        .query(&[("match[]", selector)])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["data"].as_array().unwrap().clone()
+}
+
 async fn scenario(server: &Server, scenario: Scenario, rate: f64, seconds: u64) -> (Report, String) {
     scenario_plotted(server, scenario, rate, seconds, None).await
 }
@@ -196,21 +224,11 @@ async fn a_cardinality_bomb_overflows_into_one_series_and_stays_exact() {
     let http = server.http_addr();
     // Every kind: the frontend's calls to checkout are operations of the frontend too, and
     // count against its cap.
-    let q = "span_duration_seconds_count{service=\"frontend\",span_kind=~\".+\"}";
-    let v: serde_json::Value = reqwest::Client::new()
-        .get(format!("http://{http}/api/v1/series"))
-        .query(&[("match[]", q)])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let series = v["data"].as_array().unwrap();
+    let frontend = series(http, "span_duration_seconds_count{service=\"frontend\",span_kind=~\".+\"}").await;
     let named: std::collections::BTreeSet<&str> =
-        series.iter().filter_map(|s| s["operation"].as_str()).filter(|o| *o != "__overflow__").collect();
+        frontend.iter().filter_map(|s| s["operation"].as_str()).filter(|o| *o != "__overflow__").collect();
     assert_eq!(named.len(), 500, "500 operations, then __overflow__");
-    assert!(series.iter().any(|s| s["operation"] == "__overflow__"));
+    assert!(frontend.iter().any(|s| s["operation"] == "__overflow__"));
     let text = reqwest::get(format!("http://{http}/metrics")).await.unwrap().text().await.unwrap();
     let overflowed: f64 = text
         .lines()
@@ -219,17 +237,11 @@ async fn a_cardinality_bomb_overflows_into_one_series_and_stays_exact() {
         .unwrap_or(0.0);
     // Exactly the spans the server counted under __overflow__, of any kind; the client sends
     // its first 2,000 names (then its own `__overflow__`), so at least those beyond 500.
-    let q = "sum(increase(span_duration_seconds_count{service=\"frontend\",operation=\"__overflow__\",span_kind=~\".+\"}[10m]))";
-    let v: serde_json::Value = reqwest::Client::new()
-        .post(format!("http://{http}/api/v1/query"))
-        .form(&[("query", q)])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let counted: f64 = v["data"]["result"][0]["value"][1].as_str().unwrap().parse().unwrap();
+    let counted = instant(
+        http,
+        "sum(increase(span_duration_seconds_count{service=\"frontend\",operation=\"__overflow__\",span_kind=~\".+\"}[10m]))",
+    )
+    .await;
     let own_overflow = r.requests.min(2000).saturating_sub(500) as f64;
     assert!(overflowed >= own_overflow, "{overflowed} < {own_overflow}: {text}");
     assert!(
@@ -237,10 +249,7 @@ async fn a_cardinality_bomb_overflows_into_one_series_and_stays_exact() {
         "{counted} counted under __overflow__, {overflowed} overflowed by the server"
     );
     // The other services kept their two operations.
-    let q = "match[]=span_duration_seconds_count{service=\"checkout\"}";
-    let v: serde_json::Value =
-        reqwest::get(format!("http://{http}/api/v1/series?{q}")).await.unwrap().json().await.unwrap();
-    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    assert_eq!(series(http, "span_duration_seconds_count{service=\"checkout\"}").await.len(), 2);
     server.shutdown().await;
 }
 
@@ -253,17 +262,7 @@ async fn late_data_lands_in_its_own_windows() {
     assert!(text.contains("payments: spans arrive 180 s late"), "{text}");
     // The late third of payments' spans counts three minutes back, not now.
     let http = server.http_addr();
-    let q = "sum(increase(span_duration_seconds_count{service=\"payments\"}[60s]))";
-    let v: serde_json::Value = reqwest::Client::new()
-        .post(format!("http://{http}/api/v1/query"))
-        .form(&[("query", q)])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let recent: f64 = v["data"]["result"][0]["value"][1].as_str().unwrap().parse().unwrap();
+    let recent = instant(http, "sum(increase(span_duration_seconds_count{service=\"payments\"}[60s]))").await;
     let payments = &r.services[2];
     assert!(recent < payments.client_count as f64 * 0.8, "{recent} of {}", payments.client_count);
     server.shutdown().await;

@@ -273,3 +273,31 @@ pub fn form_encode(s: &str) -> String {
         })
         .collect()
 }
+
+/// POSTs an OTLP/JSON export to the OTLP/HTTP listener and expects 200.
+pub async fn post_otlp_json(otlp_http: SocketAddr, body: Vec<u8>) {
+    let resp = reqwest::Client::new()
+        .post(format!("http://{otlp_http}/v1/traces"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(resp.status().as_u16(), 200, "{}", resp.text().await.unwrap_or_default());
+}
+
+/// A client of `service` sending to `grpc` in batches of at most 50 ms, once it is connected
+/// (so nothing is folded for want of a stream).
+pub async fn connected(service: &str, grpc: SocketAddr) -> tailscope::Client {
+    let client = tailscope::Client::builder()
+        .endpoint(format!("http://{grpc}"))
+        .service(service)
+        .configure(|c| c.max_batch_delay = Duration::from_millis(50))
+        .build()
+        .expect("client");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !client.stats().connected && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    client
+}

@@ -258,17 +258,8 @@ async fn a_one_percent_budget_counts_exactly_what_no_sampling_counts() {
         c.sampling.budget = budget;
         c.sampling.interval = Duration::from_millis(200);
         let server = start_with(c, std::sync::Arc::new(tailscope_server::clock::SystemClock)).await;
-        let client = Client::builder()
-            .endpoint(format!("http://{}", server.grpc_addr()))
-            .service("sampled")
-            .configure(|c| c.max_batch_delay = Duration::from_millis(50))
-            .build()
-            .unwrap();
         // Connected first, so nothing is folded for want of a stream.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !client.stats().connected && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        let client = connected("sampled", server.grpc_addr()).await;
         let mut r = rand::rngs::StdRng::seed_from_u64(11);
         let mut durations: Vec<Vec<i64>> = vec![Vec::new(); 5];
         // 10,000 spans/s for 4 s over five operations of different weights.

@@ -567,14 +567,7 @@ async fn client_spans_do_not_mix_into_a_services_own_latency() {
         let server = start_with(config(dir.path()), Arc::new(ManualClock::new(T * SEC))).await;
         let http = server.http_addr();
         if !restarted {
-            let resp = reqwest::Client::new()
-                .post(format!("http://{}/v1/traces", server.otlp_http_addr()))
-                .header("content-type", "application/json")
-                .body(body.clone())
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status().as_u16(), 200, "{}", resp.text().await.unwrap());
+            post_otlp_json(server.otlp_http_addr(), body.clone()).await;
         }
         let p99 = instant(
             http,

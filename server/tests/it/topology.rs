@@ -5,10 +5,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::*;
-use tailscope::{Client, SpanKind, Status};
+use tailscope::{SpanKind, Status};
 
 /// `expr` evaluated now: (client, server) → value.
 async fn edges(http: std::net::SocketAddr, expr: &str) -> BTreeMap<(String, String), f64> {
@@ -28,20 +28,6 @@ async fn edges(http: std::net::SocketAddr, expr: &str) -> BTreeMap<(String, Stri
 
 fn edge(client: &str, server: &str) -> (String, String) {
     (client.to_owned(), server.to_owned())
-}
-
-async fn connected(service: &str, grpc: std::net::SocketAddr) -> Client {
-    let client = Client::builder()
-        .endpoint(format!("http://{grpc}"))
-        .service(service)
-        .configure(|c| c.max_batch_delay = Duration::from_millis(50))
-        .build()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !client.stats().connected && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    client
 }
 
 /// frontend → checkout → payments and checkout → db:postgres through the client crate, with
@@ -199,14 +185,7 @@ async fn otlp_client_spans_draw_edges_to_their_peers() {
     for restarted in [false, true] {
         let server = start(dir.path()).await;
         if !restarted {
-            let resp = reqwest::Client::new()
-                .post(format!("http://{}/v1/traces", server.otlp_http_addr()))
-                .header("content-type", "application/json")
-                .body(body.clone())
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status().as_u16(), 200, "{}", resp.text().await.unwrap());
+            post_otlp_json(server.otlp_http_addr(), body.clone()).await;
         }
         let calls = edges(
             server.http_addr(),
