@@ -184,7 +184,7 @@ pub struct Environment {
     pub retention: RetentionConfig,
     /// Wall-clock time.
     pub clock: Arc<dyn Clock>,
-    /// Self-metrics.
+    /// Self-metrics (`tailscope_alerts_dropped_total` counts what a full queue drops).
     pub metrics: Arc<Metrics>,
 }
 
@@ -199,13 +199,17 @@ impl std::fmt::Debug for Environment {
 pub struct Correlator {
     tx: mpsc::Sender<Vec<Alert>>,
     stamps: Arc<Mutex<HashMap<u64, Stamp>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Sink for Correlator {
     fn send(&self, alerts: Vec<Alert>) {
+        let n = alerts.len() as u64;
         if self.tx.try_send(alerts).is_err() {
-            // Full: rules resend firing alerts every resend delay.
-            tracing::warn!("incident correlation queue full; alerts wait for their next resend");
+            // Full: dropped as the notifier's own full queue drops, counted in
+            // `tailscope_alerts_dropped_total`; rules resend firing alerts every resend delay.
+            self.metrics.alerts_dropped.inc_by(n);
+            tracing::warn!(alerts = n, "incident correlation queue full; alerts wait for their next resend");
         }
     }
 }
@@ -237,6 +241,7 @@ impl Correlator {
             Err(e) => tracing::error!(error = %e, "cannot read incident stamps; incidents start afresh"),
         }
         let stamps = Arc::new(Mutex::new(restored));
+        let metrics = env.metrics.clone();
         let (tx, mut rx) = mpsc::channel::<Vec<Alert>>(capacity.max(1));
         let worker = Worker { config, env, stamps: stamps.clone(), tails: None };
         let task = tokio::spawn(async move {
@@ -256,7 +261,7 @@ impl Correlator {
                 next.send(stamped);
             }
         });
-        (Arc::new(Correlator { tx, stamps }), task)
+        (Arc::new(Correlator { tx, stamps, metrics }), task)
     }
 
     /// The incidents of the stamps kept, newest first.
