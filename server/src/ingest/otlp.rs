@@ -26,10 +26,10 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use tailscope_proto::batch::BatchBuilder;
-use tailscope_proto::v1::{SeriesKey, Span, SpanBatch, SpanKind, SpanStatus};
+use tailscope_proto::v1::{SeriesKey, Span, SpanBatch, SpanStatus};
 
 use crate::ingest::{BatchStats, MAX_LABEL_BYTES};
-use crate::series::SpanReject;
+use crate::series::{Kind, SpanReject};
 
 /// The service name OpenTelemetry SDKs report when none is configured.
 pub const UNKNOWN_SERVICE: &str = "unknown_service";
@@ -189,8 +189,7 @@ impl<'a> Converter<'a> {
         let kind = span.kind;
         // Only an outgoing span's attributes name its callee; a server span's caller is not
         // in its attributes.
-        let outgoing = kind == SpanKind::Client as i32 || kind == SpanKind::Producer as i32;
-        let peer = if outgoing { span.peer.key() } else { None };
+        let peer = if Kind::from_wire(kind).is_outgoing() { span.peer.key() } else { None };
         let series = || SeriesKey {
             service: service.to_owned(),
             operation: operation.to_owned(),
@@ -379,6 +378,7 @@ mod tests {
 
     #[test]
     fn outgoing_spans_name_their_peer_from_semantic_conventions() {
+        use tailscope_proto::v1::SpanKind;
         let attr = |k: &str, v: &str| KeyValue {
             key: k.into(),
             value: Some(Any { value: Some(AnyValue::StringValue(v.into())) }),

@@ -225,10 +225,10 @@ impl ShardState {
                         },
                         status,
                         kind: route.kind,
-                        peer: match key {
-                            _ if route.peer_overflow => crate::cardinality::OVERFLOW.to_owned(),
-                            Some(k) => k.peer.clone(),
-                            None => String::new(),
+                        peer: if route.peer_overflow {
+                            crate::cardinality::OVERFLOW.to_owned()
+                        } else {
+                            key.map(|k| k.peer.clone()).unwrap_or_default()
                         },
                     });
                 }

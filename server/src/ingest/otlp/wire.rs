@@ -5,7 +5,9 @@
 //! type. What it does read it checks as a full decoder would (wire types, lengths, UTF-8), and
 //! it gives what [`super::to_batch`] gives for the same request (a test holds the two equal).
 
-use tailscope_proto::v1::{SpanBatch, SpanKind};
+use tailscope_proto::v1::SpanBatch;
+
+use crate::series::Kind;
 
 use super::{Converter, Peer, SpanFields};
 
@@ -188,7 +190,7 @@ fn span<'a>(bytes: &'a [u8]) -> Result<SpanFields<'a>, String> {
             6 => s.kind = r.i32_field("Span.kind", wire)?,
             // Attributes name the callee of an outgoing span only; the kind comes before them
             // in every encoder's output, so the attributes of other spans are skipped whole.
-            9 if s.kind == 0 || s.kind == SpanKind::Client as i32 || s.kind == SpanKind::Producer as i32 => {
+            9 if s.kind == 0 || Kind::from_wire(s.kind).is_outgoing() => {
                 let (key, value) = key_value(r.len_field("Span.attributes", wire)?, Peer::wants)?;
                 if let Some(value) = value {
                     s.peer.offer(key, value);
