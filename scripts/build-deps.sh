@@ -3,7 +3,10 @@
 # bindings are generated with bindgen) and g++ (RocksDB is C++ compiled from source).
 set -euo pipefail
 need=()
-if ! compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null && ! compgen -G "/usr/lib/x86_64-linux-gnu/libclang*.so*" >/dev/null; then
+# libclang itself: libclang-cpp (which a machine may have without it) is not what bindgen loads.
+if ! compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null \
+  && ! compgen -G "/usr/lib/x86_64-linux-gnu/libclang.so*" >/dev/null \
+  && ! compgen -G "/usr/lib/x86_64-linux-gnu/libclang-[0-9]*.so*" >/dev/null; then
   need+=(libclang-dev)
 fi
 command -v g++ >/dev/null || need+=(g++)
