@@ -80,7 +80,7 @@ pub use crate::backoff::Backoff;
 pub use crate::breaker::{Breaker, BreakerState};
 use crate::exporter::{Command, Exporter};
 use crate::shared::{Anchor, Counters, Folder, Interner, Record, Shared};
-pub use crate::shared::{MAX_OPERATION_BYTES, OVERFLOW_OPERATION};
+pub use crate::shared::{MAX_OPERATION_BYTES, MAX_PEERS, OVERFLOW_OPERATION};
 
 /// The outcome of a span.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -487,6 +487,11 @@ impl Client {
     #[inline]
     pub(crate) fn operation_id(&self, operation: &str, kind: SpanKind) -> u32 {
         self.inner.shared.ops.id_of(operation, kind)
+    }
+
+    #[inline]
+    pub(crate) fn operation_id_with_peer(&self, operation: &str, kind: SpanKind, peer: &str) -> u32 {
+        self.inner.shared.ops.id_with_peer(operation, kind, peer)
     }
 
     #[inline]

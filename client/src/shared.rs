@@ -38,6 +38,10 @@ impl Record {
     }
 }
 
+/// The most distinct peers a client names (the server's default `ingest.max_peers_per_service`);
+/// beyond, new peers count as [`OVERFLOW_OPERATION`].
+pub const MAX_PEERS: usize = 64;
+
 /// Operation names, each with its span kind and peer, as small integers. Lookups of known
 /// names take a read lock and allocate nothing; beyond `limit` names, new ones count as
 /// [`OVERFLOW_OPERATION`] (of unspecified kind, without a peer).
@@ -140,8 +144,13 @@ impl Interner {
 
     #[cold]
     fn insert_peered(&self, name: &str, kind: SpanKind, peer: &str) -> u32 {
-        let (name, peer) = (sanitize(name), sanitize(peer));
+        let (name, mut peer) = (sanitize(name), sanitize(peer));
         let mut peered = self.peered.write();
+        // Peers can come from the requests a service serves (the caller its `baggage` names):
+        // past the cap, new ones share one peer, as the server's own cap does.
+        if peered.len() >= MAX_PEERS && !peered.contains_key(peer) {
+            peer = OVERFLOW_OPERATION;
+        }
         let ids = &mut peered.entry(Box::from(peer)).or_default()[kind_index(kind)];
         if let Some(&id) = ids.get(name) {
             return id;
@@ -373,6 +382,21 @@ mod tests {
         let mut all = i.lookup("charge");
         all.sort_unstable();
         assert_eq!(all, ids);
+    }
+
+    #[test]
+    fn peers_past_the_cap_share_the_overflow_peer() {
+        let i = Interner::new(1_000);
+        let ids: Vec<u32> = (0..MAX_PEERS)
+            .map(|n| i.id_with_peer("GET /a", SpanKind::Server, &format!("caller-{n}")))
+            .collect();
+        assert!(ids.iter().all(|&id| id != 0));
+        let late = i.id_with_peer("GET /a", SpanKind::Server, "one-too-many");
+        let op = i.operation(late);
+        assert_eq!((&*op.name, &*op.peer), ("GET /a", OVERFLOW_OPERATION));
+        // Every later newcomer lands on the same operation; known peers keep theirs.
+        assert_eq!(i.id_with_peer("GET /a", SpanKind::Server, "and-another"), late);
+        assert_eq!(i.id_with_peer("GET /a", SpanKind::Server, "caller-7"), ids[7]);
     }
 
     #[test]

@@ -18,6 +18,13 @@
 //! callee's server span is its child, and a caller behind two tailscope layers passes its trace
 //! on without a line of code.
 //!
+//! Service graph: the client layer records each call with its callee as peer (the name given
+//! to [`TailscopeClientLayer::peer`], else the request's host) and tells the callee who calls
+//! it in W3C `baggage` (`ts.caller=<service>`, other members kept); the server layer records
+//! the request with that caller as peer. So an edge is seen from both ends — the time the
+//! caller waited and the time the callee served — with exact counts. A client names at most
+//! [`MAX_PEERS`](crate::MAX_PEERS) peers; beyond, new callers count as `__overflow__`.
+//!
 //! ```no_run
 //! # #[cfg(feature = "axum")]
 //! # fn demo(client: tailscope::Client) {
@@ -27,14 +34,16 @@
 //! # }
 //! ```
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use crate::trace::TraceContext;
-use crate::{Client, SpanKind, Status};
+use crate::trace::{baggage_get, baggage_set, TraceContext, CALLER_KEY};
+use crate::{Client, SpanKind, Status, MAX_OPERATION_BYTES};
 
 /// Wraps services in [`TailscopeService`].
 #[derive(Debug, Clone)]
@@ -53,7 +62,7 @@ impl<S> tower_layer::Layer<S> for TailscopeLayer {
     type Service = TailscopeService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TailscopeService { inner, client: self.client.clone(), kind: SpanKind::Server }
+        TailscopeService { inner, client: self.client.clone(), side: Side::Server }
     }
 }
 
@@ -63,8 +72,21 @@ impl<S> tower_layer::Layer<S> for TailscopeLayer {
 pub struct TailscopeService<S> {
     inner: S,
     client: Client,
-    /// `Server` for requests served, `Client` for calls made.
-    kind: SpanKind,
+    side: Side,
+}
+
+/// Which end of a call a [`TailscopeService`] times.
+#[derive(Debug, Clone)]
+enum Side {
+    /// Requests served: `SPAN_KIND_SERVER`, the caller its `baggage` names as peer.
+    Server,
+    /// Calls made: `SPAN_KIND_CLIENT`.
+    Client {
+        /// The callee, when the layer was told it; else the request's host.
+        peer: Option<Arc<str>>,
+        /// `ts.caller=<this service>`, what a request without `baggage` gets.
+        caller: http::HeaderValue,
+    },
 }
 
 thread_local! {
@@ -72,7 +94,7 @@ thread_local! {
     static NAME: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
-fn operation<B>(client: &Client, req: &http::Request<B>, kind: SpanKind) -> u32 {
+fn operation<B>(client: &Client, req: &http::Request<B>, kind: SpanKind, peer: &str) -> u32 {
     #[cfg(feature = "axum")]
     let route = req.extensions().get::<axum::extract::MatchedPath>().map(|m| m.as_str());
     #[cfg(not(feature = "axum"))]
@@ -83,8 +105,33 @@ fn operation<B>(client: &Client, req: &http::Request<B>, kind: SpanKind) -> u32 
         name.push_str(req.method().as_str());
         name.push(' ');
         name.push_str(route);
-        client.operation_id(name, kind)
+        client.operation_id_with_peer(name, kind, peer)
     })
+}
+
+/// The caller the request's W3C `baggage` names ([`CALLER_KEY`]), if any and if it is a name
+/// the server would take.
+fn caller<B>(req: &http::Request<B>) -> Option<Cow<'_, str>> {
+    req.headers()
+        .get_all("baggage")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| baggage_get(v, CALLER_KEY))
+        .filter(|c| !c.is_empty() && c.len() <= MAX_OPERATION_BYTES)
+}
+
+/// Sets `ts.caller` in the request's `baggage`, keeping what else it carries.
+fn tell_caller<B>(req: &mut http::Request<B>, caller: &http::HeaderValue, service: &str) {
+    let headers = req.headers_mut();
+    let existing: Vec<&str> = headers.get_all("baggage").iter().filter_map(|v| v.to_str().ok()).collect();
+    if existing.is_empty() {
+        headers.insert("baggage", caller.clone());
+        return;
+    }
+    let merged = baggage_set(&existing.join(","), CALLER_KEY, service);
+    if let Some(value) = merged.and_then(|m| http::HeaderValue::from_str(&m).ok()) {
+        headers.insert("baggage", value);
+    }
 }
 
 /// The trace context a request's `traceparent` header names, if valid.
@@ -105,21 +152,30 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let op = operation(&self.client, &req, self.kind);
-        let (ctx, parent) = if self.kind == SpanKind::Client {
-            // A call: child of the request being served, and its callee's parent.
-            let parent = req.extensions().get::<TraceContext>().copied().or_else(TraceContext::current);
-            let ctx = parent.map_or_else(TraceContext::root, |p| p.child(0));
-            if let Ok(value) = http::HeaderValue::from_str(&ctx.traceparent()) {
-                req.headers_mut().insert("traceparent", value);
+        let (op, ctx, parent) = match &self.side {
+            Side::Client { peer, caller } => {
+                // A call: child of the request being served, and its callee's parent.
+                let callee = peer.as_deref().or_else(|| req.uri().host()).unwrap_or("");
+                let op = operation(&self.client, &req, SpanKind::Client, callee);
+                let parent = req.extensions().get::<TraceContext>().copied().or_else(TraceContext::current);
+                let ctx = parent.map_or_else(TraceContext::root, |p| p.child(0));
+                if let Ok(value) = http::HeaderValue::from_str(&ctx.traceparent()) {
+                    req.headers_mut().insert("traceparent", value);
+                }
+                tell_caller(&mut req, caller, &self.client.config().service);
+                (op, ctx, parent)
             }
-            (ctx, parent)
-        } else {
-            // A request served: child of its caller's `traceparent`.
-            let parent = traceparent(&req);
-            let ctx = parent.map_or_else(TraceContext::root, |p| p.child(0));
-            req.extensions_mut().insert(ctx);
-            (ctx, parent)
+            Side::Server => {
+                // A request served: child of its caller's `traceparent`, its peer the caller.
+                let op = {
+                    let caller = caller(&req);
+                    operation(&self.client, &req, SpanKind::Server, caller.as_deref().unwrap_or(""))
+                };
+                let parent = traceparent(&req);
+                let ctx = parent.map_or_else(TraceContext::root, |p| p.child(0));
+                req.extensions_mut().insert(ctx);
+                (op, ctx, parent)
+            }
         };
         let timer = Timer {
             client: self.client.clone(),
@@ -140,12 +196,29 @@ where
 #[derive(Debug, Clone)]
 pub struct TailscopeClientLayer {
     client: Client,
+    peer: Option<Arc<str>>,
+    caller: http::HeaderValue,
 }
 
 impl TailscopeClientLayer {
-    /// A layer recording calls into `client`.
+    /// A layer recording calls into `client`; the callee of each call is the request's host
+    /// (see [`TailscopeClientLayer::peer`]).
     pub fn new(client: Client) -> TailscopeClientLayer {
-        TailscopeClientLayer { client }
+        let service = &client.config().service;
+        let caller = baggage_set("", CALLER_KEY, service)
+            .and_then(|b| http::HeaderValue::from_str(&b).ok())
+            .unwrap_or_else(|| http::HeaderValue::from_static(""));
+        TailscopeClientLayer { client, peer: None, caller }
+    }
+
+    /// Names the service these calls reach, by its own `service` name (`payments`), or an
+    /// uninstrumented system (`ext:api.stripe.com`): the peer of the calls' series and the
+    /// callee of their edge in the service graph. Without it, the request's host is the peer
+    /// — a tonic channel's requests carry none until the channel adds it, so name the peer
+    /// there.
+    pub fn peer(mut self, peer: impl Into<Arc<str>>) -> TailscopeClientLayer {
+        self.peer = Some(peer.into());
+        self
     }
 }
 
@@ -153,7 +226,8 @@ impl<S> tower_layer::Layer<S> for TailscopeClientLayer {
     type Service = TailscopeClientService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TailscopeService { inner, client: self.client.clone(), kind: SpanKind::Client }
+        let side = Side::Client { peer: self.peer.clone(), caller: self.caller.clone() };
+        TailscopeService { inner, client: self.client.clone(), side }
     }
 }
 

@@ -116,5 +116,95 @@ impl Drop for Entered {
     }
 }
 
+/// The W3C `baggage` member by which tailscope's client layer tells a callee who calls it:
+/// `ts.caller=<service>`. The callee's server layer records its span with that caller as
+/// peer, so the edge appears from both ends of the service graph.
+pub const CALLER_KEY: &str = "ts.caller";
+
+/// The most bytes of `baggage` a request carries (W3C Baggage's limit).
+pub const MAX_BAGGAGE_BYTES: usize = 8192;
+
+/// The most members of `baggage` a request carries (W3C Baggage's limit).
+pub const MAX_BAGGAGE_MEMBERS: usize = 64;
+
+/// The value of member `key` in a W3C `baggage` header value, percent-decoded; `None` when
+/// absent, or when its value does not decode to UTF-8. Borrowed when nothing was encoded.
+pub fn baggage_get<'a>(baggage: &'a str, key: &str) -> Option<std::borrow::Cow<'a, str>> {
+    baggage.split(',').find_map(|member| {
+        let (k, rest) = member.split_once('=')?;
+        if k.trim_matches([' ', '\t']) != key {
+            return None;
+        }
+        // Properties (`;k=v`) follow the value.
+        let value = rest.split(';').next().unwrap_or("").trim_matches([' ', '\t']);
+        percent_decode(value)
+    })
+}
+
+/// `baggage` (a W3C `baggage` header value, possibly empty) with member `key` set to
+/// `value`, percent-encoded: an earlier member of that key is removed, the others keep their
+/// order. `None` when the result would pass W3C Baggage's limits ([`MAX_BAGGAGE_BYTES`],
+/// [`MAX_BAGGAGE_MEMBERS`]); the caller then sends the header unchanged.
+pub fn baggage_set(baggage: &str, key: &str, value: &str) -> Option<String> {
+    let mut out = String::with_capacity(baggage.len() + key.len() + value.len() + 2);
+    let mut members = 0;
+    for member in baggage.split(',') {
+        let trimmed = member.trim_matches([' ', '\t']);
+        let same_key = trimmed.split_once('=').is_some_and(|(k, _)| k.trim_matches([' ', '\t']) == key);
+        if trimmed.is_empty() || same_key {
+            continue;
+        }
+        out.push_str(trimmed);
+        out.push(',');
+        members += 1;
+    }
+    out.push_str(key);
+    out.push('=');
+    percent_encode(value, &mut out);
+    (members < MAX_BAGGAGE_MEMBERS && out.len() <= MAX_BAGGAGE_BYTES).then_some(out)
+}
+
+/// Whether W3C Baggage lets `b` stand for itself in a value (`baggage-octet`, less `%`).
+fn plain(b: u8) -> bool {
+    matches!(b, 0x21 | 0x23..=0x24 | 0x26..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E)
+}
+
+fn percent_encode(value: &str, out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in value.as_bytes() {
+        if plain(b) {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
+        }
+    }
+}
+
+fn percent_decode(value: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if !value.contains('%') {
+        return Some(std::borrow::Cow::Borrowed(value));
+    }
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi << 4 | lo) as u8);
+                i += 3;
+            }
+            // A stray `%` stands for itself, as W3C Baggage asks of a lenient reader.
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok().map(std::borrow::Cow::Owned)
+}
+
 #[cfg(test)]
 mod tests;

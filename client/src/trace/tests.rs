@@ -60,3 +60,41 @@ fn a_child_keeps_the_trace_and_entering_nests() {
     }
     assert_eq!(TraceContext::current(), None);
 }
+
+#[test]
+fn baggage_members_are_read_with_properties_spaces_and_percent_encoding() {
+    let header = "userId=alice , ts.caller = check%20out;ttl=3, serverNode=DF%2028";
+    assert_eq!(baggage_get(header, CALLER_KEY).as_deref(), Some("check out"));
+    assert_eq!(baggage_get(header, "userId").as_deref(), Some("alice"));
+    assert_eq!(baggage_get(header, "serverNode").as_deref(), Some("DF 28"));
+    assert_eq!(baggage_get(header, "missing"), None);
+    assert_eq!(baggage_get("", CALLER_KEY), None);
+    // Nothing encoded: borrowed, no allocation.
+    assert!(matches!(
+        baggage_get("ts.caller=frontend", CALLER_KEY),
+        Some(std::borrow::Cow::Borrowed("frontend"))
+    ));
+    // A stray `%` is itself; bytes that are not UTF-8 are no value at all.
+    assert_eq!(baggage_get("ts.caller=50%", CALLER_KEY).as_deref(), Some("50%"));
+    assert_eq!(baggage_get("ts.caller=%FF%FE", CALLER_KEY), None);
+}
+
+#[test]
+fn setting_a_baggage_member_replaces_it_and_keeps_the_others() {
+    assert_eq!(baggage_set("", CALLER_KEY, "frontend").as_deref(), Some("ts.caller=frontend"));
+    assert_eq!(
+        baggage_set("userId=alice, ts.caller=edge;p=1,k=v", CALLER_KEY, "check out,1%").as_deref(),
+        Some("userId=alice,k=v,ts.caller=check%20out%2C1%25")
+    );
+    // What is written reads back as it was given, for every byte a name can hold.
+    let name = "svc \"quoted\";=,%\\ é";
+    let header = baggage_set("a=b", CALLER_KEY, name).unwrap();
+    assert!(header.bytes().all(|b| b.is_ascii_graphic()), "{header}");
+    assert_eq!(baggage_get(&header, CALLER_KEY).as_deref(), Some(name));
+    assert_eq!(baggage_get(&header, "a").as_deref(), Some("b"));
+    // Past W3C Baggage's limits nothing is added.
+    let full = (0..MAX_BAGGAGE_MEMBERS).map(|n| format!("k{n}=v")).collect::<Vec<_>>().join(",");
+    assert_eq!(baggage_set(&full, CALLER_KEY, "frontend"), None);
+    let big = format!("k={}", "v".repeat(MAX_BAGGAGE_BYTES));
+    assert_eq!(baggage_set(&big, CALLER_KEY, "frontend"), None);
+}
