@@ -12,8 +12,13 @@
 //! ```
 //!
 //! A span keeps its name (the operation), kind, start, end, status (`Error` fails it) and trace
-//! context, so exemplars link to the same traces the SDK's exporters send elsewhere.
+//! context, so exemplars link to the same traces the SDK's exporters send elsewhere. A CLIENT
+//! or PRODUCER span names its callee — the edge of the service graph — by the attributes the
+//! server reads from OTLP, the first of `peer.service`/`service.peer.name`,
+//! `db.system.name`/`db.system` (`db:<system>`), `messaging.system` (`mq:<system>`),
+//! `server.address`/`net.peer.name`.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
@@ -55,11 +60,43 @@ fn kind(k: &OtelKind) -> SpanKind {
     }
 }
 
+/// The callee a CLIENT or PRODUCER span's semantic-convention attributes name, if any.
+fn peer(span: &SpanData) -> Option<Cow<'_, str>> {
+    if !matches!(span.span_kind, OtelKind::Client | OtelKind::Producer) {
+        return None;
+    }
+    let text = |key: &str| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .and_then(|kv| match &kv.value {
+                opentelemetry::Value::String(s) => Some(s.as_str()),
+                _ => None,
+            })
+            .filter(|s| !s.is_empty())
+    };
+    if let Some(service) = text("peer.service").or_else(|| text("service.peer.name")) {
+        return Some(Cow::Borrowed(service));
+    }
+    if let Some(db) = text("db.system.name").or_else(|| text("db.system")) {
+        return Some(Cow::Owned(format!("db:{db}")));
+    }
+    if let Some(mq) = text("messaging.system") {
+        return Some(Cow::Owned(format!("mq:{mq}")));
+    }
+    text("server.address").or_else(|| text("net.peer.name")).map(Cow::Borrowed)
+}
+
 impl SpanProcessor for TailscopeSpanProcessor {
     fn on_start(&self, _span: &mut Span, _cx: &opentelemetry::Context) {}
 
     fn on_end(&self, span: SpanData) {
-        let op = self.client.operation_id(&span.name, kind(&span.span_kind));
+        let peer = peer(&span);
+        let op = self.client.operation_id_with_peer(
+            &span.name,
+            kind(&span.span_kind),
+            peer.as_deref().unwrap_or(""),
+        );
         let start = nanos(span.start_time);
         let duration = nanos(span.end_time).saturating_sub(start);
         let status = match span.status {
