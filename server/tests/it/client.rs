@@ -341,7 +341,10 @@ async fn exemplars(http: std::net::SocketAddr, service: &str, kind: &str) -> Vec
 /// frontend (server layer), whose handler calls a backend through hyper's client wrapped in the
 /// client layer, and a `tracing` span inside the backend: all four spans are in the caller's
 /// trace, each kind in its series, and the backend's server span is the child of the
-/// frontend's client span (the `traceparent` the backend received).
+/// frontend's client span (the `traceparent` the backend received). The hop is an edge seen
+/// from both ends: the frontend's calls name the backend as peer, and the backend's requests
+/// name the frontend, which the client layer told it in `baggage` with the caller's own
+/// members kept.
 #[tokio::test]
 async fn tower_and_tracing_layers_carry_w3c_trace_context_across_a_hop() {
     use axum::routing::get;
@@ -356,18 +359,20 @@ async fn tower_and_tracing_layers_carry_w3c_trace_context_across_a_hop() {
 
     // The backend: the traceparent it received, kept; a tracing span inside the handler.
     let received = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let baggage = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
     #[tracing::instrument]
     async fn charge() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let seen = received.clone();
+    let (seen, seen_baggage) = (received.clone(), baggage.clone());
     let backend_app = axum::Router::new()
         .route(
             "/charge",
             get(move |headers: axum::http::HeaderMap| {
-                let seen = seen.clone();
+                let (seen, seen_baggage) = (seen.clone(), seen_baggage.clone());
                 async move {
                     seen.lock().push(headers["traceparent"].to_str().unwrap().to_owned());
+                    seen_baggage.lock().push(headers["baggage"].to_str().unwrap().to_owned());
                     charge().await;
                     "charged"
                 }
@@ -382,7 +387,7 @@ async fn tower_and_tracing_layers_carry_w3c_trace_context_across_a_hop() {
     let hyper_client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
     let outgoing = tower::ServiceBuilder::new()
-        .layer(tailscope::tower::TailscopeClientLayer::new(frontend.clone()))
+        .layer(tailscope::tower::TailscopeClientLayer::new(frontend.clone()).peer("backend"))
         .service(hyper_client);
     let frontend_app = axum::Router::new()
         .route(
@@ -391,6 +396,7 @@ async fn tower_and_tracing_layers_carry_w3c_trace_context_across_a_hop() {
                 let outgoing = outgoing.clone();
                 async move {
                     let req = axum::http::Request::get(format!("http://{backend_addr}/charge"))
+                        .header("baggage", "userId=alice,ts.caller=spoofed")
                         .body(http_body_util::Empty::new())
                         .unwrap();
                     let resp = outgoing.oneshot(req).await.unwrap();
@@ -459,6 +465,34 @@ async fn tower_and_tracing_layers_carry_w3c_trace_context_across_a_hop() {
     // Spans of a request the layers serve are not counted in the callers' own latency.
     let own = tail(http, "service=frontend").await;
     assert!(own.iter().all(|r| r["span_kind"] == "SPAN_KIND_SERVER"), "{own:?}");
+    // The edge from both ends: the caller's two calls to the backend, the backend's two
+    // requests from the frontend; the caller's own baggage member survives, the stale caller
+    // does not.
+    assert_eq!(*baggage.lock(), vec!["userId=alice,ts.caller=frontend".to_owned(); 2]);
+    let peers = |rows: Vec<serde_json::Value>| -> Vec<(String, u64)> {
+        rows.iter().map(|r| (r["peer"].as_str().unwrap().to_owned(), r["count"].as_u64().unwrap())).collect()
+    };
+    let calls = peers(tail(http, "service=frontend&span_kind=SPAN_KIND_CLIENT").await);
+    assert_eq!(calls, vec![("backend".to_owned(), 2)]);
+    let served = peers(tail(http, "service=backend&span_kind=SPAN_KIND_SERVER").await);
+    assert_eq!(served, vec![("frontend".to_owned(), 2)]);
+    // The frontend's own requests came from outside: no caller named.
+    let entered = peers(tail(http, "service=frontend&span_kind=SPAN_KIND_SERVER").await);
+    assert_eq!(entered, vec![(String::new(), 2)]);
+    let topology = get_json(http, "/api/v1/topology?start=0").await;
+    let edges: Vec<(&str, &str, f64)> = topology["data"]["edges"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{topology}"))
+        .iter()
+        .map(|e| {
+            (
+                e["source"].as_str().unwrap(),
+                e["target"].as_str().unwrap(),
+                e["detail__calls"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(edges, vec![("frontend", "backend", 2.0)], "{topology}");
     server.shutdown().await;
 }
 
@@ -494,6 +528,17 @@ async fn the_opentelemetry_span_processor_records_sdk_spans_with_their_ids() {
     for _ in 0..5 {
         tracer.span_builder("db.query").with_kind(SpanKind::Client).start(&tracer).end();
     }
+    // Calls that name their callee by the semantic conventions: edges of the service graph.
+    let attribute = |k: &'static str, v: &'static str| opentelemetry::KeyValue::new(k, v);
+    for (name, attributes) in [
+        ("Charge", vec![attribute("peer.service", "payments"), attribute("server.address", "10.0.0.7")]),
+        ("SELECT cart", vec![attribute("db.system.name", "postgresql")]),
+        ("publish", vec![attribute("messaging.system", "kafka")]),
+        ("GET /rates", vec![attribute("server.address", "api.rates.example")]),
+    ] {
+        let kind = if name == "publish" { SpanKind::Producer } else { SpanKind::Client };
+        tracer.span_builder(name).with_kind(kind).with_attributes(attributes).start(&tracer).end();
+    }
     // force_flush blocks until the server acknowledged: call it off the runtime's threads.
     let flushed = tokio::task::spawn_blocking(move || {
         let out = provider.force_flush();
@@ -509,8 +554,24 @@ async fn the_opentelemetry_span_processor_records_sdk_spans_with_their_ids() {
     assert_eq!((count("ok"), count("error")), (Some(27), Some(3)), "{rows:?}");
     assert!(rows.iter().all(|r| r["span_kind"] == "SPAN_KIND_SERVER" && r["operation"] == "GET /items"));
     let calls = tail(http, "service=otel-app&span_kind=SPAN_KIND_CLIENT").await;
-    assert_eq!(calls.len(), 1, "{calls:?}");
-    assert_eq!((calls[0]["operation"].as_str(), calls[0]["count"].as_u64()), (Some("db.query"), Some(5)));
+    let mut calls: Vec<(&str, &str, u64)> = calls
+        .iter()
+        .map(|r| {
+            (r["operation"].as_str().unwrap(), r["peer"].as_str().unwrap(), r["count"].as_u64().unwrap())
+        })
+        .collect();
+    calls.sort_unstable();
+    assert_eq!(
+        calls,
+        [
+            ("Charge", "payments", 1),
+            ("GET /rates", "api.rates.example", 1),
+            ("SELECT cart", "db:postgresql", 1),
+            ("db.query", "", 5)
+        ]
+    );
+    let published = tail(http, "service=otel-app&span_kind=SPAN_KIND_PRODUCER").await;
+    assert_eq!(published.iter().map(|r| r["peer"].as_str().unwrap()).collect::<Vec<_>>(), ["mq:kafka"]);
     let seen = exemplars(http, "otel-app", "SPAN_KIND_SERVER").await;
     assert!(!seen.is_empty());
     assert!(seen.iter().all(|(_, t, _)| ids.contains(t)), "{seen:?} not among the SDK's trace ids");
