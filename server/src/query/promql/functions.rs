@@ -1,5 +1,5 @@
 //! PromQL functions: `rate`/`increase` over the windows of a range, `histogram_quantile` from
-//! merged histograms. A new function is a match arm in [`Engine::call`] and its evaluation
+//! merged histograms, `label_replace`/`label_join` on any of them. A new function is a match arm in [`Engine::call`] and its evaluation
 //! here.
 
 use promql_parser::parser::{Call, Expr, MatrixSelector};
@@ -76,7 +76,60 @@ impl Engine<'_> {
                     at_most(hi).saturating_sub(at_most(lo)) as f64 / acc.count() as f64
                 })
             }
+            "label_replace" => {
+                let [v, dst, replacement, src, re] = args.as_slice() else {
+                    return unsupported(
+                        "label_replace() needs five arguments: vector, dst_label, replacement, src_label, regex",
+                    );
+                };
+                let (dst, replacement, src) =
+                    (self.string(name, dst)?, self.string(name, replacement)?, self.string(name, src)?);
+                let re = self.string(name, re)?;
+                let regex = regex::RegexBuilder::new(&format!("^(?:{re})$"))
+                    .size_limit(MAX_REGEX_BYTES)
+                    .dfa_size_limit(MAX_REGEX_BYTES)
+                    .build()
+                    .map_err(|e| {
+                        EvalError::Unsupported(format!("invalid regular expression in label_replace(): {e}"))
+                    })?;
+                label_name(name, &dst)?;
+                let value = self.eval(v)?;
+                relabel(name, value, |labels| {
+                    let from = labels.get(&src).map_or("", String::as_str);
+                    let Some(caps) = regex.captures(from) else { return };
+                    let mut to = String::new();
+                    caps.expand(&replacement, &mut to);
+                    set_label(labels, &dst, to);
+                })
+            }
+            "label_join" => {
+                let [v, dst, separator, sources @ ..] = args.as_slice() else {
+                    return unsupported(
+                        "label_join() needs at least three arguments: vector, dst_label, separator, src_label…",
+                    );
+                };
+                let (dst, separator) = (self.string(name, dst)?, self.string(name, separator)?);
+                label_name(name, &dst)?;
+                let sources = sources.iter().map(|e| self.string(name, e)).collect::<Result<Vec<_>, _>>()?;
+                let value = self.eval(v)?;
+                relabel(name, value, |labels| {
+                    let joined = sources
+                        .iter()
+                        .map(|s| labels.get(s).map_or("", String::as_str))
+                        .collect::<Vec<_>>()
+                        .join(&separator);
+                    set_label(labels, &dst, joined);
+                })
+            }
             other => unsupported(format!("function {other}() is not supported")),
+        }
+    }
+
+    /// A string argument of `name`.
+    fn string(&self, name: &str, e: &Expr) -> Result<String, EvalError> {
+        match self.eval(e)? {
+            Value::Str(s) => Ok(s),
+            _ => unsupported(format!("{name}()'s label and regex arguments must be strings")),
         }
     }
 
@@ -214,5 +267,65 @@ impl Engine<'_> {
             }
         }
         Ok(Value::Vector(out))
+    }
+}
+
+/// The most a `label_replace()` regex may compile to, as for alert matchers.
+const MAX_REGEX_BYTES: usize = crate::alerting::matchers::MAX_REGEX_BYTES;
+
+/// Refuses a label name Prometheus would not take.
+fn label_name(function: &str, name: &str) -> Result<(), EvalError> {
+    let mut chars = name.chars();
+    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        unsupported(format!("invalid label name {name:?} in {function}()"))
+    }
+}
+
+/// Sets a label; an empty value removes it, as in Prometheus.
+fn set_label(labels: &mut Labels, name: &str, value: String) {
+    if value.is_empty() {
+        labels.remove(name);
+    } else {
+        labels.insert(name.to_owned(), value);
+    }
+}
+
+/// `f` applied to the labels of every series of `value` — histograms stay histograms, so
+/// `histogram_quantile()` reads through `label_replace()` — refusing a result in which two
+/// series have the same labels, as Prometheus does.
+fn relabel(function: &str, value: Value, f: impl Fn(&mut Labels)) -> Result<Value, EvalError> {
+    fn distinct<'a>(function: &str, mut all: impl Iterator<Item = &'a Labels>) -> Result<(), EvalError> {
+        let mut seen = std::collections::BTreeSet::new();
+        match all.find(|l| !seen.insert(*l)) {
+            Some(dup) => unsupported(format!(
+                "{function}(): vector cannot contain metrics with the same labelset ({})",
+                dup.iter().map(|(k, v)| format!("{k}={v:?}")).collect::<Vec<_>>().join(", ")
+            )),
+            None => Ok(()),
+        }
+    }
+    match value {
+        Value::Vector(mut series) => {
+            series.iter_mut().for_each(|s| f(&mut s.labels));
+            distinct(function, series.iter().map(|s| &s.labels))?;
+            Ok(Value::Vector(series))
+        }
+        Value::Hist(mut h) => {
+            h.groups.iter_mut().for_each(|g| f(&mut g.labels));
+            distinct(function, h.groups.iter().map(|g| &g.labels))?;
+            Ok(Value::Hist(h))
+        }
+        Value::Native(mut series) => {
+            series.iter_mut().for_each(|s| f(&mut s.labels));
+            distinct(function, series.iter().map(|s| &s.labels))?;
+            Ok(Value::Native(series))
+        }
+        Value::Scalar(_) | Value::Str(_) => {
+            unsupported(format!("{function}()'s first argument must be a vector"))
+        }
     }
 }

@@ -757,3 +757,66 @@ fn the_service_graph_reads_as_tempos_metrics() {
         200.0
     );
 }
+
+#[test]
+fn label_replace_and_label_join_relabel_series_and_histograms() {
+    let mem = service_graph();
+    let get = |l: &Labels, k: &str| l.get(k).cloned().unwrap_or_default();
+    // What the overview dashboard's Node Graph panel asks: one row per edge, with an id, a
+    // source and a target.
+    let edges = vector(
+        &mem,
+        "label_replace(label_replace(label_join(sum by (client, server) \
+         (increase(traces_service_graph_request_total[5m])), \"id\", \"->\", \"client\", \"server\"), \
+         \"source\", \"$1\", \"client\", \"(.*)\"), \"target\", \"$1\", \"server\", \"(.*)\")",
+    );
+    let rows: Vec<(String, String, String, f64)> =
+        edges.iter().map(|(l, v)| (get(l, "id"), get(l, "source"), get(l, "target"), *v)).collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("checkout->db:postgres".into(), "checkout".into(), "db:postgres".into(), 20.0),
+            ("checkout->payments".into(), "checkout".into(), "payments".into(), 50.0),
+            ("frontend->checkout".into(), "frontend".into(), "checkout".into(), 100.0),
+        ]
+    );
+    // Capture groups, names and a regex that does not match (the series is unchanged); an
+    // empty result removes the label.
+    let kinds = vector(
+        &mem,
+        "label_replace(sum by (server) (increase(traces_service_graph_request_total[5m])), \"system\", \"${kind}\", \"server\", \"(?P<kind>[a-z]+):.*\")",
+    );
+    let systems: Vec<(String, String)> =
+        kinds.iter().map(|(l, _)| (get(l, "server"), get(l, "system"))).collect();
+    assert_eq!(
+        systems,
+        vec![
+            ("checkout".into(), "".into()),
+            ("db:postgres".into(), "db".into()),
+            ("payments".into(), "".into())
+        ]
+    );
+    let dropped = vector(
+        &mem,
+        "label_replace(sum by (client) (increase(traces_service_graph_request_total{client=\"frontend\"}[5m])), \"client\", \"\", \"client\", \".*\")",
+    );
+    assert_eq!(dropped, vec![(Labels::new(), 100.0)]);
+    // Histograms stay histograms: a quantile reads through the relabelling.
+    let p50 = vector(
+        &mem,
+        "histogram_quantile(0.5, label_replace(sum by (le, server) (rate(traces_service_graph_request_client_seconds_bucket[5m])), \"callee\", \"$1\", \"server\", \"(.*)\"))",
+    );
+    let payments = p50.iter().find(|(l, _)| get(l, "callee") == "payments").expect("payments");
+    assert!(close(payments.1, 2.1), "{p50:?}");
+    // Errors name what was wrong; a collision is refused as Prometheus refuses it.
+    for (q, says) in [
+        ("label_replace(vector(1), \"1bad\", \"x\", \"a\", \".*\")", "invalid label name"),
+        ("label_replace(sum by (client) (increase(traces_service_graph_request_total[5m])), \"a\", \"x\", \"client\", \"(\")", "invalid regular expression"),
+        ("label_replace(sum by (client) (increase(traces_service_graph_request_total[5m])), \"client\", \"same\", \"client\", \".*\")", "same labelset"),
+        ("label_join(sum by (client) (increase(traces_service_graph_request_total[5m])), \"x\")", "at least 3"),
+        ("label_join(1, \"x\", \"-\", \"a\")", "expected type vector"),
+    ] {
+        let err = eval_at(&mem, q, NOW).expect_err(q).to_string();
+        assert!(err.contains(says), "{q}: {err}");
+    }
+}
