@@ -58,6 +58,15 @@ async fn known_server(dir: &std::path::Path) -> tailscope_server::Server {
         seq += 1;
         s.send(batch(1, seq, vec![group(service, op, spans)])).await;
     }
+    // checkout's calls to the search service: one edge of the service graph, seen by the caller.
+    let calls = (0..30).map(|i| span(T * SEC - (i + 1) * 10 * SEC, 4_000_000, false)).collect();
+    let mut edge = group("checkout", "GET /q", calls);
+    if let Some(key) = edge.key.as_mut() {
+        key.kind = tailscope_proto::v1::SpanKind::Client as i32;
+        key.peer = "search".into();
+    }
+    seq += 1;
+    s.send(batch(1, seq, vec![edge])).await;
     s.wait_acked(seq).await;
     server
 }
@@ -93,7 +102,7 @@ async fn grafana_probe_calls_work() {
     let (_, labels) = call(http, "GET", "/api/v1/labels?limit=40000", None).await;
     assert_eq!(
         labels["data"],
-        serde_json::json!(["__name__", "le", "operation", "service", "span_kind", "status"])
+        serde_json::json!(["__name__", "le", "operation", "peer", "service", "span_kind", "status"])
     );
     server.shutdown().await;
 }
