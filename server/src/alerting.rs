@@ -381,6 +381,7 @@ impl Alerting {
             queue_capacity: config.queue_capacity,
             max_alerts: config.max_alerts,
             max_deliveries: config.max_concurrent_deliveries,
+            inhibit_symptoms: config.incidents.enabled && config.incidents.inhibit_symptoms,
             silences: silences::Limits {
                 max_silences: config.max_silences,
                 max_size_bytes: config.max_silence_size_bytes,

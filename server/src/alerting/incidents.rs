@@ -63,6 +63,9 @@ pub struct IncidentsConfig {
     /// Least time between two readings of the graph's tails.
     #[serde(with = "humantime_serde")]
     pub refresh: Duration,
+    /// Mutes symptoms in the groups of routes that do not group by `incident` (a per-team
+    /// route), so only the incident's page tells of them.
+    pub inhibit_symptoms: bool,
 }
 
 impl Default for IncidentsConfig {
@@ -76,6 +79,7 @@ impl Default for IncidentsConfig {
             min_rise: Duration::from_millis(10),
             min_ratio: 1.5,
             refresh: Duration::from_secs(5),
+            inhibit_symptoms: false,
         }
     }
 }

@@ -56,6 +56,10 @@ pub struct Settings {
     pub max_alerts: usize,
     /// Most webhook deliveries in flight at once; the rest wait their turn.
     pub max_deliveries: usize,
+    /// Mutes alerts stamped `incident_role="symptom"` in every group of a route that does not
+    /// group by `incident`: the incident's page tells of them, a per-team route does not page
+    /// them again.
+    pub inhibit_symptoms: bool,
 }
 
 /// One notification log entry: what a webhook was last told about a group.
@@ -65,31 +69,46 @@ struct LogEntry {
     resolved: BTreeSet<u64>,
     /// When (ms).
     timestamp: i64,
+    /// The incident root the group's firing alerts named (their common `root_service`), so a
+    /// re-rooted incident is told once more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    root: Option<String>,
 }
 
 impl LogEntry {
-    /// Alertmanager's `needsUpdate`.
-    fn needs_update(
-        entry: Option<&LogEntry>,
-        firing: &BTreeSet<u64>,
-        resolved: &BTreeSet<u64>,
-        send_resolved: bool,
-        repeat: Duration,
-        now: i64,
-    ) -> bool {
-        let Some(e) = entry else { return !firing.is_empty() };
-        if !firing.is_subset(&e.firing) {
+    /// Alertmanager's `needsUpdate` for the group as it is `now`, against what was logged — and
+    /// also when the incident the group pages for was re-rooted while it fires.
+    fn needs_update(entry: Option<&LogEntry>, now: &LogEntry, send_resolved: bool, repeat: Duration) -> bool {
+        let Some(e) = entry else { return !now.firing.is_empty() };
+        if !now.firing.is_subset(&e.firing) {
             return true;
         }
-        if firing.is_empty() {
+        if now.firing.is_empty() {
             // Everything resolved: tell the receiver only if it knew of a firing alert.
             return !e.firing.is_empty();
         }
-        if send_resolved && !resolved.is_subset(&e.resolved) {
+        if send_resolved && !now.resolved.is_subset(&e.resolved) {
             return true;
         }
-        e.timestamp + repeat.as_millis() as i64 <= now
+        if let (Some(told), Some(root)) = (&e.root, &now.root) {
+            if told != root {
+                return true;
+            }
+        }
+        e.timestamp + repeat.as_millis() as i64 <= now.timestamp
     }
+}
+
+/// Whether the incidents stage stamped `a` as a symptom of another service's incident.
+fn is_symptom(a: &Alert) -> bool {
+    a.labels.contains_key("incident") && a.annotations.get("incident_role").is_some_and(|r| r == "symptom")
+}
+
+/// The `root_service` annotation every firing alert of a group shares, if they share one.
+fn common_root(alerts: &[Alert], now: i64) -> Option<String> {
+    let mut roots = alerts.iter().filter(|a| !a.resolved(now)).map(|a| a.annotations.get("root_service"));
+    let first = roots.next()??;
+    roots.all(|r| r == Some(first)).then(|| first.clone())
 }
 
 /// Why the notifier did not do what was asked.
@@ -553,6 +572,7 @@ impl Dispatcher {
         // What the flush needs of the route (not its subtree).
         let (receiver, group_interval, repeat_interval) =
             (group.route.receiver.clone(), group.route.group_interval, group.route.repeat_interval);
+        let mute_symptoms = self.settings.inhibit_symptoms && !group.route.group_by.names("incident");
         let (group_key, group_labels) = (group.key.clone(), group.labels.clone());
         self.schedule(map_key, Instant::now() + group_interval);
         let mut alerts: Vec<Alert> = snapshot
@@ -562,17 +582,20 @@ impl Dispatcher {
                 // Muting applies to firing alerts; a resolve is never held back.
                 a.resolved(now)
                     || (self.silences.muting(fingerprint(&a.labels), &a.labels, now).is_empty()
-                        && self.inhibitors(a, now).is_empty())
+                        && self.inhibitors(a, now).is_empty()
+                        && !(mute_symptoms && is_symptom(a)))
             })
             .collect();
         alerts.sort_by(|a, b| {
             let key = |x: &Alert| (x.labels.get("job").cloned(), x.labels.get("instance").cloned());
             key(a).cmp(&key(b)).then_with(|| a.labels.cmp(&b.labels))
         });
-        let firing: BTreeSet<u64> =
-            alerts.iter().filter(|a| !a.resolved(now)).map(|a| fingerprint(&a.labels)).collect();
-        let resolved: BTreeSet<u64> =
-            alerts.iter().filter(|a| a.resolved(now)).map(|a| fingerprint(&a.labels)).collect();
+        let entry = LogEntry {
+            firing: alerts.iter().filter(|a| !a.resolved(now)).map(|a| fingerprint(&a.labels)).collect(),
+            resolved: alerts.iter().filter(|a| a.resolved(now)).map(|a| fingerprint(&a.labels)).collect(),
+            timestamp: now,
+            root: common_root(&alerts, now),
+        };
         let Some(config) = self.config.receivers.get(&receiver).cloned() else { return };
         let notification = Notification {
             receiver: receiver.clone(),
@@ -587,11 +610,9 @@ impl Dispatcher {
             let log_key = format!("{receiver}\0{group_key}\0{index}").into_bytes();
             let needed = LogEntry::needs_update(
                 self.log.get(&log_key),
-                &firing,
-                &resolved,
+                &entry,
                 integration.send_resolved(),
                 repeat_interval,
-                now,
             );
             if needed {
                 due.push(Due {
@@ -618,7 +639,6 @@ impl Dispatcher {
         if let Some(g) = self.groups.get_mut(map_key) {
             g.delivering = true;
         }
-        let entry = LogEntry { firing, resolved, timestamp: now };
         let deadline = std::time::Instant::now() + group_interval.max(Duration::from_secs(1));
         let ctx = DeliveryContext {
             store: self.store.clone(),
@@ -761,22 +781,66 @@ mod tests {
     #[test]
     fn the_log_decides_like_alertmanagers_dedup_stage() {
         let hour = Duration::from_secs(3600);
-        let e = LogEntry { firing: set(&[1, 2]), resolved: set(&[]), timestamp: 0 };
+        let at = |firing: &[u64], resolved: &[u64], timestamp: i64| LogEntry {
+            firing: set(firing),
+            resolved: set(resolved),
+            timestamp,
+            root: None,
+        };
+        let needs = |e: Option<&LogEntry>, now: &LogEntry, send_resolved| {
+            LogEntry::needs_update(e, now, send_resolved, hour)
+        };
+        let e = at(&[1, 2], &[], 0);
         // Nothing logged: only firing alerts make a first notification.
-        assert!(LogEntry::needs_update(None, &set(&[1]), &set(&[]), true, hour, 0));
-        assert!(!LogEntry::needs_update(None, &set(&[]), &set(&[1]), true, hour, 0));
+        assert!(needs(None, &at(&[1], &[], 0), true));
+        assert!(!needs(None, &at(&[], &[1], 0), true));
         // A new firing alert.
-        assert!(LogEntry::needs_update(Some(&e), &set(&[1, 3]), &set(&[]), true, hour, 1));
+        assert!(needs(Some(&e), &at(&[1, 3], &[], 1), true));
         // Same or fewer firing, nothing newly resolved: wait for the repeat interval.
-        assert!(!LogEntry::needs_update(Some(&e), &set(&[1]), &set(&[]), true, hour, 1));
-        assert!(LogEntry::needs_update(Some(&e), &set(&[1]), &set(&[]), true, hour, 3_600_000));
+        assert!(!needs(Some(&e), &at(&[1], &[], 1), true));
+        assert!(needs(Some(&e), &at(&[1], &[], 3_600_000), true));
         // One resolved while another fires: only receivers that want resolves hear of it.
-        assert!(LogEntry::needs_update(Some(&e), &set(&[1]), &set(&[2]), true, hour, 1));
-        assert!(!LogEntry::needs_update(Some(&e), &set(&[1]), &set(&[2]), false, hour, 1));
+        assert!(needs(Some(&e), &at(&[1], &[2], 1), true));
+        assert!(!needs(Some(&e), &at(&[1], &[2], 1), false));
         // All resolved: tell the receiver that knew they fired.
-        assert!(LogEntry::needs_update(Some(&e), &set(&[]), &set(&[1, 2]), true, hour, 1));
-        let quiet = LogEntry { firing: set(&[]), resolved: set(&[1, 2]), timestamp: 0 };
-        assert!(!LogEntry::needs_update(Some(&quiet), &set(&[]), &set(&[1, 2]), true, hour, 1));
+        assert!(needs(Some(&e), &at(&[], &[1, 2], 1), true));
+        let quiet = at(&[], &[1, 2], 0);
+        assert!(!needs(Some(&quiet), &at(&[], &[1, 2], 1), true));
+    }
+
+    #[test]
+    fn a_re_rooted_incident_is_told_once_more() {
+        let hour = Duration::from_secs(3600);
+        let entry = |root: Option<&str>, timestamp| LogEntry {
+            firing: set(&[1, 2]),
+            resolved: set(&[]),
+            timestamp,
+            root: root.map(str::to_owned),
+        };
+        let told = entry(Some("frontend"), 0);
+        assert!(LogEntry::needs_update(Some(&told), &entry(Some("payments"), 1), true, hour));
+        assert!(!LogEntry::needs_update(Some(&told), &entry(Some("frontend"), 1), true, hour));
+        // A log written before roots were logged, or a group without one, waits as before.
+        assert!(!LogEntry::needs_update(Some(&entry(None, 0)), &entry(Some("payments"), 1), true, hour));
+        assert!(!LogEntry::needs_update(Some(&told), &entry(None, 1), true, hour));
+        // An old entry without the field still reads.
+        let old: LogEntry = serde_json::from_str(r#"{"firing":[1],"resolved":[],"timestamp":5}"#).unwrap();
+        assert_eq!(old.root, None);
+        // The root the group's firing alerts share, if they share one.
+        let alert = |root: Option<&str>| Alert {
+            labels: Labels::new(),
+            annotations: root.map(|r| ("root_service".to_owned(), r.to_owned())).into_iter().collect(),
+            starts_at: 0,
+            ends_at: i64::MAX,
+            generator_url: String::new(),
+        };
+        let (payments, search) = (alert(Some("payments")), alert(Some("search")));
+        assert_eq!(common_root(&[payments.clone(), payments.clone()], 0), Some("payments".into()));
+        assert_eq!(common_root(&[payments.clone(), search], 0), None);
+        assert_eq!(common_root(&[alert(None)], 0), None);
+        // A resolved alert's root does not count.
+        let gone = Alert { ends_at: 0, ..alert(Some("frontend")) };
+        assert_eq!(common_root(&[gone, payments], 1), Some("payments".into()));
     }
 
     #[test]

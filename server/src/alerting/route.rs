@@ -123,6 +123,13 @@ pub enum GroupBy {
     All,
 }
 
+impl GroupBy {
+    /// Whether groups are split by label `name` by name (not merely as one of every label).
+    pub fn names(&self, name: &str) -> bool {
+        matches!(self, GroupBy::Labels(names) if names.iter().any(|n| n == name))
+    }
+}
+
 /// An inhibition rule: a firing source alert mutes target alerts with equal `equal` labels.
 #[derive(Debug, Clone)]
 pub struct InhibitRule {
