@@ -65,12 +65,15 @@ for suite in "${suites[@]}"; do
       )
       skips=()
       for t in "${waiting[@]}"; do skips+=(--skip "$t"); done
-      echo "== soak suite: cargo test -p tailscope-server --test it -- --ignored --test-threads=1 (all but the outages)"
-      cargo test -p tailscope-server --test it -- --ignored --test-threads=1 "${skips[@]}"
+      # --workspace, as the fast suite: the same feature resolution, so the server's tests are
+      # not built a second time (with -p tailscope-server they were, 4 minutes of it). Only the
+      # server's `it` has ignored tests; the load tool's runs none of them.
+      echo "== soak suite: cargo test --workspace --test it -- --ignored --test-threads=1 (all but the outages)"
+      cargo test --workspace --test it -- --ignored --test-threads=1 "${skips[@]}"
       # ...except these three, which spend their minutes waiting out an outage (a receiver, a
       # remote-write target, the server itself, at 500 spans/s) and so run side by side.
       echo "== soak suite: the outages side by side (--exact --test-threads=3)"
-      cargo test -p tailscope-server --test it -- --ignored --exact --test-threads=3 "${waiting[@]}"
+      cargo test --workspace --test it -- --ignored --exact --test-threads=3 "${waiting[@]}"
       ;;
   esac
   echo "== $suite suite: $((SECONDS - started)) s (build included)"
