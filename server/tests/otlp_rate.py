@@ -5,8 +5,9 @@ its OTLP/gRPC exporter, the way an instrumented service does.
 Usage: otlp_rate.py ENDPOINT SERVICE RATE SECONDS [grpc|http]
 (http: ENDPOINT is the full URL, e.g. http://127.0.0.1:4318/v1/traces)
 
-Prints one JSON line: spans created, the SDK's "Queue full, dropping" warnings, and the
-latency of each export call (what the SDK waits for an acknowledgement).
+Prints one JSON line: spans created, spans exported (acknowledged), the SDK's "Queue full,
+dropping" warnings, and the latency of each export call (what the SDK waits for an
+acknowledgement).
 """
 import json
 import logging
@@ -40,11 +41,14 @@ def timed(protocol, endpoint):
         def __init__(self, **kw):
             super().__init__(**kw)
             self.latencies = []
+            self.exported = 0
 
         def export(self, spans):
             started = time.perf_counter()
             result = super().export(spans)
             self.latencies.append(time.perf_counter() - started)
+            if result.name == "SUCCESS":
+                self.exported += len(spans)
             return result
 
     if protocol == "grpc":
@@ -87,6 +91,7 @@ def main() -> int:
 
     print(json.dumps({
         "created": created,
+        "exported": exporter.exported,
         "offered_seconds": offered_seconds,
         "dropped_warnings": dropped.count,
         "drop_messages": dropped.messages[:3],

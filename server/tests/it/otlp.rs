@@ -171,9 +171,17 @@ async fn refused_otlp_spans_are_reported_in_partial_success() {
 }
 
 /// The stock Python SDK with every default (a 2,048-span queue, one 512-span export at a time)
-/// against a server with the default configuration (1 s flush epochs): at 10,000 spans/s for
-/// 10 s no span may be dropped by the SDK, over gRPC or HTTP, because an export is acknowledged
-/// as soon as its spans are durable (group commit), not at the next epoch.
+/// against a server with the default configuration (1 s flush epochs), 10,000 spans/s for 10 s
+/// over gRPC and HTTP: no span may be dropped by the SDK because of tailscope — an export is
+/// acknowledged as soon as its spans are durable (group commit), not at the next epoch — and
+/// every span it exported is counted once.
+///
+/// The SDK's own CPU is part of the picture: in Python, making 10,000 spans a second and
+/// encoding them takes about a core here, so on a slow machine the SDK drops spans whoever
+/// answers. The same run therefore also drives the SDK against an acknowledger that answers
+/// at once and stores nothing: where that one saw no drop, tailscope must see none either;
+/// where it did, the machine cannot carry the SDK at this rate, which is printed, and only
+/// the exact count of what was exported is checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "soak: run by scripts/test.sh after the fast suite (cargo test -- --ignored)"]
 async fn python_sdk_defaults_at_ten_thousand_spans_per_second_drop_nothing() {
@@ -186,13 +194,10 @@ async fn python_sdk_defaults_at_ten_thousand_spans_per_second_drop_nothing() {
     c.server.data_dir = dir.path().to_path_buf();
     assert_eq!(c.ingest.flush_interval, std::time::Duration::from_secs(1), "the default epoch");
     let server = tailscope_server::Server::start(c).await.unwrap();
+    let ideal = InstantAcknowledger::start().await;
     let (rate, seconds): (u64, u64) = (10_000, 10);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp_rate.py");
-    for (protocol, endpoint) in [
-        ("grpc", format!("http://{}", server.grpc_addr())),
-        ("http", format!("http://{}/v1/traces", server.otlp_http_addr())),
-    ] {
-        let service = format!("py-rate-{protocol}");
+    let run = |endpoint: String, service: String, protocol: &'static str| async move {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp_rate.py");
         let out = tokio::process::Command::new(python)
             .arg(script)
             .arg(&endpoint)
@@ -204,16 +209,36 @@ async fn python_sdk_defaults_at_ten_thousand_spans_per_second_drop_nothing() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "python ({protocol}) failed: {stdout}{stderr}");
         let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-        let created = report["created"].as_u64().unwrap();
-        assert_eq!(created, rate * seconds, "the script makes exactly rate × seconds spans");
+        assert_eq!(report["created"], rate * seconds, "the script makes exactly rate × seconds spans");
+        report
+    };
+    for (protocol, endpoint, ideal_endpoint) in [
+        ("grpc", format!("http://{}", server.grpc_addr()), format!("http://{}", ideal.grpc)),
+        (
+            "http",
+            format!("http://{}/v1/traces", server.otlp_http_addr()),
+            format!("http://{}/v1/traces", ideal.http),
+        ),
+    ] {
+        let baseline = run(ideal_endpoint, format!("py-ideal-{protocol}"), protocol).await;
+        let service = format!("py-rate-{protocol}");
+        let report = run(endpoint, service.clone(), protocol).await;
         // How close to the asked rate this machine came is printed (BENCHMARKS.md), not asserted.
-        let offered = created as f64 / report["offered_seconds"].as_f64().unwrap();
-        println!("python SDK over {protocol} at {rate} spans/s (offered {offered:.0}/s): {report}");
-        assert_eq!(report["dropped_warnings"], 0, "the SDK dropped spans over {protocol}: {report}");
-        assert!(!stderr.to_lowercase().contains("dropping"), "{stderr}");
+        println!("python SDK over {protocol} at {rate} spans/s, to an instant acknowledger: {baseline}");
+        println!("python SDK over {protocol} at {rate} spans/s, to tailscope: {report}");
+        let exported = report["exported"].as_u64().unwrap();
         let rows = tail(server.http_addr(), &format!("service={service}")).await;
         let counted: u64 = rows.iter().map(|r| r["count"].as_u64().unwrap()).sum();
-        assert_eq!(counted, created, "every span counted once over {protocol}: {rows:?}");
+        assert_eq!(counted, exported, "every exported span counted once over {protocol}: {rows:?}");
+        if baseline["dropped_warnings"] == 0 && baseline["exported"] == baseline["created"] {
+            assert_eq!(report["dropped_warnings"], 0, "the SDK dropped spans over {protocol}: {report}");
+            assert_eq!(exported, rate * seconds, "over {protocol}: {report}");
+        } else {
+            println!(
+                "the SDK dropped spans over {protocol} even against an instant acknowledger: this machine \
+                 cannot carry it at {rate} spans/s, so only the count of what it exported is checked"
+            );
+        }
     }
     let text = metrics(server.http_addr()).await;
     println!(
@@ -222,6 +247,53 @@ async fn python_sdk_defaults_at_ten_thousand_spans_per_second_drop_nothing() {
         metric(&text, "tailscope_flushes_total{result=\"ok\"}")
     );
     server.shutdown().await;
+}
+
+/// An OTLP receiver that acknowledges every export at once and keeps nothing, over gRPC and
+/// HTTP: what an SDK would see from the fastest possible backend.
+struct InstantAcknowledger {
+    grpc: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+}
+
+impl InstantAcknowledger {
+    async fn start() -> InstantAcknowledger {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+            TraceService, TraceServiceServer,
+        };
+        use opentelemetry_proto::tonic::collector::trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+        };
+        struct Ack;
+        #[tonic::async_trait]
+        impl TraceService for Ack {
+            async fn export(
+                &self,
+                _request: tonic::Request<ExportTraceServiceRequest>,
+            ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+                Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+            }
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = listener.local_addr().unwrap();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(Ack).max_decoding_message_size(64 << 20))
+                .serve_with_incoming(incoming),
+        );
+        // OTLP/HTTP: the empty ExportTraceServiceResponse is an empty protobuf body.
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(|_body: axum::body::Bytes| async {
+                ([(axum::http::header::CONTENT_TYPE, "application/x-protobuf")], Vec::<u8>::new())
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        InstantAcknowledger { grpc, http }
+    }
 }
 
 async fn post_otlp(
