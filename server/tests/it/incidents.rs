@@ -2,10 +2,11 @@
 //! a cascade (payments slow, checkout and frontend waiting on it) and an unrelated slow
 //! `search`; the correlator stamps the alerts and a route grouped by `incident` pages twice —
 //! once per incident — and a real Alertmanager fed the same stamped alerts groups them the
-//! same way. A middle root (a caller's own code slow, its callee healthy) and a virtual root
+//! same way; when the cascade ends, the resolves arrive in the same two groups. A middle root (a caller's own code slow, its callee healthy) and a virtual root
 //! (calls to an uninstrumented database slow) are named as such.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -105,19 +106,28 @@ impl Traffic {
         }
     }
 
-    /// One batch of slow requests, ended a second ago.
-    async fn slow(&mut self) {
-        send(self.grpc, self.client, now_nanos() - 1_000_000_000, 50, (self.requests)(true)).await;
+    /// One batch of requests, slow or healthy, ended a second ago.
+    async fn batch(&mut self, slow: bool) {
+        send(self.grpc, self.client, now_nanos() - 1_000_000_000, 50, (self.requests)(slow)).await;
         self.client += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
     /// Slow requests until `done` (at most a minute).
-    async fn slow_until(&mut self, mut done: impl FnMut() -> bool) {
+    async fn slow_until(&mut self, done: impl FnMut() -> bool) {
+        self.until(true, Duration::from_secs(60), done).await;
+    }
+
+    /// Slow or healthy requests until `done`, at most `within`.
+    async fn until(&mut self, slow: bool, within: Duration, mut done: impl FnMut() -> bool) {
         let started = Instant::now();
         while !done() {
-            assert!(started.elapsed() < Duration::from_secs(60), "the cascade did not page in a minute");
-            self.slow().await;
+            assert!(
+                started.elapsed() < within,
+                "not done within {within:?} of {} requests",
+                ["healthy", "slow"][usize::from(slow)]
+            );
+            self.batch(slow).await;
         }
     }
 
@@ -125,7 +135,7 @@ impl Traffic {
     async fn slow_for(&mut self, d: Duration) {
         let until = Instant::now() + d;
         while Instant::now() < until {
-            self.slow().await;
+            self.batch(true).await;
         }
     }
 }
@@ -142,6 +152,7 @@ fn incident_ids(pages: &[Value]) -> Vec<String> {
 /// Alertmanager's, when one was found.
 struct Paged {
     pages: Vec<Value>,
+    traffic: Traffic,
     server: tailscope_server::Server,
     receiver: Receiver,
     alertmanager: bool,
@@ -181,7 +192,7 @@ async fn cascade(requests: fn(bool) -> Vec<Hop>) -> Paged {
     // ...and three more group intervals of the same: nothing new to say.
     traffic.slow_for(Duration::from_secs(9)).await;
     let pages = receiver.bodies("/hook");
-    Paged { pages, server, receiver, alertmanager: am.is_some(), _dir: dir, _am: am }
+    Paged { pages, traffic, server, receiver, alertmanager: am.is_some(), _dir: dir, _am: am }
 }
 
 impl Paged {
@@ -227,7 +238,7 @@ impl Paged {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cascade_pages_once_naming_its_root_and_an_unrelated_failure_once() {
-    let run = cascade(leaf_root).await;
+    let mut run = cascade(leaf_root).await;
     let pages = &run.pages;
     assert_eq!(pages.len(), 2, "one page per incident: {pages:#?}");
     let cascade = run.of("payments");
@@ -256,9 +267,39 @@ async fn a_cascade_pages_once_naming_its_root_and_an_unrelated_failure_once() {
     assert!(listed.iter().any(|i| i["id"] == incident
         && i["root_service"] == "payments"
         && i["alerts"].as_array().unwrap().len() == 3));
-
     run.alertmanager_agrees().await;
+
+    // The cascade ends: healthy requests until each incident's group last said "resolved".
+    // The resolves arrive in the same two groups, nothing else does, and every alert is
+    // resolved in the end.
+    let paged_keys: BTreeSet<String> = group_keys(pages);
+    let receiver = &run.receiver;
+    let all_resolved = || {
+        let bodies = receiver.bodies("/hook");
+        paged_keys.iter().all(|key| {
+            bodies
+                .iter()
+                .rev()
+                .find(|b| b["groupKey"] == key.as_str())
+                .is_some_and(|b| b["status"] == "resolved")
+        })
+    };
+    run.traffic.until(false, Duration::from_secs(120), all_resolved).await;
+    let bodies = run.receiver.bodies("/hook");
+    assert_eq!(group_keys(&bodies), paged_keys, "{bodies:#?}");
+    for key in &paged_keys {
+        let last = bodies.iter().rev().find(|b| b["groupKey"] == key.as_str()).unwrap();
+        let alerts = last["alerts"].as_array().unwrap();
+        assert!(alerts.iter().all(|a| a["status"] == "resolved"), "{last:#}");
+        let want = if key.contains("payments-") { 3 } else { 1 };
+        assert_eq!(alerts.len(), want, "{last:#}");
+    }
     run.server.shutdown().await;
+}
+
+/// The group keys of `bodies`.
+fn group_keys(bodies: &[Value]) -> BTreeSet<String> {
+    bodies.iter().map(|b| b["groupKey"].as_str().unwrap().to_owned()).collect()
 }
 
 /// web → orders → stock with orders' own code slow: one incident rooted at orders, web its
