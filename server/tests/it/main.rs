@@ -3,7 +3,7 @@
 //!
 //! The long scenarios — overload minutes, a receiver down for minutes, pauses, a full disk,
 //! the Alertmanager timing comparison — are the soak suite: marked `#[ignore = "soak: …"]`,
-//! they run with `cargo test -p tailscope-server --test it -- --ignored` (the test script
+//! they run with `cargo test --workspace --test it -- --ignored` (the test script
 //! runs them after the fast suite).
 
 #[path = "../common/mod.rs"]
