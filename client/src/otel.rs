@@ -27,6 +27,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use opentelemetry::trace::{SpanKind as OtelKind, Status as OtelStatus};
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
+use tailscope_proto::peer::Peer;
 
 use crate::{Client, ExportError, Ids, SpanKind, Status};
 
@@ -60,31 +61,22 @@ fn kind(k: &OtelKind) -> SpanKind {
     }
 }
 
-/// The callee a CLIENT or PRODUCER span's semantic-convention attributes name, if any.
+/// The callee a CLIENT or PRODUCER span's semantic-convention attributes name, if any, by
+/// the server's own ranking ([`Peer`]).
 fn peer(span: &SpanData) -> Option<Cow<'_, str>> {
     if !matches!(span.span_kind, OtelKind::Client | OtelKind::Producer) {
         return None;
     }
-    let text = |key: &str| {
-        span.attributes
-            .iter()
-            .find(|kv| kv.key.as_str() == key)
-            .and_then(|kv| match &kv.value {
-                opentelemetry::Value::String(s) => Some(s.as_str()),
-                _ => None,
-            })
-            .filter(|s| !s.is_empty())
-    };
-    if let Some(service) = text("peer.service").or_else(|| text("service.peer.name")) {
-        return Some(Cow::Borrowed(service));
+    let mut peer = Peer::default();
+    for kv in &span.attributes {
+        if let opentelemetry::Value::String(value) = &kv.value {
+            peer.offer(kv.key.as_str(), value.as_str());
+        }
     }
-    if let Some(db) = text("db.system.name").or_else(|| text("db.system")) {
-        return Some(Cow::Owned(format!("db:{db}")));
-    }
-    if let Some(mq) = text("messaging.system") {
-        return Some(Cow::Owned(format!("mq:{mq}")));
-    }
-    text("server.address").or_else(|| text("net.peer.name")).map(Cow::Borrowed)
+    peer.key().map(|(prefix, name)| match prefix {
+        "" => Cow::Borrowed(name),
+        _ => Cow::Owned([prefix, name].concat()),
+    })
 }
 
 impl SpanProcessor for TailscopeSpanProcessor {

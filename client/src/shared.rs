@@ -112,10 +112,17 @@ impl Interner {
         if peer.is_empty() {
             return self.id_of(name, kind);
         }
-        if let Some(&id) =
-            self.peered.read().get(peer).and_then(|by_kind| by_kind[kind_index(kind)].get(name))
         {
-            return id;
+            let peered = self.peered.read();
+            // Past the cap an unknown peer reads as the overflow peer, without the write lock:
+            // callers a request names cannot make every request take it.
+            let by_kind = match peered.get(peer) {
+                None if peered.len() >= MAX_PEERS => peered.get(OVERFLOW_OPERATION),
+                found => found,
+            };
+            if let Some(&id) = by_kind.and_then(|by_kind| by_kind[kind_index(kind)].get(name)) {
+                return id;
+            }
         }
         self.insert_peered(name, kind, peer)
     }

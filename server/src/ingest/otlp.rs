@@ -56,7 +56,7 @@ pub fn to_batch(request: &ExportTraceServiceRequest) -> Result<(SpanBatch, u64),
                         span_id: &span.span_id,
                         parent_span_id: &span.parent_span_id,
                         trace_state: &span.trace_state,
-                        peer: Peer::of(&span.attributes),
+                        peer: peer_of(&span.attributes),
                     },
                 );
             }
@@ -82,61 +82,17 @@ pub(crate) struct SpanFields<'a> {
     pub peer: Peer<'a>,
 }
 
-/// The callee of a CLIENT or PRODUCER span, from OpenTelemetry's semantic-convention
-/// attributes, the first present of: `peer.service` or `service.peer.name` (the service
-/// called, as named), `db.system.name` or `db.system` (`db:<system>`, an uninstrumented
-/// database), `messaging.system` (`mq:<system>`), `server.address` or the older
-/// `net.peer.name` (the host called, as named: a service reached by its own name joins that
-/// service's node). Offered attribute by attribute, so a decoder keeps no attribute list.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Peer<'a> {
-    /// 0 for none; lower is preferred.
-    rank: u8,
-    prefix: &'static str,
-    name: &'a str,
-}
+pub(crate) use tailscope_proto::peer::Peer;
 
-impl<'a> Peer<'a> {
-    /// The rank and prefix of an attribute that names a peer.
-    fn rank(key: &str) -> Option<(u8, &'static str)> {
-        Some(match key {
-            "peer.service" | "service.peer.name" => (1, ""),
-            "db.system.name" | "db.system" => (2, "db:"),
-            "messaging.system" => (3, "mq:"),
-            "server.address" => (4, ""),
-            "net.peer.name" => (5, ""),
-            _ => return None,
-        })
-    }
-
-    /// Whether attribute `key` can name a peer (a decoder reads the value only then).
-    pub fn wants(key: &str) -> bool {
-        Peer::rank(key).is_some()
-    }
-
-    /// Takes string attribute `key` = `value` if it names a better peer than the one held.
-    pub fn offer(&mut self, key: &str, value: &'a str) {
-        let Some((rank, prefix)) = Peer::rank(key) else { return };
-        if !value.is_empty() && (self.rank == 0 || rank < self.rank) {
-            *self = Peer { rank, prefix, name: value };
+/// The best peer of `attributes` (see [`Peer`]).
+fn peer_of(attributes: &[KeyValue]) -> Peer<'_> {
+    let mut peer = Peer::default();
+    for kv in attributes {
+        if let Some(AnyValue::StringValue(v)) = kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+            peer.offer(&kv.key, v);
         }
     }
-
-    /// The best peer of `attributes`.
-    pub fn of(attributes: &'a [KeyValue]) -> Peer<'a> {
-        let mut peer = Peer::default();
-        for kv in attributes {
-            if let Some(AnyValue::StringValue(v)) = kv.value.as_ref().and_then(|v| v.value.as_ref()) {
-                peer.offer(&kv.key, v);
-            }
-        }
-        peer
-    }
-
-    /// The peer as its prefix and name (`None` for none).
-    fn key(&self) -> Option<(&'static str, &'a str)> {
-        (self.rank != 0).then_some((self.prefix, self.name))
-    }
+    peer
 }
 
 /// The `peer` label of a peer key, cut to [`MAX_LABEL_BYTES`] (empty for none).
