@@ -357,6 +357,32 @@ async fn a_server_killed_mid_incident_keeps_its_incidents_and_pages_nobody_twice
     let _child = Peer(restarted);
     traffic.grpc = grpc;
     traffic.slow_for(Duration::from_secs(9)).await;
+    // The restarted server did evaluate: its four alerts fire again, stamped with the same
+    // incidents (so the quiet receiver below is the dedup, not a server that said nothing).
+    // The notifier's alerts (Alertmanager's API), where the stamps are.
+    let alerts = get_json(http, "/api/v2/alerts").await;
+    let mut firing: Vec<(String, String)> = alerts
+        .as_array()
+        .unwrap_or_else(|| panic!("{alerts}"))
+        .iter()
+        .filter(|a| a["status"]["state"] == "active")
+        .map(|a| {
+            let label = |k: &str| a["labels"][k].as_str().unwrap_or("").to_owned();
+            (label("service"), label("incident"))
+        })
+        .collect();
+    firing.sort();
+    let cascade = |s: &str| (s.to_owned(), paged[0].clone());
+    assert_eq!(
+        firing,
+        [
+            cascade("checkout"),
+            cascade("frontend"),
+            cascade("payments"),
+            ("search".to_owned(), paged[1].clone())
+        ],
+        "{alerts:#}"
+    );
     let pages = receiver.bodies("/hook");
     assert_eq!(pages.len(), 2, "paged again after the restart: {pages:#?}");
     let listed = get_json(http, "/api/v1/incidents").await;
