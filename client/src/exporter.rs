@@ -256,12 +256,13 @@ impl Exporter {
             let mut fold = self.shared.fold.lock();
             if !fold.is_empty() {
                 delta_spans = fold.spans();
-                for ((op, status, window), h) in fold.take() {
+                for ((op, status, window), (h, own)) in fold.take() {
                     deltas.push(HistogramDelta {
                         key: Some(self.key(op)),
                         status,
                         window_start_unix_seconds: window,
                         histogram: h.to_bytes(),
+                        self_histogram: own.map_or_else(Vec::new, |own| own.to_bytes()),
                     });
                 }
             }
@@ -478,6 +479,7 @@ impl Record {
             status: self.status,
             weight: 0,
             adjusted_count,
+            self_nanos: self.self_ns,
         }
     }
 }

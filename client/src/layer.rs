@@ -29,7 +29,9 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
 use crate::trace::{Entered, TraceContext};
-use crate::{Client, SpanKind, Status};
+use tailscope_proto::selftime::Calls;
+
+use crate::{Client, Own, SpanKind, Status};
 
 /// Records `tracing` spans into a [`Client`].
 #[derive(Debug, Clone)]
@@ -52,6 +54,10 @@ struct Timing {
     parent: Option<TraceContext>,
     /// What was current before each entry of this span still open, innermost last.
     entered: Vec<Entered>,
+    /// The calls made while the span was entered (for a span of the service's own work).
+    calls: Calls,
+    /// The open call sets the span's entries replaced, restored as it exits.
+    outer: Vec<Option<Calls>>,
 }
 
 /// Reads the fields the layer cares about: `error`, `otel.kind` and `traceparent`.
@@ -88,6 +94,10 @@ impl Visit for Fields {
     }
 }
 
+fn outgoing(kind: SpanKind) -> bool {
+    matches!(kind, SpanKind::Client | SpanKind::Producer)
+}
+
 fn kind_named(name: &str) -> Option<SpanKind> {
     Some(match name.to_ascii_lowercase().as_str() {
         "server" => SpanKind::Server,
@@ -121,6 +131,8 @@ where
             ctx,
             parent,
             entered: Vec::new(),
+            calls: Calls::new(),
+            outer: Vec::new(),
         });
     }
 
@@ -140,6 +152,9 @@ where
         let mut extensions = span.extensions_mut();
         if let Some(t) = extensions.get_mut::<Timing>() {
             t.entered.push(TraceContext::enter(t.ctx));
+            if !outgoing(t.kind) {
+                t.outer.push(crate::calls::enter(t.calls));
+            }
         }
     }
 
@@ -148,6 +163,9 @@ where
         let mut extensions = span.extensions_mut();
         if let Some(t) = extensions.get_mut::<Timing>() {
             drop(t.entered.pop());
+            if let Some(before) = t.outer.pop() {
+                t.calls = crate::calls::leave(before);
+            }
         }
     }
 
@@ -169,6 +187,7 @@ where
         let Some(t) = extensions.get::<Timing>() else { return };
         let status = if t.error { Status::Error } else { Status::Ok };
         let op = self.client.operation_id(span.name(), t.kind);
-        self.client.record_op_since_ids(op, t.started, status, t.ctx.ids(t.parent.as_ref()));
+        let own = if outgoing(t.kind) { Own::Call } else { Own::Made(&t.calls) };
+        self.client.record_op_since_ids(op, t.started, status, t.ctx.ids(t.parent.as_ref()), own);
     }
 }

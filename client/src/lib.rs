@@ -55,6 +55,7 @@
 
 mod backoff;
 mod breaker;
+mod calls;
 mod exporter;
 #[cfg(feature = "tracing")]
 pub mod layer;
@@ -369,6 +370,7 @@ impl Client {
             started: Instant::now(),
             ids: Ids::default(),
             status: Status::Ok,
+            outgoing: matches!(kind, SpanKind::Client | SpanKind::Producer),
         }
     }
 
@@ -398,6 +400,7 @@ impl Client {
             started: Instant::now(),
             ids: Ids::default(),
             status: Status::Ok,
+            outgoing: true,
         }
     }
 
@@ -417,6 +420,26 @@ impl Client {
         self.record_op(op, duration, status, Ids::default());
     }
 
+    /// Records a request this service served for `caller` (empty: unknown) that just ended
+    /// after `duration`, of which `own` was spent in its own code rather than waiting on the
+    /// calls it made: its self time, which the server keeps as `span_self_seconds`. The tower
+    /// layer measures it by itself; this is for spans timed elsewhere.
+    #[inline]
+    pub fn record_served(
+        &self,
+        operation: &str,
+        caller: &str,
+        duration: Duration,
+        own: Duration,
+        status: Status,
+    ) {
+        let op = self.inner.shared.ops.id_with_peer(operation, SpanKind::Server, caller);
+        let end = self.inner.shared.anchor.unix_nanos(Instant::now());
+        let nanos = i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX);
+        let own = i64::try_from(own.as_nanos()).unwrap_or(i64::MAX).clamp(1, nanos.max(1));
+        self.offer(op, end.saturating_sub(nanos), nanos, status, Ids::default(), own);
+    }
+
     /// Like [`Client::record`], with the span's trace context.
     #[inline]
     pub fn record_with(&self, operation: &str, duration: Duration, status: Status, ids: Ids) {
@@ -428,7 +451,7 @@ impl Client {
     fn record_op(&self, op: u32, duration: Duration, status: Status, ids: Ids) {
         let end = self.inner.shared.anchor.unix_nanos(Instant::now());
         let nanos = i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX);
-        self.offer(op, end.saturating_sub(nanos), nanos, status, ids);
+        self.offer(op, end.saturating_sub(nanos), nanos, status, ids, 0);
     }
 
     /// Records a span of `operation` that started at `start` (wall-clock time) and took
@@ -446,11 +469,12 @@ impl Client {
             Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
         };
         let nanos = i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX);
-        self.offer(op, start, nanos, status, Ids::default());
+        self.offer(op, start, nanos, status, Ids::default(), 0);
     }
 
+    /// Queues a span; `self_nanos` is its self time (0: unknown).
     #[inline]
-    fn offer(&self, op: u32, start: i64, duration: i64, status: Status, ids: Ids) {
+    fn offer(&self, op: u32, start: i64, duration: i64, status: Status, ids: Ids, self_nanos: i64) {
         let (trace, parent) = match ids.trace_id {
             0 => match trace::TraceContext::current() {
                 Some(current) => (current.trace_id, current.span_id),
@@ -467,6 +491,7 @@ impl Client {
             trace_lo: trace as u64,
             span_id: if ids.span_id == 0 { fastrand::u64(1..) } else { ids.span_id },
             parent,
+            self_ns: self_nanos,
         });
     }
 
@@ -475,7 +500,7 @@ impl Client {
     #[inline]
     #[cfg(feature = "opentelemetry")]
     pub(crate) fn record_op_at(&self, op: u32, start: i64, duration: i64, status: Status, ids: Ids) {
-        self.offer(op, start, duration, status, ids);
+        self.offer(op, start, duration, status, ids, 0);
     }
 
     /// Records a span of `operation` that started at `started` and ends now.
@@ -496,14 +521,30 @@ impl Client {
 
     #[inline]
     pub(crate) fn record_op_since(&self, op: u32, started: Instant, status: Status) {
-        self.record_op_since_ids(op, started, status, Ids::default());
+        self.record_op_since_ids(op, started, status, Ids::default(), Own::Unknown);
     }
 
+    /// Records a span of operation id `op` that started at `started` and ends now.
     #[inline]
-    pub(crate) fn record_op_since_ids(&self, op: u32, started: Instant, status: Status, ids: Ids) {
+    pub(crate) fn record_op_since_ids(
+        &self,
+        op: u32,
+        started: Instant,
+        status: Status,
+        ids: Ids,
+        own: Own<'_>,
+    ) {
         let start = self.inner.shared.anchor.unix_nanos(started);
         let nanos = i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX);
-        self.offer(op, start, nanos, status, ids);
+        let self_nanos = match own {
+            Own::Unknown => 0,
+            Own::Call => {
+                calls::note(start, nanos);
+                0
+            }
+            Own::Made(calls) => calls.self_time(start, start.saturating_add(nanos)),
+        };
+        self.offer(op, start, nanos, status, ids, self_nanos);
     }
 
     /// Waits until everything recorded before this call is acknowledged by the server, or
@@ -594,6 +635,8 @@ pub struct SpanGuard<'a> {
     started: Instant,
     ids: Ids,
     status: Status,
+    /// A call this service makes: counted out of the self time of the request being served.
+    outgoing: bool,
 }
 
 impl SpanGuard<'_> {
@@ -622,8 +665,22 @@ impl Drop for SpanGuard<'_> {
         let shared = &self.client.inner.shared;
         let start = shared.anchor.unix_nanos(self.started);
         let nanos = i64::try_from(self.started.elapsed().as_nanos()).unwrap_or(i64::MAX);
-        self.client.offer(self.op, start, nanos, self.status, self.ids);
+        if self.outgoing {
+            calls::note(start, nanos);
+        }
+        self.client.offer(self.op, start, nanos, self.status, self.ids, 0);
     }
+}
+
+/// What a span recorded when it ends tells of self time.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Own<'a> {
+    /// Nothing: its self time is unknown.
+    Unknown,
+    /// It is a call this service made: counted out of the self time of what is being served.
+    Call,
+    /// It made these calls: its self time is its duration minus their union.
+    Made(&'a tailscope_proto::selftime::Calls),
 }
 
 /// Groups spans by `{service, operation, kind}` and numbers the batches it produces.

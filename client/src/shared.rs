@@ -28,6 +28,8 @@ pub(crate) struct Record {
     pub trace_lo: u64,
     pub span_id: u64,
     pub parent: u64,
+    /// Self time in nanoseconds; 0 unknown.
+    pub self_ns: i64,
 }
 
 impl Record {
@@ -198,10 +200,17 @@ fn sanitize(name: &str) -> &str {
     &name[..end]
 }
 
+/// What the folder keys its histograms by: operation id, status and window start.
+pub(crate) type FoldKey = (u32, i32, i64);
+/// The durations folded under a key, and the self times of those spans that had one.
+pub(crate) type Folded = (Histogram, Option<Histogram>);
+
 /// Spans counted but not sent in full, as histograms per (operation, status, window).
 #[derive(Debug)]
 pub(crate) struct Folder {
-    entries: HashMap<(u32, i32, i64), Histogram>,
+    /// Per (operation, status, window): the durations, and the self times of the spans that
+    /// had one.
+    entries: HashMap<FoldKey, Folded>,
     limit: usize,
     spans: u64,
 }
@@ -219,9 +228,13 @@ impl Folder {
         let h = match self.entries.get_mut(&key) {
             Some(h) => h,
             None if full => return false,
-            None => self.entries.entry(key).or_insert_with(|| Histogram::new(Layout::default())),
+            None => self.entries.entry(key).or_insert_with(|| (Histogram::new(Layout::default()), None)),
         };
-        h.record(r.duration.max(0) as u64, 1);
+        h.0.record(r.duration.max(0) as u64, 1);
+        if r.self_ns > 0 {
+            let own = r.self_ns.min(r.duration.max(1)) as u64;
+            h.1.get_or_insert_with(|| Histogram::new(Layout::default())).record(own, 1);
+        }
         self.spans += 1;
         true
     }
@@ -235,7 +248,7 @@ impl Folder {
         self.spans
     }
 
-    pub fn take(&mut self) -> Vec<((u32, i32, i64), Histogram)> {
+    pub fn take(&mut self) -> Vec<(FoldKey, Folded)> {
         self.spans = 0;
         self.entries.drain().collect()
     }
@@ -418,8 +431,19 @@ mod tests {
         let mut taken = f.take();
         taken.sort_by_key(|(k, _)| *k);
         assert_eq!(taken.len(), 2);
-        assert_eq!((taken[0].0, taken[0].1.count()), ((1, 1, 1_000), 2));
-        assert_eq!((taken[1].0 .2, taken[1].1.count()), (1_010, 1));
+        assert_eq!((taken[0].0, taken[0].1 .0.count()), ((1, 1, 1_000), 2));
+        assert_eq!((taken[1].0 .2, taken[1].1 .0.count()), (1_010, 1));
+        // No span had a self time: no self histogram.
+        assert!(taken.iter().all(|(_, (_, own))| own.is_none()));
+        // Self times are folded beside the durations, each cut to its span's duration.
+        assert!(f.add(&Record { self_ns: 2_000_000, ..r(1, 1_000_000_000_000) }));
+        assert!(f.add(&Record { self_ns: 9_000_000, ..r(1, 1_000_000_000_000) }));
+        assert!(f.add(&r(1, 1_000_000_000_000)));
+        let taken = f.take();
+        let (durations, own) = &taken[0].1;
+        let own = own.as_ref().expect("self times were folded");
+        assert_eq!((durations.count(), own.count()), (3, 2));
+        assert!(own.max().is_some_and(|m| m <= 5_000_000 * 1001 / 1000), "{:?}", own.max());
         assert!(f.is_empty());
     }
 

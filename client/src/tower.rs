@@ -42,8 +42,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use tailscope_proto::selftime::Calls;
+
 use crate::trace::{baggage_get, baggage_set, TraceContext, CALLER_KEY};
-use crate::{Client, SpanKind, Status, MAX_OPERATION_BYTES};
+use crate::{Client, Own, SpanKind, Status, MAX_OPERATION_BYTES};
 
 /// Wraps services in [`TailscopeService`].
 #[derive(Debug, Clone)]
@@ -183,12 +185,13 @@ where
             started: Instant::now(),
             done: false,
             ids: ctx.ids(parent.as_ref()),
+            serving: matches!(self.side, Side::Server),
         };
         let inner = {
             let _current = TraceContext::enter(ctx);
             self.inner.call(req)
         };
-        ResponseFuture { inner, timer, ctx }
+        ResponseFuture { inner, timer, ctx, calls: Calls::new() }
     }
 }
 
@@ -243,20 +246,23 @@ struct Timer {
     started: Instant,
     done: bool,
     ids: crate::Ids,
+    /// Whether it times a request served (else a call made).
+    serving: bool,
 }
 
 impl Timer {
-    fn finish(&mut self, status: Status) {
+    fn finish(&mut self, status: Status, calls: &Calls) {
         if !self.done {
             self.done = true;
-            self.client.record_op_since_ids(self.op, self.started, status, self.ids);
+            let own = if self.serving { Own::Made(calls) } else { Own::Call };
+            self.client.record_op_since_ids(self.op, self.started, status, self.ids, own);
         }
     }
 }
 
 impl Drop for Timer {
     fn drop(&mut self) {
-        self.finish(Status::Error);
+        self.finish(Status::Error, &Calls::new());
     }
 }
 
@@ -269,6 +275,8 @@ pin_project_lite::pin_project! {
         inner: F,
         timer: Timer,
         ctx: TraceContext,
+        // The calls the handler made so far (for a request served).
+        calls: Calls,
     }
 }
 
@@ -282,7 +290,13 @@ where
         let this = self.project();
         let out = {
             let _current = TraceContext::enter(*this.ctx);
-            std::task::ready!(this.inner.poll(cx))
+            let serving = this.timer.serving;
+            let before = serving.then(|| crate::calls::enter(*this.calls));
+            let polled = this.inner.poll(cx);
+            if let Some(before) = before {
+                *this.calls = crate::calls::leave(before);
+            }
+            std::task::ready!(polled)
         };
         let failed = match &out {
             Ok(resp) => {
@@ -291,7 +305,7 @@ where
             }
             Err(_) => true,
         };
-        this.timer.finish(if failed { Status::Error } else { Status::Ok });
+        this.timer.finish(if failed { Status::Error } else { Status::Ok }, this.calls);
         Poll::Ready(out)
     }
 }

@@ -196,6 +196,7 @@ fn templates(args: &BenchArgs, count: usize) -> Vec<Bytes> {
                     status: i32::from(rng.gen_bool(0.01)) * 2,
                     weight: 0,
                     adjusted_count: 1.0,
+                    self_nanos: 0,
                 };
                 b.push(&format!("service-{}", s % 10), &format!("operation-{s}"), span);
             }

@@ -108,6 +108,8 @@ struct Call {
     late: bool,
     /// For a CLIENT span, the service called; else the SERVER span of `service`'s own work.
     callee: Option<usize>,
+    /// Of a SERVER span, the time spent in its own code (its self time).
+    own: Duration,
 }
 
 /// The simulated graph.
@@ -159,6 +161,7 @@ impl Sim {
                 error: false,
                 late: false,
                 callee: None,
+                own: Duration::from_millis(ms),
             });
             return;
         }
@@ -217,7 +220,7 @@ impl Sim {
         }
         let duration = own + waited;
         let late = self.scenario == Scenario::LateData && injecting && leaf;
-        out.push(Call { service: i, operation: name, duration, error, late, callee: None });
+        out.push(Call { service: i, operation: name, duration, error, late, callee: None, own });
         (duration, error)
     }
 }
@@ -232,6 +235,7 @@ impl Call {
             error,
             late: false,
             callee: Some(caller + 1),
+            own: Duration::ZERO,
         }
     }
 }
@@ -441,7 +445,7 @@ pub async fn run(args: &RunArgs, out: &mut (dyn std::io::Write + Send)) -> anyho
                 } else {
                     // Its own work, served for its caller (the frontend's callers are users).
                     let caller = c.service.checked_sub(1).map(service_name).unwrap_or_default();
-                    client.record_peer(&c.operation, SpanKind::Server, &caller, c.duration, status);
+                    client.record_served(&c.operation, &caller, c.duration, c.own, status);
                 }
                 let s = &mut seen[c.service];
                 let ns = c.duration.as_nanos() as u64;

@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod histogram;
 pub mod peer;
+pub mod selftime;
 
 /// Generated types and gRPC stubs of `tailscope/v1/ingest.proto`.
 #[allow(missing_docs, missing_debug_implementations, clippy::all, clippy::unwrap_used)]

@@ -15,7 +15,7 @@ pub mod otlp;
 use std::sync::Arc;
 
 use tailscope_proto::histogram::Histogram;
-use tailscope_proto::v1::{SeriesKey, SpanBatch, Throttle};
+use tailscope_proto::v1::{HistogramDelta, SeriesKey, SpanBatch, Throttle};
 
 use crate::cardinality::OVERFLOW;
 use crate::clock::Clock;
@@ -317,12 +317,19 @@ impl IngestService {
             let shard = series::partition(hash, shards) as u32;
             targets.push(shard);
             stats.keys.push(hash);
+            let timed_self = !kind.is_outgoing() && group.spans.iter().any(|s| s.self_nanos > 0);
             groups.push(GroupRoute {
                 key: hash,
                 shard,
                 ok_series: series::series_id(service, operation, SpanStatus::Ok, kind, peer),
                 error_series: series::series_id(service, operation, SpanStatus::Error, kind, peer),
                 kind,
+                self_series: timed_self.then(|| {
+                    (
+                        series::self_series_id(service, operation, SpanStatus::Ok, kind),
+                        series::self_series_id(service, operation, SpanStatus::Error, kind),
+                    )
+                }),
                 overflow,
                 service_overflow,
                 peer_overflow,
@@ -385,23 +392,36 @@ impl IngestService {
             if overflow {
                 stats.overflowed = stats.overflowed.saturating_add(count);
             }
+            let self_times = self_histogram(delta, kind, count)
+                .map_err(|e| bad(format!("delta {i} ({service}/{operation}): self_histogram: {e}")))?;
             let status = SpanStatus::from_wire(delta.status);
             let hash = series::group_hash(service, operation);
             stats.folded = stats.folded.saturating_add(count);
             stats.keys.push(hash);
             let shard = series::partition(hash, shards) as u32;
             targets.push(shard);
+            let labels =
+                SeriesLabels { kind, peer: peer.to_owned(), ..SeriesLabels::new(service, operation, status) };
+            if let Some(histogram) = self_times {
+                let labels = labels.self_time();
+                deltas.push(RoutedDelta {
+                    key: hash,
+                    shard,
+                    series: labels.id(),
+                    labels,
+                    window_start: window,
+                    histogram,
+                    self_time: true,
+                });
+            }
             deltas.push(RoutedDelta {
                 key: hash,
                 shard,
                 series: series::series_id(service, operation, status, kind, peer),
-                labels: SeriesLabels {
-                    kind,
-                    peer: peer.to_owned(),
-                    ..SeriesLabels::new(service, operation, status)
-                },
+                labels,
                 window_start: window,
                 histogram,
+                self_time: false,
             });
         }
         targets.sort_unstable();
@@ -423,7 +443,7 @@ impl IngestService {
                 group.spans.iter().map(|s| (s.duration_nanos, u64::from(s.weight.max(1)))),
             );
         }
-        for delta in &batch.deltas {
+        for delta in batch.deltas.iter().filter(|d| !d.self_time) {
             self.sampler.observe_folded(
                 delta.key,
                 &delta.labels.service,
@@ -478,6 +498,26 @@ impl IngestService {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
     }
+}
+
+/// The self-time histogram a delta carries, when it is one of the service's own work and not
+/// empty. It times some of the spans its histogram counts, so it can count no more of them.
+fn self_histogram(
+    delta: &HistogramDelta,
+    kind: series::Kind,
+    spans: u64,
+) -> Result<Option<Histogram>, String> {
+    if delta.self_histogram.is_empty() || kind.is_outgoing() {
+        return Ok(None);
+    }
+    let histogram = Histogram::decode(&delta.self_histogram).map_err(|e| e.to_string())?;
+    if histogram.count() > spans {
+        return Err(format!(
+            "counts {} spans, more than the {spans} the delta's histogram counts",
+            histogram.count()
+        ));
+    }
+    Ok((!histogram.is_empty()).then_some(histogram))
 }
 
 fn check_key(key: Option<&SeriesKey>) -> Result<(&str, &str, series::Kind, &str), String> {

@@ -51,6 +51,9 @@ pub struct GroupRoute {
     pub error_series: u64,
     /// The group's `span_kind`.
     pub kind: crate::series::Kind,
+    /// The ids of the group's `status="ok"` and `status="error"` self-time series, when its
+    /// spans are the service's own work and some of them carry a self time.
+    pub self_series: Option<(u64, u64)>,
     /// Whether the group's operation is counted as `__overflow__` (its service is at its cap).
     pub overflow: bool,
     /// Whether the group's service is counted as `__overflow__` (the service cap is reached).
@@ -74,6 +77,8 @@ pub struct RoutedDelta {
     pub window_start: i64,
     /// The decoded histogram.
     pub histogram: Histogram,
+    /// Whether it holds self times (of spans another delta of the batch counts).
+    pub self_time: bool,
 }
 
 /// A batch that passed validation, with its routing computed.

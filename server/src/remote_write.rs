@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 use crate::alerting::receivers::http_config::HttpConfig;
 use crate::clock::Clock;
 use crate::pipeline::shard::ACTIVE_SECONDS;
-use crate::series::{IdBuildHasher, SeriesLabels};
+use crate::series::{IdBuildHasher, Measure, SeriesLabels};
 use crate::store::{EpochSink, EpochWrite};
 use crate::telemetry::{Metrics, RemoteDropLabel, RemoteLabel};
 
@@ -306,6 +306,10 @@ impl RemoteWriter {
             for id in ids {
                 let (Some(c), Some((l, _))) = (counters.get_mut(&id), labels.get(&id)) else { continue };
                 let fresh = !std::mem::replace(&mut c.announced, true);
+                let [bucket, count, sum, native] = match l.measure {
+                    Measure::Duration => crate::query::promql::NAMES,
+                    Measure::SelfTime => crate::query::promql::SELF_NAMES,
+                };
                 let base = |name: &str, le: Option<String>| {
                     let mut out = vec![wire::Label { name: "__name__".into(), value: name.into() }];
                     if let Some(le) = le {
@@ -329,15 +333,12 @@ impl RemoteWriter {
                             .get(i)
                             .map_or_else(|| "+Inf".to_owned(), |&b| crate::query::promql::format_value(b));
                         series.push(wire::TimeSeries {
-                            labels: base("span_duration_seconds_bucket", Some(le)),
+                            labels: base(bucket, Some(le)),
                             samples: samples(cumulative as f64),
                             histograms: Vec::new(),
                         });
                     }
-                    for (name, value) in [
-                        ("span_duration_seconds_count", c.count as f64),
-                        ("span_duration_seconds_sum", c.sum),
-                    ] {
+                    for (name, value) in [(count, c.count as f64), (sum, c.sum)] {
                         series.push(wire::TimeSeries {
                             labels: base(name, None),
                             samples: samples(value),
@@ -351,7 +352,7 @@ impl RemoteWriter {
                         fresh.then(|| wire::native_histogram(&BTreeMap::new(), 0, 0.0, schema, before));
                     let now = wire::native_histogram(&c.native, c.zero, c.sum, schema, ts);
                     series.push(wire::TimeSeries {
-                        labels: base("span_duration_seconds", None),
+                        labels: base(native, None),
                         samples: Vec::new(),
                         histograms: zero.into_iter().chain([now]).collect(),
                     });

@@ -3,7 +3,9 @@
 //! a span's time and duration must keep to be counted in one ([`SpanLimits`]), below both
 //! ingest and the shards.
 //!
-//! A series is `{service, operation, status, span_kind, peer}`. Its id is the xxh3 hash of the
+//! A series is `{service, operation, status, span_kind, peer}`, of one of two measures: the
+//! spans' durations (`span_duration_seconds`) or their self times (`span_self_seconds`: the
+//! time a span spent in its own code, not waiting on the calls it made). Its id is the xxh3 hash of the
 //! canonical encoding of its labels, so any node computes the same id without coordination; a
 //! series of unspecified kind and no peer (all a v1 client sends) is encoded, and hashed,
 //! without them, so series written before kinds and peers existed keep their ids. Routing uses
@@ -192,6 +194,26 @@ impl Kind {
         Kind::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
+    /// The kind's name in the encoding of a self-time series (never a label value).
+    pub fn self_token(self) -> &'static str {
+        match self {
+            Kind::Unspecified => "self:SPAN_KIND_UNSPECIFIED",
+            Kind::Internal => "self:SPAN_KIND_INTERNAL",
+            Kind::Server => "self:SPAN_KIND_SERVER",
+            Kind::Client => "self:SPAN_KIND_CLIENT",
+            Kind::Producer => "self:SPAN_KIND_PRODUCER",
+            Kind::Consumer => "self:SPAN_KIND_CONSUMER",
+        }
+    }
+
+    /// Parses a kind as encoded in a series: a label value, or a self token.
+    pub fn parse_token(s: &str) -> Option<(Kind, Measure)> {
+        match s.strip_prefix("self:") {
+            Some(name) => Some((Kind::parse(name)?, Measure::SelfTime)),
+            None => Some((Kind::parse(s)?, Measure::Duration)),
+        }
+    }
+
     /// A dense index for per-kind counters.
     pub fn index(self) -> usize {
         self as usize
@@ -203,6 +225,25 @@ impl Kind {
         matches!(self, Kind::Client | Kind::Producer)
     }
 }
+
+/// What a series' histograms time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Measure {
+    /// The spans' durations: `span_duration_seconds`.
+    #[default]
+    Duration,
+    /// The spans' self times (duration minus the union of their calls):
+    /// `span_self_seconds`. Such a series has no peer: a service's own time is the same
+    /// whoever called it.
+    SelfTime,
+}
+
+/// The matcher name that selects self-time series ([`Measure::SelfTime`]) when it equals
+/// [`SELF_MEASURE`]: set by the query engine for `span_self_seconds` names, never a label of a
+/// series. Without it, only duration series are selected.
+pub const MEASURE_MATCHER: &str = "__measure__";
+/// The value of [`MEASURE_MATCHER`] for self-time series.
+pub const SELF_MEASURE: &str = "self";
 
 /// The labels of one series.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -217,6 +258,8 @@ pub struct SeriesLabels {
     pub kind: Kind,
     /// `peer`: the other end of the spans' calls; empty for none (the label is then absent).
     pub peer: String,
+    /// What the series times.
+    pub measure: Measure,
 }
 
 /// The longest label value accepted (`service`, `operation`, `peer`), in bytes. A
@@ -237,18 +280,35 @@ impl SeriesLabels {
             status,
             kind: Kind::Unspecified,
             peer: String::new(),
+            measure: Measure::Duration,
         }
+    }
+
+    /// The self-time series of a series of the service's own work: same service, operation,
+    /// status and kind, no peer.
+    pub fn self_time(&self) -> SeriesLabels {
+        SeriesLabels { peer: String::new(), measure: Measure::SelfTime, ..self.clone() }
     }
 
     /// The series id of these labels.
     pub fn id(&self) -> u64 {
+        if self.measure == Measure::SelfTime {
+            return self_series_id(&self.service, &self.operation, self.status, self.kind);
+        }
         series_id(&self.service, &self.operation, self.status, self.kind, &self.peer)
     }
 
     /// Encodes the labels for the series index.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.service.len() + self.operation.len() + self.peer.len() + 48);
-        encode_labels(&mut out, &self.service, &self.operation, self.status, self.kind, &self.peer);
+        match self.measure {
+            Measure::Duration => {
+                encode_labels(&mut out, &self.service, &self.operation, self.status, self.kind, &self.peer)
+            }
+            Measure::SelfTime => {
+                encode_self_labels(&mut out, &self.service, &self.operation, self.status, self.kind)
+            }
+        }
         out
     }
 
@@ -269,7 +329,7 @@ impl SeriesLabels {
     /// series with a peer (the caller's view), or a SERVER or CONSUMER series with a peer (the
     /// callee's view).
     pub fn edge(&self) -> Option<Edge<'_>> {
-        if self.peer.is_empty() {
+        if self.peer.is_empty() || self.measure != Measure::Duration {
             return None;
         }
         match self.kind {
@@ -299,14 +359,19 @@ impl SeriesLabels {
         let (service, rest) = take_str(bytes)?;
         let (operation, rest) = take_str(rest)?;
         let (status, rest) = take_str(rest)?;
-        let (kind, explicit, rest) =
-            match take_str(rest).and_then(|(k, after)| Some((Kind::parse(k)?, after))) {
-                Some((kind, after)) => (kind, true, after),
-                None => (Kind::Unspecified, false, rest),
+        let (kind, measure, explicit, rest) =
+            match take_str(rest).and_then(|(k, after)| Some((Kind::parse_token(k)?, after))) {
+                Some(((kind, measure), after)) => (kind, measure, true, after),
+                None => (Kind::Unspecified, Measure::Duration, false, rest),
             };
         // A peer follows an explicit kind, and is never longer than MAX_LABEL_BYTES.
         let (peer, rest) = match take_str(rest) {
-            Some((peer, after)) if explicit && !peer.is_empty() && peer.len() <= MAX_LABEL_BYTES => {
+            Some((peer, after))
+                if explicit
+                    && measure == Measure::Duration
+                    && !peer.is_empty()
+                    && peer.len() <= MAX_LABEL_BYTES =>
+            {
                 (peer, after)
             }
             _ => ("", rest),
@@ -317,6 +382,7 @@ impl SeriesLabels {
             status: Status::parse(status)?,
             kind,
             peer: peer.to_owned(),
+            measure,
         };
         Some((labels, rest))
     }
@@ -324,9 +390,16 @@ impl SeriesLabels {
     /// Whether every one of `matchers` matches these labels (a label the series does not have
     /// reads as empty, as in Prometheus). Matchers that name no `span_kind` select a service's
     /// own work only: series of outgoing kinds ([`Kind::is_outgoing`]) are left out.
+    /// Self-time series are selected only by a [`MEASURE_MATCHER`] for them, duration series
+    /// only without one.
     pub fn matches(&self, matchers: &[&promql_parser::label::Matcher]) -> bool {
-        (!self.kind.is_outgoing() || matchers.iter().any(|m| m.name == "span_kind"))
-            && matchers.iter().all(|m| m.is_match(self.get(&m.name).unwrap_or("")))
+        let wants_self = matchers.iter().any(|m| m.name == MEASURE_MATCHER && m.value == SELF_MEASURE);
+        (self.measure == Measure::SelfTime) == wants_self
+            && (!self.kind.is_outgoing() || matchers.iter().any(|m| m.name == "span_kind"))
+            && matchers
+                .iter()
+                .filter(|m| m.name != MEASURE_MATCHER)
+                .all(|m| m.is_match(self.get(&m.name).unwrap_or("")))
     }
 
     /// The value of label `name`, if the series has it.
@@ -337,6 +410,7 @@ impl SeriesLabels {
             "status" => Some(self.status.as_str()),
             "span_kind" => Some(self.kind.as_str()),
             "peer" if !self.peer.is_empty() => Some(&self.peer),
+            MEASURE_MATCHER if self.measure == Measure::SelfTime => Some(SELF_MEASURE),
             _ => None,
         }
     }
@@ -368,6 +442,22 @@ fn encode_labels(out: &mut Vec<u8>, service: &str, operation: &str, status: Stat
         out.extend_from_slice(&(s.len() as u32).to_be_bytes());
         out.extend_from_slice(s.as_bytes());
     }
+}
+
+/// Self-time series are encoded with their kind's self token ([`Kind::self_token`]), always,
+/// and no peer.
+fn encode_self_labels(out: &mut Vec<u8>, service: &str, operation: &str, status: Status, kind: Kind) {
+    for s in [service, operation, status.as_str(), kind.self_token()] {
+        out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+}
+
+/// The stable id of the self-time series of `{service, operation, status, span_kind}`.
+pub fn self_series_id(service: &str, operation: &str, status: Status, kind: Kind) -> u64 {
+    let mut v = Vec::with_capacity(service.len() + operation.len() + 48);
+    encode_self_labels(&mut v, service, operation, status, kind);
+    xxh3_64(&v)
 }
 
 fn take_str(bytes: &[u8]) -> Option<(&str, &[u8])> {
@@ -593,6 +683,41 @@ mod tests {
             assert!(l.matches(&[&service, &any_kind]), "{kind:?}");
             assert_eq!(l.matches(&[&client]), kind == Kind::Client);
         }
+    }
+
+    #[test]
+    fn self_time_series_are_their_own_and_selected_only_by_name() {
+        use promql_parser::label::{MatchOp, Matcher};
+        let duration =
+            SeriesLabels { kind: Kind::Server, ..SeriesLabels::new("checkout", "pay", Status::Ok) };
+        let own = duration.self_time();
+        assert_eq!(own.measure, Measure::SelfTime);
+        assert_ne!(own.id(), duration.id());
+        assert_eq!(own.id(), self_series_id("checkout", "pay", Status::Ok, Kind::Server));
+        assert_eq!(own.id(), xxh3_64(&own.encode()));
+        // A peer is dropped: a service's own time is the same whoever called it.
+        let called = SeriesLabels { peer: "frontend".into(), ..duration.clone() };
+        assert_eq!(called.self_time(), own);
+        assert_eq!(own.edge(), None);
+        // Every kind round-trips, alone and followed by a series-family hour.
+        for kind in Kind::ALL {
+            let l = SeriesLabels { kind, ..own.clone() };
+            assert_eq!(SeriesLabels::decode(&l.encode()), Some(l.clone()));
+            let mut entry = l.encode();
+            entry.extend_from_slice(&493_000u32.to_be_bytes());
+            assert_eq!(SeriesLabels::decode_prefix(&entry), Some((l.clone(), &493_000u32.to_be_bytes()[..])));
+            assert_ne!(l.id(), SeriesLabels { kind, ..duration.clone() }.id());
+        }
+        // Selected only with the measure matcher, which the other series never match.
+        let service = Matcher::new(MatchOp::Equal, "service", "checkout");
+        let selfs = Matcher::new(MatchOp::Equal, MEASURE_MATCHER, SELF_MEASURE);
+        assert!(duration.matches(&[&service]));
+        assert!(!own.matches(&[&service]));
+        assert!(own.matches(&[&service, &selfs]));
+        assert!(!duration.matches(&[&service, &selfs]));
+        assert_eq!(own.get(MEASURE_MATCHER), Some(SELF_MEASURE));
+        assert_eq!(duration.get(MEASURE_MATCHER), None);
+        assert_eq!(own.pairs().count(), 4, "the measure is not a label");
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //!   one notification — per incident, in Alertmanager's unchanged body);
 //! - the annotations `root_service`, `root_kind` (`service`, or `virtual` for an
 //!   uninstrumented callee such as `db:postgres`), `incident_role` (`root` or `symptom`),
-//!   `blame` (the edge and its p99s, for a symptom) and `incident_services`.
+//!   `blame` (the edge and its p99s, for a symptom; for a root whose spans carry self times,
+//!   the rise of its self-time p99) and `incident_services`.
 //!
 //! A later alert of an open incident (staggered `for` clocks) joins it, and a re-rooted
 //! incident keeps its id. The stamps are written to the store before the alerts go on, so a
@@ -124,7 +125,7 @@ pub struct Stamp {
     pub service: String,
     /// The alert's name.
     pub alertname: String,
-    /// Its blame edge, printed, if it is a symptom.
+    /// Its blame edge, printed, if it is a symptom (a root's self-time rise, if known).
     pub blame: Option<String>,
     /// When the alert started, ms.
     pub starts_at: i64,
@@ -171,7 +172,7 @@ pub struct Member {
     pub service: String,
     /// `root` or `symptom`.
     pub role: &'static str,
-    /// Its blame edge, for a symptom.
+    /// Its blame edge, for a symptom (a root's self-time rise, if known).
     pub blame: Option<String>,
     /// `firing` or `resolved`.
     pub state: &'static str,
@@ -347,6 +348,12 @@ pub fn stamp(
         }
         if !resolved {
             let verdict = blame::explain(tails, service, &thresholds);
+            // A symptom's blame edge, or a root's own rise in self time.
+            let why = match &verdict.blame {
+                Some(b) => Some(b.to_string()),
+                None if verdict.root == *service => blame::own_code(tails, service),
+                None => None,
+            };
             let open = |root: &str| {
                 stamps.values().filter(|s| !s.resolved && s.root == root).map(|s| s.incident.clone()).min()
             };
@@ -360,18 +367,13 @@ pub fn stamp(
                 Some(s) if !s.resolved && verdict.blame.is_none() && !own_rising => {
                     (s.incident.clone(), s.root.clone(), s.virtual_root, s.blame.clone())
                 }
-                Some(s) if !s.resolved => (
-                    s.incident.clone(),
-                    verdict.root,
-                    verdict.virtual_root,
-                    verdict.blame.map(|b| b.to_string()),
-                ),
+                Some(s) if !s.resolved => (s.incident.clone(), verdict.root, verdict.virtual_root, why),
                 _ => (
                     open(&verdict.root)
                         .unwrap_or_else(|| format!("{}-{}", verdict.root, a.starts_at.div_euclid(1000))),
                     verdict.root,
                     verdict.virtual_root,
-                    verdict.blame.map(|b| b.to_string()),
+                    why,
                 ),
             };
             let stamp = Stamp {
@@ -481,8 +483,8 @@ pub fn incidents_of(stamps: &HashMap<u64, Stamp>) -> Vec<Incident> {
 }
 
 /// Reads every service's own p99 and every synchronous edge's p99 (as callers waited) and calls
-/// per request over the recent window and the baseline before it, at `now` (ms): eight
-/// queries, each one pass over the graph's series.
+/// per request over the recent window and the baseline before it, at `now` (ms), and every
+/// service's self-time p99: ten queries, each one pass over the series it names.
 pub fn read_tails(env: &Environment, config: &IncidentsConfig, now: i64) -> Result<Tails, String> {
     let steps = Steps::instant(now);
     let limits = Limits {
@@ -514,6 +516,16 @@ pub fn read_tails(env: &Environment, config: &IncidentsConfig, now: i64) -> Resu
     }
     for (labels, base) in read(format!("{own}[{b}s] offset {w}s)))"))? {
         if let Some(t) = labels.get("service").and_then(|s| tails.services.get_mut(s)) {
+            t.base = Some(base);
+        }
+    }
+    let own_code = "histogram_quantile(0.99, sum by (service, le) (rate(span_self_seconds_bucket";
+    for (labels, now) in read(format!("{own_code}[{w}s])))"))? {
+        let service = labels.get("service").cloned().unwrap_or_default();
+        tails.selfs.insert(service, Tail { now, base: None });
+    }
+    for (labels, base) in read(format!("{own_code}[{b}s] offset {w}s)))"))? {
+        if let Some(t) = labels.get("service").and_then(|s| tails.selfs.get_mut(s)) {
             t.base = Some(base);
         }
     }

@@ -16,6 +16,7 @@ use super::envelope::{self, respond, success, success_with_warnings, ApiError};
 use super::AppState;
 use crate::query::promql::{self, format_value, Engine, EvalError, Limits, Series, Steps, Value};
 use crate::query::{exemplars, labels, parse_time};
+use crate::store::Source as _;
 
 /// Most points per series of a range query (as Prometheus).
 pub const MAX_POINTS: usize = 11_000;
@@ -478,16 +479,29 @@ async fn series(State(s): State<AppState>, p: Params) -> Response {
     label_walk(&s, &p, move |store, limit, budget| labels::series(store, &selectors, limit, budget)).await
 }
 
-async fn metadata(p: Params) -> Response {
-    let entry = json!([{
-        "type": "histogram",
-        "help": "Duration of spans, by service, operation and status (ok or error).",
-        "unit": "seconds",
-    }]);
-    match p.get("metric") {
-        Some(m) if m != promql::METRIC => success(json!({})),
-        _ => success(json!({ promql::METRIC: entry })),
-    }
+async fn metadata(State(s): State<AppState>, p: Params) -> Response {
+    let entry = |help: &str| json!([{ "type": "histogram", "help": help, "unit": "seconds" }]);
+    let all = [
+        (promql::METRIC, entry("Duration of spans, by service, operation and status (ok or error).")),
+        (
+            promql::SELF_NAMES[3],
+            entry("Self time of spans: their duration minus the calls they waited on, by service, operation and status."),
+        ),
+    ];
+    let wanted = p.get("metric");
+    // Self times are listed once some series has them, as Prometheus lists what it scraped.
+    let selfs = s
+        .store
+        .label_values(crate::series::MEASURE_MATCHER, 1)
+        .map(|(values, _)| !values.is_empty())
+        .unwrap_or(false);
+    let out: serde_json::Map<String, Json_> = all
+        .into_iter()
+        .filter(|(name, _)| *name == promql::METRIC || selfs)
+        .filter(|(name, _)| wanted.is_none_or(|m| m == *name))
+        .map(|(name, e)| (name.to_owned(), e))
+        .collect();
+    success(Json_::Object(out))
 }
 
 async fn buildinfo() -> Response {

@@ -113,6 +113,9 @@ pub(crate) struct Converter<'a> {
     // profile).
     groups: BatchBuilder<GroupKey<'a>>,
     unnamed: u64,
+    /// The outgoing spans with a parent: (trace id low, parent span id, start, end), for the
+    /// self time of their parents.
+    calls: Vec<(u64, u64, i64, i64)>,
 }
 
 impl<'a> Converter<'a> {
@@ -146,6 +149,11 @@ impl<'a> Converter<'a> {
         // Only an outgoing span's attributes name its callee; a server span's caller is not
         // in its attributes.
         let peer = if Kind::from_wire(kind).is_outgoing() { span.peer.key() } else { None };
+        let trace_id_low = id_u64(trace.get(8..16));
+        let parent_span_id = id_u64(span.parent_span_id.get(..8));
+        if Kind::from_wire(kind).is_outgoing() && parent_span_id != 0 && end > start {
+            self.calls.push((trace_id_low, parent_span_id, start, end));
+        }
         let series = || SeriesKey {
             service: service.to_owned(),
             operation: operation.to_owned(),
@@ -157,21 +165,48 @@ impl<'a> Converter<'a> {
             series,
             Span {
                 trace_id_high: id_u64(trace.get(..8)),
-                trace_id_low: id_u64(trace.get(8..16)),
+                trace_id_low,
                 span_id: id_u64(span.span_id.get(..8)),
-                parent_span_id: id_u64(span.parent_span_id.get(..8)),
+                parent_span_id,
                 start_unix_nanos: start,
                 duration_nanos: end.wrapping_sub(start),
                 status: status as i32,
                 weight,
                 adjusted_count: f64::from(weight),
+                self_nanos: 0,
             },
         );
     }
 
-    /// The batch (anonymous: client 0, seq 1) and how many spans had no name.
+    /// The batch (anonymous: client 0, seq 1) and how many spans had no name. A span of a
+    /// service's own work whose calls (CLIENT or PRODUCER children) are in the same export
+    /// gets its self time: its duration minus their union. Others keep it unknown — their
+    /// calls, ending first, may have left in an earlier export.
     pub fn finish(mut self) -> (SpanBatch, u64) {
-        (self.groups.finish(0, 1, Vec::new()), self.unnamed)
+        let mut batch = self.groups.finish(0, 1, Vec::new());
+        if !self.calls.is_empty() {
+            self.calls.sort_unstable();
+            let mut intervals = Vec::new();
+            for group in &mut batch.groups {
+                if group.key.as_ref().is_some_and(|k| Kind::from_wire(k.kind).is_outgoing()) {
+                    continue;
+                }
+                for span in &mut group.spans {
+                    let of = (span.trace_id_low, span.span_id);
+                    let first = self.calls.partition_point(|c| (c.0, c.1) < of);
+                    intervals.clear();
+                    intervals.extend(
+                        self.calls[first..].iter().take_while(|c| (c.0, c.1) == of).map(|c| (c.2, c.3)),
+                    );
+                    if !intervals.is_empty() && span.span_id != 0 {
+                        let start = span.start_unix_nanos;
+                        let end = start.saturating_add(span.duration_nanos);
+                        span.self_nanos = tailscope_proto::selftime::self_time(start, end, &mut intervals);
+                    }
+                }
+            }
+        }
+        (batch, self.unnamed)
     }
 }
 
@@ -330,6 +365,53 @@ mod tests {
         };
         let err = to_batch(&empty).expect_err("refused");
         assert!(err.contains("resourceSpans[0]") && err.contains("service.name is empty"), "{err}");
+    }
+
+    #[test]
+    fn a_span_whose_calls_are_in_the_export_gets_its_self_time() {
+        use tailscope_proto::v1::SpanKind;
+        let span = |id: u8, parent: u8, kind: SpanKind, start: u64, end: u64| OtlpSpan {
+            trace_id: vec![7; 16],
+            span_id: vec![id; 8],
+            parent_span_id: if parent == 0 { Vec::new() } else { vec![parent; 8] },
+            name: format!("op{}", kind as i32),
+            kind: kind as i32,
+            start_time_unix_nano: start,
+            end_time_unix_nano: end,
+            ..Default::default()
+        };
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![
+                        // A 1,000 ns request whose calls overlap (100–400, 300–500) and follow
+                        // (800–900): 500 ns waited, 500 ns its own.
+                        span(1, 0, SpanKind::Server, 1_000, 2_000),
+                        span(2, 1, SpanKind::Client, 1_100, 1_400),
+                        span(3, 1, SpanKind::Client, 1_300, 1_500),
+                        span(4, 1, SpanKind::Producer, 1_800, 1_900),
+                        // An internal child is not a call.
+                        span(5, 1, SpanKind::Internal, 1_000, 2_000),
+                        // A request whose calls are not in this export: unknown.
+                        span(6, 0, SpanKind::Server, 1_000, 3_000),
+                    ],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let (batch, _) = to_batch(&request).unwrap();
+        let of = |kind: SpanKind| -> Vec<(u64, i64)> {
+            batch
+                .groups
+                .iter()
+                .filter(|g| g.key.as_ref().is_some_and(|k| k.kind == kind as i32))
+                .flat_map(|g| g.spans.iter().map(|s| (s.span_id & 0xff, s.self_nanos)))
+                .collect()
+        };
+        assert_eq!(of(SpanKind::Server), [(1, 500), (6, 0)]);
+        assert_eq!(of(SpanKind::Internal), [(5, 0)]);
+        assert_eq!(of(SpanKind::Client), [(2, 0), (3, 0)], "calls have no self time");
     }
 
     #[test]

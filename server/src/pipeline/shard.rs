@@ -173,6 +173,7 @@ impl ShardState {
             // Spans of a group mostly share a series and window: the two maps are looked up
             // once per run of them, not once per span.
             let mut open: Option<((u64, i64), &mut Recorder, &mut ExemplarSet)> = None;
+            let mut timed_self = [false; 2];
             for span in &group.spans {
                 let Ok(window) = self.limits.classify(span.start_unix_nanos, span.duration_nanos, work.now)
                 else {
@@ -208,6 +209,19 @@ impl ShardState {
                 };
                 exemplars.offer(exemplar, status == Status::Error, &mut self.rng);
                 histogram.record(span.duration_nanos as u64, u64::from(span.weight.max(1)));
+                if let (Some((ok, error)), true) = (route.self_series, span.self_nanos > 0) {
+                    // Self times are rarer than spans and mostly of one window: the map is looked
+                    // up per span that has one, without holding the duration's entry.
+                    let series = if status == Status::Ok { ok } else { error };
+                    timed_self[status as usize] = true;
+                    let own = span.self_nanos.min(span.duration_nanos) as u64;
+                    let layout = self.layout;
+                    open = None;
+                    acc.windows
+                        .entry((series, window))
+                        .or_insert_with(|| Recorder::new(layout))
+                        .record(own, u64::from(span.weight.max(1)));
+                }
             }
             let key = group.key.as_ref();
             for (status, series) in [(Status::Ok, route.ok_series), (Status::Error, route.error_series)] {
@@ -230,7 +244,28 @@ impl ShardState {
                         } else {
                             key.map(|k| k.peer.clone()).unwrap_or_default()
                         },
+                        measure: crate::series::Measure::Duration,
                     });
+                }
+            }
+            if let Some((ok, error)) = route.self_series {
+                for (status, series) in [(Status::Ok, ok), (Status::Error, error)] {
+                    if timed_self[status as usize] {
+                        let service = if route.service_overflow {
+                            crate::cardinality::OVERFLOW
+                        } else {
+                            key.map_or("", |k| k.service.as_str())
+                        };
+                        let operation = if route.overflow {
+                            crate::cardinality::OVERFLOW
+                        } else {
+                            key.map_or("", |k| k.operation.as_str())
+                        };
+                        self.note_series(acc, series, || SeriesLabels {
+                            kind: route.kind,
+                            ..SeriesLabels::new(service, operation, status).self_time()
+                        });
+                    }
                 }
             }
         }

@@ -13,7 +13,8 @@ use promql_parser::parser::VectorSelector;
 
 use super::promql::{self, format_value, EvalError, Labels, Source};
 use super::Budget;
-use crate::series::SeriesLabels;
+use crate::series::{Measure, SeriesLabels, MEASURE_MATCHER, SELF_MEASURE};
+use promql_parser::label::{MatchOp, Matcher};
 
 #[cfg(test)]
 mod tests;
@@ -40,9 +41,40 @@ fn selects(vs: &VectorSelector, name: &str, labels: &SeriesLabels, le: Option<&s
 }
 
 /// The matchers of a selector that a stored series answers (`__name__` and `le` are checked
-/// per exposed series instead).
-fn series_matchers(vs: &VectorSelector) -> Vec<&promql_parser::label::Matcher> {
-    vs.matchers.matchers.iter().filter(|m| m.name != "__name__" && m.name != "le").collect()
+/// per exposed series instead), once for duration series and, when the selector may name a
+/// self-time name, once more for self-time series.
+fn series_matchers(vs: &VectorSelector) -> Vec<Vec<Matcher>> {
+    let own: Vec<Matcher> = vs
+        .matchers
+        .matchers
+        .iter()
+        .filter(|m| !matches!(m.name.as_str(), "__name__" | "le" | MEASURE_MATCHER))
+        .cloned()
+        .collect();
+    let may_name = |names: [&str; 4]| {
+        names.iter().any(|n| {
+            vs.name.as_deref().is_none_or(|want| want == *n)
+                && vs.matchers.matchers.iter().filter(|m| m.name == "__name__").all(|m| m.is_match(n))
+        })
+    };
+    let mut out = Vec::new();
+    if may_name(promql::NAMES) {
+        out.push(own.clone());
+    }
+    if may_name(promql::SELF_NAMES) {
+        let mut selfs = own;
+        selfs.push(Matcher::new(MatchOp::Equal, MEASURE_MATCHER, SELF_MEASURE));
+        out.push(selfs);
+    }
+    out
+}
+
+/// The exposed names of a stored series, in the order of [`promql::NAMES`].
+fn names_of(labels: &SeriesLabels) -> [&'static str; 4] {
+    match labels.measure {
+        Measure::Duration => promql::NAMES,
+        Measure::SelfTime => promql::SELF_NAMES,
+    }
 }
 
 /// The stored series that one of `selectors` may select (every one when there are none), in
@@ -53,18 +85,15 @@ pub fn candidates(
     selectors: &[VectorSelector],
     budget: &Budget,
 ) -> Result<Vec<(u64, SeriesLabels)>, EvalError> {
-    Ok(match selectors {
-        [] => source.series()?,
-        [one] => source.select(&series_matchers(one), usize::MAX)?,
-        many => {
-            let mut union = std::collections::BTreeMap::new();
-            for vs in many {
-                budget.check("matching series")?;
-                union.extend(source.select(&series_matchers(vs), usize::MAX)?);
-            }
-            union.into_iter().collect()
-        }
-    })
+    if selectors.is_empty() {
+        return Ok(source.series()?);
+    }
+    let mut union = std::collections::BTreeMap::new();
+    for matchers in selectors.iter().flat_map(series_matchers) {
+        budget.check("matching series")?;
+        union.extend(source.select(&matchers.iter().collect::<Vec<_>>(), usize::MAX)?);
+    }
+    Ok(union.into_iter().collect())
 }
 
 /// Calls `f` with every exposed series (name, labels, `le`) that one of `selectors` selects
@@ -82,8 +111,9 @@ fn for_each_selected(
         if i % CHECK_EVERY == 0 {
             budget.check("matching series")?;
         }
-        for name in promql::NAMES {
-            if name == promql::BUCKET {
+        let names = names_of(labels);
+        for name in names {
+            if name == names[0] {
                 for le in &les {
                     if selectors.is_empty() || selectors.iter().any(|vs| selects(vs, name, labels, Some(le)))
                     {
@@ -209,7 +239,12 @@ pub fn values(
         // Read off the index without looking at a series: the stored labels' values, or the
         // exposed names and `le` values when there is any series at all.
         let fixed: Vec<String> = match label {
-            "__name__" => promql::NAMES.iter().map(|&n| n.to_owned()).collect(),
+            "__name__" => {
+                let selfs = !source.label_values(MEASURE_MATCHER, 1)?.0.is_empty();
+                let names =
+                    promql::NAMES.iter().chain(selfs.then_some(&promql::SELF_NAMES).into_iter().flatten());
+                names.map(|&n| n.to_owned()).collect()
+            }
             "le" => le_values(),
             _ => {
                 let (values, more) = source.label_values(label, limit)?;

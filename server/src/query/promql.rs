@@ -36,6 +36,11 @@ pub const COUNT: &str = "span_duration_seconds_count";
 pub const SUM: &str = "span_duration_seconds_sum";
 /// The series names, in this order everywhere.
 pub const NAMES: [&str; 4] = [BUCKET, COUNT, SUM, METRIC];
+/// The self-time histogram's names, in the order of [`NAMES`]: the time spans spent in their
+/// own code, not waiting on the calls they made (their self-time series, see
+/// [`crate::series::Measure`]).
+pub const SELF_NAMES: [&str; 4] =
+    ["span_self_seconds_bucket", "span_self_seconds_count", "span_self_seconds_sum", "span_self_seconds"];
 
 /// The `le` bounds synthesized when no matcher names one: log-spaced 1-2.5-5 from 100 µs to
 /// 1000 s, the hour, and `+Inf`.
@@ -310,8 +315,14 @@ struct Selection {
 }
 
 impl Selection {
-    /// A selection of `span_duration_seconds` series, one group each.
-    fn of_series(names: [bool; 4], series: Vec<(u64, SeriesLabels)>, le: Vec<f64>) -> Selection {
+    /// A selection of `span_duration_seconds` (or, `called` [`SELF_NAMES`],
+    /// `span_self_seconds`) series, one group each.
+    fn of_series(
+        names: [bool; 4],
+        called: [&'static str; 4],
+        series: Vec<(u64, SeriesLabels)>,
+        le: Vec<f64>,
+    ) -> Selection {
         let groups = series
             .into_iter()
             .map(|(id, l)| HistGroup {
@@ -319,7 +330,7 @@ impl Selection {
                 members: vec![id],
             })
             .collect();
-        Selection { names, called: NAMES, groups, le, graph: false }
+        Selection { names, called, groups, le, graph: false }
     }
 }
 
@@ -391,37 +402,51 @@ impl<'a> Engine<'a> {
         if let Some(metric) = named.as_deref().and_then(graph::named) {
             return self.select_graph(vs, metric);
         }
-        let mut names = NAMES.map(|n| vs.name.as_deref().is_none_or(|want| want == n));
+        // The self-time names are a family of their own; a selector whose names match both
+        // (`{__name__=~"span_.*"}`) reads the durations.
+        let family = |called: [&'static str; 4]| {
+            let mut names = called.map(|n| vs.name.as_deref().is_none_or(|want| want == n));
+            for m in vs.matchers.matchers.iter().filter(|m| m.name == "__name__") {
+                for (i, n) in called.iter().enumerate() {
+                    names[i] &= m.is_match(n);
+                }
+            }
+            // The native histogram is selected only by its name: a float selection and
+            // histograms never mix in one vector.
+            let named =
+                vs.name.as_deref() == Some(called[3])
+                    || vs.matchers.matchers.iter().any(|m| {
+                        m.name == "__name__" && matches!(m.op, MatchOp::Equal) && m.value == called[3]
+                    });
+            names[3] &= named;
+            names
+        };
+        let (names, called, self_time) = match family(NAMES) {
+            names if names.iter().any(|&n| n) => (names, NAMES, false),
+            _ => (family(SELF_NAMES), SELF_NAMES, true),
+        };
         let mut le = DEFAULT_LE.to_vec();
         let mut label_matchers: Vec<&Matcher> = Vec::new();
         for m in &vs.matchers.matchers {
             match m.name.as_str() {
-                "__name__" => {
-                    for (i, n) in NAMES.iter().enumerate() {
-                        names[i] &= m.is_match(n);
-                    }
-                }
+                "__name__" | crate::series::MEASURE_MATCHER => {}
                 "le" => le = le_bounds(m)?,
                 _ => label_matchers.push(m),
             }
         }
-        // The native histogram is selected only by its name: a float selection and histograms
-        // never mix in one vector.
-        let named = vs.name.as_deref() == Some(METRIC)
-            || vs
-                .matchers
-                .matchers
-                .iter()
-                .any(|m| m.name == "__name__" && matches!(m.op, MatchOp::Equal) && m.value == METRIC);
-        names[3] &= named;
+        let measure =
+            Matcher::new(MatchOp::Equal, crate::series::MEASURE_MATCHER, crate::series::SELF_MEASURE);
+        if self_time {
+            label_matchers.push(&measure);
+        }
         if !names.iter().any(|&n| n) {
-            return Ok(Selection::of_series(names, Vec::new(), le));
+            return Ok(Selection::of_series(names, called, Vec::new(), le));
         }
         // One series past the limit is enough to refuse: no more is taken from the index.
         let per_series = names.iter().filter(|&&n| n).count();
         let series = self.source.select(&label_matchers, self.limits.max_series / per_series + 1)?;
         self.check_selected(series.len() * per_series)?;
-        Ok(Selection::of_series(names, series, le))
+        Ok(Selection::of_series(names, called, series, le))
     }
 
     /// Refuses a selection of more than `query.max_series` series or `query.max_samples`.
@@ -488,6 +513,7 @@ impl<'a> Engine<'a> {
         if sel.names[3] {
             return Ok(self.cumulative(vs, sel));
         }
+        let called = sel.called;
         if sel.graph {
             // A counter, as Tempo's would read: every call since the oldest window retained.
             let offset = offset_seconds(&vs.offset);
@@ -496,7 +522,7 @@ impl<'a> Engine<'a> {
         if let Some(i) = sel.names.iter().position(|&n| n).filter(|_| !sel.groups.is_empty()) {
             return unsupported(format!(
                 "{} holds counts per time window, not a cumulative counter: use rate() or increase() over a range, e.g. rate({}[5m])",
-                NAMES[i], NAMES[i]
+                called[i], called[i]
             ));
         }
         // Any other metric: tailscope has none, like a Prometheus that never scraped it.
@@ -511,7 +537,7 @@ impl<'a> Engine<'a> {
         let offset = offset_seconds(&vs.offset);
         let mut groups = sel.groups;
         for g in &mut groups {
-            g.labels.insert("__name__".to_owned(), METRIC.to_owned());
+            g.labels.insert("__name__".to_owned(), sel.called[3].to_owned());
         }
         Value::Hist(HistValue {
             groups,

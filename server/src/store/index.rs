@@ -18,7 +18,7 @@ use std::sync::RwLock;
 
 use promql_parser::label::{MatchOp, Matcher};
 
-use crate::series::{IdBuildHasher, Kind, SeriesLabels, Status};
+use crate::series::{IdBuildHasher, Kind, Measure, SeriesLabels, Status, MEASURE_MATCHER, SELF_MEASURE};
 
 #[cfg(test)]
 mod tests;
@@ -73,6 +73,8 @@ struct Postings {
     statuses: [usize; 2],
     /// How many series have each span kind.
     kinds: [usize; 6],
+    /// How many series are self-time series.
+    self_times: usize,
 }
 
 impl Postings {
@@ -97,6 +99,7 @@ impl Postings {
         }
         self.statuses[labels.status as usize] += 1;
         self.kinds[labels.kind.index()] += 1;
+        self.self_times += usize::from(labels.measure == Measure::SelfTime);
         self.series.insert(id, Entry { labels, newest_hour: hour });
     }
 
@@ -104,6 +107,7 @@ impl Postings {
         let Some(e) = self.series.remove(&id) else { return };
         self.statuses[e.labels.status as usize] -= 1;
         self.kinds[e.labels.kind.index()] -= 1;
+        self.self_times -= usize::from(e.labels.measure == Measure::SelfTime);
         for (list, value) in [
             (&mut self.service, &e.labels.service),
             (&mut self.operation, &e.labels.operation),
@@ -271,6 +275,7 @@ impl SeriesIndex {
                 kinds.sort_unstable();
                 kinds
             }
+            MEASURE_MATCHER => (p.self_times > 0).then(|| SELF_MEASURE.to_owned()).into_iter().collect(),
             _ => p.list(label).map_or_else(Vec::new, |list| {
                 list.keys().filter(|v| !v.is_empty()).take(limit.saturating_add(1)).cloned().collect()
             }),

@@ -54,6 +54,7 @@ pub fn span(start: i64, duration: i64, error: bool) -> Span {
         status: if error { SpanStatus::Error as i32 } else { SpanStatus::Ok as i32 },
         weight: 0,
         adjusted_count: 0.0,
+        self_nanos: 0,
     }
 }
 

@@ -24,5 +24,6 @@ mod overload;
 mod pagers;
 mod prometheus_api;
 mod remote_write;
+mod self_time;
 mod tls;
 mod topology;

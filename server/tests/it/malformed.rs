@@ -171,6 +171,7 @@ fn overflowing_deltas_batch() -> Vec<u8> {
         status: 0,
         window_start_unix_seconds: window,
         histogram: h.to_bytes(),
+        self_histogram: Vec::new(),
     };
     SpanBatch { client_id: 5, seq: 1, groups: vec![], deltas: vec![delta.clone(), delta] }.encode_to_vec()
 }
@@ -195,6 +196,7 @@ fn corrupt_delta_batch() -> Vec<u8> {
             status: 0,
             window_start_unix_seconds: window,
             histogram: bytes,
+            self_histogram: Vec::new(),
         }],
     }
     .encode_to_vec()
@@ -215,6 +217,7 @@ async fn histogram_deltas_count_exactly() {
         status: 0,
         window_start_unix_seconds: window,
         histogram: h.to_bytes(),
+        self_histogram: Vec::new(),
     });
     let mut s = open(server.grpc_addr()).await;
     s.send(b).await;
@@ -229,6 +232,7 @@ async fn histogram_deltas_count_exactly() {
         status: 0,
         window_start_unix_seconds: window + 3,
         histogram: h.to_bytes(),
+        self_histogram: Vec::new(),
     });
     let status = send_raw(server.grpc_addr(), vec![bad.encode_to_vec()]).await;
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -305,6 +309,7 @@ fn hostile_batch(r: &mut impl rand::Rng) -> SpanBatch {
                     status: pick(r, &[0, 1, 2, 3, -1, i32::MAX]),
                     weight: pick(r, &[0, 1, 2, 100, u32::MAX]),
                     adjusted_count: pick(r, &[0.0, 1.0, 100.0, -1.0, f64::NAN, f64::INFINITY]),
+                    self_nanos: if r.gen() { pick(r, &durations) } else { 0 },
                 })
                 .collect(),
         })
@@ -328,6 +333,17 @@ fn hostile_batch(r: &mut impl rand::Rng) -> SpanBatch {
                     r,
                     &[aligned, aligned - 600, aligned + 3, 0, i64::MIN, i64::MAX - 7],
                 ),
+                // The same spans' self times, more of them than spans, or garbage.
+                self_histogram: match r.gen_range(0..4) {
+                    0 => Vec::new(),
+                    1 => histogram.clone(),
+                    2 => {
+                        let mut more = Histogram::new(Layout::default());
+                        more.record(5, 1 << 62);
+                        more.to_bytes()
+                    }
+                    _ => (0..r.gen_range(0..40)).map(|_| r.gen()).collect(),
+                },
                 histogram,
             }
         })

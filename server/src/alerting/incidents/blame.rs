@@ -5,8 +5,10 @@
 //! times the calls it makes per request it serves (at least one), so retries and loops count
 //! every call they wait on — a caller that retries a 1 s timeout three times waited 3 s. The **blame
 //! edge** `b(s)` is the callee whose calls rose most, kept only if that rise explains the
-//! tail — `ΔE ≥ max(share·ΔS(s), min_rise)` and the edge's p99 at least `min_ratio` times its
-//! baseline. A service with a blame edge is a **symptom** of its callee; one without is a
+//! tail — `ΔE ≥ max(share·ΔS(s), ΔX(s), min_rise)` and the edge's p99 at least `min_ratio` times its
+//! baseline, where `ΔX(s)` is the rise of `s`'s self-time p99 (the time its spans spent in
+//! their own code, not waiting on calls): when both its own code and a callee slowed, the
+//! larger contribution wins. A service without self times has `ΔX = 0`. A service with a blame edge is a **symptom** of its callee; one without is a
 //! **root** (its own code explains its tail). Blame is followed downstream to the first root;
 //! a callee with no spans of its own (`db:postgres`, an external API) whose edge breached is
 //! a **virtual** root. A blame cycle (A waits on B, B calls back into A) is broken at the
@@ -50,6 +52,8 @@ impl Tail {
 pub struct Tails {
     /// Each service's own p99 (server, consumer, internal spans).
     pub services: BTreeMap<String, Tail>,
+    /// Each service's self-time p99, for the services whose spans carry self times.
+    pub selfs: BTreeMap<String, Tail>,
     /// Each synchronous call edge's p99 as the caller waited, by (caller, callee).
     pub edges: BTreeMap<(String, String), Tail>,
     /// Each edge's calls per request its caller served, now and over the baseline (absent:
@@ -143,7 +147,8 @@ pub struct Verdict {
 /// The blame edge of `service`, if any.
 pub fn blame_edge(tails: &Tails, service: &str, t: &Thresholds) -> Option<Blame> {
     let own = tails.services.get(service).map_or(0.0, Tail::rise);
-    let needed = (t.share * own).max(t.min_rise);
+    let own_code = tails.selfs.get(service).map_or(0.0, Tail::rise);
+    let needed = (t.share * own).max(own_code).max(t.min_rise);
     tails
         .edges
         .range((service.to_owned(), String::new())..)
@@ -165,6 +170,19 @@ pub fn blame_edge(tails: &Tails, service: &str, t: &Thresholds) -> Option<Blame>
                 amplified: (now > 1.05 * base.max(1.0)).then_some((now, base)),
             }
         })
+}
+
+/// Why a root is one, when its spans carry self times: the rise of its self-time p99
+/// (`checkout self time p99 40ms → 2.1s (+2.06s)`).
+pub fn own_code(tails: &Tails, service: &str) -> Option<String> {
+    let t = tails.selfs.get(service)?;
+    let base = t.base?;
+    Some(format!(
+        "{service} self time p99 {} → {} (+{})",
+        seconds(base),
+        seconds(t.now),
+        seconds(t.now - base)
+    ))
 }
 
 /// Follows `service`'s blame to its root.

@@ -28,6 +28,7 @@ fn tails(services: &[(&str, f64, f64)], edges: &[(&str, &str, f64, f64)]) -> Tai
             .map(|&(c, s, b, n)| ((c.to_owned(), s.to_owned()), Tail { now: n, base: Some(b) }))
             .collect(),
         calls_per_request: Default::default(),
+        selfs: Default::default(),
     }
 }
 

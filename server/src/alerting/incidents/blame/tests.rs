@@ -11,6 +11,7 @@ fn tails(services: &[(&str, f64, f64)], edges: &[(&str, &str, f64, f64)]) -> Tai
         services: services.iter().map(|&(s, b, n)| (s.to_owned(), tail(b, n))).collect(),
         edges: edges.iter().map(|&(c, s, b, n)| ((c.to_owned(), s.to_owned()), tail(b, n))).collect(),
         calls_per_request: BTreeMap::new(),
+        selfs: BTreeMap::new(),
     }
 }
 
@@ -192,4 +193,27 @@ fn random_graphs_find_the_injected_roots() {
         }
         assert_eq!(roots, injected, "round {round}");
     }
+}
+
+#[test]
+fn a_caller_whose_own_code_rose_more_than_its_calls_is_the_root() {
+    // checkout's p99 rose 2 s; its calls to payments 1.1 s (enough to blame on their own),
+    // but its own code (self time) 1.5 s: the larger contribution wins, so checkout is the
+    // root, not a symptom of payments.
+    let mut t = tails(
+        &[("frontend", 0.08, 2.08), ("checkout", 0.06, 2.06), ("payments", 0.05, 1.15)],
+        &[("frontend", "checkout", 0.062, 2.062), ("checkout", "payments", 0.052, 1.152)],
+    );
+    assert_eq!(root(&t, "frontend").0, "payments", "without self times the edge explains the rise");
+    t.selfs.insert("checkout".into(), tail(0.010, 1.510));
+    t.selfs.insert("frontend".into(), tail(0.020, 0.021));
+    assert_eq!(root(&t, "checkout"), ("checkout".to_owned(), false));
+    assert_eq!(root(&t, "frontend"), ("checkout".to_owned(), false));
+    assert_eq!(own_code(&t, "checkout").as_deref(), Some("checkout self time p99 10ms → 1.51s (+1.5s)"));
+    assert_eq!(own_code(&t, "payments"), None, "no self times: nothing to say");
+    // Its own code flat while its calls rose: the callee is blamed as before.
+    t.selfs.insert("checkout".into(), tail(0.010, 0.012));
+    t.services.insert("payments".into(), tail(0.05, 2.0));
+    t.edges.insert(("checkout".into(), "payments".into()), tail(0.052, 2.002));
+    assert_eq!(root(&t, "frontend").0, "payments");
 }
