@@ -28,6 +28,13 @@ pub struct DemoArgs {
     /// The rule files to load (default: the repository's examples/rules).
     #[arg(long)]
     pub rules: Option<PathBuf>,
+    /// Seed of the simulated traffic.
+    #[arg(long, default_value_t = 11)]
+    pub seed: u64,
+    /// Runs without incidents, pages grouped by alert name and service: how the cascade paged
+    /// before tailscope grouped it by incident.
+    #[arg(long)]
+    pub without_incidents: bool,
 }
 
 /// Rewrites a Prometheus rule file for a short demo: groups evaluate every second, `for` and
@@ -114,10 +121,11 @@ pub async fn demo(args: &DemoArgs, out: Arc<Mutex<Vec<u8>>>, echo: bool) -> anyh
         rule_files.push(scaled);
     }
     let notifier = dir.path().join("alertmanager.yml");
+    let pages_by = if args.without_incidents { "[alertname, service]" } else { "[incident]" };
     std::fs::write(
         &notifier,
         format!(
-            "route:\n  receiver: team\n  group_by: [alertname, service]\n  group_wait: 1s\n  group_interval: 5s\n  repeat_interval: 1h\n  routes:\n    - matchers: ['severity=\"page\"']\n      receiver: pager\n      group_by: [incident]\nreceivers:\n  - name: team\n    webhook_configs: [{{url: 'http://{hook}/team'}}]\n  - name: pager\n    webhook_configs: [{{url: 'http://{hook}/pager'}}]\ninhibit_rules:\n  - source_matchers: ['severity=\"page\"']\n    target_matchers: ['severity=\"ticket\"']\n    equal: [service]\n"
+            "route:\n  receiver: team\n  group_by: [alertname, service]\n  group_wait: 1s\n  group_interval: 5s\n  repeat_interval: 1h\n  routes:\n    - matchers: ['severity=\"page\"']\n      receiver: pager\n      group_by: {pages_by}\nreceivers:\n  - name: team\n    webhook_configs: [{{url: 'http://{hook}/team'}}]\n  - name: pager\n    webhook_configs: [{{url: 'http://{hook}/pager'}}]\ninhibit_rules:\n  - source_matchers: ['severity=\"page\"']\n    target_matchers: ['severity=\"ticket\"']\n    equal: [service]\n"
         ),
     )?;
     let mut config = tailscope_server::Config::default();
@@ -130,7 +138,7 @@ pub async fn demo(args: &DemoArgs, out: Arc<Mutex<Vec<u8>>>, echo: bool) -> anyh
     config.alerting.alertmanager_config = notifier;
     config.alerting.resend_delay = Duration::from_secs(5);
     // Incidents over the demo's short phases: the last 20 s against the two minutes before.
-    config.alerting.incidents.enabled = true;
+    config.alerting.incidents.enabled = !args.without_incidents;
     config.alerting.incidents.window = Duration::from_secs(20);
     config.alerting.incidents.baseline = Duration::from_secs(120);
     config.alerting.incidents.refresh = Duration::from_secs(1);
@@ -191,7 +199,7 @@ pub async fn demo(args: &DemoArgs, out: Arc<Mutex<Vec<u8>>>, echo: bool) -> anyh
             json: false,
             quiet: true,
             compare: false,
-            seed: 11,
+            seed: args.seed,
             plot: None,
         };
         let mut buf = Vec::new();

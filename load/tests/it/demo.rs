@@ -9,7 +9,7 @@ use tailscope_load::demo::{demo, DemoArgs};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_headless_and_shows_grouped_alerts() {
     let out = Arc::new(tokio::sync::Mutex::new(Vec::new()));
-    let args = DemoArgs { phase_seconds: 9, rate: 300.0, rules: None };
+    let args = DemoArgs { phase_seconds: 9, rate: 300.0, rules: None, seed: 11, without_incidents: false };
     let received = demo(&args, out.clone(), false).await.unwrap();
     let text = String::from_utf8(out.lock().await.clone()).unwrap();
     eprintln!("{text}");
