@@ -24,7 +24,7 @@ use crate::pipeline::{Admission, Admit, GroupRoute, RoutedDelta, ValidatedBatch}
 use crate::sampling::Sampler;
 use crate::series::SpanReject;
 use crate::series::{self, SeriesLabels, Status as SpanStatus};
-use crate::telemetry::{Form, Metrics, Outcome, Reason};
+use crate::telemetry::{Form, Metrics, Outcome, Reason, SideLabel};
 
 pub use crate::series::MAX_LABEL_BYTES;
 
@@ -136,6 +136,8 @@ pub struct IngestService {
     max_span_weight: u32,
     throttle_high_water: f64,
     cardinality: Arc<crate::cardinality::Cardinality>,
+    /// Client/server pairing of OpenTelemetry spans.
+    pairing: Arc<otlp::pairing::Pairing>,
 }
 
 impl IngestService {
@@ -157,6 +159,7 @@ impl IngestService {
             max_span_weight: config.max_span_weight.max(1),
             throttle_high_water: config.throttle_high_water,
             cardinality,
+            pairing: Arc::default(),
         }
     }
 
@@ -173,6 +176,10 @@ impl IngestService {
         origin: Origin,
         owner: u64,
     ) -> Result<Receipt, IngestError> {
+        let mut batch = batch;
+        if origin == Origin::Otlp {
+            self.pair(&mut batch);
+        }
         let mut stats = BatchStats::default();
         let seq = batch.seq;
         let validated = match self.validate(batch, &mut stats, origin) {
@@ -427,6 +434,23 @@ impl IngestService {
         targets.sort_unstable();
         targets.dedup();
         Ok(ValidatedBatch { client_id: batch.client_id, seq, now, batch, groups, deltas, targets, owner: 0 })
+    }
+
+    /// Gives OpenTelemetry spans the other end of their calls ([`otlp::pairing`]), counted.
+    fn pair(&self, batch: &mut SpanBatch) {
+        let paired = self.pairing.pair(batch, self.clock.now_nanos());
+        let m = &self.metrics;
+        for (side, n, unpaired) in [
+            ("server", paired.servers, paired.servers_unpaired),
+            ("client", paired.clients, paired.clients_unpaired),
+        ] {
+            if n > 0 {
+                m.topology_paired_spans.get_or_create(&SideLabel { side }).inc_by(n);
+            }
+            if unpaired > 0 {
+                m.topology_unpaired_spans.get_or_create(&SideLabel { side }).inc_by(unpaired);
+            }
+        }
     }
 
     /// Feeds the sampler with what an admitted batch carried (refused batches are not traffic

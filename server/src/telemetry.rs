@@ -45,6 +45,13 @@ pub struct Form {
     pub form: &'static str,
 }
 
+/// A `side` label: which end of a call (`client`, `server`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SideLabel {
+    /// The end.
+    pub side: &'static str,
+}
+
 /// A `shard` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShardLabel {
@@ -161,6 +168,10 @@ pub struct Metrics {
     pub throttle_replies: Counter,
     /// Spans counted under `operation="__overflow__"` (their service reached its cap).
     pub spans_overflowed: Counter,
+    /// OpenTelemetry spans that got the other end of their call by pairing, by side.
+    pub topology_paired_spans: Family<SideLabel, Counter>,
+    /// OpenTelemetry spans counted without the other end of their call, by side.
+    pub topology_unpaired_spans: Family<SideLabel, Counter>,
     /// Rule group evaluations.
     pub rule_evaluations: Family<RuleGroupLabel, Counter>,
     /// Rules whose evaluation failed.
@@ -237,6 +248,8 @@ impl Metrics {
             spans_throttled: Family::default(),
             throttle_replies: Counter::default(),
             spans_overflowed: Counter::default(),
+            topology_paired_spans: Family::default(),
+            topology_unpaired_spans: Family::default(),
             rule_evaluations: Family::default(),
             rule_evaluation_failures: Family::default(),
             rule_group_iterations_missed: Family::default(),
@@ -351,6 +364,16 @@ impl Metrics {
             "spans_overflowed",
             "Spans counted under operation=\"__overflow__\" because their service reached ingest.max_operations_per_service",
             m.spans_overflowed.clone(),
+        );
+        r.register(
+            "topology_paired_spans",
+            "OpenTelemetry SERVER spans that got their caller, and CLIENT spans without a callee attribute that got their callee, by pairing the two ends of a call",
+            m.topology_paired_spans.clone(),
+        );
+        r.register(
+            "topology_unpaired_spans",
+            "OpenTelemetry SERVER spans counted without their caller, and CLIENT spans without a callee attribute counted without one, by side",
+            m.topology_unpaired_spans.clone(),
         );
         r.register("rule_evaluations", "Rule group evaluations", m.rule_evaluations.clone());
         r.register(

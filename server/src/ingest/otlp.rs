@@ -17,6 +17,7 @@
 pub mod grpc;
 pub mod http;
 mod json;
+pub mod pairing;
 pub mod wire;
 
 use opentelemetry_proto::tonic::collector::trace::v1::{

@@ -204,3 +204,84 @@ async fn otlp_client_spans_draw_edges_to_their_peers() {
         server.shutdown().await;
     }
 }
+
+/// OpenTelemetry SERVER spans name no caller: the server pairs them with their caller's CLIENT
+/// spans (same trace, parent = the call), whichever export comes first, and labels the end that
+/// arrives second; what finds no other end is counted as unpaired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_requests_get_their_caller_by_pairing_the_two_ends_of_a_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let t0 = (now_nanos() / 1_000_000_000 * 1_000_000_000) as u64;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let span = |id: &str, parent: &str, kind: i32, peer: Option<&str>| {
+        let attributes: Vec<serde_json::Value> = peer
+            .map(|p| serde_json::json!({ "key": "peer.service", "value": { "stringValue": p } }))
+            .into_iter()
+            .collect();
+        serde_json::json!({
+            "traceId": trace, "spanId": id, "parentSpanId": parent,
+            "name": "POST /charge", "kind": kind,
+            "startTimeUnixNano": t0.to_string(), "endTimeUnixNano": (t0 + 5_000_000).to_string(),
+            "attributes": attributes,
+        })
+    };
+    let export = |service: &str, spans: Vec<serde_json::Value>| {
+        serde_json::to_vec(&serde_json::json!({ "resourceSpans": [{
+            "resource": { "attributes": [{ "key": "service.name", "value": { "stringValue": service } }] },
+            "scopeSpans": [{ "spans": spans }],
+        }] }))
+        .unwrap()
+    };
+    let otlp = server.otlp_http_addr();
+    // checkout's calls first: one names payments, one names nobody.
+    post_otlp_json(
+        otlp,
+        export(
+            "checkout",
+            vec![span("00000000000000a1", "", 3, Some("payments")), span("00000000000000a2", "", 3, None)],
+        ),
+    )
+    .await;
+    // payments' requests: two answer those calls, one a call never seen.
+    post_otlp_json(
+        otlp,
+        export(
+            "payments",
+            vec![
+                span("00000000000000b1", "00000000000000a1", 2, None),
+                span("00000000000000b2", "00000000000000a2", 2, None),
+                span("00000000000000b3", "00000000000000a9", 2, None),
+            ],
+        ),
+    )
+    .await;
+    // The other order: the request, then the call that names nobody.
+    post_otlp_json(otlp, export("payments", vec![span("00000000000000b4", "00000000000000a4", 2, None)]))
+        .await;
+    post_otlp_json(otlp, export("checkout", vec![span("00000000000000a4", "", 3, None)])).await;
+
+    let http = server.http_addr();
+    let served = edges(
+        http,
+        "sum by (client, server) (increase(traces_service_graph_request_server_seconds_count[10m]))",
+    )
+    .await;
+    assert_eq!(
+        served,
+        BTreeMap::from([(edge("checkout", "payments"), 2.0)]),
+        "the requests that arrived second"
+    );
+    let calls =
+        edges(http, "sum by (client, server) (increase(traces_service_graph_request_total[10m]))").await;
+    assert_eq!(calls, BTreeMap::from([(edge("checkout", "payments"), 2.0)]), "named, and paired second");
+    // payments' own latency still counts all four requests, paired or not.
+    let own = edges(http, "sum(increase(span_duration_seconds_count{service=\"payments\"}[10m]))").await;
+    assert_eq!(own.values().copied().collect::<Vec<_>>(), [4.0]);
+    let text = metrics(http).await;
+    assert_eq!(metric(&text, "tailscope_topology_paired_spans_total{side=\"server\"}"), 2.0);
+    assert_eq!(metric(&text, "tailscope_topology_paired_spans_total{side=\"client\"}"), 1.0);
+    assert_eq!(metric(&text, "tailscope_topology_unpaired_spans_total{side=\"server\"}"), 2.0);
+    assert_eq!(metric(&text, "tailscope_topology_unpaired_spans_total{side=\"client\"}"), 1.0);
+    server.shutdown().await;
+}
