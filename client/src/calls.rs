@@ -14,6 +14,7 @@ thread_local! {
 }
 
 /// Makes `calls` this thread's open set until [`leave`]; returns the set it replaces.
+#[cfg_attr(not(any(feature = "tower", feature = "tracing")), allow(dead_code))]
 #[inline]
 pub(crate) fn enter(calls: Calls) -> Option<Calls> {
     OPEN.with(|open| open.replace(Some(calls)))
@@ -22,6 +23,7 @@ pub(crate) fn enter(calls: Calls) -> Option<Calls> {
 /// Ends an [`enter`]: restores `before` and returns the open set, with the calls added since.
 /// The calls also count in `before`: a call made inside a span inside a request is a call the
 /// request waited on.
+#[cfg_attr(not(any(feature = "tower", feature = "tracing")), allow(dead_code))]
 #[inline]
 pub(crate) fn leave(before: Option<Calls>) -> Calls {
     let inner = OPEN.with(|open| open.take()).unwrap_or_default();

@@ -514,6 +514,7 @@ impl Client {
         self.inner.shared.ops.id_of(operation, kind)
     }
 
+    #[cfg(feature = "tower")]
     #[inline]
     pub(crate) fn operation_id_with_peer(&self, operation: &str, kind: SpanKind, peer: &str) -> u32 {
         self.inner.shared.ops.id_with_peer(operation, kind, peer)
@@ -673,6 +674,7 @@ impl Drop for SpanGuard<'_> {
 }
 
 /// What a span recorded when it ends tells of self time.
+#[cfg_attr(not(any(feature = "tower", feature = "tracing")), allow(dead_code))]
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Own<'a> {
     /// Nothing: its self time is unknown.

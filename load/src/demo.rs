@@ -254,7 +254,8 @@ pub fn describe_notification(body: &Value) -> String {
             let op = l["operation"].as_str().map(|o| format!(" {o}")).unwrap_or_default();
             let role = match (a["annotations"]["incident_role"].as_str(), a["annotations"]["blame"].as_str())
             {
-                (Some("root"), _) => " — ROOT".to_owned(),
+                (Some("root"), Some(why)) => format!(" — ROOT: {why}"),
+                (Some("root"), None) => " — ROOT".to_owned(),
                 (Some(_), Some(blame)) => format!(" — symptom: {blame}"),
                 _ => String::new(),
             };

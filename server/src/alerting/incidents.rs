@@ -12,8 +12,8 @@
 //!   one notification — per incident, in Alertmanager's unchanged body);
 //! - the annotations `root_service`, `root_kind` (`service`, or `virtual` for an
 //!   uninstrumented callee such as `db:postgres`), `incident_role` (`root` or `symptom`),
-//!   `blame` (the edge and its p99s, for a symptom; for a root whose spans carry self times,
-//!   the rise of its self-time p99) and `incident_services`.
+//!   `blame` (the edge and its p99s, for a symptom; for a root, the rises of its p99, of its
+//!   self-time p99 and of its largest call) and `incident_services`.
 //!
 //! A later alert of an open incident (staggered `for` clocks) joins it, and a re-rooted
 //! incident keeps its id. The stamps are written to the store before the alerts go on, so a
@@ -125,7 +125,7 @@ pub struct Stamp {
     pub service: String,
     /// The alert's name.
     pub alertname: String,
-    /// Its blame edge, printed, if it is a symptom (a root's self-time rise, if known).
+    /// Its blame edge, printed, if it is a symptom (for a root, why: its rises).
     pub blame: Option<String>,
     /// When the alert started, ms.
     pub starts_at: i64,
@@ -172,7 +172,7 @@ pub struct Member {
     pub service: String,
     /// `root` or `symptom`.
     pub role: &'static str,
-    /// Its blame edge, for a symptom (a root's self-time rise, if known).
+    /// Its blame edge, for a symptom (for a root, why: its rises).
     pub blame: Option<String>,
     /// `firing` or `resolved`.
     pub state: &'static str,
@@ -351,7 +351,7 @@ pub fn stamp(
             // A symptom's blame edge, or a root's own rise in self time.
             let why = match &verdict.blame {
                 Some(b) => Some(b.to_string()),
-                None if verdict.root == *service => blame::own_code(tails, service),
+                None if verdict.root == *service => blame::root_reason(tails, service),
                 None => None,
             };
             let open = |root: &str| {

@@ -5,10 +5,12 @@
 //! times the calls it makes per request it serves (at least one), so retries and loops count
 //! every call they wait on — a caller that retries a 1 s timeout three times waited 3 s. The **blame
 //! edge** `b(s)` is the callee whose calls rose most, kept only if that rise explains the
-//! tail — `ΔE ≥ max(share·ΔS(s), ΔX(s), min_rise)` and the edge's p99 at least `min_ratio` times its
-//! baseline, where `ΔX(s)` is the rise of `s`'s self-time p99 (the time its spans spent in
-//! their own code, not waiting on calls): when both its own code and a callee slowed, the
-//! larger contribution wins. A service without self times has `ΔX = 0`. A service with a blame edge is a **symptom** of its callee; one without is a
+//! tail — `ΔE ≥ max(share·ΔS(s), min_rise)` and the edge's p99 at least `min_ratio` times its
+//! baseline. Where `s`'s spans carry self times (the time spent in its own code, not waiting
+//! on calls), `ΔX(s)`, the rise of its self-time p99, decides between its code and its calls:
+//! the edge must rise more than `ΔX` (the larger contribution wins), and when `ΔX` is under
+//! `share·ΔS` the calls explain the rest, so the edge need not reach `share·ΔS` itself — a
+//! retry storm's tail waits several calls while the mean calls per request barely moves. A service with a blame edge is a **symptom** of its callee; one without is a
 //! **root** (its own code explains its tail). Blame is followed downstream to the first root;
 //! a callee with no spans of its own (`db:postgres`, an external API) whose edge breached is
 //! a **virtual** root. A blame cycle (A waits on B, B calls back into A) is broken at the
@@ -147,15 +149,24 @@ pub struct Verdict {
 /// The blame edge of `service`, if any.
 pub fn blame_edge(tails: &Tails, service: &str, t: &Thresholds) -> Option<Blame> {
     let own = tails.services.get(service).map_or(0.0, Tail::rise);
-    let own_code = tails.selfs.get(service).map_or(0.0, Tail::rise);
-    let needed = (t.share * own).max(own_code).max(t.min_rise);
+    // With self times, what its own code did not add it waited on calls: when its code adds
+    // less than `share` of the rise, a call whose wait rose more than its code explains the
+    // rest, even if one edge's p99 times the mean calls per request understates the slow
+    // requests' waits (retries pile up in the tail, not in the mean).
+    let own_code = tails.selfs.get(service).filter(|t| t.base.is_some()).map(Tail::rise);
+    let calls_explain = own_code.is_some_and(|x| x < t.share * own);
+    let needed = own_code.unwrap_or(0.0).max(t.min_rise);
+    let share_needed = t.share * own;
     tails
         .edges
         .range((service.to_owned(), String::new())..)
         .take_while(|((caller, _), _)| caller == service)
         .map(|(edge, tail)| (edge, tail, tails.wait(edge, tail)))
         .filter(|((_, callee), _, wait)| {
-            callee != service && wait.rise() >= needed && wait.ratio() >= t.min_ratio
+            callee != service
+                && wait.rise() >= needed
+                && (calls_explain || wait.rise() >= share_needed)
+                && wait.ratio() >= t.min_ratio
         })
         // The largest rise; among equal rises, the first callee by name.
         .max_by(|a, b| a.2.rise().total_cmp(&b.2.rise()).then_with(|| b.0 .1.cmp(&a.0 .1)))
@@ -172,17 +183,30 @@ pub fn blame_edge(tails: &Tails, service: &str, t: &Thresholds) -> Option<Blame>
         })
 }
 
-/// Why a root is one, when its spans carry self times: the rise of its self-time p99
-/// (`checkout self time p99 40ms → 2.1s (+2.06s)`).
-pub fn own_code(tails: &Tails, service: &str) -> Option<String> {
-    let t = tails.selfs.get(service)?;
-    let base = t.base?;
-    Some(format!(
-        "{service} self time p99 {} → {} (+{})",
-        seconds(base),
-        seconds(t.now),
-        seconds(t.now - base)
-    ))
+/// Why a service is a root, in numbers: the rise of its p99, of its self-time p99 when its
+/// spans carry self times, and the largest rise of what it waited on a call per request —
+/// `payments p99 50ms → 2s (+1.95s); self time p99 48ms → 2s (+1.95s); calls at most
+/// payments→db:postgres 3ms → 4ms (+1ms)`. `None` without a baseline.
+pub fn root_reason(tails: &Tails, service: &str) -> Option<String> {
+    let rise = |t: &Tail| {
+        let base = t.base?;
+        Some(format!("{} → {} (+{})", seconds(base), seconds(t.now), seconds(t.now - base)))
+    };
+    let mut parts = vec![format!("{service} p99 {}", tails.services.get(service).and_then(rise)?)];
+    if let Some(own) = tails.selfs.get(service).and_then(rise) {
+        parts.push(format!("self time p99 {own}"));
+    }
+    let largest = tails
+        .edges
+        .range((service.to_owned(), String::new())..)
+        .take_while(|((caller, _), _)| caller == service)
+        .map(|(edge, tail)| (edge, tails.wait(edge, tail)))
+        .filter(|(_, wait)| wait.base.is_some())
+        .max_by(|a, b| a.1.rise().total_cmp(&b.1.rise()));
+    if let Some(((caller, callee), wait)) = largest {
+        parts.push(format!("calls at most {caller}→{callee} {}", rise(&wait).unwrap_or_default()));
+    }
+    Some(parts.join("; "))
 }
 
 /// Follows `service`'s blame to its root.

@@ -62,7 +62,8 @@ fn a_cascade_is_one_incident_with_its_root_named_and_an_unrelated_failure_anothe
         assert_eq!(a["incident_services"], "checkout, frontend, payments");
     }
     assert_eq!(by_label(&out, "checkout").annotations["blame"], "checkout→payments p99 52ms → 2s (+1.95s)");
-    assert!(!by_label(&out, "payments").annotations.contains_key("blame"));
+    // The root's annotation says why: its own rise, and no call explains it.
+    assert_eq!(by_label(&out, "payments").annotations["blame"], "payments p99 50ms → 2s (+1.95s)");
     assert_eq!(incident("search"), format!("search-{}", T0 / 1000));
     assert_eq!(by_label(&out, "search").annotations["incident_role"], "root");
 

@@ -209,11 +209,38 @@ fn a_caller_whose_own_code_rose_more_than_its_calls_is_the_root() {
     t.selfs.insert("frontend".into(), tail(0.020, 0.021));
     assert_eq!(root(&t, "checkout"), ("checkout".to_owned(), false));
     assert_eq!(root(&t, "frontend"), ("checkout".to_owned(), false));
-    assert_eq!(own_code(&t, "checkout").as_deref(), Some("checkout self time p99 10ms → 1.51s (+1.5s)"));
-    assert_eq!(own_code(&t, "payments"), None, "no self times: nothing to say");
+    assert_eq!(
+        root_reason(&t, "checkout").as_deref(),
+        Some("checkout p99 60ms → 2.06s (+2s); self time p99 10ms → 1.51s (+1.5s); calls at most checkout→payments 52ms → 1.15s (+1.1s)")
+    );
+    assert_eq!(
+        root_reason(&t, "payments").as_deref(),
+        Some("payments p99 50ms → 1.15s (+1.1s)"),
+        "no self times, no calls"
+    );
     // Its own code flat while its calls rose: the callee is blamed as before.
     t.selfs.insert("checkout".into(), tail(0.010, 0.012));
     t.services.insert("payments".into(), tail(0.05, 2.0));
     t.edges.insert(("checkout".into(), "payments".into()), tail(0.052, 2.002));
     assert_eq!(root(&t, "frontend").0, "payments");
+}
+
+#[test]
+fn with_self_times_a_retry_storm_is_blamed_on_its_callee_early() {
+    // The first seconds of a retry storm: checkout's p99 is three timed-out attempts (3 s),
+    // but over the window its calls per request have only begun to rise, so its edge's wait
+    // (1 s × 1.06) rose far less than half of checkout's rise.
+    let mut t = tails(
+        &[("checkout", 0.602, 3.01), ("payments", 0.589, 2.37)],
+        &[("checkout", "payments", 0.589, 1.0)],
+    );
+    t.calls_per_request.insert(("checkout".into(), "payments".into()), tail(1.0, 1.06));
+    assert_eq!(root(&t, "checkout").0, "checkout", "without self times the edge does not explain it");
+    // checkout's own code did not slow: its rise is waiting, and the only call that rose is it.
+    t.selfs.insert("checkout".into(), tail(0.026, 0.026));
+    assert_eq!(root(&t, "checkout").0, "payments");
+    // A call that did not rise by min_ratio is still not blamed.
+    t.edges.insert(("checkout".into(), "payments".into()), tail(0.589, 0.6));
+    t.calls_per_request.clear();
+    assert_eq!(root(&t, "checkout").0, "checkout");
 }
