@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use bytes::{BufMut, Bytes};
 use prost::Message;
 use rand::{Rng, SeedableRng};
-use tailscope::BatchBuilder;
+use tailscope::{BatchBuilder, SpanKind};
 use tailscope_proto::v1::{IngestReply, Span};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
@@ -65,6 +65,12 @@ pub struct BenchArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// Spans that make calls: every second span is a call (CLIENT, naming its callee) made by
+    /// the span before it, in the same trace and batch, so self time (and, over OTLP, pairing)
+    /// is computed; native spans carry their self time. Without it, every span is a request
+    /// of its own.
+    #[arg(long)]
+    calls: bool,
 }
 
 /// What `bench` sends.
@@ -186,19 +192,34 @@ fn templates(args: &BenchArgs, count: usize) -> Vec<Bytes> {
             for _ in 0..args.batch {
                 let s = rng.gen_range(0..args.series);
                 let z: f64 = rng.gen_range(-3.0..3.0);
+                let duration = (20e6 * (0.8 * z).exp()) as i64;
                 let span = Span {
                     trace_id_high: rng.gen(),
                     trace_id_low: rng.gen(),
                     span_id: rng.gen(),
                     parent_span_id: 0,
                     start_unix_nanos: now - rng.gen_range(0..args.start_spread.max(1) as i64 * 1_000_000_000),
-                    duration_nanos: (20e6 * (0.8 * z).exp()) as i64,
+                    duration_nanos: duration,
                     status: i32::from(rng.gen_bool(0.01)) * 2,
                     weight: 0,
                     adjusted_count: 1.0,
-                    self_nanos: 0,
+                    self_nanos: if args.calls { duration / 2 } else { 0 },
                 };
-                b.push(&format!("service-{}", s % 10), &format!("operation-{s}"), span);
+                let (service, operation) = (format!("service-{}", s % 10), format!("operation-{s}"));
+                if args.calls && b.len() % 2 == 1 {
+                    let callee = format!("service-{}", (s + 1) % 10);
+                    b.push_peer(
+                        &service,
+                        &operation,
+                        SpanKind::Client,
+                        &callee,
+                        Span { self_nanos: 0, ..span },
+                    );
+                } else if args.calls {
+                    b.push_kind(&service, &operation, SpanKind::Server, span);
+                } else {
+                    b.push(&service, &operation, span);
+                }
             }
             let mut batch = b.finish();
             batch.client_id = 0;
@@ -223,12 +244,13 @@ fn otlp_templates(args: &BenchArgs, count: usize) -> Vec<Bytes> {
     (0..count)
         .map(|_| {
             let mut by_service: std::collections::BTreeMap<usize, Vec<OtlpSpan>> = Default::default();
-            for _ in 0..args.batch {
+            let mut last: Option<(usize, OtlpSpan)> = None;
+            for i in 0..args.batch {
                 let s = rng.gen_range(0..args.series);
                 let z: f64 = rng.gen_range(-3.0..3.0);
                 let start = now - rng.gen_range(0..args.start_spread.max(1) * 1_000_000_000);
                 let error = rng.gen_bool(0.01);
-                by_service.entry(s % 10).or_default().push(OtlpSpan {
+                let mut span = OtlpSpan {
                     trace_id: rng.gen::<[u8; 16]>().to_vec(),
                     span_id: rng.gen::<[u8; 8]>().to_vec(),
                     name: format!("operation-{s}"),
@@ -238,7 +260,31 @@ fn otlp_templates(args: &BenchArgs, count: usize) -> Vec<Bytes> {
                     status: error
                         .then(|| Status { code: status::StatusCode::Error as i32, ..Default::default() }),
                     ..Default::default()
-                });
+                };
+                // A call made by the request before it: its child, half as long, naming its callee.
+                if let Some((caller, request)) = last.take().filter(|_| args.calls && i % 2 == 1) {
+                    span.trace_id = request.trace_id.clone();
+                    span.parent_span_id = request.span_id.clone();
+                    span.kind = 3;
+                    span.start_time_unix_nano = request.start_time_unix_nano;
+                    span.end_time_unix_nano = request.start_time_unix_nano
+                        + (request.end_time_unix_nano - request.start_time_unix_nano) / 2;
+                    span.attributes = vec![KeyValue {
+                        key: "peer.service".into(),
+                        value: Some(AnyValue {
+                            value: Some(any_value::Value::StringValue(format!(
+                                "service-{}",
+                                (caller + 1) % 10
+                            ))),
+                        }),
+                    }];
+                    by_service.entry(caller % 10).or_default().push(span);
+                    continue;
+                }
+                if args.calls {
+                    last = Some((s, span.clone()));
+                }
+                by_service.entry(s % 10).or_default().push(span);
             }
             let resource_spans = by_service
                 .into_iter()
