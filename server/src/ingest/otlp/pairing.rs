@@ -16,6 +16,7 @@
 //! it is still remembered, so the callee's SERVER span learns its caller.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -32,16 +33,17 @@ pub const CAPACITY: usize = 10_000;
 /// A span's identity within its trace: (trace id high, trace id low, span id).
 type End = (u64, u64, u64);
 
-/// Remembered ends of one side: the service at each, in arrival order for expiry.
+/// Remembered ends of one side: the service at each (shared by a group's spans), in arrival
+/// order for expiry. Span ids come from requests: the map's hasher is randomly seeded.
 #[derive(Debug, Default)]
 struct Side {
-    services: HashMap<End, String>,
+    services: HashMap<End, Arc<str>, foldhash::fast::RandomState>,
     order: VecDeque<(i64, End)>,
 }
 
 impl Side {
-    fn remember(&mut self, end: End, service: &str, now: i64, capacity: usize) {
-        if self.services.insert(end, service.to_owned()).is_none() {
+    fn remember(&mut self, end: End, service: &Arc<str>, now: i64, capacity: usize) {
+        if self.services.insert(end, Arc::clone(service)).is_none() {
             self.order.push_back((now, end));
         }
         while self.services.len() > capacity {
@@ -63,7 +65,7 @@ impl Side {
     }
 
     /// The service at `end`, forgotten once taken (one call has one other end).
-    fn take(&mut self, end: &End) -> Option<String> {
+    fn take(&mut self, end: &End) -> Option<Arc<str>> {
         self.services.remove(end)
     }
 }
@@ -129,18 +131,16 @@ impl Pairing {
         for g in &batch.groups {
             let Some(key) = g.key.as_ref() else { continue };
             if callers(g) {
+                let service: Arc<str> = Arc::from(key.service.as_str());
                 for s in g.spans.iter().filter(|s| s.span_id != 0) {
-                    clients.remember(
-                        (s.trace_id_high, s.trace_id_low, s.span_id),
-                        &key.service,
-                        now,
-                        self.capacity,
-                    );
+                    let end = (s.trace_id_high, s.trace_id_low, s.span_id);
+                    clients.remember(end, &service, now, self.capacity);
                 }
-            } else if callees(g) {
+            } else if callees(g) && g.spans.iter().any(|s| s.parent_span_id != 0) {
+                let service: Arc<str> = Arc::from(key.service.as_str());
                 for s in g.spans.iter().filter(|s| s.parent_span_id != 0) {
                     let end = (s.trace_id_high, s.trace_id_low, s.parent_span_id);
-                    servers.remember(end, &key.service, now, self.capacity);
+                    servers.remember(end, &service, now, self.capacity);
                 }
             }
         }
@@ -165,12 +165,12 @@ impl Pairing {
                     (&mut paired.clients, &mut paired.clients_unpaired)
                 };
                 // A service calling itself is no edge.
-                match other.filter(|o| *o != key.service) {
+                match other.filter(|o| **o != *key.service) {
                     Some(peer) => {
                         *found += 1;
-                        let series = || SeriesKey { peer: peer.clone(), ..key.clone() };
+                        let series = || SeriesKey { peer: peer.to_string(), ..key.clone() };
                         moved.push(
-                            (key.service.clone(), key.operation.clone(), key.kind, peer.clone()),
+                            (key.service.clone(), key.operation.clone(), key.kind, peer.to_string()),
                             series,
                             *s,
                         );
