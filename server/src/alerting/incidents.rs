@@ -348,7 +348,7 @@ pub fn stamp(
         }
         if !resolved {
             let verdict = blame::explain(tails, service, &thresholds);
-            // A symptom's blame edge, or a root's own rise in self time.
+            // A symptom's blame edge, or why a root is one (its rises).
             let why = match &verdict.blame {
                 Some(b) => Some(b.to_string()),
                 None if verdict.root == *service => blame::root_reason(tails, service),
@@ -495,7 +495,6 @@ pub fn read_tails(env: &Environment, config: &IncidentsConfig, now: i64) -> Resu
     };
     let engine = Engine::new(&*env.source, &steps, now.div_euclid(1000), &env.retention, limits);
     let (w, b) = (config.window.as_secs().max(10), config.baseline.as_secs().max(10));
-    let own = "histogram_quantile(0.99, sum by (service, le) (rate(span_duration_seconds_bucket";
     let edge = "histogram_quantile(0.99, sum by (client, server, le) \
                 (rate(traces_service_graph_request_client_seconds_bucket{connection_type!=\"messaging_system\"}";
     let mut tails = Tails::default();
@@ -510,25 +509,22 @@ pub fn read_tails(env: &Environment, config: &IncidentsConfig, now: i64) -> Resu
             _ => Vec::new(),
         })
     };
-    for (labels, now) in read(format!("{own}[{w}s])))"))? {
-        let service = labels.get("service").cloned().unwrap_or_default();
-        tails.services.insert(service, Tail { now, base: None });
-    }
-    for (labels, base) in read(format!("{own}[{b}s] offset {w}s)))"))? {
-        if let Some(t) = labels.get("service").and_then(|s| tails.services.get_mut(s)) {
-            t.base = Some(base);
+    // Each service's p99 of a histogram, now and over the baseline.
+    let per_service = |histogram: &str| -> Result<BTreeMap<String, Tail>, String> {
+        let expr = format!("histogram_quantile(0.99, sum by (service, le) (rate({histogram}_bucket");
+        let mut out = BTreeMap::new();
+        for (labels, now) in read(format!("{expr}[{w}s])))"))? {
+            out.insert(labels.get("service").cloned().unwrap_or_default(), Tail { now, base: None });
         }
-    }
-    let own_code = "histogram_quantile(0.99, sum by (service, le) (rate(span_self_seconds_bucket";
-    for (labels, now) in read(format!("{own_code}[{w}s])))"))? {
-        let service = labels.get("service").cloned().unwrap_or_default();
-        tails.selfs.insert(service, Tail { now, base: None });
-    }
-    for (labels, base) in read(format!("{own_code}[{b}s] offset {w}s)))"))? {
-        if let Some(t) = labels.get("service").and_then(|s| tails.selfs.get_mut(s)) {
-            t.base = Some(base);
+        for (labels, base) in read(format!("{expr}[{b}s] offset {w}s)))"))? {
+            if let Some(t) = labels.get("service").and_then(|s| out.get_mut(s)) {
+                t.base = Some(base);
+            }
         }
-    }
+        Ok(out)
+    };
+    tails.services = per_service("span_duration_seconds")?;
+    tails.selfs = per_service("span_self_seconds")?;
     let key = |l: &Labels| {
         (l.get("client").cloned().unwrap_or_default(), l.get("server").cloned().unwrap_or_default())
     };
