@@ -189,6 +189,7 @@ fn templates(args: &BenchArgs, count: usize) -> Vec<Bytes> {
     (0..count)
         .map(|_| {
             let mut b = BatchBuilder::new(1);
+            let mut caller = 0;
             for _ in 0..args.batch {
                 let s = rng.gen_range(0..args.series);
                 let z: f64 = rng.gen_range(-3.0..3.0);
@@ -205,8 +206,12 @@ fn templates(args: &BenchArgs, count: usize) -> Vec<Bytes> {
                     adjusted_count: 1.0,
                     self_nanos: if args.calls { duration / 2 } else { 0 },
                 };
+                let is_call = args.calls && b.len() % 2 == 1;
+                // A call is made by the request before it, under its service and operation.
+                let s = if is_call { caller } else { s };
+                caller = s;
                 let (service, operation) = (format!("service-{}", s % 10), format!("operation-{s}"));
-                if args.calls && b.len() % 2 == 1 {
+                if is_call {
                     let callee = format!("service-{}", (s + 1) % 10);
                     b.push_peer(
                         &service,
@@ -263,6 +268,7 @@ fn otlp_templates(args: &BenchArgs, count: usize) -> Vec<Bytes> {
                 };
                 // A call made by the request before it: its child, half as long, naming its callee.
                 if let Some((caller, request)) = last.take().filter(|_| args.calls && i % 2 == 1) {
+                    span.name = request.name.clone();
                     span.trace_id = request.trace_id.clone();
                     span.parent_span_id = request.span_id.clone();
                     span.kind = 3;
