@@ -231,3 +231,41 @@ async fn the_tower_layers_give_a_request_the_time_it_did_not_wait_on_calls() {
     assert!((own["backend"] - took["backend"]).abs() < 1e-6, "{own:?} {took:?}");
     server.shutdown().await;
 }
+
+/// The `tracing` layer: a span of the service's own work that works 20 ms and waits 50 ms in
+/// an `otel.kind = "client"` span records a self time of at most its duration minus those
+/// 50 ms and at least its 20 ms; the call itself has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tracing_layer_gives_a_span_the_time_it_did_not_wait_on_calls() {
+    use tracing::Instrument;
+    use tracing_subscriber::prelude::*;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let client = connected("orders", server.grpc_addr()).await;
+    // Only this test's spans: the in-process server's stack traces on the same threads.
+    let subscriber = tracing_subscriber::registry().with(
+        tailscope::layer::TailscopeLayer::new(client.clone())
+            .with_filter(tracing_subscriber::filter::filter_fn(|m| m.target().starts_with("it::"))),
+    );
+    let _guard = tracing::subscriber::set_default(subscriber);
+    for _ in 0..2 {
+        async {
+            std::thread::sleep(Duration::from_millis(20));
+            async { tokio::time::sleep(Duration::from_millis(50)).await }
+                .instrument(tracing::info_span!("charge", otel.kind = "client"))
+                .await;
+        }
+        .instrument(tracing::info_span!("place order", otel.kind = "server"))
+        .await;
+    }
+    client.flush().await.unwrap();
+    let http = server.http_addr();
+    let own = by_service(http, "sum by (service) (increase(span_self_seconds_sum[10m]))").await;
+    let took = by_service(http, "sum by (service) (increase(span_duration_seconds_sum[10m]))").await;
+    let count = by_service(http, "sum by (service) (increase(span_self_seconds_count[10m]))").await;
+    assert_eq!(count["orders"], 2.0, "the two requests, not the calls: {count:?}");
+    assert!(own["orders"] <= took["orders"] - 0.100 + 1e-6, "{own:?} {took:?}");
+    assert!(own["orders"] >= 0.040, "{own:?}");
+    server.shutdown().await;
+}
