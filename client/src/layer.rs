@@ -94,10 +94,6 @@ impl Visit for Fields {
     }
 }
 
-fn outgoing(kind: SpanKind) -> bool {
-    matches!(kind, SpanKind::Client | SpanKind::Producer)
-}
-
 fn kind_named(name: &str) -> Option<SpanKind> {
     Some(match name.to_ascii_lowercase().as_str() {
         "server" => SpanKind::Server,
@@ -152,7 +148,7 @@ where
         let mut extensions = span.extensions_mut();
         if let Some(t) = extensions.get_mut::<Timing>() {
             t.entered.push(TraceContext::enter(t.ctx));
-            if !outgoing(t.kind) {
+            if !t.kind.is_outgoing() {
                 t.outer.push(crate::calls::enter(t.calls));
             }
         }
@@ -187,7 +183,7 @@ where
         let Some(t) = extensions.get::<Timing>() else { return };
         let status = if t.error { Status::Error } else { Status::Ok };
         let op = self.client.operation_id(span.name(), t.kind);
-        let own = if outgoing(t.kind) { Own::Call } else { Own::Made(&t.calls) };
+        let own = if t.kind.is_outgoing() { Own::Call } else { Own::Made(&t.calls) };
         self.client.record_op_since_ids(op, t.started, status, t.ctx.ids(t.parent.as_ref()), own);
     }
 }

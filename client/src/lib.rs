@@ -370,7 +370,7 @@ impl Client {
             started: Instant::now(),
             ids: Ids::default(),
             status: Status::Ok,
-            outgoing: matches!(kind, SpanKind::Client | SpanKind::Producer),
+            outgoing: kind.is_outgoing(),
         }
     }
 
@@ -384,7 +384,7 @@ impl Client {
     #[inline]
     pub fn record_kind(&self, operation: &str, kind: SpanKind, duration: Duration, status: Status) {
         let op = self.inner.shared.ops.id_of(operation, kind);
-        self.record_op(op, duration, status, Ids::default());
+        self.record_op(op, duration, status, Ids::default(), 0);
     }
 
     /// Starts timing a call this service makes to `peer` — another service by its own
@@ -417,7 +417,7 @@ impl Client {
         status: Status,
     ) {
         let op = self.inner.shared.ops.id_with_peer(operation, kind, peer);
-        self.record_op(op, duration, status, Ids::default());
+        self.record_op(op, duration, status, Ids::default(), 0);
     }
 
     /// Records a request this service served for `caller` (empty: unknown) that just ended
@@ -434,24 +434,23 @@ impl Client {
         status: Status,
     ) {
         let op = self.inner.shared.ops.id_with_peer(operation, SpanKind::Server, caller);
-        let end = self.inner.shared.anchor.unix_nanos(Instant::now());
         let nanos = i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX);
         let own = i64::try_from(own.as_nanos()).unwrap_or(i64::MAX).clamp(1, nanos.max(1));
-        self.offer(op, end.saturating_sub(nanos), nanos, status, Ids::default(), own);
+        self.record_op(op, duration, status, Ids::default(), own);
     }
 
     /// Like [`Client::record`], with the span's trace context.
     #[inline]
     pub fn record_with(&self, operation: &str, duration: Duration, status: Status, ids: Ids) {
         let op = self.inner.shared.ops.id(operation);
-        self.record_op(op, duration, status, ids);
+        self.record_op(op, duration, status, ids, 0);
     }
 
     #[inline]
-    fn record_op(&self, op: u32, duration: Duration, status: Status, ids: Ids) {
+    fn record_op(&self, op: u32, duration: Duration, status: Status, ids: Ids, self_nanos: i64) {
         let end = self.inner.shared.anchor.unix_nanos(Instant::now());
         let nanos = i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX);
-        self.offer(op, end.saturating_sub(nanos), nanos, status, ids, 0);
+        self.offer(op, end.saturating_sub(nanos), nanos, status, ids, self_nanos);
     }
 
     /// Records a span of `operation` that started at `start` (wall-clock time) and took

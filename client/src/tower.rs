@@ -185,13 +185,13 @@ where
             started: Instant::now(),
             done: false,
             ids: ctx.ids(parent.as_ref()),
-            serving: matches!(self.side, Side::Server),
+            calls: matches!(self.side, Side::Server).then(Calls::new),
         };
         let inner = {
             let _current = TraceContext::enter(ctx);
             self.inner.call(req)
         };
-        ResponseFuture { inner, timer, ctx, calls: Calls::new() }
+        ResponseFuture { inner, timer, ctx }
     }
 }
 
@@ -246,15 +246,15 @@ struct Timer {
     started: Instant,
     done: bool,
     ids: crate::Ids,
-    /// Whether it times a request served (else a call made).
-    serving: bool,
+    /// For a request served, the calls its handler made so far (`None`: it times a call made).
+    calls: Option<Calls>,
 }
 
 impl Timer {
-    fn finish(&mut self, status: Status, calls: &Calls) {
+    fn finish(&mut self, status: Status) {
         if !self.done {
             self.done = true;
-            let own = if self.serving { Own::Made(calls) } else { Own::Call };
+            let own = self.calls.as_ref().map_or(Own::Call, Own::Made);
             self.client.record_op_since_ids(self.op, self.started, status, self.ids, own);
         }
     }
@@ -262,7 +262,7 @@ impl Timer {
 
 impl Drop for Timer {
     fn drop(&mut self) {
-        self.finish(Status::Error, &Calls::new());
+        self.finish(Status::Error);
     }
 }
 
@@ -275,8 +275,6 @@ pin_project_lite::pin_project! {
         inner: F,
         timer: Timer,
         ctx: TraceContext,
-        // The calls the handler made so far (for a request served).
-        calls: Calls,
     }
 }
 
@@ -290,11 +288,11 @@ where
         let this = self.project();
         let out = {
             let _current = TraceContext::enter(*this.ctx);
-            let serving = this.timer.serving;
-            let before = serving.then(|| crate::calls::enter(*this.calls));
+            // A request's handler: the calls that end while it runs are its own.
+            let before = this.timer.calls.map(crate::calls::enter);
             let polled = this.inner.poll(cx);
             if let Some(before) = before {
-                *this.calls = crate::calls::leave(before);
+                this.timer.calls = Some(crate::calls::leave(before));
             }
             std::task::ready!(polled)
         };
@@ -305,7 +303,7 @@ where
             }
             Err(_) => true,
         };
-        this.timer.finish(if failed { Status::Error } else { Status::Ok }, this.calls);
+        this.timer.finish(if failed { Status::Error } else { Status::Ok });
         Poll::Ready(out)
     }
 }

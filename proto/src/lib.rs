@@ -13,5 +13,13 @@ pub mod v1 {
     tonic::include_proto!("tailscope.v1");
 }
 
+impl v1::SpanKind {
+    /// Whether spans of this kind time what a service asks of others (CLIENT calls, PRODUCER
+    /// messages) rather than its own work.
+    pub fn is_outgoing(self) -> bool {
+        matches!(self, v1::SpanKind::Client | v1::SpanKind::Producer)
+    }
+}
+
 /// The width of a histogram window at the base resolution, in seconds.
 pub const BASE_WINDOW_SECONDS: i64 = 10;

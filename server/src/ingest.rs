@@ -418,17 +418,15 @@ impl IngestService {
                     labels,
                     window_start: window,
                     histogram,
-                    self_time: true,
                 });
             }
             deltas.push(RoutedDelta {
                 key: hash,
                 shard,
-                series: series::series_id(service, operation, status, kind, peer),
+                series: labels.id(),
                 labels,
                 window_start: window,
                 histogram,
-                self_time: false,
             });
         }
         targets.sort_unstable();
@@ -467,7 +465,7 @@ impl IngestService {
                 group.spans.iter().map(|s| (s.duration_nanos, u64::from(s.weight.max(1)))),
             );
         }
-        for delta in batch.deltas.iter().filter(|d| !d.self_time) {
+        for delta in batch.deltas.iter().filter(|d| d.labels.measure == series::Measure::Duration) {
             self.sampler.observe_folded(
                 delta.key,
                 &delta.labels.service,

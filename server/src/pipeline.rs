@@ -75,10 +75,9 @@ pub struct RoutedDelta {
     pub labels: crate::series::SeriesLabels,
     /// Start of its 10-second window, in seconds.
     pub window_start: i64,
-    /// The decoded histogram.
+    /// The decoded histogram: durations, or, for a self-time series, the self times of spans
+    /// another delta of the batch counts.
     pub histogram: Histogram,
-    /// Whether it holds self times (of spans another delta of the batch counts).
-    pub self_time: bool,
 }
 
 /// A batch that passed validation, with its routing computed.

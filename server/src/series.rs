@@ -292,23 +292,18 @@ impl SeriesLabels {
 
     /// The series id of these labels.
     pub fn id(&self) -> u64 {
-        if self.measure == Measure::SelfTime {
-            return self_series_id(&self.service, &self.operation, self.status, self.kind);
-        }
-        series_id(&self.service, &self.operation, self.status, self.kind, &self.peer)
+        hash_labels(self.strings())
+    }
+
+    /// The strings the labels are encoded as ([`label_strings`]).
+    fn strings(&self) -> ([&str; 5], usize) {
+        label_strings(&self.service, &self.operation, self.status, self.kind, &self.peer, self.measure)
     }
 
     /// Encodes the labels for the series index.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.service.len() + self.operation.len() + self.peer.len() + 48);
-        match self.measure {
-            Measure::Duration => {
-                encode_labels(&mut out, &self.service, &self.operation, self.status, self.kind, &self.peer)
-            }
-            Measure::SelfTime => {
-                encode_self_labels(&mut out, &self.service, &self.operation, self.status, self.kind)
-            }
-        }
+        encode_strings(&mut out, self.strings());
         out
     }
 
@@ -417,7 +412,8 @@ impl SeriesLabels {
 }
 
 /// The strings a series' labels are encoded as, in order, and how many of them there are: the
-/// kind only when it is not unspecified or a peer follows, the peer only when there is one.
+/// kind only when it is not unspecified or a peer follows, the peer only when there is one; a
+/// self-time series always with its kind's self token ([`Kind::self_token`]), never a peer.
 #[inline]
 fn label_strings<'a>(
     service: &'a str,
@@ -425,7 +421,11 @@ fn label_strings<'a>(
     status: Status,
     kind: Kind,
     peer: &'a str,
+    measure: Measure,
 ) -> ([&'a str; 5], usize) {
+    if measure == Measure::SelfTime {
+        return ([service, operation, status.as_str(), kind.self_token(), ""], 4);
+    }
     let n = if !peer.is_empty() {
         5
     } else if kind != Kind::Unspecified {
@@ -436,41 +436,16 @@ fn label_strings<'a>(
     ([service, operation, status.as_str(), kind.as_str(), peer], n)
 }
 
-fn encode_labels(out: &mut Vec<u8>, service: &str, operation: &str, status: Status, kind: Kind, peer: &str) {
-    let (parts, n) = label_strings(service, operation, status, kind, peer);
+fn encode_strings(out: &mut Vec<u8>, (parts, n): ([&str; 5], usize)) {
     for s in &parts[..n] {
         out.extend_from_slice(&(s.len() as u32).to_be_bytes());
         out.extend_from_slice(s.as_bytes());
     }
 }
 
-/// Self-time series are encoded with their kind's self token ([`Kind::self_token`]), always,
-/// and no peer.
-fn encode_self_labels(out: &mut Vec<u8>, service: &str, operation: &str, status: Status, kind: Kind) {
-    for s in [service, operation, status.as_str(), kind.self_token()] {
-        out.extend_from_slice(&(s.len() as u32).to_be_bytes());
-        out.extend_from_slice(s.as_bytes());
-    }
-}
-
-/// The stable id of the self-time series of `{service, operation, status, span_kind}`.
-pub fn self_series_id(service: &str, operation: &str, status: Status, kind: Kind) -> u64 {
-    let mut v = Vec::with_capacity(service.len() + operation.len() + 48);
-    encode_self_labels(&mut v, service, operation, status, kind);
-    xxh3_64(&v)
-}
-
-fn take_str(bytes: &[u8]) -> Option<(&str, &[u8])> {
-    let len = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
-    let s = bytes.get(4..4 + len)?;
-    Some((std::str::from_utf8(s).ok()?, &bytes[4 + len..]))
-}
-
-/// The stable id of series `{service, operation, status, span_kind, peer}`: the hash of its
-/// [`SeriesLabels::encode`] form.
-pub fn series_id(service: &str, operation: &str, status: Status, kind: Kind, peer: &str) -> u64 {
+/// The xxh3 hash of the encoding of `strings`, on the stack when it fits.
+fn hash_labels((parts, n): ([&str; 5], usize)) -> u64 {
     let mut buf = [0u8; 256];
-    let (parts, n) = label_strings(service, operation, status, kind, peer);
     let needed: usize = parts[..n].iter().map(|s| s.len() + 4).sum();
     if needed <= buf.len() {
         let mut at = 0;
@@ -482,9 +457,26 @@ pub fn series_id(service: &str, operation: &str, status: Status, kind: Kind, pee
         xxh3_64(&buf[..at])
     } else {
         let mut v = Vec::with_capacity(needed);
-        encode_labels(&mut v, service, operation, status, kind, peer);
+        encode_strings(&mut v, (parts, n));
         xxh3_64(&v)
     }
+}
+
+fn take_str(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    let len = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let s = bytes.get(4..4 + len)?;
+    Some((std::str::from_utf8(s).ok()?, &bytes[4 + len..]))
+}
+
+/// The stable id of series `{service, operation, status, span_kind, peer}`: the hash of its
+/// [`SeriesLabels::encode`] form.
+pub fn series_id(service: &str, operation: &str, status: Status, kind: Kind, peer: &str) -> u64 {
+    hash_labels(label_strings(service, operation, status, kind, peer, Measure::Duration))
+}
+
+/// The stable id of the self-time series of `{service, operation, status, span_kind}`.
+pub fn self_series_id(service: &str, operation: &str, status: Status, kind: Kind) -> u64 {
+    hash_labels(label_strings(service, operation, status, kind, "", Measure::SelfTime))
 }
 
 /// Which side of a call a series times.

@@ -16,7 +16,6 @@ use super::envelope::{self, respond, success, success_with_warnings, ApiError};
 use super::AppState;
 use crate::query::promql::{self, format_value, Engine, EvalError, Limits, Series, Steps, Value};
 use crate::query::{exemplars, labels, parse_time};
-use crate::store::Source as _;
 
 /// Most points per series of a range query (as Prometheus).
 pub const MAX_POINTS: usize = 11_000;
@@ -490,11 +489,7 @@ async fn metadata(State(s): State<AppState>, p: Params) -> Response {
     ];
     let wanted = p.get("metric");
     // Self times are listed once some series has them, as Prometheus lists what it scraped.
-    let selfs = s
-        .store
-        .label_values(crate::series::MEASURE_MATCHER, 1)
-        .map(|(values, _)| !values.is_empty())
-        .unwrap_or(false);
+    let selfs = labels::self_times_stored(&s.store).unwrap_or(false);
     let out: serde_json::Map<String, Json_> = all
         .into_iter()
         .filter(|(name, _)| *name == promql::METRIC || selfs)

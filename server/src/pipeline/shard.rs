@@ -154,6 +154,9 @@ struct ShardState {
     /// Exemplars of open windows, per (series, window).
     exemplars: HashMap<(u64, i64), ExemplarSet, IdBuildHasher>,
     rng: u64,
+    /// A group's self times ((series, window), nanoseconds, weight), recorded after its
+    /// durations so the durations' run cache stays open; reused between groups.
+    self_times: Vec<((u64, i64), u64, u64)>,
 }
 
 impl ShardState {
@@ -174,6 +177,7 @@ impl ShardState {
             // once per run of them, not once per span.
             let mut open: Option<((u64, i64), &mut Recorder, &mut ExemplarSet)> = None;
             let mut timed_self = [false; 2];
+            self.self_times.clear();
             for span in &group.spans {
                 let Ok(window) = self.limits.classify(span.start_unix_nanos, span.duration_nanos, work.now)
                 else {
@@ -210,61 +214,52 @@ impl ShardState {
                 exemplars.offer(exemplar, status == Status::Error, &mut self.rng);
                 histogram.record(span.duration_nanos as u64, u64::from(span.weight.max(1)));
                 if let (Some((ok, error)), true) = (route.self_series, span.self_nanos > 0) {
-                    // Self times are rarer than spans and mostly of one window: the map is looked
-                    // up per span that has one, without holding the duration's entry.
                     let series = if status == Status::Ok { ok } else { error };
                     timed_self[status as usize] = true;
                     let own = span.self_nanos.min(span.duration_nanos) as u64;
-                    let layout = self.layout;
-                    open = None;
-                    acc.windows
-                        .entry((series, window))
-                        .or_insert_with(|| Recorder::new(layout))
-                        .record(own, u64::from(span.weight.max(1)));
+                    self.self_times.push(((series, window), own, u64::from(span.weight.max(1))));
                 }
             }
+            // The self times, with a run cache of their own (they share series and window as
+            // the durations do).
+            let mut open_self: Option<((u64, i64), &mut Recorder)> = None;
+            for &(at, own, weight) in &self.self_times {
+                let histogram = match open_self {
+                    Some((key, ref mut h)) if key == at => h,
+                    _ => {
+                        open_self = None;
+                        let layout = self.layout;
+                        let h = acc.windows.entry(at).or_insert_with(|| Recorder::new(layout));
+                        &mut open_self.insert((at, h)).1
+                    }
+                };
+                histogram.record(own, weight);
+            }
             let key = group.key.as_ref();
+            let name = |sent: Option<&String>, overflowed: bool| {
+                if overflowed {
+                    crate::cardinality::OVERFLOW.to_owned()
+                } else {
+                    sent.cloned().unwrap_or_default()
+                }
+            };
+            let labels = |status| SeriesLabels {
+                service: name(key.map(|k| &k.service), route.service_overflow),
+                operation: name(key.map(|k| &k.operation), route.overflow),
+                status,
+                kind: route.kind,
+                peer: name(key.map(|k| &k.peer), route.peer_overflow),
+                measure: crate::series::Measure::Duration,
+            };
             for (status, series) in [(Status::Ok, route.ok_series), (Status::Error, route.error_series)] {
                 if seen[status as usize] {
-                    self.note_series(acc, series, || SeriesLabels {
-                        service: if route.service_overflow {
-                            crate::cardinality::OVERFLOW.to_owned()
-                        } else {
-                            key.map(|k| k.service.clone()).unwrap_or_default()
-                        },
-                        operation: if route.overflow {
-                            crate::cardinality::OVERFLOW.to_owned()
-                        } else {
-                            key.map(|k| k.operation.clone()).unwrap_or_default()
-                        },
-                        status,
-                        kind: route.kind,
-                        peer: if route.peer_overflow {
-                            crate::cardinality::OVERFLOW.to_owned()
-                        } else {
-                            key.map(|k| k.peer.clone()).unwrap_or_default()
-                        },
-                        measure: crate::series::Measure::Duration,
-                    });
+                    self.note_series(acc, series, || labels(status));
                 }
             }
             if let Some((ok, error)) = route.self_series {
                 for (status, series) in [(Status::Ok, ok), (Status::Error, error)] {
                     if timed_self[status as usize] {
-                        let service = if route.service_overflow {
-                            crate::cardinality::OVERFLOW
-                        } else {
-                            key.map_or("", |k| k.service.as_str())
-                        };
-                        let operation = if route.overflow {
-                            crate::cardinality::OVERFLOW
-                        } else {
-                            key.map_or("", |k| k.operation.as_str())
-                        };
-                        self.note_series(acc, series, || SeriesLabels {
-                            kind: route.kind,
-                            ..SeriesLabels::new(service, operation, status).self_time()
-                        });
+                        self.note_series(acc, series, || labels(status).self_time());
                     }
                 }
             }
@@ -333,6 +328,7 @@ pub async fn run(
         known: HashMap::default(),
         now: 0,
         exemplars: HashMap::default(),
+        self_times: Vec::new(),
         rng: 0x9e37_79b9_7f4a_7c15 ^ u64::from(id),
     };
     // Work of the epoch being filled, and of the next one: a batch admitted just after the

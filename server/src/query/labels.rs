@@ -13,8 +13,8 @@ use promql_parser::parser::VectorSelector;
 
 use super::promql::{self, format_value, EvalError, Labels, Source};
 use super::Budget;
-use crate::series::{Measure, SeriesLabels, MEASURE_MATCHER, SELF_MEASURE};
-use promql_parser::label::{MatchOp, Matcher};
+use crate::series::{Measure, SeriesLabels, MEASURE_MATCHER};
+use promql_parser::label::Matcher;
 
 #[cfg(test)]
 mod tests;
@@ -51,19 +51,14 @@ fn series_matchers(vs: &VectorSelector) -> Vec<Vec<Matcher>> {
         .filter(|m| !matches!(m.name.as_str(), "__name__" | "le" | MEASURE_MATCHER))
         .cloned()
         .collect();
-    let may_name = |names: [&str; 4]| {
-        names.iter().any(|n| {
-            vs.name.as_deref().is_none_or(|want| want == *n)
-                && vs.matchers.matchers.iter().filter(|m| m.name == "__name__").all(|m| m.is_match(n))
-        })
-    };
+    let may_name = |names| promql::names_matched(vs, names).contains(&true);
     let mut out = Vec::new();
     if may_name(promql::NAMES) {
         out.push(own.clone());
     }
     if may_name(promql::SELF_NAMES) {
         let mut selfs = own;
-        selfs.push(Matcher::new(MatchOp::Equal, MEASURE_MATCHER, SELF_MEASURE));
+        selfs.push(promql::self_time_matcher());
         out.push(selfs);
     }
     out
@@ -126,6 +121,11 @@ fn for_each_selected(
         }
     }
     Ok(())
+}
+
+/// Whether the source holds any self-time series, read off the index.
+pub fn self_times_stored(source: &dyn Source) -> Result<bool, EvalError> {
+    Ok(!source.label_values(MEASURE_MATCHER, 1)?.0.is_empty())
 }
 
 /// Whether the source holds any series (every series has a status), without listing them.
@@ -240,7 +240,7 @@ pub fn values(
         // exposed names and `le` values when there is any series at all.
         let fixed: Vec<String> = match label {
             "__name__" => {
-                let selfs = !source.label_values(MEASURE_MATCHER, 1)?.0.is_empty();
+                let selfs = self_times_stored(source)?;
                 let names =
                     promql::NAMES.iter().chain(selfs.then_some(&promql::SELF_NAMES).into_iter().flatten());
                 names.map(|&n| n.to_owned()).collect()

@@ -42,6 +42,20 @@ pub const NAMES: [&str; 4] = [BUCKET, COUNT, SUM, METRIC];
 pub const SELF_NAMES: [&str; 4] =
     ["span_self_seconds_bucket", "span_self_seconds_count", "span_self_seconds_sum", "span_self_seconds"];
 
+/// Which of `names` (a family's, in the order of [`NAMES`]) a selector's metric name and
+/// `__name__` matchers match.
+pub(crate) fn names_matched(vs: &VectorSelector, names: [&'static str; 4]) -> [bool; 4] {
+    names.map(|n| {
+        vs.name.as_deref().is_none_or(|want| want == n)
+            && vs.matchers.matchers.iter().filter(|m| m.name == "__name__").all(|m| m.is_match(n))
+    })
+}
+
+/// The matcher a selection of [`SELF_NAMES`] adds: only self-time series answer it.
+pub(crate) fn self_time_matcher() -> Matcher {
+    Matcher::new(MatchOp::Equal, crate::series::MEASURE_MATCHER, crate::series::SELF_MEASURE)
+}
+
 /// The `le` bounds synthesized when no matcher names one: log-spaced 1-2.5-5 from 100 µs to
 /// 1000 s, the hour, and `+Inf`.
 pub const DEFAULT_LE: [f64; 24] = [
@@ -405,12 +419,7 @@ impl<'a> Engine<'a> {
         // The self-time names are a family of their own; a selector whose names match both
         // (`{__name__=~"span_.*"}`) reads the durations.
         let family = |called: [&'static str; 4]| {
-            let mut names = called.map(|n| vs.name.as_deref().is_none_or(|want| want == n));
-            for m in vs.matchers.matchers.iter().filter(|m| m.name == "__name__") {
-                for (i, n) in called.iter().enumerate() {
-                    names[i] &= m.is_match(n);
-                }
-            }
+            let mut names = names_matched(vs, called);
             // The native histogram is selected only by its name: a float selection and
             // histograms never mix in one vector.
             let named =
@@ -434,8 +443,7 @@ impl<'a> Engine<'a> {
                 _ => label_matchers.push(m),
             }
         }
-        let measure =
-            Matcher::new(MatchOp::Equal, crate::series::MEASURE_MATCHER, crate::series::SELF_MEASURE);
+        let measure = self_time_matcher();
         if self_time {
             label_matchers.push(&measure);
         }

@@ -129,6 +129,26 @@ pub async fn get_json(http: std::net::SocketAddr, path_and_query: &str) -> serde
     reqwest::get(format!("http://{http}{path_and_query}")).await.expect("http").json().await.expect("json")
 }
 
+/// `expr` evaluated now through the Prometheus API: each result row's values of `labels`
+/// (empty for a label it lacks), with its value.
+pub async fn instant_rows(
+    http: std::net::SocketAddr,
+    expr: &str,
+    labels: &[&str],
+) -> std::collections::BTreeMap<Vec<String>, f64> {
+    let v = get_json(http, &format!("/api/v1/query?query={}", form_encode(expr))).await;
+    assert_eq!(v["status"], "success", "{v}");
+    v["data"]["result"]
+        .as_array()
+        .expect("a vector")
+        .iter()
+        .map(|r| {
+            let key = labels.iter().map(|l| r["metric"][l].as_str().unwrap_or("").to_owned()).collect();
+            (key, r["value"][1].as_str().expect("a value").parse().expect("a number"))
+        })
+        .collect()
+}
+
 pub async fn tail(http: std::net::SocketAddr, query: &str) -> Vec<serde_json::Value> {
     let v = get_json(http, &format!("/api/v1/tail?{query}")).await;
     assert_eq!(v["status"], "success", "{v}");

@@ -3,27 +3,17 @@
 //! request with its calls, and the client crate's tower layers; read as `span_self_seconds`.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use prost::Message;
 use tailscope_proto::histogram::{Histogram, Layout};
 use tailscope_proto::v1::{HistogramDelta, SeriesKey, SpanKind};
 
 use crate::common::*;
 
 /// `expr` evaluated now: one value per row, by `service`.
-async fn by_service(http: std::net::SocketAddr, expr: &str) -> std::collections::BTreeMap<String, f64> {
-    let v = get_json(http, &format!("/api/v1/query?query={}", form_encode(expr))).await;
-    assert_eq!(v["status"], "success", "{v}");
-    v["data"]["result"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let service = r["metric"]["service"].as_str().unwrap_or("").to_owned();
-            (service, r["value"][1].as_str().unwrap().parse().unwrap())
-        })
-        .collect()
+async fn by_service(http: std::net::SocketAddr, expr: &str) -> BTreeMap<String, f64> {
+    instant_rows(http, expr, &["service"]).await.into_iter().map(|(mut k, v)| (k.remove(0), v)).collect()
 }
 
 fn key(service: &str, kind: SpanKind) -> SeriesKey {
@@ -63,13 +53,14 @@ async fn self_times_count_exactly_under_their_own_name() {
     durations.record(100 * ms as u64, 1_000);
     own.record(5 * ms as u64, 600);
     let window = now / 1_000_000_000 / 10 * 10;
-    b.deltas.push(HistogramDelta {
+    let delta = |self_histogram: &Histogram| HistogramDelta {
         key: Some(key("shop", SpanKind::Server)),
         status: 0,
         window_start_unix_seconds: window,
         histogram: durations.to_bytes(),
-        self_histogram: own.to_bytes(),
-    });
+        self_histogram: self_histogram.to_bytes(),
+    };
+    b.deltas.push(delta(&own));
     let mut s = open(server.grpc_addr()).await;
     s.send(b).await;
     s.wait_acked(1).await;
@@ -106,25 +97,13 @@ async fn self_times_count_exactly_under_their_own_name() {
     let mut bad = batch(8, 2, vec![]);
     let mut more = Histogram::new(Layout::default());
     more.record(ms as u64, 1_001);
-    bad.deltas.push(HistogramDelta {
-        key: Some(key("shop", SpanKind::Server)),
-        status: 0,
-        window_start_unix_seconds: window,
-        histogram: durations.to_bytes(),
-        self_histogram: more.to_bytes(),
-    });
-    let status = send_raw_batch(server.grpc_addr(), bad.encode_to_vec()).await;
+    bad.deltas.push(delta(&more));
+    let mut s = open(server.grpc_addr()).await;
+    s.send(bad).await;
+    let status = s.wait_error().await;
     assert!(status.message().contains("self_histogram"), "{status:?}");
     assert!(status.message().contains("more than the 1000"), "{status:?}");
     server.shutdown().await;
-}
-
-/// Sends one encoded batch on a stream of its own and returns the status the server ends
-/// it with.
-async fn send_raw_batch(grpc: std::net::SocketAddr, bytes: Vec<u8>) -> tonic::Status {
-    let mut s = open(grpc).await;
-    s.send(tailscope_proto::v1::SpanBatch::decode(bytes.as_slice()).unwrap()).await;
-    s.wait_error().await
 }
 
 /// An OTLP export carrying a request and the calls it made gives the request its self time:

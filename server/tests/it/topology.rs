@@ -12,16 +12,12 @@ use tailscope::{SpanKind, Status};
 
 /// `expr` evaluated now: (client, server) → value.
 async fn edges(http: std::net::SocketAddr, expr: &str) -> BTreeMap<(String, String), f64> {
-    let v = get_json(http, &format!("/api/v1/query?query={}", form_encode(expr))).await;
-    assert_eq!(v["status"], "success", "{v}");
-    v["data"]["result"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let m = &r["metric"];
-            let label = |k: &str| m[k].as_str().unwrap_or("").to_owned();
-            ((label("client"), label("server")), r["value"][1].as_str().unwrap().parse().unwrap())
+    instant_rows(http, expr, &["client", "server"])
+        .await
+        .into_iter()
+        .map(|(mut k, v)| {
+            let server = k.pop().unwrap_or_default();
+            ((k.pop().unwrap_or_default(), server), v)
         })
         .collect()
 }

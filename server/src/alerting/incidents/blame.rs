@@ -10,8 +10,9 @@
 //! on calls), `ΔX(s)`, the rise of its self-time p99, decides between its code and its calls:
 //! the edge must rise more than `ΔX` (the larger contribution wins), and when `ΔX` is under
 //! `share·ΔS` the calls explain the rest, so the edge need not reach `share·ΔS` itself — a
-//! retry storm's tail waits several calls while the mean calls per request barely moves. A service with a blame edge is a **symptom** of its callee; one without is a
-//! **root** (its own code explains its tail). Blame is followed downstream to the first root;
+//! retry storm's tail waits several calls while the mean calls per request barely moves. A
+//! service with a blame edge is a **symptom** of its callee; one without is a **root** (its
+//! own code explains its tail). Blame is followed downstream to the first root;
 //! a callee with no spans of its own (`db:postgres`, an external API) whose edge breached is
 //! a **virtual** root. A blame cycle (A waits on B, B calls back into A) is broken at the
 //! member whose own tail is least explained by its calls.
@@ -71,6 +72,17 @@ impl Tails {
         let base = calls.and_then(|c| c.base).unwrap_or(1.0).max(1.0);
         Tail { now: tail.now * now, base: tail.base.map(|b| b * base) }
     }
+
+    /// `caller`'s synchronous call edges, each with its p99 tail and its wait per request.
+    fn calls_of<'a>(
+        &'a self,
+        caller: &'a str,
+    ) -> impl Iterator<Item = (&'a (String, String), &'a Tail, Tail)> + 'a {
+        self.edges
+            .range((caller.to_owned(), String::new())..)
+            .take_while(move |((c, _), _)| c == caller)
+            .map(|(edge, tail)| (edge, tail, self.wait(edge, tail)))
+    }
 }
 
 /// The rule's thresholds.
@@ -107,20 +119,18 @@ pub struct Blame {
 
 impl std::fmt::Display for Blame {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}→{} p99 {} → {} (+{})",
-            self.caller,
-            self.callee,
-            seconds(self.base),
-            seconds(self.now),
-            seconds(self.now - self.base)
-        )?;
+        write!(f, "{}→{} p99 {}", self.caller, self.callee, change(self.base, self.now))?;
         if let Some((now, base)) = self.amplified {
             write!(f, ", {now:.1} calls per request (was {base:.1})")?;
         }
         Ok(())
     }
+}
+
+/// A change of a p99, printed: `52ms → 2s (+1.95s)`, `26ms → 25ms (−1ms)`.
+fn change(base: f64, now: f64) -> String {
+    let sign = if now >= base { '+' } else { '−' };
+    format!("{} → {} ({sign}{})", seconds(base), seconds(now), seconds((now - base).abs()))
 }
 
 /// A duration in seconds, printed the way people read tails (`48ms`, `2.1s`).
@@ -158,10 +168,7 @@ pub fn blame_edge(tails: &Tails, service: &str, t: &Thresholds) -> Option<Blame>
     let needed = own_code.unwrap_or(0.0).max(t.min_rise);
     let share_needed = t.share * own;
     tails
-        .edges
-        .range((service.to_owned(), String::new())..)
-        .take_while(|((caller, _), _)| caller == service)
-        .map(|(edge, tail)| (edge, tail, tails.wait(edge, tail)))
+        .calls_of(service)
         .filter(|((_, callee), _, wait)| {
             callee != service
                 && wait.rise() >= needed
@@ -188,22 +195,16 @@ pub fn blame_edge(tails: &Tails, service: &str, t: &Thresholds) -> Option<Blame>
 /// `payments p99 50ms → 2s (+1.95s); self time p99 48ms → 2s (+1.95s); calls at most
 /// payments→db:postgres 3ms → 4ms (+1ms)`. `None` without a baseline.
 pub fn root_reason(tails: &Tails, service: &str) -> Option<String> {
-    let rise = |t: &Tail| {
-        let base = t.base?;
-        Some(format!("{} → {} (+{})", seconds(base), seconds(t.now), seconds(t.now - base)))
-    };
+    let rise = |t: &Tail| Some(change(t.base?, t.now));
     let mut parts = vec![format!("{service} p99 {}", tails.services.get(service).and_then(rise)?)];
     if let Some(own) = tails.selfs.get(service).and_then(rise) {
         parts.push(format!("self time p99 {own}"));
     }
     let largest = tails
-        .edges
-        .range((service.to_owned(), String::new())..)
-        .take_while(|((caller, _), _)| caller == service)
-        .map(|(edge, tail)| (edge, tails.wait(edge, tail)))
-        .filter(|(_, wait)| wait.base.is_some())
-        .max_by(|a, b| a.1.rise().total_cmp(&b.1.rise()));
-    if let Some(((caller, callee), wait)) = largest {
+        .calls_of(service)
+        .filter(|(_, _, wait)| wait.base.is_some())
+        .max_by(|a, b| a.2.rise().total_cmp(&b.2.rise()));
+    if let Some(((caller, callee), _, wait)) = largest {
         parts.push(format!("calls at most {caller}→{callee} {}", rise(&wait).unwrap_or_default()));
     }
     Some(parts.join("; "))

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tailscope_proto::batch::BatchBuilder;
-use tailscope_proto::v1::{SeriesGroup, SeriesKey, SpanBatch};
+use tailscope_proto::v1::{SeriesGroup, SeriesKey, Span, SpanBatch};
 
 use crate::series::Kind;
 
@@ -110,17 +110,9 @@ impl Pairing {
     /// Labels the spans of `batch` whose other end is remembered (or in the same batch), and
     /// remembers the batch's own ends; `now` in Unix nanoseconds.
     pub fn pair(&self, batch: &mut SpanBatch, now: i64) -> Paired {
-        let kind_of = |g: &SeriesGroup| g.key.as_ref().map_or(Kind::Unspecified, |k| Kind::from_wire(k.kind));
-        let callers = |g: &SeriesGroup| g.key.as_ref().is_some_and(|k| Kind::from_wire(k.kind).is_outgoing());
-        let callees = |g: &SeriesGroup| {
-            matches!(kind_of(g), Kind::Server | Kind::Consumer)
-                && g.key.as_ref().is_some_and(|k| k.peer.is_empty())
-        };
-        // Requests without a parent (a user's) have no caller to find: most batches of a
-        // service that calls nothing pair nothing, and take no lock.
-        let relevant =
-            |g: &SeriesGroup| callers(g) || (callees(g) && g.spans.iter().any(|s| s.parent_span_id != 0));
-        if !batch.groups.iter().any(relevant) {
+        let roles: Vec<Option<Role>> = batch.groups.iter().map(role).collect();
+        // Most batches of a service that calls nothing pair nothing, and take no lock.
+        if roles.iter().all(Option::is_none) {
             return Paired::default();
         }
         let mut guard = self.state.lock();
@@ -128,52 +120,45 @@ impl Pairing {
         clients.expire(now.saturating_sub(self.wait_nanos));
         servers.expire(now.saturating_sub(self.wait_nanos));
         // Every end of this batch first, so two ends in one export pair too.
-        for g in &batch.groups {
-            let Some(key) = g.key.as_ref() else { continue };
-            if callers(g) {
-                let service: Arc<str> = Arc::from(key.service.as_str());
-                for s in g.spans.iter().filter(|s| s.span_id != 0) {
-                    let end = (s.trace_id_high, s.trace_id_low, s.span_id);
-                    clients.remember(end, &service, now, self.capacity);
-                }
-            } else if callees(g) && g.spans.iter().any(|s| s.parent_span_id != 0) {
-                let service: Arc<str> = Arc::from(key.service.as_str());
-                for s in g.spans.iter().filter(|s| s.parent_span_id != 0) {
-                    let end = (s.trace_id_high, s.trace_id_low, s.parent_span_id);
-                    servers.remember(end, &service, now, self.capacity);
-                }
+        for (g, role) in batch.groups.iter().zip(&roles) {
+            let (Some(role), Some(key)) = (role, g.key.as_ref()) else { continue };
+            let side = match role {
+                Role::Calls => &mut *clients,
+                Role::Requests => &mut *servers,
+            };
+            let service: Arc<str> = Arc::from(key.service.as_str());
+            for s in g.spans.iter().filter(|s| role.end(s) != 0) {
+                side.remember((s.trace_id_high, s.trace_id_low, role.end(s)), &service, now, self.capacity);
             }
         }
         let mut paired = Paired::default();
-        let mut moved: BatchBuilder<(String, String, i32, String)> = BatchBuilder::new();
-        for g in &mut batch.groups {
-            let (is_caller, is_callee) = (callers(g), callees(g));
-            let Some(key) = g.key.clone() else { continue };
-            if !(is_callee || (is_caller && key.peer.is_empty())) {
-                continue;
-            }
+        // Moved spans, by their group and the peer found.
+        let mut moved: BatchBuilder<(usize, Arc<str>)> = BatchBuilder::new();
+        for (i, (g, role)) in batch.groups.iter_mut().zip(&roles).enumerate() {
+            let Some(key) = g.key.as_ref() else { continue };
+            // A call that names its callee keeps it.
+            let (role, other_side, found, missed) = match role {
+                Some(Role::Requests) => {
+                    (Role::Requests, &mut *clients, &mut paired.servers, &mut paired.servers_unpaired)
+                }
+                Some(Role::Calls) if key.peer.is_empty() => {
+                    (Role::Calls, &mut *servers, &mut paired.clients, &mut paired.clients_unpaired)
+                }
+                _ => continue,
+            };
             g.spans.retain(|s| {
-                let other = match (is_callee, s.parent_span_id, s.span_id) {
+                let id = role.end(s);
+                if id == 0 {
                     // A request without a parent has no caller; a call without an id no end.
-                    (true, 0, _) | (false, _, 0) => return true,
-                    (true, parent, _) => clients.take(&(s.trace_id_high, s.trace_id_low, parent)),
-                    (false, _, id) => servers.take(&(s.trace_id_high, s.trace_id_low, id)),
-                };
-                let (found, missed) = if is_callee {
-                    (&mut paired.servers, &mut paired.servers_unpaired)
-                } else {
-                    (&mut paired.clients, &mut paired.clients_unpaired)
-                };
+                    return true;
+                }
                 // A service calling itself is no edge.
-                match other.filter(|o| **o != *key.service) {
+                match other_side.take(&(s.trace_id_high, s.trace_id_low, id)).filter(|o| **o != *key.service)
+                {
                     Some(peer) => {
                         *found += 1;
                         let series = || SeriesKey { peer: peer.to_string(), ..key.clone() };
-                        moved.push(
-                            (key.service.clone(), key.operation.clone(), key.kind, peer.to_string()),
-                            series,
-                            *s,
-                        );
+                        moved.push((i, Arc::clone(&peer)), series, *s);
                         false
                     }
                     None => {
@@ -192,10 +177,42 @@ impl Pairing {
     }
 }
 
+/// What a group's spans are to pairing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Calls (CLIENT, PRODUCER): their span ids are ends.
+    Calls,
+    /// Requests without a caller (SERVER, CONSUMER, no peer), some with a parent: their
+    /// parents are ends.
+    Requests,
+}
+
+impl Role {
+    /// The end a span of this role is known by (0: none).
+    fn end(self, s: &Span) -> u64 {
+        match self {
+            Role::Calls => s.span_id,
+            Role::Requests => s.parent_span_id,
+        }
+    }
+}
+
+fn role(g: &SeriesGroup) -> Option<Role> {
+    let key = g.key.as_ref()?;
+    match Kind::from_wire(key.kind) {
+        k if k.is_outgoing() => Some(Role::Calls),
+        Kind::Server | Kind::Consumer
+            if key.peer.is_empty() && g.spans.iter().any(|s| s.parent_span_id != 0) =>
+        {
+            Some(Role::Requests)
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tailscope_proto::v1::Span;
 
     fn group(service: &str, kind: Kind, peer: &str, spans: Vec<Span>) -> SeriesGroup {
         SeriesGroup {
