@@ -523,18 +523,12 @@ impl Alerting {
     pub fn refresh_metrics(&self) {
         let (mut pending, mut firing) = (0, 0);
         for g in self.groups.read().iter() {
-            for r in &g.snapshot().rules {
-                for a in r.alerts.values() {
-                    match a.state {
-                        eval::State::Pending => pending += 1,
-                        eval::State::Firing => firing += 1,
-                        eval::State::Inactive => {}
-                    }
-                }
-            }
+            let (p, f) = g.alert_counts();
+            pending += p;
+            firing += f;
         }
-        self.ctx.metrics.alerts.get_or_create(&StateLabel { state: "pending" }).set(pending);
-        self.ctx.metrics.alerts.get_or_create(&StateLabel { state: "firing" }).set(firing);
+        self.ctx.metrics.alerts.get_or_create(&StateLabel { state: "pending" }).set(pending as i64);
+        self.ctx.metrics.alerts.get_or_create(&StateLabel { state: "firing" }).set(firing as i64);
     }
 }
 

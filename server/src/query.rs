@@ -5,6 +5,7 @@ pub mod exemplars;
 pub mod labels;
 pub mod plan;
 pub mod promql;
+pub mod shared;
 pub mod topology;
 
 pub use plan::RangePlan;

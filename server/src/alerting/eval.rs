@@ -7,15 +7,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::rules::{AlertingRule, RuleGroup};
 use super::template::Data;
 use super::{fingerprint, Alert, Labels, Sink};
 use crate::clock::Clock;
-use crate::query::promql::{Engine, Limits, Steps, Value};
-use crate::store::{RetentionConfig, StateKind, StateStore, Store};
+use crate::query::promql::{Engine, Limits, Memo, Repeats, Steps, Value};
+use crate::query::shared::SharedReads;
+use crate::store::{RetentionConfig, Source, StateKind, StateStore, Store};
 use crate::telemetry::{Metrics, RuleGroupLabel};
 
 /// How long a resolved alert is still sent (so a notifier that missed the first resolve hears
@@ -23,6 +24,9 @@ use crate::telemetry::{Metrics, RuleGroupLabel};
 pub const RESOLVED_RETENTION_MS: i64 = 15 * 60 * 1000;
 /// Most series one rule's expression may select.
 const MAX_SERIES: usize = 100_000;
+/// Most bytes one group evaluation keeps to share between its rules, for windows read and
+/// again for values and merged ranges ([`Memo`]); past it, rules read and merge on their own.
+const SHARED_READ_BYTES: usize = 64 << 20;
 
 /// An alert's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,13 +115,15 @@ impl RuleState {
 }
 
 /// A loaded group with its rules' live state. Evaluation owns the state; readers (the API,
-/// metrics) see the snapshot it publishes after each evaluation.
+/// metrics) take a snapshot of it as the last evaluation left it (a copy made when asked, not
+/// at every evaluation: a group's alerts may number in the tens of thousands).
 #[derive(Debug)]
 pub struct GroupRuntime {
     /// The group as loaded.
     pub group: RuleGroup,
     state: Mutex<GroupState>,
-    published: RwLock<Arc<GroupSnapshot>>,
+    /// What the group's expressions repeat, for sharing it between them.
+    repeats: Arc<Repeats>,
 }
 
 /// A group's evaluation state.
@@ -127,6 +133,10 @@ struct GroupState {
     rules: Vec<RuleState>,
     /// What was last persisted per rule, to write only on change.
     persisted: Vec<Vec<u8>>,
+    /// When the group was last evaluated (ms).
+    last_evaluation: Option<i64>,
+    /// How long that took.
+    evaluation_time: Duration,
 }
 
 /// A group's state as its last evaluation left it.
@@ -208,13 +218,29 @@ impl GroupRuntime {
             state.persisted.push(encode_state(&restored));
             state.rules.push(restored);
         }
-        let published = GroupSnapshot { rules: state.rules.clone(), ..GroupSnapshot::default() };
-        GroupRuntime { group, state: Mutex::new(state), published: RwLock::new(Arc::new(published)) }
+        let repeats = Arc::new(Repeats::of(group.rules.iter().map(|r| &r.expr)));
+        GroupRuntime { group, state: Mutex::new(state), repeats }
     }
 
     /// The state as the last evaluation left it.
     pub fn snapshot(&self) -> Arc<GroupSnapshot> {
-        self.published.read().clone()
+        let state = self.state.lock();
+        Arc::new(GroupSnapshot {
+            rules: state.rules.clone(),
+            last_evaluation: state.last_evaluation,
+            evaluation_time: state.evaluation_time,
+        })
+    }
+
+    /// How many of the group's alerts are pending and how many firing, without copying them.
+    pub fn alert_counts(&self) -> (usize, usize) {
+        let state = self.state.lock();
+        let alerts = state.rules.iter().flat_map(|r| r.alerts.values());
+        alerts.fold((0, 0), |(pending, firing), a| match a.state {
+            State::Pending => (pending + 1, firing),
+            State::Firing => (pending, firing + 1),
+            State::Inactive => (pending, firing),
+        })
     }
 
     /// `file;group`, the label of the group's metrics.
@@ -267,14 +293,22 @@ impl GroupRuntime {
         let store = ctx.store.clone();
         let retention = ctx.retention.clone();
         let interval = self.group.interval;
+        let repeats = self.repeats.clone();
         let results = tokio::task::spawn_blocking(move || {
+            // Every rule is evaluated at the same instant: rules that read the same selector
+            // (thresholds, quantiles of one service) share one read of its series and windows,
+            // one merge of each range and the value of each repeated sub-expression.
+            let sharing = repeats.any();
+            let shared = SharedReads::new(&store, if sharing { SHARED_READ_BYTES } else { 0 });
+            let memo = sharing.then(|| Memo::new(ts, ts.div_euclid(1000), repeats, SHARED_READ_BYTES));
+            let source: &dyn Source = if sharing { &shared } else { &store };
             exprs
                 .iter()
                 .map(|expr| {
                     let started = Instant::now();
                     // A rule may take at most its group's interval.
                     let deadline = Instant::now() + interval;
-                    let result = sample(&store, &retention, expr, ts, deadline);
+                    let result = sample(source, memo.as_ref(), &retention, expr, ts, deadline);
                     (result, started.elapsed())
                 })
                 .collect::<Vec<_>>()
@@ -317,11 +351,8 @@ impl GroupRuntime {
                     state.persisted[i] = encoded;
                 }
             }
-            *self.published.write() = Arc::new(GroupSnapshot {
-                rules: state.rules.clone(),
-                last_evaluation: Some(ts),
-                evaluation_time: started.elapsed(),
-            });
+            state.last_evaluation = Some(ts);
+            state.evaluation_time = started.elapsed();
         }
         if !writes.is_empty() {
             let store = ctx.state.clone();
@@ -423,11 +454,25 @@ impl GroupRuntime {
     }
 }
 
+/// The persisted part of a rule's state as bytes, compared between evaluations to write only
+/// what changed.
 fn encode_state(rs: &RuleState) -> Vec<u8> {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(rs.alerts.len() * 44);
+    let time = |out: &mut Vec<u8>, t: Option<i64>| match t {
+        Some(t) => {
+            out.push(1);
+            out.extend_from_slice(&t.to_le_bytes());
+        }
+        None => out.push(0),
+    };
     for (fp, a) in &rs.alerts {
-        out.extend_from_slice(&fp.to_be_bytes());
-        out.extend_from_slice(format!("{:?}", a.lifecycle()).as_bytes());
+        let (state, active_at, fired_at, resolved_at, keep_firing_since) = a.lifecycle();
+        out.extend_from_slice(&fp.to_le_bytes());
+        out.push(state as u8);
+        out.extend_from_slice(&active_at.to_le_bytes());
+        for t in [fired_at, resolved_at, keep_firing_since] {
+            time(&mut out, t);
+        }
     }
     out
 }
@@ -472,7 +517,8 @@ pub fn generator_url(external_url: &str, query: &str) -> String {
 
 /// Evaluates `expr` at `ts` (ms): one (labels without `__name__`, value) per sample.
 fn sample(
-    store: &Store,
+    source: &dyn Source,
+    memo: Option<&Memo>,
     retention: &RetentionConfig,
     expr: &promql_parser::parser::Expr,
     ts: i64,
@@ -480,7 +526,11 @@ fn sample(
 ) -> Result<Vec<(Labels, f64)>, String> {
     let steps = Steps::instant(ts);
     let limits = Limits { max_series: MAX_SERIES, max_points: 1, max_samples: MAX_SERIES, deadline };
-    let engine = Engine::new(store, &steps, ts.div_euclid(1000), retention, limits);
+    let engine = Engine::new(source, &steps, ts.div_euclid(1000), retention, limits);
+    let engine = match memo {
+        Some(memo) => engine.with_memo(memo),
+        None => engine,
+    };
     let value = engine.eval(expr).and_then(|v| engine.materialized(v)).map_err(|e| e.to_string())?;
     Ok(match value {
         Value::Scalar(v) => {
@@ -546,8 +596,110 @@ mod tests {
         let rules = vec![RuleState::default()];
         GroupRuntime {
             group,
-            state: Mutex::new(GroupState { rules, persisted: vec![Vec::new()] }),
-            published: Default::default(),
+            state: Mutex::new(GroupState { rules, persisted: vec![Vec::new()], ..GroupState::default() }),
+            repeats: Arc::default(),
+        }
+    }
+
+    #[derive(Debug)]
+    struct Discard;
+
+    impl Sink for Discard {
+        fn send(&self, _: Vec<Alert>) {}
+    }
+
+    /// The alerts of each rule of `yaml`'s first group after one evaluation at `ts` (ms).
+    fn alerts_of(store: &Store, yaml: &str, ts: i64) -> Vec<Vec<(Labels, State, String)>> {
+        let group = RuleGroup::parse(yaml, std::path::Path::new("r.yml")).unwrap().remove(0);
+        let runtime = GroupRuntime::new(group, None, store);
+        let ctx = Context {
+            store: store.clone(),
+            state: Arc::new(crate::store::MemoryStore::default()),
+            clock: Arc::new(crate::clock::SystemClock),
+            retention: RetentionConfig::default(),
+            metrics: Arc::new(Metrics::new()),
+            sink: Arc::new(Discard),
+            external_url: String::new(),
+            resend_delay: Duration::from_secs(60),
+        };
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(runtime.evaluate(&ctx, ts));
+        let snapshot = runtime.snapshot();
+        snapshot
+            .rules
+            .iter()
+            .map(|r| {
+                assert_eq!(r.last_error, None);
+                r.alerts.values().map(|a| (a.labels.clone(), a.state, format!("{:.9}", a.value))).collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rules_that_share_their_reads_fire_as_they_would_alone() {
+        use crate::series::{SeriesLabels, Status};
+        use crate::store::{EpochWrite, WindowDelta};
+        use tailscope_proto::histogram::{Histogram, Layout};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Layout::default(), &Metrics::new()).unwrap();
+        let now = 1_800_000_000;
+        let mut write = EpochWrite::default();
+        for (k, op) in ["a", "b", "c"].iter().enumerate() {
+            let labels = SeriesLabels::new("svc", *op, Status::Ok);
+            write.series.push((labels.id(), labels.clone()));
+            for (i, w) in (now - 600..now).step_by(10).enumerate() {
+                let mut h = Histogram::new(Layout::default());
+                h.record(1_000_000 * (1 + (i as u64 * 7 + k as u64 * 13) % 90), 1 + k as u64);
+                write.windows.push(WindowDelta {
+                    series: labels.id(),
+                    window_start: w,
+                    histogram: h.to_bytes(),
+                });
+            }
+        }
+        store.write_epoch(&write).unwrap();
+        let rules = [
+            "histogram_quantile(0.99, sum by (operation, le) (rate(span_duration_seconds_bucket{service=\"svc\"}[5m]))) > 0.02",
+            "histogram_quantile(0.99, sum by (operation, le) (rate(span_duration_seconds_bucket{service=\"svc\"}[5m]))) > 0.087",
+            "histogram_quantile(0.5, sum by (operation, le) (rate(span_duration_seconds_bucket{service=\"svc\"}[5m]))) > 0.01",
+            "histogram_quantile(0.9, sum by (le) (rate(span_duration_seconds_bucket{service=\"svc\"}[5m]))) > 0.01",
+            "sum by (operation) (rate(span_duration_seconds_count{service=\"svc\"}[5m])) > 0",
+            "sum by (operation) (rate(span_duration_seconds_count{service=\"svc\"}[90s])) > 0",
+        ];
+        let group = |rules: &[&str]| {
+            let mut yaml = String::from("groups:\n  - name: g\n    interval: 1m\n    rules:\n");
+            for (i, r) in rules.iter().enumerate() {
+                yaml.push_str(&format!("      - alert: R{i}\n        expr: '{r}'\n"));
+            }
+            yaml
+        };
+        // At a whole minute and between two (edges read at 10 s).
+        for ts in [now * 1000, now * 1000 - 25_500] {
+            let together = alerts_of(&store, &group(&rules), ts);
+            let alone: Vec<_> = rules.iter().map(|r| alerts_of(&store, &group(&[r]), ts).remove(0)).collect();
+            assert_eq!(together.len(), rules.len());
+            for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
+                let relabel = |v: &Vec<(Labels, State, String)>| {
+                    let mut v: Vec<_> = v
+                        .iter()
+                        .map(|(l, s, v)| {
+                            let mut l = l.clone();
+                            l.insert("alertname".into(), format!("R{i}"));
+                            (l, *s, v.clone())
+                        })
+                        .collect();
+                    v.sort_by(|x, y| x.0.cmp(&y.0));
+                    v
+                };
+                assert_eq!(relabel(t), relabel(a), "rule {i} at {ts}");
+            }
+            assert!(together.iter().all(|a| !a.is_empty()), "every rule fires: {together:?}");
+            if ts == now * 1000 {
+                assert_eq!(
+                    (together[0].len(), together[1].len()),
+                    (3, 1),
+                    "the thresholds differ: {together:?}"
+                );
+            }
         }
     }
 

@@ -127,31 +127,40 @@ fn contained<T>(f: impl FnOnce() -> Result<T, String> + std::panic::UnwindSafe) 
     })
 }
 
+/// Calls `f` with every node of `expr`, parents before their children, in order.
+pub fn visit<'a>(expr: &'a Expr, f: &mut impl FnMut(&'a Expr)) {
+    f(expr);
+    match expr {
+        Expr::Aggregate(a) => {
+            visit(&a.expr, f);
+            if let Some(p) = &a.param {
+                visit(p, f);
+            }
+        }
+        Expr::Unary(u) => visit(&u.expr, f),
+        Expr::Binary(b) => {
+            visit(&b.lhs, f);
+            visit(&b.rhs, f);
+        }
+        Expr::Paren(p) => visit(&p.expr, f),
+        Expr::Subquery(q) => visit(&q.expr, f),
+        Expr::Call(c) => c.args.args.iter().for_each(|a| visit(a, f)),
+        Expr::VectorSelector(_)
+        | Expr::MatrixSelector(_)
+        | Expr::NumberLiteral(_)
+        | Expr::StringLiteral(_)
+        | Expr::Extension(_) => {}
+    }
+}
+
 /// Every vector selector of `expr` (those inside range selectors included), in order.
 pub fn selectors(expr: &Expr) -> Vec<&VectorSelector> {
-    fn walk<'a>(e: &'a Expr, out: &mut Vec<&'a VectorSelector>) {
-        match e {
-            Expr::VectorSelector(vs) => out.push(vs),
-            Expr::MatrixSelector(ms) => out.push(&ms.vs),
-            Expr::Aggregate(a) => {
-                walk(&a.expr, out);
-                if let Some(p) = &a.param {
-                    walk(p, out);
-                }
-            }
-            Expr::Unary(u) => walk(&u.expr, out),
-            Expr::Binary(b) => {
-                walk(&b.lhs, out);
-                walk(&b.rhs, out);
-            }
-            Expr::Paren(p) => walk(&p.expr, out),
-            Expr::Subquery(q) => walk(&q.expr, out),
-            Expr::Call(c) => c.args.args.iter().for_each(|a| walk(a, out)),
-            Expr::NumberLiteral(_) | Expr::StringLiteral(_) | Expr::Extension(_) => {}
-        }
-    }
     let mut out = Vec::new();
-    walk(expr, &mut out);
+    visit(expr, &mut |e| match e {
+        Expr::VectorSelector(vs) => out.push(vs),
+        Expr::MatrixSelector(ms) => out.push(&ms.vs),
+        _ => {}
+    });
     out
 }
 
@@ -241,7 +250,7 @@ pub struct Series {
 }
 
 /// The result of evaluating an expression over all steps.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Value {
     /// One number per step.
     Scalar(Vec<f64>),
@@ -278,7 +287,7 @@ pub struct NativeSample {
 }
 
 /// `rate`/`increase` of bucket series, possibly summed by group: still histograms.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct HistValue {
     groups: Vec<HistGroup>,
     le: Vec<f64>,
@@ -293,7 +302,7 @@ pub struct HistValue {
     native: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct HistGroup {
     labels: Labels,
     members: Vec<u64>,
@@ -306,6 +315,7 @@ pub struct Engine<'a> {
     now: i64,
     retention: &'a RetentionConfig,
     limits: Limits,
+    memo: Option<&'a Memo>,
 }
 
 impl std::fmt::Debug for Engine<'_> {
@@ -358,7 +368,30 @@ impl<'a> Engine<'a> {
         retention: &'a RetentionConfig,
         limits: Limits,
     ) -> Engine<'a> {
-        Engine { source, steps, now, retention, limits }
+        Engine { source, steps, now, retention, limits, memo: None }
+    }
+
+    /// The engine sharing values and merged ranges with the other evaluations of `memo`'s
+    /// instant (a rule group's); ignored unless this engine evaluates at that instant.
+    pub fn with_memo(mut self, memo: &'a Memo) -> Engine<'a> {
+        self.memo = memo.serves(self.steps.times(), self.now).then_some(memo);
+        self
+    }
+
+    /// `f()`, or its value kept in the memo under `expr`'s text (when the memo's expressions
+    /// repeat it).
+    fn shared(&self, expr: &Expr, f: impl FnOnce() -> Result<Value, EvalError>) -> Result<Value, EvalError> {
+        let Some(memo) = self.memo else { return f() };
+        let key = expr.to_string();
+        if !memo.repeats(&key) {
+            return f();
+        }
+        if let Some(v) = memo.value(&key) {
+            return Ok(v);
+        }
+        let v = f()?;
+        memo.keep_value(key, &v);
+        Ok(v)
     }
 
     /// Evaluates `expr` at every step.
@@ -383,8 +416,8 @@ impl<'a> Engine<'a> {
             Expr::MatrixSelector(_) => unsupported(
                 "a range vector (e.g. x[5m]) can only be an argument of rate() or increase() here",
             ),
-            Expr::Call(call) => self.call(call),
-            Expr::Aggregate(agg) => self.aggregate(agg),
+            Expr::Call(call) => self.shared(expr, || self.call(call)),
+            Expr::Aggregate(agg) => self.shared(expr, || self.aggregate(agg)),
             Expr::Binary(bin) => self.binary(bin),
             Expr::Subquery(_) => unsupported("subqueries are not supported"),
             Expr::Extension(_) => unsupported("extension expressions are not supported"),
@@ -583,6 +616,34 @@ impl<'a> Engine<'a> {
         // A window that began in the step's own second counts (a rule evaluated at
         // 12:00:00.420 sees the window that started at 12:00:00).
         let ends: Vec<i64> = self.steps.times().iter().map(|t| (t + 999).div_euclid(1000) - offset).collect();
+        // An instant evaluation with a memo merges each range once for all its rules.
+        let (Some(memo), &[end]) = (self.memo.filter(|m| m.keeps_ranges()), ends.as_slice()) else {
+            return self.slide_read(group, range, &ends, f);
+        };
+        let key: memo::RangeKey = (group.members.clone(), range, offset, end);
+        if let Some(kept) = memo.range(&key) {
+            if let Some(h) = kept {
+                f(0, &h);
+            }
+            return Ok(());
+        }
+        let mut merged = None;
+        self.slide_read(group, range, &ends, |i, acc| {
+            merged = Some(acc.clone());
+            f(i, acc);
+        })?;
+        memo.keep_range(key, merged);
+        Ok(())
+    }
+
+    /// [`Engine::slide`] from the source, for the steps' range ends (offset applied).
+    fn slide_read(
+        &self,
+        group: &HistGroup,
+        range: i64,
+        ends: &[i64],
+        mut f: impl FnMut(usize, &Histogram),
+    ) -> Result<(), EvalError> {
         let Some(&first) = ends.first() else { return Ok(()) };
         let levels = plan::levels(range, self.steps.step / 1000, first - range, self.now, self.retention);
         let seconds: Vec<i64> = levels.iter().map(|r| r.seconds()).collect();
@@ -797,7 +858,10 @@ pub fn format_value(v: f64) -> String {
 mod depth;
 mod functions;
 mod graph;
+mod memo;
 mod operators;
+
+pub use memo::{Memo, Repeats};
 
 #[cfg(test)]
 mod tests;
