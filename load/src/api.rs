@@ -5,7 +5,7 @@ use anyhow::Context;
 use serde_json::Value;
 
 /// Posts a form to the server's Prometheus API at `path`; the answer's `data` on success.
-pub(crate) async fn api(
+pub async fn api(
     http: &reqwest::Client,
     base: &str,
     path: &str,

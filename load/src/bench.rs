@@ -71,6 +71,10 @@ pub struct BenchArgs {
     /// of its own.
     #[arg(long)]
     calls: bool,
+    /// After the run, ask the started server how many spans it stored (a query over every
+    /// series) and how many series are active, and report both next to what was sent.
+    #[arg(long, conflicts_with_all = ["grpc", "tls"])]
+    check_counts: bool,
 }
 
 /// What `bench` sends.
@@ -142,6 +146,13 @@ fn start_server(args: &BenchArgs) -> anyhow::Result<(ChildServer, tempfile::Temp
     let bin = server_bin(args.server_bin.as_deref())?;
     let dir = tempfile::tempdir()?;
     let mut env = vec![("TAILSCOPE_INGEST_SHARDS", args.shards.to_string())];
+    // The spans spread over ten services: past the default 10,000 operations of each, the caps
+    // (and the count check's selection) are raised so every series is its own.
+    if args.series > 100_000 {
+        env.push(("TAILSCOPE_INGEST_MAX_OPERATIONS_PER_SERVICE", (args.series / 10 + 1).to_string()));
+        env.push(("TAILSCOPE_QUERY_MAX_SERIES", (args.series + 1).to_string()));
+        env.push(("TAILSCOPE_QUERY_TIMEOUT", "10m".to_owned()));
+    }
     let mut link = Link { ca: None };
     if args.tls {
         let (web, ca) = certificates(dir.path())?;
@@ -181,17 +192,33 @@ pub(crate) fn status_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
+/// How many distinct batch bodies to send over and over: 16, or as many as it takes for every
+/// series to be in one when `--series` is more than 16 batches hold (then each body takes the
+/// next `--batch` series in turn instead of picking them at random).
+fn template_count(args: &BenchArgs) -> usize {
+    if args.series > TEMPLATES * args.batch {
+        args.series.div_ceil(args.batch)
+    } else {
+        TEMPLATES
+    }
+}
+
+/// The bodies sent over and over when the series fit in them at random.
+const TEMPLATES: usize = 16;
+
 /// Encodes `templates` distinct batch bodies (groups only, no client id or seq).
 fn templates(args: &BenchArgs, count: usize) -> Vec<Bytes> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+    let covering = count > TEMPLATES;
     (0..count)
-        .map(|_| {
+        .map(|t| {
             let mut b = BatchBuilder::new(1);
             let mut caller = 0;
-            for _ in 0..args.batch {
-                let s = rng.gen_range(0..args.series);
+            for j in 0..args.batch {
+                let s =
+                    if covering { (t * args.batch + j) % args.series } else { rng.gen_range(0..args.series) };
                 let z: f64 = rng.gen_range(-3.0..3.0);
                 let duration = (20e6 * (0.8 * z).exp()) as i64;
                 let span = Span {
@@ -567,6 +594,34 @@ async fn connection(
     Ok((refusals, latencies))
 }
 
+/// What the server at `http` stored: the spans it counts over every series in the last hour,
+/// its active series, and how long the count took to answer.
+async fn stored_counts(http: SocketAddr) -> anyhow::Result<(f64, f64, f64)> {
+    let client = reqwest::Client::new();
+    let base = format!("http://{http}");
+    let started = Instant::now();
+    let data = tailscope_load::api::api(
+        &client,
+        &base,
+        "/api/v1/query",
+        &[("query", "sum by (service) (increase(span_duration_seconds_count[1h]))".to_owned())],
+    )
+    .await?;
+    let took = started.elapsed().as_secs_f64();
+    let counted = data["result"]
+        .as_array()
+        .context("no result")?
+        .iter()
+        .filter_map(|r| r["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    let metrics = client.get(format!("{base}/metrics")).send().await?.text().await?;
+    let active = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tailscope_active_series ").and_then(|v| v.trim().parse().ok()))
+        .context("no tailscope_active_series in /metrics")?;
+    Ok((counted, active, took))
+}
+
 /// Runs the benchmark.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (_child, grpc, otlp_http, pid, link) = match (args.grpc, args.pid) {
@@ -579,8 +634,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let per_connection = args.spans / args.batch as u64 / args.connections;
     let bodies = match args.protocol {
-        Protocol::Native => templates(&args, 16),
-        _ => otlp_templates(&args, 16),
+        Protocol::Native => templates(&args, template_count(&args)),
+        _ => otlp_templates(&args, TEMPLATES),
     };
     let rss_before = status_bytes(pid, "VmRSS:")?;
     let cpu_before = cpu_seconds(pid)?;
@@ -642,6 +697,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Let idle memory settle for the RSS reading.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let spans = per_connection * args.connections * args.batch as u64;
+    let counted = match (&_child, args.check_counts) {
+        (Some((server, _)), true) => match stored_counts(server.http).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("cannot count what the server stored: {e:#}");
+                None
+            }
+        },
+        _ => None,
+    };
     let report = serde_json::json!({
         "spans": spans,
         "batch_size": args.batch,
@@ -662,6 +727,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "protocol": format!("{:?}", args.protocol),
         "ack_seconds_p50": quantile(0.5),
         "ack_seconds_p99": quantile(0.99),
+        "spans_counted": counted.map(|c| c.0),
+        "active_series": counted.map(|c| c.1),
+        "count_query_seconds": counted.map(|c| c.2),
     });
     if args.json {
         println!("{report}");
@@ -696,6 +764,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "  server RSS        {:>12} bytes now, {} peak, {} before",
             report["server_rss_bytes"], report["server_peak_rss_bytes"], rss_before
         );
+        if let Some((stored, active, took)) = counted {
+            println!(
+                "  stored            {stored:>12.0} spans counted of {spans} sent, {active:.0} active series (counted in {took:.1} s)"
+            );
+        }
         if let (Some(p50), Some(p99)) = (quantile(0.5), quantile(0.99)) {
             println!(
                 "  {}       p50 {:.1} ms, p99 {:.1} ms ({refusals} refused)",

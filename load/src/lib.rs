@@ -1,7 +1,7 @@
 //! `tailscope-load` as a library: the traffic scenarios and the demo, so tests can run them
 //! against an in-process server.
 
-mod api;
+pub mod api;
 pub mod demo;
 pub mod plot;
 pub mod run;
