@@ -820,3 +820,29 @@ fn label_replace_and_label_join_relabel_series_and_histograms() {
         assert!(err.contains(says), "{q}: {err}");
     }
 }
+
+#[test]
+fn repeats_are_the_sub_expressions_and_selectors_more_than_one_rule_holds() {
+    let exprs = |texts: &[&str]| texts.iter().map(|t| parse(t).unwrap()).collect::<Vec<_>>();
+    let alone = exprs(&["rate(span_duration_seconds_count{service=\"a\"}[5m]) > 1", "vector(1)"]);
+    assert!(!Repeats::of(&alone).any());
+    // Two thresholds on one p99: its call, its sum and its selector repeat.
+    let p99 = "histogram_quantile(0.99, sum by (le) (rate(span_duration_seconds_bucket{service=\"a\"}[5m])))";
+    let thresholds = exprs(&[&format!("{p99} > 0.1"), &format!("{p99} > 0.5")]);
+    let repeats = Repeats::of(&thresholds);
+    assert!(repeats.any());
+    let memo = Memo::new(0, 0, std::sync::Arc::new(repeats), 1 << 20);
+    assert!(memo.repeats(&parse(p99).unwrap().to_string()));
+    assert!(!memo.repeats(&parse(&format!("{p99} > 0.1")).unwrap().to_string()));
+    assert!(memo.keeps_ranges());
+    // Two quantiles of one selection share only the selection (and so its merged ranges).
+    let quantiles = exprs(&[p99, &p99.replace("0.99", "0.5")]);
+    let repeats = Repeats::of(&quantiles);
+    let memo = Memo::new(0, 0, std::sync::Arc::new(repeats), 1 << 20);
+    assert!(memo.keeps_ranges());
+    assert!(!memo.repeats(&parse(p99).unwrap().to_string()));
+    // One memo serves one instant only.
+    assert!(memo.serves(&[0], 0));
+    assert!(!memo.serves(&[0, 15_000], 0));
+    assert!(!memo.serves(&[1000], 1));
+}
