@@ -414,7 +414,10 @@ impl Pipeline {
         mut stop: watch::Receiver<bool>,
         shutdown_timeout: std::time::Duration,
     ) {
-        let mut tick = tokio::time::interval(interval);
+        // The first regular epoch one interval after start (an interval's first tick is
+        // immediate: an epoch cut then could take a batch that arrived at once, so a test of
+        // early epochs would see it acknowledged without one).
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pending = EpochWrite::default();
         loop {
