@@ -298,10 +298,12 @@ impl GroupRuntime {
             // Every rule is evaluated at the same instant: rules that read the same selector
             // (thresholds, quantiles of one service) share one read of its series and windows,
             // one merge of each range and the value of each repeated sub-expression.
-            let sharing = repeats.any();
-            let shared = SharedReads::new(&store, if sharing { SHARED_READ_BYTES } else { 0 });
-            let memo = sharing.then(|| Memo::new(ts, ts.div_euclid(1000), repeats, SHARED_READ_BYTES));
-            let source: &dyn Source = if sharing { &shared } else { &store };
+            let memo = repeats.any().then(|| Memo::new(ts, ts.div_euclid(1000), repeats, SHARED_READ_BYTES));
+            let shared = memo.is_some().then(|| SharedReads::new(&store, SHARED_READ_BYTES));
+            let source: &dyn Source = match &shared {
+                Some(shared) => shared,
+                None => &store,
+            };
             exprs
                 .iter()
                 .map(|expr| {

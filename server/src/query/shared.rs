@@ -123,7 +123,14 @@ impl Source for SharedReads<'_> {
         f: &mut WindowFn<'_>,
     ) -> Result<(), StoreError> {
         let key = (res, series, intervals.to_vec());
-        let hit = self.kept.lock().windows.get(&key).cloned();
+        let (hit, full) = {
+            let kept = self.kept.lock();
+            (kept.windows.get(&key).cloned(), kept.bytes >= self.budget)
+        };
+        if full && hit.is_none() {
+            // Nothing more can be kept: read through without copying.
+            return self.source.windows_in(res, series, intervals, f);
+        }
         if let Some(hit) = hit {
             for (start, range) in &hit.starts {
                 f(*start, &hit.bytes[range.clone()]).map_err(|e| StoreError::Corrupt {
