@@ -164,7 +164,7 @@ fn start_server(args: &BenchArgs) -> anyhow::Result<(ChildServer, tempfile::Temp
 }
 
 /// CPU seconds (user + system) of process `pid`.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').context("malformed stat")?.1;
@@ -173,15 +173,18 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks / clock_ticks())
 }
 
-/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ), from `getconf`.
+/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ), from `getconf` (asked once).
 fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// A `/proc/<pid>/status` field in kB, as bytes.

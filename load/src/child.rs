@@ -95,6 +95,17 @@ impl ChildServer {
         self.child.id()
     }
 
+    /// SIGTERM (a graceful shutdown: everything accepted is written first), and waits for it
+    /// to exit.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status()?.success();
+        anyhow::ensure!(sent, "kill -TERM {pid} failed");
+        let status = self.child.wait()?;
+        anyhow::ensure!(status.success(), "the server exited with {status} after SIGTERM");
+        Ok(())
+    }
+
     /// SIGKILL, and waits for it to be gone.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

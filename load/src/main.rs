@@ -7,6 +7,9 @@
 //! `tailscope-load chaos --fault kill|pause` runs a scenario against a server process, breaks
 //! it at a third of the run, and checks that every recorded span was counted exactly once.
 //!
+//! `tailscope-load compare` loads the same spans into tailscope and a real Prometheus and asks
+//! both the same quantile queries, measuring latency, CPU and bytes next to the exact answers.
+//!
 //! `tailscope-load pressure` reads the server's peak RSS and ingest acknowledgement latency
 //! while the heaviest requests its limits allow run, phase by phase, next to idle.
 //!
@@ -17,6 +20,7 @@
 mod bench;
 mod chaos;
 mod child;
+mod compare;
 mod pressure;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +37,10 @@ struct Cli {
 enum Command {
     /// Maximum ingest throughput and server cost per million spans.
     Bench(bench::BenchArgs),
+    /// The same spans in tailscope and in a real Prometheus (backfilled with promtool; with
+    /// --native also a native-histogram Prometheus fed by remote write), asked the same quantile
+    /// queries: latency, CPU per query, bytes and error against the exact quantiles.
+    Compare(compare::CompareArgs),
     /// A traffic scenario through the client crate, compared with the server's answers.
     Run(tailscope_load::run::RunArgs),
     /// A fault (SIGKILL and restart, or SIGSTOP) injected into a server process under a
@@ -55,6 +63,7 @@ fn main() -> anyhow::Result<()> {
             let mut stdout = std::io::stdout();
             tailscope_load::run::run(&args, &mut stdout).await.map(|_| ())
         }),
+        Command::Compare(args) => runtime.block_on(compare::run(args)),
         Command::Chaos(args) => runtime.block_on(chaos::chaos(args)),
         Command::Pressure(args) => runtime.block_on(pressure::run(args)),
         Command::Demo(args) => runtime.block_on(async {

@@ -15,7 +15,7 @@
 //! request, both counted in `tailscope_remote_write_samples_dropped_total` — never silently.
 //! Since every sample is cumulative, a dropped request loses time resolution, not counts.
 
-mod wire;
+pub mod wire;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;

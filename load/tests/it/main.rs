@@ -1,6 +1,7 @@
-//! The load tool's integration tests, in one binary: its scenarios, `demo` and `chaos`
-//! commands against real servers on 127.0.0.1:0.
+//! The load tool's integration tests, in one binary: its scenarios, `demo`, `chaos` and
+//! `compare` commands against real servers on 127.0.0.1:0.
 
 mod chaos;
+mod compare;
 mod demo;
 mod scenarios;
