@@ -360,6 +360,38 @@ impl Histogram {
         None
     }
 
+    /// The index of the counter where the counts, taken in the order of `chunks` (and within a
+    /// chunk upwards, or downwards when `down`), reach `n`. A chunk whose whole count falls
+    /// short is skipped with one sum (in u128: counters may be anything a hostile encoding
+    /// held).
+    fn nth_counted<'a>(
+        &self,
+        n: u64,
+        chunks: impl Iterator<Item = (usize, &'a Option<Box<[u64]>>)>,
+        down: bool,
+    ) -> Option<usize> {
+        let half = self.layout.half_count;
+        let (n, mut seen) = (u128::from(n), 0u128);
+        for (c, chunk) in chunks {
+            let Some(counters) = chunk else { continue };
+            let whole: u128 = counters.iter().map(|&k| u128::from(k)).sum();
+            if seen + whole < n {
+                seen += whole;
+                continue;
+            }
+            let mut find = |(i, &k): (usize, &u64)| {
+                seen += u128::from(k);
+                (seen >= n).then_some(c * half + i)
+            };
+            return if down {
+                counters.iter().enumerate().rev().find_map(&mut find)
+            } else {
+                counters.iter().enumerate().find_map(&mut find)
+            };
+        }
+        None
+    }
+
     fn nonzero_count(&self) -> usize {
         self.chunks.iter().flatten().map(|c| c.iter().filter(|&&n| n != 0).count()).sum()
     }
@@ -372,15 +404,15 @@ impl Histogram {
         }
         let q = if q.is_nan() { 0.0 } else { q.clamp(0.0, 1.0) };
         let rank = ((q * self.total as f64).ceil() as u64).clamp(1, self.total);
-        let mut seen = 0u64;
-        let found = self.try_nonzero(|index, n| {
-            seen = seen.saturating_add(n);
-            if seen >= rank {
-                ControlFlow::Break(index)
-            } else {
-                ControlFlow::Continue(())
-            }
-        });
+        // The bucket holding the rank-th value is the lowest whose counts and those below it
+        // reach `rank` — or, counted from the top, the highest whose counts and those above it
+        // reach `total - rank + 1`. The tail quantiles a latency query asks for are found from
+        // the top, past a few chunks instead of nearly all of them.
+        let found = if q > 0.5 {
+            self.nth_counted(self.total - rank + 1, self.chunks.iter().enumerate().rev(), true)
+        } else {
+            self.nth_counted(rank, self.chunks.iter().enumerate(), false)
+        };
         Some(found.map_or(self.max, |index| self.layout.median_equivalent(index).clamp(self.min, self.max)))
     }
 
@@ -508,6 +540,64 @@ impl Histogram {
         Parsed::parse(bytes).map(|_| ())
     }
 
+    /// The encoding of the sum of `encodings` — byte for byte what decoding the first, adding
+    /// the others with [`Histogram::merge_encoded`] and encoding the result gives — made by
+    /// merging their bucket lists as lists, without a histogram's dense counters (allocating,
+    /// zeroing and scanning those was most of a read of windows that still hold several merge
+    /// operands). `None` when one is invalid or their layouts differ: merge them densely then.
+    pub fn merge_encodings(encodings: &[&[u8]]) -> Option<Vec<u8>> {
+        let parsed: Vec<Parsed<'_>> =
+            encodings.iter().map(|e| Parsed::parse(e).ok()).collect::<Option<_>>()?;
+        let layout = parsed.first()?.layout;
+        if parsed.iter().any(|p| p.layout != layout) {
+            return None;
+        }
+        let mut stats = Stats { total: 0, sum: 0, min: u64::MAX, max: 0, clamped: 0 };
+        // Each operand's list is sorted: they are merged pairwise, round by round.
+        let mut runs: Vec<Vec<(usize, u64)>> = Vec::with_capacity(parsed.len());
+        for p in parsed {
+            if p.total == 0 {
+                continue; // as `apply`: an empty histogram adds nothing, not even a stray sum
+            }
+            stats.total = stats.total.saturating_add(p.total);
+            stats.sum = stats.sum.saturating_add(p.sum);
+            stats.min = stats.min.min(p.min);
+            stats.max = stats.max.max(p.max.min(layout.highest));
+            stats.clamped = stats.clamped.saturating_add(p.clamped);
+            let mut r = p.buckets;
+            let mut next = 0usize;
+            let mut run = Vec::with_capacity(p.nonzero);
+            for _ in 0..p.nonzero {
+                // Validated by parse: these reads cannot fail.
+                let index = next.saturating_add(r.varint("index_gap").unwrap_or(0) as usize);
+                run.push((index, r.varint("count").unwrap_or(0)));
+                next = index.saturating_add(1);
+            }
+            runs.push(run);
+        }
+        while runs.len() > 1 {
+            let mut merged = Vec::with_capacity(runs.len().div_ceil(2));
+            let mut pairs = runs.into_iter();
+            while let Some(a) = pairs.next() {
+                merged.push(match pairs.next() {
+                    Some(b) => merge_runs(&a, &b),
+                    None => a,
+                });
+            }
+            runs = merged;
+        }
+        let buckets = runs.pop().unwrap_or_default();
+        let mut out = Vec::with_capacity(48 + 4 * buckets.len());
+        stats.encode_head(&layout, buckets.len(), &mut out);
+        let mut next = 0usize;
+        for (index, n) in buckets {
+            put_varint(&mut out, (index - next) as u64);
+            put_varint(&mut out, n);
+            next = index + 1;
+        }
+        Some(out)
+    }
+
     /// Validates an encoded histogram and adds it into this one. Nothing is added when the
     /// encoding is invalid.
     pub fn merge_encoded(&mut self, bytes: &[u8]) -> Result<(), HistogramError> {
@@ -515,6 +605,29 @@ impl Histogram {
         parsed.apply(self);
         Ok(())
     }
+}
+
+/// Two sorted bucket lists as one, equal indexes summed (saturating).
+fn merge_runs(a: &[(usize, u64)], b: &[(usize, u64)]) -> Vec<(usize, u64)> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        let (x, y) = (a[i], b[j]);
+        if x.0 < y.0 {
+            out.push(x);
+            i += 1;
+        } else if y.0 < x.0 {
+            out.push(y);
+            j += 1;
+        } else {
+            out.push((x.0, x.1.saturating_add(y.1)));
+            i += 1;
+            j += 1;
+        }
+    }
+    out.extend_from_slice(&a[i..]);
+    out.extend_from_slice(&b[j..]);
+    out
 }
 
 /// A validated encoding, ready to be applied.

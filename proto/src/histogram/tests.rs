@@ -59,6 +59,83 @@ fn quantiles_are_within_precision_of_sorted_values() {
     assert_eq!(h.max(), values.last().copied());
 }
 
+/// Tail quantiles are found from the top: the same bucket as counting from the bottom, for
+/// every rank, with weights and small counts where off-by-ones would show.
+#[test]
+fn quantiles_counted_from_the_top_pick_the_bucket_counted_from_the_bottom() {
+    let mut r = rng();
+    for n in [1usize, 2, 3, 7, 100, 1001, 20_000] {
+        let mut h = Histogram::new(Layout::default());
+        for v in heavy_tailed(n) {
+            h.record(v, r.gen_range(1..4));
+        }
+        let buckets: Vec<(usize, u64)> = h.iter_nonzero().collect();
+        let total = h.count();
+        let mut qs: Vec<f64> = (0..=200).map(|i| f64::from(i) / 200.0).collect();
+        qs.extend([0.99, 0.999, 0.9999, 0.5 + f64::EPSILON, 1.0 - f64::EPSILON]);
+        for q in qs {
+            let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+            let mut seen = 0;
+            let (index, _) = *buckets
+                .iter()
+                .find(|(_, c)| {
+                    seen += c;
+                    seen >= rank
+                })
+                .expect("rank within the count");
+            let want = h.layout().median_equivalent(index).clamp(h.min().unwrap_or(0), h.max().unwrap_or(0));
+            assert_eq!(h.quantile(q), Some(want), "n={n}, q={q}");
+        }
+    }
+}
+
+/// Merging encodings as lists gives the bytes the dense merge gives: empty operands, one value,
+/// clamped values, weights that saturate, many operands.
+#[test]
+fn encodings_merged_as_lists_equal_the_dense_merge_byte_for_byte() {
+    let mut r = rng();
+    for case in 0..400 {
+        let operands = 1 + case % 7;
+        let encodings: Vec<Vec<u8>> = (0..operands)
+            .map(|_| {
+                let mut h = Histogram::new(Layout::default());
+                let n = match r.gen_range(0..5) {
+                    0 => 0,
+                    1 => 1,
+                    _ => r.gen_range(2..300),
+                };
+                // At most four huge weights in one operand (which itself must stay a valid
+                // encoding); several operands' may saturate the merged counts.
+                let mut huge = 0;
+                for v in heavy_tailed(n) {
+                    let v = v.wrapping_add(r.gen_range(0..1000));
+                    let v = if r.gen_bool(0.01) { Layout::DEFAULT_HIGHEST * 3 } else { v };
+                    let w = if huge < 4 && r.gen_bool(0.05) {
+                        huge += 1;
+                        u64::MAX / 5
+                    } else {
+                        r.gen_range(1..5)
+                    };
+                    h.record(v, w);
+                }
+                h.to_bytes()
+            })
+            .collect();
+        let refs: Vec<&[u8]> = encodings.iter().map(Vec::as_slice).collect();
+        let mut dense = Histogram::decode(refs[0]).expect("valid");
+        for e in &refs[1..] {
+            dense.merge_encoded(e).expect("valid");
+        }
+        assert_eq!(Histogram::merge_encodings(&refs), Some(dense.to_bytes()), "case {case}");
+    }
+    // Another layout, or an invalid operand: not merged as lists.
+    let a = Histogram::new(Layout::default()).to_bytes();
+    let b = Histogram::new(Layout::new(3, 1_000, Layout::DEFAULT_HIGHEST).expect("layout")).to_bytes();
+    assert_eq!(Histogram::merge_encodings(&[&a, &b]), None);
+    assert_eq!(Histogram::merge_encodings(&[&a, &[0xff, 1, 2]]), None);
+    assert_eq!(Histogram::merge_encodings(&[]), None);
+}
+
 #[test]
 fn weighted_recording_counts_weight_times() {
     let mut a = Histogram::new(Layout::default());

@@ -21,8 +21,13 @@ pub fn merge_values<'a>(
     if rest.peek().is_none() && Histogram::validate(first).is_ok() {
         return first.to_vec();
     }
+    let all: Vec<&[u8]> = std::iter::once(first).chain(rest).collect();
+    if let Some(merged) = Histogram::merge_encodings(&all) {
+        return merged;
+    }
+    // An invalid operand (counted and skipped) or layouts that differ (re-recorded): densely.
     let mut acc: Option<Histogram> = None;
-    for bytes in std::iter::once(first).chain(rest) {
+    for bytes in all {
         let ok = match acc.as_mut() {
             Some(h) => h.merge_encoded(bytes).is_ok(),
             None => Histogram::decode(bytes).map(|h| acc = Some(h)).is_ok(),
