@@ -23,3 +23,8 @@ pub async fn api(
     anyhow::ensure!(v["status"] == "success", "{path} {form:?}: {v}");
     Ok(v["data"].clone())
 }
+
+/// The value of the sample `name` (without labels) in a Prometheus text exposition.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}

@@ -618,9 +618,7 @@ async fn stored_counts(http: SocketAddr) -> anyhow::Result<(f64, f64, f64)> {
         .filter_map(|r| r["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()))
         .sum();
     let metrics = client.get(format!("{base}/metrics")).send().await?.text().await?;
-    let active = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tailscope_active_series ").and_then(|v| v.trim().parse().ok()))
+    let active = tailscope_load::api::metric_value(&metrics, "tailscope_active_series")
         .context("no tailscope_active_series in /metrics")?;
     Ok((counted, active, took))
 }

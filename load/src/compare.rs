@@ -515,12 +515,10 @@ struct Errors {
 
 impl Errors {
     fn summary(&mut self) -> Value {
-        self.all.sort_by(f64::total_cmp);
-        let median = self.all.get(self.all.len() / 2).copied();
         json!({
             "checked": self.all.len(),
             "missing": self.missing,
-            "median": median,
+            "median": median(&mut self.all),
             "max": self.all.last().copied(),
         })
     }
@@ -550,10 +548,10 @@ fn check(
     errors
 }
 
-/// The median of `v`.
-fn median(v: &mut [f64]) -> f64 {
+/// The median of `v`, which is left sorted; `None` when empty.
+fn median(v: &mut [f64]) -> Option<f64> {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    v.get(v.len() / 2).copied()
 }
 
 /// Asks `targets` (tailscope first) the same query `repeat` times each, interleaved, after a
@@ -590,10 +588,11 @@ async fn measure(
         .enumerate()
         .map(|(i, (target, expr))| {
             let (bytes, data) = last[i].clone();
+            let median_seconds = median(&mut seconds[i]);
             let report = json!({
                 "server": target.name,
                 "query": expr,
-                "median_seconds": median(&mut seconds[i]),
+                "median_seconds": median_seconds,
                 "min_seconds": seconds[i].first().copied(),
                 "cpu_seconds_per_query": cpu[i] / repeat.max(1) as f64,
                 "bytes": bytes,
@@ -645,11 +644,12 @@ async fn pass(
             for (peer, peer_expr) in peers {
                 let targets = [(tailscope, classic(by)), (*peer, peer_expr(by))];
                 let measured = measure(&http, &targets, path, &form, args.repeat).await?;
-                let mut errors: Vec<Value> = measured
-                    .iter()
-                    .map(|(_, d)| check(data, &members[g], &points(d), &times, exact).summary())
-                    .collect();
-                let (ours, theirs) = (&measured[0].0, &measured[1].0);
+                let [(ours, our_answer), (theirs, their_answer)] = &measured[..] else {
+                    bail!("two servers asked, {} answers", measured.len())
+                };
+                let mut error =
+                    |answer: &Value| check(data, &members[g], &points(answer), &times, exact).summary();
+                let (our_error, their_error) = (error(our_answer), error(their_answer));
                 let ratio = ours["median_seconds"].as_f64().unwrap_or(f64::NAN)
                     / theirs["median_seconds"].as_f64().unwrap_or(f64::NAN);
                 rows.push(json!({
@@ -660,8 +660,8 @@ async fn pass(
                     "tailscope": ours,
                     "peer_result": theirs,
                     "latency_ratio": ratio,
-                    "tailscope_error": errors.remove(0),
-                    "peer_error": errors.remove(0),
+                    "tailscope_error": our_error,
+                    "peer_error": their_error,
                 }));
             }
         }
@@ -672,10 +672,7 @@ async fn pass(
 /// A metric of Prometheus' own `/metrics`.
 async fn own_metric(http: &reqwest::Client, target: &Target<'_>, name: &str) -> anyhow::Result<f64> {
     let text = http.get(format!("{}/metrics", target.base)).send().await?.text().await?;
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
-        })
+    tailscope_load::api::metric_value(&text, name)
         .with_context(|| format!("no {name} in {}'s /metrics", target.name))
 }
 

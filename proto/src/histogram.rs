@@ -360,34 +360,28 @@ impl Histogram {
         None
     }
 
-    /// The index of the counter where the counts, taken in the order of `chunks` (and within a
-    /// chunk upwards, or downwards when `down`), reach `n`. A chunk whose whole count falls
-    /// short is skipped with one sum (in u128: counters may be anything a hostile encoding
-    /// held).
-    fn nth_counted<'a>(
-        &self,
-        n: u64,
-        chunks: impl Iterator<Item = (usize, &'a Option<Box<[u64]>>)>,
-        down: bool,
-    ) -> Option<usize> {
-        let half = self.layout.half_count;
+    /// The index of the counter where the counts, taken upwards (or downwards when `down`),
+    /// reach `n`. A chunk whose whole count falls short is passed with one sum (in u128:
+    /// counters may be anything a hostile encoding held).
+    fn nth_counted(&self, n: u64, down: bool) -> Option<usize> {
+        // The i-th of `len` positions in the direction of the count.
+        let at = |i: usize, len: usize| if down { len - 1 - i } else { i };
+        let (half, chunks) = (self.layout.half_count, self.chunks.len());
         let (n, mut seen) = (u128::from(n), 0u128);
-        for (c, chunk) in chunks {
-            let Some(counters) = chunk else { continue };
-            let whole: u128 = counters.iter().map(|&k| u128::from(k)).sum();
+        for c in (0..chunks).map(|i| at(i, chunks)) {
+            let Some(counters) = &self.chunks[c] else { continue };
+            let whole: u128 = counters.iter().map(|&x| u128::from(x)).sum();
             if seen + whole < n {
                 seen += whole;
                 continue;
             }
-            let mut find = |(i, &k): (usize, &u64)| {
-                seen += u128::from(k);
-                (seen >= n).then_some(c * half + i)
-            };
-            return if down {
-                counters.iter().enumerate().rev().find_map(&mut find)
-            } else {
-                counters.iter().enumerate().find_map(&mut find)
-            };
+            return (0..counters.len())
+                .map(|i| at(i, counters.len()))
+                .find(|&i| {
+                    seen += u128::from(counters[i]);
+                    seen >= n
+                })
+                .map(|i| c * half + i);
         }
         None
     }
@@ -409,9 +403,9 @@ impl Histogram {
         // reach `total - rank + 1`. The tail quantiles a latency query asks for are found from
         // the top, past a few chunks instead of nearly all of them.
         let found = if q > 0.5 {
-            self.nth_counted(self.total - rank + 1, self.chunks.iter().enumerate().rev(), true)
+            self.nth_counted(self.total - rank + 1, true)
         } else {
-            self.nth_counted(rank, self.chunks.iter().enumerate(), false)
+            self.nth_counted(rank, false)
         };
         Some(found.map_or(self.max, |index| self.layout.median_equivalent(index).clamp(self.min, self.max)))
     }

@@ -28,8 +28,6 @@ const CF_EXEMPLARS: &str = "exemplars";
 const CF_ALERTING: &str = "alerting";
 /// Memory for all memtables together.
 const MEMTABLE_BUDGET: usize = 64 << 20;
-/// Windows an iterator steps over to reach the next interval of a read before it seeks instead.
-const STEPS_BEFORE_A_SEEK: usize = 4;
 /// Memory for cached (uncompressed) blocks of the window families.
 const BLOCK_CACHE: usize = 128 << 20;
 
@@ -382,7 +380,6 @@ impl Store {
             let mut ro = ReadOptions::default();
             ro.set_iterate_upper_bound(raw_key(partition, series, (partition + 1) * ps).to_vec());
             let mut it = self.db.raw_iterator_cf_opt(cf, ro);
-            let mut positioned = false;
             while i < intervals.len() {
                 let (from, to) = intervals[i];
                 let from = res.align(from.max(0));
@@ -393,26 +390,7 @@ impl Store {
                 if from.div_euclid(ps) != partition || (to - 1).div_euclid(ps) != partition {
                     break;
                 }
-                let target = raw_key(partition, series, from);
-                if positioned {
-                    // The iterator rests on the first window past the last interval: when the
-                    // next interval starts a few windows on (a range query's steps longer than
-                    // its range), stepping there costs less than a seek, which descends the
-                    // memtables' skip lists and the files' indexes again.
-                    let before =
-                        |it: &::rocksdb::DBRawIterator<'_>| it.key().is_some_and(|k| k < &target[..]);
-                    let mut steps = 0;
-                    while it.valid() && before(&it) && steps < STEPS_BEFORE_A_SEEK {
-                        it.next();
-                        steps += 1;
-                    }
-                    if it.valid() && before(&it) {
-                        it.seek(target);
-                    }
-                } else {
-                    it.seek(target);
-                    positioned = true;
-                }
+                it.seek(raw_key(partition, series, from));
                 while it.valid() {
                     let (Some(k), Some(v)) = (it.key(), it.value()) else { break };
                     let window = window_of_key(k).ok_or_else(|| StoreError::Corrupt {
