@@ -16,6 +16,7 @@
 //! advances the epoch and snapshots the accepted watermarks. So a batch belongs wholly to one
 //! epoch, and an epoch's watermarks cover exactly the batches whose spans it writes.
 
+mod exemplar_set;
 pub mod shard;
 
 use std::sync::atomic::{AtomicBool, Ordering};

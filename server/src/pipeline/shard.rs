@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tailscope_proto::histogram::{Layout, Recorder};
 use tokio::sync::{mpsc, oneshot};
 
+use super::exemplar_set::ExemplarSet;
 use super::ValidatedBatch;
 use crate::series::SpanLimits;
 use crate::series::{IdBuildHasher, SeriesLabels, Status};
@@ -21,53 +22,6 @@ pub const ACTIVE_SECONDS: i64 = 600;
 /// Exemplars of a window are written once the window ended this long ago (late spans of it
 /// that arrive later start a new set).
 const EXEMPLAR_GRACE_SECONDS: i64 = 20;
-/// The slowest spans kept per series and window.
-const SLOWEST: usize = 3;
-/// The failed spans kept per series and window.
-const ERRORS: usize = 3;
-
-/// Example spans of one series and window: the slowest, the first few failed, and one chosen
-/// uniformly at random (reservoir sampling).
-#[derive(Debug, Default)]
-struct ExemplarSet {
-    slowest: Vec<Exemplar>,
-    errors: Vec<Exemplar>,
-    random: Option<Exemplar>,
-    seen: u64,
-}
-
-impl ExemplarSet {
-    fn offer(&mut self, e: Exemplar, error: bool, rng: &mut u64) {
-        self.seen += 1;
-        // xorshift64*: cheap, and only has to be fair, not unpredictable.
-        *rng ^= *rng >> 12;
-        *rng ^= *rng << 25;
-        *rng ^= *rng >> 27;
-        if rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % self.seen == 0 {
-            self.random = Some(e);
-        }
-        if error && self.errors.len() < ERRORS {
-            self.errors.push(e);
-        }
-        if self.slowest.len() < SLOWEST {
-            self.slowest.push(e);
-        } else if let Some(min) = self.slowest.iter_mut().min_by_key(|x| x.duration_nanos) {
-            if e.duration_nanos > min.duration_nanos {
-                *min = e;
-            }
-        }
-    }
-
-    fn into_exemplars(self, out: &mut Vec<Exemplar>) {
-        let mut kept: Vec<Exemplar> = self.slowest;
-        kept.extend(self.errors);
-        kept.extend(self.random);
-        kept.sort_by_key(|e| (e.trace_id_high, e.trace_id_low, e.span_id));
-        kept.dedup_by_key(|e| (e.trace_id_high, e.trace_id_low, e.span_id));
-        out.extend(kept);
-    }
-}
-
 /// Messages a shard reads from its queue, in order.
 #[derive(Debug)]
 pub enum ShardMsg {
@@ -211,7 +165,7 @@ impl ShardState {
                     duration_nanos: span.duration_nanos,
                     adjusted_count: span.adjusted_count,
                 };
-                exemplars.offer(exemplar, status == Status::Error, &mut self.rng);
+                exemplars.offer(&exemplar, status == Status::Error, &mut self.rng);
                 histogram.record(span.duration_nanos as u64, u64::from(span.weight.max(1)));
                 if let (Some((ok, error)), true) = (route.self_series, span.self_nanos > 0) {
                     let series = if status == Status::Ok { ok } else { error };
@@ -300,7 +254,7 @@ impl ShardState {
         let done: Vec<(u64, i64)> = self.exemplars.keys().filter(|(_, w)| *w <= closed).copied().collect();
         for key in done {
             if let Some(set) = self.exemplars.remove(&key) {
-                set.into_exemplars(out);
+                set.into_exemplars(key.0, key.1, out);
             }
         }
     }
