@@ -52,10 +52,64 @@ struct Entry {
     newest_hour: u32,
 }
 
+/// The series of one label value. Most values of `operation` name one series (or two: ok and
+/// error), so a single id is held inline: a million such values as sets were a B-tree leaf
+/// each, ~100 bytes, where one id takes none beyond its map entry.
+#[derive(Debug)]
+enum Posting {
+    One(u64),
+    Many(BTreeSet<u64>),
+}
+
+impl Posting {
+    fn insert(&mut self, id: u64) {
+        match self {
+            Posting::One(x) if *x == id => {}
+            Posting::One(x) => *self = Posting::Many(BTreeSet::from([*x, id])),
+            Posting::Many(ids) => {
+                ids.insert(id);
+            }
+        }
+    }
+
+    /// Takes `id` out; whether the list is then empty.
+    fn remove(&mut self, id: u64) -> bool {
+        match self {
+            Posting::One(x) => *x == id,
+            Posting::Many(ids) => {
+                ids.remove(&id);
+                match (ids.len(), ids.first().copied()) {
+                    (1, Some(last)) => {
+                        *self = Posting::One(last);
+                        false
+                    }
+                    (n, _) => n == 0,
+                }
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Posting::One(_) => 1,
+            Posting::Many(ids) => ids.len(),
+        }
+    }
+
+    /// The ids, in order.
+    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        let (one, many) = match self {
+            Posting::One(x) => (Some(*x), None),
+            Posting::Many(ids) => (None, Some(ids.iter().copied())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+}
+
 /// Where a selection's candidates come from.
 enum Candidates<'a> {
     /// One posting list, borrowed.
-    List(&'a BTreeSet<u64>),
+    List(&'a Posting),
     /// The union of the posting lists of the values a matcher matches.
     Union(BTreeSet<u64>),
     /// Every series.
@@ -64,11 +118,14 @@ enum Candidates<'a> {
 
 #[derive(Debug, Default)]
 struct Postings {
-    series: HashMap<u64, Entry, IdBuildHasher>,
-    service: BTreeMap<String, BTreeSet<u64>>,
-    operation: BTreeMap<String, BTreeSet<u64>>,
+    /// Boxed: a slot of the table is 16 bytes, not the entry's 88, so a million series' table
+    /// (2 Mi slots, and the old one beside it while it grows) is tens of megabytes, not
+    /// hundreds (BENCHMARKS.md, "Where a large series count's memory goes").
+    series: HashMap<u64, Box<Entry>, IdBuildHasher>,
+    service: BTreeMap<String, Posting>,
+    operation: BTreeMap<String, Posting>,
     /// Series with a peer only.
-    peer: BTreeMap<String, BTreeSet<u64>>,
+    peer: BTreeMap<String, Posting>,
     /// How many series have each status (`ok`, `error`).
     statuses: [usize; 2],
     /// How many series have each span kind.
@@ -78,7 +135,7 @@ struct Postings {
 }
 
 impl Postings {
-    fn list(&self, label: &str) -> Option<&BTreeMap<String, BTreeSet<u64>>> {
+    fn list(&self, label: &str) -> Option<&BTreeMap<String, Posting>> {
         match label {
             "service" => Some(&self.service),
             "operation" => Some(&self.operation),
@@ -92,15 +149,18 @@ impl Postings {
             e.newest_hour = e.newest_hour.max(hour);
             return;
         }
-        self.service.entry(labels.service.clone()).or_default().insert(id);
-        self.operation.entry(labels.operation.clone()).or_default().insert(id);
+        let post = |list: &mut BTreeMap<String, Posting>, value: &String| {
+            list.entry(value.clone()).and_modify(|p| p.insert(id)).or_insert(Posting::One(id));
+        };
+        post(&mut self.service, &labels.service);
+        post(&mut self.operation, &labels.operation);
         if !labels.peer.is_empty() {
-            self.peer.entry(labels.peer.clone()).or_default().insert(id);
+            post(&mut self.peer, &labels.peer);
         }
         self.statuses[labels.status as usize] += 1;
         self.kinds[labels.kind.index()] += 1;
         self.self_times += usize::from(labels.measure == Measure::SelfTime);
-        self.series.insert(id, Entry { labels, newest_hour: hour });
+        self.series.insert(id, Box::new(Entry { labels, newest_hour: hour }));
     }
 
     fn remove(&mut self, id: u64) {
@@ -113,11 +173,8 @@ impl Postings {
             (&mut self.operation, &e.labels.operation),
             (&mut self.peer, &e.labels.peer),
         ] {
-            if let Some(ids) = list.get_mut(value.as_str()) {
-                ids.remove(&id);
-                if ids.is_empty() {
-                    list.remove(value.as_str());
-                }
+            if list.get_mut(value.as_str()).is_some_and(|ids| ids.remove(id)) {
+                list.remove(value.as_str());
             }
         }
     }
@@ -126,7 +183,7 @@ impl Postings {
     /// else the union for the first other matcher on `service` (fewer distinct values than
     /// `operation`) or `operation`, resolved over the list's distinct values; else every series.
     fn candidates(&self, matchers: &[&Matcher]) -> Candidates<'_> {
-        const NONE: &BTreeSet<u64> = &BTreeSet::new();
+        const NONE: &Posting = &Posting::Many(BTreeSet::new());
         let narrowest = matchers
             .iter()
             // `label=""` also matches series without the label: no posting list holds them.
@@ -144,7 +201,7 @@ impl Postings {
         let mut ids = BTreeSet::new();
         for (value, posting) in self.list(&m.name).into_iter().flatten() {
             if m.is_match(value) {
-                ids.extend(posting);
+                ids.extend(posting.iter());
             }
         }
         Candidates::Union(ids)
@@ -230,17 +287,16 @@ impl SeriesIndex {
     /// first by id from a posting list, else any).
     pub fn select(&self, matchers: &[&Matcher], at_most: usize) -> Vec<(u64, SeriesLabels)> {
         let p = self.read();
-        let from_ids = |ids: &BTreeSet<u64>| -> Vec<(u64, SeriesLabels)> {
-            ids.iter()
-                .filter_map(|&id| Some((id, &p.series.get(&id)?.labels)))
+        let from_ids = |ids: &mut dyn Iterator<Item = u64>| -> Vec<(u64, SeriesLabels)> {
+            ids.filter_map(|id| Some((id, &p.series.get(&id)?.labels)))
                 .filter(|(_, l)| l.matches(matchers))
                 .take(at_most)
                 .map(|(id, l)| (id, l.clone()))
                 .collect()
         };
         match p.candidates(matchers) {
-            Candidates::List(ids) => from_ids(ids),
-            Candidates::Union(ids) => from_ids(&ids),
+            Candidates::List(ids) => from_ids(&mut ids.iter()),
+            Candidates::Union(ids) => from_ids(&mut ids.into_iter()),
             Candidates::All => {
                 let mut out: Vec<(u64, SeriesLabels)> = p
                     .series

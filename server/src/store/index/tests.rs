@@ -124,3 +124,42 @@ fn an_hour_is_never_lowered() {
     assert_eq!(hour_of(-5), 0);
     assert_eq!(hour_of(7200), 2);
 }
+
+#[test]
+fn a_posting_list_goes_from_one_id_to_a_set_and_back_and_selections_follow() {
+    let mut p = Posting::One(5);
+    p.insert(5);
+    assert!(matches!(p, Posting::One(5)), "the same id twice is held once");
+    p.insert(3);
+    p.insert(9);
+    assert_eq!((p.len(), p.iter().collect::<Vec<_>>()), (3, vec![3, 5, 9]));
+    assert!(!p.remove(5));
+    assert!(!p.remove(9));
+    assert!(matches!(p, Posting::One(3)), "{p:?}");
+    assert!(!p.remove(4), "another id leaves it as it is");
+    assert!(p.remove(3), "its last id empties it");
+
+    // Through the index: series retired one by one, selections equal to a filter each time.
+    let index = SeriesIndex::default();
+    let series: Vec<SeriesLabels> = (0..3)
+        .flat_map(|o| [Status::Ok, Status::Error].map(|s| labels("svc", &format!("op-{o}"), s)))
+        .collect();
+    index.extend(series.iter().map(|l| (l.id(), l.clone(), 10)));
+    let mut left = series.clone();
+    for gone in &series {
+        assert_eq!(index.retire(&[gone.id()], 11), 1);
+        left.retain(|l| l != gone);
+        for text in [r#"x{operation="op-1"}"#, r#"x{service="svc"}"#, r#"x{operation=~"op-[01]"}"#] {
+            let matchers = sel(text);
+            let refs: Vec<&Matcher> = matchers.iter().filter(|m| m.name != "__name__").collect();
+            let mut expected: Vec<(u64, SeriesLabels)> = left
+                .iter()
+                .filter(|l| refs.iter().all(|m| m.is_match(l.get(&m.name).unwrap_or(""))))
+                .map(|l| (l.id(), l.clone()))
+                .collect();
+            expected.sort_unstable_by_key(|(id, _)| *id);
+            assert_eq!(index.select(&refs, usize::MAX), expected, "{text} after retiring {gone:?}");
+        }
+    }
+    assert_eq!(index.values("operation", 10), (vec![], false));
+}
