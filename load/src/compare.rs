@@ -515,11 +515,12 @@ struct Errors {
 
 impl Errors {
     fn summary(&mut self) -> Value {
+        let median = median(&mut self.all);
         json!({
             "checked": self.all.len(),
             "missing": self.missing,
-            "median": median(&mut self.all),
-            "max": self.all.last().copied(),
+            "median": median,
+            "max": self.all.iter().copied().reduce(f64::max),
         })
     }
 }

@@ -46,33 +46,35 @@ impl ExemplarSet {
         *rng ^= *rng >> 12;
         *rng ^= *rng << 25;
         *rng ^= *rng >> 27;
-        let mut roles = 0;
-        if rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % self.seen == 0 {
-            roles |= RANDOM;
-            for s in &mut self.slots {
+        let random = rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % self.seen == 0;
+        // One pass: the new pick takes the random role from whoever held it; count the failed
+        // and the slowest, and find the fastest of the slowest (the first, on a tie).
+        let (mut failed, mut slow, mut fastest) = (0, 0, None::<(usize, i64)>);
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            if random {
                 s.roles &= !RANDOM;
             }
+            failed += usize::from(s.roles & FAILED != 0);
+            if s.roles & SLOW != 0 {
+                slow += 1;
+                if fastest.is_none_or(|(_, d)| s.duration_nanos < d) {
+                    fastest = Some((i, s.duration_nanos));
+                }
+            }
         }
-        if error && self.holding(FAILED) < ERRORS {
+        let mut roles = if random { RANDOM } else { 0 };
+        if error && failed < ERRORS {
             roles |= FAILED;
         }
         // The slot the new span should take if it ends up empty: the evicted slowest keeps its
         // place, so ties among the slowest are broken as a list replaced in place would.
         let mut evicted = None;
-        if self.holding(SLOW) < SLOWEST {
+        if slow < SLOWEST {
             roles |= SLOW;
-        } else if let Some((i, min)) = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.roles & SLOW != 0)
-            .min_by_key(|(_, s)| s.duration_nanos)
-        {
-            if e.duration_nanos > min.duration_nanos {
-                self.slots[i].roles &= !SLOW;
-                roles |= SLOW;
-                evicted = Some(i);
-            }
+        } else if let Some((i, _)) = fastest.filter(|&(_, d)| e.duration_nanos > d) {
+            self.slots[i].roles &= !SLOW;
+            roles |= SLOW;
+            evicted = Some(i);
         }
         if roles != 0 {
             let slot = Slot {
@@ -100,10 +102,6 @@ impl ExemplarSet {
         if self.slots.iter().any(|s| s.roles == 0) {
             self.slots.retain(|s| s.roles != 0);
         }
-    }
-
-    fn holding(&self, role: u8) -> usize {
-        self.slots.iter().filter(|s| s.roles & role != 0).count()
     }
 
     /// The kept spans of `series`' window starting at `window_start`, each once, in id order.
