@@ -1,7 +1,7 @@
 //! Compiles the `.proto` files with protox (pure Rust), so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["tailscope/v1/ingest.proto"];
+    let files = ["tailscope/v1/ingest.proto", "tailscope/v1/log.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -23,6 +23,8 @@ need_apt=()
 command -v promtool >/dev/null && command -v prometheus >/dev/null || need_apt+=(prometheus)
 # ... and Alertmanager, the oracle of the notifier's grouping and webhook body.
 command -v prometheus-alertmanager >/dev/null || need_apt+=(prometheus-alertmanager)
+# ... and NATS, the log of cluster mode (JetStream; Debian's 2.9.10).
+command -v nats-server >/dev/null || need_apt+=(nats-server)
 # curl is the HTTP client of the TLS tests (certificates, client certificates).
 command -v curl >/dev/null || need_apt+=(curl ca-certificates)
 # The load tool's PNG charts set their text in a system font.

@@ -64,6 +64,9 @@ pub enum StartError {
         /// What was wrong.
         message: String,
     },
+    /// Cluster mode could not start (NATS, its streams).
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// The store could not be opened.
     #[error("cannot open the store in {path}: {source}")]
     Store {
@@ -156,6 +159,27 @@ impl Server {
             config.server.shutdown_timeout,
         ));
 
+        // Cluster mode: batches go to the log, and this node's consumers feed the pipeline.
+        let mut cluster_tasks = Vec::new();
+        let mut max_batch_bytes = config.ingest.max_batch_bytes;
+        let admit: Arc<dyn Admit> = if config.cluster.enabled() {
+            let cluster = crate::cluster::Cluster::start(
+                &config.cluster,
+                &config.ingest,
+                pipeline.clone(),
+                metrics.clone(),
+                stop_rx.clone(),
+                config.server.shutdown_timeout,
+            )
+            .await?;
+            let gateway = cluster.gateway();
+            max_batch_bytes = cluster.max_batch_bytes();
+            cluster_tasks = cluster.tasks;
+            gateway
+        } else {
+            pipeline.clone()
+        };
+
         let sampler = Arc::new(Sampler::new(config.sampling.clone()));
         let known = store.series().map_err(|source| StartError::Store { path: dir.clone(), source })?;
         let cardinality = Arc::new(crate::cardinality::Cardinality::new(
@@ -165,7 +189,7 @@ impl Server {
             known.iter().map(|(_, l)| (l.service.as_str(), l.operation.as_str(), l.peer.as_str())),
         ));
         let ingest = IngestService::new(
-            pipeline.clone(),
+            admit.clone(),
             metrics.clone(),
             clock.clone(),
             &config.ingest,
@@ -175,13 +199,13 @@ impl Server {
         let otlp_http_routes = otlp_http::router(
             ingest.clone(),
             otlp_http::HttpConfig {
-                max_body_bytes: config.ingest.max_batch_bytes,
+                max_body_bytes: max_batch_bytes,
                 cors_origins: config.server.otlp_http_cors_origins.clone(),
             },
         );
         // OTLP/HTTP, like gRPC, ends once the pipeline has closed (exports in flight answered).
         let (otlp_stop, otlp_stop_rx) = watch::channel(false);
-        let mut otlp_closed = pipeline.subscribe();
+        let mut otlp_closed = admit.subscribe();
         tokio::spawn(async move {
             let _ = otlp_closed.wait_for(|s| s.closed).await;
             let _ = otlp_stop.send(true);
@@ -197,14 +221,14 @@ impl Server {
             otlp_stop_rx,
         ));
         let guard = crate::auth::GrpcGuard(auth.clone());
-        let otlp = OtlpService::new(ingest.clone(), config.ingest.max_batch_bytes);
+        let otlp = OtlpService::new(ingest.clone(), max_batch_bytes);
         let otlp = tonic::service::interceptor::InterceptedService::new(otlp, guard.clone());
         let ingest = IngestServer::new(ingest)
-            .max_decoding_message_size(config.ingest.max_batch_bytes)
+            .max_decoding_message_size(max_batch_bytes)
             .max_encoding_message_size(1024 * 1024);
         let ingest = tonic::service::interceptor::InterceptedService::new(ingest, guard);
         // gRPC ends once the pipeline has closed every stream (after the final flush).
-        let mut closed = pipeline.subscribe();
+        let mut closed = admit.subscribe();
         let grpc_incoming =
             crate::listener::grpc_incoming(grpc_listener, limits, metrics.clone(), tls.clone());
         let grpc = tokio::spawn(async move {
@@ -266,6 +290,7 @@ impl Server {
         ));
 
         let mut background = shard_tasks;
+        background.extend(cluster_tasks);
         background.extend(remote_tasks);
         background.push(otlp_http);
         background.extend(alerting_tasks);

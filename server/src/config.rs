@@ -76,6 +76,8 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     /// Prometheus remote-write targets that receive the latency histograms (`[[remote_write]]`).
     pub remote_write: Vec<crate::remote_write::RemoteWriteConfig>,
+    /// Cluster mode on NATS JetStream (off unless `nats` names servers).
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 /// `[query]`: what one request to the query API may cost.
@@ -389,6 +391,7 @@ impl Config {
                 "header_read_timeout and handshake_timeout must be positive",
             );
         }
+        self.cluster.validate().map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         let i = &self.ingest;
         if i.shards > 1024 {
             return invalid("ingest.shards", "must be at most 1024");
@@ -496,6 +499,14 @@ fn typed_like(current: &toml::Value, raw: &str) -> Result<toml::Value, String> {
         }
         toml::Value::Boolean(_) => toml::Value::Boolean(
             raw.trim().parse().map_err(|_| format!("expected true or false, got {raw:?}"))?,
+        ),
+        // A list of strings: comma-separated (`TAILSCOPE_CLUSTER_NATS=nats://a:4222,nats://b:4222`).
+        toml::Value::Array(_) => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
         ),
         _ => toml::Value::String(raw.to_owned()),
     })

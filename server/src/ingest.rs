@@ -320,27 +320,16 @@ impl IngestService {
             if overflow || service_overflow || peer_overflow {
                 stats.overflowed += group.spans.iter().map(|s| u64::from(s.weight.max(1))).sum::<u64>();
             }
-            let hash = series::group_hash(service, operation);
-            let shard = series::partition(hash, shards) as u32;
-            targets.push(shard);
-            stats.keys.push(hash);
-            let timed_self = !kind.is_outgoing() && group.spans.iter().any(|s| s.self_nanos > 0);
-            groups.push(GroupRoute {
-                key: hash,
-                shard,
-                ok_series: series::series_id(service, operation, SpanStatus::Ok, kind, peer),
-                error_series: series::series_id(service, operation, SpanStatus::Error, kind, peer),
-                kind,
-                self_series: timed_self.then(|| {
-                    (
-                        series::self_series_id(service, operation, SpanStatus::Ok, kind),
-                        series::self_series_id(service, operation, SpanStatus::Error, kind),
-                    )
-                }),
+            let timed_self = group.spans.iter().any(|s| s.self_nanos > 0);
+            let route = GroupRoute {
                 overflow,
                 service_overflow,
                 peer_overflow,
-            });
+                ..GroupRoute::counted(service, operation, kind, peer, timed_self, shards)
+            };
+            targets.push(route.shard);
+            stats.keys.push(route.key);
+            groups.push(route);
             for span in &group.spans {
                 let weight = u64::from(span.weight.max(1));
                 match limits.classify(span.start_unix_nanos, span.duration_nanos, now) {

@@ -3,13 +3,15 @@
 //! queries over HTTP.
 //!
 //! The modules read as the data flow: [`ingest`] → [`pipeline`] (shards) → [`store`];
-//! [`http`] → [`query`] → [`store`]. [`app`] wires them together; `main.rs` only parses flags.
+//! [`http`] → [`query`] → [`store`]. In cluster mode [`cluster`] puts a replicated log between
+//! ingest and the pipeline. [`app`] wires them together; `main.rs` only parses flags.
 
 pub mod alerting;
 pub mod app;
 pub mod auth;
 pub mod cardinality;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod files;
 pub mod http;

@@ -32,12 +32,12 @@ use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
 use crate::config::IngestConfig;
-use crate::store::{EpochSink, EpochWrite, Store, Watermark};
+use crate::store::{EpochSink, EpochWrite, LogPosition, Store, Watermark};
 use crate::telemetry::{Metrics, Outcome, ShardLabel};
 
 use shard::{Handover, ShardMsg};
 
-use crate::series::SpanLimits;
+use crate::series::{Kind, SpanLimits, Status};
 
 /// Where one group of a batch goes.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +61,38 @@ pub struct GroupRoute {
     pub service_overflow: bool,
     /// Whether the group's peer is counted as `__overflow__` (its service's peer cap is reached).
     pub peer_overflow: bool,
+}
+
+impl GroupRoute {
+    /// The route of a group of series `{service, operation, span_kind, peer}` named as counted
+    /// (a name over its cap already `__overflow__`), among `shards` shards; `timed_self`: some
+    /// of its spans carry a self time. The overflow flags are left false for the caller.
+    pub fn counted(
+        service: &str,
+        operation: &str,
+        kind: Kind,
+        peer: &str,
+        timed_self: bool,
+        shards: usize,
+    ) -> Self {
+        let key = crate::series::group_hash(service, operation);
+        GroupRoute {
+            key,
+            shard: crate::series::partition(key, shards) as u32,
+            ok_series: crate::series::series_id(service, operation, Status::Ok, kind, peer),
+            error_series: crate::series::series_id(service, operation, Status::Error, kind, peer),
+            kind,
+            self_series: (timed_self && !kind.is_outgoing()).then(|| {
+                (
+                    crate::series::self_series_id(service, operation, Status::Ok, kind),
+                    crate::series::self_series_id(service, operation, Status::Error, kind),
+                )
+            }),
+            overflow: false,
+            service_overflow: false,
+            peer_overflow: false,
+        }
+    }
 }
 
 /// A validated histogram delta, ready to merge.
@@ -241,6 +273,51 @@ impl Admit for Pipeline {
     /// A batch of client 0 is anonymous (OTLP exports carry no client identity): it is never a
     /// duplicate and leaves no watermark.
     fn admit(&self, batch: Arc<ValidatedBatch>) -> Result<(Admission, u64), Arc<ValidatedBatch>> {
+        self.admit_at(batch, None)
+    }
+}
+
+impl Pipeline {
+    /// Cluster mode: offers a record of partition `partition`'s log, as [`Admit::admit`] does a
+    /// client's batch, and moves the partition's position to `after` (the record's own
+    /// position, counted) in the same step, so the epoch that writes the record writes the
+    /// position too. Its client id is already the (client, partition) one. A record the log
+    /// holds was checked by its gateway, so no seq gap or owner is refused; a duplicate
+    /// (a client's resend through another gateway) moves the position and nothing else.
+    pub fn admit_logged(
+        &self,
+        batch: Arc<ValidatedBatch>,
+        partition: u32,
+        after: LogPosition,
+    ) -> Result<Admission, Arc<ValidatedBatch>> {
+        self.admit_at(batch, Some((partition, after))).map(|(admission, _)| admission)
+    }
+
+    /// Cluster mode: moves partition `partition`'s position past records that admit nothing
+    /// (a message that does not decode is skipped, named in the log).
+    pub fn skip_logged(&self, partition: u32, after: LogPosition) {
+        let _gate = self.gate.read();
+        self.note_position(partition, after);
+    }
+
+    /// How far partition `partition`'s log was applied (durable or not).
+    pub fn log_position(&self, partition: u32) -> LogPosition {
+        self.log.lock().get(&partition).map(|p| p.0).unwrap_or_default()
+    }
+
+    fn note_position(&self, partition: u32, after: LogPosition) {
+        let mut log = self.log.lock();
+        let at = log.entry(partition).or_default();
+        if after > at.0 {
+            *at = (after, true);
+        }
+    }
+
+    fn admit_at(
+        &self,
+        batch: Arc<ValidatedBatch>,
+        logged: Option<(u32, LogPosition)>,
+    ) -> Result<(Admission, u64), Arc<ValidatedBatch>> {
         let gate = self.gate.read();
         if gate.draining {
             return Ok((Admission::Draining, gate.epoch));
@@ -253,7 +330,7 @@ impl Admit for Pipeline {
             id => match self.clients.get(&id).map(|c| c.clone()) {
                 Some(c) => Some(c),
                 // A new client numbers from 1; no entry is made for one refused.
-                None if batch.seq > self.max_seq_gap => {
+                None if batch.seq > self.max_seq_gap && logged.is_none() => {
                     return Ok((Admission::SeqGap { watermark: 0, limit: self.max_seq_gap }, gate.epoch))
                 }
                 None => Some(self.clients.entry(id).or_default().clone()),
@@ -261,13 +338,16 @@ impl Admit for Pipeline {
         };
         let mut marks = client.as_ref().map(|c| c.lock());
         if let Some(m) = &marks {
-            if m.owner != 0 && batch.owner != m.owner {
+            if m.owner != 0 && batch.owner != m.owner && logged.is_none() {
                 return Ok((Admission::NotOwner, gate.epoch));
             }
             if batch.seq <= m.accepted {
+                if let Some((partition, after)) = logged {
+                    self.note_position(partition, after);
+                }
                 return Ok((Admission::Duplicate, gate.epoch));
             }
-            if batch.seq - m.accepted > self.max_seq_gap {
+            if batch.seq - m.accepted > self.max_seq_gap && logged.is_none() {
                 return Ok((
                     Admission::SeqGap { watermark: m.accepted, limit: self.max_seq_gap },
                     gate.epoch,
@@ -301,6 +381,9 @@ impl Admit for Pipeline {
         for p in permits {
             p.send(ShardMsg::Work { epoch: gate.epoch, batch: Arc::clone(&batch) });
         }
+        if let Some((partition, after)) = logged {
+            self.note_position(partition, after);
+        }
         Ok((Admission::Accepted, gate.epoch))
     }
 }
@@ -330,6 +413,9 @@ pub struct Pipeline {
     forget_before: std::sync::atomic::AtomicI64,
     /// Told of every durable epoch.
     sinks: RwLock<Vec<Arc<dyn EpochSink>>>,
+    /// Cluster mode: how far each partition's log was admitted, and whether that changed since
+    /// the last epoch was cut.
+    log: Mutex<std::collections::HashMap<u32, (LogPosition, bool)>>,
 }
 
 impl Pipeline {
@@ -373,6 +459,7 @@ impl Pipeline {
             };
             clients.insert(client, Arc::new(Mutex::new(marks)));
         }
+        let log = store.log_positions()?.into_iter().map(|(p, at)| (p, (at, false))).collect();
         let pipeline = Pipeline {
             shards,
             queue_capacity: config.queue_capacity,
@@ -391,6 +478,7 @@ impl Pipeline {
             max_seq_gap: config.max_seq_gap,
             forget_before: std::sync::atomic::AtomicI64::new(0),
             sinks: RwLock::new(Vec::new()),
+            log: Mutex::new(log),
         };
         Ok((Arc::new(pipeline), handles))
     }
@@ -461,7 +549,7 @@ impl Pipeline {
     /// with the next epoch; nothing it holds is acknowledged until it is written.
     async fn flush_epoch(&self, pending: &mut EpochWrite) {
         let started = Instant::now();
-        let (epoch, watermarks, forgotten) = {
+        let (epoch, watermarks, forgotten, log_positions) = {
             let mut gate = self.gate.write();
             let epoch = gate.epoch;
             gate.epoch += 1;
@@ -491,7 +579,13 @@ impl Pipeline {
                     ))
                 })
                 .collect();
-            (epoch, marks, forgotten)
+            let positions: Vec<(u32, LogPosition)> = self
+                .log
+                .lock()
+                .iter_mut()
+                .filter_map(|(p, (at, changed))| std::mem::take(changed).then_some((*p, *at)))
+                .collect();
+            (epoch, marks, forgotten, positions)
         };
         if !forgotten.is_empty() {
             tracing::info!(clients = forgotten.len(), "forgetting the watermarks of idle clients");
@@ -504,7 +598,8 @@ impl Pipeline {
                 replies.push(rx);
             }
         }
-        let mut write = EpochWrite { watermarks, forgotten_clients: forgotten, ..EpochWrite::default() };
+        let mut write =
+            EpochWrite { watermarks, forgotten_clients: forgotten, log_positions, ..EpochWrite::default() };
         let mut active = 0;
         for rx in replies {
             if let Ok(Handover { windows, series, active_series, exemplars }) = rx.await {
@@ -569,3 +664,6 @@ impl Pipeline {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

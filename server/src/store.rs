@@ -14,6 +14,7 @@
 //! | `watermarks` | client id `u64` | highest durable seq `u64` ‖ owning credential `u64` ‖ last seen `i64` (s) |
 //! | `exemplars` | hour `u32` ‖ series id `u64` ‖ window start `u64` ‖ span id `u64` | trace id, duration, start |
 //! | `alerting` | kind prefix ‖ name (rule state, notification log, silences) | JSON |
+//! | `log` | partition `u32` (cluster mode) | [`LogPosition`]: stream seq `u64` ‖ records applied `u32` |
 //!
 //! All integers are big-endian, so one series' windows within a partition are one contiguous
 //! scan. A partition is a fixed span of time per resolution (1 h of 10-second windows, 1 day of
@@ -254,6 +255,37 @@ pub struct EpochWrite {
     pub forgotten_clients: Vec<u64>,
     /// Exemplars of windows that closed.
     pub exemplars: Vec<Exemplar>,
+    /// Cluster mode: how far into each partition's log this epoch's records go, written in the
+    /// same batch as what they merged, so a replica resumes exactly after what it applied.
+    pub log_positions: Vec<(u32, LogPosition)>,
+}
+
+/// How far a store replica applied one partition's log: every record of the messages before
+/// stream sequence `seq`, and the first `records` records of message `seq`. Ordered, so the
+/// larger of two positions is the later one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LogPosition {
+    /// The stream sequence of the message being applied (0: nothing yet).
+    pub seq: u64,
+    /// How many of that message's records were applied.
+    pub records: u32,
+}
+
+impl LogPosition {
+    /// The stored form: `seq` ‖ `records`, big-endian.
+    pub fn encode(self) -> [u8; 12] {
+        let mut out = [0; 12];
+        out[..8].copy_from_slice(&self.seq.to_be_bytes());
+        out[8..].copy_from_slice(&self.records.to_be_bytes());
+        out
+    }
+
+    /// Reads the stored form.
+    pub fn decode(bytes: &[u8]) -> Option<LogPosition> {
+        let seq = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        let records = u32::from_be_bytes(bytes.get(8..12)?.try_into().ok()?);
+        (bytes.len() == 12).then_some(LogPosition { seq, records })
+    }
 }
 
 /// What happens after an epoch is written: the seam through which the pipeline feeds consumers
@@ -271,6 +303,7 @@ impl EpochWrite {
             && self.watermarks.is_empty()
             && self.forgotten_clients.is_empty()
             && self.exemplars.is_empty()
+            && self.log_positions.is_empty()
     }
 
     /// Appends `other` (a failed epoch being retried together with a new one).
@@ -280,6 +313,8 @@ impl EpochWrite {
         self.watermarks.extend(other.watermarks);
         self.forgotten_clients.extend(other.forgotten_clients);
         self.exemplars.extend(other.exemplars);
+        // Later positions come later: the last one written for a partition wins.
+        self.log_positions.extend(other.log_positions);
     }
 }
 

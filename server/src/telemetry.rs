@@ -138,6 +138,12 @@ pub struct Metrics {
     pub flushes: Family<Outcome, Counter>,
     /// Epochs cut early because an OTLP export was waiting (group commit).
     pub early_epochs: Counter,
+    /// Cluster mode: messages this node's gateway published to the log (acknowledged).
+    pub log_messages: Counter,
+    /// Cluster mode: bytes of those messages.
+    pub log_bytes: Counter,
+    /// Cluster mode: log publishes retried (no NATS leader, a timeout, a full stream).
+    pub log_publish_retries: Counter,
     /// Requests refused or cut because they ran into a limit, by the limit's key.
     pub limit_hits: Family<LimitLabel, Counter>,
     /// Time to collect and write one flush epoch.
@@ -233,6 +239,9 @@ impl Metrics {
             shard_queue_depth: Family::default(),
             flushes: Family::default(),
             early_epochs: Counter::default(),
+            log_messages: Counter::default(),
+            log_bytes: Counter::default(),
+            log_publish_retries: Counter::default(),
             limit_hits: Family::default(),
             flush_duration: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             flush_bytes: Histogram::new(exponential_buckets(1024.0, 4.0, 12)),
@@ -301,6 +310,21 @@ impl Metrics {
             "limit_hits",
             "Requests refused or cut short because they ran into a limit, by the limit's configuration key",
             m.limit_hits.clone(),
+        );
+        r.register(
+            "log_messages",
+            "Cluster mode: messages this node's gateway published to the partitions' log and JetStream acknowledged",
+            m.log_messages.clone(),
+        );
+        r.register(
+            "log_bytes",
+            "Cluster mode: bytes of the messages published to the log",
+            m.log_bytes.clone(),
+        );
+        r.register(
+            "log_publish_retries",
+            "Cluster mode: log publishes retried with the same message id (no stream leader, a timeout, a full stream)",
+            m.log_publish_retries.clone(),
         );
         r.register(
             "early_epochs",

@@ -5,7 +5,10 @@
 //! - [`peers`] and [`on_path`]: the real peer programs the tests run against;
 //! - [`Peer`]: a child process killed when the test ends, however it ends;
 //! - [`proc_status_bytes`]: a process's memory as `/proc` reports it.
+//! - [`nats`]: a NATS JetStream cluster of real `nats-server`s on loopback.
 #![allow(clippy::unwrap_used)]
+
+pub mod nats;
 
 use std::path::PathBuf;
 use std::process::Child;

@@ -41,6 +41,8 @@ fn env_overrides_the_file_and_flags_override_env() {
         ("TAILSCOPE_INGEST_FLUSH_INTERVAL", "250ms"),
         ("TAILSCOPE_DATA_DIR", "/tmp/from-env"),
         ("TAILSCOPE_LOG", "debug"),
+        ("TAILSCOPE_CLUSTER_NATS", "nats://127.0.0.1:4222, nats://127.0.0.1:4223"),
+        ("TAILSCOPE_CLUSTER_NODE_ID", "node-1"),
         ("PATH", "/bin"),
     ]);
     let flags = Overrides { data_dir: Some("/tmp/from-flag".into()), ..Overrides::default() };
@@ -49,6 +51,9 @@ fn env_overrides_the_file_and_flags_override_env() {
     assert_eq!(c.ingest.shards, 3);
     assert_eq!(c.ingest.flush_interval, Duration::from_millis(250));
     assert_eq!(c.server.data_dir, PathBuf::from("/tmp/from-flag"));
+    // A list from the environment is comma-separated.
+    assert_eq!(c.cluster.nats, ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"]);
+    assert!(c.cluster.enabled());
 }
 
 #[test]

@@ -26,6 +26,7 @@ pub(super) const CF_SERIES: &str = "series";
 const CF_WATERMARKS: &str = "watermarks";
 const CF_EXEMPLARS: &str = "exemplars";
 const CF_ALERTING: &str = "alerting";
+const CF_LOG: &str = "log";
 /// Memory for all memtables together.
 const MEMTABLE_BUDGET: usize = 64 << 20;
 /// Memory for cached (uncompressed) blocks of the window families.
@@ -80,6 +81,7 @@ impl Store {
         cfs.push(ColumnFamilyDescriptor::new(CF_WATERMARKS, Options::default()));
         cfs.push(ColumnFamilyDescriptor::new(CF_EXEMPLARS, Options::default()));
         cfs.push(ColumnFamilyDescriptor::new(CF_ALERTING, Options::default()));
+        cfs.push(ColumnFamilyDescriptor::new(CF_LOG, Options::default()));
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
         let store = Store { db: Arc::new(db), layout, index: Arc::default(), series_writes: Arc::default() };
         store.load_index()?;
@@ -182,6 +184,12 @@ impl Store {
         keyed.sort_unstable_by_key(|k| k.0);
         for (key, e) in keyed {
             batch.put_cf(exemplars, key, e.value());
+        }
+        if !epoch.log_positions.is_empty() {
+            let log = self.cf(CF_LOG)?;
+            for (partition, position) in &epoch.log_positions {
+                batch.put_cf(log, partition.to_be_bytes(), position.encode());
+            }
         }
         let bytes = batch.size_in_bytes();
         let mut wo = WriteOptions::default();
@@ -300,6 +308,23 @@ impl Store {
                 });
             };
             out.push((u64::from_be_bytes(k), mark));
+        }
+        Ok(out)
+    }
+
+    /// How far this store applied each partition's log (cluster mode; empty otherwise).
+    pub fn log_positions(&self) -> Result<Vec<(u32, super::LogPosition)>, StoreError> {
+        let cf = self.cf(CF_LOG)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item?;
+            let (Ok(k), Some(position)) = (<[u8; 4]>::try_from(&*k), super::LogPosition::decode(&v)) else {
+                return Err(StoreError::Corrupt {
+                    what: "log position",
+                    message: format!("{} key bytes, {} value bytes", k.len(), v.len()),
+                });
+            };
+            out.push((u32::from_be_bytes(k), position));
         }
         Ok(out)
     }
@@ -494,6 +519,7 @@ impl Store {
             CF_WATERMARKS,
             CF_EXEMPLARS,
             CF_ALERTING,
+            CF_LOG,
         ];
         names
             .into_iter()

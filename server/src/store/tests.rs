@@ -48,6 +48,7 @@ fn epochs_merge_into_every_resolution() {
             watermarks: vec![(42, Watermark { seq: i as u64 + 1, owner: 3, last_seen: 1_800_000_000 })],
             exemplars: Vec::new(),
             forgotten_clients: Vec::new(),
+            log_positions: vec![(5, LogPosition { seq: 100 + i as u64, records: 2 })],
         };
         store.write_epoch(&write).expect("write");
     }
@@ -64,6 +65,7 @@ fn epochs_merge_into_every_resolution() {
         vec![(42, Watermark { seq: 4, owner: 3, last_seen: 1_800_000_000 })]
     );
     assert_eq!(store.series().expect("series"), vec![(id, a)]);
+    assert_eq!(store.log_positions().expect("positions"), vec![(5, LogPosition { seq: 103, records: 2 })]);
 }
 
 #[test]
@@ -211,9 +213,7 @@ fn a_scan_of_any_width_skips_empty_partitions_and_finds_every_window() {
         let write = EpochWrite {
             windows: vec![WindowDelta { series, window_start: window, histogram: hist(&[7]).to_bytes() }],
             series: vec![(id, a.clone())],
-            watermarks: Vec::new(),
-            exemplars: Vec::new(),
-            forgotten_clients: Vec::new(),
+            ..EpochWrite::default()
         };
         store.write_epoch(&write).expect("write");
     }
@@ -240,13 +240,7 @@ fn many_intervals_read_as_one_scan_per_interval_would() {
         windows.push(WindowDelta { series: other, window_start: w, histogram: hist(&[1, 2]).to_bytes() });
     }
     store
-        .write_epoch(&EpochWrite {
-            windows,
-            series: vec![(id, a)],
-            watermarks: Vec::new(),
-            exemplars: Vec::new(),
-            forgotten_clients: Vec::new(),
-        })
+        .write_epoch(&EpochWrite { windows, series: vec![(id, a)], ..EpochWrite::default() })
         .expect("write");
     let intervals = [
         (T0 - 100, T0 + 25),

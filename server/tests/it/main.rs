@@ -15,6 +15,7 @@ mod bounded;
 mod chaos;
 mod cli;
 mod client;
+mod cluster;
 mod crash;
 mod incidents;
 mod ingest;

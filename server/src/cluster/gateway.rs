@@ -1,0 +1,341 @@
+//! The gateway: admits validated batches into the log instead of a local pipeline.
+//!
+//! Each admitted batch gets a *ticket* (the gateway's epoch: ingest waits for
+//! [`DurableState::epoch`] to reach it) and is cut into per-partition records. A publisher
+//! task per partition coalesces what queued while its previous message was in flight into one
+//! [`PartitionBatch`] and publishes it with `Nats-Msg-Id: <gateway>-<partition>-<n>`, retrying
+//! the same id until JetStream acknowledges it (a NATS leader election takes seconds; a retry
+//! of a message that did land is answered as a duplicate and not stored twice). A ticket is
+//! durable once every part of it is acknowledged; the durable epoch is the highest ticket
+//! below which every ticket is.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::message::PublishMessage;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use prost::Message;
+use tailscope_proto::histogram::Layout;
+use tailscope_proto::v1::{LogRecord, PartitionBatch};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::ClusterConfig;
+use crate::config::IngestConfig;
+use crate::pipeline::{Admission, Admit, DurableState, Pipeline, ValidatedBatch};
+use crate::series::SpanLimits;
+use crate::telemetry::Metrics;
+
+/// A record waiting for its partition's publisher.
+#[derive(Debug)]
+struct Outgoing {
+    ticket: u64,
+    record: LogRecord,
+}
+
+#[derive(Debug)]
+struct Tickets {
+    /// The next ticket to hand out (tickets start at 1).
+    next: u64,
+    /// Tickets with parts not yet acknowledged, and how many.
+    open: BTreeMap<u64, usize>,
+}
+
+impl Tickets {
+    /// The highest ticket at or below which every ticket is acknowledged.
+    fn durable(&self) -> u64 {
+        self.open.keys().next().map_or(self.next - 1, |first| first - 1)
+    }
+}
+
+#[derive(Debug, Default)]
+struct ClientMarks {
+    accepted: u64,
+    durable: u64,
+    /// Accepted seqs and their tickets, oldest first, until durable.
+    waiting: VecDeque<(u64, u64)>,
+}
+
+/// The [`Admit`] of a cluster node: batches go to the log; the local [`Pipeline`] is fed by
+/// the consumers (its layout and limits are the node's, shared by every node).
+#[derive(Debug)]
+pub struct LogGateway {
+    outboxes: Vec<mpsc::Sender<Outgoing>>,
+    queue_capacity: usize,
+    layout: Layout,
+    limits: SpanLimits,
+    tickets: Mutex<Tickets>,
+    durable: watch::Sender<DurableState>,
+    clients: DashMap<u64, Arc<Mutex<ClientMarks>>>,
+    draining: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl LogGateway {
+    /// Starts the gateway and one publisher per partition. On `stop` it refuses new batches,
+    /// publishes what it accepted (for at most `shutdown_timeout`) and closes.
+    pub fn start(
+        config: &ClusterConfig,
+        ingest: &IngestConfig,
+        js: async_nats::jetstream::Context,
+        pipeline: Arc<Pipeline>,
+        metrics: Arc<Metrics>,
+        mut stop: watch::Receiver<bool>,
+        shutdown_timeout: Duration,
+    ) -> (Arc<LogGateway>, Vec<JoinHandle<()>>) {
+        let mut outboxes = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..config.partitions {
+            let (tx, rx) = mpsc::channel(ingest.queue_capacity);
+            outboxes.push(tx);
+            receivers.push(rx);
+        }
+        let gateway = Arc::new(LogGateway {
+            outboxes,
+            queue_capacity: ingest.queue_capacity,
+            layout: pipeline.layout(),
+            limits: pipeline.limits(),
+            tickets: Mutex::new(Tickets { next: 1, open: BTreeMap::new() }),
+            durable: watch::Sender::new(DurableState::default()),
+            clients: DashMap::new(),
+            draining: AtomicBool::new(false),
+            metrics,
+        });
+        // A new incarnation each start: a message id of a previous run is never reused.
+        let incarnation = format!("{}.{:x}", config.node_id, rand_nonce());
+        let mut tasks = Vec::new();
+        for (p, rx) in receivers.into_iter().enumerate() {
+            let publisher = Publisher {
+                gateway: gateway.clone(),
+                js: js.clone(),
+                subject: config.subject(p as u32),
+                partition: p as u32,
+                incarnation: incarnation.clone(),
+                max_bytes: config.max_message_bytes,
+            };
+            tasks.push(tokio::spawn(publisher.run(rx)));
+        }
+        let closing = gateway.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = stop.wait_for(|&s| s).await;
+            closing.draining.store(true, Ordering::SeqCst);
+            let deadline = tokio::time::Instant::now() + shutdown_timeout;
+            let mut durable = closing.durable.subscribe();
+            let settled = |g: &LogGateway| g.tickets.lock().open.is_empty();
+            while !settled(&closing) {
+                if tokio::time::timeout_at(deadline, durable.changed()).await.is_err() {
+                    tracing::error!("closing with log publishes unacknowledged; their clients resend them");
+                    break;
+                }
+            }
+            closing.durable.send_modify(|s| s.closed = true);
+        }));
+        (gateway, tasks)
+    }
+
+    /// Marks one part of each of `tickets` acknowledged and publishes the new durable epoch.
+    fn acknowledged(&self, tickets: &[u64]) {
+        let durable = {
+            let mut t = self.tickets.lock();
+            for ticket in tickets {
+                if let Some(left) = t.open.get_mut(ticket) {
+                    *left -= 1;
+                    if *left == 0 {
+                        t.open.remove(ticket);
+                    }
+                }
+            }
+            t.durable()
+        };
+        self.durable.send_if_modified(|s| {
+            let moved = durable > s.epoch;
+            s.epoch = s.epoch.max(durable);
+            moved
+        });
+    }
+}
+
+fn rand_nonce() -> u64 {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    xxhash_rust::xxh3::xxh3_64(&[nanos.to_be_bytes().as_slice(), &std::process::id().to_be_bytes()].concat())
+}
+
+impl Admit for LogGateway {
+    fn admit(&self, batch: Arc<ValidatedBatch>) -> Result<(Admission, u64), Arc<ValidatedBatch>> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Ok((Admission::Draining, 0));
+        }
+        let client = (batch.client_id != 0).then(|| self.clients.entry(batch.client_id).or_default().clone());
+        let mut marks = client.as_ref().map(|c| c.lock());
+        if let Some(m) = &marks {
+            if batch.seq <= m.accepted {
+                let ticket = m.waiting.back().map_or(0, |w| w.1);
+                return Ok((Admission::Duplicate, ticket));
+            }
+        }
+        let records = super::record::split(&batch);
+        let mut permits = Vec::with_capacity(records.len());
+        for (p, _) in &records {
+            match self.outboxes[*p as usize].try_reserve() {
+                Ok(permit) => permits.push(permit),
+                Err(_) => {
+                    drop(permits);
+                    drop(marks);
+                    return Err(batch);
+                }
+            }
+        }
+        let ticket = {
+            let mut t = self.tickets.lock();
+            let ticket = t.next;
+            t.next += 1;
+            if !records.is_empty() {
+                t.open.insert(ticket, records.len());
+            }
+            ticket
+        };
+        if let Some(m) = marks.as_mut() {
+            m.accepted = batch.seq;
+            m.waiting.push_back((batch.seq, ticket));
+        }
+        drop(marks);
+        let empty = records.is_empty();
+        for (permit, (_, record)) in permits.into_iter().zip(records) {
+            permit.send(Outgoing { ticket, record });
+        }
+        if empty {
+            self.acknowledged(&[]);
+        }
+        Ok((Admission::Accepted, ticket))
+    }
+
+    fn subscribe(&self) -> watch::Receiver<DurableState> {
+        self.durable.subscribe()
+    }
+
+    /// Publishers send as soon as their previous message is acknowledged: nothing to hurry.
+    fn hurry(&self) {}
+
+    fn durable_seq(&self, client: u64) -> u64 {
+        let Some(marks) = self.clients.get(&client).map(|c| c.clone()) else { return 0 };
+        let durable = self.durable.borrow().epoch;
+        let mut m = marks.lock();
+        while let Some(&(seq, ticket)) = m.waiting.front() {
+            if ticket > durable {
+                break;
+            }
+            m.durable = seq;
+            m.waiting.pop_front();
+        }
+        m.durable
+    }
+
+    fn is_duplicate(&self, client: u64, seq: u64) -> bool {
+        self.clients.get(&client).is_some_and(|m| seq <= m.lock().accepted)
+    }
+
+    fn is_settled(&self, client: u64) -> bool {
+        let accepted = self.clients.get(&client).map_or(0, |m| m.lock().accepted);
+        self.durable_seq(client) >= accepted
+    }
+
+    fn pressure(&self) -> f64 {
+        self.outboxes
+            .iter()
+            .map(|tx| 1.0 - tx.capacity() as f64 / self.queue_capacity as f64)
+            .fold(0.0, f64::max)
+    }
+
+    fn shard_count(&self) -> usize {
+        self.outboxes.len()
+    }
+
+    fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    fn limits(&self) -> SpanLimits {
+        self.limits
+    }
+}
+
+/// Publishes one partition's records, one message in flight.
+struct Publisher {
+    gateway: Arc<LogGateway>,
+    js: async_nats::jetstream::Context,
+    subject: String,
+    partition: u32,
+    incarnation: String,
+    max_bytes: usize,
+}
+
+impl Publisher {
+    async fn run(self, mut rx: mpsc::Receiver<Outgoing>) {
+        let mut seq = 0u64;
+        let mut tickets = Vec::new();
+        while let Some(first) = rx.recv().await {
+            tickets.clear();
+            let mut bytes = first.record.encoded_len();
+            tickets.push(first.ticket);
+            let mut records = vec![first.record];
+            while bytes < self.max_bytes {
+                match rx.try_recv() {
+                    Ok(next) => {
+                        bytes += next.record.encoded_len();
+                        tickets.push(next.ticket);
+                        records.push(next.record);
+                    }
+                    Err(_) => break,
+                }
+            }
+            seq += 1;
+            let message = PartitionBatch {
+                gateway: self.incarnation.clone(),
+                gateway_seq: seq,
+                partition: self.partition,
+                records,
+            };
+            let payload = bytes::Bytes::from(message.encode_to_vec());
+            let id = format!("{}-{}-{seq}", self.incarnation, self.partition);
+            self.publish(payload, &id).await;
+            self.gateway.acknowledged(&tickets);
+        }
+    }
+
+    /// Publishes until JetStream acknowledges, always with the same id.
+    async fn publish(&self, payload: bytes::Bytes, id: &str) {
+        let mut backoff = Duration::from_millis(50);
+        let mut failing_since: Option<std::time::Instant> = None;
+        loop {
+            let attempt = async {
+                let publish = PublishMessage::build().payload(payload.clone()).message_id(id);
+                let ack =
+                    self.js.send_publish(self.subject.clone(), publish).await.map_err(|e| e.to_string())?;
+                ack.await.map_err(|e| e.to_string())
+            };
+            match attempt.await {
+                Ok(_ack) => {
+                    self.gateway.metrics.log_messages.inc();
+                    self.gateway.metrics.log_bytes.inc_by(payload.len() as u64);
+                    if let Some(since) = failing_since {
+                        tracing::info!(partition = self.partition, after = ?since.elapsed(), "log publishes acknowledged again");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    self.gateway.metrics.log_publish_retries.inc();
+                    if failing_since.is_none() {
+                        failing_since = Some(std::time::Instant::now());
+                        tracing::warn!(partition = self.partition, error = %e, "log publish failed; retrying with the same message id");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Log records: a validated batch cut into one record per partition ([`split`]), and a record
+//! turned back into the batch a store's pipeline admits ([`rebuild`]).
+//!
+//! A record names its series as counted (a name over its cardinality cap is already
+//! `__overflow__`) and carries the gateway's classification instant, so what a store computes
+//! from it does not depend on the store's own limits, clock or history.
+
+use tailscope_proto::histogram::Histogram;
+use tailscope_proto::v1::{LogRecord, LoggedDelta, SeriesGroup, SeriesKey, SpanBatch, SpanStatus};
+
+use crate::cardinality::OVERFLOW;
+use crate::pipeline::{GroupRoute, RoutedDelta, ValidatedBatch};
+use crate::series::{self, Kind, Measure, SeriesLabels, Status};
+
+/// Cuts `batch` (routed among the cluster's partitions: a route's shard is its partition) into
+/// one record per partition it touches, in ascending partition order.
+pub fn split(batch: &ValidatedBatch) -> Vec<(u32, LogRecord)> {
+    let mut out: Vec<(u32, LogRecord)> = batch
+        .targets
+        .iter()
+        .map(|&p| {
+            let record = LogRecord {
+                client_id: batch.client_id,
+                seq: batch.seq,
+                now_unix_nanos: batch.now,
+                groups: Vec::new(),
+                deltas: Vec::new(),
+            };
+            (p, record)
+        })
+        .collect();
+    fn slot(out: &mut [(u32, LogRecord)], p: u32) -> &mut LogRecord {
+        let i = out.partition_point(|(q, _)| *q < p);
+        &mut out[i].1
+    }
+    let counted = |sent: &str, over: bool| if over { OVERFLOW.to_owned() } else { sent.to_owned() };
+    for (group, route) in batch.batch.groups.iter().zip(&batch.groups) {
+        let Some(key) = group.key.as_ref() else { continue };
+        let key = SeriesKey {
+            service: counted(&key.service, route.service_overflow),
+            operation: counted(&key.operation, route.overflow),
+            kind: route.kind as i32,
+            peer: counted(&key.peer, route.peer_overflow),
+        };
+        slot(&mut out, route.shard).groups.push(SeriesGroup { key: Some(key), spans: group.spans.clone() });
+    }
+    for delta in &batch.deltas {
+        let l = &delta.labels;
+        let status = match l.status {
+            Status::Ok => SpanStatus::Ok,
+            Status::Error => SpanStatus::Error,
+        };
+        slot(&mut out, delta.shard).deltas.push(LoggedDelta {
+            key: Some(SeriesKey {
+                service: l.service.clone(),
+                operation: l.operation.clone(),
+                kind: l.kind as i32,
+                peer: l.peer.clone(),
+            }),
+            status: status as i32,
+            self_time: l.measure == Measure::SelfTime,
+            window_start_unix_seconds: delta.window_start,
+            histogram: delta.histogram.to_bytes(),
+        });
+    }
+    out.retain(|(_, r)| !r.groups.is_empty() || !r.deltas.is_empty());
+    out
+}
+
+/// The batch a store admits for `record` of partition `partition`, routed among `shards`
+/// shards. Its client id is the (client, partition) one ([`super::client_key`]). A record that
+/// does not hold together (no key, an undecodable histogram) is named in the error.
+pub fn rebuild(record: LogRecord, partition: u32, shards: usize) -> Result<ValidatedBatch, String> {
+    let client_id = super::client_key(record.client_id, partition);
+    let mut routes = Vec::with_capacity(record.groups.len());
+    let mut targets = Vec::new();
+    for (i, group) in record.groups.iter().enumerate() {
+        let key = group.key.as_ref().ok_or_else(|| format!("group {i}: no key"))?;
+        let timed_self = group.spans.iter().any(|s| s.self_nanos > 0);
+        let route = GroupRoute::counted(
+            &key.service,
+            &key.operation,
+            Kind::from_wire(key.kind),
+            &key.peer,
+            timed_self,
+            shards,
+        );
+        targets.push(route.shard);
+        routes.push(route);
+    }
+    let mut deltas = Vec::with_capacity(record.deltas.len());
+    for (i, delta) in record.deltas.into_iter().enumerate() {
+        let key = delta.key.ok_or_else(|| format!("delta {i}: no key"))?;
+        let histogram = Histogram::decode(&delta.histogram).map_err(|e| format!("delta {i}: {e}"))?;
+        let kind = Kind::from_wire(key.kind);
+        let labels = SeriesLabels {
+            kind,
+            peer: key.peer,
+            ..SeriesLabels::new(key.service, key.operation, Status::from_wire(delta.status))
+        };
+        let labels = if delta.self_time { labels.self_time() } else { labels };
+        let hash = series::group_hash(&labels.service, &labels.operation);
+        let shard = series::partition(hash, shards) as u32;
+        targets.push(shard);
+        deltas.push(RoutedDelta {
+            key: hash,
+            shard,
+            series: labels.id(),
+            labels,
+            window_start: delta.window_start_unix_seconds,
+            histogram,
+        });
+    }
+    targets.sort_unstable();
+    targets.dedup();
+    let batch = SpanBatch {
+        client_id: record.client_id,
+        seq: record.seq,
+        groups: record.groups,
+        ..Default::default()
+    };
+    Ok(ValidatedBatch {
+        client_id,
+        seq: record.seq,
+        now: record.now_unix_nanos,
+        batch,
+        groups: routes,
+        deltas,
+        targets,
+        owner: 0,
+    })
+}

@@ -1,0 +1,160 @@
+use super::*;
+
+#[test]
+fn a_client_key_is_per_partition_and_never_the_anonymous_client() {
+    assert_eq!(client_key(0, 3), 0);
+    assert_ne!(client_key(7, 0), client_key(7, 1));
+    assert_ne!(client_key(7, 0), 0);
+    assert_eq!(client_key(7, 2), client_key(7, 2));
+}
+
+#[test]
+fn cluster_settings_are_checked_only_when_it_is_on() {
+    let off = ClusterConfig { node_id: String::new(), ..ClusterConfig::default() };
+    assert!(off.validate().is_ok());
+    let on = |f: fn(&mut ClusterConfig)| {
+        let mut c = ClusterConfig {
+            nats: vec!["nats://127.0.0.1:4222".into()],
+            node_id: "a".into(),
+            ..ClusterConfig::default()
+        };
+        f(&mut c);
+        c.validate().err().map(|(key, _)| key)
+    };
+    assert_eq!(on(|_| {}), None);
+    assert_eq!(on(|c| c.node_id.clear()), Some("cluster.node_id"));
+    assert_eq!(on(|c| c.node_id = "a.b".into()), Some("cluster.node_id"));
+    assert_eq!(on(|c| c.partitions = 0), Some("cluster.partitions"));
+    assert_eq!(on(|c| c.stream_replicas = 2), Some("cluster.stream_replicas"));
+    assert_eq!(on(|c| c.nats = vec!["::nonsense::".into()]), Some("cluster.nats"));
+}
+
+use tailscope_proto::histogram::Recorder;
+use tailscope_proto::v1::{LogRecord, SeriesGroup, SeriesKey, Span};
+
+use crate::config::HistogramConfig;
+use crate::pipeline::{GroupRoute, RoutedDelta, ValidatedBatch};
+use crate::series::{Kind, SeriesLabels, Status};
+
+fn spans(n: u64, now: i64) -> Vec<Span> {
+    (0..n)
+        .map(|i| Span {
+            start_unix_nanos: now - 1_000_000_000,
+            duration_nanos: 1_000_000 * (i as i64 + 1),
+            self_nanos: if i % 2 == 0 { 500_000 } else { 0 },
+            weight: 1,
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn key(service: &str, operation: &str, kind: Kind, peer: &str) -> Option<SeriesKey> {
+    Some(SeriesKey {
+        service: service.into(),
+        operation: operation.into(),
+        kind: kind as i32,
+        peer: peer.into(),
+    })
+}
+
+#[test]
+fn a_batch_cut_into_records_rebuilds_to_the_series_it_counted_in() {
+    let layout = HistogramConfig::default().layout().unwrap();
+    let now = 1_700_000_000_000_000_000;
+    let partitions = 4;
+    // One group as sent, one whose operation went over its cap, one client call to a peer.
+    let sent = [
+        ("cart", "GET /", Kind::Server, ""),
+        ("cart", "GET /x9", Kind::Server, ""),
+        ("cart", "charge", Kind::Client, "payments"),
+    ];
+    let mut groups = Vec::new();
+    let mut routes = Vec::new();
+    for (i, &(service, operation, kind, peer)) in sent.iter().enumerate() {
+        groups
+            .push(SeriesGroup { key: key(service, operation, kind, peer), spans: spans(3 + i as u64, now) });
+        let counted = if i == 1 { crate::cardinality::OVERFLOW } else { operation };
+        routes.push(GroupRoute {
+            overflow: i == 1,
+            ..GroupRoute::counted(service, counted, kind, peer, true, partitions)
+        });
+    }
+    let mut recorder = Recorder::new(layout);
+    recorder.record(2_000_000, 5);
+    let histogram = tailscope_proto::histogram::Histogram::decode(&recorder.to_bytes()).unwrap();
+    let labels = SeriesLabels { kind: Kind::Server, ..SeriesLabels::new("ledger", "post", Status::Error) };
+    let delta_key = crate::series::group_hash("ledger", "post");
+    let deltas = vec![RoutedDelta {
+        key: delta_key,
+        shard: crate::series::partition(delta_key, partitions) as u32,
+        series: labels.id(),
+        labels: labels.clone(),
+        window_start: 1_699_999_990,
+        histogram,
+    }];
+    let mut targets: Vec<u32> =
+        routes.iter().map(|r| r.shard).chain(deltas.iter().map(|d| d.shard)).collect();
+    targets.sort_unstable();
+    targets.dedup();
+    let batch = ValidatedBatch {
+        client_id: 42,
+        seq: 9,
+        now,
+        batch: tailscope_proto::v1::SpanBatch { client_id: 42, seq: 9, groups, ..Default::default() },
+        groups: routes.clone(),
+        deltas,
+        targets: targets.clone(),
+        owner: 0,
+    };
+
+    let records = record::split(&batch);
+    assert_eq!(
+        records.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+        targets,
+        "one record per partition, in order"
+    );
+    let shards = 3;
+    let mut rebuilt_series = Vec::new();
+    let mut rebuilt_deltas = Vec::new();
+    for (p, r) in records {
+        let r: LogRecord = prost::Message::decode(prost::Message::encode_to_vec(&r).as_slice()).unwrap();
+        let v = record::rebuild(r, p, shards).unwrap();
+        assert_eq!((v.client_id, v.seq, v.now), (client_key(42, p), 9, now));
+        assert!(
+            v.groups.iter().all(|g| g.shard < shards as u32) && v.targets.windows(2).all(|w| w[0] < w[1])
+        );
+        rebuilt_series.extend(v.groups.iter().map(|g| (g.ok_series, g.error_series, g.self_series, g.kind)));
+        rebuilt_deltas
+            .extend(v.deltas.into_iter().map(|d| (d.series, d.labels, d.window_start, d.histogram.count())));
+    }
+    let mut expected: Vec<_> =
+        routes.iter().map(|g| (g.ok_series, g.error_series, g.self_series, g.kind)).collect();
+    expected.sort_unstable();
+    rebuilt_series.sort_unstable();
+    assert_eq!(rebuilt_series, expected, "the same series, the capped operation as __overflow__");
+    assert!(rebuilt_series.iter().any(|s| s.2.is_none()), "a client call has no self-time series");
+    assert_eq!(rebuilt_deltas, vec![(labels.id(), labels, 1_699_999_990, 5)]);
+}
+
+#[test]
+fn a_record_that_does_not_hold_together_is_named() {
+    let broken = LogRecord {
+        client_id: 1,
+        seq: 1,
+        groups: vec![SeriesGroup { key: None, spans: Vec::new() }],
+        ..Default::default()
+    };
+    assert_eq!(record::rebuild(broken, 0, 2).err().as_deref(), Some("group 0: no key"));
+    let bad_histogram = LogRecord {
+        client_id: 1,
+        seq: 1,
+        deltas: vec![tailscope_proto::v1::LoggedDelta {
+            key: key("a", "b", Kind::Server, ""),
+            histogram: vec![1, 2, 3],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let e = record::rebuild(bad_histogram, 0, 2).err().unwrap();
+    assert!(e.starts_with("delta 0: "), "{e}");
+}

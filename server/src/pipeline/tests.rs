@@ -1,0 +1,89 @@
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tailscope_proto::v1::{LogRecord, SeriesGroup, SeriesKey, Span};
+
+use super::*;
+use crate::clock::SystemClock;
+use crate::cluster::{client_key, record};
+use crate::config::HistogramConfig;
+
+/// Counts the spans of every written epoch.
+#[derive(Debug, Default)]
+struct Counting(Mutex<u64>);
+
+impl EpochSink for Counting {
+    fn written(&self, write: &EpochWrite) {
+        let spans: u64 =
+            write.windows.iter().map(|w| Histogram::decode(&w.histogram).map_or(0, |h| h.count())).sum();
+        *self.0.lock() += spans;
+    }
+}
+
+fn logged(client: u64, seq: u64, now: i64, partition: u32, shards: usize) -> Arc<ValidatedBatch> {
+    let span = Span {
+        start_unix_nanos: now - 2_000_000_000,
+        duration_nanos: 3_000_000,
+        weight: 1,
+        ..Default::default()
+    };
+    let record = LogRecord {
+        client_id: client,
+        seq,
+        now_unix_nanos: now,
+        groups: vec![SeriesGroup {
+            key: Some(SeriesKey { service: "cart".into(), operation: "GET /".into(), ..Default::default() }),
+            spans: vec![span; 3],
+        }],
+        deltas: Vec::new(),
+    };
+    Arc::new(record::rebuild(record, partition, shards).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logged_record_is_written_once_with_its_log_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::open(dir.path(), HistogramConfig::default().layout().unwrap(), &metrics).unwrap();
+    let clock = Arc::new(SystemClock);
+    let now = clock.now_nanos();
+    let (pipeline, _shards) =
+        Pipeline::start(&IngestConfig::default(), store.clone(), metrics, clock).unwrap();
+    let written = Arc::new(Counting::default());
+    pipeline.add_sink(written.clone());
+    let (stop, stopped) = watch::channel(false);
+    let flusher = tokio::spawn(pipeline.clone().run_flusher(
+        Duration::from_millis(20),
+        stopped,
+        Duration::from_secs(5),
+    ));
+    let shards = pipeline.shard_count();
+    let at = |seq, records| LogPosition { seq, records };
+
+    // Client 7's batch 1 in partition 2, at message 10; its resend through another gateway, at
+    // message 11; an anonymous record at message 12; client 7's batch 1 in partition 3 (another
+    // share of the same batch) at message 4.
+    let admit = |batch, partition, after| pipeline.admit_logged(batch, partition, after).unwrap();
+    assert_eq!(admit(logged(7, 1, now, 2, shards), 2, at(10, 1)), Admission::Accepted);
+    assert_eq!(admit(logged(7, 1, now, 2, shards), 2, at(11, 1)), Admission::Duplicate);
+    assert_eq!(admit(logged(0, 1, now, 2, shards), 2, at(12, 1)), Admission::Accepted);
+    assert_eq!(admit(logged(7, 1, now, 3, shards), 3, at(4, 1)), Admission::Accepted);
+    // A seq far past the client's watermark is the log's word, not a client's skip.
+    assert_eq!(admit(logged(7, 5_000_000, now, 3, shards), 3, at(5, 1)), Admission::Accepted);
+    pipeline.skip_logged(3, at(6, 0));
+    assert_eq!(pipeline.log_position(2), at(12, 1));
+
+    let mut durable = pipeline.subscribe();
+    durable.wait_for(|d| d.epoch >= 2).await.unwrap();
+    stop.send(true).unwrap();
+    flusher.await.unwrap();
+    assert_eq!(*written.0.lock(), 12, "four records of three spans, the resend not counted");
+    let mut positions = store.log_positions().unwrap();
+    positions.sort_unstable();
+    assert_eq!(positions, vec![(2, at(12, 1)), (3, at(6, 0))], "positions written with what they merged");
+    let marks: std::collections::HashMap<u64, u64> =
+        store.watermarks().unwrap().into_iter().map(|(c, m)| (c, m.seq)).collect();
+    assert_eq!(marks.get(&client_key(7, 2)), Some(&1));
+    assert_eq!(marks.get(&client_key(7, 3)), Some(&5_000_000));
+    assert!(!marks.contains_key(&0), "an anonymous record leaves no watermark");
+}

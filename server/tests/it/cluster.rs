@@ -1,0 +1,155 @@
+//! Cluster mode on real NATS JetStream: three `nats-server`s and tailscope nodes on loopback.
+//! Faults mid-stream — SIGKILL of the NATS leader of a busy partition, SIGKILL of a node (its
+//! client resends through the other node), the node's restart, and a new empty node that
+//! rebuilds from the log — and every node ends with the same per-series counts and quantiles
+//! as one single node that received the same batches.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Child;
+use std::time::Duration;
+
+use tailscope_proto::v1::SpanBatch;
+use tailscope_test_support::nats::NatsCluster;
+use tailscope_test_support::{assert_eventually, peers};
+
+use crate::common::*;
+
+const PARTITIONS: &str = "8";
+const SERVICES: [&str; 6] = ["cart", "checkout", "payments", "search", "users", "ledger"];
+
+/// Batch `seq` of client `client`: 60 spans over every service and two operations, with
+/// durations that differ by batch (so quantiles tell a lost or doubled batch apart).
+fn make_batch(client: u64, seq: u64, now: i64) -> SpanBatch {
+    let groups = SERVICES
+        .iter()
+        .enumerate()
+        .flat_map(|(i, service)| {
+            ["read", "write"].into_iter().map(move |op| {
+                let spans = (0..5)
+                    .map(|k| {
+                        let d =
+                            1_000_000 + ((seq * 7919 + k * 104_729 + i as u64 * 31) % 400) as i64 * 250_000;
+                        span(now - (seq as i64) * 1_000 - k as i64, d, (seq + k) % 17 == 0)
+                    })
+                    .collect();
+                group(service, op, spans)
+            })
+        })
+        .collect();
+    batch(client, seq, groups)
+}
+
+fn node(dir: &Path, urls: &str, id: &str) -> (Child, SocketAddr, SocketAddr) {
+    spawn_server(
+        dir,
+        &[
+            ("TAILSCOPE_CLUSTER_NATS", urls),
+            ("TAILSCOPE_CLUSTER_NODE_ID", id),
+            ("TAILSCOPE_CLUSTER_PARTITIONS", PARTITIONS),
+            ("TAILSCOPE_CLUSTER_NAME", "ts"),
+            ("TAILSCOPE_CLUSTER_MAX_BYTES_PER_PARTITION", "67108864"),
+        ],
+    )
+}
+
+/// Every series' count and quantiles over the test's range, in label order.
+async fn rows(http: SocketAddr, now: i64) -> Vec<serde_json::Value> {
+    let (start, end) = (now / 1_000_000_000 - 1800, now / 1_000_000_000 + 60);
+    let mut rows = tail(http, &format!("start={start}&end={end}")).await;
+    rows.sort_by_key(|r| format!("{}/{}/{}", r["service"], r["operation"], r["status"]));
+    rows
+}
+
+fn total(rows: &[serde_json::Value]) -> u64 {
+    rows.iter().map(|r| r["count"].as_u64().unwrap()).sum()
+}
+
+/// Streams `batches` to `grpc` one by one, `pause` apart, until `stop_after` of them are
+/// acknowledged or the stream fails; returns the highest acknowledged seq.
+async fn stream_until(grpc: SocketAddr, batches: &[SpanBatch], pause: Duration, stop_after: u64) -> u64 {
+    let mut s = open(grpc).await;
+    let mut acked = 0;
+    for b in batches {
+        if s.tx.send(b.clone()).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        while let Ok(Ok(Some(r))) = tokio::time::timeout(Duration::from_millis(1), s.replies.message()).await
+        {
+            acked = acked.max(r.durable_seq);
+        }
+        if acked >= stop_after {
+            break;
+        }
+    }
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: a NATS cluster and four tailscope processes, about a minute"]
+async fn every_node_counts_exactly_across_a_nats_leader_kill_a_node_kill_and_a_new_node() {
+    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 3);
+    let urls = nats.urls();
+    let now = now_nanos();
+    const N: u64 = 400;
+    let first: Vec<SpanBatch> = (1..=N).map(|seq| make_batch(0xA1, seq, now)).collect();
+    let second: Vec<SpanBatch> = (1..=N).map(|seq| make_batch(0xB2, seq, now)).collect();
+
+    let (mut a, a_grpc, a_http) = node(&dir.path().join("a"), &urls, "a");
+    let (mut b, b_grpc, _) = node(&dir.path().join("b"), &urls, "b");
+
+    // Client 1 streams through node a; while it does, the NATS server leading partition 0's
+    // stream is killed.
+    let client1 = tokio::spawn({
+        let first = first.clone();
+        async move { deliver(a_grpc, first).await }
+    });
+    let stream = "ts_p0";
+    assert_eventually!(nats.leader_of(stream).is_some(), "no leader for {stream}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let leader = nats.leader_of(stream).unwrap();
+    nats.kill(leader);
+    eprintln!("killed NATS server {} (leader of {stream})", nats.servers[leader].name);
+
+    // Client 2 streams through node b, which is SIGKILLed mid-stream; the client then resends
+    // everything it has no acknowledgement for through node a.
+    let acked = stream_until(b_grpc, &second, Duration::from_millis(2), N / 3).await;
+    b.kill().unwrap();
+    b.wait().unwrap();
+    eprintln!("node b killed with client 2 acknowledged up to {acked}");
+    let refusals2 = deliver(a_grpc, second[acked as usize..].to_vec()).await;
+    let refusals1 = client1.await.unwrap();
+    eprintln!("refusals: client 1 {refusals1}, client 2 {refusals2}");
+
+    // The killed NATS server comes back; node b restarts on its data; node c starts empty.
+    nats.start_server(leader);
+    let (mut b, _, b_http) = node(&dir.path().join("b"), &urls, "b");
+    let (mut c, _, c_http) = node(&dir.path().join("c"), &urls, "c");
+
+    // The same batches into one single node.
+    let single_dir = dir.path().join("single");
+    let (mut single, s_grpc, s_http) = spawn_server(&single_dir, &[]);
+    deliver(s_grpc, first.clone()).await;
+    deliver(s_grpc, second.clone()).await;
+    let expected = 2 * N * 60;
+    assert_eventually!(total(&rows(s_http, now).await) == expected, "the single node's count");
+    let reference = rows(s_http, now).await;
+
+    for (name, http) in [("a", a_http), ("b", b_http), ("c", c_http)] {
+        assert_eventually!(
+            within = Duration::from_secs(60);
+            total(&rows(http, now).await) >= expected,
+            "node {name} never caught up: {} of {expected}",
+            total(&rows(http, now).await)
+        );
+        assert_eq!(rows(http, now).await, reference, "node {name}: counts and quantiles as one node's");
+    }
+    for child in [&mut a, &mut b, &mut c, &mut single] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
