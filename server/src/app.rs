@@ -165,7 +165,10 @@ impl Server {
         let admit: Arc<dyn Admit> = if config.cluster.enabled() {
             let cluster = crate::cluster::Cluster::start(
                 &config.cluster,
-                &config.ingest,
+                crate::cluster::GatewayLimits {
+                    max_batch_bytes: config.ingest.max_batch_bytes,
+                    queue_capacity: config.ingest.queue_capacity,
+                },
                 pipeline.clone(),
                 metrics.clone(),
                 stop_rx.clone(),

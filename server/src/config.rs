@@ -77,7 +77,7 @@ pub struct Config {
     /// Prometheus remote-write targets that receive the latency histograms (`[[remote_write]]`).
     pub remote_write: Vec<crate::remote_write::RemoteWriteConfig>,
     /// Cluster mode on NATS JetStream (off unless `nats` names servers).
-    pub cluster: crate::cluster::ClusterConfig,
+    pub cluster: crate::cluster::config::ClusterConfig,
 }
 
 /// `[query]`: what one request to the query API may cost.

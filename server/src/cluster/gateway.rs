@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::PublishMessage;
 use dashmap::DashMap;
@@ -24,10 +24,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::ClusterConfig;
-use crate::config::IngestConfig;
 use crate::pipeline::{Admission, Admit, DurableState, Pipeline, ValidatedBatch};
 use crate::series::SpanLimits;
 use crate::telemetry::Metrics;
+
+/// How long the oldest unacknowledged batch waits before streams tell their clients.
+const STALLED_AFTER: Duration = Duration::from_secs(1);
 
 /// A record waiting for its partition's publisher.
 #[derive(Debug)]
@@ -40,8 +42,8 @@ struct Outgoing {
 struct Tickets {
     /// The next ticket to hand out (tickets start at 1).
     next: u64,
-    /// Tickets with parts not yet acknowledged, and how many.
-    open: BTreeMap<u64, usize>,
+    /// Tickets with parts not yet acknowledged: how many, and since when.
+    open: BTreeMap<u64, (usize, Instant)>,
 }
 
 impl Tickets {
@@ -79,7 +81,7 @@ impl LogGateway {
     /// publishes what it accepted (for at most `shutdown_timeout`) and closes.
     pub fn start(
         config: &ClusterConfig,
-        ingest: &IngestConfig,
+        queue_capacity: usize,
         js: async_nats::jetstream::Context,
         pipeline: Arc<Pipeline>,
         metrics: Arc<Metrics>,
@@ -89,13 +91,13 @@ impl LogGateway {
         let mut outboxes = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..config.partitions {
-            let (tx, rx) = mpsc::channel(ingest.queue_capacity);
+            let (tx, rx) = mpsc::channel(queue_capacity);
             outboxes.push(tx);
             receivers.push(rx);
         }
         let gateway = Arc::new(LogGateway {
             outboxes,
-            queue_capacity: ingest.queue_capacity,
+            queue_capacity,
             layout: pipeline.layout(),
             limits: pipeline.limits(),
             tickets: Mutex::new(Tickets { next: 1, open: BTreeMap::new() }),
@@ -141,7 +143,7 @@ impl LogGateway {
         let durable = {
             let mut t = self.tickets.lock();
             for ticket in tickets {
-                if let Some(left) = t.open.get_mut(ticket) {
+                if let Some((left, _)) = t.open.get_mut(ticket) {
                     *left -= 1;
                     if *left == 0 {
                         t.open.remove(ticket);
@@ -194,7 +196,7 @@ impl Admit for LogGateway {
             let ticket = t.next;
             t.next += 1;
             if !records.is_empty() {
-                t.open.insert(ticket, records.len());
+                t.open.insert(ticket, (records.len(), Instant::now()));
             }
             ticket
         };
@@ -252,6 +254,17 @@ impl Admit for LogGateway {
 
     fn shard_count(&self) -> usize {
         self.outboxes.len()
+    }
+
+    fn stalled(&self) -> Option<String> {
+        let since = self.tickets.lock().open.values().next().map(|(_, since)| *since)?;
+        let waited = since.elapsed();
+        (waited >= STALLED_AFTER).then(|| {
+            format!(
+                "the log has not acknowledged a batch for {} ms (NATS electing a stream leader?)",
+                waited.as_millis()
+            )
+        })
     }
 
     fn layout(&self) -> Layout {
@@ -333,7 +346,7 @@ impl Publisher {
                         tracing::warn!(partition = self.partition, error = %e, "log publish failed; retrying with the same message id");
                     }
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    backoff = (backoff * 2).min(Duration::from_millis(250));
                 }
             }
         }

@@ -32,7 +32,6 @@ fn cluster_settings_are_checked_only_when_it_is_on() {
 use tailscope_proto::histogram::Recorder;
 use tailscope_proto::v1::{LogRecord, SeriesGroup, SeriesKey, Span};
 
-use crate::config::HistogramConfig;
 use crate::pipeline::{GroupRoute, RoutedDelta, ValidatedBatch};
 use crate::series::{Kind, SeriesLabels, Status};
 
@@ -59,7 +58,7 @@ fn key(service: &str, operation: &str, kind: Kind, peer: &str) -> Option<SeriesK
 
 #[test]
 fn a_batch_cut_into_records_rebuilds_to_the_series_it_counted_in() {
-    let layout = HistogramConfig::default().layout().unwrap();
+    let layout = tailscope_proto::histogram::Layout::default();
     let now = 1_700_000_000_000_000_000;
     let partitions = 4;
     // One group as sent, one whose operation went over its cap, one client call to a peer.

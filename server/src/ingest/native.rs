@@ -80,6 +80,9 @@ struct StreamState {
     tx: mpsc::Sender<Result<IngestReply, Status>>,
 }
 
+/// How often a stream whose acknowledgements are held up tells its client.
+const STALL_NOTICE: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl StreamState {
     /// Sends an acknowledgement when the client's durable seq moved; false when the client is gone.
     async fn ack(&mut self, pipeline: &dyn Admit, sampler: &Sampler, throttle: Option<Throttle>) -> bool {
@@ -135,8 +138,22 @@ impl IngestService {
         };
         // Whether to read more batches: false once the client half-closed or the server drains.
         let mut reading = true;
+        // While acknowledgements are held up (a cluster's log electing a leader), a client
+        // waiting for one is told so every second: a reply keeps its stream alive, and the
+        // throttle slows it meanwhile.
+        let mut heartbeat = tokio::time::interval(STALL_NOTICE);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = heartbeat.tick() => {
+                    let waiting = st.client.is_some_and(|c| !self.pipeline.is_settled(c));
+                    if let (true, Some(reason)) = (waiting, self.pipeline.stalled()) {
+                        let throttle = Throttle { delay_millis: STALL_NOTICE.as_millis() as u32 / 2, reason };
+                        if !st.ack(self.pipeline.as_ref(), &self.sampler, Some(throttle)).await {
+                            return;
+                        }
+                    }
+                }
                 changed = durable.changed() => {
                     let closed = changed.is_err() || durable.borrow_and_update().closed;
                     if !st.ack(self.pipeline.as_ref(), &self.sampler, None).await {

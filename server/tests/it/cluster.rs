@@ -66,22 +66,28 @@ fn total(rows: &[serde_json::Value]) -> u64 {
     rows.iter().map(|r| r["count"].as_u64().unwrap()).sum()
 }
 
-/// Streams `batches` to `grpc` one by one, `pause` apart, until `stop_after` of them are
-/// acknowledged or the stream fails; returns the highest acknowledged seq.
+/// Streams `batches` to `grpc`, `pause` apart, until at least `stop_after` of them are
+/// acknowledged (then the rest are in flight); returns the highest acknowledged seq. A
+/// refusal (the log full during an election) ends the stream: it resends from its watermark.
 async fn stream_until(grpc: SocketAddr, batches: &[SpanBatch], pause: Duration, stop_after: u64) -> u64 {
-    let mut s = open(grpc).await;
     let mut acked = 0;
-    for b in batches {
-        if s.tx.send(b.clone()).await.is_err() {
-            break;
-        }
-        tokio::time::sleep(pause).await;
-        while let Ok(Ok(Some(r))) = tokio::time::timeout(Duration::from_millis(1), s.replies.message()).await
-        {
-            acked = acked.max(r.durable_seq);
-        }
-        if acked >= stop_after {
-            break;
+    while acked < stop_after {
+        let mut s = open(grpc).await;
+        let mut unsent = batches[acked as usize..].iter();
+        'stream: while acked < stop_after {
+            if let Some(b) = unsent.next() {
+                if s.tx.send(b.clone()).await.is_err() {
+                    break 'stream;
+                }
+            }
+            tokio::time::sleep(pause).await;
+            loop {
+                match tokio::time::timeout(Duration::from_millis(1), s.replies.message()).await {
+                    Ok(Ok(Some(r))) => acked = acked.max(r.durable_seq),
+                    Ok(_) => break 'stream,
+                    Err(_) => break,
+                }
+            }
         }
     }
     acked
@@ -152,4 +158,59 @@ async fn every_node_counts_exactly_across_a_nats_leader_kill_a_node_kill_and_a_n
         child.kill().unwrap();
         child.wait().unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: a NATS cluster, a tailscope node and a client for about 20 s"]
+async fn a_nats_leader_election_costs_a_client_no_timeout_no_reconnect_and_no_span() {
+    use tailscope::Status;
+    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 3);
+    let (mut a, grpc, http) = node(&dir.path().join("a"), &nats.urls(), "a");
+    let client = connected("steady", grpc).await;
+    let partition =
+        tailscope_server::series::partition(tailscope_server::series::group_hash("steady", "tick"), 8);
+    let stream = format!("ts_p{partition}");
+    assert_eventually!(nats.leader_of(&stream).is_some(), "no leader for {stream}");
+
+    // 1,000 spans/s for 14 s; the leader of the series' partition is killed after 3 s. The
+    // longest time the client's acknowledged count stood still while spans were out is the
+    // ack gap.
+    let mut recorded = 0u64;
+    let mut killed = None;
+    let (mut last_acked, mut since) = (0, std::time::Instant::now());
+    let mut gap = Duration::ZERO;
+    for tick in 0..140 {
+        for i in 0..100u64 {
+            client.record("tick", Duration::from_micros(500 + (recorded + i) % 2_000), Status::Ok);
+        }
+        recorded += 100;
+        if tick == 30 {
+            let leader = nats.leader_of(&stream).unwrap();
+            nats.kill(leader);
+            killed = Some(leader);
+            eprintln!("killed NATS server {} (leader of {stream})", nats.servers[leader].name);
+        }
+        let stats = client.stats();
+        if stats.acked != last_acked || stats.acked >= stats.sent {
+            gap = gap.max(since.elapsed());
+            (last_acked, since) = (stats.acked, std::time::Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client.flush_within(Duration::from_secs(60)).await.unwrap();
+    let stats = client.stats();
+    eprintln!("longest ack gap {gap:?}; client stats {stats:?}");
+    assert_eq!(
+        (stats.ack_timeouts, stats.reconnects),
+        (0, 0),
+        "the stream lived through the election: {stats:?}"
+    );
+    let counted =
+        |rows: Vec<serde_json::Value>| rows.iter().map(|r| r["count"].as_u64().unwrap()).sum::<u64>();
+    assert_eventually!(counted(tail(http, "service=steady").await) == recorded, "every span counted once");
+    nats.start_server(killed.unwrap());
+    a.kill().unwrap();
+    a.wait().unwrap();
 }

@@ -1,0 +1,110 @@
+//! `[cluster]`: the settings of cluster mode (kept apart from the cluster's code, so the
+//! configuration depends on nothing else of the server).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `[cluster]`: NATS JetStream as the partitioned, replicated log. Empty `nats`: single node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS server URLs (`nats://127.0.0.1:4222`); any one is enough to connect, listing
+    /// every server of the NATS cluster lets a node reconnect when one dies.
+    pub nats: Vec<String>,
+    /// This node's name: unique in the cluster (it names the node's gateway in message ids).
+    pub node_id: String,
+    /// The cluster's name: its streams are `<name>_p<N>`, their subjects `<name>.p.<N>`.
+    pub name: String,
+    /// Partitions (one stream each). Fixed when the cluster is created: every node must agree.
+    pub partitions: u32,
+    /// Copies JetStream keeps of each stream (1, 3 or 5 NATS servers).
+    pub stream_replicas: usize,
+    /// How long the log keeps messages: a store down longer re-reads from the oldest kept.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Bytes a partition's stream may hold; a full stream refuses publishes (JetStream's
+    /// `discard: new`), so clients are told to back off rather than anything being dropped.
+    /// JetStream reserves it on each of `stream_replicas` servers: `partitions` × this must
+    /// fit the servers' `max_file_store`.
+    pub max_bytes_per_partition: i64,
+    /// Most bytes of records a gateway coalesces into one message.
+    pub max_message_bytes: usize,
+    /// How long a node waits for NATS at start-up.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats: Vec::new(),
+            node_id: String::new(),
+            name: "tailscope".into(),
+            partitions: 16,
+            stream_replicas: 3,
+            max_age: Duration::from_secs(24 * 3600),
+            max_bytes_per_partition: 256 << 20,
+            max_message_bytes: 1 << 20,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether cluster mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.nats.is_empty()
+    }
+
+    /// Checks the values (only when cluster mode is on); names what is wrong.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let token =
+            |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !token(&self.node_id) {
+            return Err((
+                "cluster.node_id",
+                format!("{:?} must be letters, digits, '-' or '_', and not empty", self.node_id),
+            ));
+        }
+        if !token(&self.name) {
+            return Err((
+                "cluster.name",
+                format!("{:?} must be letters, digits, '-' or '_', and not empty", self.name),
+            ));
+        }
+        if !(1..=1024).contains(&self.partitions) {
+            return Err(("cluster.partitions", format!("{} must be between 1 and 1024", self.partitions)));
+        }
+        if !matches!(self.stream_replicas, 1 | 3 | 5) {
+            return Err(("cluster.stream_replicas", format!("{} must be 1, 3 or 5", self.stream_replicas)));
+        }
+        if self.max_bytes_per_partition < 1 << 20 {
+            return Err(("cluster.max_bytes_per_partition", "must be at least 1 MiB".into()));
+        }
+        if self.max_message_bytes < 1024 {
+            return Err(("cluster.max_message_bytes", "must be at least 1024".into()));
+        }
+        if self.max_age < Duration::from_secs(60) {
+            return Err(("cluster.max_age", "must be at least 1m".into()));
+        }
+        for url in &self.nats {
+            url.parse::<async_nats::ServerAddr>()
+                .map_err(|e| ("cluster.nats", format!("{url:?} is not a NATS server address: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The stream of partition `p`.
+    pub fn stream(&self, p: u32) -> String {
+        format!("{}_p{p}", self.name)
+    }
+
+    /// The subject of partition `p`.
+    pub fn subject(&self, p: u32) -> String {
+        format!("{}.p.{p}", self.name)
+    }
+}
