@@ -358,12 +358,23 @@ impl Sink for Fanout {
     }
 }
 
+/// Where this node's notifications come from.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// `externalURL` in notifications (links back to this server).
+    pub external_url: String,
+    /// Cluster mode: whether this node holds the ruler lease. Every node evaluates the rules
+    /// (they read the same data, so they hold the same alert states and `for` clocks); only
+    /// the holder sends. `None`: a single node, which always sends.
+    pub leader: Option<watch::Receiver<bool>>,
+}
+
 impl Alerting {
     /// Loads the rules and the notifier configuration and starts evaluating. Fails, naming the
     /// file and the problem, if any of them is invalid.
     pub fn start(
         config: &AlertingConfig,
-        external_url: String,
+        delivery: Delivery,
         store: Store,
         clock: Arc<dyn Clock>,
         retention: RetentionConfig,
@@ -375,7 +386,9 @@ impl Alerting {
                 .map_err(AlertingError::Rules)?;
         let notifier_config =
             load_notifier_config(&config.alertmanager_config).map_err(AlertingError::Receivers)?;
+        let Delivery { external_url, leader } = delivery;
         let settings = notify::Settings {
+            leader,
             external_url: external_url.clone(),
             webhook_timeout: config.webhook_timeout,
             queue_capacity: config.queue_capacity,

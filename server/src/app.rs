@@ -161,6 +161,7 @@ impl Server {
 
         // Cluster mode: batches go to the log, and this node's consumers feed the pipeline.
         let mut cluster_tasks = Vec::new();
+        let mut ruler = None;
         let mut max_batch_bytes = config.ingest.max_batch_bytes;
         let admit: Arc<dyn Admit> = if config.cluster.enabled() {
             let cluster = crate::cluster::Cluster::start(
@@ -177,6 +178,7 @@ impl Server {
             .await?;
             let gateway = cluster.gateway();
             max_batch_bytes = cluster.max_batch_bytes();
+            ruler = Some(cluster.ruler());
             cluster_tasks = cluster.tasks;
             gateway
         } else {
@@ -260,7 +262,7 @@ impl Server {
         };
         let (alerting, alerting_tasks) = Alerting::start(
             &config.alerting,
-            external_url,
+            crate::alerting::Delivery { external_url, leader: ruler },
             store.clone(),
             clock.clone(),
             config.retention.clone(),

@@ -13,13 +13,15 @@
 //!   so a restart or a replay has an exactly-once effect, and records are classified by the
 //!   gateway's clock, so every replica computes the same windows.
 //! * **Query and alerting** read the local store, which holds every partition: any node
-//!   answers any query, and one store down leaves the others answering.
+//!   answers any query, and one store down leaves the others answering. Every node evaluates
+//!   the alert rules; the one holding the ruler lease ([`lease`]) sends the notifications.
 //!
 //! The default (no `[cluster]`) is the embedded single process, with no NATS at all.
 
 pub mod config;
 pub mod consumer;
 pub mod gateway;
+pub mod lease;
 pub mod record;
 
 use std::sync::Arc;
@@ -82,6 +84,7 @@ pub struct Cluster {
     /// Publisher and consumer tasks.
     pub tasks: Vec<JoinHandle<()>>,
     max_batch_bytes: usize,
+    ruler: watch::Receiver<bool>,
 }
 
 /// How long a gateway waits for JetStream to acknowledge one publish before it retries.
@@ -147,7 +150,7 @@ impl Cluster {
             ingest.queue_capacity,
             js.clone(),
             pipeline.clone(),
-            metrics,
+            metrics.clone(),
             stop.clone(),
             shutdown_timeout,
         );
@@ -163,19 +166,34 @@ impl Cluster {
                 stop.clone(),
             )));
         }
+        let (holding, ruler) = watch::channel(false);
+        tasks.push(tokio::spawn(lease::run(
+            js.clone(),
+            config.name.clone(),
+            config.stream_replicas,
+            config.node_id.clone(),
+            holding,
+            metrics.clone(),
+            stop.clone(),
+        )));
         tracing::info!(
             node = %config.node_id,
             partitions = config.partitions,
             nats = ?config.nats,
             "cluster mode: publishing to and consuming every partition's stream"
         );
-        Ok(Cluster { gateway, tasks, max_batch_bytes })
+        Ok(Cluster { gateway, tasks, max_batch_bytes, ruler })
     }
 
     /// The largest batch this node takes: `ingest.max_batch_bytes`, or less when the NATS
     /// servers' `max_payload` is smaller.
     pub fn max_batch_bytes(&self) -> usize {
         self.max_batch_bytes
+    }
+
+    /// Whether this node holds the ruler lease (sends alert notifications).
+    pub fn ruler(&self) -> watch::Receiver<bool> {
+        self.ruler.clone()
     }
 
     /// The gateway, which ingest admits batches through.

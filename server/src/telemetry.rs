@@ -144,6 +144,8 @@ pub struct Metrics {
     pub log_bytes: Counter,
     /// Cluster mode: log publishes retried (no NATS leader, a timeout, a full stream).
     pub log_publish_retries: Counter,
+    /// Cluster mode: 1 while this node holds the ruler lease (sends alert notifications).
+    pub ruler_lease: Gauge,
     /// Requests refused or cut because they ran into a limit, by the limit's key.
     pub limit_hits: Family<LimitLabel, Counter>,
     /// Time to collect and write one flush epoch.
@@ -242,6 +244,7 @@ impl Metrics {
             log_messages: Counter::default(),
             log_bytes: Counter::default(),
             log_publish_retries: Counter::default(),
+            ruler_lease: Gauge::default(),
             limit_hits: Family::default(),
             flush_duration: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             flush_bytes: Histogram::new(exponential_buckets(1024.0, 4.0, 12)),
@@ -325,6 +328,11 @@ impl Metrics {
             "log_publish_retries",
             "Cluster mode: log publishes retried with the same message id (no stream leader, a timeout, a full stream)",
             m.log_publish_retries.clone(),
+        );
+        r.register(
+            "ruler_lease",
+            "Cluster mode: 1 while this node holds the ruler lease and sends the alert notifications",
+            m.ruler_lease.clone(),
         );
         r.register(
             "early_epochs",

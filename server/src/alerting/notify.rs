@@ -44,6 +44,12 @@ const MAINTENANCE: Duration = Duration::from_secs(60);
 /// What the notifier needs.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Cluster mode: whether this node may send (it holds the ruler lease). While it may not,
+    /// a flush logs what it would have sent without sending; on taking the lease every logged
+    /// group counts as due again, so each firing group is told once more (at most one
+    /// duplicate of what the previous holder sent) and a resolve the previous holder never
+    /// sent is not lost. `None`: always sends.
+    pub leader: Option<watch::Receiver<bool>>,
     /// `externalURL` in notifications.
     pub external_url: String,
     /// Per-request webhook timeout.
@@ -97,6 +103,20 @@ impl LogEntry {
         }
         e.timestamp + repeat.as_millis() as i64 <= now.timestamp
     }
+}
+
+/// Waits until the lease `leader` watches changes; true when this node took it. Pends forever
+/// without a lease (a single node), or once its holder is gone.
+async fn took_lease(leader: &mut Option<watch::Receiver<bool>>) -> bool {
+    let gone = match leader.as_mut() {
+        None => return std::future::pending().await,
+        Some(l) => l.changed().await.is_err(),
+    };
+    if gone {
+        *leader = None;
+        return false;
+    }
+    leader.as_mut().is_some_and(|l| *l.borrow_and_update())
 }
 
 /// Whether the incidents stage stamped `a` as a symptom of another service's incident.
@@ -340,9 +360,13 @@ impl Dispatcher {
         mut stop: watch::Receiver<bool>,
     ) {
         let mut maintenance = tokio::time::interval(MAINTENANCE);
+        let mut leader = self.settings.leader.clone();
         loop {
             let next = self.next_timer();
             tokio::select! {
+                took = took_lease(&mut leader) => if took {
+                    self.take_over();
+                },
                 batch = alerts.recv() => {
                     let Some(batch) = batch else { break };
                     let now = self.now();
@@ -364,6 +388,32 @@ impl Dispatcher {
             }
         }
         self.in_flight.abort_all();
+    }
+
+    /// This node now sends: what the log holds was logged without sending (presumably sent by
+    /// the previous holder, who may have died before it did), so every entry counts as due
+    /// for its repeat and every alert it logged as resolved as not yet told, and every group
+    /// flushes now: each firing group is told once more, each resolve once (again).
+    fn take_over(&mut self) {
+        tracing::info!(
+            groups = self.groups.len(),
+            "holding the ruler lease: sending notifications from here"
+        );
+        for entry in self.log.values_mut() {
+            // Whatever resolved while another node held the lease may never have been told.
+            let resolved = std::mem::take(&mut entry.resolved);
+            entry.firing.extend(resolved);
+            entry.timestamp = 0;
+        }
+        let groups: Vec<String> = self.groups.keys().cloned().collect();
+        for key in groups {
+            self.schedule(&key, Instant::now());
+        }
+    }
+
+    /// Whether this node sends (cluster mode: it holds the ruler lease).
+    fn leading(&self) -> bool {
+        self.settings.leader.as_ref().is_none_or(|l| *l.borrow())
     }
 
     fn now(&self) -> i64 {
@@ -624,7 +674,7 @@ impl Dispatcher {
                 });
             }
         }
-        let done = Delivered {
+        let mut done = Delivered {
             group: map_key.to_owned(),
             generation: self.generation,
             logged: Vec::new(),
@@ -632,6 +682,18 @@ impl Dispatcher {
             now,
             snapshot,
         };
+        if !self.leading() {
+            // Another node sends: remember what it presumably sent, in memory only, and keep
+            // resolved alerts in the group (for a while) in case its holder dies before telling
+            // them.
+            done.logged = due.into_iter().map(|d| (d.log_key, entry.clone())).collect();
+            done.all_ok = false;
+            if let Some(g) = self.groups.get_mut(map_key) {
+                g.alerts.retain(|_, a| !(a.resolved(now) && a.ends_at + RESOLVED_RETENTION_MS < now));
+            }
+            self.delivered(done);
+            return;
+        }
         if due.is_empty() {
             self.delivered(done);
             return;

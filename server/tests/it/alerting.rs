@@ -55,7 +55,12 @@ pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 /// An Alertmanager-style notifier configuration posting to `receiver`'s `/hook`.
-fn notifier_yaml(receiver: SocketAddr, group_by: &str, group_wait: &str, group_interval: &str) -> String {
+pub(crate) fn notifier_yaml(
+    receiver: SocketAddr,
+    group_by: &str,
+    group_wait: &str,
+    group_interval: &str,
+) -> String {
     format!(
         "route:\n  receiver: hook\n  group_by: {group_by}\n  group_wait: {group_wait}\n  group_interval: {group_interval}\n  repeat_interval: 1h\nreceivers:\n  - name: hook\n    webhook_configs:\n      - url: http://{receiver}/hook\n"
     )
@@ -70,7 +75,13 @@ pub(crate) fn alerting_config(dir: &Path, rules: &str, notifier: &str) -> tailsc
 }
 
 /// Sends spans of the given durations (ms) for each operation of `service`, started just now.
-async fn send(grpc: SocketAddr, client_id: u64, service: &str, operations: &[String], durations_ms: &[i64]) {
+pub(crate) async fn send(
+    grpc: SocketAddr,
+    client_id: u64,
+    service: &str,
+    operations: &[String],
+    durations_ms: &[i64],
+) {
     let now = now_nanos();
     let groups = operations
         .iter()
@@ -100,7 +111,7 @@ fn value(sample: &Value) -> f64 {
 }
 
 /// Waits `d` while rules keep evaluating (a quiet period in which nothing new may arrive).
-async fn quiet(d: Duration) {
+pub(crate) async fn quiet(d: Duration) {
     tokio::time::sleep(d).await;
 }
 
@@ -385,7 +396,7 @@ async fn a_bad_reload_keeps_the_running_rules_and_a_good_one_replaces_them() {
 }
 
 /// Writes a server configuration file with the rules and the notifier configuration.
-fn config_file(dir: &Path, rules: &str, notifier: &str) -> PathBuf {
+pub(crate) fn config_file(dir: &Path, rules: &str, notifier: &str) -> PathBuf {
     let rules = write(dir, "rules.yml", rules);
     let notifier = write(dir, "alertmanager.yml", notifier);
     let toml = format!(
@@ -409,7 +420,7 @@ async fn firing(http: SocketAddr) -> Vec<(String, String, String)> {
         .collect()
 }
 
-async fn wait_until(what: &str, seconds: u64, mut cond: impl FnMut() -> bool) {
+pub(crate) async fn wait_until(what: &str, seconds: u64, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
     while !cond() {
         assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");

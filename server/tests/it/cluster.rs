@@ -214,3 +214,82 @@ async fn a_nats_leader_election_costs_a_client_no_timeout_no_reconnect_and_no_sp
     a.kill().unwrap();
     a.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: a NATS cluster and two tailscope nodes through an incident, about 40 s"]
+async fn a_ruler_failover_mid_incident_loses_no_resolve_and_repeats_at_most_once() {
+    use crate::alerting::{config_file, notifier_yaml, send, Receiver};
+    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 3);
+    let (receiver, raddr) = Receiver::start().await;
+    let rules = r#"
+groups:
+  - name: tail
+    interval: 1s
+    rules:
+      - alert: Slow
+        expr: histogram_quantile(0.99, sum by (service, le) (rate(span_duration_seconds_bucket[15s]))) > 0.5
+"#;
+    let file = config_file(dir.path(), rules, &notifier_yaml(raddr, "[alertname, service]", "1s", "2s"));
+    let file = file.display().to_string();
+    let urls = nats.urls();
+    let env = |id: &'static str| {
+        [
+            ("TAILSCOPE_CONFIG", file.clone()),
+            ("TAILSCOPE_CLUSTER_NATS", urls.clone()),
+            ("TAILSCOPE_CLUSTER_NODE_ID", id.to_owned()),
+            ("TAILSCOPE_CLUSTER_PARTITIONS", PARTITIONS.to_owned()),
+            ("TAILSCOPE_CLUSTER_NAME", "ts".to_owned()),
+            ("TAILSCOPE_CLUSTER_MAX_BYTES_PER_PARTITION", "67108864".to_owned()),
+        ]
+    };
+    let spawn = |id: &'static str| {
+        let e = env(id);
+        let e: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        spawn_server(&dir.path().join(id), &e)
+    };
+    let (a, a_grpc, a_http) = spawn("a");
+    let (b, _, b_http) = spawn("b");
+    let mut nodes = [(a, a_http), (b, b_http)];
+    let holder = |text: String| metric(&text, "tailscope_ruler_lease") == 1.0;
+    let holding = |nodes: Vec<SocketAddr>| async move {
+        for (i, http) in nodes.into_iter().enumerate() {
+            if holder(metrics(http).await) {
+                return Some(i);
+            }
+        }
+        None
+    };
+    let https = vec![a_http, b_http];
+    assert_eventually!(holding(https.clone()).await.is_some(), "no node took the ruler lease");
+    let leader = holding(https).await.unwrap();
+
+    // The incident: slow spans fire the rule; one notification, from the lease holder.
+    send(a_grpc, 11, "pay", &["POST /pay".to_owned()], &[900; 20]).await;
+    assert_eventually!(receiver.bodies("/hook").len() == 1, "the firing notification");
+    // The holder dies mid-incident. The other node takes the lease once it expires, tells the
+    // firing group once more (it cannot know whether the dead holder's notice went out), and
+    // sends the resolve when the tail recovers (no slow spans for 15 s).
+    let (child, _) = &mut nodes[leader];
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let survivor = nodes[1 - leader].1;
+    assert_eventually!(holder(metrics(survivor).await), "the survivor takes the lease");
+    eprintln!("survivor took the lease; its alerts: {}", get_json(survivor, "/api/v1/alerts").await);
+    assert_eventually!(within = Duration::from_secs(90);
+        receiver.bodies("/hook").last().is_some_and(|b| b["status"] == "resolved"),
+        "the resolve after the failover: {:#?}", receiver.bodies("/hook"));
+    assert!(holder(metrics(survivor).await), "the survivor holds the lease");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let bodies = receiver.bodies("/hook");
+    let statuses: Vec<&str> = bodies.iter().map(|b| b["status"].as_str().unwrap()).collect();
+    eprintln!("notifications: {statuses:?}");
+    assert!(
+        statuses == ["firing", "resolved"] || statuses == ["firing", "firing", "resolved"],
+        "one firing (at most one repeat), then the resolve: {statuses:?}"
+    );
+    let (child, _) = &mut nodes[1 - leader];
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
