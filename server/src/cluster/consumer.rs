@@ -19,6 +19,9 @@ use tokio::sync::watch;
 use crate::pipeline::{Admission, Pipeline};
 use crate::store::LogPosition;
 
+/// How long a consumer may stay quiet before it checks that the stream has nothing newer.
+const IDLE_CHECK: Duration = Duration::from_secs(2);
+
 /// Reads partition `partition` (stream `stream`, subject `subject`) into `pipeline`, routed
 /// among `shards` shards, until `stop`. Any failure of NATS (a leader election, a lost
 /// connection) recreates the consumer from the pipeline's position.
@@ -61,7 +64,7 @@ async fn read(
     shards: usize,
 ) -> Result<(), String> {
     let from = pipeline.log_position(partition);
-    let stream = js.get_stream(stream).await.map_err(|e| e.to_string())?;
+    let mut stream = js.get_stream(stream).await.map_err(|e| e.to_string())?;
     let config = OrderedConfig {
         filter_subject: subject.to_owned(),
         deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from.seq.max(1) },
@@ -69,8 +72,21 @@ async fn read(
     };
     let consumer = stream.create_consumer(config).await.map_err(|e| e.to_string())?;
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-    while let Some(message) = messages.next().await {
-        let message = message.map_err(|e| e.to_string())?;
+    loop {
+        let message = match tokio::time::timeout(IDLE_CHECK, messages.next()).await {
+            Ok(Some(message)) => message.map_err(|e| e.to_string())?,
+            Ok(None) => break,
+            // Quiet: fine if the stream holds nothing newer. An ordered consumer lives on one
+            // NATS server; when that server dies its client notices only after missing
+            // heartbeats for half a minute, so a stream that moved on means recreate now.
+            Err(_) => {
+                let last = stream.info().await.map_err(|e| e.to_string())?.state.last_sequence;
+                if last > pipeline.log_position(partition).seq {
+                    return Err(format!("no message for {IDLE_CHECK:?} while the stream is at {last}; recreating the consumer"));
+                }
+                continue;
+            }
+        };
         let seq = message.info().map_err(|e| e.to_string())?.stream_sequence;
         let batch = match PartitionBatch::decode(message.payload.clone()) {
             Ok(b) => b,
