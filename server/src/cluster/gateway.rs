@@ -28,6 +28,8 @@ use crate::pipeline::{Admission, Admit, DurableState, Pipeline, ValidatedBatch};
 use crate::series::SpanLimits;
 use crate::telemetry::Metrics;
 
+/// How long a client's marks outlive its last batch.
+const CLIENT_IDLE: Duration = Duration::from_secs(600);
 /// How long the oldest unacknowledged batch waits before streams tell their clients.
 const STALLED_AFTER: Duration = Duration::from_secs(1);
 
@@ -53,12 +55,20 @@ impl Tickets {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ClientMarks {
     accepted: u64,
     durable: u64,
     /// Accepted seqs and their tickets, oldest first, until durable.
     waiting: VecDeque<(u64, u64)>,
+    /// When it last sent a batch.
+    last_admitted: Instant,
+}
+
+impl Default for ClientMarks {
+    fn default() -> Self {
+        ClientMarks { accepted: 0, durable: 0, waiting: VecDeque::new(), last_admitted: Instant::now() }
+    }
 }
 
 /// The [`Admit`] of a cluster node: batches go to the log; the local [`Pipeline`] is fed by
@@ -122,7 +132,13 @@ impl LogGateway {
         }
         let closing = gateway.clone();
         tasks.push(tokio::spawn(async move {
-            let _ = stop.wait_for(|&s| s).await;
+            let mut prune = tokio::time::interval(CLIENT_IDLE / 10);
+            loop {
+                tokio::select! {
+                    _ = prune.tick() => closing.forget_idle_clients(),
+                    _ = stop.wait_for(|&s| s) => break,
+                }
+            }
             closing.draining.store(true, Ordering::SeqCst);
             let deadline = tokio::time::Instant::now() + shutdown_timeout;
             let mut durable = closing.durable.subscribe();
@@ -136,6 +152,19 @@ impl LogGateway {
             closing.durable.send_modify(|s| s.closed = true);
         }));
         (gateway, tasks)
+    }
+
+    /// Forgets the clients with nothing unacknowledged that sent nothing for [`CLIENT_IDLE`]:
+    /// the gateway's marks only spare a resend another trip through the log (the stores'
+    /// per-partition watermarks are what keep it from counting twice), so memory stays
+    /// bounded by the clients of the last minutes.
+    fn forget_idle_clients(&self) {
+        let durable = self.durable.borrow().epoch;
+        self.clients.retain(|_, m| {
+            let m = m.lock();
+            let settled = m.waiting.back().is_none_or(|w| w.1 <= durable);
+            !(settled && m.last_admitted.elapsed() >= CLIENT_IDLE)
+        });
     }
 
     /// Marks one part of each of `tickets` acknowledged and publishes the new durable epoch.
@@ -203,6 +232,7 @@ impl Admit for LogGateway {
         if let Some(m) = marks.as_mut() {
             m.accepted = batch.seq;
             m.waiting.push_back((batch.seq, ticket));
+            m.last_admitted = Instant::now();
         }
         drop(marks);
         let empty = records.is_empty();

@@ -39,7 +39,13 @@ pub struct ExemplarSet {
 }
 
 impl ExemplarSet {
-    /// Offers one span of the window; `rng` is the shard's generator (advanced once per offer).
+    /// How many spans were offered.
+    pub fn seen(&self) -> u64 {
+        self.seen
+    }
+
+    /// Offers one span of the window; `rng` is a generator state, never 0 (advanced once per
+    /// offer).
     pub fn offer(&mut self, e: &Exemplar, error: bool, rng: &mut u64) {
         self.seen += 1;
         // xorshift64*: cheap, and only has to be fair, not unpredictable.

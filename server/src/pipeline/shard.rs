@@ -107,7 +107,6 @@ struct ShardState {
     now: i64,
     /// Exemplars of open windows, per (series, window).
     exemplars: HashMap<(u64, i64), ExemplarSet, IdBuildHasher>,
-    rng: u64,
     /// A group's self times ((series, window), nanoseconds, weight), recorded after its
     /// durations so the durations' run cache stays open; reused between groups.
     self_times: Vec<((u64, i64), u64, u64)>,
@@ -165,7 +164,16 @@ impl ShardState {
                     duration_nanos: span.duration_nanos,
                     adjusted_count: span.adjusted_count,
                 };
-                exemplars.offer(&exemplar, status == Status::Error, &mut self.rng);
+                // The draw depends on the span and its place in the window's order only, never
+                // on what else the shard saw: replicas applying a partition's log in order (cluster
+                // mode) keep the same exemplars.
+                let mut draw = exemplar.series
+                    ^ (exemplar.window_start as u64).rotate_left(29)
+                    ^ exemplar.span_id
+                    ^ exemplar.trace_id_low
+                    ^ exemplars.seen().wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                draw |= 1;
+                exemplars.offer(&exemplar, status == Status::Error, &mut draw);
                 histogram.record(span.duration_nanos as u64, u64::from(span.weight.max(1)));
                 if let (Some((ok, error)), true) = (route.self_series, span.self_nanos > 0) {
                     let series = if status == Status::Ok { ok } else { error };
@@ -283,7 +291,6 @@ pub async fn run(
         now: 0,
         exemplars: HashMap::default(),
         self_times: Vec::new(),
-        rng: 0x9e37_79b9_7f4a_7c15 ^ u64::from(id),
     };
     // Work of the epoch being filled, and of the next one: a batch admitted just after the
     // coordinator cut an epoch can reach this queue before that epoch's Flush message.
