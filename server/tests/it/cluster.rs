@@ -7,12 +7,11 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Child;
 use std::time::Duration;
 
 use tailscope_proto::v1::SpanBatch;
 use tailscope_test_support::nats::NatsCluster;
-use tailscope_test_support::{assert_eventually, peers};
+use tailscope_test_support::{assert_eventually, peers, Peer};
 
 use crate::common::*;
 
@@ -41,12 +40,13 @@ fn make_batch(client: u64, seq: u64, now: i64) -> SpanBatch {
     batch(client, seq, groups)
 }
 
-fn node(dir: &Path, urls: &str, id: &str) -> (Child, SocketAddr, SocketAddr) {
+fn node(dir: &Path, urls: &str, id: &str) -> (Peer, SocketAddr, SocketAddr) {
     node_with(dir, urls, id, &[])
 }
 
 /// A cluster node (8 partitions, cluster `ts`) with more environment.
-fn node_with(dir: &Path, urls: &str, id: &str, more: &[(&str, &str)]) -> (Child, SocketAddr, SocketAddr) {
+/// (Killed when dropped, also when the test fails.)
+fn node_with(dir: &Path, urls: &str, id: &str, more: &[(&str, &str)]) -> (Peer, SocketAddr, SocketAddr) {
     let mut env = vec![
         ("TAILSCOPE_CLUSTER_NATS", urls),
         ("TAILSCOPE_CLUSTER_NODE_ID", id),
@@ -55,7 +55,8 @@ fn node_with(dir: &Path, urls: &str, id: &str, more: &[(&str, &str)]) -> (Child,
         ("TAILSCOPE_CLUSTER_MAX_BYTES_PER_PARTITION", "67108864"),
     ];
     env.extend_from_slice(more);
-    spawn_server(dir, &env)
+    let (child, grpc, http) = spawn_server(dir, &env);
+    (Peer(child), grpc, http)
 }
 
 /// Every series' count and quantiles over the test's range, in label order.
@@ -109,8 +110,8 @@ async fn every_node_counts_exactly_across_a_nats_leader_kill_a_node_kill_and_a_n
     let first: Vec<SpanBatch> = (1..=N).map(|seq| make_batch(0xA1, seq, now)).collect();
     let second: Vec<SpanBatch> = (1..=N).map(|seq| make_batch(0xB2, seq, now)).collect();
 
-    let (mut a, a_grpc, a_http) = node(&dir.path().join("a"), &urls, "a");
-    let (mut b, b_grpc, _) = node(&dir.path().join("b"), &urls, "b");
+    let (_a, a_grpc, a_http) = node(&dir.path().join("a"), &urls, "a");
+    let (b, b_grpc, _) = node(&dir.path().join("b"), &urls, "b");
 
     // Client 1 streams through node a; while it does, the NATS server leading partition 0's
     // stream is killed.
@@ -128,8 +129,7 @@ async fn every_node_counts_exactly_across_a_nats_leader_kill_a_node_kill_and_a_n
     // Client 2 streams through node b, which is SIGKILLed mid-stream; the client then resends
     // everything it has no acknowledgement for through node a.
     let acked = stream_until(b_grpc, &second, Duration::from_millis(2), N / 3).await;
-    b.kill().unwrap();
-    b.wait().unwrap();
+    drop(b); // SIGKILL
     eprintln!("node b killed with client 2 acknowledged up to {acked}");
     let refusals2 = deliver(a_grpc, second[acked as usize..].to_vec()).await;
     let refusals1 = client1.await.unwrap();
@@ -142,12 +142,13 @@ async fn every_node_counts_exactly_across_a_nats_leader_kill_a_node_kill_and_a_n
 
     // The killed NATS server comes back; node b restarts on its data; node c starts empty.
     nats.start_server(leader);
-    let (mut b, _, b_http) = node(&dir.path().join("b"), &urls, "b");
-    let (mut c, _, c_http) = node(&dir.path().join("c"), &urls, "c");
+    let (_b, _, b_http) = node(&dir.path().join("b"), &urls, "b");
+    let (_c, _, c_http) = node(&dir.path().join("c"), &urls, "c");
 
     // The same batches into one single node.
     let single_dir = dir.path().join("single");
-    let (mut single, s_grpc, s_http) = spawn_server(&single_dir, &[]);
+    let (single, s_grpc, s_http) = spawn_server(&single_dir, &[]);
+    let _single = Peer(single);
     deliver(s_grpc, first.clone()).await;
     deliver(s_grpc, second.clone()).await;
     let expected = 2 * N * 60;
@@ -163,10 +164,6 @@ async fn every_node_counts_exactly_across_a_nats_leader_kill_a_node_kill_and_a_n
         );
         assert_eq!(rows(http, now).await, reference, "node {name}: counts and quantiles as one node's");
     }
-    for child in [&mut a, &mut b, &mut c, &mut single] {
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,7 +173,7 @@ async fn a_nats_leader_election_costs_a_client_no_timeout_no_reconnect_and_no_sp
     let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 3);
-    let (mut a, grpc, http) = node(&dir.path().join("a"), &nats.urls(), "a");
+    let (_a, grpc, http) = node(&dir.path().join("a"), &nats.urls(), "a");
     // Bad input is refused at the gateway as on a single node, naming what was wrong.
     let refused = |batch: SpanBatch| async move {
         let mut s = open(grpc).await;
@@ -230,8 +227,6 @@ async fn a_nats_leader_election_costs_a_client_no_timeout_no_reconnect_and_no_sp
     );
     assert_eventually!(total(&tail(http, "service=steady").await) == recorded, "every span counted once");
     nats.start_server(killed.unwrap());
-    a.kill().unwrap();
-    a.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,7 +251,7 @@ groups:
     let spawn = |id: &str| node_with(&dir.path().join(id), &urls, id, &[("TAILSCOPE_CONFIG", &file)]);
     let (a, a_grpc, a_http) = spawn("a");
     let (b, _, b_http) = spawn("b");
-    let mut nodes = [(a, a_http), (b, b_http)];
+    let mut nodes = [(Some(a), a_http), (Some(b), b_http)];
     let holder = |text: String| metric(&text, "tailscope_ruler_lease") == 1.0;
     let holding = |nodes: Vec<SocketAddr>| async move {
         for (i, http) in nodes.into_iter().enumerate() {
@@ -276,10 +271,8 @@ groups:
     // The holder dies mid-incident. The other node takes the lease once it expires, tells the
     // firing group once more (it cannot know whether the dead holder's notice went out), and
     // sends the resolve when the tail recovers (no slow spans for 15 s).
-    let (child, _) = &mut nodes[leader];
-    child.kill().unwrap();
-    child.wait().unwrap();
     let survivor = nodes[1 - leader].1;
+    drop(nodes[leader].0.take()); // SIGKILL
     assert_eventually!(holder(metrics(survivor).await), "the survivor takes the lease");
     eprintln!("survivor took the lease; its alerts: {}", get_json(survivor, "/api/v1/alerts").await);
     assert_eventually!(within = Duration::from_secs(90);
@@ -294,7 +287,4 @@ groups:
         statuses == ["firing", "resolved"] || statuses == ["firing", "firing", "resolved"],
         "one firing (at most one repeat), then the resolve: {statuses:?}"
     );
-    let (child, _) = &mut nodes[1 - leader];
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
