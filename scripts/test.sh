@@ -64,6 +64,9 @@ for suite in "${suites[@]}"; do
         alerting::a_receiver_down_for_minutes_gets_the_notification_once_when_back
         remote_write::an_unreachable_target_for_sixty_seconds_loses_nothing_that_fits_the_queue
         client::a_sixty_second_outage_ends_exact
+        cluster::every_node_counts_exactly_across_a_nats_leader_kill_a_node_kill_and_a_new_node
+        cluster::a_nats_leader_election_costs_a_client_no_timeout_no_reconnect_and_no_span
+        cluster::a_ruler_failover_mid_incident_loses_no_resolve_and_repeats_at_most_once
       )
       skips=()
       for t in "${waiting[@]}"; do skips+=(--skip "$t"); done
@@ -72,10 +75,12 @@ for suite in "${suites[@]}"; do
       # server's `it` has ignored tests; the load tool's runs none of them.
       echo "== soak suite: cargo test --workspace --test it -- --ignored --test-threads=1 (all but the outages)"
       cargo test --workspace --test it -- --ignored --test-threads=1 "${skips[@]}"
-      # ...except these three, which spend their minutes waiting out an outage (a receiver, a
-      # remote-write target, the server itself, at 500 spans/s) and so run side by side.
-      echo "== soak suite: the outages side by side (--exact --test-threads=3)"
-      cargo test --workspace --test it -- --ignored --exact --test-threads=3 "${waiting[@]}"
+      # ...except these, which spend their minutes waiting out an outage (a receiver, a
+      # remote-write target, the server itself, at 500 spans/s; NATS servers, nodes and a
+      # ruler killed, on small fixed workloads that check counts, not speed) and so run side
+      # by side.
+      echo "== soak suite: the outages side by side (--exact --test-threads=${#waiting[@]})"
+      cargo test --workspace --test it -- --ignored --exact --test-threads=${#waiting[@]} "${waiting[@]}"
       ;;
   esac
   echo "== $suite suite: $((SECONDS - started)) s (build included)"

@@ -21,6 +21,12 @@ use crate::store::LogPosition;
 
 /// How long a consumer may stay quiet before it checks that the stream has nothing newer.
 const IDLE_CHECK: Duration = Duration::from_secs(2);
+/// How long creating a consumer may take before it is tried again. NATS before 2.9.14
+/// places a one-replica consumer on a random peer of the stream, a dead one included, and
+/// such a create is never answered; a prompt retry draws again.
+const CREATE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest pause between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Reads partition `partition` (stream `stream`, subject `subject`) into `pipeline`, routed
 /// among `shards` shards, until `stop`. Any failure of NATS (a leader election, a lost
@@ -48,7 +54,7 @@ pub async fn run(
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.wait_for(|&s| s) => return,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
@@ -64,23 +70,30 @@ async fn read(
     shards: usize,
 ) -> Result<(), String> {
     let from = pipeline.log_position(partition);
-    let mut stream = js.get_stream(stream).await.map_err(|e| e.to_string())?;
-    let config = OrderedConfig {
-        filter_subject: subject.to_owned(),
-        deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from.seq.max(1) },
-        ..Default::default()
+    let create = async {
+        let stream = js.get_stream(stream).await.map_err(|e| format!("getting the stream: {e}"))?;
+        let config = OrderedConfig {
+            filter_subject: subject.to_owned(),
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from.seq.max(1) },
+            ..Default::default()
+        };
+        let consumer =
+            stream.create_consumer(config).await.map_err(|e| format!("creating a consumer: {e}"))?;
+        let messages = consumer.messages().await.map_err(|e| format!("reading: {e}"))?;
+        Ok::<_, String>((stream, messages))
     };
-    let consumer = stream.create_consumer(config).await.map_err(|e| e.to_string())?;
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let (mut stream, mut messages) = tokio::time::timeout(CREATE_TIMEOUT, create)
+        .await
+        .map_err(|_| format!("no consumer within {CREATE_TIMEOUT:?}"))??;
     loop {
         let message = match tokio::time::timeout(IDLE_CHECK, messages.next()).await {
-            Ok(Some(message)) => message.map_err(|e| e.to_string())?,
+            Ok(Some(message)) => message.map_err(|e| format!("next message: {e}"))?,
             Ok(None) => break,
             // Quiet: fine if the stream holds nothing newer. An ordered consumer lives on one
             // NATS server; when that server dies its client notices only after missing
             // heartbeats for half a minute, so a stream that moved on means recreate now.
             Err(_) => {
-                let last = stream.info().await.map_err(|e| e.to_string())?.state.last_sequence;
+                let last = stream.info().await.map_err(|e| format!("stream info: {e}"))?.state.last_sequence;
                 if last > pipeline.log_position(partition).seq {
                     return Err(format!("no message for {IDLE_CHECK:?} while the stream is at {last}; recreating the consumer"));
                 }
