@@ -13,6 +13,10 @@
 //! `tailscope-load pressure` reads the server's peak RSS and ingest acknowledgement latency
 //! while the heaviest requests its limits allow run, phase by phase, next to idle.
 //!
+//! `tailscope-load freshness` sends one-span probes and measures the time from a probe's
+//! durable acknowledgement to the first query (on the same server or another cluster node)
+//! that counts it.
+//!
 //! `tailscope-load bench` measures maximum ingest throughput with pre-encoded batches over K
 //! connections, and the server's CPU-seconds per million spans and peak RSS, read from
 //! `/proc/<pid>` of a server it starts as a child process (or one given by `--grpc` and `--pid`).
@@ -21,6 +25,7 @@ mod bench;
 mod chaos;
 mod child;
 mod compare;
+mod freshness;
 mod pressure;
 
 use clap::{Parser, Subcommand};
@@ -49,6 +54,9 @@ enum Command {
     /// Server memory and ingest acknowledgement latency while the heaviest requests the
     /// limits allow run (widest query, label and series walks, alert posts), next to idle.
     Pressure(pressure::PressureArgs),
+    /// How long after its durable acknowledgement a span is answered by a query (on the same
+    /// server, or on another node of a cluster), probe by probe.
+    Freshness(freshness::FreshnessArgs),
     /// tailscope in a minute: an embedded server, the example rules, a webhook receiver that
     /// prints grouped alerts, and steady → latency-spike → cascade traffic.
     Demo(tailscope_load::demo::DemoArgs),
@@ -66,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         Command::Compare(args) => runtime.block_on(compare::run(args)),
         Command::Chaos(args) => runtime.block_on(chaos::chaos(args)),
         Command::Pressure(args) => runtime.block_on(pressure::run(args)),
+        Command::Freshness(args) => runtime.block_on(freshness::run(args)),
         Command::Demo(args) => runtime.block_on(async {
             let out = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::new()));
             tailscope_load::demo::demo(&args, out, true).await.map(|_| ())

@@ -204,9 +204,10 @@ impl IngestService {
                 self.metrics.batches.get_or_create(&Outcome { result: "duplicate" }).inc();
                 return Ok(Receipt { epoch, duplicate: true, stats: BatchStats::default() });
             }
-            Admission::Overloaded => {
-                IngestError::Overloaded(named("shard queues are full; send again after a backoff"))
-            }
+            Admission::Overloaded => IngestError::Overloaded(named(&match self.pipeline.stalled() {
+                Some(stall) => format!("{stall}; send again after a backoff"),
+                None => "shard queues are full; send again after a backoff".into(),
+            })),
             Admission::StoreUnavailable => IngestError::StoreUnavailable(named(
                 "the store cannot write right now; send again after a backoff",
             )),

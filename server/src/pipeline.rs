@@ -216,8 +216,9 @@ pub trait Admit: Send + Sync + std::fmt::Debug {
     /// The span limits.
     fn limits(&self) -> SpanLimits;
     /// Why acknowledgements are held up right now, when they are (a cluster's log electing a
-    /// leader): open streams then tell their clients so within a second, as a throttle, so a
-    /// client waiting for an acknowledgement hears from the server and keeps its stream.
+    /// leader, or full): open streams then tell their clients so within a second, as a
+    /// throttle, so a client waiting for an acknowledgement hears from the server and keeps
+    /// its stream; a refused batch's error says it too.
     fn stalled(&self) -> Option<String> {
         None
     }

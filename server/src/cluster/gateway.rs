@@ -82,6 +82,8 @@ pub struct LogGateway {
     tickets: Mutex<Tickets>,
     durable: watch::Sender<DurableState>,
     clients: DashMap<u64, Arc<Mutex<ClientMarks>>>,
+    /// Per partition, what its failing publishes last answered (None once one succeeds).
+    failing: Vec<Mutex<Option<String>>>,
     draining: AtomicBool,
     metrics: Arc<Metrics>,
 }
@@ -113,6 +115,7 @@ impl LogGateway {
             tickets: Mutex::new(Tickets { next: 1, open: BTreeMap::new() }),
             durable: watch::Sender::new(DurableState::default()),
             clients: DashMap::new(),
+            failing: (0..config.partitions).map(|_| Mutex::new(None)).collect(),
             draining: AtomicBool::new(false),
             metrics,
         });
@@ -289,12 +292,17 @@ impl Admit for LogGateway {
     fn stalled(&self) -> Option<String> {
         let since = self.tickets.lock().open.values().next().map(|(_, since)| *since)?;
         let waited = since.elapsed();
-        (waited >= STALLED_AFTER).then(|| {
-            format!(
-                "the log has not acknowledged a batch for {} ms (NATS electing a stream leader?)",
-                waited.as_millis()
-            )
-        })
+        // What NATS answers (a full stream: "maximum bytes exceeded"), else the likely cause.
+        let failing = self
+            .failing
+            .iter()
+            .enumerate()
+            .find_map(|(p, e)| e.lock().as_ref().map(|e| format!("partition {p}: {e}")));
+        if waited < STALLED_AFTER && failing.is_none() {
+            return None;
+        }
+        let why = failing.unwrap_or_else(|| "NATS electing a stream leader?".into());
+        Some(format!("the log has not acknowledged a batch for {} ms ({why})", waited.as_millis()))
     }
 
     fn layout(&self) -> Layout {
@@ -362,6 +370,7 @@ impl Publisher {
             };
             match attempt.await {
                 Ok(_ack) => {
+                    *self.gateway.failing[self.partition as usize].lock() = None;
                     self.gateway.metrics.log_messages.inc();
                     self.gateway.metrics.log_bytes.inc_by(payload.len() as u64);
                     if let Some(since) = failing_since {
@@ -370,6 +379,7 @@ impl Publisher {
                     return;
                 }
                 Err(e) => {
+                    *self.gateway.failing[self.partition as usize].lock() = Some(e.clone());
                     self.gateway.metrics.log_publish_retries.inc();
                     if failing_since.is_none() {
                         failing_since = Some(std::time::Instant::now());

@@ -316,3 +316,66 @@ groups:
         "one firing (at most one repeat), then the resolve: {statuses:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: a NATS server and a tailscope node whose log fills, about 15 s"]
+async fn a_full_log_tells_clients_why_and_loses_nothing_once_it_has_room() {
+    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
+    let urls = nats.urls();
+    // One partition of 1 MiB on one NATS server: about 450 of these batches fill it.
+    let (_a, grpc, http) = node_with(
+        &dir.path().join("a"),
+        &urls,
+        "a",
+        &[
+            ("TAILSCOPE_CLUSTER_PARTITIONS", "1"),
+            ("TAILSCOPE_CLUSTER_STREAM_REPLICAS", "1"),
+            ("TAILSCOPE_CLUSTER_MAX_BYTES_PER_PARTITION", "1048576"),
+        ],
+    );
+    let now = now_nanos();
+    const N: u64 = 1_500;
+    let batches: Vec<SpanBatch> = (1..=N).map(|seq| make_batch(0xF1, seq, now)).collect();
+    let client = tokio::spawn(async move { deliver(grpc, batches).await });
+    let retries = "tailscope_log_publish_retries_total";
+    assert_eventually!(metric(&metrics(http).await, retries) > 0.0, "the log never filled");
+
+    // Another client is told why its batch is not acknowledged: a throttle reply while its
+    // batch waits, or the refusal when the gateway's queue is full, naming NATS's answer.
+    let mut s = open(grpc).await;
+    s.send(make_batch(0xF2, 1, now)).await;
+    // (Accepted, it is published once there is room, and counted.)
+    let (told, accepted) = loop {
+        match tokio::time::timeout(Duration::from_secs(30), s.replies.message()).await.expect("an answer") {
+            Ok(Some(r)) => match r.throttle {
+                Some(t) => break (t.reason, 60),
+                None => assert_eq!(r.durable_seq, 0, "acknowledged while the log is full: {r:?}"),
+            },
+            Ok(None) => panic!("the stream ended without a reason"),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                break (status.message().to_owned(), 0);
+            }
+        }
+    };
+    assert!(told.contains("partition 0") && told.contains("maximum bytes"), "{told}");
+    drop(s);
+    assert!(total(&rows(http, now).await) < N * 60, "everything fit: the log was not full");
+
+    // An operator gives the stream room; everything acknowledged and everything resent lands
+    // once.
+    let js = async_nats::jetstream::new(async_nats::connect(urls.as_str()).await.unwrap());
+    let mut config = js.get_stream("ts_p0").await.unwrap().info().await.unwrap().config.clone();
+    config.max_bytes = 64 << 20;
+    js.update_stream(config).await.unwrap();
+    let refusals = client.await.unwrap();
+    eprintln!("refused {refusals} times; told: {told}");
+    assert_eventually!(
+        total(&rows(http, now).await) == N * 60 + accepted,
+        "every span once: {} of {}",
+        total(&rows(http, now).await),
+        N * 60 + accepted
+    );
+}

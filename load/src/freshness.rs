@@ -1,0 +1,195 @@
+//! `tailscope-load freshness`: how long after its acknowledgement a span can be queried.
+//!
+//! One probe at a time: a batch of one span on a series of its own is streamed to the gRPC
+//! address; once the server acknowledges it durable, the query address (the same server, or
+//! another node of a cluster) is asked for the series' count until the probe is in it. The
+//! time from the acknowledgement to the first answer that counts the probe is the probe's
+//! freshness; the time from send to acknowledgement is reported next to it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use rand::Rng;
+use tailscope_proto::v1::ingest_client::IngestClient;
+use tailscope_proto::v1::{SeriesGroup, SeriesKey, Span, SpanBatch};
+
+use crate::child::{server_bin, ChildServer};
+
+/// Options of `freshness`.
+#[derive(Debug, clap::Args)]
+pub struct FreshnessArgs {
+    /// Probes to send, one at a time.
+    #[arg(long, default_value_t = 200)]
+    probes: u64,
+    /// Pause between two probes, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pause_ms: u64,
+    /// How often the query address is asked while a probe is not yet visible, in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    poll_ms: u64,
+    /// The longest a probe may stay invisible before the run fails, in seconds.
+    #[arg(long, default_value_t = 30)]
+    give_up_secs: u64,
+    /// The gRPC address probes are sent to; by default a server is started (its
+    /// `TAILSCOPE_*` environment is this process's, so a `TAILSCOPE_CLUSTER_*` environment
+    /// starts a cluster node).
+    #[arg(long, requires = "http")]
+    grpc: Option<SocketAddr>,
+    /// The HTTP address asked for the probes (another node of the cluster, or the same one).
+    #[arg(long, requires = "grpc")]
+    http: Option<SocketAddr>,
+    /// The tailscope-server binary to start (default: next to this binary).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `freshness` and prints what it measured.
+pub async fn run(args: FreshnessArgs) -> anyhow::Result<()> {
+    if args.probes == 0 {
+        bail!("--probes must be at least 1");
+    }
+    let _data;
+    let _server;
+    let (grpc, http) = match (args.grpc, args.http) {
+        (Some(g), Some(h)) => (g, h),
+        _ => {
+            let bin = server_bin(args.server_bin.as_deref())?;
+            _data = tempfile::tempdir()?;
+            let server = ChildServer::start(&bin, _data.path(), "127.0.0.1:0", "127.0.0.1:0", &[])?;
+            let addrs = (server.grpc, server.http);
+            _server = server;
+            addrs
+        }
+    };
+    let m = measure(&args, grpc, http).await?;
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    if args.json {
+        let v = serde_json::json!({
+            "probes": args.probes,
+            "poll_ms": args.poll_ms,
+            "ack_ms": {"p50": ms(&m.ack, 0.5), "p99": ms(&m.ack, 0.99), "max": m.ack.max() as f64 / 1000.0},
+            "visible_after_ack_ms": {
+                "p50": ms(&m.visible, 0.5),
+                "p99": ms(&m.visible, 0.99),
+                "max": m.visible.max() as f64 / 1000.0,
+            },
+            "visible_at_ack": m.at_ack,
+        });
+        println!("{v}");
+    } else {
+        println!("probes                 {} (one at a time, {} ms apart)", args.probes, args.pause_ms);
+        println!(
+            "send → durable ack     p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+            ms(&m.ack, 0.5),
+            ms(&m.ack, 0.99),
+            m.ack.max() as f64 / 1000.0
+        );
+        println!(
+            "ack → visible          p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms (polled every {} ms)",
+            ms(&m.visible, 0.5),
+            ms(&m.visible, 0.99),
+            m.visible.max() as f64 / 1000.0,
+            args.poll_ms
+        );
+        println!("visible at the ack     {} of {}", m.at_ack, args.probes);
+    }
+    Ok(())
+}
+
+/// What the probes measured, in microseconds.
+struct Measured {
+    ack: Histogram<u64>,
+    visible: Histogram<u64>,
+    /// Probes the first query after their acknowledgement already counted.
+    at_ack: u64,
+}
+
+async fn measure(args: &FreshnessArgs, grpc: SocketAddr, http: SocketAddr) -> anyhow::Result<Measured> {
+    let mut rng = rand::thread_rng();
+    let client_id: u64 = rng.gen_range(1..u64::MAX);
+    // A series of this run's own, so a previous run's spans never count.
+    let operation = format!("probe-{client_id:016x}");
+    let mut client = IngestClient::connect(format!("http://{grpc}")).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut replies = client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    let query = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let mut ack = Histogram::<u64>::new(3)?;
+    let mut visible = Histogram::<u64>::new(3)?;
+    let mut at_ack = 0;
+    for seq in 1..=args.probes {
+        let now = now_nanos();
+        let batch = SpanBatch {
+            client_id,
+            seq,
+            groups: vec![SeriesGroup {
+                key: Some(SeriesKey {
+                    service: "tailscope-freshness".into(),
+                    operation: operation.clone(),
+                    ..Default::default()
+                }),
+                spans: vec![Span {
+                    start_unix_nanos: now - 1_000_000,
+                    duration_nanos: 1_000_000,
+                    span_id: seq,
+                    ..Default::default()
+                }],
+            }],
+            deltas: vec![],
+        };
+        let sent = Instant::now();
+        tx.send(batch).await.context("the ingest stream closed")?;
+        loop {
+            let reply = replies.message().await?.context("the ingest stream ended")?;
+            if reply.durable_seq >= seq {
+                break;
+            }
+        }
+        let acked = Instant::now();
+        ack.record(acked.duration_since(sent).as_micros() as u64)?;
+        let mut first = true;
+        loop {
+            if count(&query, http, &operation).await? >= seq {
+                break;
+            }
+            first = false;
+            if acked.elapsed() > Duration::from_secs(args.give_up_secs) {
+                bail!("probe {seq} was acknowledged but not visible at {http} after {} s", args.give_up_secs);
+            }
+            tokio::time::sleep(Duration::from_millis(args.poll_ms)).await;
+        }
+        if first {
+            at_ack += 1;
+            visible.record(0)?;
+        } else {
+            visible.record(acked.elapsed().as_micros() as u64)?;
+        }
+        tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;
+    }
+    Ok(Measured { ack, visible, at_ack })
+}
+
+/// The probe series' count over the last ten minutes, as `/api/v1/tail` answers it.
+async fn count(http: &reqwest::Client, addr: SocketAddr, operation: &str) -> anyhow::Result<u64> {
+    let now = now_nanos() / 1_000_000_000;
+    let url = format!(
+        "http://{addr}/api/v1/tail?service=tailscope-freshness&operation={operation}&start={}&end={}",
+        now - 600,
+        now + 60
+    );
+    let v: serde_json::Value =
+        http.get(&url).send().await.with_context(|| format!("cannot reach {addr}"))?.json().await?;
+    if v["status"] != "success" {
+        bail!("{url}: {v}");
+    }
+    Ok(v["data"]["series"].as_array().map_or(0, |rows| rows.iter().filter_map(|r| r["count"].as_u64()).sum()))
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
