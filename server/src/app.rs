@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::alerting::Alerting;
 use crate::clock::{Clock, SystemClock};
+use crate::cluster::config::Role;
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::ingest::otlp::{grpc::OtlpService, http as otlp_http};
@@ -201,6 +202,14 @@ impl Server {
             sampler.clone(),
             cardinality,
         );
+        let ingest = if config.cluster.has(Role::Gateway) {
+            ingest
+        } else {
+            ingest.refusing(&format!(
+                "this node takes no spans (cluster.roles = {}); send them to a gateway node",
+                config.cluster.roles_text()
+            ))
+        };
         let otlp_http_routes = otlp_http::router(
             ingest.clone(),
             otlp_http::HttpConfig {
@@ -284,6 +293,13 @@ impl Server {
             queries: Arc::new(tokio::sync::Semaphore::new(config.query.max_concurrency)),
             reloader: reloader.clone(),
             auth: auth.clone(),
+            refusing_queries: (!config.cluster.has(Role::Query)).then(|| {
+                format!(
+                    "this node answers no queries (cluster.roles = {}); ask a node with the query role",
+                    config.cluster.roles_text()
+                )
+                .into()
+            }),
         };
         let http = tokio::spawn(crate::listener::serve_http(
             http_listener,

@@ -30,7 +30,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use self::config::ClusterConfig;
+pub use self::config::{ClusterConfig, Role};
 use crate::pipeline::{Admit, Pipeline};
 use crate::telemetry::Metrics;
 
@@ -155,7 +155,8 @@ impl Cluster {
             shutdown_timeout,
         );
         let shards = pipeline.shard_count();
-        for p in 0..config.partitions {
+        let partitions = if config.has(Role::Store) { config.partitions } else { 0 };
+        for p in 0..partitions {
             tasks.push(tokio::spawn(consumer::run(
                 js.clone(),
                 config.stream(p),
@@ -166,21 +167,25 @@ impl Cluster {
                 stop.clone(),
             )));
         }
+        // Without the ruler role the node never holds the lease, so never sends.
         let (holding, ruler) = watch::channel(false);
-        tasks.push(tokio::spawn(lease::run(
-            js.clone(),
-            config.name.clone(),
-            config.stream_replicas,
-            config.node_id.clone(),
-            holding,
-            metrics.clone(),
-            stop.clone(),
-        )));
+        if config.has(Role::Ruler) {
+            tasks.push(tokio::spawn(lease::run(
+                js.clone(),
+                config.name.clone(),
+                config.stream_replicas,
+                config.node_id.clone(),
+                holding,
+                metrics.clone(),
+                stop.clone(),
+            )));
+        }
         tracing::info!(
             node = %config.node_id,
             partitions = config.partitions,
+            roles = %config.roles_text(),
             nats = ?config.nats,
-            "cluster mode: publishing to and consuming every partition's stream"
+            "cluster mode: started"
         );
         Ok(Cluster { gateway, tasks, max_batch_bytes, ruler })
     }

@@ -49,18 +49,31 @@ pub struct AppState {
     pub reloader: crate::reload::Reloader,
     /// Who may read, write and administer.
     pub auth: Arc<crate::auth::Auth>,
+    /// Why queries are refused (a cluster node without the query role).
+    pub refusing_queries: Option<Arc<str>>,
 }
 
 /// The routes of the HTTP listener.
 pub fn router(state: AppState) -> Router {
+    let mut queries =
+        Router::new().route("/api/v1/tail", get(tail)).merge(prometheus::routes()).merge(topology::routes());
+    if let Some(why) = state.refusing_queries.clone() {
+        queries =
+            queries.route_layer(axum::middleware::from_fn(
+                move |_: axum::extract::Request, _: axum::middleware::Next| {
+                    let why = why.clone();
+                    async move {
+                        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why).into_response()
+                    }
+                },
+            ));
+    }
     Router::new()
         .route("/-/healthy", get(healthy))
         .route("/-/ready", get(ready))
         .route("/metrics", get(metrics))
-        .route("/api/v1/tail", get(tail))
         .route("/api/v1/sampling", get(sampling))
-        .merge(prometheus::routes())
-        .merge(topology::routes())
+        .merge(queries)
         .merge(alerts::routes())
         .layer(axum::middleware::from_fn_with_state(state.auth.clone(), crate::auth::guard_http))
         .with_state(state)

@@ -73,6 +73,9 @@ pub enum IngestError {
     /// The client id belongs to another credential (PERMISSION_DENIED, HTTP 403).
     #[error("{0}")]
     NotOwner(String),
+    /// This cluster node takes no spans: send them to a gateway (UNAVAILABLE, HTTP 503).
+    #[error("{0}")]
+    NotGateway(String),
 }
 
 impl IngestError {
@@ -85,6 +88,7 @@ impl IngestError {
             IngestError::StoreUnavailable(_) => Some("store_unavailable"),
             IngestError::SeqGap(_) => Some("seq_gap"),
             IngestError::NotOwner(_) => Some("not_owner"),
+            IngestError::NotGateway(_) => Some("not_gateway"),
             IngestError::Draining => None,
         }
     }
@@ -95,7 +99,9 @@ impl IngestError {
             IngestError::Invalid(_) | IngestError::SeqGap(_) => tonic::Code::InvalidArgument,
             IngestError::NotOwner(_) => tonic::Code::PermissionDenied,
             IngestError::TooLarge(_) | IngestError::Overloaded(_) => tonic::Code::ResourceExhausted,
-            IngestError::StoreUnavailable(_) | IngestError::Draining => tonic::Code::Unavailable,
+            IngestError::StoreUnavailable(_) | IngestError::Draining | IngestError::NotGateway(_) => {
+                tonic::Code::Unavailable
+            }
         };
         tonic::Status::new(code, self.to_string())
     }
@@ -110,6 +116,7 @@ impl IngestError {
             IngestError::Overloaded(_) => (429, Some(1)),
             IngestError::StoreUnavailable(_) => (503, Some(5)),
             IngestError::Draining => (503, Some(1)),
+            IngestError::NotGateway(_) => (503, None),
         }
     }
 }
@@ -138,6 +145,8 @@ pub struct IngestService {
     cardinality: Arc<crate::cardinality::Cardinality>,
     /// Client/server pairing of OpenTelemetry spans.
     pairing: Arc<otlp::pairing::Pairing>,
+    /// Why every batch is refused (a cluster node without the gateway role).
+    refusing: Option<Arc<str>>,
 }
 
 impl IngestService {
@@ -160,7 +169,15 @@ impl IngestService {
             throttle_high_water: config.throttle_high_water,
             cardinality,
             pairing: Arc::default(),
+            refusing: None,
         }
+    }
+
+    /// The same service refusing every batch with UNAVAILABLE and `why` (a cluster node that
+    /// is not a gateway).
+    pub fn refusing(mut self, why: &str) -> IngestService {
+        self.refusing = Some(why.into());
+        self
     }
 
     /// Validates and admits one batch. Refusals are counted here, so adapters only translate.
@@ -176,6 +193,11 @@ impl IngestService {
         origin: Origin,
         owner: u64,
     ) -> Result<Receipt, IngestError> {
+        if let Some(why) = &self.refusing {
+            let e = IngestError::NotGateway(origin.name(batch.seq, why));
+            self.refused(&e, 0);
+            return Err(e);
+        }
         let mut batch = batch;
         if origin == Origin::Otlp {
             self.pair(&mut batch);

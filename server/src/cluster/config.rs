@@ -33,6 +33,37 @@ pub struct ClusterConfig {
     /// How long a node waits for NATS at start-up.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// What this node does; all four by default.
+    pub roles: Vec<Role>,
+}
+
+/// A part a cluster node plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Takes spans (native, OTLP gRPC and HTTP) and publishes them to the log.
+    Gateway,
+    /// Reads every partition's log into its own store.
+    Store,
+    /// Answers queries (the Prometheus API, `/api/v1/tail`, the service graph) from its store.
+    Query,
+    /// May hold the ruler lease and send alert notifications (rules read its store).
+    Ruler,
+}
+
+impl Role {
+    /// Every role: a node's default.
+    pub const ALL: [Role; 4] = [Role::Gateway, Role::Store, Role::Query, Role::Ruler];
+
+    /// Its name in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Gateway => "gateway",
+            Role::Store => "store",
+            Role::Query => "query",
+            Role::Ruler => "ruler",
+        }
+    }
 }
 
 impl Default for ClusterConfig {
@@ -47,6 +78,7 @@ impl Default for ClusterConfig {
             max_bytes_per_partition: 256 << 20,
             max_message_bytes: 1 << 20,
             connect_timeout: Duration::from_secs(10),
+            roles: Role::ALL.to_vec(),
         }
     }
 }
@@ -91,11 +123,38 @@ impl ClusterConfig {
         if self.max_age < Duration::from_secs(60) {
             return Err(("cluster.max_age", "must be at least 1m".into()));
         }
+        if self.roles.is_empty() {
+            return Err(("cluster.roles", "must name at least one of gateway, store, query, ruler".into()));
+        }
+        // Queries and rules read this node's own store: every store holds every partition.
+        for needs_store in [Role::Query, Role::Ruler] {
+            if self.has(needs_store) && !self.has(Role::Store) {
+                return Err((
+                    "cluster.roles",
+                    format!(
+                        "{} reads this node's store: add store to {}",
+                        needs_store.as_str(),
+                        self.roles_text()
+                    ),
+                ));
+            }
+        }
         for url in &self.nats {
             url.parse::<async_nats::ServerAddr>()
                 .map_err(|e| ("cluster.nats", format!("{url:?} is not a NATS server address: {e}")))?;
         }
         Ok(())
+    }
+
+    /// Whether this node plays `role` (always, on a single node).
+    pub fn has(&self, role: Role) -> bool {
+        !self.enabled() || self.roles.contains(&role)
+    }
+
+    /// The roles as configured: `[store, query]`.
+    pub fn roles_text(&self) -> String {
+        let names: Vec<&str> = self.roles.iter().map(|r| r.as_str()).collect();
+        format!("[{}]", names.join(", "))
     }
 
     /// The stream of partition `p`.

@@ -27,6 +27,31 @@ fn cluster_settings_are_checked_only_when_it_is_on() {
     assert_eq!(on(|c| c.partitions = 0), Some("cluster.partitions"));
     assert_eq!(on(|c| c.stream_replicas = 2), Some("cluster.stream_replicas"));
     assert_eq!(on(|c| c.nats = vec!["::nonsense::".into()]), Some("cluster.nats"));
+    assert_eq!(on(|c| c.roles.clear()), Some("cluster.roles"));
+    assert_eq!(on(|c| c.roles = vec![Role::Gateway]), None);
+    assert_eq!(on(|c| c.roles = vec![Role::Store]), None);
+    assert_eq!(on(|c| c.roles = vec![Role::Gateway, Role::Query]), Some("cluster.roles"));
+    assert_eq!(on(|c| c.roles = vec![Role::Ruler]), Some("cluster.roles"));
+}
+
+#[test]
+fn a_single_node_plays_every_role_and_a_cluster_node_those_it_names() {
+    let single = ClusterConfig::default();
+    assert!(Role::ALL.iter().all(|&r| single.has(r)));
+    let node = ClusterConfig {
+        nats: vec!["nats://127.0.0.1:4222".into()],
+        node_id: "a".into(),
+        roles: vec![Role::Store, Role::Query],
+        ..ClusterConfig::default()
+    };
+    assert!(node.has(Role::Store) && node.has(Role::Query));
+    assert!(!node.has(Role::Gateway) && !node.has(Role::Ruler));
+    assert_eq!(node.roles_text(), "[store, query]");
+    let toml: ClusterConfig =
+        toml::from_str("nats = [\"nats://n:4222\"]\nnode_id = \"b\"\nroles = [\"gateway\"]").unwrap();
+    assert_eq!(toml.roles, vec![Role::Gateway]);
+    let e = toml::from_str::<ClusterConfig>("roles = [\"reader\"]").unwrap_err().to_string();
+    assert!(e.contains("unknown variant `reader`") && e.contains("gateway"), "{e}");
 }
 
 use tailscope_proto::histogram::Recorder;

@@ -379,3 +379,60 @@ async fn a_full_log_tells_clients_why_and_loses_nothing_once_it_has_room() {
         N * 60 + accepted
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: a NATS server, a gateway node and a store node, a few seconds"]
+async fn a_gateway_node_and_a_store_node_split_the_work_and_refuse_the_rest_by_name() {
+    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
+    let urls = nats.urls();
+    let one = [("TAILSCOPE_CLUSTER_STREAM_REPLICAS", "1")];
+    let with = |roles: &'static str| {
+        let mut env = one.to_vec();
+        env.push(("TAILSCOPE_CLUSTER_ROLES", roles));
+        env
+    };
+    let (_g, g_grpc, g_http) = node_with(&dir.path().join("g"), &urls, "g", &with("gateway"));
+    let (_s, s_grpc, s_http) = node_with(&dir.path().join("s"), &urls, "s", &with("store,query,ruler"));
+
+    // Spans go in through the gateway and are answered by the store.
+    let now = now_nanos();
+    const N: u64 = 50;
+    deliver(g_grpc, (1..=N).map(|seq| make_batch(0x61, seq, now)).collect()).await;
+    assert_eventually!(
+        total(&rows(s_http, now).await) == N * 60,
+        "the store node has every span: {} of {}",
+        total(&rows(s_http, now).await),
+        N * 60
+    );
+
+    // The store node takes no spans, and the gateway answers no queries, each saying why.
+    let mut s = open(s_grpc).await;
+    s.send(make_batch(0x62, 1, now)).await;
+    let e = s.wait_error().await;
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("takes no spans (cluster.roles = [store, query, ruler])"), "{e:?}");
+    let r = reqwest::get(format!("http://{g_http}/api/v1/query?query=up")).await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("answers no queries (cluster.roles = [gateway])"),
+        "{body}"
+    );
+    // Its own metrics are still served.
+    assert!(metrics(g_http).await.contains("tailscope_log_messages_total"));
+
+    // A node may not answer queries from a store it does not have.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tailscope-server"))
+        .arg("--data-dir")
+        .arg(dir.path().join("q"))
+        .env("TAILSCOPE_CLUSTER_NATS", &urls)
+        .env("TAILSCOPE_CLUSTER_NODE_ID", "q")
+        .env("TAILSCOPE_CLUSTER_ROLES", "gateway,query")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("cluster.roles") && said.contains("query reads this node's store"), "{said}");
+}
