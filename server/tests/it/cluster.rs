@@ -318,7 +318,7 @@ groups:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "soak: a NATS server and a tailscope node whose log fills, about 15 s"]
+#[ignore = "soak: a NATS server and a tailscope node whose log fills, a few seconds"]
 async fn a_full_log_tells_clients_why_and_loses_nothing_once_it_has_room() {
     let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
     let dir = tempfile::tempdir().unwrap();
