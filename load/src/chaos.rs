@@ -5,6 +5,12 @@
 //! Faults: `kill` — SIGKILL, then a restart on the same ports and data, as a supervisor would;
 //! `pause` — SIGSTOP for `--pause`, then SIGCONT (a hung server: connections stay up, nothing
 //! answers; the clients' ack timeout and breaker must notice).
+//!
+//! With `--cluster`, the target is a cluster: three `nats-server`s (from PATH) and two
+//! tailscope nodes, the clients sending to node a and the answers read from node b (so the
+//! check covers the log and the other node's store). `kill` and `pause` hit node a;
+//! `nats-leader` SIGKILLs the NATS server leading partition 0's stream and restarts it after
+//! `--pause`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tailscope_load::run::{run, Report, RunArgs, Scenario};
+
+use tailscope_test_support::nats::NatsCluster;
 
 use crate::child::{server_bin, ChildServer};
 
@@ -23,6 +31,9 @@ pub enum Fault {
     Kill,
     /// SIGSTOP the server for `--pause`, then SIGCONT.
     Pause,
+    /// (`--cluster` only) SIGKILL the NATS server leading partition 0's stream; restart it
+    /// after `--pause`.
+    NatsLeader,
 }
 
 impl std::fmt::Display for Fault {
@@ -60,6 +71,10 @@ pub struct ChaosArgs {
     /// The tailscope-server binary (default: next to this binary).
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// Against a cluster: three `nats-server`s (from PATH) and two tailscope nodes; clients
+    /// send to one node, the answers come from the other.
+    #[arg(long)]
+    cluster: bool,
     /// Print the outcome as JSON.
     #[arg(long)]
     json: bool,
@@ -85,9 +100,24 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
     let bin = server_bin(args.server_bin.as_deref())?;
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let server = ChildServer::start(&bin, &data, "127.0.0.1:0", "127.0.0.1:0", &[])?;
-    let (grpc, http) = (server.grpc, server.http);
+    anyhow::ensure!(
+        args.cluster || args.fault != Fault::NatsLeader,
+        "--fault nats-leader needs --cluster (a single node has no NATS)"
+    );
+    // In a cluster: NATS, node a (the clients' and the fault's) and node b (the answers').
+    let cluster = if args.cluster { Some(Cluster::start(dir.path())?) } else { None };
+    let env = cluster.as_ref().map_or_else(Vec::new, |c| c.env("a"));
+    let server = ChildServer::start(&bin, &data, "127.0.0.1:0", "127.0.0.1:0", &env)?;
+    let other = match &cluster {
+        Some(c) => {
+            Some(ChildServer::start(&bin, &dir.path().join("b"), "127.0.0.1:0", "127.0.0.1:0", &c.env("b"))?)
+        }
+        None => None,
+    };
+    let (grpc, http) = (server.grpc, other.as_ref().map_or(server.http, |b| b.http));
+    let own_http = server.http;
     let server = Arc::new(std::sync::Mutex::new(server));
+    let nats = cluster.map(|c| Arc::new(std::sync::Mutex::new(c)));
     let run_args = RunArgs {
         scenario: args.scenario,
         rate: args.rate,
@@ -100,12 +130,14 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
         quiet: args.json,
         compare: true,
         seed: args.seed,
+        // The other node applies what the log acknowledged a moment later.
+        settle: if args.cluster { Duration::from_secs(30) } else { Duration::ZERO },
         plot: None,
     };
     let at = args.duration / 3;
     let started = Instant::now();
     let injector = {
-        let (server, fault, pause) = (server.clone(), args.fault, args.pause);
+        let (server, fault, pause, nats) = (server.clone(), args.fault, args.pause, nats.clone());
         let quiet = args.json;
         tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
             std::thread::sleep(at);
@@ -123,7 +155,8 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
                     // A supervisor restarts it on the same ports and data.
                     let deadline = Instant::now() + Duration::from_secs(30);
                     *guard = loop {
-                        match ChildServer::start(&bin, &data, &grpc.to_string(), &http.to_string(), &[]) {
+                        match ChildServer::start(&bin, &data, &grpc.to_string(), &own_http.to_string(), &env)
+                        {
                             Ok(s) => break s,
                             Err(e) if Instant::now() < deadline => {
                                 say(format!("restart failed ({e}); retrying"));
@@ -146,6 +179,20 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
                     std::thread::sleep(pause);
                     signal("-CONT")?;
                     say("SIGCONT".into());
+                }
+                Fault::NatsLeader => {
+                    let nats = nats.context("no NATS cluster")?;
+                    let mut nats = nats.lock().map_err(|_| anyhow::anyhow!("NATS handle poisoned"))?;
+                    let leader =
+                        nats.cluster.leader_of(&nats.stream0).context("no NATS server leads partition 0")?;
+                    say(format!(
+                        "SIGKILL to NATS server {} (leader of {})",
+                        nats.cluster.servers[leader].name, nats.stream0
+                    ));
+                    nats.cluster.kill(leader);
+                    std::thread::sleep(pause);
+                    nats.cluster.start_server(leader);
+                    say(format!("NATS server {} restarted", nats.cluster.servers[leader].name));
                 }
             }
             Ok(gone.elapsed().as_secs_f64())
@@ -188,4 +235,32 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
     }
     anyhow::ensure!(outcome.exact, "chaos {}: not exact: {}", outcome.fault, outcome.mismatches.join("; "));
     Ok(())
+}
+
+/// Three `nats-server`s for `--cluster`, and what a node needs to join them.
+struct Cluster {
+    cluster: NatsCluster,
+    /// Partition 0's stream.
+    stream0: String,
+}
+
+impl Cluster {
+    fn start(dir: &std::path::Path) -> anyhow::Result<Cluster> {
+        let bin = tailscope_test_support::on_path("nats-server")
+            .context("--cluster needs nats-server on PATH (Debian: apt-get install nats-server)")?;
+        let cluster = NatsCluster::start(&bin, &dir.join("nats"), 3);
+        Ok(Cluster { cluster, stream0: "chaos_p0".into() })
+    }
+
+    /// The environment of node `id`.
+    fn env(&self, id: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("TAILSCOPE_CLUSTER_NATS", self.cluster.urls()),
+            ("TAILSCOPE_CLUSTER_NODE_ID", id.to_owned()),
+            ("TAILSCOPE_CLUSTER_NAME", "chaos".to_owned()),
+            ("TAILSCOPE_CLUSTER_PARTITIONS", "4".to_owned()),
+            ("TAILSCOPE_CLUSTER_MAX_BYTES_PER_PARTITION", (64u64 << 20).to_string()),
+            ("TAILSCOPE_INGEST_FLUSH_INTERVAL", "200ms".to_owned()),
+        ]
+    }
 }

@@ -200,6 +200,7 @@ pub async fn demo(args: &DemoArgs, out: Arc<Mutex<Vec<u8>>>, echo: bool) -> anyh
             quiet: true,
             compare: false,
             seed: args.seed,
+            settle: Duration::ZERO,
             plot: None,
         };
         let mut buf = Vec::new();

@@ -80,6 +80,10 @@ pub struct RunArgs {
     /// Random seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// How long to wait for the server's count of a service to reach the clients' before
+    /// comparing (a cluster node answers what its log acknowledged a moment later).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub settle: Duration,
     /// Draw p50/p99/p99.9 over time per service from the server into this file (.svg or .png).
     #[arg(long)]
     pub plot: Option<std::path::PathBuf>,
@@ -508,13 +512,20 @@ pub async fn run(args: &RunArgs, out: &mut (dyn std::io::Write + Send)) -> anyho
         let quantile = |phi: f64| {
             format!("histogram_quantile({phi}, sum by (le) (increase(span_duration_seconds_bucket{sel}[{range}s])))")
         };
-        let count = q(format!("sum(increase(span_duration_seconds_count{sel}[{range}s]))")).await?;
+        let n = s.hist.len();
+        let settled = Instant::now() + args.settle;
+        let count = loop {
+            let count = q(format!("sum(increase(span_duration_seconds_count{sel}[{range}s]))")).await?;
+            if count.unwrap_or(0.0) >= n as f64 || Instant::now() >= settled {
+                break count;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         let errors = q(format!(
             "sum(increase(span_duration_seconds_count{{service=\"{name}\",status=\"error\"}}[{range}s]))"
         ))
         .await?;
         let secs = |ns: u64| ns as f64 / 1e9;
-        let n = s.hist.len();
         services.push(ServiceReport {
             service: name,
             client_count: n,

@@ -1,8 +1,9 @@
 //! `tailscope-load chaos` end to end: the command starts a real server process, drives a
 //! scenario through the client crate, breaks the server at a third of the run, and reports
-//! whether every recorded span was counted exactly once. (The longer chaos tests — a 30 s
-//! SIGSTOP, a full disk, a cardinality bomb against the memory bound — are in
-//! `server/tests/chaos.rs`.)
+//! whether every recorded span was counted exactly once; with `--cluster`, against three
+//! nats-servers and two nodes, read from the node the clients did not send to. (The longer
+//! chaos tests — a 30 s SIGSTOP, a full disk, a cardinality bomb against the memory bound —
+//! are in `server/tests/chaos.rs`.)
 #![allow(clippy::unwrap_used)]
 
 use std::process::Command;
@@ -71,4 +72,31 @@ fn a_paused_server_ends_exact() {
     assert_exact(&v);
     assert!(v["report"]["clients"]["folded"].as_u64().unwrap() > 0, "nothing was folded while paused");
     assert!(v["report"]["clients"]["ack_timeouts"].as_u64().unwrap() >= 1, "{v:#}");
+}
+
+/// Against a cluster (three nats-servers, two nodes): the NATS server leading a partition's
+/// stream SIGKILLed under steady traffic to node a, restarted 3 s later; node b, which the
+/// answers come from, counts every span once, and no client timed out.
+#[test]
+fn a_nats_leader_killed_under_a_cluster_ends_exact_on_the_other_node() {
+    if tailscope_test_support::peers(&["nats-server"], "nats-server").is_none() {
+        return;
+    }
+    let (v, status) = chaos(&[
+        "--cluster",
+        "--fault",
+        "nats-leader",
+        "--pause",
+        "3s",
+        "--scenario",
+        "steady",
+        "--rate",
+        "200",
+        "--duration",
+        "9s",
+    ]);
+    assert!(status.success());
+    assert_eq!(v["fault"], "nats-leader");
+    assert_exact(&v);
+    assert_eq!(v["report"]["clients"]["ack_timeouts"], 0, "{v:#}");
 }

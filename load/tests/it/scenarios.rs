@@ -86,6 +86,7 @@ async fn scenario_plotted(
         quiet: false,
         compare: true,
         seed: 7,
+        settle: std::time::Duration::ZERO,
         plot,
     };
     let mut out = Vec::new();
