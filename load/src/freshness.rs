@@ -24,9 +24,13 @@ pub struct FreshnessArgs {
     /// Probes to send, one at a time.
     #[arg(long, default_value_t = 200)]
     probes: u64,
-    /// Pause between two probes, in milliseconds.
+    /// Pause between two probes, in milliseconds, plus a random share of `--jitter-ms` (so
+    /// probes land anywhere in the server's flush interval, not right after the last flush).
     #[arg(long, default_value_t = 50)]
     pause_ms: u64,
+    /// The most a pause is lengthened at random, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    jitter_ms: u64,
     /// How often the query address is asked while a probe is not yet visible, in milliseconds.
     #[arg(long, default_value_t = 5)]
     poll_ms: u64,
@@ -83,7 +87,12 @@ pub async fn run(args: FreshnessArgs) -> anyhow::Result<()> {
         });
         println!("{v}");
     } else {
-        println!("probes                 {} (one at a time, {} ms apart)", args.probes, args.pause_ms);
+        println!(
+            "probes                 {} (one at a time, {}–{} ms apart)",
+            args.probes,
+            args.pause_ms,
+            args.pause_ms + args.jitter_ms
+        );
         println!(
             "send → durable ack     p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
             ms(&m.ack, 0.5),
@@ -169,7 +178,8 @@ async fn measure(args: &FreshnessArgs, grpc: SocketAddr, http: SocketAddr) -> an
         } else {
             visible.record(acked.elapsed().as_micros() as u64)?;
         }
-        tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;
+        let jitter = if args.jitter_ms > 0 { rng.gen_range(0..args.jitter_ms) } else { 0 };
+        tokio::time::sleep(Duration::from_millis(args.pause_ms + jitter)).await;
     }
     Ok(Measured { ack, visible, at_ack })
 }

@@ -13,7 +13,17 @@ fn on_one_node_every_probe_is_queryable_at_its_acknowledgement() {
     // The started server inherits the environment: epochs of 50 ms, so probes are
     // acknowledged in about that (the default second would make this test 30 s long).
     let out = Command::new(load)
-        .args(["freshness", "--probes", "30", "--pause-ms", "5", "--json", "--server-bin"])
+        .args([
+            "freshness",
+            "--probes",
+            "30",
+            "--pause-ms",
+            "5",
+            "--jitter-ms",
+            "20",
+            "--json",
+            "--server-bin",
+        ])
         .arg(&server)
         .env("TAILSCOPE_INGEST_FLUSH_INTERVAL", "50ms")
         .output()

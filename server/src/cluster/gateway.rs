@@ -325,10 +325,21 @@ struct Publisher {
 }
 
 impl Publisher {
+    /// Publishes until the gateway has closed (after its drain: what was accepted is published
+    /// or its deadline passed).
     async fn run(self, mut rx: mpsc::Receiver<Outgoing>) {
         let mut seq = 0u64;
         let mut tickets = Vec::new();
-        while let Some(first) = rx.recv().await {
+        let mut state = self.gateway.durable.subscribe();
+        loop {
+            let first = tokio::select! {
+                biased;
+                first = rx.recv() => match first {
+                    Some(first) => first,
+                    None => return,
+                },
+                _ = state.wait_for(|s| s.closed) => return,
+            };
             tickets.clear();
             let mut bytes = first.record.encoded_len();
             tickets.push(first.ticket);
@@ -352,13 +363,17 @@ impl Publisher {
             };
             let payload = bytes::Bytes::from(message.encode_to_vec());
             let id = format!("{}-{}-{seq}", self.incarnation, self.partition);
-            self.publish(payload, &id).await;
+            if !self.publish(payload, &id).await {
+                // Closed while NATS refused: never acknowledged, so its clients resend it.
+                return;
+            }
             self.gateway.acknowledged(&tickets);
         }
     }
 
-    /// Publishes until JetStream acknowledges, always with the same id.
-    async fn publish(&self, payload: bytes::Bytes, id: &str) {
+    /// Publishes until JetStream acknowledges, always with the same id; false if the gateway
+    /// closed first.
+    async fn publish(&self, payload: bytes::Bytes, id: &str) -> bool {
         let mut backoff = Duration::from_millis(50);
         let mut failing_since: Option<std::time::Instant> = None;
         loop {
@@ -376,7 +391,7 @@ impl Publisher {
                     if let Some(since) = failing_since {
                         tracing::info!(partition = self.partition, after = ?since.elapsed(), "log publishes acknowledged again");
                     }
-                    return;
+                    return true;
                 }
                 Err(e) => {
                     *self.gateway.failing[self.partition as usize].lock() = Some(e.clone());
@@ -384,6 +399,9 @@ impl Publisher {
                     if failing_since.is_none() {
                         failing_since = Some(std::time::Instant::now());
                         tracing::warn!(partition = self.partition, error = %e, "log publish failed; retrying with the same message id");
+                    }
+                    if self.gateway.durable.borrow().closed {
+                        return false;
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(250));

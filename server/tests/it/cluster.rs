@@ -47,7 +47,7 @@ fn node(dir: &Path, urls: &str, id: &str) -> (Node, SocketAddr, SocketAddr) {
 /// A running node: killed when dropped (also when the test fails), and then, if the test
 /// is failing, what it logged at WARN and ERROR is printed.
 struct Node {
-    _child: Peer,
+    child: Peer,
     id: String,
     log: Log,
 }
@@ -73,7 +73,7 @@ fn node_with(dir: &Path, urls: &str, id: &str, more: &[(&str, &str)]) -> (Node, 
     ];
     env.extend_from_slice(more);
     let (child, grpc, http, log) = spawn_server_logged(dir, &env, "127.0.0.1:0", "127.0.0.1:0");
-    (Node { _child: Peer(child), id: id.to_owned(), log }, grpc, http)
+    (Node { child: Peer(child), id: id.to_owned(), log }, grpc, http)
 }
 
 /// Every series' count and quantiles over the test's range, in label order.
@@ -393,8 +393,8 @@ async fn a_gateway_node_and_a_store_node_split_the_work_and_refuse_the_rest_by_n
         env.push(("TAILSCOPE_CLUSTER_ROLES", roles));
         env
     };
-    let (_g, g_grpc, g_http) = node_with(&dir.path().join("g"), &urls, "g", &with("gateway"));
-    let (_s, s_grpc, s_http) = node_with(&dir.path().join("s"), &urls, "s", &with("store,query,ruler"));
+    let (g, g_grpc, g_http) = node_with(&dir.path().join("g"), &urls, "g", &with("gateway"));
+    let (st, s_grpc, s_http) = node_with(&dir.path().join("s"), &urls, "s", &with("store,query,ruler"));
 
     // Spans go in through the gateway and are answered by the store.
     let now = now_nanos();
@@ -422,6 +422,17 @@ async fn a_gateway_node_and_a_store_node_split_the_work_and_refuse_the_rest_by_n
     );
     // Its own metrics are still served.
     assert!(metrics(g_http).await.contains("tailscope_log_messages_total"));
+
+    // Both stop on SIGTERM, as a supervisor asks (each drains and exits by itself).
+    for (name, mut node) in [("gateway", g), ("store", st)] {
+        let pid = node.child.0.id().to_string();
+        assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        assert_eventually!(
+            node.child.0.try_wait().unwrap().is_some(),
+            "the {name} node did not exit after SIGTERM"
+        );
+        assert!(node.child.0.try_wait().unwrap().unwrap().success(), "the {name} node failed to stop");
+    }
 
     // A node may not answer queries from a store it does not have.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tailscope-server"))
