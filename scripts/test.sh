@@ -67,6 +67,7 @@ for suite in "${suites[@]}"; do
         cluster::every_node_counts_exactly_across_a_nats_leader_kill_a_node_kill_and_a_new_node
         cluster::a_nats_leader_election_costs_a_client_no_timeout_no_reconnect_and_no_span
         cluster::a_ruler_failover_mid_incident_loses_no_resolve_and_repeats_at_most_once
+        cluster::a_strong_read_on_another_node_sees_every_acknowledged_span_and_the_status_shows_the_members
       )
       skips=()
       for t in "${waiting[@]}"; do skips+=(--skip "$t"); done

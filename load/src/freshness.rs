@@ -48,6 +48,11 @@ pub struct FreshnessArgs {
     /// The tailscope-server binary to start (default: next to this binary).
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// Ask with `X-Read-Consistency: strong`: each query waits until the node has written
+    /// everything the log held when it was asked (cluster mode), so a probe is visible to the
+    /// first query after its acknowledgement and the cost shows in that query's time.
+    #[arg(long)]
+    strong: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -84,6 +89,12 @@ pub async fn run(args: FreshnessArgs) -> anyhow::Result<()> {
                 "max": m.visible.max() as f64 / 1000.0,
             },
             "visible_at_ack": m.at_ack,
+            "strong": args.strong,
+            "first_query_ms": {
+                "p50": ms(&m.first_query, 0.5),
+                "p99": ms(&m.first_query, 0.99),
+                "max": m.first_query.max() as f64 / 1000.0,
+            },
         });
         println!("{v}");
     } else {
@@ -107,6 +118,13 @@ pub async fn run(args: FreshnessArgs) -> anyhow::Result<()> {
             args.poll_ms
         );
         println!("visible at the ack     {} of {}", m.at_ack, args.probes);
+        println!(
+            "first query after ack  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms ({} reads)",
+            ms(&m.first_query, 0.5),
+            ms(&m.first_query, 0.99),
+            m.first_query.max() as f64 / 1000.0,
+            if args.strong { "strong" } else { "eventual" }
+        );
     }
     Ok(())
 }
@@ -117,6 +135,8 @@ struct Measured {
     visible: Histogram<u64>,
     /// Probes the first query after their acknowledgement already counted.
     at_ack: u64,
+    /// How long the first query after each acknowledgement took.
+    first_query: Histogram<u64>,
 }
 
 async fn measure(args: &FreshnessArgs, grpc: SocketAddr, http: SocketAddr) -> anyhow::Result<Measured> {
@@ -131,6 +151,7 @@ async fn measure(args: &FreshnessArgs, grpc: SocketAddr, http: SocketAddr) -> an
     let mut ack = Histogram::<u64>::new(3)?;
     let mut visible = Histogram::<u64>::new(3)?;
     let mut at_ack = 0;
+    let mut first_query = Histogram::<u64>::new(3)?;
     for seq in 1..=args.probes {
         let now = now_nanos();
         let batch = SpanBatch {
@@ -163,7 +184,12 @@ async fn measure(args: &FreshnessArgs, grpc: SocketAddr, http: SocketAddr) -> an
         ack.record(acked.duration_since(sent).as_micros() as u64)?;
         let mut first = true;
         loop {
-            if count(&query, http, &operation).await? >= seq {
+            let asked = Instant::now();
+            let counted = count(&query, http, &operation, args.strong).await?;
+            if first {
+                first_query.record(asked.elapsed().as_micros() as u64)?;
+            }
+            if counted >= seq {
                 break;
             }
             first = false;
@@ -181,19 +207,32 @@ async fn measure(args: &FreshnessArgs, grpc: SocketAddr, http: SocketAddr) -> an
         let jitter = if args.jitter_ms > 0 { rng.gen_range(0..args.jitter_ms) } else { 0 };
         tokio::time::sleep(Duration::from_millis(args.pause_ms + jitter)).await;
     }
-    Ok(Measured { ack, visible, at_ack })
+    Ok(Measured { ack, visible, at_ack, first_query })
 }
 
-/// The probe series' count over the last ten minutes, as `/api/v1/tail` answers it.
-async fn count(http: &reqwest::Client, addr: SocketAddr, operation: &str) -> anyhow::Result<u64> {
+/// The probe series' count over the last ten minutes, as `/api/v1/tail` answers it (a strong
+/// or an eventual read).
+async fn count(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    operation: &str,
+    strong: bool,
+) -> anyhow::Result<u64> {
     let now = now_nanos() / 1_000_000_000;
     let url = format!(
         "http://{addr}/api/v1/tail?service=tailscope-freshness&operation={operation}&start={}&end={}",
         now - 600,
         now + 60
     );
-    let v: serde_json::Value =
-        http.get(&url).send().await.with_context(|| format!("cannot reach {addr}"))?.json().await?;
+    let consistency = if strong { "strong" } else { "eventual" };
+    let v: serde_json::Value = http
+        .get(&url)
+        .header("X-Read-Consistency", consistency)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {addr}"))?
+        .json()
+        .await?;
     if v["status"] != "success" {
         bail!("{url}: {v}");
     }

@@ -499,7 +499,11 @@ pub async fn run(args: &RunArgs, out: &mut (dyn std::io::Write + Send)) -> anyho
         };
     let range = end.duration_since(since).unwrap_or_default().as_secs() + 20;
     let at = end.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
-    let http = reqwest::Client::new();
+    // Strong reads: a cluster node answers only once it has written everything the log
+    // acknowledged (a single node always has).
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-read-consistency", reqwest::header::HeaderValue::from_static("strong"));
+    let http = reqwest::Client::builder().default_headers(headers).build()?;
     let mut services = Vec::new();
     for (i, s) in seen.iter().enumerate().filter(|_| args.compare) {
         let name = service_name(i);

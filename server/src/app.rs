@@ -163,10 +163,13 @@ impl Server {
         // Cluster mode: batches go to the log, and this node's consumers feed the pipeline.
         let mut cluster_tasks = Vec::new();
         let mut ruler = None;
+        let mut read_barrier = None;
+        let mut cluster_status = None;
         let mut max_batch_bytes = config.ingest.max_batch_bytes;
         let admit: Arc<dyn Admit> = if config.cluster.enabled() {
             let cluster = crate::cluster::Cluster::start(
                 &config.cluster,
+                crate::cluster::Bound { grpc: grpc_addr, http: http_addr, otlp_http: otlp_http_addr },
                 crate::cluster::GatewayLimits {
                     max_batch_bytes: config.ingest.max_batch_bytes,
                     queue_capacity: config.ingest.queue_capacity,
@@ -180,6 +183,8 @@ impl Server {
             let gateway = cluster.gateway();
             max_batch_bytes = cluster.max_batch_bytes();
             ruler = Some(cluster.ruler());
+            read_barrier = cluster.read_barrier();
+            cluster_status = Some(cluster.status());
             cluster_tasks = cluster.tasks;
             gateway
         } else {
@@ -293,6 +298,8 @@ impl Server {
             queries: Arc::new(tokio::sync::Semaphore::new(config.query.max_concurrency)),
             reloader: reloader.clone(),
             auth: auth.clone(),
+            read_barrier,
+            cluster: cluster_status,
             refusing_queries: (!config.cluster.has(Role::Query)).then(|| {
                 format!(
                     "this node answers no queries (cluster.roles = {}); ask a node with the query role",

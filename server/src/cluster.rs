@@ -22,7 +22,10 @@ pub mod config;
 pub mod consumer;
 pub mod gateway;
 pub mod lease;
+pub mod members;
 pub mod record;
+pub mod register;
+pub mod strong;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,6 +80,17 @@ pub fn client_key(client_id: u64, partition: u32) -> u64 {
     xxhash_rust::xxh3::xxh3_64(&bytes).max(1)
 }
 
+/// The addresses a node's listeners are bound to, which it announces to the cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// gRPC (native and OTLP).
+    pub grpc: std::net::SocketAddr,
+    /// HTTP.
+    pub http: std::net::SocketAddr,
+    /// OTLP/HTTP.
+    pub otlp_http: std::net::SocketAddr,
+}
+
 /// A started cluster node: its gateway, and the tasks of its publishers and consumers.
 #[derive(Debug)]
 pub struct Cluster {
@@ -85,6 +99,8 @@ pub struct Cluster {
     pub tasks: Vec<JoinHandle<()>>,
     max_batch_bytes: usize,
     ruler: watch::Receiver<bool>,
+    barrier: Option<Arc<strong::LogBarrier>>,
+    status: Arc<StatusReader>,
 }
 
 /// How long a gateway waits for JetStream to acknowledge one publish before it retries.
@@ -99,6 +115,7 @@ impl Cluster {
     /// gateway (publishing) and store consumers (feeding `pipeline`).
     pub async fn start(
         config: &ClusterConfig,
+        bound: Bound,
         ingest: GatewayLimits,
         pipeline: Arc<Pipeline>,
         metrics: Arc<Metrics>,
@@ -167,6 +184,16 @@ impl Cluster {
                 stop.clone(),
             )));
         }
+        let barrier = config.has(Role::Store).then(|| {
+            let streams = (0..config.partitions).map(|p| (p, config.stream(p))).collect();
+            Arc::new(strong::LogBarrier::new(
+                js.clone(),
+                streams,
+                pipeline.clone(),
+                config.strong_read_timeout,
+                metrics.clone(),
+            ))
+        });
         // Without the ruler role the node never holds the lease, so never sends.
         let (holding, ruler) = watch::channel(false);
         if config.has(Role::Ruler) {
@@ -180,6 +207,34 @@ impl Cluster {
                 stop.clone(),
             )));
         }
+        let me = members::Member {
+            node_id: config.node_id.clone(),
+            roles: config.roles.clone(),
+            grpc: bound.grpc.to_string(),
+            http: bound.http.to_string(),
+            otlp_http: bound.otlp_http.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_unix_seconds: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+            announced_unix_seconds: 0,
+        };
+        tasks.push(tokio::spawn(members::run(
+            js.clone(),
+            config.name.clone(),
+            config.stream_replicas,
+            me,
+            stop.clone(),
+        )));
+        let status = Arc::new(StatusReader {
+            js: js.clone(),
+            name: config.name.clone(),
+            node_id: config.node_id.clone(),
+            roles: config.roles.clone(),
+            streams: (0..config.partitions).map(|p| (p, config.stream(p))).collect(),
+            pipeline: config.has(Role::Store).then(|| pipeline.clone()),
+            ruler: ruler.clone(),
+        });
         tracing::info!(
             node = %config.node_id,
             partitions = config.partitions,
@@ -187,7 +242,7 @@ impl Cluster {
             nats = ?config.nats,
             "cluster mode: started"
         );
-        Ok(Cluster { gateway, tasks, max_batch_bytes, ruler })
+        Ok(Cluster { gateway, tasks, max_batch_bytes, ruler, barrier, status })
     }
 
     /// The largest batch this node takes: `ingest.max_batch_bytes`, or less when the NATS
@@ -201,9 +256,105 @@ impl Cluster {
         self.ruler.clone()
     }
 
+    /// What a strong read waits for on this node (none without the store role).
+    pub fn read_barrier(&self) -> Option<Arc<dyn crate::query::ReadBarrier>> {
+        self.barrier.clone().map(|b| b as Arc<dyn crate::query::ReadBarrier>)
+    }
+
+    /// What `GET /api/v1/status/cluster` reads.
+    pub fn status(&self) -> Arc<StatusReader> {
+        self.status.clone()
+    }
+
     /// The gateway, which ingest admits batches through.
     pub fn gateway(&self) -> Arc<dyn Admit> {
         self.gateway.clone()
+    }
+}
+
+/// What `GET /api/v1/status/cluster` shows: this node, the members, and each partition's log
+/// next to what this node's store has written of it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    /// This node.
+    pub node_id: String,
+    /// `cluster.name`.
+    pub cluster: String,
+    /// This node's roles.
+    pub roles: Vec<Role>,
+    /// Whether this node holds the ruler lease (sends the notifications).
+    pub ruler_lease: bool,
+    /// The nodes that announced themselves within the last `MEMBER_TTL`, by id.
+    pub members: Vec<members::Member>,
+    /// Each partition.
+    pub partitions: Vec<PartitionStatus>,
+}
+
+/// One partition's log and this node's place in it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionStatus {
+    /// The partition.
+    pub partition: u32,
+    /// The stream's last sequence.
+    pub log_last_seq: u64,
+    /// Messages the stream holds.
+    pub log_messages: u64,
+    /// The last message this node's store wrote whole (absent without the store role).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub written_seq: Option<u64>,
+    /// Messages the log holds that this node's store has not written yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub behind_messages: Option<u64>,
+}
+
+/// Reads a [`Status`] (from NATS and this node's pipeline) when asked.
+#[derive(Debug)]
+pub struct StatusReader {
+    js: async_nats::jetstream::Context,
+    name: String,
+    node_id: String,
+    roles: Vec<Role>,
+    streams: Vec<(u32, String)>,
+    pipeline: Option<Arc<Pipeline>>,
+    ruler: watch::Receiver<bool>,
+}
+
+impl StatusReader {
+    /// The status now; names what could not be read from NATS.
+    pub async fn read(&self) -> Result<Status, String> {
+        let members = members::list(&self.js, &self.name).await?;
+        let ends = strong::log_ends(&self.js, &self.streams).await?;
+        let partitions = ends
+            .into_iter()
+            .map(|end| {
+                let written = self.pipeline.as_ref().map(|p| p.written_log_position(end.partition));
+                PartitionStatus {
+                    partition: end.partition,
+                    log_last_seq: end.last_seq,
+                    log_messages: end.messages,
+                    written_seq: written.map(whole_messages),
+                    behind_messages: written
+                        .map(|w| end.last_seq.saturating_sub(whole_messages(w)).min(end.messages)),
+                }
+            })
+            .collect();
+        Ok(Status {
+            node_id: self.node_id.clone(),
+            cluster: self.name.clone(),
+            roles: self.roles.clone(),
+            ruler_lease: *self.ruler.borrow(),
+            members,
+            partitions,
+        })
+    }
+}
+
+/// The last message written whole at `at`.
+fn whole_messages(at: crate::store::LogPosition) -> u64 {
+    if at.records == u32::MAX {
+        at.seq
+    } else {
+        at.seq.saturating_sub(1)
     }
 }
 

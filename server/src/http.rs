@@ -51,12 +51,17 @@ pub struct AppState {
     pub auth: Arc<crate::auth::Auth>,
     /// Why queries are refused (a cluster node without the query role).
     pub refusing_queries: Option<Arc<str>>,
+    /// What a strong read waits for (a cluster store node); none on a single node.
+    pub read_barrier: Option<Arc<dyn crate::query::ReadBarrier>>,
+    /// Cluster mode: what `/api/v1/status/cluster` reads.
+    pub cluster: Option<Arc<crate::cluster::StatusReader>>,
 }
 
 /// The routes of the HTTP listener.
 pub fn router(state: AppState) -> Router {
     let mut queries =
         Router::new().route("/api/v1/tail", get(tail)).merge(prometheus::routes()).merge(topology::routes());
+    queries = queries.route_layer(axum::middleware::from_fn_with_state(state.clone(), read_consistency));
     if let Some(why) = state.refusing_queries.clone() {
         queries =
             queries.route_layer(axum::middleware::from_fn(
@@ -73,10 +78,69 @@ pub fn router(state: AppState) -> Router {
         .route("/-/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/api/v1/sampling", get(sampling))
+        .route("/api/v1/status/cluster", get(cluster_status))
         .merge(queries)
         .merge(alerts::routes())
         .layer(axum::middleware::from_fn_with_state(state.auth.clone(), crate::auth::guard_http))
         .with_state(state)
+}
+
+/// The header a client asks for a strong read with (Mimir's name and values).
+pub const READ_CONSISTENCY: &str = "x-read-consistency";
+
+/// `X-Read-Consistency: strong` makes a query wait until this node sees everything
+/// acknowledged before it was sent ([`crate::query::ReadBarrier`]); `eventual` (the default)
+/// answers from what is written now. A single node's reads are always strong.
+async fn read_consistency(
+    State(s): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let strong = match request.headers().get(READ_CONSISTENCY).map(|v| v.to_str()) {
+        None => false,
+        Some(Ok(v)) if v.trim().eq_ignore_ascii_case("eventual") => false,
+        Some(Ok(v)) if v.trim().eq_ignore_ascii_case("strong") => true,
+        Some(v) => {
+            let shown = v.map_or_else(|_| "(not text)".to_owned(), |v| format!("{v:?}"));
+            return ApiError::bad_data(format!(
+                "header X-Read-Consistency: {shown} is neither \"strong\" nor \"eventual\""
+            ))
+            .into_response();
+        }
+    };
+    if strong {
+        if let Some(barrier) = &s.read_barrier {
+            if let Err(why) = barrier.wait().await {
+                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why).into_response();
+            }
+        }
+    }
+    next.run(request).await
+}
+
+/// `GET /api/v1/status/cluster`: this node, the cluster's members and each partition's log
+/// next to what this node has written of it. A single node says so.
+async fn cluster_status(State(s): State<AppState>) -> Response {
+    let Some(reader) = &s.cluster else {
+        return envelope::success(json!({ "mode": "single" }));
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(10), reader.read()).await {
+        Ok(Ok(status)) => {
+            let mut v = serde_json::to_value(status).unwrap_or_default();
+            v["mode"] = json!("cluster");
+            envelope::success(v)
+        }
+        Ok(Err(e)) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("cluster status: {e}"))
+                .into_response()
+        }
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "cluster status: NATS did not answer within 10s",
+        )
+        .into_response(),
+    }
 }
 
 /// Each series key's observed and kept throughput and its sampling probability.

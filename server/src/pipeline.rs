@@ -307,9 +307,67 @@ impl Pipeline {
         self.note_position(partition, after);
     }
 
+    /// Cluster mode: every record of message `seq` of partition `partition`'s log was offered
+    /// and taken, so the position moves past the whole message (what a strong read compares
+    /// with the stream's last sequence).
+    pub fn finish_logged(&self, partition: u32, seq: u64) {
+        self.skip_logged(partition, LogPosition { seq, records: u32::MAX });
+    }
+
     /// How far partition `partition`'s log was applied (durable or not).
     pub fn log_position(&self, partition: u32) -> LogPosition {
         self.log.lock().get(&partition).map(|p| p.0).unwrap_or_default()
+    }
+
+    /// How far partition `partition`'s log was written: what queries read includes it.
+    pub fn written_log_position(&self, partition: u32) -> LogPosition {
+        self.written.lock().get(&partition).copied().unwrap_or_default()
+    }
+
+    /// Cluster mode: waits until every `(partition, position)` of `targets` is written (a
+    /// strong read), asking for an early epoch once all of them are applied, for at most
+    /// `timeout`. On time-out, names each partition still behind: its target and where it was
+    /// written to.
+    pub async fn wait_written(
+        &self,
+        targets: &[(u32, LogPosition)],
+        timeout: std::time::Duration,
+    ) -> Result<(), Vec<(u32, LogPosition, LogPosition)>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut durable = self.durable.subscribe();
+        let mut hurried = false;
+        loop {
+            let behind: Vec<(u32, LogPosition, LogPosition)> = {
+                let written = self.written.lock();
+                targets
+                    .iter()
+                    .filter_map(|&(p, target)| {
+                        let at = written.get(&p).copied().unwrap_or_default();
+                        (at < target).then_some((p, target, at))
+                    })
+                    .collect()
+            };
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if !hurried && behind.iter().all(|&(p, target, _)| self.log_position(p) >= target) {
+                // All applied: the next epoch makes them visible; don't wait for its tick.
+                self.hurry.notify_one();
+                hurried = true;
+            }
+            tokio::select! {
+                changed = durable.changed() => {
+                    if changed.is_err() {
+                        return Err(behind);
+                    }
+                    // A new epoch: if it missed some, the next one is asked for again.
+                    hurried = false;
+                }
+                // Consumers admit without telling anyone: look again shortly.
+                _ = tokio::time::sleep(std::time::Duration::from_millis(2)) => {}
+                _ = tokio::time::sleep_until(deadline) => return Err(behind),
+            }
+        }
     }
 
     fn note_position(&self, partition: u32, after: LogPosition) {
@@ -423,6 +481,8 @@ pub struct Pipeline {
     /// Cluster mode: how far each partition's log was admitted, and whether that changed since
     /// the last epoch was cut.
     log: Mutex<std::collections::HashMap<u32, (LogPosition, bool)>>,
+    /// Cluster mode: how far each partition's log was written (what queries see).
+    written: Mutex<std::collections::HashMap<u32, LogPosition>>,
 }
 
 impl Pipeline {
@@ -466,7 +526,9 @@ impl Pipeline {
             };
             clients.insert(client, Arc::new(Mutex::new(marks)));
         }
-        let log = store.log_positions()?.into_iter().map(|(p, at)| (p, (at, false))).collect();
+        let positions = store.log_positions()?;
+        let written = positions.iter().copied().collect();
+        let log = positions.into_iter().map(|(p, at)| (p, (at, false))).collect();
         let pipeline = Pipeline {
             shards,
             queue_capacity: config.queue_capacity,
@@ -486,6 +548,7 @@ impl Pipeline {
             forget_before: std::sync::atomic::AtomicI64::new(0),
             sinks: RwLock::new(Vec::new()),
             log: Mutex::new(log),
+            written: Mutex::new(written),
         };
         Ok((Arc::new(pipeline), handles))
     }
@@ -637,6 +700,13 @@ impl Pipeline {
         .await;
         match result {
             Ok((batch, Ok((bytes, operands)))) => {
+                if !batch.log_positions.is_empty() {
+                    let mut written = self.written.lock();
+                    for &(p, at) in &batch.log_positions {
+                        let w = written.entry(p).or_default();
+                        *w = (*w).max(at);
+                    }
+                }
                 for &(client, mark) in &batch.watermarks {
                     if let Some(m) = self.clients.get(&client) {
                         let mut m = m.lock();

@@ -140,6 +140,16 @@ pub fn merged_series(
     Ok(out)
 }
 
+/// What a strong read (`X-Read-Consistency: strong`, as Mimir's) waits for before it is
+/// answered. A cluster node's store applies the log behind the gateways' acknowledgements, so
+/// its barrier waits until the store has written everything the log holds at the moment of
+/// asking; a single node has none (it acknowledges a batch only once queries see it).
+pub trait ReadBarrier: Send + Sync + std::fmt::Debug {
+    /// Resolves once everything acknowledged before the call is visible to queries here, or
+    /// names why it is not (a time-out, the log unreachable).
+    fn wait(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
+}
+
 /// Times are clamped to ±10¹² s (about 30,000 years either side of 1970): the same answer for
 /// every time that can hold data, and no arithmetic on them can overflow.
 pub const TIME_LIMIT_SECONDS: f64 = 1e12;

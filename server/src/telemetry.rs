@@ -146,6 +146,10 @@ pub struct Metrics {
     pub log_publish_retries: Counter,
     /// Cluster mode: 1 while this node holds the ruler lease (sends alert notifications).
     pub ruler_lease: Gauge,
+    /// Cluster mode: strong reads, by outcome (`ok`, `timeout`, `log_error`).
+    pub strong_reads: Family<Outcome, Counter>,
+    /// Cluster mode: time a strong read waited for this node's store.
+    pub strong_read_wait: Histogram,
     /// Requests refused or cut because they ran into a limit, by the limit's key.
     pub limit_hits: Family<LimitLabel, Counter>,
     /// Time to collect and write one flush epoch.
@@ -245,6 +249,8 @@ impl Metrics {
             log_bytes: Counter::default(),
             log_publish_retries: Counter::default(),
             ruler_lease: Gauge::default(),
+            strong_reads: Family::default(),
+            strong_read_wait: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             limit_hits: Family::default(),
             flush_duration: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             flush_bytes: Histogram::new(exponential_buckets(1024.0, 4.0, 12)),
@@ -333,6 +339,16 @@ impl Metrics {
             "ruler_lease",
             "Cluster mode: 1 while this node holds the ruler lease and sends the alert notifications",
             m.ruler_lease.clone(),
+        );
+        r.register(
+            "strong_reads",
+            "Cluster mode: strong reads (X-Read-Consistency: strong), by outcome",
+            m.strong_reads.clone(),
+        );
+        r.register(
+            "strong_read_wait_seconds",
+            "Cluster mode: how long a strong read waited for this node's store to write what the log held",
+            m.strong_read_wait.clone(),
         );
         r.register(
             "early_epochs",

@@ -4,7 +4,8 @@
 use std::process::Command;
 
 /// On one node an acknowledgement means written to the store the queries read, so every
-/// probe is counted by the first query after its acknowledgement.
+/// probe is counted by the first query after its acknowledgement (asked as strong reads,
+/// which a single node answers as any other).
 #[test]
 fn on_one_node_every_probe_is_queryable_at_its_acknowledgement() {
     let load = std::path::Path::new(env!("CARGO_BIN_EXE_tailscope-load"));
@@ -22,6 +23,7 @@ fn on_one_node_every_probe_is_queryable_at_its_acknowledgement() {
             "--jitter-ms",
             "20",
             "--json",
+            "--strong",
             "--server-bin",
         ])
         .arg(&server)
@@ -34,4 +36,6 @@ fn on_one_node_every_probe_is_queryable_at_its_acknowledgement() {
     assert_eq!(v["probes"], 30, "{v}");
     assert_eq!(v["visible_at_ack"], 30, "{v}");
     assert_eq!(v["visible_after_ack_ms"]["max"], 0.0, "{v}");
+    assert_eq!(v["strong"], true, "{v}");
+    assert!(v["first_query_ms"]["max"].as_f64().unwrap() > 0.0, "{v}");
 }

@@ -35,6 +35,10 @@ pub struct ClusterConfig {
     pub connect_timeout: Duration,
     /// What this node does; all four by default.
     pub roles: Vec<Role>,
+    /// How long a strong read (`X-Read-Consistency: strong`) waits for this node's store to
+    /// have written everything the log held when it was asked, before it is refused.
+    #[serde(with = "humantime_serde")]
+    pub strong_read_timeout: Duration,
 }
 
 /// A part a cluster node plays.
@@ -79,6 +83,7 @@ impl Default for ClusterConfig {
             max_message_bytes: 1 << 20,
             connect_timeout: Duration::from_secs(10),
             roles: Role::ALL.to_vec(),
+            strong_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -122,6 +127,9 @@ impl ClusterConfig {
         }
         if self.max_age < Duration::from_secs(60) {
             return Err(("cluster.max_age", "must be at least 1m".into()));
+        }
+        if !(Duration::from_millis(10)..=Duration::from_secs(600)).contains(&self.strong_read_timeout) {
+            return Err(("cluster.strong_read_timeout", "must be between 10ms and 10m".into()));
         }
         if self.roles.is_empty() {
             return Err(("cluster.roles", "must name at least one of gateway, store, query, ruler".into()));

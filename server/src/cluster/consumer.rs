@@ -109,9 +109,6 @@ async fn read(
                 continue;
             }
         };
-        if batch.records.is_empty() {
-            pipeline.skip_logged(partition, LogPosition { seq, records: 0 });
-        }
         for (i, record) in batch.records.into_iter().enumerate() {
             let after = LogPosition { seq, records: i as u32 + 1 };
             // The first message may be one an epoch ended inside: its first records are applied.
@@ -142,6 +139,8 @@ async fn read(
                 }
             }
         }
+        // The whole message is in: a strong read waiting for this sequence may go on.
+        pipeline.finish_logged(partition, seq);
     }
     Err("the log's message stream ended".into())
 }

@@ -12,7 +12,6 @@
 use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream;
 use tokio::sync::watch;
 
 /// How long a lease outlives its holder's last renewal.
@@ -34,21 +33,16 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let subject = format!("{name}.{RULER}");
-    let mut ready = false;
     let mut revision: Option<u64> = None;
-    let mut tick = tokio::time::interval(RENEW_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|&s| s) => break,
-        }
-        if !ready {
-            ready = open(&js, &name, replicas).await;
-            if !ready {
-                continue;
-            }
-        }
+    let mut register = super::register::Register::new(
+        js.clone(),
+        format!("{name}_leases"),
+        format!("{name}.lease.>"),
+        LEASE_TTL,
+        replicas,
+        RENEW_EVERY,
+    );
+    while register.next(&mut stop).await {
         // Taking expects no message on the subject; renewing expects our own.
         let publish = PublishMessage::build()
             .payload(bytes::Bytes::from(node.clone()))
@@ -81,25 +75,4 @@ pub async fn run(
     }
     metrics.ruler_lease.set(0);
     holding.send_replace(false);
-}
-
-/// Creates the lease stream unless it exists; whether it is there.
-async fn open(js: &async_nats::jetstream::Context, name: &str, replicas: usize) -> bool {
-    let config = stream::Config {
-        name: format!("{name}_leases"),
-        subjects: vec![format!("{name}.lease.>")],
-        max_messages_per_subject: 1,
-        max_age: LEASE_TTL,
-        duplicate_window: Duration::from_secs(1),
-        num_replicas: replicas,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    };
-    match js.get_or_create_stream(config).await {
-        Ok(_) => true,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot open the lease stream yet");
-            false
-        }
-    }
 }

@@ -32,6 +32,37 @@ fn cluster_settings_are_checked_only_when_it_is_on() {
     assert_eq!(on(|c| c.roles = vec![Role::Store]), None);
     assert_eq!(on(|c| c.roles = vec![Role::Gateway, Role::Query]), Some("cluster.roles"));
     assert_eq!(on(|c| c.roles = vec![Role::Ruler]), Some("cluster.roles"));
+    assert_eq!(on(|c| c.strong_read_timeout = Duration::ZERO), Some("cluster.strong_read_timeout"));
+    assert_eq!(
+        on(|c| c.strong_read_timeout = Duration::from_secs(3600)),
+        Some("cluster.strong_read_timeout")
+    );
+    assert_eq!(on(|c| c.strong_read_timeout = Duration::from_millis(250)), None);
+}
+
+#[test]
+fn a_member_entry_reads_back_as_it_was_announced() {
+    let me = members::Member {
+        node_id: "a".into(),
+        roles: vec![Role::Gateway, Role::Store],
+        grpc: "127.0.0.1:4317".into(),
+        http: "127.0.0.1:9090".into(),
+        otlp_http: "127.0.0.1:4318".into(),
+        version: "0.1.0".into(),
+        started_unix_seconds: 1_800_000_000,
+        announced_unix_seconds: 1_800_000_003,
+    };
+    let json = serde_json::to_value(&me).unwrap();
+    assert_eq!(json["roles"], serde_json::json!(["gateway", "store"]));
+    assert_eq!(serde_json::from_value::<members::Member>(json).unwrap(), me);
+}
+
+#[test]
+fn a_partition_counts_only_whole_messages_as_written() {
+    use crate::store::LogPosition;
+    assert_eq!(whole_messages(LogPosition { seq: 0, records: 0 }), 0);
+    assert_eq!(whole_messages(LogPosition { seq: 7, records: 3 }), 6, "message 7 is partly applied");
+    assert_eq!(whole_messages(LogPosition { seq: 7, records: u32::MAX }), 7);
 }
 
 #[test]

@@ -40,23 +40,34 @@ fn logged(client: u64, seq: u64, now: i64, partition: u32, shards: usize) -> Arc
     Arc::new(record::rebuild(record, partition, shards).unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_logged_record_is_written_once_with_its_log_position() {
+/// A pipeline over a fresh store whose flusher cuts an epoch every `interval`, counting what
+/// it writes; stop it with `stop` and await `flusher`.
+struct Running {
+    _dir: tempfile::TempDir,
+    store: Store,
+    pipeline: Arc<Pipeline>,
+    written: Arc<Counting>,
+    stop: watch::Sender<bool>,
+    flusher: JoinHandle<()>,
+}
+
+fn running(interval: Duration) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new());
     let store = Store::open(dir.path(), HistogramConfig::default().layout().unwrap(), &metrics).unwrap();
-    let clock = Arc::new(SystemClock);
-    let now = clock.now_nanos();
     let (pipeline, _shards) =
-        Pipeline::start(&IngestConfig::default(), store.clone(), metrics, clock).unwrap();
+        Pipeline::start(&IngestConfig::default(), store.clone(), metrics, Arc::new(SystemClock)).unwrap();
     let written = Arc::new(Counting::default());
     pipeline.add_sink(written.clone());
     let (stop, stopped) = watch::channel(false);
-    let flusher = tokio::spawn(pipeline.clone().run_flusher(
-        Duration::from_millis(20),
-        stopped,
-        Duration::from_secs(5),
-    ));
+    let flusher = tokio::spawn(pipeline.clone().run_flusher(interval, stopped, Duration::from_secs(5)));
+    Running { _dir: dir, store, pipeline, written, stop, flusher }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logged_record_is_written_once_with_its_log_position() {
+    let Running { _dir, store, pipeline, written, stop, flusher } = running(Duration::from_millis(20));
+    let now = SystemClock.now_nanos();
     let shards = pipeline.shard_count();
     let at = |seq, records| LogPosition { seq, records };
 
@@ -86,4 +97,38 @@ async fn a_logged_record_is_written_once_with_its_log_position() {
     assert_eq!(marks.get(&client_key(7, 2)), Some(&1));
     assert_eq!(marks.get(&client_key(7, 3)), Some(&5_000_000));
     assert!(!marks.contains_key(&0), "an anonymous record leaves no watermark");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strong_read_waits_for_whole_messages_and_asks_for_their_epoch() {
+    // Regular epochs only every minute: within the waits below, only a hurried one is cut.
+    let Running { _dir, store, pipeline, written, stop, flusher } = running(Duration::from_secs(60));
+    let now = SystemClock.now_nanos();
+    let shards = pipeline.shard_count();
+    let whole = |seq| LogPosition { seq, records: u32::MAX };
+    let short = Duration::from_millis(50);
+
+    // Nothing applied: the wait names the partition, its target and where it was written to.
+    let behind = pipeline.wait_written(&[(2, whole(10)), (3, whole(0))], short).await.unwrap_err();
+    assert_eq!(behind, vec![(2, whole(10), LogPosition::default()), (3, whole(0), LogPosition::default())]);
+
+    // The first record of message 10 is in, the message is not whole yet: still behind, and
+    // no epoch is asked for.
+    let first = LogPosition { seq: 10, records: 1 };
+    assert_eq!(pipeline.admit_logged(logged(7, 1, now, 2, shards), 2, first).unwrap(), Admission::Accepted);
+    assert!(pipeline.wait_written(&[(2, whole(10))], short).await.is_err());
+    assert_eq!(pipeline.written_log_position(2), LogPosition::default());
+
+    // The second record and the end of the message: the wait asks for an epoch and returns
+    // once it is written, long before the next regular one.
+    let second = LogPosition { seq: 10, records: 2 };
+    assert_eq!(pipeline.admit_logged(logged(7, 2, now, 2, shards), 2, second).unwrap(), Admission::Accepted);
+    pipeline.finish_logged(2, 10);
+    pipeline.wait_written(&[(2, whole(10))], Duration::from_secs(30)).await.unwrap();
+    assert_eq!(pipeline.written_log_position(2), whole(10));
+    assert_eq!(*written.0.lock(), 6, "both records are visible when the wait returns");
+    assert_eq!(store.log_positions().unwrap(), vec![(2, whole(10))]);
+
+    stop.send(true).unwrap();
+    flusher.await.unwrap();
 }

@@ -747,3 +747,35 @@ async fn native_histograms_come_back_in_the_prometheus_json() {
     assert!((fraction - le).abs() < 1e-9, "{fraction} vs {le}");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_reads_strongly_as_it_reads_and_says_it_is_no_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = known_server(dir.path()).await;
+    let http = server.http_addr();
+    let (code, body) = call(http, "GET", "/api/v1/status/cluster", None).await;
+    assert_eq!((code, body), (200, serde_json::json!({"status": "success", "data": {"mode": "single"}})));
+
+    // A single node acknowledges only what its queries see: a strong read is any read.
+    let ask = |consistency: &'static str| async move {
+        let url = format!(
+            "http://{http}/api/v1/query?query=sum(increase(span_duration_seconds_count%5B1h%5D))&time={}",
+            T
+        );
+        let r =
+            reqwest::Client::new().get(url).header("X-Read-Consistency", consistency).send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    let (strong, eventual) = (ask("strong").await, ask("eventual").await);
+    assert_eq!(strong.0, 200, "{}", strong.1);
+    // The 120 spans of the two services' own work (the 30 client spans are read by their kind).
+    assert_eq!(strong.1["data"]["result"][0]["value"][1], "120", "{}", strong.1);
+    assert_eq!(strong, eventual);
+    let (code, body) = ask("Strong ").await;
+    assert_eq!(code, 200, "case and spaces do not matter: {body}");
+    let (code, body) = ask("bounded-staleness").await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["errorType"], "bad_data", "{body}");
+    assert!(body["error"].as_str().unwrap().contains("X-Read-Consistency"), "{body}");
+    server.shutdown().await;
+}
