@@ -173,6 +173,7 @@ impl Server {
                 crate::cluster::GatewayLimits {
                     max_batch_bytes: config.ingest.max_batch_bytes,
                     queue_capacity: config.ingest.queue_capacity,
+                    max_seq_gap: config.ingest.max_seq_gap,
                 },
                 pipeline.clone(),
                 metrics.clone(),

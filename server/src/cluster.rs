@@ -44,6 +44,8 @@ pub struct GatewayLimits {
     pub max_batch_bytes: usize,
     /// `ingest.queue_capacity`: records waiting per partition.
     pub queue_capacity: usize,
+    /// `ingest.max_seq_gap`.
+    pub max_seq_gap: u64,
 }
 
 /// Why cluster mode could not start.
@@ -164,7 +166,7 @@ impl Cluster {
         }
         let (gateway, mut tasks) = gateway::LogGateway::start(
             config,
-            ingest.queue_capacity,
+            ingest,
             js.clone(),
             pipeline.clone(),
             metrics.clone(),

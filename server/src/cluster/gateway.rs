@@ -86,6 +86,11 @@ pub struct LogGateway {
     failing: Vec<Mutex<Option<String>>>,
     draining: AtomicBool,
     metrics: Arc<Metrics>,
+    /// `ingest.max_seq_gap`.
+    max_seq_gap: u64,
+    /// A store node's pipeline, whose per-(client, partition) watermarks tell where a client
+    /// new to this gateway stands (none on a gateway-only node).
+    watermarks: Option<Arc<Pipeline>>,
 }
 
 impl LogGateway {
@@ -93,13 +98,14 @@ impl LogGateway {
     /// publishes what it accepted (for at most `shutdown_timeout`) and closes.
     pub fn start(
         config: &ClusterConfig,
-        queue_capacity: usize,
+        limits: super::GatewayLimits,
         js: async_nats::jetstream::Context,
         pipeline: Arc<Pipeline>,
         metrics: Arc<Metrics>,
         mut stop: watch::Receiver<bool>,
         shutdown_timeout: Duration,
     ) -> (Arc<LogGateway>, Vec<JoinHandle<()>>) {
+        let queue_capacity = limits.queue_capacity;
         let mut outboxes = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..config.partitions {
@@ -118,6 +124,8 @@ impl LogGateway {
             failing: (0..config.partitions).map(|_| Mutex::new(None)).collect(),
             draining: AtomicBool::new(false),
             metrics,
+            max_seq_gap: limits.max_seq_gap,
+            watermarks: config.has(super::Role::Store).then(|| pipeline.clone()),
         });
         // A new incarnation each start: a message id of a previous run is never reused.
         let incarnation = format!("{}.{:x}", config.node_id, rand_nonce());
@@ -170,6 +178,14 @@ impl LogGateway {
         });
     }
 
+    /// Where this node's store has client `client`: the highest of its per-partition
+    /// watermarks (none without the store role).
+    fn stored_watermark(&self, client: u64) -> Option<u64> {
+        let pipeline = self.watermarks.as_ref()?;
+        let partitions = self.outboxes.len() as u32;
+        Some((0..partitions).map(|p| pipeline.durable_seq(super::client_key(client, p))).max().unwrap_or(0))
+    }
+
     /// Marks one part of each of `tickets` acknowledged and publishes the new durable epoch.
     fn acknowledged(&self, tickets: &[u64]) {
         let durable = {
@@ -209,6 +225,17 @@ impl Admit for LogGateway {
             if batch.seq <= m.accepted {
                 let ticket = m.waiting.back().map_or(0, |w| w.1);
                 return Ok((Admission::Duplicate, ticket));
+            }
+            // As on a single node, a seq far past where the client stands is refused: it would
+            // make the stores skip the client's real batches as resends. A client new to this
+            // gateway (one that failed over from another) stands where this node's store has
+            // it; a gateway-only node cannot know that, so checks from its second batch on.
+            let stands =
+                if m.accepted > 0 { Some(m.accepted) } else { self.stored_watermark(batch.client_id) };
+            if let Some(watermark) = stands {
+                if batch.seq.saturating_sub(watermark) > self.max_seq_gap {
+                    return Ok((Admission::SeqGap { watermark, limit: self.max_seq_gap }, 0));
+                }
             }
         }
         let records = super::record::split(&batch);

@@ -81,10 +81,40 @@ fn good_batch(client: u64, seq: u64) -> SpanBatch {
     batch(client, seq, vec![group("shop", "GET /cart", vec![span(now_nanos(), 3_000_000, false)])])
 }
 
+/// A cluster node's configuration over the NATS server(s) `urls` (one partition stream per
+/// partition, one copy each), so the same input tests run against a gateway.
+fn on_cluster(cfg: &mut tailscope_server::Config, urls: &str) {
+    cfg.cluster.nats = urls.split(',').map(str::to_owned).collect();
+    cfg.cluster.node_id = "gw".into();
+    cfg.cluster.partitions = 2;
+    cfg.cluster.stream_replicas = 1;
+    cfg.cluster.max_bytes_per_partition = 64 << 20;
+}
+
+/// The count of `service` once the store has it (at once on a single node; a cluster node
+/// applies the log behind its acknowledgements).
+async fn counted(http: std::net::SocketAddr, service: &str) -> serde_json::Value {
+    let rows = tail(http, &format!("service={service}")).await;
+    rows.first().map_or(serde_json::Value::Null, |r| r["count"].clone())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_input_gets_a_clear_status_and_nothing_accepted_is_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
+    malformed_input(config(dir.path())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_gets_the_same_answers_from_a_cluster_gateway() {
+    let Some(bin) = tailscope_test_support::peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = tailscope_test_support::nats::NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
+    let mut cfg = config(&dir.path().join("node"));
+    on_cluster(&mut cfg, &nats.urls());
+    malformed_input(cfg).await;
+}
+
+async fn malformed_input(mut cfg: tailscope_server::Config) {
     cfg.ingest.max_batch_bytes = 64 * 1024;
     cfg.ingest.max_spans_per_batch = 1_000;
     let server = tailscope_server::Server::start(cfg).await.unwrap();
@@ -120,6 +150,12 @@ async fn malformed_input_gets_a_clear_status_and_nothing_accepted_is_lost() {
         ("corrupt histogram delta", corrupt_delta_batch(), Code::InvalidArgument, "delta 0 (shop/GET /cart)"),
         ("zero client id", good_batch(0, 1).encode_to_vec(), Code::InvalidArgument, "client_id"),
         (
+            "seq far past the watermark",
+            good_batch(9, u64::MAX).encode_to_vec(),
+            Code::InvalidArgument,
+            "ingest.max_seq_gap (1000000) past client 9's accepted watermark 0",
+        ),
+        (
             "delta counts overflowing",
             overflowing_deltas_batch(),
             Code::InvalidArgument,
@@ -141,8 +177,11 @@ async fn malformed_input_gets_a_clear_status_and_nothing_accepted_is_lost() {
     let mut s = open(grpc).await;
     s.send(good_batch(1, 2)).await;
     s.wait_acked(2).await;
-    let rows = tail(http, "service=shop").await;
-    assert_eq!(rows[0]["count"], 2);
+    tailscope_test_support::assert_eventually!(
+        counted(http, "shop").await == 2,
+        "{}",
+        counted(http, "shop").await
+    );
     assert!(reqwest::get(format!("http://{http}/-/ready")).await.unwrap().status().is_success());
     server.shutdown().await;
 }
@@ -365,6 +404,19 @@ fn hostile_batch(r: &mut impl rand::Rng) -> SpanBatch {
 /// `batch_decode` explores the same ground without a bound.
 #[test]
 fn hostile_batches_are_refused_or_counted_never_a_panic() {
+    hostile_batches_on(None);
+}
+
+#[test]
+fn hostile_batches_to_a_cluster_gateway_are_refused_or_counted_never_a_panic() {
+    let Some(bin) = tailscope_test_support::peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = tailscope_test_support::nats::NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
+    hostile_batches_on(Some(&nats.urls()));
+}
+
+/// Hostile batches against a single node, or a cluster node over the NATS server `urls`.
+fn hostile_batches_on(cluster: Option<&str>) {
     // The server runs on a runtime of its own whose threads are named, so the panic hook
     // (process-wide) counts the panics of this server only, not those of the other tests of
     // this binary (some of which provoke panics that the server contains, on purpose).
@@ -383,16 +435,19 @@ fn hostile_batches_are_refused_or_counted_never_a_panic() {
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(hostile_batches(&PANICS));
+    runtime.block_on(hostile_batches(&PANICS, cluster));
 }
 
-async fn hostile_batches(panics: &std::sync::atomic::AtomicUsize) {
+async fn hostile_batches(panics: &std::sync::atomic::AtomicUsize, cluster: Option<&str>) {
     use rand::{Rng, SeedableRng};
     let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let (cases, seed) = (env("TAILSCOPE_PROPERTY_CASES", 300), env("TAILSCOPE_PROPERTY_SEED", 20261127));
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
     cfg.ingest.max_spans_per_batch = 50;
+    if let Some(urls) = cluster {
+        on_cluster(&mut cfg, urls);
+    }
     let server = tailscope_server::Server::start(cfg).await.unwrap();
     let (grpc, http) = (server.grpc_addr(), server.http_addr());
     let intact =
@@ -442,8 +497,11 @@ async fn hostile_batches(panics: &std::sync::atomic::AtomicUsize) {
     let mut s = open(grpc).await;
     s.send(intact(2)).await;
     s.wait_acked(2).await;
-    let rows = tail(http, "service=intact").await;
-    assert_eq!(rows[0]["count"], 2, "{rows:?}");
+    tailscope_test_support::assert_eventually!(
+        counted(http, "intact").await == 2,
+        "{}",
+        counted(http, "intact").await
+    );
     assert!(reqwest::get(format!("http://{http}/-/ready")).await.unwrap().status().is_success());
     server.shutdown().await;
 }
