@@ -17,6 +17,7 @@ use tailscope_proto::v1::ingest_client::IngestClient;
 use tailscope_proto::v1::{SeriesGroup, SeriesKey, Span, SpanBatch};
 
 use crate::child::{server_bin, ChildServer};
+use crate::pressure::now_nanos;
 
 /// Options of `freshness`.
 #[derive(Debug, clap::Args)]
@@ -77,56 +78,49 @@ pub async fn run(args: FreshnessArgs) -> anyhow::Result<()> {
         }
     };
     let m = measure(&args, grpc, http).await?;
-    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let reads = if args.strong { "strong" } else { "eventual" };
     if args.json {
         let v = serde_json::json!({
             "probes": args.probes,
             "poll_ms": args.poll_ms,
-            "ack_ms": {"p50": ms(&m.ack, 0.5), "p99": ms(&m.ack, 0.99), "max": m.ack.max() as f64 / 1000.0},
-            "visible_after_ack_ms": {
-                "p50": ms(&m.visible, 0.5),
-                "p99": ms(&m.visible, 0.99),
-                "max": m.visible.max() as f64 / 1000.0,
-            },
+            "ack_ms": Summary::of(&m.ack).json(),
+            "visible_after_ack_ms": Summary::of(&m.visible).json(),
             "visible_at_ack": m.at_ack,
             "strong": args.strong,
-            "first_query_ms": {
-                "p50": ms(&m.first_query, 0.5),
-                "p99": ms(&m.first_query, 0.99),
-                "max": m.first_query.max() as f64 / 1000.0,
-            },
+            "first_query_ms": Summary::of(&m.first_query).json(),
         });
         println!("{v}");
     } else {
-        println!(
-            "probes                 {} (one at a time, {}–{} ms apart)",
-            args.probes,
-            args.pause_ms,
-            args.pause_ms + args.jitter_ms
-        );
-        println!(
-            "send → durable ack     p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
-            ms(&m.ack, 0.5),
-            ms(&m.ack, 0.99),
-            m.ack.max() as f64 / 1000.0
-        );
-        println!(
-            "ack → visible          p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms (polled every {} ms)",
-            ms(&m.visible, 0.5),
-            ms(&m.visible, 0.99),
-            m.visible.max() as f64 / 1000.0,
-            args.poll_ms
-        );
+        let (from, to) = (args.pause_ms, args.pause_ms + args.jitter_ms);
+        println!("probes                 {} (one at a time, {from}–{to} ms apart)", args.probes);
+        println!("send → durable ack     {}", Summary::of(&m.ack));
+        println!("ack → visible          {} (polled every {} ms)", Summary::of(&m.visible), args.poll_ms);
         println!("visible at the ack     {} of {}", m.at_ack, args.probes);
-        println!(
-            "first query after ack  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms ({} reads)",
-            ms(&m.first_query, 0.5),
-            ms(&m.first_query, 0.99),
-            m.first_query.max() as f64 / 1000.0,
-            if args.strong { "strong" } else { "eventual" }
-        );
+        println!("first query after ack  {} ({reads} reads)", Summary::of(&m.first_query));
     }
     Ok(())
+}
+
+/// p50, p99 and max of a histogram of microseconds, in milliseconds.
+struct Summary([f64; 3]);
+
+impl Summary {
+    fn of(h: &Histogram<u64>) -> Summary {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Summary([ms(h.value_at_quantile(0.5)), ms(h.value_at_quantile(0.99)), ms(h.max())])
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let [p50, p99, max] = self.0;
+        serde_json::json!({"p50": p50, "p99": p99, "max": max})
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [p50, p99, max] = self.0;
+        write!(f, "p50 {p50:.1} ms  p99 {p99:.1} ms  max {max:.1} ms")
+    }
 }
 
 /// What the probes measured, in microseconds.
@@ -237,8 +231,4 @@ async fn count(
         bail!("{url}: {v}");
     }
     Ok(v["data"]["series"].as_array().map_or(0, |rows| rows.iter().filter_map(|r| r["count"].as_u64()).sum()))
-}
-
-fn now_nanos() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }

@@ -309,7 +309,8 @@ async fn measure(
     })
 }
 
-fn now_nanos() -> i64 {
+/// Wall-clock time, Unix nanoseconds (what spans are stamped with).
+pub(crate) fn now_nanos() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }
 

@@ -81,7 +81,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// How long to wait for the server's count of a service to reach the clients' before
-    /// comparing (a cluster node answers what its log acknowledged a moment later).
+    /// comparing (a cluster node may refuse a strong read while it catches up with the log).
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     pub settle: Duration,
     /// Draw p50/p99/p99.9 over time per service from the server into this file (.svg or .png).
@@ -518,12 +518,16 @@ pub async fn run(args: &RunArgs, out: &mut (dyn std::io::Write + Send)) -> anyho
         };
         let n = s.hist.len();
         let settled = Instant::now() + args.settle;
+        // A cluster node may refuse a strong read while it catches up with the log (after a
+        // NATS failover): asked again until `settle` has passed.
         let count = loop {
-            let count = q(format!("sum(increase(span_duration_seconds_count{sel}[{range}s]))")).await?;
-            if count.unwrap_or(0.0) >= n as f64 || Instant::now() >= settled {
-                break count;
+            let asked = q(format!("sum(increase(span_duration_seconds_count{sel}[{range}s]))")).await;
+            let late = Instant::now() >= settled;
+            match asked {
+                Ok(count) if late || count.unwrap_or(0.0) >= n as f64 => break count,
+                Err(e) if late => return Err(e),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         };
         let errors = q(format!(
             "sum(increase(span_duration_seconds_count{{service=\"{name}\",status=\"error\"}}[{range}s]))"

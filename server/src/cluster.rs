@@ -186,11 +186,11 @@ impl Cluster {
                 stop.clone(),
             )));
         }
+        let streams: Vec<(u32, String)> = (0..config.partitions).map(|p| (p, config.stream(p))).collect();
         let barrier = config.has(Role::Store).then(|| {
-            let streams = (0..config.partitions).map(|p| (p, config.stream(p))).collect();
             Arc::new(strong::LogBarrier::new(
                 js.clone(),
-                streams,
+                streams.clone(),
                 pipeline.clone(),
                 config.strong_read_timeout,
                 metrics.clone(),
@@ -209,23 +209,11 @@ impl Cluster {
                 stop.clone(),
             )));
         }
-        let me = members::Member {
-            node_id: config.node_id.clone(),
-            roles: config.roles.clone(),
-            grpc: bound.grpc.to_string(),
-            http: bound.http.to_string(),
-            otlp_http: bound.otlp_http.to_string(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            started_unix_seconds: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64),
-            announced_unix_seconds: 0,
-        };
         tasks.push(tokio::spawn(members::run(
             js.clone(),
             config.name.clone(),
             config.stream_replicas,
-            me,
+            members::Member::me(config, bound),
             stop.clone(),
         )));
         let status = Arc::new(StatusReader {
@@ -233,7 +221,7 @@ impl Cluster {
             name: config.name.clone(),
             node_id: config.node_id.clone(),
             roles: config.roles.clone(),
-            streams: (0..config.partitions).map(|p| (p, config.stream(p))).collect(),
+            streams,
             pipeline: config.has(Role::Store).then(|| pipeline.clone()),
             ruler: ruler.clone(),
         });

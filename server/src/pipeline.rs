@@ -160,6 +160,14 @@ pub enum Admission {
     NotOwner,
 }
 
+impl Admission {
+    /// The refusal of a batch numbered `seq` from a client standing at `watermark`, when it
+    /// is more than `limit` (`ingest.max_seq_gap`) past it.
+    pub fn past_gap(seq: u64, watermark: u64, limit: u64) -> Option<Admission> {
+        (seq.saturating_sub(watermark) > limit).then_some(Admission::SeqGap { watermark, limit })
+    }
+}
+
 #[derive(Debug, Default)]
 struct ClientMarks {
     accepted: u64,
@@ -305,6 +313,8 @@ impl Pipeline {
     pub fn skip_logged(&self, partition: u32, after: LogPosition) {
         let _gate = self.gate.read();
         self.note_position(partition, after);
+        // A strong read waits for whole messages, which only this reaches.
+        self.applied.notify_waiters();
     }
 
     /// Cluster mode: every record of message `seq` of partition `partition`'s log was offered
@@ -337,6 +347,10 @@ impl Pipeline {
         let mut durable = self.durable.subscribe();
         let mut hurried = false;
         loop {
+            // Registered before looking, so a message finished meanwhile still wakes us.
+            let applied = self.applied.notified();
+            tokio::pin!(applied);
+            applied.as_mut().enable();
             let behind: Vec<(u32, LogPosition, LogPosition)> = {
                 let written = self.written.lock();
                 targets
@@ -363,8 +377,7 @@ impl Pipeline {
                     // A new epoch: if it missed some, the next one is asked for again.
                     hurried = false;
                 }
-                // Consumers admit without telling anyone: look again shortly.
-                _ = tokio::time::sleep(std::time::Duration::from_millis(2)) => {}
+                _ = applied => {}
                 _ = tokio::time::sleep_until(deadline) => return Err(behind),
             }
         }
@@ -395,10 +408,10 @@ impl Pipeline {
             id => match self.clients.get(&id).map(|c| c.clone()) {
                 Some(c) => Some(c),
                 // A new client numbers from 1; no entry is made for one refused.
-                None if batch.seq > self.max_seq_gap && logged.is_none() => {
-                    return Ok((Admission::SeqGap { watermark: 0, limit: self.max_seq_gap }, gate.epoch))
-                }
-                None => Some(self.clients.entry(id).or_default().clone()),
+                None => match Admission::past_gap(batch.seq, 0, self.max_seq_gap) {
+                    Some(gap) if logged.is_none() => return Ok((gap, gate.epoch)),
+                    _ => Some(self.clients.entry(id).or_default().clone()),
+                },
             },
         };
         let mut marks = client.as_ref().map(|c| c.lock());
@@ -412,11 +425,10 @@ impl Pipeline {
                 }
                 return Ok((Admission::Duplicate, gate.epoch));
             }
-            if batch.seq - m.accepted > self.max_seq_gap && logged.is_none() {
-                return Ok((
-                    Admission::SeqGap { watermark: m.accepted, limit: self.max_seq_gap },
-                    gate.epoch,
-                ));
+            if let Some(gap) = Admission::past_gap(batch.seq, m.accepted, self.max_seq_gap) {
+                if logged.is_none() {
+                    return Ok((gap, gate.epoch));
+                }
             }
         }
         let mut permits = Vec::with_capacity(batch.targets.len());
@@ -483,6 +495,8 @@ pub struct Pipeline {
     log: Mutex<std::collections::HashMap<u32, (LogPosition, bool)>>,
     /// Cluster mode: how far each partition's log was written (what queries see).
     written: Mutex<std::collections::HashMap<u32, LogPosition>>,
+    /// Cluster mode: woken when a log message was applied whole (strong reads wait on it).
+    applied: tokio::sync::Notify,
 }
 
 impl Pipeline {
@@ -549,6 +563,7 @@ impl Pipeline {
             sinks: RwLock::new(Vec::new()),
             log: Mutex::new(log),
             written: Mutex::new(written),
+            applied: tokio::sync::Notify::new(),
         };
         Ok((Arc::new(pipeline), handles))
     }

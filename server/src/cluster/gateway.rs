@@ -232,10 +232,8 @@ impl Admit for LogGateway {
             // it; a gateway-only node cannot know that, so checks from its second batch on.
             let stands =
                 if m.accepted > 0 { Some(m.accepted) } else { self.stored_watermark(batch.client_id) };
-            if let Some(watermark) = stands {
-                if batch.seq.saturating_sub(watermark) > self.max_seq_gap {
-                    return Ok((Admission::SeqGap { watermark, limit: self.max_seq_gap }, 0));
-                }
+            if let Some(gap) = stands.and_then(|w| Admission::past_gap(batch.seq, w, self.max_seq_gap)) {
+                return Ok((gap, 0));
             }
         }
         let records = super::record::split(&batch);

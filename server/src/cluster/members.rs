@@ -8,11 +8,12 @@
 
 use std::time::Duration;
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::config::Role;
+use crate::clock::{Clock, SystemClock};
 
 /// How long a member stays listed after its last announcement.
 pub const MEMBER_TTL: Duration = Duration::from_secs(15);
@@ -42,6 +43,22 @@ pub struct Member {
     pub announced_unix_seconds: i64,
 }
 
+impl Member {
+    /// This node, as `config` and its bound listeners describe it, starting now.
+    pub fn me(config: &super::ClusterConfig, bound: super::Bound) -> Member {
+        Member {
+            node_id: config.node_id.clone(),
+            roles: config.roles.clone(),
+            grpc: bound.grpc.to_string(),
+            http: bound.http.to_string(),
+            otlp_http: bound.otlp_http.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_unix_seconds: SystemClock.now_seconds(),
+            announced_unix_seconds: 0,
+        }
+    }
+}
+
 fn stream_name(name: &str) -> String {
     format!("{name}_members")
 }
@@ -68,7 +85,7 @@ pub async fn run(
         ANNOUNCE_EVERY,
     );
     while register.next(&mut stop).await {
-        me.announced_unix_seconds = unix_now();
+        me.announced_unix_seconds = SystemClock.now_seconds();
         let Ok(payload) = serde_json::to_vec(&me) else { continue };
         let sent = match js.publish(subject.clone(), payload.into()).await {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
@@ -93,11 +110,12 @@ pub async fn list(js: &async_nats::jetstream::Context, name: &str) -> Result<Vec
         .info_with_subjects(subject(name, "*"))
         .await
         .map_err(|e| format!("listing the members: {e}"))?
+        .take(MAX_MEMBERS)
         .try_collect()
         .await
         .map_err(|e| format!("listing the members: {e}"))?;
-    let mut out = Vec::with_capacity(subjects.len().min(MAX_MEMBERS));
-    for (subject, _) in subjects.into_iter().take(MAX_MEMBERS) {
+    let mut out = Vec::with_capacity(subjects.len());
+    for (subject, _) in subjects {
         // Gone between the two requests (expired, withdrawn): not a member any more.
         let Ok(message) = members.get_last_raw_message_by_subject(&subject).await else { continue };
         match serde_json::from_slice::<Member>(&message.payload) {
@@ -107,8 +125,4 @@ pub async fn list(js: &async_nats::jetstream::Context, name: &str) -> Result<Vec
     }
     out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
     Ok(out)
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }

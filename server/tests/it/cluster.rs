@@ -52,6 +52,20 @@ struct Node {
     log: Log,
 }
 
+impl Node {
+    /// Sends SIGTERM, as a supervisor does, and waits until the node has drained and exited.
+    async fn terminate(&mut self) {
+        let pid = self.child.0.id().to_string();
+        assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        assert_eventually!(
+            self.child.0.try_wait().unwrap().is_some(),
+            "node {} did not exit after SIGTERM",
+            self.id
+        );
+        assert!(self.child.0.try_wait().unwrap().unwrap().success(), "node {} failed to stop", self.id);
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -76,10 +90,19 @@ fn node_with(dir: &Path, urls: &str, id: &str, more: &[(&str, &str)]) -> (Node, 
     (Node { child: Peer(child), id: id.to_owned(), log }, grpc, http)
 }
 
+/// The test's range as `/api/v1/tail` parameters: the last half hour before `now`.
+fn range(now: i64) -> String {
+    format!("start={}&end={}", now / 1_000_000_000 - 1800, now / 1_000_000_000 + 60)
+}
+
+/// The environment of a node playing `roles` over a single NATS server (one copy per stream).
+fn playing(roles: &'static str) -> Vec<(&'static str, &'static str)> {
+    vec![("TAILSCOPE_CLUSTER_STREAM_REPLICAS", "1"), ("TAILSCOPE_CLUSTER_ROLES", roles)]
+}
+
 /// Every series' count and quantiles over the test's range, in label order.
 async fn rows(http: SocketAddr, now: i64) -> Vec<serde_json::Value> {
-    let (start, end) = (now / 1_000_000_000 - 1800, now / 1_000_000_000 + 60);
-    let mut rows = tail(http, &format!("start={start}&end={end}")).await;
+    let mut rows = tail(http, &range(now)).await;
     rows.sort_by_key(|r| format!("{}/{}/{}", r["service"], r["operation"], r["status"]));
     rows
 }
@@ -387,14 +410,8 @@ async fn a_gateway_node_and_a_store_node_split_the_work_and_refuse_the_rest_by_n
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
     let urls = nats.urls();
-    let one = [("TAILSCOPE_CLUSTER_STREAM_REPLICAS", "1")];
-    let with = |roles: &'static str| {
-        let mut env = one.to_vec();
-        env.push(("TAILSCOPE_CLUSTER_ROLES", roles));
-        env
-    };
-    let (g, g_grpc, g_http) = node_with(&dir.path().join("g"), &urls, "g", &with("gateway"));
-    let (st, s_grpc, s_http) = node_with(&dir.path().join("s"), &urls, "s", &with("store,query,ruler"));
+    let (g, g_grpc, g_http) = node_with(&dir.path().join("g"), &urls, "g", &playing("gateway"));
+    let (st, s_grpc, s_http) = node_with(&dir.path().join("s"), &urls, "s", &playing("store,query,ruler"));
 
     // Spans go in through the gateway and are answered by the store.
     let now = now_nanos();
@@ -424,14 +441,8 @@ async fn a_gateway_node_and_a_store_node_split_the_work_and_refuse_the_rest_by_n
     assert!(metrics(g_http).await.contains("tailscope_log_messages_total"));
 
     // Both stop on SIGTERM, as a supervisor asks (each drains and exits by itself).
-    for (name, mut node) in [("gateway", g), ("store", st)] {
-        let pid = node.child.0.id().to_string();
-        assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-        assert_eventually!(
-            node.child.0.try_wait().unwrap().is_some(),
-            "the {name} node did not exit after SIGTERM"
-        );
-        assert!(node.child.0.try_wait().unwrap().unwrap().success(), "the {name} node failed to stop");
+    for mut node in [g, st] {
+        node.terminate().await;
     }
 
     // A node may not answer queries from a store it does not have.
@@ -448,11 +459,10 @@ async fn a_gateway_node_and_a_store_node_split_the_work_and_refuse_the_rest_by_n
     assert!(said.contains("cluster.roles") && said.contains("query reads this node's store"), "{said}");
 }
 
-/// The spans node `http` counts over the test's range, asked with `X-Read-Consistency: value`.
+/// `/api/v1/tail` over the test's range, asked with `X-Read-Consistency: value`.
 async fn counted_with(http: SocketAddr, now: i64, value: &str) -> (u16, serde_json::Value) {
-    let (start, end) = (now / 1_000_000_000 - 1800, now / 1_000_000_000 + 60);
     let r = reqwest::Client::new()
-        .get(format!("http://{http}/api/v1/tail?start={start}&end={end}"))
+        .get(format!("http://{http}/api/v1/tail?{}", range(now)))
         .header("X-Read-Consistency", value)
         .send()
         .await
@@ -460,8 +470,9 @@ async fn counted_with(http: SocketAddr, now: i64, value: &str) -> (u16, serde_js
     (r.status().as_u16(), r.json().await.unwrap())
 }
 
+/// The spans a `/api/v1/tail` answer counts.
 fn count_of(body: &serde_json::Value) -> u64 {
-    body["data"]["series"].as_array().unwrap().iter().map(|r| r["count"].as_u64().unwrap()).sum()
+    total(body["data"]["series"].as_array().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,24 +482,12 @@ async fn a_strong_read_on_another_node_sees_every_acknowledged_span_and_the_stat
     let dir = tempfile::tempdir().unwrap();
     let mut nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
     let urls = nats.urls();
-    let (mut g, g_grpc, g_http) = node_with(
-        &dir.path().join("g"),
-        &urls,
-        "g",
-        &[("TAILSCOPE_CLUSTER_STREAM_REPLICAS", "1"), ("TAILSCOPE_CLUSTER_ROLES", "gateway")],
-    );
+    let (mut g, g_grpc, g_http) = node_with(&dir.path().join("g"), &urls, "g", &playing("gateway"));
     // The store node writes an epoch only every 30 s unless a strong read asks for one, so an
     // eventual read right after an acknowledgement would almost always miss it.
-    let (_s, _, s_http) = node_with(
-        &dir.path().join("s"),
-        &urls,
-        "s",
-        &[
-            ("TAILSCOPE_CLUSTER_STREAM_REPLICAS", "1"),
-            ("TAILSCOPE_CLUSTER_ROLES", "store,query,ruler"),
-            ("TAILSCOPE_INGEST_FLUSH_INTERVAL", "30s"),
-        ],
-    );
+    let mut store = playing("store,query,ruler");
+    store.push(("TAILSCOPE_INGEST_FLUSH_INTERVAL", "30s"));
+    let (_s, _, s_http) = node_with(&dir.path().join("s"), &urls, "s", &store);
     let now = now_nanos();
     const PER_ROUND: u64 = 20;
     let mut stale = 0;
@@ -537,11 +536,11 @@ async fn a_strong_read_on_another_node_sees_every_acknowledged_span_and_the_stat
     // The gateway node has no store: it shows the log, not a place in it.
     let on_g = status(g_http).await;
     assert!(on_g["partitions"][0].get("written_seq").is_none(), "{on_g}");
-    // A node that stops leaves the list.
-    let pid = g.child.0.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    assert_eventually!(g.child.0.try_wait().unwrap().is_some(), "the gateway did not exit after SIGTERM");
-    assert_eventually!(ids(&status(s_http).await) == ["s"], "members: {}", status(s_http).await);
+    // A node that stops withdraws before it exits: gone from the list at once, not only when
+    // its entry would expire (at least 12 s after its last announcement).
+    g.terminate().await;
+    let after = status(s_http).await;
+    assert_eq!(ids(&after), ["s"], "members right after the gateway exited: {after}");
 
     // A value that is neither strong nor eventual is refused by name.
     let (status, body) = counted_with(s_http, now, "linearizable").await;
