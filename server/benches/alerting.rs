@@ -72,7 +72,7 @@ fn evaluation(c: &mut Criterion) {
     let store = Store::open(dir.path(), Layout::default(), &metrics).unwrap();
     populate(&store);
     let ctx = Context {
-        store: store.clone(),
+        sources: Arc::new(store.clone()),
         state: Arc::new(store.clone()),
         clock: Arc::new(SystemClock),
         retention: RetentionConfig::default(),

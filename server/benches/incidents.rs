@@ -60,7 +60,7 @@ fn main() {
     let store = Store::open(dir.path(), Layout::default(), &metrics).unwrap();
     populate(&store);
     let env = Environment {
-        source: Arc::new(store.clone()),
+        sources: Arc::new(store.clone()),
         state: Arc::new(store.clone()),
         retention: RetentionConfig::default(),
         clock: Arc::new(ManualClock::new(NOW * 1_000_000_000)),

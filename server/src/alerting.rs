@@ -372,10 +372,12 @@ pub struct Delivery {
 impl Alerting {
     /// Loads the rules and the notifier configuration and starts evaluating. Fails, naming the
     /// file and the problem, if any of them is invalid.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         config: &AlertingConfig,
         delivery: Delivery,
         store: Store,
+        sources: Arc<dyn crate::query::Sources>,
         clock: Arc<dyn Clock>,
         retention: RetentionConfig,
         metrics: Arc<Metrics>,
@@ -428,7 +430,7 @@ impl Alerting {
         let mut correlator = None;
         if config.incidents.enabled {
             let env = incidents::Environment {
-                source: Arc::new(store.clone()),
+                sources: sources.clone(),
                 state: Arc::new(store.clone()),
                 retention: retention.clone(),
                 clock: clock.clone(),
@@ -447,7 +449,7 @@ impl Alerting {
         }
         let ctx = eval::Context {
             state: Arc::new(store.clone()),
-            store,
+            sources,
             clock,
             retention,
             metrics,

@@ -165,6 +165,7 @@ impl Server {
         let mut ruler = None;
         let mut read_barrier = None;
         let mut cluster_status = None;
+        let mut sources: Arc<dyn crate::query::Sources> = Arc::new(store.clone());
         let mut max_batch_bytes = config.ingest.max_batch_bytes;
         let admit: Arc<dyn Admit> = if config.cluster.enabled() {
             let cluster = crate::cluster::Cluster::start(
@@ -175,6 +176,7 @@ impl Server {
                     queue_capacity: config.ingest.queue_capacity,
                     max_seq_gap: config.ingest.max_seq_gap,
                 },
+                store.clone(),
                 pipeline.clone(),
                 metrics.clone(),
                 stop_rx.clone(),
@@ -186,6 +188,9 @@ impl Server {
             ruler = Some(cluster.ruler());
             read_barrier = cluster.read_barrier();
             cluster_status = Some(cluster.status());
+            if let Some(s) = cluster.sources() {
+                sources = s;
+            }
             cluster_tasks = cluster.tasks;
             gateway
         } else {
@@ -279,6 +284,7 @@ impl Server {
             &config.alerting,
             crate::alerting::Delivery { external_url, leader: ruler },
             store.clone(),
+            sources.clone(),
             clock.clone(),
             config.retention.clone(),
             metrics.clone(),
@@ -290,6 +296,7 @@ impl Server {
         let state = AppState {
             pipeline: pipeline.clone(),
             store: store.clone(),
+            sources,
             metrics: metrics.clone(),
             clock: clock.clone(),
             retention: config.retention.clone(),
@@ -391,10 +398,14 @@ impl Server {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.flusher.await;
+        tracing::debug!("shutdown: the last epoch is written");
         let _ = self.grpc.await;
+        tracing::debug!("shutdown: gRPC closed");
         let _ = self.http.await;
-        for t in self.background {
+        tracing::debug!("shutdown: HTTP closed");
+        for (i, t) in self.background.into_iter().enumerate() {
             let _ = t.await;
+            tracing::debug!(task = i, "shutdown: background task ended");
         }
         if let Err(e) = self.store.sync() {
             tracing::error!(error = %e, "cannot sync the write-ahead log at shutdown");

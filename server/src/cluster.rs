@@ -18,11 +18,13 @@
 //!
 //! The default (no `[cluster]`) is the embedded single process, with no NATS at all.
 
+pub mod assign;
 pub mod config;
 pub mod consumer;
 pub mod gateway;
 pub mod lease;
 pub mod members;
+pub mod reads;
 pub mod record;
 pub mod register;
 pub mod strong;
@@ -101,7 +103,8 @@ pub struct Cluster {
     pub tasks: Vec<JoinHandle<()>>,
     max_batch_bytes: usize,
     ruler: watch::Receiver<bool>,
-    barrier: Option<Arc<strong::LogBarrier>>,
+    barrier: Option<Arc<dyn crate::query::ReadBarrier>>,
+    sources: Option<Arc<reads::ClusterSources>>,
     status: Arc<StatusReader>,
 }
 
@@ -115,10 +118,12 @@ const RECORD_ENVELOPE_BYTES: usize = 64 << 10;
 impl Cluster {
     /// Connects to NATS, creates the partitions' streams when missing, and starts this node's
     /// gateway (publishing) and store consumers (feeding `pipeline`).
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         config: &ClusterConfig,
         bound: Bound,
         ingest: GatewayLimits,
+        store: crate::store::Store,
         pipeline: Arc<Pipeline>,
         metrics: Arc<Metrics>,
         stop: watch::Receiver<bool>,
@@ -157,37 +162,41 @@ impl Cluster {
                 "cluster mode: ingest.max_batch_bytes is cut to what a NATS message can hold (raise max_payload in the NATS configuration to allow more)"
             );
         }
-        let mut js = async_nats::jetstream::new(client);
+        let mut js = async_nats::jetstream::new(client.clone());
         // A publish to a leader that just died is answered by nobody: give up on it soon and
         // retry (with the same message id) against the next leader.
         js.set_timeout(PUBLISH_ACK_TIMEOUT);
         for p in 0..config.partitions {
             ensure_stream(&js, config, p).await?;
         }
+        let replicas = Arc::new(assign::Replicas::new(config.partitions));
+        let (owners_tx, owners) = watch::channel(None);
         let (gateway, mut tasks) = gateway::LogGateway::start(
             config,
             ingest,
             js.clone(),
             pipeline.clone(),
+            replicas.clone(),
             metrics.clone(),
             stop.clone(),
             shutdown_timeout,
         );
+        tasks.push(tokio::spawn(assign::run(js.clone(), config.clone(), owners_tx, stop.clone())));
         let shards = pipeline.shard_count();
         let partitions = if config.has(Role::Store) { config.partitions } else { 0 };
         for p in 0..partitions {
-            tasks.push(tokio::spawn(consumer::run(
-                js.clone(),
-                config.stream(p),
-                config.subject(p),
-                p,
-                pipeline.clone(),
+            let partition = consumer::Partition {
+                partition: p,
+                stream: config.stream(p),
+                subject: config.subject(p),
+                pipeline: pipeline.clone(),
                 shards,
-                stop.clone(),
-            )));
+                replicas: replicas.clone(),
+            };
+            tasks.push(tokio::spawn(consumer::run(js.clone(), partition, owners.clone(), stop.clone())));
         }
         let streams: Vec<(u32, String)> = (0..config.partitions).map(|p| (p, config.stream(p))).collect();
-        let barrier = config.has(Role::Store).then(|| {
+        let log_barrier = config.has(Role::Store).then(|| {
             Arc::new(strong::LogBarrier::new(
                 js.clone(),
                 streams.clone(),
@@ -195,6 +204,39 @@ impl Cluster {
                 config.strong_read_timeout,
                 metrics.clone(),
             ))
+        });
+        if let Some(barrier) = &log_barrier {
+            let server = reads::Server {
+                client: client.clone(),
+                name: config.name.clone(),
+                node_id: config.node_id.clone(),
+                partitions: config.partitions,
+                store: store.clone(),
+                replicas: replicas.clone(),
+                barrier: barrier.clone(),
+            };
+            tasks.push(tokio::spawn(reads::serve(server, stop.clone())));
+        }
+        let sources = if config.has(Role::Query) || config.has(Role::Ruler) {
+            let sources = reads::ClusterSources::start(
+                addrs.clone(),
+                &config.node_id,
+                config.name.clone(),
+                config.partitions,
+                store.clone(),
+                config.has(Role::Store).then(|| replicas.clone()),
+                owners.clone(),
+                log_barrier.clone(),
+            )
+            .await
+            .map_err(connect_err)?;
+            Some(Arc::new(sources))
+        } else {
+            None
+        };
+        let barrier = sources.as_ref().map(|s| {
+            Arc::new(reads::ClusterBarrier::new((**s).clone(), config.strong_read_timeout))
+                as Arc<dyn crate::query::ReadBarrier>
         });
         // Without the ruler role the node never holds the lease, so never sends.
         let (holding, ruler) = watch::channel(false);
@@ -224,6 +266,8 @@ impl Cluster {
             streams,
             pipeline: config.has(Role::Store).then(|| pipeline.clone()),
             ruler: ruler.clone(),
+            owners,
+            replicas,
         });
         tracing::info!(
             node = %config.node_id,
@@ -232,7 +276,7 @@ impl Cluster {
             nats = ?config.nats,
             "cluster mode: started"
         );
-        Ok(Cluster { gateway, tasks, max_batch_bytes, ruler, barrier, status })
+        Ok(Cluster { gateway, tasks, max_batch_bytes, ruler, barrier, sources, status })
     }
 
     /// The largest batch this node takes: `ingest.max_batch_bytes`, or less when the NATS
@@ -246,9 +290,16 @@ impl Cluster {
         self.ruler.clone()
     }
 
-    /// What a strong read waits for on this node (none without the store role).
+    /// What a strong read waits for on this node: each partition's owner (none without the
+    /// query or ruler role).
     pub fn read_barrier(&self) -> Option<Arc<dyn crate::query::ReadBarrier>> {
-        self.barrier.clone().map(|b| b as Arc<dyn crate::query::ReadBarrier>)
+        self.barrier.clone()
+    }
+
+    /// What queries and rules read: each partition from a caught-up owner (none without the
+    /// query or ruler role).
+    pub fn sources(&self) -> Option<Arc<dyn crate::query::Sources>> {
+        self.sources.clone().map(|s| s as Arc<dyn crate::query::Sources>)
     }
 
     /// What `GET /api/v1/status/cluster` reads.
@@ -289,6 +340,12 @@ pub struct PartitionStatus {
     pub log_last_seq: u64,
     /// Messages the stream holds.
     pub log_messages: u64,
+    /// The stores that own it, best first (queries read it from the first caught up).
+    pub owners: Vec<String>,
+    /// Whether this node's store owns it and has caught up with its log (absent without the
+    /// store role).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caught_up: Option<bool>,
     /// The last message this node's store wrote whole (absent without the store role).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub written_seq: Option<u64>,
@@ -307,6 +364,8 @@ pub struct StatusReader {
     streams: Vec<(u32, String)>,
     pipeline: Option<Arc<Pipeline>>,
     ruler: watch::Receiver<bool>,
+    owners: watch::Receiver<Option<Arc<assign::Assignment>>>,
+    replicas: Arc<assign::Replicas>,
 }
 
 impl StatusReader {
@@ -314,11 +373,17 @@ impl StatusReader {
     pub async fn read(&self) -> Result<Status, String> {
         let members = members::list(&self.js, &self.name).await?;
         let ends = strong::log_ends(&self.js, &self.streams).await?;
+        let assignment = self.owners.borrow().clone();
         let partitions = ends
             .into_iter()
             .map(|end| {
                 let written = self.pipeline.as_ref().map(|p| p.written_log_position(end.partition));
                 PartitionStatus {
+                    owners: assignment
+                        .as_ref()
+                        .map(|a| a.owners(end.partition).into_iter().map(str::to_owned).collect())
+                        .unwrap_or_default(),
+                    caught_up: self.pipeline.as_ref().map(|_| self.replicas.caught_up(end.partition)),
                     partition: end.partition,
                     log_last_seq: end.last_seq,
                     log_messages: end.messages,

@@ -29,8 +29,10 @@ use envelope::ApiError;
 pub struct AppState {
     /// The ingest pipeline (readiness, queue depths).
     pub pipeline: Arc<Pipeline>,
-    /// The store.
+    /// The store (its sizes, its health).
     pub store: Store,
+    /// What queries read: the store, or in a cluster each partition's owner.
+    pub sources: Arc<dyn crate::query::Sources>,
     /// Self-metrics.
     pub metrics: Arc<Metrics>,
     /// Wall-clock time.
@@ -229,13 +231,13 @@ async fn tail_body(s: &AppState, params: &HashMap<String, String>) -> Result<Val
         peer: params.get("peer").cloned(),
     };
     let plan = RangePlan::new(start.floor() as i64, end.ceil() as i64, now as i64, &s.retention);
-    let store = s.store.clone();
+    let source = s.sources.open();
     // Within the query timeout, and cancelled when the client leaves (the guard is dropped
     // with this future).
     let budget = query::Budget::new(std::time::Instant::now() + s.query.timeout);
     let _cancel = budget.cancel_on_drop();
     let (resolution, covered) = (plan.coarsest(), (plan.start, plan.end));
-    let rows = tokio::task::spawn_blocking(move || query::merged_series(&store, &filter, &plan, &budget))
+    let rows = tokio::task::spawn_blocking(move || query::merged_series(&*source, &filter, &plan, &budget))
         .await
         .map_err(|e| QueryError::BadData(format!("query task failed: {e}")))??;
     let secs = |ns: Option<u64>| ns.map(|v| v as f64 / 1e9);

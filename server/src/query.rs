@@ -150,6 +150,26 @@ pub trait ReadBarrier: Send + Sync + std::fmt::Debug {
     fn wait(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
 }
 
+/// Where a request's reads come from: this node's store, or in a cluster each partition's
+/// owner. Every request (a query, one evaluation of a rule group) opens its own [`Source`]: a
+/// cluster's remembers, for the series it selected, which partition and node holds them.
+pub trait Sources: Send + Sync + std::fmt::Debug {
+    /// A source for one request.
+    fn open(&self) -> Box<dyn Source + Send + Sync>;
+}
+
+impl Sources for crate::store::Store {
+    fn open(&self) -> Box<dyn Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl Sources for crate::store::MemoryStore {
+    fn open(&self) -> Box<dyn Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
 /// Times are clamped to ±10¹² s (about 30,000 years either side of 1970): the same answer for
 /// every time that can hold data, and no arithmetic on them can overflow.
 pub const TIME_LIMIT_SECONDS: f64 = 1e12;

@@ -16,7 +16,7 @@ use super::{fingerprint, Alert, Labels, Sink};
 use crate::clock::Clock;
 use crate::query::promql::{Engine, Limits, Memo, Repeats, Steps, Value};
 use crate::query::shared::SharedReads;
-use crate::store::{RetentionConfig, Source, StateKind, StateStore, Store};
+use crate::store::{RetentionConfig, Source, StateKind, StateStore};
 use crate::telemetry::{Metrics, RuleGroupLabel};
 
 /// How long a resolved alert is still sent (so a notifier that missed the first resolve hears
@@ -153,8 +153,8 @@ pub struct GroupSnapshot {
 /// What evaluation needs from the server.
 #[derive(Debug, Clone)]
 pub struct Context {
-    /// The store the engine reads.
-    pub store: Store,
+    /// What the engine reads.
+    pub sources: Arc<dyn crate::query::Sources>,
     /// Where the rules' alerts are kept across restarts.
     pub state: Arc<dyn StateStore>,
     /// Wall-clock time.
@@ -290,7 +290,7 @@ impl GroupRuntime {
     pub async fn evaluate(&self, ctx: &Context, ts: i64) {
         let started = Instant::now();
         let exprs: Vec<_> = self.group.rules.iter().map(|r| r.expr.clone()).collect();
-        let store = ctx.store.clone();
+        let source = ctx.sources.open();
         let retention = ctx.retention.clone();
         let interval = self.group.interval;
         let repeats = self.repeats.clone();
@@ -299,10 +299,10 @@ impl GroupRuntime {
             // (thresholds, quantiles of one service) share one read of its series and windows,
             // one merge of each range and the value of each repeated sub-expression.
             let memo = repeats.any().then(|| Memo::new(ts, ts.div_euclid(1000), repeats, SHARED_READ_BYTES));
-            let shared = memo.is_some().then(|| SharedReads::new(&store, SHARED_READ_BYTES));
+            let shared = memo.is_some().then(|| SharedReads::new(&*source, SHARED_READ_BYTES));
             let source: &dyn Source = match &shared {
                 Some(shared) => shared,
-                None => &store,
+                None => &*source,
             };
             exprs
                 .iter()
@@ -556,6 +556,7 @@ fn sample(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     #[test]
     fn ticks_stay_on_the_offset_grid() {
@@ -615,7 +616,7 @@ mod tests {
         let group = RuleGroup::parse(yaml, std::path::Path::new("r.yml")).unwrap().remove(0);
         let runtime = GroupRuntime::new(group, None, store);
         let ctx = Context {
-            store: store.clone(),
+            sources: Arc::new(store.clone()),
             state: Arc::new(crate::store::MemoryStore::default()),
             clock: Arc::new(crate::clock::SystemClock),
             retention: RetentionConfig::default(),

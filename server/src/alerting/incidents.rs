@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 use super::{fingerprint, Alert, Labels, Sink};
 use crate::clock::Clock;
 use crate::query::promql::{self, Engine, Limits, Steps, Value};
-use crate::store::{RetentionConfig, Source, StateKind, StateStore};
+use crate::store::{RetentionConfig, StateKind, StateStore};
 use crate::telemetry::Metrics;
 use blame::{Tail, Tails, Thresholds};
 
@@ -181,8 +181,8 @@ pub struct Member {
 /// Where the correlator reads and keeps things.
 #[derive(Clone)]
 pub struct Environment {
-    /// The series (the engine's source).
-    pub source: Arc<dyn Source + Send>,
+    /// What the engine reads.
+    pub sources: Arc<dyn crate::query::Sources>,
     /// Where stamps persist.
     pub state: Arc<dyn StateStore>,
     /// Which resolutions exist.
@@ -493,7 +493,8 @@ pub fn read_tails(env: &Environment, config: &IncidentsConfig, now: i64) -> Resu
         max_samples: 100_000,
         deadline: Instant::now() + Duration::from_secs(10),
     };
-    let engine = Engine::new(&*env.source, &steps, now.div_euclid(1000), &env.retention, limits);
+    let source = env.sources.open();
+    let engine = Engine::new(&*source, &steps, now.div_euclid(1000), &env.retention, limits);
     let (w, b) = (config.window.as_secs().max(10), config.baseline.as_secs().max(10));
     let edge = "histogram_quantile(0.99, sum by (client, server, le) \
                 (rate(traces_service_graph_request_client_seconds_bucket{connection_type!=\"messaging_system\"}";

@@ -20,6 +20,10 @@ pub struct ClusterConfig {
     pub partitions: u32,
     /// Copies JetStream keeps of each stream (1, 3 or 5 NATS servers).
     pub stream_replicas: usize,
+    /// Store nodes that hold each partition (rendezvous hashing over the live stores); 0:
+    /// every store holds every partition. With 2, any one store may be down and every query
+    /// is still answered.
+    pub replication_factor: usize,
     /// How long the log keeps messages: a store down longer re-reads from the oldest kept.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
@@ -47,11 +51,13 @@ pub struct ClusterConfig {
 pub enum Role {
     /// Takes spans (native, OTLP gRPC and HTTP) and publishes them to the log.
     Gateway,
-    /// Reads every partition's log into its own store.
+    /// Reads the partitions it owns from the log into its own store, and answers other
+    /// nodes' reads of them.
     Store,
-    /// Answers queries (the Prometheus API, `/api/v1/tail`, the service graph) from its store.
+    /// Answers queries (the Prometheus API, `/api/v1/tail`, the service graph), reading each
+    /// partition from a caught-up owner.
     Query,
-    /// May hold the ruler lease and send alert notifications (rules read its store).
+    /// May hold the ruler lease and send alert notifications.
     Ruler,
 }
 
@@ -78,6 +84,7 @@ impl Default for ClusterConfig {
             name: "tailscope".into(),
             partitions: 16,
             stream_replicas: 3,
+            replication_factor: 2,
             max_age: Duration::from_secs(24 * 3600),
             max_bytes_per_partition: 256 << 20,
             max_message_bytes: 1 << 20,
@@ -134,18 +141,11 @@ impl ClusterConfig {
         if self.roles.is_empty() {
             return Err(("cluster.roles", "must name at least one of gateway, store, query, ruler".into()));
         }
-        // Queries and rules read this node's own store: every store holds every partition.
-        for needs_store in [Role::Query, Role::Ruler] {
-            if self.has(needs_store) && !self.has(Role::Store) {
-                return Err((
-                    "cluster.roles",
-                    format!(
-                        "{} reads this node's store: add store to {}",
-                        needs_store.as_str(),
-                        self.roles_text()
-                    ),
-                ));
-            }
+        if self.replication_factor > 64 {
+            return Err((
+                "cluster.replication_factor",
+                format!("{} must be at most 64 (0: every store)", self.replication_factor),
+            ));
         }
         for url in &self.nats {
             url.parse::<async_nats::ServerAddr>()

@@ -6,6 +6,12 @@
 //! position ([`Pipeline::admit_logged`]). The epoch that writes a record's merges writes its
 //! position in the same synced batch, so after a crash the replica resumes exactly after the
 //! last record it wrote: records of a message it had partly applied are skipped one by one.
+//!
+//! It reads only while this node owns the partition ([`super::assign`]): a partition taken
+//! on is read from where this store last left it (from the log's start if it never held it),
+//! and marked caught up once everything its log held then is written; one handed on is
+//! marked not caught up and no longer read (what the store wrote of it stays, unread by
+//! queries, until the partition comes back).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +22,7 @@ use prost::Message;
 use tailscope_proto::v1::PartitionBatch;
 use tokio::sync::watch;
 
+use super::assign::{Assignment, Replicas};
 use crate::pipeline::{Admission, Pipeline};
 use crate::store::LogPosition;
 
@@ -28,28 +35,91 @@ const CREATE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The longest pause between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
-/// Reads partition `partition` (stream `stream`, subject `subject`) into `pipeline`, routed
-/// among `shards` shards, until `stop`. Any failure of NATS (a leader election, a lost
-/// connection) recreates the consumer from the pipeline's position.
+/// One partition's log, and where its records go.
+#[derive(Debug, Clone)]
+pub struct Partition {
+    /// The partition.
+    pub partition: u32,
+    /// Its stream.
+    pub stream: String,
+    /// Its subject.
+    pub subject: String,
+    /// The pipeline the records are admitted to.
+    pub pipeline: Arc<Pipeline>,
+    /// The pipeline's shards (records are routed among them).
+    pub shards: usize,
+    /// Whether this node's copy of each partition is caught up.
+    pub replicas: Arc<Replicas>,
+}
+
+fn owns(a: &Option<Arc<Assignment>>, partition: u32) -> bool {
+    a.as_ref().is_some_and(|a| a.owns(partition))
+}
+
+/// Reads `p`'s log into its pipeline while this node owns it, until `stop`.
 pub async fn run(
     js: async_nats::jetstream::Context,
-    stream: String,
-    subject: String,
-    partition: u32,
-    pipeline: Arc<Pipeline>,
-    shards: usize,
+    p: Partition,
+    mut owners: watch::Receiver<Option<Arc<Assignment>>>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let partition = p.partition;
+    loop {
+        tokio::select! {
+            r = owners.wait_for(|a| owns(a, partition)) => if r.is_err() { return },
+            _ = stop.wait_for(|&s| s) => return,
+        }
+        tracing::info!(partition, from = ?p.pipeline.log_position(partition), "reading a partition this node now owns");
+        let catch_up = tokio::spawn(catch_up(js.clone(), p.clone()));
+        tokio::select! {
+            _ = read_owned(&js, &p, &mut stop) => {
+                catch_up.abort();
+                return;
+            }
+            r = owners.wait_for(|a| !owns(a, partition)) => {
+                catch_up.abort();
+                p.replicas.set(partition, false);
+                if r.is_err() {
+                    return;
+                }
+                tracing::info!(partition, "partition handed on to another store; no longer reading it");
+            }
+        }
+    }
+}
+
+/// Marks `p` caught up once its store has written every message its log held now.
+async fn catch_up(js: async_nats::jetstream::Context, p: Partition) {
+    let mut wait = Duration::from_millis(100);
+    let end = loop {
+        match super::strong::log_ends(&js, &[(p.partition, p.stream.clone())]).await {
+            Ok(ends) => break ends.first().map_or(0, |e| if e.messages == 0 { 0 } else { e.last_seq }),
+            Err(e) => {
+                tracing::debug!(partition = p.partition, error = %e, "cannot read where the log ends yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(MAX_BACKOFF);
+            }
+        }
+    };
+    let target = [(p.partition, LogPosition { seq: end, records: u32::MAX })];
+    while end > 0 && p.pipeline.wait_written(&target, Duration::from_secs(60)).await.is_err() {}
+    p.replicas.set(p.partition, true);
+    tracing::info!(partition = p.partition, end, "caught up with the partition's log; answering its reads");
+}
+
+/// Reads `p` until `stop` or the pipeline closes. Any failure of NATS (a leader election, a
+/// lost connection) recreates the consumer from the pipeline's position.
+async fn read_owned(js: &async_nats::jetstream::Context, p: &Partition, stop: &mut watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let outcome = tokio::select! {
-            r = read(&js, &stream, &subject, partition, &pipeline, shards) => r,
+            r = read(js, &p.stream, &p.subject, p.partition, &p.pipeline, p.shards) => r,
             _ = stop.wait_for(|&s| s) => return,
         };
         match outcome {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(partition, error = %e, "log consumer interrupted; resuming from the applied position");
+                tracing::warn!(partition = p.partition, error = %e, "log consumer interrupted; resuming from the applied position");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.wait_for(|&s| s) => return,

@@ -90,17 +90,19 @@ pub struct LogGateway {
     max_seq_gap: u64,
     /// A store node's pipeline, whose per-(client, partition) watermarks tell where a client
     /// new to this gateway stands (none on a gateway-only node).
-    watermarks: Option<Arc<Pipeline>>,
+    watermarks: Option<(Arc<Pipeline>, Arc<super::assign::Replicas>)>,
 }
 
 impl LogGateway {
     /// Starts the gateway and one publisher per partition. On `stop` it refuses new batches,
     /// publishes what it accepted (for at most `shutdown_timeout`) and closes.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         config: &ClusterConfig,
         limits: super::GatewayLimits,
         js: async_nats::jetstream::Context,
         pipeline: Arc<Pipeline>,
+        replicas: Arc<super::assign::Replicas>,
         metrics: Arc<Metrics>,
         mut stop: watch::Receiver<bool>,
         shutdown_timeout: Duration,
@@ -125,7 +127,7 @@ impl LogGateway {
             draining: AtomicBool::new(false),
             metrics,
             max_seq_gap: limits.max_seq_gap,
-            watermarks: config.has(super::Role::Store).then(|| pipeline.clone()),
+            watermarks: config.has(super::Role::Store).then(|| (pipeline.clone(), replicas)),
         });
         // A new incarnation each start: a message id of a previous run is never reused.
         let incarnation = format!("{}.{:x}", config.node_id, rand_nonce());
@@ -179,10 +181,14 @@ impl LogGateway {
     }
 
     /// Where this node's store has client `client`: the highest of its per-partition
-    /// watermarks (none without the store role).
+    /// watermarks (none without the store role, or unless it holds every partition caught up:
+    /// a client's latest batches may have gone only to partitions other stores hold).
     fn stored_watermark(&self, client: u64) -> Option<u64> {
-        let pipeline = self.watermarks.as_ref()?;
+        let (pipeline, replicas) = self.watermarks.as_ref()?;
         let partitions = self.outboxes.len() as u32;
+        if !(0..partitions).all(|p| replicas.caught_up(p)) {
+            return None;
+        }
         Some((0..partitions).map(|p| pipeline.durable_seq(super::client_key(client, p))).max().unwrap_or(0))
     }
 

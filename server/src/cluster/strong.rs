@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::pipeline::Pipeline;
-use crate::query::ReadBarrier;
 use crate::store::LogPosition;
 use crate::telemetry::{Metrics, Outcome};
 
@@ -45,9 +44,11 @@ impl LogBarrier {
         LogBarrier { js, streams, pipeline, timeout, metrics }
     }
 
-    /// Where each non-empty partition's log ends now: its last message, whole.
-    async fn ends(&self) -> Result<Vec<(u32, LogPosition)>, String> {
-        Ok(log_ends(&self.js, &self.streams)
+    /// Where each non-empty partition of `partitions` ends now: its last message, whole.
+    async fn ends(&self, partitions: &[u32]) -> Result<Vec<(u32, LogPosition)>, String> {
+        let streams: Vec<(u32, String)> =
+            self.streams.iter().filter(|(p, _)| partitions.contains(p)).cloned().collect();
+        Ok(log_ends(&self.js, &streams)
             .await?
             .into_iter()
             // A stream whose messages all aged out holds nothing to wait for.
@@ -56,9 +57,13 @@ impl LogBarrier {
             .collect())
     }
 
-    async fn wait_inner(&self) -> Result<(), String> {
+    /// Waits until this node's store has written everything `partitions`' logs hold now.
+    pub async fn wait_for(&self, partitions: &[u32]) -> Result<(), String> {
+        if partitions.is_empty() {
+            return Ok(());
+        }
         let started = Instant::now();
-        let ends = match tokio::time::timeout(self.timeout, self.ends()).await {
+        let ends = match tokio::time::timeout(self.timeout, self.ends(partitions)).await {
             Ok(Ok(ends)) => ends,
             Ok(Err(e)) => return self.done("log_error", started, Err(format!("strong read: {e}"))),
             Err(_) => {
@@ -135,10 +140,4 @@ pub async fn log_ends(
     let mut ends: Vec<LogEnd> = infos.try_collect().await?;
     ends.sort_by_key(|e| e.partition);
     Ok(ends)
-}
-
-impl ReadBarrier for LogBarrier {
-    fn wait(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
-        Box::pin(self.wait_inner())
-    }
 }

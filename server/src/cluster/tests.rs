@@ -30,8 +30,11 @@ fn cluster_settings_are_checked_only_when_it_is_on() {
     assert_eq!(on(|c| c.roles.clear()), Some("cluster.roles"));
     assert_eq!(on(|c| c.roles = vec![Role::Gateway]), None);
     assert_eq!(on(|c| c.roles = vec![Role::Store]), None);
-    assert_eq!(on(|c| c.roles = vec![Role::Gateway, Role::Query]), Some("cluster.roles"));
-    assert_eq!(on(|c| c.roles = vec![Role::Ruler]), Some("cluster.roles"));
+    // Query and ruler nodes need no store of their own: they read from the owners.
+    assert_eq!(on(|c| c.roles = vec![Role::Gateway, Role::Query]), None);
+    assert_eq!(on(|c| c.roles = vec![Role::Ruler]), None);
+    assert_eq!(on(|c| c.replication_factor = 0), None);
+    assert_eq!(on(|c| c.replication_factor = 65), Some("cluster.replication_factor"));
     assert_eq!(on(|c| c.strong_read_timeout = Duration::ZERO), Some("cluster.strong_read_timeout"));
     assert_eq!(
         on(|c| c.strong_read_timeout = Duration::from_secs(3600)),

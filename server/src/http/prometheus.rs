@@ -188,7 +188,7 @@ pub(super) async fn with_engine(
     let budget = crate::query::Budget::new(deadline);
     let _cancel = budget.cancel_on_drop();
     let _permit = query_slot(s, deadline).await?;
-    let store = s.store.clone();
+    let source = s.sources.open();
     let retention = s.retention.clone();
     let now = s.clock.now_seconds();
     let limits = Limits {
@@ -198,7 +198,7 @@ pub(super) async fn with_engine(
         deadline,
     };
     let bytes = tokio::task::spawn_blocking(move || {
-        let engine = Engine::new(&store, &steps, now, &retention, limits);
+        let engine = Engine::new(&*source, &steps, now, &retention, limits);
         job(&engine, &steps, &budget)
     })
     .await
@@ -431,8 +431,8 @@ async fn label_walk<T: serde::Serialize + Send + 'static>(
         let budget = crate::query::Budget::new(deadline);
         let _cancel = budget.cancel_on_drop();
         let _permit = query_slot(s, deadline).await?;
-        let store = s.store.clone();
-        let found = tokio::task::spawn_blocking(move || walk(&store, limit, &budget))
+        let source = s.sources.open();
+        let found = tokio::task::spawn_blocking(move || walk(&*source, limit, &budget))
             .await
             .map_err(|e| ApiError::internal(format!("label task failed: {e}")))?
             .map_err(ApiError::from)?;
@@ -489,7 +489,10 @@ async fn metadata(State(s): State<AppState>, p: Params) -> Response {
     ];
     let wanted = p.get("metric");
     // Self times are listed once some series has them, as Prometheus lists what it scraped.
-    let selfs = labels::self_times_stored(&s.store).unwrap_or(false);
+    let source = s.sources.open();
+    let selfs = tokio::task::spawn_blocking(move || labels::self_times_stored(&*source).unwrap_or(false))
+        .await
+        .unwrap_or(false);
     let out: serde_json::Map<String, Json_> = all
         .into_iter()
         .filter(|(name, _)| *name == promql::METRIC || selfs)
@@ -525,14 +528,14 @@ async fn exemplars(State(s): State<AppState>, p: Params) -> Response {
         }
         let selectors: Vec<promql_parser::parser::VectorSelector> =
             promql::selectors(&expr).into_iter().cloned().collect();
-        let store = s.store.clone();
+        let source = s.sources.open();
         // Within the query timeout, in a query slot, and cancelled when the client leaves.
         let deadline = deadline(&s, &p)?;
         let budget = crate::query::Budget::new(deadline);
         let _cancel = budget.cancel_on_drop();
         let _permit = query_slot(&s, deadline).await?;
         let found =
-            tokio::task::spawn_blocking(move || exemplars::select(&store, &selectors, start, end, &budget))
+            tokio::task::spawn_blocking(move || exemplars::select(&*source, &selectors, start, end, &budget))
                 .await
                 .map_err(ApiError::internal)?
                 .map_err(ApiError::from)?;

@@ -225,7 +225,11 @@ pub fn spawn_server_logged(
     let kept = said.clone();
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
-            if line.contains("\"ERROR\"") || line.contains("\"WARN\"") {
+            if line.contains("\"ERROR\"")
+                || line.contains("\"WARN\"")
+                || line.contains("tailscope_server::cluster")
+                || line.contains("panicked")
+            {
                 kept.lock().push(line);
             }
         }

@@ -151,7 +151,7 @@ async fn stamps_survive_a_restart() {
     }
     let store = Arc::new(MemoryStore::default());
     let env = Environment {
-        source: store.clone(),
+        sources: store.clone(),
         state: store.clone(),
         retention: RetentionConfig::default(),
         clock: Arc::new(ManualClock::new(T0 * 1_000_000)),

@@ -1,0 +1,1055 @@
+//! Reads across the cluster: each partition from one caught-up owner, merged.
+//!
+//! Every store node answers reads of the partitions it owns and has caught up with on the
+//! NATS subject `<name>.read.<node_id>` ([`serve`]), from its own store, keeping only the
+//! series of the asked partitions (what it wrote of partitions it handed on stays on disk
+//! but is never answered). A node's [`ClusterSources`] hands each request a
+//! [`ClusterSource`]: the query engine's [`Source`] over the whole cluster. It selects series
+//! partition by partition from the first caught-up owner (this node's store first, then the
+//! others in rendezvous order; an owner that is down, busy or still catching up passes the
+//! partition to the next), remembers which node answered for which partition, and reads each
+//! series' windows from that node. Histograms merge exactly, so the engine's answers are the
+//! same as a single node's.
+//!
+//! The engine is synchronous (it runs on blocking threads); remote reads run on a runtime
+//! and NATS connection of their own, so a read never waits on the server's own workers.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use parking_lot::Mutex;
+use promql_parser::label::{MatchOp, Matcher};
+use prost::Message;
+use tokio::sync::{watch, Semaphore};
+
+use super::assign::{Assignment, Replicas};
+use crate::series::{self, SeriesLabels};
+use tailscope_proto::histogram::Layout;
+
+use crate::store::{Exemplar, Resolution, Source, Store, StoreError, WindowFn};
+
+/// How long one remote read may take before its owner counts as down for the request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reads a node answers at once; more are refused (the asker tries another owner).
+const CONCURRENT_READS: usize = 16;
+/// Room in a reply beyond what it carries.
+const REPLY_ENVELOPE: usize = 4096;
+/// The longest regular expression a read may carry (the asker compiled it already).
+const MAX_REGEX_BYTES: usize = 64 << 10;
+
+// ---- The protocol (protobuf, on NATS request and reply) --------------------------------
+
+/// A read of some partitions.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReadRequest {
+    /// The partitions to answer for.
+    #[prost(uint32, repeated, tag = "1")]
+    pub partitions: Vec<u32>,
+    /// What to read.
+    #[prost(oneof = "Op", tags = "2, 3, 4, 5, 6")]
+    pub op: Option<Op>,
+}
+
+/// What a read asks for.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Op {
+    /// Series matching every matcher.
+    #[prost(message, tag = "2")]
+    Select(SelectOp),
+    /// A label's values.
+    #[prost(message, tag = "3")]
+    LabelValues(LabelValuesOp),
+    /// One series' windows.
+    #[prost(message, tag = "4")]
+    Windows(WindowsOp),
+    /// One series' exemplars.
+    #[prost(message, tag = "5")]
+    Exemplars(ExemplarsOp),
+    /// A strong read's barrier over the partitions.
+    #[prost(message, tag = "6")]
+    Barrier(BarrierOp),
+}
+
+/// Series matching every matcher, by id, after `after` (when `resume`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SelectOp {
+    /// The matchers.
+    #[prost(message, repeated, tag = "1")]
+    pub matchers: Vec<MatcherMsg>,
+    /// At most this many.
+    #[prost(uint64, tag = "2")]
+    pub at_most: u64,
+    /// Whether `after` is set (a page after the first).
+    #[prost(bool, tag = "3")]
+    pub resume: bool,
+    /// The last id of the previous page.
+    #[prost(uint64, tag = "4")]
+    pub after: u64,
+}
+
+/// A label matcher: `op` 0 `=`, 1 `!=`, 2 `=~`, 3 `!~` (`value`: the anchored expression).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MatcherMsg {
+    /// The operator.
+    #[prost(uint32, tag = "1")]
+    pub op: u32,
+    /// The label.
+    #[prost(string, tag = "2")]
+    pub name: String,
+    /// The value or expression.
+    #[prost(string, tag = "3")]
+    pub value: String,
+}
+
+/// A label's distinct values after `after` (empty: from the first).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LabelValuesOp {
+    /// The label.
+    #[prost(string, tag = "1")]
+    pub label: String,
+    /// At most this many.
+    #[prost(uint64, tag = "2")]
+    pub limit: u64,
+    /// The last value of the previous page.
+    #[prost(string, tag = "3")]
+    pub after: String,
+}
+
+/// A series' windows at a resolution in `[start, end)` intervals.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WindowsOp {
+    /// The resolution's width in seconds.
+    #[prost(int64, tag = "1")]
+    pub resolution_seconds: i64,
+    /// The series.
+    #[prost(uint64, tag = "2")]
+    pub series: u64,
+    /// Starts and ends, alternating: sorted, disjoint intervals.
+    #[prost(int64, repeated, tag = "3")]
+    pub bounds: Vec<i64>,
+}
+
+/// A series' exemplars in windows starting in `[start, end)`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExemplarsOp {
+    /// The series.
+    #[prost(uint64, tag = "1")]
+    pub series: u64,
+    /// From (seconds).
+    #[prost(int64, tag = "2")]
+    pub start: i64,
+    /// To (seconds, exclusive).
+    #[prost(int64, tag = "3")]
+    pub end: i64,
+}
+
+/// Wait until this node's store has written every message the partitions' logs hold now.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BarrierOp {}
+
+/// A node's answer.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReadReply {
+    /// Why it could not answer (empty: it did).
+    #[prost(string, tag = "1")]
+    pub error: String,
+    /// Asked partitions it does not hold caught up: ask another owner.
+    #[prost(uint32, repeated, tag = "2")]
+    pub not_caught_up: Vec<u32>,
+    /// Selected series.
+    #[prost(message, repeated, tag = "3")]
+    pub series: Vec<SeriesMsg>,
+    /// Label values.
+    #[prost(string, repeated, tag = "4")]
+    pub values: Vec<String>,
+    /// Windows.
+    #[prost(message, repeated, tag = "5")]
+    pub windows: Vec<WindowMsg>,
+    /// Exemplars.
+    #[prost(message, repeated, tag = "6")]
+    pub exemplars: Vec<ExemplarMsg>,
+    /// Whether more follows (ask again from where this page ended).
+    #[prost(bool, tag = "7")]
+    pub truncated: bool,
+    /// Label values: whether there were more than the limit.
+    #[prost(bool, tag = "8")]
+    pub more: bool,
+    /// Windows and exemplars: the start to ask from for the rest.
+    #[prost(int64, tag = "9")]
+    pub resume_at: i64,
+}
+
+/// A series.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SeriesMsg {
+    /// Its id.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// Its labels, as the store encodes them.
+    #[prost(bytes = "vec", tag = "2")]
+    pub labels: Vec<u8>,
+}
+
+/// A window.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WindowMsg {
+    /// Its start (seconds).
+    #[prost(int64, tag = "1")]
+    pub start: i64,
+    /// Its encoded histogram.
+    #[prost(bytes = "vec", tag = "2")]
+    pub histogram: Vec<u8>,
+}
+
+/// An exemplar.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExemplarMsg {
+    /// Its window's start.
+    #[prost(int64, tag = "1")]
+    pub window_start: i64,
+    /// Trace id, high half.
+    #[prost(fixed64, tag = "2")]
+    pub trace_id_high: u64,
+    /// Trace id, low half.
+    #[prost(fixed64, tag = "3")]
+    pub trace_id_low: u64,
+    /// Span id.
+    #[prost(fixed64, tag = "4")]
+    pub span_id: u64,
+    /// Span start (Unix nanoseconds).
+    #[prost(int64, tag = "5")]
+    pub start_unix_nanos: i64,
+    /// Span duration (nanoseconds).
+    #[prost(int64, tag = "6")]
+    pub duration_nanos: i64,
+    /// What it stood for when sampled.
+    #[prost(double, tag = "7")]
+    pub adjusted_count: f64,
+}
+
+/// The subject node `node` of cluster `name` answers reads on.
+pub fn subject(name: &str, node: &str) -> String {
+    format!("{name}.read.{node}")
+}
+
+fn matcher_msg(m: &Matcher) -> MatcherMsg {
+    let (op, value) = match &m.op {
+        MatchOp::Equal => (0, m.value.clone()),
+        MatchOp::NotEqual => (1, m.value.clone()),
+        MatchOp::Re(r) => (2, r.as_str().to_owned()),
+        MatchOp::NotRe(r) => (3, r.as_str().to_owned()),
+    };
+    MatcherMsg { op, name: m.name.clone(), value }
+}
+
+fn matcher(m: &MatcherMsg) -> Result<Matcher, String> {
+    let re = || {
+        regex::RegexBuilder::new(&m.value)
+            .size_limit(1 << 20)
+            .build()
+            .map_err(|e| format!("matcher on {:?}: {e}", m.name))
+    };
+    if m.value.len() > MAX_REGEX_BYTES {
+        return Err(format!("matcher on {:?}: longer than {MAX_REGEX_BYTES} bytes", m.name));
+    }
+    let op = match m.op {
+        0 => MatchOp::Equal,
+        1 => MatchOp::NotEqual,
+        2 => MatchOp::Re(re()?),
+        3 => MatchOp::NotRe(re()?),
+        other => return Err(format!("matcher on {:?}: unknown operator {other}", m.name)),
+    };
+    Ok(Matcher { op, name: m.name.clone(), value: m.value.clone() })
+}
+
+fn resolution(seconds: i64) -> Result<Resolution, String> {
+    Resolution::ALL
+        .into_iter()
+        .find(|r| r.seconds() == seconds)
+        .ok_or_else(|| format!("no {seconds}-second resolution"))
+}
+
+/// The partition a series lives in: its (service, operation) hash among `partitions`, as
+/// the gateway routes it.
+pub fn partition_of(labels: &SeriesLabels, partitions: u32) -> u32 {
+    series::partition(series::group_hash(&labels.service, &labels.operation), partitions as usize) as u32
+}
+
+// ---- Answering -------------------------------------------------------------------------
+
+/// Answers `request` from `store` for the partitions of it in `ready` (the rest are named
+/// not caught up), in at most `budget` bytes (the rest is named as what to ask next).
+/// Barriers are not answered here (see [`serve`]).
+pub fn answer(
+    store: &Store,
+    partitions: u32,
+    ready: &dyn Fn(u32) -> bool,
+    request: ReadRequest,
+    budget: usize,
+) -> ReadReply {
+    let mut reply = ReadReply::default();
+    let (held, missing): (Vec<u32>, Vec<u32>) = request.partitions.iter().partition(|&&p| ready(p));
+    reply.not_caught_up = missing;
+    let held: HashSet<u32> = held.into_iter().collect();
+    let result = match request.op {
+        None => Err("a read without an operation".to_owned()),
+        Some(Op::Barrier(_)) => Err("a barrier is not a read".to_owned()),
+        Some(_) if held.is_empty() => Ok(()),
+        Some(Op::Select(op)) => select(store, partitions, &held, op, budget, &mut reply),
+        Some(Op::LabelValues(op)) => label_values(store, op, budget, &mut reply),
+        Some(Op::Windows(op)) => windows(store, op, budget, &mut reply),
+        Some(Op::Exemplars(op)) => exemplars(store, op, budget, &mut reply),
+    };
+    if let Err(e) = result {
+        reply = ReadReply { error: e, ..ReadReply::default() };
+    }
+    reply
+}
+
+fn select(
+    store: &Store,
+    partitions: u32,
+    held: &HashSet<u32>,
+    op: SelectOp,
+    budget: usize,
+    reply: &mut ReadReply,
+) -> Result<(), String> {
+    let matchers = op.matchers.iter().map(matcher).collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<&Matcher> = matchers.iter().collect();
+    let mut found = store.select(&refs, usize::MAX).map_err(|e| e.to_string())?;
+    found.retain(|(id, l)| held.contains(&partition_of(l, partitions)) && (!op.resume || *id > op.after));
+    found.sort_unstable_by_key(|(id, _)| *id);
+    found.truncate(usize::try_from(op.at_most).unwrap_or(usize::MAX));
+    let mut used = 0;
+    for (id, labels) in found {
+        let labels = labels.encode();
+        used += labels.len() + 16;
+        if used > budget && !reply.series.is_empty() {
+            reply.truncated = true;
+            break;
+        }
+        reply.series.push(SeriesMsg { id, labels });
+    }
+    Ok(())
+}
+
+fn label_values(
+    store: &Store,
+    op: LabelValuesOp,
+    budget: usize,
+    reply: &mut ReadReply,
+) -> Result<(), String> {
+    // Every value, then the page after `after`: a label has few values next to its series.
+    let (values, more) = store.label_values(&op.label, usize::MAX).map_err(|e| e.to_string())?;
+    let limit = usize::try_from(op.limit).unwrap_or(usize::MAX);
+    let mut used = 0;
+    let after: Vec<String> = values.into_iter().filter(|v| op.after.is_empty() || *v > op.after).collect();
+    reply.more = more || after.len() > limit;
+    for v in after.into_iter().take(limit) {
+        used += v.len() + 8;
+        if used > budget && !reply.values.is_empty() {
+            reply.truncated = true;
+            break;
+        }
+        reply.values.push(v);
+    }
+    Ok(())
+}
+
+fn windows(store: &Store, op: WindowsOp, budget: usize, reply: &mut ReadReply) -> Result<(), String> {
+    let res = resolution(op.resolution_seconds)?;
+    let intervals: Vec<(i64, i64)> = op.bounds.chunks_exact(2).map(|c| (c[0], c[1])).collect();
+    let mut used = 0;
+    let mut full = None;
+    let read = store.windows_in(res, op.series, &intervals, &mut |start, bytes| {
+        if full.is_some() {
+            return Ok(());
+        }
+        used += bytes.len() + 16;
+        if used > budget && !reply.windows.is_empty() {
+            full = Some(start);
+            return Ok(());
+        }
+        reply.windows.push(WindowMsg { start, histogram: bytes.to_vec() });
+        Ok(())
+    });
+    read.map_err(|e| e.to_string())?;
+    if let Some(at) = full {
+        reply.truncated = true;
+        reply.resume_at = at;
+    }
+    Ok(())
+}
+
+fn exemplars(store: &Store, op: ExemplarsOp, budget: usize, reply: &mut ReadReply) -> Result<(), String> {
+    let all = store.exemplars(op.series, op.start, op.end).map_err(|e| e.to_string())?;
+    let mut used = 0;
+    for (i, e) in all.iter().enumerate() {
+        used += 64;
+        // Cut only between windows, so the next page starts at a whole window.
+        if used > budget && i > 0 && e.window_start != all[i - 1].window_start {
+            reply.truncated = true;
+            reply.resume_at = e.window_start;
+            break;
+        }
+        reply.exemplars.push(ExemplarMsg {
+            window_start: e.window_start,
+            trace_id_high: e.trace_id_high,
+            trace_id_low: e.trace_id_low,
+            span_id: e.span_id,
+            start_unix_nanos: e.start_unix_nanos,
+            duration_nanos: e.duration_nanos,
+            adjusted_count: e.adjusted_count,
+        });
+    }
+    Ok(())
+}
+
+/// What a store node needs to answer other nodes' reads.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// The NATS client (core request and reply).
+    pub client: async_nats::Client,
+    /// `cluster.name`.
+    pub name: String,
+    /// This node.
+    pub node_id: String,
+    /// `cluster.partitions`.
+    pub partitions: u32,
+    /// This node's store.
+    pub store: Store,
+    /// Which partitions it holds caught up.
+    pub replicas: Arc<Replicas>,
+    /// Its strong-read barrier.
+    pub barrier: Arc<super::strong::LogBarrier>,
+}
+
+/// Answers reads on this node's subject until `stop`.
+pub async fn serve(server: Server, mut stop: watch::Receiver<bool>) {
+    let subject = subject(&server.name, &server.node_id);
+    let mut wait = Duration::from_millis(100);
+    let mut requests = loop {
+        match server.client.subscribe(subject.clone()).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot answer cluster reads yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.wait_for(|&s| s) => return,
+                }
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    let budget = (server.client.server_info().max_payload).saturating_sub(REPLY_ENVELOPE).max(64 << 10);
+    let slots = Arc::new(Semaphore::new(CONCURRENT_READS));
+    loop {
+        let message = tokio::select! {
+            m = requests.next() => match m { Some(m) => m, None => return },
+            _ = stop.wait_for(|&s| s) => return,
+        };
+        let Some(reply_to) = message.reply.clone() else { continue };
+        let server = server.clone();
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            let busy = ReadReply {
+                error: format!("{} is answering {CONCURRENT_READS} reads already", server.node_id),
+                ..ReadReply::default()
+            };
+            let _ = server.client.publish(reply_to, busy.encode_to_vec().into()).await;
+            continue;
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            let reply = match ReadRequest::decode(message.payload) {
+                Err(e) => {
+                    ReadReply { error: format!("a read that does not decode: {e}"), ..ReadReply::default() }
+                }
+                Ok(request) => handle(&server, request, budget).await,
+            };
+            let _ = server.client.publish(reply_to, reply.encode_to_vec().into()).await;
+        });
+    }
+}
+
+async fn handle(server: &Server, request: ReadRequest, budget: usize) -> ReadReply {
+    let replicas = server.replicas.clone();
+    if let Some(Op::Barrier(_)) = request.op {
+        let (held, missing): (Vec<u32>, Vec<u32>) =
+            request.partitions.iter().partition(|&&p| replicas.caught_up(p));
+        let error = match server.barrier.wait_for(&held).await {
+            Ok(()) => String::new(),
+            Err(e) => format!("{}: {e}", server.node_id),
+        };
+        return ReadReply { error, not_caught_up: missing, ..ReadReply::default() };
+    }
+    let store = server.store.clone();
+    let partitions = server.partitions;
+    tokio::task::spawn_blocking(move || {
+        answer(&store, partitions, &|p| replicas.caught_up(p), request, budget)
+    })
+    .await
+    .unwrap_or_else(|e| ReadReply { error: format!("the read failed: {e}"), ..ReadReply::default() })
+}
+
+// ---- Asking ----------------------------------------------------------------------------
+
+/// A runtime and NATS connection of their own for remote reads: the engine blocks its thread
+/// on them, which must never be one the connection itself needs.
+struct Bridge {
+    runtime: Option<tokio::runtime::Runtime>,
+    client: async_nats::Client,
+}
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Bridge {
+    /// Runs `f` on the bridge's runtime and waits for it on this thread.
+    fn run<T: Send + 'static>(&self, f: impl std::future::Future<Output = T> + Send + 'static) -> Option<T> {
+        let rt = self.runtime.as_ref()?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        rx.recv().ok()
+    }
+}
+
+/// Where a partition is read from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Node {
+    Local,
+    Remote(String),
+}
+
+/// Hands each request a [`ClusterSource`].
+#[derive(Debug, Clone)]
+pub struct ClusterSources {
+    bridge: Arc<Bridge>,
+    name: String,
+    partitions: u32,
+    store: Store,
+    /// This node's replicas, when it is a store.
+    replicas: Option<Arc<Replicas>>,
+    owners: watch::Receiver<Option<Arc<Assignment>>>,
+    /// This node's barrier, when it is a store. Weak: it holds the pipeline, whose shards end
+    /// only once nothing holds it, and rule evaluation holds these sources past shutdown.
+    barrier: Option<std::sync::Weak<super::strong::LogBarrier>>,
+}
+
+impl ClusterSources {
+    /// Connects the bridge (its own runtime and NATS connection) to `addrs`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
+        addrs: Vec<async_nats::ServerAddr>,
+        node_id: &str,
+        name: String,
+        partitions: u32,
+        store: Store,
+        replicas: Option<Arc<Replicas>>,
+        owners: watch::Receiver<Option<Arc<Assignment>>>,
+        barrier: Option<Arc<super::strong::LogBarrier>>,
+    ) -> Result<ClusterSources, String> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tailscope-reads")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the cluster reads' runtime: {e}"))?;
+        let options = async_nats::ConnectOptions::new()
+            .name(format!("tailscope-{node_id}-reads"))
+            .request_timeout(Some(REQUEST_TIMEOUT));
+        let client = runtime
+            .spawn(async move { options.connect(addrs).await })
+            .await
+            .map_err(|e| format!("connecting for cluster reads: {e}"))?
+            .map_err(|e| format!("connecting for cluster reads: {e}"))?;
+        let bridge = Arc::new(Bridge { runtime: Some(runtime), client });
+        let barrier = barrier.as_ref().map(Arc::downgrade);
+        Ok(ClusterSources { bridge, name, partitions, store, replicas, owners, barrier })
+    }
+
+    /// Each partition's candidates, best first: this node when it holds the partition caught
+    /// up, then the other owners in rendezvous order, and last this node when it owns the
+    /// partition but is still catching up (better behind than no answer).
+    fn candidates(&self) -> Result<Vec<Vec<Node>>, String> {
+        let assignment = self
+            .owners
+            .borrow()
+            .clone()
+            .ok_or("the partitions' owners are not known yet (the member list was not read)")?;
+        Ok((0..self.partitions)
+            .map(|p| {
+                let mut nodes = Vec::new();
+                let caught_up = self.replicas.as_ref().is_some_and(|r| r.caught_up(p));
+                if caught_up {
+                    nodes.push(Node::Local);
+                }
+                for o in assignment.owners(p) {
+                    if o != assignment.me() {
+                        nodes.push(Node::Remote(o.to_owned()));
+                    }
+                }
+                if !caught_up && self.replicas.is_some() && assignment.owns(p) {
+                    nodes.push(Node::Local);
+                }
+                nodes
+            })
+            .collect())
+    }
+}
+
+impl ClusterSources {
+    /// Why this node does not answer for `partition` itself.
+    fn local_state(&self, partition: u32) -> String {
+        let owner = self.owners.borrow().as_ref().is_some_and(|a| a.owns(partition));
+        match (&self.replicas, owner) {
+            (None, _) => "this node: no store".to_owned(),
+            (Some(_), false) => "this node: not an owner".to_owned(),
+            (Some(r), true) if !r.caught_up(partition) => "this node: catching up".to_owned(),
+            (Some(_), true) => "this node: caught up since".to_owned(),
+        }
+    }
+}
+
+impl crate::query::Sources for ClusterSources {
+    fn open(&self) -> Box<dyn Source + Send + Sync> {
+        Box::new(ClusterSource { sources: self.clone(), routes: Mutex::default() })
+    }
+}
+
+/// What one request learned: which node answers for each partition, and which partition each
+/// selected series lives in.
+#[derive(Debug, Default)]
+struct Routes {
+    node: HashMap<u32, Node>,
+    series: HashMap<u64, u32>,
+}
+
+/// The engine's [`Source`] over the cluster, for one request.
+#[derive(Debug)]
+pub struct ClusterSource {
+    sources: ClusterSources,
+    routes: Mutex<Routes>,
+}
+
+fn remote_error(message: String) -> StoreError {
+    StoreError::Corrupt { what: "cluster read", message }
+}
+
+/// Sends `request` to `node`, following pages: `next` says what to ask after a truncated
+/// reply (`None`: stop).
+async fn ask(
+    client: async_nats::Client,
+    subject: String,
+    mut request: ReadRequest,
+    next: fn(&mut ReadRequest, &ReadReply) -> bool,
+) -> Result<Vec<ReadReply>, String> {
+    let mut pages = Vec::new();
+    loop {
+        let reply = client
+            .request(subject.clone(), request.encode_to_vec().into())
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply =
+            ReadReply::decode(reply.payload).map_err(|e| format!("a reply that does not decode: {e}"))?;
+        if !reply.error.is_empty() {
+            return Err(reply.error);
+        }
+        let more = reply.truncated && next(&mut request, &reply);
+        pages.push(reply);
+        if !more {
+            return Ok(pages);
+        }
+    }
+}
+
+fn next_select(r: &mut ReadRequest, reply: &ReadReply) -> bool {
+    match (&mut r.op, reply.series.last()) {
+        (Some(Op::Select(op)), Some(last)) => {
+            op.resume = true;
+            op.after = last.id;
+            op.at_most = op.at_most.saturating_sub(reply.series.len() as u64);
+            op.at_most > 0
+        }
+        _ => false,
+    }
+}
+
+fn next_values(r: &mut ReadRequest, reply: &ReadReply) -> bool {
+    match (&mut r.op, reply.values.last()) {
+        (Some(Op::LabelValues(op)), Some(last)) => {
+            op.after = last.clone();
+            op.limit = op.limit.saturating_sub(reply.values.len() as u64);
+            op.limit > 0
+        }
+        _ => false,
+    }
+}
+
+fn next_from(r: &mut ReadRequest, reply: &ReadReply) -> bool {
+    let at = reply.resume_at;
+    match &mut r.op {
+        Some(Op::Windows(op)) => {
+            let mut bounds = Vec::new();
+            for c in op.bounds.chunks_exact(2) {
+                let (lo, hi) = (c[0].max(at), c[1]);
+                if lo < hi {
+                    bounds.extend([lo, hi]);
+                }
+            }
+            op.bounds = bounds;
+            !op.bounds.is_empty()
+        }
+        Some(Op::Exemplars(op)) => {
+            op.start = at;
+            op.start < op.end
+        }
+        _ => false,
+    }
+}
+
+impl ClusterSource {
+    /// Asks each partition of `partitions` from its first candidate that answers, `op` the
+    /// same for every node; returns the answers. Each partition's node is remembered.
+    fn gather(
+        &self,
+        partitions: Vec<u32>,
+        op: Op,
+        next: fn(&mut ReadRequest, &ReadReply) -> bool,
+    ) -> Result<Vec<ReadReply>, StoreError> {
+        let candidates = self.sources.candidates().map_err(remote_error)?;
+        let mut tried: HashMap<u32, usize> = HashMap::new();
+        let mut failed: HashMap<u32, Vec<String>> = HashMap::new();
+        let mut pending = partitions;
+        let mut out = Vec::new();
+        while !pending.is_empty() {
+            let mut by_node: BTreeMap<Node, Vec<u32>> = BTreeMap::new();
+            for p in pending.drain(..) {
+                let known = self.routes.lock().node.get(&p).cloned();
+                let node = match known {
+                    Some(n) => n,
+                    None => {
+                        let i = tried.entry(p).or_default();
+                        let Some(n) = candidates[p as usize].get(*i).cloned() else {
+                            let mut why = failed.remove(&p).unwrap_or_default();
+                            if !candidates[p as usize].contains(&Node::Local) {
+                                why.insert(0, self.sources.local_state(p));
+                            }
+                            return Err(remote_error(format!(
+                                "partition {p} has no caught-up owner that answers ({})",
+                                why.join("; ")
+                            )));
+                        };
+                        *i += 1;
+                        n
+                    }
+                };
+                by_node.entry(node).or_default().push(p);
+            }
+            // Every node at once.
+            let asks: Vec<(Node, Vec<u32>)> = by_node.into_iter().collect();
+            let mut remote = Vec::new();
+            for (node, parts) in &asks {
+                if let Node::Remote(name) = node {
+                    let request = ReadRequest { partitions: parts.clone(), op: Some(op.clone()) };
+                    remote.push(ask(
+                        self.sources.bridge.client.clone(),
+                        subject(&self.sources.name, name),
+                        request,
+                        next,
+                    ));
+                }
+            }
+            let mut answers = self
+                .sources
+                .bridge
+                .run(futures::future::join_all(remote))
+                .ok_or_else(|| remote_error("the cluster reads' runtime is gone".into()))?
+                .into_iter();
+            for (node, parts) in asks {
+                let replies = match &node {
+                    Node::Local => {
+                        let request = ReadRequest { partitions: parts.clone(), op: Some(op.clone()) };
+                        // This node is asked only while caught up, or as the last resort.
+                        let ready = |_: u32| true;
+                        let reply =
+                            answer(&self.sources.store, self.sources.partitions, &ready, request, usize::MAX);
+                        if reply.error.is_empty() {
+                            Ok(vec![reply])
+                        } else {
+                            Err(reply.error)
+                        }
+                    }
+                    Node::Remote(_) => answers.next().unwrap_or_else(|| Err("no answer".into())),
+                };
+                match replies {
+                    Ok(replies) => {
+                        let missing: BTreeSet<u32> =
+                            replies.iter().flat_map(|r| r.not_caught_up.iter().copied()).collect();
+                        let mut routes = self.routes.lock();
+                        for p in parts {
+                            if missing.contains(&p) {
+                                routes.node.remove(&p);
+                                pending.push(p);
+                            } else {
+                                routes.node.insert(p, node.clone());
+                            }
+                        }
+                        out.extend(replies);
+                    }
+                    Err(e) => {
+                        let who = match &node {
+                            Node::Local => "this node".to_owned(),
+                            Node::Remote(n) => n.clone(),
+                        };
+                        let mut routes = self.routes.lock();
+                        for p in parts {
+                            routes.node.remove(&p);
+                            failed.entry(p).or_default().push(format!("{who}: {e}"));
+                            pending.push(p);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn all_partitions(&self) -> Vec<u32> {
+        (0..self.sources.partitions).collect()
+    }
+
+    /// The node and partition of a series this request selected.
+    fn series_route(&self, series: u64) -> Result<(u32, Node), StoreError> {
+        let routes = self.routes.lock();
+        let p = *routes
+            .series
+            .get(&series)
+            .ok_or_else(|| remote_error(format!("series {series:016x} was not selected by this request")))?;
+        let node =
+            routes.node.get(&p).cloned().ok_or_else(|| remote_error(format!("partition {p} has no node")))?;
+        Ok((p, node))
+    }
+
+    fn series_reads(&self, series: u64, op: Op) -> Result<Option<Vec<ReadReply>>, StoreError> {
+        let (p, node) = self.series_route(series)?;
+        let Node::Remote(name) = node else { return Ok(None) };
+        let request = ReadRequest { partitions: vec![p], op: Some(op) };
+        let fut =
+            ask(self.sources.bridge.client.clone(), subject(&self.sources.name, &name), request, next_from);
+        let replies = self
+            .sources
+            .bridge
+            .run(fut)
+            .ok_or_else(|| remote_error("the cluster reads' runtime is gone".into()))?
+            .map_err(|e| remote_error(format!("reading from {name}: {e}")))?;
+        if replies.iter().any(|r| r.not_caught_up.contains(&p)) {
+            return Err(remote_error(format!("{name} no longer holds partition {p}")));
+        }
+        Ok(Some(replies))
+    }
+}
+
+impl Source for ClusterSource {
+    fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
+        self.select(&[], usize::MAX)
+    }
+
+    fn select(&self, matchers: &[&Matcher], at_most: usize) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
+        let op = Op::Select(SelectOp {
+            matchers: matchers.iter().map(|m| matcher_msg(m)).collect(),
+            at_most: at_most as u64,
+            resume: false,
+            after: 0,
+        });
+        let replies = self.gather(self.all_partitions(), op, next_select)?;
+        let mut out = Vec::new();
+        let mut routes = self.routes.lock();
+        for s in replies.into_iter().flat_map(|r| r.series) {
+            let labels = SeriesLabels::decode(&s.labels)
+                .ok_or_else(|| remote_error(format!("series {:016x}: labels that do not decode", s.id)))?;
+            routes.series.insert(s.id, partition_of(&labels, self.sources.partitions));
+            out.push((s.id, labels));
+            if out.len() >= at_most {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn label_values(&self, label: &str, limit: usize) -> Result<(Vec<String>, bool), StoreError> {
+        let op = Op::LabelValues(LabelValuesOp {
+            label: label.to_owned(),
+            limit: limit as u64,
+            after: String::new(),
+        });
+        let replies = self.gather(self.all_partitions(), op, next_values)?;
+        let mut more = false;
+        let mut set = BTreeSet::new();
+        for r in replies {
+            more |= r.more;
+            set.extend(r.values);
+        }
+        more |= set.len() > limit;
+        Ok((set.into_iter().take(limit).collect(), more))
+    }
+
+    fn windows(
+        &self,
+        res: Resolution,
+        series: u64,
+        start: i64,
+        end: i64,
+        f: &mut WindowFn<'_>,
+    ) -> Result<(), StoreError> {
+        self.windows_in(res, series, &[(start, end)], f)
+    }
+
+    fn windows_in(
+        &self,
+        res: Resolution,
+        series: u64,
+        intervals: &[(i64, i64)],
+        f: &mut WindowFn<'_>,
+    ) -> Result<(), StoreError> {
+        let op = Op::Windows(WindowsOp {
+            resolution_seconds: res.seconds(),
+            series,
+            bounds: intervals.iter().flat_map(|&(lo, hi)| [lo, hi]).collect(),
+        });
+        match self.series_reads(series, op)? {
+            None => self.sources.store.windows_in(res, series, intervals, f),
+            Some(replies) => {
+                for w in replies.into_iter().flat_map(|r| r.windows) {
+                    f(w.start, &w.histogram).map_err(|e| StoreError::Corrupt {
+                        what: "window",
+                        message: format!("series {series:016x} at {}: {e}", w.start),
+                    })?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn layout(&self) -> Layout {
+        self.sources.store.layout()
+    }
+
+    fn exemplars(&self, series: u64, start: i64, end: i64) -> Result<Vec<Exemplar>, StoreError> {
+        match self.series_reads(series, Op::Exemplars(ExemplarsOp { series, start, end }))? {
+            None => self.sources.store.exemplars(series, start, end),
+            Some(replies) => Ok(replies
+                .into_iter()
+                .flat_map(|r| r.exemplars)
+                .map(|e| Exemplar {
+                    series,
+                    window_start: e.window_start,
+                    trace_id_high: e.trace_id_high,
+                    trace_id_low: e.trace_id_low,
+                    span_id: e.span_id,
+                    start_unix_nanos: e.start_unix_nanos,
+                    duration_nanos: e.duration_nanos,
+                    adjusted_count: e.adjusted_count,
+                })
+                .collect()),
+        }
+    }
+}
+
+// ---- Strong reads across owners ----------------------------------------------------------
+
+/// A strong read over the cluster: every partition's first caught-up owner (this node's
+/// store when it holds the partition) waits until it has written what the partition's log
+/// holds now.
+#[derive(Debug)]
+pub struct ClusterBarrier {
+    sources: ClusterSources,
+    /// `cluster.strong_read_timeout`: each owner's own barrier gives up after it.
+    timeout: Duration,
+}
+
+impl ClusterBarrier {
+    /// The barrier of `sources`' owners, each waiting at most `timeout`.
+    pub fn new(sources: ClusterSources, timeout: Duration) -> ClusterBarrier {
+        ClusterBarrier { sources, timeout }
+    }
+
+    async fn wait_inner(&self) -> Result<(), String> {
+        let candidates = self.sources.candidates()?;
+        let mut tried = vec![0usize; candidates.len()];
+        let mut pending: Vec<u32> = (0..self.sources.partitions).collect();
+        let mut failed: Vec<String> = Vec::new();
+        while !pending.is_empty() {
+            let mut by_node: BTreeMap<Node, Vec<u32>> = BTreeMap::new();
+            for p in pending.drain(..) {
+                let Some(node) = candidates[p as usize].get(tried[p as usize]).cloned() else {
+                    return Err(format!(
+                        "strong read: partition {p} has no caught-up owner that answers{}",
+                        if failed.is_empty() { String::new() } else { format!(" ({})", failed.join("; ")) }
+                    ));
+                };
+                tried[p as usize] += 1;
+                by_node.entry(node).or_default().push(p);
+            }
+            let waits = by_node.into_iter().map(|(node, parts)| async move {
+                let r = match &node {
+                    Node::Local => match self.sources.barrier.as_ref().and_then(std::sync::Weak::upgrade) {
+                        Some(b) => b.wait_for(&parts).await.map(|()| Vec::new()),
+                        None => Err("this node's store is not running".to_owned()),
+                    },
+                    Node::Remote(name) => {
+                        let request =
+                            ReadRequest { partitions: parts.clone(), op: Some(Op::Barrier(BarrierOp {})) };
+                        let client = self.sources.bridge.client.clone();
+                        let subject = subject(&self.sources.name, name);
+                        // The owner's own barrier bounds the wait; the request may take as long.
+                        let asked = async_nats::Request::new()
+                            .payload(request.encode_to_vec().into())
+                            .timeout(Some(self.timeout + REQUEST_TIMEOUT));
+                        match client.send_request(subject, asked).await {
+                            Ok(m) => match ReadReply::decode(m.payload) {
+                                Ok(r) if r.error.is_empty() => Ok(r.not_caught_up),
+                                Ok(r) => Err(r.error),
+                                Err(e) => Err(format!("{name}: a reply that does not decode: {e}")),
+                            },
+                            Err(e) => Err(format!("{name}: {e}")),
+                        }
+                    }
+                };
+                (parts, r)
+            });
+            for (parts, r) in futures::future::join_all(waits).await {
+                match r {
+                    Ok(missing) => pending.extend(missing),
+                    // A barrier that timed out is the answer: the owner is behind.
+                    Err(e) if e.contains("strong read") => return Err(e),
+                    Err(e) => {
+                        failed.push(e);
+                        pending.extend(parts);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl crate::query::ReadBarrier for ClusterBarrier {
+    fn wait(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(self.wait_inner())
+    }
+}
