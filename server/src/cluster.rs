@@ -258,6 +258,16 @@ impl Cluster {
             members::Member::me(config, bound),
             stop.clone(),
         )));
+        // Reads need the partitions' owners: wait for the first member list (the members'
+        // stream is made by the first announcement, so this is a moment).
+        let mut first = owners.clone();
+        let known = tokio::time::timeout(config.connect_timeout, first.wait_for(|a| a.is_some())).await;
+        if !matches!(known, Ok(Ok(_))) {
+            tracing::warn!(
+                timeout = ?config.connect_timeout,
+                "the member list could not be read yet; queries are refused until it is"
+            );
+        }
         let status = Arc::new(StatusReader {
             js: js.clone(),
             name: config.name.clone(),

@@ -1053,3 +1053,6 @@ impl crate::query::ReadBarrier for ClusterBarrier {
         Box::pin(self.wait_inner())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -114,11 +114,33 @@ async fn malformed_input_gets_the_same_answers_from_a_cluster_gateway() {
     malformed_input(cfg).await;
 }
 
+/// A cluster node judges a client new to its gateway by its own store only once it holds
+/// every partition caught up (shown on its status page); a single node at once.
+async fn holding_every_partition(http: std::net::SocketAddr) {
+    let status = || async move {
+        reqwest::get(format!("http://{http}/api/v1/status/cluster"))
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    };
+    if status().await["data"]["mode"] != "cluster" {
+        return;
+    }
+    tailscope_test_support::assert_eventually!(
+        status().await["data"]["partitions"].as_array().unwrap().iter().all(|p| p["caught_up"] == true),
+        "the node never held every partition caught up: {}",
+        status().await
+    );
+}
+
 async fn malformed_input(mut cfg: tailscope_server::Config) {
     cfg.ingest.max_batch_bytes = 64 * 1024;
     cfg.ingest.max_spans_per_batch = 1_000;
     let server = tailscope_server::Server::start(cfg).await.unwrap();
     let (grpc, http) = (server.grpc_addr(), server.http_addr());
+    holding_every_partition(http).await;
 
     // Some good data first.
     let mut s = open(grpc).await;
@@ -450,6 +472,7 @@ async fn hostile_batches(panics: &std::sync::atomic::AtomicUsize, cluster: Optio
     }
     let server = tailscope_server::Server::start(cfg).await.unwrap();
     let (grpc, http) = (server.grpc_addr(), server.http_addr());
+    holding_every_partition(http).await;
     let intact =
         |seq| batch(1, seq, vec![group("intact", "GET /", vec![span(now_nanos(), 3_000_000, false)])]);
     let mut s = open(grpc).await;
