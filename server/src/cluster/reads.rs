@@ -117,18 +117,24 @@ pub struct LabelValuesOp {
     pub after: String,
 }
 
-/// A series' windows at a resolution in `[start, end)` intervals.
+/// Some series' windows at a resolution in `[start, end)` intervals, series by series.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct WindowsOp {
     /// The resolution's width in seconds.
     #[prost(int64, tag = "1")]
     pub resolution_seconds: i64,
-    /// The series.
-    #[prost(uint64, tag = "2")]
-    pub series: u64,
+    /// The series, in the order they are answered.
+    #[prost(uint64, repeated, tag = "2")]
+    pub series: Vec<u64>,
     /// Starts and ends, alternating: sorted, disjoint intervals.
     #[prost(int64, repeated, tag = "3")]
     pub bounds: Vec<i64>,
+    /// Whether the first series is read only from `first_from` (a page after the first).
+    #[prost(bool, tag = "4")]
+    pub resume: bool,
+    /// Where the first series' windows resume.
+    #[prost(int64, tag = "5")]
+    pub first_from: i64,
 }
 
 /// A series' exemplars in windows starting in `[start, end)`.
@@ -179,6 +185,9 @@ pub struct ReadReply {
     /// Windows and exemplars: the start to ask from for the rest.
     #[prost(int64, tag = "9")]
     pub resume_at: i64,
+    /// Windows: the series the rest starts with.
+    #[prost(uint64, tag = "10")]
+    pub resume_series: u64,
 }
 
 /// A series.
@@ -192,9 +201,12 @@ pub struct SeriesMsg {
     pub labels: Vec<u8>,
 }
 
-/// A window.
+/// A window of a series.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct WindowMsg {
+    /// The series.
+    #[prost(uint64, tag = "3")]
+    pub series: u64,
     /// Its start (seconds).
     #[prost(int64, tag = "1")]
     pub start: i64,
@@ -362,23 +374,32 @@ fn windows(store: &Store, op: WindowsOp, budget: usize, reply: &mut ReadReply) -
     let res = resolution(op.resolution_seconds)?;
     let intervals: Vec<(i64, i64)> = op.bounds.chunks_exact(2).map(|c| (c[0], c[1])).collect();
     let mut used = 0;
-    let mut full = None;
-    let read = store.windows_in(res, op.series, &intervals, &mut |start, bytes| {
-        if full.is_some() {
+    for (i, &series) in op.series.iter().enumerate() {
+        let clipped: Vec<(i64, i64)> = if i == 0 && op.resume {
+            intervals.iter().map(|&(lo, hi)| (lo.max(op.first_from), hi)).filter(|(lo, hi)| lo < hi).collect()
+        } else {
+            intervals.clone()
+        };
+        let mut full = None;
+        let read = store.windows_in(res, series, &clipped, &mut |start, bytes| {
+            if full.is_some() {
+                return Ok(());
+            }
+            used += bytes.len() + 24;
+            if used > budget && !reply.windows.is_empty() {
+                full = Some(start);
+                return Ok(());
+            }
+            reply.windows.push(WindowMsg { series, start, histogram: bytes.to_vec() });
+            Ok(())
+        });
+        read.map_err(|e| e.to_string())?;
+        if let Some(at) = full {
+            reply.truncated = true;
+            reply.resume_series = series;
+            reply.resume_at = at;
             return Ok(());
         }
-        used += bytes.len() + 16;
-        if used > budget && !reply.windows.is_empty() {
-            full = Some(start);
-            return Ok(());
-        }
-        reply.windows.push(WindowMsg { start, histogram: bytes.to_vec() });
-        Ok(())
-    });
-    read.map_err(|e| e.to_string())?;
-    if let Some(at) = full {
-        reply.truncated = true;
-        reply.resume_at = at;
     }
     Ok(())
 }
@@ -637,7 +658,25 @@ impl crate::query::Sources for ClusterSources {
 struct Routes {
     node: HashMap<u32, Node>,
     series: HashMap<u64, u32>,
+    /// Per remote node, the series selected from it, in label order (the order the engine
+    /// reads them in), and each series' place there.
+    order: HashMap<String, Vec<u64>>,
+    place: HashMap<u64, usize>,
+    /// Windows read ahead with another series' read, until their own read takes them.
+    ahead: HashMap<u64, Ahead>,
 }
+
+/// One series' windows read ahead: for which read, and what they are.
+#[derive(Debug)]
+struct Ahead {
+    res: Resolution,
+    intervals: Vec<(i64, i64)>,
+    windows: Vec<(i64, Vec<u8>)>,
+}
+
+/// Series whose windows one remote read asks for: the one the engine wants and the next ones
+/// selected from the same node, so a query makes a round trip per this many series.
+const READ_AHEAD: usize = 64;
 
 /// The engine's [`Source`] over the cluster, for one request.
 #[derive(Debug)]
@@ -704,15 +743,11 @@ fn next_from(r: &mut ReadRequest, reply: &ReadReply) -> bool {
     let at = reply.resume_at;
     match &mut r.op {
         Some(Op::Windows(op)) => {
-            let mut bounds = Vec::new();
-            for c in op.bounds.chunks_exact(2) {
-                let (lo, hi) = (c[0].max(at), c[1]);
-                if lo < hi {
-                    bounds.extend([lo, hi]);
-                }
-            }
-            op.bounds = bounds;
-            !op.bounds.is_empty()
+            let Some(i) = op.series.iter().position(|&s| s == reply.resume_series) else { return false };
+            op.series.drain(..i);
+            op.resume = true;
+            op.first_from = at;
+            true
         }
         Some(Op::Exemplars(op)) => {
             op.start = at;
@@ -845,6 +880,64 @@ impl ClusterSource {
         Ok((p, node))
     }
 
+    /// Reads `series`' windows (and the next series' from the same node, kept for their own
+    /// reads) from `name`.
+    fn remote_windows(
+        &self,
+        name: &str,
+        res: Resolution,
+        series: u64,
+        intervals: &[(i64, i64)],
+    ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        let (batch, partitions) = {
+            let mut routes = self.routes.lock();
+            if let Some(a) = routes.ahead.remove(&series) {
+                if a.res == res && a.intervals == intervals {
+                    return Ok(a.windows);
+                }
+            }
+            let mut batch = vec![series];
+            if let (Some(&at), Some(order)) = (routes.place.get(&series), routes.order.get(name)) {
+                batch.extend(
+                    order[at + 1..].iter().filter(|s| !routes.ahead.contains_key(s)).take(READ_AHEAD - 1),
+                );
+            }
+            let partitions: BTreeSet<u32> =
+                batch.iter().filter_map(|s| routes.series.get(s).copied()).collect();
+            (batch, partitions)
+        };
+        let op = Op::Windows(WindowsOp {
+            resolution_seconds: res.seconds(),
+            series: batch.clone(),
+            bounds: intervals.iter().flat_map(|&(lo, hi)| [lo, hi]).collect(),
+            resume: false,
+            first_from: 0,
+        });
+        let request = ReadRequest { partitions: partitions.iter().copied().collect(), op: Some(op) };
+        let fut =
+            ask(self.sources.bridge.client.clone(), subject(&self.sources.name, name), request, next_from);
+        let replies = self
+            .sources
+            .bridge
+            .run(fut)
+            .ok_or_else(|| remote_error("the cluster reads' runtime is gone".into()))?
+            .map_err(|e| remote_error(format!("reading from {name}: {e}")))?;
+        if let Some(p) = replies.iter().flat_map(|r| &r.not_caught_up).next() {
+            return Err(remote_error(format!("{name} no longer holds partition {p}")));
+        }
+        let mut by_series: HashMap<u64, Vec<(i64, Vec<u8>)>> = HashMap::new();
+        for w in replies.into_iter().flat_map(|r| r.windows) {
+            by_series.entry(w.series).or_default().push((w.start, w.histogram));
+        }
+        let mine = by_series.remove(&series).unwrap_or_default();
+        let mut routes = self.routes.lock();
+        for s in batch.into_iter().skip(1) {
+            let windows = by_series.remove(&s).unwrap_or_default();
+            routes.ahead.insert(s, Ahead { res, intervals: intervals.to_vec(), windows });
+        }
+        Ok(mine)
+    }
+
     fn series_reads(&self, series: u64, op: Op) -> Result<Option<Vec<ReadReply>>, StoreError> {
         let (p, node) = self.series_route(series)?;
         let Node::Remote(name) = node else { return Ok(None) };
@@ -878,14 +971,28 @@ impl Source for ClusterSource {
         });
         let replies = self.gather(self.all_partitions(), op, next_select)?;
         let mut out = Vec::new();
-        let mut routes = self.routes.lock();
         for s in replies.into_iter().flat_map(|r| r.series) {
             let labels = SeriesLabels::decode(&s.labels)
                 .ok_or_else(|| remote_error(format!("series {:016x}: labels that do not decode", s.id)))?;
-            routes.series.insert(s.id, partition_of(&labels, self.sources.partitions));
             out.push((s.id, labels));
             if out.len() >= at_most {
                 break;
+            }
+        }
+        // Where each series lives, and in which order each remote node's are read ahead.
+        let mut sorted: Vec<&(u64, SeriesLabels)> = out.iter().collect();
+        sorted.sort_by(|a, b| a.1.cmp(&b.1));
+        let mut routes = self.routes.lock();
+        let routes = &mut *routes;
+        for (id, labels) in sorted {
+            let p = partition_of(labels, self.sources.partitions);
+            routes.series.insert(*id, p);
+            if let Some(Node::Remote(name)) = routes.node.get(&p) {
+                if !routes.place.contains_key(id) {
+                    let order = routes.order.entry(name.clone()).or_default();
+                    routes.place.insert(*id, order.len());
+                    order.push(*id);
+                }
             }
         }
         Ok(out)
@@ -926,18 +1033,13 @@ impl Source for ClusterSource {
         intervals: &[(i64, i64)],
         f: &mut WindowFn<'_>,
     ) -> Result<(), StoreError> {
-        let op = Op::Windows(WindowsOp {
-            resolution_seconds: res.seconds(),
-            series,
-            bounds: intervals.iter().flat_map(|&(lo, hi)| [lo, hi]).collect(),
-        });
-        match self.series_reads(series, op)? {
-            None => self.sources.store.windows_in(res, series, intervals, f),
-            Some(replies) => {
-                for w in replies.into_iter().flat_map(|r| r.windows) {
-                    f(w.start, &w.histogram).map_err(|e| StoreError::Corrupt {
+        match self.series_route(series)?.1 {
+            Node::Local => self.sources.store.windows_in(res, series, intervals, f),
+            Node::Remote(name) => {
+                for (start, histogram) in self.remote_windows(&name, res, series, intervals)? {
+                    f(start, &histogram).map_err(|e| StoreError::Corrupt {
                         what: "window",
-                        message: format!("series {series:016x} at {}: {e}", w.start),
+                        message: format!("series {series:016x} at {start}: {e}"),
                     })?;
                 }
                 Ok(())

@@ -104,19 +104,33 @@ fn windows_and_label_values_page_without_losing_or_repeating_any() {
         })
         .unwrap();
     assert_eq!(direct.len(), 10 + 15);
+    // Two series in one read: each one's windows, in order, whatever the page size.
+    let (other, _) = all[1].clone();
     let request = ReadRequest {
         partitions: vec![p],
         op: Some(Op::Windows(WindowsOp {
             resolution_seconds: 10,
-            series: id,
+            series: vec![id, other],
             bounds: vec![T0, T0 + 100, T0 + 150, T0 + 10 * WINDOWS],
+            resume: false,
+            first_from: 0,
         })),
     };
-    for budget in [usize::MAX, 1] {
+    let mut want: Vec<(u64, i64, Vec<u8>)> = direct.iter().map(|(s, b)| (id, *s, b.clone())).collect();
+    store
+        .windows_in(Resolution::S10, other, &[(T0, T0 + 100), (T0 + 150, T0 + 10 * WINDOWS)], &mut |s, b| {
+            want.push((other, s, b.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+    for budget in [usize::MAX, 1, 600] {
         let replies = pages(&store, &|_| true, request.clone(), budget, next_from);
-        let got: Vec<(i64, Vec<u8>)> =
-            replies.into_iter().flat_map(|r| r.windows).map(|w| (w.start, w.histogram)).collect();
-        assert_eq!(got, direct, "budget {budget}");
+        if budget < usize::MAX {
+            assert!(replies.len() > 2, "budget {budget}: {} pages", replies.len());
+        }
+        let got: Vec<(u64, i64, Vec<u8>)> =
+            replies.into_iter().flat_map(|r| r.windows).map(|w| (w.series, w.start, w.histogram)).collect();
+        assert_eq!(got, want, "budget {budget}");
     }
 
     let values = ReadRequest {
