@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Partitioned cluster (3 stores, replication factor 2) next to a single node: the 1 h query on
+# the same data, answers compared over 3 h; then a 4th store joins and is timed until it holds
+# its partitions caught up. Needs nats-server and a release build (cargo build --release).
+set -u
+B=${B:-target/release}
+D=${D:-/tmp/tailscope-partitioned}; rm -rf $D; mkdir -p $D
+for i in 1 2 3; do cat > $D/n$i.conf <<EOC
+server_name: n$i
+listen: 127.0.0.1:1522$i
+http: 127.0.0.1:1822$i
+max_payload: 8MB
+jetstream { store_dir: "$D/n$i", max_file_store: 8GB }
+cluster { name: frc, listen: 127.0.0.1:1622$i,
+  routes: [nats-route://127.0.0.1:16221, nats-route://127.0.0.1:16222, nats-route://127.0.0.1:16223] }
+EOC
+nats-server -c $D/n$i.conf -l $D/n$i.log & echo $! > $D/n$i.pid; done
+sleep 3
+export TAILSCOPE_CLUSTER_NATS=nats://127.0.0.1:15221,nats://127.0.0.1:15222,nats://127.0.0.1:15223
+export TAILSCOPE_CLUSTER_PARTITIONS=8
+start() { # id grpc http
+  TAILSCOPE_CLUSTER_NODE_ID=$1 $B/tailscope-server --data-dir $D/$1 --grpc-addr 127.0.0.1:$2 --http-addr 127.0.0.1:$3 --otlp-http-addr 127.0.0.1:0 > $D/$1.log 2>&1 & echo $! > $D/$1.pid
+  for i in $(seq 60); do curl -sf 127.0.0.1:$3/-/ready >/dev/null && break; sleep 0.5; done
+}
+start a 14317 19090; start b 24317 29090; start c 34317 39090
+sleep 8
+curl -s 127.0.0.1:19090/api/v1/status/cluster | python3 -c '
+import sys,json; d=json.load(sys.stdin)["data"]
+print("owners:", [p["owners"] for p in d["partitions"]])'
+$B/tailscope-load bench --grpc 127.0.0.1:14317 --pid $(cat $D/a.pid) --spans 2000000 --series 1000 --start-spread 3600 2>&1 | tail -4
+env -u TAILSCOPE_CLUSTER_NATS $B/tailscope-server --data-dir $D/single --grpc-addr 127.0.0.1:44317 --http-addr 127.0.0.1:49090 --otlp-http-addr 127.0.0.1:0 > $D/single.log 2>&1 & echo $! > $D/single.pid
+for i in $(seq 60); do curl -sf 127.0.0.1:49090/-/ready >/dev/null && break; sleep 0.5; done
+env -u TAILSCOPE_CLUSTER_NATS $B/tailscope-load bench --grpc 127.0.0.1:44317 --pid $(cat $D/single.pid) --spans 2000000 --series 1000 --start-spread 3600 2>&1 | tail -2
+Q='histogram_quantile(0.99, sum by (le, service) (rate(span_duration_seconds_bucket[1h])))'
+# Answers compared over 3 h: both data sets (loaded a minute apart) lie wholly inside.
+A='histogram_quantile(0.99, sum by (le, service) (increase(span_duration_seconds_bucket[3h])))'
+for port in 19090 29090 39090; do curl -s -H 'X-Read-Consistency: strong' "127.0.0.1:$port/api/v1/tail?start=0&end=4000000000" -o /dev/null -w "strong settle $port %{http_code}\n"; done
+for port in 19090 29090 39090 49090; do
+  curl -s --data-urlencode "query=$A" "127.0.0.1:$port/api/v1/query" | python3 -c 'import sys,json; r=json.load(sys.stdin)["data"]["result"]; print(sorted((x["metric"]["service"], x["value"][1]) for x in r))' | md5sum | sed "s/^/answer $port /"
+done
+for round in 1 2 3; do
+  for port in 19090 49090 29090; do
+    t=0; for i in $(seq 20); do s=$(curl -s -o /dev/null -w '%{time_total}' --data-urlencode "query=$Q" "127.0.0.1:$port/api/v1/query"); t=$(python3 -c "print($t+$s)"); done
+    python3 -c "print('round $round port $port: %.1f ms per query' % ($t/20*1000))"
+  done
+done
+curl -s 127.0.0.1:18221/jsz?streams=true | python3 -c '
+import sys,json; d=json.load(sys.stdin)
+tot=0
+for a in d.get("account_details",[]):
+  for s in a.get("stream_detail",[]):
+    if s["name"].startswith("tailscope_p"): print(s["name"], s["state"]["bytes"]); tot+=s["state"]["bytes"]
+print("log bytes (one replica)", tot)'
+# A fourth store joins: time until it holds every partition it owns caught up.
+t0=$(date +%s.%N)
+start d 54317 59090
+while true; do
+  ok=$(curl -s 127.0.0.1:59090/api/v1/status/cluster | python3 -c '
+import sys,json; d=json.load(sys.stdin)["data"]; ps=d["partitions"]
+own=[p for p in ps if "d" in p["owners"]]
+print(len(own), all(p.get("caught_up") for p in own) and len(own)>0)')
+  case "$ok" in *True) break;; esac; sleep 0.1; done
+t1=$(date +%s.%N)
+echo "join: d owns $ok; caught up $(python3 -c "print('%.2f' % ($t1-$t0))") s after its start"
+curl -s 127.0.0.1:59090/api/v1/status/cluster | python3 -c '
+import sys,json; d=json.load(sys.stdin)["data"]
+print("owners after join:", [p["owners"] for p in d["partitions"]])'
+for port in 19090 59090; do
+  curl -s --data-urlencode "query=$A" "127.0.0.1:$port/api/v1/query" | python3 -c 'import sys,json; r=json.load(sys.stdin)["data"]["result"]; print(sorted((x["metric"]["service"], x["value"][1]) for x in r))' | md5sum | sed "s/^/answer after join $port /"
+done
+grep -h "caught up with" $D/d.log | head -3
+for p in a b c d single n1 n2 n3; do kill $(cat $D/$p.pid) 2>/dev/null; done
