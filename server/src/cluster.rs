@@ -214,6 +214,7 @@ impl Cluster {
                 store: store.clone(),
                 replicas: replicas.clone(),
                 barrier: barrier.clone(),
+                metrics: metrics.clone(),
             };
             tasks.push(tokio::spawn(reads::serve(server, stop.clone())));
         }
@@ -227,6 +228,7 @@ impl Cluster {
                 config.has(Role::Store).then(|| replicas.clone()),
                 owners.clone(),
                 log_barrier.clone(),
+                metrics.clone(),
             )
             .await
             .map_err(connect_err)?;

@@ -150,6 +150,14 @@ pub struct Metrics {
     pub strong_reads: Family<Outcome, Counter>,
     /// Cluster mode: time a strong read waited for this node's store.
     pub strong_read_wait: Histogram,
+    /// Cluster mode: reads this node asked of other store nodes, by outcome (`ok`,
+    /// `not_caught_up`: some partitions were passed on, `error`: down, busy or failed).
+    pub peer_reads: Family<Outcome, Counter>,
+    /// Cluster mode: how long each read asked of another store node took (all its pages).
+    pub peer_read_duration: Histogram,
+    /// Cluster mode: reads this node answered for other nodes, by outcome (`ok`, `error`,
+    /// `busy`: refused at the limit of reads at once).
+    pub peer_reads_served: Family<Outcome, Counter>,
     /// Requests refused or cut because they ran into a limit, by the limit's key.
     pub limit_hits: Family<LimitLabel, Counter>,
     /// Time to collect and write one flush epoch.
@@ -251,6 +259,9 @@ impl Metrics {
             ruler_lease: Gauge::default(),
             strong_reads: Family::default(),
             strong_read_wait: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            peer_reads: Family::default(),
+            peer_read_duration: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
+            peer_reads_served: Family::default(),
             limit_hits: Family::default(),
             flush_duration: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             flush_bytes: Histogram::new(exponential_buckets(1024.0, 4.0, 12)),
@@ -349,6 +360,21 @@ impl Metrics {
             "strong_read_wait_seconds",
             "Cluster mode: how long a strong read waited for this node's store to write what the log held",
             m.strong_read_wait.clone(),
+        );
+        r.register(
+            "peer_reads",
+            "Cluster mode: reads this node asked of other store nodes, by outcome",
+            m.peer_reads.clone(),
+        );
+        r.register(
+            "peer_read_seconds",
+            "Cluster mode: how long each read asked of another store node took, all its pages",
+            m.peer_read_duration.clone(),
+        );
+        r.register(
+            "peer_reads_served",
+            "Cluster mode: reads this node answered for other nodes, by outcome",
+            m.peer_reads_served.clone(),
         );
         r.register(
             "early_epochs",

@@ -29,6 +29,7 @@ use crate::series::{self, SeriesLabels};
 use tailscope_proto::histogram::Layout;
 
 use crate::store::{Exemplar, Resolution, Source, Store, StoreError, WindowFn};
+use crate::telemetry::{Metrics, Outcome};
 
 /// How long one remote read may take before its owner counts as down for the request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -445,6 +446,8 @@ pub struct Server {
     pub replicas: Arc<Replicas>,
     /// Its strong-read barrier.
     pub barrier: Arc<super::strong::LogBarrier>,
+    /// Self-metrics.
+    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 /// Answers reads on this node's subject until `stop`.
@@ -474,6 +477,7 @@ pub async fn serve(server: Server, mut stop: watch::Receiver<bool>) {
         let Some(reply_to) = message.reply.clone() else { continue };
         let server = server.clone();
         let Ok(permit) = slots.clone().try_acquire_owned() else {
+            server.metrics.peer_reads_served.get_or_create(&Outcome { result: "busy" }).inc();
             let busy = ReadReply {
                 error: format!("{} is answering {CONCURRENT_READS} reads already", server.node_id),
                 ..ReadReply::default()
@@ -489,6 +493,8 @@ pub async fn serve(server: Server, mut stop: watch::Receiver<bool>) {
                 }
                 Ok(request) => handle(&server, request, budget).await,
             };
+            let result = if reply.error.is_empty() { "ok" } else { "error" };
+            server.metrics.peer_reads_served.get_or_create(&Outcome { result }).inc();
             let _ = server.client.publish(reply_to, reply.encode_to_vec().into()).await;
         });
     }
@@ -569,6 +575,7 @@ pub struct ClusterSources {
     /// This node's barrier, when it is a store. Weak: it holds the pipeline, whose shards end
     /// only once nothing holds it, and rule evaluation holds these sources past shutdown.
     barrier: Option<std::sync::Weak<super::strong::LogBarrier>>,
+    metrics: Arc<Metrics>,
 }
 
 impl ClusterSources {
@@ -583,6 +590,7 @@ impl ClusterSources {
         replicas: Option<Arc<Replicas>>,
         owners: watch::Receiver<Option<Arc<Assignment>>>,
         barrier: Option<Arc<super::strong::LogBarrier>>,
+        metrics: Arc<Metrics>,
     ) -> Result<ClusterSources, String> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -600,7 +608,7 @@ impl ClusterSources {
             .map_err(|e| format!("connecting for cluster reads: {e}"))?;
         let bridge = Arc::new(Bridge { runtime: Some(runtime), client });
         let barrier = barrier.as_ref().map(Arc::downgrade);
-        Ok(ClusterSources { bridge, name, partitions, store, replicas, owners, barrier })
+        Ok(ClusterSources { bridge, name, partitions, store, replicas, owners, barrier, metrics })
     }
 
     /// Each partition's candidates, best first: this node when it holds the partition caught
@@ -689,9 +697,28 @@ fn remote_error(message: String) -> StoreError {
     StoreError::Corrupt { what: "cluster read", message }
 }
 
-/// Sends `request` to `node`, following pages: `next` says what to ask after a truncated
-/// reply (`None`: stop).
+/// Sends `request` on `subject`, following pages (`next` says what to ask after a truncated
+/// reply, `false`: stop), and counts it in `metrics`.
 async fn ask(
+    client: async_nats::Client,
+    subject: String,
+    request: ReadRequest,
+    next: fn(&mut ReadRequest, &ReadReply) -> bool,
+    metrics: Arc<Metrics>,
+) -> Result<Vec<ReadReply>, String> {
+    let started = std::time::Instant::now();
+    let r = ask_pages(client, subject, request, next).await;
+    metrics.peer_read_duration.observe(started.elapsed().as_secs_f64());
+    let result = match &r {
+        Ok(pages) if pages.iter().any(|p| !p.not_caught_up.is_empty()) => "not_caught_up",
+        Ok(_) => "ok",
+        Err(_) => "error",
+    };
+    metrics.peer_reads.get_or_create(&Outcome { result }).inc();
+    r
+}
+
+async fn ask_pages(
     client: async_nats::Client,
     subject: String,
     mut request: ReadRequest,
@@ -806,6 +833,7 @@ impl ClusterSource {
                         subject(&self.sources.name, name),
                         request,
                         next,
+                        self.sources.metrics.clone(),
                     ));
                 }
             }
@@ -914,8 +942,13 @@ impl ClusterSource {
             first_from: 0,
         });
         let request = ReadRequest { partitions: partitions.iter().copied().collect(), op: Some(op) };
-        let fut =
-            ask(self.sources.bridge.client.clone(), subject(&self.sources.name, name), request, next_from);
+        let fut = ask(
+            self.sources.bridge.client.clone(),
+            subject(&self.sources.name, name),
+            request,
+            next_from,
+            self.sources.metrics.clone(),
+        );
         let replies = self
             .sources
             .bridge
@@ -942,8 +975,13 @@ impl ClusterSource {
         let (p, node) = self.series_route(series)?;
         let Node::Remote(name) = node else { return Ok(None) };
         let request = ReadRequest { partitions: vec![p], op: Some(op) };
-        let fut =
-            ask(self.sources.bridge.client.clone(), subject(&self.sources.name, &name), request, next_from);
+        let fut = ask(
+            self.sources.bridge.client.clone(),
+            subject(&self.sources.name, &name),
+            request,
+            next_from,
+            self.sources.metrics.clone(),
+        );
         let replies = self
             .sources
             .bridge

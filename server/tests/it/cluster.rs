@@ -545,6 +545,12 @@ async fn three_stores_hold_two_copies_each_and_answer_exactly_with_one_of_them_d
         assert_eq!(rows(http, now).await, reference, "node {name}: counts and quantiles as one node's");
     }
 
+    // Node a holds half the partitions: it asked the other stores, and they answered it.
+    let asked = metric(&metrics(a_http).await, "tailscope_peer_reads_total{result=\"ok\"}");
+    let served = metric(&metrics(b_http).await, "tailscope_peer_reads_served_total{result=\"ok\"}")
+        + metric(&metrics(c_http).await, "tailscope_peer_reads_served_total{result=\"ok\"}");
+    assert!(asked > 0.0 && served >= asked, "a asked {asked} reads, b and c served {served}");
+
     // Store c is killed. At once (still listed as a member), then after its copies moved to
     // the others, a and b answer every query exactly: each partition had a second owner.
     drop(c);
