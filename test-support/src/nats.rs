@@ -40,7 +40,26 @@ pub fn free_port() -> u16 {
 impl NatsCluster {
     /// Starts `n` servers (`bin`: the `nats-server` program) with their stores under `dir`,
     /// routed to each other, and waits until each reports JetStream ready.
+    ///
+    /// A port picked free may be taken by another test before the server binds it (tests run
+    /// side by side); a server that exits or never answers is started again, on new ports, up
+    /// to three times.
     pub fn start(bin: &Path, dir: &Path, n: usize) -> NatsCluster {
+        let mut last = String::new();
+        for attempt in 1..=3 {
+            let mut cluster = NatsCluster::start_once(bin, &dir.join(format!("try{attempt}")), n);
+            match cluster.ready(Instant::now() + Duration::from_secs(60)) {
+                Ok(()) => return cluster,
+                Err(e) => {
+                    eprintln!("NATS cluster attempt {attempt}: {e}; starting again on new ports");
+                    last = e;
+                }
+            }
+        }
+        panic!("no NATS cluster after three attempts: {last}");
+    }
+
+    fn start_once(bin: &Path, dir: &Path, n: usize) -> NatsCluster {
         let ports: Vec<(u16, u16, u16)> = (0..n).map(|_| (free_port(), free_port(), free_port())).collect();
         std::fs::create_dir_all(dir).expect("create the NATS directory");
         let routes: Vec<String> = ports.iter().map(|p| format!("nats-route://127.0.0.1:{}", p.2)).collect();
@@ -68,8 +87,29 @@ impl NatsCluster {
         for i in 0..n {
             cluster.start_server(i);
         }
-        cluster.wait_ready();
         cluster
+    }
+
+    /// Whether every running server answers `/healthz?js-enabled-only=true` by `deadline`;
+    /// names the first that exited or did not.
+    fn ready(&mut self, deadline: Instant) -> Result<(), String> {
+        for s in self.servers.iter_mut() {
+            let Some(process) = s.process.as_mut() else { continue };
+            loop {
+                let body = http_get(s.http_port, "/healthz?js-enabled-only=true").unwrap_or_default();
+                if body.contains("\"ok\"") {
+                    break;
+                }
+                if let Ok(Some(status)) = process.0.try_wait() {
+                    return Err(format!("nats-server {} exited ({status}) before it was ready", s.name));
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("nats-server {} not ready: {body}", s.name));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
     }
 
     /// Starts (or restarts, on its own store) server `i`.
@@ -91,21 +131,6 @@ impl NatsCluster {
     /// SIGKILLs server `i`.
     pub fn kill(&mut self, i: usize) {
         self.servers[i].process = None;
-    }
-
-    /// Waits (up to 60 s) until every running server answers `/healthz?js-enabled-only=true`.
-    pub fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        for s in self.servers.iter().filter(|s| s.process.is_some()) {
-            loop {
-                let body = http_get(s.http_port, "/healthz?js-enabled-only=true").unwrap_or_default();
-                if body.contains("\"ok\"") {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "nats-server {} not ready: {body}", s.name);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
     }
 
     /// The client URLs of every server, comma-separated (what `TAILSCOPE_CLUSTER_NATS` takes).
