@@ -941,7 +941,23 @@ impl ClusterSource {
             resume: false,
             first_from: 0,
         });
-        let request = ReadRequest { partitions: partitions.iter().copied().collect(), op: Some(op) };
+        let replies = self.ask_node(name, partitions.into_iter().collect(), op)?;
+        let mut by_series: HashMap<u64, Vec<(i64, Vec<u8>)>> = HashMap::new();
+        for w in replies.into_iter().flat_map(|r| r.windows) {
+            by_series.entry(w.series).or_default().push((w.start, w.histogram));
+        }
+        let mine = by_series.remove(&series).unwrap_or_default();
+        let mut routes = self.routes.lock();
+        for s in batch.into_iter().skip(1) {
+            let windows = by_series.remove(&s).unwrap_or_default();
+            routes.ahead.insert(s, Ahead { res, intervals: intervals.to_vec(), windows });
+        }
+        Ok(mine)
+    }
+
+    /// Reads `op` of `partitions` from node `name` (every page), which must still hold them.
+    fn ask_node(&self, name: &str, partitions: Vec<u32>, op: Op) -> Result<Vec<ReadReply>, StoreError> {
+        let request = ReadRequest { partitions, op: Some(op) };
         let fut = ask(
             self.sources.bridge.client.clone(),
             subject(&self.sources.name, name),
@@ -958,40 +974,7 @@ impl ClusterSource {
         if let Some(p) = replies.iter().flat_map(|r| &r.not_caught_up).next() {
             return Err(remote_error(format!("{name} no longer holds partition {p}")));
         }
-        let mut by_series: HashMap<u64, Vec<(i64, Vec<u8>)>> = HashMap::new();
-        for w in replies.into_iter().flat_map(|r| r.windows) {
-            by_series.entry(w.series).or_default().push((w.start, w.histogram));
-        }
-        let mine = by_series.remove(&series).unwrap_or_default();
-        let mut routes = self.routes.lock();
-        for s in batch.into_iter().skip(1) {
-            let windows = by_series.remove(&s).unwrap_or_default();
-            routes.ahead.insert(s, Ahead { res, intervals: intervals.to_vec(), windows });
-        }
-        Ok(mine)
-    }
-
-    fn series_reads(&self, series: u64, op: Op) -> Result<Option<Vec<ReadReply>>, StoreError> {
-        let (p, node) = self.series_route(series)?;
-        let Node::Remote(name) = node else { return Ok(None) };
-        let request = ReadRequest { partitions: vec![p], op: Some(op) };
-        let fut = ask(
-            self.sources.bridge.client.clone(),
-            subject(&self.sources.name, &name),
-            request,
-            next_from,
-            self.sources.metrics.clone(),
-        );
-        let replies = self
-            .sources
-            .bridge
-            .run(fut)
-            .ok_or_else(|| remote_error("the cluster reads' runtime is gone".into()))?
-            .map_err(|e| remote_error(format!("reading from {name}: {e}")))?;
-        if replies.iter().any(|r| r.not_caught_up.contains(&p)) {
-            return Err(remote_error(format!("{name} no longer holds partition {p}")));
-        }
-        Ok(Some(replies))
+        Ok(replies)
     }
 }
 
@@ -1090,9 +1073,11 @@ impl Source for ClusterSource {
     }
 
     fn exemplars(&self, series: u64, start: i64, end: i64) -> Result<Vec<Exemplar>, StoreError> {
-        match self.series_reads(series, Op::Exemplars(ExemplarsOp { series, start, end }))? {
-            None => self.sources.store.exemplars(series, start, end),
-            Some(replies) => Ok(replies
+        let (p, node) = self.series_route(series)?;
+        match node {
+            Node::Local => self.sources.store.exemplars(series, start, end),
+            Node::Remote(name) => Ok(self
+                .ask_node(&name, vec![p], Op::Exemplars(ExemplarsOp { series, start, end }))?
                 .into_iter()
                 .flat_map(|r| r.exemplars)
                 .map(|e| Exemplar {
