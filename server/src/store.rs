@@ -420,6 +420,34 @@ pub trait Source: Sync {
         }
         Ok(())
     }
+    /// The windows of every one of `members` at `res` starting in `intervals`, for a caller
+    /// that only adds them up: `f` may be given windows already merged — of several members
+    /// at one start, or, when `whole`, of a whole interval, given at the interval's start. What
+    /// `f` is given adds up, per start (per interval when `whole`), to the members' windows
+    /// there; starts may repeat and come in any order. A cluster merges on the node that holds
+    /// the windows, so one histogram crosses the network where many windows would; the
+    /// default reads member by member.
+    fn merged_windows(
+        &self,
+        res: Resolution,
+        members: &[u64],
+        intervals: &[(i64, i64)],
+        whole: bool,
+        f: &mut WindowFn<'_>,
+    ) -> Result<(), StoreError> {
+        let _ = whole;
+        for &member in members {
+            self.windows_in(res, member, intervals, f)?;
+        }
+        Ok(())
+    }
+    /// Announces that [`Source::merged_windows`] of whole intervals follows for each of
+    /// `groups` (each a members list, read exactly so), so a source that asks other nodes
+    /// can ask each for all of them at once. A hint: reading without it, or reading only
+    /// some of the groups, answers the same.
+    fn read_ahead(&self, res: Resolution, groups: &[&[u64]], intervals: &[(i64, i64)]) {
+        let _ = (res, groups, intervals);
+    }
     /// The layout of new histograms.
     fn layout(&self) -> Layout;
     /// The exemplars kept for `series` in windows starting in `[start, end)` (seconds), in

@@ -8,8 +8,10 @@
 //! partition by partition from the first caught-up owner (this node's store first, then the
 //! others in rendezvous order; an owner that is down, busy or still catching up passes the
 //! partition to the next), remembers which node answered for which partition, and reads each
-//! series' windows from that node. Histograms merge exactly, so the engine's answers are the
-//! same as a single node's.
+//! series' windows from that node — a group's windows merged there ([`MergedOp`]), and an
+//! instant query's groups asked of each node in one read ([`Source::read_ahead`]), so what
+//! crosses the network is about one histogram per group and interval. Histograms merge
+//! exactly, so the engine's answers are the same as a single node's.
 //!
 //! The engine is synchronous (it runs on blocking threads); remote reads run on a runtime
 //! and NATS connection of their own, so a read never waits on the server's own workers.
@@ -28,7 +30,8 @@ use super::assign::{Assignment, Replicas};
 use crate::series::{self, SeriesLabels};
 use tailscope_proto::histogram::Layout;
 
-use crate::store::{Exemplar, Resolution, Source, Store, StoreError, WindowFn};
+use crate::query::promql::MAX_QUERY_BYTES;
+use crate::store::{merge_values, Exemplar, Resolution, Source, Store, StoreError, WindowFn};
 use crate::telemetry::{Metrics, Outcome};
 
 /// How long one remote read may take before its owner counts as down for the request.
@@ -49,7 +52,7 @@ pub struct ReadRequest {
     #[prost(uint32, repeated, tag = "1")]
     pub partitions: Vec<u32>,
     /// What to read.
-    #[prost(oneof = "Op", tags = "2, 3, 4, 5, 6")]
+    #[prost(oneof = "Op", tags = "2, 3, 4, 5, 6, 7")]
     pub op: Option<Op>,
 }
 
@@ -71,6 +74,9 @@ pub enum Op {
     /// A strong read's barrier over the partitions.
     #[prost(message, tag = "6")]
     Barrier(BarrierOp),
+    /// Some series' windows merged on the answering node.
+    #[prost(message, tag = "7")]
+    Merged(MergedOp),
 }
 
 /// Series matching every matcher, by id, after `after` (when `resume`).
@@ -136,6 +142,42 @@ pub struct WindowsOp {
     /// Where the first series' windows resume.
     #[prost(int64, tag = "5")]
     pub first_from: i64,
+}
+
+/// Groups of series, each group's windows at a resolution in `[start, end)` intervals merged
+/// per start — or, when `whole`, per interval (given at the interval's start) — group by group
+/// in start order (a window's `series` is its group's index).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MergedOp {
+    /// The resolution's width in seconds.
+    #[prost(int64, tag = "1")]
+    pub resolution_seconds: i64,
+    /// The groups.
+    #[prost(message, repeated, tag = "2")]
+    pub groups: Vec<SeriesGroup>,
+    /// Starts and ends, alternating: sorted, disjoint intervals.
+    #[prost(int64, repeated, tag = "3")]
+    pub bounds: Vec<i64>,
+    /// Merge whole intervals rather than each start.
+    #[prost(bool, tag = "4")]
+    pub whole: bool,
+    /// Whether only starts from `first_from` are asked (a page after the first).
+    #[prost(bool, tag = "5")]
+    pub resume: bool,
+    /// Where the merged windows of `first_group` resume.
+    #[prost(int64, tag = "6")]
+    pub first_from: i64,
+    /// The group a page after the first resumes with.
+    #[prost(uint32, tag = "7")]
+    pub first_group: u32,
+}
+
+/// Series whose windows are merged together.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SeriesGroup {
+    /// The series.
+    #[prost(uint64, repeated, tag = "1")]
+    pub series: Vec<u64>,
 }
 
 /// A series' exemplars in windows starting in `[start, end)`.
@@ -307,13 +349,14 @@ pub fn answer(
     reply.not_caught_up = missing;
     let held: HashSet<u32> = held.into_iter().collect();
     let result = match request.op {
-        None => Err("a read without an operation".to_owned()),
+        None => Err(NO_OPERATION.to_owned()),
         Some(Op::Barrier(_)) => Err("a barrier is not a read".to_owned()),
         Some(_) if held.is_empty() => Ok(()),
         Some(Op::Select(op)) => select(store, partitions, &held, op, budget, &mut reply),
         Some(Op::LabelValues(op)) => label_values(store, op, budget, &mut reply),
         Some(Op::Windows(op)) => windows(store, op, budget, &mut reply),
         Some(Op::Exemplars(op)) => exemplars(store, op, budget, &mut reply),
+        Some(Op::Merged(op)) => merged(store, op, budget, &mut reply),
     };
     if let Err(e) = result {
         reply = ReadReply { error: e, ..ReadReply::default() };
@@ -403,6 +446,91 @@ fn windows(store: &Store, op: WindowsOp, budget: usize, reply: &mut ReadReply) -
         }
     }
     Ok(())
+}
+
+/// Encodings of one start (or interval) merged once this many are waiting: what a merge holds
+/// stays near one histogram per start, whatever the number of series.
+const FOLD_AT: usize = 32;
+
+fn merged(store: &Store, op: MergedOp, budget: usize, reply: &mut ReadReply) -> Result<(), String> {
+    let res = resolution(op.resolution_seconds)?;
+    let intervals: Vec<(i64, i64)> = op.bounds.chunks_exact(2).map(|c| (c[0], c[1])).collect();
+    let first = if op.resume { op.first_group as usize } else { 0 };
+    let mut read = 0usize;
+    let mut used = 0usize;
+    for (index, group) in op.groups.iter().enumerate().skip(first) {
+        let clipped: Vec<(i64, i64)> = intervals
+            .iter()
+            .map(|&(lo, hi)| (if op.resume && index == first { lo.max(op.first_from) } else { lo }, hi))
+            .filter(|(lo, hi)| lo < hi)
+            .collect();
+        for (start, histogram) in merge_group(store, res, &group.series, &clipped, op.whole, &mut read)? {
+            used += histogram.len() + 24;
+            if used > budget && !reply.windows.is_empty() {
+                reply.truncated = true;
+                reply.resume_series = index as u64;
+                reply.resume_at = start;
+                return Ok(());
+            }
+            reply.windows.push(WindowMsg { series: index as u64, start, histogram });
+        }
+    }
+    Ok(())
+}
+
+/// One group's windows in `intervals` merged per start (per interval when `whole`), in start
+/// order; `read` counts the bytes read, bounded by the engine's limit.
+fn merge_group(
+    store: &Store,
+    res: Resolution,
+    series: &[u64],
+    intervals: &[(i64, i64)],
+    whole: bool,
+    read: &mut usize,
+) -> Result<Vec<(i64, Vec<u8>)>, String> {
+    let layout = store.layout();
+    let mut waiting: BTreeMap<i64, Vec<Vec<u8>>> = BTreeMap::new();
+    let mut corrupt = 0usize;
+    for &s in series {
+        store
+            .windows_in(res, s, intervals, &mut |start, bytes| {
+                let key = if whole {
+                    let i = intervals.partition_point(|&(lo, _)| lo <= start);
+                    intervals[i.saturating_sub(1)].0
+                } else {
+                    start
+                };
+                *read += bytes.len();
+                let parts = waiting.entry(key).or_default();
+                parts.push(bytes.to_vec());
+                if parts.len() >= FOLD_AT {
+                    let folded = merge_values(layout, parts.iter().map(Vec::as_slice), || corrupt += 1);
+                    *parts = vec![folded];
+                }
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
+        if *read > MAX_QUERY_BYTES {
+            return Err(format!(
+                "the merge reads more than {} MiB of histograms; narrow the selection or the range",
+                MAX_QUERY_BYTES >> 20
+            ));
+        }
+    }
+    let merged: Vec<(i64, Vec<u8>)> = waiting
+        .into_iter()
+        .map(|(start, mut parts)| {
+            let h = match parts.len() {
+                1 => parts.pop().unwrap_or_default(),
+                _ => merge_values(layout, parts.iter().map(Vec::as_slice), || corrupt += 1),
+            };
+            (start, h)
+        })
+        .collect();
+    if corrupt > 0 {
+        return Err(format!("{corrupt} corrupt windows among the merged series"));
+    }
+    Ok(merged)
 }
 
 fn exemplars(store: &Store, op: ExemplarsOp, budget: usize, reply: &mut ReadReply) -> Result<(), String> {
@@ -546,12 +674,20 @@ impl Drop for Bridge {
 impl Bridge {
     /// Runs `f` on the bridge's runtime and waits for it on this thread.
     fn run<T: Send + 'static>(&self, f: impl std::future::Future<Output = T> + Send + 'static) -> Option<T> {
+        self.start(f)?.recv().ok()
+    }
+
+    /// Starts `f` on the bridge's runtime; its result arrives on the receiver.
+    fn start<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Option<std::sync::mpsc::Receiver<T>> {
         let rt = self.runtime.as_ref()?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         rt.spawn(async move {
             let _ = tx.send(f.await);
         });
-        rx.recv().ok()
+        Some(rx)
     }
 }
 
@@ -672,7 +808,32 @@ struct Routes {
     place: HashMap<u64, usize>,
     /// Windows read ahead with another series' read, until their own read takes them.
     ahead: HashMap<u64, Ahead>,
+    /// Merged reads of many groups asked of one node at once ([`Source::read_ahead`]).
+    batches: Vec<Batch>,
 }
+
+/// Groups' merged windows asked of one node in one read, until each group's read takes them.
+#[derive(Debug)]
+struct Batch {
+    node: String,
+    res: Resolution,
+    intervals: Vec<(i64, i64)>,
+    /// Each group's series on the node, and its index in the read.
+    groups: HashMap<Vec<u64>, u64>,
+    state: BatchState,
+}
+
+#[derive(Debug)]
+enum BatchState {
+    Asked(Asked),
+    /// Each group's merged windows, by index.
+    Answered(HashMap<u64, Vec<(i64, Vec<u8>)>>),
+    /// The read failed: each group is read on its own.
+    Failed,
+}
+
+/// Groups one batch asks a node for, at most: what a batch's reply holds stays bounded.
+const BATCH_GROUPS: usize = 1024;
 
 /// One series' windows read ahead: for which read, and what they are.
 #[derive(Debug)]
@@ -779,6 +940,12 @@ fn next_from(r: &mut ReadRequest, reply: &ReadReply) -> bool {
         Some(Op::Exemplars(op)) => {
             op.start = at;
             op.start < op.end
+        }
+        Some(Op::Merged(op)) => {
+            op.resume = true;
+            op.first_group = u32::try_from(reply.resume_series).unwrap_or(u32::MAX);
+            op.first_from = at;
+            true
         }
         _ => false,
     }
@@ -957,6 +1124,13 @@ impl ClusterSource {
 
     /// Reads `op` of `partitions` from node `name` (every page), which must still hold them.
     fn ask_node(&self, name: &str, partitions: Vec<u32>, op: Op) -> Result<Vec<ReadReply>, StoreError> {
+        let asked = self.start_asking(name, partitions, op)?;
+        held_by(name, asked.recv().map_err(|_| remote_error("the cluster reads' runtime is gone".into()))?)
+    }
+
+    /// Sends `op` of `partitions` to node `name` without waiting: every page arrives on the
+    /// receiver (see [`held_by`]).
+    fn start_asking(&self, name: &str, partitions: Vec<u32>, op: Op) -> Result<Asked, StoreError> {
         let request = ReadRequest { partitions, op: Some(op) };
         let fut = ask(
             self.sources.bridge.client.clone(),
@@ -965,16 +1139,193 @@ impl ClusterSource {
             next_from,
             self.sources.metrics.clone(),
         );
-        let replies = self
-            .sources
+        self.sources
             .bridge
-            .run(fut)
-            .ok_or_else(|| remote_error("the cluster reads' runtime is gone".into()))?
-            .map_err(|e| remote_error(format!("reading from {name}: {e}")))?;
-        if let Some(p) = replies.iter().flat_map(|r| &r.not_caught_up).next() {
-            return Err(remote_error(format!("{name} no longer holds partition {p}")));
+            .start(fut)
+            .ok_or_else(|| remote_error("the cluster reads' runtime is gone".into()))
+    }
+
+    /// Each remote node's series of each of `groups` (where it holds two or more of them: a
+    /// node's single series is read with its next ones, see [`ClusterSource::remote_windows`]),
+    /// in the groups' order.
+    fn split_by_node(&self, groups: &[&[u64]]) -> BTreeMap<String, Vec<Vec<u64>>> {
+        let mut out: BTreeMap<String, Vec<Vec<u64>>> = BTreeMap::new();
+        for members in groups {
+            let mut by_node: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+            for &m in *members {
+                if let Ok((_, Node::Remote(name))) = self.series_route(m) {
+                    by_node.entry(name).or_default().push(m);
+                }
+            }
+            for (name, series) in by_node {
+                if series.len() >= 2 {
+                    out.entry(name).or_default().push(series);
+                }
+            }
         }
-        Ok(replies)
+        out
+    }
+
+    /// `series`' merged whole intervals from a batch asked of `name` ahead, if one holds them
+    /// (waiting for its answer); `None`: read them on their own.
+    fn batched(
+        &self,
+        name: &str,
+        res: Resolution,
+        intervals: &[(i64, i64)],
+        series: &[u64],
+    ) -> Option<Vec<(i64, Vec<u8>)>> {
+        let mut routes = self.routes.lock();
+        let at = routes.batches.iter().position(|b| {
+            b.node == name
+                && b.res == res
+                && b.intervals == intervals
+                && b.groups.contains_key(series)
+                && !matches!(b.state, BatchState::Failed)
+        })?;
+        if let BatchState::Asked(_) = routes.batches[at].state {
+            let BatchState::Asked(asked) =
+                std::mem::replace(&mut routes.batches[at].state, BatchState::Failed)
+            else {
+                return None;
+            };
+            drop(routes);
+            let answered = asked.recv().ok().and_then(|r| held_by(name, r).ok());
+            routes = self.routes.lock();
+            routes.batches[at].state = match answered {
+                Some(replies) => {
+                    let mut by_group: HashMap<u64, Vec<(i64, Vec<u8>)>> = HashMap::new();
+                    for w in replies.into_iter().flat_map(|r| r.windows) {
+                        by_group.entry(w.series).or_default().push((w.start, w.histogram));
+                    }
+                    BatchState::Answered(by_group)
+                }
+                None => BatchState::Failed,
+            };
+        }
+        let batch = &mut routes.batches[at];
+        let index = batch.groups.remove(series)?;
+        match &mut batch.state {
+            BatchState::Answered(by_group) => Some(by_group.remove(&index).unwrap_or_default()),
+            _ => None,
+        }
+    }
+
+    /// The partitions of the series this request selected from `series`.
+    fn partitions_of(&self, series: &[u64]) -> Vec<u32> {
+        let routes = self.routes.lock();
+        let set: BTreeSet<u32> = series.iter().filter_map(|s| routes.series.get(s).copied()).collect();
+        set.into_iter().collect()
+    }
+}
+
+/// Gives `f` windows read from another node; one it refuses is named by `what` and its start.
+fn give(
+    windows: impl IntoIterator<Item = (i64, Vec<u8>)>,
+    f: &mut WindowFn<'_>,
+    what: &str,
+) -> Result<(), StoreError> {
+    for (start, histogram) in windows {
+        f(start, &histogram).map_err(|e| StoreError::Corrupt {
+            what: "window",
+            message: format!("{what} at {start}: {e}"),
+        })?;
+    }
+    Ok(())
+}
+
+/// The merged read of `groups`.
+fn merged_op(res: Resolution, groups: Vec<Vec<u64>>, intervals: &[(i64, i64)], whole: bool) -> Op {
+    Op::Merged(MergedOp {
+        resolution_seconds: res.seconds(),
+        groups: groups.into_iter().map(|series| SeriesGroup { series }).collect(),
+        bounds: intervals.iter().flat_map(|&(lo, hi)| [lo, hi]).collect(),
+        whole,
+        resume: false,
+        first_from: 0,
+        first_group: 0,
+    })
+}
+
+/// A read sent and not yet answered.
+type Asked = std::sync::mpsc::Receiver<Result<Vec<ReadReply>, String>>;
+
+/// What node `name` answered, as long as it still held every partition asked.
+fn held_by(name: &str, answered: Result<Vec<ReadReply>, String>) -> Result<Vec<ReadReply>, StoreError> {
+    let replies = answered.map_err(|e| remote_error(format!("reading from {name}: {e}")))?;
+    if let Some(p) = replies.iter().flat_map(|r| &r.not_caught_up).next() {
+        return Err(remote_error(format!("{name} no longer holds partition {p}")));
+    }
+    Ok(replies)
+}
+
+/// What a node of a release without merged reads answers one.
+const NO_OPERATION: &str = "a read without an operation";
+
+impl ClusterSource {
+    /// The part of [`Source::merged_windows`] each node holds: this node's and single series'
+    /// read series by series, the rest merged by their nodes, all nodes at once.
+    fn merged_windows_across(
+        &self,
+        res: Resolution,
+        members: &[u64],
+        intervals: &[(i64, i64)],
+        whole: bool,
+        f: &mut WindowFn<'_>,
+    ) -> Result<(), StoreError> {
+        let mut local = Vec::new();
+        let mut remote: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for &m in members {
+            match self.series_route(m)?.1 {
+                Node::Local => local.push(m),
+                Node::Remote(name) => remote.entry(name).or_default().push(m),
+            }
+        }
+        let mut asked = Vec::new();
+        let mut single = Vec::new();
+        for (name, series) in remote {
+            if series.len() == 1 {
+                // Its own read reads the node's next series ahead.
+                single.extend(series);
+                continue;
+            }
+            {
+                let mut routes = self.routes.lock();
+                for s in &series {
+                    routes.ahead.remove(s);
+                }
+            }
+            if whole {
+                if let Some(windows) = self.batched(&name, res, intervals, &series) {
+                    give(windows, f, &format!("merged on {name}"))?;
+                    continue;
+                }
+            }
+            let op = merged_op(res, vec![series.clone()], intervals, whole);
+            let partitions = self.partitions_of(&series);
+            asked.push((self.start_asking(&name, partitions, op)?, name, series));
+        }
+        // This node reads its own while the others merge theirs.
+        for m in local {
+            self.sources.store.windows_in(res, m, intervals, f)?;
+        }
+        for m in single {
+            self.windows_in(res, m, intervals, f)?;
+        }
+        for (answer, name, series) in asked {
+            let answered =
+                answer.recv().map_err(|_| remote_error("the cluster reads' runtime is gone".into()))?;
+            if matches!(&answered, Err(e) if e == NO_OPERATION) {
+                // An older node: read its series one by one.
+                for s in series {
+                    self.windows_in(res, s, intervals, f)?;
+                }
+                continue;
+            }
+            let windows = held_by(&name, answered)?.into_iter().flat_map(|r| r.windows);
+            give(windows.map(|w| (w.start, w.histogram)), f, &format!("merged on {name}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -1057,13 +1408,39 @@ impl Source for ClusterSource {
         match self.series_route(series)?.1 {
             Node::Local => self.sources.store.windows_in(res, series, intervals, f),
             Node::Remote(name) => {
-                for (start, histogram) in self.remote_windows(&name, res, series, intervals)? {
-                    f(start, &histogram).map_err(|e| StoreError::Corrupt {
-                        what: "window",
-                        message: format!("series {series:016x} at {start}: {e}"),
-                    })?;
-                }
+                let windows = self.remote_windows(&name, res, series, intervals)?;
+                give(windows, f, &format!("series {series:016x}"))?;
                 Ok(())
+            }
+        }
+    }
+
+    fn merged_windows(
+        &self,
+        res: Resolution,
+        members: &[u64],
+        intervals: &[(i64, i64)],
+        whole: bool,
+        f: &mut WindowFn<'_>,
+    ) -> Result<(), StoreError> {
+        self.merged_windows_across(res, members, intervals, whole, f)
+    }
+
+    fn read_ahead(&self, res: Resolution, groups: &[&[u64]], intervals: &[(i64, i64)]) {
+        for (node, groups) in self.split_by_node(groups) {
+            for chunk in groups.chunks(BATCH_GROUPS) {
+                let partitions = self.partitions_of(&chunk.concat());
+                let op = merged_op(res, chunk.to_vec(), intervals, true);
+                // Not asked: each group is read on its own.
+                let Ok(asked) = self.start_asking(&node, partitions, op) else { return };
+                let groups = chunk.iter().enumerate().map(|(i, g)| (g.clone(), i as u64)).collect();
+                self.routes.lock().batches.push(Batch {
+                    node: node.clone(),
+                    res,
+                    intervals: intervals.to_vec(),
+                    groups,
+                    state: BatchState::Asked(asked),
+                });
             }
         }
     }

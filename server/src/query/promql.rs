@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use promql_parser::label::{MatchOp, Matcher};
 use promql_parser::parser::{Expr, Offset, VectorSelector};
-use tailscope_proto::histogram::{Checked, Histogram};
+use tailscope_proto::histogram::{Checked, Histogram, HistogramError};
 
 use crate::query::plan;
 use crate::series::SeriesLabels;
@@ -87,6 +87,13 @@ pub const DEFAULT_LE: [f64; 24] = [
 
 /// The most encoded histogram bytes one group of one query may hold in memory.
 pub const MAX_QUERY_BYTES: usize = 256 << 20;
+
+/// How a range is read for a set of steps ([`Engine::reads`]).
+struct ReadPlan {
+    levels: Vec<crate::store::Resolution>,
+    step_pieces: Vec<Vec<plan::Piece>>,
+    intervals: Vec<Vec<(i64, i64)>>,
+}
 
 /// A label set; `__name__` is one of its labels.
 pub type Labels = BTreeMap<String, String>;
@@ -613,9 +620,7 @@ impl<'a> Engine<'a> {
         offset: i64,
         mut f: impl FnMut(usize, &Histogram),
     ) -> Result<(), EvalError> {
-        // A window that began in the step's own second counts (a rule evaluated at
-        // 12:00:00.420 sees the window that started at 12:00:00).
-        let ends: Vec<i64> = self.steps.times().iter().map(|t| (t + 999).div_euclid(1000) - offset).collect();
+        let ends = self.ends(offset);
         // An instant evaluation with a memo merges each range once for all its rules.
         let (Some(memo), &[end]) = (self.memo.filter(|m| m.keeps_ranges()), ends.as_slice()) else {
             return self.slide_read(group, range, &ends, f);
@@ -636,6 +641,80 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
+    /// Whether a query that has read `bytes` of windows may go on (its deadline and byte
+    /// limit).
+    fn within_limits(&self, bytes: usize) -> Result<(), EvalError> {
+        self.check_time("reading windows")?;
+        if bytes > MAX_QUERY_BYTES {
+            return Err(EvalError::Execution(format!(
+                "the query reads more than {} MiB of histograms; narrow the selection or the range",
+                MAX_QUERY_BYTES >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    /// The steps' range ends (seconds, `offset` applied): a window that began in the step's
+    /// own second counts (a rule evaluated at 12:00:00.420 sees the window that started at
+    /// 12:00:00).
+    fn ends(&self, offset: i64) -> Vec<i64> {
+        self.steps.times().iter().map(|t| (t + 999).div_euclid(1000) - offset).collect()
+    }
+
+    /// What the steps ending at `ends` read of a range of `range` seconds: the levels, each
+    /// step's pieces, and per level the union of its pieces over all steps as disjoint
+    /// intervals (read only what some step needs). `None` without steps.
+    fn reads(&self, range: i64, ends: &[i64]) -> Option<ReadPlan> {
+        let &first = ends.first()?;
+        let levels = plan::levels(range, self.steps.step / 1000, first - range, self.now, self.retention);
+        let seconds: Vec<i64> = levels.iter().map(|r| r.seconds()).collect();
+        let step_pieces: Vec<Vec<plan::Piece>> =
+            ends.iter().map(|&t| plan::pieces(&seconds, t - range, t)).collect();
+        let intervals = (0..levels.len())
+            .map(|level| {
+                let mut spans: Vec<(i64, i64)> = step_pieces
+                    .iter()
+                    .flatten()
+                    .filter(|p| p.level == level && p.lo < p.hi)
+                    .map(|p| (p.lo, p.hi))
+                    .collect();
+                spans.sort_unstable();
+                let mut intervals: Vec<(i64, i64)> = Vec::new();
+                for (lo, hi) in spans {
+                    match intervals.last_mut() {
+                        Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
+                        _ => intervals.push((lo, hi)),
+                    }
+                }
+                intervals
+            })
+            .collect();
+        Some(ReadPlan { levels, step_pieces, intervals })
+    }
+
+    /// Tells the source which groups the slides that follow read, so a cluster can ask each
+    /// owner for all of them at once: for one step only (whole intervals), and only groups
+    /// an evaluation's memo does not hold already.
+    fn read_ahead(&self, groups: &[HistGroup], range: i64, offset: i64) {
+        let ends = self.ends(offset);
+        let [end] = ends.as_slice() else { return };
+        let memo = self.memo.filter(|m| m.keeps_ranges());
+        let members: Vec<&[u64]> = groups
+            .iter()
+            .filter(|g| memo.is_none_or(|m| m.range(&(g.members.clone(), range, offset, *end)).is_none()))
+            .map(|g| g.members.as_slice())
+            .collect();
+        if members.len() < 2 {
+            return;
+        }
+        let Some(reads) = self.reads(range, &ends) else { return };
+        for (res, intervals) in reads.levels.iter().zip(&reads.intervals) {
+            if !intervals.is_empty() {
+                self.source.read_ahead(*res, &members, intervals);
+            }
+        }
+    }
+
     /// [`Engine::slide`] from the source, for the steps' range ends (offset applied).
     fn slide_read(
         &self,
@@ -644,48 +723,38 @@ impl<'a> Engine<'a> {
         ends: &[i64],
         mut f: impl FnMut(usize, &Histogram),
     ) -> Result<(), EvalError> {
-        let Some(&first) = ends.first() else { return Ok(()) };
-        let levels = plan::levels(range, self.steps.step / 1000, first - range, self.now, self.retention);
-        let seconds: Vec<i64> = levels.iter().map(|r| r.seconds()).collect();
-        let step_pieces: Vec<Vec<plan::Piece>> =
-            ends.iter().map(|&t| plan::pieces(&seconds, t - range, t)).collect();
-        // Per level, the union of its pieces over all steps as disjoint intervals: read only
-        // what some step needs.
+        let Some(reads) = self.reads(range, ends) else { return Ok(()) };
+        let ReadPlan { levels, step_pieces, intervals } = reads;
         let mut windows: Vec<plan::Windows> = levels.iter().map(|_| plan::Windows::default()).collect();
         let mut read = 0;
         for (level, &res) in levels.iter().enumerate() {
-            let mut spans: Vec<(i64, i64)> = step_pieces
-                .iter()
-                .flatten()
-                .filter(|p| p.level == level && p.lo < p.hi)
-                .map(|p| (p.lo, p.hi))
-                .collect();
-            spans.sort_unstable();
-            let mut intervals: Vec<(i64, i64)> = Vec::new();
-            for (lo, hi) in spans {
-                match intervals.last_mut() {
-                    Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
-                    _ => intervals.push((lo, hi)),
-                }
-            }
             let w = &mut windows[level];
-            for &member in &group.members {
-                self.source.windows_in(res, member, &intervals, &mut |start, b| {
+            // One step needs each interval only as a whole; many slide over its windows.
+            let whole = ends.len() == 1;
+            // The limits are checked as the windows arrive, every few hundred of them.
+            let mut stopped = None;
+            let mut arrived = 0u32;
+            let result =
+                self.source.merged_windows(res, &group.members, &intervals[level], whole, &mut |start, b| {
                     w.push(start, Checked::trusted(b)?, b);
+                    arrived = arrived.wrapping_add(1);
+                    if arrived % 256 == 0 {
+                        if let Err(e) = self.within_limits(read + w.bytes()) {
+                            stopped = Some(e);
+                            return Err(HistogramError::Inconsistent("the query stopped reading".into()));
+                        }
+                    }
                     Ok(())
-                })?;
-                self.check_time("reading windows")?;
-                if read + w.bytes() > MAX_QUERY_BYTES {
-                    return Err(EvalError::Execution(format!(
-                        "the query reads more than {} MiB of histograms; narrow the selection or the range",
-                        MAX_QUERY_BYTES >> 20
-                    )));
-                }
+                });
+            if let Some(e) = stopped {
+                return Err(e);
             }
+            result?;
+            self.within_limits(read + w.bytes())?;
             read += w.bytes();
-            if group.members.len() > 1 {
-                w.sort();
-            }
+            // Several members, or windows merged where they are held, come in any order
+            // (a sorted level sorts in one pass).
+            w.sort();
         }
         // The top level's piece slides; the edges (a few finer windows per step) are added to
         // its sum for the step and subtracted again, which costs their buckets only — not a
@@ -739,6 +808,7 @@ impl<'a> Engine<'a> {
         let layout = self.source.layout();
         let scale = if h.per_second { h.range as f64 } else { 1.0 };
         let mut out = Vec::with_capacity(h.groups.len());
+        self.read_ahead(&h.groups, h.range, h.offset);
         for g in &h.groups {
             let mut values = vec![None; self.steps.len()];
             self.slide(g, h.range, h.offset, |i, acc| {
@@ -776,6 +846,7 @@ impl<'a> Engine<'a> {
             Value::Hist(h) if h.native => unsupported(NOT_A_NUMBER),
             Value::Hist(h) => {
                 let mut out = Vec::new();
+                self.read_ahead(&h.groups, h.range, h.offset);
                 for g in &h.groups {
                     let mut per_le: Vec<Vec<Option<f64>>> = vec![vec![None; self.steps.len()]; h.le.len()];
                     self.slide(g, h.range, h.offset, |i, acc| {

@@ -22,8 +22,9 @@ use crate::store::{Exemplar, Resolution, Source, StoreError, WindowFn};
 /// A selection's identity: each matcher as (name, operator, value), and how many were asked.
 type SelectKey = (Vec<(String, &'static str, String)>, usize);
 
-/// A window read's identity: resolution, series and the intervals asked.
-type WindowsKey = (Resolution, u64, Vec<(i64, i64)>);
+/// A window read's identity: resolution, series (one, or the members of a merged read), the
+/// intervals asked and whether whole intervals were merged.
+type WindowsKey = (Resolution, Vec<u64>, Vec<(i64, i64)>, bool);
 
 /// The windows one read returned: their starts and their encodings, end to end in `bytes`.
 #[derive(Debug, Default)]
@@ -81,6 +82,53 @@ impl<'a> SharedReads<'a> {
     }
 }
 
+/// A read of windows, given where to send them.
+type ReadFn<'r> = dyn FnMut(&mut WindowFn<'_>) -> Result<(), StoreError> + 'r;
+
+impl SharedReads<'_> {
+    /// Gives `f` the windows `read` reads, from memory when `key` was read before; keeps them
+    /// while the budget lasts.
+    fn kept_read(
+        &self,
+        key: WindowsKey,
+        f: &mut WindowFn<'_>,
+        read: &mut ReadFn<'_>,
+    ) -> Result<(), StoreError> {
+        let (hit, full) = {
+            let kept = self.kept.lock();
+            (kept.windows.get(&key).cloned(), kept.bytes >= self.budget)
+        };
+        if full && hit.is_none() {
+            // Nothing more can be kept: read through without copying.
+            return read(f);
+        }
+        if let Some(hit) = hit {
+            for (start, range) in &hit.starts {
+                f(*start, &hit.bytes[range.clone()]).map_err(|e| StoreError::Corrupt {
+                    what: "histogram",
+                    message: format!("series {:016x?} window {start}: {e}", key.1),
+                })?;
+            }
+            return Ok(());
+        }
+        let mut windows = Windows::default();
+        read(&mut |start, bytes| {
+            let at = windows.bytes.len();
+            windows.bytes.extend_from_slice(bytes);
+            windows.starts.push((start, at..windows.bytes.len()));
+            f(start, bytes)
+        })?;
+        let mut kept = self.kept.lock();
+        let size =
+            windows.bytes.len() + windows.starts.len() * std::mem::size_of::<(i64, std::ops::Range<usize>)>();
+        if kept.bytes + size <= self.budget {
+            kept.bytes += size;
+            kept.windows.insert(key, Arc::new(windows));
+        }
+        Ok(())
+    }
+}
+
 impl Source for SharedReads<'_> {
     fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
         self.source.series()
@@ -122,39 +170,33 @@ impl Source for SharedReads<'_> {
         intervals: &[(i64, i64)],
         f: &mut WindowFn<'_>,
     ) -> Result<(), StoreError> {
-        let key = (res, series, intervals.to_vec());
-        let (hit, full) = {
-            let kept = self.kept.lock();
-            (kept.windows.get(&key).cloned(), kept.bytes >= self.budget)
-        };
-        if full && hit.is_none() {
-            // Nothing more can be kept: read through without copying.
-            return self.source.windows_in(res, series, intervals, f);
-        }
-        if let Some(hit) = hit {
-            for (start, range) in &hit.starts {
-                f(*start, &hit.bytes[range.clone()]).map_err(|e| StoreError::Corrupt {
-                    what: "histogram",
-                    message: format!("series {series:016x} window {start}: {e}"),
-                })?;
-            }
-            return Ok(());
-        }
-        let mut read = Windows::default();
-        self.source.windows_in(res, series, intervals, &mut |start, bytes| {
-            let at = read.bytes.len();
-            read.bytes.extend_from_slice(bytes);
-            read.starts.push((start, at..read.bytes.len()));
-            f(start, bytes)
-        })?;
-        let mut kept = self.kept.lock();
-        let size =
-            read.bytes.len() + read.starts.len() * std::mem::size_of::<(i64, std::ops::Range<usize>)>();
-        if kept.bytes + size <= self.budget {
-            kept.bytes += size;
-            kept.windows.insert(key, Arc::new(read));
-        }
-        Ok(())
+        self.kept_read((res, vec![series], intervals.to_vec(), false), f, &mut |f| {
+            self.source.windows_in(res, series, intervals, f)
+        })
+    }
+
+    fn merged_windows(
+        &self,
+        res: Resolution,
+        members: &[u64],
+        intervals: &[(i64, i64)],
+        whole: bool,
+        f: &mut WindowFn<'_>,
+    ) -> Result<(), StoreError> {
+        self.kept_read((res, members.to_vec(), intervals.to_vec(), whole), f, &mut |f| {
+            self.source.merged_windows(res, members, intervals, whole, f)
+        })
+    }
+
+    fn read_ahead(&self, res: Resolution, groups: &[&[u64]], intervals: &[(i64, i64)]) {
+        let kept = self.kept.lock();
+        let unkept: Vec<&[u64]> = groups
+            .iter()
+            .filter(|m| !kept.windows.contains_key(&(res, m.to_vec(), intervals.to_vec(), true)))
+            .copied()
+            .collect();
+        drop(kept);
+        self.source.read_ahead(res, &unkept, intervals);
     }
 
     fn layout(&self) -> Layout {

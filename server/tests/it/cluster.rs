@@ -214,6 +214,7 @@ async fn every_node_counts_exactly_across_a_nats_leader_kill_a_node_kill_and_a_n
             total(&rows(http, now).await)
         );
         assert_eq!(rows(http, now).await, reference, "node {name}: counts and quantiles as one node's");
+        assert_eq!(aggregated(http, now).await, aggregated(s_http, now).await, "node {name}: aggregations");
     }
 }
 
@@ -556,6 +557,7 @@ async fn three_stores_hold_two_copies_each_and_answer_exactly_with_one_of_them_d
     drop(c);
     for (name, http) in [("a", a_http), ("b", b_http)] {
         assert_eq!(rows(http, now).await, reference, "node {name} with store c just killed");
+        assert_eq!(aggregated(http, now).await, aggregated(s_http, now).await, "node {name}: aggregations");
     }
     assert_eventually!(
         within = Duration::from_secs(60);
@@ -570,6 +572,36 @@ async fn three_stores_hold_two_copies_each_and_answer_exactly_with_one_of_them_d
         assert_eq!(status, 200, "{body}");
         assert_eq!(rows(http, now).await, reference, "node {name} after c's copies moved");
     }
+}
+
+/// Aggregations over several series each — whose windows an owner merges before they cross
+/// the network — instant (whole ranges merged) and over 30 s steps (merged per window), as
+/// the Prometheus API answers them.
+async fn aggregated(http: SocketAddr, now: i64) -> Vec<serde_json::Value> {
+    let t = now / 1_000_000_000 + 60;
+    let encode = |q: &str| q.replace(' ', "%20").replace('+', "%2B");
+    let mut urls: Vec<String> = [
+        "sum(increase(span_duration_seconds_count[1h]))",
+        "histogram_quantile(0.99, sum by (le, service) (rate(span_duration_seconds_bucket[1h])))",
+        "histogram_quantile(0.5, sum by (le, status) (rate(span_duration_seconds_bucket[10m])))",
+    ]
+    .iter()
+    .map(|q| format!("http://{http}/api/v1/query?query={}&time={t}", encode(q)))
+    .collect();
+    urls.push(format!(
+        "http://{http}/api/v1/query_range?query={}&start={}&end={t}&step=30",
+        encode("histogram_quantile(0.9, sum by (le) (rate(span_duration_seconds_bucket[5m])))"),
+        t - 1800
+    ));
+    let mut out = Vec::new();
+    for url in urls {
+        let body: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+        assert_eq!(body["status"], "success", "{url}: {body}");
+        let result = &body["data"]["result"];
+        assert!(!result.as_array().unwrap().is_empty(), "{url}: no series");
+        out.push(result.clone());
+    }
+    out
 }
 
 /// `/api/v1/tail` over the test's range, asked with `X-Read-Consistency: value`.

@@ -156,6 +156,75 @@ fn windows_and_label_values_page_without_losing_or_repeating_any() {
     assert_eq!((reply.values, reply.more), (want[..3].to_vec(), true));
 }
 
+/// A histogram's count, sum and buckets.
+type Content = (u64, u128, Vec<(usize, u64)>);
+
+/// A histogram's content, to compare merges that may encode differently.
+fn content(bytes: &[u8]) -> Content {
+    let h = Histogram::decode(bytes).unwrap();
+    (h.count(), h.sum(), h.iter_nonzero().collect())
+}
+
+#[test]
+fn merged_reads_add_up_per_group_and_start_or_interval_in_any_page_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, all) = store(dir.path());
+    let intervals = [(T0, T0 + 100), (T0 + 150, T0 + 10 * WINDOWS)];
+    // Two groups: every series and the first one 40 times more (more encodings per start than
+    // are held before they are folded), and three others.
+    let mut first: Vec<u64> = all.iter().map(|(id, _)| *id).collect();
+    first.extend(std::iter::repeat_n(all[0].0, 40));
+    let groups = vec![first, all[3..6].iter().map(|(id, _)| *id).collect::<Vec<u64>>()];
+    for whole in [false, true] {
+        let mut want: Vec<(u64, i64, Content)> = Vec::new();
+        for (g, members) in groups.iter().enumerate() {
+            let mut merged: BTreeMap<i64, Histogram> = BTreeMap::new();
+            for &m in members {
+                store
+                    .windows_in(Resolution::S10, m, &intervals, &mut |s, b| {
+                        let key = match (whole, s < T0 + 100) {
+                            (false, _) => s,
+                            (true, true) => T0,
+                            (true, false) => T0 + 150,
+                        };
+                        merged
+                            .entry(key)
+                            .or_insert_with(|| Histogram::new(Layout::default()))
+                            .merge(&Histogram::decode(b)?);
+                        Ok(())
+                    })
+                    .unwrap();
+            }
+            want.extend(merged.into_iter().map(|(s, h)| (g as u64, s, content(&h.to_bytes()))));
+        }
+        assert_eq!(want.len(), if whole { 4 } else { 50 });
+        let request = ReadRequest {
+            partitions: (0..PARTITIONS).collect(),
+            op: Some(merged_op(Resolution::S10, groups.clone(), &intervals, whole)),
+        };
+        for budget in [usize::MAX, 1, 300] {
+            let replies = pages(&store, &|_| true, request.clone(), budget, next_from);
+            if budget == 1 {
+                assert_eq!(replies.len(), want.len(), "whole {whole}: one window per page");
+            }
+            let got: Vec<(u64, i64, Content)> = replies
+                .into_iter()
+                .flat_map(|r| r.windows)
+                .map(|w| (w.series, w.start, content(&w.histogram)))
+                .collect();
+            assert_eq!(got, want, "whole {whole}, budget {budget}");
+        }
+    }
+    // A bad resolution is refused by name.
+    let mut bad = merged_op(Resolution::S10, groups, &intervals, true);
+    if let Op::Merged(op) = &mut bad {
+        op.resolution_seconds = 7;
+    }
+    let reply =
+        answer(&store, PARTITIONS, &|_| true, ReadRequest { partitions: vec![0], op: Some(bad) }, usize::MAX);
+    assert!(reply.error.contains('7'), "{}", reply.error);
+}
+
 #[test]
 fn matchers_travel_as_they_match_and_bad_ones_are_named() {
     let selector =

@@ -161,6 +161,7 @@ impl Engine<'_> {
     ) -> Result<Value, EvalError> {
         let scale = if h.per_second { h.range as f64 } else { 1.0 };
         let mut out = Vec::with_capacity(h.groups.len());
+        self.read_ahead(&h.groups, h.range, h.offset);
         for g in &h.groups {
             let mut values = vec![None; self.steps.len()];
             self.slide(g, h.range, h.offset, |i, acc| values[i] = Some(f(i, acc, scale)))?;
@@ -205,6 +206,7 @@ impl Engine<'_> {
             labels
         };
         if count || sum {
+            self.read_ahead(&groups, range, offset);
             for group in &groups {
                 let mut counts = vec![None; self.steps.len()];
                 let mut sums = vec![None; self.steps.len()];
@@ -248,6 +250,7 @@ impl Engine<'_> {
 
     pub(super) fn quantiles(&self, phi: &[f64], h: &HistValue) -> Result<Value, EvalError> {
         let mut out = Vec::with_capacity(h.groups.len());
+        self.read_ahead(&h.groups, h.range, h.offset);
         for g in &h.groups {
             let mut values = vec![None; self.steps.len()];
             self.slide(g, h.range, h.offset, |i, acc| {

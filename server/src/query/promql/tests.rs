@@ -846,3 +846,108 @@ fn repeats_are_the_sub_expressions_and_selectors_more_than_one_rule_holds() {
     assert!(!memo.serves(&[0, 15_000], 0));
     assert!(!memo.serves(&[1000], 1));
 }
+
+/// A source that merges what [`Source::merged_windows`] asks as a cluster's owners do: per
+/// start, or per interval when asked for whole ones, given at the interval's start.
+struct Merging<'a>(&'a Mem);
+
+impl Source for Merging<'_> {
+    fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
+        self.0.series()
+    }
+    fn select(&self, m: &[&Matcher], at_most: usize) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
+        self.0.select(m, at_most)
+    }
+    fn windows(
+        &self,
+        res: crate::store::Resolution,
+        series: u64,
+        start: i64,
+        end: i64,
+        f: &mut crate::store::WindowFn<'_>,
+    ) -> Result<(), StoreError> {
+        self.0.windows(res, series, start, end, f)
+    }
+    fn merged_windows(
+        &self,
+        res: crate::store::Resolution,
+        members: &[u64],
+        intervals: &[(i64, i64)],
+        whole: bool,
+        f: &mut crate::store::WindowFn<'_>,
+    ) -> Result<(), StoreError> {
+        let mut merged: BTreeMap<i64, Histogram> = BTreeMap::new();
+        for &m in members {
+            self.0.windows_in(res, m, intervals, &mut |start, b| {
+                let key =
+                    if whole { intervals[intervals.partition_point(|i| i.0 <= start) - 1].0 } else { start };
+                merged
+                    .entry(key)
+                    .or_insert_with(|| Histogram::new(self.0.layout()))
+                    .merge(&Histogram::decode(b)?);
+                Ok(())
+            })?;
+        }
+        // Last first: the engine may not rely on the order.
+        for (start, h) in merged.into_iter().rev() {
+            f(start, &h.to_bytes())
+                .map_err(|e| StoreError::Corrupt { what: "window", message: e.to_string() })?;
+        }
+        Ok(())
+    }
+    fn layout(&self) -> Layout {
+        self.0.layout()
+    }
+    fn exemplars(
+        &self,
+        series: u64,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<crate::store::Exemplar>, StoreError> {
+        self.0.exemplars(series, start, end)
+    }
+}
+
+#[test]
+fn windows_merged_where_they_are_read_give_the_same_answers_instant_and_range() {
+    // Three hours of six series in two services, every few seconds.
+    let mut mem = Mem::default();
+    let mut t = NOW - 3 * 3600;
+    let mut i: u64 = 0;
+    while t < NOW {
+        let (service, op) = (["api", "db"][(i % 2) as usize], ["get", "put", "list"][(i % 3) as usize]);
+        mem.span(service, op, Status::Ok, t, 1_000_000 + (i * 7_919 % 997) * 1_000_000);
+        t += 3;
+        i += 1;
+    }
+    let merging = Merging(&mem);
+    let retention = RetentionConfig::default();
+    let queries = [
+        "sum(increase(span_duration_seconds_count[5m]))",
+        "sum by (service) (rate(span_duration_seconds_count[1h]))",
+        "histogram_quantile(0.99, sum by (le, service) (rate(span_duration_seconds_bucket[1h])))",
+        "histogram_quantile(0.5, sum by (le) (rate(span_duration_seconds_bucket[90m])))",
+        "histogram_quantile(0.9, rate(span_duration_seconds_bucket[10m]))",
+    ];
+    let answers = |source: &dyn Source, steps: &Steps| -> Vec<String> {
+        let engine = Engine::new(source, steps, NOW, &retention, limits());
+        queries
+            .iter()
+            .map(|q| {
+                let expr = promql_parser::parser::parse(q).expect("parses");
+                format!("{:?}", engine.materialized(engine.eval(&expr).expect("eval")).expect("materialized"))
+            })
+            .collect()
+    };
+    let mut steps: Vec<Steps> = [(NOW - 30) * 1000, (NOW - 3600 - 17) * 1000 + 420, NOW * 1000]
+        .into_iter()
+        .map(Steps::instant)
+        .collect();
+    steps.push(Steps::range((NOW - 7200) * 1000 + 23_500, NOW * 1000, 60_000, 11_000).expect("steps"));
+    steps.push(Steps::range((NOW - 7200) * 1000, NOW * 1000, 300_000, 11_000).expect("steps"));
+    for s in &steps {
+        let plain = answers(&mem, s);
+        assert!(plain.iter().all(|a| a.contains("Some(")), "every query has values: {plain:?}");
+        assert_eq!(answers(&merging, s), plain, "at {:?}", s.times().first());
+    }
+}
