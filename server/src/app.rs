@@ -92,6 +92,8 @@ pub struct Server {
     store: Store,
     metrics: Arc<Metrics>,
     reloader: crate::reload::Reloader,
+    /// A cluster store's drain, run before it stops.
+    drain: Option<crate::cluster::drain::Drain>,
 }
 
 impl Server {
@@ -165,10 +167,11 @@ impl Server {
         let mut ruler = None;
         let mut read_barrier = None;
         let mut cluster_status = None;
+        let mut drain = None;
         let mut sources: Arc<dyn crate::query::Sources> = Arc::new(store.clone());
         let mut max_batch_bytes = config.ingest.max_batch_bytes;
         let admit: Arc<dyn Admit> = if config.cluster.enabled() {
-            let cluster = crate::cluster::Cluster::start(
+            let mut cluster = crate::cluster::Cluster::start(
                 &config.cluster,
                 crate::cluster::Bound { grpc: grpc_addr, http: http_addr, otlp_http: otlp_http_addr },
                 crate::cluster::GatewayLimits {
@@ -191,6 +194,7 @@ impl Server {
             if let Some(s) = cluster.sources() {
                 sources = s;
             }
+            drain = cluster.take_drain();
             cluster_tasks = cluster.tasks;
             gateway
         } else {
@@ -359,6 +363,7 @@ impl Server {
             store,
             metrics,
             reloader,
+            drain,
         })
     }
 
@@ -393,9 +398,13 @@ impl Server {
         self.reloader.reload()
     }
 
-    /// Shuts down gracefully: stops accepting batches, writes and acknowledges everything
-    /// accepted, closes the streams and listeners, and closes the store.
+    /// Shuts down gracefully: a cluster store first drains (hands its partitions on, see
+    /// [`crate::cluster::drain`]); then it stops accepting batches, writes and acknowledges
+    /// everything accepted, closes the streams and listeners, and closes the store.
     pub async fn shutdown(self) {
+        if let Some(drain) = &self.drain {
+            drain.run().await;
+        }
         let _ = self.stop.send(true);
         let _ = self.flusher.await;
         tracing::debug!("shutdown: the last epoch is written");

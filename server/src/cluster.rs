@@ -21,6 +21,7 @@
 pub mod assign;
 pub mod config;
 pub mod consumer;
+pub mod drain;
 pub mod gateway;
 pub mod lease;
 pub mod members;
@@ -106,6 +107,7 @@ pub struct Cluster {
     barrier: Option<Arc<dyn crate::query::ReadBarrier>>,
     sources: Option<Arc<reads::ClusterSources>>,
     status: Arc<StatusReader>,
+    drain: Option<drain::Drain>,
 }
 
 /// How long a gateway waits for JetStream to acknowledge one publish before it retries.
@@ -171,6 +173,7 @@ impl Cluster {
         }
         let replicas = Arc::new(assign::Replicas::new(config.partitions));
         let (owners_tx, owners) = watch::channel(None);
+        let (draining_tx, draining) = watch::channel(false);
         let (gateway, mut tasks) = gateway::LogGateway::start(
             config,
             ingest,
@@ -181,7 +184,13 @@ impl Cluster {
             stop.clone(),
             shutdown_timeout,
         );
-        tasks.push(tokio::spawn(assign::run(js.clone(), config.clone(), owners_tx, stop.clone())));
+        tasks.push(tokio::spawn(assign::run(
+            js.clone(),
+            config.clone(),
+            owners_tx,
+            draining.clone(),
+            stop.clone(),
+        )));
         let shards = pipeline.shard_count();
         let partitions = if config.has(Role::Store) { config.partitions } else { 0 };
         for p in 0..partitions {
@@ -258,6 +267,7 @@ impl Cluster {
             config.name.clone(),
             config.stream_replicas,
             members::Member::me(config, bound),
+            draining,
             stop.clone(),
         )));
         // Reads need the partitions' owners: wait for the first member list (the members'
@@ -270,6 +280,15 @@ impl Cluster {
                 "the member list could not be read yet; queries are refused until it is"
             );
         }
+        let drain = config.has(Role::Store).then(|| drain::Drain {
+            client: client.clone(),
+            name: config.name.clone(),
+            timeout: config.drain_timeout,
+            draining: draining_tx,
+            owners: owners.clone(),
+            replicas: replicas.clone(),
+            partitions: config.partitions,
+        });
         let status = Arc::new(StatusReader {
             js: js.clone(),
             name: config.name.clone(),
@@ -288,7 +307,12 @@ impl Cluster {
             nats = ?config.nats,
             "cluster mode: started"
         );
-        Ok(Cluster { gateway, tasks, max_batch_bytes, ruler, barrier, sources, status })
+        Ok(Cluster { gateway, tasks, max_batch_bytes, ruler, barrier, sources, status, drain })
+    }
+
+    /// What a store runs before it stops ([`drain::Drain::run`]); `None` on other nodes.
+    pub fn take_drain(&mut self) -> Option<drain::Drain> {
+        self.drain.take()
     }
 
     /// The largest batch this node takes: `ingest.max_batch_bytes`, or less when the NATS

@@ -29,6 +29,9 @@ pub struct Assignment {
     me: String,
     /// Live store nodes, sorted, distinct.
     stores: Vec<String>,
+    /// Stores that are leaving (draining), sorted, distinct: they own nothing, but answer for
+    /// what they held until its new owners have caught up.
+    draining: Vec<String>,
     /// Copies of each partition; 0: every store holds every partition.
     replication: usize,
     partitions: u32,
@@ -40,7 +43,21 @@ impl Assignment {
     pub fn new(me: &str, mut stores: Vec<String>, replication: usize, partitions: u32) -> Assignment {
         stores.sort();
         stores.dedup();
-        Assignment { me: me.to_owned(), stores, replication, partitions }
+        Assignment { me: me.to_owned(), stores, draining: Vec::new(), replication, partitions }
+    }
+
+    /// The same with `draining` stores leaving (taken out of the live ones).
+    pub fn with_draining(mut self, mut draining: Vec<String>) -> Assignment {
+        draining.sort();
+        draining.dedup();
+        self.stores.retain(|s| !draining.contains(s));
+        self.draining = draining;
+        self
+    }
+
+    /// Whether this node is a store that is leaving.
+    pub fn draining_me(&self) -> bool {
+        self.draining.contains(&self.me)
     }
 
     /// The live store nodes.
@@ -60,17 +77,32 @@ impl Assignment {
 
     /// The owners of `partition`, best first (the order queries try them in).
     pub fn owners(&self, partition: u32) -> Vec<&str> {
-        let mut scored: Vec<(u64, &str)> =
-            self.stores.iter().map(|s| (score(s, partition), s.as_str())).collect();
+        self.ranked(self.stores.iter(), partition)
+    }
+
+    /// The leaving stores that would own `partition` had they stayed, best first: read when
+    /// no owner has caught up yet.
+    pub fn leaving(&self, partition: u32) -> Vec<&str> {
+        self.ranked(self.stores.iter().chain(&self.draining), partition)
+            .into_iter()
+            .filter(|s| self.draining.iter().any(|d| d == s))
+            .collect()
+    }
+
+    /// The top `replication` of `nodes` for `partition`, best first.
+    fn ranked<'a>(&self, nodes: impl Iterator<Item = &'a String>, partition: u32) -> Vec<&'a str> {
+        let mut scored: Vec<(u64, &str)> = nodes.map(|s| (score(s, partition), s.as_str())).collect();
         // Highest score first; a tie (never seen with 64-bit scores) by name.
         scored.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
         let n = if self.replication == 0 { scored.len() } else { self.replication.min(scored.len()) };
         scored.into_iter().take(n).map(|(_, s)| s).collect()
     }
 
-    /// Whether this node owns `partition`.
+    /// Whether this node owns `partition` — or, while it drains, held it: it keeps reading
+    /// what it held until it has left.
     pub fn owns(&self, partition: u32) -> bool {
-        self.owners(partition).contains(&self.me.as_str())
+        let me = self.me.as_str();
+        self.owners(partition).contains(&me) || self.leaving(partition).contains(&me)
     }
 
     /// The partitions this node owns, in order.
@@ -122,14 +154,21 @@ pub async fn run(
     js: async_nats::jetstream::Context,
     config: super::ClusterConfig,
     out: watch::Sender<Option<Arc<Assignment>>>,
+    mut draining: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
     let me_store = config.has(Role::Store);
     let mut tick = tokio::time::interval(REFRESH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watching = true;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            changed = draining.changed(), if watching => {
+                watching = changed.is_ok();
+                tick.reset_immediately();
+                continue;
+            }
             _ = stop.wait_for(|&s| s) => return,
         }
         let members = match members::list(&js, &config.name).await {
@@ -143,12 +182,26 @@ pub async fn run(
                 continue;
             }
         };
-        let mut stores: Vec<String> =
-            members.into_iter().filter(|m| m.roles.contains(&Role::Store)).map(|m| m.node_id).collect();
-        if me_store {
-            stores.push(config.node_id.clone());
+        // This node as it knows itself, not as it last announced itself.
+        let (mut stores, mut leaving) = (Vec::new(), Vec::new());
+        for m in members {
+            if m.roles.contains(&Role::Store) && m.node_id != config.node_id {
+                if m.draining {
+                    leaving.push(m.node_id)
+                } else {
+                    stores.push(m.node_id)
+                }
+            }
         }
-        let next = Assignment::new(&config.node_id, stores, config.replication_factor, config.partitions);
+        if me_store {
+            if *draining.borrow() {
+                leaving.push(config.node_id.clone())
+            } else {
+                stores.push(config.node_id.clone())
+            }
+        }
+        let next = Assignment::new(&config.node_id, stores, config.replication_factor, config.partitions)
+            .with_draining(leaving);
         out.send_if_modified(|current| {
             if current.as_deref() == Some(&next) {
                 return false;

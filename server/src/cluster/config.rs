@@ -43,6 +43,10 @@ pub struct ClusterConfig {
     /// have written everything the log held when it was asked, before it is refused.
     #[serde(with = "humantime_serde")]
     pub strong_read_timeout: Duration,
+    /// How long a store that is told to stop (SIGTERM) keeps reading and answering for its
+    /// partitions while their other owners catch up; 0: it leaves at once.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 /// A part a cluster node plays.
@@ -91,6 +95,7 @@ impl Default for ClusterConfig {
             connect_timeout: Duration::from_secs(10),
             roles: Role::ALL.to_vec(),
             strong_read_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -137,6 +142,9 @@ impl ClusterConfig {
         }
         if !(Duration::from_millis(10)..=Duration::from_secs(600)).contains(&self.strong_read_timeout) {
             return Err(("cluster.strong_read_timeout", "must be between 10ms and 10m".into()));
+        }
+        if self.drain_timeout > Duration::from_secs(600) {
+            return Err(("cluster.drain_timeout", "must be at most 10m (0: no drain)".into()));
         }
         if self.roles.is_empty() {
             return Err(("cluster.roles", "must name at least one of gateway, store, query, ruler".into()));

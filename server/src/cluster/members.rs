@@ -41,6 +41,10 @@ pub struct Member {
     pub started_unix_seconds: i64,
     /// When it last announced itself (Unix seconds).
     pub announced_unix_seconds: i64,
+    /// A store that is leaving: it still answers for its partitions, but they have new
+    /// owners, which read it until they have caught up.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 impl Member {
@@ -55,6 +59,7 @@ impl Member {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             started_unix_seconds: SystemClock.now_seconds(),
             announced_unix_seconds: 0,
+            draining: false,
         }
     }
 }
@@ -67,12 +72,14 @@ fn subject(name: &str, node: &str) -> String {
     format!("{name}.member.{node}")
 }
 
-/// Announces `me` every few seconds until `stop`, then withdraws it.
+/// Announces `me` every few seconds (and at once when `draining` is set) until `stop`, then
+/// withdraws it.
 pub async fn run(
     js: async_nats::jetstream::Context,
     name: String,
     replicas: usize,
     mut me: Member,
+    mut draining: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
     let subject = subject(&name, &me.node_id);
@@ -84,7 +91,17 @@ pub async fn run(
         replicas,
         ANNOUNCE_EVERY,
     );
-    while register.next(&mut stop).await {
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            due = register.next(&mut stop) => if !due { break },
+            changed = draining.changed(), if watching => {
+                watching = changed.is_ok();
+                register.due_now();
+                continue;
+            }
+        }
+        me.draining = *draining.borrow();
         me.announced_unix_seconds = SystemClock.now_seconds();
         let Ok(payload) = serde_json::to_vec(&me) else { continue };
         let sent = match js.publish(subject.clone(), payload.into()).await {

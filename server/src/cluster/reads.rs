@@ -373,6 +373,10 @@ fn select(
     reply: &mut ReadReply,
 ) -> Result<(), String> {
     let matchers = op.matchers.iter().map(matcher).collect::<Result<Vec<_>, _>>()?;
+    if op.at_most == 0 {
+        // Asked only which partitions are held caught up (a drain).
+        return Ok(());
+    }
     let refs: Vec<&Matcher> = matchers.iter().collect();
     let mut found = store.select(&refs, usize::MAX).map_err(|e| e.to_string())?;
     found.retain(|(id, l)| held.contains(&partition_of(l, partitions)) && (!op.resume || *id > op.after));
@@ -763,7 +767,8 @@ impl ClusterSources {
                 if caught_up {
                     nodes.push(Node::Local);
                 }
-                for o in assignment.owners(p) {
+                // The owners, then stores leaving that held it (while the owners catch up).
+                for o in assignment.owners(p).into_iter().chain(assignment.leaving(p)) {
                     if o != assignment.me() {
                         nodes.push(Node::Remote(o.to_owned()));
                     }

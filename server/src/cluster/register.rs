@@ -66,6 +66,11 @@ impl Register {
         }
     }
 
+    /// Makes the next write due at once.
+    pub fn due_now(&mut self) {
+        self.tick.reset_immediately();
+    }
+
     /// Whether the stream was opened.
     pub fn is_open(&self) -> bool {
         self.open

@@ -41,6 +41,8 @@ fn cluster_settings_are_checked_only_when_it_is_on() {
         Some("cluster.strong_read_timeout")
     );
     assert_eq!(on(|c| c.strong_read_timeout = Duration::from_millis(250)), None);
+    assert_eq!(on(|c| c.drain_timeout = Duration::from_secs(3600)), Some("cluster.drain_timeout"));
+    assert_eq!(on(|c| c.drain_timeout = Duration::ZERO), None);
 }
 
 #[test]
@@ -54,10 +56,15 @@ fn a_member_entry_reads_back_as_it_was_announced() {
         version: "0.1.0".into(),
         started_unix_seconds: 1_800_000_000,
         announced_unix_seconds: 1_800_000_003,
+        draining: true,
     };
     let json = serde_json::to_value(&me).unwrap();
     assert_eq!(json["roles"], serde_json::json!(["gateway", "store"]));
-    assert_eq!(serde_json::from_value::<members::Member>(json).unwrap(), me);
+    assert_eq!(serde_json::from_value::<members::Member>(json.clone()).unwrap(), me);
+    // An entry of a release without draining reads as not draining.
+    let mut older = json;
+    older.as_object_mut().unwrap().remove("draining");
+    assert!(!serde_json::from_value::<members::Member>(older).unwrap().draining);
 }
 
 #[test]

@@ -7,6 +7,8 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tailscope_proto::v1::SpanBatch;
@@ -465,6 +467,25 @@ async fn a_gateway_node_a_store_node_and_a_query_node_split_the_work_and_refuse_
     }
 }
 
+/// Batches 1..=`n` of `client` through the gateway at `grpc`, and the same into a single node
+/// started in `dir` (running while the returned peer lives, answering HTTP at the returned
+/// address); the single node's rows once it counts them all.
+async fn through_and_into_one_node(
+    dir: &Path,
+    grpc: SocketAddr,
+    client: u64,
+    n: u64,
+    now: i64,
+) -> (Peer, SocketAddr, Vec<serde_json::Value>) {
+    let batches: Vec<SpanBatch> = (1..=n).map(|seq| make_batch(client, seq, now)).collect();
+    deliver(grpc, batches.clone()).await;
+    let (single, s_grpc, s_http) = spawn_server(&dir.join("single"), &[]);
+    let single = Peer(single);
+    deliver(s_grpc, batches).await;
+    assert_eventually!(total(&rows(s_http, now).await) == n * 60, "the single node's count");
+    (single, s_http, rows(s_http, now).await)
+}
+
 /// `/api/v1/status/cluster` of the node at `http`.
 async fn cluster_status(http: SocketAddr) -> serde_json::Value {
     let v: serde_json::Value =
@@ -525,13 +546,7 @@ async fn three_stores_hold_two_copies_each_and_answer_exactly_with_one_of_them_d
     // Spans through a; the same batches into one single node.
     let now = now_nanos();
     const N: u64 = 120;
-    let batches: Vec<SpanBatch> = (1..=N).map(|seq| make_batch(0xC3, seq, now)).collect();
-    deliver(a_grpc, batches.clone()).await;
-    let (single, s_grpc, s_http) = spawn_server(&dir.path().join("single"), &[]);
-    let _single = Peer(single);
-    deliver(s_grpc, batches).await;
-    assert_eventually!(total(&rows(s_http, now).await) == N * 60, "the single node's count");
-    let reference = rows(s_http, now).await;
+    let (_single, s_http, reference) = through_and_into_one_node(dir.path(), a_grpc, 0xC3, N, now).await;
 
     // Each node answers from the partitions' owners, exactly as the single node (a strong
     // read first: every owner has written everything the log holds).
@@ -702,4 +717,86 @@ async fn a_strong_read_on_another_node_sees_every_acknowledged_span_and_the_stat
     assert!(body["error"].as_str().unwrap().starts_with("strong read: "), "{body}");
     let (status, _) = counted_with(s_http, now, "eventual").await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: a NATS server and two tailscope stores with one copy per partition, one stopped, about 20 s"]
+async fn a_store_told_to_stop_hands_its_partitions_on_first_and_no_answer_is_ever_short() {
+    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
+    let urls = nats.urls();
+    // One copy of each partition: without a drain, whatever b holds would be unreadable (or
+    // read behind) from the moment b stops until a has caught up with it.
+    let mut env = playing("gateway,store,query,ruler");
+    env.push(("TAILSCOPE_CLUSTER_REPLICATION_FACTOR", "1"));
+    let (_a, a_grpc, a_http) = node_with(&dir.path().join("a"), &urls, "a", &env);
+    let (mut b, _, b_http) = node_with(&dir.path().join("b"), &urls, "b", &env);
+    assert_eventually!(
+        {
+            let o = owners(a_http).await;
+            o.iter().all(|p| p.len() == 1)
+                && o == owners(b_http).await
+                && ["a", "b"].iter().all(|id| o.iter().any(|p| p[0] == *id))
+        },
+        "a and b agree on one owner per partition, each holding some: {:?}",
+        owners(a_http).await
+    );
+    let assigned = owners(a_http).await;
+    let held = |id: &str| assigned.iter().filter(|p| p[0] == id).count();
+
+    let now = now_nanos();
+    const N: u64 = 60;
+    let (_single, s_http, reference) = through_and_into_one_node(dir.path(), a_grpc, 0xD1, N, now).await;
+    let aggregates = aggregated(s_http, now).await;
+    for (id, http) in [("a", a_http), ("b", b_http)] {
+        assert_eventually!(holds(http, id, held(id)).await, "{id} never caught up with its partitions");
+    }
+    let (status, body) = counted_with(a_http, now, "strong").await;
+    assert_eq!((status, count_of(&body)), (200, N * 60), "{body}");
+    assert_eq!(rows(a_http, now).await, reference);
+
+    // b is told to stop while a is asked all the time: a takes b's partitions on and reads
+    // them from b until it has caught up with their logs; b leaves only then.
+    let asking = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let (asking, reference) = (asking.clone(), reference.clone());
+        tokio::spawn(async move {
+            let (mut answers, mut wrong) = (0u32, Vec::new());
+            while asking.load(Ordering::Relaxed) {
+                let (status, body) = counted_with(a_http, now, "eventual").await;
+                let mut series = body["data"]["series"].as_array().cloned().unwrap_or_default();
+                series.sort_by_key(|r| format!("{}/{}/{}", r["service"], r["operation"], r["status"]));
+                if status != 200 || series != reference {
+                    wrong.push(format!("{status}: {body}"));
+                }
+                answers += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (answers, wrong)
+        })
+    };
+    b.terminate().await;
+    asking.store(false, Ordering::Relaxed);
+    let (answers, wrong) = watcher.await.unwrap();
+    // b drains for as long as a takes to see it leave (a reads the member list every 3 s)
+    // and catch up: from a fraction of a second to a few seconds.
+    assert!(answers >= 1, "a was never asked while b drained");
+    assert!(
+        wrong.is_empty(),
+        "{} of {answers} answers while b drained were wrong: {:?}",
+        wrong.len(),
+        wrong.first()
+    );
+    let log = b.log.lock().join("\n");
+    assert!(log.contains("draining: handing the partitions on"), "b did not drain:\n{log}");
+    assert!(
+        log.contains("drained: every owner holds every partition caught up"),
+        "b left before a caught up:\n{log}"
+    );
+
+    // a now holds every partition caught up and still answers exactly.
+    assert_eventually!(holds(a_http, "a", 8).await, "a never held all 8 partitions caught up");
+    assert_eq!(rows(a_http, now).await, reference);
+    assert_eq!(aggregated(a_http, now).await, aggregates);
 }

@@ -94,3 +94,28 @@ fn replicas_answer_only_once_caught_up() {
     r.set(7, true);
     assert!(!r.caught_up(7));
 }
+
+#[test]
+fn a_draining_store_owns_nothing_for_the_others_but_keeps_what_it_held_for_itself() {
+    let partitions = 64;
+    let before = Assignment::new("node-1", nodes(3), 2, partitions);
+    let after = Assignment::new("node-1", nodes(3), 2, partitions).with_draining(vec!["node-1".into()]);
+    let seen_by_0 = Assignment::new("node-0", nodes(3), 2, partitions).with_draining(vec!["node-1".into()]);
+    assert!(after.draining_me() && !seen_by_0.draining_me());
+    assert_eq!(after.stores(), ["node-0", "node-2"]);
+    for p in 0..partitions {
+        // The live stores own every partition, two copies each, as if node-1 had left.
+        assert_eq!(after.owners(p).len(), 2);
+        assert!(!after.owners(p).contains(&"node-1"));
+        assert_eq!(after.owners(p), seen_by_0.owners(p), "partition {p}");
+        // node-1 is named as the leaving holder exactly where it held a copy, and keeps
+        // reading those until it has left.
+        let held = before.owners(p).contains(&"node-1");
+        assert_eq!(after.leaving(p) == ["node-1"], held, "partition {p}");
+        assert_eq!(after.owns(p), held, "partition {p}");
+        assert!(before.owners(p).iter().all(|o| *o == "node-1" || after.owners(p).contains(o)));
+    }
+    assert_eq!(after.owned(), before.owned());
+    // Without a draining store nobody is leaving.
+    assert!((0..partitions).all(|p| before.leaving(p).is_empty()));
+}
