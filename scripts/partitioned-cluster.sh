@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Partitioned cluster (3 stores, replication factor 2) next to a single node: the 1 h query on
 # the same data, answers compared over 3 h; then a 4th store joins and is timed until it holds
-# its partitions caught up. Needs nats-server and a release build (cargo build --release).
+# its partitions caught up, and store c is told to stop and timed until it has drained.
+# Needs nats-server and a release build (cargo build --release).
 set -u
 B=${B:-target/release}
 D=${D:-/tmp/tailscope-partitioned}; rm -rf $D; mkdir -p $D
@@ -69,4 +70,15 @@ for port in 19090 59090; do
   curl -s --data-urlencode "query=$A" "127.0.0.1:$port/api/v1/query" | python3 -c 'import sys,json; r=json.load(sys.stdin)["data"]["result"]; print(sorted((x["metric"]["service"], x["value"][1]) for x in r))' | md5sum | sed "s/^/answer after join $port /"
 done
 grep -h "caught up with" $D/d.log | head -3
-for p in a b c d single n1 n2 n3; do kill $(cat $D/$p.pid) 2>/dev/null; done
+# Store c is told to stop: it drains (keeps answering for its copies until every new owner has
+# caught up), then exits; the answer on a after it left.
+t0=$(date +%s.%N); kill -TERM $(cat $D/c.pid)
+while kill -0 $(cat $D/c.pid) 2>/dev/null; do sleep 0.05; done
+t1=$(date +%s.%N)
+echo "drain: c exited $(python3 -c "print('%.2f' % ($t1-$t0))") s after SIGTERM"
+grep -h "drain" $D/c.log | cut -c1-240
+curl -s --data-urlencode "query=$A" "127.0.0.1:19090/api/v1/query" | python3 -c 'import sys,json; r=json.load(sys.stdin)["data"]["result"]; print(sorted((x["metric"]["service"], x["value"][1]) for x in r))' | md5sum | sed "s/^/answer after c left 19090 /"
+for p in a b d single; do kill $(cat $D/$p.pid) 2>/dev/null; done
+# All stopping at once, each store drains until it sees no store left to hand on to.
+for p in a b d single; do while kill -0 $(cat $D/$p.pid) 2>/dev/null; do sleep 0.1; done; done
+for p in n1 n2 n3; do kill $(cat $D/$p.pid) 2>/dev/null; done

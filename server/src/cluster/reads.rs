@@ -676,11 +676,6 @@ impl Drop for Bridge {
 }
 
 impl Bridge {
-    /// Runs `f` on the bridge's runtime and waits for it on this thread.
-    fn run<T: Send + 'static>(&self, f: impl std::future::Future<Output = T> + Send + 'static) -> Option<T> {
-        self.start(f)?.recv().ok()
-    }
-
     /// Starts `f` on the bridge's runtime; its result arrives on the receiver.
     fn start<T: Send + 'static>(
         &self,
@@ -1009,26 +1004,27 @@ impl ClusterSource {
                     ));
                 }
             }
-            let mut answers = self
+            let asked = self
                 .sources
                 .bridge
-                .run(futures::future::join_all(remote))
-                .ok_or_else(|| remote_error("the cluster reads' runtime is gone".into()))?
+                .start(futures::future::join_all(remote))
+                .ok_or_else(|| remote_error("the cluster reads' runtime is gone".into()))?;
+            // This node answers its own part while the others answer theirs.
+            let mut local = None;
+            if let Some((_, parts)) = asks.iter().find(|(n, _)| *n == Node::Local) {
+                let request = ReadRequest { partitions: parts.clone(), op: Some(op.clone()) };
+                // This node is asked only while caught up, or as the last resort.
+                let ready = |_: u32| true;
+                let reply = answer(&self.sources.store, self.sources.partitions, &ready, request, usize::MAX);
+                local = Some(if reply.error.is_empty() { Ok(vec![reply]) } else { Err(reply.error) });
+            }
+            let mut answers = asked
+                .recv()
+                .map_err(|_| remote_error("the cluster reads' runtime is gone".into()))?
                 .into_iter();
             for (node, parts) in asks {
                 let replies = match &node {
-                    Node::Local => {
-                        let request = ReadRequest { partitions: parts.clone(), op: Some(op.clone()) };
-                        // This node is asked only while caught up, or as the last resort.
-                        let ready = |_: u32| true;
-                        let reply =
-                            answer(&self.sources.store, self.sources.partitions, &ready, request, usize::MAX);
-                        if reply.error.is_empty() {
-                            Ok(vec![reply])
-                        } else {
-                            Err(reply.error)
-                        }
-                    }
+                    Node::Local => local.take().unwrap_or_else(|| Err("no answer".into())),
                     Node::Remote(_) => answers.next().unwrap_or_else(|| Err("no answer".into())),
                 };
                 match replies {
