@@ -28,7 +28,7 @@ use tokio::sync::{watch, Semaphore};
 
 use super::assign::{Assignment, Replicas};
 use crate::series::{self, SeriesLabels};
-use tailscope_proto::histogram::Layout;
+use tailscope_proto::histogram::{Checked, Histogram, Layout};
 
 use crate::query::promql::MAX_QUERY_BYTES;
 use crate::store::{merge_values, Exemplar, Resolution, Source, Store, StoreError, WindowFn};
@@ -452,6 +452,17 @@ fn windows(store: &Store, op: WindowsOp, budget: usize, reply: &mut ReadReply) -
     Ok(())
 }
 
+/// Whole intervals merged into one dense histogram each, at most (more: folded as per start).
+const DENSE_INTERVALS: usize = 16;
+
+/// Why a merge stopped reading.
+fn too_much() -> String {
+    format!(
+        "the merge reads more than {} MiB of histograms; narrow the selection or the range",
+        MAX_QUERY_BYTES >> 20
+    )
+}
+
 /// Encodings of one start (or interval) merged once this many are waiting: what a merge holds
 /// stays near one histogram per start, whatever the number of series.
 const FOLD_AT: usize = 32;
@@ -493,6 +504,26 @@ fn merge_group(
     read: &mut usize,
 ) -> Result<Vec<(i64, Vec<u8>)>, String> {
     let layout = store.layout();
+    if whole && intervals.len() <= DENSE_INTERVALS {
+        // A few whole intervals: add every window straight into one histogram per interval.
+        let mut sums: BTreeMap<i64, Histogram> = BTreeMap::new();
+        for &s in series {
+            store
+                .windows_in(res, s, intervals, &mut |start, bytes| {
+                    let i = intervals.partition_point(|&(lo, _)| lo <= start);
+                    let key = intervals[i.saturating_sub(1)].0;
+                    *read += bytes.len();
+                    let checked = Checked::trusted(bytes)?;
+                    sums.entry(key).or_insert_with(|| Histogram::new(layout)).add_checked(&checked, bytes);
+                    Ok(())
+                })
+                .map_err(|e| e.to_string())?;
+            if *read > MAX_QUERY_BYTES {
+                return Err(too_much());
+            }
+        }
+        return Ok(sums.into_iter().map(|(start, h)| (start, h.to_bytes())).collect());
+    }
     let mut waiting: BTreeMap<i64, Vec<Vec<u8>>> = BTreeMap::new();
     let mut corrupt = 0usize;
     for &s in series {
@@ -515,10 +546,7 @@ fn merge_group(
             })
             .map_err(|e| e.to_string())?;
         if *read > MAX_QUERY_BYTES {
-            return Err(format!(
-                "the merge reads more than {} MiB of histograms; narrow the selection or the range",
-                MAX_QUERY_BYTES >> 20
-            ));
+            return Err(too_much());
         }
     }
     let merged: Vec<(i64, Vec<u8>)> = waiting
@@ -676,6 +704,19 @@ impl Drop for Bridge {
 }
 
 impl Bridge {
+    /// Runs `f` on the bridge's blocking threads; its result arrives on the receiver.
+    fn start_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<std::sync::mpsc::Receiver<T>> {
+        let rt = self.runtime.as_ref()?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn_blocking(move || {
+            let _ = tx.send(f());
+        });
+        Some(rx)
+    }
+
     /// Starts `f` on the bridge's runtime; its result arrives on the receiver.
     fn start<T: Send + 'static>(
         &self,
@@ -815,7 +856,7 @@ struct Routes {
 /// Groups' merged windows asked of one node in one read, until each group's read takes them.
 #[derive(Debug)]
 struct Batch {
-    node: String,
+    node: Node,
     res: Resolution,
     intervals: Vec<(i64, i64)>,
     /// Each group's series on the node, and its index in the read.
@@ -1171,14 +1212,18 @@ impl ClusterSource {
     /// (waiting for its answer); `None`: read them on their own.
     fn batched(
         &self,
-        name: &str,
+        node: &Node,
         res: Resolution,
         intervals: &[(i64, i64)],
         series: &[u64],
     ) -> Option<Vec<(i64, Vec<u8>)>> {
+        let name = match node {
+            Node::Local => "this node",
+            Node::Remote(name) => name.as_str(),
+        };
         let mut routes = self.routes.lock();
         let at = routes.batches.iter().position(|b| {
-            b.node == name
+            b.node == *node
                 && b.res == res
                 && b.intervals == intervals
                 && b.groups.contains_key(series)
@@ -1297,7 +1342,7 @@ impl ClusterSource {
                 }
             }
             if whole {
-                if let Some(windows) = self.batched(&name, res, intervals, &series) {
+                if let Some(windows) = self.batched(&Node::Remote(name.clone()), res, intervals, &series) {
                     give(windows, f, &format!("merged on {name}"))?;
                     continue;
                 }
@@ -1306,9 +1351,19 @@ impl ClusterSource {
             let partitions = self.partitions_of(&series);
             asked.push((self.start_asking(&name, partitions, op)?, name, series));
         }
-        // This node reads its own while the others merge theirs.
-        for m in local {
-            self.sources.store.windows_in(res, m, intervals, f)?;
+        // This node reads its own while the others merge theirs (merged ahead, for one step).
+        let ahead = if whole && !local.is_empty() {
+            self.batched(&Node::Local, res, intervals, &local)
+        } else {
+            None
+        };
+        match ahead {
+            Some(windows) => give(windows, f, "merged here")?,
+            None => {
+                for m in local {
+                    self.sources.store.windows_in(res, m, intervals, f)?;
+                }
+            }
         }
         for m in single {
             self.windows_in(res, m, intervals, f)?;
@@ -1428,6 +1483,50 @@ impl Source for ClusterSource {
     }
 
     fn read_ahead(&self, res: Resolution, groups: &[&[u64]], intervals: &[(i64, i64)]) {
+        // This node's series of each group, merged on the bridge's threads while the engine
+        // waits for the owners (the owners are asked first, below).
+        let mine: Vec<Vec<u64>> = groups
+            .iter()
+            .map(|g| {
+                g.iter().copied().filter(|&m| matches!(self.series_route(m), Ok((_, Node::Local)))).collect()
+            })
+            .filter(|g: &Vec<u64>| !g.is_empty())
+            .collect();
+        self.ask_ahead(res, groups, intervals);
+        for chunk in mine.chunks(BATCH_GROUPS) {
+            let (store, groups, bounds) = (self.sources.store.clone(), chunk.to_vec(), intervals.to_vec());
+            let merged = move || -> Result<Vec<ReadReply>, String> {
+                let (mut read, mut reply) = (0, ReadReply::default());
+                for (i, g) in groups.iter().enumerate() {
+                    for (start, histogram) in merge_group(&store, res, g, &bounds, true, &mut read)? {
+                        reply.windows.push(WindowMsg { series: i as u64, start, histogram });
+                    }
+                }
+                Ok(vec![reply])
+            };
+            let Some(merging) = self.sources.bridge.start_blocking(merged) else { return };
+            self.routes.lock().batches.push(Batch {
+                node: Node::Local,
+                res,
+                intervals: intervals.to_vec(),
+                groups: chunk.iter().enumerate().map(|(i, g)| (g.clone(), i as u64)).collect(),
+                state: BatchState::Asked(merging),
+            });
+        }
+    }
+
+    fn layout(&self) -> Layout {
+        self.sources.store.layout()
+    }
+
+    fn exemplars(&self, series: u64, start: i64, end: i64) -> Result<Vec<Exemplar>, StoreError> {
+        self.exemplars_from_owner(series, start, end)
+    }
+}
+
+impl ClusterSource {
+    /// [`Source::read_ahead`] of the other owners: one merged read per owner.
+    fn ask_ahead(&self, res: Resolution, groups: &[&[u64]], intervals: &[(i64, i64)]) {
         for (node, groups) in self.split_by_node(groups) {
             for chunk in groups.chunks(BATCH_GROUPS) {
                 let partitions = self.partitions_of(&chunk.concat());
@@ -1436,7 +1535,7 @@ impl Source for ClusterSource {
                 let Ok(asked) = self.start_asking(&node, partitions, op) else { return };
                 let groups = chunk.iter().enumerate().map(|(i, g)| (g.clone(), i as u64)).collect();
                 self.routes.lock().batches.push(Batch {
-                    node: node.clone(),
+                    node: Node::Remote(node.clone()),
                     res,
                     intervals: intervals.to_vec(),
                     groups,
@@ -1446,11 +1545,8 @@ impl Source for ClusterSource {
         }
     }
 
-    fn layout(&self) -> Layout {
-        self.sources.store.layout()
-    }
-
-    fn exemplars(&self, series: u64, start: i64, end: i64) -> Result<Vec<Exemplar>, StoreError> {
+    /// A series' exemplars, from the node that holds it.
+    fn exemplars_from_owner(&self, series: u64, start: i64, end: i64) -> Result<Vec<Exemplar>, StoreError> {
         let (p, node) = self.series_route(series)?;
         match node {
             Node::Local => self.sources.store.exemplars(series, start, end),
