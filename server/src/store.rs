@@ -330,6 +330,17 @@ pub struct RetentionReport {
     pub series_retired: u64,
 }
 
+/// Where [`Source::merged_windows`] gives the window starting at `start`: at its own start,
+/// or, when `whole`, at the start of the interval of `intervals` (sorted, disjoint) that holds
+/// it.
+pub fn merged_at(intervals: &[(i64, i64)], start: i64, whole: bool) -> i64 {
+    if !whole {
+        return start;
+    }
+    let i = intervals.partition_point(|&(lo, _)| lo <= start);
+    intervals.get(i.wrapping_sub(1)).map_or(start, |&(lo, _)| lo)
+}
+
 /// What [`Source::windows`] calls with each window: its start and encoded histogram.
 pub type WindowFn<'a> = dyn FnMut(i64, &[u8]) -> Result<(), HistogramError> + 'a;
 

@@ -83,6 +83,9 @@ impl Assignment {
     /// The leaving stores that would own `partition` had they stayed, best first: read when
     /// no owner has caught up yet.
     pub fn leaving(&self, partition: u32) -> Vec<&str> {
+        if self.draining.is_empty() {
+            return Vec::new();
+        }
         self.ranked(self.stores.iter().chain(&self.draining), partition)
             .into_iter()
             .filter(|s| self.draining.iter().any(|d| d == s))
@@ -102,7 +105,11 @@ impl Assignment {
     /// what it held until it has left.
     pub fn owns(&self, partition: u32) -> bool {
         let me = self.me.as_str();
-        self.owners(partition).contains(&me) || self.leaving(partition).contains(&me)
+        if self.draining_me() {
+            self.leaving(partition).contains(&me)
+        } else {
+            self.owners(partition).contains(&me)
+        }
     }
 
     /// The partitions this node owns, in order.

@@ -13,11 +13,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prost::Message;
 use tokio::sync::watch;
 
 use super::assign::{Assignment, Replicas};
-use super::reads::{subject, Op, ReadReply, ReadRequest, SelectOp};
+use super::reads::{ask_pages, next_select, subject, Op, ReadRequest, SelectOp};
 
 /// How long a drain waits for one owner's answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -92,13 +91,11 @@ async fn not_caught_up(
         // Selecting none: the answer only names the partitions it does not hold caught up.
         let op = Op::Select(SelectOp { matchers: Vec::new(), at_most: 0, resume: false, after: 0 });
         let request = ReadRequest { partitions: asked.clone(), op: Some(op) };
-        let sent = client.request(subject(name, &node), request.encode_to_vec().into());
-        let Ok(Ok(reply)) = tokio::time::timeout(ASK_TIMEOUT, sent).await else { continue };
-        let Ok(reply) = ReadReply::decode(reply.payload) else { continue };
-        if reply.error.is_empty() {
-            for p in asked.into_iter().filter(|p| !reply.not_caught_up.contains(p)) {
-                *confirmed.entry(p).or_default() += 1;
-            }
+        let sent = ask_pages(client.clone(), subject(name, &node), request, next_select);
+        let Ok(Ok(replies)) = tokio::time::timeout(ASK_TIMEOUT, sent).await else { continue };
+        let behind: Vec<u32> = replies.into_iter().flat_map(|r| r.not_caught_up).collect();
+        for p in asked.into_iter().filter(|p| !behind.contains(p)) {
+            *confirmed.entry(p).or_default() += 1;
         }
     }
     let done = |p: &u32| confirmed.get(p).copied().unwrap_or(0) == assignment.owners(*p).len();

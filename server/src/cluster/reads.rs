@@ -31,7 +31,7 @@ use crate::series::{self, SeriesLabels};
 use tailscope_proto::histogram::{Checked, Histogram, Layout};
 
 use crate::query::promql::MAX_QUERY_BYTES;
-use crate::store::{merge_values, Exemplar, Resolution, Source, Store, StoreError, WindowFn};
+use crate::store::{merge_values, merged_at, Exemplar, Resolution, Source, Store, StoreError, WindowFn};
 use crate::telemetry::{Metrics, Outcome};
 
 /// How long one remote read may take before its owner counts as down for the request.
@@ -455,14 +455,6 @@ fn windows(store: &Store, op: WindowsOp, budget: usize, reply: &mut ReadReply) -
 /// Whole intervals merged into one dense histogram each, at most (more: folded as per start).
 const DENSE_INTERVALS: usize = 16;
 
-/// Why a merge stopped reading.
-fn too_much() -> String {
-    format!(
-        "the merge reads more than {} MiB of histograms; narrow the selection or the range",
-        MAX_QUERY_BYTES >> 20
-    )
-}
-
 /// Encodings of one start (or interval) merged once this many are waiting: what a merge holds
 /// stays near one histogram per start, whatever the number of series.
 const FOLD_AT: usize = 32;
@@ -494,7 +486,10 @@ fn merged(store: &Store, op: MergedOp, budget: usize, reply: &mut ReadReply) -> 
 }
 
 /// One group's windows in `intervals` merged per start (per interval when `whole`), in start
-/// order; `read` counts the bytes read, bounded by the engine's limit.
+/// order; `read` counts the bytes read, bounded by the engine's limit. A few whole intervals
+/// are each added straight into one dense histogram; otherwise the encodings of a start are
+/// folded every [`FOLD_AT`] (one dense histogram per start of a long range would not be
+/// bounded).
 fn merge_group(
     store: &Store,
     res: Resolution,
@@ -504,38 +499,20 @@ fn merge_group(
     read: &mut usize,
 ) -> Result<Vec<(i64, Vec<u8>)>, String> {
     let layout = store.layout();
-    if whole && intervals.len() <= DENSE_INTERVALS {
-        // A few whole intervals: add every window straight into one histogram per interval.
-        let mut sums: BTreeMap<i64, Histogram> = BTreeMap::new();
-        for &s in series {
-            store
-                .windows_in(res, s, intervals, &mut |start, bytes| {
-                    let i = intervals.partition_point(|&(lo, _)| lo <= start);
-                    let key = intervals[i.saturating_sub(1)].0;
-                    *read += bytes.len();
-                    let checked = Checked::trusted(bytes)?;
-                    sums.entry(key).or_insert_with(|| Histogram::new(layout)).add_checked(&checked, bytes);
-                    Ok(())
-                })
-                .map_err(|e| e.to_string())?;
-            if *read > MAX_QUERY_BYTES {
-                return Err(too_much());
-            }
-        }
-        return Ok(sums.into_iter().map(|(start, h)| (start, h.to_bytes())).collect());
-    }
+    let dense = whole && intervals.len() <= DENSE_INTERVALS;
+    let mut sums: BTreeMap<i64, Histogram> = BTreeMap::new();
     let mut waiting: BTreeMap<i64, Vec<Vec<u8>>> = BTreeMap::new();
     let mut corrupt = 0usize;
     for &s in series {
         store
             .windows_in(res, s, intervals, &mut |start, bytes| {
-                let key = if whole {
-                    let i = intervals.partition_point(|&(lo, _)| lo <= start);
-                    intervals[i.saturating_sub(1)].0
-                } else {
-                    start
-                };
+                let key = merged_at(intervals, start, whole);
                 *read += bytes.len();
+                if dense {
+                    let checked = Checked::trusted(bytes)?;
+                    sums.entry(key).or_insert_with(|| Histogram::new(layout)).add_checked(&checked, bytes);
+                    return Ok(());
+                }
                 let parts = waiting.entry(key).or_default();
                 parts.push(bytes.to_vec());
                 if parts.len() >= FOLD_AT {
@@ -546,19 +523,18 @@ fn merge_group(
             })
             .map_err(|e| e.to_string())?;
         if *read > MAX_QUERY_BYTES {
-            return Err(too_much());
+            return Err(format!(
+                "the merge reads more than {} MiB of histograms; narrow the selection or the range",
+                MAX_QUERY_BYTES >> 20
+            ));
         }
     }
-    let merged: Vec<(i64, Vec<u8>)> = waiting
-        .into_iter()
-        .map(|(start, mut parts)| {
-            let h = match parts.len() {
-                1 => parts.pop().unwrap_or_default(),
-                _ => merge_values(layout, parts.iter().map(Vec::as_slice), || corrupt += 1),
-            };
-            (start, h)
-        })
-        .collect();
+    let folded = waiting.into_iter().map(|(start, mut parts)| match parts.len() {
+        1 => (start, parts.pop().unwrap_or_default()),
+        _ => (start, merge_values(layout, parts.iter().map(Vec::as_slice), || corrupt += 1)),
+    });
+    let merged: Vec<(i64, Vec<u8>)> =
+        sums.into_iter().map(|(start, h)| (start, h.to_bytes())).chain(folded).collect();
     if corrupt > 0 {
         return Err(format!("{corrupt} corrupt windows among the merged series"));
     }
@@ -866,12 +842,15 @@ struct Batch {
 
 #[derive(Debug)]
 enum BatchState {
-    Asked(Asked),
-    /// Each group's merged windows, by index.
-    Answered(HashMap<u64, Vec<(i64, Vec<u8>)>>),
+    /// Sent; `None` arrives when it failed.
+    Asked(std::sync::mpsc::Receiver<Option<ByGroup>>),
+    Answered(ByGroup),
     /// The read failed: each group is read on its own.
     Failed,
 }
+
+/// Each group's merged windows, by the group's index in its batch.
+type ByGroup = HashMap<u64, Vec<(i64, Vec<u8>)>>;
 
 /// Groups one batch asks a node for, at most: what a batch's reply holds stays bounded.
 const BATCH_GROUPS: usize = 1024;
@@ -920,7 +899,7 @@ async fn ask(
     r
 }
 
-async fn ask_pages(
+pub(super) async fn ask_pages(
     client: async_nats::Client,
     subject: String,
     mut request: ReadRequest,
@@ -945,7 +924,7 @@ async fn ask_pages(
     }
 }
 
-fn next_select(r: &mut ReadRequest, reply: &ReadReply) -> bool {
+pub(super) fn next_select(r: &mut ReadRequest, reply: &ReadReply) -> bool {
     match (&mut r.op, reply.series.last()) {
         (Some(Op::Select(op)), Some(last)) => {
             op.resume = true;
@@ -1187,28 +1166,20 @@ impl ClusterSource {
             .ok_or_else(|| remote_error("the cluster reads' runtime is gone".into()))
     }
 
-    /// Each remote node's series of each of `groups` (where it holds two or more of them: a
-    /// node's single series is read with its next ones, see [`ClusterSource::remote_windows`]),
-    /// in the groups' order.
-    fn split_by_node(&self, groups: &[&[u64]]) -> BTreeMap<String, Vec<Vec<u64>>> {
-        let mut out: BTreeMap<String, Vec<Vec<u64>>> = BTreeMap::new();
-        for members in groups {
-            let mut by_node: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-            for &m in *members {
-                if let Ok((_, Node::Remote(name))) = self.series_route(m) {
-                    by_node.entry(name).or_default().push(m);
-                }
-            }
-            for (name, series) in by_node {
-                if series.len() >= 2 {
-                    out.entry(name).or_default().push(series);
-                }
+    /// `members` by where they are read: this node's, and each other node's.
+    fn by_node(&self, members: &[u64]) -> Result<Placed, StoreError> {
+        let mut local = Vec::new();
+        let mut remote: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for &m in members {
+            match self.series_route(m)?.1 {
+                Node::Local => local.push(m),
+                Node::Remote(name) => remote.entry(name).or_default().push(m),
             }
         }
-        out
+        Ok((local, remote))
     }
 
-    /// `series`' merged whole intervals from a batch asked of `name` ahead, if one holds them
+    /// `series`' merged whole intervals from a batch asked of `node` ahead, if one holds them
     /// (waiting for its answer); `None`: read them on their own.
     fn batched(
         &self,
@@ -1217,10 +1188,6 @@ impl ClusterSource {
         intervals: &[(i64, i64)],
         series: &[u64],
     ) -> Option<Vec<(i64, Vec<u8>)>> {
-        let name = match node {
-            Node::Local => "this node",
-            Node::Remote(name) => name.as_str(),
-        };
         let mut routes = self.routes.lock();
         let at = routes.batches.iter().position(|b| {
             b.node == *node
@@ -1229,32 +1196,40 @@ impl ClusterSource {
                 && b.groups.contains_key(series)
                 && !matches!(b.state, BatchState::Failed)
         })?;
-        if let BatchState::Asked(_) = routes.batches[at].state {
-            let BatchState::Asked(asked) =
-                std::mem::replace(&mut routes.batches[at].state, BatchState::Failed)
-            else {
-                return None;
-            };
-            drop(routes);
-            let answered = asked.recv().ok().and_then(|r| held_by(name, r).ok());
-            routes = self.routes.lock();
-            routes.batches[at].state = match answered {
-                Some(replies) => {
-                    let mut by_group: HashMap<u64, Vec<(i64, Vec<u8>)>> = HashMap::new();
-                    for w in replies.into_iter().flat_map(|r| r.windows) {
-                        by_group.entry(w.series).or_default().push((w.start, w.histogram));
-                    }
-                    BatchState::Answered(by_group)
-                }
-                None => BatchState::Failed,
-            };
-        }
+        let answered = match std::mem::replace(&mut routes.batches[at].state, BatchState::Failed) {
+            BatchState::Asked(asked) => {
+                // Not waited for under the lock.
+                drop(routes);
+                let answered = asked.recv().ok().flatten();
+                routes = self.routes.lock();
+                answered
+            }
+            BatchState::Answered(by_group) => Some(by_group),
+            BatchState::Failed => None,
+        };
+        let mut by_group = answered?;
         let batch = &mut routes.batches[at];
-        let index = batch.groups.remove(series)?;
-        match &mut batch.state {
-            BatchState::Answered(by_group) => Some(by_group.remove(&index).unwrap_or_default()),
-            _ => None,
-        }
+        let windows = batch.groups.remove(series).and_then(|index| by_group.remove(&index));
+        batch.state = BatchState::Answered(by_group);
+        Some(windows.unwrap_or_default())
+    }
+
+    /// Keeps a batch of `groups` asked of `node`, whose answer arrives on `asked`.
+    fn keep_batch(
+        &self,
+        node: Node,
+        res: Resolution,
+        intervals: &[(i64, i64)],
+        groups: &[Vec<u64>],
+        asked: std::sync::mpsc::Receiver<Option<ByGroup>>,
+    ) {
+        self.routes.lock().batches.push(Batch {
+            node,
+            res,
+            intervals: intervals.to_vec(),
+            groups: groups.iter().enumerate().map(|(i, g)| (g.clone(), i as u64)).collect(),
+            state: BatchState::Asked(asked),
+        });
     }
 
     /// The partitions of the series this request selected from `series`.
@@ -1293,6 +1268,18 @@ fn merged_op(res: Resolution, groups: Vec<Vec<u64>>, intervals: &[(i64, i64)], w
     })
 }
 
+/// Series by where they are read: this node's, and each other node's.
+type Placed = (Vec<u64>, BTreeMap<String, Vec<u64>>);
+
+/// A batch's answer by group.
+fn by_group(replies: Vec<ReadReply>) -> ByGroup {
+    let mut out = ByGroup::new();
+    for w in replies.into_iter().flat_map(|r| r.windows) {
+        out.entry(w.series).or_default().push((w.start, w.histogram));
+    }
+    out
+}
+
 /// A read sent and not yet answered.
 type Asked = std::sync::mpsc::Receiver<Result<Vec<ReadReply>, String>>;
 
@@ -1307,83 +1294,6 @@ fn held_by(name: &str, answered: Result<Vec<ReadReply>, String>) -> Result<Vec<R
 
 /// What a node of a release without merged reads answers one.
 const NO_OPERATION: &str = "a read without an operation";
-
-impl ClusterSource {
-    /// The part of [`Source::merged_windows`] each node holds: this node's and single series'
-    /// read series by series, the rest merged by their nodes, all nodes at once.
-    fn merged_windows_across(
-        &self,
-        res: Resolution,
-        members: &[u64],
-        intervals: &[(i64, i64)],
-        whole: bool,
-        f: &mut WindowFn<'_>,
-    ) -> Result<(), StoreError> {
-        let mut local = Vec::new();
-        let mut remote: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-        for &m in members {
-            match self.series_route(m)?.1 {
-                Node::Local => local.push(m),
-                Node::Remote(name) => remote.entry(name).or_default().push(m),
-            }
-        }
-        let mut asked = Vec::new();
-        let mut single = Vec::new();
-        for (name, series) in remote {
-            if series.len() == 1 {
-                // Its own read reads the node's next series ahead.
-                single.extend(series);
-                continue;
-            }
-            {
-                let mut routes = self.routes.lock();
-                for s in &series {
-                    routes.ahead.remove(s);
-                }
-            }
-            if whole {
-                if let Some(windows) = self.batched(&Node::Remote(name.clone()), res, intervals, &series) {
-                    give(windows, f, &format!("merged on {name}"))?;
-                    continue;
-                }
-            }
-            let op = merged_op(res, vec![series.clone()], intervals, whole);
-            let partitions = self.partitions_of(&series);
-            asked.push((self.start_asking(&name, partitions, op)?, name, series));
-        }
-        // This node reads its own while the others merge theirs (merged ahead, for one step).
-        let ahead = if whole && !local.is_empty() {
-            self.batched(&Node::Local, res, intervals, &local)
-        } else {
-            None
-        };
-        match ahead {
-            Some(windows) => give(windows, f, "merged here")?,
-            None => {
-                for m in local {
-                    self.sources.store.windows_in(res, m, intervals, f)?;
-                }
-            }
-        }
-        for m in single {
-            self.windows_in(res, m, intervals, f)?;
-        }
-        for (answer, name, series) in asked {
-            let answered =
-                answer.recv().map_err(|_| remote_error("the cluster reads' runtime is gone".into()))?;
-            if matches!(&answered, Err(e) if e == NO_OPERATION) {
-                // An older node: read its series one by one.
-                for s in series {
-                    self.windows_in(res, s, intervals, f)?;
-                }
-                continue;
-            }
-            let windows = held_by(&name, answered)?.into_iter().flat_map(|r| r.windows);
-            give(windows.map(|w| (w.start, w.histogram)), f, &format!("merged on {name}"))?;
-        }
-        Ok(())
-    }
-}
 
 impl Source for ClusterSource {
     fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
@@ -1479,39 +1389,116 @@ impl Source for ClusterSource {
         whole: bool,
         f: &mut WindowFn<'_>,
     ) -> Result<(), StoreError> {
-        self.merged_windows_across(res, members, intervals, whole, f)
+        // This node's and single series are read series by series (a single series' read
+        // reads its node's next ones ahead), the rest merged by their nodes, all at once.
+        let (local, remote) = self.by_node(members)?;
+        let mut asked = Vec::new();
+        let mut single = Vec::new();
+        for (name, series) in remote {
+            if series.len() == 1 {
+                single.extend(series);
+                continue;
+            }
+            {
+                let mut routes = self.routes.lock();
+                for s in &series {
+                    routes.ahead.remove(s);
+                }
+            }
+            if whole {
+                if let Some(windows) = self.batched(&Node::Remote(name.clone()), res, intervals, &series) {
+                    give(windows, f, &format!("merged on {name}"))?;
+                    continue;
+                }
+            }
+            let op = merged_op(res, vec![series.clone()], intervals, whole);
+            let partitions = self.partitions_of(&series);
+            asked.push((self.start_asking(&name, partitions, op)?, name, series));
+        }
+        // This node reads its own while the others merge theirs (merged ahead, for one step).
+        let ahead = if whole && !local.is_empty() {
+            self.batched(&Node::Local, res, intervals, &local)
+        } else {
+            None
+        };
+        match ahead {
+            Some(windows) => give(windows, f, "merged here")?,
+            None => {
+                for m in local {
+                    self.sources.store.windows_in(res, m, intervals, f)?;
+                }
+            }
+        }
+        for m in single {
+            self.windows_in(res, m, intervals, f)?;
+        }
+        for (answer, name, series) in asked {
+            let answered =
+                answer.recv().map_err(|_| remote_error("the cluster reads' runtime is gone".into()))?;
+            if matches!(&answered, Err(e) if e == NO_OPERATION) {
+                // An older node: read its series one by one.
+                for s in series {
+                    self.windows_in(res, s, intervals, f)?;
+                }
+                continue;
+            }
+            let windows = held_by(&name, answered)?.into_iter().flat_map(|r| r.windows);
+            give(windows.map(|w| (w.start, w.histogram)), f, &format!("merged on {name}"))?;
+        }
+        Ok(())
     }
 
     fn read_ahead(&self, res: Resolution, groups: &[&[u64]], intervals: &[(i64, i64)]) {
-        // This node's series of each group, merged on the bridge's threads while the engine
-        // waits for the owners (the owners are asked first, below).
-        let mine: Vec<Vec<u64>> = groups
-            .iter()
-            .map(|g| {
-                g.iter().copied().filter(|&m| matches!(self.series_route(m), Ok((_, Node::Local)))).collect()
-            })
-            .filter(|g: &Vec<u64>| !g.is_empty())
-            .collect();
-        self.ask_ahead(res, groups, intervals);
+        // Per node, each group's series there; a group whose series are not all known is left
+        // to its own read.
+        let mut mine: Vec<Vec<u64>> = Vec::new();
+        let mut theirs: BTreeMap<String, Vec<Vec<u64>>> = BTreeMap::new();
+        for members in groups {
+            let Ok((local, remote)) = self.by_node(members) else { continue };
+            if !local.is_empty() {
+                mine.push(local);
+            }
+            for (name, series) in remote {
+                // A node's single series is read with its next ones (`remote_windows`).
+                if series.len() >= 2 {
+                    theirs.entry(name).or_default().push(series);
+                }
+            }
+        }
+        // The other owners first, one merged read each...
+        for (name, groups) in theirs {
+            for chunk in groups.chunks(BATCH_GROUPS) {
+                let partitions = self.partitions_of(&chunk.concat());
+                let request =
+                    ReadRequest { partitions, op: Some(merged_op(res, chunk.to_vec(), intervals, true)) };
+                let sources = &self.sources;
+                let fut = ask(
+                    sources.bridge.client.clone(),
+                    subject(&sources.name, &name),
+                    request,
+                    next_from,
+                    sources.metrics.clone(),
+                );
+                let node = name.clone();
+                let answered = async move { held_by(&node, fut.await).ok().map(by_group) };
+                // Not asked: each group is read on its own.
+                let Some(asked) = sources.bridge.start(answered) else { return };
+                self.keep_batch(Node::Remote(name.clone()), res, intervals, chunk, asked);
+            }
+        }
+        // ...then this node's series of each group, merged on the bridge's threads meanwhile.
         for chunk in mine.chunks(BATCH_GROUPS) {
             let (store, groups, bounds) = (self.sources.store.clone(), chunk.to_vec(), intervals.to_vec());
-            let merged = move || -> Result<Vec<ReadReply>, String> {
-                let (mut read, mut reply) = (0, ReadReply::default());
+            let merged = move || -> Option<ByGroup> {
+                let mut read = 0;
+                let mut out = ByGroup::new();
                 for (i, g) in groups.iter().enumerate() {
-                    for (start, histogram) in merge_group(&store, res, g, &bounds, true, &mut read)? {
-                        reply.windows.push(WindowMsg { series: i as u64, start, histogram });
-                    }
+                    out.insert(i as u64, merge_group(&store, res, g, &bounds, true, &mut read).ok()?);
                 }
-                Ok(vec![reply])
+                Some(out)
             };
             let Some(merging) = self.sources.bridge.start_blocking(merged) else { return };
-            self.routes.lock().batches.push(Batch {
-                node: Node::Local,
-                res,
-                intervals: intervals.to_vec(),
-                groups: chunk.iter().enumerate().map(|(i, g)| (g.clone(), i as u64)).collect(),
-                state: BatchState::Asked(merging),
-            });
+            self.keep_batch(Node::Local, res, intervals, chunk, merging);
         }
     }
 
@@ -1520,33 +1507,6 @@ impl Source for ClusterSource {
     }
 
     fn exemplars(&self, series: u64, start: i64, end: i64) -> Result<Vec<Exemplar>, StoreError> {
-        self.exemplars_from_owner(series, start, end)
-    }
-}
-
-impl ClusterSource {
-    /// [`Source::read_ahead`] of the other owners: one merged read per owner.
-    fn ask_ahead(&self, res: Resolution, groups: &[&[u64]], intervals: &[(i64, i64)]) {
-        for (node, groups) in self.split_by_node(groups) {
-            for chunk in groups.chunks(BATCH_GROUPS) {
-                let partitions = self.partitions_of(&chunk.concat());
-                let op = merged_op(res, chunk.to_vec(), intervals, true);
-                // Not asked: each group is read on its own.
-                let Ok(asked) = self.start_asking(&node, partitions, op) else { return };
-                let groups = chunk.iter().enumerate().map(|(i, g)| (g.clone(), i as u64)).collect();
-                self.routes.lock().batches.push(Batch {
-                    node: Node::Remote(node.clone()),
-                    res,
-                    intervals: intervals.to_vec(),
-                    groups,
-                    state: BatchState::Asked(asked),
-                });
-            }
-        }
-    }
-
-    /// A series' exemplars, from the node that holds it.
-    fn exemplars_from_owner(&self, series: u64, start: i64, end: i64) -> Result<Vec<Exemplar>, StoreError> {
         let (p, node) = self.series_route(series)?;
         match node {
             Node::Local => self.sources.store.exemplars(series, start, end),

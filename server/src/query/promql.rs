@@ -727,10 +727,10 @@ impl<'a> Engine<'a> {
         let ReadPlan { levels, step_pieces, intervals } = reads;
         let mut windows: Vec<plan::Windows> = levels.iter().map(|_| plan::Windows::default()).collect();
         let mut read = 0;
+        // One step needs each interval only as a whole; many slide over its windows.
+        let whole = ends.len() == 1;
         for (level, &res) in levels.iter().enumerate() {
             let w = &mut windows[level];
-            // One step needs each interval only as a whole; many slide over its windows.
-            let whole = ends.len() == 1;
             // The limits are checked as the windows arrive, every few hundred of them.
             let mut stopped = None;
             let mut arrived = 0u32;

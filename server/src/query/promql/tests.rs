@@ -879,10 +879,8 @@ impl Source for Merging<'_> {
         let mut merged: BTreeMap<i64, Histogram> = BTreeMap::new();
         for &m in members {
             self.0.windows_in(res, m, intervals, &mut |start, b| {
-                let key =
-                    if whole { intervals[intervals.partition_point(|i| i.0 <= start) - 1].0 } else { start };
                 merged
-                    .entry(key)
+                    .entry(crate::store::merged_at(intervals, start, whole))
                     .or_insert_with(|| Histogram::new(self.0.layout()))
                     .merge(&Histogram::decode(b)?);
                 Ok(())
