@@ -167,6 +167,13 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU seconds (user + system) of process `pid` so far (its own threads, not its children).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
+}
+
 /// Starts `tailscope-server` as a child process on ephemeral ports; returns it with its addresses.
 pub fn spawn_server(dir: &Path, env: &[(&str, &str)]) -> (Child, SocketAddr, SocketAddr) {
     spawn_server_at(dir, env, "127.0.0.1:0", "127.0.0.1:0")

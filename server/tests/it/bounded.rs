@@ -641,13 +641,6 @@ async fn many_alerts_with_silences_and_inhibition_do_not_stall_ingest() {
     server.shutdown().await;
 }
 
-/// CPU seconds (user + system) of process `pid` so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
-}
-
 /// A6: at a file-descriptor limit, both listeners spun at 100 % on EMFILE. Now accepting backs
 /// off (the server's CPU while it is out of descriptors is printed), and once connections
 /// close the server answers again.

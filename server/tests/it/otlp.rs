@@ -222,11 +222,18 @@ async fn python_sdk_defaults_at_ten_thousand_spans_per_second_drop_nothing() {
     ] {
         let baseline = run(ideal_endpoint, format!("py-ideal-{protocol}"), protocol).await;
         let service = format!("py-rate-{protocol}");
+        // The server runs in this process and the SDK in a child, so this process's CPU while
+        // the SDK runs is the server's (and this test's idle wait).
+        let cpu = cpu_seconds(std::process::id());
         let report = run(endpoint, service.clone(), protocol).await;
+        let cpu = cpu_seconds(std::process::id()) - cpu;
+        let exported = report["exported"].as_u64().unwrap();
         // How close to the asked rate this machine came is printed (BENCHMARKS.md), not asserted.
         println!("python SDK over {protocol} at {rate} spans/s, to an instant acknowledger: {baseline}");
-        println!("python SDK over {protocol} at {rate} spans/s, to tailscope: {report}");
-        let exported = report["exported"].as_u64().unwrap();
+        println!(
+            "python SDK over {protocol} at {rate} spans/s, to tailscope: {report}; server CPU {cpu:.2} s, {:.3} CPU-s per million spans",
+            cpu * 1e6 / exported.max(1) as f64
+        );
         let rows = tail(server.http_addr(), &format!("service={service}")).await;
         let counted: u64 = rows.iter().map(|r| r["count"].as_u64().unwrap()).sum();
         assert_eq!(counted, exported, "every exported span counted once over {protocol}: {rows:?}");
@@ -569,10 +576,17 @@ async fn node_sdk_exact_at(rate: u64, seconds: u64, against_ideal: bool) {
             true
         };
         let service = format!("node-{protocol}");
+        // The server runs in this process and the SDK in a child: this process's CPU meanwhile
+        // is the server's (and this test's idle wait).
+        let cpu = cpu_seconds(std::process::id());
         let report = run(protocol, format!("http://{addr}{path}"), service.clone()).await;
+        let cpu = cpu_seconds(std::process::id()) - cpu;
         let created = report["created"].as_u64().unwrap();
         let offered = created as f64 / report["offered_seconds"].as_f64().unwrap();
-        println!("node SDK over {protocol} at {rate} spans/s (offered {offered:.0}/s): {report}");
+        println!(
+            "node SDK over {protocol} at {rate} spans/s (offered {offered:.0}/s): {report}; server CPU {cpu:.2} s, {:.3} CPU-s per million spans",
+            cpu * 1e6 / created as f64
+        );
         assert_eq!(report["failures"], serde_json::json!([]), "exports failed over {protocol}: {report}");
         let dropped = report["dropped"].as_u64().unwrap();
         if can_carry {
