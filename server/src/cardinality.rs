@@ -71,26 +71,39 @@ impl Cardinality {
     /// service over the service cap keeps its operation names, which the operation cap of the
     /// overflow service then bounds).
     pub fn admit<'a>(&self, service: &'a str, operation: &'a str) -> (&'a str, &'a str) {
-        let service = self.admit_service(service);
+        let (service, operation, _) = self.admit_keyed(service, operation);
+        (service, operation)
+    }
+
+    /// [`Cardinality::admit`], with the [`series::group_hash`] of the pair it returns (the
+    /// group's routing key), which it computes on the way: ingest needs both for every group.
+    pub fn admit_keyed<'a>(&self, service: &'a str, operation: &'a str) -> (&'a str, &'a str, u64) {
+        let skey = service_key(service);
         if self.max_operations == 0 || operation == OVERFLOW {
-            return (service, operation);
+            let service = self.admit_service(service, skey);
+            return (service, operation, series::group_hash(service, operation));
         }
         let key = series::group_hash(service, operation);
-        let skey = service_key(service);
+        // A known service (the common case): its operations decide, one lookup of the map.
         if let Some(known) = self.services.get(&skey) {
             if known.contains(&key) {
-                return (service, operation);
+                return (service, operation, key);
             }
             if known.len() >= self.max_operations {
-                return (service, OVERFLOW);
+                return (service, OVERFLOW, series::group_hash(service, OVERFLOW));
             }
         }
+        let admitted = self.admit_service(service, skey);
+        let (service, skey, key) = match std::ptr::eq(admitted, service) {
+            true => (service, skey, key),
+            false => (admitted, service_key(admitted), series::group_hash(admitted, operation)),
+        };
         let mut known = self.services.entry(skey).or_default();
         if known.len() >= self.max_operations && !known.contains(&key) {
-            return (service, OVERFLOW);
+            return (service, OVERFLOW, series::group_hash(service, OVERFLOW));
         }
         known.insert(key);
-        (service, operation)
+        (service, operation, key)
     }
 
     /// The peer to count a span of (admitted) `service` calling or called by `peer` under:
@@ -114,11 +127,12 @@ impl Cardinality {
         peer
     }
 
-    fn admit_service<'a>(&self, service: &'a str) -> &'a str {
+    /// `service` (whose [`service_key`] is `skey`) while under the service cap or known, else
+    /// [`OVERFLOW`].
+    fn admit_service<'a>(&self, service: &'a str, skey: u64) -> &'a str {
         if self.max_services == 0 || service == OVERFLOW {
             return service;
         }
-        let skey = service_key(service);
         if self.services.contains_key(&skey) {
             return service;
         }
@@ -160,7 +174,11 @@ mod tests {
     #[test]
     fn new_operations_beyond_the_cap_overflow_and_known_ones_do_not() {
         let c = Cardinality::new(0, 3, 0, [("a", "x", ""), ("a", OVERFLOW, "")]);
-        let op = |s, o| c.admit(s, o).1;
+        let op = |s, o| {
+            let (service, operation, key) = c.admit_keyed(s, o);
+            assert_eq!(key, series::group_hash(service, operation), "the key of the pair admitted");
+            operation
+        };
         assert_eq!(op("a", "x"), "x");
         assert_eq!(op("a", "y"), "y");
         assert_eq!(op("a", "z"), "z");

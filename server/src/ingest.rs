@@ -335,11 +335,13 @@ impl IngestService {
         for (i, group) in batch.groups.iter().enumerate() {
             let (sent_service, sent_operation, kind, sent_peer) =
                 check_key(group.key.as_ref()).map_err(|m| bad(format!("group {i}: {m}")))?;
-            let (service, operation) = self.cardinality.admit(sent_service, sent_operation);
+            let (service, operation, key) = self.cardinality.admit_keyed(sent_service, sent_operation);
             let peer = self.cardinality.admit_peer(service, sent_peer);
-            let service_overflow = service != sent_service;
-            let overflow = operation != sent_operation;
-            let peer_overflow = peer != sent_peer;
+            // Admission hands back the very names it was given unless one went over its cap:
+            // comparing the references is enough (and spares three string compares a group).
+            let service_overflow = !std::ptr::eq(service, sent_service);
+            let overflow = !std::ptr::eq(operation, sent_operation);
+            let peer_overflow = !std::ptr::eq(peer, sent_peer);
             if overflow || service_overflow || peer_overflow {
                 stats.overflowed += group.spans.iter().map(|s| u64::from(s.weight.max(1))).sum::<u64>();
             }
@@ -348,7 +350,7 @@ impl IngestService {
                 overflow,
                 service_overflow,
                 peer_overflow,
-                ..GroupRoute::counted(service, operation, kind, peer, timed_self, shards)
+                ..GroupRoute::counted(key, service, operation, kind, peer, timed_self, shards)
             };
             targets.push(route.shard);
             stats.keys.push(route.key);

@@ -65,9 +65,11 @@ pub struct GroupRoute {
 
 impl GroupRoute {
     /// The route of a group of series `{service, operation, span_kind, peer}` named as counted
-    /// (a name over its cap already `__overflow__`), among `shards` shards; `timed_self`: some
-    /// of its spans carry a self time. The overflow flags are left false for the caller.
+    /// (a name over its cap already `__overflow__`), whose [`crate::series::group_hash`] is
+    /// `key`, among `shards` shards; `timed_self`: some of its spans carry a self time. The
+    /// overflow flags are left false for the caller.
     pub fn counted(
+        key: u64,
         service: &str,
         operation: &str,
         kind: Kind,
@@ -75,7 +77,7 @@ impl GroupRoute {
         timed_self: bool,
         shards: usize,
     ) -> Self {
-        let key = crate::series::group_hash(service, operation);
+        debug_assert_eq!(key, crate::series::group_hash(service, operation));
         GroupRoute {
             key,
             shard: crate::series::partition(key, shards) as u32,

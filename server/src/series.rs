@@ -517,13 +517,10 @@ impl Edge<'_> {
 
 /// The routing hash of a group key `{service, operation}`.
 pub fn group_hash(service: &str, operation: &str) -> u64 {
-    // Same canonical form as a series id, with the status left out.
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(&(service.len() as u32).to_be_bytes());
-    h.update(service.as_bytes());
-    h.update(&(operation.len() as u32).to_be_bytes());
-    h.update(operation.as_bytes());
-    h.digest()
+    // Same canonical form as a series id, with the status left out; hashed in one pass over a
+    // buffer (the streaming hasher gives the same value and took 4 % of the server's CPU at
+    // 10,000 series). The value decides a group's shard and cluster partition: it must not change.
+    hash_labels(([service, operation, "", "", ""], 2))
 }
 
 /// The partition (shard, or node when scaled out) of a routing hash among `n`: a multiply-shift
@@ -710,6 +707,23 @@ mod tests {
         assert_eq!(own.get(MEASURE_MATCHER), Some(SELF_MEASURE));
         assert_eq!(duration.get(MEASURE_MATCHER), None);
         assert_eq!(own.pairs().count(), 4, "the measure is not a label");
+    }
+
+    #[test]
+    fn group_hash_is_the_length_prefixed_pair_hashed_as_it_always_was() {
+        // The value places a group in a shard and a cluster partition across releases.
+        let streamed = |service: &str, operation: &str| {
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            h.update(&(service.len() as u32).to_be_bytes());
+            h.update(service.as_bytes());
+            h.update(&(operation.len() as u32).to_be_bytes());
+            h.update(operation.as_bytes());
+            h.digest()
+        };
+        let long = "o".repeat(300);
+        for (service, operation) in [("svc", "op"), ("", ""), ("checkout", &long[..]), (&long[..], "x")] {
+            assert_eq!(group_hash(service, operation), streamed(service, operation), "{service}/{operation}");
+        }
     }
 
     #[test]

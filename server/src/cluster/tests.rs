@@ -141,7 +141,15 @@ fn a_batch_cut_into_records_rebuilds_to_the_series_it_counted_in() {
         let counted = if i == 1 { crate::cardinality::OVERFLOW } else { operation };
         routes.push(GroupRoute {
             overflow: i == 1,
-            ..GroupRoute::counted(service, counted, kind, peer, true, partitions)
+            ..GroupRoute::counted(
+                crate::series::group_hash(service, counted),
+                service,
+                counted,
+                kind,
+                peer,
+                true,
+                partitions,
+            )
         });
     }
     let mut recorder = Recorder::new(layout);
