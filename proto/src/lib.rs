@@ -3,6 +3,7 @@
 //! the one span grouper that builds batches ([`batch::BatchBuilder`]).
 
 pub mod batch;
+pub mod codec;
 pub mod histogram;
 pub mod peer;
 pub mod selftime;

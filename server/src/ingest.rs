@@ -345,12 +345,11 @@ impl IngestService {
             if overflow || service_overflow || peer_overflow {
                 stats.overflowed += group.spans.iter().map(|s| u64::from(s.weight.max(1))).sum::<u64>();
             }
-            let timed_self = group.spans.iter().any(|s| s.self_nanos > 0);
             let route = GroupRoute {
                 overflow,
                 service_overflow,
                 peer_overflow,
-                ..GroupRoute::counted(key, service, operation, kind, peer, timed_self, shards)
+                ..GroupRoute::counted(key, service, operation, kind, peer, &group.spans, shards)
             };
             targets.push(route.shard);
             stats.keys.push(route.key);

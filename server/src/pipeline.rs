@@ -46,14 +46,16 @@ pub struct GroupRoute {
     pub key: u64,
     /// The shard owning the group's series.
     pub shard: u32,
-    /// The id of the group's `status="ok"` series.
+    /// The id of the group's `status="ok"` series (`0` when none of its spans is ok: the shard
+    /// reads it for ok spans only).
     pub ok_series: u64,
-    /// The id of the group's `status="error"` series.
+    /// The id of the group's `status="error"` series (`0` when none of its spans failed).
     pub error_series: u64,
     /// The group's `span_kind`.
     pub kind: crate::series::Kind,
     /// The ids of the group's `status="ok"` and `status="error"` self-time series, when its
-    /// spans are the service's own work and some of them carry a self time.
+    /// spans are the service's own work and some of them carry a self time (each `0` when no
+    /// span of that status does).
     pub self_series: Option<(u64, u64)>,
     /// Whether the group's operation is counted as `__overflow__` (its service is at its cap).
     pub overflow: bool,
@@ -66,30 +68,42 @@ pub struct GroupRoute {
 impl GroupRoute {
     /// The route of a group of series `{service, operation, span_kind, peer}` named as counted
     /// (a name over its cap already `__overflow__`), whose [`crate::series::group_hash`] is
-    /// `key`, among `shards` shards; `timed_self`: some of its spans carry a self time. The
-    /// overflow flags are left false for the caller.
+    /// `key`, among `shards` shards, for its `spans`: only the series ids some span will be
+    /// counted in are computed (two hashes a group were a tenth of ingest at 10,000 series).
+    /// The overflow flags are left false for the caller.
     pub fn counted(
         key: u64,
         service: &str,
         operation: &str,
         kind: Kind,
         peer: &str,
-        timed_self: bool,
+        spans: &[tailscope_proto::v1::Span],
         shards: usize,
     ) -> Self {
         debug_assert_eq!(key, crate::series::group_hash(service, operation));
+        // Per status: some span has it, some span of it carries a self time.
+        let (mut has, mut timed) = ([false; 2], [false; 2]);
+        for span in spans {
+            let status = Status::from_wire(span.status) as usize;
+            has[status] = true;
+            timed[status] |= span.self_nanos > 0;
+        }
+        let id = |status: Status| match has[status as usize] {
+            true => crate::series::series_id(service, operation, status, kind, peer),
+            false => 0,
+        };
+        let self_id = |status: Status| match timed[status as usize] {
+            true => crate::series::self_series_id(service, operation, status, kind),
+            false => 0,
+        };
         GroupRoute {
             key,
             shard: crate::series::partition(key, shards) as u32,
-            ok_series: crate::series::series_id(service, operation, Status::Ok, kind, peer),
-            error_series: crate::series::series_id(service, operation, Status::Error, kind, peer),
+            ok_series: id(Status::Ok),
+            error_series: id(Status::Error),
             kind,
-            self_series: (timed_self && !kind.is_outgoing()).then(|| {
-                (
-                    crate::series::self_series_id(service, operation, Status::Ok, kind),
-                    crate::series::self_series_id(service, operation, Status::Error, kind),
-                )
-            }),
+            self_series: ((timed[0] || timed[1]) && !kind.is_outgoing())
+                .then(|| (self_id(Status::Ok), self_id(Status::Error))),
             overflow: false,
             service_overflow: false,
             peer_overflow: false,

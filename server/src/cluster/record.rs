@@ -76,14 +76,13 @@ pub fn rebuild(record: LogRecord, partition: u32, shards: usize) -> Result<Valid
     let mut targets = Vec::new();
     for (i, group) in record.groups.iter().enumerate() {
         let key = group.key.as_ref().ok_or_else(|| format!("group {i}: no key"))?;
-        let timed_self = group.spans.iter().any(|s| s.self_nanos > 0);
         let route = GroupRoute::counted(
             crate::series::group_hash(&key.service, &key.operation),
             &key.service,
             &key.operation,
             Kind::from_wire(key.kind),
             &key.peer,
-            timed_self,
+            &group.spans,
             shards,
         );
         targets.push(route.shard);

@@ -147,7 +147,7 @@ fn a_batch_cut_into_records_rebuilds_to_the_series_it_counted_in() {
                 counted,
                 kind,
                 peer,
-                true,
+                &groups[i].spans,
                 partitions,
             )
         });
