@@ -66,4 +66,3 @@ impl<U: Message + Default> Decoder for SliceDecoder<U> {
         decoded.map(Some).map_err(|e| Status::internal(e.to_string()))
     }
 }
-

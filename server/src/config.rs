@@ -207,7 +207,8 @@ pub struct IngestConfig {
     /// Most (series, window) histograms the shards hold open for one epoch, together; reaching
     /// it encodes them (a few dozen bytes each instead of kilobytes) and cuts the epoch early,
     /// so spans spread over many series and windows (a backfill of the whole allowed lateness)
-    /// cost a bounded amount of memory.
+    /// cost a bounded amount of memory. While the last epoch is still being written, the next
+    /// holds at most twice this (open or encoded); then admission waits.
     pub max_open_windows: usize,
     /// How far past its accepted watermark a client's next batch may be numbered. A client
     /// numbers its batches one by one and resends from its watermark, so a batch further

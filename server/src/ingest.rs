@@ -228,7 +228,7 @@ impl IngestService {
             }
             Admission::Overloaded => IngestError::Overloaded(named(&match self.pipeline.stalled() {
                 Some(stall) => format!("{stall}; send again after a backoff"),
-                None => "shard queues are full; send again after a backoff".into(),
+                None => "ingest is at capacity (shard queues full, or the epoch being filled holds its bound of windows while the last one is written); send again after a backoff".into(),
             })),
             Admission::StoreUnavailable => IngestError::StoreUnavailable(named(
                 "the store cannot write right now; send again after a backoff",

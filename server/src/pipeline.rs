@@ -447,6 +447,15 @@ impl Pipeline {
                 }
             }
         }
+        // An epoch is written whole, in one batch: while the last one is being written the
+        // shards keep filling the next, and at a million active series that grew epochs of
+        // several hundred thousand windows — a write batch of ~1 GB and memtables past their
+        // budget. Past its bound a shard takes nothing more until its epoch is handed over.
+        if batch.targets.iter().any(|&s| self.held[s as usize].load(Ordering::Relaxed) >= self.epoch_windows)
+        {
+            self.hurry.notify_one();
+            return Err(batch);
+        }
         let mut permits = Vec::with_capacity(batch.targets.len());
         for &s in &batch.targets {
             match self.shards[s as usize].try_reserve() {
@@ -481,11 +490,20 @@ impl Pipeline {
     }
 }
 
+/// How many shares of `ingest.max_open_windows` an epoch may hold, open or encoded, before
+/// admission waits for it to be handed over to the writer.
+pub const EPOCH_SHARES: usize = 2;
+
 /// The pipeline: shard queues, client watermarks and the flush coordinator's state.
 #[derive(Debug)]
 pub struct Pipeline {
     shards: Vec<mpsc::Sender<ShardMsg>>,
     queue_capacity: usize,
+    /// Per shard, the windows it holds for epochs not yet handed over (open and encoded).
+    held: Vec<Arc<std::sync::atomic::AtomicUsize>>,
+    /// How many of them a shard may hold before admission waits: [`EPOCH_SHARES`] of its
+    /// share of `ingest.max_open_windows`.
+    epoch_windows: usize,
     gate: RwLock<Gate>,
     clients: DashMap<u64, Arc<Mutex<ClientMarks>>>,
     durable: watch::Sender<DurableState>,
@@ -536,11 +554,14 @@ impl Pipeline {
         let mut shards = Vec::with_capacity(n);
         let mut handles = Vec::with_capacity(n);
         let hurry = Arc::new(tokio::sync::Notify::new());
-        let open = shard::OpenLimit { windows: (config.max_open_windows / n).max(1), hurry: hurry.clone() };
+        let share = (config.max_open_windows / n).max(1);
+        let mut held = Vec::with_capacity(n);
         for id in 0..n {
             let (tx, rx) = mpsc::channel(config.queue_capacity);
             shards.push(tx);
-            handles.push(tokio::spawn(shard::run(id as u32, rx, layout, limits, open.clone())));
+            let open = shard::OpenLimit { windows: share, hurry: hurry.clone(), held: Arc::default() };
+            held.push(Arc::clone(&open.held));
+            handles.push(tokio::spawn(shard::run(id as u32, rx, layout, limits, open)));
         }
         let clients = DashMap::new();
         let now = clock.now_seconds();
@@ -562,6 +583,8 @@ impl Pipeline {
         let pipeline = Pipeline {
             shards,
             queue_capacity: config.queue_capacity,
+            held,
+            epoch_windows: share.saturating_mul(EPOCH_SHARES),
             // Epochs start at 1, so a durable epoch of 0 means that nothing was written yet.
             gate: RwLock::new(Gate { epoch: 1, draining: false }),
             clients,

@@ -3,6 +3,7 @@
 //! epoch, hands the encoded deltas to the coordinator.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tailscope_proto::histogram::{Layout, Recorder};
@@ -74,6 +75,11 @@ struct Accumulator {
 }
 
 impl Accumulator {
+    /// The windows it holds, open or encoded.
+    fn held(&self) -> usize {
+        self.windows.len() + self.spilled.len()
+    }
+
     /// Encodes every open histogram into `spilled`.
     fn spill(&mut self) {
         self.spilled.extend(self.windows.drain().map(|((series, window_start), h)| WindowDelta {
@@ -95,7 +101,10 @@ pub struct OpenLimit {
     /// Most (series, window) histograms the shard's epoch may hold before it asks.
     pub windows: usize,
     /// Wakes the flusher.
-    pub hurry: std::sync::Arc<tokio::sync::Notify>,
+    pub hurry: Arc<tokio::sync::Notify>,
+    /// How many windows, open or already encoded, the shard holds for epochs not yet handed
+    /// over: admission waits while it is past its bound ([`super::Pipeline`]).
+    pub held: Arc<AtomicUsize>,
 }
 
 struct ShardState {
@@ -305,16 +314,19 @@ pub async fn run(
                 state.apply(acc, &batch);
                 if acc.windows.len() >= open.windows {
                     // Batches already queued behind the flush request keep opening windows:
-                    // they are encoded as they go, so the epoch's memory stays bounded.
+                    // they are encoded as they go, so the open histograms stay bounded (and
+                    // admission waits once the encoded ones reach their bound).
                     state.spill(acc);
                     if !acc.hurried {
                         acc.hurried = true;
                         open.hurry.notify_one();
                     }
                 }
+                open.held.store(current.held() + next.held(), Ordering::Relaxed);
             }
             ShardMsg::Flush { epoch, now, reply } => {
                 let done = std::mem::replace(&mut current, std::mem::take(&mut next));
+                open.held.store(current.held(), Ordering::Relaxed);
                 open_epoch = epoch + 1;
                 // The coordinator may have given up (shutdown); the deltas then die with it,
                 // unacknowledged, and their clients resend them.

@@ -132,3 +132,79 @@ async fn a_strong_read_waits_for_whole_messages_and_asks_for_their_epoch() {
     stop.send(true).unwrap();
     flusher.await.unwrap();
 }
+
+/// A batch of client `client`'s batch `seq` with one span in each of `series` new series.
+fn wide(client: u64, seq: u64, now: i64, series: u64, shards: usize) -> Arc<ValidatedBatch> {
+    let span = Span {
+        start_unix_nanos: now - 2_000_000_000,
+        duration_nanos: 3_000_000,
+        weight: 1,
+        ..Default::default()
+    };
+    let groups = (0..series)
+        .map(|i| SeriesGroup {
+            key: Some(SeriesKey {
+                service: "cart".into(),
+                operation: format!("op-{seq}-{i}"),
+                ..Default::default()
+            }),
+            spans: vec![span],
+        })
+        .collect();
+    let record = LogRecord { client_id: client, seq, now_unix_nanos: now, groups, deltas: Vec::new() };
+    Arc::new(record::rebuild(record, 0, shards).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_holds_a_bounded_number_of_windows_and_admission_waits_until_it_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::open(dir.path(), HistogramConfig::default().layout().unwrap(), &metrics).unwrap();
+    // One shard holding 8 open windows: it encodes them past 8, and holds at most 16 for an epoch.
+    let config = IngestConfig { shards: 1, max_open_windows: 8, ..IngestConfig::default() };
+    let (pipeline, _shards) = Pipeline::start(&config, store, metrics, Arc::new(SystemClock)).unwrap();
+    let written = Arc::new(Counting::default());
+    pipeline.add_sink(written.clone());
+    let now = SystemClock.now_nanos();
+    let patience = Duration::from_secs(30);
+
+    // No flusher runs, so no epoch is cut: batches of 4 new series are taken until the shard
+    // has applied 16 windows, then refused (handed back) although its queue has room.
+    let mut seq = 0;
+    let deadline = tokio::time::Instant::now() + patience;
+    let refused = loop {
+        seq += 1;
+        match pipeline.admit_logged(wide(7, seq, now, 4, 1), 0, LogPosition { seq, records: 1 }) {
+            Ok(admission) => assert_eq!(admission, Admission::Accepted),
+            Err(batch) => break batch,
+        }
+        assert!(tokio::time::Instant::now() < deadline, "admission never waited");
+        // Let the shard apply what it was given.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let taken = seq - 1;
+    assert!(taken >= 4, "the bound is 16 windows, 4 per batch: {taken} batches taken");
+    assert!(taken <= 4 + config.queue_capacity as u64, "{taken} batches taken");
+    assert_eq!(refused.seq, seq);
+
+    // Once the epoch is cut and written, the same batch is taken, and every span is counted.
+    let (stop, stopped) = watch::channel(false);
+    let flusher = tokio::spawn(pipeline.clone().run_flusher(Duration::from_millis(20), stopped, patience));
+    let mut batch = refused;
+    loop {
+        match pipeline.admit_logged(batch, 0, LogPosition { seq, records: 1 }) {
+            Ok(admission) => break assert_eq!(admission, Admission::Accepted),
+            Err(back) => batch = back,
+        }
+        assert!(tokio::time::Instant::now() < deadline + patience, "admission never resumed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let spans = 4 * seq;
+    while *written.0.lock() < spans {
+        assert!(tokio::time::Instant::now() < deadline + 2 * patience, "never written");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(*written.0.lock(), spans, "every span of every batch taken, once");
+    stop.send(true).unwrap();
+    flusher.await.unwrap();
+}
