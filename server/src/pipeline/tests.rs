@@ -21,22 +21,37 @@ impl EpochSink for Counting {
 }
 
 fn logged(client: u64, seq: u64, now: i64, partition: u32, shards: usize) -> Arc<ValidatedBatch> {
+    batch_of(client, seq, now, &[("GET /".into(), 3)], partition, shards)
+}
+
+/// Client `client`'s batch `seq` as a store rebuilds it from partition `partition`'s log:
+/// per (operation, n) a group of service `cart` with `n` ok spans that started 2 s before `now`.
+fn batch_of(
+    client: u64,
+    seq: u64,
+    now: i64,
+    groups: &[(String, usize)],
+    partition: u32,
+    shards: usize,
+) -> Arc<ValidatedBatch> {
     let span = Span {
         start_unix_nanos: now - 2_000_000_000,
         duration_nanos: 3_000_000,
         weight: 1,
         ..Default::default()
     };
-    let record = LogRecord {
-        client_id: client,
-        seq,
-        now_unix_nanos: now,
-        groups: vec![SeriesGroup {
-            key: Some(SeriesKey { service: "cart".into(), operation: "GET /".into(), ..Default::default() }),
-            spans: vec![span; 3],
-        }],
-        deltas: Vec::new(),
-    };
+    let groups = groups
+        .iter()
+        .map(|(operation, n)| SeriesGroup {
+            key: Some(SeriesKey {
+                service: "cart".into(),
+                operation: operation.clone(),
+                ..Default::default()
+            }),
+            spans: vec![span; *n],
+        })
+        .collect();
+    let record = LogRecord { client_id: client, seq, now_unix_nanos: now, groups, deltas: Vec::new() };
     Arc::new(record::rebuild(record, partition, shards).unwrap())
 }
 
@@ -133,26 +148,10 @@ async fn a_strong_read_waits_for_whole_messages_and_asks_for_their_epoch() {
     flusher.await.unwrap();
 }
 
-/// A batch of client `client`'s batch `seq` with one span in each of `series` new series.
+/// Client `client`'s batch `seq` with one span in each of `series` new series.
 fn wide(client: u64, seq: u64, now: i64, series: u64, shards: usize) -> Arc<ValidatedBatch> {
-    let span = Span {
-        start_unix_nanos: now - 2_000_000_000,
-        duration_nanos: 3_000_000,
-        weight: 1,
-        ..Default::default()
-    };
-    let groups = (0..series)
-        .map(|i| SeriesGroup {
-            key: Some(SeriesKey {
-                service: "cart".into(),
-                operation: format!("op-{seq}-{i}"),
-                ..Default::default()
-            }),
-            spans: vec![span],
-        })
-        .collect();
-    let record = LogRecord { client_id: client, seq, now_unix_nanos: now, groups, deltas: Vec::new() };
-    Arc::new(record::rebuild(record, 0, shards).unwrap())
+    let groups: Vec<(String, usize)> = (0..series).map(|i| (format!("op-{seq}-{i}"), 1)).collect();
+    batch_of(client, seq, now, &groups, 0, shards)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
