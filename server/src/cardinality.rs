@@ -66,18 +66,12 @@ impl Cardinality {
         c
     }
 
-    /// The service and operation to count a span of `service`/`operation` under: themselves
-    /// while under the caps or already known, else [`OVERFLOW`] for the one over its cap (a new
-    /// service over the service cap keeps its operation names, which the operation cap of the
-    /// overflow service then bounds).
-    pub fn admit<'a>(&self, service: &'a str, operation: &'a str) -> (&'a str, &'a str) {
-        let (service, operation, _) = self.admit_keyed(service, operation);
-        (service, operation)
-    }
-
-    /// [`Cardinality::admit`], with the [`series::group_hash`] of the pair it returns (the
-    /// group's routing key), which it computes on the way: ingest needs both for every group.
-    pub fn admit_keyed<'a>(&self, service: &'a str, operation: &'a str) -> (&'a str, &'a str, u64) {
+    /// The service and operation to count a span of `service`/`operation` under — themselves
+    /// (the very references given) while under the caps or already known, else [`OVERFLOW`] for
+    /// the one over its cap (a new service over the service cap keeps its operation names,
+    /// which the operation cap of the overflow service then bounds) — and the
+    /// [`series::group_hash`] of that pair, which it computes on the way (ingest routes by it).
+    pub fn admit<'a>(&self, service: &'a str, operation: &'a str) -> (&'a str, &'a str, u64) {
         let skey = service_key(service);
         if self.max_operations == 0 || operation == OVERFLOW {
             let service = self.admit_service(service, skey);
@@ -175,7 +169,7 @@ mod tests {
     fn new_operations_beyond_the_cap_overflow_and_known_ones_do_not() {
         let c = Cardinality::new(0, 3, 0, [("a", "x", ""), ("a", OVERFLOW, "")]);
         let op = |s, o| {
-            let (service, operation, key) = c.admit_keyed(s, o);
+            let (service, operation, key) = c.admit(s, o);
             assert_eq!(key, series::group_hash(service, operation), "the key of the pair admitted");
             operation
         };
@@ -190,20 +184,25 @@ mod tests {
         assert!((0..10_000).all(|i| unlimited.admit("a", &i.to_string()).1 != OVERFLOW));
     }
 
+    /// The names `admit` counts under, without the key.
+    fn names<'a>((service, operation, _): (&'a str, &'a str, u64)) -> (&'a str, &'a str) {
+        (service, operation)
+    }
+
     #[test]
     fn new_services_beyond_the_cap_overflow_with_their_operations_capped() {
         let c = Cardinality::new(2, 3, 0, [("known", "x", "")]);
-        assert_eq!(c.admit("known", "x"), ("known", "x"));
-        assert_eq!(c.admit("second", "x"), ("second", "x"));
-        assert_eq!(c.admit("third", "a"), (OVERFLOW, "a"));
-        assert_eq!(c.admit("fourth", "b"), (OVERFLOW, "b"));
-        assert_eq!(c.admit("fifth", "c"), (OVERFLOW, "c"));
+        assert_eq!(names(c.admit("known", "x")), ("known", "x"));
+        assert_eq!(names(c.admit("second", "x")), ("second", "x"));
+        assert_eq!(names(c.admit("third", "a")), (OVERFLOW, "a"));
+        assert_eq!(names(c.admit("fourth", "b")), (OVERFLOW, "b"));
+        assert_eq!(names(c.admit("fifth", "c")), (OVERFLOW, "c"));
         // The overflow service's own operations are capped like any service's.
-        assert_eq!(c.admit("sixth", "d"), (OVERFLOW, OVERFLOW));
-        assert_eq!(c.admit("second", "y"), ("second", "y"), "known services keep their series");
+        assert_eq!(names(c.admit("sixth", "d")), (OVERFLOW, OVERFLOW));
+        assert_eq!(names(c.admit("second", "y")), ("second", "y"), "known services keep their series");
         // Services already stored count against the cap after a restart.
         let restarted = Cardinality::new(2, 3, 0, [("known", "x", ""), ("second", "x", "")]);
-        assert_eq!(restarted.admit("third", "a"), (OVERFLOW, "a"));
+        assert_eq!(names(restarted.admit("third", "a")), (OVERFLOW, "a"));
         // Many threads racing to add new services never pass the cap.
         let racing = std::sync::Arc::new(Cardinality::new(100, 0, 0, []));
         let threads: Vec<_> = (0..4)

@@ -335,13 +335,11 @@ impl IngestService {
         for (i, group) in batch.groups.iter().enumerate() {
             let (sent_service, sent_operation, kind, sent_peer) =
                 check_key(group.key.as_ref()).map_err(|m| bad(format!("group {i}: {m}")))?;
-            let (service, operation, key) = self.cardinality.admit_keyed(sent_service, sent_operation);
+            let (service, operation, key) = self.cardinality.admit(sent_service, sent_operation);
             let peer = self.cardinality.admit_peer(service, sent_peer);
-            // Admission hands back the very names it was given unless one went over its cap:
-            // comparing the references is enough (and spares three string compares a group).
-            let service_overflow = !std::ptr::eq(service, sent_service);
-            let overflow = !std::ptr::eq(operation, sent_operation);
-            let peer_overflow = !std::ptr::eq(peer, sent_peer);
+            let service_overflow = overflowed(service, sent_service);
+            let overflow = overflowed(operation, sent_operation);
+            let peer_overflow = overflowed(peer, sent_peer);
             if overflow || service_overflow || peer_overflow {
                 stats.overflowed += group.spans.iter().map(|s| u64::from(s.weight.max(1))).sum::<u64>();
             }
@@ -374,9 +372,11 @@ impl IngestService {
         for (i, delta) in batch.deltas.iter().enumerate() {
             let (sent_service, sent_operation, kind, sent_peer) =
                 check_key(delta.key.as_ref()).map_err(|m| bad(format!("delta {i}: {m}")))?;
-            let (service, operation) = self.cardinality.admit(sent_service, sent_operation);
+            let (service, operation, hash) = self.cardinality.admit(sent_service, sent_operation);
             let peer = self.cardinality.admit_peer(service, sent_peer);
-            let overflow = service != sent_service || operation != sent_operation || peer != sent_peer;
+            let overflow = overflowed(service, sent_service)
+                || overflowed(operation, sent_operation)
+                || overflowed(peer, sent_peer);
             let histogram = Histogram::decode(&delta.histogram)
                 .map_err(|e| bad(format!("delta {i} ({service}/{operation}): {e}")))?;
             let window = delta.window_start_unix_seconds;
@@ -415,7 +415,6 @@ impl IngestService {
             let self_times = self_histogram(delta, kind, count)
                 .map_err(|e| bad(format!("delta {i} ({service}/{operation}): self_histogram: {e}")))?;
             let status = SpanStatus::from_wire(delta.status);
-            let hash = series::group_hash(service, operation);
             stats.folded = stats.folded.saturating_add(count);
             stats.keys.push(hash);
             let shard = series::partition(hash, shards) as u32;
@@ -533,6 +532,13 @@ impl IngestService {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
     }
+}
+
+/// Whether admission counted a name as something else than the `sent` one: it hands back the
+/// very reference it was given unless the name went over its cap, so comparing the references
+/// is enough (and spares a string compare per name and group).
+fn overflowed(counted: &str, sent: &str) -> bool {
+    !std::ptr::eq(counted, sent)
 }
 
 /// The self-time histogram a delta carries, when it is one of the service's own work and not

@@ -69,7 +69,8 @@ impl GroupRoute {
     /// The route of a group of series `{service, operation, span_kind, peer}` named as counted
     /// (a name over its cap already `__overflow__`), whose [`crate::series::group_hash`] is
     /// `key`, among `shards` shards, for its `spans`: only the series ids some span will be
-    /// counted in are computed (two hashes a group were a tenth of ingest at 10,000 series).
+    /// counted in are computed (at 10,000 series per batch, most groups hold one span of one
+    /// status, and hashing both ids took 8 % of ingest).
     /// The overflow flags are left false for the caller.
     pub fn counted(
         key: u64,
@@ -492,7 +493,7 @@ impl Pipeline {
 
 /// How many shares of `ingest.max_open_windows` an epoch may hold, open or encoded, before
 /// admission waits for it to be handed over to the writer.
-pub const EPOCH_SHARES: usize = 2;
+const EPOCH_SHARES: usize = 2;
 
 /// The pipeline: shard queues, client watermarks and the flush coordinator's state.
 #[derive(Debug)]

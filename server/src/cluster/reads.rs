@@ -1129,11 +1129,7 @@ impl ClusterSource {
             resume: false,
             first_from: 0,
         });
-        let replies = self.ask_node(name, partitions.into_iter().collect(), op)?;
-        let mut by_series: HashMap<u64, Vec<(i64, Vec<u8>)>> = HashMap::new();
-        for w in replies.into_iter().flat_map(|r| r.windows) {
-            by_series.entry(w.series).or_default().push((w.start, w.histogram));
-        }
+        let mut by_series = by_series(self.ask_node(name, partitions.into_iter().collect(), op)?);
         let mine = by_series.remove(&series).unwrap_or_default();
         let mut routes = self.routes.lock();
         for s in batch.into_iter().skip(1) {
@@ -1152,18 +1148,28 @@ impl ClusterSource {
     /// Sends `op` of `partitions` to node `name` without waiting: every page arrives on the
     /// receiver (see [`held_by`]).
     fn start_asking(&self, name: &str, partitions: Vec<u32>, op: Op) -> Result<Asked, StoreError> {
-        let request = ReadRequest { partitions, op: Some(op) };
-        let fut = ask(
-            self.sources.bridge.client.clone(),
-            subject(&self.sources.name, name),
-            request,
-            next_from,
-            self.sources.metrics.clone(),
-        );
         self.sources
             .bridge
-            .start(fut)
+            .start(self.asking(name, partitions, op))
             .ok_or_else(|| remote_error("the cluster reads' runtime is gone".into()))
+    }
+
+    /// The read of `op` of `partitions` from node `name`, every page, to run on the bridge.
+    fn asking(
+        &self,
+        name: &str,
+        partitions: Vec<u32>,
+        op: Op,
+    ) -> impl std::future::Future<Output = Result<Vec<ReadReply>, String>> + Send + 'static {
+        let sources = &self.sources;
+        let request = ReadRequest { partitions, op: Some(op) };
+        ask(
+            sources.bridge.client.clone(),
+            subject(&sources.name, name),
+            request,
+            next_from,
+            sources.metrics.clone(),
+        )
     }
 
     /// `members` by where they are read: this node's, and each other node's.
@@ -1271,9 +1277,10 @@ fn merged_op(res: Resolution, groups: Vec<Vec<u64>>, intervals: &[(i64, i64)], w
 /// Series by where they are read: this node's, and each other node's.
 type Placed = (Vec<u64>, BTreeMap<String, Vec<u64>>);
 
-/// A batch's answer by group.
-fn by_group(replies: Vec<ReadReply>) -> ByGroup {
-    let mut out = ByGroup::new();
+/// The windows of `replies` by their `series` field: a series id, or in the answer to a
+/// merged read, a group's index.
+fn by_series(replies: Vec<ReadReply>) -> HashMap<u64, Vec<(i64, Vec<u8>)>> {
+    let mut out: HashMap<u64, Vec<(i64, Vec<u8>)>> = HashMap::new();
     for w in replies.into_iter().flat_map(|r| r.windows) {
         out.entry(w.series).or_default().push((w.start, w.histogram));
     }
@@ -1469,20 +1476,12 @@ impl Source for ClusterSource {
         for (name, groups) in theirs {
             for chunk in groups.chunks(BATCH_GROUPS) {
                 let partitions = self.partitions_of(&chunk.concat());
-                let request =
-                    ReadRequest { partitions, op: Some(merged_op(res, chunk.to_vec(), intervals, true)) };
-                let sources = &self.sources;
-                let fut = ask(
-                    sources.bridge.client.clone(),
-                    subject(&sources.name, &name),
-                    request,
-                    next_from,
-                    sources.metrics.clone(),
-                );
+                let read = self.asking(&name, partitions, merged_op(res, chunk.to_vec(), intervals, true));
                 let node = name.clone();
-                let answered = async move { held_by(&node, fut.await).ok().map(by_group) };
+                // An owner answers a merged read with each group's windows under its index.
+                let answered = async move { held_by(&node, read.await).ok().map(by_series) };
                 // Not asked: each group is read on its own.
-                let Some(asked) = sources.bridge.start(answered) else { return };
+                let Some(asked) = self.sources.bridge.start(answered) else { return };
                 self.keep_batch(Node::Remote(name.clone()), res, intervals, chunk, asked);
             }
         }

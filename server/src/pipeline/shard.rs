@@ -322,16 +322,15 @@ pub async fn run(
                         open.hurry.notify_one();
                     }
                 }
-                open.held.store(current.held() + next.held(), Ordering::Relaxed);
             }
             ShardMsg::Flush { epoch, now, reply } => {
                 let done = std::mem::replace(&mut current, std::mem::take(&mut next));
-                open.held.store(current.held(), Ordering::Relaxed);
                 open_epoch = epoch + 1;
                 // The coordinator may have given up (shutdown); the deltas then die with it,
                 // unacknowledged, and their clients resend them.
                 let _ = reply.send(state.hand_over(done, now));
             }
         }
+        open.held.store(current.held() + next.held(), Ordering::Relaxed);
     }
 }
