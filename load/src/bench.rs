@@ -72,7 +72,8 @@ pub struct BenchArgs {
     #[arg(long)]
     calls: bool,
     /// After the run, ask the started server how many spans it stored (a query over every
-    /// series) and how many series are active, and report both next to what was sent.
+    /// series) and how many series are active, and report both next to what was sent. The
+    /// RSS figures are read before that query; its own peak is `count_query_peak_rss_bytes`.
     #[arg(long, conflicts_with_all = ["grpc", "tls"])]
     check_counts: bool,
 }
@@ -698,6 +699,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Let idle memory settle for the RSS reading.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let spans = per_connection * args.connections * args.batch as u64;
+    // Read before the count below: the check's query (every series, with the query limit
+    // raised for it) is not ingest, and its own peak is reported beside it.
+    let (rss, peak_rss) = (status_bytes(pid, "VmRSS:")?, status_bytes(pid, "VmHWM:")?);
     let counted = match (&_child, args.check_counts) {
         (Some((server, _)), true) => match stored_counts(server.http).await {
             Ok(c) => Some(c),
@@ -722,8 +726,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "generator_ceiling_spans_per_core_second": spans as f64 / own.max(1e-9),
         "machine_busy": (cpu + own) / (elapsed.as_secs_f64() * cores),
         "server_rss_bytes_before": rss_before,
-        "server_rss_bytes": status_bytes(pid, "VmRSS:")?,
-        "server_peak_rss_bytes": status_bytes(pid, "VmHWM:")?,
+        "server_rss_bytes": rss,
+        "server_peak_rss_bytes": peak_rss,
+        "count_query_peak_rss_bytes": match counted {
+            Some(_) => Some(status_bytes(pid, "VmHWM:")?),
+            None => None,
+        },
         "refusals": refusals,
         "protocol": format!("{:?}", args.protocol),
         "ack_seconds_p50": quantile(0.5),
@@ -767,7 +775,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
         if let Some((stored, active, took)) = counted {
             println!(
-                "  stored            {stored:>12.0} spans counted of {spans} sent, {active:.0} active series (counted in {took:.1} s)"
+                "  stored            {stored:>12.0} spans counted of {spans} sent, {active:.0} active series (counted in {took:.1} s, server RSS peak {} with the count)",
+                report["count_query_peak_rss_bytes"]
             );
         }
         if let (Some(p50), Some(p99)) = (quantile(0.5), quantile(0.99)) {
