@@ -293,7 +293,9 @@ pub struct NativeSample {
     pub buckets: Vec<(f64, f64, f64)>,
 }
 
-/// `rate`/`increase` of bucket series, possibly summed by group: still histograms.
+/// `rate`/`increase` of bucket, count or sum series, possibly summed by group: still
+/// histograms, so a `sum` merges the members of its groups before anything is read (one read
+/// per group, not one per series).
 #[derive(Debug, Clone)]
 pub struct HistValue {
     groups: Vec<HistGroup>,
@@ -305,8 +307,42 @@ pub struct HistValue {
     range: i64,
     offset: i64,
     per_second: bool,
+    kind: HistKind,
+}
+
+impl HistValue {
+    /// No histograms.
+    fn none() -> HistValue {
+        HistValue {
+            groups: Vec::new(),
+            le: Vec::new(),
+            le_kept: false,
+            range: 1,
+            offset: 0,
+            per_second: false,
+            kind: HistKind::Native,
+        }
+    }
+}
+
+/// Which series a [`HistValue`]'s histograms stand for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HistKind {
+    /// `_bucket` series at the value's `le` bounds.
+    Buckets,
     /// Native histograms (`span_duration_seconds`): read only as histograms, never as numbers.
-    native: bool,
+    Native,
+    /// `_count` series: a number per group, never a histogram to the histogram functions.
+    Count,
+    /// `_sum` series, in seconds: as `Count`.
+    Sum,
+}
+
+impl HistKind {
+    /// Whether the histogram functions (`histogram_quantile`, `histogram_count`, …) read it.
+    fn is_histogram(self) -> bool {
+        matches!(self, HistKind::Buckets | HistKind::Native)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -594,7 +630,7 @@ impl<'a> Engine<'a> {
             range: self.since_oldest(offset),
             offset,
             per_second: false,
-            native: true,
+            kind: HistKind::Native,
         })
     }
 
@@ -797,7 +833,7 @@ impl<'a> Engine<'a> {
     /// answers).
     pub fn materialized(&self, v: Value) -> Result<Value, EvalError> {
         match v {
-            Value::Hist(h) if h.native => Ok(Value::Native(self.native_series(&h)?)),
+            Value::Hist(h) if h.kind == HistKind::Native => Ok(Value::Native(self.native_series(&h)?)),
             Value::Hist(_) => Ok(Value::Vector(self.materialize(v)?)),
             other => Ok(other),
         }
@@ -843,40 +879,63 @@ impl<'a> Engine<'a> {
                 unsupported("expected an instant vector, got a scalar or string")
             }
             Value::Native(_) => unsupported(NOT_A_NUMBER),
-            Value::Hist(h) if h.native => unsupported(NOT_A_NUMBER),
-            Value::Hist(h) => {
-                let mut out = Vec::new();
-                self.read_ahead(&h.groups, h.range, h.offset);
-                for g in &h.groups {
-                    let mut per_le: Vec<Vec<Option<f64>>> = vec![vec![None; self.steps.len()]; h.le.len()];
-                    self.slide(g, h.range, h.offset, |i, acc| {
-                        let scale = if h.per_second { h.range as f64 } else { 1.0 };
-                        for (j, &le) in h.le.iter().enumerate() {
-                            let n = if le.is_infinite() {
-                                acc.count()
-                            } else {
-                                acc.count_at_most((le * 1e9).clamp(0.0, u64::MAX as f64) as u64)
-                            };
-                            per_le[j][i] = Some(n as f64 / scale);
-                        }
-                    })?;
-                    if h.le_kept {
-                        for (le, values) in h.le.iter().zip(per_le) {
-                            let mut labels = g.labels.clone();
-                            labels.insert("le".into(), format_value(*le));
-                            out.push(Series { labels, values });
-                        }
+            Value::Hist(h) => match h.kind {
+                HistKind::Native => unsupported(NOT_A_NUMBER),
+                HistKind::Count | HistKind::Sum => self.totals(h),
+                HistKind::Buckets => self.buckets(h),
+            },
+        }
+    }
+
+    /// The count or sum series of each group of `h`.
+    fn totals(&self, h: HistValue) -> Result<Vec<Series>, EvalError> {
+        let scale = if h.per_second { h.range as f64 } else { 1.0 };
+        let mut out = Vec::with_capacity(h.groups.len());
+        self.read_ahead(&h.groups, h.range, h.offset);
+        for g in h.groups {
+            let mut values = vec![None; self.steps.len()];
+            self.slide(&g, h.range, h.offset, |i, acc| {
+                values[i] = Some(match h.kind {
+                    HistKind::Count => acc.count() as f64 / scale,
+                    _ => acc.sum() as f64 / 1e9 / scale,
+                });
+            })?;
+            out.push(Series { labels: g.labels, values });
+        }
+        Ok(out)
+    }
+
+    /// The bucket series of each group of `h` (summed over `le` once a `sum` dropped it).
+    fn buckets(&self, h: HistValue) -> Result<Vec<Series>, EvalError> {
+        let mut out = Vec::new();
+        self.read_ahead(&h.groups, h.range, h.offset);
+        for g in &h.groups {
+            let mut per_le: Vec<Vec<Option<f64>>> = vec![vec![None; self.steps.len()]; h.le.len()];
+            self.slide(g, h.range, h.offset, |i, acc| {
+                let scale = if h.per_second { h.range as f64 } else { 1.0 };
+                for (j, &le) in h.le.iter().enumerate() {
+                    let n = if le.is_infinite() {
+                        acc.count()
                     } else {
-                        // The classic meaning of summing bucket series over `le`.
-                        let values = (0..self.steps.len())
-                            .map(|i| per_le.iter().map(|v| v[i]).sum::<Option<f64>>())
-                            .collect();
-                        out.push(Series { labels: g.labels.clone(), values });
-                    }
+                        acc.count_at_most((le * 1e9).clamp(0.0, u64::MAX as f64) as u64)
+                    };
+                    per_le[j][i] = Some(n as f64 / scale);
                 }
-                Ok(out)
+            })?;
+            if h.le_kept {
+                for (le, values) in h.le.iter().zip(per_le) {
+                    let mut labels = g.labels.clone();
+                    labels.insert("le".into(), format_value(*le));
+                    out.push(Series { labels, values });
+                }
+            } else {
+                // The classic meaning of summing bucket series over `le`.
+                let values =
+                    (0..self.steps.len()).map(|i| per_le.iter().map(|v| v[i]).sum::<Option<f64>>()).collect();
+                out.push(Series { labels: g.labels.clone(), values });
             }
         }
+        Ok(out)
     }
 }
 

@@ -28,7 +28,8 @@ impl Engine<'_> {
                     _ => return unsupported("histogram_quantile()'s first argument must be a scalar"),
                 };
                 match self.eval(hist)? {
-                    Value::Hist(h) => self.quantiles(&phi, &h),
+                    Value::Hist(h) if h.kind.is_histogram() => self.quantiles(&phi, &h),
+                    Value::Hist(h) if h.groups.is_empty() => Ok(Value::Vector(Vec::new())),
                     Value::Vector(v) if v.is_empty() => Ok(Value::Vector(v)),
                     _ => unsupported(format!(
                         "histogram_quantile() is computed from tailscope's histograms: its second argument must be rate() or increase() of {BUCKET}, optionally summed by (le, …)"
@@ -136,16 +137,9 @@ impl Engine<'_> {
     /// The histogram argument of `name`: rate()/increase() of a histogram, possibly summed.
     fn histogram_argument(&self, name: &str, e: &Expr) -> Result<HistValue, EvalError> {
         match self.eval(e)? {
-            Value::Hist(h) => Ok(h),
-            Value::Vector(v) if v.is_empty() => Ok(HistValue {
-                groups: Vec::new(),
-                le: Vec::new(),
-                le_kept: false,
-                range: 1,
-                offset: 0,
-                per_second: false,
-                native: true,
-            }),
+            Value::Hist(h) if h.kind.is_histogram() => Ok(h),
+            Value::Hist(HistValue { groups, .. }) if groups.is_empty() => Ok(HistValue::none()),
+            Value::Vector(v) if v.is_empty() => Ok(HistValue::none()),
             _ => unsupported(format!(
                 "{name}() reads histograms: its argument must be {METRIC}, rate() or increase() of it (or of {BUCKET}), optionally summed"
             )),
@@ -205,6 +199,25 @@ impl Engine<'_> {
             }
             labels
         };
+        if (count != sum) && !bucket && !native {
+            // The count or the sum alone stays histograms until it is read as numbers, so a
+            // `sum` around it merges its groups' members first.
+            let (i, kind) = if count { (1, HistKind::Count) } else { (2, HistKind::Sum) };
+            if named {
+                for g in &mut groups {
+                    g.labels.insert("__name__".to_owned(), sel.called[i].to_owned());
+                }
+            }
+            return Ok(Value::Hist(HistValue {
+                groups,
+                le: Vec::new(),
+                le_kept: false,
+                range,
+                offset,
+                per_second,
+                kind,
+            }));
+        }
         if count || sum {
             self.read_ahead(&groups, range, offset);
             for group in &groups {
@@ -235,10 +248,18 @@ impl Engine<'_> {
                 range,
                 offset,
                 per_second,
-                native: true,
+                kind: HistKind::Native,
             }));
         }
-        let hist = HistValue { groups, le: sel.le, le_kept: true, range, offset, per_second, native: false };
+        let hist = HistValue {
+            groups,
+            le: sel.le,
+            le_kept: true,
+            range,
+            offset,
+            per_second,
+            kind: HistKind::Buckets,
+        };
         if bucket && !count && !sum {
             return Ok(Value::Hist(hist));
         }

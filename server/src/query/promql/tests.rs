@@ -281,7 +281,7 @@ fn a_step_within_a_second_sees_the_window_that_began_in_that_second() {
     let at = |ms: i64| {
         let steps = Steps::instant(ms);
         let engine = Engine::new(&mem, &steps, NOW, &retention, limits());
-        match engine.eval(&expr).unwrap() {
+        match engine.eval(&expr).and_then(|v| engine.materialized(v)).unwrap() {
             Value::Vector(v) => v.first().and_then(|s| s.values[0]),
             other => panic!("{other:?}"),
         }
@@ -473,7 +473,9 @@ fn range_queries_at_unaligned_steps_read_exactly_each_steps_window() {
         let engine = Engine::new(&mem, &steps, NOW, &retention, limits());
         let q = format!("sum(increase(span_duration_seconds_count[{label}]))");
         let expr = promql_parser::parser::parse(&q).expect("parses");
-        let Value::Vector(v) = engine.eval(&expr).expect("eval") else { panic!("vector") };
+        let Value::Vector(v) = engine.eval(&expr).and_then(|v| engine.materialized(v)).expect("eval") else {
+            panic!("vector")
+        };
         let q99 =
             format!("histogram_quantile(0.99, sum by (le) (rate(span_duration_seconds_bucket[{label}])))");
         let expr = promql_parser::parser::parse(&q99).expect("parses");
@@ -948,4 +950,125 @@ fn windows_merged_where_they_are_read_give_the_same_answers_instant_and_range() 
         assert!(plain.iter().all(|a| a.contains("Some(")), "every query has values: {plain:?}");
         assert_eq!(answers(&merging, s), plain, "at {:?}", s.times().first());
     }
+}
+
+/// A source that counts the reads the engine makes ([`Source::merged_windows`] calls).
+struct Counting<'a>(&'a Mem, std::sync::atomic::AtomicUsize);
+
+impl Source for Counting<'_> {
+    fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
+        self.0.series()
+    }
+    fn select(&self, m: &[&Matcher], at_most: usize) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
+        self.0.select(m, at_most)
+    }
+    fn windows(
+        &self,
+        res: crate::store::Resolution,
+        series: u64,
+        start: i64,
+        end: i64,
+        f: &mut crate::store::WindowFn<'_>,
+    ) -> Result<(), StoreError> {
+        self.0.windows(res, series, start, end, f)
+    }
+    fn merged_windows(
+        &self,
+        res: crate::store::Resolution,
+        members: &[u64],
+        intervals: &[(i64, i64)],
+        whole: bool,
+        f: &mut crate::store::WindowFn<'_>,
+    ) -> Result<(), StoreError> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.merged_windows(res, members, intervals, whole, f)
+    }
+    fn layout(&self) -> Layout {
+        self.0.layout()
+    }
+    fn exemplars(
+        &self,
+        series: u64,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<crate::store::Exemplar>, StoreError> {
+        self.0.exemplars(series, start, end)
+    }
+}
+
+#[test]
+fn a_sum_of_count_or_sum_series_reads_each_group_once_and_equals_the_sum_of_its_series() {
+    // Two hours of 12 series in 3 services (4 operations each), errors in one of them.
+    let mut mem = Mem::default();
+    let mut t = NOW - 2 * 3600;
+    let mut i: u64 = 0;
+    while t < NOW {
+        let service = ["api", "db", "cache"][(i % 3) as usize];
+        let op = ["get", "put", "list", "scan"][(i / 3 % 4) as usize];
+        let status = if i % 17 == 0 { Status::Error } else { Status::Ok };
+        mem.span(service, op, status, t, 1_000_000 + (i * 7_919 % 997) * 1_000_000);
+        t += 2;
+        i += 1;
+    }
+    let series = mem.series().expect("series").len();
+    assert!(series > 12, "{series} series");
+    let retention = RetentionConfig::default();
+    let steps = [
+        Steps::instant((NOW - 30) * 1000),
+        Steps::range((NOW - 3600) * 1000 + 7_500, NOW * 1000, 60_000, 100).expect("steps"),
+    ];
+    for steps in &steps {
+        for (name, inner) in [
+            ("count", "increase(span_duration_seconds_count[1h])"),
+            ("sum", "rate(span_duration_seconds_sum[5m])"),
+            ("sum over an hour", "increase(span_duration_seconds_sum[1h])"),
+        ] {
+            let counting = Counting(&mem, Default::default());
+            let engine = Engine::new(&counting, steps, NOW, &retention, limits());
+            let run = |q: &str| -> Vec<Series> {
+                let expr = promql_parser::parser::parse(q).expect("parses");
+                match engine.eval(&expr).and_then(|v| engine.materialized(v)).expect("eval") {
+                    Value::Vector(v) => v,
+                    other => panic!("{q}: {other:?}"),
+                }
+            };
+            let reads = || counting.1.swap(0, std::sync::atomic::Ordering::Relaxed);
+            let per_series = run(inner);
+            let per_series_reads = reads();
+            assert_eq!(per_series.len(), series, "{name}");
+            let summed = run(&format!("sum by (service) ({inner})"));
+            let summed_reads = reads();
+            // One read per service where there was one per series (as many levels each).
+            assert_eq!(summed_reads * series, per_series_reads * 3, "{name}: reads");
+            assert_eq!(summed.len(), 3, "{name}");
+            for s in &summed {
+                let service = &s.labels["service"];
+                assert_eq!(s.labels.len(), 1, "{name}: {:?}", s.labels);
+                for (step, v) in s.values.iter().enumerate() {
+                    let of_series: Vec<f64> = per_series
+                        .iter()
+                        .filter(|p| &p.labels["service"] == service)
+                        .filter_map(|p| p.values[step])
+                        .collect();
+                    match v {
+                        None => assert!(of_series.is_empty(), "{name} {service} step {step}"),
+                        Some(v) => {
+                            let expected: f64 = of_series.iter().sum();
+                            assert!(
+                                (v - expected).abs() <= 1e-9 * expected.abs().max(1.0),
+                                "{name} {service} step {step}: {v} against {expected}"
+                            );
+                            assert!(*v > 0.0, "{name} {service} step {step}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Counts stay numbers to the histogram functions, as before; an empty selection is empty.
+    let err = eval_at(&mem, "histogram_quantile(0.9, sum(rate(span_duration_seconds_count[5m])))", NOW)
+        .expect_err("a count is not a histogram");
+    assert!(err.to_string().contains("its second argument must be"), "{err}");
+    assert!(vector(&mem, "histogram_quantile(0.9, rate(span_duration_seconds_count{service=\"none\"}[5m]))")
+        .is_empty());
 }
