@@ -69,6 +69,42 @@ fn epochs_merge_into_every_resolution() {
 }
 
 #[test]
+fn a_window_written_in_many_epochs_reads_as_the_sum_of_all_of_them_before_and_after_reopening() {
+    // More epochs than the memtable keeps as separate operands: the writes fold them, and the
+    // folded value plus the operands after it still add up to every epoch's spans.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = labels("x").id();
+    let mut all = Histogram::new(Layout::default());
+    {
+        let store = open(dir.path());
+        for epoch in 0..(5 * super::rocksdb::SUCCESSIVE_MERGES as u64 + 3) {
+            let h = hist(&[1_000 + epoch * 7_919, 50_000_000 + epoch, epoch + 1]);
+            all.merge(&h);
+            let write = EpochWrite {
+                windows: vec![WindowDelta { series: id, window_start: T0 + 20, histogram: h.to_bytes() }],
+                ..EpochWrite::default()
+            };
+            store.write_epoch(&write).expect("write");
+            if epoch == 11 {
+                store.db.flush().expect("flush"); // part of them on disk, the rest in memory
+            }
+        }
+        for res in Resolution::ALL {
+            let mut read = Vec::new();
+            store.for_each_window(res, id, T0, T0 + 3600, |w, h| read.push((w, h))).expect("scan");
+            assert_eq!(read.len(), 1, "{res:?}");
+            assert_eq!(read[0].1, all, "{res:?}");
+        }
+    }
+    let store = open(dir.path());
+    for res in Resolution::ALL {
+        let mut read = Vec::new();
+        store.for_each_window(res, id, T0, T0 + 3600, |_, h| read.push(h)).expect("scan");
+        assert_eq!(read, vec![all.clone()], "{res:?} after reopening");
+    }
+}
+
+#[test]
 fn scans_cross_partitions() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
