@@ -29,12 +29,6 @@ const CF_ALERTING: &str = "alerting";
 const CF_LOG: &str = "log";
 /// Memory for all memtables together.
 const MEMTABLE_BUDGET: usize = 64 << 20;
-/// Merge operands a window may gather in a memtable before the next write folds them into one
-/// value. Live ingest adds an operand per epoch (a second) to each open window, so without it
-/// a query over the last hour merged up to 60 operands per minute window (and thousands for
-/// the hour's) on every read; folding costs the write path a memtable read every few epochs,
-/// and only where the operands are still in memory (RocksDB never reads disk for it).
-pub(super) const SUCCESSIVE_MERGES: usize = 8;
 /// Memory for cached (uncompressed) blocks of the window families.
 const BLOCK_CACHE: usize = 128 << 20;
 
@@ -67,7 +61,6 @@ impl Store {
         let windows = Resolution::ALL.map(|res| {
             let mut o = Options::default();
             o.set_compression_type(DBCompressionType::Lz4);
-            o.set_max_successive_merges(SUCCESSIVE_MERGES);
             let mut table = BlockBasedOptions::default();
             table.set_bloom_filter(10.0, false);
             table.set_block_cache(&cache);
