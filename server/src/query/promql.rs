@@ -311,17 +311,20 @@ pub struct HistValue {
 }
 
 impl HistValue {
+    /// Histograms read over `range` that no `le` label stands for (native, count, sum).
+    fn without_le(
+        groups: Vec<HistGroup>,
+        range: i64,
+        offset: i64,
+        per_second: bool,
+        kind: HistKind,
+    ) -> HistValue {
+        HistValue { groups, le: Vec::new(), le_kept: false, range, offset, per_second, kind }
+    }
+
     /// No histograms.
     fn none() -> HistValue {
-        HistValue {
-            groups: Vec::new(),
-            le: Vec::new(),
-            le_kept: false,
-            range: 1,
-            offset: 0,
-            per_second: false,
-            kind: HistKind::Native,
-        }
+        HistValue::without_le(Vec::new(), 1, 0, false, HistKind::Native)
     }
 }
 
@@ -623,15 +626,7 @@ impl<'a> Engine<'a> {
         for g in &mut groups {
             g.labels.insert("__name__".to_owned(), sel.called[3].to_owned());
         }
-        Value::Hist(HistValue {
-            groups,
-            le: Vec::new(),
-            le_kept: false,
-            range: self.since_oldest(offset),
-            offset,
-            per_second: false,
-            kind: HistKind::Native,
-        })
+        Value::Hist(HistValue::without_le(groups, self.since_oldest(offset), offset, false, HistKind::Native))
     }
 
     /// The range, in seconds, from the oldest 10-second window still retained to the last

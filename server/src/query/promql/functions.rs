@@ -208,15 +208,7 @@ impl Engine<'_> {
                     g.labels.insert("__name__".to_owned(), sel.called[i].to_owned());
                 }
             }
-            return Ok(Value::Hist(HistValue {
-                groups,
-                le: Vec::new(),
-                le_kept: false,
-                range,
-                offset,
-                per_second,
-                kind,
-            }));
+            return Ok(Value::Hist(HistValue::without_le(groups, range, offset, per_second, kind)));
         }
         if count || sum {
             self.read_ahead(&groups, range, offset);
@@ -241,15 +233,13 @@ impl Engine<'_> {
             }
         }
         if native {
-            return Ok(Value::Hist(HistValue {
+            return Ok(Value::Hist(HistValue::without_le(
                 groups,
-                le: Vec::new(),
-                le_kept: false,
                 range,
                 offset,
                 per_second,
-                kind: HistKind::Native,
-            }));
+                HistKind::Native,
+            )));
         }
         let hist = HistValue {
             groups,

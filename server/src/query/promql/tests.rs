@@ -849,16 +849,33 @@ fn repeats_are_the_sub_expressions_and_selectors_more_than_one_rule_holds() {
     assert!(!memo.serves(&[1000], 1));
 }
 
-/// A source that merges what [`Source::merged_windows`] asks as a cluster's owners do: per
-/// start, or per interval when asked for whole ones, given at the interval's start.
-struct Merging<'a>(&'a Mem);
+/// A source over the in-memory store that counts the reads the engine makes
+/// ([`Source::merged_windows`] calls) and, `merging`, merges what they ask as a cluster's
+/// owners do: per start, or per interval when asked for whole ones, given at the interval's
+/// start.
+struct Probe<'a> {
+    mem: &'a Mem,
+    merging: bool,
+    reads: std::sync::atomic::AtomicUsize,
+}
 
-impl Source for Merging<'_> {
+impl<'a> Probe<'a> {
+    fn new(mem: &'a Mem, merging: bool) -> Probe<'a> {
+        Probe { mem, merging, reads: Default::default() }
+    }
+
+    /// The reads made since the last call.
+    fn reads(&self) -> usize {
+        self.reads.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Source for Probe<'_> {
     fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
-        self.0.series()
+        self.mem.series()
     }
     fn select(&self, m: &[&Matcher], at_most: usize) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
-        self.0.select(m, at_most)
+        self.mem.select(m, at_most)
     }
     fn windows(
         &self,
@@ -868,7 +885,7 @@ impl Source for Merging<'_> {
         end: i64,
         f: &mut crate::store::WindowFn<'_>,
     ) -> Result<(), StoreError> {
-        self.0.windows(res, series, start, end, f)
+        self.mem.windows(res, series, start, end, f)
     }
     fn merged_windows(
         &self,
@@ -878,12 +895,16 @@ impl Source for Merging<'_> {
         whole: bool,
         f: &mut crate::store::WindowFn<'_>,
     ) -> Result<(), StoreError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !self.merging {
+            return self.mem.merged_windows(res, members, intervals, whole, f);
+        }
         let mut merged: BTreeMap<i64, Histogram> = BTreeMap::new();
         for &m in members {
-            self.0.windows_in(res, m, intervals, &mut |start, b| {
+            self.mem.windows_in(res, m, intervals, &mut |start, b| {
                 merged
                     .entry(crate::store::merged_at(intervals, start, whole))
-                    .or_insert_with(|| Histogram::new(self.0.layout()))
+                    .or_insert_with(|| Histogram::new(self.mem.layout()))
                     .merge(&Histogram::decode(b)?);
                 Ok(())
             })?;
@@ -896,7 +917,7 @@ impl Source for Merging<'_> {
         Ok(())
     }
     fn layout(&self) -> Layout {
-        self.0.layout()
+        self.mem.layout()
     }
     fn exemplars(
         &self,
@@ -904,7 +925,7 @@ impl Source for Merging<'_> {
         start: i64,
         end: i64,
     ) -> Result<Vec<crate::store::Exemplar>, StoreError> {
-        self.0.exemplars(series, start, end)
+        self.mem.exemplars(series, start, end)
     }
 }
 
@@ -920,7 +941,7 @@ fn windows_merged_where_they_are_read_give_the_same_answers_instant_and_range() 
         t += 3;
         i += 1;
     }
-    let merging = Merging(&mem);
+    let merging = Probe::new(&mem, true);
     let retention = RetentionConfig::default();
     let queries = [
         "sum(increase(span_duration_seconds_count[5m]))",
@@ -952,50 +973,6 @@ fn windows_merged_where_they_are_read_give_the_same_answers_instant_and_range() 
     }
 }
 
-/// A source that counts the reads the engine makes ([`Source::merged_windows`] calls).
-struct Counting<'a>(&'a Mem, std::sync::atomic::AtomicUsize);
-
-impl Source for Counting<'_> {
-    fn series(&self) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
-        self.0.series()
-    }
-    fn select(&self, m: &[&Matcher], at_most: usize) -> Result<Vec<(u64, SeriesLabels)>, StoreError> {
-        self.0.select(m, at_most)
-    }
-    fn windows(
-        &self,
-        res: crate::store::Resolution,
-        series: u64,
-        start: i64,
-        end: i64,
-        f: &mut crate::store::WindowFn<'_>,
-    ) -> Result<(), StoreError> {
-        self.0.windows(res, series, start, end, f)
-    }
-    fn merged_windows(
-        &self,
-        res: crate::store::Resolution,
-        members: &[u64],
-        intervals: &[(i64, i64)],
-        whole: bool,
-        f: &mut crate::store::WindowFn<'_>,
-    ) -> Result<(), StoreError> {
-        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.0.merged_windows(res, members, intervals, whole, f)
-    }
-    fn layout(&self) -> Layout {
-        self.0.layout()
-    }
-    fn exemplars(
-        &self,
-        series: u64,
-        start: i64,
-        end: i64,
-    ) -> Result<Vec<crate::store::Exemplar>, StoreError> {
-        self.0.exemplars(series, start, end)
-    }
-}
-
 #[test]
 fn a_sum_of_count_or_sum_series_reads_each_group_once_and_equals_the_sum_of_its_series() {
     // Two hours of 12 series in 3 services (4 operations each), errors in one of them.
@@ -1023,8 +1000,8 @@ fn a_sum_of_count_or_sum_series_reads_each_group_once_and_equals_the_sum_of_its_
             ("sum", "rate(span_duration_seconds_sum[5m])"),
             ("sum over an hour", "increase(span_duration_seconds_sum[1h])"),
         ] {
-            let counting = Counting(&mem, Default::default());
-            let engine = Engine::new(&counting, steps, NOW, &retention, limits());
+            let probe = Probe::new(&mem, false);
+            let engine = Engine::new(&probe, steps, NOW, &retention, limits());
             let run = |q: &str| -> Vec<Series> {
                 let expr = promql_parser::parser::parse(q).expect("parses");
                 match engine.eval(&expr).and_then(|v| engine.materialized(v)).expect("eval") {
@@ -1032,12 +1009,11 @@ fn a_sum_of_count_or_sum_series_reads_each_group_once_and_equals_the_sum_of_its_
                     other => panic!("{q}: {other:?}"),
                 }
             };
-            let reads = || counting.1.swap(0, std::sync::atomic::Ordering::Relaxed);
             let per_series = run(inner);
-            let per_series_reads = reads();
+            let per_series_reads = probe.reads();
             assert_eq!(per_series.len(), series, "{name}");
             let summed = run(&format!("sum by (service) ({inner})"));
-            let summed_reads = reads();
+            let summed_reads = probe.reads();
             // One read per service where there was one per series (as many levels each).
             assert_eq!(summed_reads * series, per_series_reads * 3, "{name}: reads");
             assert_eq!(summed.len(), 3, "{name}");
