@@ -728,10 +728,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "server_rss_bytes_before": rss_before,
         "server_rss_bytes": rss,
         "server_peak_rss_bytes": peak_rss,
-        "count_query_peak_rss_bytes": match counted {
-            Some(_) => Some(status_bytes(pid, "VmHWM:")?),
-            None => None,
-        },
+        "count_query_peak_rss_bytes": counted.map(|_| status_bytes(pid, "VmHWM:")).transpose()?,
         "refusals": refusals,
         "protocol": format!("{:?}", args.protocol),
         "ack_seconds_p50": quantile(0.5),

@@ -326,6 +326,25 @@ impl HistValue {
     fn none() -> HistValue {
         HistValue::without_le(Vec::new(), 1, 0, false, HistKind::Native)
     }
+
+    /// What a histogram read over the range is divided by: the range for `rate()`, else 1.
+    fn scale(&self) -> f64 {
+        if self.per_second {
+            self.range as f64
+        } else {
+            1.0
+        }
+    }
+}
+
+/// A histogram's count per `scale` seconds.
+fn count_per(acc: &Histogram, scale: f64) -> f64 {
+    acc.count() as f64 / scale
+}
+
+/// A histogram's sum, in seconds, per `scale` seconds.
+fn seconds_per(acc: &Histogram, scale: f64) -> f64 {
+    acc.sum() as f64 / 1e9 / scale
 }
 
 /// Which series a [`HistValue`]'s histograms stand for.
@@ -837,7 +856,7 @@ impl<'a> Engine<'a> {
     /// Native histograms per group and step: the merged histogram's non-empty buckets.
     fn native_series(&self, h: &HistValue) -> Result<Vec<NativeSeries>, EvalError> {
         let layout = self.source.layout();
-        let scale = if h.per_second { h.range as f64 } else { 1.0 };
+        let scale = h.scale();
         let mut out = Vec::with_capacity(h.groups.len());
         self.read_ahead(&h.groups, h.range, h.offset);
         for g in &h.groups {
@@ -854,8 +873,8 @@ impl<'a> Engine<'a> {
                     })
                     .collect();
                 values[i] = Some(NativeSample {
-                    count: acc.count() as f64 / scale,
-                    sum: acc.sum() as f64 / 1e9 / scale,
+                    count: count_per(acc, scale),
+                    sum: seconds_per(acc, scale),
                     buckets,
                 });
             })?;
@@ -882,22 +901,30 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// `f(step, histogram, scale)` for each group of `h`, in order, at every step its range
+    /// holds windows (`None` at the others).
+    fn per_group(
+        &self,
+        h: &HistValue,
+        mut f: impl FnMut(usize, &Histogram, f64) -> f64,
+    ) -> Result<Vec<Vec<Option<f64>>>, EvalError> {
+        let scale = h.scale();
+        self.read_ahead(&h.groups, h.range, h.offset);
+        h.groups
+            .iter()
+            .map(|g| {
+                let mut values = vec![None; self.steps.len()];
+                self.slide(g, h.range, h.offset, |i, acc| values[i] = Some(f(i, acc, scale)))?;
+                Ok(values)
+            })
+            .collect()
+    }
+
     /// The count or sum series of each group of `h`.
     fn totals(&self, h: HistValue) -> Result<Vec<Series>, EvalError> {
-        let scale = if h.per_second { h.range as f64 } else { 1.0 };
-        let mut out = Vec::with_capacity(h.groups.len());
-        self.read_ahead(&h.groups, h.range, h.offset);
-        for g in h.groups {
-            let mut values = vec![None; self.steps.len()];
-            self.slide(&g, h.range, h.offset, |i, acc| {
-                values[i] = Some(match h.kind {
-                    HistKind::Count => acc.count() as f64 / scale,
-                    _ => acc.sum() as f64 / 1e9 / scale,
-                });
-            })?;
-            out.push(Series { labels: g.labels, values });
-        }
-        Ok(out)
+        let number = if h.kind == HistKind::Count { count_per } else { seconds_per };
+        let values = self.per_group(&h, |_, acc, scale| number(acc, scale))?;
+        Ok(h.groups.into_iter().zip(values).map(|(g, values)| Series { labels: g.labels, values }).collect())
     }
 
     /// The bucket series of each group of `h` (summed over `le` once a `sum` dropped it).
@@ -906,8 +933,8 @@ impl<'a> Engine<'a> {
         self.read_ahead(&h.groups, h.range, h.offset);
         for g in &h.groups {
             let mut per_le: Vec<Vec<Option<f64>>> = vec![vec![None; self.steps.len()]; h.le.len()];
+            let scale = h.scale();
             self.slide(g, h.range, h.offset, |i, acc| {
-                let scale = if h.per_second { h.range as f64 } else { 1.0 };
                 for (j, &le) in h.le.iter().enumerate() {
                     let n = if le.is_infinite() {
                         acc.count()

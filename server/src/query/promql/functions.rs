@@ -42,8 +42,8 @@ impl Engine<'_> {
                 };
                 let h = self.histogram_argument(name, hist)?;
                 self.per_histogram(&h, |_, acc, scale| match name {
-                    "histogram_count" => acc.count() as f64 / scale,
-                    "histogram_sum" => acc.sum() as f64 / 1e9 / scale,
+                    "histogram_count" => count_per(acc, scale),
+                    "histogram_sum" => seconds_per(acc, scale),
                     _ => acc.mean().map_or(f64::NAN, |m| m / 1e9),
                 })
             }
@@ -138,7 +138,7 @@ impl Engine<'_> {
     fn histogram_argument(&self, name: &str, e: &Expr) -> Result<HistValue, EvalError> {
         match self.eval(e)? {
             Value::Hist(h) if h.kind.is_histogram() => Ok(h),
-            Value::Hist(HistValue { groups, .. }) if groups.is_empty() => Ok(HistValue::none()),
+            Value::Hist(h) if h.groups.is_empty() => Ok(HistValue::none()),
             Value::Vector(v) if v.is_empty() => Ok(HistValue::none()),
             _ => unsupported(format!(
                 "{name}() reads histograms: its argument must be {METRIC}, rate() or increase() of it (or of {BUCKET}), optionally summed"
@@ -151,20 +151,20 @@ impl Engine<'_> {
     fn per_histogram(
         &self,
         h: &HistValue,
-        mut f: impl FnMut(usize, &Histogram, f64) -> f64,
+        f: impl FnMut(usize, &Histogram, f64) -> f64,
     ) -> Result<Value, EvalError> {
-        let scale = if h.per_second { h.range as f64 } else { 1.0 };
-        let mut out = Vec::with_capacity(h.groups.len());
-        self.read_ahead(&h.groups, h.range, h.offset);
-        for g in &h.groups {
-            let mut values = vec![None; self.steps.len()];
-            self.slide(g, h.range, h.offset, |i, acc| values[i] = Some(f(i, acc, scale)))?;
-            if values.iter().any(Option::is_some) {
+        let values = self.per_group(h, f)?;
+        let out = h
+            .groups
+            .iter()
+            .zip(values)
+            .filter(|(_, values)| values.iter().any(Option::is_some))
+            .map(|(g, values)| {
                 let mut labels = g.labels.clone();
                 labels.remove("__name__");
-                out.push(Series { labels, values });
-            }
-        }
+                Series { labels, values }
+            })
+            .collect();
         Ok(Value::Vector(out))
     }
 
@@ -212,13 +212,13 @@ impl Engine<'_> {
         }
         if count || sum {
             self.read_ahead(&groups, range, offset);
+            let scale = if per_second { range as f64 } else { 1.0 };
             for group in &groups {
                 let mut counts = vec![None; self.steps.len()];
                 let mut sums = vec![None; self.steps.len()];
                 self.slide(group, range, offset, |i, acc| {
-                    let scale = if per_second { range as f64 } else { 1.0 };
-                    counts[i] = Some(acc.count() as f64 / scale);
-                    sums[i] = Some(acc.sum() as f64 / 1e9 / scale);
+                    counts[i] = Some(count_per(acc, scale));
+                    sums[i] = Some(seconds_per(acc, scale));
                 })?;
                 for (i, wanted, values) in [(1, count, counts), (2, sum, sums)] {
                     if wanted {

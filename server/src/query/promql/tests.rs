@@ -849,6 +849,24 @@ fn repeats_are_the_sub_expressions_and_selectors_more_than_one_rule_holds() {
     assert!(!memo.serves(&[1000], 1));
 }
 
+/// `hours` up to `NOW` of one span every `every` seconds, taking the services and the operations
+/// in turn (their counts coprime, so every pair gets spans), with durations of 1 ms to 1 s,
+/// every `errors`-th span failed.
+fn spread(hours: i64, every: i64, services: &[&str], operations: &[&str], errors: Option<u64>) -> Mem {
+    let mut mem = Mem::default();
+    let mut t = NOW - hours * 3600;
+    let mut i: u64 = 0;
+    while t < NOW {
+        let (service, op) =
+            (services[i as usize % services.len()], operations[i as usize % operations.len()]);
+        let status = if errors.is_some_and(|e| i % e == 0) { Status::Error } else { Status::Ok };
+        mem.span(service, op, status, t, 1_000_000 + (i * 7_919 % 997) * 1_000_000);
+        t += every;
+        i += 1;
+    }
+    mem
+}
+
 /// A source over the in-memory store that counts the reads the engine makes
 /// ([`Source::merged_windows`] calls) and, `merging`, merges what they ask as a cluster's
 /// owners do: per start, or per interval when asked for whole ones, given at the interval's
@@ -932,15 +950,7 @@ impl Source for Probe<'_> {
 #[test]
 fn windows_merged_where_they_are_read_give_the_same_answers_instant_and_range() {
     // Three hours of six series in two services, every few seconds.
-    let mut mem = Mem::default();
-    let mut t = NOW - 3 * 3600;
-    let mut i: u64 = 0;
-    while t < NOW {
-        let (service, op) = (["api", "db"][(i % 2) as usize], ["get", "put", "list"][(i % 3) as usize]);
-        mem.span(service, op, Status::Ok, t, 1_000_000 + (i * 7_919 % 997) * 1_000_000);
-        t += 3;
-        i += 1;
-    }
+    let mem = spread(3, 3, &["api", "db"], &["get", "put", "list"], None);
     let merging = Probe::new(&mem, true);
     let retention = RetentionConfig::default();
     let queries = [
@@ -975,18 +985,8 @@ fn windows_merged_where_they_are_read_give_the_same_answers_instant_and_range() 
 
 #[test]
 fn a_sum_of_count_or_sum_series_reads_each_group_once_and_equals_the_sum_of_its_series() {
-    // Two hours of 12 series in 3 services (4 operations each), errors in one of them.
-    let mut mem = Mem::default();
-    let mut t = NOW - 2 * 3600;
-    let mut i: u64 = 0;
-    while t < NOW {
-        let service = ["api", "db", "cache"][(i % 3) as usize];
-        let op = ["get", "put", "list", "scan"][(i / 3 % 4) as usize];
-        let status = if i % 17 == 0 { Status::Error } else { Status::Ok };
-        mem.span(service, op, status, t, 1_000_000 + (i * 7_919 % 997) * 1_000_000);
-        t += 2;
-        i += 1;
-    }
+    // Two hours of 12 series in 3 services (4 operations each), and some errors.
+    let mem = spread(2, 2, &["api", "db", "cache"], &["get", "put", "list", "scan"], Some(17));
     let series = mem.series().expect("series").len();
     assert!(series > 12, "{series} series");
     let retention = RetentionConfig::default();
