@@ -233,9 +233,18 @@ pub async fn demo(args: &DemoArgs, out: Arc<Mutex<Vec<u8>>>, echo: bool) -> anyh
                 )
             })
             .collect();
+        let id = i["id"].as_str().unwrap_or("?");
+        let merged: Vec<&str> = i["labels"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .filter(|l| *l != id)
+            .collect();
+        let merged =
+            if merged.is_empty() { String::new() } else { format!(" (merged: {})", merged.join(", ")) };
         say(format!(
-            "incident {}: root {} — {}",
-            i["id"].as_str().unwrap_or("?"),
+            "incident {id}{merged}: root {} — {}",
             i["root_service"].as_str().unwrap_or("?"),
             members.join(", ")
         ))

@@ -16,7 +16,10 @@
 //!   self-time p99 and of its largest call) and `incident_services`.
 //!
 //! A later alert of an open incident (staggered `for` clocks) joins it, and a re-rooted
-//! incident keeps its id. The stamps are written to the store before the alerts go on, so a
+//! incident keeps its id. Incidents re-rooted onto one root are one incident: each root has one
+//! open incident that its new alerts join — the one named after it if there is one, else the
+//! earliest — and the others are listed inside it (their alerts keep their labels, so no
+//! alert changes fingerprint). The stamps are written to the store before the alerts go on, so a
 //! restart keeps every incident id and the notification log sees the same groups.
 
 pub mod blame;
@@ -133,9 +136,17 @@ pub struct Stamp {
     pub resolved: bool,
     /// When it was last seen, ms.
     pub last_seen: i64,
+    /// The incident its own was merged into, when a re-rooting gave two incidents one root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<String>,
 }
 
 impl Stamp {
+    /// The incident it is listed under: its own, or the one its own merged into.
+    pub fn listed(&self) -> &str {
+        self.merged_into.as_deref().unwrap_or(&self.incident)
+    }
+
     /// `root` or `symptom`.
     pub fn role(&self) -> &'static str {
         if self.service == self.root {
@@ -149,8 +160,11 @@ impl Stamp {
 /// One incident as `GET /api/v1/incidents` lists it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Incident {
-    /// Its id (the `incident` label).
+    /// Its id (the `incident` label of the alerts that joined it).
     pub id: String,
+    /// Every `incident` label its alerts carry: its id, and the ids of the incidents that were
+    /// re-rooted onto its root and merged into it.
+    pub labels: Vec<String>,
     /// Its root now.
     pub root_service: String,
     /// `service` or `virtual`.
@@ -170,6 +184,8 @@ pub struct Member {
     pub alertname: String,
     /// Its service.
     pub service: String,
+    /// Its `incident` label.
+    pub incident: String,
     /// `root` or `symptom`.
     pub role: &'static str,
     /// Its blame edge, for a symptom (for a root, why: its rises).
@@ -329,21 +345,21 @@ pub fn stamp(
 ) -> (Vec<Alert>, Vec<StateWrite>) {
     let thresholds = config.thresholds();
     let mut changed = BTreeSet::new();
-    let mut keys = Vec::with_capacity(alerts.len());
-    for a in &alerts {
-        let Some(service) = a.labels.get(&config.service_label) else {
-            keys.push(None);
-            continue;
-        };
+    let mut keys = vec![None; alerts.len()];
+    // Alerts already stamped go first, so a new alert of this batch joins the incident they
+    // were re-rooted to rather than minting another.
+    let mut order: Vec<(usize, u64)> =
+        alerts.iter().enumerate().map(|(i, a)| (i, fingerprint(&a.labels))).collect();
+    order.sort_by_key(|&(i, fp)| (stamps.get(&fp).is_none_or(|s| s.resolved), i));
+    for (i, fp) in order {
+        let a = &alerts[i];
+        let Some(service) = a.labels.get(&config.service_label) else { continue };
         if a.labels.contains_key("incident") {
-            keys.push(None);
             continue;
         }
-        let fp = fingerprint(&a.labels);
         let resolved = a.resolved(now);
         if resolved && !stamps.contains_key(&fp) {
             // Never stamped while firing: stamping now would make it another alert.
-            keys.push(None);
             continue;
         }
         if !resolved {
@@ -353,9 +369,6 @@ pub fn stamp(
                 Some(b) => Some(b.to_string()),
                 None if verdict.root == *service => blame::root_reason(tails, service),
                 None => None,
-            };
-            let open = |root: &str| {
-                stamps.values().filter(|s| !s.resolved && s.root == root).map(|s| s.incident.clone()).min()
             };
             let own_rising = tails
                 .services
@@ -369,13 +382,16 @@ pub fn stamp(
                 }
                 Some(s) if !s.resolved => (s.incident.clone(), verdict.root, verdict.virtual_root, why),
                 _ => (
-                    open(&verdict.root)
+                    open_incident(stamps, &verdict.root)
                         .unwrap_or_else(|| format!("{}-{}", verdict.root, a.starts_at.div_euclid(1000))),
                     verdict.root,
                     verdict.virtual_root,
                     why,
                 ),
             };
+            // A merge holds while the root it was made for does.
+            let merged_into =
+                stamps.get(&fp).filter(|s| !s.resolved && s.root == root).and_then(|s| s.merged_into.clone());
             let stamp = Stamp {
                 incident,
                 root,
@@ -386,6 +402,7 @@ pub fn stamp(
                 starts_at: a.starts_at,
                 resolved: false,
                 last_seen: now,
+                merged_into,
             };
             let old = stamps.insert(fp, stamp.clone());
             if old.is_none_or(|o| Stamp { last_seen: now, ..o } != stamp || now - o.last_seen > 60_000) {
@@ -398,12 +415,23 @@ pub fn stamp(
             }
             s.last_seen = now;
         }
-        keys.push(Some(fp));
+        keys[i] = Some(fp);
+    }
+    // Incidents re-rooted onto one root are one: each listed under the root's open incident.
+    let roots: BTreeSet<String> = stamps.values().filter(|s| !s.resolved).map(|s| s.root.clone()).collect();
+    for root in roots {
+        let Some(into) = open_incident(stamps, &root) else { continue };
+        for (fp, s) in stamps.iter_mut() {
+            if !s.resolved && s.root == root && s.listed() != into {
+                s.merged_into = (s.incident != into).then(|| into.clone());
+                changed.insert(*fp);
+            }
+        }
     }
     // The members of each incident, for `incident_services`.
     let mut members: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for s in stamps.values() {
-        members.entry(&s.incident).or_default().insert(&s.service);
+        members.entry(s.listed()).or_default().insert(&s.service);
     }
     let out = alerts
         .into_iter()
@@ -412,7 +440,7 @@ pub fn stamp(
             let Some(s) = key.and_then(|fp| stamps.get(&fp)) else { return a };
             a.labels.insert("incident".into(), s.incident.clone());
             let services = members
-                .get(s.incident.as_str())
+                .get(s.listed())
                 .map_or_else(|| s.service.clone(), |m| m.iter().copied().collect::<Vec<_>>().join(", "));
             let notes = [
                 ("root_service", s.root.clone()),
@@ -444,11 +472,25 @@ pub fn stamp(
     (out, writes)
 }
 
-/// The incidents of `stamps`, grouped by id, newest first.
+/// The open incident of `root` that its new alerts join: the one named after it if there is
+/// one, else the earliest started (then the least id).
+fn open_incident(stamps: &HashMap<u64, Stamp>, root: &str) -> Option<String> {
+    let mut started: BTreeMap<&str, i64> = BTreeMap::new();
+    for s in stamps.values().filter(|s| !s.resolved && s.root == root) {
+        let start = started.entry(s.listed()).or_insert(s.starts_at);
+        *start = (*start).min(s.starts_at);
+    }
+    let named = |id: &str| {
+        id.strip_prefix(root).and_then(|r| r.strip_prefix('-')).is_some_and(|r| r.parse::<i64>().is_ok())
+    };
+    started.into_iter().min_by_key(|&(id, start)| (!named(id), start, id)).map(|(id, _)| id.to_owned())
+}
+
+/// The incidents of `stamps`, grouped by the incident each is listed under, newest first.
 pub fn incidents_of(stamps: &HashMap<u64, Stamp>) -> Vec<Incident> {
     let mut by_id: BTreeMap<&str, Vec<&Stamp>> = BTreeMap::new();
     for s in stamps.values() {
-        by_id.entry(&s.incident).or_default().push(s);
+        by_id.entry(s.listed()).or_default().push(s);
     }
     let mut out: Vec<(i64, Incident)> = by_id
         .into_iter()
@@ -458,8 +500,11 @@ pub fn incidents_of(stamps: &HashMap<u64, Stamp>) -> Vec<Incident> {
             });
             let newest = members.iter().max_by_key(|s| s.last_seen).copied().unwrap_or(members[0]);
             let started = members.iter().map(|s| s.starts_at).min().unwrap_or(0);
+            let labels: BTreeSet<&str> =
+                std::iter::once(id).chain(members.iter().map(|s| s.incident.as_str())).collect();
             let incident = Incident {
                 id: id.to_owned(),
+                labels: labels.into_iter().map(str::to_owned).collect(),
                 root_service: newest.root.clone(),
                 root_kind: if newest.virtual_root { "virtual" } else { "service" },
                 state: if members.iter().any(|s| !s.resolved) { "firing" } else { "resolved" },
@@ -469,6 +514,7 @@ pub fn incidents_of(stamps: &HashMap<u64, Stamp>) -> Vec<Incident> {
                     .map(|s| Member {
                         alertname: s.alertname.clone(),
                         service: s.service.clone(),
+                        incident: s.incident.clone(),
                         role: s.role(),
                         blame: s.blame.clone(),
                         state: if s.resolved { "resolved" } else { "firing" },

@@ -111,6 +111,66 @@ fn staggered_alerts_join_and_a_rerooted_incident_keeps_its_id() {
 }
 
 #[test]
+fn incidents_rerooted_onto_one_root_are_one_incident_named_after_it() {
+    let config = IncidentsConfig { enabled: true, ..IncidentsConfig::default() };
+    let mut stamps = HashMap::new();
+    let ticket = |s: &str| alert("SloBurn", s, T0, T0 + 600_000);
+    // First each service's tail rises with no call to explain it: three incidents, each its own
+    // root.
+    let apart = tails(&[("frontend", 0.08, 0.6), ("checkout", 0.06, 0.58), ("payments", 0.05, 0.57)], &[]);
+    let first = ["checkout", "frontend", "payments"].map(ticket).to_vec();
+    let (out, _) = stamp(&mut stamps, first, &apart, &config, T0);
+    let own: Vec<String> = out.iter().map(|a| a.labels["incident"].clone()).collect();
+    let payments = format!("payments-{}", T0 / 1000);
+    assert_eq!(own, ["checkout", "frontend", "payments"].map(|s| format!("{s}-{}", T0 / 1000)));
+    // Then the cascade blames payments. The pages, sent in the same batch as the tickets' resend
+    // and ahead of them, join the incident named after payments whatever the ids' order; the
+    // tickets keep their labels (their fingerprints must not change) and are listed inside it.
+    let page = |s: &str| alert("HighP99Latency", s, T0 + 30_000, T0 + 600_000);
+    let mut later: Vec<Alert> = ["frontend", "checkout", "payments"].map(page).to_vec();
+    later.extend(["checkout", "frontend", "payments"].map(ticket));
+    let (out, writes) = stamp(&mut stamps, later, &leaf_cascade(), &config, T0 + 30_000);
+    assert!(!writes.is_empty());
+    for a in &out {
+        assert_eq!(a.annotations["root_service"], "payments", "{:?}", a.labels);
+        assert_eq!(a.annotations["incident_services"], "checkout, frontend, payments");
+        if a.labels["alertname"] == "SloBurn" {
+            assert_eq!(a.labels["incident"], format!("{}-{}", a.labels["service"], T0 / 1000));
+        } else {
+            assert_eq!(a.labels["incident"], payments, "{:?}", a.labels);
+        }
+    }
+    let listed = incidents_of(&stamps);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!((listed[0].id.as_str(), listed[0].root_service.as_str()), (payments.as_str(), "payments"));
+    assert_eq!(listed[0].labels, own);
+    assert_eq!(listed[0].alerts.len(), 6);
+    // The merge is kept: a store restored from these stamps lists the same one incident.
+    let restored: HashMap<u64, Stamp> = stamps
+        .iter()
+        .map(|(fp, s)| (*fp, serde_json::from_slice(&serde_json::to_vec(s).unwrap()).unwrap()))
+        .collect();
+    assert_eq!(incidents_of(&restored), listed);
+}
+
+#[test]
+fn a_new_alert_ahead_of_its_rerooted_incident_in_one_batch_joins_it() {
+    let config = IncidentsConfig { enabled: true, ..IncidentsConfig::default() };
+    let mut stamps = HashMap::new();
+    let early = tails(&[("frontend", 0.08, 1.0)], &[]);
+    let (out, _) = stamp(&mut stamps, vec![firing("frontend")], &early, &config, T0);
+    let id = out[0].labels["incident"].clone();
+    assert_eq!(id, format!("frontend-{}", T0 / 1000));
+    // payments' alert comes first in the batch that re-roots frontend's onto payments.
+    let later = vec![firing("payments"), firing("frontend")];
+    let (out, _) = stamp(&mut stamps, later, &leaf_cascade(), &config, T0 + 40_000);
+    for a in &out {
+        assert_eq!(a.labels["incident"], id, "{:?}", a.labels);
+    }
+    assert_eq!(incidents_of(&stamps).len(), 1);
+}
+
+#[test]
 fn alerts_without_a_service_or_already_stamped_pass_untouched() {
     let config = IncidentsConfig { enabled: true, ..IncidentsConfig::default() };
     let mut stamps = HashMap::new();
