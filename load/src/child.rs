@@ -64,15 +64,23 @@ impl ChildServer {
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
         let mut lines = BufReader::new(child.stderr.take().context("no stderr")?).lines();
+        // The last lines it wrote, to say why if it exits before it starts (a bad setting).
+        let mut last = std::collections::VecDeque::new();
         let started = loop {
             let Some(line) = lines.next() else {
                 let _ = child.wait();
                 bail!(
-                    "the server exited before it started (ports {grpc} and {http}, data {})",
-                    data.display()
+                    "the server exited before it started (ports {grpc} and {http}, data {}): {}",
+                    data.display(),
+                    Vec::from(last).join("\n")
                 )
             };
-            let v: serde_json::Value = serde_json::from_str(&line?).unwrap_or_default();
+            let line = line?;
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if last.len() == 5 {
+                last.pop_front();
+            }
+            last.push_back(line);
             if v["fields"]["message"] == "tailscope started" {
                 break v;
             }

@@ -253,29 +253,73 @@ async fn start_prometheus(bin: &Path, dir: &Path, name: &str, extra: &[&str]) ->
     }
 }
 
-/// The native stream to tailscope: batches sent in order, acknowledgements read alongside.
-struct Ingest {
+/// Batches sent to tailscope and not yet acknowledged, at most: past it the loader waits.
+const UNACKED: usize = 64;
+
+/// Consecutive refusals (each after a longer backoff, to 1 s) before the loader gives up.
+const REFUSALS: u32 = 120;
+
+/// One ingest stream: batches go in, acknowledgements are read alongside.
+struct Stream {
     tx: tokio::sync::mpsc::Sender<SpanBatch>,
     acked: tokio::sync::watch::Receiver<u64>,
-    reader: tokio::task::JoinHandle<anyhow::Result<()>>,
-    seq: u64,
-    groups: Vec<SeriesGroup>,
-    spans: usize,
+    reader: tokio::task::JoinHandle<Result<(), tonic::Status>>,
 }
 
-impl Ingest {
-    async fn connect(grpc: std::net::SocketAddr) -> anyhow::Result<Ingest> {
+impl Stream {
+    async fn open(grpc: std::net::SocketAddr) -> anyhow::Result<Stream> {
         let mut client = IngestClient::connect(format!("http://{grpc}")).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(32);
         let mut replies = client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
         let (acked_tx, acked) = tokio::sync::watch::channel(0);
         let reader = tokio::spawn(async move {
-            while let Some(reply) = replies.message().await.context("tailscope refused a batch")? {
+            while let Some(reply) = replies.message().await? {
                 acked_tx.send_replace(reply.durable_seq);
             }
             Ok(())
         });
-        Ok(Ingest { tx, acked, reader, seq: 0, groups: Vec::new(), spans: 0 })
+        Ok(Stream { tx, acked, reader })
+    }
+
+    /// Why it ended: the status tailscope ended it with, if any.
+    async fn end(&mut self) -> anyhow::Result<tonic::Status> {
+        match (&mut self.reader).await {
+            Ok(Err(status)) => Ok(status),
+            Ok(Ok(())) => Ok(tonic::Status::unavailable("tailscope ended the ingest stream")),
+            Err(e) => Err(anyhow!(e)),
+        }
+    }
+}
+
+/// The native stream to tailscope as a client should keep it: batches numbered one by one,
+/// kept until acknowledged, and on a refusal to back off (`RESOURCE_EXHAUSTED`, `UNAVAILABLE`)
+/// resent from the watermark on a new stream — tailscope counts each batch once.
+struct Ingest {
+    grpc: std::net::SocketAddr,
+    stream: Stream,
+    seq: u64,
+    /// The highest seq acknowledged as durable.
+    acked: u64,
+    unacked: std::collections::VecDeque<SpanBatch>,
+    groups: Vec<SeriesGroup>,
+    spans: usize,
+    /// Refusals backed off from, for the report.
+    refusals: u64,
+}
+
+impl Ingest {
+    async fn connect(grpc: std::net::SocketAddr) -> anyhow::Result<Ingest> {
+        let stream = Stream::open(grpc).await?;
+        Ok(Ingest {
+            grpc,
+            stream,
+            seq: 0,
+            acked: 0,
+            unacked: Default::default(),
+            groups: Vec::new(),
+            spans: 0,
+            refusals: 0,
+        })
     }
 
     async fn push(&mut self, group: SeriesGroup) -> anyhow::Result<()> {
@@ -299,41 +343,93 @@ impl Ingest {
             deltas: vec![],
         };
         self.spans = 0;
-        if self.tx.send(batch).await.is_err() {
-            return Err(self.failure().await);
+        self.unacked.push_back(batch.clone());
+        if self.stream.tx.send(batch).await.is_err() {
+            self.recover().await?;
+        }
+        while self.unacked.len() > UNACKED {
+            let oldest = self.unacked.front().map_or(0, |b| b.seq);
+            self.wait_for(oldest).await?;
         }
         Ok(())
     }
 
-    /// Why the stream ended.
-    async fn failure(&mut self) -> anyhow::Error {
-        match (&mut self.reader).await {
-            Ok(Err(e)) => e,
-            Ok(Ok(())) => anyhow!("tailscope ended the ingest stream"),
-            Err(e) => anyhow!(e),
+    /// Waits until `seq` is durable, recovering the stream as often as tailscope asks.
+    async fn wait_for(&mut self, seq: u64) -> anyhow::Result<()> {
+        while self.acked < seq {
+            let waited = self.stream.acked.wait_for(|&a| a >= seq).await.map(|a| *a);
+            match waited {
+                Ok(a) => self.acknowledged(a),
+                Err(_) => self.recover().await?,
+            }
+        }
+        Ok(())
+    }
+
+    fn acknowledged(&mut self, durable: u64) {
+        self.acked = self.acked.max(durable);
+        while self.unacked.front().is_some_and(|b| b.seq <= self.acked) {
+            self.unacked.pop_front();
         }
     }
 
-    /// Sends what is left and waits until every batch is durable.
-    async fn finish(mut self) -> anyhow::Result<()> {
+    /// The stream ended: if tailscope asked for a backoff (or could not be reached), waits,
+    /// opens a new stream and resends every unacknowledged batch with its seq; otherwise fails
+    /// with tailscope's reason.
+    async fn recover(&mut self) -> anyhow::Result<()> {
+        let acked = *self.stream.acked.borrow();
+        self.acknowledged(acked);
+        let mut why = self.stream.end().await?;
+        for attempt in 1..=REFUSALS {
+            if !matches!(why.code(), tonic::Code::ResourceExhausted | tonic::Code::Unavailable) {
+                bail!("tailscope refused a batch: {why}");
+            }
+            self.refusals += 1;
+            tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt.min(20)))).await;
+            let mut stream = match Stream::open(self.grpc).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    why = tonic::Status::unavailable(format!("cannot reconnect: {e:#}"));
+                    continue;
+                }
+            };
+            let mut resent = true;
+            for batch in &self.unacked {
+                if stream.tx.send(batch.clone()).await.is_err() {
+                    resent = false;
+                    break;
+                }
+            }
+            if resent {
+                self.stream = stream;
+                return Ok(());
+            }
+            let acked = *stream.acked.borrow();
+            self.acknowledged(acked);
+            why = stream.end().await?;
+        }
+        bail!("tailscope refused {REFUSALS} times in a row, the last: {why}")
+    }
+
+    /// Sends what is left and waits until every batch is durable; returns the refusals backed
+    /// off from.
+    async fn finish(mut self) -> anyhow::Result<u64> {
         self.send().await?;
-        let last = self.seq;
-        if self.acked.wait_for(|&a| a >= last).await.is_err() {
-            return Err(self.failure().await);
-        }
-        Ok(())
+        self.wait_for(self.seq).await?;
+        Ok(self.refusals)
     }
 }
 
 /// Generates the spans and hands them to tailscope, to the OpenMetrics file and (with
-/// `native`) to the native Prometheus by remote write. Returns the spans generated.
+/// `native`) to the native Prometheus by remote write. Returns the spans generated and the
+/// times tailscope asked the loader to back off (each time it resent from its watermark).
 async fn load(
     data: &Dataset,
     scrape: i64,
     grpc: std::net::SocketAddr,
     openmetrics: &Path,
     native: Option<&str>,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, u64)> {
     let mut ingest = Ingest::connect(grpc).await?;
     let mut om = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(openmetrics)?);
     writeln!(om, "# TYPE span_duration_seconds histogram")?;
@@ -384,8 +480,8 @@ async fn load(
     }
     writeln!(om, "# EOF")?;
     om.flush()?;
-    ingest.finish().await?;
-    Ok(spans)
+    let refusals = ingest.finish().await?;
+    Ok((spans, refusals))
 }
 
 /// Every series' native histogram at unix second `ts`, remote-written to `url`.
@@ -764,9 +860,12 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
     let openmetrics = dir.path().join("spans.om");
     let started = Instant::now();
     let native_url = native_peer.as_ref().map(|p| format!("{}/api/v1/write", p.base));
-    let spans = load(&data, scrape, server.grpc, &openmetrics, native_url.as_deref()).await?;
+    let (spans, refusals) = load(&data, scrape, server.grpc, &openmetrics, native_url.as_deref()).await?;
     let load_seconds = started.elapsed().as_secs_f64();
-    eprintln!("loaded {spans} spans over {} series in {load_seconds:.1} s", args.series);
+    eprintln!(
+        "loaded {spans} spans over {} series in {load_seconds:.1} s ({refusals} backoffs asked by tailscope, each batch resent from the watermark)",
+        args.series
+    );
 
     let started = Instant::now();
     let out = Command::new(&args.promtool)
@@ -817,6 +916,7 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
         "steps": args.steps,
         "repeat": args.repeat,
         "load_seconds": load_seconds,
+        "load_backoffs": refusals,
         "openmetrics_bytes": openmetrics_bytes,
         "backfill_seconds": backfill_seconds,
         "tailscope_peak_rss_bytes": status_bytes(server.pid(), "VmHWM:")?,
