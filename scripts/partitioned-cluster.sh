@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Partitioned cluster (3 stores, replication factor 2) next to a single node: the 1 h query on
-# the same data, answers compared over 3 h; then a 4th store joins and is timed until it holds
+# Partitioned cluster (3 stores, replication factor 2) next to a single node: the 1 h query and
+# a 1 h range query on the same data, answers compared over 3 h; then a 4th store joins and is timed until it holds
 # its partitions caught up, and store c is told to stop and timed until it has drained.
 # Needs nats-server and a release build (cargo build --release).
 set -u
@@ -43,6 +43,18 @@ for round in 1 2 3; do
   for port in 19090 49090 29090; do
     t=0; for i in $(seq 20); do s=$(curl -s -o /dev/null -w '%{time_total}' --data-urlencode "query=$Q" "127.0.0.1:$port/api/v1/query"); t=$(python3 -c "print($t+$s)"); done
     python3 -c "print('round $round port $port: %.1f ms per query' % ($t/20*1000))"
+  done
+done
+# The range query: the last hour at 15 s steps, 10 times per node, three interleaved rounds.
+R='histogram_quantile(0.99, sum by (le, service) (rate(span_duration_seconds_bucket[5m])))'
+END=$(date +%s); START=$((END-3600))
+for port in 19090 29090 39090; do
+  curl -s --data-urlencode "query=$R" --data-urlencode "start=$START" --data-urlencode "end=$END" --data-urlencode step=15 "127.0.0.1:$port/api/v1/query_range" | md5sum | sed "s/^/range answer $port /"
+done
+for round in 1 2 3; do
+  for port in 19090 49090 29090; do
+    t=0; for i in $(seq 10); do s=$(curl -s -o /dev/null -w '%{time_total}' --data-urlencode "query=$R" --data-urlencode "start=$START" --data-urlencode "end=$END" --data-urlencode step=15 "127.0.0.1:$port/api/v1/query_range"); t=$(python3 -c "print($t+$s)"); done
+    python3 -c "print('round $round port $port: %.1f ms per range query' % ($t/10*1000))"
   done
 done
 curl -s 127.0.0.1:18221/jsz?streams=true | python3 -c '

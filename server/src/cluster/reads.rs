@@ -455,6 +455,11 @@ fn windows(store: &Store, op: WindowsOp, budget: usize, reply: &mut ReadReply) -
 /// Whole intervals merged into one dense histogram each, at most (more: folded as per start).
 const DENSE_INTERVALS: usize = 16;
 
+/// Starts merged into one dense histogram each, at most, when a merge is per start (a range
+/// query's): a range of more starts folds encodings instead, so what a merge holds stays
+/// bounded whatever the range.
+pub(super) const DENSE_STARTS: i64 = 512;
+
 /// Encodings of one start (or interval) merged once this many are waiting: what a merge holds
 /// stays near one histogram per start, whatever the number of series.
 const FOLD_AT: usize = 32;
@@ -486,11 +491,11 @@ fn merged(store: &Store, op: MergedOp, budget: usize, reply: &mut ReadReply) -> 
 }
 
 /// One group's windows in `intervals` merged per start (per interval when `whole`), in start
-/// order; `read` counts the bytes read, bounded by the engine's limit. A few whole intervals
-/// are each added straight into one dense histogram; otherwise the encodings of a start are
-/// folded every [`FOLD_AT`] (one dense histogram per start of a long range would not be
-/// bounded).
-fn merge_group(
+/// order; `read` counts the bytes read, bounded by the engine's limit. A few whole intervals,
+/// or the starts of a range of at most [`DENSE_STARTS`] windows, are each added straight into
+/// one dense histogram; otherwise the encodings of a start are folded every [`FOLD_AT`] (one
+/// dense histogram per start of a long range would not be bounded).
+pub(super) fn merge_group(
     store: &Store,
     res: Resolution,
     series: &[u64],
@@ -499,7 +504,11 @@ fn merge_group(
     read: &mut usize,
 ) -> Result<Vec<(i64, Vec<u8>)>, String> {
     let layout = store.layout();
-    let dense = whole && intervals.len() <= DENSE_INTERVALS;
+    let starts: i64 = intervals.iter().map(|&(lo, hi)| (hi - lo).div_euclid(res.seconds().max(1)) + 1).sum();
+    let dense = match whole {
+        true => intervals.len() <= DENSE_INTERVALS,
+        false => starts <= DENSE_STARTS,
+    };
     let mut sums: BTreeMap<i64, Histogram> = BTreeMap::new();
     let mut waiting: BTreeMap<i64, Vec<Vec<u8>>> = BTreeMap::new();
     let mut corrupt = 0usize;

@@ -231,3 +231,52 @@ fn a_record_that_does_not_hold_together_is_named() {
     let e = record::rebuild(bad_histogram, 0, 2).err().unwrap();
     assert!(e.starts_with("delta 0: "), "{e}");
 }
+
+/// A merge per start gives the same histograms whether it adds each start's windows into one
+/// dense histogram (a range of at most `DENSE_STARTS` starts) or folds their encodings (a
+/// longer range), and both equal the sum of what was written.
+#[test]
+fn a_range_merged_per_start_is_the_same_dense_or_folded() {
+    use crate::series::{SeriesLabels, Status};
+    use crate::store::{EpochWrite, Resolution, Store, WindowDelta};
+    use tailscope_proto::histogram::{Histogram, Layout};
+
+    const T0: i64 = 1_800_000_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), Layout::default(), &Metrics::new()).expect("open store");
+    let series: Vec<u64> =
+        (0..3).map(|i| SeriesLabels::new("api", format!("op{i}"), Status::Ok).id()).collect();
+    let long = reads::DENSE_STARTS * 10 + 1000;
+    let mut want: std::collections::BTreeMap<i64, Histogram> = Default::default();
+    // Two epochs, so most windows are two merge operands.
+    for epoch in 0..2u64 {
+        let mut windows = Vec::new();
+        for (i, &s) in series.iter().enumerate() {
+            for start in (T0..T0 + long).step_by(10) {
+                let mut h = Histogram::new(Layout::default());
+                let v = 1_000 + (start - T0) as u64 * 37 + i as u64 * 1_000_003 + epoch * 7_919;
+                h.record(v, 1 + epoch + i as u64);
+                want.entry(start).or_insert_with(|| Histogram::new(Layout::default())).merge(&h);
+                windows.push(WindowDelta { series: s, window_start: start, histogram: h.to_bytes() });
+            }
+        }
+        let write = EpochWrite { windows, series: Vec::new(), ..EpochWrite::default() };
+        store.write_epoch(&write).expect("write");
+    }
+    let merge = |end: i64| {
+        let mut read = 0;
+        reads::merge_group(&store, Resolution::S10, &series, &[(T0, end)], false, &mut read)
+            .expect("merge")
+            .into_iter()
+            .map(|(start, bytes)| (start, Histogram::decode(&bytes).expect("decode")))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let dense = merge(T0 + reads::DENSE_STARTS * 10 - 1);
+    let folded = merge(T0 + long);
+    assert_eq!(dense.len() as i64, reads::DENSE_STARTS);
+    assert_eq!(folded.len() as i64, long / 10);
+    for (start, h) in &dense {
+        assert_eq!(Some(h), folded.get(start), "start {start}");
+    }
+    assert_eq!(folded, want);
+}
