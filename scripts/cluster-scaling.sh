@@ -17,18 +17,8 @@ t1=$(now); c1=$(cpu $S)
 python3 -c "w=$t1-$t0; print('single node, one core: %d spans in %.2f s = %.0f spans/s; server %.3f CPU-s per million' % ($SPANS, w, $SPANS/w, ($c1-$c0)/100/($SPANS/1e6)))"
 kill $S; wait $S 2>/dev/null
 # The cluster.
-for i in 1 2 3; do cat > $D/n$i.conf <<EOC
-server_name: n$i
-listen: 127.0.0.1:1522$i
-http: 127.0.0.1:1822$i
-max_payload: 8MB
-jetstream { store_dir: "$D/n$i", max_file_store: 8GB }
-cluster { name: frc, listen: 127.0.0.1:1622$i,
-  routes: [nats-route://127.0.0.1:16221, nats-route://127.0.0.1:16222, nats-route://127.0.0.1:16223] }
-EOC
-nats-server -c $D/n$i.conf -l $D/n$i.log & echo $! > $D/n$i.pid; done
-sleep 3
-export TAILSCOPE_CLUSTER_NATS=nats://127.0.0.1:15221,nats://127.0.0.1:15222,nats://127.0.0.1:15223
+source "$(dirname "$0")/nats-cluster.sh"
+nats_cluster $D
 export TAILSCOPE_CLUSTER_PARTITIONS=8 TAILSCOPE_CLUSTER_REPLICATION_FACTOR=1
 start() { # id core grpc http
   TAILSCOPE_CLUSTER_NODE_ID=$1 taskset -c $2 $B/tailscope-server --data-dir $D/$1 --grpc-addr 127.0.0.1:$3 --http-addr 127.0.0.1:$4 --otlp-http-addr 127.0.0.1:0 > $D/$1.log 2>&1 & echo $! > $D/$1.pid
