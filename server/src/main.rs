@@ -136,6 +136,10 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(async move {
+        // Watched before the server starts serving: a SIGHUP sent as soon as it answers (a
+        // reload right after start) must find the handler, not the default action, which ends
+        // the process; and watched once, so none is lost between two reloads.
+        let mut signals = Signals::watch();
         let server = match Server::start(config).await {
             Ok(s) => s,
             Err(e) => {
@@ -143,7 +147,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        while let Signal::Reload = wait_for_signal().await {
+        while let Signal::Reload = signals.next().await {
             tracing::info!("SIGHUP: reloading certificates, rule files and the notifier configuration");
             if let Err(e) = server.reload() {
                 tracing::error!(error = %e, "reload failed; the running configuration stays");
@@ -178,24 +182,47 @@ enum Signal {
     Stop,
 }
 
-async fn wait_for_signal() -> Signal {
-    use tokio::signal::unix::SignalKind;
-    tokio::select! {
-        _ = delivered(SignalKind::hangup(), "cannot watch SIGHUP; reload with POST /-/reload") => Signal::Reload,
-        _ = delivered(SignalKind::terminate(), "cannot watch SIGTERM; stopping on SIGINT only") => Signal::Stop,
-        _ = tokio::signal::ctrl_c() => Signal::Stop,
+/// The signals the server acts on, each watched from when it is made.
+struct Signals {
+    hangup: Option<tokio::signal::unix::Signal>,
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn watch() -> Signals {
+        use tokio::signal::unix::SignalKind;
+        Signals {
+            hangup: watched(SignalKind::hangup(), "cannot watch SIGHUP; reload with POST /-/reload"),
+            terminate: watched(SignalKind::terminate(), "cannot watch SIGTERM; stopping on SIGINT only"),
+        }
+    }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = delivered(&mut self.hangup) => Signal::Reload,
+            _ = delivered(&mut self.terminate) => Signal::Stop,
+            _ = tokio::signal::ctrl_c() => Signal::Stop,
+        }
     }
 }
 
-/// Resolves when the signal arrives; never, after logging `unavailable`, if it cannot be watched.
-async fn delivered(kind: tokio::signal::unix::SignalKind, unavailable: &str) {
+/// The signal's stream, or `None` after logging `unavailable` if it cannot be watched.
+fn watched(kind: tokio::signal::unix::SignalKind, unavailable: &str) -> Option<tokio::signal::unix::Signal> {
     match tokio::signal::unix::signal(kind) {
-        Ok(mut s) => {
-            s.recv().await;
-        }
+        Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!(error = %e, "{unavailable}");
-            std::future::pending::<()>().await;
+            None
         }
+    }
+}
+
+/// Resolves when the signal arrives; never if it is not watched.
+async fn delivered(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
     }
 }
