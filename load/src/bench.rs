@@ -164,6 +164,12 @@ fn start_server(args: &BenchArgs) -> anyhow::Result<(ChildServer, tempfile::Temp
     Ok((server, dir, link))
 }
 
+/// Whether tailscope refused with a code that asks to back off and send again
+/// (`RESOURCE_EXHAUSTED`, `UNAVAILABLE`).
+pub(crate) fn backs_off(code: tonic::Code) -> bool {
+    matches!(code, tonic::Code::ResourceExhausted | tonic::Code::Unavailable)
+}
+
 /// CPU seconds (user + system) of process `pid`.
 pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -431,14 +437,7 @@ async fn otlp_connection(
                                 .await
                             {
                                 Ok(_) => false,
-                                Err(s)
-                                    if matches!(
-                                        s.code(),
-                                        tonic::Code::ResourceExhausted | tonic::Code::Unavailable
-                                    ) =>
-                                {
-                                    true
-                                }
+                                Err(s) if backs_off(s.code()) => true,
                                 Err(s) => bail!("export failed: {s}"),
                             }
                         }
@@ -583,9 +582,7 @@ async fn connection(
                     }
                 }
                 Ok(None) => bail!("stream of client {client_id} ended at ack {acked} of {batches}"),
-                Err(status)
-                    if matches!(status.code(), tonic::Code::ResourceExhausted | tonic::Code::Unavailable) =>
-                {
+                Err(status) if backs_off(status.code()) => {
                     refusals += 1;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     break;

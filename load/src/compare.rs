@@ -30,7 +30,7 @@ use tailscope_proto::v1::ingest_client::IngestClient;
 use tailscope_proto::v1::{SeriesGroup, SeriesKey, Span, SpanBatch};
 use tailscope_server::remote_write::wire;
 
-use crate::bench::{cpu_seconds, status_bytes};
+use crate::bench::{backs_off, cpu_seconds, status_bytes};
 use crate::child::{server_bin, ChildServer};
 
 /// Seconds of one series generated from one seed: the grid every exact answer is computed on.
@@ -381,7 +381,7 @@ impl Ingest {
         self.acknowledged(acked);
         let mut why = self.stream.end().await?;
         for attempt in 1..=REFUSALS {
-            if !matches!(why.code(), tonic::Code::ResourceExhausted | tonic::Code::Unavailable) {
+            if !backs_off(why.code()) {
                 bail!("tailscope refused a batch: {why}");
             }
             self.refusals += 1;

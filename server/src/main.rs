@@ -186,6 +186,7 @@ enum Signal {
 struct Signals {
     hangup: Option<tokio::signal::unix::Signal>,
     terminate: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
@@ -194,6 +195,7 @@ impl Signals {
         Signals {
             hangup: watched(SignalKind::hangup(), "cannot watch SIGHUP; reload with POST /-/reload"),
             terminate: watched(SignalKind::terminate(), "cannot watch SIGTERM; stopping on SIGINT only"),
+            interrupt: watched(SignalKind::interrupt(), "cannot watch SIGINT; stopping on SIGTERM only"),
         }
     }
 
@@ -201,7 +203,7 @@ impl Signals {
         tokio::select! {
             _ = delivered(&mut self.hangup) => Signal::Reload,
             _ = delivered(&mut self.terminate) => Signal::Stop,
-            _ = tokio::signal::ctrl_c() => Signal::Stop,
+            _ = delivered(&mut self.interrupt) => Signal::Stop,
         }
     }
 }

@@ -348,15 +348,16 @@ pub fn stamp(
     let mut keys = vec![None; alerts.len()];
     // Alerts already stamped go first, so a new alert of this batch joins the incident they
     // were re-rooted to rather than minting another.
-    let mut order: Vec<(usize, u64)> =
-        alerts.iter().enumerate().map(|(i, a)| (i, fingerprint(&a.labels))).collect();
-    order.sort_by_key(|&(i, fp)| (stamps.get(&fp).is_none_or(|s| s.resolved), i));
-    for (i, fp) in order {
+    // (Alerts without a service, or stamped already upstream, pass untouched.)
+    let mut order: Vec<(usize, &String, u64)> = alerts
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| !a.labels.contains_key("incident"))
+        .filter_map(|(i, a)| Some((i, a.labels.get(&config.service_label)?, fingerprint(&a.labels))))
+        .collect();
+    order.sort_by_key(|&(i, _, fp)| (stamps.get(&fp).is_none_or(|s| s.resolved), i));
+    for (i, service, fp) in order {
         let a = &alerts[i];
-        let Some(service) = a.labels.get(&config.service_label) else { continue };
-        if a.labels.contains_key("incident") {
-            continue;
-        }
         let resolved = a.resolved(now);
         if resolved && !stamps.contains_key(&fp) {
             // Never stamped while firing: stamping now would make it another alert.

@@ -495,6 +495,16 @@ fn merged(store: &Store, op: MergedOp, budget: usize, reply: &mut ReadReply) -> 
 /// or the starts of a range of at most [`DENSE_STARTS`] windows, are each added straight into
 /// one dense histogram; otherwise the encodings of a start are folded every [`FOLD_AT`] (one
 /// dense histogram per start of a long range would not be bounded).
+/// Whether [`merge_group`] adds each start's (or whole interval's) windows into one dense
+/// histogram rather than folding their encodings.
+pub(super) fn merges_dense(res: Resolution, intervals: &[(i64, i64)], whole: bool) -> bool {
+    if whole {
+        return intervals.len() <= DENSE_INTERVALS;
+    }
+    let starts: i64 = intervals.iter().map(|&(lo, hi)| (hi - lo).div_euclid(res.seconds()) + 1).sum();
+    starts <= DENSE_STARTS
+}
+
 pub(super) fn merge_group(
     store: &Store,
     res: Resolution,
@@ -504,11 +514,7 @@ pub(super) fn merge_group(
     read: &mut usize,
 ) -> Result<Vec<(i64, Vec<u8>)>, String> {
     let layout = store.layout();
-    let starts: i64 = intervals.iter().map(|&(lo, hi)| (hi - lo).div_euclid(res.seconds().max(1)) + 1).sum();
-    let dense = match whole {
-        true => intervals.len() <= DENSE_INTERVALS,
-        false => starts <= DENSE_STARTS,
-    };
+    let dense = merges_dense(res, intervals, whole);
     let mut sums: BTreeMap<i64, Histogram> = BTreeMap::new();
     let mut waiting: BTreeMap<i64, Vec<Vec<u8>>> = BTreeMap::new();
     let mut corrupt = 0usize;

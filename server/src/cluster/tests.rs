@@ -271,8 +271,12 @@ fn a_range_merged_per_start_is_the_same_dense_or_folded() {
             .map(|(start, bytes)| (start, Histogram::decode(&bytes).expect("decode")))
             .collect::<std::collections::BTreeMap<_, _>>()
     };
-    let dense = merge(T0 + reads::DENSE_STARTS * 10 - 1);
-    let folded = merge(T0 + long);
+    // The first merge is dense, the second folds.
+    let (short, long_end) = (T0 + reads::DENSE_STARTS * 10 - 1, T0 + long);
+    assert!(reads::merges_dense(Resolution::S10, &[(T0, short)], false));
+    assert!(!reads::merges_dense(Resolution::S10, &[(T0, long_end)], false));
+    let dense = merge(short);
+    let folded = merge(long_end);
     assert_eq!(dense.len() as i64, reads::DENSE_STARTS);
     assert_eq!(folded.len() as i64, long / 10);
     for (start, h) in &dense {

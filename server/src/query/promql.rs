@@ -329,11 +329,17 @@ impl HistValue {
 
     /// What a histogram read over the range is divided by: the range for `rate()`, else 1.
     fn scale(&self) -> f64 {
-        if self.per_second {
-            self.range as f64
-        } else {
-            1.0
-        }
+        scale(self.per_second, self.range)
+    }
+}
+
+/// What a histogram read over `range` seconds is divided by: the range for `rate()`
+/// (`per_second`), else 1.
+fn scale(per_second: bool, range: i64) -> f64 {
+    if per_second {
+        range as f64
+    } else {
+        1.0
     }
 }
 
@@ -930,10 +936,10 @@ impl<'a> Engine<'a> {
     /// The bucket series of each group of `h` (summed over `le` once a `sum` dropped it).
     fn buckets(&self, h: HistValue) -> Result<Vec<Series>, EvalError> {
         let mut out = Vec::new();
+        let scale = h.scale();
         self.read_ahead(&h.groups, h.range, h.offset);
         for g in &h.groups {
             let mut per_le: Vec<Vec<Option<f64>>> = vec![vec![None; self.steps.len()]; h.le.len()];
-            let scale = h.scale();
             self.slide(g, h.range, h.offset, |i, acc| {
                 for (j, &le) in h.le.iter().enumerate() {
                     let n = if le.is_infinite() {

@@ -203,16 +203,14 @@ impl Engine<'_> {
             // The count or the sum alone stays histograms until it is read as numbers, so a
             // `sum` around it merges its groups' members first.
             let (i, kind) = if count { (1, HistKind::Count) } else { (2, HistKind::Sum) };
-            if named {
-                for g in &mut groups {
-                    g.labels.insert("__name__".to_owned(), sel.called[i].to_owned());
-                }
+            for g in &mut groups {
+                g.labels = with_name(&g.labels, i);
             }
             return Ok(Value::Hist(HistValue::without_le(groups, range, offset, per_second, kind)));
         }
         if count || sum {
             self.read_ahead(&groups, range, offset);
-            let scale = if per_second { range as f64 } else { 1.0 };
+            let scale = scale(per_second, range);
             for group in &groups {
                 let mut counts = vec![None; self.steps.len()];
                 let mut sums = vec![None; self.steps.len()];
