@@ -834,6 +834,15 @@ impl Recorder {
         self.densify().merge(other);
     }
 
+    /// Calls `f` with what it recorded, as `(value, weight)`: the values themselves while
+    /// they are kept apart, each non-empty bucket's highest equivalent value once bucketed.
+    pub fn for_each_value(&self, mut f: impl FnMut(u64, u64)) {
+        match &self.dense {
+            Some(h) => h.iter_nonzero().for_each(|(i, n)| f(self.layout.highest_equivalent(i), n)),
+            None => self.values.iter().for_each(|&(v, w)| f(v, w)),
+        }
+    }
+
     fn densify(&mut self) -> &mut Histogram {
         let values = &mut self.values;
         let layout = self.layout;

@@ -201,7 +201,16 @@ impl Server {
             pipeline.clone()
         };
 
-        let sampler = Arc::new(Sampler::new(config.sampling.clone()));
+        // A single node's shards record every span admitted: they tell the sampler per epoch.
+        // A cluster node's record only the partitions it stores, so its gateway tells it.
+        let sampled_by_pipeline = !config.cluster.enabled();
+        let sampler = match sampled_by_pipeline {
+            true => Arc::new(Sampler::new(config.sampling.clone()).fed_by_epochs()),
+            false => Arc::new(Sampler::new(config.sampling.clone())),
+        };
+        if sampled_by_pipeline {
+            pipeline.feed_traffic(sampler.clone());
+        }
         let known = store.series().map_err(|source| StartError::Store { path: dir.clone(), source })?;
         let cardinality = Arc::new(crate::cardinality::Cardinality::new(
             config.ingest.max_services,
@@ -217,6 +226,7 @@ impl Server {
             sampler.clone(),
             cardinality,
         );
+        let ingest = if sampled_by_pipeline { ingest.sampled_by_pipeline() } else { ingest };
         let ingest = if config.cluster.has(Role::Gateway) {
             ingest
         } else {

@@ -147,6 +147,9 @@ pub struct IngestService {
     pairing: Arc<otlp::pairing::Pairing>,
     /// Why every batch is refused (a cluster node without the gateway role).
     refusing: Option<Arc<str>>,
+    /// Whether the sampler is told of each admitted batch here (a cluster gateway), rather
+    /// than by the pipeline's shards per epoch ([`crate::pipeline::TrafficSink`]).
+    observe_at_admission: bool,
 }
 
 impl IngestService {
@@ -170,7 +173,16 @@ impl IngestService {
             cardinality,
             pairing: Arc::default(),
             refusing: None,
+            observe_at_admission: true,
         }
+    }
+
+    /// The same service leaving the sampler to the pipeline it admits into, which tells it
+    /// what its shards recorded per epoch (a single node: every span admitted is recorded
+    /// there).
+    pub fn sampled_by_pipeline(mut self) -> IngestService {
+        self.observe_at_admission = false;
+        self
     }
 
     /// The same service refusing every batch with UNAVAILABLE and `why` (a cluster node that
@@ -218,7 +230,9 @@ impl IngestService {
         let (admission, epoch) = self.admit(Arc::clone(&validated)).await;
         let refused = match admission {
             Admission::Accepted => {
-                self.observe(&validated);
+                if self.observe_at_admission {
+                    self.observe(&validated);
+                }
                 self.record_accepted(&stats);
                 return Ok(Receipt { epoch, duplicate: false, stats });
             }

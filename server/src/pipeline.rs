@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
-use tailscope_proto::histogram::{Histogram, Layout};
+use tailscope_proto::histogram::{Histogram, Layout, Recorder};
 use tailscope_proto::v1::SpanBatch;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -210,6 +210,23 @@ pub struct DurableState {
     pub epoch: u64,
     /// No more batches will be accepted or acknowledged.
     pub closed: bool,
+}
+
+/// Where the shards tell what traffic they recorded: the seam through which the adaptive
+/// sampler learns each key's throughput and durations from the deltas the shards build anyway,
+/// once per (series, window) and epoch instead of once per span group at admission (at 10,000
+/// series per batch that is once per span, each a cold lookup). Set once with
+/// [`Pipeline::feed_traffic`]; a cluster node, whose shards see only the partitions it stores,
+/// feeds its sampler at admission instead.
+pub trait TrafficSink: Send + Sync + std::fmt::Debug {
+    /// A shard opened, in the epoch being filled, a (series, window) of the group `key`, whose
+    /// service and operation are counted as `service`/`operation`.
+    fn track(&self, key: u64, service: &str, operation: &str);
+    /// A (series, window) of `key` recorded, in one epoch, `full` spans (weighted) that came in
+    /// full and `folded` that clients folded into deltas, with their `durations`.
+    fn recorded(&self, key: u64, full: u64, folded: u64, durations: &Recorder);
+    /// Every shard has told the traffic of an epoch, which was admitted over `seconds`.
+    fn covered(&self, seconds: f64);
 }
 
 /// The seam between ingest and what admits its batches: today the epoch [`Pipeline`]; a
@@ -532,12 +549,22 @@ pub struct Pipeline {
     written: Mutex<std::collections::HashMap<u32, LogPosition>>,
     /// Cluster mode: woken when a log message was applied whole (strong reads wait on it).
     applied: tokio::sync::Notify,
+    /// Told of the traffic every shard recorded, per epoch (shared with the shards).
+    traffic: Arc<std::sync::OnceLock<Arc<dyn TrafficSink>>>,
+    /// When the last epoch was cut (the traffic of the next one arrives from then on).
+    last_cut: Mutex<Instant>,
 }
 
 impl Pipeline {
     /// Tells `sink` of every epoch written from now on.
     pub fn add_sink(&self, sink: Arc<dyn EpochSink>) {
         self.sinks.write().push(sink);
+    }
+
+    /// Tells `sink` of the traffic the shards record from now on; once (a later call is
+    /// ignored and answers false).
+    pub fn feed_traffic(&self, sink: Arc<dyn TrafficSink>) -> bool {
+        self.traffic.set(sink).is_ok()
     }
 
     /// Starts the shard tasks and returns the pipeline with their join handles. Durable
@@ -557,12 +584,14 @@ impl Pipeline {
         let hurry = Arc::new(tokio::sync::Notify::new());
         let share = (config.max_open_windows / n).max(1);
         let mut held = Vec::with_capacity(n);
+        let traffic = Arc::new(std::sync::OnceLock::new());
         for id in 0..n {
             let (tx, rx) = mpsc::channel(config.queue_capacity);
             shards.push(tx);
             let open = shard::OpenLimit { windows: share, hurry: hurry.clone(), held: Arc::default() };
             held.push(Arc::clone(&open.held));
-            handles.push(tokio::spawn(shard::run(id as u32, rx, layout, limits, open)));
+            let traffic = Arc::clone(&traffic);
+            handles.push(tokio::spawn(shard::run(id as u32, rx, layout, limits, open, traffic)));
         }
         let clients = DashMap::new();
         let now = clock.now_seconds();
@@ -604,6 +633,8 @@ impl Pipeline {
             log: Mutex::new(log),
             written: Mutex::new(written),
             applied: tokio::sync::Notify::new(),
+            traffic,
+            last_cut: Mutex::new(Instant::now()),
         };
         Ok((Arc::new(pipeline), handles))
     }
@@ -674,10 +705,11 @@ impl Pipeline {
     /// with the next epoch; nothing it holds is acknowledged until it is written.
     async fn flush_epoch(&self, pending: &mut EpochWrite) {
         let started = Instant::now();
-        let (epoch, watermarks, forgotten, log_positions) = {
+        let (epoch, watermarks, forgotten, log_positions, admitted_over) = {
             let mut gate = self.gate.write();
             let epoch = gate.epoch;
             gate.epoch += 1;
+            let admitted_over = std::mem::replace(&mut *self.last_cut.lock(), Instant::now()).elapsed();
             // Under the gate no batch is admitted: a client forgotten here cannot be mid-batch.
             let before = self.forget_before.swap(0, Ordering::Relaxed);
             let mut forgotten = Vec::new();
@@ -710,7 +742,7 @@ impl Pipeline {
                 .iter_mut()
                 .filter_map(|(p, (at, changed))| std::mem::take(changed).then_some((*p, *at)))
                 .collect();
-            (epoch, marks, forgotten, positions)
+            (epoch, marks, forgotten, positions, admitted_over)
         };
         if !forgotten.is_empty() {
             tracing::info!(clients = forgotten.len(), "forgetting the watermarks of idle clients");
@@ -735,6 +767,9 @@ impl Pipeline {
             }
         }
         self.metrics.active_series.set(active as i64);
+        if let Some(traffic) = self.traffic.get() {
+            traffic.covered(admitted_over.as_secs_f64());
+        }
         pending.absorb(write);
         if pending.is_empty() {
             self.durable.send_modify(|s| s.epoch = epoch);

@@ -20,9 +20,10 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tailscope_proto::histogram::{Histogram, Layout};
+use tailscope_proto::histogram::{Histogram, Layout, Recorder};
 use tailscope_proto::v1::{KeyPolicy, SeriesKey};
 
+use crate::pipeline::TrafficSink;
 use crate::series::IdBuildHasher;
 
 /// The sampler's configuration (`[sampling]`).
@@ -106,6 +107,9 @@ const P99_SAMPLES: u64 = 2_000;
 /// The most keys tracked; spans of further keys are kept in full (probability 1).
 pub const MAX_KEYS: usize = 100_000;
 
+/// How long a key may see no traffic before it is forgotten (it starts again at 1).
+const IDLE_MILLIS: u64 = 600_000;
+
 /// What the sampler knows of one key, as of its last interval.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KeyView {
@@ -142,7 +146,8 @@ struct KeyState {
     recent: Mutex<Histogram>,
     view: Mutex<KeyView>,
     fixed: Option<f64>,
-    idle_ticks: AtomicU64,
+    /// Milliseconds of traffic it has been idle for.
+    idle_millis: AtomicU64,
 }
 
 /// The layout of each key's recent-durations histogram: one significant digit (±6 %) is
@@ -161,6 +166,9 @@ pub struct Sampler {
     keys: DashMap<u64, Arc<KeyState>, IdBuildHasher>,
     effective_budget: Mutex<f64>,
     generation: AtomicU64,
+    /// When the pipeline tells the traffic per epoch ([`Sampler::fed_by_epochs`]): the
+    /// seconds of traffic told since the last tick, which rates are taken over.
+    epochs: Option<Mutex<f64>>,
 }
 
 impl Sampler {
@@ -172,7 +180,17 @@ impl Sampler {
             keys: DashMap::default(),
             effective_budget: Mutex::new(budget),
             generation: AtomicU64::new(0),
+            epochs: None,
         }
+    }
+
+    /// The sampler of a pipeline that tells it the traffic its shards recorded, per epoch (as
+    /// a [`TrafficSink`]): a key's rate is what the epochs told since the last tick over the
+    /// time they were admitted in, and a tick that no epoch ended before leaves rates as
+    /// they were (a tick's own interval would count an epoch in one tick and none in the next).
+    pub fn fed_by_epochs(mut self) -> Sampler {
+        self.epochs = Some(Mutex::new(0.0));
+        self
     }
 
     /// Calls `f` with the key's state, creating it on first sight (up to [`MAX_KEYS`]). The
@@ -210,7 +228,7 @@ impl Sampler {
             recent: Mutex::new(Histogram::new(recent_layout())),
             view: Mutex::new(KeyView { probability: fixed.unwrap_or(1.0), ..KeyView::default() }),
             fixed,
-            idle_ticks: AtomicU64::new(0),
+            idle_millis: AtomicU64::new(0),
         });
         Some(self.keys.entry(key).or_insert(state).clone())
     }
@@ -244,9 +262,15 @@ impl Sampler {
         });
     }
 
-    /// Recomputes every key's probability from the last `seconds` of traffic; `overloaded`
-    /// shrinks the effective budget, its absence lets it grow back.
+    /// Recomputes every key's probability from the last `seconds` of traffic (or from the
+    /// epochs told since the last tick, when [`Sampler::fed_by_epochs`]: with none, only the
+    /// budget moves and the probabilities wait for traffic); `overloaded` shrinks the
+    /// effective budget, its absence lets it grow back.
     pub fn tick(&self, seconds: f64, overloaded: bool) {
+        let seconds = match &self.epochs {
+            None => Some(seconds),
+            Some(told) => Some(std::mem::take(&mut *told.lock())).filter(|&s| s > 0.0),
+        };
         let budget = {
             let mut eff = self.effective_budget.lock();
             *eff = if overloaded {
@@ -256,6 +280,7 @@ impl Sampler {
             };
             *eff
         };
+        let Some(seconds) = seconds else { return };
         let alpha = self.config.ema_weight;
         let states: Vec<(u64, Arc<KeyState>)> =
             self.keys.iter().map(|e| (*e.key(), e.value().clone())).collect();
@@ -282,9 +307,9 @@ impl Sampler {
                 v.always_kept_share = share;
             }
             if observed == 0.0 {
-                s.idle_ticks.fetch_add(1, Ordering::Relaxed);
+                s.idle_millis.fetch_add((seconds * 1e3) as u64, Ordering::Relaxed);
             } else {
-                s.idle_ticks.store(0, Ordering::Relaxed);
+                s.idle_millis.store(0, Ordering::Relaxed);
             }
             // Spans above the key's p99 are kept whatever the probability: that 1 % of its
             // traffic is set aside before the budget is shared; the probability covers the rest.
@@ -316,8 +341,7 @@ impl Sampler {
             };
         }
         // Keys idle for ten minutes are forgotten (bounded memory); they start again at 1.
-        let idle = (600.0 / seconds).ceil() as u64;
-        self.keys.retain(|_, s| s.idle_ticks.load(Ordering::Relaxed) < idle);
+        self.keys.retain(|_, s| s.idle_millis.load(Ordering::Relaxed) < IDLE_MILLIS);
         self.generation.fetch_add(1, Ordering::Release);
     }
 
@@ -360,6 +384,30 @@ impl Sampler {
             self.keys.iter().map(|e| (e.service.clone(), e.operation.clone(), *e.view.lock())).collect();
         out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         out
+    }
+}
+
+impl TrafficSink for Sampler {
+    fn track(&self, key: u64, service: &str, operation: &str) {
+        if !self.keys.contains_key(&key) {
+            self.state(key, service, operation);
+        }
+    }
+
+    fn recorded(&self, key: u64, full: u64, folded: u64, durations: &Recorder) {
+        // A key past MAX_KEYS is not tracked (its spans are kept in full).
+        let Some(s) = self.keys.get(&key) else { return };
+        let mut recent = s.recent.lock();
+        durations.for_each_value(|value, weight| recent.record(value, weight));
+        drop(recent);
+        s.observed.fetch_add(full.saturating_add(folded), Ordering::Relaxed);
+        s.kept.fetch_add(full, Ordering::Relaxed);
+    }
+
+    fn covered(&self, seconds: f64) {
+        if let Some(told) = &self.epochs {
+            *told.lock() += seconds;
+        }
     }
 }
 

@@ -426,6 +426,11 @@ fn a_recorder_encodes_what_a_histogram_of_the_same_values_encodes() {
             dense.merge(&other);
             sparse.merge(&other);
         }
+        // What it hands a visitor fills the same buckets again (how the sampler reads it).
+        let mut replayed = Histogram::new(layout);
+        sparse.for_each_value(|value, weight| replayed.record(value, weight));
+        assert_eq!(replayed.count(), dense.count(), "case {case}");
+        assert!(replayed.iter_nonzero().eq(dense.iter_nonzero()), "case {case}: buckets replayed");
         let bytes = sparse.to_bytes();
         assert_eq!(bytes, dense.to_bytes(), "case {case}: {n} values");
         assert_eq!(Histogram::decode(&bytes).expect("decodes"), dense, "case {case}");

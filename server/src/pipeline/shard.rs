@@ -10,7 +10,7 @@ use tailscope_proto::histogram::{Layout, Recorder};
 use tokio::sync::{mpsc, oneshot};
 
 use super::exemplar_set::ExemplarSet;
-use super::ValidatedBatch;
+use super::{TrafficSink, ValidatedBatch};
 use crate::series::SpanLimits;
 use crate::series::{IdBuildHasher, SeriesLabels, Status};
 use crate::store::{Exemplar, WindowDelta};
@@ -58,11 +58,34 @@ pub struct Handover {
     pub active_series: usize,
 }
 
+/// One (series, window)'s delta in an epoch, and whose traffic it counts.
+#[derive(Debug)]
+struct Open {
+    /// Its values as they came, bucketed only when encoded.
+    recorder: Recorder,
+    /// The group key of the spans it counts, for the sampler (none for self times, which
+    /// are not spans of their own).
+    key: Option<u64>,
+    /// Spans (weighted) that came in full.
+    full: u64,
+    /// Spans that came folded into clients' deltas.
+    folded: u64,
+}
+
+impl Open {
+    fn new(layout: Layout, key: Option<u64>) -> Open {
+        Open { recorder: Recorder::new(layout), key, full: 0, folded: 0 }
+    }
+}
+
+/// The sink the shards' traffic goes to, once one is set.
+type Traffic = Arc<std::sync::OnceLock<Arc<dyn TrafficSink>>>;
+
 /// The deltas of one epoch.
 #[derive(Debug, Default)]
 struct Accumulator {
-    /// Each (series, window)'s delta: its values as they came, bucketed only when encoded.
-    windows: HashMap<(u64, i64), Recorder, IdBuildHasher>,
+    /// Each (series, window)'s delta.
+    windows: HashMap<(u64, i64), Open, IdBuildHasher>,
     series: Vec<(u64, SeriesLabels)>,
     /// Histograms already encoded because the epoch held its share of open windows: a few
     /// dozen bytes each instead of the kilobytes of an open one. The store adds deltas of the
@@ -80,12 +103,13 @@ impl Accumulator {
         self.windows.len() + self.spilled.len()
     }
 
-    /// Encodes every open histogram into `spilled`.
-    fn spill(&mut self) {
-        self.spilled.extend(self.windows.drain().map(|((series, window_start), h)| WindowDelta {
-            series,
-            window_start,
-            histogram: h.to_bytes(),
+    /// Encodes every open histogram into `spilled`, telling `traffic` what each counted.
+    fn spill(&mut self, traffic: Option<&dyn TrafficSink>) {
+        self.spilled.extend(self.windows.drain().map(|((series, window_start), open)| {
+            if let (Some(sink), Some(key)) = (traffic, open.key) {
+                sink.recorded(key, open.full, open.folded, &open.recorder);
+            }
+            WindowDelta { series, window_start, histogram: open.recorder.to_bytes() }
         }));
     }
 }
@@ -119,6 +143,7 @@ struct ShardState {
     /// A group's self times ((series, window), nanoseconds, weight), recorded after its
     /// durations so the durations' run cache stays open; reused between groups.
     self_times: Vec<((u64, i64), u64, u64)>,
+    traffic: Traffic,
 }
 
 impl ShardState {
@@ -130,14 +155,25 @@ impl ShardState {
 
     fn apply(&mut self, acc: &mut Accumulator, work: &ValidatedBatch) {
         self.now = self.now.max(work.now.div_euclid(1_000_000_000));
+        let traffic = self.traffic.get().cloned();
         for (group, route) in work.batch.groups.iter().zip(&work.groups) {
             if route.shard != self.id {
                 continue;
             }
+            let key = group.key.as_ref();
+            fn name(sent: Option<&String>, overflowed: bool) -> &str {
+                if overflowed {
+                    crate::cardinality::OVERFLOW
+                } else {
+                    sent.map_or("", String::as_str)
+                }
+            }
+            let service = name(key.map(|k| &k.service), route.service_overflow);
+            let operation = name(key.map(|k| &k.operation), route.overflow);
             let mut seen = [false; 2];
             // Spans of a group mostly share a series and window: the two maps are looked up
             // once per run of them, not once per span.
-            let mut open: Option<((u64, i64), &mut Recorder, &mut ExemplarSet)> = None;
+            let mut open: Option<((u64, i64), &mut Open, &mut ExemplarSet)> = None;
             let mut timed_self = [false; 2];
             self.self_times.clear();
             for span in &group.spans {
@@ -157,7 +193,12 @@ impl ShardState {
                     _ => {
                         open = None;
                         let layout = self.layout;
-                        let h = acc.windows.entry(at).or_insert_with(|| Recorder::new(layout));
+                        let h = acc.windows.entry(at).or_insert_with(|| {
+                            if let Some(sink) = &traffic {
+                                sink.track(route.key, service, operation);
+                            }
+                            Open::new(layout, Some(route.key))
+                        });
                         let e = self.exemplars.entry(at).or_default();
                         let (_, h, e) = open.insert((at, h, e));
                         (h, e)
@@ -183,7 +224,9 @@ impl ShardState {
                     ^ exemplars.seen().wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
                 draw |= 1;
                 exemplars.offer(&exemplar, status == Status::Error, &mut draw);
-                histogram.record(span.duration_nanos as u64, u64::from(span.weight.max(1)));
+                let weight = u64::from(span.weight.max(1));
+                histogram.recorder.record(span.duration_nanos as u64, weight);
+                histogram.full = histogram.full.saturating_add(weight);
                 if let (Some((ok, error)), true) = (route.self_series, span.self_nanos > 0) {
                     let series = if status == Status::Ok { ok } else { error };
                     timed_self[status as usize] = true;
@@ -200,26 +243,19 @@ impl ShardState {
                     _ => {
                         open_self = None;
                         let layout = self.layout;
-                        let h = acc.windows.entry(at).or_insert_with(|| Recorder::new(layout));
+                        let h =
+                            &mut acc.windows.entry(at).or_insert_with(|| Open::new(layout, None)).recorder;
                         &mut open_self.insert((at, h)).1
                     }
                 };
                 histogram.record(own, weight);
             }
-            let key = group.key.as_ref();
-            let name = |sent: Option<&String>, overflowed: bool| {
-                if overflowed {
-                    crate::cardinality::OVERFLOW.to_owned()
-                } else {
-                    sent.cloned().unwrap_or_default()
-                }
-            };
             let labels = |status| SeriesLabels {
-                service: name(key.map(|k| &k.service), route.service_overflow),
-                operation: name(key.map(|k| &k.operation), route.overflow),
+                service: service.to_owned(),
+                operation: operation.to_owned(),
                 status,
                 kind: route.kind,
-                peer: name(key.map(|k| &k.peer), route.peer_overflow),
+                peer: name(key.map(|k| &k.peer), route.peer_overflow).to_owned(),
                 measure: crate::series::Measure::Duration,
             };
             for (status, series) in [(Status::Ok, route.ok_series), (Status::Error, route.error_series)] {
@@ -238,10 +274,18 @@ impl ShardState {
         let me = self.id;
         for delta in work.deltas.iter().filter(|d| d.shard == me) {
             let layout = self.layout;
-            acc.windows
-                .entry((delta.series, delta.window_start))
-                .or_insert_with(|| Recorder::new(layout))
-                .merge(&delta.histogram);
+            // Self times are not spans of their own: only durations are traffic.
+            let spans = delta.labels.measure == crate::series::Measure::Duration;
+            let open = acc.windows.entry((delta.series, delta.window_start)).or_insert_with(|| {
+                if let (Some(sink), true) = (&traffic, spans) {
+                    sink.track(delta.key, &delta.labels.service, &delta.labels.operation);
+                }
+                Open::new(layout, spans.then_some(delta.key))
+            });
+            open.recorder.merge(&delta.histogram);
+            if spans {
+                open.folded = open.folded.saturating_add(delta.histogram.count());
+            }
             self.note_series(acc, delta.series, || delta.labels.clone());
         }
     }
@@ -250,7 +294,7 @@ impl ShardState {
         self.now = self.now.max(now);
         let horizon = self.now - ACTIVE_SECONDS;
         self.known.retain(|_, &mut seen| seen >= horizon);
-        acc.spill();
+        acc.spill(self.traffic.get().map(|t| t.as_ref()));
         let windows = acc.spilled;
         let mut exemplars = acc.spilled_exemplars;
         self.take_closed_exemplars(&mut exemplars);
@@ -279,7 +323,7 @@ impl ShardState {
     /// Encodes the epoch's open histograms and takes the exemplars of closed windows out of
     /// the open sets, when the epoch holds its share of `ingest.max_open_windows`.
     fn spill(&mut self, acc: &mut Accumulator) {
-        acc.spill();
+        acc.spill(self.traffic.get().map(|t| t.as_ref()));
         self.take_closed_exemplars(&mut acc.spilled_exemplars);
     }
 }
@@ -291,6 +335,7 @@ pub async fn run(
     layout: Layout,
     limits: SpanLimits,
     open: OpenLimit,
+    traffic: Traffic,
 ) {
     let mut state = ShardState {
         id,
@@ -300,6 +345,7 @@ pub async fn run(
         now: 0,
         exemplars: HashMap::default(),
         self_times: Vec::new(),
+        traffic,
     };
     // Work of the epoch being filled, and of the next one: a batch admitted just after the
     // coordinator cut an epoch can reach this queue before that epoch's Flush message.

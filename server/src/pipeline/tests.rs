@@ -207,3 +207,105 @@ async fn an_epoch_holds_a_bounded_number_of_windows_and_admission_waits_until_it
     stop.send(true).unwrap();
     flusher.await.unwrap();
 }
+
+/// What the shards told of the traffic they recorded.
+#[derive(Debug, Default)]
+struct Told {
+    names: Mutex<std::collections::HashMap<u64, (String, String)>>,
+    /// Per key: full, folded, and the weight of the durations told.
+    counts: Mutex<std::collections::HashMap<u64, (u64, u64, u64)>>,
+    covered: Mutex<(usize, f64)>,
+}
+
+impl TrafficSink for Told {
+    fn track(&self, key: u64, service: &str, operation: &str) {
+        self.names.lock().insert(key, (service.to_owned(), operation.to_owned()));
+    }
+
+    fn recorded(&self, key: u64, full: u64, folded: u64, durations: &Recorder) {
+        assert!(self.names.lock().contains_key(&key), "key {key} told before it was tracked");
+        let mut weight = 0;
+        durations.for_each_value(|_, w| weight += w);
+        let mut counts = self.counts.lock();
+        let c = counts.entry(key).or_default();
+        *c = (c.0 + full, c.1 + folded, c.2 + weight);
+    }
+
+    fn covered(&self, seconds: f64) {
+        let mut c = self.covered.lock();
+        *c = (c.0 + 1, c.1 + seconds);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shards_tell_each_keys_full_and_folded_spans_once_and_not_their_self_times() {
+    let Running { _dir, pipeline, stop, flusher, .. } = running(Duration::from_millis(20));
+    let told = Arc::new(Told::default());
+    assert!(pipeline.feed_traffic(told.clone()));
+    assert!(!pipeline.feed_traffic(Arc::new(Told::default())), "set once");
+    let now = SystemClock.now_nanos();
+    let span = |duration_nanos, weight, status, self_nanos| Span {
+        start_unix_nanos: now - 2_000_000_000,
+        duration_nanos,
+        weight,
+        status,
+        self_nanos,
+        ..Default::default()
+    };
+    let key = |operation: &str| SeriesKey {
+        service: "cart".into(),
+        operation: operation.into(),
+        ..Default::default()
+    };
+    let folded = |count| {
+        let mut h = Histogram::new(HistogramConfig::default().layout().unwrap());
+        h.record(5_000_000, count);
+        h.to_bytes()
+    };
+    let window = (now / 1_000_000_000 - 2).div_euclid(10) * 10;
+    let delta = |self_time, count| tailscope_proto::v1::LoggedDelta {
+        key: Some(key("pay")),
+        status: 0,
+        self_time,
+        window_start_unix_seconds: window,
+        histogram: folded(count),
+    };
+    let record = LogRecord {
+        client_id: 0,
+        seq: 1,
+        now_unix_nanos: now,
+        groups: vec![
+            SeriesGroup {
+                key: Some(key("pay")),
+                // Three ok spans, one failed span of weight 4; self times on two of them.
+                spans: vec![
+                    span(3_000_000, 1, 0, 1_000_000),
+                    span(3_000_000, 1, 0, 0),
+                    span(4_000_000, 1, 0, 0),
+                    span(900_000_000, 4, 1, 2_000_000),
+                ],
+            },
+            SeriesGroup { key: Some(key("list")), spans: vec![span(1_000_000, 1, 0, 0); 2] },
+        ],
+        // Ten spans folded by the client, and their self times (not spans of their own).
+        deltas: vec![delta(false, 10), delta(true, 10)],
+    };
+    let shards = pipeline.shard_count();
+    let batch = Arc::new(record::rebuild(record, 0, shards).unwrap());
+    assert_eq!(Admit::admit(pipeline.as_ref(), batch).unwrap().0, Admission::Accepted);
+    let mut durable = pipeline.subscribe();
+    durable.wait_for(|d| d.epoch >= 2).await.unwrap();
+    stop.send(true).unwrap();
+    flusher.await.unwrap();
+
+    let (pay, list) = (crate::series::group_hash("cart", "pay"), crate::series::group_hash("cart", "list"));
+    let names = told.names.lock().clone();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(names[&pay], ("cart".to_owned(), "pay".to_owned()));
+    assert_eq!(names[&list], ("cart".to_owned(), "list".to_owned()));
+    let counts = told.counts.lock().clone();
+    assert_eq!(counts[&pay], (7, 10, 17), "full, folded, durations of cart/pay");
+    assert_eq!(counts[&list], (2, 0, 2), "full, folded, durations of cart/list");
+    let (epochs, seconds) = *told.covered.lock();
+    assert!(epochs >= 2 && seconds > 0.0, "{epochs} epochs told, over {seconds} s");
+}

@@ -156,3 +156,44 @@ fn overrides_fix_probabilities_and_p99_becomes_the_always_keep_rule() {
     assert!(SamplingConfig { budget: 0.0, ..SamplingConfig::default() }.validate().is_err());
     assert!(SamplingConfig::default().validate().is_ok());
 }
+
+#[test]
+fn fed_by_epochs_rates_are_taken_over_the_time_the_epochs_told_and_wait_for_them() {
+    let sampler = Sampler::new(SamplingConfig { budget: 100.0, ..SamplingConfig::default() }).fed_by_epochs();
+    let layout = Layout::new(3, 1_000, 3_600_000_000_000).unwrap();
+    let mut durations = Recorder::new(layout);
+    for i in 1..=2_000u64 {
+        durations.record(i * 500_000, 1);
+    }
+    // 2,000 spans of one key in an epoch (1,500 in full, 500 folded), another key's 10 spans.
+    sampler.track(1, "search", "GET /q");
+    sampler.recorded(1, 1_500, 500, &durations);
+    sampler.track(2, "search", "GET /");
+    let mut few = Recorder::new(layout);
+    few.record(1_000_000, 10);
+    sampler.recorded(2, 10, 0, &few);
+    // Ticks before the epoch has told its time: rates wait, probabilities stay at 1.
+    sampler.tick(0.2, false);
+    sampler.tick(0.2, false);
+    assert_eq!(sampler.generation(), 0, "no recomputation without traffic told");
+    assert!(sampler.policies([1, 2].into_iter()).iter().all(|p| p.probability == 1.0));
+    // The epoch covered two seconds: 1,000 and 5 spans per second, whatever the ticks' own.
+    sampler.covered(2.0);
+    sampler.tick(0.2, false);
+    let view = |key: u64| {
+        let names = if key == 1 { "GET /q" } else { "GET /" };
+        sampler.snapshot().into_iter().find(|(_, op, _)| op == names).unwrap().2
+    };
+    assert_eq!(view(1).observed_per_second, 1_000.0);
+    assert_eq!(view(1).kept_per_second, 750.0);
+    assert_eq!(view(2).observed_per_second, 5.0);
+    let policies = sampler.policies([1, 2].into_iter());
+    assert_eq!(policies[1].probability, 1.0, "a key under its fair share keeps everything");
+    assert!(policies[0].probability < 0.1, "{}", policies[0].probability);
+    // The p99 of the durations told (990 ms, one significant digit).
+    let p99 = policies[0].always_keep_above_nanos as f64;
+    assert!((p99 - 990e6).abs() <= 990e6 / 16.0, "{p99}");
+    // A key told of without being tracked (past the cap of keys) is not counted.
+    sampler.recorded(99, 5, 5, &few);
+    assert!(sampler.policies([99].into_iter()).is_empty());
+}
