@@ -145,7 +145,11 @@ impl Store {
         // Each family's operands in key order: a memtable insert then starts from where the
         // previous one ended instead of searching its skip list from the top (with a million
         // series an epoch's keys in arrival order made that search most of the server's CPU).
+        // The deltas of one key are one operand: the six ten-second windows of a minute, the
+        // 360 of an hour (a backfill, a catch-up, an epoch spilled early) would otherwise each
+        // be an operand every read of the fresh window merges again until compaction.
         let mut keyed: Vec<([u8; 20], &[u8])> = Vec::with_capacity(epoch.windows.len());
+        let mut operands = 0;
         for (res, cf) in Resolution::ALL.iter().zip(cfs) {
             keyed.clear();
             keyed.extend(
@@ -155,8 +159,22 @@ impl Store {
                     .map(|w| (window_key(*res, w.series, res.align(w.window_start)), &w.histogram[..])),
             );
             keyed.sort_unstable_by_key(|k| k.0);
-            for (key, histogram) in &keyed {
-                batch.merge_cf(cf, key, histogram);
+            for run in keyed.chunk_by(|a, b| a.0 == b.0) {
+                let merged = match run {
+                    [_] => None,
+                    _ => Histogram::merge_encodings(&run.iter().map(|(_, h)| *h).collect::<Vec<_>>()),
+                };
+                match merged {
+                    Some(histogram) => {
+                        batch.merge_cf(cf, run[0].0, histogram);
+                        operands += 1;
+                    }
+                    // One delta, or deltas the list merge cannot add (never ours): as they are.
+                    None => {
+                        run.iter().for_each(|(key, histogram)| batch.merge_cf(cf, key, histogram));
+                        operands += run.len();
+                    }
+                }
             }
         }
         // New series, and known ones whose newest window moved to a later hour: their index
@@ -196,7 +214,7 @@ impl Store {
         wo.set_sync(true);
         self.db.write_opt(batch, &wo)?;
         self.index.extend(entries);
-        Ok((bytes, epoch.windows.len() * Resolution::ALL.len()))
+        Ok((bytes, operands))
     }
 
     /// The exemplars of `series` whose windows start in `[start, end)` (seconds), in window

@@ -105,6 +105,46 @@ fn a_window_written_in_many_epochs_reads_as_the_sum_of_all_of_them_before_and_af
 }
 
 #[test]
+fn an_epochs_deltas_of_one_rollup_window_are_one_operand_and_read_as_their_sum() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let id = labels("x").id();
+    // Six ten-second windows of the minute T0 and one of the next minute, every one of them
+    // different; written twice (two epochs), the second time with the delta of T0 + 60 first.
+    let h = |w: i64| hist(&[1_000 + w as u64, 2_000_000 + 7 * w as u64, 5]);
+    let mut windows: Vec<WindowDelta> = (0..7)
+        .map(|i| WindowDelta { series: id, window_start: T0 + 10 * i, histogram: h(10 * i).to_bytes() })
+        .collect();
+    let (_, operands) =
+        store.write_epoch(&EpochWrite { windows: windows.clone(), ..EpochWrite::default() }).unwrap();
+    assert_eq!(operands, 7 + 2 + 1, "seven ten-second windows, two minutes, one hour");
+    windows.rotate_right(1);
+    store.write_epoch(&EpochWrite { windows, ..EpochWrite::default() }).expect("write");
+    let sum = |from: i64, to: i64| {
+        let mut all = Histogram::new(Layout::default());
+        (from..to).for_each(|i| {
+            all.merge(&h(10 * i));
+            all.merge(&h(10 * i));
+        });
+        all
+    };
+    let read = |store: &Store, res| {
+        let mut read = Vec::new();
+        store.for_each_window(res, id, T0, T0 + 3600, |w, h| read.push((w, h))).expect("scan");
+        read
+    };
+    let check = |store: &Store, pass: &str| {
+        assert_eq!(read(store, Resolution::M1), vec![(T0, sum(0, 6)), (T0 + 60, sum(6, 7))], "{pass}");
+        assert_eq!(read(store, Resolution::H1), vec![(T0, sum(0, 7))], "{pass}");
+        let tens: Vec<(i64, Histogram)> = (0..7).map(|i| (T0 + 10 * i, sum(i, i + 1))).collect();
+        assert_eq!(read(store, Resolution::S10), tens, "{pass}");
+    };
+    check(&store, "fresh");
+    drop(store);
+    check(&open(dir.path()), "after reopening");
+}
+
+#[test]
 fn scans_cross_partitions() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
