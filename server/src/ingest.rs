@@ -478,7 +478,8 @@ impl IngestService {
     }
 
     /// Feeds the sampler with what an admitted batch carried (refused batches are not traffic
-    /// the budget has to cover).
+    /// the budget has to cover): a cluster gateway's way; a single node's shards tell the
+    /// sampler what they recorded instead ([`crate::pipeline::TrafficSink`]).
     fn observe(&self, batch: &ValidatedBatch) {
         for (group, route) in batch.batch.groups.iter().zip(&batch.groups) {
             let Some(key) = group.key.as_ref() else { continue };
