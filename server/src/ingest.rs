@@ -148,7 +148,7 @@ pub struct IngestService {
     /// Why every batch is refused (a cluster node without the gateway role).
     refusing: Option<Arc<str>>,
     /// Whether the sampler is told of each admitted batch here (a cluster gateway), rather
-    /// than by the pipeline's shards per epoch ([`crate::pipeline::TrafficSink`]).
+    /// than by the pipeline's shards per epoch ([`crate::traffic::TrafficSink`]).
     observe_at_admission: bool,
 }
 
@@ -479,7 +479,7 @@ impl IngestService {
 
     /// Feeds the sampler with what an admitted batch carried (refused batches are not traffic
     /// the budget has to cover): a cluster gateway's way; a single node's shards tell the
-    /// sampler what they recorded instead ([`crate::pipeline::TrafficSink`]).
+    /// sampler what they recorded instead ([`crate::traffic::TrafficSink`]).
     fn observe(&self, batch: &ValidatedBatch) {
         for (group, route) in batch.batch.groups.iter().zip(&batch.groups) {
             let Some(key) = group.key.as_ref() else { continue };

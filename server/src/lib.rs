@@ -26,6 +26,7 @@ pub mod series;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod traffic;
 
 pub use app::{Server, StartError};
 pub use config::Config;

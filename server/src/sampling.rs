@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use tailscope_proto::histogram::{Histogram, Layout, Recorder};
 use tailscope_proto::v1::{KeyPolicy, SeriesKey};
 
-use crate::pipeline::TrafficSink;
 use crate::series::IdBuildHasher;
+use crate::traffic::TrafficSink;
 
 /// The sampler's configuration (`[sampling]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

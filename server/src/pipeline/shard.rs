@@ -10,10 +10,11 @@ use tailscope_proto::histogram::{Layout, Recorder};
 use tokio::sync::{mpsc, oneshot};
 
 use super::exemplar_set::ExemplarSet;
-use super::{TrafficSink, ValidatedBatch};
+use super::ValidatedBatch;
 use crate::series::SpanLimits;
 use crate::series::{IdBuildHasher, SeriesLabels, Status};
 use crate::store::{Exemplar, WindowDelta};
+use crate::traffic::TrafficSink;
 
 /// How long a series stays "active" (and known to need no index write) after its last span.
 /// A contract, not only a detail: a series idle this long is named again (its labels in the

@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use tailscope_proto::histogram::Recorder;
 use tailscope_proto::v1::{LogRecord, SeriesGroup, SeriesKey, Span};
 
 use super::*;
