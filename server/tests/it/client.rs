@@ -354,8 +354,13 @@ async fn tower_and_tracing_layers_carry_w3c_trace_context_across_a_hop() {
     let dir = tempfile::tempdir().unwrap();
     let server = ahead_of_the_spans(dir.path()).await;
     let endpoint = format!("http://{}", server.grpc_addr());
-    let frontend = Client::builder().endpoint(endpoint.clone()).service("frontend").build().unwrap();
-    let backend = Client::builder().endpoint(endpoint).service("backend").build().unwrap();
+    // Every span must travel in full for its exemplar to be asked for below: a stream given up
+    // after the default 5 s without an acknowledgement (a loaded CI machine's fsync) folds what
+    // is recorded until it reconnects — counted exactly, but with no exemplar.
+    let patient = |c: &mut tailscope::Config| c.ack_timeout = Duration::from_secs(60);
+    let frontend =
+        Client::builder().endpoint(endpoint.clone()).service("frontend").configure(patient).build().unwrap();
+    let backend = Client::builder().endpoint(endpoint).service("backend").configure(patient).build().unwrap();
 
     // The backend: the traceparent it received, kept; a tracing span inside the handler.
     let received = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
@@ -427,6 +432,11 @@ async fn tower_and_tracing_layers_carry_w3c_trace_context_across_a_hop() {
     reqwest::Client::new().get(format!("http://{frontend_addr}/checkout")).send().await.unwrap();
     frontend.flush().await.unwrap();
     backend.flush().await.unwrap();
+    // Had a span been folded, its exemplar would be missing for a reason this test is not about.
+    for (name, client) in [("frontend", &frontend), ("backend", &backend)] {
+        let stats = client.stats();
+        assert_eq!(stats.folded, 0, "{name} sent every span in full: {stats:?}");
+    }
 
     let http = server.http_addr();
     let server_spans = exemplars(http, "frontend", "SPAN_KIND_SERVER").await;
