@@ -293,7 +293,8 @@ impl Stream {
 
 /// The native stream to tailscope as a client should keep it: batches numbered one by one,
 /// kept until acknowledged, and on a refusal to back off (`RESOURCE_EXHAUSTED`, `UNAVAILABLE`)
-/// resent from the watermark on a new stream — tailscope counts each batch once.
+/// or a broken connection resent from the watermark on a new stream — tailscope counts each
+/// batch once.
 struct Ingest {
     grpc: std::net::SocketAddr,
     stream: Stream,
@@ -381,7 +382,10 @@ impl Ingest {
         self.acknowledged(acked);
         let mut why = self.stream.end().await?;
         for attempt in 1..=REFUSALS {
-            if !backs_off(why.code()) {
+            // A stream the connection under it broke (the server died or restarted; tonic gives
+            // the transport's error as the source, under whatever code) is tried again as well.
+            let broken = std::error::Error::source(&why).is_some();
+            if !(backs_off(why.code()) || broken) {
                 bail!("tailscope refused a batch: {why}");
             }
             self.refusals += 1;
@@ -965,3 +969,6 @@ fn print_table(report: &Value) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests;
