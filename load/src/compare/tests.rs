@@ -48,19 +48,18 @@ async fn the_loader_resends_from_the_watermark_across_a_server_killed_and_restar
     let _second = restarted.unwrap().join().unwrap();
     assert!(refusals > 0, "the loader never backed off");
 
-    let query = "sum(increase(span_duration_seconds_count[10m]))";
-    let url = format!("http://{http}/api/v1/query");
-    let body: Value = reqwest::Client::new()
-        .post(&url)
-        .form(&[("query", query), ("time", &(now / 1_000_000_000 + 60).to_string())])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let at = (now / 1_000_000_000 + 60).to_string();
+    let query = "sum(increase(span_duration_seconds_count[10m]))".to_owned();
+    let data = tailscope_load::api::api(
+        &reqwest::Client::new(),
+        &format!("http://{http}"),
+        "/api/v1/query",
+        &[("query", query), ("time", at)],
+    )
+    .await
+    .unwrap();
     let counted: f64 =
-        body["data"]["result"][0]["value"][1].as_str().unwrap_or_else(|| panic!("{body}")).parse().unwrap();
+        data["result"][0]["value"][1].as_str().unwrap_or_else(|| panic!("{data}")).parse().unwrap();
     assert_eq!(
         counted,
         (batches as usize * BATCH_SPANS) as f64,
