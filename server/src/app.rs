@@ -203,12 +203,9 @@ impl Server {
 
         // A single node's shards record every span admitted: they tell the sampler per epoch.
         // A cluster node's record only the partitions it stores, so its gateway tells it.
-        let sampled_by_pipeline = !config.cluster.enabled();
-        let sampler = match sampled_by_pipeline {
-            true => Arc::new(Sampler::new(config.sampling.clone()).fed_by_epochs()),
-            false => Arc::new(Sampler::new(config.sampling.clone())),
-        };
-        if sampled_by_pipeline {
+        let sampler = Sampler::new(config.sampling.clone());
+        let sampler = Arc::new(if config.cluster.enabled() { sampler } else { sampler.fed_by_epochs() });
+        if sampler.is_fed_by_epochs() {
             pipeline.feed_traffic(sampler.clone());
         }
         let known = store.series().map_err(|source| StartError::Store { path: dir.clone(), source })?;
@@ -226,7 +223,6 @@ impl Server {
             sampler.clone(),
             cardinality,
         );
-        let ingest = if sampled_by_pipeline { ingest.sampled_by_pipeline() } else { ingest };
         let ingest = if config.cluster.has(Role::Gateway) {
             ingest
         } else {

@@ -147,9 +147,6 @@ pub struct IngestService {
     pairing: Arc<otlp::pairing::Pairing>,
     /// Why every batch is refused (a cluster node without the gateway role).
     refusing: Option<Arc<str>>,
-    /// Whether the sampler is told of each admitted batch here (a cluster gateway), rather
-    /// than by the pipeline's shards per epoch ([`crate::traffic::TrafficSink`]).
-    observe_at_admission: bool,
 }
 
 impl IngestService {
@@ -173,16 +170,7 @@ impl IngestService {
             cardinality,
             pairing: Arc::default(),
             refusing: None,
-            observe_at_admission: true,
         }
-    }
-
-    /// The same service leaving the sampler to the pipeline it admits into, which tells it
-    /// what its shards recorded per epoch (a single node: every span admitted is recorded
-    /// there).
-    pub fn sampled_by_pipeline(mut self) -> IngestService {
-        self.observe_at_admission = false;
-        self
     }
 
     /// The same service refusing every batch with UNAVAILABLE and `why` (a cluster node that
@@ -230,7 +218,8 @@ impl IngestService {
         let (admission, epoch) = self.admit(Arc::clone(&validated)).await;
         let refused = match admission {
             Admission::Accepted => {
-                if self.observe_at_admission {
+                // A sampler the pipeline's shards tell per epoch is not told here as well.
+                if !self.sampler.is_fed_by_epochs() {
                     self.observe(&validated);
                 }
                 self.record_accepted(&stats);

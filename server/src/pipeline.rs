@@ -535,8 +535,6 @@ pub struct Pipeline {
     applied: tokio::sync::Notify,
     /// Told of the traffic every shard recorded, per epoch (shared with the shards).
     traffic: Arc<std::sync::OnceLock<Arc<dyn TrafficSink>>>,
-    /// When the last epoch was cut (the traffic of the next one arrives from then on).
-    last_cut: Mutex<Instant>,
 }
 
 impl Pipeline {
@@ -618,7 +616,6 @@ impl Pipeline {
             written: Mutex::new(written),
             applied: tokio::sync::Notify::new(),
             traffic,
-            last_cut: Mutex::new(Instant::now()),
         };
         Ok((Arc::new(pipeline), handles))
     }
@@ -649,6 +646,7 @@ impl Pipeline {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pending = EpochWrite::default();
+        let mut last_cut = Instant::now();
         loop {
             let hurried = tokio::select! {
                 _ = tick.tick() => false,
@@ -665,12 +663,12 @@ impl Pipeline {
                 // The next regular epoch is a full interval after this one.
                 tick.reset();
             }
-            self.flush_epoch(&mut pending).await;
+            self.flush_epoch(&mut pending, &mut last_cut).await;
         }
         self.gate.write().draining = true;
         let deadline = Instant::now() + shutdown_timeout;
         loop {
-            self.flush_epoch(&mut pending).await;
+            self.flush_epoch(&mut pending, &mut last_cut).await;
             if pending.is_empty() || Instant::now() >= deadline {
                 break;
             }
@@ -687,13 +685,14 @@ impl Pipeline {
 
     /// Cuts, collects and writes one epoch. A failed write is kept in `pending` and retried
     /// with the next epoch; nothing it holds is acknowledged until it is written.
-    async fn flush_epoch(&self, pending: &mut EpochWrite) {
+    /// `last_cut` is when the epoch before was cut: this one's batches were admitted since.
+    async fn flush_epoch(&self, pending: &mut EpochWrite, last_cut: &mut Instant) {
         let started = Instant::now();
         let (epoch, watermarks, forgotten, log_positions, admitted_over) = {
             let mut gate = self.gate.write();
             let epoch = gate.epoch;
             gate.epoch += 1;
-            let admitted_over = std::mem::replace(&mut *self.last_cut.lock(), Instant::now()).elapsed();
+            let admitted_over = std::mem::replace(last_cut, Instant::now()).elapsed();
             // Under the gate no batch is admitted: a client forgotten here cannot be mid-batch.
             let before = self.forget_before.swap(0, Ordering::Relaxed);
             let mut forgotten = Vec::new();

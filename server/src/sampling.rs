@@ -150,6 +150,14 @@ struct KeyState {
     idle_millis: AtomicU64,
 }
 
+impl KeyState {
+    /// Counts `full` spans that came in full and `folded` that a client folded.
+    fn count(&self, full: u64, folded: u64) {
+        self.observed.fetch_add(full.saturating_add(folded), Ordering::Relaxed);
+        self.kept.fetch_add(full, Ordering::Relaxed);
+    }
+}
+
 /// The layout of each key's recent-durations histogram: one significant digit (±6 %) is
 /// plenty for an always-keep threshold, and it needs 16 counters per power of two instead of
 /// 128 — about 0.8 KB instead of 6 KB for a key whose durations span six powers of two, which
@@ -191,6 +199,11 @@ impl Sampler {
     pub fn fed_by_epochs(mut self) -> Sampler {
         self.epochs = Some(Mutex::new(0.0));
         self
+    }
+
+    /// Whether it is told the traffic per epoch (and so must not be told it at admission too).
+    pub fn is_fed_by_epochs(&self) -> bool {
+        self.epochs.is_some()
     }
 
     /// Calls `f` with the key's state, creating it on first sight (up to [`MAX_KEYS`]). The
@@ -249,8 +262,7 @@ impl Sampler {
                 n += weight;
             }
             drop(recent);
-            s.observed.fetch_add(n, Ordering::Relaxed);
-            s.kept.fetch_add(n, Ordering::Relaxed);
+            s.count(n, 0);
         });
     }
 
@@ -258,7 +270,7 @@ impl Sampler {
     pub fn observe_folded(&self, key: u64, service: &str, operation: &str, folded: &Histogram) {
         self.with_state(key, service, operation, |s| {
             s.recent.lock().merge(folded);
-            s.observed.fetch_add(folded.count(), Ordering::Relaxed);
+            s.count(0, folded.count());
         });
     }
 
@@ -400,8 +412,7 @@ impl TrafficSink for Sampler {
         let mut recent = s.recent.lock();
         durations.for_each_value(|value, weight| recent.record(value, weight));
         drop(recent);
-        s.observed.fetch_add(full.saturating_add(folded), Ordering::Relaxed);
-        s.kept.fetch_add(full, Ordering::Relaxed);
+        s.count(full, folded);
     }
 
     fn covered(&self, seconds: f64) {

@@ -3,9 +3,7 @@ use super::*;
 /// The server built beside this test binary (`target/<profile>/tailscope-server`).
 fn built_server() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(Path::parent).unwrap().join("tailscope-server");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p tailscope-server` first", bin.display());
-    bin
+    server_bin(Some(&exe.parent().and_then(Path::parent).unwrap().join("tailscope-server"))).unwrap()
 }
 
 /// The loader keeps what tailscope has not acknowledged and, when its stream ends in a way that

@@ -490,11 +490,6 @@ fn merged(store: &Store, op: MergedOp, budget: usize, reply: &mut ReadReply) -> 
     Ok(())
 }
 
-/// One group's windows in `intervals` merged per start (per interval when `whole`), in start
-/// order; `read` counts the bytes read, bounded by the engine's limit. A few whole intervals,
-/// or the starts of a range of at most [`DENSE_STARTS`] windows, are each added straight into
-/// one dense histogram; otherwise the encodings of a start are folded every [`FOLD_AT`] (one
-/// dense histogram per start of a long range would not be bounded).
 /// Whether [`merge_group`] adds each start's (or whole interval's) windows into one dense
 /// histogram rather than folding their encodings.
 pub(super) fn merges_dense(res: Resolution, intervals: &[(i64, i64)], whole: bool) -> bool {
@@ -505,6 +500,11 @@ pub(super) fn merges_dense(res: Resolution, intervals: &[(i64, i64)], whole: boo
     starts <= DENSE_STARTS
 }
 
+/// One group's windows in `intervals` merged per start (per interval when `whole`), in start
+/// order; `read` counts the bytes read, bounded by the engine's limit. A few whole intervals,
+/// or the starts of a range of at most [`DENSE_STARTS`] windows, are each added straight into
+/// one dense histogram; otherwise the encodings of a start are folded every [`FOLD_AT`] (one
+/// dense histogram per start of a long range would not be bounded).
 pub(super) fn merge_group(
     store: &Store,
     res: Resolution,

@@ -82,6 +82,15 @@ impl Open {
 /// The sink the shards' traffic goes to, once one is set.
 type Traffic = Arc<std::sync::OnceLock<Arc<dyn TrafficSink>>>;
 
+/// A group's name as counted: [`crate::cardinality::OVERFLOW`] when it went over its cap.
+fn counted(sent: Option<&String>, overflowed: bool) -> &str {
+    if overflowed {
+        crate::cardinality::OVERFLOW
+    } else {
+        sent.map_or("", String::as_str)
+    }
+}
+
 /// The deltas of one epoch.
 #[derive(Debug, Default)]
 struct Accumulator {
@@ -144,7 +153,6 @@ struct ShardState {
     /// A group's self times ((series, window), nanoseconds, weight), recorded after its
     /// durations so the durations' run cache stays open; reused between groups.
     self_times: Vec<((u64, i64), u64, u64)>,
-    traffic: Traffic,
 }
 
 impl ShardState {
@@ -154,23 +162,15 @@ impl ShardState {
         }
     }
 
-    fn apply(&mut self, acc: &mut Accumulator, work: &ValidatedBatch) {
+    fn apply(&mut self, acc: &mut Accumulator, work: &ValidatedBatch, traffic: Option<&dyn TrafficSink>) {
         self.now = self.now.max(work.now.div_euclid(1_000_000_000));
-        let traffic = self.traffic.get().cloned();
         for (group, route) in work.batch.groups.iter().zip(&work.groups) {
             if route.shard != self.id {
                 continue;
             }
             let key = group.key.as_ref();
-            fn name(sent: Option<&String>, overflowed: bool) -> &str {
-                if overflowed {
-                    crate::cardinality::OVERFLOW
-                } else {
-                    sent.map_or("", String::as_str)
-                }
-            }
-            let service = name(key.map(|k| &k.service), route.service_overflow);
-            let operation = name(key.map(|k| &k.operation), route.overflow);
+            let service = counted(key.map(|k| &k.service), route.service_overflow);
+            let operation = counted(key.map(|k| &k.operation), route.overflow);
             let mut seen = [false; 2];
             // Spans of a group mostly share a series and window: the two maps are looked up
             // once per run of them, not once per span.
@@ -195,7 +195,7 @@ impl ShardState {
                         open = None;
                         let layout = self.layout;
                         let h = acc.windows.entry(at).or_insert_with(|| {
-                            if let Some(sink) = &traffic {
+                            if let Some(sink) = traffic {
                                 sink.track(route.key, service, operation);
                             }
                             Open::new(layout, Some(route.key))
@@ -256,7 +256,7 @@ impl ShardState {
                 operation: operation.to_owned(),
                 status,
                 kind: route.kind,
-                peer: name(key.map(|k| &k.peer), route.peer_overflow).to_owned(),
+                peer: counted(key.map(|k| &k.peer), route.peer_overflow).to_owned(),
                 measure: crate::series::Measure::Duration,
             };
             for (status, series) in [(Status::Ok, route.ok_series), (Status::Error, route.error_series)] {
@@ -278,7 +278,7 @@ impl ShardState {
             // Self times are not spans of their own: only durations are traffic.
             let spans = delta.labels.measure == crate::series::Measure::Duration;
             let open = acc.windows.entry((delta.series, delta.window_start)).or_insert_with(|| {
-                if let (Some(sink), true) = (&traffic, spans) {
+                if let (Some(sink), true) = (traffic, spans) {
                     sink.track(delta.key, &delta.labels.service, &delta.labels.operation);
                 }
                 Open::new(layout, spans.then_some(delta.key))
@@ -291,11 +291,11 @@ impl ShardState {
         }
     }
 
-    fn hand_over(&mut self, mut acc: Accumulator, now: i64) -> Handover {
+    fn hand_over(&mut self, mut acc: Accumulator, now: i64, traffic: Option<&dyn TrafficSink>) -> Handover {
         self.now = self.now.max(now);
         let horizon = self.now - ACTIVE_SECONDS;
         self.known.retain(|_, &mut seen| seen >= horizon);
-        acc.spill(self.traffic.get().map(|t| t.as_ref()));
+        acc.spill(traffic);
         let windows = acc.spilled;
         let mut exemplars = acc.spilled_exemplars;
         self.take_closed_exemplars(&mut exemplars);
@@ -323,8 +323,8 @@ impl ShardState {
 
     /// Encodes the epoch's open histograms and takes the exemplars of closed windows out of
     /// the open sets, when the epoch holds its share of `ingest.max_open_windows`.
-    fn spill(&mut self, acc: &mut Accumulator) {
-        acc.spill(self.traffic.get().map(|t| t.as_ref()));
+    fn spill(&mut self, acc: &mut Accumulator, traffic: Option<&dyn TrafficSink>) {
+        acc.spill(traffic);
         self.take_closed_exemplars(&mut acc.spilled_exemplars);
     }
 }
@@ -346,7 +346,6 @@ pub async fn run(
         now: 0,
         exemplars: HashMap::default(),
         self_times: Vec::new(),
-        traffic,
     };
     // Work of the epoch being filled, and of the next one: a batch admitted just after the
     // coordinator cut an epoch can reach this queue before that epoch's Flush message.
@@ -355,15 +354,16 @@ pub async fn run(
     // The pipeline's first epoch is 1.
     let mut open_epoch = 1u64;
     while let Some(msg) = rx.recv().await {
+        let traffic = traffic.get().map(|t| &**t);
         match msg {
             ShardMsg::Work { epoch, batch } => {
                 let acc = if epoch <= open_epoch { &mut current } else { &mut next };
-                state.apply(acc, &batch);
+                state.apply(acc, &batch, traffic);
                 if acc.windows.len() >= open.windows {
                     // Batches already queued behind the flush request keep opening windows:
                     // they are encoded as they go, so the open histograms stay bounded (and
                     // admission waits once the encoded ones reach their bound).
-                    state.spill(acc);
+                    state.spill(acc, traffic);
                     if !acc.hurried {
                         acc.hurried = true;
                         open.hurry.notify_one();
@@ -375,7 +375,7 @@ pub async fn run(
                 open_epoch = epoch + 1;
                 // The coordinator may have given up (shutdown); the deltas then die with it,
                 // unacknowledged, and their clients resend them.
-                let _ = reply.send(state.hand_over(done, now));
+                let _ = reply.send(state.hand_over(done, now, traffic));
             }
         }
         open.held.store(current.held() + next.held(), Ordering::Relaxed);

@@ -41,6 +41,9 @@ pub struct Store {
     /// Held while series entries are written or retired, so a retirement never deletes an
     /// entry an epoch is rewriting.
     series_writes: Arc<std::sync::Mutex<()>>,
+    /// `tailscope_corrupt_operands_total`: what the merge operator (and an epoch's merge of
+    /// one key's deltas) skipped.
+    corrupt: prometheus_client::metrics::counter::Counter,
 }
 
 impl Store {
@@ -83,7 +86,8 @@ impl Store {
         cfs.push(ColumnFamilyDescriptor::new(CF_ALERTING, Options::default()));
         cfs.push(ColumnFamilyDescriptor::new(CF_LOG, Options::default()));
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
-        let store = Store { db: Arc::new(db), layout, index: Arc::default(), series_writes: Arc::default() };
+        let store =
+            Store { db: Arc::new(db), layout, index: Arc::default(), series_writes: Arc::default(), corrupt };
         store.load_index()?;
         Ok(store)
     }
@@ -160,21 +164,18 @@ impl Store {
             );
             keyed.sort_unstable_by_key(|k| k.0);
             for run in keyed.chunk_by(|a, b| a.0 == b.0) {
-                let merged = match run {
-                    [_] => None,
-                    _ => Histogram::merge_encodings(&run.iter().map(|(_, h)| *h).collect::<Vec<_>>()),
-                };
-                match merged {
-                    Some(histogram) => {
-                        batch.merge_cf(cf, run[0].0, histogram);
-                        operands += 1;
-                    }
-                    // One delta, or deltas the list merge cannot add (never ours): as they are.
-                    None => {
-                        run.iter().for_each(|(key, histogram)| batch.merge_cf(cf, key, histogram));
-                        operands += run.len();
-                    }
+                match run {
+                    [(key, histogram)] => batch.merge_cf(cf, key, histogram),
+                    // Added as the merge operator adds them.
+                    _ => batch.merge_cf(
+                        cf,
+                        run[0].0,
+                        merge_values(self.layout, run.iter().map(|(_, h)| *h), || {
+                            self.corrupt.inc();
+                        }),
+                    ),
                 }
+                operands += 1;
             }
         }
         // New series, and known ones whose newest window moved to a later hour: their index

@@ -192,19 +192,17 @@ impl Engine<'_> {
         let mut out = Vec::new();
         let [bucket, count, sum, native] = sel.names;
         let mut groups = sel.groups;
-        let with_name = |labels: &Labels, i: usize| {
-            let mut labels = labels.clone();
+        let name = |labels: &mut Labels, i: usize| {
             if named {
                 labels.insert("__name__".to_owned(), sel.called[i].to_owned());
             }
-            labels
         };
         if (count != sum) && !bucket && !native {
             // The count or the sum alone stays histograms until it is read as numbers, so a
             // `sum` around it merges its groups' members first.
             let (i, kind) = if count { (1, HistKind::Count) } else { (2, HistKind::Sum) };
             for g in &mut groups {
-                g.labels = with_name(&g.labels, i);
+                name(&mut g.labels, i);
             }
             return Ok(Value::Hist(HistValue::without_le(groups, range, offset, per_second, kind)));
         }
@@ -220,15 +218,15 @@ impl Engine<'_> {
                 })?;
                 for (i, wanted, values) in [(1, count, counts), (2, sum, sums)] {
                     if wanted {
-                        out.push(Series { labels: with_name(&group.labels, i), values });
+                        let mut labels = group.labels.clone();
+                        name(&mut labels, i);
+                        out.push(Series { labels, values });
                     }
                 }
             }
         }
-        if named {
-            for g in &mut groups {
-                g.labels = with_name(&g.labels, 0);
-            }
+        for g in &mut groups {
+            name(&mut g.labels, 0);
         }
         if native {
             return Ok(Value::Hist(HistValue::without_le(
