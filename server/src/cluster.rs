@@ -21,6 +21,7 @@
 pub mod assign;
 pub mod config;
 pub mod consumer;
+pub mod copy;
 pub mod drain;
 pub mod gateway;
 pub mod lease;
@@ -72,8 +73,13 @@ pub enum ClusterError {
     },
 }
 
+/// The bits of a client key below the partition.
+const CLIENT_BITS: u32 = 48;
+
 /// The id a store keeps a client's watermark under for one partition: a client's seqs are
-/// checked per partition, since each partition's log carries only its share of a batch.
+/// checked per partition, since each partition's log carries only its share of a batch. The
+/// partition is the key's top 16 bits (`cluster.partitions` ≤ 1024), so one partition's
+/// watermarks are one key range ([`clients_of`]) a copy of the partition carries.
 pub fn client_key(client_id: u64, partition: u32) -> u64 {
     if client_id == 0 {
         return 0;
@@ -81,8 +87,15 @@ pub fn client_key(client_id: u64, partition: u32) -> u64 {
     let mut bytes = [0u8; 12];
     bytes[..8].copy_from_slice(&client_id.to_be_bytes());
     bytes[8..].copy_from_slice(&partition.to_be_bytes());
+    let low = xxhash_rust::xxh3::xxh3_64(&bytes) & ((1 << CLIENT_BITS) - 1);
     // Never 0 (the anonymous client).
-    xxhash_rust::xxh3::xxh3_64(&bytes).max(1)
+    (u64::from(partition) << CLIENT_BITS) | low.max(1)
+}
+
+/// The keys [`client_key`] gives for `partition`.
+pub fn clients_of(partition: u32) -> std::ops::Range<u64> {
+    let p = u64::from(partition);
+    (p << CLIENT_BITS)..((p + 1) << CLIENT_BITS)
 }
 
 /// The addresses a node's listeners are bound to, which it announces to the cluster.
@@ -193,6 +206,14 @@ impl Cluster {
         )));
         let shards = pipeline.shard_count();
         let partitions = if config.has(Role::Store) { config.partitions } else { 0 };
+        let taker = Arc::new(copy::Taker {
+            client: client.clone(),
+            name: config.name.clone(),
+            partitions: config.partitions,
+            store: store.clone(),
+            metrics: metrics.clone(),
+            one_at_a_time: Arc::new(tokio::sync::Semaphore::new(1)),
+        });
         for p in 0..partitions {
             let partition = consumer::Partition {
                 partition: p,
@@ -201,6 +222,7 @@ impl Cluster {
                 pipeline: pipeline.clone(),
                 shards,
                 replicas: replicas.clone(),
+                taker: taker.clone(),
             };
             tasks.push(tokio::spawn(consumer::run(js.clone(), partition, owners.clone(), stop.clone())));
         }
@@ -223,6 +245,7 @@ impl Cluster {
                 store: store.clone(),
                 replicas: replicas.clone(),
                 barrier: barrier.clone(),
+                copies: Arc::new(copy::Copies::new(store.clone(), config.partitions, metrics.clone())),
                 metrics: metrics.clone(),
             };
             tasks.push(tokio::spawn(reads::serve(server, stop.clone())));

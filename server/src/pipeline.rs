@@ -198,6 +198,21 @@ struct ClientMarks {
     changed: bool,
 }
 
+impl ClientMarks {
+    /// A client's marks as the store keeps them (`now`: seconds). A row written before
+    /// last-seen times were kept counts as seen now, and is written again with it.
+    fn stored(mark: crate::store::Watermark, now: i64) -> ClientMarks {
+        let last_seen = if mark.last_seen == 0 { now } else { mark.last_seen };
+        ClientMarks {
+            accepted: mark.seq,
+            durable: mark.seq,
+            owner: mark.owner,
+            last_seen,
+            changed: mark.last_seen == 0,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Gate {
     epoch: u64,
@@ -401,6 +416,38 @@ impl Pipeline {
         }
     }
 
+    /// Cluster mode: forgets partition `partition` before a copy of it lands — its position
+    /// and its clients (`clients`: their keys) — once everything applied of it is written
+    /// (its reader has stopped, so nothing more is). Errs when the store did not write it
+    /// within `timeout`.
+    pub async fn release(
+        &self,
+        partition: u32,
+        clients: &std::ops::Range<u64>,
+        timeout: std::time::Duration,
+    ) -> Result<(), String> {
+        let applied = self.log_position(partition);
+        if let Err(behind) = self.wait_written(&[(partition, applied)], timeout).await {
+            return Err(format!("partition {partition} not written within {timeout:?}: {behind:?}"));
+        }
+        self.clients.retain(|key, _| !clients.contains(key));
+        self.log.lock().remove(&partition);
+        self.written.lock().remove(&partition);
+        Ok(())
+    }
+
+    /// Cluster mode: takes on a copy of partition `partition` that landed in the store: its
+    /// position and its clients' watermarks, as a restart would read them.
+    pub fn adopt(&self, partition: u32, position: LogPosition, marks: Vec<(u64, crate::store::Watermark)>) {
+        let now = self.clock.now_seconds();
+        for (client, mark) in marks {
+            self.clients.insert(client, Arc::new(Mutex::new(ClientMarks::stored(mark, now))));
+        }
+        self.log.lock().insert(partition, (position, false));
+        self.written.lock().insert(partition, position);
+        self.applied.notify_waiters();
+    }
+
     fn note_position(&self, partition: u32, after: LogPosition) {
         let mut log = self.log.lock();
         let at = log.entry(partition).or_default();
@@ -578,16 +625,7 @@ impl Pipeline {
         let clients = DashMap::new();
         let now = clock.now_seconds();
         for (client, mark) in store.watermarks()? {
-            // A row written before last-seen times were kept counts as seen now.
-            let last_seen = if mark.last_seen == 0 { now } else { mark.last_seen };
-            let marks = ClientMarks {
-                accepted: mark.seq,
-                durable: mark.seq,
-                owner: mark.owner,
-                last_seen,
-                changed: mark.last_seen == 0,
-            };
-            clients.insert(client, Arc::new(Mutex::new(marks)));
+            clients.insert(client, Arc::new(Mutex::new(ClientMarks::stored(mark, now))));
         }
         let positions = store.log_positions()?;
         let written = positions.iter().copied().collect();

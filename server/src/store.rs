@@ -15,6 +15,7 @@
 //! | `exemplars` | hour `u32` ‖ series id `u64` ‖ window start `u64` ‖ span id `u64` | trace id, duration, start |
 //! | `alerting` | kind prefix ‖ name (rule state, notification log, silences) | JSON |
 //! | `log` | partition `u32` (cluster mode) | [`LogPosition`]: stream seq `u64` ‖ records applied `u32` |
+//! | `log` | partition `u32` ‖ `copy` (cluster mode) | empty: a copy of the partition from another store is landing |
 //!
 //! All integers are big-endian, so one series' windows within a partition are one contiguous
 //! scan. A partition is a fixed span of time per resolution (1 h of 10-second windows, 1 day of
@@ -39,6 +40,7 @@ use tailscope_proto::histogram::{HistogramError, Layout};
 
 use crate::series::SeriesLabels;
 
+mod copy;
 mod index;
 mod keys;
 mod memory;
@@ -46,6 +48,7 @@ mod merge;
 mod rocksdb;
 
 pub use self::rocksdb::Store;
+pub use copy::{Checkpoint, Copied, CopyCursor, Share};
 pub use index::SeriesIndex;
 pub use keys::window_key;
 pub use memory::MemoryStore;

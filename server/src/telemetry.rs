@@ -158,6 +158,12 @@ pub struct Metrics {
     /// Cluster mode: reads this node answered for other nodes, by outcome (`ok`, `error`,
     /// `busy`: refused at the limit of reads at once).
     pub peer_reads_served: Family<Outcome, Counter>,
+    /// Cluster mode: partitions this store took on from a copy of another owner's, by outcome
+    /// (`copied`; `abandoned`: read from the log instead; `lost`: behind the log with no owner
+    /// to copy from).
+    pub partition_copies: Family<Outcome, Counter>,
+    /// Cluster mode: bytes of partition copies landed in this store.
+    pub partition_copy_bytes: Counter,
     /// Requests refused or cut because they ran into a limit, by the limit's key.
     pub limit_hits: Family<LimitLabel, Counter>,
     /// Time to collect and write one flush epoch.
@@ -262,6 +268,8 @@ impl Metrics {
             peer_reads: Family::default(),
             peer_read_duration: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             peer_reads_served: Family::default(),
+            partition_copies: Family::default(),
+            partition_copy_bytes: Counter::default(),
             limit_hits: Family::default(),
             flush_duration: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             flush_bytes: Histogram::new(exponential_buckets(1024.0, 4.0, 12)),
@@ -375,6 +383,16 @@ impl Metrics {
             "peer_reads_served",
             "Cluster mode: reads this node answered for other nodes, by outcome",
             m.peer_reads_served.clone(),
+        );
+        r.register(
+            "partition_copies",
+            "Cluster mode: partitions taken on from a copy of another store's, by outcome",
+            m.partition_copies.clone(),
+        );
+        r.register(
+            "partition_copy_bytes",
+            "Cluster mode: bytes of partition copies landed in this store",
+            m.partition_copy_bytes.clone(),
         );
         r.register(
             "early_epochs",

@@ -50,6 +50,8 @@ pub struct Partition {
     pub shards: usize,
     /// Whether this node's copy of each partition is caught up.
     pub replicas: Arc<Replicas>,
+    /// Takes copies of partitions from their other owners.
+    pub taker: Arc<super::copy::Taker>,
 }
 
 fn owns(a: &Option<Arc<Assignment>>, partition: u32) -> bool {
@@ -69,7 +71,11 @@ pub async fn run(
             r = owners.wait_for(|a| owns(a, partition)) => if r.is_err() { return },
             _ = stop.wait_for(|&s| s) => return,
         }
-        tracing::info!(partition, from = ?p.pipeline.log_position(partition), "reading a partition this node now owns");
+        let taken = tokio::select! {
+            t = take(&js, &p, &owners) => t,
+            _ = stop.wait_for(|&s| s) => return,
+        };
+        tracing::info!(partition, from = ?p.pipeline.log_position(partition), ?taken, "reading a partition this node now owns");
         let catch_up = tokio::spawn(catch_up(js.clone(), p.clone()));
         tokio::select! {
             _ = read_owned(&js, &p, &mut stop) => {
@@ -83,6 +89,36 @@ pub async fn run(
                     return;
                 }
                 tracing::info!(partition, "partition handed on to another store; no longer reading it");
+            }
+        }
+    }
+}
+
+/// Takes a copy of `p` from another owner when this store needs one ([`super::copy`]),
+/// trying again until one landed or none is to be had.
+async fn take(
+    js: &async_nats::jetstream::Context,
+    p: &Partition,
+    owners: &watch::Receiver<Option<Arc<Assignment>>>,
+) -> super::copy::Taken {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let assignment = owners.borrow().clone();
+        let first_seq = match js.get_stream(&p.stream).await {
+            Ok(mut s) => s.info().await.map(|i| i.state.first_sequence).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let outcome = match (assignment, first_seq) {
+            (Some(a), Ok(first_seq)) => p.taker.take(&p.pipeline, p.partition, first_seq, &a).await,
+            (None, _) => Err("the partitions' owners are not known yet".to_owned()),
+            (_, Err(e)) => Err(format!("reading the stream: {e}")),
+        };
+        match outcome {
+            Ok(taken) => return taken,
+            Err(e) => {
+                tracing::warn!(partition = p.partition, error = %e, "cannot decide on or take a copy of the partition yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
             }
         }
     }

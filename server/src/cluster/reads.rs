@@ -52,7 +52,7 @@ pub struct ReadRequest {
     #[prost(uint32, repeated, tag = "1")]
     pub partitions: Vec<u32>,
     /// What to read.
-    #[prost(oneof = "Op", tags = "2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "Op", tags = "2, 3, 4, 5, 6, 7, 8")]
     pub op: Option<Op>,
 }
 
@@ -77,6 +77,44 @@ pub enum Op {
     /// Some series' windows merged on the answering node.
     #[prost(message, tag = "7")]
     Merged(MergedOp),
+    /// A page of a copy of one partition ([`super::copy`]).
+    #[prost(message, tag = "8")]
+    Copy(CopyOp),
+}
+
+/// A page of a copy of the request's one partition: of copy `session` (0: start one) from
+/// family `family` after key `after` (when `resume`); `end` ends the session instead.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CopyOp {
+    /// The copy (0: a new one).
+    #[prost(uint64, tag = "1")]
+    pub session: u64,
+    /// The family the page starts in.
+    #[prost(uint32, tag = "2")]
+    pub family: u32,
+    /// Whether `after` is set.
+    #[prost(bool, tag = "3")]
+    pub resume: bool,
+    /// The last key of the previous page.
+    #[prost(bytes = "vec", tag = "4")]
+    pub after: Vec<u8>,
+    /// Ends the copy: its checkpoint is dropped.
+    #[prost(bool, tag = "5")]
+    pub end: bool,
+}
+
+/// A record of a copy.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CopiedMsg {
+    /// Its family, in the copy's numbering.
+    #[prost(uint32, tag = "1")]
+    pub family: u32,
+    /// Its key.
+    #[prost(bytes = "vec", tag = "2")]
+    pub key: Vec<u8>,
+    /// Its value.
+    #[prost(bytes = "vec", tag = "3")]
+    pub value: Vec<u8>,
 }
 
 /// Series matching every matcher, by id, after `after` (when `resume`).
@@ -231,6 +269,27 @@ pub struct ReadReply {
     /// Windows: the series the rest starts with.
     #[prost(uint64, tag = "10")]
     pub resume_series: u64,
+    /// A copy: its records.
+    #[prost(message, repeated, tag = "11")]
+    pub copied: Vec<CopiedMsg>,
+    /// A copy: its session, to ask the next page of.
+    #[prost(uint64, tag = "12")]
+    pub session: u64,
+    /// A copy: the log position it holds the partition at (stream sequence).
+    #[prost(uint64, tag = "13")]
+    pub position_seq: u64,
+    /// A copy: the records of message `position_seq` it holds.
+    #[prost(uint32, tag = "14")]
+    pub position_records: u32,
+    /// A copy: the family the next page starts in.
+    #[prost(uint32, tag = "15")]
+    pub resume_family: u32,
+    /// A copy: the key the next page starts after (empty: the family's start).
+    #[prost(bytes = "vec", tag = "16")]
+    pub resume_after: Vec<u8>,
+    /// A copy refused for now: the node gives as many as it gives at once (ask again later).
+    #[prost(bool, tag = "17")]
+    pub busy: bool,
 }
 
 /// A series.
@@ -351,6 +410,7 @@ pub fn answer(
     let result = match request.op {
         None => Err(NO_OPERATION.to_owned()),
         Some(Op::Barrier(_)) => Err("a barrier is not a read".to_owned()),
+        Some(Op::Copy(_)) => Err("a copy is not a read".to_owned()),
         Some(_) if held.is_empty() => Ok(()),
         Some(Op::Select(op)) => select(store, partitions, &held, op, budget, &mut reply),
         Some(Op::LabelValues(op)) => label_values(store, op, budget, &mut reply),
@@ -597,6 +657,8 @@ pub struct Server {
     pub replicas: Arc<Replicas>,
     /// Its strong-read barrier.
     pub barrier: Arc<super::strong::LogBarrier>,
+    /// The copies of its partitions other stores are taking.
+    pub copies: Arc<super::copy::Copies>,
     /// Self-metrics.
     pub metrics: Arc<crate::telemetry::Metrics>,
 }
@@ -661,6 +723,15 @@ async fn handle(server: &Server, request: ReadRequest, budget: usize) -> ReadRep
             Err(e) => format!("{}: {e}", server.node_id),
         };
         return ReadReply { error, not_caught_up: missing, ..ReadReply::default() };
+    }
+    if let Some(Op::Copy(op)) = request.op {
+        let copies = server.copies.clone();
+        let partition = request.partitions.first().copied();
+        return tokio::task::spawn_blocking(move || {
+            copies.page(partition, op, &|p| replicas.caught_up(p), budget)
+        })
+        .await
+        .unwrap_or_else(|e| ReadReply { error: format!("the copy failed: {e}"), ..ReadReply::default() });
     }
     let store = server.store.clone();
     let partitions = server.partitions;

@@ -6,6 +6,14 @@ fn a_client_key_is_per_partition_and_never_the_anonymous_client() {
     assert_ne!(client_key(7, 0), client_key(7, 1));
     assert_ne!(client_key(7, 0), 0);
     assert_eq!(client_key(7, 2), client_key(7, 2));
+    // One partition's keys are one range, the ranges of two partitions apart.
+    for p in [0, 1, 2, 1023] {
+        for client in [1, 7, u64::MAX] {
+            assert!(clients_of(p).contains(&client_key(client, p)), "client {client}, partition {p}");
+        }
+    }
+    assert_eq!(clients_of(1).end, clients_of(2).start);
+    assert!(!clients_of(0).contains(&client_key(7, 1)));
 }
 
 #[test]

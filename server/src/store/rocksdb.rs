@@ -23,10 +23,10 @@ use crate::series::SeriesLabels;
 use crate::telemetry::Metrics;
 
 pub(super) const CF_SERIES: &str = "series";
-const CF_WATERMARKS: &str = "watermarks";
-const CF_EXEMPLARS: &str = "exemplars";
+pub(super) const CF_WATERMARKS: &str = "watermarks";
+pub(super) const CF_EXEMPLARS: &str = "exemplars";
 const CF_ALERTING: &str = "alerting";
-const CF_LOG: &str = "log";
+pub(super) const CF_LOG: &str = "log";
 /// Memory for all memtables together.
 const MEMTABLE_BUDGET: usize = 64 << 20;
 /// Memory for cached (uncompressed) blocks of the window families.
@@ -36,19 +36,35 @@ const BLOCK_CACHE: usize = 128 << 20;
 #[derive(Debug, Clone)]
 pub struct Store {
     pub(super) db: Arc<DB>,
-    layout: Layout,
-    index: Arc<SeriesIndex>,
+    pub(super) layout: Layout,
+    pub(super) index: Arc<SeriesIndex>,
     /// Held while series entries are written or retired, so a retirement never deletes an
     /// entry an epoch is rewriting.
-    series_writes: Arc<std::sync::Mutex<()>>,
+    pub(super) series_writes: Arc<std::sync::Mutex<()>>,
     /// `tailscope_corrupt_operands_total`: what the merge operator (and an epoch's merge of
     /// one key's deltas) skipped.
-    corrupt: prometheus_client::metrics::counter::Counter,
+    pub(super) corrupt: prometheus_client::metrics::counter::Counter,
 }
 
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path, layout: Layout, metrics: &Metrics) -> Result<Store, StoreError> {
+        let corrupt = metrics.corrupt_operands.clone();
+        let (opts, cfs) = Store::descriptors(layout, &corrupt, BLOCK_CACHE);
+        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
+        let store =
+            Store { db: Arc::new(db), layout, index: Arc::default(), series_writes: Arc::default(), corrupt };
+        store.load_index()?;
+        Ok(store)
+    }
+
+    /// The database's options and column families: one memtable budget for all families,
+    /// and the window families' merge operator, compression and block cache of `cache` bytes.
+    pub(super) fn descriptors(
+        layout: Layout,
+        corrupt: &prometheus_client::metrics::counter::Counter,
+        cache: usize,
+    ) -> (Options, Vec<ColumnFamilyDescriptor>) {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -57,10 +73,9 @@ impl Store {
         // One budget for the memtables of every column family, so the store's memory stays
         // bounded however many series are written (RocksDB flushes the largest when it is hit).
         opts.set_db_write_buffer_size(MEMTABLE_BUDGET);
-        let corrupt = metrics.corrupt_operands.clone();
         // One block cache for the window families, so the windows a dashboard re-reads every
         // refresh are served decompressed from memory rather than decompressed per query.
-        let cache = Cache::new_lru_cache(BLOCK_CACHE);
+        let cache = Cache::new_lru_cache(cache);
         let windows = Resolution::ALL.map(|res| {
             let mut o = Options::default();
             o.set_compression_type(DBCompressionType::Lz4);
@@ -80,16 +95,10 @@ impl Store {
             ColumnFamilyDescriptor::new(res.column_family(), o)
         });
         let mut cfs: Vec<ColumnFamilyDescriptor> = windows.into();
-        cfs.push(ColumnFamilyDescriptor::new(CF_SERIES, Options::default()));
-        cfs.push(ColumnFamilyDescriptor::new(CF_WATERMARKS, Options::default()));
-        cfs.push(ColumnFamilyDescriptor::new(CF_EXEMPLARS, Options::default()));
-        cfs.push(ColumnFamilyDescriptor::new(CF_ALERTING, Options::default()));
-        cfs.push(ColumnFamilyDescriptor::new(CF_LOG, Options::default()));
-        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
-        let store =
-            Store { db: Arc::new(db), layout, index: Arc::default(), series_writes: Arc::default(), corrupt };
-        store.load_index()?;
-        Ok(store)
+        for name in [CF_SERIES, CF_WATERMARKS, CF_EXEMPLARS, CF_ALERTING, CF_LOG] {
+            cfs.push(ColumnFamilyDescriptor::new(name, Options::default()));
+        }
+        (opts, cfs)
     }
 
     /// Reads the series family into the in-memory index. An entry written before the newest
@@ -116,6 +125,11 @@ impl Store {
         }
         self.index.extend(loaded);
         Ok(())
+    }
+
+    /// The directory the store lives in.
+    pub fn path(&self) -> &Path {
+        self.db.path()
     }
 
     /// The series index.
@@ -337,6 +351,9 @@ impl Store {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item?;
+            if super::copy::is_copy_marker(&k) {
+                continue;
+            }
             let (Ok(k), Some(position)) = (<[u8; 4]>::try_from(&*k), super::LogPosition::decode(&v)) else {
                 return Err(StoreError::Corrupt {
                     what: "log position",

@@ -800,3 +800,71 @@ async fn a_store_told_to_stop_hands_its_partitions_on_first_and_no_answer_is_eve
     assert_eq!(rows(a_http, now).await, reference);
     assert_eq!(aggregated(a_http, now).await, aggregates);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: a NATS server and two tailscope stores, one killed, about 20 s"]
+async fn a_new_store_takes_a_copy_of_history_the_log_no_longer_holds_and_counts_exactly() {
+    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
+    let urls = nats.urls();
+    let env = playing("gateway,store,query,ruler");
+    let now = now_nanos();
+    const N: u64 = 80;
+    let first: Vec<SpanBatch> = (1..=N).map(|seq| make_batch(0xD4, seq, now)).collect();
+    let second: Vec<SpanBatch> = (1..=N / 2).map(|seq| make_batch(0xE5, seq, now)).collect();
+
+    // Store a alone holds every partition; what it was sent is written, then the log forgets
+    // it (as `cluster.max_age` would): every stream is purged.
+    let (a, a_grpc, a_http) = node_with(&dir.path().join("a"), &urls, "a", &env);
+    deliver(a_grpc, first.clone()).await;
+    assert_eventually!(holds(a_http, "a", 8).await, "a never caught up");
+    let (status, body) = counted_with(a_http, now, "strong").await;
+    assert_eq!((status, count_of(&body)), (200, N * 60), "{body}");
+    let client = async_nats::connect(urls.as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    for p in 0..8 {
+        let purged = js.get_stream(format!("ts_p{p}")).await.unwrap().purge().await.unwrap();
+        assert!(purged.success);
+    }
+    let status = cluster_status(a_http).await;
+    let logs = status["partitions"].as_array().unwrap();
+    let held: u64 = logs.iter().map(|p| p["log_messages"].as_u64().unwrap()).sum();
+    assert_eq!(held, 0, "the log holds nothing of what a wrote");
+    // The partitions a wrote something of (six services, two operations: not all eight).
+    let written = logs.iter().filter(|p| p["log_last_seq"].as_u64().unwrap() > 0).count();
+    assert!(written > 1, "{status}");
+
+    // Store b joins empty: it must take each partition from a copy of a's, then read on.
+    let (_b, b_grpc, b_http) = node_with(&dir.path().join("b"), &urls, "b", &env);
+    assert_eventually!(
+        within = Duration::from_secs(60);
+        holds(b_http, "b", 8).await,
+        "b never caught up: {}",
+        cluster_status(b_http).await
+    );
+    let m = metrics(b_http).await;
+    assert_eq!(metric(&m, "tailscope_partition_copies_total{result=\"copied\"}"), written as f64, "{m}");
+    assert!(metric(&m, "tailscope_partition_copy_bytes_total") > 0.0);
+    assert!(!m.contains("result=\"lost\""), "{m}");
+    // More spans through b, and the last batches of the first client resent through it: the
+    // copy brought the client's watermarks, so they are recognised and not counted again.
+    deliver(b_grpc, second.clone()).await;
+    deliver(b_grpc, first[N as usize - 5..].to_vec()).await;
+
+    // a is killed: b alone answers with everything, as one single node that got the same.
+    drop(a);
+    let (single, s_grpc, s_http) = spawn_server(&dir.path().join("single"), &[]);
+    let _single = Peer(single);
+    deliver(s_grpc, first).await;
+    deliver(s_grpc, second).await;
+    let expected = N * 60 + N / 2 * 60;
+    assert_eventually!(total(&rows(s_http, now).await) == expected, "the single node's count");
+    assert_eventually!(
+        total(&rows(b_http, now).await) == expected,
+        "b alone: {} of {expected}",
+        total(&rows(b_http, now).await)
+    );
+    assert_eq!(rows(b_http, now).await, rows(s_http, now).await, "b: counts and quantiles as one node's");
+    assert_eq!(aggregated(b_http, now).await, aggregated(s_http, now).await, "b: aggregations");
+}
