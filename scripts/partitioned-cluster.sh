@@ -18,10 +18,10 @@ sleep 8
 curl -s 127.0.0.1:19090/api/v1/status/cluster | python3 -c '
 import sys,json; d=json.load(sys.stdin)["data"]
 print("owners:", [p["owners"] for p in d["partitions"]])'
-$B/tailscope-load bench --grpc 127.0.0.1:14317 --pid $(cat $D/a.pid) --spans 2000000 --series 1000 --start-spread 3600 2>&1 | tail -4
+$B/tailscope-load bench --grpc 127.0.0.1:14317 --pid $(cat $D/a.pid) --spans ${SPANS:-2000000} --series ${SERIES:-1000} --start-spread 3600 2>&1 | tail -4
 env -u TAILSCOPE_CLUSTER_NATS $B/tailscope-server --data-dir $D/single --grpc-addr 127.0.0.1:44317 --http-addr 127.0.0.1:49090 --otlp-http-addr 127.0.0.1:0 > $D/single.log 2>&1 & echo $! > $D/single.pid
 for i in $(seq 60); do curl -sf 127.0.0.1:49090/-/ready >/dev/null && break; sleep 0.5; done
-env -u TAILSCOPE_CLUSTER_NATS $B/tailscope-load bench --grpc 127.0.0.1:44317 --pid $(cat $D/single.pid) --spans 2000000 --series 1000 --start-spread 3600 2>&1 | tail -2
+env -u TAILSCOPE_CLUSTER_NATS $B/tailscope-load bench --grpc 127.0.0.1:44317 --pid $(cat $D/single.pid) --spans ${SPANS:-2000000} --series ${SERIES:-1000} --start-spread 3600 2>&1 | tail -2
 Q='histogram_quantile(0.99, sum by (le, service) (rate(span_duration_seconds_bucket[1h])))'
 # Answers compared over 3 h: both data sets (loaded a minute apart) lie wholly inside.
 A='histogram_quantile(0.99, sum by (le, service) (increase(span_duration_seconds_bucket[3h])))'
@@ -72,6 +72,18 @@ for port in 19090 59090; do
   curl -s --data-urlencode "query=$A" "127.0.0.1:$port/api/v1/query" | python3 -c 'import sys,json; r=json.load(sys.stdin)["data"]["result"]; print(sorted((x["metric"]["service"], x["value"][1]) for x in r))' | md5sum | sed "s/^/answer after join $port /"
 done
 grep -h "caught up with" $D/d.log | head -3
+# What d took from copies of the other owners' stores (one at a time), and the store's size.
+grep -h "took a copy of a partition" $D/d.log | python3 -c '
+import sys,re
+rows=[]
+for l in sys.stdin:
+  f=dict(re.findall(r"(\w+)=(\"[^\"]*\"|\S+)", l))
+  rows.append({"partition": int(f["partition"]), "peer": f["peer"].strip("\""), "records": int(f["records"]), "bytes": int(f["bytes"]), "seconds": float(f["seconds"])})
+b=sum(r["bytes"] for r in rows); s=sum(r["seconds"] for r in rows)
+for r in rows: print("copy: partition %d from %s, %d records, %d bytes, %.2f s" % (r["partition"], r["peer"], r["records"], r["bytes"], r["seconds"]))
+print("copies: %d, %d bytes, %.2f s together, %.1f s per GiB" % (len(rows), b, s, s/(b/2**30) if b else 0))'
+curl -s 127.0.0.1:59090/metrics | grep -E "^tailscope_partition_cop"
+du -sb $D/a $D/d | sed "s/^/store bytes /"
 # Store c is told to stop: it drains (keeps answering for its copies until every new owner has
 # caught up), then exits; the answer on a after it left.
 t0=$(date +%s.%N); kill -TERM $(cat $D/c.pid)

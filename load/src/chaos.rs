@@ -10,7 +10,9 @@
 //! tailscope nodes, the clients sending to node a and the answers read from node b (so the
 //! check covers the log and the other node's store). `kill` and `pause` hit node a;
 //! `nats-leader` SIGKILLs the NATS server leading partition 0's stream and restarts it after
-//! `--pause`.
+//! `--pause`; `store-replace` SIGKILLs node b and starts an empty node in its place (same id
+//! and ports, a new data directory), which takes its partitions from copies of node a's store
+//! and reads their logs on from there.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,6 +36,9 @@ pub enum Fault {
     /// (`--cluster` only) SIGKILL the NATS server leading partition 0's stream; restart it
     /// after `--pause`.
     NatsLeader,
+    /// (`--cluster` only) SIGKILL node b, whose answers are checked, and start an empty node
+    /// in its place (same id and ports, a new data directory) after `--pause`.
+    StoreReplace,
 }
 
 impl std::fmt::Display for Fault {
@@ -101,8 +106,9 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     anyhow::ensure!(
-        args.cluster || args.fault != Fault::NatsLeader,
-        "--fault nats-leader needs --cluster (a single node has no NATS)"
+        args.cluster || !matches!(args.fault, Fault::NatsLeader | Fault::StoreReplace),
+        "--fault {} needs --cluster (a single node has no NATS and no other store)",
+        args.fault
     );
     // In a cluster: NATS, node a (the clients' and the fault's) and node b (the answers').
     let cluster = if args.cluster { Some(Cluster::start(dir.path())?) } else { None };
@@ -115,6 +121,8 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
         None => None,
     };
     let (grpc, http) = (server.grpc, other.as_ref().map_or(server.http, |b| b.http));
+    let other_env = cluster.as_ref().map_or_else(Vec::new, |c| c.env("b"));
+    let other = Arc::new(std::sync::Mutex::new(other));
     let own_http = server.http;
     let server = Arc::new(std::sync::Mutex::new(server));
     let nats = cluster.map(|c| Arc::new(std::sync::Mutex::new(c)));
@@ -138,6 +146,7 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let injector = {
         let (server, fault, pause, nats) = (server.clone(), args.fault, args.pause, nats.clone());
+        let (other, empty) = (other.clone(), dir.path().join("b-replacement"));
         let quiet = args.json;
         tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
             std::thread::sleep(at);
@@ -193,6 +202,26 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
                     std::thread::sleep(pause);
                     nats.cluster.start_server(leader);
                     say(format!("NATS server {} restarted", nats.cluster.servers[leader].name));
+                }
+                Fault::StoreReplace => {
+                    let mut other = other.lock().map_err(|_| anyhow::anyhow!("node b's handle poisoned"))?;
+                    let b = other.as_mut().context("no node b")?;
+                    let (b_grpc, b_http) = (b.grpc.to_string(), b.http.to_string());
+                    say(format!("SIGKILL to node b (pid {}); its data is left behind", b.pid()));
+                    b.kill();
+                    std::thread::sleep(pause);
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    *b = loop {
+                        match ChildServer::start(&bin, &empty, &b_grpc, &b_http, &other_env) {
+                            Ok(s) => break s,
+                            Err(e) if Instant::now() < deadline => {
+                                say(format!("start failed ({e}); retrying"));
+                                std::thread::sleep(Duration::from_millis(200));
+                            }
+                            Err(e) => return Err(e.context("cannot start the replacement of node b")),
+                        }
+                    };
+                    say(format!("an empty node b started in its place (pid {})", b.pid()));
                 }
             }
             Ok(gone.elapsed().as_secs_f64())

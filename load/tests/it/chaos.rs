@@ -100,3 +100,31 @@ fn a_nats_leader_killed_under_a_cluster_ends_exact_on_the_other_node() {
     assert_exact(&v);
     assert_eq!(v["report"]["clients"]["ack_timeouts"], 0, "{v:#}");
 }
+
+/// Against a cluster: node b, which the answers come from, SIGKILLed under steady traffic to
+/// node a and replaced 1 s later by an empty node (same id and ports, a new data directory).
+/// It takes its partitions from copies of a's store while the traffic goes on, reads their
+/// logs on from the copies' positions, and counts every span once.
+#[test]
+fn a_store_replaced_by_an_empty_node_under_a_cluster_ends_exact_on_it() {
+    if tailscope_test_support::peers(&["nats-server"], "nats-server").is_none() {
+        return;
+    }
+    let (v, status) = chaos(&[
+        "--cluster",
+        "--fault",
+        "store-replace",
+        "--pause",
+        "1s",
+        "--scenario",
+        "steady",
+        "--rate",
+        "200",
+        "--duration",
+        "9s",
+    ]);
+    assert!(status.success(), "{v:#}");
+    assert_eq!(v["fault"], "store-replace");
+    assert_exact(&v);
+    assert_eq!(v["report"]["clients"]["ack_timeouts"], 0, "{v:#}");
+}

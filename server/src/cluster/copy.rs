@@ -103,6 +103,14 @@ impl Copies {
             if !ready(partition) {
                 return ReadReply { not_caught_up: vec![partition], ..ReadReply::default() };
             }
+            // Nothing of the partition written (a cluster's first start): no checkpoint to make.
+            match self.store.log_positions() {
+                Ok(at) if at.iter().all(|&(p, at)| p != partition || at.seq == 0) => {
+                    return ReadReply::default()
+                }
+                Ok(_) => {}
+                Err(e) => return refused(format!("reading the store's positions: {e}")),
+            }
             match self.open(partition) {
                 Ok(Some(s)) => s,
                 Ok(None) => {
@@ -383,8 +391,10 @@ impl Taker {
         let session = reply.session;
         let position = LogPosition { seq: reply.position_seq, records: reply.position_records };
         if position.seq == 0 || (!landing && position <= from) {
-            let end = CopyOp { session, end: true, ..CopyOp::default() };
-            let _ = self.ask(peer, partition, end).await;
+            if session != 0 {
+                let end = CopyOp { session, end: true, ..CopyOp::default() };
+                let _ = self.ask(peer, partition, end).await;
+            }
             return Ok(None);
         }
         let clients = super::clients_of(partition);

@@ -44,6 +44,17 @@ fn copies_are_given_only_when_caught_up_two_at_once_and_end_with_their_last_page
     assert_eq!(ask(&copies, 3, CopyOp::default(), small).not_caught_up, vec![3]);
     assert!(copies.page(Some(PARTITIONS), CopyOp::default(), &|_| true, small).error.contains("below 4"));
     assert!(copies.page(None, CopyOp::default(), &|_| true, small).error.contains("one partition"));
+    // Caught up with nothing written: nothing to copy, and no checkpoint made.
+    let empty_dir = tempfile::tempdir().expect("tempdir");
+    let empty = Store::open(empty_dir.path(), Layout::default(), &Metrics::new()).expect("open");
+    let none = Copies::new(empty, PARTITIONS, Arc::new(Metrics::new())).page(
+        Some(0),
+        CopyOp::default(),
+        &|_| true,
+        small,
+    );
+    assert_eq!((none.error.as_str(), none.session, none.position_seq, none.truncated), ("", 0, 0, false));
+    assert!(!empty_dir.path().join("copies").exists());
 
     // Two copies at once; a third is told to come back.
     let first = ask(&copies, 0, CopyOp::default(), small);
