@@ -9,6 +9,8 @@ D=${D:-/tmp/tailscope-partitioned}; rm -rf $D; mkdir -p $D
 source "$(dirname "$0")/nats-cluster.sh"
 nats_cluster $D
 export TAILSCOPE_CLUSTER_PARTITIONS=8
+# The answers compared select every series (100,000 with SERIES=100000).
+export TAILSCOPE_QUERY_MAX_SERIES=1000000
 start() { # id grpc http
   TAILSCOPE_CLUSTER_NODE_ID=$1 $B/tailscope-server --data-dir $D/$1 --grpc-addr 127.0.0.1:$2 --http-addr 127.0.0.1:$3 --otlp-http-addr 127.0.0.1:0 > $D/$1.log 2>&1 & echo $! > $D/$1.pid
   for i in $(seq 60); do curl -sf 127.0.0.1:$3/-/ready >/dev/null && break; sleep 0.5; done
@@ -27,7 +29,7 @@ Q='histogram_quantile(0.99, sum by (le, service) (rate(span_duration_seconds_buc
 A='histogram_quantile(0.99, sum by (le, service) (increase(span_duration_seconds_bucket[3h])))'
 for port in 19090 29090 39090; do curl -s -H 'X-Read-Consistency: strong' "127.0.0.1:$port/api/v1/tail?start=0&end=4000000000" -o /dev/null -w "strong settle $port %{http_code}\n"; done
 for port in 19090 29090 39090 49090; do
-  curl -s --data-urlencode "query=$A" "127.0.0.1:$port/api/v1/query" | python3 -c 'import sys,json; r=json.load(sys.stdin)["data"]["result"]; print(sorted((x["metric"]["service"], x["value"][1]) for x in r))' | md5sum | sed "s/^/answer $port /"
+  curl -s --data-urlencode "query=$A" "127.0.0.1:$port/api/v1/query" | python3 -c 'import sys,json; d=json.load(sys.stdin); print(sorted((x["metric"]["service"], x["value"][1]) for x in d["data"]["result"]) if "data" in d else d, file=sys.stdout if "data" in d else sys.stderr)' | md5sum | sed "s/^/answer $port /"
 done
 for round in 1 2 3; do
   for port in 19090 49090 29090; do
@@ -69,7 +71,7 @@ curl -s 127.0.0.1:59090/api/v1/status/cluster | python3 -c '
 import sys,json; d=json.load(sys.stdin)["data"]
 print("owners after join:", [p["owners"] for p in d["partitions"]])'
 for port in 19090 59090; do
-  curl -s --data-urlencode "query=$A" "127.0.0.1:$port/api/v1/query" | python3 -c 'import sys,json; r=json.load(sys.stdin)["data"]["result"]; print(sorted((x["metric"]["service"], x["value"][1]) for x in r))' | md5sum | sed "s/^/answer after join $port /"
+  curl -s --data-urlencode "query=$A" "127.0.0.1:$port/api/v1/query" | python3 -c 'import sys,json; d=json.load(sys.stdin); print(sorted((x["metric"]["service"], x["value"][1]) for x in d["data"]["result"]) if "data" in d else d, file=sys.stdout if "data" in d else sys.stderr)' | md5sum | sed "s/^/answer after join $port /"
 done
 grep -h "caught up with" $D/d.log | head -3
 # What d took from copies of the other owners' stores (one at a time), and the store's size.
@@ -91,7 +93,7 @@ while kill -0 $(cat $D/c.pid) 2>/dev/null; do sleep 0.05; done
 t1=$(date +%s.%N)
 echo "drain: c exited $(python3 -c "print('%.2f' % ($t1-$t0))") s after SIGTERM"
 grep -h "drain" $D/c.log | cut -c1-240
-curl -s --data-urlencode "query=$A" "127.0.0.1:19090/api/v1/query" | python3 -c 'import sys,json; r=json.load(sys.stdin)["data"]["result"]; print(sorted((x["metric"]["service"], x["value"][1]) for x in r))' | md5sum | sed "s/^/answer after c left 19090 /"
+curl -s --data-urlencode "query=$A" "127.0.0.1:19090/api/v1/query" | python3 -c 'import sys,json; d=json.load(sys.stdin); print(sorted((x["metric"]["service"], x["value"][1]) for x in d["data"]["result"]) if "data" in d else d, file=sys.stdout if "data" in d else sys.stderr)' | md5sum | sed "s/^/answer after c left 19090 /"
 for p in a b d single; do kill $(cat $D/$p.pid) 2>/dev/null; done
 # All stopping at once, each store drains until it sees no store left to hand on to.
 for p in a b d single; do while kill -0 $(cat $D/$p.pid) 2>/dev/null; do sleep 0.1; done; done

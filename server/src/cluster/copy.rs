@@ -46,7 +46,7 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(60);
 struct Session {
     checkpoint: Checkpoint,
     partition: u32,
-    members: HashSet<u64>,
+    members: Vec<u64>,
     position: LogPosition,
     used: Instant,
 }

@@ -159,17 +159,25 @@ impl Checkpoint {
         }
     }
 
-    /// The ids of the series of `share` the checkpoint holds.
-    pub fn members(&self, share: &Share<'_>) -> Result<HashSet<u64>, StoreError> {
-        members(self.db(), self.cf(CF_SERIES)?, share)
+    /// The ids of the series of `share` the checkpoint holds, sorted.
+    pub fn members(&self, share: &Share<'_>) -> Result<Vec<u64>, StoreError> {
+        let mut ids: Vec<u64> = members(self.db(), self.cf(CF_SERIES)?, share)?.into_iter().collect();
+        ids.sort_unstable();
+        Ok(ids)
     }
 
-    /// The records of the partition (its series `members`, its `clients`' watermarks) from
-    /// `from`, about `budget` bytes of them, looking at no more than `scan` keys; and where
-    /// the next page starts (`None`: this was the last).
+    /// The records of the partition (its series `members`, sorted; its `clients'`
+    /// watermarks) from `from`, about `budget` bytes of them, looking at no more than `scan`
+    /// keys; and where the next page starts (`None`: this was the last).
+    ///
+    /// A family keyed by series is read by skipping: from a key of a series that is not a
+    /// member, it seeks to the next member's first key in the same time partition (or to the
+    /// next time partition), so a page looks at about one key per member and time partition
+    /// beyond the keys it takes — a partition's share of a large store is read without
+    /// reading (and merging) the rest of it.
     pub fn page(
         &self,
-        members: &HashSet<u64>,
+        members: &[u64],
         clients: &Range<u64>,
         from: &CopyCursor,
         budget: usize,
@@ -179,44 +187,76 @@ impl Checkpoint {
         let (mut bytes, mut scanned) = (0, 0);
         for f in from.family..FAMILIES {
             let name = family(f).ok_or_else(|| corrupt("copy cursor", format!("family {f}")))?;
-            let cf = self.cf(name)?;
+            let mut it = self.db().raw_iterator_cf(self.cf(name)?);
             let after = if f == from.family { from.after.as_deref() } else { None };
-            let first = match after {
-                Some(a) => a.to_vec(),
-                None if f == WATERMARKS => clients.start.to_be_bytes().to_vec(),
-                None => Vec::new(),
-            };
-            // The last key looked at: where a page that stops before the next key ends.
-            let mut prev: Option<Box<[u8]>> = after.map(Into::into);
-            for item in self.db().iterator_cf(cf, IteratorMode::From(&first, Direction::Forward)) {
-                let (k, v) = item?;
-                if Some(&*k) == after {
-                    continue;
-                }
-                let take = if f == WATERMARKS {
-                    match key_u64(&k) {
-                        Some(id) if id >= clients.end => break,
-                        Some(id) => clients.contains(&id),
-                        None => false,
+            match after {
+                Some(a) => {
+                    it.seek(a);
+                    if it.key() == Some(a) {
+                        it.next();
                     }
-                } else {
-                    series_of(f, &k).is_some_and(|s| members.contains(&s))
-                };
-                let size = k.len() + v.len() + 16;
-                // A page never grows past its budget by a record (unless that record alone is
-                // the page), nor looks at more than `scan` keys.
-                if (take && bytes + size > budget && !out.is_empty()) || scanned >= scan {
-                    return Ok((out, Some(CopyCursor { family: f, after: prev.map(Into::into) })));
+                }
+                None if f == WATERMARKS => it.seek(clients.start.to_be_bytes()),
+                None => it.seek_to_first(),
+            }
+            // The last key looked at: where a page that stops before the next key ends.
+            let mut prev: Option<Vec<u8>> = after.map(<[u8]>::to_vec);
+            // Series ids sit after a time partition (`u32`) in windows and exemplars.
+            let at = if f == SERIES { 0 } else { 4 };
+            while let Some(k) = it.key() {
+                if scanned >= scan {
+                    return Ok((out, Some(CopyCursor { family: f, after: prev })));
                 }
                 scanned += 1;
+                let (take, skip_to) = if f == WATERMARKS {
+                    match key_u64(k) {
+                        Some(id) if id >= clients.end => break,
+                        Some(id) => (clients.contains(&id), None),
+                        None => (false, None),
+                    }
+                } else {
+                    match series_of(f, k).map(|s| members.binary_search(&s)) {
+                        Some(Ok(_)) => (true, None),
+                        Some(Err(i)) => (false, Some(next_member(k, at, members.get(i).copied()))),
+                        None => (false, None),
+                    }
+                };
                 if take {
+                    let v = it.value().unwrap_or_default();
+                    let size = k.len() + v.len() + 16;
+                    // A page never grows past its budget by a record (unless that record
+                    // alone is the page).
+                    if bytes + size > budget && !out.is_empty() {
+                        return Ok((out, Some(CopyCursor { family: f, after: prev })));
+                    }
                     bytes += size;
                     out.push(Copied { family: f, key: k.to_vec(), value: v.to_vec() });
                 }
-                prev = Some(k);
+                prev = Some(k.to_vec());
+                match skip_to {
+                    Some(Some(target)) => it.seek(target),
+                    Some(None) => break,
+                    None => it.next(),
+                }
             }
+            it.status()?;
         }
         Ok((out, None))
+    }
+}
+
+/// Where the next member's keys start after key `k` of a non-member (series at byte `at`):
+/// `member`'s first key in `k`'s time partition, else the next time partition's first key
+/// (`None`: no later key can be a member's).
+fn next_member(k: &[u8], at: usize, member: Option<u64>) -> Option<Vec<u8>> {
+    let prefix = k.get(..at)?;
+    match member {
+        Some(m) => Some([prefix, &m.to_be_bytes()].concat()),
+        None if at == 0 => None,
+        None => {
+            let tp = u32::from_be_bytes(prefix.try_into().ok()?);
+            tp.checked_add(1).map(|next| next.to_be_bytes().to_vec())
+        }
     }
 }
 

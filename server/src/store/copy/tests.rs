@@ -100,7 +100,12 @@ fn a_copy_carries_one_partitions_share_as_of_its_checkpoint_and_lands_exactly_th
         (labels("in", "read").id(), labels("in", "read")),
         (labels("in", "write").id(), labels("in", "write")),
     ];
-    let outside = [(labels("out", "read").id(), labels("out", "read"))];
+    // Thirty series of other partitions, whose ids fall before, between and after the two:
+    // the copy skips them.
+    let outside: Vec<(u64, SeriesLabels)> =
+        (0..30).map(|i| labels("out", &format!("op{i}"))).map(|l| (l.id(), l)).collect();
+    let ids: Vec<u64> = outside.iter().map(|(id, _)| *id).collect();
+    assert!(inside.iter().all(|(id, _)| ids.iter().any(|o| o < id) && ids.iter().any(|o| o > id)));
     let all: Vec<_> = inside.iter().chain(&outside).cloned().collect();
     for (i, window) in [T0, T0 + 10, T0 + 70, T0 + 3600].into_iter().enumerate() {
         epoch(&source, &all, window, &[1_000, 2_000, 3_000 + i as u64], 10 + i as u64);
