@@ -168,6 +168,7 @@ impl Server {
         let mut read_barrier = None;
         let mut cluster_status = None;
         let mut drain = None;
+        let mut assignment = None;
         let mut sources: Arc<dyn crate::query::Sources> = Arc::new(store.clone());
         let mut max_batch_bytes = config.ingest.max_batch_bytes;
         let admit: Arc<dyn Admit> = if config.cluster.enabled() {
@@ -195,6 +196,7 @@ impl Server {
                 sources = s;
             }
             drain = cluster.take_drain();
+            assignment = Some(cluster.assignment());
             cluster_tasks = cluster.tasks;
             gateway
         } else {
@@ -207,6 +209,19 @@ impl Server {
         let sampler = Arc::new(if config.cluster.enabled() { sampler } else { sampler.fed_by_epochs() });
         if sampler.is_fed_by_epochs() {
             pipeline.feed_traffic(sampler.clone());
+        }
+        // The live gateways share the budget: each spends its part.
+        if let Some(mut owners) = assignment {
+            let sampler = sampler.clone();
+            cluster_tasks.push(tokio::spawn(async move {
+                loop {
+                    let gateways = owners.borrow_and_update().as_ref().map_or(0, |a| a.gateways());
+                    sampler.set_share(1.0 / gateways.max(1) as f64);
+                    if owners.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }));
         }
         let known = store.series().map_err(|source| StartError::Store { path: dir.clone(), source })?;
         let cardinality = Arc::new(crate::cardinality::Cardinality::new(

@@ -121,6 +121,7 @@ pub struct Cluster {
     sources: Option<Arc<reads::ClusterSources>>,
     status: Arc<StatusReader>,
     drain: Option<drain::Drain>,
+    owners: watch::Receiver<Option<Arc<assign::Assignment>>>,
 }
 
 /// How long a gateway waits for JetStream to acknowledge one publish before it retries.
@@ -320,7 +321,7 @@ impl Cluster {
             streams,
             pipeline: config.has(Role::Store).then(|| pipeline.clone()),
             ruler: ruler.clone(),
-            owners,
+            owners: owners.clone(),
             replicas,
         });
         tracing::info!(
@@ -330,7 +331,7 @@ impl Cluster {
             nats = ?config.nats,
             "cluster mode: started"
         );
-        Ok(Cluster { gateway, tasks, max_batch_bytes, ruler, barrier, sources, status, drain })
+        Ok(Cluster { gateway, tasks, max_batch_bytes, ruler, barrier, sources, status, drain, owners })
     }
 
     /// What a store runs before it stops ([`drain::Drain::run`]); `None` on other nodes.
@@ -359,6 +360,11 @@ impl Cluster {
     /// query or ruler role).
     pub fn sources(&self) -> Option<Arc<dyn crate::query::Sources>> {
         self.sources.clone().map(|s| s as Arc<dyn crate::query::Sources>)
+    }
+
+    /// The partitions' owners and the live gateways, as this node last read the members.
+    pub fn assignment(&self) -> watch::Receiver<Option<Arc<assign::Assignment>>> {
+        self.owners.clone()
     }
 
     /// What `GET /api/v1/status/cluster` reads.

@@ -165,6 +165,7 @@ async fn sampling(State(s): State<AppState>) -> Response {
     let kept: f64 = keys.iter().filter_map(|k| k["kept_per_second"].as_f64()).sum();
     envelope::success(json!({
         "budget": s.sampler.budget(),
+        "share": s.sampler.share(),
         "effective_budget": s.sampler.effective_budget(),
         "kept_per_second": kept,
         "keys": keys,

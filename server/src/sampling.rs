@@ -173,6 +173,9 @@ pub struct Sampler {
     config: SamplingConfig,
     keys: DashMap<u64, Arc<KeyState>, IdBuildHasher>,
     effective_budget: Mutex<f64>,
+    /// The part of the configured budget this sampler spends (a cluster gateway's part of
+    /// the cluster's budget, shared among the live gateways; 1 on a single node).
+    share: Mutex<f64>,
     generation: AtomicU64,
     /// When the pipeline tells the traffic per epoch ([`Sampler::fed_by_epochs`]): the
     /// seconds of traffic told since the last tick, which rates are taken over.
@@ -187,6 +190,7 @@ impl Sampler {
             config,
             keys: DashMap::default(),
             effective_budget: Mutex::new(budget),
+            share: Mutex::new(1.0),
             generation: AtomicU64::new(0),
             epochs: None,
         }
@@ -284,12 +288,10 @@ impl Sampler {
             Some(told) => Some(std::mem::take(&mut *told.lock())).filter(|&s| s > 0.0),
         };
         let budget = {
+            let cap = self.config.budget * *self.share.lock();
             let mut eff = self.effective_budget.lock();
-            *eff = if overloaded {
-                (*eff * 0.5).max(self.config.budget * 0.01)
-            } else {
-                (*eff + self.config.budget * 0.1).min(self.config.budget)
-            };
+            *eff =
+                if overloaded { (*eff * 0.5).max(cap * 0.01).min(cap) } else { (*eff + cap * 0.1).min(cap) };
             *eff
         };
         let Some(seconds) = seconds else { return };
@@ -370,6 +372,18 @@ impl Sampler {
     /// The configured budget.
     pub fn budget(&self) -> f64 {
         self.config.budget
+    }
+
+    /// Spends `share` (in (0, 1]) of the configured budget from the next tick on: a cluster
+    /// gateway's part when `1 / share` gateways share the budget, as Mimir and Tempo divide a
+    /// global rate limit among their distributors. Anything else counts as 1.
+    pub fn set_share(&self, share: f64) {
+        *self.share.lock() = if share.is_finite() && share > 0.0 { share.min(1.0) } else { 1.0 };
+    }
+
+    /// The part of the configured budget spent.
+    pub fn share(&self) -> f64 {
+        *self.share.lock()
     }
 
     /// The policies of `keys` (group hashes) for a client.

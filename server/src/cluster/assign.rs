@@ -35,6 +35,8 @@ pub struct Assignment {
     /// Copies of each partition; 0: every store holds every partition.
     replication: usize,
     partitions: u32,
+    /// Live gateways (this node among them if it is one), which share the sampling budget.
+    gateways: usize,
 }
 
 impl Assignment {
@@ -43,7 +45,18 @@ impl Assignment {
     pub fn new(me: &str, mut stores: Vec<String>, replication: usize, partitions: u32) -> Assignment {
         stores.sort();
         stores.dedup();
-        Assignment { me: me.to_owned(), stores, draining: Vec::new(), replication, partitions }
+        Assignment { me: me.to_owned(), stores, draining: Vec::new(), replication, partitions, gateways: 0 }
+    }
+
+    /// The same with `gateways` live gateways.
+    pub fn with_gateways(mut self, gateways: usize) -> Assignment {
+        self.gateways = gateways;
+        self
+    }
+
+    /// How many live gateways there are (0: not counted).
+    pub fn gateways(&self) -> usize {
+        self.gateways
     }
 
     /// The same with `draining` stores leaving (taken out of the live ones).
@@ -191,7 +204,11 @@ pub async fn run(
         };
         // This node as it knows itself, not as it last announced itself.
         let (mut stores, mut leaving) = (Vec::new(), Vec::new());
+        let mut gateways = usize::from(config.has(Role::Gateway) && !*draining.borrow());
         for m in members {
+            if m.roles.contains(&Role::Gateway) && !m.draining && m.node_id != config.node_id {
+                gateways += 1;
+            }
             if m.roles.contains(&Role::Store) && m.node_id != config.node_id {
                 if m.draining {
                     leaving.push(m.node_id)
@@ -208,7 +225,8 @@ pub async fn run(
             }
         }
         let next = Assignment::new(&config.node_id, stores, config.replication_factor, config.partitions)
-            .with_draining(leaving);
+            .with_draining(leaving)
+            .with_gateways(gateways);
         out.send_if_modified(|current| {
             if current.as_deref() == Some(&next) {
                 return false;

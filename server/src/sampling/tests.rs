@@ -197,3 +197,32 @@ fn fed_by_epochs_rates_are_taken_over_the_time_the_epochs_told_and_wait_for_them
     sampler.recorded(99, 5, 5, &few);
     assert!(sampler.policies([99].into_iter()).is_empty());
 }
+
+#[test]
+fn a_gateway_spends_its_share_of_the_budget_and_moves_with_it() {
+    let sampler = Sampler::new(SamplingConfig { budget: 1_000.0, ..SamplingConfig::default() });
+    // Four live gateways: a quarter each, at once.
+    sampler.set_share(0.25);
+    sampler.tick(1.0, false);
+    assert_eq!(sampler.effective_budget(), 250.0);
+    // Overload halves the share's budget; recovery grows back to the share, not past it.
+    sampler.tick(1.0, true);
+    assert_eq!(sampler.effective_budget(), 125.0);
+    for _ in 0..20 {
+        sampler.tick(1.0, false);
+    }
+    assert_eq!(sampler.effective_budget(), 250.0);
+    // Two gateways again: the budget grows to half, by a tenth of that half per tick.
+    sampler.set_share(0.5);
+    sampler.tick(1.0, false);
+    assert_eq!(sampler.effective_budget(), 300.0);
+    for _ in 0..4 {
+        sampler.tick(1.0, false);
+    }
+    assert_eq!(sampler.effective_budget(), 500.0);
+    // Nonsense counts as the whole budget.
+    for share in [0.0, -1.0, f64::NAN, 3.0] {
+        sampler.set_share(share);
+        assert_eq!(sampler.share(), 1.0, "{share}");
+    }
+}

@@ -326,7 +326,8 @@ impl Store {
         let series = self.cf(CF_SERIES)?;
         let wiped = members(&self.db, series, share)?;
         let mut batch = WriteBatch::default();
-        for f in 1..=EXEMPLARS {
+        // A partition never held has no series here: nothing to look for.
+        for f in (1..=EXEMPLARS).filter(|_| !wiped.is_empty()) {
             let name = family(f).ok_or_else(|| corrupt("copy family", format!("{f}")))?;
             let cf = self.cf(name)?;
             for item in self.db.iterator_cf(cf, IteratorMode::Start) {

@@ -538,6 +538,18 @@ async fn three_stores_hold_two_copies_each_and_answer_exactly_with_one_of_them_d
     );
     let assigned = owners(a_http).await;
     let held = |id: &str| assigned.iter().filter(|p| p.iter().any(|o| o == id)).count();
+    // Three gateways share the sampling budget (20,000 full spans per second): a third each.
+    for http in [a_http, b_http, c_http] {
+        assert_eventually!(
+            {
+                let s = get_json(http, "/api/v1/sampling").await;
+                (s["data"]["share"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-9
+                    && (s["data"]["effective_budget"].as_f64().unwrap() - 20_000.0 / 3.0).abs() < 1e-6
+            },
+            "a gateway's share of the budget: {}",
+            get_json(http, "/api/v1/sampling").await
+        );
+    }
     for id in ["a", "b", "c"] {
         assert!((1..8).contains(&held(id)), "{id} holds {} of 8 partitions: {assigned:?}", held(id));
     }
