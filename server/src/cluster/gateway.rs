@@ -3,7 +3,7 @@
 //! Each admitted batch gets a *ticket* (the gateway's epoch: ingest waits for
 //! [`DurableState::epoch`] to reach it) and is cut into per-partition records. A publisher
 //! task per partition coalesces what queued while its previous message was in flight into one
-//! [`PartitionBatch`] and publishes it with `Nats-Msg-Id: <gateway>-<partition>-<n>`, retrying
+//! [`PartitionBatch`](tailscope_proto::v1::PartitionBatch) and publishes it with `Nats-Msg-Id: <gateway>-<partition>-<n>`, retrying
 //! the same id until JetStream acknowledges it (a NATS leader election takes seconds; a retry
 //! of a message that did land is answered as a duplicate and not stored twice). A ticket is
 //! durable once every part of it is acknowledged; the durable epoch is the highest ticket
@@ -17,9 +17,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::message::PublishMessage;
 use dashmap::DashMap;
 use parking_lot::Mutex;
-use prost::Message;
 use tailscope_proto::histogram::Layout;
-use tailscope_proto::v1::{LogRecord, PartitionBatch};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -37,7 +35,8 @@ const STALLED_AFTER: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 struct Outgoing {
     ticket: u64,
-    record: LogRecord,
+    /// An encoded [`LogRecord`](tailscope_proto::v1::LogRecord).
+    record: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -372,13 +371,13 @@ impl Publisher {
                 _ = state.wait_for(|s| s.closed) => return,
             };
             tickets.clear();
-            let mut bytes = first.record.encoded_len();
+            let mut bytes = first.record.len();
             tickets.push(first.ticket);
             let mut records = vec![first.record];
             while bytes < self.max_bytes {
                 match rx.try_recv() {
                     Ok(next) => {
-                        bytes += next.record.encoded_len();
+                        bytes += next.record.len();
                         tickets.push(next.ticket);
                         records.push(next.record);
                     }
@@ -386,13 +385,8 @@ impl Publisher {
                 }
             }
             seq += 1;
-            let message = PartitionBatch {
-                gateway: self.incarnation.clone(),
-                gateway_seq: seq,
-                partition: self.partition,
-                records,
-            };
-            let payload = bytes::Bytes::from(message.encode_to_vec());
+            let payload =
+                bytes::Bytes::from(super::record::message(&self.incarnation, seq, self.partition, &records));
             let id = format!("{}-{}-{seq}", self.incarnation, self.partition);
             if !self.publish(payload, &id).await {
                 // Closed while NATS refused: never acknowledged, so its clients resend it.

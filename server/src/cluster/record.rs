@@ -5,31 +5,38 @@
 //! `__overflow__`) and carries the gateway's classification instant, so what a store computes
 //! from it does not depend on the store's own limits, clock or history.
 
+use prost::Message;
 use tailscope_proto::histogram::Histogram;
-use tailscope_proto::v1::{LogRecord, LoggedDelta, SeriesGroup, SeriesKey, SpanBatch, SpanStatus};
+use tailscope_proto::v1::{LogRecord, LoggedDelta, PartitionBatch, SeriesKey, Span, SpanBatch, SpanStatus};
 
 use crate::cardinality::OVERFLOW;
 use crate::pipeline::{GroupRoute, RoutedDelta, ValidatedBatch};
 use crate::series::{self, Kind, Measure, SeriesLabels, Status};
 
 /// Cuts `batch` (routed among the cluster's partitions: a route's shard is its partition) into
-/// one record per partition it touches, in ascending partition order.
-pub fn split(batch: &ValidatedBatch) -> Vec<(u32, LogRecord)> {
-    let mut out: Vec<(u32, LogRecord)> = batch
+/// one record per partition it touches, in ascending partition order, each encoded as a
+/// [`LogRecord`]. The spans are encoded from the batch as they are, never copied into records
+/// of their own first: a gateway's work per span is one encoding.
+pub fn split(batch: &ValidatedBatch) -> Vec<(u32, Vec<u8>)> {
+    struct Part<'a> {
+        header: LogRecord,
+        groups: Vec<(SeriesKey, &'a [Span])>,
+    }
+    let mut out: Vec<(u32, Part<'_>)> = batch
         .targets
         .iter()
         .map(|&p| {
-            let record = LogRecord {
+            let header = LogRecord {
                 client_id: batch.client_id,
                 seq: batch.seq,
                 now_unix_nanos: batch.now,
                 groups: Vec::new(),
                 deltas: Vec::new(),
             };
-            (p, record)
+            (p, Part { header, groups: Vec::new() })
         })
         .collect();
-    fn slot(out: &mut [(u32, LogRecord)], p: u32) -> &mut LogRecord {
+    fn slot<'a, 'b>(out: &'b mut [(u32, Part<'a>)], p: u32) -> &'b mut Part<'a> {
         let i = out.partition_point(|(q, _)| *q < p);
         &mut out[i].1
     }
@@ -42,7 +49,7 @@ pub fn split(batch: &ValidatedBatch) -> Vec<(u32, LogRecord)> {
             kind: route.kind as i32,
             peer: counted(&key.peer, route.peer_overflow),
         };
-        slot(&mut out, route.shard).groups.push(SeriesGroup { key: Some(key), spans: group.spans.clone() });
+        slot(&mut out, route.shard).groups.push((key, &group.spans));
     }
     for delta in &batch.deltas {
         let l = &delta.labels;
@@ -50,7 +57,7 @@ pub fn split(batch: &ValidatedBatch) -> Vec<(u32, LogRecord)> {
             Status::Ok => SpanStatus::Ok,
             Status::Error => SpanStatus::Error,
         };
-        slot(&mut out, delta.shard).deltas.push(LoggedDelta {
+        slot(&mut out, delta.shard).header.deltas.push(LoggedDelta {
             key: Some(SeriesKey {
                 service: l.service.clone(),
                 operation: l.operation.clone(),
@@ -63,8 +70,63 @@ pub fn split(batch: &ValidatedBatch) -> Vec<(u32, LogRecord)> {
             histogram: delta.histogram.to_bytes(),
         });
     }
-    out.retain(|(_, r)| !r.groups.is_empty() || !r.deltas.is_empty());
-    out
+    out.retain(|(_, r)| !r.groups.is_empty() || !r.header.deltas.is_empty());
+    out.into_iter().map(|(p, part)| (p, encode_record(&part.header, &part.groups))).collect()
+}
+
+/// `header` (a record without groups) with `groups` as its field 4, encoded: what a
+/// [`LogRecord`] holding them decodes from (its fields in another order, which protobuf
+/// leaves free). Each span's length is computed once.
+fn encode_record(header: &LogRecord, groups: &[(SeriesKey, &[Span])]) -> Vec<u8> {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, message, WireType};
+    let span_lens: Vec<usize> =
+        groups.iter().flat_map(|(_, spans)| spans.iter().map(Message::encoded_len)).collect();
+    let mut lens = span_lens.iter();
+    let group_lens: Vec<usize> = groups
+        .iter()
+        .map(|(key, spans)| {
+            let spans: usize = spans
+                .iter()
+                .zip(lens.by_ref())
+                .map(|(_, &l)| key_len(2) + encoded_len_varint(l as u64) + l)
+                .sum();
+            message::encoded_len(1, key) + spans
+        })
+        .collect();
+    let size = header.encoded_len()
+        + group_lens.iter().map(|&l| key_len(4) + encoded_len_varint(l as u64) + l).sum::<usize>();
+    let mut buf = Vec::with_capacity(size);
+    header.encode_raw(&mut buf);
+    let mut lens = span_lens.iter();
+    for ((key, spans), &len) in groups.iter().zip(&group_lens) {
+        encode_key(4, WireType::LengthDelimited, &mut buf);
+        encode_varint(len as u64, &mut buf);
+        message::encode(1, key, &mut buf);
+        for (span, &l) in spans.iter().zip(lens.by_ref()) {
+            encode_key(2, WireType::LengthDelimited, &mut buf);
+            encode_varint(l as u64, &mut buf);
+            span.encode_raw(&mut buf);
+        }
+    }
+    debug_assert_eq!(buf.len(), size);
+    buf
+}
+
+/// One log message: a [`PartitionBatch`] of `records` (each an encoded [`LogRecord`], as
+/// [`split`] gives them), assembled without decoding them.
+pub fn message(gateway: &str, gateway_seq: u64, partition: u32, records: &[Vec<u8>]) -> Vec<u8> {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+    let header = PartitionBatch { gateway: gateway.to_owned(), gateway_seq, partition, records: Vec::new() };
+    let size = header.encoded_len()
+        + records.iter().map(|r| key_len(4) + encoded_len_varint(r.len() as u64) + r.len()).sum::<usize>();
+    let mut buf = Vec::with_capacity(size);
+    header.encode_raw(&mut buf);
+    for r in records {
+        encode_key(4, WireType::LengthDelimited, &mut buf);
+        encode_varint(r.len() as u64, &mut buf);
+        buf.extend_from_slice(r);
+    }
+    buf
 }
 
 /// The batch a store admits for `record` of partition `partition`, routed among `shards`

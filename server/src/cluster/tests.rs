@@ -103,6 +103,7 @@ fn a_single_node_plays_every_role_and_a_cluster_node_those_it_names() {
     assert!(e.contains("unknown variant `reader`") && e.contains("gateway"), "{e}");
 }
 
+use prost::Message;
 use tailscope_proto::histogram::Recorder;
 use tailscope_proto::v1::{LogRecord, SeriesGroup, SeriesKey, Span};
 
@@ -197,8 +198,20 @@ fn a_batch_cut_into_records_rebuilds_to_the_series_it_counted_in() {
     let shards = 3;
     let mut rebuilt_series = Vec::new();
     let mut rebuilt_deltas = Vec::new();
+    // The records, as one log message of them decodes: each as a prost-built record of the
+    // same content would encode.
+    let payload = record::message("g-1", 7, 5, &records.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>());
+    let message = tailscope_proto::v1::PartitionBatch::decode(payload.as_slice()).unwrap();
+    assert_eq!((message.gateway.as_str(), message.gateway_seq, message.partition), ("g-1", 7, 5));
+    assert_eq!(message.records.len(), records.len());
+    for ((_, bytes), decoded) in records.iter().zip(&message.records) {
+        assert_eq!(&LogRecord::decode(bytes.as_slice()).unwrap(), decoded);
+        assert_eq!(decoded.encoded_len(), bytes.len(), "no field twice, none left out");
+    }
+    let spans: usize = message.records.iter().flat_map(|r| &r.groups).map(|g| g.spans.len()).sum();
+    assert_eq!(spans, batch.batch.groups.iter().map(|g| g.spans.len()).sum::<usize>());
     for (p, r) in records {
-        let r: LogRecord = prost::Message::decode(prost::Message::encode_to_vec(&r).as_slice()).unwrap();
+        let r = LogRecord::decode(r.as_slice()).unwrap();
         let v = record::rebuild(r, p, shards).unwrap();
         assert_eq!((v.client_id, v.seq, v.now), (client_key(42, p), 9, now));
         assert!(
