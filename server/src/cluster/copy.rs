@@ -326,14 +326,7 @@ impl Taker {
         let landed =
             blocking(move || store.copying()).await?.map_err(|e| e.to_string())?.contains(&partition);
         if landed {
-            pipeline.release(partition, &super::clients_of(partition), RELEASE_TIMEOUT).await?;
-            let (store, partitions) = (self.store.clone(), self.partitions);
-            let wiped = blocking(move || {
-                let is = share_fn(partitions, partition);
-                store.abandon_copy(partition, &Share { series: &is, clients: super::clients_of(partition) })
-            })
-            .await?
-            .map_err(|e| e.to_string())?;
+            let wiped = self.wipe(pipeline, partition, Store::abandon_copy).await?;
             self.metrics.partition_copies.get_or_create(&Outcome { result: "abandoned" }).inc();
             tracing::warn!(
                 partition,
@@ -351,6 +344,25 @@ impl Taker {
             );
         }
         Ok(Taken::FromLog)
+    }
+
+    /// Lets `pipeline` write what it applied of `partition` and forget it, then wipes it from
+    /// the store with `wipe` ([`Store::begin_copy`] or [`Store::abandon_copy`]); returns how
+    /// many series went.
+    async fn wipe(
+        &self,
+        pipeline: &Pipeline,
+        partition: u32,
+        wipe: fn(&Store, u32, &Share<'_>) -> Result<u64, crate::store::StoreError>,
+    ) -> Result<u64, String> {
+        pipeline.release(partition, &super::clients_of(partition), RELEASE_TIMEOUT).await?;
+        let (store, partitions) = (self.store.clone(), self.partitions);
+        blocking(move || {
+            let is = share_fn(partitions, partition);
+            wipe(&store, partition, &Share { series: &is, clients: super::clients_of(partition) })
+        })
+        .await?
+        .map_err(|e| e.to_string())
     }
 
     async fn ask(&self, peer: &str, partition: u32, op: CopyOp) -> Result<ReadReply, String> {
@@ -398,14 +410,7 @@ impl Taker {
             return Ok(None);
         }
         let clients = super::clients_of(partition);
-        pipeline.release(partition, &clients, RELEASE_TIMEOUT).await?;
-        let (store, partitions) = (self.store.clone(), self.partitions);
-        let wiped = blocking(move || {
-            let is = share_fn(partitions, partition);
-            store.begin_copy(partition, &Share { series: &is, clients: super::clients_of(partition) })
-        })
-        .await?
-        .map_err(|e| e.to_string())?;
+        let wiped = self.wipe(pipeline, partition, Store::begin_copy).await?;
         tracing::info!(partition, peer, ?position, wiped, "taking a copy of a partition");
         let mut members = HashSet::new();
         let (mut records, mut bytes) = (0u64, 0u64);
