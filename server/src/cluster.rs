@@ -6,15 +6,19 @@
 //!   coalesces each partition's records and publishes them to the partition's replicated
 //!   stream with a `Nats-Msg-Id`, one message in flight per partition (so the log keeps each
 //!   client's order). A client's `durable_seq` moves once JetStream acknowledged every part.
-//! * **Store** ([`consumer`]): every node reads every partition's stream on its own (an
-//!   ordered, ack-less consumer from its own position) and hands the records to the same
-//!   sharded [`Pipeline`] a single node uses. The position of each partition is written in
-//!   the same synced RocksDB batch as the merges and the per-(client, partition) watermarks,
-//!   so a restart or a replay has an exactly-once effect, and records are classified by the
-//!   gateway's clock, so every replica computes the same windows.
-//! * **Query and alerting** read the local store, which holds every partition: any node
-//!   answers any query, and one store down leaves the others answering. Every node evaluates
-//!   the alert rules; the one holding the ruler lease ([`lease`]) sends the notifications.
+//! * **Store** ([`consumer`]): each store node reads the streams of the partitions it owns
+//!   ([`assign`]: `replication_factor` owners per partition by rendezvous hashing over the
+//!   live stores) on its own (an ordered, ack-less consumer from its own position) and hands
+//!   the records to the same sharded [`Pipeline`] a single node uses. The position of each
+//!   partition is written in the same synced RocksDB batch as the merges and the
+//!   per-(client, partition) watermarks, so a restart or a replay has an exactly-once effect,
+//!   and records are classified by the gateway's clock, so every replica computes the same
+//!   windows. A store that takes on a partition it holds nothing of starts from a copy of an
+//!   owner's store ([`copy`]) instead of the log's start.
+//! * **Query and alerting** read each partition from a caught-up owner ([`reads`]), merged
+//!   as on one node; with two owners per partition one store down leaves every query
+//!   answered. Every node evaluates the alert rules; the one holding the ruler lease
+//!   ([`lease`]) sends the notifications.
 //!
 //! The default (no `[cluster]`) is the embedded single process, with no NATS at all.
 

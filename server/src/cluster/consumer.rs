@@ -8,7 +8,9 @@
 //! last record it wrote: records of a message it had partly applied are skipped one by one.
 //!
 //! It reads only while this node owns the partition ([`super::assign`]): a partition taken
-//! on is read from where this store last left it (from the log's start if it never held it),
+//! on is read from where this store last left it — or, when it holds nothing of it (or part
+//! of a copy, or less than the log still has), from the position of a copy of another
+//! owner's it first takes ([`super::copy`]; from the log's start when no owner gives one) —
 //! and marked caught up once everything its log held then is written; one handed on is
 //! marked not caught up and no longer read (what the store wrote of it stays, unread by
 //! queries, until the partition comes back).
