@@ -7,7 +7,7 @@
 //!   point of its history) and keeps it, as a session, while the asker reads the partition's
 //!   share of it page by page over the read subject ([`super::reads`]). At most
 //!   [`MAX_COPIES`] sessions at once; one left idle for [`COPY_IDLE`] is dropped.
-//! * **Taking** ([`take`]): before a store reads a partition it owns from the log, it asks
+//! * **Taking** ([`Taker::take`]): before a store reads a partition it owns from the log, it asks
 //!   the partition's other owners for a copy when it holds nothing of it, holds part of an
 //!   earlier copy, or fell behind what the log still holds. The copy lands behind a marker
 //!   ([`Store::begin_copy`]); its position and the marker's removal are one synced write,
