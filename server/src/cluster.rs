@@ -250,7 +250,7 @@ impl Cluster {
                 store: store.clone(),
                 replicas: replicas.clone(),
                 barrier: barrier.clone(),
-                copies: Arc::new(copy::Copies::new(store.clone(), config.partitions, metrics.clone())),
+                copies: Arc::new(copy::Copies::new(store.clone(), config.partitions)),
                 metrics: metrics.clone(),
             };
             tasks.push(tokio::spawn(reads::serve(server, stop.clone())));

@@ -26,6 +26,7 @@ use prost::Message;
 
 use super::assign::Assignment;
 use super::reads::{partition_of, subject, CopiedMsg, CopyOp, Op, ReadReply, ReadRequest};
+use crate::clock::{Clock, SystemClock};
 use crate::pipeline::Pipeline;
 use crate::series::SeriesLabels;
 use crate::store::{Checkpoint, Copied, CopyCursor, LogPosition, Share, Store};
@@ -58,7 +59,6 @@ pub struct Copies {
     dir: PathBuf,
     sessions: Mutex<HashMap<u64, Arc<Mutex<Session>>>>,
     next: AtomicU64,
-    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Copies {
@@ -74,17 +74,16 @@ fn refused(error: String) -> ReadReply {
 impl Copies {
     /// Copies of `store`'s partitions, checkpointed under its directory's `copies/` (what an
     /// earlier run left there is removed).
-    pub fn new(store: Store, partitions: u32, metrics: Arc<Metrics>) -> Copies {
+    pub fn new(store: Store, partitions: u32) -> Copies {
         let dir = store.path().join("copies");
         if dir.exists() {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the checkpoints of an earlier run");
             }
         }
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
-        Copies { store, partitions, dir, sessions: Mutex::default(), next: AtomicU64::new(seed | 1), metrics }
+        // Ids of an earlier run's sessions are not mistaken for this run's.
+        let seed = SystemClock.now_nanos() as u64;
+        Copies { store, partitions, dir, sessions: Mutex::default(), next: AtomicU64::new(seed | 1) }
     }
 
     /// Answers a page of a copy of `partition` (blocking: it reads the checkpoint). A new copy
@@ -113,10 +112,7 @@ impl Copies {
             }
             match self.open(partition) {
                 Ok(Some(s)) => s,
-                Ok(None) => {
-                    self.metrics.peer_reads_served.get_or_create(&Outcome { result: "busy" }).inc();
-                    return ReadReply { busy: true, ..ReadReply::default() };
-                }
+                Ok(None) => return ReadReply { busy: true, ..ReadReply::default() },
                 Err(e) => return refused(e),
             }
         } else {
@@ -191,8 +187,7 @@ impl Copies {
             .store
             .checkpoint(&self.dir.join(id.to_string()))
             .map_err(|e| format!("cannot make a checkpoint: {e}"))?;
-        let partitions = self.partitions;
-        let in_partition = move |l: &SeriesLabels| partition_of(l, partitions) == partition;
+        let in_partition = share_fn(self.partitions, partition);
         let share = Share { series: &in_partition, clients: super::clients_of(partition) };
         let members = checkpoint.members(&share).map_err(|e| format!("reading the checkpoint: {e}"))?;
         let position = checkpoint.position(partition).map_err(|e| format!("reading the checkpoint: {e}"))?;

@@ -706,7 +706,12 @@ pub async fn serve(server: Server, mut stop: watch::Receiver<bool>) {
                 }
                 Ok(request) => handle(&server, request, budget).await,
             };
-            let result = if reply.error.is_empty() { "ok" } else { "error" };
+            // A copy refused at its limit is `busy`, as a read refused at its limit is.
+            let result = match (reply.busy, reply.error.is_empty()) {
+                (true, _) => "busy",
+                (false, true) => "ok",
+                (false, false) => "error",
+            };
             server.metrics.peer_reads_served.get_or_create(&Outcome { result }).inc();
             let _ = server.client.publish(reply_to, reply.encode_to_vec().into()).await;
         });

@@ -26,6 +26,7 @@ use tailscope_proto::histogram::Histogram;
 use super::index::{decode_entry, hour_of};
 use super::rocksdb::{CF_EXEMPLARS, CF_LOG, CF_SERIES, CF_WATERMARKS};
 use super::{Exemplar, LogPosition, Resolution, Store, StoreError, Watermark};
+use crate::clock::{Clock, SystemClock};
 use crate::series::SeriesLabels;
 
 /// The block cache of an opened checkpoint: it is read once, front to back.
@@ -366,11 +367,7 @@ impl Store {
         members: &mut HashSet<u64>,
         clients: &Range<u64>,
     ) -> Result<(), StoreError> {
-        let now_hour = hour_of(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
-        );
+        let now_hour = hour_of(SystemClock.now_seconds());
         let mut batch = WriteBatch::default();
         let mut entries = Vec::new();
         for r in records {

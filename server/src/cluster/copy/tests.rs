@@ -37,7 +37,7 @@ fn ask(copies: &Copies, partition: u32, op: CopyOp, budget: usize) -> ReadReply 
 #[test]
 fn copies_are_given_only_when_caught_up_two_at_once_and_end_with_their_last_page() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let copies = Copies::new(store(dir.path()), PARTITIONS, Arc::new(Metrics::new()));
+    let copies = Copies::new(store(dir.path()), PARTITIONS);
     let small = 4096 + 64; // a record or so per page
 
     // Not caught up, or no such partition: nothing is started.
@@ -47,12 +47,7 @@ fn copies_are_given_only_when_caught_up_two_at_once_and_end_with_their_last_page
     // Caught up with nothing written: nothing to copy, and no checkpoint made.
     let empty_dir = tempfile::tempdir().expect("tempdir");
     let empty = Store::open(empty_dir.path(), Layout::default(), &Metrics::new()).expect("open");
-    let none = Copies::new(empty, PARTITIONS, Arc::new(Metrics::new())).page(
-        Some(0),
-        CopyOp::default(),
-        &|_| true,
-        small,
-    );
+    let none = Copies::new(empty, PARTITIONS).page(Some(0), CopyOp::default(), &|_| true, small);
     assert_eq!((none.error.as_str(), none.session, none.position_seq, none.truncated), ("", 0, 0, false));
     assert!(!empty_dir.path().join("copies").exists());
 
