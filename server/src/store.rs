@@ -455,12 +455,12 @@ pub trait Source: Sync {
         }
         Ok(())
     }
-    /// Announces that [`Source::merged_windows`] of whole intervals follows for each of
-    /// `groups` (each a members list, read exactly so), so a source that asks other nodes
-    /// can ask each for all of them at once. A hint: reading without it, or reading only
-    /// some of the groups, answers the same.
-    fn read_ahead(&self, res: Resolution, groups: &[&[u64]], intervals: &[(i64, i64)]) {
-        let _ = (res, groups, intervals);
+    /// Announces that [`Source::merged_windows`] of `intervals` (whole ones when `whole`,
+    /// per start otherwise) follows for each of `groups` (each a members list, read exactly
+    /// so), so a source that asks other nodes can ask each for all of them at once. A hint:
+    /// reading without it, or reading only some of the groups, answers the same.
+    fn read_ahead(&self, res: Resolution, groups: &[&[u64]], intervals: &[(i64, i64)], whole: bool) {
+        let _ = (res, groups, intervals, whole);
     }
     /// The layout of new histograms.
     fn layout(&self) -> Layout;

@@ -8,9 +8,10 @@
 //! partition by partition from the first caught-up owner (this node's store first, then the
 //! others in rendezvous order; an owner that is down, busy or still catching up passes the
 //! partition to the next), remembers which node answered for which partition, and reads each
-//! series' windows from that node — a group's windows merged there ([`MergedOp`]), and an
-//! instant query's groups asked of each node in one read ([`Source::read_ahead`]), so what
-//! crosses the network is about one histogram per group and interval. Histograms merge
+//! series' windows from that node — a group's windows merged there ([`MergedOp`]), and a
+//! query's groups asked of each node in one read ([`Source::read_ahead`]: all of an instant
+//! query's, as many of a range query's as [`AHEAD_WINDOWS`] allows), so what crosses the
+//! network is about one histogram per group and interval or window start. Histograms merge
 //! exactly, so the engine's answers are the same as a single node's.
 //!
 //! The engine is synchronous (it runs on blocking threads); remote reads run on a runtime
@@ -926,6 +927,7 @@ struct Batch {
     node: Node,
     res: Resolution,
     intervals: Vec<(i64, i64)>,
+    whole: bool,
     /// Each group's series on the node, and its index in the read.
     groups: HashMap<Vec<u64>, u64>,
     state: BatchState,
@@ -945,6 +947,14 @@ type ByGroup = HashMap<u64, Vec<(i64, Vec<u8>)>>;
 
 /// Groups one batch asks a node for, at most: what a batch's reply holds stays bounded.
 const BATCH_GROUPS: usize = 1024;
+
+/// Parts this node's own groups are merged in ahead, at least (each on a blocking thread).
+const LOCAL_MERGES: usize = 2;
+
+/// Merged windows a range query's read-ahead asks for, at most, per resolution (groups ×
+/// window starts): the groups past it are read one by one as the engine reaches them, so
+/// what a request holds ahead stays bounded however many groups it has.
+pub(super) const AHEAD_WINDOWS: i64 = 8192;
 
 /// One series' windows read ahead: for which read, and what they are.
 #[derive(Debug)]
@@ -1276,13 +1286,14 @@ impl ClusterSource {
         Ok((local, remote))
     }
 
-    /// `series`' merged whole intervals from a batch asked of `node` ahead, if one holds them
-    /// (waiting for its answer); `None`: read them on their own.
+    /// `series`' merged windows (whole intervals when `whole`) from a batch asked of `node`
+    /// ahead, if one holds them (waiting for its answer); `None`: read them on their own.
     fn batched(
         &self,
         node: &Node,
         res: Resolution,
         intervals: &[(i64, i64)],
+        whole: bool,
         series: &[u64],
     ) -> Option<Vec<(i64, Vec<u8>)>> {
         let mut routes = self.routes.lock();
@@ -1290,6 +1301,7 @@ impl ClusterSource {
             b.node == *node
                 && b.res == res
                 && b.intervals == intervals
+                && b.whole == whole
                 && b.groups.contains_key(series)
                 && !matches!(b.state, BatchState::Failed)
         })?;
@@ -1315,8 +1327,7 @@ impl ClusterSource {
     fn keep_batch(
         &self,
         node: Node,
-        res: Resolution,
-        intervals: &[(i64, i64)],
+        (res, intervals, whole): (Resolution, &[(i64, i64)], bool),
         groups: &[Vec<u64>],
         asked: std::sync::mpsc::Receiver<Option<ByGroup>>,
     ) {
@@ -1324,6 +1335,7 @@ impl ClusterSource {
             node,
             res,
             intervals: intervals.to_vec(),
+            whole,
             groups: groups.iter().enumerate().map(|(i, g)| (g.clone(), i as u64)).collect(),
             state: BatchState::Asked(asked),
         });
@@ -1503,22 +1515,17 @@ impl Source for ClusterSource {
                     routes.ahead.remove(s);
                 }
             }
-            if whole {
-                if let Some(windows) = self.batched(&Node::Remote(name.clone()), res, intervals, &series) {
-                    give(windows, f, &format!("merged on {name}"))?;
-                    continue;
-                }
+            if let Some(windows) = self.batched(&Node::Remote(name.clone()), res, intervals, whole, &series) {
+                give(windows, f, &format!("merged on {name}"))?;
+                continue;
             }
             let op = merged_op(res, vec![series.clone()], intervals, whole);
             let partitions = self.partitions_of(&series);
             asked.push((self.start_asking(&name, partitions, op)?, name, series));
         }
-        // This node reads its own while the others merge theirs (merged ahead, for one step).
-        let ahead = if whole && !local.is_empty() {
-            self.batched(&Node::Local, res, intervals, &local)
-        } else {
-            None
-        };
+        // This node reads its own while the others merge theirs (merged ahead, when asked).
+        let ahead =
+            if local.is_empty() { None } else { self.batched(&Node::Local, res, intervals, whole, &local) };
         match ahead {
             Some(windows) => give(windows, f, "merged here")?,
             None => {
@@ -1546,7 +1553,20 @@ impl Source for ClusterSource {
         Ok(())
     }
 
-    fn read_ahead(&self, res: Resolution, groups: &[&[u64]], intervals: &[(i64, i64)]) {
+    fn read_ahead(&self, res: Resolution, groups: &[&[u64]], intervals: &[(i64, i64)], whole: bool) {
+        // Per start, only as many groups as AHEAD_WINDOWS holds.
+        let groups = match whole {
+            true => groups,
+            false => {
+                let starts: i64 =
+                    intervals.iter().map(|&(lo, hi)| (hi - lo).div_euclid(res.seconds()) + 1).sum();
+                let fit = usize::try_from(AHEAD_WINDOWS / starts.max(1)).unwrap_or(0);
+                &groups[..groups.len().min(fit)]
+            }
+        };
+        if groups.len() < 2 {
+            return;
+        }
         // Per node, each group's series there; a group whose series are not all known is left
         // to its own read.
         let mut mine: Vec<Vec<u64>> = Vec::new();
@@ -1567,28 +1587,30 @@ impl Source for ClusterSource {
         for (name, groups) in theirs {
             for chunk in groups.chunks(BATCH_GROUPS) {
                 let partitions = self.partitions_of(&chunk.concat());
-                let read = self.asking(&name, partitions, merged_op(res, chunk.to_vec(), intervals, true));
+                let read = self.asking(&name, partitions, merged_op(res, chunk.to_vec(), intervals, whole));
                 let node = name.clone();
                 // An owner answers a merged read with each group's windows under its index.
                 let answered = async move { held_by(&node, read.await).ok().map(by_series) };
                 // Not asked: each group is read on its own.
                 let Some(asked) = self.sources.bridge.start(answered) else { return };
-                self.keep_batch(Node::Remote(name.clone()), res, intervals, chunk, asked);
+                self.keep_batch(Node::Remote(name.clone()), (res, intervals, whole), chunk, asked);
             }
         }
-        // ...then this node's series of each group, merged on the bridge's threads meanwhile.
-        for chunk in mine.chunks(BATCH_GROUPS) {
+        // ...then this node's series of each group, merged on the bridge's threads meanwhile
+        // (in LOCAL_MERGES parts at least: the first groups are ready sooner, and the merges
+        // use more than one core).
+        for chunk in mine.chunks(mine.len().div_ceil(LOCAL_MERGES).clamp(1, BATCH_GROUPS)) {
             let (store, groups, bounds) = (self.sources.store.clone(), chunk.to_vec(), intervals.to_vec());
             let merged = move || -> Option<ByGroup> {
                 let mut read = 0;
                 let mut out = ByGroup::new();
                 for (i, g) in groups.iter().enumerate() {
-                    out.insert(i as u64, merge_group(&store, res, g, &bounds, true, &mut read).ok()?);
+                    out.insert(i as u64, merge_group(&store, res, g, &bounds, whole, &mut read).ok()?);
                 }
                 Some(out)
             };
             let Some(merging) = self.sources.bridge.start_blocking(merged) else { return };
-            self.keep_batch(Node::Local, res, intervals, chunk, merging);
+            self.keep_batch(Node::Local, (res, intervals, whole), chunk, merging);
         }
     }
 

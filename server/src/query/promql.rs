@@ -749,15 +749,19 @@ impl<'a> Engine<'a> {
     }
 
     /// Tells the source which groups the slides that follow read, so a cluster can ask each
-    /// owner for all of them at once: for one step only (whole intervals), and only groups
-    /// an evaluation's memo does not hold already.
+    /// owner for all of them at once: whole intervals for one step, per start for many
+    /// ([`Engine::slide_read`] reads them so), and only groups an evaluation's memo does not
+    /// hold already.
     fn read_ahead(&self, groups: &[HistGroup], range: i64, offset: i64) {
         let ends = self.ends(offset);
-        let [end] = ends.as_slice() else { return };
+        let whole = ends.len() == 1;
         let memo = self.memo.filter(|m| m.keeps_ranges());
         let members: Vec<&[u64]> = groups
             .iter()
-            .filter(|g| memo.is_none_or(|m| m.range(&(g.members.clone(), range, offset, *end)).is_none()))
+            .filter(|g| match (memo, ends.as_slice()) {
+                (Some(m), &[end]) => m.range(&(g.members.clone(), range, offset, end)).is_none(),
+                _ => true,
+            })
             .map(|g| g.members.as_slice())
             .collect();
         if members.len() < 2 {
@@ -766,7 +770,7 @@ impl<'a> Engine<'a> {
         let Some(reads) = self.reads(range, &ends) else { return };
         for (res, intervals) in reads.levels.iter().zip(&reads.intervals) {
             if !intervals.is_empty() {
-                self.source.read_ahead(*res, &members, intervals);
+                self.source.read_ahead(*res, &members, intervals, whole);
             }
         }
     }

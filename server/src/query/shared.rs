@@ -188,15 +188,15 @@ impl Source for SharedReads<'_> {
         })
     }
 
-    fn read_ahead(&self, res: Resolution, groups: &[&[u64]], intervals: &[(i64, i64)]) {
+    fn read_ahead(&self, res: Resolution, groups: &[&[u64]], intervals: &[(i64, i64)], whole: bool) {
         let kept = self.kept.lock();
         let unkept: Vec<&[u64]> = groups
             .iter()
-            .filter(|m| !kept.windows.contains_key(&(res, m.to_vec(), intervals.to_vec(), true)))
+            .filter(|m| !kept.windows.contains_key(&(res, m.to_vec(), intervals.to_vec(), whole)))
             .copied()
             .collect();
         drop(kept);
-        self.source.read_ahead(res, &unkept, intervals);
+        self.source.read_ahead(res, &unkept, intervals, whole);
     }
 
     fn layout(&self) -> Layout {

@@ -602,8 +602,8 @@ async fn three_stores_hold_two_copies_each_and_answer_exactly_with_one_of_them_d
 }
 
 /// Aggregations over several series each — whose windows an owner merges before they cross
-/// the network — instant (whole ranges merged) and over 30 s steps (merged per window), as
-/// the Prometheus API answers them.
+/// the network — instant (whole ranges merged) and over 30 s steps (merged per window; one
+/// group, and a group per service, which is read ahead), as the Prometheus API answers them.
 async fn aggregated(http: SocketAddr, now: i64) -> Vec<serde_json::Value> {
     let t = now / 1_000_000_000 + 60;
     let encode = |q: &str| q.replace(' ', "%20").replace('+', "%2B");
@@ -615,11 +615,16 @@ async fn aggregated(http: SocketAddr, now: i64) -> Vec<serde_json::Value> {
     .iter()
     .map(|q| format!("http://{http}/api/v1/query?query={}&time={t}", encode(q)))
     .collect();
-    urls.push(format!(
-        "http://{http}/api/v1/query_range?query={}&start={}&end={t}&step=30",
-        encode("histogram_quantile(0.9, sum by (le) (rate(span_duration_seconds_bucket[5m])))"),
-        t - 1800
-    ));
+    for q in [
+        "histogram_quantile(0.9, sum by (le) (rate(span_duration_seconds_bucket[5m])))",
+        "histogram_quantile(0.99, sum by (le, service) (rate(span_duration_seconds_bucket[5m])))",
+    ] {
+        urls.push(format!(
+            "http://{http}/api/v1/query_range?query={}&start={}&end={t}&step=30",
+            encode(q),
+            t - 1800
+        ));
+    }
     let mut out = Vec::new();
     for url in urls {
         let body: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();

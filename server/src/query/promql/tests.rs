@@ -875,11 +875,23 @@ struct Probe<'a> {
     mem: &'a Mem,
     merging: bool,
     reads: std::sync::atomic::AtomicUsize,
+    /// Every read announced ([`Source::read_ahead`], one entry per group) and every read
+    /// made, as (resolution, members, intervals, whole).
+    announced: parking_lot::Mutex<Vec<ReadKey>>,
+    made: parking_lot::Mutex<Vec<ReadKey>>,
 }
+
+type ReadKey = (crate::store::Resolution, Vec<u64>, Vec<(i64, i64)>, bool);
 
 impl<'a> Probe<'a> {
     fn new(mem: &'a Mem, merging: bool) -> Probe<'a> {
-        Probe { mem, merging, reads: Default::default() }
+        Probe {
+            mem,
+            merging,
+            reads: Default::default(),
+            announced: Default::default(),
+            made: Default::default(),
+        }
     }
 
     /// The reads made since the last call.
@@ -914,6 +926,7 @@ impl Source for Probe<'_> {
         f: &mut crate::store::WindowFn<'_>,
     ) -> Result<(), StoreError> {
         self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.made.lock().push((res, members.to_vec(), intervals.to_vec(), whole));
         if !self.merging {
             return self.mem.merged_windows(res, members, intervals, whole, f);
         }
@@ -934,6 +947,16 @@ impl Source for Probe<'_> {
         }
         Ok(())
     }
+    fn read_ahead(
+        &self,
+        res: crate::store::Resolution,
+        groups: &[&[u64]],
+        intervals: &[(i64, i64)],
+        whole: bool,
+    ) {
+        let mut announced = self.announced.lock();
+        announced.extend(groups.iter().map(|g| (res, g.to_vec(), intervals.to_vec(), whole)));
+    }
     fn layout(&self) -> Layout {
         self.mem.layout()
     }
@@ -944,6 +967,31 @@ impl Source for Probe<'_> {
         end: i64,
     ) -> Result<Vec<crate::store::Exemplar>, StoreError> {
         self.mem.exemplars(series, start, end)
+    }
+}
+
+#[test]
+fn the_reads_announced_ahead_are_the_reads_that_follow_instant_and_range() {
+    // Three hours of nine series in three services: a cluster asks each owner for what the
+    // engine announces and hands it over only when a read asks exactly that.
+    let mem = spread(3, 3, &["api", "db", "cache"], &["get", "put", "list"], None);
+    let retention = RetentionConfig::default();
+    let query = "histogram_quantile(0.99, sum by (le, service) (rate(span_duration_seconds_bucket[5m])))";
+    for (steps, whole) in [
+        (Steps::instant((NOW - 30) * 1000), true),
+        (Steps::range((NOW - 3600) * 1000 + 7_500, NOW * 1000, 15_000, 11_000).expect("steps"), false),
+    ] {
+        let probe = Probe::new(&mem, true);
+        let engine = Engine::new(&probe, &steps, NOW, &retention, limits());
+        let expr = promql_parser::parser::parse(query).expect("parses");
+        engine.materialized(engine.eval(&expr).expect("eval")).expect("materialized");
+        let (mut announced, mut made) = (probe.announced.lock().clone(), probe.made.lock().clone());
+        // Three groups, at two resolutions for the range (its steps' edges at 10 s).
+        assert!(announced.len() >= 3, "{} reads announced", announced.len());
+        assert!(announced.iter().all(|r| r.3 == whole), "whole intervals only for one step");
+        announced.sort();
+        made.sort();
+        assert_eq!(announced, made, "whole {whole}: announced and made");
     }
 }
 
