@@ -9,8 +9,19 @@ D=${D:-/tmp/tailscope-partitioned}; rm -rf $D; mkdir -p $D
 source "$(dirname "$0")/nats-cluster.sh"
 nats_cluster $D
 export TAILSCOPE_CLUSTER_PARTITIONS=8
-# The answers compared select every series (100,000 with SERIES=100000).
-export TAILSCOPE_QUERY_MAX_SERIES=1000000
+# The answers compared select every series (100,000 with SERIES=100000), and the range query
+# holds each series at its 241 steps.
+export TAILSCOPE_QUERY_MAX_SERIES=1000000 TAILSCOPE_QUERY_MAX_SAMPLES=100000000
+# One query's time in seconds; a refused or failed answer stops the script (a timed error is
+# no measurement).
+timed() { # url, then curl's data arguments
+  local url=$1; shift
+  local out; out=$(curl -s -o $D/answer.json -w '%{http_code} %{time_total}' "$@" "$url")
+  if [ "${out%% *}" != 200 ] || ! grep -q '"status":"success"' $D/answer.json; then
+    echo "FAILED: $url answered ${out%% *}: $(head -c 300 $D/answer.json)" >&2; exit 1
+  fi
+  echo "${out#* }"
+}
 start() { # id grpc http
   TAILSCOPE_CLUSTER_NODE_ID=$1 $B/tailscope-server --data-dir $D/$1 --grpc-addr 127.0.0.1:$2 --http-addr 127.0.0.1:$3 --otlp-http-addr 127.0.0.1:0 > $D/$1.log 2>&1 & echo $! > $D/$1.pid
   for i in $(seq 60); do curl -sf 127.0.0.1:$3/-/ready >/dev/null && break; sleep 0.5; done
@@ -33,7 +44,7 @@ for port in 19090 29090 39090 49090; do
 done
 for round in 1 2 3; do
   for port in 19090 49090 29090; do
-    t=0; for i in $(seq 20); do s=$(curl -s -o /dev/null -w '%{time_total}' --data-urlencode "query=$Q" "127.0.0.1:$port/api/v1/query"); t=$(python3 -c "print($t+$s)"); done
+    t=0; for i in $(seq 20); do s=$(timed "127.0.0.1:$port/api/v1/query" --data-urlencode "query=$Q") || exit 1; t=$(python3 -c "print($t+$s)"); done
     python3 -c "print('round $round port $port: %.1f ms per query' % ($t/20*1000))"
   done
 done
@@ -41,11 +52,11 @@ done
 R='histogram_quantile(0.99, sum by (le, service) (rate(span_duration_seconds_bucket[5m])))'
 END=$(date +%s); START=$((END-3600))
 for port in 19090 29090 39090; do
-  curl -s --data-urlencode "query=$R" --data-urlencode "start=$START" --data-urlencode "end=$END" --data-urlencode step=15 "127.0.0.1:$port/api/v1/query_range" | md5sum | sed "s/^/range answer $port /"
+  curl -s --data-urlencode "query=$R" --data-urlencode "start=$START" --data-urlencode "end=$END" --data-urlencode step=15 "127.0.0.1:$port/api/v1/query_range" | python3 -c 'import sys,json; d=json.load(sys.stdin); print(sorted((x["metric"]["service"], x["values"]) for x in d["data"]["result"]) if d.get("status")=="success" else d, file=sys.stdout if d.get("status")=="success" else sys.stderr)' | md5sum | sed "s/^/range answer $port /"
 done
 for round in 1 2 3; do
   for port in 19090 49090 29090; do
-    t=0; for i in $(seq 10); do s=$(curl -s -o /dev/null -w '%{time_total}' --data-urlencode "query=$R" --data-urlencode "start=$START" --data-urlencode "end=$END" --data-urlencode step=15 "127.0.0.1:$port/api/v1/query_range"); t=$(python3 -c "print($t+$s)"); done
+    t=0; for i in $(seq 10); do s=$(timed "127.0.0.1:$port/api/v1/query_range" --data-urlencode "query=$R" --data-urlencode "start=$START" --data-urlencode "end=$END" --data-urlencode step=15) || exit 1; t=$(python3 -c "print($t+$s)"); done
     python3 -c "print('round $round port $port: %.1f ms per range query' % ($t/10*1000))"
   done
 done
