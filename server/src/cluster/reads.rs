@@ -557,8 +557,12 @@ pub(super) fn merges_dense(res: Resolution, intervals: &[(i64, i64)], whole: boo
     if whole {
         return intervals.len() <= DENSE_INTERVALS;
     }
-    let starts: i64 = intervals.iter().map(|&(lo, hi)| (hi - lo).div_euclid(res.seconds()) + 1).sum();
-    starts <= DENSE_STARTS
+    starts(res, intervals) <= DENSE_STARTS
+}
+
+/// The window starts at `res` that `intervals` can hold, at most.
+fn starts(res: Resolution, intervals: &[(i64, i64)]) -> i64 {
+    intervals.iter().map(|&(lo, hi)| (hi - lo).div_euclid(res.seconds()) + 1).sum()
 }
 
 /// One group's windows in `intervals` merged per start (per interval when `whole`), in start
@@ -927,6 +931,7 @@ struct Batch {
     node: Node,
     res: Resolution,
     intervals: Vec<(i64, i64)>,
+    /// Whether it merged whole intervals (else per window start).
     whole: bool,
     /// Each group's series on the node, and its index in the read.
     groups: HashMap<Vec<u64>, u64>,
@@ -954,7 +959,7 @@ const LOCAL_MERGES: usize = 2;
 /// Merged windows a range query's read-ahead asks for, at most, per resolution (groups ×
 /// window starts): the groups past it are read one by one as the engine reaches them, so
 /// what a request holds ahead stays bounded however many groups it has.
-pub(super) const AHEAD_WINDOWS: i64 = 8192;
+const AHEAD_WINDOWS: i64 = 8192;
 
 /// One series' windows read ahead: for which read, and what they are.
 #[derive(Debug)]
@@ -1555,14 +1560,11 @@ impl Source for ClusterSource {
 
     fn read_ahead(&self, res: Resolution, groups: &[&[u64]], intervals: &[(i64, i64)], whole: bool) {
         // Per start, only as many groups as AHEAD_WINDOWS holds.
-        let groups = match whole {
-            true => groups,
-            false => {
-                let starts: i64 =
-                    intervals.iter().map(|&(lo, hi)| (hi - lo).div_euclid(res.seconds()) + 1).sum();
-                let fit = usize::try_from(AHEAD_WINDOWS / starts.max(1)).unwrap_or(0);
-                &groups[..groups.len().min(fit)]
-            }
+        let groups = if whole {
+            groups
+        } else {
+            let fit = usize::try_from(AHEAD_WINDOWS / starts(res, intervals).max(1)).unwrap_or(0);
+            &groups[..groups.len().min(fit)]
         };
         if groups.len() < 2 {
             return;
