@@ -162,6 +162,19 @@ impl Server {
             config.server.shutdown_timeout,
         ));
 
+        // One node decides names by what it stored; a cluster's gateways by the names log.
+        let known = match config.cluster.enabled() {
+            true => Vec::new(),
+            false => store.series().map_err(|source| StartError::Store { path: dir.clone(), source })?,
+        };
+        let cardinality = Arc::new(crate::cardinality::Cardinality::new(
+            config.ingest.max_services,
+            config.ingest.max_operations_per_service,
+            config.ingest.max_peers_per_service,
+            known.iter().map(|(_, l)| (l.service.as_str(), l.operation.as_str(), l.peer.as_str())),
+        ));
+        let mut shared_names = None;
+
         // Cluster mode: batches go to the log, and this node's consumers feed the pipeline.
         let mut cluster_tasks = Vec::new();
         let mut ruler = None;
@@ -180,6 +193,7 @@ impl Server {
                     queue_capacity: config.ingest.queue_capacity,
                     max_seq_gap: config.ingest.max_seq_gap,
                 },
+                cardinality.clone(),
                 store.clone(),
                 pipeline.clone(),
                 metrics.clone(),
@@ -197,6 +211,7 @@ impl Server {
             }
             drain = cluster.take_drain();
             assignment = Some(cluster.assignment());
+            shared_names = cluster.names();
             cluster_tasks = cluster.tasks;
             gateway
         } else {
@@ -223,13 +238,6 @@ impl Server {
                 }
             }));
         }
-        let known = store.series().map_err(|source| StartError::Store { path: dir.clone(), source })?;
-        let cardinality = Arc::new(crate::cardinality::Cardinality::new(
-            config.ingest.max_services,
-            config.ingest.max_operations_per_service,
-            config.ingest.max_peers_per_service,
-            known.iter().map(|(_, l)| (l.service.as_str(), l.operation.as_str(), l.peer.as_str())),
-        ));
         let ingest = IngestService::new(
             admit.clone(),
             metrics.clone(),
@@ -238,6 +246,10 @@ impl Server {
             sampler.clone(),
             cardinality,
         );
+        let ingest = match shared_names {
+            Some(names) => ingest.shared_names(names),
+            None => ingest,
+        };
         let ingest = if config.cluster.has(Role::Gateway) {
             ingest
         } else {

@@ -6,6 +6,11 @@
 //! `tailscope_spans_overflowed_total` says how many spans went there. Peers (the other end of
 //! a service's calls, which a client may name by address) are capped per service the same way
 //! (`ingest.max_peers_per_service`, beyond it `peer="__overflow__"`).
+//!
+//! The first names up to a cap keep their series, so the caps decide by order. One node
+//! decides in the order it takes batches ([`Cardinality::admit`]); a cluster's gateways in the
+//! order of a log they share ([`SharedNames`], [`crate::cluster::names`]), so a cluster counts
+//! as one node would.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,6 +21,32 @@ use crate::series::{self, IdBuildHasher};
 
 /// The service or operation name overflowing spans are counted under.
 pub const OVERFLOW: &str = "__overflow__";
+
+/// The names one span group was sent with, as a gateway proposes them to the others.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Names {
+    /// The service sent.
+    pub service: String,
+    /// The operation sent.
+    pub operation: String,
+    /// The peer sent (empty: none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub peer: String,
+}
+
+/// Where a cluster's gateways agree on names: each applies the same proposals in the same
+/// order to its own [`Cardinality`] ([`Cardinality::apply`]), so a span is counted under
+/// the same names whichever gateway takes it, and no service passes its caps however many
+/// gateways take its spans. A gateway counts what its `Cardinality` has decided
+/// ([`Cardinality::decided`]) and proposes the rest.
+pub trait SharedNames: Send + Sync + std::fmt::Debug {
+    /// Proposes `names`; resolves once this gateway's `Cardinality` has applied them (and
+    /// every proposal before them), or names why not.
+    fn propose(
+        &self,
+        names: Vec<Names>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
+}
 
 /// The services known, and each one's operations, up to the caps.
 #[derive(Debug)]
@@ -121,6 +152,58 @@ impl Cardinality {
         peer
     }
 
+    /// What [`Cardinality::admit`] would answer, when it can answer without adding a name:
+    /// `None` when `service` or `operation` is new and under its cap (only adding it decides).
+    /// A name decided stays decided the same way (known names stay known, a full cap stays
+    /// full), so a decision read from the names of a log's first entries is the one its
+    /// whole log gives.
+    pub fn decided<'a>(&self, service: &'a str, operation: &'a str) -> Option<(&'a str, &'a str, u64)> {
+        let service = self.decided_service(service, service_key(service))?;
+        if self.max_operations == 0 || operation == OVERFLOW {
+            return Some((service, operation, series::group_hash(service, operation)));
+        }
+        let key = series::group_hash(service, operation);
+        let skey = service_key(service);
+        let known = self.services.get(&skey)?;
+        if known.contains(&key) {
+            return Some((service, operation, key));
+        }
+        if known.len() >= self.max_operations {
+            return Some((service, OVERFLOW, series::group_hash(service, OVERFLOW)));
+        }
+        None
+    }
+
+    /// What [`Cardinality::admit_peer`] would answer without adding a peer; `None` when `peer`
+    /// is new and under the cap of (admitted) `service`.
+    pub fn decided_peer<'a>(&self, service: &str, peer: &'a str) -> Option<&'a str> {
+        if self.max_peers == 0 || peer.is_empty() || peer == OVERFLOW {
+            return Some(peer);
+        }
+        let known = self.peers.get(&service_key(service))?;
+        if known.contains(&service_key(peer)) {
+            return Some(peer);
+        }
+        (known.len() >= self.max_peers).then_some(OVERFLOW)
+    }
+
+    /// Decides the names of one span group as [`IngestService`](crate::ingest::IngestService)
+    /// does (its service and operation, then its peer): how a cluster's gateways apply the
+    /// names they agreed on, in the names log's order.
+    pub fn apply(&self, names: &Names) {
+        let (service, _, _) = self.admit(&names.service, &names.operation);
+        self.admit_peer(service, &names.peer);
+    }
+
+    /// `service` while known, without a cap or the overflow service itself, [`OVERFLOW`] when
+    /// new and the service cap is reached; `None` when new under the cap.
+    fn decided_service<'a>(&self, service: &'a str, skey: u64) -> Option<&'a str> {
+        if self.max_services == 0 || service == OVERFLOW || self.services.contains_key(&skey) {
+            return Some(service);
+        }
+        (self.service_count.load(Ordering::Relaxed) >= self.max_services).then_some(OVERFLOW)
+    }
+
     /// `service` (whose [`service_key`] is `skey`) while under the service cap or known, else
     /// [`OVERFLOW`].
     fn admit_service<'a>(&self, service: &'a str, skey: u64) -> &'a str {
@@ -149,71 +232,4 @@ impl Cardinality {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn new_peers_beyond_the_cap_overflow_per_service() {
-        let c = Cardinality::new(0, 0, 2, [("checkout", "pay", "payments"), ("checkout", "x", OVERFLOW)]);
-        assert_eq!(c.admit_peer("checkout", "payments"), "payments");
-        assert_eq!(c.admit_peer("checkout", "db:postgres"), "db:postgres");
-        assert_eq!(c.admit_peer("checkout", "10.0.0.7"), OVERFLOW);
-        assert_eq!(c.admit_peer("checkout", "db:postgres"), "db:postgres", "known peers keep their series");
-        assert_eq!(c.admit_peer("checkout", ""), "", "no peer is no peer");
-        assert_eq!(c.admit_peer("frontend", "10.0.0.7"), "10.0.0.7", "the cap is per service");
-        let unlimited = Cardinality::new(0, 0, 0, []);
-        assert!((0..1_000).all(|i| unlimited.admit_peer("a", &i.to_string()) != OVERFLOW));
-    }
-
-    #[test]
-    fn new_operations_beyond_the_cap_overflow_and_known_ones_do_not() {
-        let c = Cardinality::new(0, 3, 0, [("a", "x", ""), ("a", OVERFLOW, "")]);
-        let op = |s, o| {
-            let (service, operation, key) = c.admit(s, o);
-            assert_eq!(key, series::group_hash(service, operation), "the key of the pair admitted");
-            operation
-        };
-        assert_eq!(op("a", "x"), "x");
-        assert_eq!(op("a", "y"), "y");
-        assert_eq!(op("a", "z"), "z");
-        assert_eq!(op("a", "w"), OVERFLOW);
-        assert_eq!(op("a", "y"), "y", "known operations keep their series");
-        assert_eq!(op("b", "w"), "w", "the cap is per service");
-        assert_eq!(op("a", OVERFLOW), OVERFLOW);
-        let unlimited = Cardinality::new(0, 0, 0, []);
-        assert!((0..10_000).all(|i| unlimited.admit("a", &i.to_string()).1 != OVERFLOW));
-    }
-
-    /// The names `admit` counts under, without the key.
-    fn names<'a>((service, operation, _): (&'a str, &'a str, u64)) -> (&'a str, &'a str) {
-        (service, operation)
-    }
-
-    #[test]
-    fn new_services_beyond_the_cap_overflow_with_their_operations_capped() {
-        let c = Cardinality::new(2, 3, 0, [("known", "x", "")]);
-        assert_eq!(names(c.admit("known", "x")), ("known", "x"));
-        assert_eq!(names(c.admit("second", "x")), ("second", "x"));
-        assert_eq!(names(c.admit("third", "a")), (OVERFLOW, "a"));
-        assert_eq!(names(c.admit("fourth", "b")), (OVERFLOW, "b"));
-        assert_eq!(names(c.admit("fifth", "c")), (OVERFLOW, "c"));
-        // The overflow service's own operations are capped like any service's.
-        assert_eq!(names(c.admit("sixth", "d")), (OVERFLOW, OVERFLOW));
-        assert_eq!(names(c.admit("second", "y")), ("second", "y"), "known services keep their series");
-        // Services already stored count against the cap after a restart.
-        let restarted = Cardinality::new(2, 3, 0, [("known", "x", ""), ("second", "x", "")]);
-        assert_eq!(names(restarted.admit("third", "a")), (OVERFLOW, "a"));
-        // Many threads racing to add new services never pass the cap.
-        let racing = std::sync::Arc::new(Cardinality::new(100, 0, 0, []));
-        let threads: Vec<_> = (0..4)
-            .map(|t| {
-                let c = racing.clone();
-                std::thread::spawn(move || {
-                    (0..1_000).filter(|i| c.admit(&format!("s{t}-{i}"), "op").0 != OVERFLOW).count()
-                })
-            })
-            .collect();
-        let admitted: usize = threads.into_iter().map(|t| t.join().unwrap_or(0)).sum();
-        assert_eq!(admitted, 100);
-    }
-}
+mod tests;

@@ -30,6 +30,7 @@ pub mod drain;
 pub mod gateway;
 pub mod lease;
 pub mod members;
+pub mod names;
 pub mod reads;
 pub mod record;
 pub mod register;
@@ -126,6 +127,7 @@ pub struct Cluster {
     status: Arc<StatusReader>,
     drain: Option<drain::Drain>,
     owners: watch::Receiver<Option<Arc<assign::Assignment>>>,
+    names: Option<Arc<names::LogNames>>,
 }
 
 /// How long a gateway waits for JetStream to acknowledge one publish before it retries.
@@ -137,12 +139,14 @@ const RECORD_ENVELOPE_BYTES: usize = 64 << 10;
 
 impl Cluster {
     /// Connects to NATS, creates the partitions' streams when missing, and starts this node's
-    /// gateway (publishing) and store consumers (feeding `pipeline`).
+    /// gateway (publishing; its names agreed on in `cardinality`, which starts empty) and
+    /// store consumers (feeding `pipeline`).
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         config: &ClusterConfig,
         bound: Bound,
         ingest: GatewayLimits,
+        cardinality: Arc<crate::cardinality::Cardinality>,
         store: crate::store::Store,
         pipeline: Arc<Pipeline>,
         metrics: Arc<Metrics>,
@@ -189,10 +193,20 @@ impl Cluster {
         for p in 0..config.partitions {
             ensure_stream(&js, config, p).await?;
         }
+        let mut tasks = Vec::new();
+        let names = if config.has(Role::Gateway) {
+            let (names, task) =
+                names::LogNames::start(js.clone(), config, cardinality, metrics.clone(), stop.clone())
+                    .await?;
+            tasks.push(task);
+            Some(names)
+        } else {
+            None
+        };
         let replicas = Arc::new(assign::Replicas::new(config.partitions));
         let (owners_tx, owners) = watch::channel(None);
         let (draining_tx, draining) = watch::channel(false);
-        let (gateway, mut tasks) = gateway::LogGateway::start(
+        let (gateway, gateway_tasks) = gateway::LogGateway::start(
             config,
             ingest,
             js.clone(),
@@ -202,6 +216,7 @@ impl Cluster {
             stop.clone(),
             shutdown_timeout,
         );
+        tasks.extend(gateway_tasks);
         tasks.push(tokio::spawn(assign::run(
             js.clone(),
             config.clone(),
@@ -335,7 +350,7 @@ impl Cluster {
             nats = ?config.nats,
             "cluster mode: started"
         );
-        Ok(Cluster { gateway, tasks, max_batch_bytes, ruler, barrier, sources, status, drain, owners })
+        Ok(Cluster { gateway, tasks, max_batch_bytes, ruler, barrier, sources, status, drain, owners, names })
     }
 
     /// What a store runs before it stops ([`drain::Drain::run`]); `None` on other nodes.
@@ -369,6 +384,11 @@ impl Cluster {
     /// The partitions' owners and the live gateways, as this node last read the members.
     pub fn assignment(&self) -> watch::Receiver<Option<Arc<assign::Assignment>>> {
         self.owners.clone()
+    }
+
+    /// Where this gateway agrees on names with the others (none without the gateway role).
+    pub fn names(&self) -> Option<Arc<dyn crate::cardinality::SharedNames>> {
+        self.names.clone().map(|n| n as Arc<dyn crate::cardinality::SharedNames>)
     }
 
     /// What `GET /api/v1/status/cluster` reads.

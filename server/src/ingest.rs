@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tailscope_proto::histogram::Histogram;
 use tailscope_proto::v1::{HistogramDelta, SeriesKey, SpanBatch, Throttle};
 
-use crate::cardinality::OVERFLOW;
+use crate::cardinality::{Names, SharedNames, OVERFLOW};
 use crate::clock::Clock;
 use crate::config::IngestConfig;
 use crate::pipeline::{Admission, Admit, GroupRoute, RoutedDelta, ValidatedBatch};
@@ -147,6 +147,9 @@ pub struct IngestService {
     pairing: Arc<otlp::pairing::Pairing>,
     /// Why every batch is refused (a cluster node without the gateway role).
     refusing: Option<Arc<str>>,
+    /// Where a cluster's gateways agree on names (`cardinality` then only counts what they
+    /// agreed on); none on one node, whose `cardinality` decides alone.
+    names: Option<Arc<dyn SharedNames>>,
 }
 
 impl IngestService {
@@ -170,7 +173,15 @@ impl IngestService {
             cardinality,
             pairing: Arc::default(),
             refusing: None,
+            names: None,
         }
+    }
+
+    /// The same service counting spans under the names the cluster's gateways agree on
+    /// through `names`, rather than under the ones its own `cardinality` picks.
+    pub fn shared_names(mut self, names: Arc<dyn SharedNames>) -> IngestService {
+        self.names = Some(names);
+        self
     }
 
     /// The same service refusing every batch with UNAVAILABLE and `why` (a cluster node that
@@ -201,6 +212,10 @@ impl IngestService {
         let mut batch = batch;
         if origin == Origin::Otlp {
             self.pair(&mut batch);
+        }
+        if let Err(e) = self.agree_on_names(&batch, origin).await {
+            self.refused(&e, 0);
+            return Err(e);
         }
         let mut stats = BatchStats::default();
         let seq = batch.seq;
@@ -260,6 +275,52 @@ impl IngestService {
             return Err(IngestError::Draining);
         }
         Ok(())
+    }
+
+    /// In a cluster, proposes the names of `batch` this gateway has not decided yet and waits
+    /// (at most [`NAMES_PATIENCE`]) until they are agreed on; at once on one node.
+    async fn agree_on_names(&self, batch: &SpanBatch, origin: Origin) -> Result<(), IngestError> {
+        let Some(shared) = &self.names else { return Ok(()) };
+        let keys =
+            batch.groups.iter().map(|g| g.key.as_ref()).chain(batch.deltas.iter().map(|d| d.key.as_ref()));
+        let mut undecided: Vec<Names> = Vec::new();
+        for key in keys {
+            // A bad key is refused by validation, with its place in the batch.
+            let Ok((service, operation, _, peer)) = check_key(key) else { continue };
+            if self.counted(service, operation, peer).is_some() {
+                continue;
+            }
+            let names = Names { service: service.into(), operation: operation.into(), peer: peer.into() };
+            if !undecided.contains(&names) {
+                undecided.push(names);
+            }
+        }
+        if undecided.is_empty() {
+            return Ok(());
+        }
+        let n = undecided.len();
+        let why = match tokio::time::timeout(NAMES_PATIENCE, shared.propose(undecided)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(why)) => why,
+            Err(_) => format!("no answer within {NAMES_PATIENCE:?}; NATS electing a leader?"),
+        };
+        Err(IngestError::StoreUnavailable(origin.name(
+            batch.seq,
+            &format!("{n} new names could not be agreed on with the cluster's other gateways ({why}); send again after a backoff"),
+        )))
+    }
+
+    /// The service, operation, series key and peer a span group sent with `service`,
+    /// `operation` and `peer` is counted under: on one node as its `cardinality` admits them;
+    /// in a cluster as the gateways agreed, `None` when they have not yet.
+    fn counted<'a>(&self, service: &'a str, operation: &'a str, peer: &'a str) -> Option<Counted<'a>> {
+        let c = &self.cardinality;
+        if self.names.is_none() {
+            let (service, operation, key) = c.admit(service, operation);
+            return Some(Counted { service, operation, key, peer: c.admit_peer(service, peer) });
+        }
+        let (service, operation, key) = c.decided(service, operation)?;
+        Some(Counted { service, operation, key, peer: c.decided_peer(service, peer)? })
     }
 
     /// Counts a request an adapter could not turn into a batch (`reason`: why, as a label of
@@ -338,8 +399,9 @@ impl IngestService {
         for (i, group) in batch.groups.iter().enumerate() {
             let (sent_service, sent_operation, kind, sent_peer) =
                 check_key(group.key.as_ref()).map_err(|m| bad(format!("group {i}: {m}")))?;
-            let (service, operation, key) = self.cardinality.admit(sent_service, sent_operation);
-            let peer = self.cardinality.admit_peer(service, sent_peer);
+            let Counted { service, operation, key, peer } = self
+                .counted(sent_service, sent_operation, sent_peer)
+                .ok_or_else(|| not_agreed(named(format!("group {i}"))))?;
             let service_overflow = overflowed(service, sent_service);
             let overflow = overflowed(operation, sent_operation);
             let peer_overflow = overflowed(peer, sent_peer);
@@ -375,8 +437,9 @@ impl IngestService {
         for (i, delta) in batch.deltas.iter().enumerate() {
             let (sent_service, sent_operation, kind, sent_peer) =
                 check_key(delta.key.as_ref()).map_err(|m| bad(format!("delta {i}: {m}")))?;
-            let (service, operation, hash) = self.cardinality.admit(sent_service, sent_operation);
-            let peer = self.cardinality.admit_peer(service, sent_peer);
+            let Counted { service, operation, key: hash, peer } = self
+                .counted(sent_service, sent_operation, sent_peer)
+                .ok_or_else(|| not_agreed(named(format!("delta {i}"))))?;
             let overflow = overflowed(service, sent_service)
                 || overflowed(operation, sent_operation)
                 || overflowed(peer, sent_peer);
@@ -536,6 +599,28 @@ impl IngestService {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
     }
+}
+
+/// How long a batch with new names waits for the cluster's gateways to agree on them before
+/// it is refused (UNAVAILABLE: send again). Below the 5 s a client waits for a reply.
+const NAMES_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The names one span group is counted under ([`IngestService::counted`]).
+struct Counted<'a> {
+    service: &'a str,
+    operation: &'a str,
+    /// The [`series::group_hash`] of `service` and `operation`.
+    key: u64,
+    peer: &'a str,
+}
+
+/// The refusal of a batch whose names (of `what`) the gateways have not agreed on. Once
+/// [`IngestService::agree_on_names`] answered every name is decided (a decision never goes
+/// back), so this is a refusal in place of a guess, not a path taken.
+fn not_agreed(what: String) -> IngestError {
+    IngestError::StoreUnavailable(format!(
+        "{what}: its names are not yet agreed on with the cluster's other gateways; send again"
+    ))
 }
 
 /// Whether admission counted a name as something else than the `sent` one: it hands back the

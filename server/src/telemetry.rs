@@ -144,6 +144,9 @@ pub struct Metrics {
     pub log_bytes: Counter,
     /// Cluster mode: log publishes retried (no NATS leader, a timeout, a full stream).
     pub log_publish_retries: Counter,
+    /// Cluster mode: names (a span group's service, operation and peer) this node's gateway
+    /// proposed to the names log, as first seen by it and not yet decided.
+    pub names_proposed: Counter,
     /// Cluster mode: 1 while this node holds the ruler lease (sends alert notifications).
     pub ruler_lease: Gauge,
     /// Cluster mode: strong reads, by outcome (`ok`, `timeout`, `log_error`).
@@ -262,6 +265,7 @@ impl Metrics {
             log_messages: Counter::default(),
             log_bytes: Counter::default(),
             log_publish_retries: Counter::default(),
+            names_proposed: Counter::default(),
             ruler_lease: Gauge::default(),
             strong_reads: Family::default(),
             strong_read_wait: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
@@ -353,6 +357,11 @@ impl Metrics {
             "log_publish_retries",
             "Cluster mode: log publishes retried with the same message id (no stream leader, a timeout, a full stream)",
             m.log_publish_retries.clone(),
+        );
+        r.register(
+            "names_proposed",
+            "Cluster mode: names (a span group's service, operation and peer) proposed to the names log the gateways agree on",
+            m.names_proposed.clone(),
         );
         r.register(
             "ruler_lease",

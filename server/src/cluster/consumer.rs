@@ -29,13 +29,13 @@ use crate::pipeline::{Admission, Pipeline};
 use crate::store::LogPosition;
 
 /// How long a consumer may stay quiet before it checks that the stream has nothing newer.
-const IDLE_CHECK: Duration = Duration::from_secs(2);
+pub(super) const IDLE_CHECK: Duration = Duration::from_secs(2);
 /// How long creating a consumer may take before it is tried again. NATS before 2.9.14
 /// places a one-replica consumer on a random peer of the stream, a dead one included, and
 /// such a create is never answered; a prompt retry draws again.
-const CREATE_TIMEOUT: Duration = Duration::from_secs(3);
+pub(super) const CREATE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The longest pause between two attempts.
-const MAX_BACKOFF: Duration = Duration::from_millis(500);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
 /// One partition's log, and where its records go.
 #[derive(Debug, Clone)]

@@ -885,3 +885,107 @@ async fn a_new_store_takes_a_copy_of_history_the_log_no_longer_holds_and_counts_
     assert_eq!(rows(b_http, now).await, rows(s_http, now).await, "b: counts and quantiles as one node's");
     assert_eq!(aggregated(b_http, now).await, aggregated(s_http, now).await, "b: aggregations");
 }
+
+/// Caps of 2 services, 3 operations per service and 1 peer per service.
+const CAPS: [(&str, &str); 3] = [
+    ("TAILSCOPE_INGEST_MAX_SERVICES", "2"),
+    ("TAILSCOPE_INGEST_MAX_OPERATIONS_PER_SERVICE", "3"),
+    ("TAILSCOPE_INGEST_MAX_PEERS_PER_SERVICE", "1"),
+];
+
+/// One SERVER span of `service`/`operation` called by `peer`, in batch `seq` of `client`.
+fn named(client: u64, seq: u64, service: &str, operation: &str, peer: &str, now: i64) -> SpanBatch {
+    let key = tailscope_proto::v1::SeriesKey {
+        service: service.into(),
+        operation: operation.into(),
+        kind: tailscope_proto::v1::SpanKind::Server as i32,
+        peer: peer.into(),
+    };
+    let spans = vec![span(now - seq as i64 * 1_000, 1_000_000 * seq as i64, false)];
+    batch(client, seq, vec![tailscope_proto::v1::SeriesGroup { key: Some(key), spans }])
+}
+
+/// Every series over the test's range, sorted: its labels and count.
+async fn series_counts(http: SocketAddr, now: i64) -> Vec<String> {
+    let mut rows: Vec<String> = tail(http, &range(now))
+        .await
+        .iter()
+        .map(|r| format!("{}/{}/{}/{} {}", r["service"], r["operation"], r["peer"], r["status"], r["count"]))
+        .collect();
+    rows.sort();
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: a NATS server, two tailscope nodes and a single node, about 15 s"]
+async fn two_gateways_count_names_over_the_caps_as_one_node_and_a_restarted_one_still_does() {
+    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
+    let urls = nats.urls();
+    let mut env = playing("gateway,store,query,ruler");
+    env.extend_from_slice(&CAPS);
+    let (_a, a_grpc, a_http) = node_with(&dir.path().join("a"), &urls, "a", &env);
+    let (mut b, b_grpc, b_http) = node_with(&dir.path().join("b"), &urls, "b", &env);
+    let (single, s_grpc, s_http) = spawn_server(&dir.path().join("single"), &CAPS);
+    let _single = Peer(single);
+
+    // Each gateway sees only part of the names: by its own order a would keep o4 (it knows 2
+    // operations of checkout) and b would keep search (it knows 1 service). One node taking
+    // the batches in the same order keeps neither; neither may the cluster.
+    let now = now_nanos();
+    let (mut a_seq, mut b_seq) = (0, 0);
+    let steps: [(bool, &str, &str, &str); 9] = [
+        (true, "checkout", "o1", "web"),
+        (false, "checkout", "o2", "mobile"),
+        (false, "checkout", "o3", "web"),
+        (true, "checkout", "o4", "web"),
+        (true, "payments", "p1", "checkout"),
+        (false, "search", "s1", "web"),
+        (true, "search", "s1", "web"),
+        (false, "checkout", "o1", "web"),
+        (true, "checkout", "o2", "mobile"),
+    ];
+    let mut send = |through_a: bool, service: &str, operation: &str, peer: &str| {
+        let (grpc, client, seq) = match through_a {
+            true => (a_grpc, 0x71, &mut a_seq),
+            false => (b_grpc, 0x72, &mut b_seq),
+        };
+        *seq += 1;
+        (grpc, named(client, *seq, service, operation, peer, now))
+    };
+    for (through_a, service, operation, peer) in steps {
+        let (grpc, batch) = send(through_a, service, operation, peer);
+        deliver(grpc, vec![batch.clone()]).await;
+        deliver(s_grpc, vec![batch]).await;
+    }
+    let reference = series_counts(s_http, now).await;
+    assert_eq!(reference.iter().filter(|r| r.contains("__overflow__")).count(), 3, "{reference:?}");
+    assert!(reference.iter().all(|r| !r.contains("\"o4\"") && !r.contains("\"search\"")), "{reference:?}");
+    for http in [a_http, b_http] {
+        assert_eventually!(
+            series_counts(http, now).await == reference,
+            "the cluster counts as one node: {:?} vs {reference:?}",
+            series_counts(http, now).await
+        );
+    }
+
+    // A restarted gateway knows the names from the log, not from what its store holds.
+    b.terminate().await;
+    let (_b, b_grpc, b_http) = node_with(&dir.path().join("b"), &urls, "b", &env);
+    for (service, operation, peer) in
+        [("checkout", "o5", "web"), ("payments", "p1", "mobile"), ("users", "u1", "")]
+    {
+        let (_, batch) = send(false, service, operation, peer);
+        deliver(b_grpc, vec![batch.clone()]).await;
+        deliver(s_grpc, vec![batch]).await;
+    }
+    let reference = series_counts(s_http, now).await;
+    for http in [a_http, b_http] {
+        assert_eventually!(
+            series_counts(http, now).await == reference,
+            "after b's restart: {:?} vs {reference:?}",
+            series_counts(http, now).await
+        );
+    }
+}

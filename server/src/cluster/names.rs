@@ -1,0 +1,241 @@
+//! The names log: how a cluster's gateways agree on the names spans are counted under.
+//!
+//! The caps on services, operations per service and peers per service
+//! ([`crate::cardinality`]) decide by order: the first names of a service up to its cap keep
+//! their series, later ones count under `__overflow__`. Each gateway deciding by the order
+//! it saw would let two gateways count one operation differently and a service pass its cap
+//! once per gateway. So a gateway proposes the names its [`Cardinality`] has not decided to
+//! one replicated stream, `<cluster>_names`, and every gateway applies that stream, in its
+//! order, to its own `Cardinality` ([`Cardinality::apply`]): the same names in the same order
+//! give the same decisions on every gateway, as one node taking every batch would make them.
+//! A proposal is answered once this gateway has applied the log up to it.
+//!
+//! Only names not yet decided are proposed — a known name, or a new one of a service at its
+//! cap, is decided from what the gateway applied — so the log holds each name about once;
+//! it is bounded ([`NAMES_LOG_BYTES`], `discard: new`): once full, batches with new names are
+//! refused by name and batches of known ones still go in.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::consumer::{CREATE_TIMEOUT, IDLE_CHECK, MAX_BACKOFF};
+use super::{ClusterConfig, ClusterError};
+use crate::cardinality::{Cardinality, Names, SharedNames};
+
+/// The most the names log holds: about 400,000 names of 160 bytes.
+pub const NAMES_LOG_BYTES: i64 = 64 << 20;
+
+/// A gateway's side of the names log: proposes, and applies every gateway's proposals.
+#[derive(Debug)]
+pub struct LogNames {
+    js: async_nats::jetstream::Context,
+    subject: String,
+    cardinality: Arc<Cardinality>,
+    /// The last sequence of the log applied to `cardinality`.
+    applied: watch::Receiver<u64>,
+    /// The log's last sequence when this gateway started: proposals wait until it is applied,
+    /// so a restarted gateway does not propose again what the log already decided.
+    start: u64,
+    metrics: Arc<crate::telemetry::Metrics>,
+}
+
+impl LogNames {
+    /// Creates the names log when missing and starts applying it to `cardinality` (which must
+    /// hold nothing else: every gateway's starts empty).
+    pub async fn start(
+        js: async_nats::jetstream::Context,
+        config: &ClusterConfig,
+        cardinality: Arc<Cardinality>,
+        metrics: Arc<crate::telemetry::Metrics>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(Arc<LogNames>, JoinHandle<()>), ClusterError> {
+        let stream = format!("{}_names", config.name);
+        let subject = format!("{}.names", config.name);
+        let wanted = async_nats::jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![subject.clone()],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            num_replicas: config.stream_replicas,
+            max_bytes: NAMES_LOG_BYTES,
+            discard: async_nats::jetstream::stream::DiscardPolicy::New,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        let mut last_error = String::new();
+        let mut start = None;
+        for _ in 0..20 {
+            match js.get_or_create_stream(wanted.clone()).await {
+                Ok(mut s) => match s.info().await {
+                    Ok(info) => {
+                        start = Some(info.state.last_sequence);
+                        break;
+                    }
+                    Err(e) => last_error = e.to_string(),
+                },
+                Err(e) => last_error = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let Some(start) = start else {
+            return Err(ClusterError::Stream { stream, message: last_error });
+        };
+        let (applied_tx, applied) = watch::channel(0);
+        let reader =
+            Reader { js: js.clone(), stream, subject: subject.clone(), cardinality: cardinality.clone() };
+        let task = tokio::spawn(reader.run(applied_tx, stop));
+        Ok((Arc::new(LogNames { js, subject, cardinality, applied, start, metrics }), task))
+    }
+
+    /// Waits until the log is applied up to `seq`.
+    async fn applied_to(&self, seq: u64) -> Result<(), String> {
+        let mut applied = self.applied.clone();
+        applied.wait_for(|&a| a >= seq).await.map(|_| ()).map_err(|_| "the names log's reader stopped".into())
+    }
+
+    /// Publishes `payload` until JetStream acknowledges it; its sequence (of the first copy,
+    /// for a proposal another gateway or an earlier try already made).
+    async fn publish(&self, payload: bytes::Bytes) -> Result<u64, String> {
+        let id = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&payload));
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let publish = async_nats::jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(&id);
+            let attempt = async {
+                let ack =
+                    self.js.send_publish(self.subject.clone(), publish).await.map_err(|e| e.to_string())?;
+                ack.await.map_err(|e| e.to_string())
+            };
+            match attempt.await {
+                Ok(ack) => return Ok(ack.sequence),
+                // A full log stays full: say so rather than wait.
+                Err(e) if e.contains("maximum bytes exceeded") => {
+                    return Err(format!(
+                        "the names log is full ({NAMES_LOG_BYTES} bytes): no new service, operation or peer can be agreed ({e})"
+                    ));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "names log publish failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+}
+
+impl SharedNames for LogNames {
+    fn propose(
+        &self,
+        mut names: Vec<Names>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            self.applied_to(self.start).await?;
+            // What the log decided meanwhile (another batch, another gateway) is not proposed.
+            names.retain(|n| !decided(&self.cardinality, n));
+            if names.is_empty() {
+                return Ok(());
+            }
+            let payload = serde_json::to_vec(&names).map_err(|e| e.to_string())?;
+            let seq = self.publish(payload.into()).await?;
+            self.metrics.names_proposed.inc_by(names.len() as u64);
+            self.applied_to(seq).await
+        })
+    }
+}
+
+/// Whether `cardinality` decides every name of `n` without adding one.
+fn decided(cardinality: &Cardinality, n: &Names) -> bool {
+    cardinality
+        .decided(&n.service, &n.operation)
+        .is_some_and(|(service, _, _)| cardinality.decided_peer(service, &n.peer).is_some())
+}
+
+/// Applies the names log, in order, to a gateway's [`Cardinality`].
+struct Reader {
+    js: async_nats::jetstream::Context,
+    stream: String,
+    subject: String,
+    cardinality: Arc<Cardinality>,
+}
+
+impl Reader {
+    /// Applies the log until `stop`, starting again after the last message applied whenever
+    /// NATS fails.
+    async fn run(self, applied: watch::Sender<u64>, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let outcome = tokio::select! {
+                r = self.read(&applied) => r,
+                _ = stop.wait_for(|&s| s) => return,
+            };
+            tracing::warn!(error = %outcome, "names log reader interrupted; resuming after the last name applied");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.wait_for(|&s| s) => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// One consumer's life; returns why it ended.
+    async fn read(&self, applied: &watch::Sender<u64>) -> String {
+        let from = *applied.borrow() + 1;
+        let create = async {
+            let stream =
+                self.js.get_stream(&self.stream).await.map_err(|e| format!("getting the stream: {e}"))?;
+            let config = OrderedConfig {
+                filter_subject: self.subject.clone(),
+                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from },
+                ..Default::default()
+            };
+            let consumer =
+                stream.create_consumer(config).await.map_err(|e| format!("creating a consumer: {e}"))?;
+            let messages = consumer.messages().await.map_err(|e| format!("reading: {e}"))?;
+            Ok::<_, String>((stream, messages))
+        };
+        let (mut stream, mut messages) = match tokio::time::timeout(CREATE_TIMEOUT, create).await {
+            Ok(Ok(made)) => made,
+            Ok(Err(e)) => return e,
+            Err(_) => return format!("no consumer within {CREATE_TIMEOUT:?}"),
+        };
+        loop {
+            let message = match tokio::time::timeout(IDLE_CHECK, messages.next()).await {
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(e))) => return format!("next message: {e}"),
+                Ok(None) => return "the names log's message stream ended".into(),
+                // Quiet: fine unless the log moved on (the consumer's server died).
+                Err(_) => match stream.info().await {
+                    Ok(info) if info.state.last_sequence > *applied.borrow() => {
+                        return format!(
+                            "no message for {IDLE_CHECK:?} while the log is at {}",
+                            info.state.last_sequence
+                        );
+                    }
+                    Ok(_) => continue,
+                    Err(e) => return format!("stream info: {e}"),
+                },
+            };
+            let seq = match message.info() {
+                Ok(info) => info.stream_sequence,
+                Err(e) => return e.to_string(),
+            };
+            if seq <= *applied.borrow() {
+                continue;
+            }
+            match serde_json::from_slice::<Vec<Names>>(&message.payload) {
+                Ok(names) => names.iter().for_each(|n| self.cardinality.apply(n)),
+                // Every gateway skips the same message, so they still agree.
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "skipping a names log message that does not decode")
+                }
+            }
+            applied.send_replace(seq);
+        }
+    }
+}
