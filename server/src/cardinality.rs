@@ -41,11 +41,23 @@ pub struct Names {
 /// ([`Cardinality::decided`]) and proposes the rest.
 pub trait SharedNames: Send + Sync + std::fmt::Debug {
     /// Proposes `names`; resolves once this gateway's `Cardinality` has applied them (and
-    /// every proposal before them), or names why not.
+    /// every proposal before them), or says why not.
     fn propose(
         &self,
         names: Vec<Names>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), NamesRefused>> + Send + '_>>;
+}
+
+/// Why names could not be agreed on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NamesRefused {
+    /// Where the names are agreed on holds no more: new names are refused until an operator
+    /// makes room (its limit named in the message); known ones still go in.
+    #[error("{0}")]
+    Full(String),
+    /// Not answered now (an election, a lost connection): the same proposal later may be.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// The services known, and each one's operations, up to the caps.

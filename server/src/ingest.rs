@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tailscope_proto::histogram::Histogram;
 use tailscope_proto::v1::{HistogramDelta, SeriesKey, SpanBatch, Throttle};
 
-use crate::cardinality::{Names, SharedNames, OVERFLOW};
+use crate::cardinality::{Names, NamesRefused, SharedNames, OVERFLOW};
 use crate::clock::Clock;
 use crate::config::IngestConfig;
 use crate::pipeline::{Admission, Admit, GroupRoute, RoutedDelta, ValidatedBatch};
@@ -299,15 +299,21 @@ impl IngestService {
             return Ok(());
         }
         let n = undecided.len();
-        let why = match tokio::time::timeout(NAMES_PATIENCE, shared.propose(undecided)).await {
+        let refused = match tokio::time::timeout(NAMES_PATIENCE, shared.propose(undecided)).await {
             Ok(Ok(())) => return Ok(()),
-            Ok(Err(why)) => why,
-            Err(_) => format!("no answer within {NAMES_PATIENCE:?}; NATS electing a leader?"),
+            Ok(Err(refused)) => refused,
+            Err(_) => NamesRefused::Unavailable(format!(
+                "no answer within {NAMES_PATIENCE:?}; NATS electing a leader?"
+            )),
         };
-        Err(IngestError::StoreUnavailable(origin.name(
-            batch.seq,
-            &format!("{n} new names could not be agreed on with the cluster's other gateways ({why}); send again after a backoff"),
-        )))
+        let why =
+            format!("{n} new names could not be agreed on with the cluster's other gateways ({refused})");
+        Err(match refused {
+            NamesRefused::Full(_) => IngestError::Overloaded(origin.name(batch.seq, &why)),
+            NamesRefused::Unavailable(_) => IngestError::StoreUnavailable(
+                origin.name(batch.seq, &format!("{why}; send again after a backoff")),
+            ),
+        })
     }
 
     /// The service, operation, series key and peer a span group sent with `service`,

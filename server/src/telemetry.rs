@@ -145,7 +145,8 @@ pub struct Metrics {
     /// Cluster mode: log publishes retried (no NATS leader, a timeout, a full stream).
     pub log_publish_retries: Counter,
     /// Cluster mode: names (a span group's service, operation and peer) this node's gateway
-    /// proposed to the names log, as first seen by it and not yet decided.
+    /// added to the names log (a proposal the log already held, made by another gateway or
+    /// batch with the very same names, is not counted).
     pub names_proposed: Counter,
     /// Cluster mode: 1 while this node holds the ruler lease (sends alert notifications).
     pub ruler_lease: Gauge,
@@ -360,7 +361,7 @@ impl Metrics {
         );
         r.register(
             "names_proposed",
-            "Cluster mode: names (a span group's service, operation and peer) proposed to the names log the gateways agree on",
+            "Cluster mode: names (a span group's service, operation and peer) this gateway added to the names log the gateways agree on",
             m.names_proposed.clone(),
         );
         r.register(

@@ -32,6 +32,10 @@ pub struct ClusterConfig {
     /// JetStream reserves it on each of `stream_replicas` servers: `partitions` × this must
     /// fit the servers' `max_file_store`.
     pub max_bytes_per_partition: i64,
+    /// Bytes the names log (`<name>_names`, where the gateways agree on the names under the
+    /// caps) may hold, about 54 per name; once full, batches with names not yet agreed on are
+    /// refused (RESOURCE_EXHAUSTED) and the others go on. Reserved like a partition's.
+    pub max_names_bytes: i64,
     /// Most bytes of records a gateway coalesces into one message.
     pub max_message_bytes: usize,
     /// How long a node waits for NATS at start-up.
@@ -91,6 +95,7 @@ impl Default for ClusterConfig {
             replication_factor: 2,
             max_age: Duration::from_secs(24 * 3600),
             max_bytes_per_partition: 256 << 20,
+            max_names_bytes: 128 << 20,
             max_message_bytes: 1 << 20,
             connect_timeout: Duration::from_secs(10),
             roles: Role::ALL.to_vec(),
@@ -133,6 +138,9 @@ impl ClusterConfig {
         }
         if self.max_bytes_per_partition < 1 << 20 {
             return Err(("cluster.max_bytes_per_partition", "must be at least 1 MiB".into()));
+        }
+        if self.max_names_bytes < 1 << 20 {
+            return Err(("cluster.max_names_bytes", "must be at least 1 MiB".into()));
         }
         if self.max_message_bytes < 1024 {
             return Err(("cluster.max_message_bytes", "must be at least 1024".into()));

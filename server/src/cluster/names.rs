@@ -12,8 +12,8 @@
 //!
 //! Only names not yet decided are proposed — a known name, or a new one of a service at its
 //! cap, is decided from what the gateway applied — so the log holds each name about once;
-//! it is bounded ([`NAMES_LOG_BYTES`], `discard: new`): once full, batches with new names are
-//! refused by name and batches of known ones still go in.
+//! it is bounded (`cluster.max_names_bytes`, `discard: new`): once full, batches with new names
+//! are refused (RESOURCE_EXHAUSTED, naming the key) and batches of known ones still go in.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,10 +25,7 @@ use tokio::task::JoinHandle;
 
 use super::consumer::{CREATE_TIMEOUT, IDLE_CHECK, MAX_BACKOFF};
 use super::{ClusterConfig, ClusterError};
-use crate::cardinality::{Cardinality, Names, SharedNames};
-
-/// The most the names log holds: about 400,000 names of 160 bytes.
-pub const NAMES_LOG_BYTES: i64 = 64 << 20;
+use crate::cardinality::{Cardinality, Names, NamesRefused, SharedNames};
 
 /// A gateway's side of the names log: proposes, and applies every gateway's proposals.
 #[derive(Debug)]
@@ -42,6 +39,8 @@ pub struct LogNames {
     /// so a restarted gateway does not propose again what the log already decided.
     start: u64,
     metrics: Arc<crate::telemetry::Metrics>,
+    /// `cluster.max_names_bytes`.
+    max_bytes: i64,
 }
 
 impl LogNames {
@@ -61,7 +60,7 @@ impl LogNames {
             subjects: vec![subject.clone()],
             storage: async_nats::jetstream::stream::StorageType::File,
             num_replicas: config.stream_replicas,
-            max_bytes: NAMES_LOG_BYTES,
+            max_bytes: config.max_names_bytes,
             discard: async_nats::jetstream::stream::DiscardPolicy::New,
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
@@ -88,18 +87,21 @@ impl LogNames {
         let reader =
             Reader { js: js.clone(), stream, subject: subject.clone(), cardinality: cardinality.clone() };
         let task = tokio::spawn(reader.run(applied_tx, stop));
-        Ok((Arc::new(LogNames { js, subject, cardinality, applied, start, metrics }), task))
+        let max_bytes = config.max_names_bytes;
+        Ok((Arc::new(LogNames { js, subject, cardinality, applied, start, metrics, max_bytes }), task))
     }
 
     /// Waits until the log is applied up to `seq`.
-    async fn applied_to(&self, seq: u64) -> Result<(), String> {
+    async fn applied_to(&self, seq: u64) -> Result<(), NamesRefused> {
         let mut applied = self.applied.clone();
-        applied.wait_for(|&a| a >= seq).await.map(|_| ()).map_err(|_| "the names log's reader stopped".into())
+        let stopped = |_| NamesRefused::Unavailable("the names log's reader stopped".into());
+        applied.wait_for(|&a| a >= seq).await.map(|_| ()).map_err(stopped)
     }
 
     /// Publishes `payload` until JetStream acknowledges it; its sequence (of the first copy,
-    /// for a proposal another gateway or an earlier try already made).
-    async fn publish(&self, payload: bytes::Bytes) -> Result<u64, String> {
+    /// for a proposal another gateway or an earlier try already made) and whether it was such
+    /// a duplicate.
+    async fn publish(&self, payload: bytes::Bytes) -> Result<(u64, bool), NamesRefused> {
         let id = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&payload));
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -112,12 +114,13 @@ impl LogNames {
                 ack.await.map_err(|e| e.to_string())
             };
             match attempt.await {
-                Ok(ack) => return Ok(ack.sequence),
+                Ok(ack) => return Ok((ack.sequence, ack.duplicate)),
                 // A full log stays full: say so rather than wait.
                 Err(e) if e.contains("maximum bytes exceeded") => {
-                    return Err(format!(
-                        "the names log is full ({NAMES_LOG_BYTES} bytes): no new service, operation or peer can be agreed ({e})"
-                    ));
+                    return Err(NamesRefused::Full(format!(
+                        "the names log is full (cluster.max_names_bytes = {}): no new service, operation or peer can be agreed on ({e})",
+                        self.max_bytes
+                    )));
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "names log publish failed; retrying");
@@ -133,7 +136,7 @@ impl SharedNames for LogNames {
     fn propose(
         &self,
         mut names: Vec<Names>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), NamesRefused>> + Send + '_>> {
         Box::pin(async move {
             self.applied_to(self.start).await?;
             // What the log decided meanwhile (another batch, another gateway) is not proposed.
@@ -141,9 +144,11 @@ impl SharedNames for LogNames {
             if names.is_empty() {
                 return Ok(());
             }
-            let payload = serde_json::to_vec(&names).map_err(|e| e.to_string())?;
-            let seq = self.publish(payload.into()).await?;
-            self.metrics.names_proposed.inc_by(names.len() as u64);
+            let payload = serde_json::to_vec(&names).map_err(|e| NamesRefused::Unavailable(e.to_string()))?;
+            let (seq, duplicate) = self.publish(payload.into()).await?;
+            if !duplicate {
+                self.metrics.names_proposed.inc_by(names.len() as u64);
+            }
             self.applied_to(seq).await
         })
     }

@@ -989,3 +989,71 @@ async fn two_gateways_count_names_over_the_caps_as_one_node_and_a_restarted_one_
         );
     }
 }
+
+/// Sends `batch` on a stream of its own: `Ok` once acknowledged, else the status it ended with.
+async fn offer(grpc: SocketAddr, batch: SpanBatch) -> Result<(), tonic::Status> {
+    let seq = batch.seq;
+    let mut s = open(grpc).await;
+    s.send(batch).await;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), s.replies.message()).await.unwrap() {
+            Ok(Some(r)) if r.durable_seq >= seq => return Ok(()),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("stream ended without an answer"),
+            Err(status) => return Err(status),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: a NATS server and a tailscope node whose names log fills, a few seconds"]
+async fn a_full_names_log_refuses_new_names_by_its_limit_and_takes_known_ones() {
+    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
+    let mut env = playing("gateway,store,query,ruler");
+    env.extend_from_slice(&[
+        ("TAILSCOPE_CLUSTER_MAX_NAMES_BYTES", "1048576"),
+        ("TAILSCOPE_INGEST_MAX_OPERATIONS_PER_SERVICE", "1000000"),
+    ]);
+    let (_a, grpc, http) = node_with(&dir.path().join("a"), &nats.urls(), "a", &env);
+    let now = now_nanos();
+    let one = |seq: u64| vec![span(now - seq as i64, 1_000_000, false)];
+    offer(grpc, batch(0x81, 1, vec![group("web", "GET /", one(1))])).await.unwrap();
+    // Operations of 200 bytes, 400 new ones a batch: the 1 MiB log is full within 15 batches.
+    let mut seq = 1;
+    let refused = loop {
+        seq += 1;
+        assert!(seq < 40, "the names log never filled");
+        let groups =
+            (0..400).map(|j| group("bomb", &format!("{:0>200}", seq * 1_000 + j), one(seq))).collect();
+        if let Err(status) = offer(grpc, batch(0x81, seq, groups)).await {
+            break status;
+        }
+    };
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("cluster.max_names_bytes = 1048576"), "{refused:?}");
+    assert!(refused.message().contains("maximum bytes exceeded"), "{refused:?}");
+    // Known names still go in, and what was accepted is counted.
+    offer(grpc, batch(0x81, seq, vec![group("web", "GET /", one(seq))])).await.unwrap();
+    let counted = |service: &'static str| async move {
+        let rows = tail(http, &format!("service={service}&{}", range(now))).await;
+        (rows.len() as u64, total(&rows))
+    };
+    assert_eventually!(counted("web").await == (1, 2), "web: {:?}", counted("web").await);
+    let accepted = (seq - 2) * 400;
+    assert_eventually!(
+        counted("bomb").await == (accepted, accepted),
+        "every accepted new operation is its own series: {:?} of {accepted}",
+        counted("bomb").await
+    );
+
+    // With NATS gone, a batch with a new name is refused once the names' patience ran out
+    // (not held until the client gives up), saying why.
+    let mut nats = nats;
+    nats.kill(0);
+    let refused =
+        offer(grpc, batch(0x81, seq + 1, vec![group("web", "GET /new", one(seq))])).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("could not be agreed on"), "{refused:?}");
+}
