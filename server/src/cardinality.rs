@@ -9,7 +9,7 @@
 //!
 //! The first names up to a cap keep their series, so the caps decide by order. One node
 //! decides in the order it takes batches ([`Cardinality::admit`]); a cluster's gateways in the
-//! order of a log they share ([`SharedNames`], [`crate::cluster::names`]), so a cluster counts
+//! order of a log they share ([`SharedNames`]), so a cluster counts
 //! as one node would.
 
 use std::collections::HashSet;
@@ -199,9 +199,9 @@ impl Cardinality {
         (known.len() >= self.max_peers).then_some(OVERFLOW)
     }
 
-    /// Decides the names of one span group as [`IngestService`](crate::ingest::IngestService)
-    /// does (its service and operation, then its peer): how a cluster's gateways apply the
-    /// names they agreed on, in the names log's order.
+    /// Decides the names of one span group as ingest does (its service and operation, then
+    /// its peer): how a cluster's gateways apply the names they agreed on, in the names
+    /// log's order.
     pub fn apply(&self, names: &Names) {
         let (service, _, _) = self.admit(&names.service, &names.operation);
         self.admit_peer(service, &names.peer);
