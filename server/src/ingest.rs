@@ -283,17 +283,15 @@ impl IngestService {
         let Some(shared) = &self.names else { return Ok(()) };
         let keys =
             batch.groups.iter().map(|g| g.key.as_ref()).chain(batch.deltas.iter().map(|d| d.key.as_ref()));
+        let mut seen = std::collections::HashSet::new();
         let mut undecided: Vec<Names> = Vec::new();
         for key in keys {
             // A bad key is refused by validation, with its place in the batch.
             let Ok((service, operation, _, peer)) = check_key(key) else { continue };
-            if self.counted(service, operation, peer).is_some() {
+            if self.counted(service, operation, peer).is_some() || !seen.insert((service, operation, peer)) {
                 continue;
             }
-            let names = Names { service: service.into(), operation: operation.into(), peer: peer.into() };
-            if !undecided.contains(&names) {
-                undecided.push(names);
-            }
+            undecided.push(Names { service: service.into(), operation: operation.into(), peer: peer.into() });
         }
         if undecided.is_empty() {
             return Ok(());

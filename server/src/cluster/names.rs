@@ -144,14 +144,49 @@ impl SharedNames for LogNames {
             if names.is_empty() {
                 return Ok(());
             }
-            let payload = serde_json::to_vec(&names).map_err(|e| NamesRefused::Unavailable(e.to_string()))?;
-            let (seq, duplicate) = self.publish(payload.into()).await?;
-            if !duplicate {
-                self.metrics.names_proposed.inc_by(names.len() as u64);
+            // In messages NATS takes (a batch may bring a hundred thousand new names).
+            let mut last = 0;
+            let messages = proposals(&names).map_err(|e| NamesRefused::Unavailable(e.to_string()))?;
+            for (payload, count) in messages {
+                let (seq, duplicate) = self.publish(payload.into()).await?;
+                if !duplicate {
+                    self.metrics.names_proposed.inc_by(count as u64);
+                }
+                last = last.max(seq);
             }
-            self.applied_to(seq).await
+            self.applied_to(last).await
         })
     }
+}
+
+/// The most a names log message carries (NATS refuses messages above its `max_payload`,
+/// 1 MiB by default).
+const PROPOSAL_BYTES: usize = 256 << 10;
+
+/// `names` as proposal messages (JSON arrays) of at most [`PROPOSAL_BYTES`] each, in order,
+/// with how many names each holds. A name is at most 3 × 256 bytes, 6 × that escaped, so
+/// every message holds one at least.
+fn proposals(names: &[Names]) -> Result<Vec<(Vec<u8>, usize)>, serde_json::Error> {
+    let mut messages = Vec::new();
+    let (mut message, mut count) = (b"[".to_vec(), 0);
+    for n in names {
+        let encoded = serde_json::to_vec(n)?;
+        if count > 0 && message.len() + 1 + encoded.len() + 1 > PROPOSAL_BYTES {
+            message.push(b']');
+            messages.push((std::mem::replace(&mut message, b"[".to_vec()), count));
+            count = 0;
+        }
+        if count > 0 {
+            message.push(b',');
+        }
+        message.extend_from_slice(&encoded);
+        count += 1;
+    }
+    if count > 0 {
+        message.push(b']');
+        messages.push((message, count));
+    }
+    Ok(messages)
 }
 
 /// Whether `cardinality` decides every name of `n` without adding one.
@@ -244,3 +279,6 @@ impl Reader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

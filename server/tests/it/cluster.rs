@@ -970,6 +970,16 @@ async fn two_gateways_count_names_over_the_caps_as_one_node_and_a_restarted_one_
         );
     }
 
+    // 6,000 new names whose proposal escapes to 9 MB of JSON, more than one NATS message may
+    // hold (8 MB here), from a batch of 2 MB.
+    let escaped = "\u{1}".repeat(240);
+    let groups = (0..6_000)
+        .map(|j| group("bulk", &format!("{escaped}{j}"), vec![span(now - j, 1_000_000, false)]))
+        .collect();
+    let bulk = batch(0x73, 1, groups);
+    deliver(a_grpc, vec![bulk.clone()]).await;
+    deliver(s_grpc, vec![bulk]).await;
+
     // A restarted gateway knows the names from the log, not from what its store holds.
     b.terminate().await;
     let (_b, b_grpc, b_http) = node_with(&dir.path().join("b"), &urls, "b", &env);
