@@ -173,7 +173,7 @@ impl Server {
             config.ingest.max_peers_per_service,
             known.iter().map(|(_, l)| (l.service.as_str(), l.operation.as_str(), l.peer.as_str())),
         ));
-        let mut shared_names = None;
+        let (mut shared_names, mut shared_owners) = (None, None);
 
         // Cluster mode: batches go to the log, and this node's consumers feed the pipeline.
         let mut cluster_tasks = Vec::new();
@@ -192,6 +192,7 @@ impl Server {
                     max_batch_bytes: config.ingest.max_batch_bytes,
                     queue_capacity: config.ingest.queue_capacity,
                     max_seq_gap: config.ingest.max_seq_gap,
+                    client_idle_timeout: config.ingest.client_idle_timeout,
                 },
                 cardinality.clone(),
                 store.clone(),
@@ -212,6 +213,7 @@ impl Server {
             drain = cluster.take_drain();
             assignment = Some(cluster.assignment());
             shared_names = cluster.names();
+            shared_owners = cluster.owners();
             cluster_tasks = cluster.tasks;
             gateway
         } else {
@@ -248,6 +250,10 @@ impl Server {
         );
         let ingest = match shared_names {
             Some(names) => ingest.shared_names(names),
+            None => ingest,
+        };
+        let ingest = match shared_owners {
+            Some(owners) => ingest.shared_owners(owners),
             None => ingest,
         };
         let ingest = if config.cluster.has(Role::Gateway) {

@@ -23,6 +23,7 @@
 //! The default (no `[cluster]`) is the embedded single process, with no NATS at all.
 
 pub mod assign;
+pub mod claims;
 pub mod config;
 pub mod consumer;
 pub mod copy;
@@ -55,6 +56,8 @@ pub struct GatewayLimits {
     pub queue_capacity: usize,
     /// `ingest.max_seq_gap`.
     pub max_seq_gap: u64,
+    /// `ingest.client_idle_timeout`: how long a client id's owner outlives its last claim.
+    pub client_idle_timeout: Duration,
 }
 
 /// Why cluster mode could not start.
@@ -128,6 +131,7 @@ pub struct Cluster {
     drain: Option<drain::Drain>,
     owners: watch::Receiver<Option<Arc<assign::Assignment>>>,
     names: Option<Arc<names::LogNames>>,
+    claims: Option<Arc<claims::Claims>>,
 }
 
 /// How long a gateway waits for JetStream to acknowledge one publish before it retries.
@@ -194,14 +198,17 @@ impl Cluster {
             ensure_stream(&js, config, p).await?;
         }
         let mut tasks = Vec::new();
-        let names = if config.has(Role::Gateway) {
+        let (names, claims) = if config.has(Role::Gateway) {
             let (names, task) =
                 names::LogNames::start(js.clone(), config, cardinality, metrics.clone(), stop.clone())
                     .await?;
             tasks.push(task);
-            Some(names)
+            let (claims, task) =
+                claims::Claims::start(js.clone(), config, ingest.client_idle_timeout, stop.clone()).await?;
+            tasks.push(task);
+            (Some(names), Some(claims))
         } else {
-            None
+            (None, None)
         };
         let replicas = Arc::new(assign::Replicas::new(config.partitions));
         let (owners_tx, owners) = watch::channel(None);
@@ -350,7 +357,19 @@ impl Cluster {
             nats = ?config.nats,
             "cluster mode: started"
         );
-        Ok(Cluster { gateway, tasks, max_batch_bytes, ruler, barrier, sources, status, drain, owners, names })
+        Ok(Cluster {
+            gateway,
+            tasks,
+            max_batch_bytes,
+            ruler,
+            barrier,
+            sources,
+            status,
+            drain,
+            owners,
+            names,
+            claims,
+        })
     }
 
     /// What a store runs before it stops ([`drain::Drain::run`]); `None` on other nodes.
@@ -389,6 +408,12 @@ impl Cluster {
     /// Where this gateway agrees on names with the others (none without the gateway role).
     pub fn names(&self) -> Option<Arc<dyn crate::cardinality::SharedNames>> {
         self.names.clone().map(|n| n as Arc<dyn crate::cardinality::SharedNames>)
+    }
+
+    /// Where this gateway agrees with the others on whose a client id is (none without the
+    /// gateway role).
+    pub fn owners(&self) -> Option<Arc<dyn crate::ingest::SharedOwners>> {
+        self.claims.clone().map(|c| c as Arc<dyn crate::ingest::SharedOwners>)
     }
 
     /// What `GET /api/v1/status/cluster` reads.

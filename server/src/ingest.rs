@@ -150,6 +150,30 @@ pub struct IngestService {
     /// Where a cluster's gateways agree on names (`cardinality` then only counts what they
     /// agreed on); none on one node, whose `cardinality` decides alone.
     names: Option<Arc<dyn SharedNames>>,
+    /// Where a cluster's gateways agree on which credential a client id belongs to; none on
+    /// one node, whose pipeline keeps it with the client's watermark.
+    owners: Option<Arc<dyn SharedOwners>>,
+}
+
+/// Where a cluster's gateways agree on which credential a client id belongs to: the first
+/// to use it, whichever gateway it used.
+pub trait SharedOwners: Send + Sync + std::fmt::Debug {
+    /// Resolves once `client` is known to belong to `owner` (a credential's digest, never 0):
+    /// claimed for it now, or by it before.
+    fn claim(
+        &self,
+        client: u64,
+        owner: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), OwnerRefused>> + Send + '_>>;
+}
+
+/// Why a client id could not be claimed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnerRefused {
+    /// It belongs to another credential.
+    Another,
+    /// Whose it is could not be read now (the words say why).
+    Unavailable(String),
 }
 
 impl IngestService {
@@ -174,7 +198,15 @@ impl IngestService {
             pairing: Arc::default(),
             refusing: None,
             names: None,
+            owners: None,
         }
+    }
+
+    /// The same service checking that a client id belongs to the credential sending it
+    /// through `owners`, which every gateway of a cluster shares.
+    pub fn shared_owners(mut self, owners: Arc<dyn SharedOwners>) -> IngestService {
+        self.owners = Some(owners);
+        self
     }
 
     /// The same service counting spans under the names the cluster's gateways agree on
@@ -212,6 +244,10 @@ impl IngestService {
         let mut batch = batch;
         if origin == Origin::Otlp {
             self.pair(&mut batch);
+        }
+        if let Err(e) = self.claim_client(&batch, origin, owner).await {
+            self.refused(&e, 0);
+            return Err(e);
         }
         if let Err(e) = self.agree_on_names(&batch, origin).await {
             self.refused(&e, 0);
@@ -252,10 +288,7 @@ impl IngestService {
                 "the store cannot write right now; send again after a backoff",
             )),
             Admission::Draining => IngestError::Draining,
-            Admission::NotOwner => IngestError::NotOwner(named(&format!(
-                "client id {} belongs to another credential (the one that first used it)",
-                validated.client_id
-            ))),
+            Admission::NotOwner => IngestError::NotOwner(named(&not_owner(validated.client_id))),
             Admission::SeqGap { watermark, limit } => IngestError::SeqGap(named(&format!(
                 "seq is more than ingest.max_seq_gap ({limit}) past client {}'s accepted watermark {watermark}: a client numbers its batches one by one and resends from its watermark",
                 validated.client_id
@@ -277,8 +310,31 @@ impl IngestService {
         Ok(())
     }
 
+    /// In a cluster with authentication on, checks (claims when new) that the client id of
+    /// `batch` belongs to `owner`, the sending credential, across every gateway.
+    async fn claim_client(&self, batch: &SpanBatch, origin: Origin, owner: u64) -> Result<(), IngestError> {
+        let Some(owners) = self.owners.as_ref().filter(|_| owner != 0 && batch.client_id != 0) else {
+            return Ok(());
+        };
+        let why = match tokio::time::timeout(CLUSTER_PATIENCE, owners.claim(batch.client_id, owner)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(OwnerRefused::Another)) => {
+                return Err(IngestError::NotOwner(origin.name(batch.seq, &not_owner(batch.client_id))));
+            }
+            Ok(Err(OwnerRefused::Unavailable(why))) => why,
+            Err(_) => format!("no answer within {CLUSTER_PATIENCE:?}; NATS electing a leader?"),
+        };
+        Err(IngestError::StoreUnavailable(origin.name(
+            batch.seq,
+            &format!(
+                "whose client id {} is could not be read ({why}); send again after a backoff",
+                batch.client_id
+            ),
+        )))
+    }
+
     /// In a cluster, proposes the names of `batch` this gateway has not decided yet and waits
-    /// (at most [`NAMES_PATIENCE`]) until they are agreed on; at once on one node.
+    /// (at most [`CLUSTER_PATIENCE`]) until they are agreed on; at once on one node.
     async fn agree_on_names(&self, batch: &SpanBatch, origin: Origin) -> Result<(), IngestError> {
         let Some(shared) = &self.names else { return Ok(()) };
         let keys =
@@ -297,11 +353,11 @@ impl IngestService {
             return Ok(());
         }
         let n = undecided.len();
-        let refused = match tokio::time::timeout(NAMES_PATIENCE, shared.propose(undecided)).await {
+        let refused = match tokio::time::timeout(CLUSTER_PATIENCE, shared.propose(undecided)).await {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(refused)) => refused,
             Err(_) => NamesRefused::Unavailable(format!(
-                "no answer within {NAMES_PATIENCE:?}; NATS electing a leader?"
+                "no answer within {CLUSTER_PATIENCE:?}; NATS electing a leader?"
             )),
         };
         let why =
@@ -605,9 +661,15 @@ impl IngestService {
     }
 }
 
-/// How long a batch with new names waits for the cluster's gateways to agree on them before
-/// it is refused (UNAVAILABLE: send again). Below the 5 s a client waits for a reply.
-const NAMES_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long a batch waits for the cluster's gateways to agree (on its new names, on whose
+/// its client id is) before it is refused (UNAVAILABLE: send again). Below the 5 s a client
+/// waits for a reply.
+const CLUSTER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Why a batch naming `client` is refused to a credential that does not own it.
+fn not_owner(client: u64) -> String {
+    format!("client id {client} belongs to another credential (the one that first used it)")
+}
 
 /// The names one span group is counted under ([`IngestService::counted`]).
 struct Counted<'a> {

@@ -90,6 +90,16 @@ pub async fn open(addr: std::net::SocketAddr) -> Stream {
     Stream { tx, replies, acked: 0 }
 }
 
+/// A stream whose requests carry `Authorization: Bearer <token>`.
+pub async fn open_as(addr: std::net::SocketAddr, token: &str) -> Stream {
+    let mut client = connect(addr).await;
+    let (tx, rx) = mpsc::channel(64);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
+    let replies = client.stream(request).await.expect("open stream").into_inner();
+    Stream { tx, replies, acked: 0 }
+}
+
 impl Stream {
     pub async fn send(&mut self, b: SpanBatch) {
         self.tx.send(b).await.expect("stream open");

@@ -179,16 +179,6 @@ async fn the_lifecycle_api_is_off_unless_enabled() {
     server.shutdown().await;
 }
 
-/// A stream whose requests carry `token`.
-async fn open_as(addr: std::net::SocketAddr, token: &str) -> Stream {
-    let mut client = connect(addr).await;
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
-    let replies = client.stream(request).await.expect("open stream").into_inner();
-    Stream { tx, replies, acked: 0 }
-}
-
 /// Watermark poisoning with authentication on: a client id belongs to the credential that
 /// first used it, across restarts; another credential naming it is refused and counted; the
 /// owner's batches keep being counted exactly.

@@ -1067,3 +1067,47 @@ async fn a_full_names_log_refuses_new_names_by_its_limit_and_takes_known_ones() 
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains("could not be agreed on"), "{refused:?}");
 }
+
+/// Watermark poisoning across gateways: with authentication on, a client id belongs to the
+/// credential that first used it through any gateway, as on one node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: a NATS server and two tailscope nodes with authentication, a few seconds"]
+async fn a_client_id_belongs_to_the_credential_that_first_used_it_through_any_gateway() {
+    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
+    let urls = nats.urls();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "token-a\ntoken-b\n").unwrap();
+    let tokens = tokens.to_str().unwrap().to_owned();
+    let mut env = playing("gateway,store,query,ruler");
+    env.push(("TAILSCOPE_AUTH_INGEST_TOKEN_FILES", &tokens));
+    let (_a, a_grpc, _) = node_with(&dir.path().join("a"), &urls, "a", &env);
+    let (_b, b_grpc, b_http) = node_with(&dir.path().join("b"), &urls, "b", &env);
+    let now = now_nanos();
+    let make = |seq: u64| {
+        batch(9, seq, vec![group("owned", "GET /", vec![span(now - seq as i64, 1_000_000, false)])])
+    };
+
+    let mut owner = open_as(a_grpc, "token-a").await;
+    for seq in 1..=3 {
+        owner.send(make(seq)).await;
+    }
+    owner.wait_acked(3).await;
+    // Another credential naming the id through the other gateway is refused and counted.
+    let mut other = open_as(b_grpc, "token-b").await;
+    other.send(make(4)).await;
+    let status = other.wait_error().await;
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("belongs to another credential"), "{}", status.message());
+    // The owner goes on through either gateway.
+    let mut owner_on_b = open_as(b_grpc, "token-a").await;
+    for seq in 4..=5 {
+        owner_on_b.send(make(seq)).await;
+    }
+    owner_on_b.wait_acked(5).await;
+    let counted = || async { total(&tail(b_http, &format!("service=owned&{}", range(now))).await) };
+    assert_eventually!(counted().await == 5, "the owner's batches, once each: {}", counted().await);
+    let m = metrics(b_http).await;
+    assert_eq!(metric(&m, "tailscope_batches_rejected_total{reason=\"not_owner\"}"), 1.0, "{m}");
+}
