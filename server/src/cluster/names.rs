@@ -87,6 +87,18 @@ impl LogNames {
         let reader =
             Reader { js: js.clone(), stream, subject: subject.clone(), cardinality: cardinality.clone() };
         let task = tokio::spawn(reader.run(applied_tx, stop));
+        // Until it has applied what the log holds, a gateway decides no name, so every batch
+        // would wait on it: the node is not ready before (for at most the connect timeout).
+        let began = std::time::Instant::now();
+        let mut caught_up = applied.clone();
+        match tokio::time::timeout(config.connect_timeout, caught_up.wait_for(|&a| a >= start)).await {
+            Ok(_) => tracing::info!(messages = start, took = ?began.elapsed(), "names log applied"),
+            Err(_) => tracing::warn!(
+                messages = start,
+                applied = *applied.borrow(),
+                "the names log is not applied yet; batches with names it decides wait for it"
+            ),
+        }
         let max_bytes = config.max_names_bytes;
         Ok((Arc::new(LogNames { js, subject, cardinality, applied, start, metrics, max_bytes }), task))
     }
