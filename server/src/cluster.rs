@@ -534,9 +534,8 @@ async fn ensure_stream(
     p: u32,
 ) -> Result<(), ClusterError> {
     use async_nats::jetstream::stream;
-    let name = config.stream(p);
     let wanted = stream::Config {
-        name: name.clone(),
+        name: config.stream(p),
         subjects: vec![config.subject(p)],
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
@@ -548,22 +547,34 @@ async fn ensure_stream(
         max_message_size: i32::try_from(config.max_message_bytes.max(16 << 20)).unwrap_or(i32::MAX),
         ..Default::default()
     };
-    // Two nodes starting together may both try; whoever loses finds it made.
+    open_stream(js, wanted).await.map(|_| ()).map_err(|mut e| {
+        if let ClusterError::Stream { message, .. } = &mut e {
+            if message.contains("insufficient storage") {
+                *message += &format!(
+                    " ({} partitions × cluster.max_bytes_per_partition {} bytes are reserved on the NATS servers' max_file_store)",
+                    config.partitions, config.max_bytes_per_partition
+                );
+            }
+        }
+        e
+    })
+}
+
+/// Opens the stream `wanted` describes, creating it unless it exists; tries for ten seconds
+/// (two nodes starting together may both create it: whoever loses finds it made).
+async fn open_stream(
+    js: &async_nats::jetstream::Context,
+    wanted: async_nats::jetstream::stream::Config,
+) -> Result<async_nats::jetstream::stream::Stream, ClusterError> {
     let mut last = String::new();
     for _ in 0..20 {
         match js.get_or_create_stream(wanted.clone()).await {
-            Ok(_) => return Ok(()),
+            Ok(stream) => return Ok(stream),
             Err(e) => last = e.to_string(),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    if last.contains("insufficient storage") {
-        last += &format!(
-            " ({} partitions × cluster.max_bytes_per_partition {} bytes are reserved on the NATS servers' max_file_store)",
-            config.partitions, config.max_bytes_per_partition
-        );
-    }
-    Err(ClusterError::Stream { stream: name, message: last })
+    Err(ClusterError::Stream { stream: wanted.name, message: last })
 }
 
 #[cfg(test)]

@@ -72,21 +72,7 @@ impl Claims {
             storage: async_nats::jetstream::stream::StorageType::File,
             ..Default::default()
         };
-        let mut last = String::new();
-        let mut made = false;
-        for _ in 0..20 {
-            match js.get_or_create_stream(wanted.clone()).await {
-                Ok(_) => {
-                    made = true;
-                    break;
-                }
-                Err(e) => last = e.to_string(),
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        if !made {
-            return Err(ClusterError::Stream { stream, message: last });
-        }
+        super::open_stream(&js, wanted).await?;
         let claims = Arc::new(Claims { js, stream, name: config.name.clone(), ttl, known: DashMap::new() });
         let pruned = claims.clone();
         let task = tokio::spawn(async move {

@@ -65,23 +65,10 @@ impl LogNames {
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
         };
-        let mut last_error = String::new();
-        let mut start = None;
-        for _ in 0..20 {
-            match js.get_or_create_stream(wanted.clone()).await {
-                Ok(mut s) => match s.info().await {
-                    Ok(info) => {
-                        start = Some(info.state.last_sequence);
-                        break;
-                    }
-                    Err(e) => last_error = e.to_string(),
-                },
-                Err(e) => last_error = e.to_string(),
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        let Some(start) = start else {
-            return Err(ClusterError::Stream { stream, message: last_error });
+        let mut opened = super::open_stream(&js, wanted).await?;
+        let start = match opened.info().await {
+            Ok(info) => info.state.last_sequence,
+            Err(e) => return Err(ClusterError::Stream { stream, message: e.to_string() }),
         };
         let (applied_tx, applied) = watch::channel(0);
         let reader =
