@@ -12,6 +12,8 @@
 pub mod native;
 pub mod otlp;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tailscope_proto::histogram::Histogram;
@@ -337,18 +339,7 @@ impl IngestService {
     /// (at most [`CLUSTER_PATIENCE`]) until they are agreed on; at once on one node.
     async fn agree_on_names(&self, batch: &SpanBatch, origin: Origin) -> Result<(), IngestError> {
         let Some(shared) = &self.names else { return Ok(()) };
-        let keys =
-            batch.groups.iter().map(|g| g.key.as_ref()).chain(batch.deltas.iter().map(|d| d.key.as_ref()));
-        let mut seen = std::collections::HashSet::new();
-        let mut undecided: Vec<Names> = Vec::new();
-        for key in keys {
-            // A bad key is refused by validation, with its place in the batch.
-            let Ok((service, operation, _, peer)) = check_key(key) else { continue };
-            if self.counted(service, operation, peer).is_some() || !seen.insert((service, operation, peer)) {
-                continue;
-            }
-            undecided.push(Names { service: service.into(), operation: operation.into(), peer: peer.into() });
-        }
+        let undecided = self.undecided(batch);
         if undecided.is_empty() {
             return Ok(());
         }
@@ -368,6 +359,38 @@ impl IngestService {
                 origin.name(batch.seq, &format!("{why}; send again after a backoff")),
             ),
         })
+    }
+
+    /// The names of `batch` this gateway has not decided, each once.
+    fn undecided(&self, batch: &SpanBatch) -> Vec<Names> {
+        let keys =
+            batch.groups.iter().map(|g| g.key.as_ref()).chain(batch.deltas.iter().map(|d| d.key.as_ref()));
+        let mut seen = std::collections::HashSet::new();
+        let mut undecided = Vec::new();
+        for key in keys {
+            // A bad key is refused by validation, with its place in the batch.
+            let Ok((service, operation, _, peer)) = check_key(key) else { continue };
+            if self.counted(service, operation, peer).is_some() || !seen.insert((service, operation, peer)) {
+                continue;
+            }
+            undecided.push(Names { service: service.into(), operation: operation.into(), peer: peer.into() });
+        }
+        undecided
+    }
+
+    /// A head start on the new names of a batch a stream has read but not submitted yet (an
+    /// earlier batch of the stream still waits): proposes them now, so they are agreed on by
+    /// the time it is submitted. Only a hint — submitting checks again and refuses what is
+    /// still undecided. `None` on one node, or when every name is decided.
+    fn names_ahead(&self, batch: &SpanBatch) -> Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> {
+        let shared = self.names.as_ref()?;
+        let undecided = self.undecided(batch);
+        if undecided.is_empty() {
+            return None;
+        }
+        Some(Box::pin(async move {
+            let _ = tokio::time::timeout(CLUSTER_PATIENCE, shared.propose(undecided)).await;
+        }))
     }
 
     /// The service, operation, series key and peer a span group sent with `service`,

@@ -11,7 +11,8 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 
-use futures::Stream;
+use futures::stream::FuturesOrdered;
+use futures::{Stream, StreamExt};
 use tailscope_proto::v1::ingest_server::Ingest;
 use tailscope_proto::v1::{IngestReply, RejectedSpans, SamplingPolicy, SpanBatch, Throttle};
 use tokio::sync::mpsc;
@@ -80,6 +81,13 @@ struct StreamState {
     tx: mpsc::Sender<Result<IngestReply, Status>>,
 }
 
+/// A batch read ahead: ready once its new names are agreed on (or the proposal gave up).
+type Ahead<'a> = Pin<Box<dyn std::future::Future<Output = (SpanBatch, usize)> + Send + 'a>>;
+
+/// Most encoded bytes of batches a stream reads ahead while earlier ones wait for their names
+/// (the HTTP/2 window of a stream; one larger batch is still read when none waits).
+const AHEAD_BYTES: usize = 4 << 20;
+
 /// How often a stream whose acknowledgements are held up tells its client.
 const STALL_NOTICE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -138,12 +146,18 @@ impl IngestService {
         };
         // Whether to read more batches: false once the client half-closed or the server drains.
         let mut reading = true;
+        // Batches read while an earlier one waits for its new names to be agreed on (a cluster
+        // gateway), with their encoded sizes: their own names are proposed meanwhile, and
+        // they are submitted one by one, in order, each once its proposal came back.
+        let mut ahead: FuturesOrdered<Ahead<'_>> = FuturesOrdered::new();
+        let mut ahead_bytes = 0usize;
         // While acknowledgements are held up (a cluster's log electing a leader), a client
         // waiting for one is told so every second: a reply keeps its stream alive, and the
         // throttle slows it meanwhile.
         let mut heartbeat = tokio::time::interval(STALL_NOTICE);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let mut submit = None;
             tokio::select! {
                 _ = heartbeat.tick() => {
                     let waiting = st.client.is_some_and(|c| !self.pipeline.is_settled(c));
@@ -163,21 +177,32 @@ impl IngestService {
                         st.fail(Status::unavailable("server is shutting down; reconnect and resend unacknowledged batches")).await;
                         return;
                     }
-                    if !reading && st.client.is_none_or(|c| self.pipeline.is_settled(c)) {
+                    if !reading && ahead.is_empty() && st.client.is_none_or(|c| self.pipeline.is_settled(c)) {
                         return;
                     }
                 }
-                msg = inbound.message(), if reading => match msg {
-                    Ok(Some(batch)) => {
-                        if let Err(status) = self.offer(&mut st, batch, &mut reading).await {
-                            st.fail(status).await;
-                            return;
+                Some((batch, size)) = ahead.next(), if !ahead.is_empty() => {
+                    ahead_bytes -= size;
+                    submit = Some(batch);
+                }
+                msg = inbound.message(), if reading && ahead_bytes < AHEAD_BYTES => match msg {
+                    Ok(Some(batch)) => match self.names_ahead(&batch) {
+                        None if ahead.is_empty() => submit = Some(batch),
+                        proposal => {
+                            let size = prost::Message::encoded_len(&batch);
+                            ahead_bytes += size;
+                            ahead.push_back(Box::pin(async move {
+                                if let Some(proposal) = proposal {
+                                    proposal.await;
+                                }
+                                (batch, size)
+                            }));
                         }
-                    }
+                    },
                     Ok(None) => {
                         // The client is done sending; finish once what it sent is acknowledged.
                         reading = false;
-                        if st.client.is_none_or(|c| self.pipeline.is_settled(c)) && st.ack(self.pipeline.as_ref(), &self.sampler, None).await {
+                        if ahead.is_empty() && st.client.is_none_or(|c| self.pipeline.is_settled(c)) && st.ack(self.pipeline.as_ref(), &self.sampler, None).await {
                             return;
                         }
                     }
@@ -189,6 +214,18 @@ impl IngestService {
                         return;
                     }
                 },
+            }
+            if let Some(batch) = submit {
+                if let Err(status) = self.offer(&mut st, batch, &mut reading).await {
+                    st.fail(status).await;
+                    return;
+                }
+                // The last batch read ahead of a half-close, and nothing left to acknowledge.
+                let done =
+                    !reading && ahead.is_empty() && st.client.is_none_or(|c| self.pipeline.is_settled(c));
+                if done && st.ack(self.pipeline.as_ref(), &self.sampler, None).await {
+                    return;
+                }
             }
         }
     }

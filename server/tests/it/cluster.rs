@@ -1111,3 +1111,47 @@ async fn a_client_id_belongs_to_the_credential_that_first_used_it_through_any_ga
     let m = metrics(b_http).await;
     assert_eq!(metric(&m, "tailscope_batches_rejected_total{reason=\"not_owner\"}"), 1.0, "{m}");
 }
+
+/// A stream of batches that each bring new names: the gateway reads on and proposes the next
+/// batches' names while earlier ones wait for theirs (so the names log may hold them in
+/// another order than the stream's), and counts every span once, within the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: a NATS server and a tailscope node, a few seconds"]
+async fn a_stream_of_new_names_is_counted_once_within_the_cap() {
+    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
+    let mut env = playing("gateway,store,query,ruler");
+    env.push(("TAILSCOPE_INGEST_MAX_OPERATIONS_PER_SERVICE", "1500"));
+    let (_a, grpc, http) = node_with(&dir.path().join("a"), &nats.urls(), "a", &env);
+    let now = now_nanos();
+    // 40 batches of 50 new operations each, on one stream: 2,000 names for 1,500 places.
+    let batches: Vec<SpanBatch> = (1..=40u64)
+        .map(|seq| {
+            let groups = (0..50)
+                .map(|j| {
+                    group("fresh", &format!("op-{seq}-{j}"), vec![span(now - seq as i64, 1_000_000, false)])
+                })
+                .collect();
+            batch(0x75, seq, groups)
+        })
+        .collect();
+    deliver(grpc, batches).await;
+    let counted = || async {
+        let rows = tail(http, &format!("service=fresh&{}", range(now))).await;
+        let overflow: u64 = rows
+            .iter()
+            .filter(|r| r["operation"] == "__overflow__")
+            .map(|r| r["count"].as_u64().unwrap())
+            .sum();
+        (rows.len(), total(&rows), overflow)
+    };
+    assert_eventually!(
+        counted().await == (1_501, 2_000, 500),
+        "1,500 operations of one span and 500 spans under __overflow__: {:?}",
+        counted().await
+    );
+    // Each name proposed at most once (those read once the cap was full are decided at once).
+    let proposed = metric(&metrics(http).await, "tailscope_names_proposed_total");
+    assert!((1_500.0..=2_000.0).contains(&proposed), "{proposed} names proposed");
+}
