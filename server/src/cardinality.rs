@@ -114,28 +114,18 @@ impl Cardinality {
     /// the one over its cap (a new service over the service cap keeps its operation names,
     /// which the operation cap of the overflow service then bounds) — and the
     /// [`series::group_hash`] of that pair, which it computes on the way (ingest routes by it).
+    /// What is not [`Cardinality::decided`] yet is decided by adding it.
     pub fn admit<'a>(&self, service: &'a str, operation: &'a str) -> (&'a str, &'a str, u64) {
-        let skey = service_key(service);
+        if let Some(decided) = self.decided(service, operation) {
+            return decided;
+        }
+        let service = self.admit_service(service, service_key(service));
         if self.max_operations == 0 || operation == OVERFLOW {
-            let service = self.admit_service(service, skey);
             return (service, operation, series::group_hash(service, operation));
         }
         let key = series::group_hash(service, operation);
-        // A known service (the common case): its operations decide, one lookup of the map.
-        if let Some(known) = self.services.get(&skey) {
-            if known.contains(&key) {
-                return (service, operation, key);
-            }
-            if known.len() >= self.max_operations {
-                return (service, OVERFLOW, series::group_hash(service, OVERFLOW));
-            }
-        }
-        let admitted = self.admit_service(service, skey);
-        let (service, skey, key) = match std::ptr::eq(admitted, service) {
-            true => (service, skey, key),
-            false => (admitted, service_key(admitted), series::group_hash(admitted, operation)),
-        };
-        let mut known = self.services.entry(skey).or_default();
+        // Checked again under the entry's lock: concurrent new operations cannot pass the cap.
+        let mut known = self.services.entry(service_key(service)).or_default();
         if known.len() >= self.max_operations && !known.contains(&key) {
             return (service, OVERFLOW, series::group_hash(service, OVERFLOW));
         }
@@ -145,18 +135,14 @@ impl Cardinality {
 
     /// The peer to count a span of (admitted) `service` calling or called by `peer` under:
     /// itself while the service is under its peer cap or the peer is known, else [`OVERFLOW`].
-    /// No peer (empty) is always itself.
+    /// No peer (empty) is always itself. What is not [`Cardinality::decided_peer`] yet is
+    /// decided by adding it.
     pub fn admit_peer<'a>(&self, service: &str, peer: &'a str) -> &'a str {
-        if self.max_peers == 0 || peer.is_empty() || peer == OVERFLOW {
-            return peer;
+        if let Some(decided) = self.decided_peer(service, peer) {
+            return decided;
         }
-        let (skey, pkey) = (service_key(service), service_key(peer));
-        if let Some(known) = self.peers.get(&skey) {
-            if known.contains(&pkey) {
-                return peer;
-            }
-        }
-        let mut known = self.peers.entry(skey).or_default();
+        let pkey = service_key(peer);
+        let mut known = self.peers.entry(service_key(service)).or_default();
         if known.len() >= self.max_peers && !known.contains(&pkey) {
             return OVERFLOW;
         }
@@ -170,20 +156,26 @@ impl Cardinality {
     /// full), so a decision read from the names of a log's first entries is the one its
     /// whole log gives.
     pub fn decided<'a>(&self, service: &'a str, operation: &'a str) -> Option<(&'a str, &'a str, u64)> {
-        let service = self.decided_service(service, service_key(service))?;
+        let skey = service_key(service);
         if self.max_operations == 0 || operation == OVERFLOW {
+            let service = self.decided_service(service, skey)?;
             return Some((service, operation, series::group_hash(service, operation)));
         }
+        // A known service (the common case): its operations decide, one lookup of the map.
+        let (service, known) = match self.services.get(&skey) {
+            Some(known) => (service, known),
+            // A new service is decided only as the overflow service (past the service cap).
+            None => match self.decided_service(service, skey)? {
+                same if std::ptr::eq(same, service) => return None,
+                overflow => (overflow, self.services.get(&service_key(overflow))?),
+            },
+        };
         let key = series::group_hash(service, operation);
-        let skey = service_key(service);
-        let known = self.services.get(&skey)?;
         if known.contains(&key) {
             return Some((service, operation, key));
         }
-        if known.len() >= self.max_operations {
-            return Some((service, OVERFLOW, series::group_hash(service, OVERFLOW)));
-        }
-        None
+        (known.len() >= self.max_operations)
+            .then(|| (service, OVERFLOW, series::group_hash(service, OVERFLOW)))
     }
 
     /// What [`Cardinality::admit_peer`] would answer without adding a peer; `None` when `peer`
@@ -217,16 +209,10 @@ impl Cardinality {
     }
 
     /// `service` (whose [`service_key`] is `skey`) while under the service cap or known, else
-    /// [`OVERFLOW`].
+    /// [`OVERFLOW`]; what is not [`Cardinality::decided_service`] yet is decided by adding it.
     fn admit_service<'a>(&self, service: &'a str, skey: u64) -> &'a str {
-        if self.max_services == 0 || service == OVERFLOW {
-            return service;
-        }
-        if self.services.contains_key(&skey) {
-            return service;
-        }
-        if self.service_count.load(Ordering::Relaxed) >= self.max_services {
-            return OVERFLOW;
+        if let Some(decided) = self.decided_service(service, skey) {
+            return decided;
         }
         match self.services.entry(skey) {
             dashmap::Entry::Occupied(_) => service,

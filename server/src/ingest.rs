@@ -238,6 +238,19 @@ impl IngestService {
         origin: Origin,
         owner: u64,
     ) -> Result<Receipt, IngestError> {
+        self.submit_decided(batch, origin, owner, false).await
+    }
+
+    /// [`IngestService::submit_as`] of a batch whose names were all found decided already
+    /// (`names_decided`: [`IngestService::names_ahead`] said so; a decision never changes), so
+    /// they are not looked up once more before validation counts them.
+    async fn submit_decided(
+        &self,
+        batch: SpanBatch,
+        origin: Origin,
+        owner: u64,
+        names_decided: bool,
+    ) -> Result<Receipt, IngestError> {
         if let Some(why) = &self.refusing {
             let e = IngestError::NotGateway(origin.name(batch.seq, why));
             self.refused(&e, 0);
@@ -251,9 +264,11 @@ impl IngestService {
             self.refused(&e, 0);
             return Err(e);
         }
-        if let Err(e) = self.agree_on_names(&batch, origin).await {
-            self.refused(&e, 0);
-            return Err(e);
+        if !names_decided {
+            if let Err(e) = self.agree_on_names(&batch, origin).await {
+                self.refused(&e, 0);
+                return Err(e);
+            }
         }
         let mut stats = BatchStats::default();
         let seq = batch.seq;

@@ -44,7 +44,7 @@ struct Claim {
 #[derive(Debug)]
 pub struct Claims {
     js: async_nats::jetstream::Context,
-    stream: String,
+    stream: async_nats::jetstream::stream::Stream,
     name: String,
     ttl: Duration,
     known: DashMap<u64, Claim>,
@@ -59,20 +59,17 @@ impl Claims {
         ttl: Duration,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(Arc<Claims>, JoinHandle<()>), ClusterError> {
-        let stream = format!("{}_clients", config.name);
         let wanted = async_nats::jetstream::stream::Config {
-            name: stream.clone(),
-            subjects: vec![format!("{}.client.*", config.name)],
-            max_messages_per_subject: 1,
-            max_age: ttl,
             max_bytes: CLAIMS_BYTES,
             discard: async_nats::jetstream::stream::DiscardPolicy::Old,
-            duplicate_window: Duration::from_secs(1).min(ttl.max(Duration::from_millis(100))),
-            num_replicas: config.stream_replicas,
-            storage: async_nats::jetstream::stream::StorageType::File,
-            ..Default::default()
+            ..super::register::config(
+                format!("{}_clients", config.name),
+                format!("{}.client.*", config.name),
+                ttl,
+                config.stream_replicas,
+            )
         };
-        super::open_stream(&js, wanted).await?;
+        let stream = super::open_stream(&js, wanted).await?;
         let claims = Arc::new(Claims { js, stream, name: config.name.clone(), ttl, known: DashMap::new() });
         let pruned = claims.clone();
         let task = tokio::spawn(async move {
@@ -116,9 +113,7 @@ impl Claims {
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {}
                 Err(e) => return Err(format!("claiming client {client:016x}: {e}")),
             }
-            let stream =
-                self.js.get_stream(&self.stream).await.map_err(|e| format!("the claims' stream: {e}"))?;
-            match stream.get_last_raw_message_by_subject(&subject).await {
+            match self.stream.get_last_raw_message_by_subject(&subject).await {
                 Ok(message) => {
                     let bytes: [u8; 8] = message.payload.as_ref().try_into().map_err(|_| {
                         format!("client {client:016x}'s claim holds {} bytes, not 8", message.payload.len())

@@ -178,37 +178,11 @@ async fn read(
     shards: usize,
 ) -> Result<(), String> {
     let from = pipeline.log_position(partition);
-    let create = async {
-        let stream = js.get_stream(stream).await.map_err(|e| format!("getting the stream: {e}"))?;
-        let config = OrderedConfig {
-            filter_subject: subject.to_owned(),
-            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from.seq.max(1) },
-            ..Default::default()
-        };
-        let consumer =
-            stream.create_consumer(config).await.map_err(|e| format!("creating a consumer: {e}"))?;
-        let messages = consumer.messages().await.map_err(|e| format!("reading: {e}"))?;
-        Ok::<_, String>((stream, messages))
-    };
-    let (mut stream, mut messages) = tokio::time::timeout(CREATE_TIMEOUT, create)
-        .await
-        .map_err(|_| format!("no consumer within {CREATE_TIMEOUT:?}"))??;
+    let mut log = Ordered::open(js, stream, subject, from.seq.max(1)).await?;
     loop {
-        let message = match tokio::time::timeout(IDLE_CHECK, messages.next()).await {
-            Ok(Some(message)) => message.map_err(|e| format!("next message: {e}"))?,
-            Ok(None) => break,
-            // Quiet: fine if the stream holds nothing newer. An ordered consumer lives on one
-            // NATS server; when that server dies its client notices only after missing
-            // heartbeats for half a minute, so a stream that moved on means recreate now.
-            Err(_) => {
-                let last = stream.info().await.map_err(|e| format!("stream info: {e}"))?.state.last_sequence;
-                if last > pipeline.log_position(partition).seq {
-                    return Err(format!("no message for {IDLE_CHECK:?} while the stream is at {last}; recreating the consumer"));
-                }
-                continue;
-            }
+        let Some((message, seq)) = log.next(|| pipeline.log_position(partition).seq).await? else {
+            continue;
         };
-        let seq = message.info().map_err(|e| e.to_string())?.stream_sequence;
         let batch = match PartitionBatch::decode(message.payload.clone()) {
             Ok(b) => b,
             Err(e) => {
@@ -250,5 +224,65 @@ async fn read(
         // The whole message is in: a strong read waiting for this sequence may go on.
         pipeline.finish_logged(partition, seq);
     }
-    Err("the log's message stream ended".into())
+}
+
+/// A stream's subject read in order by an ordered consumer (ephemeral, no acknowledgements:
+/// the reader keeps its own place), which notices its consumer gone quiet while the stream
+/// moved on.
+pub(super) struct Ordered {
+    stream: async_nats::jetstream::stream::Stream,
+    messages: async_nats::jetstream::consumer::pull::Ordered,
+}
+
+impl Ordered {
+    /// `subject` of `stream` from sequence `from` on; tries for [`CREATE_TIMEOUT`].
+    pub(super) async fn open(
+        js: &async_nats::jetstream::Context,
+        stream: &str,
+        subject: &str,
+        from: u64,
+    ) -> Result<Ordered, String> {
+        let create = async {
+            let stream = js.get_stream(stream).await.map_err(|e| format!("getting the stream: {e}"))?;
+            let config = OrderedConfig {
+                filter_subject: subject.to_owned(),
+                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from },
+                ..Default::default()
+            };
+            let consumer =
+                stream.create_consumer(config).await.map_err(|e| format!("creating a consumer: {e}"))?;
+            let messages = consumer.messages().await.map_err(|e| format!("reading: {e}"))?;
+            Ok::<_, String>(Ordered { stream, messages })
+        };
+        tokio::time::timeout(CREATE_TIMEOUT, create)
+            .await
+            .map_err(|_| format!("no consumer within {CREATE_TIMEOUT:?}"))?
+    }
+
+    /// The next message and its stream sequence; `None` after [`IDLE_CHECK`] of quiet while
+    /// the stream holds nothing past `applied` (the reader's place). An error means the
+    /// consumer is to be made again: an ordered consumer lives on one NATS server, and when
+    /// that server dies its client notices only after missing heartbeats for half a minute,
+    /// so a stream that moved on while it was quiet means recreate now.
+    pub(super) async fn next(
+        &mut self,
+        applied: impl Fn() -> u64,
+    ) -> Result<Option<(async_nats::jetstream::Message, u64)>, String> {
+        let message = match tokio::time::timeout(IDLE_CHECK, self.messages.next()).await {
+            Ok(Some(message)) => message.map_err(|e| format!("next message: {e}"))?,
+            Ok(None) => return Err("the stream's messages ended".into()),
+            Err(_) => {
+                let last =
+                    self.stream.info().await.map_err(|e| format!("stream info: {e}"))?.state.last_sequence;
+                if last > applied() {
+                    return Err(format!(
+                        "no message for {IDLE_CHECK:?} while the stream is at {last}; recreating the consumer"
+                    ));
+                }
+                return Ok(None);
+            }
+        };
+        let seq = message.info().map_err(|e| e.to_string())?.stream_sequence;
+        Ok(Some((message, seq)))
+    }
 }

@@ -18,12 +18,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
-use futures::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::consumer::{CREATE_TIMEOUT, IDLE_CHECK, MAX_BACKOFF};
+use super::consumer::{Ordered, MAX_BACKOFF};
 use super::{ClusterConfig, ClusterError};
 use crate::cardinality::{Cardinality, Names, NamesRefused, SharedNames};
 
@@ -225,44 +223,15 @@ impl Reader {
     /// One consumer's life; returns why it ended.
     async fn read(&self, applied: &watch::Sender<u64>) -> String {
         let from = *applied.borrow() + 1;
-        let create = async {
-            let stream =
-                self.js.get_stream(&self.stream).await.map_err(|e| format!("getting the stream: {e}"))?;
-            let config = OrderedConfig {
-                filter_subject: self.subject.clone(),
-                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from },
-                ..Default::default()
-            };
-            let consumer =
-                stream.create_consumer(config).await.map_err(|e| format!("creating a consumer: {e}"))?;
-            let messages = consumer.messages().await.map_err(|e| format!("reading: {e}"))?;
-            Ok::<_, String>((stream, messages))
-        };
-        let (mut stream, mut messages) = match tokio::time::timeout(CREATE_TIMEOUT, create).await {
-            Ok(Ok(made)) => made,
-            Ok(Err(e)) => return e,
-            Err(_) => return format!("no consumer within {CREATE_TIMEOUT:?}"),
+        let mut log = match Ordered::open(&self.js, &self.stream, &self.subject, from).await {
+            Ok(log) => log,
+            Err(e) => return e,
         };
         loop {
-            let message = match tokio::time::timeout(IDLE_CHECK, messages.next()).await {
-                Ok(Some(Ok(message))) => message,
-                Ok(Some(Err(e))) => return format!("next message: {e}"),
-                Ok(None) => return "the names log's message stream ended".into(),
-                // Quiet: fine unless the log moved on (the consumer's server died).
-                Err(_) => match stream.info().await {
-                    Ok(info) if info.state.last_sequence > *applied.borrow() => {
-                        return format!(
-                            "no message for {IDLE_CHECK:?} while the log is at {}",
-                            info.state.last_sequence
-                        );
-                    }
-                    Ok(_) => continue,
-                    Err(e) => return format!("stream info: {e}"),
-                },
-            };
-            let seq = match message.info() {
-                Ok(info) => info.stream_sequence,
-                Err(e) => return e.to_string(),
+            let (message, seq) = match log.next(|| *applied.borrow()).await {
+                Ok(Some(next)) => next,
+                Ok(None) => continue,
+                Err(e) => return e,
             };
             if seq <= *applied.borrow() {
                 continue;

@@ -17,6 +17,22 @@ pub struct Register {
     open: bool,
 }
 
+/// The stream of a register `stream` over `subjects`: one message per subject, each expiring
+/// `ttl` after it was written, kept on `replicas` NATS servers.
+pub fn config(stream: String, subjects: String, ttl: Duration, replicas: usize) -> stream::Config {
+    stream::Config {
+        name: stream,
+        subjects: vec![subjects],
+        max_messages_per_subject: 1,
+        max_age: ttl,
+        // JetStream wants it within max_age.
+        duplicate_window: Duration::from_secs(1).min(ttl.max(Duration::from_millis(100))),
+        num_replicas: replicas,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
 impl Register {
     /// The register `stream` over `subjects`, each message expiring `ttl` after it was
     /// written, kept on `replicas` NATS servers, written every `every`.
@@ -28,16 +44,7 @@ impl Register {
         replicas: usize,
         every: Duration,
     ) -> Register {
-        let config = stream::Config {
-            name: stream,
-            subjects: vec![subjects],
-            max_messages_per_subject: 1,
-            max_age: ttl,
-            duplicate_window: Duration::from_secs(1),
-            num_replicas: replicas,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        };
+        let config = config(stream, subjects, ttl, replicas);
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Register { js, config, tick, open: false }

@@ -81,8 +81,9 @@ struct StreamState {
     tx: mpsc::Sender<Result<IngestReply, Status>>,
 }
 
-/// A batch read ahead: ready once its new names are agreed on (or the proposal gave up).
-type Ahead<'a> = Pin<Box<dyn std::future::Future<Output = (SpanBatch, usize)> + Send + 'a>>;
+/// A batch read ahead, its encoded size, and whether its names were all decided when it was
+/// read: ready once its new names are agreed on (or the proposal gave up).
+type Ahead<'a> = Pin<Box<dyn std::future::Future<Output = (SpanBatch, usize, bool)> + Send + 'a>>;
 
 /// Most encoded bytes of batches a stream reads ahead while earlier ones wait for their names
 /// (the HTTP/2 window of a stream; one larger batch is still read when none waits).
@@ -181,21 +182,23 @@ impl IngestService {
                         return;
                     }
                 }
-                Some((batch, size)) = ahead.next(), if !ahead.is_empty() => {
+                Some((batch, size, decided)) = ahead.next(), if !ahead.is_empty() => {
                     ahead_bytes -= size;
-                    submit = Some(batch);
+                    submit = Some((batch, decided));
                 }
                 msg = inbound.message(), if reading && ahead_bytes < AHEAD_BYTES => match msg {
+                    // Names found decided now stay so: submitting does not look them up again.
                     Ok(Some(batch)) => match self.names_ahead(&batch) {
-                        None if ahead.is_empty() => submit = Some(batch),
+                        None if ahead.is_empty() => submit = Some((batch, true)),
                         proposal => {
                             let size = prost::Message::encoded_len(&batch);
                             ahead_bytes += size;
                             ahead.push_back(Box::pin(async move {
+                                let decided = proposal.is_none();
                                 if let Some(proposal) = proposal {
                                     proposal.await;
                                 }
-                                (batch, size)
+                                (batch, size, decided)
                             }));
                         }
                     },
@@ -215,8 +218,8 @@ impl IngestService {
                     }
                 },
             }
-            if let Some(batch) = submit {
-                if let Err(status) = self.offer(&mut st, batch, &mut reading).await {
+            if let Some((batch, decided)) = submit {
+                if let Err(status) = self.offer(&mut st, batch, decided, &mut reading).await {
                     st.fail(status).await;
                     return;
                 }
@@ -230,8 +233,15 @@ impl IngestService {
         }
     }
 
-    /// Handles one batch. An error ends the stream with that status.
-    async fn offer(&self, st: &mut StreamState, batch: SpanBatch, reading: &mut bool) -> Result<(), Status> {
+    /// Handles one batch (`names_decided`: every name of it was found decided when read). An
+    /// error ends the stream with that status.
+    async fn offer(
+        &self,
+        st: &mut StreamState,
+        batch: SpanBatch,
+        names_decided: bool,
+        reading: &mut bool,
+    ) -> Result<(), Status> {
         match st.client {
             Some(c) if c != batch.client_id => {
                 self.metrics.reject_batch("invalid");
@@ -250,7 +260,7 @@ impl IngestService {
             }
             return Ok(());
         }
-        match self.submit_as(batch, Origin::Native, st.owner).await {
+        match self.submit_decided(batch, Origin::Native, st.owner, names_decided).await {
             Ok(receipt) if receipt.duplicate => Ok(()),
             Ok(receipt) => {
                 let stats = receipt.stats;
