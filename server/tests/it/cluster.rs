@@ -917,7 +917,7 @@ async fn series_counts(http: SocketAddr, now: i64) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "soak: a NATS server, two tailscope nodes and a single node, about 15 s"]
+#[ignore = "soak: a NATS server, two tailscope nodes and a single node, a few seconds"]
 async fn two_gateways_count_names_over_the_caps_as_one_node_and_a_restarted_one_still_does() {
     let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
     let dir = tempfile::tempdir().unwrap();
