@@ -22,6 +22,7 @@
 //!
 //! The default (no `[cluster]`) is the embedded single process, with no NATS at all.
 
+pub mod access;
 pub mod assign;
 pub mod claims;
 pub mod config;
@@ -71,6 +72,15 @@ pub enum ClusterError {
         /// Why.
         message: String,
     },
+    /// A file naming how this node reaches NATS (a certificate, a key, a password, a token, a
+    /// seed) cannot be used.
+    #[error("cluster.{key}: {error}")]
+    Access {
+        /// The configuration key naming the file.
+        key: &'static str,
+        /// What is wrong with it.
+        error: crate::files::FileError,
+    },
     /// A stream could not be created or read.
     #[error("JetStream stream {stream}: {message}")]
     Stream {
@@ -79,6 +89,25 @@ pub enum ClusterError {
         /// Why.
         message: String,
     },
+}
+
+/// Whether a connection that failed so would fail again the same way: NATS refused this node's
+/// credentials, or TLS could not be agreed (a certificate that does not verify, on either side).
+fn permanent(e: &async_nats::ConnectError) -> bool {
+    use async_nats::ConnectErrorKind as K;
+    if matches!(e.kind(), K::AuthorizationViolation | K::Authentication | K::Tls) {
+        return true;
+    }
+    // A failed handshake comes as an I/O error holding TLS's own.
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let io = c.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
+        if c.is::<rustls::Error>() || io.is_some_and(|inner| inner.is::<rustls::Error>()) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// The bits of a client key below the partition.
@@ -158,25 +187,25 @@ impl Cluster {
         shutdown_timeout: Duration,
     ) -> Result<Cluster, ClusterError> {
         let connect_err = |message: String| ClusterError::Connect { urls: config.nats.clone(), message };
-        let addrs = config
-            .nats
-            .iter()
-            .map(|u| u.parse::<async_nats::ServerAddr>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| connect_err(e.to_string()))?;
+        let access = access::NatsAccess::load(config)?;
         let deadline = tokio::time::Instant::now() + config.connect_timeout;
+        let mut last = None;
         let client = loop {
-            let attempt = async_nats::ConnectOptions::new()
-                .name(format!("tailscope-{}", config.node_id))
-                .connect(addrs.clone());
+            let attempt = access.options(format!("tailscope-{}", config.node_id)).connect(access.addrs());
             match tokio::time::timeout_at(deadline, attempt).await {
                 Ok(Ok(client)) => break client,
+                // Refused credentials or a certificate that does not verify stay so: no retry.
+                Ok(Err(e)) if permanent(&e) => return Err(connect_err(e.to_string())),
                 Ok(Err(e)) if tokio::time::Instant::now() < deadline => {
                     tracing::warn!(error = %e, "NATS not reachable yet; retrying");
+                    last = Some(e.to_string());
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 Ok(Err(e)) => return Err(connect_err(e.to_string())),
-                Err(_) => return Err(connect_err(format!("no answer within {:?}", config.connect_timeout))),
+                Err(_) => {
+                    let last = last.map(|e| format!(" (the last attempt: {e})")).unwrap_or_default();
+                    return Err(connect_err(format!("no answer within {:?}{last}", config.connect_timeout)));
+                }
             }
         };
         // A batch's share of a partition is published whole (its seq is checked per partition),
@@ -279,7 +308,7 @@ impl Cluster {
         }
         let sources = if config.has(Role::Query) || config.has(Role::Ruler) {
             let sources = reads::ClusterSources::start(
-                addrs.clone(),
+                access.clone(),
                 &config.node_id,
                 config.name.clone(),
                 config.partitions,

@@ -45,9 +45,15 @@ impl NatsCluster {
     /// side by side); a server that exits or never answers is started again, on new ports, up
     /// to three times.
     pub fn start(bin: &Path, dir: &Path, n: usize) -> NatsCluster {
+        NatsCluster::start_with(bin, dir, n, "")
+    }
+
+    /// [`NatsCluster::start`] with `more` added to every server's configuration (`tls { ... }`,
+    /// `authorization { ... }`).
+    pub fn start_with(bin: &Path, dir: &Path, n: usize, more: &str) -> NatsCluster {
         let mut last = String::new();
         for attempt in 1..=3 {
-            let mut cluster = NatsCluster::start_once(bin, &dir.join(format!("try{attempt}")), n);
+            let mut cluster = NatsCluster::start_once(bin, &dir.join(format!("try{attempt}")), n, more);
             match cluster.ready(Instant::now() + Duration::from_secs(60)) {
                 Ok(()) => return cluster,
                 Err(e) => {
@@ -59,7 +65,7 @@ impl NatsCluster {
         panic!("no NATS cluster after three attempts: {last}");
     }
 
-    fn start_once(bin: &Path, dir: &Path, n: usize) -> NatsCluster {
+    fn start_once(bin: &Path, dir: &Path, n: usize, more: &str) -> NatsCluster {
         let ports: Vec<(u16, u16, u16)> = (0..n).map(|_| (free_port(), free_port(), free_port())).collect();
         std::fs::create_dir_all(dir).expect("create the NATS directory");
         let routes: Vec<String> = ports.iter().map(|p| format!("nats-route://127.0.0.1:{}", p.2)).collect();
@@ -78,7 +84,7 @@ impl NatsCluster {
             };
             let text = format!(
                 "server_name: {name}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http_port}\nmax_payload: 8MB\n\
-                 jetstream {{ store_dir: {store:?}, max_memory_store: 256MB, max_file_store: 2GB }}\n{cluster}"
+                 jetstream {{ store_dir: {store:?}, max_memory_store: 256MB, max_file_store: 2GB }}\n{cluster}{more}\n"
             );
             std::fs::write(&config, text).expect("write nats-server config");
             servers.push(NatsServer { name, port, http_port, config, process: None });

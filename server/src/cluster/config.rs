@@ -1,6 +1,7 @@
 //! `[cluster]`: the settings of cluster mode (kept apart from the cluster's code, so the
 //! configuration depends on nothing else of the server).
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -12,6 +13,22 @@ pub struct ClusterConfig {
     /// NATS server URLs (`nats://127.0.0.1:4222`); any one is enough to connect, listing
     /// every server of the NATS cluster lets a node reconnect when one dies.
     pub nats: Vec<String>,
+    /// The CA certificate (PEM) the NATS servers' certificates are checked against. Set: every
+    /// connection to NATS is TLS, and one to a server without TLS is refused.
+    pub tls_ca_file: PathBuf,
+    /// This node's client certificate (PEM), for NATS servers that verify clients (`tls {
+    /// verify: true }`); with `tls_key_file`.
+    pub tls_cert_file: PathBuf,
+    /// The key of `tls_cert_file` (PEM).
+    pub tls_key_file: PathBuf,
+    /// The NATS user this node connects as, with `password_file`.
+    pub user: String,
+    /// A file holding `user`'s password (surrounding whitespace ignored).
+    pub password_file: PathBuf,
+    /// A file holding the NATS authorization token; instead of `user`.
+    pub token_file: PathBuf,
+    /// A file holding this node's NATS nkey seed (`SU...`); instead of `user` or `token_file`.
+    pub nkey_seed_file: PathBuf,
     /// This node's name: unique in the cluster (it names the node's gateway in message ids).
     pub node_id: String,
     /// The cluster's name: its streams are `<name>_p<N>`, their subjects `<name>.p.<N>`.
@@ -88,6 +105,13 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             nats: Vec::new(),
+            tls_ca_file: PathBuf::new(),
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
+            user: String::new(),
+            password_file: PathBuf::new(),
+            token_file: PathBuf::new(),
+            nkey_seed_file: PathBuf::new(),
             node_id: String::new(),
             name: "tailscope".into(),
             partitions: 16,
@@ -167,6 +191,40 @@ impl ClusterConfig {
             url.parse::<async_nats::ServerAddr>()
                 .map_err(|e| ("cluster.nats", format!("{url:?} is not a NATS server address: {e}")))?;
         }
+        self.validate_access()
+    }
+
+    /// How this node proves itself to NATS: a client certificate comes with its key and a CA,
+    /// a password with its user, and at most one way of authenticating is named.
+    fn validate_access(&self) -> Result<(), (&'static str, String)> {
+        match (set(&self.tls_cert_file), set(&self.tls_key_file)) {
+            (Some(_), None) => return Err(("cluster.tls_key_file", "required with cluster.tls_cert_file".into())),
+            (None, Some(_)) => return Err(("cluster.tls_cert_file", "required with cluster.tls_key_file".into())),
+            (Some(_), Some(_)) if set(&self.tls_ca_file).is_none() => {
+                return Err((
+                    "cluster.tls_ca_file",
+                    "required with cluster.tls_cert_file (the CA the NATS servers' certificates are checked against)"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
+        match (self.user.is_empty(), set(&self.password_file)) {
+            (false, None) => return Err(("cluster.password_file", "required with cluster.user".into())),
+            (true, Some(_)) => return Err(("cluster.user", "required with cluster.password_file".into())),
+            _ => {}
+        }
+        let named: Vec<&str> = [
+            (!self.user.is_empty()).then_some("cluster.user"),
+            set(&self.token_file).map(|_| "cluster.token_file"),
+            set(&self.nkey_seed_file).map(|_| "cluster.nkey_seed_file"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if let [first, second, ..] = named[..] {
+            return Err((first, format!("and {second} both name a way to authenticate to NATS; keep one")));
+        }
         Ok(())
     }
 
@@ -190,4 +248,9 @@ impl ClusterConfig {
     pub fn subject(&self, p: u32) -> String {
         format!("{}.p.{p}", self.name)
     }
+}
+
+/// `path` when it is set (not empty).
+pub fn set(path: &Path) -> Option<&Path> {
+    (!path.as_os_str().is_empty()).then_some(path)
 }

@@ -827,10 +827,10 @@ pub struct ClusterSources {
 }
 
 impl ClusterSources {
-    /// Connects the bridge (its own runtime and NATS connection) to `addrs`.
+    /// Connects the bridge (its own runtime and NATS connection) through `access`.
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
-        addrs: Vec<async_nats::ServerAddr>,
+        access: super::access::NatsAccess,
         node_id: &str,
         name: String,
         partitions: u32,
@@ -846,9 +846,9 @@ impl ClusterSources {
             .enable_all()
             .build()
             .map_err(|e| format!("cannot start the cluster reads' runtime: {e}"))?;
-        let options = async_nats::ConnectOptions::new()
-            .name(format!("tailscope-{node_id}-reads"))
-            .request_timeout(Some(REQUEST_TIMEOUT));
+        let options =
+            access.options(format!("tailscope-{node_id}-reads")).request_timeout(Some(REQUEST_TIMEOUT));
+        let addrs = access.addrs();
         let client = runtime
             .spawn(async move { options.connect(addrs).await })
             .await

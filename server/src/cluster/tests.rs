@@ -51,6 +51,45 @@ fn cluster_settings_are_checked_only_when_it_is_on() {
     assert_eq!(on(|c| c.strong_read_timeout = Duration::from_millis(250)), None);
     assert_eq!(on(|c| c.drain_timeout = Duration::from_secs(3600)), Some("cluster.drain_timeout"));
     assert_eq!(on(|c| c.drain_timeout = Duration::ZERO), None);
+    // How the node proves itself to NATS: whole, and one way at a time.
+    assert_eq!(on(|c| c.tls_cert_file = "c.pem".into()), Some("cluster.tls_key_file"));
+    assert_eq!(on(|c| c.tls_key_file = "k.pem".into()), Some("cluster.tls_cert_file"));
+    fn client_cert(c: &mut ClusterConfig) {
+        c.tls_cert_file = "c.pem".into();
+        c.tls_key_file = "k.pem".into();
+    }
+    assert_eq!(on(client_cert), Some("cluster.tls_ca_file"));
+    assert_eq!(
+        on(|c| {
+            client_cert(c);
+            c.tls_ca_file = "ca.pem".into();
+        }),
+        None
+    );
+    assert_eq!(on(|c| c.tls_ca_file = "ca.pem".into()), None);
+    assert_eq!(on(|c| c.user = "ts".into()), Some("cluster.password_file"));
+    assert_eq!(on(|c| c.password_file = "p".into()), Some("cluster.user"));
+    fn user(c: &mut ClusterConfig) {
+        c.user = "ts".into();
+        c.password_file = "p".into();
+    }
+    assert_eq!(on(user), None);
+    assert_eq!(on(|c| c.token_file = "t".into()), None);
+    assert_eq!(on(|c| c.nkey_seed_file = "s".into()), None);
+    assert_eq!(
+        on(|c| {
+            user(c);
+            c.token_file = "t".into();
+        }),
+        Some("cluster.user")
+    );
+    assert_eq!(
+        on(|c| {
+            c.token_file = "t".into();
+            c.nkey_seed_file = "s".into();
+        }),
+        Some("cluster.token_file")
+    );
 }
 
 #[test]

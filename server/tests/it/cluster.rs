@@ -1155,3 +1155,160 @@ async fn a_stream_of_new_names_is_counted_once_within_the_cap() {
     let proposed = metric(&metrics(http).await, "tailscope_names_proposed_total");
     assert!((1_500.0..=2_000.0).contains(&proposed), "{proposed} names proposed");
 }
+
+/// Starts a node that must not start; what it said on stderr once it exited (at most 30 s).
+fn refused_start(dir: &Path, env: &[(&str, &str)]) -> String {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tailscope-server"))
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the node started (or hung) although it should have been refused");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(!status.success(), "{said}");
+    said
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: NATS servers with TLS, users and a token, three tailscope nodes and five refused ones, a few seconds"]
+async fn nodes_reach_nats_only_over_verified_tls_with_their_own_credentials() {
+    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tailscope_test_support::pki::Pki::new(dir.path(), "nats-");
+    // A second CA: its client certificate is one the NATS servers do not trust.
+    let stranger = tailscope_test_support::pki::Pki::new(dir.path(), "stranger-");
+    let store_key = nkeys::KeyPair::new_user();
+    let secret = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let password = secret("password", "correct horse battery staple\n");
+    let wrong = secret("wrong-password", "tr0ub4dor&3");
+    let seed = secret("seed", &store_key.seed().unwrap());
+    let path = |p: &Path| p.display().to_string();
+    let more = format!(
+        "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true, timeout: 2 }}\n\
+         authorization {{ users: [ {{ user: gateway, password: \"correct horse battery staple\" }}, {{ nkey: {} }} ] }}",
+        path(&pki.server_cert),
+        path(&pki.server_key),
+        path(&pki.ca),
+        store_key.public_key()
+    );
+    let nats = NatsCluster::start_with(&bin[0], &dir.path().join("nats"), 1, &more);
+    let urls = nats.urls();
+    let (ca, cert, key) = (path(&pki.ca), path(&pki.client_cert), path(&pki.client_key));
+    let tls = |env: &mut Vec<(&'static str, String)>| {
+        env.push(("TAILSCOPE_CLUSTER_TLS_CA_FILE", ca.clone()));
+        env.push(("TAILSCOPE_CLUSTER_TLS_CERT_FILE", cert.clone()));
+        env.push(("TAILSCOPE_CLUSTER_TLS_KEY_FILE", key.clone()));
+    };
+    let as_user = |pass: &str| {
+        let mut env = vec![
+            ("TAILSCOPE_CLUSTER_USER", "gateway".to_owned()),
+            ("TAILSCOPE_CLUSTER_PASSWORD_FILE", pass.to_owned()),
+        ];
+        tls(&mut env);
+        env
+    };
+    fn borrowed<'a>(
+        env: &'a [(&'static str, String)],
+        extra: Vec<(&'a str, &'a str)>,
+    ) -> Vec<(&'a str, &'a str)> {
+        let mut v: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        v.extend(extra);
+        v
+    }
+
+    // The gateway with a user and password, the store with an nkey; both with a client
+    // certificate. Spans sent to the gateway are counted by the store: the log, the names
+    // log and the claims all went through the TLS connections.
+    let g_env = as_user(&password);
+    let (_g, g_grpc, _) = node_with(&dir.path().join("g"), &urls, "g", &borrowed(&g_env, playing("gateway")));
+    let mut s_env = vec![("TAILSCOPE_CLUSTER_NKEY_SEED_FILE", seed.clone())];
+    tls(&mut s_env);
+    let (_s, _, s_http) =
+        node_with(&dir.path().join("s"), &urls, "s", &borrowed(&s_env, playing("store,query,ruler")));
+    let now = now_nanos();
+    deliver(g_grpc, (1..=20).map(|seq| make_batch(0x7E, seq, now)).collect()).await;
+    let (status, body) = counted_with(s_http, now, "strong").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(count_of(&body), 20 * 60, "{body}");
+
+    // Refused at once (no retries until the connect timeout), each saying why: a wrong
+    // password, a certificate from a CA the servers do not trust, and no CA to check the
+    // servers' certificate against.
+    let cluster = |id: &'static str| -> Vec<(&str, &str)> {
+        vec![
+            ("TAILSCOPE_CLUSTER_NATS", urls.as_str()),
+            ("TAILSCOPE_CLUSTER_NODE_ID", id),
+            ("TAILSCOPE_CLUSTER_PARTITIONS", PARTITIONS),
+            ("TAILSCOPE_CLUSTER_NAME", "ts"),
+            ("TAILSCOPE_CLUSTER_STREAM_REPLICAS", "1"),
+            ("TAILSCOPE_CLUSTER_CONNECT_TIMEOUT", "3s"),
+        ]
+    };
+    let wrong_env = as_user(&wrong);
+    let said = refused_start(&dir.path().join("x1"), &borrowed(&wrong_env, cluster("x1")));
+    assert!(said.contains("cannot connect to NATS") && said.contains("authorization violation"), "{said}");
+    assert!(!said.contains("tr0ub4dor"), "the password was printed: {said}");
+    let mut untrusted = as_user(&password);
+    for (k, v) in untrusted.iter_mut() {
+        match *k {
+            "TAILSCOPE_CLUSTER_TLS_CERT_FILE" => *v = path(&stranger.client_cert),
+            "TAILSCOPE_CLUSTER_TLS_KEY_FILE" => *v = path(&stranger.client_key),
+            _ => {}
+        }
+    }
+    let said = refused_start(&dir.path().join("x2"), &borrowed(&untrusted, cluster("x2")));
+    assert!(said.contains("cannot connect to NATS"), "{said}");
+    let plain = vec![
+        ("TAILSCOPE_CLUSTER_USER", "gateway".to_owned()),
+        ("TAILSCOPE_CLUSTER_PASSWORD_FILE", password.clone()),
+    ];
+    let said = refused_start(&dir.path().join("x3"), &borrowed(&plain, cluster("x3")));
+    assert!(said.contains("cannot connect to NATS"), "{said}");
+    // A file named for the connection that cannot be read is named with its key.
+    let mut missing = as_user(&password);
+    for (k, v) in missing.iter_mut() {
+        if *k == "TAILSCOPE_CLUSTER_TLS_CA_FILE" {
+            *v = path(&dir.path().join("no-such-ca.pem"));
+        }
+    }
+    let said = refused_start(&dir.path().join("x4"), &borrowed(&missing, cluster("x4")));
+    assert!(said.contains("cluster.tls_ca_file") && said.contains("no-such-ca.pem"), "{said}");
+
+    // A NATS that takes one token: the node with it starts, one with another is refused.
+    let tokened = NatsCluster::start_with(
+        &bin[0],
+        &dir.path().join("nats-token"),
+        1,
+        "authorization { token: \"s3cr3t-t0ken\" }",
+    );
+    let token_urls = tokened.urls();
+    let token = secret("token", "s3cr3t-t0ken\n");
+    let env = vec![("TAILSCOPE_CLUSTER_TOKEN_FILE", token)];
+    let (_t, t_grpc, _) =
+        node_with(&dir.path().join("t"), &token_urls, "t", &borrowed(&env, playing("gateway,store")));
+    deliver(t_grpc, (1..=2).map(|seq| make_batch(0x7F, seq, now)).collect()).await;
+    let env = vec![("TAILSCOPE_CLUSTER_TOKEN_FILE", wrong.clone())];
+    let mut other = cluster("x5");
+    other[0].1 = token_urls.as_str();
+    let said = refused_start(&dir.path().join("x5"), &borrowed(&env, other));
+    assert!(said.contains("authorization violation") && !said.contains("tr0ub4dor"), "{said}");
+}

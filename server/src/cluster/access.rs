@@ -1,0 +1,162 @@
+//! How a node reaches NATS: the servers' addresses, TLS (the CA the servers' certificates are
+//! checked against, and this node's own certificate for servers that verify clients) and one
+//! way of authenticating (user and password, a token, or an nkey). Every file is read once,
+//! when the node starts, and a file that cannot be used is named with the key that names it.
+//!
+//! Every byte one node sends another goes through NATS (the log, the names log, the claims,
+//! the peer reads, the leases), so securing this connection secures the cluster's traffic.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_nats::{ConnectOptions, ServerAddr};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::RootCertStore;
+
+use super::config::{set, ClusterConfig};
+use super::ClusterError;
+use crate::files::{self, FileError};
+
+/// What a node needs to connect to NATS, read from the configuration and its files.
+#[derive(Clone)]
+pub struct NatsAccess {
+    addrs: Vec<ServerAddr>,
+    tls: Option<rustls::ClientConfig>,
+    auth: Auth,
+}
+
+/// One way of authenticating.
+#[derive(Clone)]
+enum Auth {
+    Anonymous,
+    User { user: String, password: String },
+    Token(String),
+    NKey(String),
+}
+
+impl fmt::Debug for NatsAccess {
+    /// The addresses and the kinds of TLS and authentication, never a secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let auth = match &self.auth {
+            Auth::Anonymous => "anonymous".to_owned(),
+            Auth::User { user, .. } => format!("user {user:?}"),
+            Auth::Token(_) => "token".to_owned(),
+            Auth::NKey(_) => "nkey".to_owned(),
+        };
+        f.debug_struct("NatsAccess")
+            .field("addrs", &self.addrs)
+            .field("tls", &self.tls.is_some())
+            .field("auth", &format_args!("{auth}"))
+            .finish()
+    }
+}
+
+impl NatsAccess {
+    /// Reads `config`'s NATS addresses, certificates and secret files.
+    pub fn load(config: &ClusterConfig) -> Result<NatsAccess, ClusterError> {
+        let addrs = config
+            .nats
+            .iter()
+            .map(|u| u.parse::<ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClusterError::Connect { urls: config.nats.clone(), message: e.to_string() })?;
+        let tls = match set(&config.tls_ca_file) {
+            None => None,
+            Some(ca) => Some(client_tls(ca, set(&config.tls_cert_file).zip(set(&config.tls_key_file)))?),
+        };
+        let auth = if !config.user.is_empty() {
+            Auth::User {
+                user: config.user.clone(),
+                password: secret("password_file", &config.password_file)?,
+            }
+        } else if let Some(path) = set(&config.token_file) {
+            Auth::Token(secret("token_file", path)?)
+        } else if let Some(path) = set(&config.nkey_seed_file) {
+            let seed = secret("nkey_seed_file", path)?;
+            nkeys::KeyPair::from_seed(&seed).map_err(|e| ClusterError::Access {
+                key: "nkey_seed_file",
+                error: FileError::invalid(path, format!("not an nkey seed: {e}")),
+            })?;
+            Auth::NKey(seed)
+        } else {
+            Auth::Anonymous
+        };
+        Ok(NatsAccess { addrs, tls, auth })
+    }
+
+    /// The servers to connect to.
+    pub fn addrs(&self) -> Vec<ServerAddr> {
+        self.addrs.clone()
+    }
+
+    /// Options for a connection named `name`, with this node's TLS and credentials.
+    pub fn options(&self, name: String) -> ConnectOptions {
+        let options = match &self.auth {
+            Auth::Anonymous => ConnectOptions::new(),
+            Auth::User { user, password } => {
+                ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            }
+            Auth::Token(token) => ConnectOptions::with_token(token.clone()),
+            Auth::NKey(seed) => ConnectOptions::with_nkey(seed.clone()),
+        };
+        let options = options.name(name);
+        match &self.tls {
+            Some(tls) => options.require_tls(true).tls_client_config(tls.clone()),
+            None => options,
+        }
+    }
+}
+
+/// The text of the secret file `path` (named by `cluster.<key>`), without surrounding
+/// whitespace; an empty one is refused.
+fn secret(key: &'static str, path: &Path) -> Result<String, ClusterError> {
+    let text = files::read_to_string(path).map_err(|error| ClusterError::Access { key, error })?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(ClusterError::Access { key, error: FileError::invalid(path, "it is empty") });
+    }
+    Ok(text.to_owned())
+}
+
+/// A TLS client configuration trusting the CA in `ca`, presenting `client` (certificate and
+/// key files) when given.
+fn client_tls(ca: &Path, client: Option<(&Path, &Path)>) -> Result<rustls::ClientConfig, ClusterError> {
+    let err = |key: &'static str, path: &Path, message: String| ClusterError::Access {
+        key,
+        error: FileError::invalid(path, message),
+    };
+    let read = |key: &'static str, path: &Path| {
+        files::read(path).map_err(|error| ClusterError::Access { key, error })
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&read("tls_ca_file", ca)?) {
+        let cert = cert.map_err(|e| err("tls_ca_file", ca, e.to_string()))?;
+        roots.add(cert).map_err(|e| err("tls_ca_file", ca, e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(err("tls_ca_file", ca, "no certificate in it".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err("tls_ca_file", ca, e.to_string()))?
+        .with_root_certificates(roots);
+    let Some((cert_path, key_path)) = client else { return Ok(builder.with_no_client_auth()) };
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&read("tls_cert_file", cert_path)?)
+            .collect::<Result<_, _>>()
+            .map_err(|e| err("tls_cert_file", cert_path, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("tls_cert_file", cert_path, "no certificate in it".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&read("tls_key_file", key_path)?)
+        .map_err(|e| err("tls_key_file", key_path, e.to_string()))?;
+    builder
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| err("tls_key_file", key_path, format!("does not fit cluster.tls_cert_file: {e}")))
+}
+
+#[cfg(test)]
+mod tests;
