@@ -42,6 +42,10 @@ w=$t1-$t0; a=$ta-$t0; m=$SPANS/1e6
 print('cluster, two stores on one core each: %d spans acknowledged in %.2f s, stored (strong read on both) in %.2f s = %.0f spans/s' % ($SPANS, a, w, $SPANS/w))
 print('CPU-s per million: tailscope nodes %.3f, NATS %.3f, all %.3f' % (($c1-$c0)/100/m, ($n1-$n0)/100/m, ($c1-$c0+$n1-$n0)/100/m))"
 grep -h "throughput\|server CPU" $D/a.bench $D/b.bench
+logged() { curl -s 127.0.0.1:19090/metrics 127.0.0.1:29090/metrics | awk -v m="$1" '$1 == m {s += $2} END {printf "%.0f", s}'; }
+python3 -c "
+sent, encoded = $(logged tailscope_log_bytes_total), $(logged tailscope_log_encoded_bytes_total)
+print('log bytes per span: %.1f published, %.1f encoded (compression %s)' % (sent / $SPANS, encoded / $SPANS, '${TAILSCOPE_CLUSTER_LOG_COMPRESSION:-snappy}'))"
 for q in "sum(increase(span_duration_seconds_count[3h]))"; do for port in 19090 29090; do curl -s --data-urlencode "query=$q" 127.0.0.1:$port/api/v1/query | python3 -c 'import sys,json; print("count on node", json.load(sys.stdin)["data"]["result"][0]["value"][1])'; done; done
 for p in a b; do kill $(cat $D/$p.pid) 2>/dev/null; done
 for p in a b; do while kill -0 $(cat $D/$p.pid) 2>/dev/null; do sleep 0.1; done; done

@@ -140,8 +140,10 @@ pub struct Metrics {
     pub early_epochs: Counter,
     /// Cluster mode: messages this node's gateway published to the log (acknowledged).
     pub log_messages: Counter,
-    /// Cluster mode: bytes of those messages.
+    /// Cluster mode: bytes of those messages, as published (compressed).
     pub log_bytes: Counter,
+    /// Cluster mode: bytes of those messages as encoded, before compression.
+    pub log_encoded_bytes: Counter,
     /// Cluster mode: log publishes retried (no NATS leader, a timeout, a full stream).
     pub log_publish_retries: Counter,
     /// Cluster mode: names (a span group's service, operation and peer) this node's gateway
@@ -265,6 +267,7 @@ impl Metrics {
             early_epochs: Counter::default(),
             log_messages: Counter::default(),
             log_bytes: Counter::default(),
+            log_encoded_bytes: Counter::default(),
             log_publish_retries: Counter::default(),
             names_proposed: Counter::default(),
             ruler_lease: Gauge::default(),
@@ -351,8 +354,13 @@ impl Metrics {
         );
         r.register(
             "log_bytes",
-            "Cluster mode: bytes of the messages published to the log",
+            "Cluster mode: bytes of the messages published to the log, as published (compressed: cluster.log_compression)",
             m.log_bytes.clone(),
+        );
+        r.register(
+            "log_encoded_bytes",
+            "Cluster mode: bytes of the messages published to the log as encoded, before compression",
+            m.log_encoded_bytes.clone(),
         );
         r.register(
             "log_publish_retries",

@@ -55,6 +55,9 @@ pub struct ClusterConfig {
     pub max_names_bytes: i64,
     /// Most bytes of records a gateway coalesces into one message.
     pub max_message_bytes: usize,
+    /// How a gateway compresses a log message before publishing it: `snappy` (when that makes
+    /// it smaller; the message says so in a header) or `none`. Stores read both.
+    pub log_compression: LogCompression,
     /// How long a node waits for NATS at start-up.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -68,6 +71,16 @@ pub struct ClusterConfig {
     /// partitions while their other owners catch up; 0: it leaves at once.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+}
+
+/// How log messages are compressed (`cluster.log_compression`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogCompression {
+    /// Snappy (raw block format), as Kafka and Prometheus' remote write use it.
+    Snappy,
+    /// Published as encoded.
+    None,
 }
 
 /// A part a cluster node plays.
@@ -121,6 +134,7 @@ impl Default for ClusterConfig {
             max_bytes_per_partition: 256 << 20,
             max_names_bytes: 128 << 20,
             max_message_bytes: 1 << 20,
+            log_compression: LogCompression::Snappy,
             connect_timeout: Duration::from_secs(10),
             roles: Role::ALL.to_vec(),
             strong_read_timeout: Duration::from_secs(10),

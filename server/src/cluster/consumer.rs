@@ -183,7 +183,22 @@ async fn read(
         let Some((message, seq)) = log.next(|| pipeline.log_position(partition).seq).await? else {
             continue;
         };
-        let batch = match PartitionBatch::decode(message.payload.clone()) {
+        let encoding = message.headers.as_ref().and_then(|h| h.get(super::record::ENCODING_HEADER));
+        let payload = match super::record::decompress(&message.payload, encoding.map(|v| v.as_str())) {
+            Ok(payload) => payload,
+            Err(super::record::Unreadable::Corrupt(e)) => {
+                tracing::error!(partition, seq, error = %e, "skipping a log message that does not decompress");
+                pipeline.skip_logged(partition, LogPosition { seq, records: u32::MAX });
+                continue;
+            }
+            // Kept in the log: read again (with backoff) until a store that knows it reads it.
+            Err(super::record::Unreadable::UnknownEncoding(e)) => {
+                return Err(format!(
+                    "message {seq} is compressed as {e:?}, which this version cannot read; upgrade this store"
+                ))
+            }
+        };
+        let batch = match PartitionBatch::decode(payload) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(partition, seq, error = %e, "skipping a log message that does not decode");

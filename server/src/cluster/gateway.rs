@@ -139,6 +139,7 @@ impl LogGateway {
                 partition: p as u32,
                 incarnation: incarnation.clone(),
                 max_bytes: config.max_message_bytes,
+                compression: config.log_compression,
             };
             tasks.push(tokio::spawn(publisher.run(rx)));
         }
@@ -352,6 +353,7 @@ struct Publisher {
     partition: u32,
     incarnation: String,
     max_bytes: usize,
+    compression: super::config::LogCompression,
 }
 
 impl Publisher {
@@ -385,25 +387,39 @@ impl Publisher {
                 }
             }
             seq += 1;
-            let payload =
-                bytes::Bytes::from(super::record::message(&self.incarnation, seq, self.partition, &records));
+            let message = super::record::message(&self.incarnation, seq, self.partition, &records);
+            let packed = match self.compression {
+                super::config::LogCompression::Snappy => super::record::compress(&message),
+                super::config::LogCompression::None => None,
+            };
+            let encoded = message.len() as u64;
+            let (payload, compressed) = match packed {
+                Some(packed) => (bytes::Bytes::from(packed), true),
+                None => (bytes::Bytes::from(message), false),
+            };
             let id = format!("{}-{}-{seq}", self.incarnation, self.partition);
-            if !self.publish(payload, &id).await {
+            if !self.publish(payload, compressed, &id).await {
                 // Closed while NATS refused: never acknowledged, so its clients resend it.
                 return;
             }
+            self.gateway.metrics.log_encoded_bytes.inc_by(encoded);
             self.gateway.acknowledged(&tickets);
         }
     }
 
     /// Publishes until JetStream acknowledges, always with the same id; false if the gateway
-    /// closed first.
-    async fn publish(&self, payload: bytes::Bytes, id: &str) -> bool {
+    /// closed first. A `compressed` payload is marked so in [`super::record::ENCODING_HEADER`].
+    async fn publish(&self, payload: bytes::Bytes, compressed: bool, id: &str) -> bool {
         let mut backoff = Duration::from_millis(50);
         let mut failing_since: Option<std::time::Instant> = None;
         loop {
             let attempt = async {
                 let publish = PublishMessage::build().payload(payload.clone()).message_id(id);
+                let publish = if compressed {
+                    publish.header(super::record::ENCODING_HEADER, super::record::SNAPPY)
+                } else {
+                    publish
+                };
                 let ack =
                     self.js.send_publish(self.subject.clone(), publish).await.map_err(|e| e.to_string())?;
                 ack.await.map_err(|e| e.to_string())

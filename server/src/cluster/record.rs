@@ -129,6 +129,55 @@ pub fn message(gateway: &str, gateway_seq: u64, partition: u32, records: &[Vec<u
     buf
 }
 
+/// The header naming how a log message's payload is compressed; without it, the payload is the
+/// [`PartitionBatch`] as encoded.
+pub const ENCODING_HEADER: &str = "Tailscope-Encoding";
+
+/// [`ENCODING_HEADER`]'s value for a payload in Snappy's raw block format.
+pub const SNAPPY: &str = "snappy";
+
+/// The most bytes a compressed log message may say it holds: a gateway's messages hold
+/// `cluster.max_message_bytes` and one batch more, far below it. A payload claiming more is
+/// refused before anything is allocated for it.
+pub const MAX_DECOMPRESSED_BYTES: usize = 256 << 20;
+
+/// `message` Snappy-compressed, or `None` when that would not make it smaller.
+pub fn compress(message: &[u8]) -> Option<Vec<u8>> {
+    let packed = snap::raw::Encoder::new().compress_vec(message).ok()?;
+    (packed.len() < message.len()).then_some(packed)
+}
+
+/// Why a log message's payload cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unreadable {
+    /// It names a compression this build does not know (a newer gateway's): it is kept, to be
+    /// read once the store is upgraded.
+    UnknownEncoding(String),
+    /// It does not decompress or claims too much: skipped, as an undecodable message is.
+    Corrupt(String),
+}
+
+/// The [`PartitionBatch`] bytes of a payload published with `encoding` ([`ENCODING_HEADER`]).
+pub fn decompress(payload: &bytes::Bytes, encoding: Option<&str>) -> Result<bytes::Bytes, Unreadable> {
+    match encoding {
+        None => Ok(payload.clone()),
+        Some(SNAPPY) => {
+            let len = snap::raw::decompress_len(payload)
+                .map_err(|e| Unreadable::Corrupt(format!("snappy: {e}")))?;
+            if len > MAX_DECOMPRESSED_BYTES {
+                return Err(Unreadable::Corrupt(format!(
+                    "snappy: it claims {len} bytes, more than the {MAX_DECOMPRESSED_BYTES} a log message may hold"
+                )));
+            }
+            let plain = snap::raw::Decoder::new()
+                .decompress_vec(payload)
+                .map_err(|e| Unreadable::Corrupt(format!("snappy: {e}")))?;
+            Ok(plain.into())
+        }
+        Some(other) => Err(Unreadable::UnknownEncoding(other.to_owned())),
+    }
+}
+
 /// The batch a store admits for `record` of partition `partition`, routed among `shards`
 /// shards. Its client id is the (client, partition) one ([`super::client_key`]). A record that
 /// does not hold together (no key, an undecodable histogram) is named in the error.

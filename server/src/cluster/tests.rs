@@ -240,6 +240,11 @@ fn a_batch_cut_into_records_rebuilds_to_the_series_it_counted_in() {
     // The records, as one log message of them decodes: each as a prost-built record of the
     // same content would encode.
     let payload = record::message("g-1", 7, 5, &records.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>());
+    // Compressed as a gateway publishes it, it reads back byte for byte.
+    let packed = record::compress(&payload).expect("a batch of spans compresses");
+    assert!(packed.len() < payload.len());
+    let read = record::decompress(&bytes::Bytes::from(packed), Some(record::SNAPPY)).unwrap();
+    assert_eq!(read, payload);
     let message = tailscope_proto::v1::PartitionBatch::decode(payload.as_slice()).unwrap();
     assert_eq!((message.gateway.as_str(), message.gateway_seq, message.partition), ("g-1", 7, 5));
     assert_eq!(message.records.len(), records.len());
@@ -267,6 +272,33 @@ fn a_batch_cut_into_records_rebuilds_to_the_series_it_counted_in() {
     assert_eq!(rebuilt_series, expected, "the same series, the capped operation as __overflow__");
     assert!(rebuilt_series.iter().any(|s| s.2.is_none()), "a client call has no self-time series");
     assert_eq!(rebuilt_deltas, vec![(labels.id(), labels, 1_699_999_990, 5)]);
+}
+
+#[test]
+fn a_log_payload_is_read_as_its_header_says_and_a_bad_one_is_named() {
+    use record::{decompress, Unreadable, SNAPPY};
+    let plain = bytes::Bytes::from_static(b"not compressed at all");
+    assert_eq!(decompress(&plain, None).unwrap(), plain);
+    // Incompressible bytes are published as they are.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let noise: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    assert!(record::compress(&noise).is_none());
+    // Not Snappy, or claiming more than a message may hold: corrupt, named.
+    let err = decompress(&bytes::Bytes::from_static(&[0xff, 0xff, 0xff]), Some(SNAPPY)).unwrap_err();
+    assert!(matches!(&err, Unreadable::Corrupt(e) if e.starts_with("snappy: ")), "{err:?}");
+    // A varint length of 1 GiB and nothing behind it.
+    let bomb = bytes::Bytes::from_static(&[0x80, 0x80, 0x80, 0x80, 0x04]);
+    let err = decompress(&bomb, Some(SNAPPY)).unwrap_err();
+    assert!(matches!(&err, Unreadable::Corrupt(e) if e.contains("claims 1073741824 bytes")), "{err:?}");
+    // An encoding this build does not know is not skipped as corrupt.
+    assert_eq!(decompress(&plain, Some("zstd")), Err(Unreadable::UnknownEncoding("zstd".into())));
 }
 
 #[test]

@@ -350,7 +350,8 @@ async fn a_full_log_tells_clients_why_and_loses_nothing_once_it_has_room() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
     let urls = nats.urls();
-    // One partition of 1 MiB on one NATS server: about 450 of these batches fill it.
+    // One partition of 1 MiB on one NATS server: about 450 of these batches fill it, as
+    // encoded (these repetitive batches would compress many times over).
     let (_a, grpc, http) = node_with(
         &dir.path().join("a"),
         &urls,
@@ -359,6 +360,7 @@ async fn a_full_log_tells_clients_why_and_loses_nothing_once_it_has_room() {
             ("TAILSCOPE_CLUSTER_PARTITIONS", "1"),
             ("TAILSCOPE_CLUSTER_STREAM_REPLICAS", "1"),
             ("TAILSCOPE_CLUSTER_MAX_BYTES_PER_PARTITION", "1048576"),
+            ("TAILSCOPE_CLUSTER_LOG_COMPRESSION", "none"),
         ],
     );
     let now = now_nanos();
@@ -443,8 +445,13 @@ async fn a_gateway_node_a_store_node_and_a_query_node_split_the_work_and_refuse_
         body["error"].as_str().unwrap().contains("answers no queries (cluster.roles = [gateway])"),
         "{body}"
     );
-    // Its own metrics are still served.
-    assert!(metrics(g_http).await.contains("tailscope_log_messages_total"));
+    // Its own metrics are still served: the log got its messages compressed (Snappy, the
+    // default), and the store read every span of them.
+    let m = metrics(g_http).await;
+    assert!(metric(&m, "tailscope_log_messages_total") > 0.0, "{m}");
+    let (sent, encoded) =
+        (metric(&m, "tailscope_log_bytes_total"), metric(&m, "tailscope_log_encoded_bytes_total"));
+    assert!(sent > 0.0 && sent < encoded * 0.8, "published {sent} bytes of {encoded} encoded");
 
     // A query node with no store of its own reads every partition from the store node: the
     // same answers, strong reads included (the store node's barrier, asked over NATS).
