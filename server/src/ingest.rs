@@ -238,18 +238,18 @@ impl IngestService {
         origin: Origin,
         owner: u64,
     ) -> Result<Receipt, IngestError> {
-        self.submit_decided(batch, origin, owner, false).await
+        self.submit_decided(batch, origin, owner, None).await
     }
 
-    /// [`IngestService::submit_as`] of a batch whose names were all found decided already
-    /// (`names_decided`: [`IngestService::names_ahead`] said so; a decision never changes), so
-    /// they are not looked up once more before validation counts them.
+    /// [`IngestService::submit_as`] of a batch whose names' decisions were already found
+    /// (`decided`, from [`IngestService::names_ahead`]; a decision never changes), so they are
+    /// not looked up once more before validation counts them.
     async fn submit_decided(
         &self,
         batch: SpanBatch,
         origin: Origin,
         owner: u64,
-        names_decided: bool,
+        decided: Option<Vec<Decided>>,
     ) -> Result<Receipt, IngestError> {
         if let Some(why) = &self.refusing {
             let e = IngestError::NotGateway(origin.name(batch.seq, why));
@@ -264,15 +264,19 @@ impl IngestService {
             self.refused(&e, 0);
             return Err(e);
         }
-        if !names_decided {
-            if let Err(e) = self.agree_on_names(&batch, origin).await {
-                self.refused(&e, 0);
-                return Err(e);
-            }
-        }
+        let decided = match decided {
+            Some(decided) => Some(decided),
+            None => match self.agree_on_names(&batch, origin).await {
+                Ok(decided) => decided,
+                Err(e) => {
+                    self.refused(&e, 0);
+                    return Err(e);
+                }
+            },
+        };
         let mut stats = BatchStats::default();
         let seq = batch.seq;
-        let validated = match self.validate(batch, &mut stats, origin) {
+        let validated = match self.validate(batch, &mut stats, origin, decided.as_deref()) {
             Ok(mut v) => {
                 v.owner = owner;
                 Arc::new(v)
@@ -351,16 +355,22 @@ impl IngestService {
     }
 
     /// In a cluster, proposes the names of `batch` this gateway has not decided yet and waits
-    /// (at most [`CLUSTER_PATIENCE`]) until they are agreed on; at once on one node.
-    async fn agree_on_names(&self, batch: &SpanBatch, origin: Origin) -> Result<(), IngestError> {
-        let Some(shared) = &self.names else { return Ok(()) };
-        let undecided = self.undecided(batch);
-        if undecided.is_empty() {
-            return Ok(());
-        }
+    /// (at most [`CLUSTER_PATIENCE`]) until they are agreed on; then the decisions of every
+    /// group and delta (`None` on one node, where validation admits the names itself, or when
+    /// some are still undecided, which validation then refuses).
+    async fn agree_on_names(
+        &self,
+        batch: &SpanBatch,
+        origin: Origin,
+    ) -> Result<Option<Vec<Decided>>, IngestError> {
+        let Some(shared) = &self.names else { return Ok(None) };
+        let undecided = match self.decide(batch) {
+            Ok(decided) => return Ok(Some(decided)),
+            Err(undecided) => undecided,
+        };
         let n = undecided.len();
         let refused = match tokio::time::timeout(CLUSTER_PATIENCE, shared.propose(undecided)).await {
-            Ok(Ok(())) => return Ok(()),
+            Ok(Ok(())) => return Ok(self.decide(batch).ok()),
             Ok(Err(refused)) => refused,
             Err(_) => NamesRefused::Unavailable(format!(
                 "no answer within {CLUSTER_PATIENCE:?}; NATS electing a leader?"
@@ -376,36 +386,56 @@ impl IngestService {
         })
     }
 
-    /// The names of `batch` this gateway has not decided, each once.
-    fn undecided(&self, batch: &SpanBatch) -> Vec<Names> {
+    /// In a cluster, how this gateway counts the names of every group and then every delta of
+    /// `batch` (in that order), or, when some are not decided yet, those names, each once. One
+    /// look-up per group: validation takes the decisions instead of looking again. A key that
+    /// is not valid gets a placeholder (validation refuses it, naming its place).
+    fn decide(&self, batch: &SpanBatch) -> Result<Vec<Decided>, Vec<Names>> {
         let keys =
             batch.groups.iter().map(|g| g.key.as_ref()).chain(batch.deltas.iter().map(|d| d.key.as_ref()));
+        let mut decided = Vec::with_capacity(batch.groups.len() + batch.deltas.len());
         let mut seen = std::collections::HashSet::new();
         let mut undecided = Vec::new();
         for key in keys {
-            // A bad key is refused by validation, with its place in the batch.
-            let Ok((service, operation, _, peer)) = check_key(key) else { continue };
-            if self.counted(service, operation, peer).is_some() || !seen.insert((service, operation, peer)) {
+            let Ok((service, operation, _, peer)) = check_key(key) else {
+                decided.push(Decided::default());
                 continue;
+            };
+            match self.counted(service, operation, peer) {
+                Some(c) => decided.push(Decided {
+                    key: c.key,
+                    service_over: overflowed(c.service, service),
+                    operation_over: overflowed(c.operation, operation),
+                    peer_over: overflowed(c.peer, peer),
+                }),
+                None if seen.insert((service, operation, peer)) => undecided.push(Names {
+                    service: service.into(),
+                    operation: operation.into(),
+                    peer: peer.into(),
+                }),
+                None => {}
             }
-            undecided.push(Names { service: service.into(), operation: operation.into(), peer: peer.into() });
         }
-        undecided
+        if undecided.is_empty() {
+            Ok(decided)
+        } else {
+            Err(undecided)
+        }
     }
 
     /// A head start on the new names of a batch a stream has read but not submitted yet (an
-    /// earlier batch of the stream still waits): proposes them now, so they are agreed on by
-    /// the time it is submitted. Only a hint — submitting checks again and refuses what is
-    /// still undecided. `None` on one node, or when every name is decided.
-    fn names_ahead(&self, batch: &SpanBatch) -> Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> {
+    /// earlier batch of the stream may still wait): the decisions of its names when every one
+    /// is decided, or else the proposal of those that are not, to be awaited before submitting
+    /// it (only a hint — submitting looks again and refuses what is still undecided). `None`
+    /// on one node.
+    fn names_ahead(&self, batch: &SpanBatch) -> Option<NamesAhead<'_>> {
         let shared = self.names.as_ref()?;
-        let undecided = self.undecided(batch);
-        if undecided.is_empty() {
-            return None;
-        }
-        Some(Box::pin(async move {
-            let _ = tokio::time::timeout(CLUSTER_PATIENCE, shared.propose(undecided)).await;
-        }))
+        Some(match self.decide(batch) {
+            Ok(decided) => NamesAhead::Decided(decided),
+            Err(undecided) => NamesAhead::Proposed(Box::pin(async move {
+                let _ = tokio::time::timeout(CLUSTER_PATIENCE, shared.propose(undecided)).await;
+            })),
+        })
     }
 
     /// The service, operation, series key and peer a span group sent with `service`,
@@ -419,6 +449,24 @@ impl IngestService {
         }
         let (service, operation, key) = c.decided(service, operation)?;
         Some(Counted { service, operation, key, peer: c.decided_peer(service, peer)? })
+    }
+
+    /// [`IngestService::counted`], or what `decided` (found for these very names) says.
+    fn counted_as<'a>(
+        &self,
+        decided: Option<Decided>,
+        service: &'a str,
+        operation: &'a str,
+        peer: &'a str,
+    ) -> Option<Counted<'a>> {
+        let Some(d) = decided else { return self.counted(service, operation, peer) };
+        let or_overflow = |over: bool, sent: &'a str| if over { OVERFLOW } else { sent };
+        Some(Counted {
+            service: or_overflow(d.service_over, service),
+            operation: or_overflow(d.operation_over, operation),
+            key: d.key,
+            peer: or_overflow(d.peer_over, peer),
+        })
     }
 
     /// Counts a request an adapter could not turn into a batch (`reason`: why, as a label of
@@ -463,6 +511,7 @@ impl IngestService {
         mut batch: SpanBatch,
         stats: &mut BatchStats,
         origin: Origin,
+        decided: Option<&[Decided]>,
     ) -> Result<ValidatedBatch, IngestError> {
         // One span may stand for many (its adjusted count under sampling), but not for
         // billions: a weight above the limit is cut to it and counted.
@@ -498,7 +547,7 @@ impl IngestService {
             let (sent_service, sent_operation, kind, sent_peer) =
                 check_key(group.key.as_ref()).map_err(|m| bad(format!("group {i}: {m}")))?;
             let Counted { service, operation, key, peer } = self
-                .counted(sent_service, sent_operation, sent_peer)
+                .counted_as(decided.and_then(|d| d.get(i).copied()), sent_service, sent_operation, sent_peer)
                 .ok_or_else(|| not_agreed(named(format!("group {i}"))))?;
             let service_overflow = overflowed(service, sent_service);
             let overflow = overflowed(operation, sent_operation);
@@ -535,8 +584,9 @@ impl IngestService {
         for (i, delta) in batch.deltas.iter().enumerate() {
             let (sent_service, sent_operation, kind, sent_peer) =
                 check_key(delta.key.as_ref()).map_err(|m| bad(format!("delta {i}: {m}")))?;
+            let at = batch.groups.len() + i;
             let Counted { service, operation, key: hash, peer } = self
-                .counted(sent_service, sent_operation, sent_peer)
+                .counted_as(decided.and_then(|d| d.get(at).copied()), sent_service, sent_operation, sent_peer)
                 .ok_or_else(|| not_agreed(named(format!("delta {i}"))))?;
             let overflow = overflowed(service, sent_service)
                 || overflowed(operation, sent_operation)
@@ -716,6 +766,25 @@ struct Counted<'a> {
     /// The [`series::group_hash`] of `service` and `operation`.
     key: u64,
     peer: &'a str,
+}
+
+/// How a gateway counts one group's or delta's names, found before validation
+/// ([`IngestService::decide`]): the group hash as counted and which names went over their caps
+/// (counted as [`OVERFLOW`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Decided {
+    key: u64,
+    service_over: bool,
+    operation_over: bool,
+    peer_over: bool,
+}
+
+/// What [`IngestService::names_ahead`] found of a batch read ahead.
+pub(crate) enum NamesAhead<'a> {
+    /// Every name is decided: these are the decisions, group by group then delta by delta.
+    Decided(Vec<Decided>),
+    /// Some are not: their proposal, to await before submitting the batch.
+    Proposed(Pin<Box<dyn Future<Output = ()> + Send + 'a>>),
 }
 
 /// The refusal of a batch whose names (of `what`) the gateways have not agreed on. Once

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use super::{IngestError, IngestService, Origin};
+use super::{Decided, IngestError, IngestService, NamesAhead, Origin};
 use crate::pipeline::Admit;
 use crate::sampling::Sampler;
 use crate::series::SpanReject;
@@ -83,7 +83,8 @@ struct StreamState {
 
 /// A batch read ahead, its encoded size, and whether its names were all decided when it was
 /// read: ready once its new names are agreed on (or the proposal gave up).
-type Ahead<'a> = Pin<Box<dyn std::future::Future<Output = (SpanBatch, usize, bool)> + Send + 'a>>;
+type Ahead<'a> =
+    Pin<Box<dyn std::future::Future<Output = (SpanBatch, usize, Option<Vec<Decided>>)> + Send + 'a>>;
 
 /// Most encoded bytes of batches a stream reads ahead while earlier ones wait for their names
 /// (the HTTP/2 window of a stream; one larger batch is still read when none waits).
@@ -187,17 +188,23 @@ impl IngestService {
                     submit = Some((batch, decided));
                 }
                 msg = inbound.message(), if reading && ahead_bytes < AHEAD_BYTES => match msg {
-                    // Names found decided now stay so: submitting does not look them up again.
+                    // Names found decided now stay so: submitting takes the decisions instead
+                    // of looking the names up again.
                     Ok(Some(batch)) => match self.names_ahead(&batch) {
-                        None if ahead.is_empty() => submit = Some((batch, true)),
-                        proposal => {
+                        None if ahead.is_empty() => submit = Some((batch, None)),
+                        Some(NamesAhead::Decided(decided)) if ahead.is_empty() => submit = Some((batch, Some(decided))),
+                        found => {
                             let size = prost::Message::encoded_len(&batch);
                             ahead_bytes += size;
                             ahead.push_back(Box::pin(async move {
-                                let decided = proposal.is_none();
-                                if let Some(proposal) = proposal {
-                                    proposal.await;
-                                }
+                                let decided = match found {
+                                    Some(NamesAhead::Decided(decided)) => Some(decided),
+                                    Some(NamesAhead::Proposed(proposal)) => {
+                                        proposal.await;
+                                        None
+                                    }
+                                    None => None,
+                                };
                                 (batch, size, decided)
                             }));
                         }
@@ -233,13 +240,13 @@ impl IngestService {
         }
     }
 
-    /// Handles one batch (`names_decided`: every name of it was found decided when read). An
-    /// error ends the stream with that status.
+    /// Handles one batch (`decided`: its names' decisions, when every one was found decided
+    /// as it was read). An error ends the stream with that status.
     async fn offer(
         &self,
         st: &mut StreamState,
         batch: SpanBatch,
-        names_decided: bool,
+        decided: Option<Vec<Decided>>,
         reading: &mut bool,
     ) -> Result<(), Status> {
         match st.client {
@@ -260,7 +267,7 @@ impl IngestService {
             }
             return Ok(());
         }
-        match self.submit_decided(batch, Origin::Native, st.owner, names_decided).await {
+        match self.submit_decided(batch, Origin::Native, st.owner, decided).await {
             Ok(receipt) if receipt.duplicate => Ok(()),
             Ok(receipt) => {
                 let stats = receipt.stats;

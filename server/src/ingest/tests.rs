@@ -177,3 +177,131 @@ async fn a_duplicate_is_acknowledged_and_not_counted() {
     assert!(receipt.duplicate);
     assert_eq!(receipt.stats.accepted, 0);
 }
+
+/// Names agreed on at once, as a gateway alone on its names log would: applied to the
+/// gateway's own `Cardinality` in the order proposed.
+#[derive(Debug)]
+struct AppliedAtOnce(Arc<crate::cardinality::Cardinality>);
+
+impl SharedNames for AppliedAtOnce {
+    fn propose(
+        &self,
+        names: Vec<Names>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), NamesRefused>> + Send + '_>> {
+        for n in &names {
+            self.0.apply(n);
+        }
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A batch of one span per (service, operation, peer) given, with a delta for the first.
+fn named_batch(seq: u64, names: &[(&str, &str, &str)]) -> SpanBatch {
+    let key = |(service, operation, peer): &(&str, &str, &str)| SeriesKey {
+        service: (*service).into(),
+        operation: (*operation).into(),
+        peer: (*peer).into(),
+        kind: if peer.is_empty() { 0 } else { tailscope_proto::v1::SpanKind::Client as i32 },
+    };
+    let mut histogram = Histogram::new(Layout::default());
+    histogram.record(1_000_000, 2);
+    SpanBatch {
+        client_id: 9,
+        seq,
+        groups: names
+            .iter()
+            .map(|n| SeriesGroup { key: Some(key(n)), spans: vec![span(1_000, 0)] })
+            .collect(),
+        deltas: names
+            .first()
+            .map(|n| HistogramDelta {
+                key: Some(key(n)),
+                window_start_unix_seconds: (NOW / 1_000_000_000) / 10 * 10 - 10,
+                histogram: histogram.to_bytes(),
+                ..Default::default()
+            })
+            .into_iter()
+            .collect(),
+    }
+}
+
+#[tokio::test]
+async fn a_gateway_counts_with_the_decisions_it_looked_up_once_as_one_node_counts() {
+    // Caps of 2 services, 2 operations and 1 peer per service: the later names overflow.
+    let caps = || Arc::new(crate::cardinality::Cardinality::new(2, 2, 1, []));
+    let one_node = FakeAdmit::new(Some(Admission::Accepted));
+    let single = IngestService::new(
+        one_node.clone(),
+        Arc::new(Metrics::new()),
+        Arc::new(ManualClock::new(NOW)),
+        &IngestConfig::default(),
+        Arc::new(Sampler::new(crate::sampling::SamplingConfig::default())),
+        caps(),
+    );
+    let gateway_admit = FakeAdmit::new(Some(Admission::Accepted));
+    let names = caps();
+    let gateway = IngestService::new(
+        gateway_admit.clone(),
+        Arc::new(Metrics::new()),
+        Arc::new(ManualClock::new(NOW)),
+        &IngestConfig::default(),
+        Arc::new(Sampler::new(crate::sampling::SamplingConfig::default())),
+        names.clone(),
+    )
+    .shared_names(Arc::new(AppliedAtOnce(names)));
+    let batches = [
+        named_batch(1, &[("cart", "add", ""), ("cart", "add", "db"), ("cart", "list", "")]),
+        named_batch(
+            2,
+            &[("cart", "remove", ""), ("search", "q", "idx"), ("search", "q", "cache"), ("users", "get", "")],
+        ),
+        named_batch(
+            3,
+            &[("users", "get", ""), ("cart", "remove", ""), ("search", "q", "cache"), ("cart", "add", "db")],
+        ),
+    ];
+    for (i, b) in batches.into_iter().enumerate() {
+        single.submit(b.clone(), Origin::Native).await.expect("accepted by one node");
+        if i == 2 {
+            // Every name of the last batch is decided by now: the stream's read-ahead hands its
+            // decisions to submitting, which does not look them up again.
+            let Some(NamesAhead::Decided(decided)) = gateway.names_ahead(&b) else {
+                panic!("the names of batch {} were not all decided", b.seq)
+            };
+            assert_eq!(decided.len(), b.groups.len() + b.deltas.len());
+            gateway
+                .submit_decided(b, Origin::Native, 0, Some(decided))
+                .await
+                .expect("accepted by the gateway");
+        } else {
+            gateway.submit(b, Origin::Native).await.expect("accepted by the gateway");
+        }
+    }
+    let routes = |admit: &FakeAdmit| -> Vec<String> {
+        admit
+            .admitted
+            .lock()
+            .iter()
+            .flat_map(|v| {
+                let groups = v.groups.iter().map(|g| {
+                    format!(
+                        "{:x} {:x} {:x} {} {} {}",
+                        g.key, g.ok_series, g.shard, g.overflow, g.service_overflow, g.peer_overflow
+                    )
+                });
+                let deltas = v.deltas.iter().map(|d| format!("{:x} {:x} {:?}", d.key, d.series, d.labels));
+                groups.chain(deltas).collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let (want, got) = (routes(&one_node), routes(&gateway_admit));
+    assert_eq!(want.len(), 14);
+    assert_eq!(got, want);
+    // The caps did bite: overflowed services, operations and peers among them.
+    assert!(want.iter().any(|r| r.ends_with("true false false")), "{want:?}");
+    assert!(
+        want.iter().any(|r| r.ends_with("false true false") || r.ends_with("true true false")),
+        "{want:?}"
+    );
+    assert!(want.iter().any(|r| r.ends_with("false false true")), "{want:?}");
+}
