@@ -20,6 +20,8 @@ pub struct NatsServer {
     /// The monitoring port (`/healthz`, `/jsz`).
     pub http_port: u16,
     config: PathBuf,
+    /// The configuration without what [`NatsCluster::start_with`] added.
+    base: String,
     process: Option<Peer>,
 }
 
@@ -82,12 +84,12 @@ impl NatsCluster {
             } else {
                 String::new()
             };
-            let text = format!(
+            let base = format!(
                 "server_name: {name}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http_port}\nmax_payload: 8MB\n\
-                 jetstream {{ store_dir: {store:?}, max_memory_store: 256MB, max_file_store: 2GB }}\n{cluster}{more}\n"
+                 jetstream {{ store_dir: {store:?}, max_memory_store: 256MB, max_file_store: 2GB }}\n{cluster}"
             );
-            std::fs::write(&config, text).expect("write nats-server config");
-            servers.push(NatsServer { name, port, http_port, config, process: None });
+            std::fs::write(&config, format!("{base}{more}\n")).expect("write nats-server config");
+            servers.push(NatsServer { name, port, http_port, config, base, process: None });
         }
         let mut cluster = NatsCluster { servers, bin: bin.to_owned() };
         for i in 0..n {
@@ -132,6 +134,20 @@ impl NatsCluster {
             .spawn()
             .expect("spawn nats-server");
         s.process = Some(Peer(child));
+    }
+
+    /// Rewrites every server's configuration with `more` in place of what was added before,
+    /// and has each running server reload it (SIGHUP), as an operator rotating credentials
+    /// does.
+    pub fn reconfigure(&mut self, more: &str) {
+        for s in &self.servers {
+            std::fs::write(&s.config, format!("{}{more}\n", s.base)).expect("write nats-server config");
+            if let Some(p) = &s.process {
+                let pid = p.0.id().to_string();
+                let ok = Command::new("kill").args(["-HUP", &pid]).status().is_ok_and(|st| st.success());
+                assert!(ok, "SIGHUP to nats-server {}", s.name);
+            }
+        }
     }
 
     /// SIGKILLs server `i`.

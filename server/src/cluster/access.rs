@@ -1,13 +1,16 @@
 //! How a node reaches NATS: the servers' addresses, TLS (the CA the servers' certificates are
 //! checked against, and this node's own certificate for servers that verify clients) and one
-//! way of authenticating (user and password, a token, or an nkey). Every file is read once,
-//! when the node starts, and a file that cannot be used is named with the key that names it.
+//! way of authenticating (user and password, a token, or an nkey). Every file is read when the
+//! node starts, and a file that cannot be used stops it, named with the key that names it. The
+//! secret files are read again at every reconnection: a password, token or seed rotated on
+//! disk and in NATS (whose reload closes the connections of credentials it no longer takes) is
+//! used without a restart. The certificates are read at start only.
 //!
 //! Every byte one node sends another goes through NATS (the log, the names log, the claims,
 //! the peer reads, the leases), so securing this connection secures the cluster's traffic.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_nats::{ConnectOptions, ServerAddr};
@@ -27,13 +30,39 @@ pub struct NatsAccess {
     auth: Auth,
 }
 
-/// One way of authenticating.
+/// One way of authenticating: where its secret is read from.
 #[derive(Clone)]
 enum Auth {
     Anonymous,
-    User { user: String, password: String },
-    Token(String),
-    NKey(String),
+    User { user: String, password_file: PathBuf },
+    Token(PathBuf),
+    NKey(PathBuf),
+}
+
+impl Auth {
+    /// What to answer a server's `nonce` with, the secret read from its file now.
+    fn credentials(&self, nonce: &[u8]) -> Result<async_nats::Auth, ClusterError> {
+        let mut auth = async_nats::Auth::new();
+        match self {
+            Auth::Anonymous => {}
+            Auth::User { user, password_file } => {
+                auth.username = Some(user.clone());
+                auth.password = Some(secret("password_file", password_file)?);
+            }
+            Auth::Token(path) => auth.token = Some(secret("token_file", path)?),
+            Auth::NKey(path) => {
+                let seed = secret("nkey_seed_file", path)?;
+                let invalid = |e: nkeys::error::Error| ClusterError::Access {
+                    key: "nkey_seed_file",
+                    error: FileError::invalid(path, format!("not an nkey seed: {e}")),
+                };
+                let pair = nkeys::KeyPair::from_seed(&seed).map_err(invalid)?;
+                auth.signature = Some(pair.sign(nonce).map_err(invalid)?);
+                auth.nkey = Some(pair.public_key());
+            }
+        }
+        Ok(auth)
+    }
 }
 
 impl fmt::Debug for NatsAccess {
@@ -67,22 +96,16 @@ impl NatsAccess {
             Some(ca) => Some(client_tls(ca, set(&config.tls_cert_file).zip(set(&config.tls_key_file)))?),
         };
         let auth = if !config.user.is_empty() {
-            Auth::User {
-                user: config.user.clone(),
-                password: secret("password_file", &config.password_file)?,
-            }
+            Auth::User { user: config.user.clone(), password_file: config.password_file.clone() }
         } else if let Some(path) = set(&config.token_file) {
-            Auth::Token(secret("token_file", path)?)
+            Auth::Token(path.to_owned())
         } else if let Some(path) = set(&config.nkey_seed_file) {
-            let seed = secret("nkey_seed_file", path)?;
-            nkeys::KeyPair::from_seed(&seed).map_err(|e| ClusterError::Access {
-                key: "nkey_seed_file",
-                error: FileError::invalid(path, format!("not an nkey seed: {e}")),
-            })?;
-            Auth::NKey(seed)
+            Auth::NKey(path.to_owned())
         } else {
             Auth::Anonymous
         };
+        // Read (and a seed signed with) once now, so a file that cannot be used stops the start.
+        auth.credentials(b"tailscope")?;
         Ok(NatsAccess { addrs, tls, auth })
     }
 
@@ -91,15 +114,18 @@ impl NatsAccess {
         self.addrs.clone()
     }
 
-    /// Options for a connection named `name`, with this node's TLS and credentials.
+    /// Options for a connection named `name`, with this node's TLS and credentials (the secret
+    /// read from its file at each connection and reconnection).
     pub fn options(&self, name: String) -> ConnectOptions {
         let options = match &self.auth {
             Auth::Anonymous => ConnectOptions::new(),
-            Auth::User { user, password } => {
-                ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            auth => {
+                let auth = auth.clone();
+                ConnectOptions::with_auth_callback(move |nonce| {
+                    let auth = auth.clone();
+                    async move { auth.credentials(&nonce).map_err(async_nats::AuthError::new) }
+                })
             }
-            Auth::Token(token) => ConnectOptions::with_token(token.clone()),
-            Auth::NKey(seed) => ConnectOptions::with_nkey(seed.clone()),
         };
         let options = options.name(name);
         match &self.tls {

@@ -1366,3 +1366,62 @@ async fn a_log_message_in_an_unknown_encoding_holds_its_partition_and_a_corrupt_
     assert!(said.contains("skipping a log message that does not decompress"), "{said}");
     assert!(said.contains("compressed as \\\"zstd\\\", which this version cannot read"), "{said}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: a NATS server whose users' passwords are rotated under a running tailscope node, a few seconds"]
+async fn a_rotated_password_is_read_again_when_the_node_reconnects() {
+    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let users =
+        |password: &str| format!("authorization {{ users: [ {{ user: ts, password: \"{password}\" }} ] }}");
+    let mut nats = NatsCluster::start_with(&bin[0], &dir.path().join("nats"), 1, &users("first-secret"));
+    let urls = nats.urls();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "first-secret\n").unwrap();
+    let password_path = password.display().to_string();
+    let mut env = playing("gateway,store,query,ruler");
+    env.extend([
+        ("TAILSCOPE_CLUSTER_USER", "ts"),
+        ("TAILSCOPE_CLUSTER_PASSWORD_FILE", password_path.as_str()),
+    ]);
+    let (_a, grpc, http) = node_with(&dir.path().join("a"), &urls, "a", &env);
+    let now = now_nanos();
+    deliver(grpc, (1..=10).map(|seq| make_batch(0xA7, seq, now)).collect()).await;
+    let (status, body) = counted_with(http, now, "strong").await;
+    assert_eq!((status, count_of(&body)), (200, 600), "{body}");
+
+    // The operator rotates the password: the file first, then NATS, whose reload closes the
+    // connections of the old one. The node reconnects with what the file now says.
+    std::fs::write(&password, "second-secret\n").unwrap();
+    nats.reconfigure(&users("second-secret"));
+    let more = tokio::spawn(deliver(grpc, (1..=20).map(|seq| make_batch(0xA7, seq, now)).collect()));
+    assert_eventually!(
+        {
+            let (status, body) = counted_with(http, now, "strong").await;
+            status == 200 && count_of(&body) == 1200
+        },
+        "the node did not take spans again after the rotation: {:?}",
+        counted_with(http, now, "strong").await
+    );
+    more.await.unwrap();
+    // The old password is refused now: the rotation did reach NATS.
+    let old = refused_rotation(&dir, &urls);
+    assert!(old.contains("authorization violation"), "{old}");
+}
+
+/// A node started with the password from before the rotation: what it said.
+fn refused_rotation(dir: &tempfile::TempDir, urls: &str) -> String {
+    let stale = dir.path().join("stale-password");
+    std::fs::write(&stale, "first-secret").unwrap();
+    let stale = stale.display().to_string();
+    let env = [
+        ("TAILSCOPE_CLUSTER_NATS", urls),
+        ("TAILSCOPE_CLUSTER_NODE_ID", "b"),
+        ("TAILSCOPE_CLUSTER_PARTITIONS", PARTITIONS),
+        ("TAILSCOPE_CLUSTER_NAME", "ts"),
+        ("TAILSCOPE_CLUSTER_STREAM_REPLICAS", "1"),
+        ("TAILSCOPE_CLUSTER_USER", "ts"),
+        ("TAILSCOPE_CLUSTER_PASSWORD_FILE", stale.as_str()),
+    ];
+    refused_start(&dir.path().join("b"), &env)
+}

@@ -1,5 +1,3 @@
-use std::path::PathBuf;
-
 use super::*;
 
 fn on(dir: &Path) -> ClusterConfig {
