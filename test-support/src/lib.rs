@@ -126,6 +126,10 @@ pub mod pki {
     /// The files of one certificate authority's certificates.
     #[derive(Debug, Clone)]
     pub struct Pki {
+        /// The CA's certificate and key, to issue more ([`Pki::issue_client`]).
+        issuer: std::sync::Arc<Issuer>,
+        dir: PathBuf,
+        prefix: String,
         /// The CA certificate (trust it to verify the others).
         pub ca: PathBuf,
         /// The server certificate and its key.
@@ -136,6 +140,15 @@ pub mod pki {
         pub client_cert: PathBuf,
         /// The client key.
         pub client_key: PathBuf,
+    }
+
+    /// A CA's certificate and key.
+    struct Issuer(rcgen::Certificate, KeyPair);
+
+    impl std::fmt::Debug for Issuer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Issuer")
+        }
     }
 
     impl Pki {
@@ -161,12 +174,31 @@ pub mod pki {
                 path
             };
             Pki {
+                dir: dir.to_owned(),
+                prefix: prefix.to_owned(),
                 ca: write("ca.pem", &ca.pem()),
                 server_cert: write("server.pem", &server_cert),
                 server_key: write("server-key.pem", &server_key),
                 client_cert: write("client.pem", &client_cert),
                 client_key: write("client-key.pem", &client_key),
+                issuer: std::sync::Arc::new(Issuer(ca, ca_key)),
             }
+        }
+
+        /// Another client certificate of this CA, for `common_name`, written as
+        /// `<prefix><name>.pem` and `<prefix><name>-key.pem`: (certificate, key).
+        pub fn issue_client(&self, name: &str, common_name: &str) -> (PathBuf, PathBuf) {
+            let mut params = CertificateParams::new(vec![format!("{name}.test")]).unwrap();
+            params.distinguished_name.push(DnType::CommonName, common_name);
+            let key = KeyPair::generate().unwrap();
+            let Issuer(ca, ca_key) = &*self.issuer;
+            let cert = params.signed_by(&key, ca, ca_key).unwrap();
+            let write = |file: String, pem: String| {
+                let path = self.dir.join(format!("{}{file}", self.prefix));
+                std::fs::write(&path, pem).unwrap();
+                path
+            };
+            (write(format!("{name}.pem"), cert.pem()), write(format!("{name}-key.pem"), key.serialize_pem()))
         }
     }
 }

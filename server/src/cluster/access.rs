@@ -4,7 +4,8 @@
 //! node starts, and a file that cannot be used stops it, named with the key that names it. The
 //! secret files are read again at every reconnection: a password, token or seed rotated on
 //! disk and in NATS (whose reload closes the connections of credentials it no longer takes) is
-//! used without a restart. The certificates are read at start only.
+//! used without a restart; so is this node's client certificate, read again at every TLS
+//! handshake. The CA is read at start only.
 //!
 //! Every byte one node sends another goes through NATS (the log, the names log, the claims,
 //! the peer reads, the leases), so securing this connection secures the cluster's traffic.
@@ -14,8 +15,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_nats::{ConnectOptions, ServerAddr};
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
 
 use super::config::{set, ClusterConfig};
@@ -165,23 +168,79 @@ fn client_tls(ca: &Path, client: Option<(&Path, &Path)>) -> Result<rustls::Clien
         return Err(err("tls_ca_file", ca, "no certificate in it".into()));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| err("tls_ca_file", ca, e.to_string()))?
         .with_root_certificates(roots);
-    let Some((cert_path, key_path)) = client else { return Ok(builder.with_no_client_auth()) };
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(&read("tls_cert_file", cert_path)?)
-            .collect::<Result<_, _>>()
-            .map_err(|e| err("tls_cert_file", cert_path, e.to_string()))?;
-    if certs.is_empty() {
-        return Err(err("tls_cert_file", cert_path, "no certificate in it".into()));
+    let Some((cert, key)) = client else { return Ok(builder.with_no_client_auth()) };
+    let resolver = ClientCert::load(cert.to_owned(), key.to_owned(), provider)?;
+    Ok(builder.with_client_cert_resolver(Arc::new(resolver)))
+}
+
+/// This node's client certificate, read from its files again at every TLS handshake (a
+/// connection or reconnection to NATS, a few per node), so a renewed certificate is presented
+/// from the next connection on without a restart. Files that cannot be used then are logged
+/// and the last good certificate is presented.
+#[derive(Debug)]
+struct ClientCert {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    last: parking_lot::Mutex<Arc<CertifiedKey>>,
+}
+
+impl ClientCert {
+    /// Reads the certificate and key once; an error names the file and its key.
+    fn load(
+        cert: PathBuf,
+        key: PathBuf,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Result<ClientCert, ClusterError> {
+        let first = read_certified(&cert, &key, &provider)?;
+        Ok(ClientCert { cert, key, provider, last: parking_lot::Mutex::new(Arc::new(first)) })
     }
-    let key = PrivateKeyDer::from_pem_slice(&read("tls_key_file", key_path)?)
-        .map_err(|e| err("tls_key_file", key_path, e.to_string()))?;
-    builder
-        .with_client_auth_cert(certs, key)
-        .map_err(|e| err("tls_key_file", key_path, format!("does not fit cluster.tls_cert_file: {e}")))
+}
+
+impl ResolvesClientCert for ClientCert {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        let mut last = self.last.lock();
+        match read_certified(&self.cert, &self.key, &self.provider) {
+            Ok(now) => *last = Arc::new(now),
+            Err(e) => {
+                tracing::warn!(error = %e, "the NATS client certificate cannot be read again; presenting the last one read")
+            }
+        }
+        Some(last.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The certificate chain in `cert` with the key in `key`, checked to fit each other.
+fn read_certified(
+    cert: &Path,
+    key: &Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<CertifiedKey, ClusterError> {
+    let err = |name: &'static str, path: &Path, message: String| ClusterError::Access {
+        key: name,
+        error: FileError::invalid(path, message),
+    };
+    let read = |name: &'static str, path: &Path| {
+        files::read(path).map_err(|error| ClusterError::Access { key: name, error })
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read("tls_cert_file", cert)?)
+        .collect::<Result<_, _>>()
+        .map_err(|e| err("tls_cert_file", cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(err("tls_cert_file", cert, "no certificate in it".into()));
+    }
+    let private = PrivateKeyDer::from_pem_slice(&read("tls_key_file", key)?)
+        .map_err(|e| err("tls_key_file", key, e.to_string()))?;
+    CertifiedKey::from_der(chain, private, provider)
+        .map_err(|e| err("tls_key_file", key, format!("does not fit cluster.tls_cert_file: {e}")))
 }
 
 #[cfg(test)]

@@ -1425,3 +1425,55 @@ fn refused_rotation(dir: &tempfile::TempDir, urls: &str) -> String {
     ];
     refused_start(&dir.path().join("b"), &env)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: a NATS server that maps client certificates to users, one renewed under a running tailscope node, a few seconds"]
+async fn a_renewed_client_certificate_is_presented_when_the_node_reconnects() {
+    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tailscope_test_support::pki::Pki::new(dir.path(), "map-");
+    let path = |p: &Path| p.display().to_string();
+    // NATS knows a node by its certificate (`verify_and_map`: the DNS name in it is the user).
+    let (v1_cert, v1_key) = pki.issue_client("node-v1", "node");
+    let (v2_cert, v2_key) = pki.issue_client("node-v2", "node");
+    let tls = format!(
+        "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify_and_map: true }}\n",
+        path(&pki.server_cert),
+        path(&pki.server_key),
+        path(&pki.ca)
+    );
+    let users = |user: &str| format!("{tls}authorization {{ users: [ {{ user: \"{user}\" }} ] }}");
+    let mut nats = NatsCluster::start_with(&bin[0], &dir.path().join("nats"), 1, &users("node-v1.test"));
+    let urls = nats.urls();
+    let (cert, key) = (dir.path().join("node.pem"), dir.path().join("node-key.pem"));
+    std::fs::copy(&v1_cert, &cert).unwrap();
+    std::fs::copy(&v1_key, &key).unwrap();
+    let (ca, cert_path, key_path) = (path(&pki.ca), path(&cert), path(&key));
+    let mut env = playing("gateway,store,query,ruler");
+    env.extend([
+        ("TAILSCOPE_CLUSTER_TLS_CA_FILE", ca.as_str()),
+        ("TAILSCOPE_CLUSTER_TLS_CERT_FILE", cert_path.as_str()),
+        ("TAILSCOPE_CLUSTER_TLS_KEY_FILE", key_path.as_str()),
+    ]);
+    let (_a, grpc, http) = node_with(&dir.path().join("a"), &urls, "a", &env);
+    let now = now_nanos();
+    deliver(grpc, (1..=10).map(|seq| make_batch(0xC7, seq, now)).collect()).await;
+    let (status, body) = counted_with(http, now, "strong").await;
+    assert_eq!((status, count_of(&body)), (200, 600), "{body}");
+
+    // The certificate is renewed: new files, and NATS told to take the new one only (its
+    // reload closes the connections of the old). The node reconnects presenting the new one.
+    std::fs::copy(&v2_cert, &cert).unwrap();
+    std::fs::copy(&v2_key, &key).unwrap();
+    nats.reconfigure(&users("node-v2.test"));
+    let more = tokio::spawn(deliver(grpc, (1..=20).map(|seq| make_batch(0xC7, seq, now)).collect()));
+    assert_eventually!(
+        {
+            let (status, body) = counted_with(http, now, "strong").await;
+            status == 200 && count_of(&body) == 1200
+        },
+        "the node did not take spans again after the renewal: {:?}",
+        counted_with(http, now, "strong").await
+    );
+    more.await.unwrap();
+}
