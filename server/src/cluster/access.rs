@@ -4,8 +4,8 @@
 //! node starts, and a file that cannot be used stops it, named with the key that names it. The
 //! secret files are read again at every reconnection: a password, token or seed rotated on
 //! disk and in NATS (whose reload closes the connections of credentials it no longer takes) is
-//! used without a restart; so is this node's client certificate, read again at every TLS
-//! handshake. The CA is read at start only.
+//! used without a restart; so are this node's client certificate and the CA the servers are
+//! verified against, read again at every TLS handshake.
 //!
 //! Every byte one node sends another goes through NATS (the log, the names log, the claims,
 //! the peer reads, the leases), so securing this connection secures the cluster's traffic.
@@ -15,10 +15,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_nats::{ConnectOptions, ServerAddr};
-use rustls::client::ResolvesClientCert;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
+use rustls::DigitallySignedStruct;
 use rustls::RootCertStore;
 
 use super::config::{set, ClusterConfig};
@@ -152,29 +155,106 @@ fn secret(key: &'static str, path: &Path) -> Result<String, ClusterError> {
 /// A TLS client configuration trusting the CA in `ca`, presenting `client` (certificate and
 /// key files) when given.
 fn client_tls(ca: &Path, client: Option<(&Path, &Path)>) -> Result<rustls::ClientConfig, ClusterError> {
-    let err = |key: &'static str, path: &Path, message: String| ClusterError::Access {
-        key,
-        error: FileError::invalid(path, message),
-    };
-    let read = |key: &'static str, path: &Path| {
-        files::read(path).map_err(|error| ClusterError::Access { key, error })
-    };
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&read("tls_ca_file", ca)?) {
-        let cert = cert.map_err(|e| err("tls_ca_file", ca, e.to_string()))?;
-        roots.add(cert).map_err(|e| err("tls_ca_file", ca, e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(err("tls_ca_file", ca, "no certificate in it".into()));
-    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let roots = ServerRoots::load(ca.to_owned(), provider.clone())?;
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| err("tls_ca_file", ca, e.to_string()))?
-        .with_root_certificates(roots);
+        .map_err(|e| ClusterError::Access {
+            key: "tls_ca_file",
+            error: FileError::invalid(ca, e.to_string()),
+        })?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(roots));
     let Some((cert, key)) = client else { return Ok(builder.with_no_client_auth()) };
     let resolver = ClientCert::load(cert.to_owned(), key.to_owned(), provider)?;
     Ok(builder.with_client_cert_resolver(Arc::new(resolver)))
+}
+
+/// The CA the NATS servers' certificates are verified against, read from its file again at
+/// every TLS handshake (so a CA rotated on disk is trusted from the next connection on); each
+/// check is rustls' own WebPKI verification with those roots. A file that cannot be used then
+/// is logged and the roots last read are used.
+#[derive(Debug)]
+struct ServerRoots {
+    ca: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    last: parking_lot::Mutex<Arc<WebPkiServerVerifier>>,
+}
+
+impl ServerRoots {
+    /// Reads the CA once; an error names the file.
+    fn load(ca: PathBuf, provider: Arc<rustls::crypto::CryptoProvider>) -> Result<ServerRoots, ClusterError> {
+        let first = read_roots(&ca, &provider)?;
+        Ok(ServerRoots { ca, provider, last: parking_lot::Mutex::new(first) })
+    }
+
+    /// The verifier of the CA the file holds now (or, when it cannot be used, the last one).
+    fn current(&self) -> Arc<WebPkiServerVerifier> {
+        let mut last = self.last.lock();
+        match read_roots(&self.ca, &self.provider) {
+            Ok(now) => *last = now,
+            Err(e) => {
+                tracing::warn!(error = %e, "the NATS servers' CA cannot be read again; verifying with the last one read")
+            }
+        }
+        last.clone()
+    }
+}
+
+impl ServerCertVerifier for ServerRoots {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.current().verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.last.lock().clone().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.last.lock().clone().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.last.lock().supported_verify_schemes()
+    }
+}
+
+/// A verifier trusting the CA certificates in `ca`.
+fn read_roots(
+    ca: &Path,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<WebPkiServerVerifier>, ClusterError> {
+    let err =
+        |message: String| ClusterError::Access { key: "tls_ca_file", error: FileError::invalid(ca, message) };
+    let bytes = files::read(ca).map_err(|error| ClusterError::Access { key: "tls_ca_file", error })?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&bytes) {
+        let cert = cert.map_err(|e| err(e.to_string()))?;
+        roots.add(cert).map_err(|e| err(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(err("no certificate in it".into()));
+    }
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| err(e.to_string()))
 }
 
 /// This node's client certificate, read from its files again at every TLS handshake (a

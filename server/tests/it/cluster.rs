@@ -1477,3 +1477,48 @@ async fn a_renewed_client_certificate_is_presented_when_the_node_reconnects() {
     );
     more.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: a NATS server moved to a certificate of a new CA under a running tailscope node, a few seconds"]
+async fn a_rotated_ca_is_trusted_when_the_node_reconnects() {
+    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (
+        tailscope_test_support::pki::Pki::new(dir.path(), "old-"),
+        tailscope_test_support::pki::Pki::new(dir.path(), "new-"),
+    );
+    let path = |p: &Path| p.display().to_string();
+    let tls = |pki: &tailscope_test_support::pki::Pki| {
+        format!("tls {{ cert_file: {:?}, key_file: {:?} }}", path(&pki.server_cert), path(&pki.server_key))
+    };
+    let mut nats = NatsCluster::start_with(&bin[0], &dir.path().join("nats"), 1, &tls(&old));
+    let urls = nats.urls();
+    let ca = dir.path().join("ca.pem");
+    std::fs::copy(&old.ca, &ca).unwrap();
+    let ca_path = path(&ca);
+    let mut env = playing("gateway,store,query,ruler");
+    env.push(("TAILSCOPE_CLUSTER_TLS_CA_FILE", ca_path.as_str()));
+    let (_a, grpc, http) = node_with(&dir.path().join("a"), &urls, "a", &env);
+    let now = now_nanos();
+    deliver(grpc, (1..=10).map(|seq| make_batch(0xCA, seq, now)).collect()).await;
+    let (status, body) = counted_with(http, now, "strong").await;
+    assert_eq!((status, count_of(&body)), (200, 600), "{body}");
+
+    // The servers move to a certificate of a new CA: the node's CA file first (the new CA
+    // alone, so only a file read again can verify the server), then NATS restarted on the new
+    // certificate. The node reconnects, trusting what the file now holds.
+    std::fs::copy(&new.ca, &ca).unwrap();
+    nats.reconfigure(&tls(&new));
+    nats.kill(0);
+    nats.start_server(0);
+    let more = tokio::spawn(deliver(grpc, (1..=20).map(|seq| make_batch(0xCA, seq, now)).collect()));
+    assert_eventually!(
+        {
+            let (status, body) = counted_with(http, now, "strong").await;
+            status == 200 && count_of(&body) == 1200
+        },
+        "the node did not take spans again after the CA rotation: {:?}",
+        counted_with(http, now, "strong").await
+    );
+    more.await.unwrap();
+}

@@ -65,3 +65,33 @@ fn certificates_and_secrets_are_read_once_and_a_bad_file_is_named_with_its_key()
         NatsAccess::load(&ClusterConfig { nkey_seed_file: dir.path().join("seed"), ..anonymous }).unwrap();
     assert!(format!("{access:?}").contains("nkey"));
 }
+
+#[test]
+fn the_servers_are_verified_against_the_ca_the_file_holds_at_each_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        tailscope_test_support::pki::Pki::new(dir.path(), "a-"),
+        tailscope_test_support::pki::Pki::new(dir.path(), "b-"),
+    );
+    let leaf = |pki: &tailscope_test_support::pki::Pki| {
+        CertificateDer::pem_file_iter(&pki.server_cert).unwrap().next().unwrap().unwrap()
+    };
+    let ca = dir.path().join("ca.pem");
+    std::fs::copy(&a.ca, &ca).unwrap();
+    let roots = ServerRoots::load(ca.clone(), Arc::new(rustls::crypto::ring::default_provider())).unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let verify = |pki| roots.verify_server_cert(&leaf(pki), &[], &name, &[], UnixTime::now());
+    assert!(verify(&a).is_ok());
+    assert!(verify(&b).is_err(), "a server of another CA was trusted");
+    // The file now holds the other CA: trusted from the next handshake on, the first not.
+    std::fs::copy(&b.ca, &ca).unwrap();
+    assert!(verify(&b).is_ok());
+    assert!(verify(&a).is_err());
+    // A file that cannot be read then keeps the CA last read.
+    std::fs::write(&ca, "garbage").unwrap();
+    assert!(verify(&b).is_ok());
+    assert!(verify(&a).is_err());
+    // The name is checked too.
+    let other = ServerName::try_from("example.com").unwrap();
+    assert!(roots.verify_server_cert(&leaf(&b), &[], &other, &[], UnixTime::now()).is_err());
+}
