@@ -1,11 +1,12 @@
 //! How a node reaches NATS: the servers' addresses, TLS (the CA the servers' certificates are
 //! checked against, and this node's own certificate for servers that verify clients) and one
-//! way of authenticating (user and password, a token, or an nkey). Every file is read when the
-//! node starts, and a file that cannot be used stops it, named with the key that names it. The
-//! secret files are read again at every reconnection: a password, token or seed rotated on
-//! disk and in NATS (whose reload closes the connections of credentials it no longer takes) is
-//! used without a restart; so are this node's client certificate and the CA the servers are
-//! verified against, read again at every TLS handshake.
+//! way of authenticating (user and password, a token, an nkey, or a `.creds` file's user JWT).
+//! Every file is read when the node starts, and a file that cannot be used stops it, named
+//! with the key that names it. The secret files are read again at every reconnection: a
+//! password, token, seed or credentials file rotated on disk and in NATS (whose reload closes
+//! the connections of credentials it no longer takes) is used without a restart; so are this
+//! node's client certificate and the CA the servers are verified against, read again at every
+//! TLS handshake.
 //!
 //! Every byte one node sends another goes through NATS (the log, the names log, the claims,
 //! the peer reads, the leases), so securing this connection secures the cluster's traffic.
@@ -40,9 +41,14 @@ pub struct NatsAccess {
 #[derive(Clone)]
 enum Auth {
     Anonymous,
-    User { user: String, password_file: PathBuf },
+    User {
+        user: String,
+        password_file: PathBuf,
+    },
     Token(PathBuf),
     NKey(PathBuf),
+    /// A `.creds` file: a user JWT and the seed that signs for it.
+    Creds(PathBuf),
 }
 
 impl Auth {
@@ -66,6 +72,21 @@ impl Auth {
                 auth.signature = Some(pair.sign(nonce).map_err(invalid)?);
                 auth.nkey = Some(pair.public_key());
             }
+            Auth::Creds(path) => {
+                let text = files::read_to_string(path)
+                    .map_err(|error| ClusterError::Access { key: "credentials_file", error })?;
+                let invalid = |message: String| ClusterError::Access {
+                    key: "credentials_file",
+                    error: FileError::invalid(path, message),
+                };
+                let (jwt, seed) = parse_creds(&text).ok_or_else(|| {
+                    invalid("no user JWT and nkey seed between `-----BEGIN ...-----` lines in it".into())
+                })?;
+                let pair =
+                    nkeys::KeyPair::from_seed(seed).map_err(|e| invalid(format!("not an nkey seed: {e}")))?;
+                auth.signature = Some(pair.sign(nonce).map_err(|e| invalid(e.to_string()))?);
+                auth.jwt = Some(jwt.to_owned());
+            }
         }
         Ok(auth)
     }
@@ -79,6 +100,7 @@ impl fmt::Debug for NatsAccess {
             Auth::User { user, .. } => format!("user {user:?}"),
             Auth::Token(_) => "token".to_owned(),
             Auth::NKey(_) => "nkey".to_owned(),
+            Auth::Creds(_) => "credentials file".to_owned(),
         };
         f.debug_struct("NatsAccess")
             .field("addrs", &self.addrs)
@@ -107,6 +129,8 @@ impl NatsAccess {
             Auth::Token(path.to_owned())
         } else if let Some(path) = set(&config.nkey_seed_file) {
             Auth::NKey(path.to_owned())
+        } else if let Some(path) = set(&config.credentials_file) {
+            Auth::Creds(path.to_owned())
         } else {
             Auth::Anonymous
         };
@@ -139,6 +163,18 @@ impl NatsAccess {
             None => options,
         }
     }
+}
+
+/// The user JWT and the nkey seed of a NATS credentials file: the first two lines that each
+/// stand alone between two lines of dashes (`-----BEGIN NATS USER JWT-----` ...).
+fn parse_creds(text: &str) -> Option<(&str, &str)> {
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let fence = |l: &str| l.len() >= 6 && l.starts_with("---") && l.ends_with("---");
+    let mut found =
+        lines.windows(3).filter(|w| fence(w[0]) && fence(w[2]) && !w[1].is_empty() && !fence(w[1]));
+    let jwt = found.next()?[1];
+    let seed = found.next()?[1];
+    Some((jwt, seed))
 }
 
 /// The text of the secret file `path` (named by `cluster.<key>`), without surrounding

@@ -29,6 +29,9 @@ pub struct ClusterConfig {
     pub token_file: PathBuf,
     /// A file holding this node's NATS nkey seed (`SU...`); instead of `user` or `token_file`.
     pub nkey_seed_file: PathBuf,
+    /// A NATS credentials file (`.creds`: a user JWT and its nkey seed, as `nsc` writes them),
+    /// for NATS in operator mode; instead of the others.
+    pub credentials_file: PathBuf,
     /// This node's name: unique in the cluster (it names the node's gateway in message ids).
     pub node_id: String,
     /// The cluster's name: its streams are `<name>_p<N>`, their subjects `<name>.p.<N>`.
@@ -125,6 +128,7 @@ impl Default for ClusterConfig {
             password_file: PathBuf::new(),
             token_file: PathBuf::new(),
             nkey_seed_file: PathBuf::new(),
+            credentials_file: PathBuf::new(),
             node_id: String::new(),
             name: "tailscope".into(),
             partitions: 16,
@@ -232,6 +236,7 @@ impl ClusterConfig {
             (!self.user.is_empty()).then_some("cluster.user"),
             set(&self.token_file).map(|_| "cluster.token_file"),
             set(&self.nkey_seed_file).map(|_| "cluster.nkey_seed_file"),
+            set(&self.credentials_file).map(|_| "cluster.credentials_file"),
         ]
         .into_iter()
         .flatten()

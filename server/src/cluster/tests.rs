@@ -76,6 +76,14 @@ fn cluster_settings_are_checked_only_when_it_is_on() {
     assert_eq!(on(user), None);
     assert_eq!(on(|c| c.token_file = "t".into()), None);
     assert_eq!(on(|c| c.nkey_seed_file = "s".into()), None);
+    assert_eq!(on(|c| c.credentials_file = "n.creds".into()), None);
+    assert_eq!(
+        on(|c| {
+            c.nkey_seed_file = "s".into();
+            c.credentials_file = "n.creds".into();
+        }),
+        Some("cluster.nkey_seed_file")
+    );
     assert_eq!(
         on(|c| {
             user(c);

@@ -1522,3 +1522,117 @@ async fn a_rotated_ca_is_trusted_when_the_node_reconnects() {
     );
     more.await.unwrap();
 }
+
+/// A NATS JWT (v2) for `subject`, signed by `issuer`, with `nats` as its NATS claims.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = serde_json::json!({
+        "jti": format!("TAILSCOPETEST{}", subject.len() * 7 + name.len()),
+        "iat": now_nanos() / 1_000_000_000,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let body = format!("{header}.{}", b64(claims.to_string().as_bytes()));
+    let signature = issuer.sign(body.as_bytes()).unwrap();
+    format!("{body}.{}", b64(&signature))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: a NATS server in operator mode and a tailscope node with a .creds file, a few seconds"]
+async fn a_node_authenticates_with_a_credentials_file_to_nats_in_operator_mode() {
+    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (operator, account, user) =
+        (nkeys::KeyPair::new_operator(), nkeys::KeyPair::new_account(), nkeys::KeyPair::new_user());
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "O",
+        serde_json::json!({ "type": "operator", "version": 2 }),
+    );
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
+        "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        "tailscope",
+        serde_json::json!({ "limits": unlimited, "type": "account", "version": 2 }),
+    );
+    let creds = |user: &nkeys::KeyPair, name: &str| {
+        let jwt = nats_jwt(
+            &account,
+            &user.public_key(),
+            name,
+            serde_json::json!({ "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2 }),
+        );
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        )
+    };
+    // JetStream in operator mode needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = nats_jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({ "type": "account", "version": 2 }),
+    );
+    let more = format!(
+        "operator: {operator_jwt}\nsystem_account: {sys}\nresolver: MEMORY\n\
+         resolver_preload: {{ {sys}: {system_jwt}, {}: {account_jwt} }}",
+        account.public_key(),
+        sys = system.public_key()
+    );
+    let nats = NatsCluster::start_with(&bin[0], &dir.path().join("nats"), 1, &more);
+    let urls = nats.urls();
+    let file = dir.path().join("node.creds");
+    std::fs::write(&file, creds(&user, "node")).unwrap();
+    let file = file.display().to_string();
+    let mut env = playing("gateway,store,query,ruler");
+    env.push(("TAILSCOPE_CLUSTER_CREDENTIALS_FILE", file.as_str()));
+    let (_a, grpc, http) = node_with(&dir.path().join("a"), &urls, "a", &env);
+    let now = now_nanos();
+    deliver(grpc, (1..=10).map(|seq| make_batch(0xCE, seq, now)).collect()).await;
+    let (status, body) = counted_with(http, now, "strong").await;
+    assert_eq!((status, count_of(&body)), (200, 600), "{body}");
+
+    // A user JWT its account did not sign is refused, naming why.
+    let stranger = nkeys::KeyPair::new_account();
+    let forged = dir.path().join("forged.creds");
+    let jwt = nats_jwt(
+        &stranger,
+        &user.public_key(),
+        "forged",
+        serde_json::json!({ "pub": {}, "sub": {}, "type": "user", "version": 2 }),
+    );
+    std::fs::write(
+        &forged,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        ),
+    )
+    .unwrap();
+    let forged = forged.display().to_string();
+    let env = [
+        ("TAILSCOPE_CLUSTER_NATS", urls.as_str()),
+        ("TAILSCOPE_CLUSTER_NODE_ID", "f"),
+        ("TAILSCOPE_CLUSTER_PARTITIONS", PARTITIONS),
+        ("TAILSCOPE_CLUSTER_NAME", "ts"),
+        ("TAILSCOPE_CLUSTER_STREAM_REPLICAS", "1"),
+        ("TAILSCOPE_CLUSTER_CREDENTIALS_FILE", forged.as_str()),
+    ];
+    let said = refused_start(&dir.path().join("f"), &env);
+    assert!(said.contains("cannot connect to NATS") && said.contains("authorization violation"), "{said}");
+}

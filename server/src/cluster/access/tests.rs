@@ -62,8 +62,26 @@ fn certificates_and_secrets_are_read_once_and_a_bad_file_is_named_with_its_key()
     let user = nkeys::KeyPair::new_user();
     std::fs::write(dir.path().join("seed"), user.seed().unwrap()).unwrap();
     let access =
-        NatsAccess::load(&ClusterConfig { nkey_seed_file: dir.path().join("seed"), ..anonymous }).unwrap();
+        NatsAccess::load(&ClusterConfig { nkey_seed_file: dir.path().join("seed"), ..anonymous.clone() })
+            .unwrap();
     assert!(format!("{access:?}").contains("nkey"));
+    // A credentials file: its JWT and seed between the fences, or refused naming the key.
+    let creds = dir.path().join("node.creds");
+    std::fs::write(&creds, "just a JWT, no fences\n").unwrap();
+    let (key, message) = refused(&ClusterConfig { credentials_file: creds.clone(), ..anonymous.clone() });
+    assert_eq!(key, "credentials_file");
+    assert!(message.contains("no user JWT and nkey seed"), "{message}");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\neyJ0eXAi.e30.c2ln\n------END NATS USER JWT------\n\n\
+             ***** IMPORTANT *****\n\n-----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        ),
+    )
+    .unwrap();
+    let access = NatsAccess::load(&ClusterConfig { credentials_file: creds, ..anonymous }).unwrap();
+    assert!(format!("{access:?}").contains("credentials file"));
 }
 
 #[test]
