@@ -1163,6 +1163,39 @@ async fn a_stream_of_new_names_is_counted_once_within_the_cap() {
     assert!((1_500.0..=2_000.0).contains(&proposed), "{proposed} names proposed");
 }
 
+/// Streams 10 batches of `client` to a node and checks a strong read counts them all; then
+/// `change` (a credential or certificate rotated under the node) and 20 batches (the first 10
+/// resent), until a strong read counts every one once: the node carried on across the change.
+async fn counts_across(grpc: SocketAddr, http: SocketAddr, client: u64, change: impl FnOnce()) {
+    let now = now_nanos();
+    deliver(grpc, (1..=10).map(|seq| make_batch(client, seq, now)).collect()).await;
+    let (status, body) = counted_with(http, now, "strong").await;
+    assert_eq!((status, count_of(&body)), (200, 600), "{body}");
+    change();
+    let more = tokio::spawn(deliver(grpc, (1..=20).map(|seq| make_batch(client, seq, now)).collect()));
+    assert_eventually!(
+        {
+            let (status, body) = counted_with(http, now, "strong").await;
+            status == 200 && count_of(&body) == 1200
+        },
+        "the node did not take spans again after the change: {:?}",
+        counted_with(http, now, "strong").await
+    );
+    more.await.unwrap();
+}
+
+/// The environment of a cluster node `id` of this file's cluster on `urls` (one stream copy),
+/// before any credentials.
+fn bare<'a>(urls: &'a str, id: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("TAILSCOPE_CLUSTER_NATS", urls),
+        ("TAILSCOPE_CLUSTER_NODE_ID", id),
+        ("TAILSCOPE_CLUSTER_PARTITIONS", PARTITIONS),
+        ("TAILSCOPE_CLUSTER_NAME", "ts"),
+        ("TAILSCOPE_CLUSTER_STREAM_REPLICAS", "1"),
+    ]
+}
+
 /// Starts a node that must not start; what it said on stderr once it exited (at most 30 s).
 fn refused_start(dir: &Path, env: &[(&str, &str)]) -> String {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tailscope-server"))
@@ -1261,14 +1294,9 @@ async fn nodes_reach_nats_only_over_verified_tls_with_their_own_credentials() {
     // password, a certificate from a CA the servers do not trust, and no CA to check the
     // servers' certificate against.
     let cluster = |id: &'static str| -> Vec<(&str, &str)> {
-        vec![
-            ("TAILSCOPE_CLUSTER_NATS", urls.as_str()),
-            ("TAILSCOPE_CLUSTER_NODE_ID", id),
-            ("TAILSCOPE_CLUSTER_PARTITIONS", PARTITIONS),
-            ("TAILSCOPE_CLUSTER_NAME", "ts"),
-            ("TAILSCOPE_CLUSTER_STREAM_REPLICAS", "1"),
-            ("TAILSCOPE_CLUSTER_CONNECT_TIMEOUT", "3s"),
-        ]
+        let mut env = bare(&urls, id);
+        env.push(("TAILSCOPE_CLUSTER_CONNECT_TIMEOUT", "3s"));
+        env
     };
     let wrong_env = as_user(&wrong);
     let said = refused_start(&dir.path().join("x1"), &borrowed(&wrong_env, cluster("x1")));
@@ -1385,25 +1413,13 @@ async fn a_rotated_password_is_read_again_when_the_node_reconnects() {
         ("TAILSCOPE_CLUSTER_PASSWORD_FILE", password_path.as_str()),
     ]);
     let (_a, grpc, http) = node_with(&dir.path().join("a"), &urls, "a", &env);
-    let now = now_nanos();
-    deliver(grpc, (1..=10).map(|seq| make_batch(0xA7, seq, now)).collect()).await;
-    let (status, body) = counted_with(http, now, "strong").await;
-    assert_eq!((status, count_of(&body)), (200, 600), "{body}");
-
     // The operator rotates the password: the file first, then NATS, whose reload closes the
     // connections of the old one. The node reconnects with what the file now says.
-    std::fs::write(&password, "second-secret\n").unwrap();
-    nats.reconfigure(&users("second-secret"));
-    let more = tokio::spawn(deliver(grpc, (1..=20).map(|seq| make_batch(0xA7, seq, now)).collect()));
-    assert_eventually!(
-        {
-            let (status, body) = counted_with(http, now, "strong").await;
-            status == 200 && count_of(&body) == 1200
-        },
-        "the node did not take spans again after the rotation: {:?}",
-        counted_with(http, now, "strong").await
-    );
-    more.await.unwrap();
+    counts_across(grpc, http, 0xA7, || {
+        std::fs::write(&password, "second-secret\n").unwrap();
+        nats.reconfigure(&users("second-secret"));
+    })
+    .await;
     // The old password is refused now: the rotation did reach NATS.
     let old = refused_rotation(&dir, &urls);
     assert!(old.contains("authorization violation"), "{old}");
@@ -1414,15 +1430,8 @@ fn refused_rotation(dir: &tempfile::TempDir, urls: &str) -> String {
     let stale = dir.path().join("stale-password");
     std::fs::write(&stale, "first-secret").unwrap();
     let stale = stale.display().to_string();
-    let env = [
-        ("TAILSCOPE_CLUSTER_NATS", urls),
-        ("TAILSCOPE_CLUSTER_NODE_ID", "b"),
-        ("TAILSCOPE_CLUSTER_PARTITIONS", PARTITIONS),
-        ("TAILSCOPE_CLUSTER_NAME", "ts"),
-        ("TAILSCOPE_CLUSTER_STREAM_REPLICAS", "1"),
-        ("TAILSCOPE_CLUSTER_USER", "ts"),
-        ("TAILSCOPE_CLUSTER_PASSWORD_FILE", stale.as_str()),
-    ];
+    let mut env = bare(urls, "b");
+    env.extend([("TAILSCOPE_CLUSTER_USER", "ts"), ("TAILSCOPE_CLUSTER_PASSWORD_FILE", stale.as_str())]);
     refused_start(&dir.path().join("b"), &env)
 }
 
@@ -1456,26 +1465,14 @@ async fn a_renewed_client_certificate_is_presented_when_the_node_reconnects() {
         ("TAILSCOPE_CLUSTER_TLS_KEY_FILE", key_path.as_str()),
     ]);
     let (_a, grpc, http) = node_with(&dir.path().join("a"), &urls, "a", &env);
-    let now = now_nanos();
-    deliver(grpc, (1..=10).map(|seq| make_batch(0xC7, seq, now)).collect()).await;
-    let (status, body) = counted_with(http, now, "strong").await;
-    assert_eq!((status, count_of(&body)), (200, 600), "{body}");
-
     // The certificate is renewed: new files, and NATS told to take the new one only (its
     // reload closes the connections of the old). The node reconnects presenting the new one.
-    std::fs::copy(&v2_cert, &cert).unwrap();
-    std::fs::copy(&v2_key, &key).unwrap();
-    nats.reconfigure(&users("node-v2.test"));
-    let more = tokio::spawn(deliver(grpc, (1..=20).map(|seq| make_batch(0xC7, seq, now)).collect()));
-    assert_eventually!(
-        {
-            let (status, body) = counted_with(http, now, "strong").await;
-            status == 200 && count_of(&body) == 1200
-        },
-        "the node did not take spans again after the renewal: {:?}",
-        counted_with(http, now, "strong").await
-    );
-    more.await.unwrap();
+    counts_across(grpc, http, 0xC7, || {
+        std::fs::copy(&v2_cert, &cert).unwrap();
+        std::fs::copy(&v2_key, &key).unwrap();
+        nats.reconfigure(&users("node-v2.test"));
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1499,28 +1496,16 @@ async fn a_rotated_ca_is_trusted_when_the_node_reconnects() {
     let mut env = playing("gateway,store,query,ruler");
     env.push(("TAILSCOPE_CLUSTER_TLS_CA_FILE", ca_path.as_str()));
     let (_a, grpc, http) = node_with(&dir.path().join("a"), &urls, "a", &env);
-    let now = now_nanos();
-    deliver(grpc, (1..=10).map(|seq| make_batch(0xCA, seq, now)).collect()).await;
-    let (status, body) = counted_with(http, now, "strong").await;
-    assert_eq!((status, count_of(&body)), (200, 600), "{body}");
-
     // The servers move to a certificate of a new CA: the node's CA file first (the new CA
     // alone, so only a file read again can verify the server), then NATS restarted on the new
     // certificate. The node reconnects, trusting what the file now holds.
-    std::fs::copy(&new.ca, &ca).unwrap();
-    nats.reconfigure(&tls(&new));
-    nats.kill(0);
-    nats.start_server(0);
-    let more = tokio::spawn(deliver(grpc, (1..=20).map(|seq| make_batch(0xCA, seq, now)).collect()));
-    assert_eventually!(
-        {
-            let (status, body) = counted_with(http, now, "strong").await;
-            status == 200 && count_of(&body) == 1200
-        },
-        "the node did not take spans again after the CA rotation: {:?}",
-        counted_with(http, now, "strong").await
-    );
-    more.await.unwrap();
+    counts_across(grpc, http, 0xCA, || {
+        std::fs::copy(&new.ca, &ca).unwrap();
+        nats.reconfigure(&tls(&new));
+        nats.kill(0);
+        nats.start_server(0);
+    })
+    .await;
 }
 
 /// A NATS JWT (v2) for `subject`, signed by `issuer`, with `nats` as its NATS claims.
@@ -1625,14 +1610,8 @@ async fn a_node_authenticates_with_a_credentials_file_to_nats_in_operator_mode()
     )
     .unwrap();
     let forged = forged.display().to_string();
-    let env = [
-        ("TAILSCOPE_CLUSTER_NATS", urls.as_str()),
-        ("TAILSCOPE_CLUSTER_NODE_ID", "f"),
-        ("TAILSCOPE_CLUSTER_PARTITIONS", PARTITIONS),
-        ("TAILSCOPE_CLUSTER_NAME", "ts"),
-        ("TAILSCOPE_CLUSTER_STREAM_REPLICAS", "1"),
-        ("TAILSCOPE_CLUSTER_CREDENTIALS_FILE", forged.as_str()),
-    ];
+    let mut env = bare(&urls, "f");
+    env.push(("TAILSCOPE_CLUSTER_CREDENTIALS_FILE", forged.as_str()));
     let said = refused_start(&dir.path().join("f"), &env);
     assert!(said.contains("cannot connect to NATS") && said.contains("authorization violation"), "{said}");
 }
