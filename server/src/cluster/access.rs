@@ -64,27 +64,21 @@ impl Auth {
             Auth::Token(path) => auth.token = Some(secret("token_file", path)?),
             Auth::NKey(path) => {
                 let seed = secret("nkey_seed_file", path)?;
-                let invalid = |e: nkeys::error::Error| ClusterError::Access {
-                    key: "nkey_seed_file",
-                    error: FileError::invalid(path, format!("not an nkey seed: {e}")),
-                };
-                let pair = nkeys::KeyPair::from_seed(&seed).map_err(invalid)?;
-                auth.signature = Some(pair.sign(nonce).map_err(invalid)?);
-                auth.nkey = Some(pair.public_key());
+                let (public, signature) = sign_nonce("nkey_seed_file", path, &seed, nonce)?;
+                auth.signature = Some(signature);
+                auth.nkey = Some(public);
             }
             Auth::Creds(path) => {
                 let text = files::read_to_string(path)
                     .map_err(|error| ClusterError::Access { key: "credentials_file", error })?;
-                let invalid = |message: String| ClusterError::Access {
-                    key: "credentials_file",
-                    error: FileError::invalid(path, message),
-                };
                 let (jwt, seed) = parse_creds(&text).ok_or_else(|| {
-                    invalid("no user JWT and nkey seed between `-----BEGIN ...-----` lines in it".into())
+                    invalid(
+                        "credentials_file",
+                        path,
+                        "no user JWT and nkey seed between `-----BEGIN ...-----` lines in it",
+                    )
                 })?;
-                let pair =
-                    nkeys::KeyPair::from_seed(seed).map_err(|e| invalid(format!("not an nkey seed: {e}")))?;
-                auth.signature = Some(pair.sign(nonce).map_err(|e| invalid(e.to_string()))?);
+                auth.signature = Some(sign_nonce("credentials_file", path, seed, nonce)?.1);
                 auth.jwt = Some(jwt.to_owned());
             }
         }
@@ -183,9 +177,76 @@ fn secret(key: &'static str, path: &Path) -> Result<String, ClusterError> {
     let text = files::read_to_string(path).map_err(|error| ClusterError::Access { key, error })?;
     let text = text.trim();
     if text.is_empty() {
-        return Err(ClusterError::Access { key, error: FileError::invalid(path, "it is empty") });
+        return Err(invalid(key, path, "it is empty"));
     }
     Ok(text.to_owned())
+}
+
+/// The public key of `seed` (from the file `path`, named by `cluster.<key>`) and its signature
+/// of `nonce`.
+fn sign_nonce(
+    key: &'static str,
+    path: &Path,
+    seed: &str,
+    nonce: &[u8],
+) -> Result<(String, Vec<u8>), ClusterError> {
+    let not_seed = |e: nkeys::error::Error| invalid(key, path, format!("not an nkey seed: {e}"));
+    let pair = nkeys::KeyPair::from_seed(seed).map_err(not_seed)?;
+    Ok((pair.public_key(), pair.sign(nonce).map_err(not_seed)?))
+}
+
+/// The error of a file `path` (named by `cluster.<key>`) whose content is wrong.
+fn invalid(key: &'static str, path: &Path, message: impl Into<String>) -> ClusterError {
+    ClusterError::Access { key, error: FileError::invalid(path, message) }
+}
+
+/// The bytes of the file `path`, named by `cluster.<key>`.
+fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, ClusterError> {
+    files::read(path).map_err(|error| ClusterError::Access { key, error })
+}
+
+/// What a set of files gives (a CA's verifier, a certified key), read again each time it is
+/// used — at a TLS handshake, a few per node — so files renewed on disk take effect from the
+/// next connection on without a restart. Files that cannot be used then are logged and what
+/// was last read is used.
+struct Reread<T> {
+    what: &'static str,
+    read: Box<dyn Fn() -> Result<T, ClusterError> + Send + Sync>,
+    last: parking_lot::Mutex<Arc<T>>,
+}
+
+impl<T> Reread<T> {
+    /// Reads once now; an error names the file and its key.
+    fn new(
+        what: &'static str,
+        read: impl Fn() -> Result<T, ClusterError> + Send + Sync + 'static,
+    ) -> Result<Self, ClusterError> {
+        let first = read()?;
+        Ok(Reread { what, read: Box::new(read), last: parking_lot::Mutex::new(Arc::new(first)) })
+    }
+
+    /// What the files give now (or, when they cannot be used, what they gave last).
+    fn current(&self) -> Arc<T> {
+        let mut last = self.last.lock();
+        match (self.read)() {
+            Ok(now) => *last = Arc::new(now),
+            Err(e) => {
+                tracing::warn!(error = %e, what = self.what, "cannot be read again; using the last one read")
+            }
+        }
+        last.clone()
+    }
+
+    /// What the files gave last, without reading them.
+    fn last(&self) -> Arc<T> {
+        self.last.lock().clone()
+    }
+}
+
+impl<T> fmt::Debug for Reread<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reread").field("what", &self.what).finish_non_exhaustive()
+    }
 }
 
 /// A TLS client configuration trusting the CA in `ca`, presenting `client` (certificate and
@@ -195,45 +256,26 @@ fn client_tls(ca: &Path, client: Option<(&Path, &Path)>) -> Result<rustls::Clien
     let roots = ServerRoots::load(ca.to_owned(), provider.clone())?;
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ClusterError::Access {
-            key: "tls_ca_file",
-            error: FileError::invalid(ca, e.to_string()),
-        })?
+        .map_err(|e| invalid("tls_ca_file", ca, e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(roots));
     let Some((cert, key)) = client else { return Ok(builder.with_no_client_auth()) };
-    let resolver = ClientCert::load(cert.to_owned(), key.to_owned(), provider)?;
-    Ok(builder.with_client_cert_resolver(Arc::new(resolver)))
+    let (cert, key) = (cert.to_owned(), key.to_owned());
+    let resolver =
+        Reread::new("the NATS client certificate", move || read_certified(&cert, &key, &provider))?;
+    Ok(builder.with_client_cert_resolver(Arc::new(ClientCert(resolver))))
 }
 
-/// The CA the NATS servers' certificates are verified against, read from its file again at
-/// every TLS handshake (so a CA rotated on disk is trusted from the next connection on); each
-/// check is rustls' own WebPKI verification with those roots. A file that cannot be used then
-/// is logged and the roots last read are used.
+/// The CA the NATS servers' certificates are verified against, read again at every TLS
+/// handshake (so a CA rotated on disk is trusted from the next connection on); each check is
+/// rustls' own WebPKI verification with those roots.
 #[derive(Debug)]
-struct ServerRoots {
-    ca: PathBuf,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-    last: parking_lot::Mutex<Arc<WebPkiServerVerifier>>,
-}
+struct ServerRoots(Reread<Arc<WebPkiServerVerifier>>);
 
 impl ServerRoots {
-    /// Reads the CA once; an error names the file.
+    /// Reads the CA in `ca` once; an error names the file.
     fn load(ca: PathBuf, provider: Arc<rustls::crypto::CryptoProvider>) -> Result<ServerRoots, ClusterError> {
-        let first = read_roots(&ca, &provider)?;
-        Ok(ServerRoots { ca, provider, last: parking_lot::Mutex::new(first) })
-    }
-
-    /// The verifier of the CA the file holds now (or, when it cannot be used, the last one).
-    fn current(&self) -> Arc<WebPkiServerVerifier> {
-        let mut last = self.last.lock();
-        match read_roots(&self.ca, &self.provider) {
-            Ok(now) => *last = now,
-            Err(e) => {
-                tracing::warn!(error = %e, "the NATS servers' CA cannot be read again; verifying with the last one read")
-            }
-        }
-        last.clone()
+        Ok(ServerRoots(Reread::new("the NATS servers' CA", move || read_roots(&ca, &provider))?))
     }
 }
 
@@ -246,7 +288,7 @@ impl ServerCertVerifier for ServerRoots {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.current().verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        self.0.current().verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
     }
 
     fn verify_tls12_signature(
@@ -255,7 +297,7 @@ impl ServerCertVerifier for ServerRoots {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.last.lock().clone().verify_tls12_signature(message, cert, dss)
+        self.0.last().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -264,11 +306,11 @@ impl ServerCertVerifier for ServerRoots {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.last.lock().clone().verify_tls13_signature(message, cert, dss)
+        self.0.last().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.last.lock().supported_verify_schemes()
+        self.0.last().supported_verify_schemes()
     }
 }
 
@@ -277,9 +319,8 @@ fn read_roots(
     ca: &Path,
     provider: &Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<Arc<WebPkiServerVerifier>, ClusterError> {
-    let err =
-        |message: String| ClusterError::Access { key: "tls_ca_file", error: FileError::invalid(ca, message) };
-    let bytes = files::read(ca).map_err(|error| ClusterError::Access { key: "tls_ca_file", error })?;
+    let err = |message: String| invalid("tls_ca_file", ca, message);
+    let bytes = read("tls_ca_file", ca)?;
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&bytes) {
         let cert = cert.map_err(|e| err(e.to_string()))?;
@@ -293,40 +334,14 @@ fn read_roots(
         .map_err(|e| err(e.to_string()))
 }
 
-/// This node's client certificate, read from its files again at every TLS handshake (a
-/// connection or reconnection to NATS, a few per node), so a renewed certificate is presented
-/// from the next connection on without a restart. Files that cannot be used then are logged
-/// and the last good certificate is presented.
+/// This node's client certificate, read from its files again at every TLS handshake, so a
+/// renewed certificate is presented from the next connection on without a restart.
 #[derive(Debug)]
-struct ClientCert {
-    cert: PathBuf,
-    key: PathBuf,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-    last: parking_lot::Mutex<Arc<CertifiedKey>>,
-}
-
-impl ClientCert {
-    /// Reads the certificate and key once; an error names the file and its key.
-    fn load(
-        cert: PathBuf,
-        key: PathBuf,
-        provider: Arc<rustls::crypto::CryptoProvider>,
-    ) -> Result<ClientCert, ClusterError> {
-        let first = read_certified(&cert, &key, &provider)?;
-        Ok(ClientCert { cert, key, provider, last: parking_lot::Mutex::new(Arc::new(first)) })
-    }
-}
+struct ClientCert(Reread<CertifiedKey>);
 
 impl ResolvesClientCert for ClientCert {
     fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        let mut last = self.last.lock();
-        match read_certified(&self.cert, &self.key, &self.provider) {
-            Ok(now) => *last = Arc::new(now),
-            Err(e) => {
-                tracing::warn!(error = %e, "the NATS client certificate cannot be read again; presenting the last one read")
-            }
-        }
-        Some(last.clone())
+        Some(self.0.current())
     }
 
     fn has_certs(&self) -> bool {
@@ -340,23 +355,16 @@ fn read_certified(
     key: &Path,
     provider: &rustls::crypto::CryptoProvider,
 ) -> Result<CertifiedKey, ClusterError> {
-    let err = |name: &'static str, path: &Path, message: String| ClusterError::Access {
-        key: name,
-        error: FileError::invalid(path, message),
-    };
-    let read = |name: &'static str, path: &Path| {
-        files::read(path).map_err(|error| ClusterError::Access { key: name, error })
-    };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read("tls_cert_file", cert)?)
         .collect::<Result<_, _>>()
-        .map_err(|e| err("tls_cert_file", cert, e.to_string()))?;
+        .map_err(|e| invalid("tls_cert_file", cert, e.to_string()))?;
     if chain.is_empty() {
-        return Err(err("tls_cert_file", cert, "no certificate in it".into()));
+        return Err(invalid("tls_cert_file", cert, "no certificate in it"));
     }
     let private = PrivateKeyDer::from_pem_slice(&read("tls_key_file", key)?)
-        .map_err(|e| err("tls_key_file", key, e.to_string()))?;
+        .map_err(|e| invalid("tls_key_file", key, e.to_string()))?;
     CertifiedKey::from_der(chain, private, provider)
-        .map_err(|e| err("tls_key_file", key, format!("does not fit cluster.tls_cert_file: {e}")))
+        .map_err(|e| invalid("tls_key_file", key, format!("does not fit cluster.tls_cert_file: {e}")))
 }
 
 #[cfg(test)]

@@ -81,8 +81,9 @@ struct StreamState {
     tx: mpsc::Sender<Result<IngestReply, Status>>,
 }
 
-/// A batch read ahead, its encoded size, and whether its names were all decided when it was
-/// read: ready once its new names are agreed on (or the proposal gave up).
+/// A batch read ahead, its encoded size, and its names' decisions when every one was decided as
+/// it was read: ready at once then, else once its new names are agreed on (or the proposal
+/// gave up), without decisions (submitting looks them up).
 type Ahead<'a> =
     Pin<Box<dyn std::future::Future<Output = (SpanBatch, usize, Option<Vec<Decided>>)> + Send + 'a>>;
 
