@@ -19,6 +19,7 @@
 mod exemplar_set;
 pub mod shard;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -355,6 +356,48 @@ impl Pipeline {
     /// with the stream's last sequence).
     pub fn finish_logged(&self, partition: u32, seq: u64) {
         self.skip_logged(partition, LogPosition { seq, records: u32::MAX });
+    }
+
+    /// Cluster mode: the log records a store had stored up to where it resumes reading
+    /// `partition` are read again to rebuild the exemplar sets of the windows still open
+    /// there (they live in the shards' memory until a window closes, so a restart or a copy
+    /// starts without them, and the replica would keep other exemplars than its peers).
+    /// Given the log time `at` (seconds) of the last stored message, returns from what log
+    /// time to read again and the first window to rebuild: every window still open then, each
+    /// with every span it was offered — while the clocks of gateways and NATS agree within
+    /// `slack` seconds.
+    pub fn warm_range(&self, at: i64, slack: i64) -> (i64, i64) {
+        let skew = self.limits.skew.div_euclid(1_000_000_000) + 1;
+        // A window open at `at` starts after `closed_before(at)` (give or take the slack);
+        // its spans were classified at log times from its start - skew on.
+        let floor = shard::closed_before(at) - slack;
+        (floor - skew - slack, floor)
+    }
+
+    /// Cluster mode: offers `batch`, a record of `partition`'s log the store already holds, to
+    /// the exemplar sets being rebuilt for windows from `floor` on ([`ShardMsg::Warm`]).
+    pub async fn warm(&self, partition: u32, batch: Arc<ValidatedBatch>, floor: i64) -> Result<(), String> {
+        for &s in &batch.targets {
+            let warm = ShardMsg::Warm { partition, batch: Arc::clone(&batch), floor };
+            self.shards[s as usize].send(warm).await.map_err(|_| "the pipeline closed".to_owned())?;
+        }
+        Ok(())
+    }
+
+    /// Cluster mode: ends the rebuilding of `partition`'s exemplar sets ([`ShardMsg::Warmed`]).
+    pub async fn warmed(&self, partition: u32, keep: bool) {
+        for shard in &self.shards {
+            let _ = shard.send(ShardMsg::Warmed { partition, keep }).await;
+        }
+    }
+
+    /// Cluster mode: drops every exemplar set of `series` (a partition about to be read
+    /// again from another position, whose sets are rebuilt then).
+    pub async fn forget_exemplars(&self, series: HashSet<u64>) {
+        let series = Arc::new(series);
+        for shard in &self.shards {
+            let _ = shard.send(ShardMsg::Forget { series: Arc::clone(&series) }).await;
+        }
     }
 
     /// How far partition `partition`'s log was applied (durable or not).

@@ -170,6 +170,11 @@ pub struct Metrics {
     pub partition_copies: Family<Outcome, Counter>,
     /// Cluster mode: bytes of partition copies landed in this store.
     pub partition_copy_bytes: Counter,
+    /// Cluster mode: rebuilds of a partition's open windows' exemplar sets from its log, by
+    /// result (`rebuilt`, `abandoned`).
+    pub exemplar_rebuilds: Family<Outcome, Counter>,
+    /// Cluster mode: log records read again to rebuild exemplar sets.
+    pub exemplar_rebuild_records: Counter,
     /// Requests refused or cut because they ran into a limit, by the limit's key.
     pub limit_hits: Family<LimitLabel, Counter>,
     /// Time to collect and write one flush epoch.
@@ -278,6 +283,8 @@ impl Metrics {
             peer_reads_served: Family::default(),
             partition_copies: Family::default(),
             partition_copy_bytes: Counter::default(),
+            exemplar_rebuilds: Family::default(),
+            exemplar_rebuild_records: Counter::default(),
             limit_hits: Family::default(),
             flush_duration: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             flush_bytes: Histogram::new(exponential_buckets(1024.0, 4.0, 12)),
@@ -411,6 +418,16 @@ impl Metrics {
             "partition_copy_bytes",
             "Cluster mode: bytes of partition copies landed in this store",
             m.partition_copy_bytes.clone(),
+        );
+        r.register(
+            "exemplar_rebuilds",
+            "Cluster mode: rebuilds of a partition's open windows' exemplar sets from its log, by result",
+            m.exemplar_rebuilds.clone(),
+        );
+        r.register(
+            "exemplar_rebuild_records",
+            "Cluster mode: log records read again to rebuild exemplar sets",
+            m.exemplar_rebuild_records.clone(),
         );
         r.register(
             "early_epochs",

@@ -14,9 +14,16 @@
 //! and marked caught up once everything its log held then is written; one handed on is
 //! marked not caught up and no longer read (what the store wrote of it stays, unread by
 //! queries, until the partition comes back).
+//!
+//! Before it reads on, it reads again the last couple of minutes of what the store already
+//! holds, offering their spans to the exemplar sets of the windows still open there and
+//! nothing else ([`warm`]): those sets live in the shards' memory until a window closes, so a
+//! store that restarted, took a copy or took a partition back would otherwise keep other
+//! exemplars for those windows than its peers.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
 use futures::StreamExt;
@@ -27,6 +34,7 @@ use tokio::sync::watch;
 use super::assign::{Assignment, Replicas};
 use crate::pipeline::{Admission, Pipeline};
 use crate::store::LogPosition;
+use crate::telemetry::Outcome;
 
 /// How long a consumer may stay quiet before it checks that the stream has nothing newer.
 pub(super) const IDLE_CHECK: Duration = Duration::from_secs(2);
@@ -36,6 +44,11 @@ pub(super) const IDLE_CHECK: Duration = Duration::from_secs(2);
 pub(super) const CREATE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The longest pause between two attempts.
 pub(super) const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// How far the clocks of gateways and NATS servers may disagree, in seconds, for exemplar
+/// sets rebuilt by [`warm`] to be whole.
+const WARM_SLACK_SECONDS: i64 = 30;
+/// Tries at rebuilding a partition's exemplar sets before reading on without them.
+const WARM_ATTEMPTS: u32 = 3;
 
 /// One partition's log, and where its records go.
 #[derive(Debug, Clone)]
@@ -68,15 +81,32 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let partition = p.partition;
+    let mut read_before = false;
     loop {
         tokio::select! {
             r = owners.wait_for(|a| owns(a, partition)) => if r.is_err() { return },
             _ = stop.wait_for(|&s| s) => return,
         }
+        // Read before by this process: its exemplar sets are of where reading stopped.
+        if read_before {
+            tokio::select! {
+                () = forget_exemplars(&p) => {}
+                _ = stop.wait_for(|&s| s) => return,
+            }
+        }
+        read_before = true;
         let taken = tokio::select! {
             t = take(&js, &p, &owners) => t,
             _ = stop.wait_for(|&s| s) => return,
         };
+        let stopped = tokio::select! {
+            () = rebuild_exemplars(&js, &p) => false,
+            _ = stop.wait_for(|&s| s) => true,
+        };
+        if stopped {
+            p.pipeline.warmed(partition, false).await;
+            return;
+        }
         tracing::info!(partition, from = ?p.pipeline.log_position(partition), ?taken, "reading a partition this node now owns");
         let catch_up = tokio::spawn(catch_up(js.clone(), p.clone()));
         tokio::select! {
@@ -92,6 +122,124 @@ pub async fn run(
                 }
                 tracing::info!(partition, "partition handed on to another store; no longer reading it");
             }
+        }
+    }
+}
+
+/// Drops the exemplar sets of `p`'s series once what was applied of it is written (its
+/// series are then all in the store).
+async fn forget_exemplars(p: &Partition) {
+    let applied = p.pipeline.log_position(p.partition);
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let written = p.pipeline.wait_written(&[(p.partition, applied)], Duration::from_secs(60)).await;
+        let series = match written {
+            Ok(()) => p.taker.series_of(p.partition).await,
+            Err(behind) => Err(format!("not written yet: {behind:?}")),
+        };
+        match series {
+            Ok(series) => return p.pipeline.forget_exemplars(series).await,
+            Err(e) => {
+                tracing::warn!(partition = p.partition, error = %e, "cannot list the partition's series yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// [`warm`], tried [`WARM_ATTEMPTS`] times; after that `p` is read on with its open windows'
+/// exemplar sets starting empty (logged: its exemplars of those windows may then differ from
+/// its peers').
+async fn rebuild_exemplars(js: &async_nats::jetstream::Context, p: &Partition) {
+    let started = Instant::now();
+    for attempt in 1..=WARM_ATTEMPTS {
+        match warm(js, p).await {
+            Ok(records) => {
+                p.pipeline.warmed(p.partition, true).await;
+                let metrics = &p.taker.metrics;
+                metrics.exemplar_rebuild_records.inc_by(records);
+                if records > 0 {
+                    metrics.exemplar_rebuilds.get_or_create(&Outcome { result: "rebuilt" }).inc();
+                    let seconds = started.elapsed().as_secs_f64();
+                    tracing::info!(
+                        partition = p.partition,
+                        records,
+                        seconds,
+                        "rebuilt the exemplar sets of the partition's open windows"
+                    );
+                }
+                return;
+            }
+            Err(e) => {
+                p.pipeline.warmed(p.partition, false).await;
+                tracing::warn!(partition = p.partition, attempt, error = %e, "cannot read the log again to rebuild the open windows' exemplar sets");
+                tokio::time::sleep(MAX_BACKOFF).await;
+            }
+        }
+    }
+    p.taker.metrics.exemplar_rebuilds.get_or_create(&Outcome { result: "abandoned" }).inc();
+    tracing::error!(
+        partition = p.partition,
+        "reading on without the exemplar sets of the windows open where the store resumes: this replica's exemplars of those windows may differ from its peers'"
+    );
+}
+
+/// Reads `p`'s log again, from a little before the last message its store holds up to the
+/// position it resumes after, offering each record's spans to the exemplar sets of the windows
+/// still open there ([`Pipeline::warm`], [`Pipeline::warm_range`]): the sets come out as they
+/// were when the records were first read, here or on a peer. A record that repeats an earlier
+/// one's client and sequence was a resend, not applied, and is left out here too. Returns how
+/// many records were offered.
+async fn warm(js: &async_nats::jetstream::Context, p: &Partition) -> Result<u64, String> {
+    let to = p.pipeline.log_position(p.partition);
+    if to.seq == 0 {
+        return Ok(0);
+    }
+    let stream = js.get_stream(&p.stream).await.map_err(|e| format!("getting the stream: {e}"))?;
+    let last = match stream.get_raw_message(to.seq).await {
+        Ok(m) => m,
+        // Gone from the log (older than its `max_age`): so are the windows it could hold.
+        Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+            return Ok(0)
+        }
+        Err(e) => return Err(format!("reading message {}: {e}", to.seq)),
+    };
+    let (start, floor) = p.pipeline.warm_range(last.time.unix_timestamp(), WARM_SLACK_SECONDS);
+    let from =
+        last.time - Duration::from_secs(u64::try_from(last.time.unix_timestamp() - start).unwrap_or(0));
+    let mut log =
+        Ordered::open(js, &p.stream, &p.subject, DeliverPolicy::ByStartTime { start_time: from }).await?;
+    let mut resent: HashMap<u64, u64> = HashMap::new();
+    let mut records = 0;
+    loop {
+        let Some((message, seq)) = log.next(|| to.seq).await? else { continue };
+        if seq > to.seq {
+            return Ok(records);
+        }
+        let encoding = message.headers.as_ref().and_then(|h| h.get(super::record::ENCODING_HEADER));
+        // What did not read the first time was skipped then too.
+        let Ok(payload) = super::record::decompress(&message.payload, encoding.map(|v| v.as_str())) else {
+            continue;
+        };
+        let Ok(batch) = PartitionBatch::decode(payload) else { continue };
+        for (i, record) in batch.records.into_iter().enumerate() {
+            if (LogPosition { seq, records: i as u32 + 1 }) > to {
+                return Ok(records);
+            }
+            let Ok(validated) = super::record::rebuild(record, p.partition, p.shards) else { continue };
+            if validated.client_id != 0 {
+                let seen = resent.entry(validated.client_id).or_default();
+                if validated.seq <= *seen {
+                    continue;
+                }
+                *seen = validated.seq;
+            }
+            p.pipeline.warm(p.partition, Arc::new(validated), floor).await?;
+            records += 1;
+        }
+        if seq == to.seq {
+            return Ok(records);
         }
     }
 }
@@ -178,7 +326,8 @@ async fn read(
     shards: usize,
 ) -> Result<(), String> {
     let from = pipeline.log_position(partition);
-    let mut log = Ordered::open(js, stream, subject, from.seq.max(1)).await?;
+    let start = DeliverPolicy::ByStartSequence { start_sequence: from.seq.max(1) };
+    let mut log = Ordered::open(js, stream, subject, start).await?;
     loop {
         let Some((message, seq)) = log.next(|| pipeline.log_position(partition).seq).await? else {
             continue;
@@ -250,18 +399,18 @@ pub(super) struct Ordered {
 }
 
 impl Ordered {
-    /// `subject` of `stream` from sequence `from` on; tries for [`CREATE_TIMEOUT`].
+    /// `subject` of `stream` from `from` on; tries for [`CREATE_TIMEOUT`].
     pub(super) async fn open(
         js: &async_nats::jetstream::Context,
         stream: &str,
         subject: &str,
-        from: u64,
+        from: DeliverPolicy,
     ) -> Result<Ordered, String> {
         let create = async {
             let stream = js.get_stream(stream).await.map_err(|e| format!("getting the stream: {e}"))?;
             let config = OrderedConfig {
                 filter_subject: subject.to_owned(),
-                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from },
+                deliver_policy: from,
                 ..Default::default()
             };
             let consumer =

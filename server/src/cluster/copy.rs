@@ -360,6 +360,17 @@ impl Taker {
         .map_err(|e| e.to_string())
     }
 
+    /// The ids of the series of `partition` this store holds.
+    pub async fn series_of(&self, partition: u32) -> Result<HashSet<u64>, String> {
+        let (store, partitions) = (self.store.clone(), self.partitions);
+        blocking(move || {
+            let is = share_fn(partitions, partition);
+            store.series_of(&Share { series: &is, clients: super::clients_of(partition) })
+        })
+        .await?
+        .map_err(|e| e.to_string())
+    }
+
     async fn ask(&self, peer: &str, partition: u32, op: CopyOp) -> Result<ReadReply, String> {
         let request = ReadRequest { partitions: vec![partition], op: Some(Op::Copy(op)) };
         let r =

@@ -18,6 +18,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::DeliverPolicy;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -222,7 +223,7 @@ impl Reader {
 
     /// One consumer's life; returns why it ended.
     async fn read(&self, applied: &watch::Sender<u64>) -> String {
-        let from = *applied.borrow() + 1;
+        let from = DeliverPolicy::ByStartSequence { start_sequence: *applied.borrow() + 1 };
         let mut log = match Ordered::open(&self.js, &self.stream, &self.subject, from).await {
             Ok(log) => log,
             Err(e) => return e,

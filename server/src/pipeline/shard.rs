@@ -2,11 +2,12 @@
 //! spans of every batch it is handed into per-(series, window) histograms and, at each flush
 //! epoch, hands the encoded deltas to the coordinator.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tailscope_proto::histogram::{Layout, Recorder};
+use tailscope_proto::v1::Span;
 use tokio::sync::{mpsc, oneshot};
 
 use super::exemplar_set::ExemplarSet;
@@ -34,6 +35,34 @@ pub enum ShardMsg {
         epoch: u64,
         /// The batch.
         batch: Arc<ValidatedBatch>,
+    },
+    /// Cluster mode rebuilds the exemplar sets of a partition's open windows from the log
+    /// records it had already stored (`crate::cluster`'s consumer): offer the spans of `batch`
+    /// this shard owns to sets of their windows kept aside for `partition`, and nothing else
+    /// (no histogram, no series, no epoch). Windows starting before `floor` (seconds) are left
+    /// out: their first spans may lie before the records read again.
+    Warm {
+        /// The partition whose records are read again.
+        partition: u32,
+        /// A record.
+        batch: Arc<ValidatedBatch>,
+        /// The first window offered to.
+        floor: i64,
+    },
+    /// The end of `partition`'s [`ShardMsg::Warm`]s: with `keep`, the sets kept aside become
+    /// the shard's (one of a window closed by now is written at the next flush as its first
+    /// reader wrote it: the same spans, under the same keys); without, they are dropped (the
+    /// records were not all read again).
+    Warmed {
+        /// The partition.
+        partition: u32,
+        /// Whether every record was read again.
+        keep: bool,
+    },
+    /// Drop every exemplar set of `series` (a partition read again from another position).
+    Forget {
+        /// The series.
+        series: Arc<HashSet<u64>>,
     },
     /// Hand over everything of epochs up to `epoch`.
     Flush {
@@ -125,8 +154,32 @@ impl Accumulator {
 }
 
 /// The start of the newest window whose exemplars are final at second `now`.
-fn closed_before(now: i64) -> i64 {
+pub(crate) fn closed_before(now: i64) -> i64 {
     now - tailscope_proto::BASE_WINDOW_SECONDS - EXEMPLAR_GRACE_SECONDS
+}
+
+/// Offers `span`, of `series`' window starting at `window`, to that window's exemplar set.
+/// The draw depends on the span and its place in the window's order only, never on what else
+/// the shard saw: replicas applying a partition's log in order (cluster mode) keep the same
+/// exemplars.
+fn offer(set: &mut ExemplarSet, span: &Span, series: u64, window: i64, status: Status) {
+    let exemplar = Exemplar {
+        series,
+        window_start: window,
+        trace_id_high: span.trace_id_high,
+        trace_id_low: span.trace_id_low,
+        span_id: span.span_id,
+        start_unix_nanos: span.start_unix_nanos,
+        duration_nanos: span.duration_nanos,
+        adjusted_count: span.adjusted_count,
+    };
+    let mut draw = series
+        ^ (window as u64).rotate_left(29)
+        ^ span.span_id
+        ^ span.trace_id_low
+        ^ set.seen().wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    draw |= 1;
+    set.offer(&exemplar, status == Status::Error, &mut draw);
 }
 
 /// The shard's share of `ingest.max_open_windows`, and how it asks for an early epoch.
@@ -150,6 +203,9 @@ struct ShardState {
     now: i64,
     /// Exemplars of open windows, per (series, window).
     exemplars: HashMap<(u64, i64), ExemplarSet, IdBuildHasher>,
+    /// Per partition being warmed ([`ShardMsg::Warm`]), the sets rebuilt so far: kept apart
+    /// so no flush writes a set before it is whole.
+    warming: HashMap<u32, HashMap<(u64, i64), ExemplarSet, IdBuildHasher>>,
     /// A group's self times ((series, window), nanoseconds, weight), recorded after its
     /// durations so the durations' run cache stays open; reused between groups.
     self_times: Vec<((u64, i64), u64, u64)>,
@@ -205,26 +261,7 @@ impl ShardState {
                         (h, e)
                     }
                 };
-                let exemplar = Exemplar {
-                    series,
-                    window_start: window,
-                    trace_id_high: span.trace_id_high,
-                    trace_id_low: span.trace_id_low,
-                    span_id: span.span_id,
-                    start_unix_nanos: span.start_unix_nanos,
-                    duration_nanos: span.duration_nanos,
-                    adjusted_count: span.adjusted_count,
-                };
-                // The draw depends on the span and its place in the window's order only, never
-                // on what else the shard saw: replicas applying a partition's log in order (cluster
-                // mode) keep the same exemplars.
-                let mut draw = exemplar.series
-                    ^ (exemplar.window_start as u64).rotate_left(29)
-                    ^ exemplar.span_id
-                    ^ exemplar.trace_id_low
-                    ^ exemplars.seen().wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                draw |= 1;
-                exemplars.offer(&exemplar, status == Status::Error, &mut draw);
+                offer(exemplars, span, series, window, status);
                 let weight = u64::from(span.weight.max(1));
                 histogram.recorder.record(span.duration_nanos as u64, weight);
                 histogram.full = histogram.full.saturating_add(weight);
@@ -291,6 +328,40 @@ impl ShardState {
         }
     }
 
+    /// [`ShardMsg::Warm`]: offers `work`'s spans of windows from `floor` on to their exemplar
+    /// sets, as [`ShardState::apply`] did when the records were first read.
+    fn warm(&mut self, partition: u32, work: &ValidatedBatch, floor: i64) {
+        self.now = self.now.max(work.now.div_euclid(1_000_000_000));
+        let sets = self.warming.entry(partition).or_default();
+        for (group, route) in work.batch.groups.iter().zip(&work.groups) {
+            if route.shard != self.id {
+                continue;
+            }
+            for span in &group.spans {
+                let Ok(window) = self.limits.classify(span.start_unix_nanos, span.duration_nanos, work.now)
+                else {
+                    continue;
+                };
+                if window < floor {
+                    continue;
+                }
+                let status = Status::from_wire(span.status);
+                let series = match status {
+                    Status::Ok => route.ok_series,
+                    Status::Error => route.error_series,
+                };
+                offer(sets.entry((series, window)).or_default(), span, series, window, status);
+            }
+        }
+    }
+
+    /// [`ShardMsg::Warmed`].
+    fn warmed(&mut self, partition: u32, keep: bool) {
+        if let Some(sets) = self.warming.remove(&partition).filter(|_| keep) {
+            self.exemplars.extend(sets);
+        }
+    }
+
     fn hand_over(&mut self, mut acc: Accumulator, now: i64, traffic: Option<&dyn TrafficSink>) -> Handover {
         self.now = self.now.max(now);
         let horizon = self.now - ACTIVE_SECONDS;
@@ -345,6 +416,7 @@ pub async fn run(
         known: HashMap::default(),
         now: 0,
         exemplars: HashMap::default(),
+        warming: HashMap::new(),
         self_times: Vec::new(),
     };
     // Work of the epoch being filled, and of the next one: a batch admitted just after the
@@ -370,6 +442,9 @@ pub async fn run(
                     }
                 }
             }
+            ShardMsg::Warm { partition, batch, floor } => state.warm(partition, &batch, floor),
+            ShardMsg::Warmed { partition, keep } => state.warmed(partition, keep),
+            ShardMsg::Forget { series } => state.exemplars.retain(|(s, _), _| !series.contains(s)),
             ShardMsg::Flush { epoch, now, reply } => {
                 let done = std::mem::replace(&mut current, std::mem::take(&mut next));
                 open_epoch = epoch + 1;

@@ -8,6 +8,7 @@ use super::*;
 use crate::clock::SystemClock;
 use crate::cluster::{client_key, record};
 use crate::config::HistogramConfig;
+use crate::store::Exemplar;
 
 /// Counts the spans of every written epoch.
 #[derive(Debug, Default)]
@@ -309,4 +310,118 @@ async fn the_shards_tell_each_keys_full_and_folded_spans_once_and_not_their_self
     assert_eq!(counts[&list], (2, 0, 2), "full, folded, durations of cart/list");
     let (epochs, seconds) = *told.covered.lock();
     assert!(epochs >= 2 && seconds > 0.0, "{epochs} epochs told, over {seconds} s");
+}
+
+/// Collects the exemplars of every written epoch.
+#[derive(Debug, Default)]
+struct Examples(Mutex<Vec<Exemplar>>);
+
+impl EpochSink for Examples {
+    fn written(&self, write: &EpochWrite) {
+        self.0.lock().extend(write.exemplars.iter().copied());
+    }
+}
+
+/// Record `seq` of partition 0's log, classified at `now`: 50 spans of two operations, in the
+/// windows 12 s and 2 s before `now`, every seventh failed, of durations and ids that differ
+/// from record to record.
+fn varied(seq: u64, now: i64, shards: usize) -> Arc<ValidatedBatch> {
+    let span = |i: u64| {
+        let x = (seq * 50 + i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        Span {
+            start_unix_nanos: now - if i % 2 == 0 { 12_000_000_000 } else { 2_000_000_000 },
+            duration_nanos: 1_000_000 + (x >> 40) as i64,
+            trace_id_low: x,
+            trace_id_high: seq,
+            span_id: x ^ i,
+            status: if x % 7 == 0 { 2 } else { 0 },
+            weight: 1,
+            adjusted_count: 1.0,
+            ..Default::default()
+        }
+    };
+    let groups = ["GET /", "POST /pay"]
+        .iter()
+        .enumerate()
+        .map(|(g, operation)| SeriesGroup {
+            key: Some(SeriesKey {
+                service: "cart".into(),
+                operation: (*operation).into(),
+                ..Default::default()
+            }),
+            spans: (0..25).map(|i| span(g as u64 * 25 + i)).collect(),
+        })
+        .collect();
+    let record = LogRecord { client_id: 9, seq, now_unix_nanos: now, groups, deltas: Vec::new() };
+    Arc::new(record::rebuild(record, 0, shards).unwrap())
+}
+
+/// A pipeline over a fresh store on `clock` whose flusher cuts an epoch every 5 ms, its
+/// exemplars collected (the store's directory and the flusher's stop are kept with it).
+#[allow(clippy::type_complexity)]
+fn clocked(
+    clock: Arc<crate::clock::ManualClock>,
+) -> (Arc<Pipeline>, Arc<Examples>, (tempfile::TempDir, watch::Sender<bool>)) {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::open(dir.path(), HistogramConfig::default().layout().unwrap(), &metrics).unwrap();
+    let (pipeline, _shards) = Pipeline::start(&IngestConfig::default(), store, metrics, clock).unwrap();
+    let examples = Arc::new(Examples::default());
+    pipeline.add_sink(examples.clone());
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(pipeline.clone().run_flusher(Duration::from_millis(5), stopped, Duration::from_secs(5)));
+    (pipeline, examples, (dir, stop))
+}
+
+/// Waits until an epoch cut after everything admitted so far is written.
+async fn flushed(pipeline: &Arc<Pipeline>) {
+    let mut durable = pipeline.subscribe();
+    let before = durable.borrow().epoch;
+    durable.wait_for(|d| d.epoch > before + 1).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_reads_its_stored_records_again_keeps_the_exemplars_its_peer_keeps() {
+    let t = 1_700_000_000_000_000_000i64;
+    let at = |seq| LogPosition { seq, records: 1 };
+    // The peer reads records 1–40 straight through, an epoch written after record 20; then
+    // the windows close.
+    let clock = Arc::new(crate::clock::ManualClock::new(t));
+    let (peer, peer_examples, _a) = clocked(clock.clone());
+    let shards = peer.shard_count();
+    for seq in 1..=20 {
+        assert_eq!(peer.admit_logged(varied(seq, t, shards), 0, at(seq)).unwrap(), Admission::Accepted);
+    }
+    flushed(&peer).await;
+    for seq in 21..=40 {
+        assert_eq!(peer.admit_logged(varied(seq, t, shards), 0, at(seq)).unwrap(), Admission::Accepted);
+    }
+    clock.set(t + 100_000_000_000);
+    flushed(&peer).await;
+    let mut expected = std::mem::take(&mut *peer_examples.0.lock());
+
+    // The replica holds records 1–20 already (a restart, or a copy of the peer's store): it
+    // reads them again into its exemplar sets only, then reads on from 21.
+    let clock = Arc::new(crate::clock::ManualClock::new(t));
+    let (replica, replica_examples, _b) = clocked(clock.clone());
+    let (_, floor) = replica.warm_range(t.div_euclid(1_000_000_000), 30);
+    for seq in 1..=20 {
+        replica.warm(0, varied(seq, t, shards), floor).await.unwrap();
+    }
+    replica.warmed(0, true).await;
+    for seq in 21..=40 {
+        assert_eq!(replica.admit_logged(varied(seq, t, shards), 0, at(seq)).unwrap(), Admission::Accepted);
+    }
+    clock.set(t + 100_000_000_000);
+    flushed(&replica).await;
+    let mut got = std::mem::take(&mut *replica_examples.0.lock());
+
+    let order = |e: &Exemplar| (e.series, e.window_start, e.trace_id_high, e.trace_id_low, e.span_id);
+    expected.sort_by_key(order);
+    got.sort_by_key(order);
+    // Two operations × ok and failed × two windows: eight sets.
+    let sets: std::collections::HashSet<_> = expected.iter().map(|e| (e.series, e.window_start)).collect();
+    assert_eq!(sets.len(), 8, "{expected:?}");
+    assert!(expected.iter().any(|e| e.trace_id_high <= 20), "some kept spans are of the records read again");
+    assert_eq!(got, expected);
 }

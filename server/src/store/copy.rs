@@ -302,6 +302,11 @@ impl Store {
         Ok(out)
     }
 
+    /// The ids of the series of `share` the store holds.
+    pub fn series_of(&self, share: &Share<'_>) -> Result<HashSet<u64>, StoreError> {
+        members(&self.db, self.cf(CF_SERIES)?, share)
+    }
+
     /// Marks `partition` as landing a copy (durably), then wipes what the store held of it:
     /// its series (and their windows and exemplars), its clients' watermarks and its position.
     /// Returns how many series were wiped.

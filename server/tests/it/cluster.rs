@@ -1615,3 +1615,100 @@ async fn a_node_authenticates_with_a_credentials_file_to_nats_in_operator_mode()
     let said = refused_start(&dir.path().join("f"), &env);
     assert!(said.contains("cannot connect to NATS") && said.contains("authorization violation"), "{said}");
 }
+
+/// The exemplars at `http` from `from` to `to` (seconds), one line each (its series' service,
+/// operation and status, its trace id and value), sorted.
+async fn exemplars(http: SocketAddr, from: i64, to: i64) -> Vec<String> {
+    let body = get_json(
+        http,
+        &format!("/api/v1/query_exemplars?query=span_duration_seconds_bucket&start={from}&end={to}"),
+    )
+    .await;
+    let mut lines: Vec<String> = body["data"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{body}"))
+        .iter()
+        .flat_map(|set| {
+            let l = &set["seriesLabels"];
+            let series = format!("{}/{}/{}", l["service"], l["operation"], l["status"]);
+            set["exemplars"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(move |e| format!("{series} {} {}", e["labels"]["trace_id"], e["value"]))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: a NATS server, three tailscope stores (one restarted, one new) and a single node, about a minute"]
+async fn a_restarted_store_and_a_new_one_keep_the_exemplars_of_open_windows_as_one_node_does() {
+    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
+    let urls = nats.urls();
+    let env = playing("gateway,store,query,ruler");
+    // Spans 20 s ahead (the default skew allows 60 s): their windows stay open — their
+    // exemplar sets only in the stores' memory — for about 40 s, through a restart and a copy.
+    let now = now_nanos();
+    let ahead = now + 20_000_000_000;
+    let batches: Vec<SpanBatch> = (1..=120).map(|seq| make_batch(0xEE, seq, ahead)).collect();
+    let (from, to) = (now / 1_000_000_000 - 60, now / 1_000_000_000 + 120);
+
+    // Stores a and b both hold every partition; the first third goes through a.
+    let (mut a, a_grpc, a_http) = node_with(&dir.path().join("a"), &urls, "a", &env);
+    let (b, _, b_http) = node_with(&dir.path().join("b"), &urls, "b", &env);
+    assert_eventually!(holds(a_http, "a", 8).await && holds(b_http, "b", 8).await, "a and b never held all");
+    deliver(a_grpc, batches[..40].to_vec()).await;
+    assert_eventually!(
+        count_of(&counted_with(b_http, now, "strong").await.1) == 40 * 60,
+        "b never saw the first third"
+    );
+
+    // b is killed and restarted on its store: the second third goes through it.
+    drop(b);
+    let (_b, b_grpc, b_http) = node_with(&dir.path().join("b"), &urls, "b", &env);
+    assert_eventually!(holds(b_http, "b", 8).await, "b never caught up after its restart");
+    deliver(b_grpc, batches[40..80].to_vec()).await;
+
+    // a stops; c joins empty and takes every partition from a copy of b's: the last third
+    // goes through c.
+    a.terminate().await;
+    let (_c, c_grpc, c_http) = node_with(&dir.path().join("c"), &urls, "c", &env);
+    assert_eventually!(within = Duration::from_secs(60); holds(c_http, "c", 8).await, "c never caught up");
+    deliver(c_grpc, batches[80..].to_vec()).await;
+    for (http, who) in [(b_http, "b"), (c_http, "c")] {
+        let m = metrics(http).await;
+        assert_eq!(metric(&m, "tailscope_exemplar_rebuilds_total{result=\"abandoned\"}"), 0.0, "{who}: {m}");
+        assert!(
+            metric(&m, "tailscope_exemplar_rebuild_records_total") > 0.0,
+            "{who} read no record again: {m}"
+        );
+    }
+    let m = metrics(c_http).await;
+    assert!(metric(&m, "tailscope_partition_copies_total{result=\"copied\"}") > 0.0, "c took no copy: {m}");
+
+    // One single node that got the same batches in the same order keeps the same exemplars,
+    // once the windows closed (their exemplars are then written, all in one epoch: every span
+    // is of one window of its series).
+    let (single, s_grpc, s_http) = spawn_server(&dir.path().join("single"), &[]);
+    let _single = Peer(single);
+    deliver(s_grpc, batches).await;
+    assert_eventually!(
+        within = Duration::from_secs(90);
+        !exemplars(s_http, from, to).await.is_empty(),
+        "the single node wrote no exemplar"
+    );
+    let expected = exemplars(s_http, from, to).await;
+    for (http, who) in [(b_http, "b, restarted"), (c_http, "c, from a copy")] {
+        assert_eventually!(
+            exemplars(http, from, to).await == expected,
+            "{who}:\n{}\nthe single node:\n{}",
+            exemplars(http, from, to).await.join("\n"),
+            expected.join("\n")
+        );
+    }
+}
