@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use serde::Deserialize;
 use tokio_rustls::TlsAcceptor;
+
+pub mod pem;
 
 #[cfg(test)]
 mod tests;
@@ -114,17 +114,10 @@ fn build(path: &Path) -> Result<Option<Configs>, TlsError> {
     let base = path.parent().unwrap_or(Path::new("."));
     let resolve = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
     let cert_path = resolve(&t.cert_file);
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(&cert_path)?)
-        .collect::<Result<_, _>>()
+    let certs = pem::certificates(&read(&cert_path)?)
         .map_err(|e| invalid(path, format!("tls_server_config.cert_file {}: {e}", cert_path.display())))?;
-    if certs.is_empty() {
-        return Err(invalid(
-            path,
-            format!("tls_server_config.cert_file {}: no certificate in it", cert_path.display()),
-        ));
-    }
     let key_path = resolve(&t.key_file);
-    let key = PrivateKeyDer::from_pem_slice(&read(&key_path)?)
+    let key = pem::private_key(&read(&key_path)?)
         .map_err(|e| invalid(path, format!("tls_server_config.key_file {}: {e}", key_path.display())))?;
     let versions: Vec<&'static rustls::SupportedProtocolVersion> = {
         let rank = |v: &Option<String>, key: &str, default: u8| -> Result<u8, TlsError> {
@@ -156,15 +149,8 @@ fn build(path: &Path) -> Result<Option<Configs>, TlsError> {
             ));
         };
         let ca = resolve(ca);
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(&read(&ca)?) {
-            let cert = cert.map_err(|e| {
-                invalid(path, format!("tls_server_config.client_ca_file {}: {e}", ca.display()))
-            })?;
-            roots.add(cert).map_err(|e| {
-                invalid(path, format!("tls_server_config.client_ca_file {}: {e}", ca.display()))
-            })?;
-        }
+        let roots = pem::roots(&read(&ca)?)
+            .map_err(|e| invalid(path, format!("tls_server_config.client_ca_file {}: {e}", ca.display())))?;
         Ok(Arc::new(roots))
     };
     let auth = t.client_auth_type.as_deref().unwrap_or("NoClientCert");

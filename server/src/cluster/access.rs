@@ -18,16 +18,14 @@ use std::sync::Arc;
 use async_nats::{ConnectOptions, ServerAddr};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::pki_types::{ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
 use rustls::DigitallySignedStruct;
-use rustls::RootCertStore;
 
 use super::config::{set, ClusterConfig};
 use super::ClusterError;
 use crate::files::{self, FileError};
+use crate::tls::pem;
 
 /// What a node needs to connect to NATS, read from the configuration and its files.
 #[derive(Clone)]
@@ -320,15 +318,7 @@ fn read_roots(
     provider: &Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<Arc<WebPkiServerVerifier>, ClusterError> {
     let err = |message: String| invalid("tls_ca_file", ca, message);
-    let bytes = read("tls_ca_file", ca)?;
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&bytes) {
-        let cert = cert.map_err(|e| err(e.to_string()))?;
-        roots.add(cert).map_err(|e| err(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(err("no certificate in it".into()));
-    }
+    let roots = pem::roots(&read("tls_ca_file", ca)?).map_err(err)?;
     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| err(e.to_string()))
@@ -355,14 +345,10 @@ fn read_certified(
     key: &Path,
     provider: &rustls::crypto::CryptoProvider,
 ) -> Result<CertifiedKey, ClusterError> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read("tls_cert_file", cert)?)
-        .collect::<Result<_, _>>()
-        .map_err(|e| invalid("tls_cert_file", cert, e.to_string()))?;
-    if chain.is_empty() {
-        return Err(invalid("tls_cert_file", cert, "no certificate in it"));
-    }
-    let private = PrivateKeyDer::from_pem_slice(&read("tls_key_file", key)?)
-        .map_err(|e| invalid("tls_key_file", key, e.to_string()))?;
+    let chain =
+        pem::certificates(&read("tls_cert_file", cert)?).map_err(|e| invalid("tls_cert_file", cert, e))?;
+    let private =
+        pem::private_key(&read("tls_key_file", key)?).map_err(|e| invalid("tls_key_file", key, e))?;
     CertifiedKey::from_der(chain, private, provider)
         .map_err(|e| invalid("tls_key_file", key, format!("does not fit cluster.tls_cert_file: {e}")))
 }

@@ -173,9 +173,9 @@ impl HttpConfig {
         if let Some(ca) = &tls.ca_file {
             let pem = std::fs::read(ca)
                 .map_err(|e| format!("http_config.tls_config.ca_file {}: {e}", ca.display()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("http_config.tls_config.ca_file {}: {e}", ca.display()))?
-            {
+            let fault = |e: String| format!("http_config.tls_config.ca_file {}: {e}", ca.display());
+            for cert in crate::tls::pem::certificates(&pem).map_err(fault)? {
+                let cert = reqwest::Certificate::from_der(cert.as_ref()).map_err(|e| fault(e.to_string()))?;
                 builder = builder.add_root_certificate(cert);
             }
         }

@@ -92,7 +92,7 @@ fn the_servers_are_verified_against_the_ca_the_file_holds_at_each_handshake() {
         tailscope_test_support::pki::Pki::new(dir.path(), "b-"),
     );
     let leaf = |pki: &tailscope_test_support::pki::Pki| {
-        CertificateDer::pem_file_iter(&pki.server_cert).unwrap().next().unwrap().unwrap()
+        pem::certificates(&std::fs::read(&pki.server_cert).unwrap()).unwrap().remove(0)
     };
     let ca = dir.path().join("ca.pem");
     std::fs::copy(&a.ca, &ca).unwrap();
