@@ -364,14 +364,13 @@ impl Pipeline {
     /// starts without them, and the replica would keep other exemplars than its peers).
     /// Given the log time `at` (seconds) of the last stored message, returns from what log
     /// time to read again and the first window to rebuild: every window still open then, each
-    /// with every span it was offered — while the clocks of gateways and NATS agree within
-    /// `slack` seconds.
+    /// with every span it was offered — while the clocks of gateways and NATS servers agree
+    /// within `slack` seconds and no span is stamped more than twice that ahead of its
+    /// gateway's clock (`ingest.max_future_skew` allows more, but reading that much log again
+    /// at every restart would cost far more than the rare span it would catch).
     pub fn warm_range(&self, at: i64, slack: i64) -> (i64, i64) {
-        let skew = self.limits.skew.div_euclid(1_000_000_000) + 1;
-        // A window open at `at` starts after `closed_before(at)` (give or take the slack);
-        // its spans were classified at log times from its start - skew on.
         let floor = shard::closed_before(at) - slack;
-        (floor - skew - slack, floor)
+        (floor - slack, floor)
     }
 
     /// Cluster mode: offers `batch`, a record of `partition`'s log the store already holds, to

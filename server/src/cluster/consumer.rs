@@ -45,8 +45,8 @@ pub(super) const CREATE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The longest pause between two attempts.
 pub(super) const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// How far the clocks of gateways and NATS servers may disagree, in seconds, for exemplar
-/// sets rebuilt by [`warm`] to be whole.
-const WARM_SLACK_SECONDS: i64 = 30;
+/// sets rebuilt by [`warm`] to be whole ([`Pipeline::warm_range`]).
+const WARM_SLACK_SECONDS: i64 = 10;
 /// Tries at rebuilding a partition's exemplar sets before reading on without them.
 const WARM_ATTEMPTS: u32 = 3;
 
@@ -150,8 +150,10 @@ async fn forget_exemplars(p: &Partition) {
 
 /// [`warm`], tried [`WARM_ATTEMPTS`] times; after that `p` is read on with its open windows'
 /// exemplar sets starting empty (logged: its exemplars of those windows may then differ from
-/// its peers').
+/// its peers'). One partition at a time (with the copies): reading every partition's recent
+/// log at once on a restart loads NATS and the store's cores with all of it together.
 async fn rebuild_exemplars(js: &async_nats::jetstream::Context, p: &Partition) {
+    let Ok(_one) = p.taker.one_at_a_time.acquire().await else { return };
     let started = Instant::now();
     for attempt in 1..=WARM_ATTEMPTS {
         match warm(js, p).await {
@@ -211,9 +213,11 @@ async fn warm(js: &async_nats::jetstream::Context, p: &Partition) -> Result<u64,
     let mut log =
         Ordered::open(js, &p.stream, &p.subject, DeliverPolicy::ByStartTime { start_time: from }).await?;
     let mut resent: HashMap<u64, u64> = HashMap::new();
-    let mut records = 0;
+    let (mut records, mut read) = (0, 0);
     loop {
-        let Some((message, seq)) = log.next(|| to.seq).await? else { continue };
+        // Quiet while the stream holds messages past what was read: made again (an error).
+        let Some((message, seq)) = log.next(move || read).await? else { continue };
+        read = seq;
         if seq > to.seq {
             return Ok(records);
         }

@@ -49,10 +49,9 @@ pub enum ShardMsg {
         /// The first window offered to.
         floor: i64,
     },
-    /// The end of `partition`'s [`ShardMsg::Warm`]s: with `keep`, the sets kept aside become
-    /// the shard's (one of a window closed by now is written at the next flush as its first
-    /// reader wrote it: the same spans, under the same keys); without, they are dropped (the
-    /// records were not all read again).
+    /// The end of `partition`'s [`ShardMsg::Warm`]s: with `keep`, the sets kept aside (of
+    /// windows still open at the records' latest time) become the shard's; without, they are
+    /// dropped (the records were not all read again).
     Warmed {
         /// The partition.
         partition: u32,
@@ -194,6 +193,16 @@ pub struct OpenLimit {
     pub held: Arc<AtomicUsize>,
 }
 
+/// A partition's exemplar sets being rebuilt ([`ShardMsg::Warm`]).
+struct Warming {
+    sets: HashMap<(u64, i64), ExemplarSet, IdBuildHasher>,
+    /// The latest log time (seconds) of the records read again.
+    now: i64,
+    /// The newest window closed at `now`: its set was written when its records were first
+    /// read, and a set of it begun later too (late spans), so neither is rebuilt.
+    closed: i64,
+}
+
 struct ShardState {
     id: u32,
     layout: Layout,
@@ -205,7 +214,7 @@ struct ShardState {
     exemplars: HashMap<(u64, i64), ExemplarSet, IdBuildHasher>,
     /// Per partition being warmed ([`ShardMsg::Warm`]), the sets rebuilt so far: kept apart
     /// so no flush writes a set before it is whole.
-    warming: HashMap<u32, HashMap<(u64, i64), ExemplarSet, IdBuildHasher>>,
+    warming: HashMap<u32, Warming>,
     /// A group's self times ((series, window), nanoseconds, weight), recorded after its
     /// durations so the durations' run cache stays open; reused between groups.
     self_times: Vec<((u64, i64), u64, u64)>,
@@ -331,8 +340,21 @@ impl ShardState {
     /// [`ShardMsg::Warm`]: offers `work`'s spans of windows from `floor` on to their exemplar
     /// sets, as [`ShardState::apply`] did when the records were first read.
     fn warm(&mut self, partition: u32, work: &ValidatedBatch, floor: i64) {
-        self.now = self.now.max(work.now.div_euclid(1_000_000_000));
-        let sets = self.warming.entry(partition).or_default();
+        let now = work.now.div_euclid(1_000_000_000);
+        self.now = self.now.max(now);
+        let w = self.warming.entry(partition).or_insert_with(|| Warming {
+            sets: HashMap::default(),
+            now: i64::MIN,
+            closed: i64::MIN,
+        });
+        // Windows close as the records' time passes them, as they did the first time (give or
+        // take the flush that wrote them).
+        w.now = w.now.max(now);
+        if closed_before(w.now) > w.closed {
+            w.closed = closed_before(w.now);
+            let closed = w.closed;
+            w.sets.retain(|&(_, window), _| window > closed);
+        }
         for (group, route) in work.batch.groups.iter().zip(&work.groups) {
             if route.shard != self.id {
                 continue;
@@ -342,7 +364,7 @@ impl ShardState {
                 else {
                     continue;
                 };
-                if window < floor {
+                if window < floor || window <= w.closed {
                     continue;
                 }
                 let status = Status::from_wire(span.status);
@@ -350,15 +372,15 @@ impl ShardState {
                     Status::Ok => route.ok_series,
                     Status::Error => route.error_series,
                 };
-                offer(sets.entry((series, window)).or_default(), span, series, window, status);
+                offer(w.sets.entry((series, window)).or_default(), span, series, window, status);
             }
         }
     }
 
     /// [`ShardMsg::Warmed`].
     fn warmed(&mut self, partition: u32, keep: bool) {
-        if let Some(sets) = self.warming.remove(&partition).filter(|_| keep) {
-            self.exemplars.extend(sets);
+        if let Some(w) = self.warming.remove(&partition).filter(|_| keep) {
+            self.exemplars.extend(w.sets);
         }
     }
 

@@ -323,13 +323,13 @@ impl EpochSink for Examples {
 }
 
 /// Record `seq` of partition 0's log, classified at `now`: 50 spans of two operations, in the
-/// windows 12 s and 2 s before `now`, every seventh failed, of durations and ids that differ
-/// from record to record.
-fn varied(seq: u64, now: i64, shards: usize) -> Arc<ValidatedBatch> {
+/// windows 12 s and 2 s before `spans_at`, every seventh failed, of durations and ids that
+/// differ from record to record.
+fn varied(seq: u64, now: i64, spans_at: i64, shards: usize) -> Arc<ValidatedBatch> {
     let span = |i: u64| {
         let x = (seq * 50 + i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         Span {
-            start_unix_nanos: now - if i % 2 == 0 { 12_000_000_000 } else { 2_000_000_000 },
+            start_unix_nanos: spans_at - if i % 2 == 0 { 12_000_000_000 } else { 2_000_000_000 },
             duration_nanos: 1_000_000 + (x >> 40) as i64,
             trace_id_low: x,
             trace_id_high: seq,
@@ -390,11 +390,11 @@ async fn a_replica_that_reads_its_stored_records_again_keeps_the_exemplars_its_p
     let (peer, peer_examples, _a) = clocked(clock.clone());
     let shards = peer.shard_count();
     for seq in 1..=20 {
-        assert_eq!(peer.admit_logged(varied(seq, t, shards), 0, at(seq)).unwrap(), Admission::Accepted);
+        assert_eq!(peer.admit_logged(varied(seq, t, t, shards), 0, at(seq)).unwrap(), Admission::Accepted);
     }
     flushed(&peer).await;
     for seq in 21..=40 {
-        assert_eq!(peer.admit_logged(varied(seq, t, shards), 0, at(seq)).unwrap(), Admission::Accepted);
+        assert_eq!(peer.admit_logged(varied(seq, t, t, shards), 0, at(seq)).unwrap(), Admission::Accepted);
     }
     clock.set(t + 100_000_000_000);
     flushed(&peer).await;
@@ -406,11 +406,11 @@ async fn a_replica_that_reads_its_stored_records_again_keeps_the_exemplars_its_p
     let (replica, replica_examples, _b) = clocked(clock.clone());
     let (_, floor) = replica.warm_range(t.div_euclid(1_000_000_000), 30);
     for seq in 1..=20 {
-        replica.warm(0, varied(seq, t, shards), floor).await.unwrap();
+        replica.warm(0, varied(seq, t, t, shards), floor).await.unwrap();
     }
     replica.warmed(0, true).await;
     for seq in 21..=40 {
-        assert_eq!(replica.admit_logged(varied(seq, t, shards), 0, at(seq)).unwrap(), Admission::Accepted);
+        assert_eq!(replica.admit_logged(varied(seq, t, t, shards), 0, at(seq)).unwrap(), Admission::Accepted);
     }
     clock.set(t + 100_000_000_000);
     flushed(&replica).await;
@@ -424,4 +424,57 @@ async fn a_replica_that_reads_its_stored_records_again_keeps_the_exemplars_its_p
     assert_eq!(sets.len(), 8, "{expected:?}");
     assert!(expected.iter().any(|e| e.trace_id_high <= 20), "some kept spans are of the records read again");
     assert_eq!(got, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_that_closed_among_the_records_read_again_is_not_written_twice() {
+    let t = 1_700_000_000_000_000_000i64;
+    let later = t + 40_000_000_000;
+    let at = |seq| LogPosition { seq, records: 1 };
+    // Records 1–20 at t (windows t-12 s and t-2 s), then 21–30 forty seconds later: those
+    // closed the first two windows, 21–25 sent late spans to them and 26–30 opened two more.
+    let record = |seq: u64, shards| match seq {
+        ..=20 => varied(seq, t, t, shards),
+        21..=25 => varied(seq, later, t, shards),
+        _ => varied(seq, later, later, shards),
+    };
+    let clock = Arc::new(crate::clock::ManualClock::new(t));
+    let (peer, peer_examples, _a) = clocked(clock.clone());
+    let shards = peer.shard_count();
+    for seq in 1..=20 {
+        peer.admit_logged(record(seq, shards), 0, at(seq)).unwrap();
+    }
+    flushed(&peer).await;
+    clock.set(later);
+    flushed(&peer).await;
+    let first: Vec<Exemplar> = std::mem::take(&mut *peer_examples.0.lock());
+    for seq in 21..=30 {
+        peer.admit_logged(record(seq, shards), 0, at(seq)).unwrap();
+    }
+    clock.set(later + 100_000_000_000);
+    flushed(&peer).await;
+    let rest: Vec<Exemplar> = std::mem::take(&mut *peer_examples.0.lock());
+    let opened_later = |e: &Exemplar| e.window_start > t.div_euclid(1_000_000_000);
+    assert!(!first.is_empty() && first.iter().all(|e| !opened_later(e)), "the first windows closed first");
+    let (late, mut open): (Vec<Exemplar>, Vec<Exemplar>) = rest.into_iter().partition(|e| !opened_later(e));
+    assert!(!late.is_empty(), "late spans of the closed windows made sets of their own");
+
+    // A replica that holds records 1–30 reads them again: the windows closed among them are
+    // the store's already (both of their sets), so it writes only the open ones, as the peer.
+    let clock = Arc::new(crate::clock::ManualClock::new(later));
+    let (replica, replica_examples, _b) = clocked(clock.clone());
+    let (_, floor) = replica.warm_range(later.div_euclid(1_000_000_000), 60);
+    assert!(floor <= t.div_euclid(1_000_000_000) - 12, "every window is read again");
+    for seq in 1..=30 {
+        replica.warm(0, record(seq, shards), floor).await.unwrap();
+    }
+    replica.warmed(0, true).await;
+    clock.set(later + 100_000_000_000);
+    flushed(&replica).await;
+    let mut got = std::mem::take(&mut *replica_examples.0.lock());
+    let order = |e: &Exemplar| (e.series, e.window_start, e.trace_id_high, e.trace_id_low, e.span_id);
+    open.sort_by_key(order);
+    got.sort_by_key(order);
+    assert!(!open.is_empty());
+    assert_eq!(got, open);
 }
