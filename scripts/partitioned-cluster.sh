@@ -42,7 +42,9 @@ for port in 19090 29090 39090; do curl -s -H 'X-Read-Consistency: strong' "127.0
 for port in 19090 29090 39090 49090; do
   curl -s --data-urlencode "query=$A" "127.0.0.1:$port/api/v1/query" | python3 -c 'import sys,json; d=json.load(sys.stdin); print(sorted((x["metric"]["service"], x["value"][1]) for x in d["data"]["result"]) if "data" in d else d, file=sys.stdout if "data" in d else sys.stderr)' | md5sum | sed "s/^/answer $port /"
 done
-for round in 1 2 3; do
+# SETTLE seconds for the stores' compactions after loading before timing (none by default).
+sleep ${SETTLE:-0}
+for round in $(seq ${ROUNDS:-3}); do
   for port in 19090 49090 29090; do
     t=0; for i in $(seq 20); do s=$(timed "127.0.0.1:$port/api/v1/query" --data-urlencode "query=$Q") || exit 1; t=$(python3 -c "print($t+$s)"); done
     python3 -c "print('round $round port $port: %.1f ms per query' % ($t/20*1000))"
@@ -54,7 +56,7 @@ END=$(date +%s); START=$((END-3600))
 for port in 19090 29090 39090; do
   curl -s --data-urlencode "query=$R" --data-urlencode "start=$START" --data-urlencode "end=$END" --data-urlencode step=15 "127.0.0.1:$port/api/v1/query_range" | python3 -c 'import sys,json; d=json.load(sys.stdin); print(sorted((x["metric"]["service"], x["values"]) for x in d["data"]["result"]) if d.get("status")=="success" else d, file=sys.stdout if d.get("status")=="success" else sys.stderr)' | md5sum | sed "s/^/range answer $port /"
 done
-for round in 1 2 3; do
+for round in $(seq ${ROUNDS:-3}); do
   for port in 19090 49090 29090; do
     t=0; for i in $(seq 10); do s=$(timed "127.0.0.1:$port/api/v1/query_range" --data-urlencode "query=$R" --data-urlencode "start=$START" --data-urlencode "end=$END" --data-urlencode step=15) || exit 1; t=$(python3 -c "print($t+$s)"); done
     python3 -c "print('round $round port $port: %.1f ms per range query' % ($t/10*1000))"
