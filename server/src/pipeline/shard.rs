@@ -37,7 +37,7 @@ pub enum ShardMsg {
         batch: Arc<ValidatedBatch>,
     },
     /// Cluster mode rebuilds the exemplar sets of a partition's open windows from the log
-    /// records it had already stored (`crate::cluster`'s consumer): offer the spans of `batch`
+    /// records it had already stored (the cluster consumer): offer the spans of `batch`
     /// this shard owns to sets of their windows kept aside for `partition`, and nothing else
     /// (no histogram, no series, no epoch). Windows starting before `floor` (seconds) are left
     /// out: their first spans may lie before the records read again.

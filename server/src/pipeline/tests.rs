@@ -322,6 +322,15 @@ impl EpochSink for Examples {
     }
 }
 
+impl Examples {
+    /// What was collected since the last call, in (series, window, ids) order.
+    fn take(&self) -> Vec<Exemplar> {
+        let mut taken = std::mem::take(&mut *self.0.lock());
+        taken.sort_by_key(|e| (e.series, e.window_start, e.trace_id_high, e.trace_id_low, e.span_id));
+        taken
+    }
+}
+
 /// Record `seq` of partition 0's log, classified at `now`: 50 spans of two operations, in the
 /// windows 12 s and 2 s before `spans_at`, every seventh failed, of durations and ids that
 /// differ from record to record.
@@ -398,7 +407,7 @@ async fn a_replica_that_reads_its_stored_records_again_keeps_the_exemplars_its_p
     }
     clock.set(t + 100_000_000_000);
     flushed(&peer).await;
-    let mut expected = std::mem::take(&mut *peer_examples.0.lock());
+    let expected = peer_examples.take();
 
     // The replica holds records 1–20 already (a restart, or a copy of the peer's store): it
     // reads them again into its exemplar sets only, then reads on from 21.
@@ -414,11 +423,8 @@ async fn a_replica_that_reads_its_stored_records_again_keeps_the_exemplars_its_p
     }
     clock.set(t + 100_000_000_000);
     flushed(&replica).await;
-    let mut got = std::mem::take(&mut *replica_examples.0.lock());
+    let got = replica_examples.take();
 
-    let order = |e: &Exemplar| (e.series, e.window_start, e.trace_id_high, e.trace_id_low, e.span_id);
-    expected.sort_by_key(order);
-    got.sort_by_key(order);
     // Two operations × ok and failed × two windows: eight sets.
     let sets: std::collections::HashSet<_> = expected.iter().map(|e| (e.series, e.window_start)).collect();
     assert_eq!(sets.len(), 8, "{expected:?}");
@@ -447,16 +453,16 @@ async fn a_window_that_closed_among_the_records_read_again_is_not_written_twice(
     flushed(&peer).await;
     clock.set(later);
     flushed(&peer).await;
-    let first: Vec<Exemplar> = std::mem::take(&mut *peer_examples.0.lock());
+    let first: Vec<Exemplar> = peer_examples.take();
     for seq in 21..=30 {
         peer.admit_logged(record(seq, shards), 0, at(seq)).unwrap();
     }
     clock.set(later + 100_000_000_000);
     flushed(&peer).await;
-    let rest: Vec<Exemplar> = std::mem::take(&mut *peer_examples.0.lock());
+    let rest: Vec<Exemplar> = peer_examples.take();
     let opened_later = |e: &Exemplar| e.window_start > t.div_euclid(1_000_000_000);
     assert!(!first.is_empty() && first.iter().all(|e| !opened_later(e)), "the first windows closed first");
-    let (late, mut open): (Vec<Exemplar>, Vec<Exemplar>) = rest.into_iter().partition(|e| !opened_later(e));
+    let (late, open): (Vec<Exemplar>, Vec<Exemplar>) = rest.into_iter().partition(|e| !opened_later(e));
     assert!(!late.is_empty(), "late spans of the closed windows made sets of their own");
 
     // A replica that holds records 1–30 reads them again: the windows closed among them are
@@ -471,10 +477,7 @@ async fn a_window_that_closed_among_the_records_read_again_is_not_written_twice(
     replica.warmed(0, true).await;
     clock.set(later + 100_000_000_000);
     flushed(&replica).await;
-    let mut got = std::mem::take(&mut *replica_examples.0.lock());
-    let order = |e: &Exemplar| (e.series, e.window_start, e.trace_id_high, e.trace_id_low, e.span_id);
-    open.sort_by_key(order);
-    got.sort_by_key(order);
+    let got = replica_examples.take();
     assert!(!open.is_empty());
     assert_eq!(got, open);
 }
