@@ -68,6 +68,15 @@ pub struct GroupRoute {
 }
 
 impl GroupRoute {
+    /// The id of the group's series of `status`.
+    #[inline]
+    pub fn series(&self, status: Status) -> u64 {
+        match status {
+            Status::Ok => self.ok_series,
+            Status::Error => self.error_series,
+        }
+    }
+
     /// The route of a group of series `{service, operation, span_kind, peer}` named as counted
     /// (a name over its cap already `__overflow__`), whose [`crate::series::group_hash`] is
     /// `key`, among `shards` shards, for its `spans`: only the series ids some span will be

@@ -67,8 +67,7 @@ impl Auth {
                 auth.nkey = Some(public);
             }
             Auth::Creds(path) => {
-                let text = files::read_to_string(path)
-                    .map_err(|error| ClusterError::Access { key: "credentials_file", error })?;
+                let text = read_text("credentials_file", path)?;
                 let (jwt, seed) = parse_creds(&text).ok_or_else(|| {
                     invalid(
                         "credentials_file",
@@ -172,7 +171,7 @@ fn parse_creds(text: &str) -> Option<(&str, &str)> {
 /// The text of the secret file `path` (named by `cluster.<key>`), without surrounding
 /// whitespace; an empty one is refused.
 fn secret(key: &'static str, path: &Path) -> Result<String, ClusterError> {
-    let text = files::read_to_string(path).map_err(|error| ClusterError::Access { key, error })?;
+    let text = read_text(key, path)?;
     let text = text.trim();
     if text.is_empty() {
         return Err(invalid(key, path, "it is empty"));
@@ -201,6 +200,11 @@ fn invalid(key: &'static str, path: &Path, message: impl Into<String>) -> Cluste
 /// The bytes of the file `path`, named by `cluster.<key>`.
 fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, ClusterError> {
     files::read(path).map_err(|error| ClusterError::Access { key, error })
+}
+
+/// The text of the file `path`, named by `cluster.<key>`.
+fn read_text(key: &'static str, path: &Path) -> Result<String, ClusterError> {
+    files::read_to_string(path).map_err(|error| ClusterError::Access { key, error })
 }
 
 /// What a set of files gives (a CA's verifier, a certified key), read again each time it is

@@ -15,8 +15,7 @@
 //! marked not caught up and no longer read (what the store wrote of it stays, unread by
 //! queries, until the partition comes back).
 //!
-//! Before it reads on, it reads again the last couple of minutes of what the store already
-//! holds, offering their spans to the exemplar sets of the windows still open there and
+//! Before it reads on, it reads again the last 50 s of what the store already holds, offering their spans to the exemplar sets of the windows still open there and
 //! nothing else ([`warm`]): those sets live in the shards' memory until a window closes, so a
 //! store that restarted, took a copy or took a partition back would otherwise keep other
 //! exemplars for those windows than its peers.
@@ -27,8 +26,6 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
 use futures::StreamExt;
-use prost::Message;
-use tailscope_proto::v1::PartitionBatch;
 use tokio::sync::watch;
 
 use super::assign::{Assignment, Replicas};
@@ -207,9 +204,9 @@ async fn warm(js: &async_nats::jetstream::Context, p: &Partition) -> Result<u64,
         }
         Err(e) => return Err(format!("reading message {}: {e}", to.seq)),
     };
-    let (start, floor) = p.pipeline.warm_range(last.time.unix_timestamp(), WARM_SLACK_SECONDS);
-    let from =
-        last.time - Duration::from_secs(u64::try_from(last.time.unix_timestamp() - start).unwrap_or(0));
+    let at = last.time.unix_timestamp();
+    let (start, floor) = p.pipeline.warm_range(at, WARM_SLACK_SECONDS);
+    let from = last.time - Duration::from_secs(u64::try_from(at - start).unwrap_or(0));
     let mut log =
         Ordered::open(js, &p.stream, &p.subject, DeliverPolicy::ByStartTime { start_time: from }).await?;
     let mut resent: HashMap<u64, u64> = HashMap::new();
@@ -221,12 +218,8 @@ async fn warm(js: &async_nats::jetstream::Context, p: &Partition) -> Result<u64,
         if seq > to.seq {
             return Ok(records);
         }
-        let encoding = message.headers.as_ref().and_then(|h| h.get(super::record::ENCODING_HEADER));
         // What did not read the first time was skipped then too.
-        let Ok(payload) = super::record::decompress(&message.payload, encoding.map(|v| v.as_str())) else {
-            continue;
-        };
-        let Ok(batch) = PartitionBatch::decode(payload) else { continue };
+        let Ok(batch) = super::record::open(&message.payload, message.headers.as_ref()) else { continue };
         for (i, record) in batch.records.into_iter().enumerate() {
             if (LogPosition { seq, records: i as u32 + 1 }) > to {
                 return Ok(records);
@@ -336,11 +329,10 @@ async fn read(
         let Some((message, seq)) = log.next(|| pipeline.log_position(partition).seq).await? else {
             continue;
         };
-        let encoding = message.headers.as_ref().and_then(|h| h.get(super::record::ENCODING_HEADER));
-        let payload = match super::record::decompress(&message.payload, encoding.map(|v| v.as_str())) {
-            Ok(payload) => payload,
+        let batch = match super::record::open(&message.payload, message.headers.as_ref()) {
+            Ok(batch) => batch,
             Err(super::record::Unreadable::Corrupt(e)) => {
-                tracing::error!(partition, seq, error = %e, "skipping a log message that does not decompress");
+                tracing::error!(partition, seq, error = %e, "skipping a log message that does not decompress or decode");
                 pipeline.skip_logged(partition, LogPosition { seq, records: u32::MAX });
                 continue;
             }
@@ -349,14 +341,6 @@ async fn read(
                 return Err(format!(
                     "message {seq} is compressed as {e:?}, which this version cannot read; upgrade this store"
                 ))
-            }
-        };
-        let batch = match PartitionBatch::decode(payload) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(partition, seq, error = %e, "skipping a log message that does not decode");
-                pipeline.skip_logged(partition, LogPosition { seq, records: u32::MAX });
-                continue;
             }
         };
         for (i, record) in batch.records.into_iter().enumerate() {

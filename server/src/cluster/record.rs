@@ -178,6 +178,18 @@ pub fn decompress(payload: &bytes::Bytes, encoding: Option<&str>) -> Result<byte
     }
 }
 
+/// The records of a log message: its `payload` decompressed as its `headers`'
+/// [`ENCODING_HEADER`] says, then decoded (a payload that does not decode is
+/// [`Unreadable::Corrupt`] too).
+pub fn open(
+    payload: &bytes::Bytes,
+    headers: Option<&async_nats::HeaderMap>,
+) -> Result<PartitionBatch, Unreadable> {
+    let encoding = headers.and_then(|h| h.get(ENCODING_HEADER)).map(|v| v.as_str());
+    PartitionBatch::decode(decompress(payload, encoding)?)
+        .map_err(|e| Unreadable::Corrupt(format!("protobuf: {e}")))
+}
+
 /// The batch a store admits for `record` of partition `partition`, routed among `shards`
 /// shards. Its client id is the (client, partition) one ([`super::client_key`]). A record that
 /// does not hold together (no key, an undecodable histogram) is named in the error.

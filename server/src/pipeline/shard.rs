@@ -248,10 +248,7 @@ impl ShardState {
                     continue;
                 };
                 let status = Status::from_wire(span.status);
-                let series = match status {
-                    Status::Ok => route.ok_series,
-                    Status::Error => route.error_series,
-                };
+                let series = route.series(status);
                 seen[status as usize] = true;
                 let at = (series, window);
                 let (histogram, exemplars) = match open {
@@ -368,10 +365,7 @@ impl ShardState {
                     continue;
                 }
                 let status = Status::from_wire(span.status);
-                let series = match status {
-                    Status::Ok => route.ok_series,
-                    Status::Error => route.error_series,
-                };
+                let series = route.series(status);
                 offer(w.sets.entry((series, window)).or_default(), span, series, window, status);
             }
         }

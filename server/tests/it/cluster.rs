@@ -97,6 +97,16 @@ fn range(now: i64) -> String {
     format!("start={}&end={}", now / 1_000_000_000 - 1800, now / 1_000_000_000 + 60)
 }
 
+/// The test's directory and one JetStream server in it, with its URL; `None` (the test is
+/// skipped, saying why) where `nats-server` is absent.
+fn one_nats_server() -> Option<(tempfile::TempDir, NatsCluster, String)> {
+    let bin = peers(&["nats-server"], "nats-server")?;
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
+    let urls = nats.urls();
+    Some((dir, nats, urls))
+}
+
 /// The environment of a node playing `roles` over a single NATS server (one copy per stream).
 fn playing(roles: &'static str) -> Vec<(&'static str, &'static str)> {
     vec![("TAILSCOPE_CLUSTER_STREAM_REPLICAS", "1"), ("TAILSCOPE_CLUSTER_ROLES", roles)]
@@ -346,10 +356,7 @@ groups:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "soak: a NATS server and a tailscope node whose log fills, a few seconds"]
 async fn a_full_log_tells_clients_why_and_loses_nothing_once_it_has_room() {
-    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
-    let urls = nats.urls();
+    let Some((dir, _nats, urls)) = one_nats_server() else { return };
     // One partition of 1 MiB on one NATS server: about 450 of these batches fill it, as
     // encoded (these repetitive batches would compress many times over).
     let (_a, grpc, http) = node_with(
@@ -414,10 +421,7 @@ async fn a_full_log_tells_clients_why_and_loses_nothing_once_it_has_room() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "soak: a NATS server, a gateway node, a store node and a query node, a few seconds"]
 async fn a_gateway_node_a_store_node_and_a_query_node_split_the_work_and_refuse_the_rest_by_name() {
-    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
-    let urls = nats.urls();
+    let Some((dir, _nats, urls)) = one_nats_server() else { return };
     let (g, g_grpc, g_http) = node_with(&dir.path().join("g"), &urls, "g", &playing("gateway"));
     let (st, s_grpc, s_http) = node_with(&dir.path().join("s"), &urls, "s", &playing("store,query,ruler"));
 
@@ -524,10 +528,7 @@ async fn holds(http: SocketAddr, id: &str, want: usize) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "soak: a NATS server and three tailscope stores, one killed, about 40 s"]
 async fn three_stores_hold_two_copies_each_and_answer_exactly_with_one_of_them_down() {
-    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
-    let urls = nats.urls();
+    let Some((dir, _nats, urls)) = one_nats_server() else { return };
     let env = playing("gateway,store,query,ruler");
     let (_a, a_grpc, a_http) = node_with(&dir.path().join("a"), &urls, "a", &env);
     let (_b, _, b_http) = node_with(&dir.path().join("b"), &urls, "b", &env);
@@ -746,10 +747,7 @@ async fn a_strong_read_on_another_node_sees_every_acknowledged_span_and_the_stat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "soak: a NATS server and two tailscope stores with one copy per partition, one stopped, about 20 s"]
 async fn a_store_told_to_stop_hands_its_partitions_on_first_and_no_answer_is_ever_short() {
-    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
-    let urls = nats.urls();
+    let Some((dir, _nats, urls)) = one_nats_server() else { return };
     // One copy of each partition: without a drain, whatever b holds would be unreadable (or
     // read behind) from the moment b stops until a has caught up with it.
     let mut env = playing("gateway,store,query,ruler");
@@ -828,10 +826,7 @@ async fn a_store_told_to_stop_hands_its_partitions_on_first_and_no_answer_is_eve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "soak: a NATS server and two tailscope stores, one killed, about 20 s"]
 async fn a_new_store_takes_a_copy_of_history_the_log_no_longer_holds_and_counts_exactly() {
-    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
-    let urls = nats.urls();
+    let Some((dir, _nats, urls)) = one_nats_server() else { return };
     let env = playing("gateway,store,query,ruler");
     let now = now_nanos();
     const N: u64 = 80;
@@ -926,10 +921,7 @@ async fn series_counts(http: SocketAddr, now: i64) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "soak: a NATS server, two tailscope nodes and a single node, a few seconds"]
 async fn two_gateways_count_names_over_the_caps_as_one_node_and_a_restarted_one_still_does() {
-    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
-    let urls = nats.urls();
+    let Some((dir, _nats, urls)) = one_nats_server() else { return };
     let mut env = playing("gateway,store,query,ruler");
     env.extend_from_slice(&CAPS);
     let (_a, a_grpc, a_http) = node_with(&dir.path().join("a"), &urls, "a", &env);
@@ -1080,10 +1072,7 @@ async fn a_full_names_log_refuses_new_names_by_its_limit_and_takes_known_ones() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "soak: a NATS server and two tailscope nodes with authentication, a few seconds"]
 async fn a_client_id_belongs_to_the_credential_that_first_used_it_through_any_gateway() {
-    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
-    let urls = nats.urls();
+    let Some((dir, _nats, urls)) = one_nats_server() else { return };
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "token-a\ntoken-b\n").unwrap();
     let tokens = tokens.to_str().unwrap().to_owned();
@@ -1351,10 +1340,7 @@ async fn nodes_reach_nats_only_over_verified_tls_with_their_own_credentials() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "soak: a NATS server and a tailscope node reading two unreadable log messages, a few seconds"]
 async fn a_log_message_in_an_unknown_encoding_holds_its_partition_and_a_corrupt_one_is_skipped() {
-    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
-    let urls = nats.urls();
+    let Some((dir, _nats, urls)) = one_nats_server() else { return };
     let mut env = playing("gateway,store,query,ruler");
     env.push(("TAILSCOPE_CLUSTER_PARTITIONS", "2"));
     let (node, grpc, http) = node_with(&dir.path().join("a"), &urls, "a", &env);
@@ -1646,10 +1632,7 @@ async fn exemplars(http: SocketAddr, from: i64, to: i64) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "soak: a NATS server, three tailscope stores (one restarted, one new) and a single node, about a minute"]
 async fn a_restarted_store_and_a_new_one_keep_the_exemplars_of_open_windows_as_one_node_does() {
-    let Some(bin) = peers(&["nats-server"], "nats-server") else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsCluster::start(&bin[0], &dir.path().join("nats"), 1);
-    let urls = nats.urls();
+    let Some((dir, _nats, urls)) = one_nats_server() else { return };
     let env = playing("gateway,store,query,ruler");
     // Spans 20 s ahead (the default skew allows 60 s): their windows stay open — their
     // exemplar sets only in the stores' memory — for about 40 s, through a restart and a copy.
